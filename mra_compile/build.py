@@ -1,0 +1,221 @@
+"""Building, caching and loading the compiled kernels.
+
+A kernel is identified by its operator, its static parameters (block edge, padded
+head dim, ...), the schedule knobs and the target. It is built on first use, kept in
+memory, and exported to a disk cache so that a second process loads it in
+milliseconds with the TVM *runtime* only: the TVM compiler (``import tvm``, ~3 s) is
+imported only when something must actually be compiled.
+
+Cache directory: ``$MRA_COMPILE_CACHE_DIR``, else ``~/.cache/mra_compile``. Entries are
+keyed by operator, static parameters, dtype, knobs, target, TVM version and a hash of
+the operator and schedule sources, so editing either rebuilds.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import tempfile
+import threading
+from pathlib import Path
+
+_LOCK = threading.RLock()
+_MEMORY: dict[str, object] = {}
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def cache_dir() -> Path:
+    """Where exported kernels live (``MRA_COMPILE_CACHE_DIR`` overrides)."""
+    env = os.environ.get("MRA_COMPILE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "mra_compile"
+
+
+@functools.lru_cache(maxsize=None)
+def tvm_version() -> str:
+    return importlib.metadata.version("apache-tvm")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def host_fingerprint() -> str:
+    """Identifies the CPU a kernel was compiled for, without importing TVM."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ",".join(sorted(cpu_flags()))
+    return f"{platform.machine()}|{model}|{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+
+
+def default_vector_width() -> int:
+    """float32 lanes of the widest vector unit: 16 with AVX-512, else 8."""
+    return 16 if "avx512f" in cpu_flags() else 8
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for path in (_PACKAGE_DIR / "operators.py", _schedule_dir() / "cpu.py"):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _schedule_dir() -> Path:
+    spec = importlib.util.find_spec("mra_compile.schedules")
+    if spec is None or spec.origin is None:
+        raise ImportError("mra_compile.schedules is missing: install the package (pip install -e .)")
+    return Path(spec.origin).parent
+
+
+def llvm_target():
+    """The TVM target for this host's CPU (``MRA_COMPILE_TARGET`` JSON overrides)."""
+    import tvm
+
+    env = os.environ.get("MRA_COMPILE_TARGET")
+    if env:
+        return tvm.target.Target(json.loads(env))
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+_RUNTIME_READY = False
+
+
+def _load_runtime():
+    """Make ``tvm_ffi.load_module`` able to load exported TVM kernels.
+
+    Also sizes TVM's thread pool like torch's, before the pool starts: the two pools
+    take turns (one kernel at a time), so each may use every core torch was told to.
+    """
+    global _RUNTIME_READY
+    if _RUNTIME_READY:
+        return
+    if "TVM_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())
+    import tvm_ffi  # noqa: F401  (loads libtvm_ffi, which the runtime links against)
+
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        raise ImportError("apache-tvm is not installed")
+    lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    _RUNTIME_READY = True
+
+
+def _key(op: str, static: dict, knobs: dict, target: str) -> tuple[str, dict]:
+    desc = {
+        "op": op,
+        "static": static,
+        "dtype": "float32",
+        "knobs": knobs,
+        "target": target,
+        "host": host_fingerprint(),
+        "tvm": tvm_version(),
+        "source": _source_hash(),
+        "target_override": os.environ.get("MRA_COMPILE_TARGET", ""),
+    }
+    digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+    return f"{op}-{digest}", desc
+
+
+def default_knobs(op: str) -> dict:
+    from mra_compile.schedules import cpu
+
+    knobs = dict(cpu.KNOBS[op])
+    if "vec" in knobs:
+        knobs["vec"] = default_vector_width()
+    return knobs
+
+
+def compile_kernel(op: str, static: dict, knobs: dict):
+    """Build one kernel with the TVM compiler; returns the TVM executable."""
+    import tvm
+    from tvm import s_tir, te
+
+    from mra_compile import operators
+    from mra_compile.schedules import cpu
+
+    op_knobs = {k: v for k, v in knobs.items() if k in cpu.OPERATOR_KNOBS.get(op, ())}
+    params = getattr(operators, op)(**static, **op_knobs)
+    sch = s_tir.Schedule(te.create_prim_func(params))
+    extra = {"full": static["full"]} if op == "combine" else {}
+    getattr(cpu, op)(sch, **knobs, **extra)
+    with llvm_target() as target:
+        return tvm.compile(sch.mod, target=target)
+
+
+def resolve_knobs(op: str, knobs: dict | None = None) -> dict:
+    """The knobs a kernel is built with: the defaults, overridden by ``knobs``."""
+    return default_knobs(op) if knobs is None else {**default_knobs(op), **knobs}
+
+
+def kernel(op: str, knobs: dict | None = None, **static):
+    """The compiled CPU kernel ``op`` (a callable taking torch tensors)."""
+    knobs = resolve_knobs(op, knobs)
+    name, desc = _key(op, static, knobs, "llvm")
+    fn = _MEMORY.get(name)
+    if fn is not None:
+        return fn
+    with _LOCK:
+        fn = _MEMORY.get(name)
+        if fn is not None:
+            return fn
+        _load_runtime()
+        import tvm_ffi
+
+        path = cache_dir() / f"{name}.so"
+        module = None
+        origin = "disk"
+        if path.exists():
+            try:
+                module = tvm_ffi.load_module(str(path))
+            except Exception:  # a truncated or foreign file: rebuild it
+                module = None
+        if module is None:
+            origin = "compiled"
+            executable = compile_kernel(op, static, knobs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Export then rename: a concurrent process never sees a half-written file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+            os.close(fd)
+            try:
+                executable.export_library(tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            (path.with_suffix(".json")).write_text(json.dumps(desc, indent=1, sort_keys=True))
+            module = tvm_ffi.load_module(str(path))
+        fn = module["main"]
+        _MEMORY[name] = fn
+        _EVENTS.append({"op": op, "origin": origin, "path": str(path), **desc})
+        return fn
+
+
+_EVENTS: list[dict] = []
+
+
+def cache_events() -> list[dict]:
+    """One record per kernel this process loaded: its key and whether it was
+    ``"compiled"`` or loaded from ``"disk"`` (tests and ``mra-compile info`` read it)."""
+    return list(_EVENTS)

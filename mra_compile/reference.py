@@ -1,0 +1,194 @@
+"""Plain PyTorch MRA-2 attention: the test oracle.
+
+This follows /work/shared/docs/mra2-spec.md step by step, with dense [n, n] block
+matrices and dense [N, N] token matrices. It is meant for small and medium sizes
+(N up to a few thousand) where clarity matters more than speed.
+"""
+
+import math
+
+import torch
+
+__all__ = ["mra2_reference", "exact_attention"]
+
+
+def _pad_inputs(q, k, v, mask, block_size):
+    """Pad q, k, v [B, H, N, D] and mask [B, N] with zeros up to a multiple of block_size.
+
+    Returns (q, k, v, mask, N). When padding is needed and mask is None, a mask of
+    ones for real tokens and zeros for padding is created, so padded tokens are
+    treated as masked.
+    """
+    B, H, N, D = q.shape
+    pad = (-N) % block_size
+    if pad == 0:
+        return q, k, v, mask, N
+    if mask is None:
+        mask = torch.ones(B, N, dtype=q.dtype, device=q.device)
+    # Pad the token dimension (second to last) of q, k, v and the last of mask.
+    q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+    k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+    v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+    mask = torch.nn.functional.pad(mask, (0, pad))
+    return q, k, v, mask, N
+
+
+def _block_pool(x, counts, block_size, masked):
+    """Pool x [B, H, N, D] into per-block vectors [B, H, n, D].
+
+    With a mask, the sum over the block is divided by (count + 1e-6) (counts is
+    [B, 1, n, 1]); without one it is the plain mean.
+    """
+    B, H, N, D = x.shape
+    blocks = x.reshape(B, H, N // block_size, block_size, D)
+    if masked:
+        return blocks.sum(dim=3) / (counts + 1e-6)
+    return blocks.mean(dim=3)
+
+
+def _select_blocks(scores, num_blocks, approx_mode, first_n, diagonal_n):
+    """Spec step 3. scores: detached L - R[:, None], [B, H, n, n], before the priors.
+
+    Returns (selected, high_mask), both bool [B, H, n, n].
+    """
+    B, H, n, _ = scores.shape
+    S = scores.clone()
+    idx = torch.arange(n, device=S.device)
+    if diagonal_n > 0:
+        band = (idx[:, None] - idx[None, :]).abs() <= diagonal_n // 2
+        S = S + 5e3 * band.to(S.dtype)
+    if first_n > 0:
+        # Rows and columns get the prior separately, so the corner gets it twice.
+        S = S + 5e3 * (idx[:, None] < first_n).to(S.dtype)
+        S = S + 5e3 * (idx[None, :] < first_n).to(S.dtype)
+
+    flat = S.reshape(B, H, n * n)
+    top = torch.topk(flat, min(num_blocks, n * n), dim=-1)
+    selected = torch.zeros_like(flat, dtype=torch.bool)
+    selected.scatter_(-1, top.indices, True)
+    selected = selected.reshape(B, H, n, n)
+
+    if approx_mode == "full":
+        # Everything at least as large as the smallest selected score is high
+        # resolution, so exact ties are all excluded from the low-resolution part.
+        theta = top.values.min(dim=-1).values
+        high_mask = S >= theta[:, :, None, None]
+    else:
+        high_mask = selected
+    return selected, high_mask
+
+
+def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_size=32,
+                   initial_prior_first_n_blocks=0, initial_prior_diagonal_n_blocks=0,
+                   selection=None, return_selection=False):
+    """MRA-2 attention, literally as in the spec. Differentiable w.r.t. q, k, v.
+
+    q, k, v: [B, H, N, D] (any float dtype; computation happens in that dtype).
+    mask: [B, N] with 1 for real tokens and 0 for padding, or None.
+    selection: optional (selected, high_mask), bool [B, H, n, n], used instead of the
+        top-k selection (n counts blocks after padding N up to a multiple of block_size).
+    Returns out [B, H, N, D], or (out, (selected, high_mask)) if return_selection.
+    """
+    if approx_mode not in ("full", "sparse"):
+        raise ValueError(f"unknown approx_mode {approx_mode!r}; expected 'full' or 'sparse'")
+
+    b = block_size
+    q, k, v, mask, N_orig = _pad_inputs(q, k, v, mask, b)
+    B, H, N, D = q.shape
+    n = N // b
+    scale = 1.0 / math.sqrt(D)
+    masked = mask is not None
+
+    # Step 1: zero out padded tokens. mask_t is [B, 1, N] to broadcast over heads.
+    if masked:
+        mask_t = mask.to(q.dtype)[:, None, :]
+        q = q * mask_t[..., None]
+        k = k * mask_t[..., None]
+        v = v * mask_t[..., None]
+        counts = mask_t.reshape(B, 1, n, b).sum(dim=-1)  # c_i, [B, 1, n]
+    else:
+        counts = torch.full((1, 1, n), float(b), dtype=q.dtype, device=q.device)
+
+    # Step 2: low resolution on pooled blocks.
+    q_hat = _block_pool(q, counts[..., None], b, masked)
+    k_hat = _block_pool(k, counts[..., None], b, masked)
+    v_hat = _block_pool(v, counts[..., None], b, masked)
+    L = scale * q_hat @ k_hat.transpose(-1, -2)  # [B, H, n, n]
+    # R is a stabiliser (a constant for gradients), taken before the compat penalty.
+    R = L.detach().amax(dim=-1)  # [B, H, n]
+    if masked:
+        empty_pair = (counts[..., :, None] * counts[..., None, :]) < 0.5  # [B, 1, n, n]
+        L = L - 1e4 * empty_pair.to(L.dtype)
+
+    # Step 3: block selection, no gradient.
+    if selection is None:
+        with torch.no_grad():
+            selected, high_mask = _select_blocks(
+                L.detach() - R[..., None], num_blocks, approx_mode,
+                initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+    else:
+        selected, high_mask = selection
+        selected = selected.to(torch.bool)
+        high_mask = high_mask.to(torch.bool)
+
+    # Step 4: high resolution over the selected blocks, with dense [N, N] matrices.
+    sel_tok = selected.repeat_interleave(b, dim=-2).repeat_interleave(b, dim=-1)  # [B, H, N, N]
+    A = scale * q @ k.transpose(-1, -2)
+    with torch.no_grad():
+        m = A.masked_fill(~sel_tok, float("-inf")).amax(dim=-1)  # [B, H, N]
+        m = torch.where(torch.isinf(m), torch.full_like(m, -1e5), m)
+    logits = A - m[..., None]
+    if masked:
+        logits = logits - 1e4 * (1 - mask_t[:, :, None, :])
+    # Mask the exponent (not the result) so unselected pairs give exp(-inf) = 0
+    # without inf * 0 = nan in the backward pass.
+    P = torch.exp(logits.masked_fill(~sel_tok, float("-inf")))
+    O_hi = P @ v  # [B, H, N, D]
+    Z_hi = P.sum(dim=-1)  # [B, H, N]
+
+    # Step 5: combine.
+    if approx_mode == "sparse":
+        out = O_hi / (Z_hi[..., None] + 1e-6)
+    else:
+        W = torch.exp(L - R[..., None] - 1e4 * high_mask.to(L.dtype)) * counts[..., None, :]
+        O_lo = (W @ v_hat).repeat_interleave(b, dim=-2)  # [B, H, N, D]
+        Z_lo = W.sum(dim=-1).repeat_interleave(b, dim=-1)  # [B, H, N]
+        delta = R.repeat_interleave(b, dim=-1) - m  # [B, H, N], a constant
+        if masked:
+            delta = delta * mask_t
+        # Scale down whichever part has the smaller stabiliser; exp(-|delta|) never overflows.
+        shrink = torch.exp(-delta.abs())
+        one = torch.ones_like(shrink)
+        hi_factor = torch.where(delta > 0, shrink, one)
+        lo_factor = torch.where(delta > 0, one, shrink)
+        O_hi = O_hi * hi_factor[..., None]
+        Z_hi = Z_hi * hi_factor
+        O_lo = O_lo * lo_factor[..., None]
+        Z_lo = Z_lo * lo_factor
+        out = (O_hi + O_lo) / (Z_hi + Z_lo + 1e-6)[..., None]
+
+    # Step 6: zero the padded queries and drop the padding.
+    if masked:
+        out = out * mask_t[..., None]
+    out = out[:, :, :N_orig].to(q.dtype)
+    if return_selection:
+        return out, (selected, high_mask)
+    return out
+
+
+def exact_attention(q, k, v, mask=None):
+    """Exact softmax(q k^T / sqrt(D)) v over real keys; zero at padded queries.
+
+    q, k, v: [B, H, N, D]; mask: [B, N] (1 real, 0 padding) or None.
+    Returns [B, H, N, D] in q's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = scale * q @ k.transpose(-1, -2)  # [B, H, N, N]
+    if mask is None:
+        return torch.softmax(logits, dim=-1) @ v
+    real = mask.to(torch.bool)
+    logits = logits.masked_fill(~real[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # A padded query may see no real key at all (all -inf -> nan); zero it explicitly.
+    probs = torch.where(real[:, None, :, None], probs, torch.zeros_like(probs))
+    return probs @ v
