@@ -103,7 +103,8 @@ def _load_runtime():
     """Make ``tvm_ffi.load_module`` able to load exported TVM kernels.
 
     Also sizes TVM's thread pool like torch's, before the pool starts: the two pools
-    take turns (one kernel at a time), so each may use every core torch was told to.
+    take turns (one kernel at a time), so each may use every core torch was told to,
+    as long as neither spins while the other works.
     """
     global _RUNTIME_READY
     if _RUNTIME_READY:
@@ -112,6 +113,9 @@ def _load_runtime():
         import torch
 
         os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())
+    # TVM's workers otherwise spin after each kernel, on the cores torch's next op
+    # (top-k, padding) needs: measured 2-15x slowdowns of those ops on 2 cores.
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     import tvm_ffi  # noqa: F401  (loads libtvm_ffi, which the runtime links against)
 
     spec = importlib.util.find_spec("tvm")

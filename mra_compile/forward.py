@@ -6,6 +6,7 @@ float32; float16/bfloat16 inputs are upcast and the result cast back.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,34 @@ import torch.nn.functional as F
 from mra_compile import build, plan
 
 HEAD_DIM_MULTIPLE = 16  # kernels are compiled for head dims padded to this (one AVX-512 vector)
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers for the intermediates, reused between calls.
+
+    A fresh 50 MB intermediate costs ~10 ms of page faults on first touch, as much as
+    the kernel that fills it; reusing the memory removes that. ``clear_workspace()``
+    frees it.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype)
+            self.buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def clear_workspace() -> None:
+    """Free this thread's scratch buffers."""
+    _WORKSPACE.buffers.clear()
 
 
 def _pad(x: torch.Tensor, n_pad: int, d_pad: int) -> torch.Tensor:
@@ -53,6 +82,46 @@ def prepare(q, k, v, mask, block_size: int):
     return qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads
 
 
+def _pool_and_select(q, k, v, mask, num_blocks, full, block_size, first_n, diagonal_n, knobs):
+    """Steps 1-3; returns the padded inputs, the low-resolution tensors and the selection."""
+    b = block_size
+    qf, kf, vf, maskf, counts, inv_counts, heads = prepare(q, k, v, mask, b)
+    R, Np, Dp = qf.shape
+    n = Np // b
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    ws = _WORKSPACE.get
+    qp, kp, vp = ws("qp", R, n, Dp), ws("kp", R, n, Dp), ws("vp", R, n, Dp)
+    logits, rowmax = ws("logits", R, n, n), ws("rowmax", R, n)
+    build.kernel("pool_and_logits", knobs.get("pool_and_logits"), b=b, D=Dp)(
+        qf, kf, vf, maskf, counts, inv_counts, qp, kp, vp, logits, rowmax, heads, scale
+    )
+    sel = plan.select_blocks(
+        logits, rowmax, num_blocks=num_blocks, full=full, first_n=first_n, diagonal_n=diagonal_n
+    )
+    return dict(qf=qf, kf=kf, vf=vf, maskf=maskf, counts=counts, heads=heads, scale=scale,
+                vp=vp, logits=logits, rowmax=rowmax, sel=sel)
+
+
+def block_selection(q, k, v, mask, num_blocks, approx_mode="full", block_size=32, first_n=0,
+                    diagonal_n=0):
+    """The blocks the op computes exactly, for tests and inspection.
+
+    Returns ``(selected, high_mask)``, bool ``[B, H, n, n]``: T of spec step 3 and, in
+    "full" mode, Hmask (equal to ``selected`` in "sparse" mode). Same computation and
+    tie-breaking as ``torch.ops.mra.attention`` on the same inputs.
+    """
+    B, H = q.shape[:2]
+    st = _pool_and_select(q, k, v, mask, num_blocks, approx_mode == "full", block_size,
+                          first_n, diagonal_n, {})
+    n = st["logits"].shape[-1]
+    selected = torch.zeros(B * H, n * n, dtype=torch.bool)
+    selected.scatter_(1, st["sel"].index, True)
+    selected = selected.view(B, H, n, n)
+    hm = st["sel"].high_mask
+    high_mask = selected.clone() if hm is None else hm.bool().view(B, H, n, n)
+    return selected, high_mask
+
+
 def mra_forward(
     q, k, v, mask, num_blocks: int, approx_mode: str, block_size: int, first_n: int, diagonal_n: int,
     knobs: dict | None = None,
@@ -65,30 +134,22 @@ def mra_forward(
     b = block_size
     full = approx_mode == "full"
     knobs = knobs or {}
-    qf, kf, vf, maskf, counts, inv_counts, heads = prepare(q, k, v, mask, b)
+    st = _pool_and_select(q, k, v, mask, num_blocks, full, b, first_n, diagonal_n, knobs)
+    qf, kf, vf, maskf, heads, scale = (st[x] for x in ("qf", "kf", "vf", "maskf", "heads", "scale"))
     R, Np, Dp = qf.shape
     n = Np // b
-    scale = 1.0 / math.sqrt(D)
+    ws = _WORKSPACE.get
 
     def run(op, *args, **static):
         return build.kernel(op, knobs.get(op), b=b, D=Dp, **static)(*args)
 
-    # Step 2: block averages, low-resolution logits and their row maxima.
-    qp, kp, vp = (torch.empty(R, n, Dp) for _ in range(3))
-    logits, rowmax = torch.empty(R, n, n), torch.empty(R, n)
-    run("pool_and_logits", qf, kf, vf, maskf, counts, inv_counts, qp, kp, vp, logits, rowmax, heads, scale)
-
-    # Step 3: which blocks are computed exactly.
-    sel = plan.select_blocks(
-        logits, rowmax, num_blocks=num_blocks, full=full, first_n=first_n, diagonal_n=diagonal_n
-    )
     C = build.resolve_knobs("hires_units", knobs.get("hires_units"))["blocks_per_unit"]
-    units = plan.make_units(sel.index, n, C)
+    units = plan.make_units(st["sel"].index, n, C)
     U = units.unit_row.shape[1]
 
     # Step 4: the selected blocks, unit by unit.
-    unit_max, unit_sum = torch.empty(R, U, b), torch.empty(R, U, b)
-    unit_out = torch.empty(R, U, b, Dp)
+    unit_max, unit_sum = ws("unit_max", R, U, b), ws("unit_sum", R, U, b)
+    unit_out = ws("unit_out", R, U, b, Dp)
     run("hires_units", qf, kf, vf, maskf, units.unit_row, units.unit_cols,
         unit_max, unit_out, unit_sum, heads, scale)
 
@@ -96,9 +157,10 @@ def mra_forward(
     out = torch.empty(R, n, b, Dp)
     args = [unit_max, unit_out, unit_sum, units.row_start, units.row_units, maskf]
     if full:
-        o_lo, z_lo = torch.empty(R, n, Dp), torch.empty(R, n)
-        run("lowres_out", logits, rowmax, sel.high_mask, counts, vp, o_lo, z_lo, heads)
-        args += [o_lo, z_lo, rowmax]
+        o_lo, z_lo = ws("o_lo", R, n, Dp), ws("z_lo", R, n)
+        run("lowres_out", st["logits"], st["rowmax"], st["sel"].high_mask, st["counts"], st["vp"],
+            o_lo, z_lo, heads)
+        args += [o_lo, z_lo, st["rowmax"]]
     run("combine", *args, out, heads, units.ucap, full=full)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
     return out.to(out_dtype) if out_dtype != torch.float32 else out.contiguous()

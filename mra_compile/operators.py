@@ -169,46 +169,48 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
         ),
         name="key_factor",
     )
-    # Gather the unit's keys transposed ([D, W]) and values ([W, D]) contiguously.
-    k_t = te.compute(
-        (R, U, D, W), lambda r, u, d, w: k[r, key_token(r, u, w), d], name="k_t"
+    # The unit's keys and values gathered contiguously ([W, D]) and its queries
+    # transposed ([D, b]): logits are laid out [key, query] so that every reduction
+    # over keys (max, sum, P V) runs with the queries in vector lanes.
+    k_g = te.compute(
+        (R, U, W, D), lambda r, u, w, d: k[r, key_token(r, u, w), d], name="k_g"
     )
     v_g = te.compute(
         (R, U, W, D), lambda r, u, w, d: v[r, key_token(r, u, w), d] * key_factor[r, u, w],
         name="v_g",
     )
-    q_g = te.compute(
-        (R, U, b, D),
-        lambda r, u, t, d: q[r, query_token(r, u, t), d]
+    q_t = te.compute(
+        (R, U, D, b),
+        lambda r, u, d, t: q[r, query_token(r, u, t), d]
         * mask[r // heads, query_token(r, u, t)]
         * scale,
-        name="q_g",
+        name="q_t",
     )
     d0 = te.reduce_axis((0, D), "d0")
     dots = te.compute(
-        (R, U, b, W),
-        lambda r, u, t, w: te.sum(q_g[r, u, t, d0] * k_t[r, u, d0, w], axis=d0),
+        (R, U, W, b),
+        lambda r, u, w, t: te.sum(k_g[r, u, w, d0] * q_t[r, u, d0, t], axis=d0),
         name="dots",
     )
     # A = scale * (q m_t) . (k m_s); empty slots take no part in the max.
     logit = te.compute(
-        (R, U, b, W),
-        lambda r, u, t, w: te.if_then_else(
+        (R, U, W, b),
+        lambda r, u, w, t: te.if_then_else(
             unit_cols[r, u, w // b] >= 0,
-            dots[r, u, t, w] * key_factor[r, u, w],
+            dots[r, u, w, t] * key_factor[r, u, w],
             tirx.const(NEG_BIG, F32),
         ),
         name="logit",
     )
     w0 = te.reduce_axis((0, W), "w0")
     unit_max = te.compute(
-        (R, U, b), lambda r, u, t: te.max(logit[r, u, t, w0], axis=w0), name="unit_max"
+        (R, U, b), lambda r, u, t: te.max(logit[r, u, w0, t], axis=w0), name="unit_max"
     )
     prob = te.compute(
-        (R, U, b, W),
-        lambda r, u, t, w: te.if_then_else(
+        (R, U, W, b),
+        lambda r, u, w, t: te.if_then_else(
             unit_cols[r, u, w // b] >= 0,
-            _exp(logit[r, u, t, w] - unit_max[r, u, t] - (1.0 - key_factor[r, u, w]) * 1e4),
+            _exp(logit[r, u, w, t] - unit_max[r, u, t] - (1.0 - key_factor[r, u, w]) * 1e4),
             tirx.const(0.0, F32),
         ),
         name="prob",
@@ -216,12 +218,12 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
     w1 = te.reduce_axis((0, W), "w1")
     unit_out = te.compute(
         (R, U, b, D),
-        lambda r, u, t, d: te.sum(prob[r, u, t, w1] * v_g[r, u, w1, d], axis=w1),
+        lambda r, u, t, d: te.sum(prob[r, u, w1, t] * v_g[r, u, w1, d], axis=w1),
         name="unit_out",
     )
     w2 = te.reduce_axis((0, W), "w2")
     unit_sum = te.compute(
-        (R, U, b), lambda r, u, t: te.sum(prob[r, u, t, w2], axis=w2), name="unit_sum"
+        (R, U, b), lambda r, u, t: te.sum(prob[r, u, w2, t], axis=w2), name="unit_sum"
     )
     return [q, k, v, mask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads, scale]
 

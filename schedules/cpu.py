@@ -7,55 +7,65 @@ AVX-512 (vec=16 floats) and still run well with AVX2 (the vector is split in two
 from __future__ import annotations
 
 
-def hires_units(sch, *, vec=16, tile_t=4, tile_w=4, unroll=True, blocks_per_unit=4):
+def _keys_outer(sch, name, vec):
+    """A [.., t] = reduce_w X[.., w, t] stage: w outside, the queries t in vector lanes."""
+    t, w = sch.get_loops(sch.get_sblock(name))[-2:]
+    sch.reorder(w, t)
+    sch.vectorize(sch.split(t, [None, vec])[1])
+    return w
+
+
+def hires_units(sch, *, vec=16, qk_rows=8, pv_rows=4, unroll=True, blocks_per_unit=1):
     """Per work unit (one query block x C key blocks), everything stays in L1.
 
     ``blocks_per_unit`` (C) is an operator knob (the unit size the plan packs): more
     blocks per unit amortise the query block, fewer waste less on short block rows.
-    Parallel over (row, unit). Inside: gather K transposed and V, a register-tiled
-    (tile_t x tile_w*vec) q k^T, the unit max, exp, and a register-tiled P V with
-    tile_t x D accumulators.
+    Parallel over (row, unit). Inside: gather keys, values and transposed queries;
+    the logits [W, b] as a register tile of ``qk_rows`` keys x b queries; max, exp and
+    sum with the queries in vector lanes; P V as a tile of ``pv_rows`` queries x D.
     """
-    out = sch.get_sblock("unit_out")
     # The three outputs share one (row, unit) loop, so what they read can live under it.
     outputs = ("unit_max", "unit_out", "unit_sum")
     ru = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
     sch.parallel(ru)
     sch.compute_inline(sch.get_sblock("logit"))
-    for name in ("v_g", "prob", "dots", "k_t", "q_g", "key_factor"):
+    for name in ("v_g", "prob", "dots", "k_g", "q_t", "key_factor"):
         sch.compute_at(sch.get_sblock(name), ru)
 
-    # P V: [b, W] x [W, D] -> [b, D]
+    # P V: sum_w P[w, t] v[w, d] -> [b, D]; pv_rows x D accumulators.
+    out = sch.get_sblock("unit_out")
     t, d, w = sch.get_loops(out)[1:]
-    t_o, t_i = sch.split(t, [None, tile_t])
+    t_o, t_i = sch.split(t, [None, pv_rows])
     d_o, d_i = sch.split(d, [None, vec])
     sch.reorder(t_o, w, t_i, d_o, d_i)
     sch.vectorize(d_i)
     if unroll:
         sch.unroll(d_o)
         sch.unroll(t_i)
-    sch.decompose_reduction(out, w)
+    out_w = w
 
-    # q k^T: [b, D] x [D, W] -> [b, W]
+    # Logits: sum_d k[w, d] q^T[d, t] -> [W, b]; qk_rows x b accumulators.
     dots = sch.get_sblock("dots")
-    t, w, d = sch.get_loops(dots)[1:]
-    t_o, t_i = sch.split(t, [None, tile_t])
-    w_o, w_m, w_i = sch.split(w, [None, tile_w, vec])
-    sch.reorder(t_o, w_o, d, t_i, w_m, w_i)
-    sch.vectorize(w_i)
+    w, t, d = sch.get_loops(dots)[1:]
+    w_o, w_i = sch.split(w, [None, qk_rows])
+    t_o, t_i = sch.split(t, [None, vec])
+    sch.reorder(w_o, d, w_i, t_o, t_i)
+    sch.vectorize(t_i)
     if unroll:
-        sch.unroll(w_m)
-        sch.unroll(t_i)
+        sch.unroll(t_o)
+        sch.unroll(w_i)
+    key_loops = {name: _keys_outer(sch, name, vec) for name in ("unit_max", "unit_sum")}
+
+    # Reductions are split into init and update last (loop moves need them whole).
     sch.decompose_reduction(dots, d)
-
+    sch.decompose_reduction(out, out_w)
+    for name, loop in key_loops.items():
+        sch.decompose_reduction(sch.get_sblock(name), loop)
     # Elementwise stages: vectorise the innermost axis.
-    for name in ("prob", "v_g", "q_g", "k_t"):
+    for name in ("prob", "v_g", "q_t", "k_g"):
         loops = sch.get_loops(sch.get_sblock(name))
-        _, inner = sch.split(loops[-1], [None, vec])
-        sch.vectorize(inner)
+        sch.vectorize(sch.split(loops[-1], [None, vec])[1])
     return sch
-
-
 
 
 def pool_and_logits(sch, *, vec=16):
@@ -126,6 +136,6 @@ OPERATOR_KNOBS = {"hires_units": ("blocks_per_unit",)}
 KNOBS = {
     "pool_and_logits": dict(vec=16),
     "lowres_out": dict(vec=16),
-    "hires_units": dict(vec=16, tile_t=4, tile_w=4, unroll=True, blocks_per_unit=4),
+    "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=2),
     "combine": dict(vec=16),
 }

@@ -1,0 +1,98 @@
+"""The friendly Python entry point."""
+from __future__ import annotations
+
+import torch
+
+
+def mra_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    num_blocks: int | None = None,
+    block_per_row: int | None = None,
+    approx_mode: str = "full",
+    block_size: int = 32,
+    initial_prior_first_n_blocks: int = 0,
+    initial_prior_diagonal_n_blocks: int = 0,
+) -> torch.Tensor:
+    """MRA-2 approximate self-attention (Zeng et al., ICML 2022).
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` queries, keys, values; float32, float16 or bfloat16,
+            same shape, dtype and device. Any N and D; non-contiguous is fine.
+        mask: ``[B, N]`` with 1 for real tokens and 0 for padding (bool, int or float),
+            or None. Padded queries get zero output; padded keys are ignored.
+        num_blocks: exact ``block_size x block_size`` blocks per (batch, head), >= 1;
+            clamped to ``n*n`` where ``n = ceil(N / block_size)``.
+        block_per_row: alternative to ``num_blocks``: ``num_blocks = block_per_row * n``
+            (Hugging Face ``MraConfig.block_per_row``). Give at most one of the two;
+            with neither, ``block_per_row = 4``.
+        approx_mode: ``"full"`` (MRA-2: exact blocks plus the low-resolution rest) or
+            ``"sparse"`` (MRA-2-s: exact blocks only).
+        block_size: block edge ``b``, a power of two in [8, 256] (default 32). N is
+            padded internally to a multiple of it with masked tokens.
+        initial_prior_first_n_blocks: always select the first ``f`` block rows and
+            columns (global tokens), >= 0.
+        initial_prior_diagonal_n_blocks: always select a band of ``g`` block diagonals
+            (local attention), >= 0.
+
+    Returns:
+        ``[B, H, N, D]`` in q's dtype.
+
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    if num_blocks is not None and block_per_row is not None:
+        raise ValueError("give num_blocks or block_per_row, not both")
+    if num_blocks is None:
+        bpr = 4 if block_per_row is None else block_per_row
+        if isinstance(bpr, bool) or not isinstance(bpr, int):
+            raise TypeError(f"block_per_row must be an int, got {type(bpr).__name__}")
+        if bpr < 1:
+            raise ValueError(f"block_per_row must be >= 1, got {bpr}")
+        if not isinstance(q, torch.Tensor) or q.dim() != 4:
+            raise ValueError("q must be a tensor of shape [B, H, N, D]")
+        if isinstance(block_size, int) and block_size > 0:
+            n = -(-q.shape[2] // block_size)
+            num_blocks = bpr * max(n, 1)
+        else:
+            num_blocks = bpr
+    return torch.ops.mra.attention(
+        q, k, v, mask, num_blocks, approx_mode, block_size,
+        initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks,
+    )
+
+
+def block_selection(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    num_blocks: int,
+    approx_mode: str = "full",
+    block_size: int = 32,
+    initial_prior_first_n_blocks: int = 0,
+    initial_prior_diagonal_n_blocks: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks ``torch.ops.mra.attention`` computes exactly for these arguments.
+
+    Returns ``(selected, high_mask)``, bool ``[B, H, n, n]`` with ``n = ceil(N / block_size)``:
+    the top-``num_blocks`` set T of the spec and, in "full" mode, Hmask (the blocks the
+    low-resolution part leaves out; equal to ``selected`` in "sparse" mode). Useful to
+    inspect the pattern, and to give a reference the same blocks when scores tie.
+    """
+    from mra_compile import forward, validate
+
+    validate.check_options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
+                           initial_prior_diagonal_n_blocks)
+    validate.check_tensors(q, k, v, mask)
+    validate.check_device(q)
+    validate.check_mask_values(mask)
+    with torch.no_grad():
+        return forward.block_selection(
+            q.detach(), k.detach(), v.detach(), mask, num_blocks, approx_mode, block_size,
+            initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks,
+        )

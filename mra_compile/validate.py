@@ -1,0 +1,90 @@
+"""Argument checks for torch.ops.mra.attention.
+
+Every bad input becomes a TypeError or ValueError naming the argument: the kernels
+do not bounds-check, so nothing unchecked may reach them.
+"""
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MODES = ("full", "sparse")
+MAX_BLOCK_SIZE = 256
+
+
+def _int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_options(num_blocks, approx_mode, block_size, first_n, diagonal_n) -> None:
+    """The non-tensor arguments (checked in the fake implementation too)."""
+    _int("num_blocks", num_blocks, 1)
+    if not isinstance(approx_mode, str):
+        raise TypeError(f"approx_mode must be a str, got {type(approx_mode).__name__}")
+    if approx_mode not in MODES:
+        raise ValueError(f"approx_mode must be 'full' or 'sparse', got {approx_mode!r}")
+    _int("block_size", block_size, 8)
+    if block_size & (block_size - 1) or block_size > MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"block_size must be a power of two between 8 and {MAX_BLOCK_SIZE}, got {block_size}"
+        )
+    _int("initial_prior_first_n_blocks", first_n, 0)
+    _int("initial_prior_diagonal_n_blocks", diagonal_n, 0)
+
+
+def check_tensors(q, k, v, mask) -> None:
+    """Types, ranks, shapes, dtypes and devices (no data access: fake-safe)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, N, D] (4 dims), got {tuple(x.shape)}")
+        if x.dtype not in DTYPES:
+            raise TypeError(
+                f"{name} must be float32, float16 or bfloat16, got {x.dtype}"
+                + (" (use mra_compile.reference for float64)" if x.dtype == torch.float64 else "")
+            )
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+    B, H, N, D = q.shape
+    if N == 0:
+        raise ValueError("q: the sequence length N must be >= 1")
+    if D == 0:
+        raise ValueError("q: the head dim D must be >= 1")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] != N:
+            raise ValueError(f"mask must have shape [B, N] = [{B}, {N}], got {tuple(mask.shape)}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be real (bool, integer or float), got {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
+
+
+def check_mask_values(mask) -> None:
+    """Mask entries must be 0 or 1 (reads the data: real implementation only)."""
+    if mask is not None and mask.numel():
+        if mask.dtype == torch.bool:
+            return
+        ok = (mask == 0) | (mask == 1)
+        if not bool(ok.all()):
+            bad = mask[~ok].flatten()[0].item()
+            raise ValueError(f"mask must contain only 0 (padding) and 1 (real token), found {bad}")
+
+
+def check_device(q) -> None:
+    if q.device.type != "cpu":
+        raise ValueError(
+            f"q is on {q.device}: this build of mra_compile runs on the CPU only "
+            "(CUDA kernels are not available yet)"
+        )
