@@ -44,21 +44,20 @@ def mra_attention(
     Raises:
         TypeError / ValueError naming the offending argument.
     """
+    from mra_compile import validate
+
     if num_blocks is not None and block_per_row is not None:
         raise ValueError("give num_blocks or block_per_row, not both")
+    # Checked here too (not only in the op) so that Python-type errors are TypeErrors
+    # rather than the dispatcher's RuntimeError.
+    validate.check_tensors(q, k, v, mask)
     if num_blocks is None:
         bpr = 4 if block_per_row is None else block_per_row
-        if isinstance(bpr, bool) or not isinstance(bpr, int):
-            raise TypeError(f"block_per_row must be an int, got {type(bpr).__name__}")
-        if bpr < 1:
-            raise ValueError(f"block_per_row must be >= 1, got {bpr}")
-        if not isinstance(q, torch.Tensor) or q.dim() != 4:
-            raise ValueError("q must be a tensor of shape [B, H, N, D]")
-        if isinstance(block_size, int) and block_size > 0:
-            n = -(-q.shape[2] // block_size)
-            num_blocks = bpr * max(n, 1)
-        else:
-            num_blocks = bpr
+        validate.check_int("block_per_row", bpr, 1)
+        validate.check_int("block_size", block_size, 8)
+        num_blocks = bpr * max(-(-q.shape[2] // block_size), 1)
+    validate.check_options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
+                           initial_prior_diagonal_n_blocks)
     return torch.ops.mra.attention(
         q, k, v, mask, num_blocks, approx_mode, block_size,
         initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks,

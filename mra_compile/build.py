@@ -25,7 +25,8 @@ import threading
 from pathlib import Path
 
 _LOCK = threading.RLock()
-_MEMORY: dict[str, object] = {}
+_MEMORY: dict[str, object] = {}  # by full key
+_FAST: dict[tuple, object] = {}  # by call arguments: skips hashing the key on every call
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -168,6 +169,55 @@ def compile_kernel(op: str, static: dict, knobs: dict):
         return tvm.compile(sch.mod, target=target)
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_cached(path: Path, desc: dict):
+    """The cached module, or None when absent or not provably intact.
+
+    The sidecar ``.json`` (written last) must carry this kernel's key and the sha256 of
+    the ``.so``: loading a truncated shared object can kill the process (SIGBUS) before
+    any exception, so nothing is loaded unless its digest matches.
+    """
+    import tvm_ffi
+
+    meta = path.with_suffix(".json")
+    try:
+        record = json.loads(meta.read_text())
+        if record.get("key") != desc or record.get("sha256") != _file_digest(path):
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        return tvm_ffi.load_module(str(path))
+    except Exception:  # e.g. built by an incompatible runtime: rebuild
+        return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _compile_to_cache(op: str, static: dict, knobs: dict, path: Path, desc: dict):
+    import tvm_ffi
+
+    executable = compile_kernel(op, static, knobs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, executable.export_library)
+    record = {"key": desc, "sha256": _file_digest(path)}
+    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return tvm_ffi.load_module(str(path))
+
+
 def resolve_knobs(op: str, knobs: dict | None = None) -> dict:
     """The knobs a kernel is built with: the defaults, overridden by ``knobs``."""
     return default_knobs(op) if knobs is None else {**default_knobs(op), **knobs}
@@ -175,43 +225,26 @@ def resolve_knobs(op: str, knobs: dict | None = None) -> dict:
 
 def kernel(op: str, knobs: dict | None = None, **static):
     """The compiled CPU kernel ``op`` (a callable taking torch tensors)."""
-    knobs = resolve_knobs(op, knobs)
-    name, desc = _key(op, static, knobs, "llvm")
-    fn = _MEMORY.get(name)
+    fast = (op, tuple(sorted(static.items())), tuple(sorted((knobs or {}).items())), str(cache_dir()))
+    fn = _FAST.get(fast)
     if fn is not None:
         return fn
+    knobs = resolve_knobs(op, knobs)
+    name, desc = _key(op, static, knobs, "llvm")
     with _LOCK:
         fn = _MEMORY.get(name)
         if fn is not None:
+            _FAST[fast] = fn
             return fn
         _load_runtime()
-        import tvm_ffi
-
         path = cache_dir() / f"{name}.so"
-        module = None
+        module = _load_cached(path, desc)
         origin = "disk"
-        if path.exists():
-            try:
-                module = tvm_ffi.load_module(str(path))
-            except Exception:  # a truncated or foreign file: rebuild it
-                module = None
         if module is None:
             origin = "compiled"
-            executable = compile_kernel(op, static, knobs)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Export then rename: a concurrent process never sees a half-written file.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-            os.close(fd)
-            try:
-                executable.export_library(tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            (path.with_suffix(".json")).write_text(json.dumps(desc, indent=1, sort_keys=True))
-            module = tvm_ffi.load_module(str(path))
+            module = _compile_to_cache(op, static, knobs, path, desc)
         fn = module["main"]
-        _MEMORY[name] = fn
+        _MEMORY[name] = _FAST[fast] = fn
         _EVENTS.append({"op": op, "origin": origin, "path": str(path), **desc})
         return fn
 

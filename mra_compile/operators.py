@@ -169,16 +169,9 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
         ),
         name="key_factor",
     )
-    # The unit's keys and values gathered contiguously ([W, D]) and its queries
-    # transposed ([D, b]): logits are laid out [key, query] so that every reduction
-    # over keys (max, sum, P V) runs with the queries in vector lanes.
-    k_g = te.compute(
-        (R, U, W, D), lambda r, u, w, d: k[r, key_token(r, u, w), d], name="k_g"
-    )
-    v_g = te.compute(
-        (R, U, W, D), lambda r, u, w, d: v[r, key_token(r, u, w), d] * key_factor[r, u, w],
-        name="v_g",
-    )
+    # Keys and values are read in place (each key block is a contiguous [b, D] slab);
+    # the queries are gathered transposed ([D, b]): logits are laid out [key, query] so
+    # that every reduction over keys (max, sum, P V) runs with the queries in vector lanes.
     q_t = te.compute(
         (R, U, D, b),
         lambda r, u, d, t: q[r, query_token(r, u, t), d]
@@ -189,7 +182,7 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
     d0 = te.reduce_axis((0, D), "d0")
     dots = te.compute(
         (R, U, W, b),
-        lambda r, u, w, t: te.sum(k_g[r, u, w, d0] * q_t[r, u, d0, t], axis=d0),
+        lambda r, u, w, t: te.sum(k[r, key_token(r, u, w), d0] * q_t[r, u, d0, t], axis=d0),
         name="dots",
     )
     # A = scale * (q m_t) . (k m_s); empty slots take no part in the max.
@@ -210,7 +203,9 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
         (R, U, W, b),
         lambda r, u, w, t: te.if_then_else(
             unit_cols[r, u, w // b] >= 0,
-            _exp(logit[r, u, w, t] - unit_max[r, u, t] - (1.0 - key_factor[r, u, w]) * 1e4),
+            # (times the key's mask: the spec's v_s * mask_s, applied to P instead of v)
+            _exp(logit[r, u, w, t] - unit_max[r, u, t] - (1.0 - key_factor[r, u, w]) * 1e4)
+            * key_factor[r, u, w],
             tirx.const(0.0, F32),
         ),
         name="prob",
@@ -218,7 +213,7 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
     w1 = te.reduce_axis((0, W), "w1")
     unit_out = te.compute(
         (R, U, b, D),
-        lambda r, u, t, d: te.sum(prob[r, u, w1, t] * v_g[r, u, w1, d], axis=w1),
+        lambda r, u, t, d: te.sum(prob[r, u, w1, t] * v[r, key_token(r, u, w1), d], axis=w1),
         name="unit_out",
     )
     w2 = te.reduce_axis((0, W), "w2")

@@ -12,8 +12,9 @@ MODES = ("full", "sparse")
 MAX_BLOCK_SIZE = 256
 
 
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name: str, value, minimum: int) -> int:
+    # torch.SymInt: a size-derived argument under torch.compile(dynamic=True).
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -22,18 +23,18 @@ def _int(name: str, value, minimum: int) -> int:
 
 def check_options(num_blocks, approx_mode, block_size, first_n, diagonal_n) -> None:
     """The non-tensor arguments (checked in the fake implementation too)."""
-    _int("num_blocks", num_blocks, 1)
+    check_int("num_blocks", num_blocks, 1)
     if not isinstance(approx_mode, str):
         raise TypeError(f"approx_mode must be a str, got {type(approx_mode).__name__}")
     if approx_mode not in MODES:
         raise ValueError(f"approx_mode must be 'full' or 'sparse', got {approx_mode!r}")
-    _int("block_size", block_size, 8)
+    check_int("block_size", block_size, 8)
     if block_size & (block_size - 1) or block_size > MAX_BLOCK_SIZE:
         raise ValueError(
             f"block_size must be a power of two between 8 and {MAX_BLOCK_SIZE}, got {block_size}"
         )
-    _int("initial_prior_first_n_blocks", first_n, 0)
-    _int("initial_prior_diagonal_n_blocks", diagonal_n, 0)
+    check_int("initial_prior_first_n_blocks", first_n, 0)
+    check_int("initial_prior_diagonal_n_blocks", diagonal_n, 0)
 
 
 def check_tensors(q, k, v, mask) -> None:

@@ -20,7 +20,7 @@ def hires_units(sch, *, vec=16, qk_rows=8, pv_rows=4, unroll=True, blocks_per_un
 
     ``blocks_per_unit`` (C) is an operator knob (the unit size the plan packs): more
     blocks per unit amortise the query block, fewer waste less on short block rows.
-    Parallel over (row, unit). Inside: gather keys, values and transposed queries;
+    Parallel over (row, unit). Inside: gather the queries transposed;
     the logits [W, b] as a register tile of ``qk_rows`` keys x b queries; max, exp and
     sum with the queries in vector lanes; P V as a tile of ``pv_rows`` queries x D.
     """
@@ -29,7 +29,7 @@ def hires_units(sch, *, vec=16, qk_rows=8, pv_rows=4, unroll=True, blocks_per_un
     ru = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
     sch.parallel(ru)
     sch.compute_inline(sch.get_sblock("logit"))
-    for name in ("v_g", "prob", "dots", "k_g", "q_t", "key_factor"):
+    for name in ("prob", "dots", "q_t", "key_factor"):
         sch.compute_at(sch.get_sblock(name), ru)
 
     # P V: sum_w P[w, t] v[w, d] -> [b, D]; pv_rows x D accumulators.
@@ -62,7 +62,7 @@ def hires_units(sch, *, vec=16, qk_rows=8, pv_rows=4, unroll=True, blocks_per_un
     for name, loop in key_loops.items():
         sch.decompose_reduction(sch.get_sblock(name), loop)
     # Elementwise stages: vectorise the innermost axis.
-    for name in ("prob", "v_g", "q_t", "k_g"):
+    for name in ("prob", "q_t"):
         loops = sch.get_loops(sch.get_sblock(name))
         sch.vectorize(sch.split(loops[-1], [None, vec])[1])
     return sch

@@ -1,0 +1,147 @@
+"""The kernel disk cache, observed from fresh processes.
+
+Each test points ``MRA_COMPILE_CACHE_DIR`` at its own empty directory and runs the op in
+``sys.executable`` subprocesses, which report ``mra_compile.cache_events()``, a hash of
+the output bytes and whether the TVM compiler (the ``tvm`` package) was imported.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import hashlib, json, sys
+import torch
+import mra_compile
+tvm_after_import = any(m == "tvm" or m.startswith("tvm.") for m in sys.modules)
+g = torch.Generator().manual_seed(1234)
+q, k, v = (torch.randn(2, 3, 100, 24, generator=g) for _ in range(3))
+mask = torch.ones(2, 100)
+mask[1, 77:] = 0
+h = hashlib.sha256()
+for args in ((None, 5, "full"), (mask, 7, "sparse", 32, 1, 2)):
+    out = torch.ops.mra.attention(q, k, v, *args)
+    h.update(out.numpy().tobytes())
+print(json.dumps({
+    "events": [{"op": e["op"], "origin": e["origin"], "path": e["path"]}
+               for e in mra_compile.cache_events()],
+    "hash": h.hexdigest(),
+    "tvm_after_import": tvm_after_import,
+    "tvm_at_end": any(m == "tvm" or m.startswith("tvm.") for m in sys.modules),
+    "cache_dir": str(mra_compile.cache_dir()),
+}))
+"""
+
+# The five kernels SCRIPT needs: combine comes in a "full" and a "sparse" variant.
+OPS = sorted(["pool_and_logits", "hires_units", "lowres_out", "combine", "combine"])
+
+
+def run_script(cache, script=SCRIPT):
+    env = dict(os.environ, MRA_COMPILE_CACHE_DIR=str(cache))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def origins(report):
+    return sorted((e["op"], e["origin"]) for e in report["events"])
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "kernel-cache"
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One process on an empty cache directory: (directory, its report)."""
+    cache = tmp_path_factory.mktemp("first") / "kernel-cache"
+    return cache, run_script(cache)
+
+
+def test_second_process_loads_from_disk_without_tvm(first_run):
+    cache, first = first_run
+    assert first["cache_dir"] == str(cache)
+    assert sorted(e["op"] for e in first["events"]) == OPS
+    assert {e["origin"] for e in first["events"]} == {"compiled"}
+    assert not first["tvm_after_import"]
+    for e in first["events"]:
+        path = Path(e["path"])
+        assert path.parent == cache and path.suffix == ".so" and path.stat().st_size > 0
+        assert path.with_suffix(".json").exists()
+    # No temporary files left behind by the export-then-rename.
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json"] * 5 + [".so"] * 5
+
+    second = run_script(cache)
+    assert sorted(e["op"] for e in second["events"]) == OPS
+    assert {e["origin"] for e in second["events"]} == {"disk"}
+    assert sorted(e["path"] for e in second["events"]) == sorted(e["path"] for e in first["events"])
+    assert second["hash"] == first["hash"]
+    # The cached path loads kernels with the runtime (tvm_ffi) only: the TVM compiler
+    # package is never imported.
+    assert not second["tvm_after_import"]
+    assert not second["tvm_at_end"], "tvm was imported although every kernel came from disk"
+
+
+def test_import_does_not_import_tvm(cache):
+    script = (
+        "import sys, json\n"
+        "import mra_compile\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'tvm' or m.startswith('tvm.'))))\n"
+    )
+    env = dict(os.environ, MRA_COMPILE_CACHE_DIR=str(cache))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "elf-header-only", "truncated-half",
+                                    "other-kernel"])
+def test_corrupt_cache_file_is_rebuilt(first_run, cache, damage):
+    source, first = first_run
+    shutil.copytree(source, cache)
+    name = next(Path(e["path"]).name for e in first["events"] if e["op"] == "hires_units")
+    victim = cache / name
+    good = victim.read_bytes()
+    if damage == "garbage":
+        victim.write_bytes(b"this is not a shared library\n" * 100)
+    elif damage == "empty":
+        victim.write_bytes(b"")
+    elif damage == "elf-header-only":
+        victim.write_bytes(good[:64])
+    elif damage == "other-kernel":
+        # A valid library of another operator under this kernel's name.
+        other = next(Path(e["path"]) for e in first["events"] if e["op"] == "combine")
+        victim.write_bytes((cache / other.name).read_bytes())
+    else:
+        victim.write_bytes(good[: len(good) // 2])
+
+    second = run_script(cache)
+    assert second["hash"] == first["hash"]
+    got = {(e["op"], Path(e["path"]).name): e["origin"] for e in second["events"]}
+    assert got[("hires_units", name)] == "compiled"
+    assert sorted(o for (op, _), o in got.items() if op != "hires_units") == ["disk"] * 4
+    assert victim.read_bytes()[:4] == b"\x7fELF" and victim.stat().st_size >= len(good) // 2
+
+    # Rebuilt for good: a third process loads everything from disk again.
+    third = run_script(cache)
+    assert {e["origin"] for e in third["events"]} == {"disk"}
+    assert third["hash"] == first["hash"]
+    assert not third["tvm_at_end"]
+
+
+def test_kernels_are_not_shared_across_cache_dirs(first_run, cache):
+    # A different MRA_COMPILE_CACHE_DIR starts empty: everything is compiled there too.
+    other = run_script(cache)
+    assert {e["origin"] for e in other["events"]} == {"compiled"}
+    assert other["hash"] == first_run[1]["hash"]
