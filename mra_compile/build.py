@@ -100,6 +100,12 @@ def llvm_target():
 _RUNTIME_READY = False
 
 
+def ensure_runtime():
+    """Load the TVM runtime (once) and size its thread pool."""
+    with _LOCK:
+        _load_runtime()
+
+
 def _load_runtime():
     """Make ``tvm_ffi.load_module`` able to load exported TVM kernels.
 
@@ -163,7 +169,7 @@ def compile_kernel(op: str, static: dict, knobs: dict):
     op_knobs = {k: v for k, v in knobs.items() if k in cpu.OPERATOR_KNOBS.get(op, ())}
     params = getattr(operators, op)(**static, **op_knobs)
     sch = s_tir.Schedule(te.create_prim_func(params))
-    extra = {"full": static["full"]} if op == "combine" else {}
+    extra = {"full": static["full"]} if "full" in static else {}
     getattr(cpu, op)(sch, **knobs, **extra)
     with llvm_target() as target:
         return tvm.compile(sch.mod, target=target)

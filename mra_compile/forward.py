@@ -5,6 +5,7 @@ float32; float16/bfloat16 inputs are upcast and the result cast back.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -37,6 +38,26 @@ class _Workspace(threading.local):
 
 
 _WORKSPACE = _Workspace()
+
+
+@contextlib.contextmanager
+def _torch_single_threaded():
+    """Run the plan's small torch ops on the calling thread only.
+
+    Torch's OpenMP workers spin for a while after each parallel op; TVM's kernels that
+    follow then share the cores with spinning threads (measured: the next kernel 1.5-3x
+    slower on 2 cores). The plan's ops are small (n*n per row), so one thread loses
+    little, and TVM's own pool (sized from torch's thread count) runs the kernels.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def clear_workspace() -> None:
@@ -131,9 +152,17 @@ def mra_forward(
     out_dtype = q.dtype
     if B * H == 0:
         return q.new_zeros(q.shape)
+    build.ensure_runtime()  # sizes TVM's pool from torch's threads before they change
+    with _torch_single_threaded():
+        return _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagonal_n,
+                        knobs or {})
+
+
+def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagonal_n, knobs):
+    B, H, N, D = q.shape
+    out_dtype = q.dtype
     b = block_size
     full = approx_mode == "full"
-    knobs = knobs or {}
     st = _pool_and_select(q, k, v, mask, num_blocks, full, b, first_n, diagonal_n, knobs)
     qf, kf, vf, maskf, heads, scale = (st[x] for x in ("qf", "kf", "vf", "maskf", "heads", "scale"))
     R, Np, Dp = qf.shape
@@ -143,24 +172,26 @@ def mra_forward(
     def run(op, *args, **static):
         return build.kernel(op, knobs.get(op), b=b, D=Dp, **static)(*args)
 
-    C = build.resolve_knobs("hires_units", knobs.get("hires_units"))["blocks_per_unit"]
-    units = plan.make_units(st["sel"].index, n, C)
-    U = units.unit_row.shape[1]
+    Cr = build.resolve_knobs("hires_rows", knobs.get("hires_rows"))["blocks_per_row"]
+    Co = build.resolve_knobs("hires_units", knobs.get("hires_units"))["blocks_per_unit"]
+    p = plan.make_plan(st["sel"].index, n, Cr, Co)
+    U = p.unit_row.shape[1]
 
-    # Step 4: the selected blocks, unit by unit.
-    unit_max, unit_sum = ws("unit_max", R, U, b), ws("unit_sum", R, U, b)
-    unit_out = ws("unit_out", R, U, b, Dp)
-    run("hires_units", qf, kf, vf, maskf, units.unit_row, units.unit_cols,
-        unit_max, unit_out, unit_sum, heads, scale)
+    # Step 4 for the blocks beyond each row's own Cr: overflow units.
+    ov_max, ov_sum = ws("unit_max", R, U, b), ws("unit_sum", R, U, b)
+    ov_out = ws("unit_out", R, U, b, Dp)
+    if p.has_overflow:
+        run("hires_units", qf, kf, vf, maskf, p.unit_row, p.unit_cols, ov_max, ov_out, ov_sum,
+            heads, scale)
 
-    # Step 5 and 6.
+    # Step 4 for each row's own blocks, merged with its overflow units; steps 5 and 6.
     out = torch.empty(R, n, b, Dp)
-    args = [unit_max, unit_out, unit_sum, units.row_start, units.row_units, maskf]
+    args = [qf, kf, vf, maskf, p.row_cols, ov_max, ov_out, ov_sum, p.ov_start, p.ov_units]
     if full:
         o_lo, z_lo = ws("o_lo", R, n, Dp), ws("z_lo", R, n)
         run("lowres_out", st["logits"], st["rowmax"], st["sel"].high_mask, st["counts"], st["vp"],
             o_lo, z_lo, heads)
         args += [o_lo, z_lo, st["rowmax"]]
-    run("combine", *args, out, heads, units.ucap, full=full)
+    run("hires_rows", *args, out, heads, scale, p.ucap, full=full)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
     return out.to(out_dtype) if out_dtype != torch.float32 else out.contiguous()

@@ -130,50 +130,38 @@ def lowres_out(b: int, D: int):
     return [logits, rowmax, hmask, counts, vp, o_lo, z_lo, heads]
 
 
-def hires_units(b: int, D: int, blocks_per_unit: int):
-    """Step 4 on work units: up to C selected blocks of one block row each.
+def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block, C, b, D):
+    """Step 4 on one query block against C key blocks, for every point of ``domain``.
 
-    A unit u of row r covers query block ``unit_row[r, u]`` and key blocks
-    ``unit_cols[r, u, :]`` (-1 = empty slot). For every query token t it returns the
-    unit's own stabiliser and partial sums; ``combine`` rescales units of a block row
-    to their common maximum (flash-decoding style), which equals the spec's m_t.
-
-    in : q, k, v [R, N, D]; mask [Bm, N]; unit_row [R, U] i32; unit_cols [R, U, C] i32;
-         heads, scale
-    out: unit_max [R, U, b]; unit_out [R, U, b, D] = sum P v; unit_sum [R, U, b] = sum P
+    ``query_block(r, u)`` and ``key_block(r, u, c)`` give block indices (-1 = empty
+    slot). Returns (unit_max [*domain, b], unit_out [*domain, b, D] = sum P v,
+    unit_sum [*domain, b] = sum P), P = exp(A - unit_max - 1e4 (1 - mask_s)): the unit's
+    own stabiliser; merging units to a common one (flash-decoding style) gives the
+    spec's m_t.
     """
-    C = blocks_per_unit
-    R, N, U, Bm, heads = _vars("R", "N", "U", "Bm", "heads")
-    scale = te.var("scale", dtype=F32)
-    q = te.placeholder((R, N, D), F32, "q")
-    k = te.placeholder((R, N, D), F32, "k")
-    v = te.placeholder((R, N, D), F32, "v")
-    mask = te.placeholder((Bm, N), F32, "mask")
-    unit_row = te.placeholder((R, U), I32, "unit_row")
-    unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
     W = C * b  # key tokens per unit
+
+    def valid(r, u, w):
+        return key_block(r, u, w // b) >= 0
 
     def key_token(r, u, w):
         # Clamped so that no index read can leave the tensor (TVM does not bounds-check).
-        col = te.max(unit_cols[r, u, w // b], 0)
-        return col * b + w % b
+        return te.max(key_block(r, u, w // b), 0) * b + w % b
 
     def query_token(r, u, t):
-        return te.max(unit_row[r, u], 0) * b + t
+        return te.max(query_block(r, u), 0) * b + t
 
     # Per-key factor: the key's mask value, 0 for empty slots.
     key_factor = te.compute(
-        (R, U, W),
-        lambda r, u, w: te.if_then_else(
-            unit_cols[r, u, w // b] >= 0, mask[r // heads, key_token(r, u, w)], 0.0
-        ),
+        (*domain, W),
+        lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, key_token(r, u, w)], 0.0),
         name="key_factor",
     )
     # Keys and values are read in place (each key block is a contiguous [b, D] slab);
     # the queries are gathered transposed ([D, b]): logits are laid out [key, query] so
     # that every reduction over keys (max, sum, P V) runs with the queries in vector lanes.
     q_t = te.compute(
-        (R, U, D, b),
+        (*domain, D, b),
         lambda r, u, d, t: q[r, query_token(r, u, t), d]
         * mask[r // heads, query_token(r, u, t)]
         * scale,
@@ -181,28 +169,26 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
     )
     d0 = te.reduce_axis((0, D), "d0")
     dots = te.compute(
-        (R, U, W, b),
+        (*domain, W, b),
         lambda r, u, w, t: te.sum(k[r, key_token(r, u, w), d0] * q_t[r, u, d0, t], axis=d0),
         name="dots",
     )
     # A = scale * (q m_t) . (k m_s); empty slots take no part in the max.
     logit = te.compute(
-        (R, U, W, b),
+        (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
-            unit_cols[r, u, w // b] >= 0,
-            dots[r, u, w, t] * key_factor[r, u, w],
-            tirx.const(NEG_BIG, F32),
+            valid(r, u, w), dots[r, u, w, t] * key_factor[r, u, w], tirx.const(NEG_BIG, F32)
         ),
         name="logit",
     )
     w0 = te.reduce_axis((0, W), "w0")
     unit_max = te.compute(
-        (R, U, b), lambda r, u, t: te.max(logit[r, u, w0, t], axis=w0), name="unit_max"
+        (*domain, b), lambda r, u, t: te.max(logit[r, u, w0, t], axis=w0), name="unit_max"
     )
     prob = te.compute(
-        (R, U, W, b),
+        (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
-            unit_cols[r, u, w // b] >= 0,
+            valid(r, u, w),
             # (times the key's mask: the spec's v_s * mask_s, applied to P instead of v)
             _exp(logit[r, u, w, t] - unit_max[r, u, t] - (1.0 - key_factor[r, u, w]) * 1e4)
             * key_factor[r, u, w],
@@ -212,86 +198,149 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
     )
     w1 = te.reduce_axis((0, W), "w1")
     unit_out = te.compute(
-        (R, U, b, D),
+        (*domain, b, D),
         lambda r, u, t, d: te.sum(prob[r, u, w1, t] * v[r, key_token(r, u, w1), d], axis=w1),
         name="unit_out",
     )
     w2 = te.reduce_axis((0, W), "w2")
     unit_sum = te.compute(
-        (R, U, b), lambda r, u, t: te.sum(prob[r, u, w2, t], axis=w2), name="unit_sum"
+        (*domain, b), lambda r, u, t: te.sum(prob[r, u, w2, t], axis=w2), name="unit_sum"
+    )
+    return unit_max, unit_out, unit_sum
+
+
+def _inputs(D):
+    R, N, Bm, heads = _vars("R", "N", "Bm", "heads")
+    scale = te.var("scale", dtype=F32)
+    q = te.placeholder((R, N, D), F32, "q")
+    k = te.placeholder((R, N, D), F32, "k")
+    v = te.placeholder((R, N, D), F32, "v")
+    mask = te.placeholder((Bm, N), F32, "mask")
+    return R, N, heads, scale, q, k, v, mask
+
+
+def hires_units(b: int, D: int, blocks_per_unit: int):
+    """Step 4 on overflow units: up to C more selected blocks of one block row each.
+
+    Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
+    ``unit_cols[r, u, :]`` (-1 = empty slot); ``hires_rows`` merges them into their row.
+
+    in : q, k, v [R, N, D]; mask [Bm, N]; unit_row [R, U] i32; unit_cols [R, U, C] i32;
+         heads, scale
+    out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
+    """
+    C = blocks_per_unit
+    R, N, heads, scale, q, k, v, mask = _inputs(D)
+    U = te.var("U", dtype=I32)
+    unit_row = te.placeholder((R, U), I32, "unit_row")
+    unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
+    unit_max, unit_out, unit_sum = _unit_attention(
+        q, k, v, mask, heads, scale, (R, U),
+        lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D,
     )
     return [q, k, v, mask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads, scale]
 
 
-def combine(b: int, D: int, full: bool):
-    """Step 4's per-row stabiliser and sums from the units, then step 5 and 6.
+def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
+    """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
-    Units of block row i of row r are ``row_start[r, i] + w`` for ``w < row_units[r, i]``;
-    ``ucap`` bounds ``row_units`` (the reduction runs to it, empty slots masked).
+    Block row i of row r computes its first ``blocks_per_row`` selected key blocks
+    ``row_cols[r, i, :]`` (-1 = empty) itself; the rest came from ``hires_units`` as the
+    overflow units ``ov_start[r, i] + w``, ``w < ov_units[r, i] <= ucap``. All share the
+    row's maximum m_t (-1e5 without blocks); "full" adds the low-resolution part at the
+    larger of m_t and R_i, then everything is normalised and masked.
 
-    in : unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b];
-         row_start, row_units [R, n] i32; mask [Bm, N]; heads; ucap;
-         full mode also o_lo [R, n, D], z_lo [R, n], rowmax [R, n]
+    in : q, k, v [R, N, D]; mask [Bm, N]; row_cols [R, n, Cr] i32;
+         ov_max [R, U, b]; ov_out [R, U, b, D]; ov_sum [R, U, b]; ov_start, ov_units [R, n] i32;
+         full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, scale, ucap
     out: out [R, n, b, D] (the memory of [R, N, D])
     """
-    R, N, U, Bm, heads, ucap = _vars("R", "N", "U", "Bm", "heads", "ucap")
+    C = blocks_per_row
+    R, N, heads, scale, q, k, v, mask = _inputs(D)
     n = N // b
-    unit_max = te.placeholder((R, U, b), F32, "unit_max")
-    unit_out = te.placeholder((R, U, b, D), F32, "unit_out")
-    unit_sum = te.placeholder((R, U, b), F32, "unit_sum")
-    row_start = te.placeholder((R, n), I32, "row_start")
-    row_units = te.placeholder((R, n), I32, "row_units")
-    mask = te.placeholder((Bm, N), F32, "mask")
+    U, ucap = _vars("U", "ucap")
+    row_cols = te.placeholder((R, n, C), I32, "row_cols")
+    ov_max = te.placeholder((R, U, b), F32, "ov_max")
+    ov_out = te.placeholder((R, U, b, D), F32, "ov_out")
+    ov_sum = te.placeholder((R, U, b), F32, "ov_sum")
+    ov_start = te.placeholder((R, n), I32, "ov_start")
+    ov_units = te.placeholder((R, n), I32, "ov_units")
+    own_max, own_out, own_sum = _unit_attention(
+        q, k, v, mask, heads, scale, (R, n),
+        lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D,
+    )
 
     def unit(r, i, w):
-        return te.max(te.min(row_start[r, i] + w, U - 1), 0)  # clamped: no stray reads
+        return te.max(te.min(ov_start[r, i] + w, U - 1), 0)  # clamped: no stray reads
 
     w0 = te.reduce_axis((0, ucap), "w0")
-    stab = te.compute(
+    ov_stab = te.compute(
         (R, n, b),
         lambda r, i, t: te.max(
-            te.if_then_else(
-                w0 < row_units[r, i], unit_max[r, unit(r, i, w0), t], tirx.const(NEG_BIG, F32)
-            ),
+            te.if_then_else(w0 < ov_units[r, i], ov_max[r, unit(r, i, w0), t],
+                            tirx.const(NEG_BIG, F32)),
             axis=w0,
         ),
-        name="stab",
+        name="ov_stab",
     )
     # m_t of the spec: -1e5 for a block row without selected blocks.
     row_max = te.compute(
         (R, n, b),
         lambda r, i, t: te.if_then_else(
-            row_units[r, i] > 0, stab[r, i, t], tirx.const(-1e5, F32)
+            tirx.Or(row_cols[r, i, 0] >= 0, ov_units[r, i] > 0),
+            te.max(own_max[r, i, t], ov_stab[r, i, t]),
+            tirx.const(-1e5, F32),
         ),
         name="row_max",
     )
-    rescale = te.compute(
+    ov_scale = te.compute(
         (R, n, b, ucap),
         lambda r, i, t, w: te.if_then_else(
-            w < row_units[r, i],
-            _exp(unit_max[r, unit(r, i, w), t] - row_max[r, i, t]),
+            w < ov_units[r, i],
+            _exp(ov_max[r, unit(r, i, w), t] - row_max[r, i, t]),
             tirx.const(0.0, F32),
         ),
-        name="rescale",
+        name="ov_scale",
+    )
+    own_scale = te.compute(
+        (R, n, b), lambda r, i, t: _exp(own_max[r, i, t] - row_max[r, i, t]), name="own_scale"
     )
     w1 = te.reduce_axis((0, ucap), "w1")
-    o_hi = te.compute(
+    ov_o = te.compute(
         (R, n, b, D),
-        lambda r, i, t, d: te.sum(rescale[r, i, t, w1] * unit_out[r, unit(r, i, w1), t, d], axis=w1),
-        name="o_hi",
+        # Selected, not multiplied: slots past ov_units may hold anything, NaN included.
+        lambda r, i, t, d: te.sum(
+            te.if_then_else(
+                w1 < ov_units[r, i], ov_scale[r, i, t, w1] * ov_out[r, unit(r, i, w1), t, d], 0.0
+            ),
+            axis=w1,
+        ),
+        name="ov_o",
     )
     w2 = te.reduce_axis((0, ucap), "w2")
+    ov_z = te.compute(
+        (R, n, b),
+        lambda r, i, t: te.sum(
+            te.if_then_else(
+                w2 < ov_units[r, i], ov_scale[r, i, t, w2] * ov_sum[r, unit(r, i, w2), t], 0.0
+            ),
+            axis=w2,
+        ),
+        name="ov_z",
+    )
     z_hi = te.compute(
         (R, n, b),
-        lambda r, i, t: te.sum(rescale[r, i, t, w2] * unit_sum[r, unit(r, i, w2), t], axis=w2),
+        lambda r, i, t: own_sum[r, i, t] * own_scale[r, i, t] + ov_z[r, i, t],
         name="z_hi",
     )
-    params = [unit_max, unit_out, unit_sum, row_start, row_units, mask]
+
+    def o_hi(r, i, t, d):
+        return own_out[r, i, t, d] * own_scale[r, i, t] + ov_o[r, i, t, d]
 
     def token_mask(r, i, t):
         return mask[r // heads, i * b + t]
 
-    # Shapes below are [R, n, b(, D)]: the same memory as [R, N(, D)].
+    params = [q, k, v, mask, row_cols, ov_max, ov_out, ov_sum, ov_start, ov_units]
     if full:
         o_lo = te.placeholder((R, n, D), F32, "o_lo")
         z_lo = te.placeholder((R, n), F32, "z_lo")
@@ -326,7 +375,7 @@ def combine(b: int, D: int, full: bool):
         out = te.compute(
             (R, n, b, D),
             lambda r, i, t, d: (
-                o_hi[r, i, t, d] * hi_scale[r, i, t] + o_lo[r, i, d] * lo_scale[r, i, t]
+                o_hi(r, i, t, d) * hi_scale[r, i, t] + o_lo[r, i, d] * lo_scale[r, i, t]
             )
             * inv_norm[r, i, t],
             name="out",
@@ -338,6 +387,6 @@ def combine(b: int, D: int, full: bool):
             name="inv_norm",
         )
         out = te.compute(
-            (R, n, b, D), lambda r, i, t, d: o_hi[r, i, t, d] * inv_norm[r, i, t], name="out"
+            (R, n, b, D), lambda r, i, t, d: o_hi(r, i, t, d) * inv_norm[r, i, t], name="out"
         )
-    return params + [out, heads, ucap]
+    return params + [out, heads, scale, ucap]

@@ -15,56 +15,97 @@ def _keys_outer(sch, name, vec):
     return w
 
 
-def hires_units(sch, *, vec=16, qk_rows=8, pv_rows=4, unroll=True, blocks_per_unit=1):
-    """Per work unit (one query block x C key blocks), everything stays in L1.
+def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True):
+    """Schedule the stages of ``operators._unit_attention`` under ``loop`` (one unit per
+    iteration), everything in L1: the transposed query gather; logits [W, b] as a
+    register tile of ``qk_rows`` keys x b queries; max, exp and sum with the queries in
+    vector lanes; P V as a tile of ``pv_rows`` queries x D. ``outputs_placed``: whether
+    unit_max already sits under ``loop`` (it does when it is a kernel output)."""
+    sch.compute_inline(sch.get_sblock("logit"))
+    stages = ("prob", "dots", "q_t", "key_factor")
+    if not outputs_placed:
+        stages = ("prob", "unit_max", "dots", "q_t", "key_factor")
+    for name in stages:
+        sch.compute_at(sch.get_sblock(name), loop)
 
-    ``blocks_per_unit`` (C) is an operator knob (the unit size the plan packs): more
-    blocks per unit amortise the query block, fewer waste less on short block rows.
-    Parallel over (row, unit). Inside: gather the queries transposed;
-    the logits [W, b] as a register tile of ``qk_rows`` keys x b queries; max, exp and
-    sum with the queries in vector lanes; P V as a tile of ``pv_rows`` queries x D.
+    # P V: sum_w P[w, t] v[w, d] -> [b, D]; pv_rows x D accumulators, kept in a
+    # constant-size local tile: LLVM cannot tell TVM's heap-allocated intermediates
+    # apart, so accumulating in them would load and store every FMA's accumulator.
+    out = sch.get_sblock("unit_out")
+    t, d, w = sch.get_loops(out)[-3:]
+    t_o, t_i = sch.split(t, [None, pv_rows])
+    sch.reorder(t_o, w, t_i, d)
+    out_acc = sch.cache_write(out, 0, "local")
+    sch.reverse_compute_at(out_acc, t_o)
+    d_o, d_i = sch.split(d, [None, vec])
+    sch.vectorize(d_i)
+    if unroll:
+        sch.unroll(d_o)
+        sch.unroll(t_i)
+    sch.vectorize(sch.split(sch.get_loops(out_acc)[-1], [None, vec])[1])
+
+    # Logits: sum_d k[w, d] q^T[d, t] -> [W, b]; qk_rows x b accumulators, local too.
+    dots = sch.get_sblock("dots")
+    w_, t_, d_ = sch.get_loops(dots)[-3:]
+    w_o, w_i = sch.split(w_, [None, qk_rows])
+    sch.reorder(w_o, d_, w_i, t_)
+    dots_acc = sch.cache_write(dots, 0, "local")
+    sch.reverse_compute_at(dots_acc, w_o)
+    t_o2, t_i2 = sch.split(t_, [None, vec])
+    sch.vectorize(t_i2)
+    if unroll:
+        sch.unroll(t_o2)
+        sch.unroll(w_i)
+    sch.vectorize(sch.split(sch.get_loops(dots_acc)[-1], [None, vec])[1])
+    key_loops = {name: _keys_outer(sch, name, vec) for name in ("unit_max", "unit_sum")}
+    for name in ("prob", "q_t"):
+        loops = sch.get_loops(sch.get_sblock(name))
+        sch.vectorize(sch.split(loops[-1], [None, vec])[1])
+    # Reductions are split into init and update last (loop moves need them whole).
+    sch.decompose_reduction(dots, d_)
+    sch.decompose_reduction(out, w)
+    for name, loop_ in key_loops.items():
+        sch.decompose_reduction(sch.get_sblock(name), loop_)
+
+
+def hires_units(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=2):
+    """Overflow units, parallel over (row, unit); see ``_unit``.
+
+    ``blocks_per_unit`` (C) is an operator knob (the unit size the plan packs).
     """
     # The three outputs share one (row, unit) loop, so what they read can live under it.
     outputs = ("unit_max", "unit_out", "unit_sum")
     ru = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
     sch.parallel(ru)
-    sch.compute_inline(sch.get_sblock("logit"))
-    for name in ("prob", "dots", "q_t", "key_factor"):
-        sch.compute_at(sch.get_sblock(name), ru)
+    _unit(sch, ru, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll)
+    return sch
 
-    # P V: sum_w P[w, t] v[w, d] -> [b, D]; pv_rows x D accumulators.
-    out = sch.get_sblock("unit_out")
-    t, d, w = sch.get_loops(out)[1:]
-    t_o, t_i = sch.split(t, [None, pv_rows])
-    d_o, d_i = sch.split(d, [None, vec])
-    sch.reorder(t_o, w, t_i, d_o, d_i)
-    sch.vectorize(d_i)
-    if unroll:
-        sch.unroll(d_o)
-        sch.unroll(t_i)
-    out_w = w
 
-    # Logits: sum_d k[w, d] q^T[d, t] -> [W, b]; qk_rows x b accumulators.
-    dots = sch.get_sblock("dots")
-    w, t, d = sch.get_loops(dots)[1:]
-    w_o, w_i = sch.split(w, [None, qk_rows])
-    t_o, t_i = sch.split(t, [None, vec])
-    sch.reorder(w_o, d, w_i, t_o, t_i)
-    sch.vectorize(t_i)
-    if unroll:
-        sch.unroll(t_o)
-        sch.unroll(w_i)
-    key_loops = {name: _keys_outer(sch, name, vec) for name in ("unit_max", "unit_sum")}
+def hires_rows(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row=4, full=True):
+    """Parallel over (row, query block): the block row's own unit (``_unit``), the merge
+    of its overflow units, the low-resolution part and the normalisation, written once.
 
-    # Reductions are split into init and update last (loop moves need them whole).
-    sch.decompose_reduction(dots, d)
-    sch.decompose_reduction(out, out_w)
-    for name, loop in key_loops.items():
-        sch.decompose_reduction(sch.get_sblock(name), loop)
-    # Elementwise stages: vectorise the innermost axis.
-    for name in ("prob", "q_t"):
-        loops = sch.get_loops(sch.get_sblock(name))
-        sch.vectorize(sch.split(loops[-1], [None, vec])[1])
+    ``blocks_per_row`` (Cr) is an operator knob: key blocks computed in the row's own
+    unit; the plan sends the rest to ``hires_units``.
+    """
+    out = sch.get_sblock("out")
+    r, i, t, d = sch.get_loops(out)
+    ri = sch.fuse(r, i)
+    sch.parallel(ri)
+    sch.vectorize(sch.split(d, [None, vec])[1])
+    # Consumers before producers, so each compute_at finds its readers under the loop.
+    order = ("inv_norm", "hi_scale", "lo_scale", "delta") if full else ("inv_norm",)
+    order += ("z_hi", "ov_z", "ov_o", "own_scale", "ov_scale", "row_max", "ov_stab",
+              "unit_sum", "unit_out")
+    for name in order:
+        sch.compute_at(sch.get_sblock(name), ri)
+    ov_o = sch.get_sblock("ov_o")
+    t2, d2, w2 = sch.get_loops(ov_o)[-3:]
+    sch.reorder(t2, w2, d2)
+    sch.vectorize(sch.split(d2, [None, vec])[1])
+    _unit(sch, ri, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll,
+          outputs_placed=False)
+    sch.decompose_reduction(ov_o, w2)
     return sch
 
 
@@ -109,33 +150,12 @@ def lowres_out(sch, *, vec=16):
     return sch
 
 
-def combine(sch, *, vec=16, full=True):
-    """Parallel over (row, query block): merge the block row's units, add the
-    low-resolution part, normalise."""
-    out = sch.get_sblock("out")
-    r, i, t, d = sch.get_loops(out)
-    ri = sch.fuse(r, i)
-    sch.parallel(ri)
-    sch.vectorize(sch.split(d, [None, vec])[1])
-    elementwise = ("inv_norm", "hi_scale", "lo_scale", "delta") if full else ("inv_norm",)
-    for name in elementwise:
-        sch.compute_at(sch.get_sblock(name), ri)
-    for name in ("o_hi", "z_hi", "rescale", "row_max", "stab"):
-        sch.compute_at(sch.get_sblock(name), ri)
-    o_hi = sch.get_sblock("o_hi")
-    t, dd, w = sch.get_loops(o_hi)[-3:]
-    sch.reorder(t, w, dd)
-    sch.vectorize(sch.split(dd, [None, vec])[1])
-    sch.decompose_reduction(o_hi, w)
-    return sch
-
-
 # Knobs that shape the operator itself (passed to mra_compile.operators), not only its loops.
-OPERATOR_KNOBS = {"hires_units": ("blocks_per_unit",)}
+OPERATOR_KNOBS = {"hires_units": ("blocks_per_unit",), "hires_rows": ("blocks_per_row",)}
 
 KNOBS = {
     "pool_and_logits": dict(vec=16),
     "lowres_out": dict(vec=16),
     "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=2),
-    "combine": dict(vec=16),
+    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row=4),
 }
