@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,62 +66,102 @@ def clear_workspace() -> None:
     _WORKSPACE.buffers.clear()
 
 
-def _pad(x: torch.Tensor, n_pad: int, d_pad: int) -> torch.Tensor:
-    """[B, H, N, D] -> contiguous float32 [B*H, N + n_pad, D + d_pad], zero padded."""
-    x = x.to(torch.float32)
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Kernels run in float32, or float64 for float64 inputs (tests, gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _static(dtype: torch.dtype) -> dict:
+    # float32 kernels keep their historical cache keys (no dtype entry).
+    return {"dtype": "float64"} if dtype == torch.float64 else {}
+
+
+def _pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, N, D] -> contiguous [B*H, N + n_pad, D + d_pad] of ``dtype``, zero padded."""
+    x = x.to(dtype)
     if n_pad or d_pad:
         x = F.pad(x, (0, d_pad, 0, n_pad))
     B, H, N, D = x.shape
     return x.reshape(B * H, N, D).contiguous()
 
 
-def prepare(q, k, v, mask, block_size: int):
-    """Pad to whole blocks and build the mask tensors the kernels read.
+@dataclass
+class Prepared:
+    """Inputs as the kernels read them.
 
-    Returns (q, k, v [R, Np, Dp], maskf [Bm, Np], counts, inv_counts [Bm, n], heads)
-    where row r of q uses mask row r // heads.
+    q, k, v [R, Np, Dp]; mask [Bm, Np] (row r of q uses mask row r // heads);
+    counts, inv_counts [Bm, n]; scale = 1/sqrt(D) of the real head dim.
     """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+    counts: torch.Tensor
+    inv_counts: torch.Tensor
+    heads: int
+    scale: float
+    block_size: int
+
+    @property
+    def static(self) -> dict:
+        return dict(b=self.block_size, D=self.q.shape[-1], **_static(self.q.dtype))
+
+
+def prepare(q, k, v, mask, block_size: int) -> Prepared:
+    """Pad to whole blocks and head dims of a multiple of 16; the mask tensors."""
     B, H, N, D = q.shape
     b = block_size
     Np = -(-N // b) * b
     Dp = -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     n = Np // b
-    qf, kf, vf = (_pad(x, Np - N, Dp - D) for x in (q, k, v))
+    dt = compute_dtype(q.dtype)
+    qf, kf, vf = (_pad(x, Np - N, Dp - D, dt) for x in (q, k, v))
     if mask is None and Np == N:
         # No mask: one shared row of ones; block means divide by b (spec step 2).
-        maskf = torch.ones(1, Np)
-        counts = torch.full((1, n), float(b))
-        inv_counts = torch.full((1, n), 1.0 / b)
+        maskf = torch.ones(1, Np, dtype=dt)
+        counts = torch.full((1, n), float(b), dtype=dt)
+        inv_counts = torch.full((1, n), 1.0 / b, dtype=dt)
         heads = B * H
     else:
         # A given mask, or the padding of a partial last block, which the spec
         # treats as masked tokens.
-        real = torch.ones(B, N) if mask is None else mask.to(torch.float32)
+        real = torch.ones(B, N, dtype=dt) if mask is None else mask.to(dt)
         maskf = F.pad(real, (0, Np - N)).contiguous()
         counts = maskf.view(B, n, b).sum(-1)
         inv_counts = 1.0 / (counts + 1e-6)
         heads = H
-    return qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads
+    return Prepared(qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads,
+                    1.0 / math.sqrt(D), b)
 
 
-def _pool_and_select(q, k, v, mask, num_blocks, full, block_size, first_n, diagonal_n, knobs):
-    """Steps 1-3; returns the padded inputs, the low-resolution tensors and the selection."""
-    b = block_size
-    qf, kf, vf, maskf, counts, inv_counts, heads = prepare(q, k, v, mask, b)
-    R, Np, Dp = qf.shape
-    n = Np // b
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    ws = _WORKSPACE.get
-    qp, kp, vp = ws("qp", R, n, Dp), ws("kp", R, n, Dp), ws("vp", R, n, Dp)
-    logits, rowmax = ws("logits", R, n, n), ws("rowmax", R, n)
-    build.kernel("pool_and_logits", knobs.get("pool_and_logits"), b=b, D=Dp)(
-        qf, kf, vf, maskf, counts, inv_counts, qp, kp, vp, logits, rowmax, heads, scale
+@dataclass
+class LowRes:
+    """Steps 2-3: pooled q̂, k̂, v̂ [R, n, Dp]; logits, rowmax; the selection."""
+
+    qp: torch.Tensor
+    kp: torch.Tensor
+    vp: torch.Tensor
+    logits: torch.Tensor
+    rowmax: torch.Tensor
+    sel: plan.Selection
+
+
+def _pool_and_select(pr: Prepared, num_blocks, full, first_n, diagonal_n, knobs) -> LowRes:
+    R, Np, Dp = pr.q.shape
+    n = Np // pr.block_size
+    dt = pr.q.dtype
+    # Fresh tensors (small: n x D and n x n per row): the backward keeps them.
+    qp, kp, vp = (torch.empty(R, n, Dp, dtype=dt) for _ in range(3))
+    logits, rowmax = torch.empty(R, n, n, dtype=dt), torch.empty(R, n, dtype=dt)
+    build.kernel("pool_and_logits", knobs.get("pool_and_logits"), **pr.static)(
+        pr.q, pr.k, pr.v, pr.mask, pr.counts, pr.inv_counts, qp, kp, vp, logits, rowmax,
+        pr.heads, pr.scale,
     )
     sel = plan.select_blocks(
         logits, rowmax, num_blocks=num_blocks, full=full, first_n=first_n, diagonal_n=diagonal_n
     )
-    return dict(qf=qf, kf=kf, vf=vf, maskf=maskf, counts=counts, heads=heads, scale=scale,
-                vp=vp, logits=logits, rowmax=rowmax, sel=sel)
+    return LowRes(qp, kp, vp, logits, rowmax, sel)
 
 
 def block_selection(q, k, v, mask, num_blocks, approx_mode="full", block_size=32, first_n=0,
@@ -132,66 +173,95 @@ def block_selection(q, k, v, mask, num_blocks, approx_mode="full", block_size=32
     tie-breaking as ``torch.ops.mra.attention`` on the same inputs.
     """
     B, H = q.shape[:2]
-    st = _pool_and_select(q, k, v, mask, num_blocks, approx_mode == "full", block_size,
-                          first_n, diagonal_n, {})
-    n = st["logits"].shape[-1]
+    build.ensure_runtime()
+    with _torch_single_threaded():
+        pr = prepare(q, k, v, mask, block_size)
+        lr = _pool_and_select(pr, num_blocks, approx_mode == "full", first_n, diagonal_n, {})
+    n = lr.logits.shape[-1]
     selected = torch.zeros(B * H, n * n, dtype=torch.bool)
-    selected.scatter_(1, st["sel"].index, True)
+    selected.scatter_(1, lr.sel.index, True)
     selected = selected.view(B, H, n, n)
-    hm = st["sel"].high_mask
+    hm = lr.sel.high_mask
     high_mask = selected.clone() if hm is None else hm.bool().view(B, H, n, n)
     return selected, high_mask
 
 
+@dataclass
+class Saved:
+    """What the forward hands to the backward (see ``mra_compile.backward``).
+
+    stats [3, R, Np]: stab, lo_w, inv_z per token; pooled [3, R, n, Dp]: q̂, k̂, v̂;
+    logits, high_mask [R, n, n] (high_mask zeros in "sparse" mode); rowmax [R, n];
+    index [R, K] int64: the selected blocks, sorted.
+    """
+
+    stats: torch.Tensor
+    pooled: torch.Tensor
+    logits: torch.Tensor
+    high_mask: torch.Tensor
+    rowmax: torch.Tensor
+    index: torch.Tensor
+
+
 def mra_forward(
     q, k, v, mask, num_blocks: int, approx_mode: str, block_size: int, first_n: int, diagonal_n: int,
-    knobs: dict | None = None,
+    knobs: dict | None = None, save: bool = False,
 ):
-    """MRA-2 of spec steps 1-6. q, k, v [B, H, N, D]; mask [B, N] or None -> [B, H, N, D]."""
+    """MRA-2 of spec steps 1-6. q, k, v [B, H, N, D]; mask [B, N] or None -> [B, H, N, D].
+
+    With ``save=True`` returns ``(out, Saved)`` for the backward.
+    """
     B, H, N, D = q.shape
-    out_dtype = q.dtype
     if B * H == 0:
-        return q.new_zeros(q.shape)
+        out = q.new_zeros(q.shape)
+        return (out, None) if save else out
     build.ensure_runtime()  # sizes TVM's pool from torch's threads before they change
     with _torch_single_threaded():
-        return _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagonal_n,
-                        knobs or {})
+        out, saved = _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n,
+                              diagonal_n, knobs or {})
+    return (out, saved) if save else out
 
 
 def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagonal_n, knobs):
     B, H, N, D = q.shape
-    out_dtype = q.dtype
     b = block_size
     full = approx_mode == "full"
-    st = _pool_and_select(q, k, v, mask, num_blocks, full, b, first_n, diagonal_n, knobs)
-    qf, kf, vf, maskf, heads, scale = (st[x] for x in ("qf", "kf", "vf", "maskf", "heads", "scale"))
-    R, Np, Dp = qf.shape
+    pr = prepare(q, k, v, mask, b)
+    lr = _pool_and_select(pr, num_blocks, full, first_n, diagonal_n, knobs)
+    R, Np, Dp = pr.q.shape
     n = Np // b
+    dt = pr.q.dtype
     ws = _WORKSPACE.get
 
     def run(op, *args, **static):
-        return build.kernel(op, knobs.get(op), b=b, D=Dp, **static)(*args)
+        return build.kernel(op, knobs.get(op), **pr.static, **static)(*args)
 
     Cr = build.resolve_knobs("hires_rows", knobs.get("hires_rows"))["blocks_per_row"]
     Co = build.resolve_knobs("hires_units", knobs.get("hires_units"))["blocks_per_unit"]
-    p = plan.make_plan(st["sel"].index, n, Cr, Co)
+    p = plan.make_plan(lr.sel.index, n, Cr, Co)
     U = p.unit_row.shape[1]
 
     # Step 4 for the blocks beyond each row's own Cr: overflow units.
-    ov_max, ov_sum = ws("unit_max", R, U, b), ws("unit_sum", R, U, b)
-    ov_out = ws("unit_out", R, U, b, Dp)
+    ov_max, ov_sum = ws("unit_max", R, U, b, dtype=dt), ws("unit_sum", R, U, b, dtype=dt)
+    ov_out = ws("unit_out", R, U, b, Dp, dtype=dt)
     if p.has_overflow:
-        run("hires_units", qf, kf, vf, maskf, p.unit_row, p.unit_cols, ov_max, ov_out, ov_sum,
-            heads, scale)
+        run("hires_units", pr.q, pr.k, pr.v, pr.mask, p.unit_row, p.unit_cols, ov_max, ov_out,
+            ov_sum, pr.heads, pr.scale)
 
     # Step 4 for each row's own blocks, merged with its overflow units; steps 5 and 6.
-    out = torch.empty(R, n, b, Dp)
-    args = [qf, kf, vf, maskf, p.row_cols, ov_max, ov_out, ov_sum, p.ov_start, p.ov_units]
+    out = torch.empty(R, n, b, Dp, dtype=dt)
+    stats = torch.empty(3, R, n, b, dtype=dt)
+    args = [pr.q, pr.k, pr.v, pr.mask, p.row_cols, ov_max, ov_out, ov_sum, p.ov_start, p.ov_units]
     if full:
-        o_lo, z_lo = ws("o_lo", R, n, Dp), ws("z_lo", R, n)
-        run("lowres_out", st["logits"], st["rowmax"], st["sel"].high_mask, st["counts"], st["vp"],
-            o_lo, z_lo, heads)
-        args += [o_lo, z_lo, st["rowmax"]]
-    run("hires_rows", *args, out, heads, scale, p.ucap, full=full)
+        o_lo, z_lo = ws("o_lo", R, n, Dp, dtype=dt), ws("z_lo", R, n, dtype=dt)
+        run("lowres_out", lr.logits, lr.rowmax, lr.sel.high_mask.to(dt), pr.counts, lr.vp,
+            o_lo, z_lo, pr.heads)
+        args += [o_lo, z_lo, lr.rowmax]
+    run("hires_rows", *args, out, stats[0], stats[1], stats[2], pr.heads, pr.scale, p.ucap,
+        full=full)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
-    return out.to(out_dtype) if out_dtype != torch.float32 else out.contiguous()
+    out = out.to(q.dtype) if q.dtype != dt else out.contiguous()
+    high_mask = lr.sel.high_mask if full else torch.zeros(R, n, n, dtype=dt)
+    saved = Saved(stats.view(3, R, Np), torch.stack([lr.qp, lr.kp, lr.vp]), lr.logits,
+                  high_mask.to(dt), lr.rowmax, lr.sel.index)
+    return out, saved

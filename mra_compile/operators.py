@@ -18,20 +18,24 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-F32 = "float32"
+F32 = "float32"  # the default; every operator takes ``dtype`` ("float32" or "float64")
 I32 = "int32"
 NEG_BIG = -3.0e38  # identity for running maxima; finite so exp() of differences stays defined
 
 
 def _exp(x):
-    """exp(x) for a float32 expression, written out so that LLVM vectorises it.
+    """exp(x) for a float expression, written out so that LLVM vectorises it.
 
-    (llvm's expf is a scalar libm call per lane.) Range reduction x = k ln2 + r with
-    |r| <= ln2/2, a degree-7 Taylor polynomial for exp(r) (error < 2e-8 there) and
-    2^k built in the exponent bits. Inputs below -87.3 give exactly 0, so the spec's
-    -1e4 penalties still remove a term; inputs above 88 saturate (never reached: all
-    arguments here are <= 0 after subtracting a maximum, up to rounding).
+    (llvm's expf is a scalar libm call per lane.) float32: range reduction
+    x = k ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial for exp(r) (error
+    < 2e-8 there) and 2^k built in the exponent bits; <= 8e-8 relative error overall.
+    Inputs below -87.3 give exactly 0, so the spec's -1e4 penalties still remove a
+    term; inputs above 88 saturate (never reached: arguments here are <= 0 after
+    subtracting a maximum, up to rounding). float64 (tests, gradcheck) uses the exact
+    libm exp.
     """
+    if str(x.ty) == "float64":
+        return te.exp(x)
     xv, kv, rv = (tirx.Var(name, F32) for name in ("exp_x", "exp_k", "exp_r"))
     clamped = te.max(te.min(x, tirx.const(88.0, F32)), tirx.const(-87.3, F32))
     k = te.floor(xv * tirx.const(1.4426950408889634, F32) + tirx.const(0.5, F32))
@@ -48,22 +52,23 @@ def _vars(*names):
     return [te.var(name, dtype=I32) for name in names]
 
 
-def pool_and_logits(b: int, D: int):
+def pool_and_logits(b: int, D: int, dtype: str = "float32"):
     """Step 2: block means and low-resolution logits.
 
     in : q, k, v [R, N, D]; mask [Bm, N]; counts, inv_counts [Bm, n]; heads, scale
     out: qp, kp, vp [R, n, D] (block averages of the masked tokens);
          logits [R, n, n] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
     """
+    dt = dtype
     R, N, Bm, heads = _vars("R", "N", "Bm", "heads")
     n = N // b
-    scale = te.var("scale", dtype=F32)
-    q = te.placeholder((R, N, D), F32, "q")
-    k = te.placeholder((R, N, D), F32, "k")
-    v = te.placeholder((R, N, D), F32, "v")
-    mask = te.placeholder((Bm, N), F32, "mask")
-    counts = te.placeholder((Bm, n), F32, "counts")
-    inv_counts = te.placeholder((Bm, n), F32, "inv_counts")
+    scale = te.var("scale", dtype=dt)
+    q = te.placeholder((R, N, D), dt, "q")
+    k = te.placeholder((R, N, D), dt, "k")
+    v = te.placeholder((R, N, D), dt, "v")
+    mask = te.placeholder((Bm, N), dt, "mask")
+    counts = te.placeholder((Bm, n), dt, "counts")
+    inv_counts = te.placeholder((Bm, n), dt, "inv_counts")
 
     def pooled(x, name):
         t = te.reduce_axis((0, b), "t")
@@ -92,8 +97,8 @@ def pool_and_logits(b: int, D: int):
         lambda r, i, j: raw[r, i, j] * scale
         - te.if_then_else(
             counts[r // heads, i] * counts[r // heads, j] < 0.5,
-            tirx.const(1e4, F32),
-            tirx.const(0.0, F32),
+            tirx.const(1e4, dt),
+            tirx.const(0.0, dt),
         ),
         name="logits",
     )
@@ -101,7 +106,7 @@ def pool_and_logits(b: int, D: int):
     return params
 
 
-def lowres_out(b: int, D: int):
+def lowres_out(b: int, D: int, dtype: str = "float32"):
     """Step 5 ("full"), the low-resolution part, one value per query block.
 
     in : logits [R, n, n]; rowmax [R, n]; hmask [R, n, n] (1.0 where covered by the
@@ -109,12 +114,13 @@ def lowres_out(b: int, D: int):
     out: o_lo [R, n, D] = sum_j W v̂_j; z_lo [R, n] = sum_j W,
          W[i, j] = exp(L - R_i - 1e4*Hmask) * c_j
     """
+    dt = dtype
     R, n, Bm, heads = _vars("R", "n", "Bm", "heads")
-    logits = te.placeholder((R, n, n), F32, "logits")
-    rowmax = te.placeholder((R, n), F32, "rowmax")
-    hmask = te.placeholder((R, n, n), F32, "hmask")
-    counts = te.placeholder((Bm, n), F32, "counts")
-    vp = te.placeholder((R, n, D), F32, "vp")
+    logits = te.placeholder((R, n, n), dt, "logits")
+    rowmax = te.placeholder((R, n), dt, "rowmax")
+    hmask = te.placeholder((R, n, n), dt, "hmask")
+    counts = te.placeholder((Bm, n), dt, "counts")
+    vp = te.placeholder((R, n, D), dt, "vp")
     weight = te.compute(
         (R, n, n),
         lambda r, i, j: _exp(logits[r, i, j] - rowmax[r, i] - hmask[r, i, j] * 1e4)
@@ -131,6 +137,7 @@ def lowres_out(b: int, D: int):
 
 
 def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block, C, b, D):
+    dt = q.dtype
     """Step 4 on one query block against C key blocks, for every point of ``domain``.
 
     ``query_block(r, u)`` and ``key_block(r, u, c)`` give block indices (-1 = empty
@@ -177,7 +184,7 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
     logit = te.compute(
         (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
-            valid(r, u, w), dots[r, u, w, t] * key_factor[r, u, w], tirx.const(NEG_BIG, F32)
+            valid(r, u, w), dots[r, u, w, t] * key_factor[r, u, w], tirx.const(NEG_BIG, dt)
         ),
         name="logit",
     )
@@ -192,7 +199,7 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
             # (times the key's mask: the spec's v_s * mask_s, applied to P instead of v)
             _exp(logit[r, u, w, t] - unit_max[r, u, t] - (1.0 - key_factor[r, u, w]) * 1e4)
             * key_factor[r, u, w],
-            tirx.const(0.0, F32),
+            tirx.const(0.0, dt),
         ),
         name="prob",
     )
@@ -209,17 +216,17 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
     return unit_max, unit_out, unit_sum
 
 
-def _inputs(D):
+def _inputs(D, dt):
     R, N, Bm, heads = _vars("R", "N", "Bm", "heads")
-    scale = te.var("scale", dtype=F32)
-    q = te.placeholder((R, N, D), F32, "q")
-    k = te.placeholder((R, N, D), F32, "k")
-    v = te.placeholder((R, N, D), F32, "v")
-    mask = te.placeholder((Bm, N), F32, "mask")
+    scale = te.var("scale", dtype=dt)
+    q = te.placeholder((R, N, D), dt, "q")
+    k = te.placeholder((R, N, D), dt, "k")
+    v = te.placeholder((R, N, D), dt, "v")
+    mask = te.placeholder((Bm, N), dt, "mask")
     return R, N, heads, scale, q, k, v, mask
 
 
-def hires_units(b: int, D: int, blocks_per_unit: int):
+def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
     """Step 4 on overflow units: up to C more selected blocks of one block row each.
 
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
@@ -229,8 +236,9 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
          heads, scale
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
+    dt = dtype
     C = blocks_per_unit
-    R, N, heads, scale, q, k, v, mask = _inputs(D)
+    R, N, heads, scale, q, k, v, mask = _inputs(D, dtype)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
     unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
@@ -241,7 +249,7 @@ def hires_units(b: int, D: int, blocks_per_unit: int):
     return [q, k, v, mask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads, scale]
 
 
-def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
+def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "float32"):
     """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
     Block row i of row r computes its first ``blocks_per_row`` selected key blocks
@@ -255,14 +263,15 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
          full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, scale, ucap
     out: out [R, n, b, D] (the memory of [R, N, D])
     """
+    dt = dtype
     C = blocks_per_row
-    R, N, heads, scale, q, k, v, mask = _inputs(D)
+    R, N, heads, scale, q, k, v, mask = _inputs(D, dtype)
     n = N // b
     U, ucap = _vars("U", "ucap")
     row_cols = te.placeholder((R, n, C), I32, "row_cols")
-    ov_max = te.placeholder((R, U, b), F32, "ov_max")
-    ov_out = te.placeholder((R, U, b, D), F32, "ov_out")
-    ov_sum = te.placeholder((R, U, b), F32, "ov_sum")
+    ov_max = te.placeholder((R, U, b), dt, "ov_max")
+    ov_out = te.placeholder((R, U, b, D), dt, "ov_out")
+    ov_sum = te.placeholder((R, U, b), dt, "ov_sum")
     ov_start = te.placeholder((R, n), I32, "ov_start")
     ov_units = te.placeholder((R, n), I32, "ov_units")
     own_max, own_out, own_sum = _unit_attention(
@@ -278,7 +287,7 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
         (R, n, b),
         lambda r, i, t: te.max(
             te.if_then_else(w0 < ov_units[r, i], ov_max[r, unit(r, i, w0), t],
-                            tirx.const(NEG_BIG, F32)),
+                            tirx.const(NEG_BIG, dt)),
             axis=w0,
         ),
         name="ov_stab",
@@ -289,7 +298,7 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
         lambda r, i, t: te.if_then_else(
             tirx.Or(row_cols[r, i, 0] >= 0, ov_units[r, i] > 0),
             te.max(own_max[r, i, t], ov_stab[r, i, t]),
-            tirx.const(-1e5, F32),
+            tirx.const(-1e5, dt),
         ),
         name="row_max",
     )
@@ -298,7 +307,7 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
         lambda r, i, t, w: te.if_then_else(
             w < ov_units[r, i],
             _exp(ov_max[r, unit(r, i, w), t] - row_max[r, i, t]),
-            tirx.const(0.0, F32),
+            tirx.const(0.0, dt),
         ),
         name="ov_scale",
     )
@@ -342,9 +351,9 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
 
     params = [q, k, v, mask, row_cols, ov_max, ov_out, ov_sum, ov_start, ov_units]
     if full:
-        o_lo = te.placeholder((R, n, D), F32, "o_lo")
-        z_lo = te.placeholder((R, n), F32, "z_lo")
-        rowmax = te.placeholder((R, n), F32, "rowmax")
+        o_lo = te.placeholder((R, n, D), dt, "o_lo")
+        z_lo = te.placeholder((R, n), dt, "z_lo")
+        rowmax = te.placeholder((R, n), dt, "rowmax")
         params += [o_lo, z_lo, rowmax]
         # Both parts share the larger stabiliser: scale the part with the smaller one.
         delta = te.compute(
@@ -354,12 +363,12 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
         )
         hi_scale = te.compute(
             (R, n, b),
-            lambda *p: te.if_then_else(delta(*p) > 0, _exp(-delta(*p)), tirx.const(1.0, F32)),
+            lambda *p: te.if_then_else(delta(*p) > 0, _exp(-delta(*p)), tirx.const(1.0, dt)),
             name="hi_scale",
         )
         lo_scale = te.compute(
             (R, n, b),
-            lambda *p: te.if_then_else(delta(*p) > 0, tirx.const(1.0, F32), _exp(delta(*p))),
+            lambda *p: te.if_then_else(delta(*p) > 0, tirx.const(1.0, dt), _exp(delta(*p))),
             name="lo_scale",
         )
         inv_norm = te.compute(
@@ -368,7 +377,7 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
             / (
                 z_hi[r, i, t] * hi_scale[r, i, t]
                 + z_lo[r, i] * lo_scale[r, i, t]
-                + tirx.const(1e-6, F32)
+                + tirx.const(1e-6, dt)
             ),
             name="inv_norm",
         )
@@ -383,10 +392,320 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool):
     else:
         inv_norm = te.compute(
             (R, n, b),
-            lambda r, i, t: token_mask(r, i, t) / (z_hi[r, i, t] + tirx.const(1e-6, F32)),
+            lambda r, i, t: token_mask(r, i, t) / (z_hi[r, i, t] + tirx.const(1e-6, dt)),
             name="inv_norm",
         )
         out = te.compute(
             (R, n, b, D), lambda r, i, t, d: o_hi(r, i, t, d) * inv_norm[r, i, t], name="out"
         )
-    return params + [out, heads, scale, ucap]
+    # What the backward needs, one value per token (the stabilisers are constants there):
+    # P = exp(A - stab - pen) mask_s is the final high-resolution weight, lo_w scales the
+    # low-resolution weights, and inv_z = mask_t / Z_t.
+    if full:
+        stab = te.compute(
+            (R, n, b), lambda *p: row_max(*p) + te.max(delta(*p), tirx.const(0.0, dt)),
+            name="stab",
+        )
+        lo_w = te.compute((R, n, b), lambda *p: lo_scale(*p), name="lo_w")
+    else:
+        stab = te.compute((R, n, b), lambda *p: row_max(*p), name="stab")
+        lo_w = te.compute((R, n, b), lambda *p: tirx.const(0.0, dt), name="lo_w")
+    inv_z = te.compute((R, n, b), lambda *p: inv_norm(*p), name="inv_z")
+    return params + [out, stab, lo_w, inv_z, heads, scale, ucap]
+
+
+# ---------------------------------------------------------------------------------------
+# Backward. The selection and the stabilisers are constants (spec, "Properties"). With
+# g_t = dO_t mask_t / Z_t and D_t = g_t . out_t, for a selected pair (t, s):
+#   P_ts = exp(A_ts - stab_t - 1e4 (1 - m_s)) m_s,   dS_ts = P_ts (g_t . v_s - D_t),
+#   dq_t += scale m_t sum_s dS_ts k_s,  dk_s += scale m_s sum_t dS_ts m_t q_t,
+#   dv_s += sum_t P_ts g_t;
+# and the low-resolution part ("full") flows through the block averages.
+# ---------------------------------------------------------------------------------------
+
+
+def bwd_prep(b: int, D: int, dtype: str = "float32"):
+    """Per-token backward inputs.
+
+    in : dout, out [R, n, b, D] (the memory of [R, N, D]); inv_z, lo_w [R, n, b]
+    out: g [R, n, b, D] = dout * inv_z; dsum [R, n, b] = sum_d g out;
+         ga [R, n, D] = sum_t lo_w g; da [R, n] = sum_t lo_w dsum (the low-resolution
+         part's per-block sums; zero in "sparse" mode where lo_w = 0)
+    """
+    dt = dtype
+    R, n = _vars("R", "n")
+    dout = te.placeholder((R, n, b, D), dt, "dout")
+    out = te.placeholder((R, n, b, D), dt, "out")
+    inv_z = te.placeholder((R, n, b), dt, "inv_z")
+    lo_w = te.placeholder((R, n, b), dt, "lo_w")
+    g = te.compute((R, n, b, D), lambda r, i, t, d: dout[r, i, t, d] * inv_z[r, i, t], name="g")
+    d0 = te.reduce_axis((0, D), "d0")
+    dsum = te.compute(
+        (R, n, b), lambda r, i, t: te.sum(g[r, i, t, d0] * out[r, i, t, d0], axis=d0), name="dsum"
+    )
+    t1 = te.reduce_axis((0, b), "t1")
+    ga = te.compute(
+        (R, n, D), lambda r, i, d: te.sum(lo_w[r, i, t1] * g[r, i, t1, d], axis=t1), name="ga"
+    )
+    t2 = te.reduce_axis((0, b), "t2")
+    da = te.compute(
+        (R, n), lambda r, i: te.sum(lo_w[r, i, t2] * dsum[r, i, t2], axis=t2), name="da"
+    )
+    return [dout, out, inv_z, lo_w, g, dsum, ga, da]
+
+
+def _bwd_inputs(D, dt):
+    R, N, heads, scale, q, k, v, mask = _inputs(D, dt)
+    stab = te.placeholder((R, N), dt, "stab")
+    g = te.placeholder((R, N, D), dt, "g")
+    dsum = te.placeholder((R, N), dt, "dsum")
+    return R, N, heads, scale, q, k, v, mask, stab, g, dsum
+
+
+def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
+    """dq of the high-resolution part, per unit (one query block x C key blocks).
+
+    in : q, k, v [R, N, D]; mask [Bm, N]; unit_row [R, U]; unit_cols [R, U, C] i32;
+         stab [R, N]; g [R, N, D]; dsum [R, N]; heads, scale
+    out: dq_unit [R, U, b, D] (summed over a block row's units by ``bwd_finish``)
+    """
+    dt = dtype
+    C = blocks_per_unit
+    W = C * b
+    R, N, heads, scale, q, k, v, mask, stab, g, dsum = _bwd_inputs(D, dt)
+    U = te.var("U", dtype=I32)
+    unit_row = te.placeholder((R, U), I32, "unit_row")
+    unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
+
+    def valid(r, u, w):
+        return unit_cols[r, u, w // b] >= 0
+
+    def key(r, u, w):
+        return te.max(unit_cols[r, u, w // b], 0) * b + w % b
+
+    def qtok(r, u, t):
+        return te.max(unit_row[r, u], 0) * b + t
+
+    key_factor = te.compute(
+        (R, U, W),
+        lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, key(r, u, w)], 0.0),
+        name="key_factor",
+    )
+    q_t = te.compute(
+        (R, U, D, b),
+        lambda r, u, d, t: q[r, qtok(r, u, t), d] * mask[r // heads, qtok(r, u, t)] * scale,
+        name="q_t",
+    )
+    g_t = te.compute((R, U, D, b), lambda r, u, d, t: g[r, qtok(r, u, t), d], name="g_t")
+    d0 = te.reduce_axis((0, D), "d0")
+    dots = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, t: te.sum(k[r, key(r, u, w), d0] * q_t[r, u, d0, t], axis=d0),
+        name="dots",
+    )
+    d1 = te.reduce_axis((0, D), "d1")
+    dp = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, t: te.sum(v[r, key(r, u, w), d1] * g_t[r, u, d1, t], axis=d1),
+        name="dp",
+    )
+    ds = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, t: te.if_then_else(
+            valid(r, u, w),
+            _exp(dots[r, u, w, t] * key_factor[r, u, w] - stab[r, qtok(r, u, t)]
+                 - (1.0 - key_factor[r, u, w]) * 1e4)
+            * key_factor[r, u, w]
+            * (dp[r, u, w, t] - dsum[r, qtok(r, u, t)])
+            * (mask[r // heads, qtok(r, u, t)] * scale),  # dA/dq's factor, folded in
+            tirx.const(0.0, dt),
+        ),
+        name="ds",
+    )
+    w1 = te.reduce_axis((0, W), "w1")
+    dq_unit = te.compute(
+        (R, U, b, D),
+        lambda r, u, t, d: te.sum(ds[r, u, w1, t] * k[r, key(r, u, w1), d], axis=w1),
+        name="dq_unit",
+    )
+    return [q, k, v, mask, unit_row, unit_cols, stab, g, dsum, dq_unit, heads, scale]
+
+
+def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
+    """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
+
+    in : q, k, v [R, N, D]; mask [Bm, N]; unit_col [R, U] (the key block);
+         unit_rows [R, U, C] i32 (query blocks, -1 empty); stab [R, N]; g [R, N, D];
+         dsum [R, N]; heads, scale
+    out: dk_unit, dv_unit [R, U, b, D] (summed per key block by ``bwd_finish``)
+    """
+    dt = dtype
+    C = blocks_per_unit
+    W = C * b
+    R, N, heads, scale, q, k, v, mask, stab, g, dsum = _bwd_inputs(D, dt)
+    U = te.var("U", dtype=I32)
+    unit_col = te.placeholder((R, U), I32, "unit_col")
+    unit_rows = te.placeholder((R, U, C), I32, "unit_rows")
+
+    def valid(r, u, w):
+        return unit_rows[r, u, w // b] >= 0
+
+    def qtok(r, u, w):
+        return te.max(unit_rows[r, u, w // b], 0) * b + w % b
+
+    def ktok(r, u, s):
+        return te.max(unit_col[r, u], 0) * b + s
+
+    query_factor = te.compute(
+        (R, U, W),
+        lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, qtok(r, u, w)], 0.0),
+        name="query_factor",
+    )
+    key_mask = te.compute((R, U, b), lambda r, u, s: mask[r // heads, ktok(r, u, s)],
+                          name="key_mask")
+    k_t = te.compute(
+        (R, U, D, b),
+        lambda r, u, d, s: k[r, ktok(r, u, s), d] * key_mask[r, u, s] * scale,
+        name="k_t",
+    )
+    v_t = te.compute((R, U, D, b), lambda r, u, d, s: v[r, ktok(r, u, s), d], name="v_t")
+    d0 = te.reduce_axis((0, D), "d0")
+    dots = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, s: te.sum(q[r, qtok(r, u, w), d0] * k_t[r, u, d0, s], axis=d0),
+        name="dots",
+    )
+    d1 = te.reduce_axis((0, D), "d1")
+    dp = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, s: te.sum(g[r, qtok(r, u, w), d1] * v_t[r, u, d1, s], axis=d1),
+        name="dp",
+    )
+    prob = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, s: te.if_then_else(
+            valid(r, u, w),
+            _exp(dots[r, u, w, s] * query_factor[r, u, w] - stab[r, qtok(r, u, w)]
+                 - (1.0 - key_mask[r, u, s]) * 1e4)
+            * key_mask[r, u, s],
+            tirx.const(0.0, dt),
+        ),
+        name="prob",
+    )
+    ds = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, s: prob[r, u, w, s] * (dp[r, u, w, s] - dsum[r, qtok(r, u, w)])
+        * (query_factor[r, u, w] * scale),  # dA/dk's factor, folded in
+        name="ds",
+    )
+    w1 = te.reduce_axis((0, W), "w1")
+    dv_unit = te.compute(
+        (R, U, b, D),
+        lambda r, u, s, d: te.sum(prob[r, u, w1, s] * g[r, qtok(r, u, w1), d], axis=w1),
+        name="dv_unit",
+    )
+    w2 = te.reduce_axis((0, W), "w2")
+    dk_unit = te.compute(
+        (R, U, b, D),
+        lambda r, u, s, d: te.sum(ds[r, u, w2, s] * q[r, qtok(r, u, w2), d], axis=w2),
+        name="dk_unit",
+    )
+    return [q, k, v, mask, unit_col, unit_rows, stab, g, dsum, dk_unit, dv_unit, heads, scale]
+
+
+def bwd_lowres(b: int, D: int, dtype: str = "float32"):
+    """The low-resolution part's gradient, on the block averages ("full" mode).
+
+    W0 = exp(L - R - 1e4 Hmask) c_j (the forward's weights before the per-token scale
+    lo_w, folded into ga and da): dL = W0 (ga v̂^T - da), L = scale q̂ k̂^T.
+
+    in : logits, hmask [R, n, n]; rowmax [R, n]; counts [Bm, n]; qp, kp, vp, ga [R, n, D];
+         da [R, n]; heads, scale
+    out: dqp, dkp, dvp [R, n, D]
+    """
+    dt = dtype
+    R, n, Bm, heads = _vars("R", "n", "Bm", "heads")
+    scale = te.var("scale", dtype=dt)
+    logits = te.placeholder((R, n, n), dt, "logits")
+    hmask = te.placeholder((R, n, n), dt, "hmask")
+    rowmax = te.placeholder((R, n), dt, "rowmax")
+    counts = te.placeholder((Bm, n), dt, "counts")
+    qp, kp, vp, ga = (te.placeholder((R, n, D), dt, name) for name in ("qp", "kp", "vp", "ga"))
+    da = te.placeholder((R, n), dt, "da")
+    weight = te.compute(
+        (R, n, n),
+        lambda r, i, j: _exp(logits[r, i, j] - rowmax[r, i] - hmask[r, i, j] * 1e4)
+        * counts[r // heads, j],
+        name="weight",
+    )
+    d0 = te.reduce_axis((0, D), "d0")
+    gv = te.compute(
+        (R, n, n), lambda r, i, j: te.sum(ga[r, i, d0] * vp[r, j, d0], axis=d0), name="gv"
+    )
+    dlog = te.compute(  # dL, times scale (L = scale q̂ k̂^T)
+        (R, n, n), lambda r, i, j: weight[r, i, j] * (gv[r, i, j] - da[r, i]) * scale,
+        name="dlog",
+    )
+    j1 = te.reduce_axis((0, n), "j1")
+    dqp = te.compute(
+        (R, n, D), lambda r, i, d: te.sum(dlog[r, i, j1] * kp[r, j1, d], axis=j1), name="dqp"
+    )
+    i1 = te.reduce_axis((0, n), "i1")
+    dkp = te.compute(
+        (R, n, D), lambda r, j, d: te.sum(dlog[r, i1, j] * qp[r, i1, d], axis=i1), name="dkp"
+    )
+    i2 = te.reduce_axis((0, n), "i2")
+    dvp = te.compute(
+        (R, n, D), lambda r, j, d: te.sum(weight[r, i2, j] * ga[r, i2, d], axis=i2), name="dvp"
+    )
+    return [logits, hmask, rowmax, counts, qp, kp, vp, ga, da, dqp, dkp, dvp, heads, scale]
+
+
+def bwd_finish(b: int, D: int, dtype: str = "float32"):
+    """Sum the unit partials per block and add the block averages' gradient.
+
+    in : dq_unit [R, Uq, b, D]; q_start, q_units [R, n] (units of each query block);
+         dk_unit, dv_unit [R, Uk, b, D]; k_start, k_units [R, n] (units of each key block);
+         dqp, dkp, dvp [R, n, D]; inv_counts [Bm, n]; mask [Bm, N]; heads, ucap_q, ucap_k
+    out: dq, dk, dv [R, n, b, D] (the memory of [R, N, D])
+    """
+    dt = dtype
+    R, N, Bm, heads, Uq, Uk, ucap_q, ucap_k = _vars("R", "N", "Bm", "heads", "Uq", "Uk",
+                                                     "ucap_q", "ucap_k")
+    n = N // b
+    dq_unit = te.placeholder((R, Uq, b, D), dt, "dq_unit")
+    dk_unit = te.placeholder((R, Uk, b, D), dt, "dk_unit")
+    dv_unit = te.placeholder((R, Uk, b, D), dt, "dv_unit")
+    q_start, q_units, k_start, k_units = (
+        te.placeholder((R, n), I32, name) for name in ("q_start", "q_units", "k_start", "k_units")
+    )
+    dqp, dkp, dvp = (te.placeholder((R, n, D), dt, name) for name in ("dqp", "dkp", "dvp"))
+    inv_counts = te.placeholder((Bm, n), dt, "inv_counts")
+    mask = te.placeholder((Bm, N), dt, "mask")
+
+    def gathered(name, units, start, count, cap, pooled):
+        w = te.reduce_axis((0, cap), "w_" + name)
+        total = te.compute(
+            (R, n, b, D),
+            lambda r, i, t, d: te.sum(
+                te.if_then_else(
+                    w < count[r, i],
+                    units[r, te.max(te.min(start[r, i] + w, units.shape[1] - 1), 0), t, d],
+                    tirx.const(0.0, dt),
+                ),
+                axis=w,
+            ),
+            name=name + "_sum",
+        )
+        return te.compute(
+            (R, n, b, D),
+            lambda r, i, t, d: total[r, i, t, d]
+            + pooled[r, i, d] * inv_counts[r // heads, i] * mask[r // heads, i * b + t],
+            name=name,
+        )
+
+    dq = gathered("dq", dq_unit, q_start, q_units, ucap_q, dqp)
+    dk = gathered("dk", dk_unit, k_start, k_units, ucap_k, dkp)
+    dv = gathered("dv", dv_unit, k_start, k_units, ucap_k, dvp)
+    return [dq_unit, q_start, q_units, dk_unit, dv_unit, k_start, k_units, dqp, dkp, dvp,
+            inv_counts, mask, dq, dk, dv, heads, ucap_q, ucap_k]

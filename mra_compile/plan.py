@@ -27,7 +27,7 @@ def selection_scores(logits, rowmax, first_n: int, diagonal_n: int):
     differences below 5e-4 and turn near-ties into ties, changing T and Hmask.
     """
     scores = logits - rowmax[:, :, None]
-    if first_n > 0 or diagonal_n > 0:
+    if first_n > 0 or diagonal_n > 0 or scores.dtype == torch.float64:
         scores = scores.double()
     n = scores.shape[-1]
     if diagonal_n > 0:
@@ -46,7 +46,7 @@ class Selection:
     """The selected blocks of every row.
 
     index: [R, K] int64, flat ``i * n + j``, sorted ascending (grouped by query block)
-    high_mask: [R, n, n] float32, 1.0 where S >= theta ("full" mode), else None
+    high_mask: [R, n, n] of the logits' dtype, 1.0 where S >= theta ("full" mode), else None
     """
 
     index: torch.Tensor
@@ -70,7 +70,7 @@ def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0) 
     high_mask = None
     if full:
         theta = flat.gather(1, index).amin(dim=1)
-        high_mask = (scores >= theta[:, None, None]).to(torch.float32)
+        high_mask = (scores >= theta[:, None, None]).to(logits.dtype)
     return Selection(index, high_mask)
 
 

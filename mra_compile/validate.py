@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MODES = ("full", "sparse")
 MAX_BLOCK_SIZE = 256
 
@@ -45,10 +45,7 @@ def check_tensors(q, k, v, mask) -> None:
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape [B, H, N, D] (4 dims), got {tuple(x.shape)}")
         if x.dtype not in DTYPES:
-            raise TypeError(
-                f"{name} must be float32, float16 or bfloat16, got {x.dtype}"
-                + (" (use mra_compile.reference for float64)" if x.dtype == torch.float64 else "")
-            )
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")

@@ -88,10 +88,11 @@ def hires_rows(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row
     ``blocks_per_row`` (Cr) is an operator knob: key blocks computed in the row's own
     unit; the plan sends the rest to ``hires_units``.
     """
-    out = sch.get_sblock("out")
-    r, i, t, d = sch.get_loops(out)
-    ri = sch.fuse(r, i)
+    # The outputs (out and the per-token statistics) share one (row, block) loop.
+    outputs = ("out", "stab", "lo_w", "inv_z")
+    ri = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
     sch.parallel(ri)
+    d = sch.get_loops(sch.get_sblock("out"))[-1]
     sch.vectorize(sch.split(d, [None, vec])[1])
     # Consumers before producers, so each compute_at finds its readers under the loop.
     order = ("inv_norm", "hi_scale", "lo_scale", "delta") if full else ("inv_norm",)
@@ -159,3 +160,101 @@ KNOBS = {
     "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=2),
     "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row=4),
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Backward. Simpler schedules: parallel over the natural unit of work, every stage of a
+# unit under it (in L1), each reduction with its innermost spatial axis in vector lanes.
+# ---------------------------------------------------------------------------------------
+
+
+def _vector_reduce(sch, name, vec, rows=1, unroll=True):
+    """A [.., x, y] = sum_z (...) stage: loop order (x_o, z, x_i, y) with y in vector lanes
+    and ``rows`` consecutive x sharing each loaded vector (x_i unrolled)."""
+    blk = sch.get_sblock(name)
+    x, y, z = sch.get_loops(blk)[-3:]
+    x_o, x_i = sch.split(x, [None, rows])
+    sch.reorder(x_o, z, x_i, y)
+    y_o, y_i = sch.split(y, [None, vec])
+    sch.vectorize(y_i)
+    if unroll:
+        sch.unroll(x_i)
+        sch.unroll(y_o)
+
+
+def _merged_parallel(sch, outputs, depth):
+    """One parallel loop over the first ``depth`` (fused) axes of all ``outputs``."""
+    loops = [sch.fuse(*sch.get_loops(sch.get_sblock(name))[:depth]) for name in outputs]
+    loop = sch.merge(*loops) if len(loops) > 1 else loops[0]
+    sch.parallel(loop)
+    return loop
+
+
+def bwd_prep(sch, *, vec=16):
+    """Parallel over (row, query block): g, its dot with out, the per-block sums."""
+    ri = _merged_parallel(sch, ("g", "dsum", "ga", "da"), 2)
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("g"))[-1], [None, vec])[1])
+    ga = sch.get_sblock("ga")
+    d, t = sch.get_loops(ga)[-2:]
+    sch.reorder(t, d)
+    sch.vectorize(sch.split(d, [None, vec])[1])
+    return sch
+
+
+def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=2):
+    """Parallel over (row, unit): logits and dP = g v^T as [W, b] tiles, dS, dS k."""
+    ru = _merged_parallel(sch, ("dq_unit",), 2)
+    for name in ("ds", "dots", "dp", "q_t", "g_t", "key_factor"):
+        sch.compute_at(sch.get_sblock(name), ru)
+    for name in ("dots", "dp"):
+        _vector_reduce(sch, name, vec, rows)
+    _vector_reduce(sch, "dq_unit", vec, rows)
+    for name in ("ds", "q_t", "g_t"):
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
+    return sch
+
+
+def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=2):
+    """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b], then P^T g and
+    dS^T q."""
+    ru = _merged_parallel(sch, ("dk_unit", "dv_unit"), 2)
+    for name in ("ds", "prob", "dots", "dp", "k_t", "v_t", "query_factor", "key_mask"):
+        sch.compute_at(sch.get_sblock(name), ru)
+    for name in ("dots", "dp", "dk_unit", "dv_unit"):
+        _vector_reduce(sch, name, vec, rows)
+    for name in ("ds", "prob", "k_t", "v_t"):
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
+    return sch
+
+
+def bwd_lowres(sch, *, vec=16):
+    """Parallel over rows: the n x n weights and dL, then three small products."""
+    r = _merged_parallel(sch, ("dqp", "dkp", "dvp"), 1)
+    for name in ("dlog", "gv", "weight"):
+        sch.compute_at(sch.get_sblock(name), r)
+    for name in ("dqp", "dkp", "dvp"):
+        _vector_reduce(sch, name, vec, rows=1, unroll=False)
+    return sch
+
+
+def bwd_finish(sch, *, vec=16):
+    """Parallel over (row, block): sum a block's unit partials, add the pooled part."""
+    ri = _merged_parallel(sch, ("dq", "dk", "dv"), 2)
+    for name in ("dq", "dk", "dv"):
+        sch.compute_at(sch.get_sblock(name + "_sum"), ri)
+        blk = sch.get_sblock(name + "_sum")
+        t, d, w = sch.get_loops(blk)[-3:]
+        sch.reorder(t, w, d)
+        sch.vectorize(sch.split(d, [None, vec])[1])
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
+    return sch
+
+
+OPERATOR_KNOBS.update({"bwd_dq_units": ("blocks_per_unit",), "bwd_dkdv_units": ("blocks_per_unit",)})
+KNOBS.update({
+    "bwd_prep": dict(vec=16),
+    "bwd_dq_units": dict(vec=16, rows=4, blocks_per_unit=2),
+    "bwd_dkdv_units": dict(vec=16, rows=4, blocks_per_unit=2),
+    "bwd_lowres": dict(vec=16),
+    "bwd_finish": dict(vec=16),
+})
