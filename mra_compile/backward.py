@@ -71,11 +71,11 @@ def _backward(grad_out, q, k, v, mask, out, saved, full, b, knobs):
         run("bwd_lowres", saved.logits, saved.high_mask, saved.rowmax, pr.counts, qp, kp, vp,
             ga, da, pooled_grads[0], pooled_grads[1], pooled_grads[2], pr.heads, pr.scale)
 
-    grads = torch.empty(3, R, n, b, Dp, dtype=dt)
+    # Three separate tensors: a custom op's outputs may not alias one another.
+    grads = [torch.empty(R, n, b, Dp, dtype=dt) for _ in range(3)]
     run("bwd_finish", dq_unit, by_query.ov_start, by_query.ov_units, dk_unit, dv_unit,
         by_key.ov_start, by_key.ov_units, pooled_grads[0], pooled_grads[1], pooled_grads[2],
-        pr.inv_counts, pr.mask, grads[0], grads[1], grads[2], pr.heads, by_query.ucap,
-        by_key.ucap)
-    grads = grads.view(3, B, H, Np, Dp)[:, :, :, :N, :D]
-    return tuple(grads[i].to(x.dtype) if x.dtype != dt else grads[i].contiguous()
-                 for i, x in enumerate((q, k, v)))
+        pr.inv_counts, pr.mask, *grads, pr.heads, by_query.ucap, by_key.ucap)
+    grads = [gr.view(B, H, Np, Dp)[:, :, :N, :D] for gr in grads]
+    return tuple(gr.to(x.dtype) if x.dtype != dt else gr.contiguous()
+                 for gr, x in zip(grads, (q, k, v)))
