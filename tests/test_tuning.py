@@ -1,0 +1,419 @@
+"""Autotuning: search spaces, the tuner, tuning records and their automatic use.
+
+Every test that reads or writes records points ``MRA_COMPILE_TUNE_DB`` at its own file
+and hides the records shipped in the package (``isolated`` fixture), so the result does
+not depend on what ``schedules/tuned/`` holds. Kernels go to the usual disk cache: the
+correctness tests draw their knob configurations deterministically, so a second run
+loads them instead of compiling.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mra_compile
+from mra_compile import build, cli, forward, records, tuning
+from mra_compile.reference import mra2_reference
+from mra_compile.schedules import cpu
+
+REPO = Path(__file__).resolve().parent.parent
+RTOL = 1e-5
+TUNABLE = tuple(cpu.SPACES)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """A private user db (returned, not yet created) and no shipped records."""
+    db = tmp_path / "user" / "tuned.json"
+    monkeypatch.setenv(records.ENV_DB, str(db))
+    monkeypatch.delenv(records.ENV_ENABLE, raising=False)
+    monkeypatch.setattr(records, "shipped_db_path", lambda: tmp_path / "shipped" / "none.json")
+    records.reload()
+    yield db
+    records.reload()
+
+
+def legal_configs(op):
+    space = cpu.SPACES[op]
+    for values in itertools.product(*space.values()):
+        knobs = dict(zip(space, values))
+        if cpu.constraints(op, knobs):
+            yield knobs
+
+
+# ---------------------------------------------------------------------------- spaces
+
+def test_spaces_match_the_schedules_and_hold_the_defaults():
+    for op in TUNABLE:
+        assert set(cpu.SPACES[op]) == set(cpu.KNOBS[op]), op
+        assert cpu.constraints(op, build.default_knobs(op)), op
+        assert len(list(legal_configs(op))) >= 2
+    assert cpu.SPACES["hires_rows"]["blocks_per_row"] == [2, 3, 4, 5, 6, 8]
+    assert cpu.SPACES["hires_units"]["blocks_per_unit"] == [1, 2, 3, 4]
+
+
+def test_constraints_reject_illegal_points(monkeypatch):
+    good = build.default_knobs("hires_units")
+    assert not cpu.constraints("hires_units", {**good, "unroll": 1})  # True == 1, but not a bool
+    assert not cpu.constraints("hires_units", {**good, "qk_rows": 3})
+    assert not cpu.constraints("hires_units", {**good, "extra": 1})
+    assert not cpu.constraints("hires_units", {k: v for k, v in good.items() if k != "vec"})
+    assert not cpu.constraints("combine", {"vec": 8})
+    # Without AVX-512 there is no vec=16, and the logits tile must fit 16 registers.
+    monkeypatch.setattr(build, "default_vector_width", lambda: 8)
+    assert not cpu.constraints("pool_and_logits", {"vec": 16})
+    assert cpu.constraints("pool_and_logits", {"vec": 8})
+    assert not cpu.constraints("hires_units", {**good, "vec": 8, "qk_rows": 8})
+    assert cpu.constraints("hires_units", {**good, "vec": 8, "qk_rows": 4})
+
+
+def test_shape_buckets():
+    assert build.shape_bucket(4096, 64) == "N4096-D64-b32"
+    assert build.shape_bucket(3000, 60) == "N4096-D64-b32"  # nearest power of two; D padded
+    assert build.shape_bucket(2500, 64) == "N2048-D64-b32"
+    assert build.shape_bucket(1, 8) == "N32-D16-b32"
+    assert build.shape_bucket(300, 40, 16) == "N256-D48-b16"
+    assert tuning.Shape.parse("12x4096x64") == tuning.Shape(12, 4096, 64)
+    assert tuning.Shape.parse("1024").bucket == "N1024-D64-b32"
+    with pytest.raises(ValueError):
+        tuning.Shape.parse("12x4096")
+
+
+# ---------------------------------------------------------------------------- the tuner
+
+TINY_SPACES = {
+    "pool_and_logits": {"vec": [8, 16]},
+    "hires_rows": {"blocks_per_row": [2, 4, 6], "qk_rows": [2, 4]},
+    "hires_units": {"blocks_per_unit": [2, 3]},
+}
+
+
+def fake_timer(calls):
+    """Deterministic costs: vec=8, (Cr, Co) = (6, 3) and qk_rows=2 are the fastest."""
+
+    def timer(op, bucket, knobs):
+        calls.append((op, bucket, json.dumps(knobs, sort_keys=True)))
+        if op == "pool_and_logits":
+            return 1e-3 if knobs["vec"] == 8 else 2e-3
+        if op == "forward":
+            cr, co = knobs["hires_rows"]["blocks_per_row"], knobs["hires_units"]["blocks_per_unit"]
+            return 1e-2 * (1 + abs(cr - 6) + abs(co - 3))
+        if op == "hires_rows":
+            return 3e-3 if knobs["qk_rows"] == 4 else 1e-3
+        return 1e-3
+
+    return timer
+
+
+@pytest.mark.parametrize("search", ["random", "exhaustive"])
+def test_tuner_finds_and_persists_the_best(isolated, search):
+    calls = []
+    shape = tuning.Shape(rows=2, N=256, D=64)
+    result = tuning.tune(["pool_and_logits", "hires_rows", "hires_units"], [shape],
+                         budget_seconds=None, db=isolated, search=search, spaces=TINY_SPACES,
+                         timer=fake_timer(calls), progress=False)
+    bucket = shape.bucket
+    expected = {
+        "pool_and_logits": {"vec": 8},
+        "hires_rows": {**build.default_knobs("hires_rows"), "blocks_per_row": 6, "qk_rows": 2},
+        "hires_units": {**build.default_knobs("hires_units"), "blocks_per_unit": 3},
+    }
+    for op, knobs in expected.items():
+        assert result.best(op, bucket) == knobs
+    # Every point of the tiny spaces was measured; the default always came first.
+    assert {t.phase for t in result.trials} == {"pool_and_logits", "blocks", "hires_rows"}
+    assert sum(t.phase == "blocks" for t in result.trials) == 3 * 2 - 1
+    first_forward = next(c for c in calls if c[0] == "forward")
+    assert json.loads(first_forward[2])["hires_rows"]["blocks_per_row"] == 4  # the default
+    fwd = next(r for r in result.results if r.op == "forward")
+    assert fwd.default_s == pytest.approx(0.04) and fwd.tuned_s == pytest.approx(0.01)
+    assert fwd.gain_pct == pytest.approx(75.0)
+    assert "forward" in result.table() and "+75.0%" in result.table()
+
+    # Persisted, and what the op now uses, for this bucket and (nearest) for any.
+    assert result.db == isolated
+    doc = json.loads(isolated.read_text())
+    assert doc["schema"] == records.SCHEMA and doc["tvm"] == build.tvm_version()
+    saved = {r["op"]: r for r in doc["records"]}
+    assert set(saved) == set(expected)
+    for op, knobs in expected.items():
+        assert saved[op]["knobs"] == knobs and saved[op]["bucket"] == bucket
+        assert saved[op]["host"] == build.host_fingerprint()
+        for b in (bucket, None, "N8192-D64-b32"):
+            chosen = tuning.chosen_knobs(op, b)
+            assert chosen.source == str(isolated) and chosen.bucket == bucket
+            assert chosen.knobs == {**build.default_knobs(op), **knobs}
+    assert tuning.chosen_knobs("lowres_out", bucket).source == "default"
+
+
+def test_tuner_real_short_run(isolated):
+    """Real compiles and timings on a tiny space: records land and are legal and used."""
+    shape = tuning.Shape(rows=2, N=512, D=32)
+    spaces = {"pool_and_logits": {"vec": [8, 16]},
+              "hires_rows": {"blocks_per_row": [2, 4]}, "hires_units": {"blocks_per_unit": [2]}}
+    result = tuning.tune(["pool_and_logits", "hires_rows", "hires_units"], [shape],
+                         budget_seconds=60, db=isolated, spaces=spaces, rounds=3,
+                         verify_rounds=3, progress=False)
+    assert {t.phase for t in result.trials} <= {"pool_and_logits", "blocks"}
+    assert 1 <= len(result.trials) <= 2  # vec=8 (with AVX-512), blocks_per_row=2
+    assert all(r.default_s > 0 and r.tuned_s > 0 for r in result.results
+               if r.op != "hires_units")
+    saved = json.loads(isolated.read_text())["records"]
+    assert sorted(r["op"] for r in saved) == ["hires_rows", "hires_units", "pool_and_logits"]
+    for rec in saved:
+        assert cpu.constraints(rec["op"], rec["knobs"])
+        assert tuning.chosen_knobs(rec["op"], shape.bucket).knobs == rec["knobs"]
+        assert rec["bucket"] == "N512-D32-b32"
+        assert rec["default_ms"] > 0 or rec["op"] == "hires_units"  # (0: no overflow units)
+
+
+def test_cli_tune_and_info(isolated, capsys):
+    code = cli.main(["tune", "--target", "llvm", "--ops", "pool_and_logits", "--shapes", "2x256x16",
+                     "--budget-seconds", "20", "--rounds", "3", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "pool_and_logits  N256-D16-b32" in out and f"to {isolated}" in out
+    assert [r["op"] for r in json.loads(isolated.read_text())["records"]] == ["pool_and_logits"]
+    assert cli.main(["info", "--shape", "2x256x16"]) == 0
+    out = capsys.readouterr().out
+    assert "apache-tvm 0.27" in out and str(isolated) in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("pool_and_logits"))
+    assert f"record N256-D16-b32 in {isolated}" in line
+    assert cli.main(["tune", "--shapes", "12x4096"]) == 2
+    assert cli.main(["tune", "--ops", "combine"]) == 2
+    assert cli.main([]) == 2
+
+
+# ---------------------------------------------------------------------------- records in use
+
+DISTINCT = {
+    "pool_and_logits": {"vec": 8},
+    "lowres_out": {"vec": 8},
+    "hires_units": {"vec": 8, "qk_rows": 2, "pv_rows": 1, "unroll": False, "blocks_per_unit": 3},
+    "hires_rows": {"vec": 8, "qk_rows": 2, "pv_rows": 2, "unroll": False, "blocks_per_row": 3},
+}
+
+
+def check_op(q, k, v, mask, num_blocks, mode):
+    out = torch.ops.mra.attention(q, k, v, mask, num_blocks, mode)
+    sel = mra_compile.block_selection(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode)
+    d = lambda x: None if x is None else x.double()  # noqa: E731
+    ref = mra2_reference(d(q), d(k), d(v), d(mask), num_blocks=num_blocks, approx_mode=mode,
+                         selection=sel)
+    err = ((out.double() - ref).abs().amax() / ref.abs().amax()).item()
+    assert err <= RTOL, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("record_bucket", ["exact", "other"])
+def test_op_uses_a_record(isolated, record_bucket):
+    g = torch.Generator().manual_seed(5)
+    B, H, N, D = 1, 2, 300, 40
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    bucket = build.shape_bucket(N, D)
+    assert bucket == "N256-D48-b32"
+    rec_bucket = bucket if record_bucket == "exact" else "N2048-D64-b32"
+    path = records.save(isolated, [records.make_record(op, rec_bucket, knobs, note="test")
+                                   for op, knobs in DISTINCT.items()])
+    for op, knobs in DISTINCT.items():
+        for b in (bucket, None):
+            chosen = tuning.chosen_knobs(op, b)
+            assert chosen.source == str(path) and chosen.bucket == rec_bucket
+            assert chosen.knobs == knobs and build.resolve_knobs(op, None, b) == knobs
+    # Explicit knobs still win, key by key.
+    assert build.resolve_knobs("hires_rows", {"vec": 16}, bucket) == {**DISTINCT["hires_rows"], "vec": 16}
+    assert build.knobs_for_shape(None, N, D)["hires_units"] == DISTINCT["hires_units"]
+
+    n = -(-N // 32)
+    with build.trace_kernel_calls() as calls:
+        for mode in ("full", "sparse"):  # 6 blocks per row: rows overflow their own 3
+            check_op(q, k, v, None, 6 * n, mode)
+    assert {c["op"] for c in calls} == set(DISTINCT)
+    for c in calls:
+        assert c["resolved"] == DISTINCT[c["op"]], c["op"]
+    # The kernels this process built or loaded (the first parametrisation built them).
+    events = mra_compile.cache_events()
+    for op, knobs in DISTINCT.items():
+        assert any(e["op"] == op and e["knobs"] == knobs for e in events), op
+    variants = {e["static"].get("full") for e in events
+                if e["op"] == "hires_rows" and e["knobs"] == DISTINCT["hires_rows"]}
+    assert variants == {True, False}
+
+
+def test_disabling_records(isolated, monkeypatch):
+    records.save(isolated, [records.make_record("lowres_out", "N1024-D64-b32", {"vec": 8})])
+    assert tuning.chosen_knobs("lowres_out").knobs == {"vec": 8}
+    monkeypatch.setenv(records.ENV_ENABLE, "0")
+    assert tuning.chosen_knobs("lowres_out").source == "default"
+    assert build.resolve_knobs("lowres_out") == build.default_knobs("lowres_out")
+
+
+def good_doc(**change):
+    rec = records.make_record("lowres_out", "N1024-D64-b32", {"vec": 8})
+    doc = {"schema": records.SCHEMA, "tvm": build.tvm_version(), "records": [rec]}
+    doc.update(change)
+    return doc
+
+
+DAMAGES = {
+    "not-json": lambda db: db.write_text('{"schema": 1, "records": [tru'),
+    "empty": lambda db: db.write_text(""),
+    "binary": lambda db: db.write_bytes(b"\x00\xff\xfe garbage"),
+    "not-an-object": lambda db: db.write_text("[1, 2, 3]"),
+    "other-schema": lambda db: db.write_text(json.dumps(good_doc(schema=99))),
+    "no-schema": lambda db: db.write_text(json.dumps({"records": []})),
+    "other-tvm": lambda db: db.write_text(json.dumps(good_doc(tvm="0.19.0"))),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_corrupt_or_stale_db_warns_and_is_ignored(isolated, damage):
+    isolated.parent.mkdir(parents=True)
+    DAMAGES[damage](isolated)
+    with pytest.warns(records.TuningRecordWarning):
+        chosen = tuning.chosen_knobs("lowres_out", "N1024-D64-b32")
+    assert chosen.source == "default" and chosen.knobs == build.default_knobs("lowres_out")
+    assert build.resolve_knobs("hires_rows") == build.default_knobs("hires_rows")
+    # A tuner writing there replaces the bad file (with a warning), never fails.
+    with pytest.warns(records.TuningRecordWarning):
+        records.save(isolated, [records.make_record("pool_and_logits", "N1024-D64-b32", {"vec": 8})])
+    assert [r["op"] for r in json.loads(isolated.read_text())["records"]] == ["pool_and_logits"]
+    assert tuning.chosen_knobs("pool_and_logits").knobs == {"vec": 8}
+
+
+def test_invalid_records_are_skipped_and_the_rest_used(isolated):
+    isolated.parent.mkdir(parents=True)
+    doc = good_doc()
+    bad = [
+        {**doc["records"][0], "op": "hires_rows", "knobs": {"vec": 8, "qk_rows": 3}},  # illegal value
+        {**doc["records"][0], "op": "hires_units", "knobs": {"tile": 4}},  # unknown knob
+        {**doc["records"][0], "op": "combine"},  # unknown operator
+        {"op": "pool_and_logits"},  # fields missing
+        "not a record",
+    ]
+    other_host = {**doc["records"][0], "host": "riscv|elsewhere|0", "knobs": {"vec": 99}}
+    doc["records"] += bad + [other_host]
+    isolated.write_text(json.dumps(doc))
+    with pytest.warns(records.TuningRecordWarning) as caught:
+        assert tuning.chosen_knobs("lowres_out").knobs == {"vec": 8}
+        assert tuning.chosen_knobs("hires_rows").source == "default"
+        assert tuning.chosen_knobs("hires_units").source == "default"
+    assert len(caught) == len(bad)
+    # Saving keeps the other host's record (and drops the invalid ones).
+    with pytest.warns(records.TuningRecordWarning):
+        records.save(isolated, [records.make_record("pool_and_logits", "N1024-D64-b32", {"vec": 8})])
+    hosts = sorted(r["host"] for r in json.loads(isolated.read_text())["records"])
+    assert hosts == sorted([build.host_fingerprint()] * 2 + ["riscv|elsewhere|0"])
+
+
+def test_op_runs_with_a_corrupt_db(isolated):
+    isolated.parent.mkdir(parents=True)
+    isolated.write_text("not json at all")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 100, 16, generator=g) for _ in range(3))
+    with pytest.warns(records.TuningRecordWarning):
+        check_op(q, k, v, None, 8, "full")
+
+
+WRITER = r"""
+import sys, time
+from pathlib import Path
+from mra_compile import records
+db, worker, count, start = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+start.with_name(f"ready{worker}").touch()
+while not start.exists():
+    time.sleep(0.005)
+for i in range(count):
+    rec = records.make_record("pool_and_logits", f"N{2 ** (5 + i)}-D{16 * (worker + 1)}-b32",
+                              {"vec": 8}, worker=worker, i=i)
+    records.save(db, [rec])
+print("ok")
+"""
+
+
+def test_concurrent_writers_both_land(isolated, tmp_path):
+    count, start = 25, tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(isolated), str(w), str(count),
+                               str(start)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for w in range(2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{w}").exists() for w in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    start.touch()
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    doc = json.loads(isolated.read_text())
+    got = sorted((r["worker"], r["i"]) for r in doc["records"])
+    assert got == sorted((w, i) for w in range(2) for i in range(count))
+    leftovers = [p.name for p in isolated.parent.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+# ---------------------------------------------------------------------------- correctness
+
+def covering_configs():
+    """A few configurations of every operator that together use every legal value of
+    every knob (row i takes the i-th value of each knob, cycling)."""
+    rows = []
+    longest = max(len(v) for op in TUNABLE for v in cpu.SPACES[op].values())
+    width = build.default_vector_width()
+    for i in range(longest):
+        config = {}
+        for op in TUNABLE:
+            knobs = {k: v[i % len(v)] for k, v in cpu.SPACES[op].items()}
+            knobs["vec"] = min(knobs["vec"], width)
+            if "qk_rows" in knobs and not cpu.constraints(op, knobs):
+                knobs["qk_rows"] = 2
+            assert cpu.constraints(op, knobs), (op, knobs)
+            config[op] = knobs
+        rows.append(config)
+    return rows
+
+
+def run_forward(config, seed, N, D, mode, num_blocks, masked):
+    g = torch.Generator().manual_seed(seed)
+    B, H = 1, 2
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    mask = None
+    if masked:
+        mask = (torch.rand(B, N, generator=g) < 0.8).float()
+        mask[:, 0] = 1
+    out = forward.mra_forward(q, k, v, mask, num_blocks, mode, 32, 0, 0, knobs=config)
+    sel = mra_compile.block_selection(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode)
+    d = lambda x: None if x is None else x.double()  # noqa: E731
+    ref = mra2_reference(d(q), d(k), d(v), d(mask), num_blocks=num_blocks, approx_mode=mode,
+                         selection=sel)
+    err = ((out.double() - ref).abs().amax() / ref.abs().amax()).item()
+    assert err <= RTOL, f"relative error {err:.3g} with {config}"
+
+
+@pytest.mark.parametrize("i", range(len(covering_configs())))
+def test_every_knob_value_gives_correct_results(i):
+    config = covering_configs()[i]
+    N = 288  # 9 block rows; 5 blocks per row on average: the rows overflow Cr <= 4
+    run_forward(config, 100 + i, N, 40, "full" if i % 2 == 0 else "sparse", 45, masked=i % 3 == 0)
+
+
+@st.composite
+def configs(draw):
+    return {op: draw(st.sampled_from(list(legal_configs(op)))) for op in TUNABLE}
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs(), seed=st.integers(0, 2**31 - 1), N=st.integers(33, 400),
+       D=st.sampled_from([16, 33, 64]), mode=st.sampled_from(["full", "sparse"]),
+       density=st.integers(1, 8), masked=st.booleans())
+def test_any_config_in_the_spaces_is_correct(config, seed, N, D, mode, density, masked):
+    n = -(-N // 32)
+    run_forward(config, seed, N, D, mode, min(density * n, n * n), masked)
