@@ -1,7 +1,12 @@
 """The MRA-2 forward pass on the CPU: plan in torch, compute in the TVM kernels.
 
 Inputs are validated by the caller (``mra_compile.validate``). Computation is in
-float32; float16/bfloat16 inputs are upcast and the result cast back.
+float32 (float16/bfloat16 inputs are upcast and the result cast back), or in float64
+for float64 inputs.
+
+Stages: ``prepare`` (pad, mask tensors) -> ``pool_and_logits`` kernel -> block selection
+(``plan.select_blocks``) -> ``plan.make_plan`` -> ``hires_units`` kernel (overflow) ->
+``lowres_out`` kernel ("full") -> ``hires_rows`` kernel (output and saved statistics).
 """
 from __future__ import annotations
 
