@@ -12,17 +12,21 @@ the operator and schedule sources, so editing either rebuilds.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import tempfile
 import threading
 from pathlib import Path
+
+from mra_compile import records
 
 _LOCK = threading.RLock()
 _MEMORY: dict[str, object] = {}  # by full key
@@ -224,14 +228,99 @@ def _compile_to_cache(op: str, static: dict, knobs: dict, path: Path, desc: dict
     return tvm_ffi.load_module(str(path))
 
 
-def resolve_knobs(op: str, knobs: dict | None = None) -> dict:
-    """The knobs a kernel is built with: the defaults, overridden by ``knobs``."""
-    return default_knobs(op) if knobs is None else {**default_knobs(op), **knobs}
+def shape_bucket(N: int, D: int, block_size: int = 32) -> str:
+    """The tuning-record bucket of a call: ``"N4096-D64-b32"``.
+
+    N: the sequence length padded to whole blocks, rounded to the nearest power of two
+    (in log scale); D: the head dim padded to 16, as the kernels are compiled.
+    """
+    b = max(int(block_size), 1)
+    n_pad = max(-(-int(N) // b) * b, b)
+    d_pad = max(-(-int(D) // 16) * 16, 16)
+    return f"N{2 ** round(math.log2(n_pad))}-D{d_pad}-b{b}"
+
+
+def resolve_knobs(op: str, knobs: dict | None = None, bucket: str | None = None) -> dict:
+    """The knobs a kernel is built with: the defaults, overridden by the tuning record of
+    this host and TVM version for the shape ``bucket`` (``shape_bucket``; the record of
+    the nearest bucket when there is none for it, or when ``bucket`` is None), overridden
+    by ``knobs``. See ``mra_compile.records``."""
+    base = default_knobs(op)
+    if knobs is not None and base.keys() <= knobs.keys():
+        return {**base, **knobs}  # complete: no record can change it
+    match = records.lookup(op, bucket)
+    if match is not None:
+        base.update(match.knobs)
+    if knobs:
+        base.update(knobs)
+    return base
+
+
+_SHAPE_KNOBS: dict[tuple, dict] = {}
+
+
+def knobs_for_shape(knobs: dict | None, N: int, D: int, block_size: int = 32) -> dict:
+    """``{op: complete knobs}`` of every tunable operator for a call of this shape: the
+    per-operator ``knobs`` given (``{op: {knob: value}}``, may be None or partial) over the
+    tuning record of the shape's bucket over the defaults. Entries for other operators
+    are passed on unchanged. Cached per bucket when ``knobs`` is empty."""
+    bucket = shape_bucket(N, D, block_size)
+    if not knobs:
+        key = (bucket, records.token())
+        resolved = _SHAPE_KNOBS.get(key)
+        if resolved is None:
+            resolved = _SHAPE_KNOBS[key] = {
+                op: resolve_knobs(op, None, bucket) for op in records.tunable_ops()}
+        return {op: dict(k) for op, k in resolved.items()}
+    out = {op: resolve_knobs(op, knobs.get(op), bucket) for op in records.tunable_ops()}
+    out.update((op, k) for op, k in knobs.items() if op not in out)
+    return out
+
+
+_TRACE: list | None = None
+
+
+@contextlib.contextmanager
+def trace_kernel_calls():
+    """Record every kernel call made inside the block (for the tuner and tests): yields a
+    list that receives ``{"op", "knobs" (as passed), "resolved" (the knobs the kernel was
+    built with), "static", "args"}`` per call (arguments by reference, after the call)."""
+    global _TRACE
+    calls, previous = [], _TRACE
+    _TRACE = calls
+    try:
+        yield calls
+    finally:
+        _TRACE = previous
+
+
+def _traced(calls, op, knobs, static, fn):
+    resolved = resolve_knobs(op, knobs)
+
+    def call(*args):
+        result = fn(*args)
+        calls.append({"op": op, "knobs": None if knobs is None else dict(knobs),
+                      "resolved": resolved, "static": dict(static), "args": args})
+        return result
+
+    return call
 
 
 def kernel(op: str, knobs: dict | None = None, **static):
-    """The compiled CPU kernel ``op`` (a callable taking torch tensors)."""
-    fast = (op, tuple(sorted(static.items())), tuple(sorted((knobs or {}).items())), str(cache_dir()))
+    """The compiled CPU kernel ``op`` (a callable taking torch tensors).
+
+    ``knobs`` may be partial or None: see ``resolve_knobs`` (the tuning record used is
+    that of the nearest bucket; ``knobs_for_shape`` gives complete per-shape knobs).
+    """
+    if _TRACE is not None:
+        return _traced(_TRACE, op, knobs, static, _kernel(op, knobs, static))
+    return _kernel(op, knobs, static)
+
+
+def _kernel(op: str, knobs: dict | None, static: dict):
+    # The records' token keeps the fast path right when the tuning records change.
+    fast = (op, tuple(sorted(static.items())), tuple(sorted((knobs or {}).items())), str(cache_dir()),
+            records.token())
     fn = _FAST.get(fast)
     if fn is not None:
         return fn

@@ -258,3 +258,54 @@ KNOBS.update({
     "bwd_lowres": dict(vec=16),
     "bwd_finish": dict(vec=16),
 })
+
+
+# ---------------------------------------------------------------------------------------
+# Tuning search spaces (read by mra_compile.tuning and by the tuning-record checks in
+# mra_compile.records): every legal value of every knob of the forward schedules above.
+# The defaults (KNOBS, with vec set to the host's vector width) are points of these spaces.
+#
+# What the schedules require: every split uses a None outer factor, so TVM accepts any
+# inner factor (non-dividing ones get a guard); the values below divide the extents
+# they split anyway (qk_rows | C*b keys of a unit, pv_rows | b queries, vec | the head
+# dim padded to 16 and b). vec=16 needs AVX-512 (16 float32 lanes).
+# ---------------------------------------------------------------------------------------
+
+_VEC = [8, 16]
+_TILES = {"qk_rows": [2, 4, 8], "pv_rows": [1, 2, 4], "unroll": [True, False]}
+
+SPACES = {
+    "pool_and_logits": {"vec": _VEC},
+    "lowres_out": {"vec": _VEC},
+    "hires_units": {"vec": _VEC, **_TILES, "blocks_per_unit": [1, 2, 3, 4]},
+    "hires_rows": {"vec": _VEC, **_TILES, "blocks_per_row": [2, 3, 4, 5, 6, 8]},
+}
+
+
+def _legal(value, values) -> bool:
+    # Type-strict membership: True == 1 in Python, but unroll=1 is not a legal value.
+    return any(type(value) is type(v) and value == v for v in values)
+
+
+def constraints(op: str, knobs: dict) -> bool:
+    """Whether ``knobs`` (every knob of ``op``) is a legal, sensible point of ``SPACES[op]``.
+
+    Legal: exactly the op's knobs, each one of its listed values, and ``vec`` no wider than
+    this CPU's vector unit (``mra_compile.build.default_vector_width()``). Sensible: the
+    logits register tile of ``_unit`` (``qk_rows`` keys x 32 queries, in vectors of
+    ``vec`` lanes, block size 32 assumed) fits the vector registers (32 with AVX-512,
+    16 with AVX2), so that its accumulators are not spilled on every FMA.
+    """
+    space = SPACES.get(op)
+    if space is None or set(knobs) != set(space):
+        return False
+    if not all(_legal(knobs[name], values) for name, values in space.items()):
+        return False
+    from mra_compile.build import default_vector_width
+
+    width = default_vector_width()
+    if knobs["vec"] > width:
+        return False
+    if "qk_rows" in knobs and knobs["qk_rows"] * (32 // knobs["vec"]) > (32 if width == 16 else 16):
+        return False
+    return True

@@ -1,0 +1,220 @@
+"""The ``mra-compile`` command line: one function per subcommand, ``main`` dispatches.
+
+    mra-compile info [--shape 12x4096x64]
+    mra-compile tune [--target llvm] [--ops ...] [--shapes ...] [--budget-seconds S] [--db PATH]
+                     [--search random|exhaustive]
+    mra-compile demo [demo arguments, e.g. --seq-len 4096 --mode sparse]
+    mra-compile bench [--sizes 512 1024 ...] [--repeat 7] [--plot]
+
+To add a subcommand: write ``_add_<name>(subparsers)`` that registers its arguments and
+``set_defaults(func=_cmd_<name>)``, a ``_cmd_<name>(args) -> int`` returning the exit code,
+and list the adder in ``_SUBCOMMANDS``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# ---------------------------------------------------------------------------- info
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions, cache, tuning records and the knobs in use",
+                       description="Show versions, the kernel cache, the tuning records in use "
+                                   "and the knobs each operator would use now.")
+    p.add_argument("--shape", default=None, metavar="BHxNxD",
+                   help="show the knobs for this call shape (N, or BHxNxD, e.g. 12x4096x64); "
+                        "default: those a caller without a shape gets (the nearest record)")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args) -> int:
+    from mra_compile import build, records, tuning
+
+    bucket = None
+    if args.shape:
+        try:
+            bucket = tuning.Shape.parse(args.shape).bucket
+        except ValueError as e:
+            print(f"mra-compile info: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    import mra_compile
+
+    print(f"mra-compile {mra_compile.__version__}")
+    print(f"python {platform.python_version()}, torch {_version('torch')}, "
+          f"apache-tvm {_version('apache-tvm')}, apache-tvm-ffi {_version('apache-tvm-ffi')}")
+    print(f"host: {build.host_fingerprint()} (vector width {build.default_vector_width()} floats)")
+    cache = build.cache_dir()
+    count = len(list(cache.glob("*.so"))) if cache.is_dir() else 0
+    print(f"kernel cache: {cache} ({count} kernels)")
+    print("tuning records (first match wins):")
+    for label, path in (("user db", records.user_db_path()), ("shipped", records.shipped_db_path())):
+        if path.exists():
+            state = f"{len(records.records_in(path))} records for this host and TVM version"
+        else:
+            state = "absent"
+        print(f"  {label}: {path} ({state})")
+    if os.environ.get(records.ENV_ENABLE, "1") == "0":
+        print(f"  (ignored: {records.ENV_ENABLE}=0)")
+    print(f"  mra-compile tune writes to: {records.default_write_path()}")
+    where = f"bucket {bucket}" if bucket else f"no shape given: nearest to {records.REFERENCE_BUCKET}"
+    print(f"knobs in use ({where}):")
+    for op in records.tunable_ops():
+        chosen = tuning.chosen_knobs(op, bucket)
+        knobs = " ".join(f"{k}={tuning._fmt(v)}" for k, v in chosen.knobs.items())
+        source = "default" if chosen.source == "default" else f"record {chosen.bucket} in {chosen.source}"
+        print(f"  {op:<16} {knobs}  [{source}]")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- tune
+
+def _add_tune(sub) -> None:
+    from mra_compile import tuning
+
+    p = sub.add_parser("tune", help="autotune the schedule knobs and write tuning records",
+                       description="Search the schedule knobs of each operator for the fastest on "
+                                   "this machine and write them as tuning records, which the op "
+                                   "then uses automatically.")
+    p.add_argument("--target", default="llvm", choices=["llvm"],
+                   help="compilation target (only the CPU, llvm, for now)")
+    p.add_argument("--ops", nargs="+", default=list(tuning.OPS), choices=list(tuning.OPS),
+                   metavar="OP", help="operators to tune (default: all: %(default)s)")
+    p.add_argument("--shapes", nargs="+", default=[str(s) for s in tuning.DEFAULT_SHAPES],
+                   metavar="SHAPE", help="N or BHxNxD per shape bucket (default: %(default)s)")
+    p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                   help=f"search time budget (default: {tuning.DEFAULT_BUDGET_S:g} s for random "
+                        "search, unlimited for exhaustive)")
+    p.add_argument("--db", default=None, metavar="PATH",
+                   help="records file to write (default: $MRA_COMPILE_TUNE_DB, else the "
+                        "package's schedules/tuned/<cpu>.json when writable, else "
+                        "~/.cache/mra_compile/tuned.json)")
+    p.add_argument("--search", default="random", choices=["random", "exhaustive"],
+                   help="random sampling with local refinement, or every point in order")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=7,
+                   help="interleaved timing rounds per comparison (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="tune and print, write no records")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    from mra_compile import tuning
+
+    try:
+        shapes = [tuning.Shape.parse(s) for s in args.shapes]
+    except ValueError as e:
+        print(f"mra-compile tune: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.budget_seconds is not None and args.budget_seconds < 0 or args.rounds < 1:
+        print("mra-compile tune: --budget-seconds must be >= 0 and --rounds >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    budget = args.budget_seconds
+    if budget is None and args.search == "random":
+        budget = tuning.DEFAULT_BUDGET_S
+    try:
+        result = tuning.tune(args.ops, shapes, budget_seconds=budget, db=args.db,
+                             search=args.search, seed=args.seed, rounds=args.rounds,
+                             progress=not args.quiet, write=not args.dry_run)
+    except OSError as e:
+        print(f"mra-compile tune: cannot write the records: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(result.table())
+    print(f"{len(result.trials)} measured candidates in {result.seconds:.1f} s "
+          f"(median of {args.rounds} interleaved rounds each; table: 15 rounds)")
+    if result.db is not None:
+        print(f"wrote {len(result.records)} records to {result.db}")
+    else:
+        print("dry run: no records written")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- demo
+
+def _add_demo(sub) -> None:
+    # Every argument goes to mra_compile.demo untouched (prefix_chars: no option is ours).
+    p = sub.add_parser("demo", help="build the kernels and compare MRA-2 with exact attention",
+                       description="Run mra_compile.demo; arguments pass through "
+                                   "(mra-compile demo --help lists them).",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from mra_compile import demo
+
+    try:
+        return demo.main(args.demo_args)
+    except SystemExit as e:  # the demo's argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------- bench
+
+def _add_bench(sub) -> None:
+    from mra_compile import benchmarks
+
+    p = sub.add_parser("bench", help="time the op against the fallback, reference and SDPA",
+                       description=benchmarks.__doc__.split("\n\n")[0].replace("\n", " ")
+                       + " --plot also writes time_vs_n.png and error_vs_blocks_per_row.png.")
+    benchmarks.add_arguments(p, out_dir="bench/results")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from mra_compile import benchmarks
+
+    problem = benchmarks.check_arguments(args)
+    if problem:
+        print(f"mra-compile bench: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return benchmarks.run(args)
+    except ImportError as e:  # --plot without matplotlib
+        print(f"mra-compile bench: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+# ---------------------------------------------------------------------------- main
+
+_SUBCOMMANDS = (_add_info, _add_tune, _add_demo, _add_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mra-compile",
+                                     description="MRA-2 attention compiled with Apache TVM.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Tuning records: the schedule knobs ``mra-compile tune`` measured fastest, as JSON files.
+
+A record holds the complete knobs of one operator and is keyed by the operator, dtype
+(``float32``), target (``llvm`` and ``build.host_fingerprint()``), TVM version and shape
+bucket (``build.shape_bucket``: sequence length rounded to a power of two, head dim padded
+to 16, block size). ``build.resolve_knobs`` reads them, in this order, first match wins:
+
+1. the user db: ``$MRA_COMPILE_TUNE_DB``, else ``~/.cache/mra_compile/tuned.json``;
+2. the records shipped for this CPU: ``<package>/schedules/tuned/<fingerprint>.json``.
+
+A record of the exact bucket wins over one of another bucket; without one (or without a
+bucket) the record of the nearest bucket is used. ``MRA_COMPILE_TUNED=0`` ignores every
+record. Files are read once per process; a corrupt or stale file (unparseable, another
+schema version or TVM version) is reported with a ``TuningRecordWarning`` and ignored.
+
+Writes (``save``) merge into the file under an exclusive ``fcntl.flock`` of a sidecar
+``.lock`` file and replace it atomically (temporary file + ``os.replace``), so readers never
+see half a file and two tuners writing at once both keep their records.
+
+This module imports neither TVM nor torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writes stay atomic, concurrent writers may lose records
+    fcntl = None
+
+SCHEMA = 1
+ENV_DB = "MRA_COMPILE_TUNE_DB"
+ENV_ENABLE = "MRA_COMPILE_TUNED"  # "0" ignores all records
+DTYPE = "float32"
+TARGET = "llvm"
+# Without a shape, the record nearest to the default tuning shape is used.
+REFERENCE_BUCKET = "N4096-D64-b32"
+
+
+class TuningRecordWarning(UserWarning):
+    """A tuning-record file or entry that is ignored (corrupt, stale or invalid)."""
+
+
+@dataclass(frozen=True)
+class Match:
+    knobs: dict
+    path: Path
+    record: dict
+
+
+# ---------------------------------------------------------------------------- places
+
+def sanitise(text: str) -> str:
+    """``text`` reduced to a portable file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "unknown"
+
+
+def user_db_path() -> Path:
+    env = os.environ.get(ENV_DB)
+    return Path(env) if env else Path.home() / ".cache" / "mra_compile" / "tuned.json"
+
+
+def shipped_db_path() -> Path:
+    from mra_compile import build
+
+    return build._schedule_dir() / "tuned" / f"{sanitise(build.host_fingerprint())}.json"
+
+
+def db_paths() -> list[Path]:
+    """The files consulted, highest priority first."""
+    paths = [user_db_path(), shipped_db_path()]
+    return paths if paths[0] != paths[1] else paths[:1]
+
+
+def default_write_path() -> Path:
+    """Where ``mra-compile tune`` writes without ``--db``: ``$MRA_COMPILE_TUNE_DB`` when set,
+    else the package's shipped file for this CPU when that is writable (a development
+    checkout), else the user db ``~/.cache/mra_compile/tuned.json``."""
+    if os.environ.get(ENV_DB):
+        return user_db_path()
+    shipped = shipped_db_path()
+    folder = shipped.parent if shipped.parent.exists() else shipped.parent.parent
+    if os.access(shipped if shipped.exists() else folder, os.W_OK):
+        return shipped
+    return user_db_path()
+
+
+# ---------------------------------------------------------------------------- buckets
+
+def parse_bucket(bucket: str) -> tuple[int, int, int]:
+    """``"N4096-D64-b32"`` -> (4096, 64, 32)."""
+    m = re.fullmatch(r"N(\d+)-D(\d+)-b(\d+)", bucket)
+    if m is None:
+        raise ValueError(f"not a shape bucket: {bucket!r} (expected like 'N4096-D64-b32')")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def bucket_distance(a: str, b: str) -> float:
+    (na, da, ba), (nb, db, bb) = parse_bucket(a), parse_bucket(b)
+    return abs(math.log2(na) - math.log2(nb)) + abs(da - db) / 64 + (0 if ba == bb else 8)
+
+
+# ---------------------------------------------------------------------------- records
+
+def tunable_ops() -> tuple[str, ...]:
+    from mra_compile.schedules import cpu
+
+    return tuple(cpu.SPACES)
+
+
+def record_key(rec: dict) -> tuple:
+    return tuple(rec[f] for f in ("op", "dtype", "target", "host", "tvm", "bucket"))
+
+
+def make_record(op: str, bucket: str, knobs: dict, **meta) -> dict:
+    """A record of this host and TVM version; ``meta`` (timings, dates...) is kept as is."""
+    from mra_compile import build
+
+    rec = {"op": op, "dtype": DTYPE, "target": TARGET, "host": build.host_fingerprint(),
+           "tvm": build.tvm_version(), "bucket": bucket, "knobs": dict(knobs), **meta}
+    problem = _record_problem(rec)
+    if problem:
+        raise ValueError(f"invalid tuning record: {problem}")
+    return rec
+
+
+def _ours(rec: dict) -> bool:
+    from mra_compile import build
+
+    return (rec.get("dtype") == DTYPE and rec.get("target") == TARGET
+            and rec.get("host") == build.host_fingerprint() and rec.get("tvm") == build.tvm_version())
+
+
+def _record_problem(rec) -> str | None:
+    """Why ``rec`` cannot be used on this host (None: it can)."""
+    from mra_compile import build
+    from mra_compile.schedules import cpu
+
+    if not isinstance(rec, dict):
+        return f"not an object: {rec!r:.80}"
+    missing = [f for f in ("op", "dtype", "target", "host", "tvm", "bucket", "knobs") if f not in rec]
+    if missing:
+        return f"missing fields {missing}"
+    if rec["op"] not in cpu.SPACES:
+        return f"unknown operator {rec['op']!r}"
+    try:
+        parse_bucket(rec["bucket"])
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if not isinstance(rec["knobs"], dict):
+        return "knobs is not an object"
+    if not _ours(rec):
+        return None  # another host's or dtype's record: kept, not checked here
+    knobs = {**build.default_knobs(rec["op"]), **rec["knobs"]}
+    if not cpu.constraints(rec["op"], knobs):
+        return f"{rec['op']} knobs {rec['knobs']} are not a legal point of its search space here"
+    return None
+
+
+def _read(path: Path, *, purpose: str) -> list[dict]:
+    """Every valid record of ``path`` ([] when absent); problems warn and are skipped."""
+    from mra_compile import build
+
+    try:
+        text = path.read_bytes()  # (json decodes; bad bytes are a ValueError there)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        _warn(f"tuning records {path} unreadable ({e}); {purpose}")
+        return []
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        _warn(f"tuning records {path} are corrupt (not JSON: {e}); {purpose}")
+        return []
+    if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
+        _warn(f"tuning records {path} are corrupt (no 'records' list); {purpose}")
+        return []
+    if doc.get("schema") != SCHEMA:
+        _warn(f"tuning records {path} have schema version {doc.get('schema')!r}, this "
+              f"mra_compile reads version {SCHEMA}; {purpose}")
+        return []
+    if doc.get("tvm") != build.tvm_version():
+        _warn(f"tuning records {path} are stale: made with TVM {doc.get('tvm')!r}, this is "
+              f"TVM {build.tvm_version()}; {purpose}")
+        return []
+    good = []
+    for rec in doc["records"]:
+        problem = _record_problem(rec)
+        if problem:
+            _warn(f"tuning record in {path} ignored: {problem}")
+        else:
+            good.append(rec)
+    return good
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, TuningRecordWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------- lookup
+
+_GENERATION = 0
+_FILES: dict[str, list[dict]] = {}  # path -> its usable records (this host, dtype, TVM)
+_LOOKUPS: dict[tuple, Match | None] = {}
+
+
+def token() -> tuple:
+    """Changes whenever lookups may answer differently (part of build's kernel fast key)."""
+    return os.environ.get(ENV_DB), os.environ.get(ENV_ENABLE), _GENERATION
+
+
+def reload() -> None:
+    """Forget the files read so far (the next lookup reads them again)."""
+    global _GENERATION
+    _FILES.clear()
+    _LOOKUPS.clear()
+    _GENERATION += 1
+
+
+def records_in(path: Path) -> list[dict]:
+    """The records of ``path`` usable on this host (read once per process)."""
+    key = str(path)
+    recs = _FILES.get(key)
+    if recs is None:
+        recs = _FILES[key] = [r for r in _read(Path(path), purpose="ignoring the file")
+                              if _ours(r)]
+    return recs
+
+
+def lookup(op: str, bucket: str | None = None) -> Match | None:
+    """The record ``op`` uses for ``bucket`` (None: nearest to ``REFERENCE_BUCKET``)."""
+    key = (op, bucket, token())
+    try:
+        return _LOOKUPS[key]
+    except KeyError:
+        pass
+    match = None
+    if os.environ.get(ENV_ENABLE, "1") != "0":
+        match = _find(op, bucket)
+    _LOOKUPS[key] = match
+    return match
+
+
+def _find(op: str, bucket: str | None) -> Match | None:
+    candidates = [(path, rec) for path in db_paths() for rec in records_in(path) if rec["op"] == op]
+    if not candidates:
+        return None
+    if bucket is not None:
+        for path, rec in candidates:
+            if rec["bucket"] == bucket:
+                return Match(dict(rec["knobs"]), path, rec)
+    target = bucket or REFERENCE_BUCKET
+    # Nearest bucket; ties go to the higher-priority file, then the longer sequence.
+    best = min(range(len(candidates)), key=lambda i: (
+        bucket_distance(candidates[i][1]["bucket"], target), i))
+    path, rec = candidates[best]
+    return Match(dict(rec["knobs"]), path, rec)
+
+
+# ---------------------------------------------------------------------------- writing
+
+def save(path, new_records) -> Path:
+    """Merge ``new_records`` (from ``make_record``) into the file at ``path``: same key
+    replaces. Safe against concurrent writers and readers; returns the path."""
+    from mra_compile import build
+
+    path = Path(path)
+    new_records = list(new_records)
+    for rec in new_records:
+        problem = _record_problem(rec)
+        if problem:
+            raise ValueError(f"invalid tuning record: {problem}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        merged = {record_key(r): r for r in _read(path, purpose="replacing it")}
+        merged.update((record_key(r), r) for r in new_records)
+        doc = {"schema": SCHEMA, "tvm": build.tvm_version(),
+               "records": sorted(merged.values(), key=lambda r: tuple(map(str, record_key(r))))}
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    reload()
+    return path

@@ -1,0 +1,613 @@
+"""Autotuning of the CPU schedules' knobs: measure candidates, keep the fastest, persist them.
+
+The search space of every operator is ``mra_compile.schedules.cpu.SPACES`` (legal values
+per knob, filtered by ``cpu.constraints``). For every shape bucket the tuner runs these
+phases, each starting from the default knobs and keeping the best found so far:
+
+1. ``pool_and_logits``, ``lowres_out``: ``vec``, timing the kernel alone.
+2. ``blocks``: (``blocks_per_row``, ``blocks_per_unit``) jointly, timing the whole forward
+   (``forward.mra_forward(..., knobs=...)``): they change the work plan, how the blocks are
+   split between ``hires_rows`` and ``hires_units``, and ``hires_rows`` merges the output
+   of ``hires_units``, so only the whole pass measures them fairly.
+3. ``hires_units``, ``hires_rows``: the micro knobs (``vec``, ``qk_rows``, ``pv_rows``,
+   ``unroll``), each kernel timed alone under the plan of the best blocks found.
+
+Candidates come in order: the default first, then (``search="random"``) random points
+and neighbours of the best (one knob one step away), until the phase's share of the
+budget is spent; ``search="exhaustive"`` walks the whole space in order. Candidate and
+best are timed in the same rounds, alternating (so machine noise hits both alike); the
+candidate replaces the best when the median of its per-round time ratios to the best is
+below 0.99. A last verification times default against tuned again (more rounds) for the
+table, whose gains are such paired medians too; tuned knobs that are not at least 1%
+faster there are dropped for the defaults (per kernel; the blocks by the whole pass).
+
+Inputs are realistic: random q, k, v of the bucket's shape go through the real pipeline
+(``forward.mra_forward``, with ``build.trace_kernel_calls`` recording every kernel's
+arguments: padded inputs, pooled tensors, block selection, ``plan.make_plan``'s plan for the
+candidate's blocks), so each kernel is timed on valid block indices with the data it
+really gets. Timing uses ``time.perf_counter`` around calls of the loaded kernels (TVM's
+``time_evaluator`` is not available on the runtime-only modules ``build.kernel`` loads):
+median of several rounds after warm-up, with enough calls per sample to last >= 2 ms.
+
+Results are written as records (``mra_compile.records``), which ``build.resolve_knobs``
+then uses automatically. ``chosen_knobs(op, bucket)`` tells which knobs an operator
+would use and where they come from.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mra_compile import build, records
+
+OPS = ("pool_and_logits", "lowres_out", "hires_units", "hires_rows")
+BLOCK_KNOBS = {"hires_rows": "blocks_per_row", "hires_units": "blocks_per_unit"}
+MIN_GAIN = 0.01  # a candidate must beat the best by this fraction to replace it
+DEFAULT_BUDGET_S = 60.0
+
+
+# ---------------------------------------------------------------------------- shapes
+
+@dataclass(frozen=True)
+class Shape:
+    """One tuning shape: ``rows`` = B*H, sequence ``N``, head dim ``D``, block size, and
+    the selection density (``num_blocks = blocks_per_row * N / block_size``), "full" mode."""
+
+    rows: int = 12
+    N: int = 4096
+    D: int = 64
+    block_size: int = 32
+    blocks_per_row: int = 4
+
+    @property
+    def bucket(self) -> str:
+        return build.shape_bucket(self.N, self.D, self.block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks_per_row * -(-self.N // self.block_size)
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """``"4096"`` (N) or ``"12x4096x64"`` (B*H x N x D)."""
+        parts = text.lower().split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(values) == 1 and values[0] > 0:
+            return cls(N=values[0])
+        if len(values) == 3 and min(values) > 0:
+            return cls(rows=values[0], N=values[1], D=values[2])
+        raise ValueError(f"bad shape {text!r}: expected N (e.g. 4096) or BHxNxD (e.g. 12x4096x64)")
+
+    def __str__(self):
+        return f"{self.rows}x{self.N}x{self.D}"
+
+
+DEFAULT_SHAPES = (Shape(N=1024), Shape(N=4096))
+
+
+# ---------------------------------------------------------------------------- results
+
+@dataclass
+class Trial:
+    phase: str
+    bucket: str
+    knobs: dict
+    seconds: float
+    best_seconds: float
+    ratio: float  # median of the per-round ratios candidate / best
+    accepted: bool
+
+
+@dataclass
+class OpResult:
+    """Default against tuned for one operator (or ``"forward"``, the whole op) and bucket."""
+
+    op: str
+    bucket: str
+    default_knobs: dict
+    knobs: dict
+    default_s: float  # median seconds
+    tuned_s: float
+    ratio: float = 1.0  # median over rounds of tuned / default (each round times both)
+    kept_default: bool = False
+
+    @property
+    def gain_pct(self) -> float:
+        """Time saved, from the paired ratio (robust to load that changes between rounds)."""
+        return 100.0 * (1.0 - self.ratio)
+
+    @property
+    def changed(self) -> dict:
+        return {k: v for k, v in self.knobs.items() if self.default_knobs.get(k) != v}
+
+
+@dataclass
+class TuneResult:
+    results: list[OpResult]
+    trials: list[Trial]
+    records: list[dict]
+    db: Path | None
+    seconds: float
+    shapes: list[Shape] = field(default_factory=list)
+
+    def best(self, op: str, bucket: str) -> dict:
+        return next(r.knobs for r in self.results if r.op == op and r.bucket == bucket)
+
+    def table(self) -> str:
+        lines = [f"{'operator':<16} {'bucket':<15} {'default ms':>10} {'tuned ms':>9} "
+                 f"{'gain':>7}  knobs changed from the default",
+                 "-" * 96]
+        for r in self.results:
+            changed = " ".join(f"{k}={_fmt(v)}" for k, v in r.changed.items())
+            if r.op == "forward":
+                changed = "(whole op, all kernels and the plan)"
+            elif r.kept_default:
+                changed = "(default kept: tuned was not >= 1% faster)"
+            elif not changed and r.ratio != 1.0:
+                changed = "(default knobs; other work under the tuned plan)"
+            elif not changed:
+                changed = "(the default was best)"
+            lines.append(f"{r.op:<16} {r.bucket:<15} {1e3 * r.default_s:>10.3f} "
+                         f"{1e3 * r.tuned_s:>9.3f} {r.gain_pct:>+6.1f}%  {changed}")
+        lines.append("(ms: medians; gain: 1 - the median over rounds of tuned/default, both "
+                     "timed in each round)")
+        return "\n".join(lines)
+
+
+def _fmt(v):
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+# ---------------------------------------------------------------------------- chosen knobs
+
+@dataclass(frozen=True)
+class Chosen:
+    """The knobs ``op`` would use, and where they come from: ``"default"`` or the path of
+    the records file (then ``bucket`` is the record's bucket and ``record`` the record)."""
+
+    op: str
+    knobs: dict
+    source: str
+    bucket: str | None = None
+    record: dict | None = None
+
+
+def chosen_knobs(op: str, bucket: str | None = None) -> Chosen:
+    """What ``build.resolve_knobs(op, None, bucket)`` gives, with its origin.
+
+    ``bucket``: ``build.shape_bucket(N, D, block_size)``; None means the record nearest
+    to ``records.REFERENCE_BUCKET`` (what a caller that passes no shape gets).
+    """
+    match = records.lookup(op, bucket)
+    knobs = build.resolve_knobs(op, None, bucket)
+    if match is None:
+        return Chosen(op, knobs, "default")
+    return Chosen(op, knobs, str(match.path), match.record["bucket"], match.record)
+
+
+# ---------------------------------------------------------------------------- spaces
+
+@dataclass
+class _Phase:
+    name: str
+    timed: str  # the kernel timed, or "forward"
+    space: dict  # knob -> values; knobs not in it stay as they are
+    weight: float
+
+    def apply(self, config: dict, point: dict) -> dict:
+        new = {op: dict(k) for op, k in config.items()}
+        if self.name == "blocks":
+            for op, knob in BLOCK_KNOBS.items():
+                if knob in point:
+                    new[op][knob] = point[knob]
+        else:
+            new[self.name].update(point)
+        return new
+
+    def point_of(self, config: dict) -> dict:
+        if self.name == "blocks":
+            return {knob: config[op][knob] for op, knob in BLOCK_KNOBS.items() if knob in self.space}
+        return {k: config[self.name][k] for k in self.space}
+
+
+def _key(point: dict) -> tuple:
+    return tuple(sorted(point.items()))
+
+
+def _legal(config: dict) -> bool:
+    from mra_compile.schedules import cpu
+
+    return all(cpu.constraints(op, knobs) for op, knobs in config.items() if op in cpu.SPACES)
+
+
+def _phases(ops, spaces) -> list[_Phase]:
+    """The phases for ``ops``; ``spaces[op]`` (if given) replaces ``SPACES[op]`` and knobs
+    it leaves out stay at their defaults."""
+    from mra_compile.schedules import cpu
+
+    def space(op):
+        return dict(spaces[op]) if spaces and op in spaces else dict(cpu.SPACES[op])
+
+    phases = []
+    for op in ("pool_and_logits", "lowres_out"):
+        if op in ops:
+            phases.append(_Phase(op, op, space(op), 1.0))
+    blocks = {knob: space(op)[knob] for op, knob in BLOCK_KNOBS.items()
+              if op in ops and knob in space(op)}
+    if blocks:
+        phases.append(_Phase("blocks", "forward", blocks, 4.0))
+    for op, weight in (("hires_units", 2.0), ("hires_rows", 3.0)):
+        if op in ops:
+            micro = {k: v for k, v in space(op).items() if k != BLOCK_KNOBS[op]}
+            if micro:
+                phases.append(_Phase(op, op, micro, weight))
+    return phases
+
+
+def _neighbours(point: dict, space: dict) -> list[dict]:
+    out = []
+    for knob, values in space.items():
+        if point[knob] not in values:
+            continue
+        i = values.index(point[knob])
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(values):
+                out.append({**point, knob: values[j]})
+    return out
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def interleaved_medians(fns, rounds: int, **kw) -> list[float]:
+    """Median seconds per call of each of ``fns``, timed in turn round after round."""
+    return [statistics.median(s) for s in interleaved_samples(fns, rounds, **kw)]
+
+
+def paired_ratio(base: list[float], other: list[float]) -> float:
+    """Median over rounds of other / base (samples of the same rounds)."""
+    return statistics.median(o / b if b > 0 else 1.0 for b, o in zip(base, other))
+
+
+def interleaved_samples(fns, rounds: int, warmup: int = 2, min_sample_s: float = 0.002,
+                        clock=time.perf_counter) -> list[list[float]]:
+    """Seconds per call of each of ``fns``, one sample per round: every round times each
+    function once (enough calls to last ``min_sample_s``), in rotating order."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    t0 = clock()
+    fns[0]()
+    inner = max(1, min(200, math.ceil(min_sample_s / max(clock() - t0, 1e-7))))
+    samples = [[] for _ in fns]
+    for r in range(rounds):
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)  # rotate who goes first
+            fn = fns[i]
+            t0 = clock()
+            for _ in range(inner):
+                fn()
+            samples[i].append((clock() - t0) / inner)
+    return samples
+
+
+class Case:
+    """Realistic inputs of one shape, run through the real pipeline (the tuner and
+    ``bench/bench_tuning.py`` time kernels with it): ``runner(op, config)`` is a callable
+    running kernel ``op`` (or ``"forward"``) with ``config`` = ``{op: knobs}``."""
+
+    def __init__(self, shape: Shape, seed: int):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.shape = shape
+        self.q, self.k, self.v = (torch.randn(1, shape.rows, shape.N, shape.D, generator=g)
+                                  for _ in range(3))
+        self._captures: dict[tuple, dict] = {}
+
+    def forward(self, config: dict):
+        from mra_compile import forward
+
+        s = self.shape
+        return forward.mra_forward(self.q, self.k, self.v, None, s.num_blocks, "full",
+                                   s.block_size, 0, 0, knobs=config)
+
+    def capture(self, config: dict) -> dict:
+        """``{op: (static, args)}`` of every kernel the forward calls under ``config``'s
+        plan. Arguments that are views (scratch buffers a later call may overwrite) are
+        copied; the rest are fresh tensors of that call."""
+        import torch
+
+        key = tuple(config[op][knob] for op, knob in BLOCK_KNOBS.items())
+        cap = self._captures.get(key)
+        if cap is None:
+            with build.trace_kernel_calls() as calls:
+                self.forward(config)
+            cap = {}
+            for c in calls:
+                args = tuple(a.clone() if isinstance(a, torch.Tensor) and a._base is not None else a
+                             for a in c["args"])
+                cap[c["op"]] = (c["static"], args)
+            if len(self._captures) >= 4:
+                self._captures.pop(next(iter(self._captures)))
+            self._captures[key] = cap
+        return cap
+
+    def runner(self, timed: str, config: dict):
+        if timed == "forward":
+            return lambda: self.forward(config)
+        static, args = self.capture(config).get(timed, (None, None))
+        if static is None:  # not called under this plan (no overflow units)
+            return lambda: None
+        fn = build.kernel(timed, config[timed], **static)
+        return lambda: fn(*args)
+
+
+class _RealTimer:
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.cases: dict[Shape, Case] = {}
+
+    def __call__(self, shape: Shape, timed: str, configs: list[dict], rounds: int) -> list[list[float]]:
+        case = self.cases.get(shape)
+        if case is None:
+            build.ensure_runtime()
+            case = self.cases[shape] = Case(shape, self.seed)
+        fns = [case.runner(timed, c) for c in configs]
+        return interleaved_samples(fns, rounds)
+
+
+class _FakeTimer:
+    """Adapts ``timer(op, bucket, knobs) -> seconds`` (tests): op is a kernel name with
+    its knobs, or ``"forward"`` with ``{op: knobs}`` of every operator."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, shape, timed, configs, rounds):
+        return [[float(self.fn(timed, shape.bucket, c if timed == "forward" else c[timed]))]
+                for c in configs]
+
+
+class _Progress:
+    def __init__(self, enabled: bool, budget: float | None, stream=None):
+        self.enabled = enabled
+        self.budget = budget
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.last = -1e9
+        self.width = 0
+
+    def __call__(self, text: str, force: bool = False):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        spent = now - self.start
+        total = f"/{self.budget:.0f}" if self.budget else ""
+        line = f"[tune {spent:5.1f}{total} s] {text}"[:110]
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+            self.stream.flush()
+        elif force or now - self.last >= 5.0:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last = now
+
+    def done(self):
+        if self.enabled and self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- the tuner
+
+def default_config() -> dict:
+    """``{op: default knobs}`` of every tunable operator (records not applied)."""
+    return {op: build.default_knobs(op) for op in records.tunable_ops()}
+
+
+def tune(ops=None, shapes=None, *, budget_seconds: float | None = DEFAULT_BUDGET_S, db=None,
+         search: str = "random", spaces: dict | None = None, seed: int = 0, rounds: int = 7,
+         verify_rounds: int = 15, timer=None, progress: bool = True, write: bool = True,
+         stream=None) -> TuneResult:
+    """Tune ``ops`` (default: all four) for ``shapes`` (default: ``DEFAULT_SHAPES``) and
+    write the records to ``db`` (default: ``records.default_write_path()``).
+
+    budget_seconds: wall-clock budget of the search (None: unlimited; ``search="random"``
+        then stops when the space is exhausted); the final verification comes on top when
+        the budget is too small to hold it.
+    spaces: ``{op: {knob: [values]}}`` replacing ``SPACES[op]``; knobs left out keep their
+        default. Values must still be legal (``cpu.constraints``).
+    timer: for tests, ``timer(op, bucket, knobs) -> seconds`` replaces measuring (no kernel
+        is built); op is ``"forward"`` for the whole pass, with ``{op: knobs}``.
+    """
+    start = time.perf_counter()
+    ops = tuple(OPS if not ops else ops)
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"unknown operators {unknown}; tunable: {list(OPS)}")
+    if search not in ("random", "exhaustive"):
+        raise ValueError(f"search must be 'random' or 'exhaustive', not {search!r}")
+    shapes = [s if isinstance(s, Shape) else Shape.parse(str(s)) for s in (shapes or DEFAULT_SHAPES)]
+    # One shape per bucket: records are per bucket.
+    shapes = list({s.bucket: s for s in shapes}.values())
+    measure = _FakeTimer(timer) if timer is not None else _RealTimer(seed)
+    rng = random.Random(seed)
+    show = _Progress(progress, budget_seconds, stream)
+    phases = _phases(ops, spaces)
+    default = default_config()
+    best = {s.bucket: {op: dict(k) for op, k in default.items()} for s in shapes}
+    trials: list[Trial] = []
+    reserve = 0.0 if budget_seconds is None else max(2.0, 0.12 * budget_seconds)
+
+    for idx, phase in enumerate(phases):
+        if budget_seconds is None:
+            phase_budget = math.inf
+        else:
+            left = budget_seconds - reserve - (time.perf_counter() - start)
+            weights = sum(p.weight for p in phases[idx:])
+            phase_budget = max(0.0, left * phase.weight / weights)
+        _search(phase, shapes, best, measure, rounds, phase_budget, search, rng, trials, show)
+
+    results = _verify(ops, shapes, default, best, measure, verify_rounds, show)
+    show.done()
+    recs = _records_of(ops, shapes, default, results, trials, search, budget_seconds)
+    path = None
+    if write:
+        path = Path(db) if db is not None else records.default_write_path()
+        records.save(path, recs)
+    return TuneResult(results, trials, recs, path, time.perf_counter() - start, shapes)
+
+
+def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, show):
+    start = time.perf_counter()
+    keys = list(phase.space)
+    points = [dict(zip(keys, vals)) for vals in itertools.product(*phase.space.values())]
+    visited = {_key(phase.point_of(best[s.bucket])) for s in shapes}
+    best_s: dict[str, float | None] = {s.bucket: None for s in shapes}
+    start_s: dict[str, float | None] = {s.bucket: None for s in shapes}  # the phase's start point
+    space_keys = {_key(p) for p in points}
+    durations = []
+
+    def candidates():
+        if search == "exhaustive":
+            yield from points
+            return
+        while True:
+            unvisited = [p for p in points if _key(p) not in visited]
+            if not unvisited:
+                return
+            if rng.random() < 0.5:
+                near = [p for s in shapes for p in _neighbours(phase.point_of(best[s.bucket]), phase.space)
+                        if _key(p) not in visited and _key(p) in space_keys]
+                if near:
+                    yield rng.choice(near)
+                    continue
+            yield rng.choice(unvisited)
+
+    for point in candidates():
+        elapsed = time.perf_counter() - start
+        if durations and elapsed + statistics.mean(durations) > budget or elapsed > budget:
+            break
+        if _key(point) in visited:
+            continue
+        visited.add(_key(point))
+        t0 = time.perf_counter()
+        for s in shapes:
+            incumbent = best[s.bucket]
+            config = phase.apply(incumbent, point)
+            if config == incumbent or not _legal(config):
+                continue
+            s_best, s_new = measure(s, phase.timed, [incumbent, config], rounds)
+            t_best, t_new = statistics.median(s_best), statistics.median(s_new)
+            ratio = paired_ratio(s_best, s_new)
+            if start_s[s.bucket] is None:
+                start_s[s.bucket] = t_best
+            accepted = ratio < 1 - MIN_GAIN
+            trials.append(Trial(phase.name, s.bucket, dict(point), t_new, t_best, ratio, accepted))
+            if accepted:
+                best[s.bucket] = config
+                t_best = t_new
+            best_s[s.bucket] = t_best
+            show(f"{phase.name} {s.bucket}: {sum(t.phase == phase.name for t in trials)} trials, "
+                 f"best {1e3 * t_best:.3f} ms (start {1e3 * start_s[s.bucket]:.3f})")
+        durations.append(time.perf_counter() - t0)
+    show(f"{phase.name}: done, {len(durations)} candidates in {time.perf_counter() - start:.1f} s",
+         force=True)
+
+
+def _verify(ops, shapes, default, best, measure, rounds, show) -> list[OpResult]:
+    """Default against tuned per operator and for the whole pass; operators whose tuned
+    knobs are not faster keep the defaults."""
+    results = []
+    for s in shapes:
+        tuned = best[s.bucket]
+        show(f"verifying {s.bucket}", force=True)
+        for op, knob in BLOCK_KNOBS.items():
+            # Micro knobs were chosen under the tuned plan: keep them only if they still
+            # beat the default micro knobs there.
+            micro_default = {**default[op], knob: tuned[op][knob]}
+            if op in ops and tuned[op] != micro_default:
+                alt = {**tuned, op: micro_default}
+                s_alt, s_tun = measure(s, op, [alt, tuned], rounds)
+                if paired_ratio(s_alt, s_tun) >= 1 - MIN_GAIN:
+                    tuned[op] = micro_default
+        rows = {}
+        for op in ops:
+            # The hires kernels' work depends on the plan (the blocks knobs of both).
+            if tuned[op] == default[op] and (op not in BLOCK_KNOBS or _same_plan(tuned, default)):
+                t = statistics.median(measure(s, op, [default], rounds)[0])
+                rows[op] = OpResult(op, s.bucket, default[op], tuned[op], t, t)
+                continue
+            rows[op] = _compare(measure, s, op, default, tuned, rounds, op)
+        for op in ("pool_and_logits", "lowres_out"):
+            r = rows.get(op)
+            if r is not None and r.knobs != r.default_knobs and r.ratio >= 1 - MIN_GAIN:
+                tuned[op] = dict(default[op])
+                rows[op] = _kept(r)
+        fwd = _compare(measure, s, "forward", default, tuned, rounds, "forward")
+        hires = [op for op in BLOCK_KNOBS if op in ops and tuned[op] != default[op]]
+        if fwd.ratio >= 1 - MIN_GAIN and hires:
+            for op in hires:
+                tuned[op] = dict(default[op])
+                rows[op] = _kept(rows[op])
+            if tuned != default:
+                fwd = _compare(measure, s, "forward", default, tuned, rounds, "forward")
+        if tuned == default:
+            fwd = _kept(fwd)
+        fwd.default_knobs = fwd.knobs = {}
+        results.extend(rows[op] for op in OPS if op in rows)
+        results.append(fwd)
+    return results
+
+
+def _compare(measure, shape, timed, default, tuned, rounds, name) -> OpResult:
+    s_def, s_tun = measure(shape, timed, [default, tuned], rounds)
+    knobs = (default.get(name, {}), tuned.get(name, {}))
+    return OpResult(name, shape.bucket, dict(knobs[0]), dict(knobs[1]), statistics.median(s_def),
+                    statistics.median(s_tun), paired_ratio(s_def, s_tun))
+
+
+def _kept(r: OpResult) -> OpResult:
+    """``r`` after its operator went back to the defaults: default time both sides."""
+    return OpResult(r.op, r.bucket, r.default_knobs, dict(r.default_knobs), r.default_s,
+                    r.default_s, 1.0, kept_default=r.knobs != r.default_knobs)
+
+
+def _same_plan(a, b) -> bool:
+    return all(a[op][k] == b[op][k] for op, k in BLOCK_KNOBS.items())
+
+
+def _records_of(ops, shapes, default, results, trials, search, budget) -> list[dict]:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    by = {(r.op, r.bucket): r for r in results}
+    recs = []
+    for s in shapes:
+        fwd = by[("forward", s.bucket)]
+        for op in ops:
+            r = by[(op, s.bucket)]
+            recs.append(records.make_record(
+                op, s.bucket, r.knobs,
+                default_knobs=r.default_knobs,
+                time_ms=round(1e3 * r.tuned_s, 4), default_ms=round(1e3 * r.default_s, 4),
+                gain_pct=round(r.gain_pct, 2), kept_default=r.kept_default,
+                forward_gain_pct=round(fwd.gain_pct, 2),
+                forward_ms=round(1e3 * fwd.tuned_s, 4), forward_default_ms=round(1e3 * fwd.default_s, 4),
+                shape={"rows": s.rows, "N": s.N, "D": s.D, "block_size": s.block_size,
+                       "blocks_per_row": s.blocks_per_row, "mode": "full"},
+                trials=sum(t.bucket == s.bucket for t in trials), search=search,
+                budget_seconds=budget, tuned_at=now,
+                timing="median of interleaved calls, time.perf_counter",
+            ))
+    return recs
