@@ -223,7 +223,7 @@ def mra_forward(
     build.ensure_runtime()  # sizes TVM's pool from torch's threads before they change
     with _torch_single_threaded():
         out, saved = _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n,
-                              diagonal_n, knobs or {})
+                              diagonal_n, build.knobs_for_shape(knobs, N, D, block_size))
     return (out, saved) if save else out
 
 

@@ -13,14 +13,16 @@ bucket) the record of the nearest bucket is used. ``MRA_COMPILE_TUNED=0`` ignore
 record. Files are read once per process; a corrupt or stale file (unparseable, another
 schema version or TVM version) is reported with a ``TuningRecordWarning`` and ignored.
 
-Writes (``save``) merge into the file under an exclusive ``fcntl.flock`` of a sidecar
-``.lock`` file and replace it atomically (temporary file + ``os.replace``), so readers never
-see half a file and two tuners writing at once both keep their records.
+Writes (``save``) merge into the file under an exclusive ``fcntl.flock`` of its directory
+(a sidecar ``<file>.lock`` where directories cannot be locked, e.g. NFS) and replace it
+atomically (temporary file + ``os.replace``), so readers never see half a file and two
+tuners writing at once both keep their records.
 
 This module imports neither TVM nor torch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -267,6 +269,31 @@ def _find(op: str, bucket: str | None) -> Match | None:
 
 # ---------------------------------------------------------------------------- writing
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock for read-modify-write of ``path`` (released on exit)."""
+    if fcntl is None:
+        yield
+        return
+    fd = None
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+            fd = None
+    if fd is None:  # directories cannot be flock'ed here: a lock file next to ``path``
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            yield
+        return
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def save(path, new_records) -> Path:
     """Merge ``new_records`` (from ``make_record``) into the file at ``path``: same key
     replaces. Safe against concurrent writers and readers; returns the path."""
@@ -279,9 +306,7 @@ def save(path, new_records) -> Path:
         if problem:
             raise ValueError(f"invalid tuning record: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+    with _locked(path):
         merged = {record_key(r): r for r in _read(path, purpose="replacing it")}
         merged.update((record_key(r), r) for r in new_records)
         doc = {"schema": SCHEMA, "tvm": build.tvm_version(),

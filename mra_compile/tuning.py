@@ -475,7 +475,6 @@ def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, s
     keys = list(phase.space)
     points = [dict(zip(keys, vals)) for vals in itertools.product(*phase.space.values())]
     visited = {_key(phase.point_of(best[s.bucket])) for s in shapes}
-    best_s: dict[str, float | None] = {s.bucket: None for s in shapes}
     start_s: dict[str, float | None] = {s.bucket: None for s in shapes}  # the phase's start point
     space_keys = {_key(p) for p in points}
     durations = []
@@ -519,7 +518,6 @@ def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, s
             if accepted:
                 best[s.bucket] = config
                 t_best = t_new
-            best_s[s.bucket] = t_best
             show(f"{phase.name} {s.bucket}: {sum(t.phase == phase.name for t in trials)} trials, "
                  f"best {1e3 * t_best:.3f} ms (start {1e3 * start_s[s.bucket]:.3f})")
         durations.append(time.perf_counter() - t0)

@@ -9,7 +9,6 @@ loads them instead of compiling.
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -278,9 +277,6 @@ def test_records_per_bucket(two_buckets):
     assert [c["resolved"] for c in calls if c["op"] == "hires_rows"] == [SMALL]
 
 
-@pytest.mark.xfail(reason="until mra_compile/forward.py passes the shape bucket "
-                          "(build.knobs_for_shape); before that the op uses the nearest record "
-                          "to N4096-D64-b32 for every shape", strict=False)
 def test_op_uses_the_record_of_its_bucket(two_buckets):
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 2, 300, 40, generator=g) for _ in range(3))
