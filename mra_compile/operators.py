@@ -82,12 +82,10 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32"):
         )
 
     qp, kp, vp = pooled(q, "qp"), pooled(k, "kp"), pooled(v, "vp")
-    # k̂ transposed, so that a row of logits is a sum of contiguous k̂ rows.
-    kp_t = te.compute((R, D, n), lambda r, d, j: kp[r, j, d], name="kp_t")
     dd = te.reduce_axis((0, D), "dd")
     raw = te.compute(
         (R, n, n),
-        lambda r, i, j: te.sum(qp[r, i, dd] * kp_t[r, dd, j], axis=dd),
+        lambda r, i, j: te.sum(qp[r, i, dd] * kp[r, j, dd], axis=dd),
         name="raw_logits",
     )
     jj = te.reduce_axis((0, n), "jj")
