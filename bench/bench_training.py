@@ -97,10 +97,13 @@ print(json.dumps({{"peak_mib": (peak - base) / 1024}}))
 
 def peak_memory(name: str, n_tokens: int, mode: str) -> float:
     code = MEMORY_CHILD.format(repo=str(REPO), name=name, n=n_tokens, mode=mode)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=1200)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
+    # Twice: a first process may compile kernels (the TVM compiler's own memory would
+    # set the peak); the second loads them from the disk cache and is the one reported.
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=1200)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
