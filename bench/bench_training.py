@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -107,26 +106,9 @@ def peak_memory(name: str, n_tokens: int, mode: str) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def machine_line() -> str:
-    import importlib.metadata
-
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return (f"Machine: {model}, {os.cpu_count()} cores, torch.get_num_threads()="
-            f"{torch.get_num_threads()}, torch {torch.__version__}, TVM "
-            f"{importlib.metadata.version('apache-tvm')}, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-
-
 def main(argv=None) -> int:
+    from mra_compile.benchmarks import machine_line
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--repeat", type=int, default=5)
