@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 from pathlib import Path
 from statistics import median
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
 from mra_compile import build, records, tuning  # noqa: E402
+from mra_compile.benchmarks import cpu_model, load_average  # noqa: E402
 
 ROWS, HEAD_DIM, BLOCK_SIZE, BLOCKS_PER_ROW = 12, 64, 32, 4
 DEFAULT_SIZES = (512, 1024, 2048, 4096, 8192)
@@ -52,23 +52,6 @@ def parse_args(argv=None):
     if min(args.repeat, args.op_repeat) < 1 or any(n < 1 for n in args.sizes):
         p.error("--repeat, --op-repeat and --sizes must be positive")
     return args
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def changed(default: dict, tuned: dict) -> str:

@@ -236,7 +236,6 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
          heads, scale
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
-    dt = dtype
     C = blocks_per_unit
     R, N, heads, scale, q, k, v, mask = _inputs(D, dtype)
     U = te.var("U", dtype=I32)

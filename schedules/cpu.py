@@ -192,7 +192,7 @@ def _merged_parallel(sch, outputs, depth):
 
 def bwd_prep(sch, *, vec=16):
     """Parallel over (row, query block): g, its dot with out, the per-block sums."""
-    ri = _merged_parallel(sch, ("g", "dsum", "ga", "da"), 2)
+    _merged_parallel(sch, ("g", "dsum", "ga", "da"), 2)
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("g"))[-1], [None, vec])[1])
     ga = sch.get_sblock("ga")
     d, t = sch.get_loops(ga)[-2:]
