@@ -137,6 +137,16 @@ def _load_runtime():
     _RUNTIME_READY = True
 
 
+def source_hash() -> str:
+    """Hash of the operator and schedule sources (part of every kernel's key)."""
+    return _source_hash()
+
+
+def kernel_key(op: str, static: dict, knobs: dict) -> str:
+    """The name a kernel has in the cache and in AOT libraries (``mra_compile.library``)."""
+    return _key(op, static, knobs, "llvm")[0]
+
+
 def _key(op: str, static: dict, knobs: dict, target: str) -> tuple[str, dict]:
     desc = {
         "op": op,
@@ -333,13 +343,18 @@ def _kernel(op: str, knobs: dict | None, static: dict):
             _FAST[fast] = fn
             return fn
         _load_runtime()
-        path = cache_dir() / f"{name}.so"
-        module = _load_cached(path, desc)
-        origin = "disk"
-        if module is None:
-            origin = "compiled"
-            module = _compile_to_cache(op, static, knobs, path, desc)
-        fn = module["main"]
+        from mra_compile import library
+
+        fn = library.lookup(name)  # an ahead-of-time library first, when one is set
+        origin, path = "library", os.environ.get(library.ENV, "")
+        if fn is None:
+            path = cache_dir() / f"{name}.so"
+            module = _load_cached(path, desc)
+            origin = "disk"
+            if module is None:
+                origin = "compiled"
+                module = _compile_to_cache(op, static, knobs, path, desc)
+            fn = module["main"]
         _MEMORY[name] = _FAST[fast] = fn
         _EVENTS.append({"op": op, "origin": origin, "path": str(path), **desc})
         return fn
@@ -350,5 +365,6 @@ _EVENTS: list[dict] = []
 
 def cache_events() -> list[dict]:
     """One record per kernel this process loaded: its key and whether it was
-    ``"compiled"`` or loaded from ``"disk"`` (tests and ``mra-compile info`` read it)."""
+    ``"compiled"``, loaded from the ``"disk"`` cache or from an AOT ``"library"``
+    (``MRA_COMPILE_KERNEL_LIBRARY``); tests and ``mra-compile info`` read it."""
     return list(_EVENTS)

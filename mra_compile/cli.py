@@ -17,6 +17,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -191,7 +192,48 @@ def _cmd_bench(args) -> int:
 
 # ---------------------------------------------------------------------------- main
 
-_SUBCOMMANDS = (_add_info, _add_tune, _add_demo, _add_bench)
+def _add_build(sub) -> None:
+    p = sub.add_parser(
+        "build", help="compile every kernel ahead of time into one library + manifest",
+        description="Compile every operator (forward and backward) for the given block sizes "
+        "and head dims into DIR/mra_kernels.so with DIR/manifest.json. Set "
+        "MRA_COMPILE_KERNEL_LIBRARY=DIR and the op loads its kernels from there with the TVM "
+        "runtime only.")
+    p.add_argument("--target", choices=("llvm", "cuda"), default="llvm",
+                   help="llvm: this CPU (default); cuda: not available in this release")
+    p.add_argument("--arch", default=None, help="GPU architecture (cuda only)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[32])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64],
+                   help="head dims to cover (compiled padded to multiples of 16)")
+    p.add_argument("--float64", action="store_true", help="also the float64 kernels")
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args) -> int:
+    if args.target == "cuda":
+        print("mra-compile build: --target cuda is not available yet: this release has CPU "
+              "(llvm) kernels only", file=sys.stderr)
+        return 2
+    from mra_compile import library, validate
+
+    for b in args.block_sizes:
+        if b < 8 or b & (b - 1) or b > validate.MAX_BLOCK_SIZE:
+            print(f"mra-compile build: --block-sizes: {b} is not a power of two in "
+                  f"[8, {validate.MAX_BLOCK_SIZE}]", file=sys.stderr)
+            return 2
+    if any(d < 1 for d in args.head_dims):
+        print("mra-compile build: --head-dims must be >= 1", file=sys.stderr)
+        return 2
+    dtypes = ("float32", "float64") if args.float64 else ("float32",)
+    print(f"compiling into {args.out}:")
+    manifest = library.build_library(args.out, args.block_sizes, args.head_dims, dtypes)
+    print(f"wrote {Path(args.out) / library.LIBRARY} and {manifest}")
+    print(f"use it with: export {library.ENV}={Path(args.out).resolve()}")
+    return 0
+
+
+_SUBCOMMANDS = (_add_info, _add_tune, _add_demo, _add_bench, _add_build)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,81 @@
+"""Ahead-of-time kernel libraries: ``mra-compile build`` and MRA_COMPILE_KERNEL_LIBRARY."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mra_compile import cli
+
+RUN = r"""
+import hashlib, json, sys
+import torch, mra_compile
+g = torch.Generator().manual_seed(3)
+h = hashlib.sha256()
+for N in (100, 700):
+    q, k, v = (torch.randn(1, 2, N, 16, generator=g).requires_grad_() for _ in range(3))
+    for mode in ("full", "sparse"):
+        out = torch.ops.mra.attention(q, k, v, None, 3 * ((N + 31) // 32), mode)
+        out.square().sum().backward()
+        for t in (out, q.grad, k.grad, v.grad):
+            h.update(t.detach().numpy().tobytes())
+        q.grad = k.grad = v.grad = None
+print(json.dumps({"origins": sorted({e["origin"] for e in mra_compile.cache_events()}),
+                  "ops": sorted({e["op"] for e in mra_compile.cache_events()}),
+                  "hash": h.hexdigest(), "tvm": "tvm" in sys.modules}))
+"""
+
+
+def _run(env):
+    proc = subprocess.run([sys.executable, "-c", RUN], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def library_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot")
+    assert cli.main(["build", "--target", "llvm", "--out", str(out), "--head-dims", "16"]) == 0
+    return out
+
+
+def test_build_writes_library_and_manifest(library_dir):
+    manifest = json.loads((library_dir / "manifest.json").read_text())
+    assert (library_dir / "mra_kernels.so").stat().st_size > 0
+    ops = {e["op"] for e in manifest["kernels"]}
+    assert ops == {"pool_and_logits", "lowres_out", "hires_units", "hires_rows", "bwd_prep",
+                   "bwd_dq_units", "bwd_dkdv_units", "bwd_lowres", "bwd_finish"}
+
+
+def test_op_runs_from_the_library_with_the_runtime_only(library_dir, tmp_path):
+    cached = _run({"MRA_COMPILE_CACHE_DIR": str(tmp_path / "reference-cache")})
+    from_library = _run({"MRA_COMPILE_CACHE_DIR": str(tmp_path / "empty-cache"),
+                         "MRA_COMPILE_KERNEL_LIBRARY": str(library_dir)})
+    assert from_library["origins"] == ["library"]
+    assert from_library["tvm"] is False  # no TVM compiler in the process
+    assert not (tmp_path / "empty-cache").exists()
+    assert from_library["hash"] == cached["hash"]
+    assert from_library["ops"] == cached["ops"]
+
+
+def test_a_library_for_other_sources_is_ignored(library_dir, tmp_path):
+    bad = tmp_path / "stale"
+    bad.mkdir()
+    manifest = json.loads((library_dir / "manifest.json").read_text())
+    manifest["source"] = "0" * 16
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    (bad / "mra_kernels.so").write_bytes((library_dir / "mra_kernels.so").read_bytes())
+    report = _run({"MRA_COMPILE_CACHE_DIR": str(tmp_path / "cache"),
+                   "MRA_COMPILE_KERNEL_LIBRARY": str(bad)})
+    assert "library" not in report["origins"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["build", "--target", "cuda", "--arch", "sm_90", "--out", "x"],
+    ["build", "--out", "x", "--block-sizes", "12"],
+    ["build", "--out", "x", "--head-dims", "0"],
+])
+def test_build_rejects_what_it_cannot_do(argv):
+    assert cli.main(argv) == 2
