@@ -28,9 +28,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True):
     for name in stages:
         sch.compute_at(sch.get_sblock(name), loop)
 
-    # P V: sum_w P[w, t] v[w, d] -> [b, D]; pv_rows x D accumulators, kept in a
-    # constant-size local tile: LLVM cannot tell TVM's heap-allocated intermediates
-    # apart, so accumulating in them would load and store every FMA's accumulator.
+    # P V: sum_w P[w, t] v[w, d] -> [b, D]; pv_rows x D accumulators in a constant-size
+    # local tile (held in registers by LLVM), written back once per tile.
     out = sch.get_sblock("unit_out")
     t, d, w = sch.get_loops(out)[-3:]
     t_o, t_i = sch.split(t, [None, pv_rows])

@@ -13,27 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 import mra_compile
 from mra_compile.nn import MRASelfAttention
 from mra_compile.reference import mra2_reference
+from helpers.recording import RecordMraCalls
 
 RTOL = 1e-5
-
-
-class RecordMraCalls(TorchFunctionMode):
-    """Records the arguments of every torch.ops.mra.attention call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.mra.attention or func is torch.ops.mra.attention.default:
-            self.calls.append((args, kwargs))
-        return func(*args, **kwargs)
 
 
 def reference_forward(module, x, mask, selection):

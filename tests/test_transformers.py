@@ -19,7 +19,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,6 +32,7 @@ from mra_compile.integrations.transformers import (  # noqa: E402
 from mra_compile.reference import mra2_reference  # noqa: E402
 from transformers.models.mra import modeling_mra  # noqa: E402
 from transformers.models.mra.modeling_mra import MraSelfAttention  # noqa: E402
+from helpers.recording import RecordMraCalls
 
 VOCAB = 100
 RTOL = 1e-4
@@ -66,20 +66,6 @@ def make_batch(seed, batch, seq_len, lengths=None):
     lengths = [seq_len] * batch if lengths is None else lengths
     mask = (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
     return ids, mask
-
-
-class RecordMraCalls(TorchFunctionMode):
-    """Records the arguments of every torch.ops.mra.attention call (as the caller made it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.mra.attention or func is torch.ops.mra.attention.default:
-            self.calls.append((args, kwargs))
-        return func(*args, **kwargs)
 
 
 def op_selection(args, kwargs):
