@@ -42,7 +42,32 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def tvm_version() -> str:
-    return importlib.metadata.version("apache-tvm")
+    """The installed apache-tvm; without it (a runtime-only deployment) the version the
+    kernel library in ``MRA_COMPILE_KERNEL_LIBRARY`` was built with."""
+    try:
+        return importlib.metadata.version("apache-tvm")
+    except importlib.metadata.PackageNotFoundError:
+        from mra_compile import library
+
+        return library.built_with_tvm() or "not-installed"
+
+
+def target_of(device) -> str:
+    """The kernel target of a torch device: "llvm", or "cuda-sm_90" (the device's arch)."""
+    if device.type == "cpu":
+        return "llvm"
+    if device.type == "cuda":
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm_{major}{minor}"
+    raise ValueError(f"no kernels for device type {device.type!r} (expected cpu or cuda)")
+
+
+def _schedules(target: str):
+    from mra_compile.schedules import cpu, cuda
+
+    return cuda if target.startswith("cuda") else cpu
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,9 +102,9 @@ def default_vector_width() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _source_hash() -> str:
+def _source_hash(family: str = "cpu") -> str:
     h = hashlib.sha256()
-    for path in (_PACKAGE_DIR / "operators.py", _schedule_dir() / "cpu.py"):
+    for path in (_PACKAGE_DIR / "operators.py", _schedule_dir() / f"{family}.py"):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -129,64 +154,90 @@ def _load_runtime():
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     import tvm_ffi  # noqa: F401  (loads libtvm_ffi, which the runtime links against)
 
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or spec.origin is None:
-        raise ImportError("apache-tvm is not installed")
-    lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+    from mra_compile import cuda_toolchain
+
+    lib = cuda_toolchain.runtime_dir() / "libtvm_runtime.so"
     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
     _RUNTIME_READY = True
 
 
-def source_hash() -> str:
+def source_hash(target: str = "llvm") -> str:
     """Hash of the operator and schedule sources (part of every kernel's key)."""
-    return _source_hash()
+    return _source_hash("cuda" if target.startswith("cuda") else "cpu")
 
 
-def kernel_key(op: str, static: dict, knobs: dict) -> str:
+def kernel_key(op: str, static: dict, knobs: dict, target: str = "llvm") -> str:
     """The name a kernel has in the cache and in AOT libraries (``mra_compile.library``)."""
-    return _key(op, static, knobs, "llvm")[0]
+    return _key(op, static, knobs, target)[0]
 
 
 def _key(op: str, static: dict, knobs: dict, target: str) -> tuple[str, dict]:
+    cpu = target == "llvm"
     desc = {
         "op": op,
         "static": static,
         "dtype": "float32",
         "knobs": knobs,
         "target": target,
-        "host": host_fingerprint(),
+        # CUDA kernels' host side is generic code for the machine type: any CPU runs it.
+        "host": host_fingerprint() if cpu else platform.machine(),
         "tvm": tvm_version(),
-        "source": _source_hash(),
-        "target_override": os.environ.get("MRA_COMPILE_TARGET", ""),
+        "source": source_hash(target),
+        "target_override": os.environ.get("MRA_COMPILE_TARGET", "") if cpu else "",
     }
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
     return f"{op}-{digest}", desc
 
 
-def default_knobs(op: str) -> dict:
-    from mra_compile.schedules import cpu
-
-    knobs = dict(cpu.KNOBS[op])
-    if "vec" in knobs:
+def default_knobs(op: str, target: str = "llvm") -> dict:
+    knobs = dict(_schedules(target).KNOBS[op])
+    if "vec" in knobs and target == "llvm":
         knobs["vec"] = default_vector_width()
     return knobs
 
 
-def compile_kernel(op: str, static: dict, knobs: dict):
-    """Build one kernel with the TVM compiler; returns the TVM executable."""
-    import tvm
+def scheduled_func(op: str, static: dict, knobs: dict, target: str = "llvm"):
+    """The operator's PrimFunc with the target's schedule applied (not yet compiled)."""
     from tvm import s_tir, te
 
     from mra_compile import operators
-    from mra_compile.schedules import cpu
 
-    op_knobs = {k: v for k, v in knobs.items() if k in cpu.OPERATOR_KNOBS.get(op, ())}
+    schedules = _schedules(target)
+    op_knobs = {k: v for k, v in knobs.items() if k in schedules.OPERATOR_KNOBS.get(op, ())}
     params = getattr(operators, op)(**static, **op_knobs)
     sch = s_tir.Schedule(te.create_prim_func(params))
     extra = {"full": static["full"]} if "full" in static else {}
-    getattr(cpu, op)(sch, **knobs, **extra)
-    with llvm_target() as target:
-        return tvm.compile(sch.mod, target=target)
+    getattr(schedules, op)(sch, **knobs, **extra)
+    return sch.mod["main"]
+
+
+def tvm_target(target: str):
+    """The TVM target of a kernel target name ("llvm", "cuda-sm_90")."""
+    import tvm
+
+    if target == "llvm":
+        return llvm_target()
+    return tvm.target.Target({"kind": "cuda", "arch": target.removeprefix("cuda-")})
+
+
+def compile_module(funcs: dict, target: str = "llvm"):
+    """Compile ``{symbol: PrimFunc}`` for ``target``; returns the TVM executable. CUDA
+    device code is compiled with nvcc, on machines without a driver too
+    (``mra_compile.cuda_toolchain``)."""
+    if target != "llvm":
+        from mra_compile import cuda_toolchain
+
+        cuda_toolchain.prepare_compiler()
+    import tvm
+
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with tvm_target(target) as tgt:
+        return tvm.compile(mod, target=tgt)
+
+
+def compile_kernel(op: str, static: dict, knobs: dict, target: str = "llvm"):
+    """Build one kernel with the TVM compiler; returns the TVM executable."""
+    return compile_module({"main": scheduled_func(op, static, knobs, target)}, target)
 
 
 def _file_digest(path: Path) -> str:
@@ -227,12 +278,20 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def _compile_to_cache(op: str, static: dict, knobs: dict, path: Path, desc: dict):
+def _compile_to_cache(op: str, static: dict, knobs: dict, path: Path, desc: dict, target: str):
     import tvm_ffi
 
-    executable = compile_kernel(op, static, knobs)
+    executable = compile_kernel(op, static, knobs, target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, executable.export_library)
+
+    def export(tmp):
+        executable.export_library(tmp)
+        if target != "llvm":  # never cache a module that kept only CUDA source
+            from mra_compile import cuda_toolchain
+
+            cuda_toolchain.check_device_code(Path(tmp), target.removeprefix("cuda-"))
+
+    _atomic_write(path, export)
     record = {"key": desc, "sha256": _file_digest(path)}
     _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return tvm_ffi.load_module(str(path))
@@ -250,14 +309,18 @@ def shape_bucket(N: int, D: int, block_size: int = 32) -> str:
     return f"N{2 ** round(math.log2(n_pad))}-D{d_pad}-b{b}"
 
 
-def resolve_knobs(op: str, knobs: dict | None = None, bucket: str | None = None) -> dict:
+def resolve_knobs(op: str, knobs: dict | None = None, bucket: str | None = None,
+                  target: str = "llvm") -> dict:
     """The knobs a kernel is built with: the defaults, overridden by the tuning record of
     this host and TVM version for the shape ``bucket`` (``shape_bucket``; the record of
     the nearest bucket when there is none for it, or when ``bucket`` is None), overridden
-    by ``knobs``. See ``mra_compile.records``."""
-    base = default_knobs(op)
+    by ``knobs``. See ``mra_compile.records``. CUDA kernels have no tuning records yet:
+    the defaults of ``schedules/cuda.py`` overridden by ``knobs``."""
+    base = default_knobs(op, target)
     if knobs is not None and base.keys() <= knobs.keys():
         return {**base, **knobs}  # complete: no record can change it
+    if target != "llvm":
+        return {**base, **(knobs or {})}
     match = records.lookup(op, bucket)
     if match is not None:
         base.update(match.knobs)
@@ -269,20 +332,21 @@ def resolve_knobs(op: str, knobs: dict | None = None, bucket: str | None = None)
 _SHAPE_KNOBS: dict[tuple, dict] = {}
 
 
-def knobs_for_shape(knobs: dict | None, N: int, D: int, block_size: int = 32) -> dict:
+def knobs_for_shape(knobs: dict | None, N: int, D: int, block_size: int = 32,
+                    target: str = "llvm") -> dict:
     """``{op: complete knobs}`` of every tunable operator for a call of this shape: the
     per-operator ``knobs`` given (``{op: {knob: value}}``, may be None or partial) over the
     tuning record of the shape's bucket over the defaults. Entries for other operators
     are passed on unchanged. Cached per bucket when ``knobs`` is empty."""
     bucket = shape_bucket(N, D, block_size)
     if not knobs:
-        key = (bucket, records.token())
+        key = (bucket, records.token(), target)
         resolved = _SHAPE_KNOBS.get(key)
         if resolved is None:
             resolved = _SHAPE_KNOBS[key] = {
-                op: resolve_knobs(op, None, bucket) for op in records.tunable_ops()}
+                op: resolve_knobs(op, None, bucket, target) for op in records.tunable_ops()}
         return {op: dict(k) for op, k in resolved.items()}
-    out = {op: resolve_knobs(op, knobs.get(op), bucket) for op in records.tunable_ops()}
+    out = {op: resolve_knobs(op, knobs.get(op), bucket, target) for op in records.tunable_ops()}
     out.update((op, k) for op, k in knobs.items() if op not in out)
     return out
 
@@ -304,45 +368,52 @@ def trace_kernel_calls():
         _TRACE = previous
 
 
-def _traced(calls, op, knobs, static, fn):
-    resolved = resolve_knobs(op, knobs)
+def _traced(calls, op, knobs, static, fn, target):
+    resolved = resolve_knobs(op, knobs, target=target)
 
     def call(*args):
         result = fn(*args)
         calls.append({"op": op, "knobs": None if knobs is None else dict(knobs),
-                      "resolved": resolved, "static": dict(static), "args": args})
+                      "resolved": resolved, "static": dict(static), "target": target,
+                      "args": args})
         return result
 
     return call
 
 
-def kernel(op: str, knobs: dict | None = None, **static):
-    """The compiled CPU kernel ``op`` (a callable taking torch tensors).
+def kernel(op: str, knobs: dict | None = None, target: str = "llvm", **static):
+    """The compiled kernel ``op`` for ``target`` ("llvm" or "cuda-sm_XX", see
+    ``target_of``): a callable taking torch tensors (CUDA kernels run on torch's current
+    stream of the tensors' device).
 
     ``knobs`` may be partial or None: see ``resolve_knobs`` (the tuning record used is
     that of the nearest bucket; ``knobs_for_shape`` gives complete per-shape knobs).
     """
     if _TRACE is not None:
-        return _traced(_TRACE, op, knobs, static, _kernel(op, knobs, static))
-    return _kernel(op, knobs, static)
+        return _traced(_TRACE, op, knobs, static, _kernel(op, knobs, static, target), target)
+    return _kernel(op, knobs, static, target)
 
 
-def _kernel(op: str, knobs: dict | None, static: dict):
+def _kernel(op: str, knobs: dict | None, static: dict, target: str = "llvm"):
     # The records' token keeps the fast path right when the tuning records change.
     # (The cache directory enters as its environment variable: resolving ~ costs ~10 us.)
     fast = (op, tuple(sorted(static.items())), tuple(sorted((knobs or {}).items())),
-            os.environ.get("MRA_COMPILE_CACHE_DIR"), records.token())
+            os.environ.get("MRA_COMPILE_CACHE_DIR"), records.token(), target)
     fn = _FAST.get(fast)
     if fn is not None:
         return fn
-    knobs = resolve_knobs(op, knobs)
-    name, desc = _key(op, static, knobs, "llvm")
+    knobs = resolve_knobs(op, knobs, target=target)
+    name, desc = _key(op, static, knobs, target)
     with _LOCK:
         fn = _MEMORY.get(name)
         if fn is not None:
             _FAST[fast] = fn
             return fn
         _load_runtime()
+        if target != "llvm":
+            from mra_compile import cuda_toolchain
+
+            cuda_toolchain.ensure_cuda_runtime(allow_stub=True)
         from mra_compile import library
 
         fn = library.lookup(name)  # an ahead-of-time library first, when one is set
@@ -352,8 +423,14 @@ def _kernel(op: str, knobs: dict | None, static: dict):
             module = _load_cached(path, desc)
             origin = "disk"
             if module is None:
+                if importlib.util.find_spec("tvm") is None:
+                    raise RuntimeError(
+                        f"no prebuilt kernel {op} {static} for {target}: the kernel library "
+                        f"({library.ENV}={os.environ.get(library.ENV, '')!r}) lacks it and "
+                        "apache-tvm is not installed to compile it; build one with "
+                        "`mra-compile build` for these shapes and dtypes")
                 origin = "compiled"
-                module = _compile_to_cache(op, static, knobs, path, desc)
+                module = _compile_to_cache(op, static, knobs, path, desc, target)
             fn = module["main"]
         _MEMORY[name] = _FAST[fast] = fn
         _EVENTS.append({"op": op, "origin": origin, "path": str(path), **desc})

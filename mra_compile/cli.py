@@ -195,28 +195,38 @@ def _cmd_bench(args) -> int:
 def _add_build(sub) -> None:
     p = sub.add_parser(
         "build", help="compile every kernel ahead of time into one library + manifest",
-        description="Compile every operator (forward and backward) for the given block sizes "
-        "and head dims into DIR/mra_kernels.so with DIR/manifest.json. Set "
+        description="Compile every operator (forward and backward) for the given block sizes, "
+        "head dims and dtypes into DIR/mra_kernels.so with DIR/manifest.json. Set "
         "MRA_COMPILE_KERNEL_LIBRARY=DIR and the op loads its kernels from there with the TVM "
-        "runtime only.")
+        "runtime only. --target cuda compiles device code with nvcc (no GPU or driver "
+        "needed) and copies TVM's runtime libraries to DIR/runtime/.")
     p.add_argument("--target", choices=("llvm", "cuda"), default="llvm",
-                   help="llvm: this CPU (default); cuda: not available in this release")
-    p.add_argument("--arch", default=None, help="GPU architecture (cuda only)")
+                   help="llvm: this CPU (default); cuda: NVIDIA GPUs of --arch")
+    p.add_argument("--arch", default="sm_90",
+                   help="GPU architecture for --target cuda, e.g. sm_80, sm_90 (default)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[32])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64],
                    help="head dims to cover (compiled padded to multiples of 16)")
+    p.add_argument("--dtypes", nargs="+", default=None,
+                   choices=("float32", "float64", "float16", "bfloat16"),
+                   help="input dtypes (default: float32; with cuda: float32 float16 bfloat16). "
+                   "On the CPU float16/bfloat16 run the float32 kernels")
     p.add_argument("--float64", action="store_true", help="also the float64 kernels")
     p.set_defaults(func=_cmd_build)
 
 
 def _cmd_build(args) -> int:
-    if args.target == "cuda":
-        print("mra-compile build: --target cuda is not available yet: this release has CPU "
-              "(llvm) kernels only", file=sys.stderr)
-        return 2
     from mra_compile import library, validate
 
+    target = "llvm"
+    if args.target == "cuda":
+        arch = args.arch
+        if not (arch.startswith("sm_") and arch[3:].isdigit() and int(arch[3:]) >= 70):
+            print(f"mra-compile build: --arch: {arch!r} is not an NVIDIA architecture like "
+                  "sm_80 or sm_90 (sm_70 or newer)", file=sys.stderr)
+            return 2
+        target = f"cuda-{arch}"
     for b in args.block_sizes:
         if b < 8 or b & (b - 1) or b > validate.MAX_BLOCK_SIZE:
             print(f"mra-compile build: --block-sizes: {b} is not a power of two in "
@@ -225,9 +235,20 @@ def _cmd_build(args) -> int:
     if any(d < 1 for d in args.head_dims):
         print("mra-compile build: --head-dims must be >= 1", file=sys.stderr)
         return 2
-    dtypes = ("float32", "float64") if args.float64 else ("float32",)
-    print(f"compiling into {args.out}:")
-    manifest = library.build_library(args.out, args.block_sizes, args.head_dims, dtypes)
+    default = ["float32", "float16", "bfloat16"] if target != "llvm" else ["float32"]
+    dtypes = list(args.dtypes or default)
+    if target == "llvm":  # the CPU runs half inputs on the float32 kernels
+        dtypes = ["float32" if d in ("float16", "bfloat16") else d for d in dtypes]
+    if args.float64:
+        dtypes.append("float64")
+    dtypes = list(dict.fromkeys(dtypes))
+    print(f"compiling for {target} into {args.out}:")
+    try:
+        manifest = library.build_library(args.out, args.block_sizes, args.head_dims, dtypes,
+                                         target=target)
+    except RuntimeError as e:  # e.g. no nvcc, or TVM kept only CUDA source
+        print(f"mra-compile build: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {Path(args.out) / library.LIBRARY} and {manifest}")
     print(f"use it with: export {library.ENV}={Path(args.out).resolve()}")
     return 0

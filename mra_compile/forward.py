@@ -1,8 +1,10 @@
 """The MRA-2 forward pass on the CPU: plan in torch, compute in the TVM kernels.
 
 Inputs are validated by the caller (``mra_compile.validate``). Computation is in
-float32 (float16/bfloat16 inputs are upcast and the result cast back), or in float64
-for float64 inputs.
+float32, or in float64 for float64 inputs. On the CPU float16/bfloat16 inputs are upcast
+and the result cast back; on CUDA the kernels that read q, k, v take them as they are
+(fp16/bf16 tensor-core operands, fp32 sums) and write the output in their dtype.
+Tensors live on the inputs' device; CUDA kernels run on torch's current stream there.
 
 Stages: ``prepare`` (pad, mask tensors) -> ``pool_and_logits`` kernel -> block selection
 (``plan.select_blocks``) -> ``plan.make_plan`` -> ``hires_units`` kernel (overflow) ->
@@ -34,8 +36,13 @@ class _Workspace(threading.local):
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
+    def get(self, name: str, *shape: int, dtype=torch.float32, device=None) -> torch.Tensor:
         numel = math.prod(shape)
+        device = torch.device("cpu") if device is None else device
+        if device.type != "cpu":
+            # A CUDA tensor reused across calls could still be read by a kernel queued
+            # on another stream: fresh memory from torch's caching allocator is cheap.
+            return torch.empty(shape, dtype=dtype, device=device)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = torch.empty(numel, dtype=dtype)
@@ -76,9 +83,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def kernel_io_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype q, k, v have in the kernels: fp16/bf16 stay so on CUDA."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    return compute_dtype(dtype)
+
+
 def _static(dtype: torch.dtype) -> dict:
     # float32 kernels keep their historical cache keys (no dtype entry).
     return {"dtype": "float64"} if dtype == torch.float64 else {}
+
+
+_TVM_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
@@ -107,37 +124,55 @@ class Prepared:
     heads: int
     scale: float
     block_size: int
+    target: str = "llvm"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (of the mask and every kernel output but ``out``)."""
+        return self.mask.dtype
 
     @property
     def static(self) -> dict:
-        return dict(b=self.block_size, D=self.q.shape[-1], **_static(self.q.dtype))
+        return dict(b=self.block_size, D=self.q.shape[-1], **_static(self.dtype))
+
+    @property
+    def io_static(self) -> dict:
+        """``static`` of the kernels that read q, k, v (their dtype when narrower)."""
+        io = _TVM_DTYPE.get(self.q.dtype)
+        return {**self.static, "io": io} if io else self.static
 
 
-def prepare(q, k, v, mask, block_size: int) -> Prepared:
-    """Pad to whole blocks and head dims of a multiple of 16; the mask tensors."""
+def prepare(q, k, v, mask, block_size: int, keep_io: bool = False) -> Prepared:
+    """Pad to whole blocks and head dims of a multiple of 16; the mask tensors.
+
+    ``keep_io``: q, k, v keep their dtype where the kernels take it (CUDA fp16/bf16)."""
     B, H, N, D = q.shape
     b = block_size
     Np = -(-N // b) * b
     Dp = -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     n = Np // b
     dt = compute_dtype(q.dtype)
-    qf, kf, vf = (_pad(x, Np - N, Dp - D, dt) for x in (q, k, v))
+    dev = q.device
+    io = kernel_io_dtype(q.dtype, dev) if keep_io else dt
+    qf, kf, vf = (_pad(x, Np - N, Dp - D, io) for x in (q, k, v))
     if mask is None and Np == N:
         # No mask: one shared row of ones; block means divide by b (spec step 2).
-        maskf = torch.ones(1, Np, dtype=dt)
-        counts = torch.full((1, n), float(b), dtype=dt)
-        inv_counts = torch.full((1, n), 1.0 / b, dtype=dt)
+        maskf = torch.ones(1, Np, dtype=dt, device=dev)
+        counts = torch.full((1, n), float(b), dtype=dt, device=dev)
+        inv_counts = torch.full((1, n), 1.0 / b, dtype=dt, device=dev)
         heads = B * H
     else:
         # A given mask, or the padding of a partial last block, which the spec
         # treats as masked tokens.
-        real = torch.ones(B, N, dtype=dt) if mask is None else mask.to(dt)
+        real = torch.ones(B, N, dtype=dt, device=dev) if mask is None else mask.to(dt)
         maskf = F.pad(real, (0, Np - N)).contiguous()
         counts = maskf.view(B, n, b).sum(-1)
         inv_counts = 1.0 / (counts + 1e-6)
         heads = H
+    from mra_compile import build
+
     return Prepared(qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads,
-                    1.0 / math.sqrt(D), b)
+                    1.0 / math.sqrt(D), b, build.target_of(dev))
 
 
 @dataclass
@@ -155,11 +190,12 @@ class LowRes:
 def _pool_and_select(pr: Prepared, num_blocks, full, first_n, diagonal_n, knobs) -> LowRes:
     R, Np, Dp = pr.q.shape
     n = Np // pr.block_size
-    dt = pr.q.dtype
+    dt, dev = pr.dtype, pr.q.device
     # Fresh tensors (small: n x D and n x n per row): the backward keeps them.
-    qp, kp, vp = (torch.empty(R, n, Dp, dtype=dt) for _ in range(3))
-    logits, rowmax = torch.empty(R, n, n, dtype=dt), torch.empty(R, n, dtype=dt)
-    build.kernel("pool_and_logits", knobs.get("pool_and_logits"), **pr.static)(
+    qp, kp, vp = (torch.empty(R, n, Dp, dtype=dt, device=dev) for _ in range(3))
+    logits = torch.empty(R, n, n, dtype=dt, device=dev)
+    rowmax = torch.empty(R, n, dtype=dt, device=dev)
+    build.kernel("pool_and_logits", knobs.get("pool_and_logits"), pr.target, **pr.io_static)(
         pr.q, pr.k, pr.v, pr.mask, pr.counts, pr.inv_counts, qp, kp, vp, logits, rowmax,
         pr.heads, pr.scale,
     )
@@ -179,11 +215,12 @@ def block_selection(q, k, v, mask, num_blocks, approx_mode="full", block_size=32
     """
     B, H = q.shape[:2]
     build.ensure_runtime()
-    with _torch_single_threaded():
-        pr = prepare(q, k, v, mask, block_size)
-        lr = _pool_and_select(pr, num_blocks, approx_mode == "full", first_n, diagonal_n, {})
+    with _torch_single_threaded(), _on_device(q.device):
+        pr = prepare(q, k, v, mask, block_size, keep_io=True)
+        knobs = build.knobs_for_shape(None, q.shape[2], q.shape[3], block_size, pr.target)
+        lr = _pool_and_select(pr, num_blocks, approx_mode == "full", first_n, diagonal_n, knobs)
     n = lr.logits.shape[-1]
-    selected = torch.zeros(B * H, n * n, dtype=torch.bool)
+    selected = torch.zeros(B * H, n * n, dtype=torch.bool, device=q.device)
     selected.scatter_(1, lr.sel.index, True)
     selected = selected.view(B, H, n, n)
     hm = lr.sel.high_mask
@@ -221,28 +258,42 @@ def mra_forward(
         out = q.new_zeros(q.shape)
         return (out, None) if save else out
     build.ensure_runtime()  # sizes TVM's pool from torch's threads before they change
-    with _torch_single_threaded():
+    target = build.target_of(q.device)
+    with _torch_single_threaded(), _on_device(q.device):
         out, saved = _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n,
-                              diagonal_n, build.knobs_for_shape(knobs, N, D, block_size))
+                              diagonal_n, build.knobs_for_shape(knobs, N, D, block_size, target))
     return (out, saved) if save else out
+
+
+def _on_device(device):
+    """Make ``device`` current for the call: torch's current stream is per device, and
+    the kernels launch on the current stream of their tensors' device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagonal_n, knobs):
     B, H, N, D = q.shape
     b = block_size
     full = approx_mode == "full"
-    pr = prepare(q, k, v, mask, b)
+    pr = prepare(q, k, v, mask, b, keep_io=True)
     lr = _pool_and_select(pr, num_blocks, full, first_n, diagonal_n, knobs)
     R, Np, Dp = pr.q.shape
     n = Np // b
-    dt = pr.q.dtype
-    ws = _WORKSPACE.get
+    dt, dev = pr.dtype, q.device
+
+    def ws(name, *shape, dtype):
+        return _WORKSPACE.get(name, *shape, dtype=dtype, device=dev)
 
     def run(op, *args, **static):
-        return build.kernel(op, knobs.get(op), **pr.static, **static)(*args)
+        base = pr.io_static if op in ("hires_units", "hires_rows") else pr.static
+        return build.kernel(op, knobs.get(op), pr.target, **base, **static)(*args)
 
-    Cr = build.resolve_knobs("hires_rows", knobs.get("hires_rows"))["blocks_per_row"]
-    Co = build.resolve_knobs("hires_units", knobs.get("hires_units"))["blocks_per_unit"]
+    Cr = build.resolve_knobs("hires_rows", knobs.get("hires_rows"),
+                             target=pr.target)["blocks_per_row"]
+    Co = build.resolve_knobs("hires_units", knobs.get("hires_units"),
+                             target=pr.target)["blocks_per_unit"]
     p = plan.make_plan(lr.sel.index, n, Cr, Co)
     U = p.unit_row.shape[1]
 
@@ -254,8 +305,8 @@ def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagon
             ov_sum, pr.heads, pr.scale)
 
     # Step 4 for each row's own blocks, merged with its overflow units; steps 5 and 6.
-    out = torch.empty(R, n, b, Dp, dtype=dt)
-    stats = torch.empty(3, R, n, b, dtype=dt)
+    out = torch.empty(R, n, b, Dp, dtype=pr.q.dtype, device=dev)
+    stats = torch.empty(3, R, n, b, dtype=dt, device=dev)
     args = [pr.q, pr.k, pr.v, pr.mask, p.row_cols, ov_max, ov_out, ov_sum, p.ov_start, p.ov_units]
     if full:
         o_lo, z_lo = ws("o_lo", R, n, Dp, dtype=dt), ws("z_lo", R, n, dtype=dt)
@@ -265,8 +316,8 @@ def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagon
     run("hires_rows", *args, out, stats[0], stats[1], stats[2], pr.heads, pr.scale, p.ucap,
         full=full)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
-    out = out.to(q.dtype) if q.dtype != dt else out.contiguous()
-    high_mask = lr.sel.high_mask if full else torch.zeros(R, n, n, dtype=dt)
+    out = out.to(q.dtype) if q.dtype != out.dtype else out.contiguous()
+    high_mask = lr.sel.high_mask if full else torch.zeros(R, n, n, dtype=dt, device=dev)
     saved = Saved(stats.view(3, R, Np), torch.stack([lr.qp, lr.kp, lr.vp]), lr.logits,
                   high_mask.to(dt), lr.rowmax, lr.sel.index)
     return out, saved

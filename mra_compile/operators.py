@@ -52,20 +52,22 @@ def _vars(*names):
     return [te.var(name, dtype=I32) for name in names]
 
 
-def pool_and_logits(b: int, D: int, dtype: str = "float32"):
+def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = None):
     """Step 2: block means and low-resolution logits.
 
     in : q, k, v [R, N, D]; mask [Bm, N]; counts, inv_counts [Bm, n]; heads, scale
     out: qp, kp, vp [R, n, D] (block averages of the masked tokens);
          logits [R, n, n] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
+    ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
     """
     dt = dtype
+    io = io or dt
     R, N, Bm, heads = _vars("R", "N", "Bm", "heads")
     n = N // b
     scale = te.var("scale", dtype=dt)
-    q = te.placeholder((R, N, D), dt, "q")
-    k = te.placeholder((R, N, D), dt, "k")
-    v = te.placeholder((R, N, D), dt, "v")
+    q = te.placeholder((R, N, D), io, "q")
+    k = te.placeholder((R, N, D), io, "k")
+    v = te.placeholder((R, N, D), io, "v")
     mask = te.placeholder((Bm, N), dt, "mask")
     counts = te.placeholder((Bm, n), dt, "counts")
     inv_counts = te.placeholder((Bm, n), dt, "inv_counts")
@@ -74,7 +76,8 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32"):
         t = te.reduce_axis((0, b), "t")
         s = te.compute(
             (R, n, D),
-            lambda r, i, d: te.sum(x[r, i * b + t, d] * mask[r // heads, i * b + t], axis=t),
+            lambda r, i, d: te.sum(
+                x[r, i * b + t, d].astype(dt) * mask[r // heads, i * b + t], axis=t),
             name=name + "_sum",
         )
         return te.compute(
@@ -136,8 +139,7 @@ def lowres_out(b: int, D: int, dtype: str = "float32"):
     return [logits, rowmax, hmask, counts, vp, o_lo, z_lo, heads]
 
 
-def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block, C, b, D):
-    dt = q.dtype
+def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block, C, b, D, dt):
     """Step 4 on one query block against C key blocks, for every point of ``domain``.
 
     ``query_block(r, u)`` and ``key_block(r, u, c)`` give block indices (-1 = empty
@@ -145,8 +147,14 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
     unit_sum [*domain, b] = sum P), P = exp(A - unit_max - 1e4 (1 - mask_s)): the unit's
     own stabiliser; merging units to a common one (flash-decoding style) gives the
     spec's m_t.
+
+    q, k, v may be stored in a narrower dtype than the compute dtype ``dt`` (fp16/bf16
+    on CUDA): the gathered blocks ``k_g``, ``v_g``, ``q_t`` and the probabilities of P V
+    (``prob_io``) keep that dtype (tensor-core operands), every sum is in ``dt``. The
+    CPU schedules inline the gathers, reading k and v in place.
     """
     W = C * b  # key tokens per unit
+    io = q.dtype
 
     def valid(r, u, w):
         return key_block(r, u, w // b) >= 0
@@ -169,15 +177,20 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
     # that every reduction over keys (max, sum, P V) runs with the queries in vector lanes.
     q_t = te.compute(
         (*domain, D, b),
-        lambda r, u, d, t: q[r, query_token(r, u, t), d]
-        * mask[r // heads, query_token(r, u, t)]
-        * scale,
+        lambda r, u, d, t: (
+            q[r, query_token(r, u, t), d].astype(dt)
+            * mask[r // heads, query_token(r, u, t)]
+            * scale
+        ).astype(io),
         name="q_t",
     )
+    k_g = te.compute((*domain, W, D), lambda r, u, w, d: k[r, key_token(r, u, w), d], name="k_g")
+    v_g = te.compute((*domain, W, D), lambda r, u, w, d: v[r, key_token(r, u, w), d], name="v_g")
     d0 = te.reduce_axis((0, D), "d0")
     dots = te.compute(
         (*domain, W, b),
-        lambda r, u, w, t: te.sum(k[r, key_token(r, u, w), d0] * q_t[r, u, d0, t], axis=d0),
+        lambda r, u, w, t: te.sum(k_g[r, u, w, d0].astype(dt) * q_t[r, u, d0, t].astype(dt),
+                                  axis=d0),
         name="dots",
     )
     # A = scale * (q m_t) . (k m_s); empty slots take no part in the max.
@@ -203,10 +216,14 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
         ),
         name="prob",
     )
+    # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
+    prob_io = te.compute((*domain, b, W), lambda r, u, t, w: prob[r, u, w, t].astype(io),
+                         name="prob_io")
     w1 = te.reduce_axis((0, W), "w1")
     unit_out = te.compute(
         (*domain, b, D),
-        lambda r, u, t, d: te.sum(prob[r, u, w1, t] * v[r, key_token(r, u, w1), d], axis=w1),
+        lambda r, u, t, d: te.sum(prob_io[r, u, t, w1].astype(dt) * v_g[r, u, w1, d].astype(dt),
+                                  axis=w1),
         name="unit_out",
     )
     w2 = te.reduce_axis((0, W), "w2")
@@ -216,17 +233,18 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
     return unit_max, unit_out, unit_sum
 
 
-def _inputs(D, dt):
+def _inputs(D, dt, io=None):
     R, N, Bm, heads = _vars("R", "N", "Bm", "heads")
     scale = te.var("scale", dtype=dt)
-    q = te.placeholder((R, N, D), dt, "q")
-    k = te.placeholder((R, N, D), dt, "k")
-    v = te.placeholder((R, N, D), dt, "v")
+    q = te.placeholder((R, N, D), io or dt, "q")
+    k = te.placeholder((R, N, D), io or dt, "k")
+    v = te.placeholder((R, N, D), io or dt, "v")
     mask = te.placeholder((Bm, N), dt, "mask")
     return R, N, heads, scale, q, k, v, mask
 
 
-def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
+def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
+                io: str | None = None):
     """Step 4 on overflow units: up to C more selected blocks of one block row each.
 
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
@@ -237,18 +255,19 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
     C = blocks_per_unit
-    R, N, heads, scale, q, k, v, mask = _inputs(D, dtype)
+    R, N, heads, scale, q, k, v, mask = _inputs(D, dtype, io)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
     unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
     unit_max, unit_out, unit_sum = _unit_attention(
         q, k, v, mask, heads, scale, (R, U),
-        lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D,
+        lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D, dtype,
     )
     return [q, k, v, mask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads, scale]
 
 
-def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "float32"):
+def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "float32",
+               io: str | None = None):
     """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
     Block row i of row r computes its first ``blocks_per_row`` selected key blocks
@@ -260,11 +279,12 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "fl
     in : q, k, v [R, N, D]; mask [Bm, N]; row_cols [R, n, Cr] i32;
          ov_max [R, U, b]; ov_out [R, U, b, D]; ov_sum [R, U, b]; ov_start, ov_units [R, n] i32;
          full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, scale, ucap
-    out: out [R, n, b, D] (the memory of [R, N, D])
+    out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v)
     """
     dt = dtype
+    io = io or dt
     C = blocks_per_row
-    R, N, heads, scale, q, k, v, mask = _inputs(D, dtype)
+    R, N, heads, scale, q, k, v, mask = _inputs(D, dtype, io)
     n = N // b
     U, ucap = _vars("U", "ucap")
     row_cols = te.placeholder((R, n, C), I32, "row_cols")
@@ -275,7 +295,7 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "fl
     ov_units = te.placeholder((R, n), I32, "ov_units")
     own_max, own_out, own_sum = _unit_attention(
         q, k, v, mask, heads, scale, (R, n),
-        lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D,
+        lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D, dtype,
     )
 
     def unit(r, i, w):
@@ -383,9 +403,9 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "fl
         out = te.compute(
             (R, n, b, D),
             lambda r, i, t, d: (
-                o_hi(r, i, t, d) * hi_scale[r, i, t] + o_lo[r, i, d] * lo_scale[r, i, t]
-            )
-            * inv_norm[r, i, t],
+                (o_hi(r, i, t, d) * hi_scale[r, i, t] + o_lo[r, i, d] * lo_scale[r, i, t])
+                * inv_norm[r, i, t]
+            ).astype(io),
             name="out",
         )
     else:
@@ -395,7 +415,8 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "fl
             name="inv_norm",
         )
         out = te.compute(
-            (R, n, b, D), lambda r, i, t, d: o_hi(r, i, t, d) * inv_norm[r, i, t], name="out"
+            (R, n, b, D), lambda r, i, t, d: (o_hi(r, i, t, d) * inv_norm[r, i, t]).astype(io),
+            name="out",
         )
     # What the backward needs, one value per token (the stabilisers are constants there):
     # P = exp(A - stab - pen) mask_s is the final high-resolution weight, lo_w scales the

@@ -60,7 +60,7 @@ def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0) 
     k = min(num_blocks, n * n)
     flat = scores.reshape(R, n * n)
     if k == n * n:
-        index = torch.arange(n * n).expand(R, n * n).contiguous()
+        index = torch.arange(n * n, device=flat.device).expand(R, n * n).contiguous()
     elif flat.device.type == "cpu":
         # numpy's introselect is ~5x faster than torch.topk here (no sorting of pairs).
         part = np.argpartition(flat.numpy(), n * n - k, axis=1)[:, n * n - k:]

@@ -81,8 +81,6 @@ def check_mask_values(mask) -> None:
 
 
 def check_device(q) -> None:
-    if q.device.type != "cpu":
-        raise ValueError(
-            f"q is on {q.device}: this build of mra_compile runs on the CPU only "
-            "(CUDA kernels are not available yet)"
-        )
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q is on {q.device}: mra_compile runs on the CPU and on NVIDIA GPUs "
+                         "(cuda) only")

@@ -21,7 +21,10 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True):
     register tile of ``qk_rows`` keys x b queries; max, exp and sum with the queries in
     vector lanes; P V as a tile of ``pv_rows`` queries x D. ``outputs_placed``: whether
     unit_max already sits under ``loop`` (it does when it is a kernel output)."""
-    sch.compute_inline(sch.get_sblock("logit"))
+    # The gathers (CUDA's shared-memory tiles) are read in place here: key and value
+    # blocks are contiguous [b, D] slabs already.
+    for name in ("logit", "k_g", "v_g", "prob_io"):
+        sch.compute_inline(sch.get_sblock(name))
     stages = ("prob", "dots", "q_t", "key_factor")
     if not outputs_placed:
         stages = ("prob", "unit_max", "dots", "q_t", "key_factor")

@@ -73,7 +73,7 @@ def test_a_library_for_other_sources_is_ignored(library_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [
-    ["build", "--target", "cuda", "--arch", "sm_90", "--out", "x"],
+    ["build", "--target", "cuda", "--arch", "compute_90", "--out", "x"],
     ["build", "--out", "x", "--block-sizes", "12"],
     ["build", "--out", "x", "--head-dims", "0"],
 ])

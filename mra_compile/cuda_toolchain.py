@@ -1,0 +1,200 @@
+"""What building and loading CUDA kernels needs from the system.
+
+TVM's CUDA runtime (``libtvm_runtime_cuda.so``) links against the driver library
+``libcuda.so.1``. Where no driver is installed (CI, build machines) that library fails to
+load, and ``tvm.compile`` then *silently* keeps only the CUDA source: no device code,
+nothing runnable. Building device code needs no driver call at all (nvcc compiles, the
+runtime only wraps the bytes), so on such machines a stand-in ``libcuda.so.1`` whose
+every entry point reports "no device" is loaded first. It is used only to build:
+loading a kernel's functions through it fails with a CUDA error, never silently.
+
+Also: finding TVM's runtime libraries without the compiler package (a deployment, the lent
+GPU machine), and checking that a built module really holds device code.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+RUNTIME_DIR_ENV = "MRA_COMPILE_TVM_RUNTIME_DIR"
+EM_CUDA = 190  # ELF e_machine of NVIDIA device code (cubin)
+
+# The driver entry points libtvm_runtime_cuda.so imports (``nm -D --undefined-only``).
+_STUB_SOURCE = r"""
+/* Build-time stand-in for libcuda.so.1 (mra_compile.cuda_toolchain): no device. */
+#define NO_DEVICE 100 /* CUDA_ERROR_NO_DEVICE */
+static const char *kName = "CUDA_ERROR_NO_DEVICE";
+static const char *kText = "no CUDA driver: mra_compile's build-time stand-in libcuda";
+int cuGetErrorName(int e, const char **s) { (void)e; if (s) *s = kName; return 0; }
+int cuGetErrorString(int e, const char **s) { (void)e; if (s) *s = kText; return 0; }
+int cuDeviceGetName(void) { return NO_DEVICE; }
+int cuFuncSetAttribute(void) { return NO_DEVICE; }
+int cuLaunchKernelEx(void) { return NO_DEVICE; }
+int cuModuleGetFunction(void) { return NO_DEVICE; }
+int cuModuleLoadData(void) { return NO_DEVICE; }
+int cuModuleUnload(void) { return NO_DEVICE; }
+int cuTensorMapEncodeTiled(void) { return NO_DEVICE; }
+"""
+
+_DRIVER: str | None = None  # "driver" or "stub" once loaded
+_CUDA_RUNTIME = False
+
+
+class CudaToolchainError(RuntimeError):
+    """Building or loading CUDA kernels is not possible on this machine (says why)."""
+
+
+def runtime_dir() -> Path:
+    """The directory holding ``libtvm_runtime.so`` (and ``libtvm_runtime_cuda.so``).
+
+    ``$MRA_COMPILE_TVM_RUNTIME_DIR``, else the installed ``tvm`` package, else the
+    ``runtime/`` folder of a kernel library in ``$MRA_COMPILE_KERNEL_LIBRARY``.
+    """
+    env = os.environ.get(RUNTIME_DIR_ENV)
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or not spec.submodule_search_locations:
+        for library in os.environ.get("MRA_COMPILE_KERNEL_LIBRARY", "").split(os.pathsep):
+            if library and (Path(library) / "runtime" / "libtvm_runtime.so").exists():
+                return Path(library) / "runtime"
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the TVM runtime was not found: install apache-tvm, or set "
+            f"{RUNTIME_DIR_ENV} (or MRA_COMPILE_KERNEL_LIBRARY to a library built with "
+            "`mra-compile build`, which carries the runtime)")
+    return Path(spec.submodule_search_locations[0]) / "lib"
+
+
+def _has_driver() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+        return True
+    except OSError:
+        return False
+
+
+def _build_stub() -> Path:
+    from mra_compile import build
+
+    out = build.cache_dir() / "nodriver" / "libcuda.so.1"
+    if out.exists():
+        return out
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise CudaToolchainError("building CUDA kernels without a driver needs a C compiler "
+                                 "(cc or gcc) for the stand-in libcuda.so.1")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "stub.c"
+        src.write_text(_STUB_SOURCE)
+        built = Path(tmp) / "libcuda.so.1"
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o",
+                        str(built), str(src)], check=True, capture_output=True)
+        staged = out.with_name(f".{out.name}.{os.getpid()}")
+        shutil.copyfile(built, staged)  # then rename: concurrent builders never see half a file
+        os.replace(staged, out)
+    return out
+
+
+def ensure_driver(allow_stub: bool) -> str:
+    """Load ``libcuda.so.1``: the real driver, else (``allow_stub``) the stand-in.
+
+    Returns "driver" or "stub". Must run before ``libtvm_runtime_cuda.so`` loads.
+    """
+    global _DRIVER
+    if _DRIVER is not None:
+        return _DRIVER
+    if _has_driver():
+        _DRIVER = "driver"
+    elif allow_stub:
+        ctypes.CDLL(str(_build_stub()), mode=ctypes.RTLD_GLOBAL)
+        _DRIVER = "stub"
+    else:
+        raise CudaToolchainError("libcuda.so.1 (the NVIDIA driver) is not installed")
+    return _DRIVER
+
+
+def _preload_cudart() -> None:
+    """libtvm_runtime_cuda links libcudart.so.13; torch's CUDA 13 wheels ship it in the
+    ``nvidia`` packages, outside the loader's search path."""
+    try:
+        ctypes.CDLL("libcudart.so.13", mode=ctypes.RTLD_GLOBAL)
+        return
+    except OSError:
+        pass
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    for root in roots:
+        for path in sorted(Path(root).glob("**/libcudart.so.13*")):
+            try:
+                ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+    raise CudaToolchainError("libcudart.so.13 (CUDA 13 runtime), which TVM's CUDA runtime "
+                             "links against, was not found")
+
+
+def ensure_cuda_runtime(allow_stub: bool = False) -> str:
+    """Load TVM's CUDA runtime (registers the "cuda" module loader); returns the driver
+    kind. The base runtime (``build.ensure_runtime``) must be loaded first."""
+    global _CUDA_RUNTIME
+    kind = ensure_driver(allow_stub)
+    if not _CUDA_RUNTIME:
+        _preload_cudart()
+        ctypes.CDLL(str(runtime_dir() / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+        _CUDA_RUNTIME = True
+    return kind
+
+
+def prepare_compiler() -> None:
+    """Before compiling CUDA kernels: a (possibly stand-in) driver, TVM's CUDA runtime,
+    and nvcc as the compiler (TVM's default, NVRTC, needs the cuda-bindings package)."""
+    if shutil.which("nvcc") is None:
+        raise CudaToolchainError("building CUDA kernels needs nvcc on the PATH")
+    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    ensure_driver(allow_stub=True)
+    import tvm  # noqa: F401  (loads libtvm_runtime_cuda itself when the driver loads)
+
+    ensure_cuda_runtime(allow_stub=True)
+
+
+def device_images(blob: bytes) -> list[dict]:
+    """The NVIDIA device-code ELF images (cubins) embedded in ``blob``: offset, sm arch."""
+    images, start = [], 0
+    while True:
+        at = blob.find(b"\x7fELF", start)
+        if at < 0:
+            return images
+        start = at + 4
+        if at + 0x34 > len(blob) or blob[at + 4] != 2:  # ELFCLASS64 only
+            continue
+        machine = int.from_bytes(blob[at + 18:at + 20], "little")
+        if machine != EM_CUDA:
+            continue
+        flags = int.from_bytes(blob[at + 48:at + 52], "little")
+        # e_flags keeps the SM version in its low bits (0x5a = sm_90; newer ELF ABIs
+        # shift it by 8): report both readings, the plausible one wins.
+        low, shifted = flags & 0xFF, (flags >> 8) & 0xFF
+        sm = low if 50 <= low <= 130 else shifted
+        images.append({"offset": at, "sm": sm, "flags": flags})
+
+
+def check_device_code(path: Path, arch: str) -> list[dict]:
+    """Raise unless the exported library at ``path`` holds cubins for ``arch`` ("sm_90")."""
+    images = device_images(Path(path).read_bytes())
+    want = int(arch.removeprefix("sm_"))
+    if not images:
+        raise CudaToolchainError(
+            f"{path} holds no CUDA device code: TVM kept only the CUDA source (is the "
+            "CUDA runtime loaded? see mra_compile.cuda_toolchain)")
+    if not any(img["sm"] == want for img in images):
+        raise CudaToolchainError(f"{path}: device code is for sm_{images[0]['sm']}, not {arch}")
+    return images
