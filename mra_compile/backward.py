@@ -58,8 +58,9 @@ def _backward(grad_out, q, k, v, mask, out, saved, full, b, knobs):
                              target=pr.target)["blocks_per_unit"]
     Ck = build.resolve_knobs("bwd_dkdv_units", knobs.get("bwd_dkdv_units"),
                              target=pr.target)["blocks_per_unit"]
-    by_query = plan.make_plan(saved.index, n, 0, Cq)
-    by_key = plan.make_plan(_transpose_selection(saved.index, n), n, 0, Ck)
+    exact = dev.type == "cpu"  # CUDA: no host synchronisation (plan.plan_bounds)
+    by_query = plan.make_plan(saved.index, n, 0, Cq, exact)
+    by_key = plan.make_plan(_transpose_selection(saved.index, n), n, 0, Ck, exact)
     Uq, Uk = by_query.unit_row.shape[1], by_key.unit_row.shape[1]
     dq_unit = ws("dq_unit", R, Uq, b, Dp, dtype=dt)
     dk_unit, dv_unit = ws("dk_unit", R, Uk, b, Dp, dtype=dt), ws("dv_unit", R, Uk, b, Dp, dtype=dt)

@@ -410,11 +410,10 @@ def _kernel(op: str, knobs: dict | None, static: dict, target: str = "llvm"):
             _FAST[fast] = fn
             return fn
         _load_runtime()
-        if target != "llvm":
-            from mra_compile import cuda_toolchain
+        from mra_compile import cuda_toolchain, library
 
+        if target != "llvm":
             cuda_toolchain.ensure_cuda_runtime(allow_stub=True)
-        from mra_compile import library
 
         fn = library.lookup(name)  # an ahead-of-time library first, when one is set
         origin, path = "library", os.environ.get(library.ENV, "")
@@ -423,7 +422,7 @@ def _kernel(op: str, knobs: dict | None, static: dict, target: str = "llvm"):
             module = _load_cached(path, desc)
             origin = "disk"
             if module is None:
-                if importlib.util.find_spec("tvm") is None:
+                if cuda_toolchain.tvm_spec() is None:
                     raise RuntimeError(
                         f"no prebuilt kernel {op} {static} for {target}: the kernel library "
                         f"({library.ENV}={os.environ.get(library.ENV, '')!r}) lacks it and "

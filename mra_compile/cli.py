@@ -213,6 +213,9 @@ def _add_build(sub) -> None:
                    help="input dtypes (default: float32; with cuda: float32 float16 bfloat16). "
                    "On the CPU float16/bfloat16 run the float32 kernels")
     p.add_argument("--float64", action="store_true", help="also the float64 kernels")
+    p.add_argument("--wheel-for-python", nargs="+", default=[], metavar="X.Y",
+                   help="also download the apache-tvm-ffi wheel (the version installed here) "
+                   "for these Pythons into DIR/wheels/, for machines without TVM (needs PyPI)")
     p.set_defaults(func=_cmd_build)
 
 
@@ -250,6 +253,13 @@ def _cmd_build(args) -> int:
         print(f"mra-compile build: {e}", file=sys.stderr)
         return 1
     print(f"wrote {Path(args.out) / library.LIBRARY} and {manifest}")
+    for version in args.wheel_for_python:
+        try:
+            wheel = library.download_ffi_wheel(args.out, version)
+        except RuntimeError as e:
+            print(f"mra-compile build: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {wheel}")
     print(f"use it with: export {library.ENV}={Path(args.out).resolve()}")
     return 0
 

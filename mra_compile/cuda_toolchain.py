@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -59,17 +60,26 @@ def runtime_dir() -> Path:
     env = os.environ.get(RUNTIME_DIR_ENV)
     if env:
         return Path(env)
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or not spec.submodule_search_locations:
+    spec = tvm_spec()
+    if spec is None:
         for library in os.environ.get("MRA_COMPILE_KERNEL_LIBRARY", "").split(os.pathsep):
             if library and (Path(library) / "runtime" / "libtvm_runtime.so").exists():
                 return Path(library) / "runtime"
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None:
         raise ImportError(
             "the TVM runtime was not found: install apache-tvm, or set "
             f"{RUNTIME_DIR_ENV} (or MRA_COMPILE_KERNEL_LIBRARY to a library built with "
             "`mra-compile build`, which carries the runtime)")
     return Path(spec.submodule_search_locations[0]) / "lib"
+
+
+def tvm_spec():
+    """The installed ``tvm`` package's import spec, or None (a runtime-only machine)."""
+    try:
+        spec = importlib.util.find_spec("tvm")
+    except (ImportError, ValueError):
+        return None
+    return spec if spec is not None and spec.submodule_search_locations else None
 
 
 def _has_driver() -> bool:
@@ -198,3 +208,64 @@ def check_device_code(path: Path, arch: str) -> list[dict]:
     if not any(img["sm"] == want for img in images):
         raise CudaToolchainError(f"{path}: device code is for sm_{images[0]['sm']}, not {arch}")
     return images
+
+
+def device_source(executable) -> str:
+    """The CUDA source of a compiled TVM executable's device module."""
+    for module in executable.mod.imports:
+        if module.kind == "cuda":
+            return module.inspect_source()
+    raise CudaToolchainError("the executable has no CUDA device module")
+
+
+def kernel_symbols(source: str) -> dict[str, str]:
+    """``{__global__ kernel name: PrimFunc symbol}`` of a generated CUDA source (TVM names
+    a PrimFunc's kernels ``<symbol>_kernel``, ``<symbol>_kernel_1``, ...)."""
+    names = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(',
+                       source)
+    return {name: re.sub(r"_kernel(_\d+)?$", "", name) for name in names}
+
+
+def ptxas_report(source: str, arch: str) -> dict[str, dict]:
+    """Compile ``source`` for ``arch`` with ``nvcc -Xptxas -v``; per kernel: registers,
+    spill stores/loads (bytes), stack frame and shared memory (bytes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.cu"
+        src.write_text(source)
+        proc = subprocess.run(
+            ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(Path(tmp) / "k.cubin"),
+             str(src)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CudaToolchainError(f"nvcc -arch={arch} failed:\n{proc.stderr[-3000:]}")
+    report, current = {}, None
+    for line in proc.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'|Function properties for (\w+)", line)
+        if m:
+            current = m.group(1) or m.group(2)
+            report.setdefault(current, {})
+            continue
+        if current is None:
+            continue
+        entry = report[current]
+        for key, pattern in (("stack_frame", r"(\d+) bytes stack frame"),
+                             ("spill_stores", r"(\d+) bytes spill stores"),
+                             ("spill_loads", r"(\d+) bytes spill loads"),
+                             ("registers", r"Used (\d+) registers"),
+                             ("shared", r"(\d+) bytes smem")):
+            hit = re.search(pattern, line)
+            if hit:
+                entry[key] = int(hit.group(1))
+    return report
+
+
+def ptx(source: str, arch: str) -> str:
+    """The PTX nvcc makes of ``source`` for ``arch`` (to check which instructions it uses)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.cu"
+        src.write_text(source)
+        out = Path(tmp) / "k.ptx"
+        proc = subprocess.run(["nvcc", "-ptx", f"-arch={arch}", "-o", str(out), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CudaToolchainError(f"nvcc -ptx -arch={arch} failed:\n{proc.stderr[-3000:]}")
+        return out.read_text()

@@ -294,7 +294,7 @@ def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagon
                              target=pr.target)["blocks_per_row"]
     Co = build.resolve_knobs("hires_units", knobs.get("hires_units"),
                              target=pr.target)["blocks_per_unit"]
-    p = plan.make_plan(lr.sel.index, n, Cr, Co)
+    p = plan.make_plan(lr.sel.index, n, Cr, Co, exact=dev.type == "cpu")
     U = p.unit_row.shape[1]
 
     # Step 4 for the blocks beyond each row's own Cr: overflow units.

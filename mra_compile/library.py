@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 LIBRARY = "mra_kernels.so"
+CUDA_SOURCE = "mra_kernels.cu"  # CUDA libraries: the generated device source, for inspection
 MANIFEST = "manifest.json"
 ENV = "MRA_COMPILE_KERNEL_LIBRARY"
 SCHEMA_VERSION = 1
@@ -96,6 +97,7 @@ def build_library(out_dir, block_sizes=(32,), head_dims=(64,), dtypes=("float32"
     if target != "llvm":
         images = cuda_toolchain.check_device_code(out / LIBRARY, target.removeprefix("cuda-"))
         manifest["device_images"] = len(images)
+        (out / CUDA_SOURCE).write_text(cuda_toolchain.device_source(executable))
         runtime = out / "runtime"
         runtime.mkdir(exist_ok=True)
         for lib in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
@@ -103,6 +105,30 @@ def build_library(out_dir, block_sizes=(32,), head_dims=(64,), dtypes=("float32"
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
+
+
+def download_ffi_wheel(out_dir, python: str) -> Path:
+    """Download the apache-tvm-ffi wheel of the installed version for ``python`` ("3.12")
+    into ``out_dir/wheels`` (its compiled core is per Python version). Needs PyPI."""
+    import importlib.metadata
+    import platform
+    import subprocess
+    import sys
+
+    version = importlib.metadata.version("apache-tvm-ffi")
+    wheels = Path(out_dir) / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    tag = python.replace(".", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", f"apache-tvm-ffi=={version}", "--no-deps",
+         "--only-binary=:all:", "--python-version", python,
+         "--platform", f"manylinux_2_28_{platform.machine()}", "-d", str(wheels)],
+        capture_output=True, text=True)
+    found = sorted(wheels.glob(f"apache_tvm_ffi-{version}-cp{tag}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"could not download apache-tvm-ffi {version} for Python {python}: "
+                           f"{proc.stderr.strip()[-500:]}")
+    return found[-1]
 
 
 def built_with_tvm() -> str | None:

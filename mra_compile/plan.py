@@ -95,14 +95,37 @@ class Plan:
     ov_units: torch.Tensor
     ucap: int
 
+    exact: bool = True  # U and ucap measured (else upper bounds: see make_plan)
+
     @property
     def has_overflow(self) -> bool:
+        if not self.exact:
+            return True  # unknown without reading the device: empty units cost little
         return bool(self.unit_row.shape[1]) and bool((self.unit_row >= 0).any())
 
 
+def plan_bounds(K: int, n: int, Cr: int, Co: int) -> tuple[int, int]:
+    """(U, ucap) upper bounds from the shapes alone, for ``make_plan(exact=False)``.
+
+    A block row holds at most min(K, n) selected blocks: at most e = min(K, n) - Cr
+    overflow blocks, in ceil(e / Co) units (ucap). Over a row's K blocks the overflow
+    sum_i max(c_i - Cr, 0) is largest with the blocks packed into full block rows,
+    and at most K // (Cr + 1) block rows overflow, each rounding up by < 1 unit."""
+    per_row = max(min(K, n) - Cr, 0)
+    ucap = max(-(-per_row // Co), 1)
+    rows_over = min(n, K // (Cr + 1))
+    most = (K // n) * max(n - Cr, 0) + max(K % n - Cr, 0)
+    U = min(rows_over * ucap, (most + (Co - 1) * rows_over) // Co)
+    return max(U, 1), ucap
+
+
 @torch.no_grad()
-def make_plan(index, n: int, Cr: int, Co: int) -> Plan:
-    """Split the sorted selected blocks ``index`` [R, K] into row units and overflow units."""
+def make_plan(index, n: int, Cr: int, Co: int, exact: bool = True) -> Plan:
+    """Split the sorted selected blocks ``index`` [R, K] into row units and overflow units.
+
+    ``exact=False`` sizes U and ucap by ``plan_bounds`` instead of reading them from the
+    device: no host synchronisation (CUDA: the call stays asynchronous and capturable
+    in a CUDA graph), at the price of some empty units."""
     R, K = index.shape
     dev = index.device
     bi = index // n
@@ -122,7 +145,10 @@ def make_plan(index, n: int, Cr: int, Co: int) -> Plan:
     extra = (per_row - Cr).clamp_min(0)
     ov_units = (extra + Co - 1) // Co
     ov_start = ov_units.cumsum(1) - ov_units
-    U = max(int(ov_units.sum(1).max()) if K else 0, 1)
+    if exact:
+        U = max(int(ov_units.sum(1).max()) if K else 0, 1)
+    else:
+        U, ucap = plan_bounds(K, n, Cr, Co)
     opos = (pos - Cr).clamp_min(0)
     unit = torch.where(own, U, ov_start.gather(1, bi) + opos // Co)  # own blocks: spill unit U
     unit_cols = torch.full((R, (U + 1) * Co), -1, dtype=torch.int32, device=dev)
@@ -135,5 +161,6 @@ def make_plan(index, n: int, Cr: int, Co: int) -> Plan:
         unit_cols.view(R, U + 1, Co)[:, :U].contiguous(),
         ov_start.to(torch.int32),
         ov_units.to(torch.int32),
-        max(int(ov_units.max()) if ov_units.numel() else 0, 1),
+        max(int(ov_units.max()) if ov_units.numel() else 0, 1) if exact else ucap,
+        exact,
     )

@@ -30,17 +30,23 @@ def _reduce_count(sch, block) -> int:
     return sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2)
 
 
-def _thread_bind(sch, block, loops, threads):
-    """Spread ``loops`` (consecutive spatial loops of ``block``, or none) over threadIdx.x.
+WARP = 32
 
-    Every stage of a kernel binds a loop of exactly ``threads`` (non-dividing extents are
-    guarded), so thread extents agree and no two threads ever write one element."""
+
+def _thread_bind(sch, block, loops, threads):
+    """Spread ``loops`` (consecutive spatial loops of ``block``, or none) over the block's
+    threads: ``threads // 32`` warps (threadIdx.y) of 32 lanes (threadIdx.x).
+
+    Every stage of a kernel binds the same extents (non-dividing ones are guarded), so
+    thread extents agree, no two threads ever write one element, and the tensor-core
+    stages can give whole warps one tile each."""
     if not loops:
         loops = [sch.add_unit_loop(block)]
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    outer, inner = sch.split(fused, [None, threads])
-    sch.bind(inner, "threadIdx.x")
-    return inner
+    _, ty, tx = sch.split(fused, [None, threads // WARP, WARP])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    return tx
 
 
 def _spatial_loops_under(sch, block, anchor_depth):
@@ -60,15 +66,21 @@ def grid(sch, name, threads=256):
     sch.bind(tx, "threadIdx.x")
 
 
-def per_unit(sch, outputs, depth, threads, keep_global=()):
+def per_unit(sch, outputs, depth, threads, keep_global=(), custom=None):
     """One thread block per point of the first ``depth`` axes of ``outputs`` (merged).
 
     Every other computed stage is moved under that loop (consumers first), its buffer put
     in shared memory, and its spatial loops spread over ``threads`` threads. Stages in
-    ``keep_global`` stay separate kernels (see ``grid``). Returns the block loop."""
-    loops = [sch.fuse(*sch.get_loops(sch.get_sblock(n))[:depth]) for n in outputs]
-    unit = sch.merge(*loops) if len(loops) > 1 else loops[0]
-    sch.bind(unit, "blockIdx.x")
+    ``keep_global`` stay separate kernels (see ``grid``). ``custom(sch)``, run once the
+    stages are in place, schedules some stages itself and returns their names. Returns
+    the block loop."""
+    # Rows on blockIdx.x, the unit within its row on blockIdx.y (up to 65535): not fused,
+    # so that every index stays affine in the loops (tensorize requires it).
+    unit = None
+    for level, axis in zip(range(depth), ("blockIdx.x", "blockIdx.y", "blockIdx.z")):
+        loops = [sch.get_loops(sch.get_sblock(n))[level] for n in outputs]
+        unit = sch.merge(*loops) if len(loops) > 1 else loops[0]
+        sch.bind(unit, axis)
     root = sch.get_sblock("root") if _has_root(sch) else None
     blocks = sch.get_child_blocks(root) if root is not None else []
     names = [_name(sch, b) for b in blocks]
@@ -76,9 +88,12 @@ def per_unit(sch, outputs, depth, threads, keep_global=()):
     for n in reversed(inner):
         sch.compute_at(sch.get_sblock(n), unit)
         sch.set_scope(sch.get_sblock(n), 0, SHARED)
+    special = custom(sch) if custom is not None else ()
     for n in inner + list(outputs):
+        if n in special:
+            continue
         block = sch.get_sblock(n)
-        thread = _thread_bind(sch, block, _spatial_loops_under(sch, block, 1), threads)
+        thread = _thread_bind(sch, block, _spatial_loops_under(sch, block, depth), threads)
         if _reduce_count(sch, block):
             # Accumulate in a register, store once: a reduction updating shared memory
             # in place would need a barrier per step (and cannot have one under a guard).
@@ -121,18 +136,123 @@ def lowres_out(sch, *, threads=256):
     return sch
 
 
-def hires_units(sch, *, threads=128, blocks_per_unit=2):
-    """One thread block per overflow unit; see ``per_unit``."""
-    per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads)
+_INTRINSICS: dict[str, dict[str, str]] = {}
+
+
+def _wmma_intrinsics(io: str) -> dict[str, str]:
+    """Names of the 16x16x16 wmma intrinsics for ``io`` operands (fp32 accumulators).
+
+    TVM ships fp16 ones; the bfloat16 ones are registered here from TVM's generators."""
+    if io in _INTRINSICS:
+        return _INTRINSICS[io]
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin import cuda as tc
+
+    names = {
+        "fill": tc.WMMA_FILL_16x16x16_F32_INTRIN,
+        "store_shared": tc.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN,
+        "store_global": tc.WMMA_STORE_16x16x16_F32_GLOBAL_INTRIN,
+    }
+    if io == "float16":
+        names.update(load_a=tc.WMMA_LOAD_16x16x16_F16_A_DYN_INTRIN,
+                     load_b=tc.WMMA_LOAD_16x16x16_F16_B_DYN_INTRIN,
+                     sync=tc.WMMA_SYNC_16x16x16_f16f16f32_INTRIN)
+    else:
+        names.update(load_a=f"mra_wmma_load_a_{io}", load_b=f"mra_wmma_load_b_{io}",
+                     sync=f"mra_wmma_sync_{io}_f32")
+        TensorIntrin.register(names["load_a"], *tc.get_wmma_load_intrin(
+            16, 16, 16, io, SHARED, False, False), override=True)
+        TensorIntrin.register(names["load_b"], *tc.get_wmma_load_intrin(
+            16, 16, 16, io, SHARED, True, False), override=True)
+        TensorIntrin.register(names["sync"], *tc.get_wmma_sync_intrin(
+            16, 16, 16, io, "float32", False), override=True)
+    _INTRINSICS[io] = names
+    return names
+
+
+def _wmma_matmul(sch, name, a_index, b_index, warps, io):
+    """Tensor-core schedule of a [M, N] = sum_k A[M, k] B[k, N] stage under a unit loop.
+
+    A and B (fp16/bf16, in shared memory) are loaded 16x16 fragment by fragment, each
+    warp owns output tiles of 16x16 fp32 accumulators, stored back once."""
+    tc = _wmma_intrinsics(io)
+    block = sch.get_sblock(name)
+    m, n, k = sch.get_loops(block)[-3:]
+    extents = [int(sch.get(loop).extent) for loop in (m, n, k)]
+    if any(e % 16 for e in extents) or not any((e // 16) % warps == 0 for e in extents[:2]):
+        return False  # no whole 16x16 tiles for every warp: CUDA cores (see per_unit)
+    scope = sch.get(block).writes[0].source.scope()
+    acc = sch.cache_write(block, 0, "wmma.accumulator")
+    m_o, m_i = sch.split(m, [None, 16])
+    n_o, n_i = sch.split(n, [None, 16])
+    k_o, k_i = sch.split(k, [None, 16])
+    sch.reorder(m_o, n_o, k_o, m_i, n_i, k_i)
+    # Warps split the tile rows (or columns): one plain split keeps the indices affine,
+    # which tensorize needs (a fused tile index does not).
+    if (extents[0] // 16) % warps == 0:
+        _, warp = sch.split(m_o, [None, warps])
+    else:
+        _, warp = sch.split(n_o, [None, warps])
+    sch.bind(warp, "threadIdx.y")
+    loops = sch.get_loops(block)
+    tile = loops[[sch.get(loop).same_as(sch.get(k_o)) for loop in loops].index(True) - 1]
+    sch.reverse_compute_at(acc, tile)  # each warp stores the tile it computed
+    frag_a = sch.cache_read(block, a_index, "wmma.matrix_a")
+    frag_b = sch.cache_read(block, b_index, "wmma.matrix_b")
+    for frag in (frag_a, frag_b):
+        sch.compute_at(frag, k_o)
+    init = sch.decompose_reduction(block, k_o)
+    # Tensorize: each stage's innermost 16x16 (x16) tile becomes one warp-wide intrinsic.
+    sch.tensorize(sch.get_loops(init)[-2], tc["fill"])
+    sch.tensorize(m_i, tc["sync"])
+    for frag, intrin in ((frag_a, tc["load_a"]), (frag_b, tc["load_b"])):
+        sch.tensorize(sch.get_loops(frag)[-2], intrin)
+    acc_loops = sch.get_loops(acc)[-2:]
+    a_o, a_i = sch.split(acc_loops[0], [None, 16])
+    b_o, b_i = sch.split(acc_loops[1], [None, 16])
+    sch.reorder(a_o, b_o, a_i, b_i)
+    store = tc["store_global"] if scope == "global" else tc["store_shared"]
+    sch.tensorize(a_i, store)
+    return True
+
+
+def _unit_tensor_cores(threads, io):
+    """``custom`` for ``per_unit``: q k^T and P V of a unit on tensor cores, where their
+    shapes split into 16x16 tiles for every warp (else they stay on CUDA cores)."""
+    warps = threads // WARP
+
+    def schedule(sch):
+        # dots[w, t] = sum_d k_g[w, d] q_t[d, t];  unit_out[t, d] = sum_w prob_io[t, w] v_g[w, d]
+        return [name for name in ("dots", "unit_out") if _wmma_matmul(sch, name, 0, 1, warps, io)]
+
+    return schedule
+
+
+def _io(sch) -> str:
+    """The dtype of q, k, v in the PrimFunc (float16/bfloat16 kernels use tensor cores)."""
+    return str(sch.get(sch.get_sblock("k_g")).writes[0].source.dtype)
+
+
+def hires_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True):
+    """One thread block per overflow unit; see ``per_unit``. fp16/bf16: the unit's two
+    products on tensor cores (``tensor_cores``)."""
+    io = _io(sch)
+    custom = _unit_tensor_cores(threads, io) if tensor_cores and io in HALF else None
+    per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom)
     return sch
 
 
-def hires_rows(sch, *, threads=128, blocks_per_row=2, full=True):
+HALF = ("float16", "bfloat16")
+
+
+def hires_rows(sch, *, threads=128, blocks_per_row=2, tensor_cores=True, full=True):
     """One thread block per (row, query block): its own unit, the merge of its overflow
     units, the low-resolution part and the normalisation, the output written once."""
     # [b, ucap] has a symbolic extent: recompute the merge factors where they are used.
     sch.compute_inline(sch.get_sblock("ov_scale"))
-    per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads)
+    io = _io(sch)
+    custom = _unit_tensor_cores(threads, io) if tensor_cores and io in HALF else None
+    per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom)
     return sch
 
 
@@ -184,8 +304,8 @@ OPERATOR_KNOBS = {
 KNOBS = {
     "pool_and_logits": dict(threads=256),
     "lowres_out": dict(threads=256),
-    "hires_units": dict(threads=128, blocks_per_unit=2),
-    "hires_rows": dict(threads=128, blocks_per_row=2),
+    "hires_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True),
+    "hires_rows": dict(threads=128, blocks_per_row=2, tensor_cores=True),
     "bwd_prep": dict(threads=128),
     "bwd_dq_units": dict(threads=128, blocks_per_unit=2),
     "bwd_dkdv_units": dict(threads=128, blocks_per_unit=2),

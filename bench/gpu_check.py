@@ -1,0 +1,938 @@
+"""One-shot GPU acceptance check of ``torch.ops.mra.attention`` (CUDA kernels from a bundle).
+
+    python bench/gpu_check.py --bundle BUNDLE_DIR --out $OUT        # the lent H200, < 8 min
+    python bench/gpu_check.py --smoke --out /tmp/gpucheck_smoke      # tiny run, any device
+
+BUNDLE_DIR is made by ``mra-compile build --target cuda --arch sm_90 --out BUNDLE_DIR`` and
+holds mra_kernels.so, manifest.json, runtime/libtvm_runtime*.so and
+wheels/apache_tvm_ffi-*.whl. When ``tvm_ffi`` is missing, the carried wheel is installed
+offline into /tmp/mra_pylib; MRA_COMPILE_KERNEL_LIBRARY is pointed at the bundle before
+``import mra_compile``, so no TVM compiler is needed. Without --bundle the installed
+package is used as is (it compiles CPU kernels with TVM when run here).
+
+Within --budget-seconds (default 420 s; work left over is recorded as skipped) it checks:
+
+1. Correctness: float32/float16/bfloat16 x "full"/"sparse" on seeded random shapes (odd N
+   and head dims, [B, N] masks with padding, N up to 32768) against ``mra2_reference`` in
+   float64 on the same device, given the op's own block selection; q/k/v gradients for a
+   subset; the op on a side stream; one forward captured in a CUDA graph and replayed.
+2. Timings (B=1, H=16, D 64/128, 8 blocks per row, bf16 then fp16, N 1024..32768):
+   forward and forward+backward of the op, flash SDPA, compiled FlexAttention on the op's
+   selected blocks, and the plain-torch reference where it fits.
+3. Kernels: time, bytes and flops of every kernel of one forward and one backward, against
+   the card's measured copy bandwidth and bf16 matmul rate.
+
+Writes gpu_check.md, correctness.csv, timings.csv and kernels.csv under --out (after every
+section, so a killed run still leaves results) and prints the markdown. Exit status: 0 when
+every correctness check that ran passed, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import datetime
+import faulthandler
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYLIB = Path("/tmp/mra_pylib")  # where the carried tvm_ffi wheel is unpacked
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MODES = ("full", "sparse")
+FWD_LIMIT = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+BWD_LIMIT = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+HEAD_DIMS = (40, 64, 72, 96, 100, 128)
+BLOCK = 32
+FP64_MATRIX_CAP = 8 * 2**30  # bytes of one float64 [B, H, N, N] matrix of the oracle
+BLOCKS_PER_ROW = 8
+SUMMARY = (torch.bfloat16, 64, 16384)  # dtype, D, N of the must-show line
+SMOKE_SUMMARY = (torch.bfloat16, 64, 512)
+DIRECTIONS = ("fwd", "fwd+bwd")
+FLEX_VARIANTS = ("bs32", "bs128+mask_mod")
+
+CORR_FIELDS = ("check", "dtype", "mode", "B", "H", "N", "D", "masked", "num_blocks",
+               "error", "limit", "status", "seconds", "message")
+TIME_FIELDS = ("dtype", "mode", "direction", "N", "D", "op_ms", "sdpa_ms", "flex_ms",
+               "reference_ms", "sdpa_over_op", "flex_over_op", "flex_variant",
+               "flex_vs_op_sparse", "notes")
+KERNEL_FIELDS = ("pass", "kernel", "ms", "bytes", "GB/s", "% copy bw", "flops",
+                 "flop formula", "TFLOP/s", "% matmul")
+
+mc = None  # the mra_compile package, imported after the bootstrap
+
+
+def short(exc: BaseException) -> str:
+    """The first lines of an exception, one line, for a table cell."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {' / '.join(lines[:2])}"[:400]
+
+
+def short_dtype(dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+        dtype, str(dtype).replace("torch.", ""))
+
+
+class Budget:
+    """Wall-clock budget of the whole run, counted from the script's start."""
+
+    def __init__(self, seconds: float):
+        self.start = time.monotonic()
+        self.end = self.start + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+# ---------------------------------------------------------------------------- bootstrap
+
+def bootstrap(bundle: Path | None, notes: list[str]) -> None:
+    """Make ``tvm_ffi`` importable (offline, from the bundle) and point the op at the bundle."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # import mra_compile from this checkout
+    if bundle is None:
+        return
+    try:
+        importlib.import_module("tvm_ffi")
+    except ImportError:
+        if not (PYLIB / "tvm_ffi").is_dir():
+            tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+            wheels = (sorted((bundle / "wheels").glob(f"apache_tvm_ffi-*-{tag}-*.whl"))
+                      or sorted((bundle / "wheels").glob("apache_tvm_ffi-*.whl")))
+            if not wheels:
+                raise RuntimeError(f"tvm_ffi missing and no wheel in {bundle / 'wheels'}")
+            # --no-index: the GPU machine has no network; --no-deps: torch brings typing_extensions.
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                            "--no-index", "--disable-pip-version-check", "--target", str(PYLIB),
+                            str(wheels[-1])], check=True,
+                           env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"})
+            notes.append(f"installed {wheels[-1].name} into {PYLIB}")
+        sys.path.insert(0, str(PYLIB))
+        importlib.invalidate_caches()
+        importlib.import_module("tvm_ffi")  # fails loudly here if the wheel did not work
+    os.environ["MRA_COMPILE_KERNEL_LIBRARY"] = str(bundle.resolve())
+
+
+def environment(dev, bundle) -> list[tuple[str, str]]:
+    env = [("python", platform.python_version()), ("torch", torch.__version__),
+           ("torch CUDA", str(torch.version.cuda)), ("device", str(dev)),
+           ("MRA_COMPILE_KERNEL_LIBRARY", os.environ.get("MRA_COMPILE_KERNEL_LIBRARY", "unset"))]
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        env += [("GPU", p.name), ("SMs", str(p.multi_processor_count)),
+                ("compute capability", f"{p.major}.{p.minor}"),
+                ("GPU memory", f"{p.total_memory / 2**30:.1f} GiB")]
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                  "--format=csv,noheader"], capture_output=True, text=True,
+                                 timeout=20)
+            env.append(("driver", smi.stdout.strip().splitlines()[0]))
+        except (OSError, IndexError, subprocess.SubprocessError):
+            env.append(("driver", "n/a (no nvidia-smi)"))
+    else:
+        env.append(("CPU threads", str(torch.get_num_threads())))
+    for name in ("triton", "tvm_ffi"):
+        try:
+            mod = importlib.import_module(name)
+            env.append((name, f"{getattr(mod, '__version__', '?')} ({Path(mod.__file__).parent})"))
+        except Exception as exc:  # noqa: BLE001  (a missing module is a fact to report)
+            env.append((name, f"not importable: {short(exc)}"))
+    if bundle is not None:
+        try:
+            manifest = json.loads((bundle / "manifest.json").read_text())
+            kernels = manifest.get("kernels", [])
+            dims = sorted({k["static"].get("D") for k in kernels if "D" in k.get("static", {})})
+            kinds = sorted({k["static"].get("dtype", "float32") for k in kernels})
+            env.append(("bundle", f"{bundle.resolve()}: target {manifest.get('target')}, "
+                                  f"{len(kernels)} kernels, D {dims}, dtypes {kinds}"))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            env.append(("bundle", f"{bundle}: manifest unreadable ({short(exc)})"))
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        env.append(("repo commit", head or "n/a"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env
+
+
+# ---------------------------------------------------------------------------- timing
+
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def free_memory(dev) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_ms(fn, dev, warmup: int = 2, target_ms: float = 200.0, max_repeat: int = 30) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on a GPU), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    sync(dev)
+    estimate = (time.perf_counter() - t0) * 1e3
+    repeat = max(3, min(max_repeat, int(target_ms / max(estimate, 1e-3))))
+    if dev.type != "cuda":
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    events = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(dev)
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def machine_rates(dev, smoke: bool) -> dict:
+    """Device-to-device copy bandwidth (GB/s, read + write) and matmul rate (TFLOP/s)."""
+    nbytes = (64 if smoke else 1024) * 2**20
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src), dev, warmup=3)
+    m = 512 if smoke else 8192
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # CPU bf16 matmul is emulated
+    a, b = (torch.randn(m, m, device=dev).to(dt) for _ in range(2))
+    mm_ms = bench_ms(lambda: a @ b, dev, warmup=3)
+    return {"copy_GBps": 2 * nbytes / copy_ms / 1e6, "copy_desc": f"{nbytes >> 20} MiB copy_",
+            "matmul_TFLOPs": 2 * m**3 / mm_ms / 1e9,
+            "matmul_desc": f"{m}^3 {short_dtype(dt)} matmul"}
+
+
+# ---------------------------------------------------------------------------- correctness
+
+def draw_cases(seed: int, smoke: bool) -> list[dict]:
+    """Seeded cases, cheapest and most informative first: forward, stream, backward, the
+    large-N forwards (the float64 oracle is the expensive part), then the CUDA graph
+    captures last, so that a capture gone wrong cannot spoil the other checks."""
+    rng = random.Random(seed)
+    small, streams, backward, large, graphs = [], [], [], [], []
+    large_n = [300, 257, 200, 300, 231, 129] if smoke else [32768, 16411, 8191, 32768, 24007, 12345]
+    large_d = [64, 40, 64, 40, 64, 40] if smoke else [64, 128, 96, 64, 100, 128]
+    dims = (40, 64) if smoke else HEAD_DIMS  # smoke: few head dims = few CPU kernel compiles
+    combo = 0
+    for dtype in DTYPES:
+        for mode in MODES:
+            base = dict(dtype=dtype, mode=mode)
+            for i in range(3 if smoke else 12):
+                hi = 300 if smoke else (1100 if rng.random() < 0.7 else 4100)
+                N = rng.randint(40, hi)
+                if N % BLOCK == 0:
+                    N += rng.randint(1, BLOCK - 1)  # the partial last block is the tricky case
+                n = -(-N // BLOCK)
+                # Around a few blocks per row; the first case asks for every block (exact).
+                nb = (n * n + 3 if i == 0 else
+                      max(1, rng.randint(1, 8) * n + rng.randint(-(n // 2), n // 2)))
+                case = dict(base, check="forward", B=rng.randint(1, 2 if smoke else 3),
+                            H=rng.randint(1, 2 if smoke else 4), N=N, D=rng.choice(dims),
+                            masked=rng.random() < 0.5, num_blocks=nb,
+                            amp=rng.choice((0.5, 1.0, 2.0)), seed=rng.randrange(2**31))
+                small.append(case)
+                if i < (1 if smoke else 3) and N <= 2100:
+                    backward.append(dict(case, check="backward", num_blocks=max(1, 4 * n)))
+            n = -(-large_n[combo] // BLOCK)
+            large.append(dict(base, check="forward", B=1, H=1, N=large_n[combo], D=large_d[combo],
+                              masked=combo % 2 == 1, num_blocks=BLOCKS_PER_ROW * n, amp=1.0,
+                              seed=rng.randrange(2**31)))
+            common = dict(base, B=2, H=4, N=200 if smoke else 1000, D=64, masked=False,
+                          amp=1.0, seed=rng.randrange(2**31))
+            common["num_blocks"] = 4 * -(-common["N"] // BLOCK)
+            streams.append(dict(common, check="stream"))
+            graphs.append(dict(common, check="graph"))
+            combo += 1
+    return small + streams + backward + large + graphs
+
+
+def make_inputs(case: dict, dev, seed_offset: int = 0):
+    """q, k, v [B, H, N, D] and a [B, N] 0/1 mask (or None) for a case."""
+    B, H, N, D = case["B"], case["H"], case["N"], case["D"]
+    gen = torch.Generator(device=dev).manual_seed(case["seed"] + seed_offset)
+    q, k, v = (case["amp"] * torch.randn(B, H, N, D, generator=gen, device=dev) for _ in range(3))
+    q, k, v = (x.to(case["dtype"]) for x in (q, k, v))
+    mask = None
+    if case["masked"]:
+        rng = random.Random(case["seed"])
+        mask = torch.ones(B, N, dtype=case["dtype"], device=dev)
+        for b in range(B):
+            if b == 0 and B > 1:
+                continue  # one full row next to padded ones
+            mask[b, N - rng.randint(1, max(1, N // 3)):] = 0  # padding at the end
+            holes = torch.rand(N, generator=gen, device=dev) < 0.03  # and a few in the middle
+            mask[b, holes] = 0
+            mask[b, 0] = 1  # at least one real token
+    return q, k, v, mask
+
+
+def op(q, k, v, mask, num_blocks, mode):
+    return torch.ops.mra.attention(q, k, v, mask, num_blocks, mode)
+
+
+def selection(q, k, v, mask, num_blocks, mode):
+    sel, high = mc.block_selection(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode)
+    return sel.to(q.device), high.to(q.device)
+
+
+def rel_error(out, ref, mask) -> tuple[float, str]:
+    """max |out - ref| / max |ref| over real tokens, and a note.
+
+    Padded queries must be zero (spec step 6): a nonzero one counts as its size relative
+    to max |ref|, so it fails like any other error beyond the limit.
+    """
+    if out.shape != ref.shape or out.device != ref.device:
+        return math.inf, f"output {tuple(out.shape)} on {out.device}, expected {tuple(ref.shape)}"
+    diff, mag = (out.double() - ref).abs(), ref.abs()
+    note, pad_max = "", 0.0
+    if mask is not None:
+        real = mask.bool()[:, None, :, None]
+        pad_max = torch.where(real, 0.0, out.double().abs()).max().item()
+        if pad_max != 0:
+            note = f"padded queries not zero (max |out| = {pad_max:.3g})"
+        diff, mag = torch.where(real, diff, 0.0), torch.where(real, mag, 0.0)
+    worst = (diff.max().item(), pad_max)
+    if any(math.isnan(x) for x in worst):  # Python's max() would drop a NaN
+        return math.inf, note or "NaN in the output"
+    return max(worst) / max(mag.max().item(), 1e-30), note
+
+
+def check_forward(case, dev):
+    q, k, v, mask = make_inputs(case, dev)
+    nb, mode = case["num_blocks"], case["mode"]
+    Np = -(-case["N"] // BLOCK) * BLOCK
+    matrix = case["B"] * case["H"] * Np * Np * 8
+    if matrix > FP64_MATRIX_CAP:
+        return None, f"skipped: float64 oracle needs {matrix / 2**30:.1f} GiB per N x N matrix"
+    if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < 6 * matrix:
+        return None, "skipped: float64 oracle does not fit in free GPU memory"
+    with torch.no_grad():
+        out = op(q, k, v, mask, nb, mode)
+        sel = selection(q, k, v, mask, nb, mode)
+        ref = mc.reference.mra2_reference(
+            q.double(), k.double(), v.double(), None if mask is None else mask.double(),
+            num_blocks=nb, approx_mode=mode, selection=sel)
+    return rel_error(out, ref, mask)
+
+
+def check_backward(case, dev):
+    q, k, v, mask = make_inputs(case, dev)
+    nb, mode = case["num_blocks"], case["mode"]
+    grad = torch.randn(q.shape, generator=torch.Generator(device=dev).manual_seed(case["seed"] + 7),
+                       device=dev).to(q.dtype)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    got = torch.autograd.grad(op(*leaves, mask, nb, mode), leaves, grad)
+    sel = selection(q, k, v, mask, nb, mode)
+    leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = mc.reference.mra2_reference(*leaves64, None if mask is None else mask.double(),
+                                      num_blocks=nb, approx_mode=mode, selection=sel)
+    want = torch.autograd.grad(ref, leaves64, grad.double())
+    scale = max(w.abs().max().item() for w in want)
+    worst = [(g.double() - w).abs().max().item() for g, w in zip(got, want)]
+    if any(math.isnan(x) for x in worst):  # Python's max() would drop a NaN
+        return math.inf, "NaN in a gradient"
+    return max(worst) / max(scale, 1e-30), ""
+
+
+def check_stream(case, dev):
+    """The op must run on torch's current stream. Its inputs are filled on a side stream
+    behind a 10 ms sleep, and the default stream sleeps 100 ms first: kernels on any
+    other stream would read zero inputs or be read (cloned) before they finish."""
+    if dev.type != "cuda":
+        return None, "skipped: no CUDA"
+    q, k, v, _ = make_inputs(case, dev)
+    nb, mode = case["num_blocks"], case["mode"]
+    expected = op(q, k, v, None, nb, mode)
+    slots = [torch.zeros_like(x) for x in (q, k, v)]
+    torch.cuda.synchronize(dev)
+    side = torch.cuda.Stream(dev)
+    torch.cuda._sleep(200_000_000)  # ~100 ms on the default stream, not waited for
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)
+        for dst, src in zip(slots, (q, k, v)):
+            dst.copy_(src)
+        out = op(*slots, None, nb, mode)
+        snapshot = out.clone()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)
+    err_out, _ = rel_error(out, expected.double(), None)
+    err_snap, _ = rel_error(snapshot, expected.double(), None)
+    msg = "" if err_snap <= err_out else f"clone on the side stream differs ({err_snap:.2e})"
+    return max(err_out, err_snap), msg
+
+
+def check_graph(case, dev):
+    """Capture one forward in a CUDA graph; replay on new inputs copied into the static ones."""
+    if dev.type != "cuda":
+        return None, "skipped: no CUDA"
+    nb, mode = case["num_blocks"], case["mode"]
+    static = [x.clone() for x in make_inputs(case, dev)[:3]]
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's docs ask
+        for _ in range(3):
+            op(*static, None, nb, mode)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            static_out = op(*static, None, nb, mode)
+    except Exception as exc:
+        # Ending a broken capture raises again and hides the op's own error: report both.
+        inner = f" (inside the capture: {short(exc.__context__)})" if exc.__context__ else ""
+        raise RuntimeError(f"capture failed: {short(exc)}{inner}") from exc
+    op(*make_inputs(case, dev, 2)[:3], None, nb, mode)  # eager work between capture and replay
+    fresh = make_inputs(case, dev, 1)[:3]
+    for dst, src in zip(static, fresh):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    return rel_error(static_out, op(*fresh, None, nb, mode).double(), None)
+
+
+CHECKS = {"forward": (check_forward, FWD_LIMIT), "backward": (check_backward, BWD_LIMIT),
+          "stream": (check_stream, FWD_LIMIT), "graph": (check_graph, FWD_LIMIT)}
+
+
+def run_correctness(cases, dev, until: float, rows: list, progress) -> None:
+    for case in cases:
+        fn, limits = CHECKS[case["check"]]
+        row = {f: case.get(f) for f in CORR_FIELDS}
+        row.update(dtype=short_dtype(case["dtype"]), limit=limits[case["dtype"]], error=None)
+        t0 = time.monotonic()
+        if t0 > until:
+            row.update(status="SKIPPED", message="skipped: time budget")
+        else:
+            try:
+                err, msg = fn(case, dev)
+                row.update(error=err, message=msg)
+                row["status"] = ("SKIPPED" if err is None else
+                                 "PASS" if err <= row["limit"] else "FAIL")
+            except Exception as exc:  # noqa: BLE001  (every case is recorded, the run goes on)
+                row.update(status="FAIL", message=short(exc))
+            free_memory(dev)
+        row["seconds"] = time.monotonic() - t0
+        rows.append(row)
+        if row["status"] == "FAIL":
+            progress(f"  FAIL {case['check']} {row['dtype']} {row['mode']} B{row['B']} "
+                     f"H{row['H']} N{row['N']} D{row['D']}: {fmt(row['error'], 'error')} "
+                     f"{row['message']}")
+
+
+# ---------------------------------------------------------------------------- flex attention
+
+def kv_lists(blocks):
+    """(count [B, H, m] int32, indices [B, H, m, m] int32) of a bool block matrix, the
+    True columns of each row first (the BlockMask layout)."""
+    order = torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True)
+    return blocks.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous()
+
+
+def flex_block_mask(selected, N, variant):
+    """A BlockMask for the op's selected 32-token blocks ``selected`` [B, H, n, n].
+
+    Both variants carry a mask_mod that looks ``selected`` up per token: it defines the
+    function (eager flex evaluates it everywhere), while compiled kernels evaluate it only
+    in partial blocks and skip the unlisted ones.
+    "bs32": the selected blocks as full 32x32 blocks, exactly the op's work.
+    "bs128+mask_mod": flex's default 128-token tiles that hold a selected block; a partly
+    selected tile costs the whole 128x128 tile, so this does more work than the op (the
+    fallback where bs32 fails).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def lookup(b, h, q_idx, kv_idx):
+        return selected[b, h, q_idx // BLOCK, kv_idx // BLOCK]
+
+    if variant == "bs32":
+        count, order = kv_lists(selected)
+        return BlockMask.from_kv_blocks(torch.zeros_like(count), order.clone(), count, order,
+                                        BLOCK_SIZE=BLOCK, mask_mod=lookup, seq_lengths=(N, N))
+    B, H, n, _ = selected.shape
+    r, m = 128 // BLOCK, -(-n * BLOCK // 128)
+    tiles = F.pad(selected, (0, m * r - n, 0, m * r - n)).view(B, H, m, r, m, r)
+    some, every = tiles.any(5).any(3), tiles.all(5).all(3)
+    return BlockMask.from_kv_blocks(*kv_lists(some & ~every), *kv_lists(every), BLOCK_SIZE=128,
+                                    mask_mod=lookup, seq_lengths=(N, N))
+
+
+def make_flex(dev):
+    """flex_attention compiled once (eager on the CPU, where it only validates the BlockMask)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if dev.type != "cuda":
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return types.SimpleNamespace(fn=flex_attention, failed={})
+    for name in ("cache_size_limit", "recompile_limit"):  # each new shape compiles once
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    # A compile error must raise, not fall back to eager flex (dense N x N scores): that
+    # would time something else under Flex's name.
+    torch._dynamo.config.suppress_errors = False
+    return types.SimpleNamespace(fn=torch.compile(flex_attention, dynamic=False), failed={})
+
+
+def flex_call(flex, q, k, v, block_mask, variant):
+    # 32-token blocks need kernel tiles that divide them; the default forward tile is larger.
+    opts = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK} if variant == "bs32" else None
+    return flex.fn(q, k, v, block_mask=block_mask, kernel_options=opts)
+
+
+# ---------------------------------------------------------------------------- timings
+
+def timing_configs(smoke: bool):
+    if smoke:
+        return [(torch.bfloat16, 64, 256), SMOKE_SUMMARY]
+    configs = [(dt, d, n) for dt in (torch.bfloat16, torch.float16) for d in (64, 128)
+               for n in (1024, 2048, 4096, 8192, 16384, 32768)]
+    configs.remove(SUMMARY)
+    return [SUMMARY] + configs  # the must-show configuration first
+
+
+def reference_peak_bytes(H, N, dtype, backward: bool) -> float:
+    # About five [H, N, N] matrices of the dtype plus bool selections are alive at once;
+    # autograd keeps most of them, hence about 2.5x with the backward.
+    return H * N * N * (5 * torch.finfo(dtype).bits // 8 + 2) * (2.5 if backward else 1.0)
+
+
+def config_inputs(cfg, dev, args):
+    """Seeded q, k, v, upstream grad [1, H, N, D] of a timing configuration (dtype, D, N)."""
+    dtype, D, N = cfg
+    gen = torch.Generator(device=dev).manual_seed(args.seed + N + D)
+    H = 2 if args.smoke else 16
+    return [torch.randn(1, H, N, D, generator=gen, device=dev).to(dtype) for _ in range(4)]
+
+
+def make_measure(res: dict, q, k, v, g, dev, until: float):
+    """measure(key, impl, need_s): times impl(q, k, v) into res[key] = ms or "skipped: why".
+    key[2] "fwd" runs it under no_grad; "fwd+bwd" adds the gradients of q, k, v."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def measure(key, impl, need_s=5.0):
+        if until - time.monotonic() < need_s:
+            res[key] = "skipped: time budget"
+            return
+        if key[2] == "fwd":
+            def fn():
+                with torch.no_grad():
+                    return impl(q, k, v)
+        else:
+            def fn():
+                return torch.autograd.grad(impl(*leaves), leaves, g)
+        try:
+            res[key] = bench_ms(fn, dev)
+        except Exception as exc:  # noqa: BLE001  (recorded; the run goes on)
+            res[key] = f"skipped: {short(exc)}"
+            free_memory(dev)
+
+    return measure
+
+
+def time_baselines(cfg, entry, dev, args, until) -> None:
+    """The op (both modes), flash SDPA and the dense reference at one configuration."""
+    dtype, D, N = cfg
+    q, k, v, g = config_inputs(cfg, dev, args)
+    H, nb = q.shape[1], BLOCKS_PER_ROW * (N // BLOCK)
+    res = entry["res"]
+    measure = make_measure(res, q, k, v, g, dev, until)
+    for direction in DIRECTIONS:
+        for mode in MODES:
+            measure(("op", mode, direction), lambda a, b, c, m=mode: op(a, b, c, None, nb, m))
+        if dev.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def sdpa(a, b, c):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(a, b, c)
+            measure(("sdpa", None, direction), sdpa)
+        else:
+            res[("sdpa", None, direction)] = "skipped: no CUDA"
+    # The plain-torch oracle in the input dtype, where its N x N matrices fit.
+    cap = args.reference_max_gb * 1e9
+    if dev.type == "cuda":
+        cap = min(cap, 0.8 * torch.cuda.mem_get_info(dev)[0])
+    for mode in MODES:
+        sel = selection(q, k, v, None, nb, mode)
+        for direction in DIRECTIONS:
+            if reference_peak_bytes(H, N, dtype, direction != "fwd") > cap:
+                res[("reference", mode, direction)] = "skipped: dense N x N does not fit"
+            else:
+                measure(("reference", mode, direction), lambda a, b, c, m=mode, s=sel:
+                        mc.reference.mra2_reference(a, b, c, num_blocks=nb, approx_mode=m,
+                                                    selection=s), 15)
+        free_memory(dev)
+
+
+def time_flex(cfg, entry, dev, args, until, flex, progress) -> None:
+    """FlexAttention on exactly the op's blocks (T is the same in both modes), trying the
+    BlockMask variants in turn; a variant that failed once is not compiled again."""
+    N = cfg[2]
+    q, k, v, g = config_inputs(cfg, dev, args)
+    nb = BLOCKS_PER_ROW * (N // BLOCK)
+    res, variants = entry["res"], entry["variants"]
+    measure = make_measure(res, q, k, v, g, dev, until)
+    selected = selection(q, k, v, None, nb, "full")[0]
+    for direction in DIRECTIONS:
+        key = ("flex", None, direction)
+        res[key] = "skipped: no BlockMask variant worked (see notes)"
+        for variant in FLEX_VARIANTS:
+            if (direction, variant) in flex.failed:
+                continue
+            try:
+                mask = flex_block_mask(selected, N, variant)
+            except Exception as exc:  # noqa: BLE001  (e.g. an older BlockMask API)
+                res[key] = f"skipped: {short(exc)}"
+            else:
+                measure(key, lambda a, b, c, bm=mask, vr=variant:
+                        flex_call(flex, a, b, c, bm, vr), need_s=60)
+            if not isinstance(res[key], str):
+                variants[direction] = variant
+                break
+            if "budget" in res[key]:
+                break
+            flex.failed[(direction, variant)] = res[key]
+            progress(f"  flex {direction} {variant}: {res[key]}")
+    if "fwd" in variants:  # the op's sparse mode is the same function: checks the BlockMask
+        with torch.no_grad():
+            got = flex_call(flex, q, k, v, flex_block_mask(selected, N, variants["fwd"]),
+                            variants["fwd"])
+            entry["check"] = rel_error(got, op(q, k, v, None, nb, "sparse").double(), None)[0]
+    free_memory(dev)
+
+
+def timing_rows(cfg, entry) -> list[dict]:
+    """One row per mode and direction; SDPA and Flex (mode independent) repeat in both."""
+    dtype, D, N = cfg
+    rows = []
+    for mode in MODES:
+        for direction in DIRECTIONS:
+            row = {"dtype": short_dtype(dtype), "mode": mode, "direction": direction, "N": N,
+                   "D": D, "flex_variant": entry["variants"].get(direction, ""),
+                   "flex_vs_op_sparse": entry["check"] if direction == "fwd" else None}
+            notes = []
+            for impl, key_mode in (("op", mode), ("sdpa", None), ("flex", None),
+                                   ("reference", mode)):
+                value = entry["res"].get((impl, key_mode, direction), "skipped: not reached")
+                row[f"{impl}_ms"] = None if isinstance(value, str) else value
+                if isinstance(value, str):
+                    notes.append(f"{impl}: {value[len('skipped: '):]}")
+            for impl in ("sdpa", "flex"):
+                if row["op_ms"] and row[f"{impl}_ms"]:
+                    row[f"{impl}_over_op"] = row[f"{impl}_ms"] / row["op_ms"]
+            row["notes"] = "; ".join(notes)
+            rows.append(row)
+    return rows
+
+
+def run_timings(dev, args, until, flex, state, progress) -> None:
+    """Two passes over the configurations, must-show one first: the op, SDPA and the
+    reference everywhere (cheap), then Flex while time is left (each shape compiles)."""
+    configs = timing_configs(args.smoke)
+    entries = {}
+    for step, fn in (("op/SDPA/reference", time_baselines), ("Flex", time_flex)):
+        if step == "Flex" and flex is None:
+            break
+        for cfg in configs:
+            if until - time.monotonic() < 10:
+                state["notes"].append(f"timings: {step} not reached from {short_dtype(cfg[0])} "
+                                      f"D={cfg[1]} N={cfg[2]} on (time budget)")
+                break
+            entry = entries.setdefault(cfg, {"res": {}, "variants": {}, "check": None})
+            try:
+                if step == "Flex":
+                    fn(cfg, entry, dev, args, until, flex, progress)
+                else:
+                    fn(cfg, entry, dev, args, until)
+            except Exception as exc:  # noqa: BLE001
+                state["notes"].append(f"timings {step} {short_dtype(cfg[0])} D={cfg[1]} "
+                                      f"N={cfg[2]}: {short(exc)}")
+                free_memory(dev)
+            state["timings"] = [row for c in configs if c in entries
+                                for row in timing_rows(c, entries[c])]
+            write_outputs(state)
+            progress(f"  {step} {short_dtype(cfg[0])} D={cfg[1]} N={cfg[2]} done")
+
+
+# ---------------------------------------------------------------------------- kernels
+
+# (name fragment, formula, flops(R, n, N, D, K)); the first fragment found in the op name
+# wins. R = B*H rows, n = N/32 blocks per row, K = selected blocks per row, b = 32.
+FLOPS = (
+    ("pool_and_logits", "3*R*N*D + 2*R*n^2*D",
+     lambda R, n, N, D, K: 3 * R * N * D + 2 * R * n * n * D),
+    ("bwd_dkdv", "8*b^2*D*K*R", lambda R, n, N, D, K: 8 * BLOCK**2 * D * K * R),
+    ("bwd_dq", "6*b^2*D*K*R", lambda R, n, N, D, K: 6 * BLOCK**2 * D * K * R),
+    ("bwd_lowres", "6*R*n^2*D", lambda R, n, N, D, K: 6 * R * n * n * D),
+    ("bwd_prep", "2*R*N*D", lambda R, n, N, D, K: 2 * R * N * D),
+    ("lowres", "2*R*n^2*D", lambda R, n, N, D, K: 2 * R * n * n * D),
+    ("hires_units", "(overflow share; counted in hires_rows)", None),
+    ("hires", "4*b^2*D*K*R (all selected blocks)", lambda R, n, N, D, K: 4 * BLOCK**2 * D * K * R),
+)
+
+
+def kernel_table(dev, smoke: bool, rates: dict, rows: list) -> str:
+    """Trace one forward and one backward, re-time each kernel call on its own arguments."""
+    dtype, D, N = SMOKE_SUMMARY if smoke else SUMMARY
+    H = 2 if smoke else 16
+    n = N // BLOCK
+    K = BLOCKS_PER_ROW * n
+    gen = torch.Generator(device=dev).manual_seed(1)
+    q, k, v, g = (torch.randn(1, H, N, D, generator=gen, device=dev).to(dtype) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    with torch.no_grad():
+        op_fwd = bench_ms(lambda: op(q, k, v, None, K, "full"), dev)
+    totals = {}
+    with mc.build.trace_kernel_calls() as calls:
+        out = op(q, k, v, None, K, "full")
+    passes = [("forward", list(calls))]
+    with mc.build.trace_kernel_calls() as calls:
+        torch.autograd.grad(out, (q, k, v), g)
+    passes.append(("backward", list(calls)))
+    for name, recorded in passes:
+        for rec in recorded:
+            fn = mc.build.kernel(rec["op"], rec["knobs"], rec.get("target", "llvm"), **rec["static"])
+            ms = bench_ms(lambda f=fn, a=rec["args"]: f(*a), dev, target_ms=50)
+            nbytes = sum(a.numel() * a.element_size() for a in rec["args"]
+                         if isinstance(a, torch.Tensor))
+            formula, flops = "not estimated", None
+            for fragment, text, count in FLOPS:
+                if fragment in rec["op"]:
+                    formula, flops = text, count and count(H, n, N, D, K)
+                    break
+            static = ",".join(f"{key}={val}" for key, val in sorted(rec["static"].items()))
+            rows.append({"pass": name, "kernel": f"{rec['op']}({static})", "ms": ms,
+                         "bytes": nbytes, "GB/s": nbytes / ms / 1e6,
+                         "% copy bw": 100 * nbytes / ms / 1e6 / rates["copy_GBps"],
+                         "flops": flops, "flop formula": formula,
+                         "TFLOP/s": flops / ms / 1e9 if flops else None,
+                         "% matmul": (100 * flops / ms / 1e9 / rates["matmul_TFLOPs"]
+                                      if flops else None)})
+            totals[name] = totals.get(name, 0.0) + ms
+    return (f"{short_dtype(dtype)}, B=1, H={H}, N={N}, D={D}, {BLOCKS_PER_ROW} blocks/row, "
+            "full mode. "
+            f"Sum of kernel times: forward {totals.get('forward', 0):.3f} ms (whole op forward "
+            f"{op_fwd:.3f} ms), backward {totals.get('backward', 0):.3f} ms.")
+
+
+# ---------------------------------------------------------------------------- output
+
+def fmt(value, field: str = "") -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if field in ("error", "limit", "flex_vs_op_sparse"):
+            return "inf" if math.isinf(value) else f"{value:.2e}"
+        if field.endswith("over_op"):
+            return f"{value:.2f}x"
+        if field in ("flops",):
+            return f"{value:.3g}"
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def md_table(fields, rows) -> str:
+    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join(fmt(r.get(f), f) for f in fields) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_lines(state) -> list[str]:
+    corr = state["correctness"]
+    counts = {s: sum(r["status"] == s for r in corr) for s in ("PASS", "FAIL", "SKIPPED")}
+    ok = counts["FAIL"] == 0 and counts["PASS"] > 0 and not state["fatal"]
+    lines = [f"every correctness check passes: {'yes' if ok else 'no'} "
+             f"({counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIPPED']} skipped)"]
+    dtype, D, N = SMOKE_SUMMARY if state["smoke"] else SUMMARY
+    row = next((r for r in state["timings"] if r["dtype"] == short_dtype(dtype) and r["D"] == D
+                and r["N"] == N and r["mode"] == "full" and r["direction"] == "fwd"), None)
+    head = f"forward {short_dtype(dtype)} N={N} D={D} {BLOCKS_PER_ROW} blocks/row"
+    if row is None:
+        lines.append(f"{head}: not measured")
+    else:
+        def part(name, key, extra=""):
+            ms, ratio = row[f"{key}_ms"], row.get(f"{key}_over_op")
+            return f"{name} {fmt(ms) or 'n/a'} ms ({fmt(ratio, 'x_over_op') or 'n/a'}{extra})"
+        variant = f", BlockMask {row['flex_variant']}" if row["flex_variant"] else ""
+        lines.append(f"{head}: op {fmt(row['op_ms']) or 'n/a'} ms, {part('SDPA', 'sdpa')}, "
+                     f"{part('Flex', 'flex', variant)}")
+    return lines
+
+
+def render(state) -> str:
+    out = ["# MRA-2 CUDA check (bench/gpu_check.py)", "",
+           f"`{' '.join(state['argv'])}` — {state['date']}, {state['elapsed']:.0f} s of "
+           f"{state['budget']:.0f} s budget", "", "## Summary", ""]
+    out += [f"- {line}" for line in summary_lines(state) + state["fatal"] + state["notes"]]
+    out += ["", "## Environment", "", md_table(("fact", "value"),
+                                               [{"fact": k, "value": v} for k, v in state["env"]])]
+    out += ["", "## Correctness", "",
+            "Relative error = max |out − ref| / max |ref| over real tokens (gradients: over "
+            "dq, dk, dv together), ref = mra2_reference in float64 on the same device with the "
+            "op's own block selection; limits fp32 1e-5, fp16 2e-3, bf16 1e-2 (gradients 1e-4, "
+            "1e-2, 5e-2). stream: the op on a side stream; graph: CUDA graph replay vs eager."]
+    failing = [r for r in state["correctness"] if r["status"] == "FAIL"]
+    if failing:
+        out += ["", "### Failing checks", "", md_table(CORR_FIELDS, failing), "", "### All checks"]
+    out += ["", md_table(CORR_FIELDS, state["correctness"])]
+    out += ["", "## Timings", "",
+            "Median ms (CUDA events; wall clock on a CPU) after warm-up, no L2 flush; forward "
+            "under no_grad; B=1, "
+            f"{BLOCKS_PER_ROW} blocks per row; SDPA = flash backend; Flex = torch.compile'd "
+            "flex_attention on the op's selected blocks (variant bs32: BLOCK_SIZE=32 BlockMask, "
+            "the op's exact work; bs128+mask_mod: 128-token tiles with a per-token lookup, more "
+            "work); flex_vs_op_sparse = rel. diff of Flex against the op in sparse mode "
+            "(same function); reference = mra2_reference in the input dtype.", "",
+            md_table(TIME_FIELDS, state["timings"])]
+    rates = state["rates"]
+    out += ["", "## Kernels", "",
+            (f"Copy bandwidth {rates['copy_GBps']:.0f} GB/s ({rates['copy_desc']}, read + "
+             f"write), matmul {rates['matmul_TFLOPs']:.1f} TFLOP/s ({rates['matmul_desc']}). "
+             if rates else "") +
+            "Bytes = sum of the tensor arguments' sizes (a lower bound: re-reads not counted); "
+            "flops from the formula column; each kernel timed alone on its recorded "
+            "arguments (tiny kernels: launch overhead included). " + state["kernel_note"], "",
+            md_table(KERNEL_FIELDS, state["kernels"])]
+    return "\n".join(out) + "\n"
+
+
+def write_outputs(state) -> str:
+    out_dir = state["out"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state["elapsed"] = time.monotonic() - state["start"]
+    text = render(state)
+    (out_dir / "gpu_check.md").write_text(text)
+    for name, fields, rows in (("correctness.csv", CORR_FIELDS, state["correctness"]),
+                               ("timings.csv", TIME_FIELDS, state["timings"]),
+                               ("kernels.csv", KERNEL_FIELDS, state["kernels"])):
+        with open(out_dir / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return text
+
+
+# ---------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, help="kernel bundle from mra-compile build --target cuda")
+    p.add_argument("--out", type=Path,
+                   default=Path(os.environ.get("OUT") or REPO_ROOT / "bench" / "results" / "gpu"))
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="wall-clock budget of the whole run (default 420; 1800 with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes; runs on the CPU too")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-max-gb", type=float, default=48.0,
+                   help="time the dense reference only while its estimated peak fits")
+    args = p.parse_args(argv)
+    if args.budget_seconds is None:
+        args.budget_seconds = 1800.0 if args.smoke else 420.0
+    return args
+
+
+def main(argv=None) -> int:
+    global mc
+    args = parse_args(argv)
+    budget = Budget(args.budget_seconds)
+    # A hung call (a stuck compile or capture) must not eat the machine's time limit: dump
+    # the stacks and exit; the files written after each finished section stay.
+    faulthandler.dump_traceback_later(args.budget_seconds + 30, exit=True)
+    command = ["python", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]
+    state = {"argv": command,
+             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+             "start": budget.start, "budget": args.budget_seconds, "smoke": args.smoke,
+             "out": args.out, "fatal": [], "notes": [], "env": [], "rates": {},
+             "correctness": [], "timings": [], "kernels": [], "kernel_note": ""}
+
+    def progress(msg):
+        print(f"[{time.monotonic() - budget.start:6.1f}s] {msg}", flush=True)
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        bootstrap(args.bundle, state["notes"])
+        mc = importlib.import_module("mra_compile")
+        importlib.import_module("mra_compile.reference")
+        importlib.import_module("mra_compile.build")
+    except Exception as exc:  # noqa: BLE001  (report it in the files rather than crash)
+        state["fatal"].append(f"setup failed: {short(exc)}")
+        state["env"] = environment(dev, args.bundle)
+        print(write_outputs(state))
+        return 1
+    if not args.smoke and dev.type != "cuda":
+        state["notes"].append("no CUDA device: the GPU-only checks are skipped")
+    state["env"] = environment(dev, args.bundle)
+    progress(f"device {dev}; measuring copy bandwidth and matmul rate")
+    try:
+        state["rates"] = machine_rates(dev, args.smoke)
+        free_memory(dev)
+    except Exception as exc:  # noqa: BLE001
+        state["notes"].append(f"machine rates not measured: {short(exc)}")
+    write_outputs(state)
+
+    # Shares of the budget: correctness first, then timings, with a reserve for the kernels.
+    total = args.budget_seconds
+    cases = draw_cases(args.seed, args.smoke)
+    progress(f"correctness: {len(cases)} cases")
+    run_correctness(cases, dev, budget.start + 0.40 * total, state["correctness"], progress)
+    write_outputs(state)
+
+    progress("timings")
+    try:
+        flex = make_flex(dev)
+    except Exception as exc:  # noqa: BLE001
+        flex = None
+        state["notes"].append(f"FlexAttention unavailable: {short(exc)}")
+    run_timings(dev, args, budget.end - (20 if args.smoke else 45), flex, state, progress)
+    for (direction, variant), why in (flex.failed if flex else {}).items():
+        state["notes"].append(f"Flex {variant} {direction} failed, not retried: {why}")
+
+    # Last: re-running recorded kernels on stale arguments is the riskiest step.
+    progress("kernels")
+    if budget.left() > 5 and state["rates"]:
+        try:
+            state["kernel_note"] = kernel_table(dev, args.smoke, state["rates"], state["kernels"])
+        except Exception as exc:  # noqa: BLE001
+            state["kernel_note"] = f"kernel table failed: {short(exc)}"
+    else:
+        state["kernel_note"] = "skipped: time budget or no machine rates"
+    # Where the op's kernels came from: "library" is the bundle, "compiled" needs TVM.
+    origins = collections.Counter(e["origin"] for e in mc.cache_events())
+    state["env"].append(("kernels loaded", ", ".join(f"{v} {k}" for k, v in origins.items())
+                         or "none"))
+    text = write_outputs(state)
+    print(text)
+    lines = summary_lines(state)
+    print("\n".join(lines))
+    print(f"files in {state['out']}: gpu_check.md correctness.csv timings.csv kernels.csv")
+    return 0 if lines[0].startswith("every correctness check passes: yes") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

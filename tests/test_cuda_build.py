@@ -1,0 +1,178 @@
+"""CUDA kernels without a GPU: every kernel compiles to real device code for sm_80 and
+sm_90 with nvcc, uses shared memory, runs fp16/bf16 products on tensor cores, spills no
+registers, and the library loads with the TVM runtime only.
+
+Running them needs a GPU: ``bench/gpu_check.py`` does that on a lent H200.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mra_compile import cli, cuda_toolchain, library
+
+# CI sets MRA_COMPILE_REQUIRE_NVCC=1: there a missing nvcc fails these tests, never skips them.
+pytestmark = pytest.mark.skipif(
+    shutil.which("nvcc") is None and not os.environ.get("MRA_COMPILE_REQUIRE_NVCC"),
+    reason="needs nvcc on the PATH")
+
+HOT = ("hires_units", "hires_rows", "bwd_dq_units", "bwd_dkdv_units")
+HALF = ("float16", "bfloat16")
+
+
+def _build(tmp_path_factory, arch, head_dims):
+    out = tmp_path_factory.mktemp(f"cuda_{arch}")
+    argv = ["build", "--target", "cuda", "--arch", arch, "--out", str(out), "--head-dims",
+            *map(str, head_dims)]
+    assert cli.main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sm90(tmp_path_factory):
+    # 64: every product on tensor cores; 40 (padded to 48): P V's 3 column tiles do not
+    # split over 4 warps, so it stays on CUDA cores.
+    return _build(tmp_path_factory, "sm_90", (64, 40))
+
+
+@pytest.fixture(scope="module")
+def sm80(tmp_path_factory):
+    return _build(tmp_path_factory, "sm_80", (64,))
+
+
+def _manifest(directory):
+    return json.loads((directory / library.MANIFEST).read_text())
+
+
+def _kernel_bodies(source: str) -> dict[str, str]:
+    """``{kernel name: its definition}`` of a generated CUDA source."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(
+        r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;]*?\{', source)]
+    bodies = {}
+    for (start, name), (end, _) in zip(starts, starts[1:] + [(len(source), None)]):
+        bodies[name] = source[start:end]
+    return bodies
+
+
+def _by_op(directory):
+    """``{(op, io dtype): [kernel definitions]}`` of a CUDA library."""
+    entries = {e["symbol"]: e for e in _manifest(directory)["kernels"]}
+    source = (directory / library.CUDA_SOURCE).read_text()
+    grouped = {}
+    for name, body in _kernel_bodies(source).items():
+        entry = entries[cuda_toolchain.kernel_symbols(body)[name]]
+        key = (entry["op"], entry["static"].get("io", "float32"), entry["static"]["D"])
+        grouped.setdefault(key, []).append(body)
+    return grouped
+
+
+@pytest.mark.parametrize("fixture", ["sm80", "sm90"])
+def test_every_kernel_is_real_device_code(fixture, request):
+    directory = request.getfixturevalue(fixture)
+    arch = fixture.replace("sm", "sm_")
+    manifest = _manifest(directory)
+    assert manifest["target"] == f"cuda-{arch}"
+    images = cuda_toolchain.check_device_code(directory / library.LIBRARY, arch)
+    assert images and all(img["sm"] == int(arch[3:]) for img in images)
+    built = {(e["op"], json.dumps(e["static"], sort_keys=True)) for e in manifest["kernels"]}
+    expected = {(op, json.dumps(static, sort_keys=True)) for op, static in library.variants(
+        [32], [64] if fixture == "sm80" else [64, 40], ("float32", "float16", "bfloat16"))}
+    assert built == expected
+    # every kernel of the manifest has its device functions in the library's source
+    source = (directory / library.CUDA_SOURCE).read_text()
+    symbols = set(cuda_toolchain.kernel_symbols(source).values())
+    assert {e["symbol"] for e in manifest["kernels"]} <= symbols
+    for lib in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
+        assert (directory / "runtime" / lib).is_file()
+
+
+def test_hot_kernels_stage_blocks_in_shared_memory(sm90):
+    for (op, io, D), bodies in _by_op(sm90).items():
+        if op in HOT:
+            assert any("buf_dyn_shmem" in b or "__shared__" in b for b in bodies), (op, io, D)
+
+
+def test_half_precision_products_run_on_tensor_cores(sm90):
+    grouped = _by_op(sm90)
+    for op in ("hires_units", "hires_rows"):
+        for io in HALF:
+            body = "".join(grouped[(op, io, 64)])
+            # both products of a unit (q k^T and P V) on wmma fragments of the input dtype
+            assert body.count("nvcuda::wmma::mma_sync") >= 2, (op, io)
+            ctype = "half" if io == "float16" else "nv_bfloat16"
+            assert f"matrix_a, 16, 16, 16, {ctype}" in body, (op, io)
+            # D=48: q k^T still on tensor cores, P V (3 column tiles, 4 warps) on CUDA cores
+            assert "".join(grouped[(op, io, 48)]).count("nvcuda::wmma::mma_sync") >= 1
+        body32 = "".join(grouped[(op, "float32", 64)])
+        assert "wmma" not in body32  # fp32 stays on CUDA cores (exact to 1e-5)
+    ptx = cuda_toolchain.ptx((sm90 / library.CUDA_SOURCE).read_text(), "sm_90")
+    # PTX names fp16 operands implicitly (.f32.f32: fp32 result and accumulator)
+    assert re.search(r"wmma\.mma\.sync\.aligned\.row\.row\.m16n16k16\.f32\.f32\b", ptx)
+    assert re.search(r"wmma\.mma\.sync\.aligned\.row\.row\.m16n16k16\.f32\.bf16\.bf16\.f32", ptx)
+
+
+@pytest.mark.parametrize("fixture", ["sm80", "sm90"])
+def test_hot_kernels_do_not_spill(fixture, request):
+    directory = request.getfixturevalue(fixture)
+    arch = fixture.replace("sm", "sm_")
+    entries = {e["symbol"]: e for e in _manifest(directory)["kernels"]}
+    source = (directory / library.CUDA_SOURCE).read_text()
+    report = cuda_toolchain.ptxas_report(source, arch)
+    symbols = cuda_toolchain.kernel_symbols(source)
+    assert set(report) == set(symbols)
+    for name, stats in report.items():
+        op = entries[symbols[name]]["op"]
+        if op in HOT:
+            assert stats["spill_stores"] == 0 and stats["spill_loads"] == 0, (op, stats)
+            assert stats["stack_frame"] == 0, (op, stats)
+
+
+RUNTIME_ONLY = r"""
+import importlib.abc, json, sys
+
+class NoTVM(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "tvm" or name.startswith("tvm."):
+            raise ImportError("the TVM compiler is not installed here")
+
+sys.meta_path.insert(0, NoTVM())
+from mra_compile import build, library
+loaded = library._load(library.directories()[0])
+module, symbols = loaded
+manifest = json.loads(open(sys.argv[1] + "/manifest.json").read())
+found = [library.lookup(e["key"]) is not None for e in manifest["kernels"]]
+keys = [build.kernel_key(e["op"], e["static"], e["knobs"], manifest["target"])
+        for e in manifest["kernels"]]
+print(json.dumps({"found": all(found), "keys": keys == [e["key"] for e in manifest["kernels"]],
+                  "tvm": "tvm" in sys.modules}))
+"""
+
+
+def test_library_loads_with_the_runtime_only(sm80, tmp_path):
+    # As on a GPU machine without TVM: no compiler; the runtime comes from DIR/runtime/.
+    env = {**os.environ, library.ENV: str(sm80), "MRA_COMPILE_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, str(sm80)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "found": True, "keys": True, "tvm": False}
+
+
+def test_source_only_modules_are_refused(tmp_path):
+    # What TVM returns without a loaded CUDA runtime: a host library and no cubin.
+    fake = tmp_path / "source_only.so"
+    fake.write_bytes(b"\x7fELF" + b"\0" * 200 + b'extern "C" __global__ void k() {}')
+    with pytest.raises(cuda_toolchain.CudaToolchainError, match="no CUDA device code"):
+        cuda_toolchain.check_device_code(fake, "sm_90")
+
+
+@pytest.mark.parametrize("argv", [
+    ["build", "--target", "cuda", "--arch", "compute_90", "--out", "x"],
+    ["build", "--target", "cuda", "--arch", "sm_60", "--out", "x"],
+])
+def test_build_rejects_unknown_architectures(argv):
+    assert cli.main(argv) == 2

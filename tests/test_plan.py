@@ -1,0 +1,29 @@
+"""The work plan: its shape-only bounds (CUDA: no host synchronisation) hold for every
+selection, and a bounded plan is the exact plan plus empty units."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+from mra_compile import plan
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 24), data=st.data(), Cr=st.integers(0, 6), Co=st.integers(1, 4),
+       seed=st.integers(0, 2**31 - 1))
+def test_bounded_plan_is_the_exact_plan_plus_empty_units(n, data, Cr, Co, seed):
+    K = data.draw(st.integers(1, n * n))
+    g = torch.Generator().manual_seed(seed)
+    # Random selections, and the worst case for the bounds: whole block rows first.
+    rows = [torch.randperm(n * n, generator=g)[:K] for _ in range(2)] + [torch.arange(K)]
+    index = torch.stack(rows).sort(dim=1).values
+    exact = plan.make_plan(index, n, Cr, Co)
+    bounded = plan.make_plan(index, n, Cr, Co, exact=False)
+    U, ucap = plan.plan_bounds(K, n, Cr, Co)
+    assert exact.unit_row.shape[1] <= U == bounded.unit_row.shape[1]
+    assert exact.ucap <= ucap == bounded.ucap
+    for name in ("row_cols", "ov_start", "ov_units"):
+        assert torch.equal(getattr(exact, name), getattr(bounded, name))
+    used = exact.unit_row.shape[1]
+    assert torch.equal(bounded.unit_row[:, :used], exact.unit_row)
+    assert torch.equal(bounded.unit_cols[:, :used], exact.unit_cols)
+    assert (bounded.unit_row[:, used:] == -1).all() and (bounded.unit_cols[:, used:] == -1).all()
+    assert bounded.has_overflow or not exact.has_overflow
