@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from mra_compile import build, plan
-from mra_compile.forward import Saved, _on_device, _pad, _torch_single_threaded, _WORKSPACE, prepare
+from mra_compile.forward import (
+    Saved, _WORKSPACE, _on_device, _pad, _torch_single_threaded, check_grid, prepare)
 
 
 def _transpose_selection(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -62,6 +63,7 @@ def _backward(grad_out, q, k, v, mask, out, saved, full, b, knobs):
     by_query = plan.make_plan(saved.index, n, 0, Cq, exact)
     by_key = plan.make_plan(_transpose_selection(saved.index, n), n, 0, Ck, exact)
     Uq, Uk = by_query.unit_row.shape[1], by_key.unit_row.shape[1]
+    check_grid(dev, n=n, U=max(Uq, Uk))
     dq_unit = ws("dq_unit", R, Uq, b, Dp, dtype=dt)
     dk_unit, dv_unit = ws("dk_unit", R, Uk, b, Dp, dtype=dt), ws("dv_unit", R, Uk, b, Dp, dtype=dt)
     run("bwd_dq_units", pr.q, pr.k, pr.v, pr.mask, by_query.unit_row, by_query.unit_cols,

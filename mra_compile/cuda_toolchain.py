@@ -269,3 +269,10 @@ def ptx(source: str, arch: str) -> str:
         if proc.returncode != 0:
             raise CudaToolchainError(f"nvcc -ptx -arch={arch} failed:\n{proc.stderr[-3000:]}")
         return out.read_text()
+
+
+def nvcc_version() -> str:
+    """``nvcc --version``'s release line (e.g. "release 13.0, V13.0.48")."""
+    proc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if "release" in line]
+    return lines[-1].split(",", 1)[-1].strip() if lines else "unknown"

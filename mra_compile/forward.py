@@ -265,6 +265,20 @@ def mra_forward(
     return (out, saved) if save else out
 
 
+CUDA_GRID_Y = 65535  # blockIdx.y limit: CUDA kernels put a row's blocks / units there
+
+
+def check_grid(device, **extents: int) -> None:
+    """CUDA kernels launch one thread block per (row, block or unit)."""
+    if device.type != "cuda":
+        return
+    for name, extent in extents.items():
+        if extent > CUDA_GRID_Y:
+            raise ValueError(
+                f"num_blocks/N: {extent} {'blocks per row' if name == 'n' else 'work units per row'}"
+                f" exceed the CUDA grid's {CUDA_GRID_Y}; use fewer blocks or a larger block_size")
+
+
 def _on_device(device):
     """Make ``device`` current for the call: torch's current stream is per device, and
     the kernels launch on the current stream of their tensors' device."""
@@ -296,6 +310,7 @@ def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagon
                              target=pr.target)["blocks_per_unit"]
     p = plan.make_plan(lr.sel.index, n, Cr, Co, exact=dev.type == "cpu")
     U = p.unit_row.shape[1]
+    check_grid(dev, n=n, U=U)
 
     # Step 4 for the blocks beyond each row's own Cr: overflow units.
     ov_max, ov_sum = ws("unit_max", R, U, b, dtype=dt), ws("unit_sum", R, U, b, dtype=dt)

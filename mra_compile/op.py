@@ -36,6 +36,7 @@ BWD_SCHEMA = (
 def _check(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagonal_n):
     validate.check_options(num_blocks, approx_mode, block_size, first_n, diagonal_n)
     validate.check_tensors(q, k, v, mask)
+    validate.check_sizes(q, block_size, num_blocks)
 
 
 def _saved_shapes(q, num_blocks, block_size):

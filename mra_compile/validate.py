@@ -69,6 +69,25 @@ def check_tensors(q, k, v, mask) -> None:
             raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
 
 
+INDEX_LIMIT = 2**31  # the kernels index with 32-bit integers
+
+
+def check_sizes(q, block_size: int, num_blocks: int) -> None:
+    """Shapes the kernels' 32-bit indexing can address (fake-safe: shapes only)."""
+    B, H, N, D = q.shape
+    n = -(-N // block_size)
+    Dp = -(-D // 16) * 16
+    rows = B * H
+    if rows * n * block_size * Dp >= INDEX_LIMIT:
+        raise ValueError(
+            f"q: B*H*N*D = {rows}*{n * block_size}*{Dp} (N, D padded) must stay below 2**31 "
+            "elements, the kernels' 32-bit indexing; split the batch")
+    if rows * n * n >= INDEX_LIMIT:
+        raise ValueError(
+            f"q: B*H*n*n = {rows}*{n}*{n} low-resolution logits (n = N / block_size) must stay "
+            "below 2**31; use a larger block_size or split the batch")
+
+
 def check_mask_values(mask) -> None:
     """Mask entries must be 0 or 1 (reads the data: real implementation only)."""
     if mask is not None and mask.numel():

@@ -33,20 +33,32 @@ def _reduce_count(sch, block) -> int:
 WARP = 32
 
 
-def _thread_bind(sch, block, loops, threads):
+def _thread_bind(sch, block, loops, threads, vector=1):
     """Spread ``loops`` (consecutive spatial loops of ``block``, or none) over the block's
     threads: ``threads // 32`` warps (threadIdx.y) of 32 lanes (threadIdx.x).
 
     Every stage of a kernel binds the same extents (non-dividing ones are guarded), so
     thread extents agree, no two threads ever write one element, and the tensor-core
-    stages can give whole warps one tile each."""
+    stages can give whole warps one tile each. ``vector`` > 1: each thread moves that
+    many consecutive elements with one vector instruction (the innermost extent must be
+    a multiple of it)."""
     if not loops:
         loops = [sch.add_unit_loop(block)]
+    if vector > 1:
+        # Lanes along the innermost (contiguous) axis only: each vector is one row's
+        # consecutive elements, so its gather index is the same for every lane.
+        *loops, vec = [*loops[:-1], *sch.split(loops[-1], [None, vector])]
+        sch.vectorize(vec)
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     _, ty, tx = sch.split(fused, [None, threads // WARP, WARP])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     return tx
+
+
+def _itemsize(sch, name) -> int:
+    return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[
+        str(sch.get(sch.get_sblock(name)).writes[0].source.dtype)]
 
 
 def _spatial_loops_under(sch, block, anchor_depth):
@@ -66,14 +78,16 @@ def grid(sch, name, threads=256):
     sch.bind(tx, "threadIdx.x")
 
 
-def per_unit(sch, outputs, depth, threads, keep_global=(), custom=None):
+def per_unit(sch, outputs, depth, threads, keep_global=(), custom=None, copies=(),
+             vector_bytes=16):
     """One thread block per point of the first ``depth`` axes of ``outputs`` (merged).
 
     Every other computed stage is moved under that loop (consumers first), its buffer put
     in shared memory, and its spatial loops spread over ``threads`` threads. Stages in
     ``keep_global`` stay separate kernels (see ``grid``). ``custom(sch)``, run once the
-    stages are in place, schedules some stages itself and returns their names. Returns
-    the block loop."""
+    stages are in place, schedules some stages itself and returns their names.
+    ``copies``: gathers of contiguous rows (the key and value blocks), loaded with
+    ``vector_bytes``-wide (coalesced 16-byte) accesses. Returns the block loop."""
     # Rows on blockIdx.x, the unit within its row on blockIdx.y (up to 65535): not fused,
     # so that every index stays affine in the loops (tensorize requires it).
     unit = None
@@ -93,7 +107,9 @@ def per_unit(sch, outputs, depth, threads, keep_global=(), custom=None):
         if n in special:
             continue
         block = sch.get_sblock(n)
-        thread = _thread_bind(sch, block, _spatial_loops_under(sch, block, depth), threads)
+        vector = max(vector_bytes // _itemsize(sch, n), 1) if n in copies else 1
+        thread = _thread_bind(sch, block, _spatial_loops_under(sch, block, depth), threads,
+                              vector)
         if _reduce_count(sch, block):
             # Accumulate in a register, store once: a reduction updating shared memory
             # in place would need a barrier per step (and cannot have one under a guard).
@@ -233,26 +249,29 @@ def _io(sch) -> str:
     return str(sch.get(sch.get_sblock("k_g")).writes[0].source.dtype)
 
 
-def hires_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True):
+def hires_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16):
     """One thread block per overflow unit; see ``per_unit``. fp16/bf16: the unit's two
     products on tensor cores (``tensor_cores``)."""
     io = _io(sch)
     custom = _unit_tensor_cores(threads, io) if tensor_cores and io in HALF else None
-    per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom)
+    per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
+             copies=("k_g", "v_g"), vector_bytes=vector_bytes)
     return sch
 
 
 HALF = ("float16", "bfloat16")
 
 
-def hires_rows(sch, *, threads=128, blocks_per_row=2, tensor_cores=True, full=True):
+def hires_rows(sch, *, threads=128, blocks_per_row=2, tensor_cores=True, vector_bytes=16,
+               full=True):
     """One thread block per (row, query block): its own unit, the merge of its overflow
     units, the low-resolution part and the normalisation, the output written once."""
     # [b, ucap] has a symbolic extent: recompute the merge factors where they are used.
     sch.compute_inline(sch.get_sblock("ov_scale"))
     io = _io(sch)
     custom = _unit_tensor_cores(threads, io) if tensor_cores and io in HALF else None
-    per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom)
+    per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom,
+             copies=("k_g", "v_g"), vector_bytes=vector_bytes)
     return sch
 
 
@@ -304,8 +323,8 @@ OPERATOR_KNOBS = {
 KNOBS = {
     "pool_and_logits": dict(threads=256),
     "lowres_out": dict(threads=256),
-    "hires_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True),
-    "hires_rows": dict(threads=128, blocks_per_row=2, tensor_cores=True),
+    "hires_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16),
+    "hires_rows": dict(threads=128, blocks_per_row=2, tensor_cores=True, vector_bytes=16),
     "bwd_prep": dict(threads=128),
     "bwd_dq_units": dict(threads=128, blocks_per_unit=2),
     "bwd_dkdv_units": dict(threads=128, blocks_per_unit=2),

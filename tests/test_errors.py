@@ -96,6 +96,14 @@ CASES = [
          r"\bk\b.*device"),
     case("mask-meta", lambda: call_op(mask=torch.ones(B, N, device="meta")), VE,
          r"\bmask\b.*device"),
+    # Sizes past the kernels' 32-bit indexing (meta tensors: no memory).
+    case("too-many-elements",
+         lambda: op(*(torch.empty(1, 1, 2**26, 64, device="meta") for _ in range(3)), None, 3),
+         VE, r"\bq\b.*2\*\*31"),
+    case("too-many-logits",
+         lambda: op(*(torch.empty(64, 16, 2**16, 16, device="meta") for _ in range(3)), None, 3,
+                    "full", 8),
+         VE, r"\bq\b.*2\*\*31"),
     # Mask shape, type and values.
     case("mask-1d", lambda: call_op(mask=torch.ones(N)), VE, r"\bmask\b.*shape"),
     case("mask-3d", lambda: call_op(mask=torch.ones(B, 1, N)), VE, r"\bmask\b.*shape"),
