@@ -33,7 +33,7 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, approx_mode: str, b
 
 def _backward(grad_out, q, k, v, mask, out, saved, full, b, knobs):
     B, H, N, D = q.shape
-    pr = prepare(q, k, v, mask, b)  # the backward kernels take q, k, v in the compute dtype
+    pr = prepare(q, k, v, mask, b, keep_io=True)  # CUDA fp16/bf16: the unit kernels take them
     R, Np, Dp = pr.q.shape
     n = Np // b
     dt, dev = pr.dtype, q.device
@@ -42,7 +42,8 @@ def _backward(grad_out, q, k, v, mask, out, saved, full, b, knobs):
         return _WORKSPACE.get(name, *shape, dtype=dtype, device=dev)
 
     def run(op, *args):
-        return build.kernel(op, knobs.get(op), pr.target, **pr.static)(*args)
+        static = pr.io_static if op in ("bwd_dq_units", "bwd_dkdv_units") else pr.static
+        return build.kernel(op, knobs.get(op), pr.target, **static)(*args)
 
     dout = _pad(grad_out, Np - N, Dp - D, dt)
     outp = _pad(out, Np - N, Dp - D, dt)

@@ -3,7 +3,8 @@
 Inputs are validated by the caller (``mra_compile.validate``). Computation is in
 float32, or in float64 for float64 inputs. On the CPU float16/bfloat16 inputs are upcast
 and the result cast back; on CUDA the kernels that read q, k, v take them as they are
-(fp16/bf16 tensor-core operands, fp32 sums) and write the output in their dtype.
+(fp16/bf16 tensor-core operands, fp32 sums) and the forward writes the output in their
+dtype.
 Tensors live on the inputs' device; CUDA kernels run on torch's current stream there.
 
 Stages: ``prepare`` (pad, mask tensors) -> ``pool_and_logits`` kernel -> block selection

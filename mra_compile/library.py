@@ -26,7 +26,8 @@ ENV = "MRA_COMPILE_KERNEL_LIBRARY"
 SCHEMA_VERSION = 1
 
 
-IO_OPS = ("pool_and_logits", "hires_units", "hires_rows")  # read q, k, v (fp16/bf16 on CUDA)
+# The kernels that read q, k, v (fp16/bf16 ones on CUDA; the others compute in float32).
+IO_OPS = ("pool_and_logits", "hires_units", "hires_rows", "bwd_dq_units", "bwd_dkdv_units")
 OPS = ("pool_and_logits", "lowres_out", "hires_units", "bwd_prep", "bwd_dq_units",
        "bwd_dkdv_units", "bwd_lowres", "bwd_finish")
 

@@ -474,25 +474,31 @@ def bwd_prep(b: int, D: int, dtype: str = "float32"):
     return [dout, out, inv_z, lo_w, g, dsum, ga, da]
 
 
-def _bwd_inputs(D, dt):
-    R, N, heads, scale, q, k, v, mask = _inputs(D, dt)
+def _bwd_inputs(D, dt, io=None):
+    R, N, heads, scale, q, k, v, mask = _inputs(D, dt, io)
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), dt, "g")
     dsum = te.placeholder((R, N), dt, "dsum")
     return R, N, heads, scale, q, k, v, mask, stab, g, dsum
 
 
-def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
+def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
+                 io: str | None = None):
     """dq of the high-resolution part, per unit (one query block x C key blocks).
 
-    in : q, k, v [R, N, D]; mask [Bm, N]; unit_row [R, U]; unit_cols [R, U, C] i32;
-         stab [R, N]; g [R, N, D]; dsum [R, N]; heads, scale
+    in : q, k, v [R, N, D] (``io`` dtype); mask [Bm, N]; unit_row [R, U];
+         unit_cols [R, U, C] i32; stab [R, N]; g [R, N, D]; dsum [R, N]; heads, scale
     out: dq_unit [R, U, b, D] (summed over a block row's units by ``bwd_finish``)
+
+    Like the forward's units, the three products read gathered operands in ``io``
+    (``k_g``, ``v_g``, ``q_t``, ``g_t``, ``ds_t``: tensor-core tiles on CUDA for fp16/bf16)
+    and sum in ``dtype``; the CPU schedules inline the gathers.
     """
     dt = dtype
+    io = io or dt
     C = blocks_per_unit
     W = C * b
-    R, N, heads, scale, q, k, v, mask, stab, g, dsum = _bwd_inputs(D, dt)
+    R, N, heads, scale, q, k, v, mask, stab, g, dsum = _bwd_inputs(D, dt, io)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
     unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
@@ -513,20 +519,27 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
     )
     q_t = te.compute(
         (R, U, D, b),
-        lambda r, u, d, t: q[r, qtok(r, u, t), d] * mask[r // heads, qtok(r, u, t)] * scale,
+        lambda r, u, d, t: (
+            q[r, qtok(r, u, t), d].astype(dt) * mask[r // heads, qtok(r, u, t)] * scale
+        ).astype(io),
         name="q_t",
     )
-    g_t = te.compute((R, U, D, b), lambda r, u, d, t: g[r, qtok(r, u, t), d], name="g_t")
+    g_t = te.compute((R, U, D, b), lambda r, u, d, t: g[r, qtok(r, u, t), d].astype(io),
+                     name="g_t")
+    k_g = te.compute((R, U, W, D), lambda r, u, w, d: k[r, key(r, u, w), d], name="k_g")
+    v_g = te.compute((R, U, W, D), lambda r, u, w, d: v[r, key(r, u, w), d], name="v_g")
     d0 = te.reduce_axis((0, D), "d0")
     dots = te.compute(
         (R, U, W, b),
-        lambda r, u, w, t: te.sum(k[r, key(r, u, w), d0] * q_t[r, u, d0, t], axis=d0),
+        lambda r, u, w, t: te.sum(k_g[r, u, w, d0].astype(dt) * q_t[r, u, d0, t].astype(dt),
+                                  axis=d0),
         name="dots",
     )
     d1 = te.reduce_axis((0, D), "d1")
     dp = te.compute(
         (R, U, W, b),
-        lambda r, u, w, t: te.sum(v[r, key(r, u, w), d1] * g_t[r, u, d1, t], axis=d1),
+        lambda r, u, w, t: te.sum(v_g[r, u, w, d1].astype(dt) * g_t[r, u, d1, t].astype(dt),
+                                  axis=d1),
         name="dp",
     )
     ds = te.compute(
@@ -542,27 +555,34 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
         ),
         name="ds",
     )
+    ds_t = te.compute((R, U, b, W), lambda r, u, t, w: ds[r, u, w, t].astype(io), name="ds_t")
     w1 = te.reduce_axis((0, W), "w1")
     dq_unit = te.compute(
         (R, U, b, D),
-        lambda r, u, t, d: te.sum(ds[r, u, w1, t] * k[r, key(r, u, w1), d], axis=w1),
+        lambda r, u, t, d: te.sum(ds_t[r, u, t, w1].astype(dt) * k_g[r, u, w1, d].astype(dt),
+                                  axis=w1),
         name="dq_unit",
     )
     return [q, k, v, mask, unit_row, unit_cols, stab, g, dsum, dq_unit, heads, scale]
 
 
-def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"):
+def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
+                   io: str | None = None):
     """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
 
-    in : q, k, v [R, N, D]; mask [Bm, N]; unit_col [R, U] (the key block);
+    in : q, k, v [R, N, D] (``io`` dtype); mask [Bm, N]; unit_col [R, U] (the key block);
          unit_rows [R, U, C] i32 (query blocks, -1 empty); stab [R, N]; g [R, N, D];
          dsum [R, N]; heads, scale
     out: dk_unit, dv_unit [R, U, b, D] (summed per key block by ``bwd_finish``)
+
+    The four products read gathered ``io`` operands (``q_g``, ``g_g``, ``k_t``, ``v_t``,
+    ``prob_t``, ``ds_t``), as in ``bwd_dq_units``.
     """
     dt = dtype
+    io = io or dt
     C = blocks_per_unit
     W = C * b
-    R, N, heads, scale, q, k, v, mask, stab, g, dsum = _bwd_inputs(D, dt)
+    R, N, heads, scale, q, k, v, mask, stab, g, dsum = _bwd_inputs(D, dt, io)
     U = te.var("U", dtype=I32)
     unit_col = te.placeholder((R, U), I32, "unit_col")
     unit_rows = te.placeholder((R, U, C), I32, "unit_rows")
@@ -585,20 +605,27 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32")
                           name="key_mask")
     k_t = te.compute(
         (R, U, D, b),
-        lambda r, u, d, s: k[r, ktok(r, u, s), d] * key_mask[r, u, s] * scale,
+        lambda r, u, d, s: (
+            k[r, ktok(r, u, s), d].astype(dt) * key_mask[r, u, s] * scale
+        ).astype(io),
         name="k_t",
     )
     v_t = te.compute((R, U, D, b), lambda r, u, d, s: v[r, ktok(r, u, s), d], name="v_t")
+    q_g = te.compute((R, U, W, D), lambda r, u, w, d: q[r, qtok(r, u, w), d], name="q_g")
+    g_g = te.compute((R, U, W, D), lambda r, u, w, d: g[r, qtok(r, u, w), d].astype(io),
+                     name="g_g")
     d0 = te.reduce_axis((0, D), "d0")
     dots = te.compute(
         (R, U, W, b),
-        lambda r, u, w, s: te.sum(q[r, qtok(r, u, w), d0] * k_t[r, u, d0, s], axis=d0),
+        lambda r, u, w, s: te.sum(q_g[r, u, w, d0].astype(dt) * k_t[r, u, d0, s].astype(dt),
+                                  axis=d0),
         name="dots",
     )
     d1 = te.reduce_axis((0, D), "d1")
     dp = te.compute(
         (R, U, W, b),
-        lambda r, u, w, s: te.sum(g[r, qtok(r, u, w), d1] * v_t[r, u, d1, s], axis=d1),
+        lambda r, u, w, s: te.sum(g_g[r, u, w, d1].astype(dt) * v_t[r, u, d1, s].astype(dt),
+                                  axis=d1),
         name="dp",
     )
     prob = te.compute(
@@ -618,16 +645,21 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32")
         * (query_factor[r, u, w] * scale),  # dA/dk's factor, folded in
         name="ds",
     )
+    prob_t = te.compute((R, U, b, W), lambda r, u, s, w: prob[r, u, w, s].astype(io),
+                        name="prob_t")
+    ds_t = te.compute((R, U, b, W), lambda r, u, s, w: ds[r, u, w, s].astype(io), name="ds_t")
     w1 = te.reduce_axis((0, W), "w1")
     dv_unit = te.compute(
         (R, U, b, D),
-        lambda r, u, s, d: te.sum(prob[r, u, w1, s] * g[r, qtok(r, u, w1), d], axis=w1),
+        lambda r, u, s, d: te.sum(prob_t[r, u, s, w1].astype(dt) * g_g[r, u, w1, d].astype(dt),
+                                  axis=w1),
         name="dv_unit",
     )
     w2 = te.reduce_axis((0, W), "w2")
     dk_unit = te.compute(
         (R, U, b, D),
-        lambda r, u, s, d: te.sum(ds[r, u, w2, s] * q[r, qtok(r, u, w2), d], axis=w2),
+        lambda r, u, s, d: te.sum(ds_t[r, u, s, w2].astype(dt) * q_g[r, u, w2, d].astype(dt),
+                                  axis=w2),
         name="dk_unit",
     )
     return [q, k, v, mask, unit_col, unit_rows, stab, g, dsum, dk_unit, dv_unit, heads, scale]

@@ -205,6 +205,8 @@ def bwd_prep(sch, *, vec=16):
 
 def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=2):
     """Parallel over (row, unit): logits and dP = g v^T as [W, b] tiles, dS, dS k."""
+    for name in ("k_g", "v_g", "ds_t"):  # CUDA's tensor-core tiles: read in place here
+        sch.compute_inline(sch.get_sblock(name))
     ru = _merged_parallel(sch, ("dq_unit",), 2)
     for name in ("ds", "dots", "dp", "q_t", "g_t", "key_factor"):
         sch.compute_at(sch.get_sblock(name), ru)
@@ -219,6 +221,8 @@ def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=2):
 def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=2):
     """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b], then P^T g and
     dS^T q."""
+    for name in ("q_g", "g_g", "prob_t", "ds_t"):  # CUDA's tensor-core tiles
+        sch.compute_inline(sch.get_sblock(name))
     ru = _merged_parallel(sch, ("dk_unit", "dv_unit"), 2)
     for name in ("ds", "prob", "dots", "dp", "k_t", "v_t", "query_factor", "key_mask"):
         sch.compute_at(sch.get_sblock(name), ru)

@@ -213,8 +213,9 @@ def _wmma_matmul(sch, name, a_index, b_index, warps, io):
     loops = sch.get_loops(block)
     tile = loops[[sch.get(loop).same_as(sch.get(k_o)) for loop in loops].index(True) - 1]
     sch.reverse_compute_at(acc, tile)  # each warp stores the tile it computed
-    frag_a = sch.cache_read(block, a_index, "wmma.matrix_a")
-    frag_b = sch.cache_read(block, b_index, "wmma.matrix_b")
+    # (only for this stage: an operand may feed two products, as k_g does in dq)
+    frag_a = sch.cache_read(block, a_index, "wmma.matrix_a", consumer_blocks=[block])
+    frag_b = sch.cache_read(block, b_index, "wmma.matrix_b", consumer_blocks=[block])
     for frag in (frag_a, frag_b):
         sch.compute_at(frag, k_o)
     init = sch.decompose_reduction(block, k_o)
@@ -232,28 +233,38 @@ def _wmma_matmul(sch, name, a_index, b_index, warps, io):
     return True
 
 
-def _unit_tensor_cores(threads, io):
-    """``custom`` for ``per_unit``: q k^T and P V of a unit on tensor cores, where their
-    shapes split into 16x16 tiles for every warp (else they stay on CUDA cores)."""
+def _tensor_cores(threads, io, products):
+    """``custom`` for ``per_unit``: the unit's ``products`` (stages [M, N] = sum_k A B with
+    A, B its first two reads) on tensor cores, where their shapes split into 16x16 tiles
+    for every warp (else they stay on CUDA cores)."""
     warps = threads // WARP
 
     def schedule(sch):
-        # dots[w, t] = sum_d k_g[w, d] q_t[d, t];  unit_out[t, d] = sum_w prob_io[t, w] v_g[w, d]
-        return [name for name in ("dots", "unit_out") if _wmma_matmul(sch, name, 0, 1, warps, io)]
+        return [name for name in products if _wmma_matmul(sch, name, 0, 1, warps, io)]
 
     return schedule
 
 
-def _io(sch) -> str:
+# A unit's products, as [M, N] = sum_k A[M, k] B[k, N] (A, B: the stage's first two reads).
+FORWARD_PRODUCTS = ("dots", "unit_out")  # k_g q_t, prob_io v_g
+DQ_PRODUCTS = ("dots", "dp", "dq_unit")  # k_g q_t, v_g g_t, ds_t k_g
+DKDV_PRODUCTS = ("dots", "dp", "dv_unit", "dk_unit")  # q_g k_t, g_g v_t, prob_t g_g, ds_t q_g
+
+
+def _io(sch, gather="k_g") -> str:
     """The dtype of q, k, v in the PrimFunc (float16/bfloat16 kernels use tensor cores)."""
-    return str(sch.get(sch.get_sblock("k_g")).writes[0].source.dtype)
+    return str(sch.get(sch.get_sblock(gather)).writes[0].source.dtype)
+
+
+def _custom(sch, threads, tensor_cores, products, gather="k_g"):
+    io = _io(sch, gather)
+    return _tensor_cores(threads, io, products) if tensor_cores and io in HALF else None
 
 
 def hires_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16):
     """One thread block per overflow unit; see ``per_unit``. fp16/bf16: the unit's two
     products on tensor cores (``tensor_cores``)."""
-    io = _io(sch)
-    custom = _unit_tensor_cores(threads, io) if tensor_cores and io in HALF else None
+    custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
     per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
     return sch
@@ -268,8 +279,7 @@ def hires_rows(sch, *, threads=128, blocks_per_row=2, tensor_cores=True, vector_
     units, the low-resolution part and the normalisation, the output written once."""
     # [b, ucap] has a symbolic extent: recompute the merge factors where they are used.
     sch.compute_inline(sch.get_sblock("ov_scale"))
-    io = _io(sch)
-    custom = _unit_tensor_cores(threads, io) if tensor_cores and io in HALF else None
+    custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
     per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
     return sch
@@ -286,15 +296,37 @@ def bwd_prep(sch, *, threads=128):
     return sch
 
 
-def bwd_dq_units(sch, *, threads=128, blocks_per_unit=2):
-    """One thread block per query-block unit."""
-    per_unit(sch, ("dq_unit",), 2, threads)
+def _backward_products(sch, products, output):
+    """The backward's tensor-core products. At D >= 128, TVM 0.27 fails to lower the
+    [b, D] products whose B operand is also another product's A (k_g in dq; q_g, g_g in
+    dk, dv): "tvm_access_ptr element type must match the source buffer". Those stay on
+    CUDA cores there (D = 64 has every product on tensor cores)."""
+    head_dim = int(sch.get(sch.get_loops(sch.get_sblock(output))[-2]).extent)  # (t, d, w)
+    if head_dim < 128:
+        return products
+    return tuple(p for p in products if p in ("dots", "dp"))
+
+
+def bwd_dq_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16):
+    """One thread block per query-block unit; fp16/bf16: its three products on tensor
+    cores."""
+    if _io(sch) not in HALF:
+        # fp32 (CUDA cores): at 128 threads ptxas spills 16 B on sm_80; 256 do not.
+        threads = max(threads, 256)
+    custom = _custom(sch, threads, tensor_cores, _backward_products(sch, DQ_PRODUCTS, "dq_unit"))
+    per_unit(sch, ("dq_unit",), 2, threads, custom=custom, copies=("k_g", "v_g"),
+             vector_bytes=vector_bytes)
     return sch
 
 
-def bwd_dkdv_units(sch, *, threads=128, blocks_per_unit=2):
-    """One thread block per key-block unit."""
-    per_unit(sch, ("dk_unit", "dv_unit"), 2, threads)
+def bwd_dkdv_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True,
+                   vector_bytes=16):
+    """One thread block per key-block unit; fp16/bf16: its four products on tensor
+    cores."""
+    custom = _custom(sch, threads, tensor_cores,
+                     _backward_products(sch, DKDV_PRODUCTS, "dk_unit"), gather="q_g")
+    per_unit(sch, ("dk_unit", "dv_unit"), 2, threads, custom=custom, copies=("q_g", "g_g"),
+             vector_bytes=vector_bytes)
     return sch
 
 
@@ -326,8 +358,8 @@ KNOBS = {
     "hires_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16),
     "hires_rows": dict(threads=128, blocks_per_row=2, tensor_cores=True, vector_bytes=16),
     "bwd_prep": dict(threads=128),
-    "bwd_dq_units": dict(threads=128, blocks_per_unit=2),
-    "bwd_dkdv_units": dict(threads=128, blocks_per_unit=2),
+    "bwd_dq_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16),
+    "bwd_dkdv_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16),
     "bwd_lowres": dict(threads=256),
     "bwd_finish": dict(threads=128),
 }

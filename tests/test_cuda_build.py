@@ -109,6 +109,11 @@ def test_half_precision_products_run_on_tensor_cores(sm90):
             assert "".join(grouped[(op, io, 48)]).count("nvcuda::wmma::mma_sync") >= 1
         body32 = "".join(grouped[(op, "float32", 64)])
         assert "wmma" not in body32  # fp32 stays on CUDA cores (exact to 1e-5)
+    # The backward's unit products too: dq has 3 (q k^T, g v^T, dS k), dk/dv 4.
+    for op, products in (("bwd_dq_units", 3), ("bwd_dkdv_units", 4)):
+        for io in HALF:
+            assert "".join(grouped[(op, io, 64)]).count("nvcuda::wmma::mma_sync") >= products
+        assert "wmma" not in "".join(grouped[(op, "float32", 64)])
     ptx = cuda_toolchain.ptx((sm90 / library.CUDA_SOURCE).read_text(), "sm_90")
     # PTX names fp16 operands implicitly (.f32.f32: fp32 result and accumulator)
     assert re.search(r"wmma\.mma\.sync\.aligned\.row\.row\.m16n16k16\.f32\.f32\b", ptx)
