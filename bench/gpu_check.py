@@ -3,9 +3,14 @@
     python bench/gpu_check.py --bundle BUNDLE_DIR --out $OUT        # the lent H200, < 8 min
     python bench/gpu_check.py --smoke --out /tmp/gpucheck_smoke      # tiny run, any device
 
-BUNDLE_DIR is made by ``mra-compile build --target cuda --arch sm_90 --out BUNDLE_DIR`` and
-holds mra_kernels.so, manifest.json, runtime/libtvm_runtime*.so and
-wheels/apache_tvm_ffi-*.whl. When ``tvm_ffi`` is missing, the carried wheel is installed
+BUNDLE_DIR is made here (nvcc, no GPU needed; about 10 MB) by
+
+    mra-compile build --target cuda --arch sm_90 --out bench/gpu_bundle \
+        --head-dims 40 64 72 96 100 128 --wheel-for-python 3.12
+
+(the head dims the checks below use) and holds mra_kernels.so, manifest.json,
+runtime/libtvm_runtime*.so and wheels/apache_tvm_ffi-*.whl; carry it to the GPU machine
+(``run`` tool: carry=["bench/gpu_bundle"]). When ``tvm_ffi`` is missing, the carried wheel is installed
 offline into /tmp/mra_pylib; MRA_COMPILE_KERNEL_LIBRARY is pointed at the bundle before
 ``import mra_compile``, so no TVM compiler is needed. Without --bundle the installed
 package is used as is (it compiles CPU kernels with TVM when run here).

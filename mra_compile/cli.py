@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -41,6 +42,25 @@ def _add_info(sub) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def _cuda_line() -> str:
+    """GPUs torch sees, and whether CUDA kernels can be built here (nvcc)."""
+    import shutil
+
+    import torch
+
+    from mra_compile import cuda_toolchain
+
+    if torch.cuda.is_available():
+        gpus = ", ".join(f"{torch.cuda.get_device_name(i)} (sm_"
+                         f"{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+                         for i in range(torch.cuda.device_count()))
+    else:
+        gpus = "no GPU visible to torch"
+    nvcc = (f"nvcc {cuda_toolchain.nvcc_version()} (mra-compile build --target cuda works)"
+            if shutil.which("nvcc") else "no nvcc (CUDA kernels can only come from a library)")
+    return f"{gpus}; {nvcc}"
+
+
 def _cmd_info(args) -> int:
     from mra_compile import build, records, tuning
 
@@ -60,6 +80,16 @@ def _cmd_info(args) -> int:
     cache = build.cache_dir()
     count = len(list(cache.glob("*.so"))) if cache.is_dir() else 0
     print(f"kernel cache: {cache} ({count} kernels)")
+    print(f"cuda: {_cuda_line()}")
+    from mra_compile import library
+
+    for directory in library.directories():
+        try:
+            manifest = json.loads((Path(directory) / library.MANIFEST).read_text())
+            state = f"target {manifest.get('target')}, {len(manifest.get('kernels', []))} kernels"
+        except (OSError, ValueError):
+            state = "no readable manifest"
+        print(f"kernel library ({library.ENV}): {directory} ({state})")
     print("tuning records (first match wins):")
     for label, path in (("user db", records.user_db_path()), ("shipped", records.shipped_db_path())):
         if path.exists():
