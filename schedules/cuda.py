@@ -256,6 +256,13 @@ def _io(sch, gather="k_g") -> str:
     return str(sch.get(sch.get_sblock(gather)).writes[0].source.dtype)
 
 
+def _cuda_core_threads(sch, threads, gather="k_g"):
+    """fp32/fp64 units (CUDA cores) take at least 256 threads: at 128, ptxas spilled
+    4-16 bytes in some of them (hires_rows D=128 on sm_90, bwd_dq_units on sm_80) although
+    they use ~40-80 registers. fp16/bf16 keep ``threads``: 4 warps tile the products."""
+    return threads if _io(sch, gather) in HALF else max(threads, 256)
+
+
 def _custom(sch, threads, tensor_cores, products, gather="k_g"):
     io = _io(sch, gather)
     return _tensor_cores(threads, io, products) if tensor_cores and io in HALF else None
@@ -264,6 +271,7 @@ def _custom(sch, threads, tensor_cores, products, gather="k_g"):
 def hires_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16):
     """One thread block per overflow unit; see ``per_unit``. fp16/bf16: the unit's two
     products on tensor cores (``tensor_cores``)."""
+    threads = _cuda_core_threads(sch, threads)
     custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
     per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
@@ -279,6 +287,10 @@ def hires_rows(sch, *, threads=128, blocks_per_row=2, tensor_cores=True, vector_
     units, the low-resolution part and the normalisation, the output written once."""
     # [b, ucap] has a symbolic extent: recompute the merge factors where they are used.
     sch.compute_inline(sch.get_sblock("ov_scale"))
+    threads = _cuda_core_threads(sch, threads)
+    head_dim = int(sch.get(sch.get_loops(sch.get_sblock("k_g"))[-1]).extent)
+    if _io(sch) in HALF and head_dim >= 128:
+        vector_bytes = min(vector_bytes, 8)  # 16-byte gathers: ptxas spilled 4 B (sm_90)
     custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
     per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
@@ -310,9 +322,7 @@ def _backward_products(sch, products, output):
 def bwd_dq_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16):
     """One thread block per query-block unit; fp16/bf16: its three products on tensor
     cores."""
-    if _io(sch) not in HALF:
-        # fp32 (CUDA cores): at 128 threads ptxas spills 16 B on sm_80; 256 do not.
-        threads = max(threads, 256)
+    threads = _cuda_core_threads(sch, threads)
     custom = _custom(sch, threads, tensor_cores, _backward_products(sch, DQ_PRODUCTS, "dq_unit"))
     per_unit(sch, ("dq_unit",), 2, threads, custom=custom, copies=("k_g", "v_g"),
              vector_bytes=vector_bytes)
