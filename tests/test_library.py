@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,25 @@ def test_a_library_for_other_sources_is_ignored(library_dir, tmp_path):
 ])
 def test_build_rejects_what_it_cannot_do(argv):
     assert cli.main(argv) == 2
+
+
+UNINSTALLED = r"""
+import importlib.util, json, sys
+# As on a machine given only the checkout: no install, so no package-dir mapping.
+sys.meta_path = [f for f in sys.meta_path
+                 if "Editable" not in getattr(f, "__name__", type(f).__name__)]
+sys.path.insert(0, sys.argv[1])
+import mra_compile
+from mra_compile.schedules import cpu, cuda
+print(json.dumps({"schedules": importlib.util.find_spec("mra_compile.schedules").origin,
+                  "ops": sorted(cuda.KNOBS) == sorted(cpu.KNOBS)}))
+"""
+
+
+def test_a_source_checkout_finds_its_schedules_without_install(tmp_path):
+    root = Path(cli.__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", UNINSTALLED, str(root)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"schedules": str(root / "schedules" / "__init__.py"), "ops": True}
