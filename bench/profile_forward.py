@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,16 +24,11 @@ if str(REPO_ROOT) not in sys.path:
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
 from mra_compile import build  # noqa: E402
-from mra_compile.benchmarks import machine_line  # noqa: E402
+from mra_compile.benchmarks import machine_line, timed  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(fn) for _ in range(repeat))
 
 
 def main() -> int:

@@ -42,8 +42,7 @@ def _backward(grad_out, q, k, v, mask, out, saved, full, b, knobs):
         return _WORKSPACE.get(name, *shape, dtype=dtype, device=dev)
 
     def run(op, *args):
-        static = pr.io_static if op in ("bwd_dq_units", "bwd_dkdv_units") else pr.static
-        return build.kernel(op, knobs.get(op), pr.target, **static)(*args)
+        return build.kernel(op, knobs.get(op), pr.target, **pr.static_for(op))(*args)
 
     dout = _pad(grad_out, Np - N, Dp - D, dt)
     outp = _pad(out, Np - N, Dp - D, dt)

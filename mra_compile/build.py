@@ -96,6 +96,12 @@ def host_fingerprint() -> str:
     return f"{platform.machine()}|{model}|{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
+def host_of(target: str) -> str:
+    """The host a kernel of ``target`` is tied to: this CPU for llvm kernels; for CUDA
+    kernels only the machine type (their host side is generic code for it)."""
+    return host_fingerprint() if target == "llvm" else platform.machine()
+
+
 def default_vector_width() -> int:
     """float32 lanes of the widest vector unit: 16 with AVX-512, else 8."""
     return 16 if "avx512f" in cpu_flags() else 8
@@ -172,18 +178,16 @@ def kernel_key(op: str, static: dict, knobs: dict, target: str = "llvm") -> str:
 
 
 def _key(op: str, static: dict, knobs: dict, target: str) -> tuple[str, dict]:
-    cpu = target == "llvm"
     desc = {
         "op": op,
         "static": static,
         "dtype": "float32",
         "knobs": knobs,
         "target": target,
-        # CUDA kernels' host side is generic code for the machine type: any CPU runs it.
-        "host": host_fingerprint() if cpu else platform.machine(),
+        "host": host_of(target),
         "tvm": tvm_version(),
         "source": source_hash(target),
-        "target_override": os.environ.get("MRA_COMPILE_TARGET", "") if cpu else "",
+        "target_override": os.environ.get("MRA_COMPILE_TARGET", "") if target == "llvm" else "",
     }
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
     return f"{op}-{digest}", desc

@@ -98,6 +98,10 @@ def _static(dtype: torch.dtype) -> dict:
 
 _TVM_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
+# The kernels that read q, k, v: on CUDA they take fp16/bf16 as they are; every other
+# kernel computes in float32.
+IO_OPS = ("pool_and_logits", "hires_units", "hires_rows", "bwd_dq_units", "bwd_dkdv_units")
+
 
 def _pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, N, D] -> contiguous [B*H, N + n_pad, D + d_pad] of ``dtype``, zero padded."""
@@ -136,10 +140,10 @@ class Prepared:
     def static(self) -> dict:
         return dict(b=self.block_size, D=self.q.shape[-1], **_static(self.dtype))
 
-    @property
-    def io_static(self) -> dict:
-        """``static`` of the kernels that read q, k, v (their dtype when narrower)."""
-        io = _TVM_DTYPE.get(self.q.dtype)
+    def static_for(self, op: str) -> dict:
+        """``static`` of kernel ``op``: those of ``IO_OPS`` also carry q's dtype when it is
+        narrower than the compute dtype."""
+        io = _TVM_DTYPE.get(self.q.dtype) if op in IO_OPS else None
         return {**self.static, "io": io} if io else self.static
 
 
@@ -196,7 +200,8 @@ def _pool_and_select(pr: Prepared, num_blocks, full, first_n, diagonal_n, knobs)
     qp, kp, vp = (torch.empty(R, n, Dp, dtype=dt, device=dev) for _ in range(3))
     logits = torch.empty(R, n, n, dtype=dt, device=dev)
     rowmax = torch.empty(R, n, dtype=dt, device=dev)
-    build.kernel("pool_and_logits", knobs.get("pool_and_logits"), pr.target, **pr.io_static)(
+    build.kernel("pool_and_logits", knobs.get("pool_and_logits"), pr.target,
+                 **pr.static_for("pool_and_logits"))(
         pr.q, pr.k, pr.v, pr.mask, pr.counts, pr.inv_counts, qp, kp, vp, logits, rowmax,
         pr.heads, pr.scale,
     )
@@ -302,8 +307,7 @@ def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagon
         return _WORKSPACE.get(name, *shape, dtype=dtype, device=dev)
 
     def run(op, *args, **static):
-        base = pr.io_static if op in ("hires_units", "hires_rows") else pr.static
-        return build.kernel(op, knobs.get(op), pr.target, **base, **static)(*args)
+        return build.kernel(op, knobs.get(op), pr.target, **pr.static_for(op), **static)(*args)
 
     Cr = build.resolve_knobs("hires_rows", knobs.get("hires_rows"),
                              target=pr.target)["blocks_per_row"]

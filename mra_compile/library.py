@@ -26,8 +26,6 @@ ENV = "MRA_COMPILE_KERNEL_LIBRARY"
 SCHEMA_VERSION = 1
 
 
-# The kernels that read q, k, v (fp16/bf16 ones on CUDA; the others compute in float32).
-IO_OPS = ("pool_and_logits", "hires_units", "hires_rows", "bwd_dq_units", "bwd_dkdv_units")
 OPS = ("pool_and_logits", "lowres_out", "hires_units", "bwd_prep", "bwd_dq_units",
        "bwd_dkdv_units", "bwd_lowres", "bwd_finish")
 
@@ -36,7 +34,7 @@ def variants(block_sizes, head_dims, dtypes=("float32",)):
     """(op, static) pairs the forward and backward call, for these shapes and input
     dtypes ("float32", "float64", and on CUDA "float16", "bfloat16", whose kernels that
     read q, k, v take them as they are and the rest compute in float32)."""
-    from mra_compile.forward import HEAD_DIM_MULTIPLE
+    from mra_compile.forward import HEAD_DIM_MULTIPLE, IO_OPS
 
     padded = sorted({-(-d // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE for d in head_dims})
     seen = set()
@@ -90,7 +88,7 @@ def build_library(out_dir, block_sizes=(32,), head_dims=(64,), dtypes=("float32"
         "schema": SCHEMA_VERSION,
         "target": target,
         "tvm_target": str(build.tvm_target(target)),
-        "host": build.host_fingerprint() if target == "llvm" else build.platform.machine(),
+        "host": build.host_of(target),
         "tvm": build.tvm_version(),
         "source": build.source_hash(target),
         "kernels": entries,
@@ -154,9 +152,8 @@ def _load(directory: str):
     except (OSError, ValueError):
         return None
     target = manifest.get("target", "llvm")
-    host = build.host_fingerprint() if target == "llvm" else build.platform.machine()
     if (manifest.get("schema") != SCHEMA_VERSION or manifest.get("tvm") != build.tvm_version()
-            or manifest.get("host") != host
+            or manifest.get("host") != build.host_of(target)
             or manifest.get("source") != build.source_hash(target)):
         return None  # built for another CPU, TVM or source: fall back to the cache
     if target != "llvm":
