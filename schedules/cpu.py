@@ -15,12 +15,45 @@ def _keys_outer(sch, name, vec):
     return w
 
 
-def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True):
+def _guard(sch, loop, cond) -> None:
+    """Run the body of ``loop`` only where ``cond`` holds (a schedule step that
+    ``s_tir.Schedule`` lacks: an ``if`` between a loop and its body, put in place through
+    the schedule state). Applied last: later primitives could not see through it."""
+    from tvm import tirx
+
+    sref = sch.get_sref(loop)
+    f = sref.stmt
+    body = tirx.IfThenElse(cond, f.body, None)
+    sch.state.replace(sref, tirx.For(f.loop_var, f.min, f.extent, f.kind, body,
+                                     f.thread_binding, f.annotations))
+
+
+def _skip_empty_slots(sch, loop, slots: str, loops: dict) -> None:
+    """Skip the work of a unit's empty key-block slots (index -1 in buffer ``slots``,
+    [R, units, C]): a row's own unit, or an overflow unit, often has fewer blocks than
+    slots, and padding units have none.
+
+    ``loops``: {loop: keys per iteration} of loops over the unit's keys (one slot is b
+    consecutive keys) whose whole bodies may be skipped. Their results for empty slots
+    are then never written: logit and prob are selected (not multiplied) by the slot's
+    validity, and every reduction over keys is itself guarded here."""
+    reads = sch.get(sch.get_sblock("key_factor")).reads
+    index = next(r.source for r in reads if getattr(r.source, "name", None) == slots)
+    units, C = index.shape[1], index.shape[2]
+    unit = sch.get(loop).loop_var  # the fused (row, unit) loop: row-major
+    b = sch.get(sch.get_sblock("key_factor")).iter_vars[-1].dom.extent // C
+    for key_loop, keys in loops.items():
+        first_key = sch.get(key_loop).loop_var * keys
+        _guard(sch, key_loop, index[unit // units, unit % units, first_key // b] >= 0)
+
+
+def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slots):
     """Schedule the stages of ``operators._unit_attention`` under ``loop`` (one unit per
     iteration), everything in L1: the transposed query gather; logits [W, b] as a
     register tile of ``qk_rows`` keys x b queries; max, exp and sum with the queries in
     vector lanes; P V as a tile of ``pv_rows`` queries x D. ``outputs_placed``: whether
-    unit_max already sits under ``loop`` (it does when it is a kernel output)."""
+    unit_max already sits under ``loop`` (it does when it is a kernel output). Empty
+    key-block slots (-1 in input ``slots``) are skipped (``_skip_empty_slots``)."""
     # The gathers (CUDA's shared-memory tiles) are read in place here: key and value
     # blocks are contiguous [b, D] slabs already.
     for name in ("logit", "k_g", "v_g", "prob_io"):
@@ -35,8 +68,11 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True):
     # local tile (held in registers by LLVM), written back once per tile.
     out = sch.get_sblock("unit_out")
     t, d, w = sch.get_loops(out)[-3:]
+    b = sch.get(t).extent  # the unit's queries: one block
     t_o, t_i = sch.split(t, [None, pv_rows])
-    sch.reorder(t_o, w, t_i, d)
+    # Keys as (slot, key of the block): empty slots are skipped whole.
+    slot, w = sch.split(w, [None, b])
+    sch.reorder(t_o, slot, w, t_i, d)
     out_acc = sch.cache_write(out, 0, "local")
     sch.reverse_compute_at(out_acc, t_o)
     d_o, d_i = sch.split(d, [None, vec])
@@ -65,9 +101,12 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True):
         sch.vectorize(sch.split(loops[-1], [None, vec])[1])
     # Reductions are split into init and update last (loop moves need them whole).
     sch.decompose_reduction(dots, d_)
-    sch.decompose_reduction(out, w)
+    sch.decompose_reduction(out, slot)
     for name, loop_ in key_loops.items():
         sch.decompose_reduction(sch.get_sblock(name), loop_)
+    prob_keys = sch.get_loops(sch.get_sblock("prob"))[-3]
+    _skip_empty_slots(sch, loop, slots, {w_o: qk_rows, prob_keys: 1,
+                                         key_loops["unit_sum"]: 1, slot: b})
 
 
 def hires_units(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=2):
@@ -79,7 +118,7 @@ def hires_units(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_un
     outputs = ("unit_max", "unit_out", "unit_sum")
     ru = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
     sch.parallel(ru)
-    _unit(sch, ru, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll)
+    _unit(sch, ru, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll, slots="unit_cols")
     return sch
 
 
@@ -106,9 +145,9 @@ def hires_rows(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row
     t2, d2, w2 = sch.get_loops(ov_o)[-3:]
     sch.reorder(t2, w2, d2)
     sch.vectorize(sch.split(d2, [None, vec])[1])
-    _unit(sch, ri, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll,
-          outputs_placed=False)
     sch.decompose_reduction(ov_o, w2)
+    _unit(sch, ri, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll,
+          outputs_placed=False, slots="row_cols")
     return sch
 
 
@@ -159,8 +198,9 @@ OPERATOR_KNOBS = {"hires_units": ("blocks_per_unit",), "hires_rows": ("blocks_pe
 KNOBS = {
     "pool_and_logits": dict(vec=16),
     "lowres_out": dict(vec=16),
-    "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=2),
-    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row=4),
+    "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=3),
+    # Wide row units cost little (empty slots are skipped) and leave few overflow units.
+    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row=8),
 }
 
 
@@ -284,7 +324,7 @@ SPACES = {
     "pool_and_logits": {"vec": _VEC},
     "lowres_out": {"vec": _VEC},
     "hires_units": {"vec": _VEC, **_TILES, "blocks_per_unit": [1, 2, 3, 4]},
-    "hires_rows": {"vec": _VEC, **_TILES, "blocks_per_row": [2, 3, 4, 5, 6, 8]},
+    "hires_rows": {"vec": _VEC, **_TILES, "blocks_per_row": [2, 3, 4, 6, 8, 12, 16]},
 }
 
 

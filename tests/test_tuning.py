@@ -56,7 +56,7 @@ def test_spaces_match_the_schedules_and_hold_the_defaults():
         assert set(cpu.SPACES[op]) == set(cpu.KNOBS[op]), op
         assert cpu.constraints(op, build.default_knobs(op)), op
         assert len(list(legal_configs(op))) >= 2
-    assert cpu.SPACES["hires_rows"]["blocks_per_row"] == [2, 3, 4, 5, 6, 8]
+    assert cpu.SPACES["hires_rows"]["blocks_per_row"] == [2, 3, 4, 6, 8, 12, 16]
     assert cpu.SPACES["hires_units"]["blocks_per_unit"] == [1, 2, 3, 4]
 
 
@@ -91,7 +91,7 @@ def test_shape_buckets():
 
 TINY_SPACES = {
     "pool_and_logits": {"vec": [8, 16]},
-    "hires_rows": {"blocks_per_row": [2, 4, 6], "qk_rows": [2, 4]},
+    "hires_rows": {"blocks_per_row": [2, 6, 8], "qk_rows": [2, 4]},
     "hires_units": {"blocks_per_unit": [2, 3]},
 }
 
@@ -132,11 +132,11 @@ def test_tuner_finds_and_persists_the_best(isolated, search):
     assert {t.phase for t in result.trials} == {"pool_and_logits", "blocks", "hires_rows"}
     assert sum(t.phase == "blocks" for t in result.trials) == 3 * 2 - 1
     first_forward = next(c for c in calls if c[0] == "forward")
-    assert json.loads(first_forward[2])["hires_rows"]["blocks_per_row"] == 4  # the default
+    assert json.loads(first_forward[2])["hires_rows"]["blocks_per_row"] == 8  # the default
     fwd = next(r for r in result.results if r.op == "forward")
-    assert fwd.default_s == pytest.approx(0.04) and fwd.tuned_s == pytest.approx(0.01)
-    assert fwd.gain_pct == pytest.approx(75.0)
-    assert "forward" in result.table() and "+75.0%" in result.table()
+    assert fwd.default_s == pytest.approx(0.03) and fwd.tuned_s == pytest.approx(0.01)
+    assert fwd.gain_pct == pytest.approx(200 / 3)
+    assert "forward" in result.table() and "+66.7%" in result.table()
 
     # Persisted, and what the op now uses, for this bucket and (nearest) for any.
     assert result.db == isolated
@@ -158,7 +158,7 @@ def test_tuner_real_short_run(isolated):
     """Real compiles and timings on a tiny space: records land and are legal and used."""
     shape = tuning.Shape(rows=2, N=512, D=32)
     spaces = {"pool_and_logits": {"vec": [8, 16]},
-              "hires_rows": {"blocks_per_row": [2, 4]}, "hires_units": {"blocks_per_unit": [2]}}
+              "hires_rows": {"blocks_per_row": [2, 8]}, "hires_units": {"blocks_per_unit": [3]}}
     result = tuning.tune(["pool_and_logits", "hires_rows", "hires_units"], [shape],
                          budget_seconds=60, db=isolated, spaces=spaces, rounds=3,
                          verify_rounds=3, progress=False)
