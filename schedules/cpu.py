@@ -169,11 +169,14 @@ def pool_and_logits(sch, *, vec=16):
         sch.vectorize(sch.split(d, [None, vec])[1])
         sch.decompose_reduction(blk, t)
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
-    # Block logits: a small q̂ k̂^T, the key axis vectorised after a transpose-free
-    # reduction order (d outer, j inner).
+    # Block logits: a small q̂ k̂^T in the order (i, d, j), the key axis j innermost on
+    # a transposed copy of the row's k̂ ([D, n]), so that LLVM vectorises it over
+    # contiguous keys (n is symbolic: an explicit vectorize would need a guard).
     raw = sch.get_sblock("raw_logits")
     i, j, d = sch.get_loops(raw)[-3:]
     sch.reorder(i, d, j)
+    kp_t = sch.cache_read(raw, 1, "global")  # placed under the row loop, beside raw
+    sch.transform_layout(kp_t, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
     sch.decompose_reduction(raw, d)
     return sch
 
