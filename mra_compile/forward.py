@@ -182,11 +182,9 @@ def prepare(q, k, v, mask, block_size: int, keep_io: bool = False) -> Prepared:
 
 @dataclass
 class LowRes:
-    """Steps 2-3: pooled q̂, k̂, v̂ [R, n, Dp]; logits, rowmax; the selection."""
+    """Steps 2-3: pooled [3, R, n, Dp] (q̂, k̂, v̂); logits, rowmax; the selection."""
 
-    qp: torch.Tensor
-    kp: torch.Tensor
-    vp: torch.Tensor
+    pooled: torch.Tensor
     logits: torch.Tensor
     rowmax: torch.Tensor
     sel: plan.Selection
@@ -197,7 +195,8 @@ def _pool_and_select(pr: Prepared, num_blocks, full, first_n, diagonal_n, knobs)
     n = Np // pr.block_size
     dt, dev = pr.dtype, pr.q.device
     # Fresh tensors (small: n x D and n x n per row): the backward keeps them.
-    qp, kp, vp = (torch.empty(R, n, Dp, dtype=dt, device=dev) for _ in range(3))
+    pooled = torch.empty(3, R, n, Dp, dtype=dt, device=dev)
+    qp, kp, vp = pooled.unbind(0)
     logits = torch.empty(R, n, n, dtype=dt, device=dev)
     rowmax = torch.empty(R, n, dtype=dt, device=dev)
     build.kernel("pool_and_logits", knobs.get("pool_and_logits"), pr.target,
@@ -208,7 +207,7 @@ def _pool_and_select(pr: Prepared, num_blocks, full, first_n, diagonal_n, knobs)
     sel = plan.select_blocks(
         logits, rowmax, num_blocks=num_blocks, full=full, first_n=first_n, diagonal_n=diagonal_n
     )
-    return LowRes(qp, kp, vp, logits, rowmax, sel)
+    return LowRes(pooled, logits, rowmax, sel)
 
 
 def block_selection(q, k, v, mask, num_blocks, approx_mode="full", block_size=32, first_n=0,
@@ -330,7 +329,7 @@ def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagon
     args = [pr.q, pr.k, pr.v, pr.mask, p.row_cols, ov_max, ov_out, ov_sum, p.ov_start, p.ov_units]
     if full:
         o_lo, z_lo = ws("o_lo", R, n, Dp, dtype=dt), ws("z_lo", R, n, dtype=dt)
-        run("lowres_out", lr.logits, lr.rowmax, lr.sel.high_mask.to(dt), pr.counts, lr.vp,
+        run("lowres_out", lr.logits, lr.rowmax, lr.sel.high_mask.to(dt), pr.counts, lr.pooled[2],
             o_lo, z_lo, pr.heads)
         args += [o_lo, z_lo, lr.rowmax]
     run("hires_rows", *args, out, stats[0], stats[1], stats[2], pr.heads, pr.scale, p.ucap,
@@ -338,6 +337,6 @@ def _forward(q, k, v, mask, num_blocks, approx_mode, block_size, first_n, diagon
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
     out = out.to(q.dtype) if q.dtype != out.dtype else out.contiguous()
     high_mask = lr.sel.high_mask if full else torch.zeros(R, n, n, dtype=dt, device=dev)
-    saved = Saved(stats.view(3, R, Np), torch.stack([lr.qp, lr.kp, lr.vp]), lr.logits,
+    saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
                   high_mask.to(dt), lr.rowmax, lr.sel.index)
     return out, saved
