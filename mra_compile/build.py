@@ -136,9 +136,14 @@ _RUNTIME_READY = False
 
 
 def ensure_runtime():
-    """Load the TVM runtime (once) and size its thread pool."""
+    """Load the TVM runtime (once); CPU kernels take torch's current thread count."""
     with _LOCK:
         _load_runtime()
+    import torch
+
+    from mra_compile import openmp
+
+    openmp.set_threads(torch.get_num_threads())
 
 
 def _load_runtime():
@@ -434,6 +439,10 @@ def _kernel(op: str, knobs: dict | None, static: dict, target: str = "llvm"):
                         "`mra-compile build` for these shapes and dtypes")
                 origin = "compiled"
                 module = _compile_to_cache(op, static, knobs, path, desc, target)
+            if target == "llvm":
+                from mra_compile import openmp
+
+                openmp.install(path)  # parallel loops on torch's OpenMP threads
             fn = module["main"]
         _MEMORY[name] = _FAST[fast] = fn
         _EVENTS.append({"op": op, "origin": origin, "path": str(path), **desc})

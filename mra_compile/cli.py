@@ -81,7 +81,9 @@ def _cmd_info(args) -> int:
     count = len(list(cache.glob("*.so"))) if cache.is_dir() else 0
     print(f"kernel cache: {cache} ({count} kernels)")
     print(f"cuda: {_cuda_line()}")
-    from mra_compile import library
+    from mra_compile import library, openmp
+
+    print(f"CPU kernels' parallel loops: {openmp.status()}")
 
     for directory in library.directories():
         try:

@@ -161,6 +161,10 @@ def _load(directory: str):
 
         cuda_toolchain.ensure_cuda_runtime(allow_stub=True)
     module = tvm_ffi.load_module(str(Path(directory) / LIBRARY))
+    if target == "llvm":
+        from mra_compile import openmp
+
+        openmp.install(Path(directory) / LIBRARY)  # parallel loops on torch's OpenMP threads
     return module, {e["key"]: e["symbol"] for e in manifest["kernels"]}
 
 

@@ -1,0 +1,190 @@
+"""TVM's CPU kernels run their parallel loops on torch's OpenMP threads.
+
+A compiled TVM CPU kernel starts its parallel loops through a function pointer that
+the module itself holds, ``__TVMBackendParallelLaunch``, which the TVM runtime points
+at its own thread pool when it loads the module. Two pools then share the cores with
+torch's: after every parallel torch op, torch's OpenMP workers spin for several
+milliseconds waiting for more work (libgomp's default), and a TVM kernel starting in
+that window shares its cores with them (measured: the first kernel after an SDPA call
+up to 4x slower on 2 cores, the whole op ~25% slower at N = 1024).
+
+Here that pointer is set, for every CPU kernel module loaded, to a 40-line C function
+(built once with the system C compiler into the kernel cache) that runs the kernel's
+tasks in an OpenMP parallel region of the OpenMP runtime torch loaded (``GOMP_parallel``,
+which GNU, LLVM and Intel OpenMP all export): the workers torch leaves spinning take
+the kernel's tasks at once, and there is one pool on the machine instead of two.
+
+Falls back to TVM's own pool, silently but visibly in ``mra-compile info``
+(``status()``), when there is no C compiler, no OpenMP runtime in the process (torch
+built without OpenMP), or ``MRA_COMPILE_OPENMP=0``.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+ENV = "MRA_COMPILE_OPENMP"  # "0": kernels use TVM's own thread pool
+POINTER = "__TVMBackendParallelLaunch"
+
+# The TVM side follows tvm/runtime/c_backend_api.h (TVMParallelGroupEnv, FTVMParallelLambda,
+# TVMBackendParallelLaunch). Tasks are spread over however many threads the team gets
+# (fewer than asked when nested inside another parallel region: then one).
+_SOURCE = r"""
+#include <stdint.h>
+typedef struct { void* sync_handle; int32_t num_task; } TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+typedef void (*gomp_parallel_fn)(void (*fn)(void*), void* data, unsigned num_threads,
+                                 unsigned flags);
+typedef int (*omp_int_fn)(void);
+
+static gomp_parallel_fn gomp_parallel;
+static omp_int_fn thread_num, team_size;
+static int default_tasks = 1;
+
+struct job { FTVMParallelLambda f; void* cdata; int tasks; volatile int rc; };
+
+static void run_tasks(void* p) {
+  struct job* j = (struct job*)p;
+  TVMParallelGroupEnv env = {0, j->tasks};
+  int step = team_size();
+  for (int t = thread_num(); t < j->tasks; t += step) {
+    int rc = j->f(t, &env, j->cdata);
+    if (rc != 0) j->rc = rc;
+  }
+}
+
+int mra_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
+  int tasks = num_task > 0 ? num_task : default_tasks;
+  if (tasks <= 1) {
+    TVMParallelGroupEnv env = {0, 1};
+    return f(0, &env, cdata);
+  }
+  struct job j = {f, cdata, tasks, 0};
+  gomp_parallel(run_tasks, &j, (unsigned)tasks, 0);
+  return j.rc;
+}
+
+void mra_parallel_init(void* parallel, void* num, void* size) {
+  gomp_parallel = (gomp_parallel_fn)parallel;
+  thread_num = (omp_int_fn)num;
+  team_size = (omp_int_fn)size;
+}
+
+void mra_parallel_set_tasks(int n) { default_tasks = n > 0 ? n : 1; }
+int mra_parallel_get_tasks(void) { return default_tasks; }
+"""
+
+_LOCK = threading.Lock()
+_STATE: dict = {}  # "shim": the loaded CDLL, "launch": its address; or "error": why not
+
+
+def _openmp_runtime() -> str | None:
+    """Path of the OpenMP runtime this process loaded (torch's), from /proc/self/maps."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for name in ("libgomp", "libiomp5", "libomp"):
+        m = re.search(rf"(/\S*/{name}[^/\s]*\.so[^/\s]*)$", maps, re.MULTILINE)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _build() -> Path:
+    from mra_compile import build
+
+    digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
+    out = build.cache_dir() / "openmp" / f"libmra_openmp-{digest}.so"
+    if out.exists():
+        return out
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise OSError("no C compiler (cc or gcc) to build the OpenMP launcher")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "launch.c"
+        src.write_text(_SOURCE)
+        built = Path(tmp) / out.name
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(built), str(src)],
+                       check=True, capture_output=True)
+        staged = out.with_name(f".{out.name}.{os.getpid()}")
+        shutil.copyfile(built, staged)  # then rename: concurrent builders never see half a file
+        os.replace(staged, out)
+    return out
+
+
+def _setup() -> dict:
+    if os.environ.get(ENV, "1") == "0":
+        return {"error": f"disabled by {ENV}=0"}
+    runtime = _openmp_runtime()
+    if runtime is None:
+        return {"error": "no OpenMP runtime loaded in this process"}
+    try:
+        omp = ctypes.CDLL(runtime)
+        shim = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        return {"error": f"launcher unavailable ({e})"}
+
+    def address(fn):
+        return ctypes.c_void_p(ctypes.cast(fn, ctypes.c_void_p).value)
+
+    try:
+        shim.mra_parallel_init(address(omp.GOMP_parallel), address(omp.omp_get_thread_num),
+                               address(omp.omp_get_num_threads))
+    except AttributeError as e:
+        return {"error": f"{runtime} lacks the GNU OpenMP entry points ({e})"}
+    import torch
+
+    shim.mra_parallel_set_tasks(torch.get_num_threads())
+    return {"shim": shim, "launch": ctypes.cast(shim.mra_parallel_launch, ctypes.c_void_p).value,
+            "runtime": runtime}
+
+
+def _state() -> dict:
+    with _LOCK:
+        if not _STATE:
+            _STATE.update(_setup())
+        return _STATE
+
+
+def install(path: str | os.PathLike) -> bool:
+    """Point the parallel launches of the loaded CPU kernel module at ``path`` to torch's
+    OpenMP threads. Returns whether it did (False: TVM's pool stays in use)."""
+    state = _state()
+    if "launch" not in state:
+        return False
+    lib = ctypes.CDLL(str(path))  # the loaded module: dlopen returns the same handle
+    try:
+        ctypes.c_void_p.in_dll(lib, POINTER).value = state["launch"]
+    except ValueError:  # no parallel loops in this module
+        return False
+    return True
+
+
+def set_threads(n: int) -> None:
+    """Threads per kernel (torch's intra-op thread count, read by the op on each call)."""
+    state = _STATE
+    if "shim" in state:
+        state["shim"].mra_parallel_set_tasks(int(n))
+
+
+def threads() -> int | None:
+    """Threads per kernel now, or None when TVM's own pool is in use."""
+    state = _STATE
+    return state["shim"].mra_parallel_get_tasks() if "shim" in state else None
+
+
+def status() -> str:
+    """How CPU kernels run their parallel loops, for ``mra-compile info``."""
+    state = _state()
+    if "launch" in state:
+        return f"torch's OpenMP threads ({state['runtime']})"
+    return f"TVM's own thread pool: {state['error']}"

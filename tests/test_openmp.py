@@ -1,0 +1,112 @@
+"""CPU kernels run their parallel loops on torch's OpenMP threads (mra_compile.openmp)."""
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import mra_compile
+from mra_compile import openmp
+
+REPO = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import hashlib, json, torch
+import mra_compile
+from mra_compile import openmp
+g = torch.Generator().manual_seed(7)
+h = hashlib.sha256()
+for (B, H, N, D), mode, masked in (((2, 3, 300, 40), "full", True), ((1, 4, 1024, 64), "sparse", False)):
+    q, k, v = (torch.randn(B, H, N, D, generator=g, requires_grad=True) for _ in range(3))
+    mask = (torch.rand(B, N, generator=g) > 0.2).float() if masked else None
+    out = torch.ops.mra.attention(q, k, v, mask, 5 * (-(-N // 32)), mode)
+    out.backward(torch.randn(out.shape, generator=g))
+    for t in (out, q.grad, k.grad, v.grad):
+        h.update(t.detach().numpy().tobytes())
+print(json.dumps({"hash": h.hexdigest(), "status": openmp.status()}))
+"""
+
+
+def run_script(**env):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_same_results_as_tvms_own_pool():
+    """Forward and backward, masked and not: bit for bit what TVM's pool computes (the
+    kernels split their loops into the same tasks either way)."""
+    ours, tvm_pool = run_script(), run_script(MRA_COMPILE_OPENMP="0")
+    assert ours["status"].startswith("torch's OpenMP threads")
+    assert tvm_pool["status"] == "TVM's own thread pool: disabled by MRA_COMPILE_OPENMP=0"
+    assert ours["hash"] == tvm_pool["hash"]
+
+
+def test_every_loaded_cpu_kernel_uses_the_launcher():
+    q = torch.randn(1, 2, 256, 32)
+    torch.ops.mra.attention(q, q, q, None, 24, "full")
+    state = openmp._state()
+    assert "launch" in state, openmp.status()
+    events = [e for e in mra_compile.cache_events() if e["target"] == "llvm"]
+    assert events
+    for e in events:
+        lib = ctypes.CDLL(e["path"])
+        assert ctypes.c_void_p.in_dll(lib, openmp.POINTER).value == state["launch"], e["op"]
+
+
+def test_threads_follow_torch():
+    q = torch.randn(1, 2, 256, 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = torch.ops.mra.attention(q, q, q, None, 24, "full")
+        assert openmp.threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    again = torch.ops.mra.attention(q, q, q, None, 24, "full")
+    assert openmp.threads() == before
+    torch.testing.assert_close(single, again, rtol=0, atol=0)
+
+
+def test_calls_from_several_python_threads():
+    g = torch.Generator().manual_seed(3)
+    inputs = [tuple(torch.randn(1, 3, 512, 64, generator=g) for _ in range(3)) for _ in range(4)]
+    expected = [torch.ops.mra.attention(q, k, v, None, 64, "full") for q, k, v in inputs]
+    results = [None] * len(inputs)
+
+    def work(i):
+        q, k, v = inputs[i]
+        for _ in range(3):
+            results[i] = torch.ops.mra.attention(q, k, v, None, 64, "full")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_launcher_is_built_once_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRA_COMPILE_CACHE_DIR", str(tmp_path))
+    first = openmp._build()
+    assert first.parent == tmp_path / "openmp" and first.exists()
+    digest = hashlib.sha256(openmp._SOURCE.encode()).hexdigest()[:16]
+    assert digest in first.name
+    mtime = first.stat().st_mtime_ns
+    assert openmp._build() == first and first.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_finds_torchs_openmp_runtime():
+    path = openmp._openmp_runtime()
+    assert path is not None and Path(path).exists()
+    assert any(name in Path(path).name for name in ("libgomp", "libiomp5", "libomp"))
