@@ -8,7 +8,8 @@ compiler), before the per-kernel cache and before compiling.
 
 CUDA libraries hold real device code (cubins compiled by nvcc; a build that kept only CUDA
 source fails), and DIR/runtime/ carries TVM's runtime libraries, so that a machine with
-torch but without TVM runs them (plus the ``apache-tvm-ffi`` wheel of its Python).
+torch but without TVM runs them (plus the ``apache-tvm-ffi`` wheel of its Python). CPU
+libraries carry the OpenMP launcher there (``mra_compile.openmp``).
 """
 from __future__ import annotations
 
@@ -93,7 +94,11 @@ def build_library(out_dir, block_sizes=(32,), head_dims=(64,), dtypes=("float32"
         "source": build.source_hash(target),
         "kernels": entries,
     }
-    if target != "llvm":
+    if target == "llvm":  # its kernels' parallel loops run on torch's OpenMP threads
+        from mra_compile import openmp
+
+        openmp.build_into(out / "runtime")
+    else:
         images = cuda_toolchain.check_device_code(out / LIBRARY, target.removeprefix("cuda-"))
         manifest["device_images"] = len(images)
         (out / CUDA_SOURCE).write_text(cuda_toolchain.device_source(executable))

@@ -98,11 +98,14 @@ def _openmp_runtime() -> str | None:
     return None
 
 
-def _build() -> Path:
-    from mra_compile import build
-
+def launcher_name() -> str:
     digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
-    out = build.cache_dir() / "openmp" / f"libmra_openmp-{digest}.so"
+    return f"libmra_openmp-{digest}.so"
+
+
+def build_into(directory: Path) -> Path:
+    """Compile the launcher into ``directory`` (once: the name carries the source hash)."""
+    out = Path(directory) / launcher_name()
     if out.exists():
         return out
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -121,6 +124,18 @@ def _build() -> Path:
     return out
 
 
+def _launcher() -> Path:
+    """A kernel library's launcher (``DIR/runtime/``: runtime-only machines need no
+    compiler and write nothing), else the kernel cache's, built on first use."""
+    from mra_compile import build, library
+
+    for directory in library.directories():
+        shipped = Path(directory) / "runtime" / launcher_name()
+        if shipped.exists():
+            return shipped
+    return build_into(build.cache_dir() / "openmp")
+
+
 def _setup() -> dict:
     if os.environ.get(ENV, "1") == "0":
         return {"error": f"disabled by {ENV}=0"}
@@ -129,7 +144,7 @@ def _setup() -> dict:
         return {"error": "no OpenMP runtime loaded in this process"}
     try:
         omp = ctypes.CDLL(runtime)
-        shim = ctypes.CDLL(str(_build()))
+        shim = ctypes.CDLL(str(_launcher()))
     except (OSError, subprocess.CalledProcessError) as e:
         return {"error": f"launcher unavailable ({e})"}
 

@@ -11,7 +11,7 @@ from mra_compile import cli
 
 RUN = r"""
 import hashlib, json, sys
-import torch, mra_compile
+import torch, mra_compile, mra_compile.openmp
 g = torch.Generator().manual_seed(3)
 h = hashlib.sha256()
 for N in (100, 700):
@@ -24,7 +24,8 @@ for N in (100, 700):
         q.grad = k.grad = v.grad = None
 print(json.dumps({"origins": sorted({e["origin"] for e in mra_compile.cache_events()}),
                   "ops": sorted({e["op"] for e in mra_compile.cache_events()}),
-                  "hash": h.hexdigest(), "tvm": "tvm" in sys.modules}))
+                  "hash": h.hexdigest(), "tvm": "tvm" in sys.modules,
+                  "openmp": mra_compile.openmp.status()}))
 """
 
 
@@ -57,6 +58,10 @@ def test_op_runs_from_the_library_with_the_runtime_only(library_dir, tmp_path):
     assert from_library["origins"] == ["library"]
     assert from_library["tvm"] is False  # no TVM compiler in the process
     assert not (tmp_path / "empty-cache").exists()
+    # Its kernels' parallel loops on torch's threads, through the library's own launcher.
+    launcher = [p.name for p in (library_dir / "runtime").iterdir()]
+    assert len(launcher) == 1 and launcher[0].startswith("libmra_openmp-")
+    assert from_library["openmp"].startswith("torch's OpenMP threads")
     assert from_library["hash"] == cached["hash"]
     assert from_library["ops"] == cached["ops"]
 

@@ -95,14 +95,13 @@ def test_calls_from_several_python_threads():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_launcher_is_built_once_per_source(tmp_path, monkeypatch):
-    monkeypatch.setenv("MRA_COMPILE_CACHE_DIR", str(tmp_path))
-    first = openmp._build()
-    assert first.parent == tmp_path / "openmp" and first.exists()
+def test_launcher_is_built_once_per_source(tmp_path):
+    first = openmp.build_into(tmp_path)
     digest = hashlib.sha256(openmp._SOURCE.encode()).hexdigest()[:16]
-    assert digest in first.name
+    assert first.parent == tmp_path and first.exists() and digest in first.name
     mtime = first.stat().st_mtime_ns
-    assert openmp._build() == first and first.stat().st_mtime_ns == mtime
+    assert openmp.build_into(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no temporaries
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
