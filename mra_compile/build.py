@@ -22,6 +22,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -62,6 +64,33 @@ def target_of(device) -> str:
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda-sm_{major}{minor}"
     raise ValueError(f"no kernels for device type {device.type!r} (expected cpu or cuda)")
+
+
+def cuda_arch(target: str) -> str:
+    """The GPU architecture of a CUDA kernel target: "cuda-sm_90" -> "sm_90"."""
+    return target.removeprefix("cuda-")
+
+
+def compile_c_library(source: str, out: Path, flags: tuple[str, ...] = ()) -> Path:
+    """Compile C ``source`` into the shared library ``out`` with the system C compiler
+    (``$CC``, cc or gcc), once: an existing ``out`` is kept. Written to a temporary name
+    and renamed, so concurrent builders never see half a file."""
+    if out.exists():
+        return out
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise OSError(f"no C compiler (cc or gcc) to build {out.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "source.c"
+        src.write_text(source)
+        built = Path(tmp) / out.name
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", *flags, "-o", str(built), str(src)],
+                       check=True, capture_output=True)
+        staged = out.with_name(f".{out.name}.{os.getpid()}")
+        shutil.copyfile(built, staged)
+        os.replace(staged, out)
+    return out
 
 
 def _schedules(target: str):
@@ -226,7 +255,7 @@ def tvm_target(target: str):
 
     if target == "llvm":
         return llvm_target()
-    return tvm.target.Target({"kind": "cuda", "arch": target.removeprefix("cuda-")})
+    return tvm.target.Target({"kind": "cuda", "arch": cuda_arch(target)})
 
 
 def compile_module(funcs: dict, target: str = "llvm"):
@@ -298,7 +327,7 @@ def _compile_to_cache(op: str, static: dict, knobs: dict, path: Path, desc: dict
         if target != "llvm":  # never cache a module that kept only CUDA source
             from mra_compile import cuda_toolchain
 
-            cuda_toolchain.check_device_code(Path(tmp), target.removeprefix("cuda-"))
+            cuda_toolchain.check_device_code(Path(tmp), cuda_arch(target))
 
     _atomic_write(path, export)
     record = {"key": desc, "sha256": _file_digest(path)}

@@ -94,23 +94,11 @@ def _build_stub() -> Path:
     from mra_compile import build
 
     out = build.cache_dir() / "nodriver" / "libcuda.so.1"
-    if out.exists():
-        return out
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
+    try:
+        return build.compile_c_library(_STUB_SOURCE, out, ("-Wl,-soname,libcuda.so.1",))
+    except OSError as e:
         raise CudaToolchainError("building CUDA kernels without a driver needs a C compiler "
-                                 "(cc or gcc) for the stand-in libcuda.so.1")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "stub.c"
-        src.write_text(_STUB_SOURCE)
-        built = Path(tmp) / "libcuda.so.1"
-        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o",
-                        str(built), str(src)], check=True, capture_output=True)
-        staged = out.with_name(f".{out.name}.{os.getpid()}")
-        shutil.copyfile(built, staged)  # then rename: concurrent builders never see half a file
-        os.replace(staged, out)
-    return out
+                                 "(cc or gcc) for the stand-in libcuda.so.1") from e
 
 
 def ensure_driver(allow_stub: bool) -> str:

@@ -99,7 +99,7 @@ def build_library(out_dir, block_sizes=(32,), head_dims=(64,), dtypes=("float32"
 
         openmp.build_into(out / "runtime")
     else:
-        images = cuda_toolchain.check_device_code(out / LIBRARY, target.removeprefix("cuda-"))
+        images = cuda_toolchain.check_device_code(out / LIBRARY, build.cuda_arch(target))
         manifest["device_images"] = len(images)
         (out / CUDA_SOURCE).write_text(cuda_toolchain.device_source(executable))
         runtime = out / "runtime"

@@ -25,9 +25,7 @@ import ctypes
 import hashlib
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -106,23 +104,9 @@ def launcher_name() -> str:
 
 def build_into(directory: Path) -> Path:
     """Compile the launcher into ``directory`` (once: the name carries the source hash)."""
-    out = Path(directory) / launcher_name()
-    if out.exists():
-        return out
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        raise OSError("no C compiler (cc or gcc) to build the OpenMP launcher")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "launch.c"
-        src.write_text(_SOURCE)
-        built = Path(tmp) / out.name
-        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(built), str(src)],
-                       check=True, capture_output=True)
-        staged = out.with_name(f".{out.name}.{os.getpid()}")
-        shutil.copyfile(built, staged)  # then rename: concurrent builders never see half a file
-        os.replace(staged, out)
-    return out
+    from mra_compile import build
+
+    return build.compile_c_library(_SOURCE, Path(directory) / launcher_name())
 
 
 def _launcher() -> Path:
