@@ -28,23 +28,51 @@ def _guard(sch, loop, cond) -> None:
                                      f.thread_binding, f.annotations))
 
 
-def _skip_empty_slots(sch, loop, slots: str, loops: dict) -> None:
-    """Skip the work of a unit's empty key-block slots (index -1 in buffer ``slots``,
+def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_factor") -> None:
+    """Skip the work of a unit's empty block slots (index -1 in input ``slots``,
     [R, units, C]): a row's own unit, or an overflow unit, often has fewer blocks than
     slots, and padding units have none.
 
-    ``loops``: {loop: keys per iteration} of loops over the unit's keys (one slot is b
-    consecutive keys) whose whole bodies may be skipped. Their results for empty slots
-    are then never written: logit and prob are selected (not multiplied) by the slot's
-    validity, and every reduction over keys is itself guarded here."""
-    reads = sch.get(sch.get_sblock("key_factor")).reads
-    index = next(r.source for r in reads if getattr(r.source, "name", None) == slots)
+    ``loop``: the fused (row, unit) loop. ``loops``: {loop: tokens per iteration} of loops
+    over the unit's slot tokens (a slot is b consecutive tokens) whose whole bodies may be
+    skipped. Their results for empty slots are then never written: what reads them
+    selects by the slot's validity, or is itself guarded here. ``factor``: the unit's
+    per-token factor stage (it reads ``slots`` and spans the C * b slot tokens)."""
+    block = sch.get(sch.get_sblock(factor))
+    index = next(r.source for r in block.reads if getattr(r.source, "name", None) == slots)
     units, C = index.shape[1], index.shape[2]
     unit = sch.get(loop).loop_var  # the fused (row, unit) loop: row-major
-    b = sch.get(sch.get_sblock("key_factor")).iter_vars[-1].dom.extent // C
-    for key_loop, keys in loops.items():
-        first_key = sch.get(key_loop).loop_var * keys
-        _guard(sch, key_loop, index[unit // units, unit % units, first_key // b] >= 0)
+    b = block.iter_vars[-1].dom.extent // C
+    for slot_loop, tokens in loops.items():
+        first = sch.get(slot_loop).loop_var * tokens
+        _guard(sch, slot_loop, index[unit // units, unit % units, first // b] >= 0)
+
+
+def _register_tile(sch, name, *, vec, rows, unroll, slot=None):
+    """A [.., x, y] = sum_z stage as register tiles: ``rows`` consecutive x times all of
+    y (in vectors of ``vec``), accumulated in a constant-size local tile (LLVM keeps it
+    in registers) and written back once; loop order (x_o, z, x_i, y).
+
+    ``slot``: split z into (z_o, z_i) of ``slot`` each, loop order (x_o, z_o, z_i, x_i, y),
+    so that a slot's work can be skipped whole. Returns (x_o, the outer reduction loop)."""
+    blk = sch.get_sblock(name)
+    x, y, z = sch.get_loops(blk)[-3:]
+    x_o, x_i = sch.split(x, [None, rows])
+    if slot is None:
+        z_outer = z
+        sch.reorder(x_o, z, x_i, y)
+    else:
+        z_outer, z = sch.split(z, [None, slot])
+        sch.reorder(x_o, z_outer, z, x_i, y)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, x_o)
+    y_o, y_i = sch.split(y, [None, vec])
+    sch.vectorize(y_i)
+    if unroll:
+        sch.unroll(y_o)
+        sch.unroll(x_i)
+    sch.vectorize(sch.split(sch.get_loops(acc)[-1], [None, vec])[1])
+    return x_o, z_outer
 
 
 def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slots):
@@ -64,44 +92,18 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     for name in stages:
         sch.compute_at(sch.get_sblock(name), loop)
 
-    # P V: sum_w P[w, t] v[w, d] -> [b, D]; pv_rows x D accumulators in a constant-size
-    # local tile (held in registers by LLVM), written back once per tile.
-    out = sch.get_sblock("unit_out")
-    t, d, w = sch.get_loops(out)[-3:]
-    b = sch.get(t).extent  # the unit's queries: one block
-    t_o, t_i = sch.split(t, [None, pv_rows])
-    # Keys as (slot, key of the block): empty slots are skipped whole.
-    slot, w = sch.split(w, [None, b])
-    sch.reorder(t_o, slot, w, t_i, d)
-    out_acc = sch.cache_write(out, 0, "local")
-    sch.reverse_compute_at(out_acc, t_o)
-    d_o, d_i = sch.split(d, [None, vec])
-    sch.vectorize(d_i)
-    if unroll:
-        sch.unroll(d_o)
-        sch.unroll(t_i)
-    sch.vectorize(sch.split(sch.get_loops(out_acc)[-1], [None, vec])[1])
-
-    # Logits: sum_d k[w, d] q^T[d, t] -> [W, b]; qk_rows x b accumulators, local too.
-    dots = sch.get_sblock("dots")
-    w_, t_, d_ = sch.get_loops(dots)[-3:]
-    w_o, w_i = sch.split(w_, [None, qk_rows])
-    sch.reorder(w_o, d_, w_i, t_)
-    dots_acc = sch.cache_write(dots, 0, "local")
-    sch.reverse_compute_at(dots_acc, w_o)
-    t_o2, t_i2 = sch.split(t_, [None, vec])
-    sch.vectorize(t_i2)
-    if unroll:
-        sch.unroll(t_o2)
-        sch.unroll(w_i)
-    sch.vectorize(sch.split(sch.get_loops(dots_acc)[-1], [None, vec])[1])
+    b = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-3]).extent  # queries: one block
+    # P V: sum_w P[w, t] v[w, d] -> [b, D], keys as (slot, key of the block).
+    _, slot = _register_tile(sch, "unit_out", vec=vec, rows=pv_rows, unroll=unroll, slot=b)
+    # Logits: sum_d k[w, d] q^T[d, t] -> [W, b].
+    w_o, d_ = _register_tile(sch, "dots", vec=vec, rows=qk_rows, unroll=unroll)
     key_loops = {name: _keys_outer(sch, name, vec) for name in ("unit_max", "unit_sum")}
     for name in ("prob", "q_t"):
         loops = sch.get_loops(sch.get_sblock(name))
         sch.vectorize(sch.split(loops[-1], [None, vec])[1])
     # Reductions are split into init and update last (loop moves need them whole).
-    sch.decompose_reduction(dots, d_)
-    sch.decompose_reduction(out, slot)
+    sch.decompose_reduction(sch.get_sblock("dots"), d_)
+    sch.decompose_reduction(sch.get_sblock("unit_out"), slot)
     for name, loop_ in key_loops.items():
         sch.decompose_reduction(sch.get_sblock(name), loop_)
     prob_keys = sch.get_loops(sch.get_sblock("prob"))[-3]
@@ -277,25 +279,43 @@ def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=2):
 
 
 def bwd_lowres(sch, *, vec=16):
-    """Parallel over rows: the n x n weights and dL, then three small products."""
+    """Parallel over rows: the n x n weights and dL, then three small products.
+
+    ``gv`` = ga v̂^T runs in the order (i, d, j) on a transposed copy of the row's v̂, so
+    that LLVM vectorises its key loop (as ``pool_and_logits``' block logits)."""
     r = _merged_parallel(sch, ("dqp", "dkp", "dvp"), 1)
     for name in ("dlog", "gv", "weight"):
         sch.compute_at(sch.get_sblock(name), r)
+    gv = sch.get_sblock("gv")
+    i, j, d = sch.get_loops(gv)[-3:]
+    sch.reorder(i, d, j)
+    vp_t = sch.cache_read(gv, 1, "global")  # placed under the row loop, beside gv
+    sch.transform_layout(vp_t, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
+    sch.decompose_reduction(gv, d)
     for name in ("dqp", "dkp", "dvp"):
         _vector_reduce(sch, name, vec, rows=1, unroll=False)
     return sch
 
 
 def bwd_finish(sch, *, vec=16):
-    """Parallel over (row, block): sum a block's unit partials, add the pooled part."""
+    """Parallel over (row, block): sum a block's unit partials, add the pooled part.
+
+    A block has 0 ... ucap units: each unit's [b, D] partial is added under an ``if`` on
+    the block's unit count, so the missing ones cost nothing (``_guard``)."""
     ri = _merged_parallel(sch, ("dq", "dk", "dv"), 2)
-    for name in ("dq", "dk", "dv"):
-        sch.compute_at(sch.get_sblock(name + "_sum"), ri)
+    row_block = sch.get(ri).loop_var
+    for name, count_name in (("dq", "q_units"), ("dk", "k_units"), ("dv", "k_units")):
         blk = sch.get_sblock(name + "_sum")
+        sch.compute_at(blk, ri)
         t, d, w = sch.get_loops(blk)[-3:]
-        sch.reorder(t, w, d)
+        sch.reorder(w, t, d)
         sch.vectorize(sch.split(d, [None, vec])[1])
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
+        sch.decompose_reduction(blk, w)
+        count = next(r.source for r in sch.get(blk).reads
+                     if getattr(r.source, "name", None) == count_name)
+        n = count.shape[1]
+        _guard(sch, w, sch.get(w).loop_var < count[row_block // n, row_block % n])
     return sch
 
 
