@@ -248,33 +248,53 @@ def bwd_prep(sch, *, vec=16):
     return sch
 
 
-def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=2):
-    """Parallel over (row, unit): logits and dP = g v^T as [W, b] tiles, dS, dS k."""
+def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
+    """Parallel over (row, unit): logits and dP = g v^T as [W, b] register tiles, dS, then
+    dS k as a [b, D] tile; empty key-block slots skipped (``_skip_empty_slots``)."""
     for name in ("k_g", "v_g", "ds_t"):  # CUDA's tensor-core tiles: read in place here
         sch.compute_inline(sch.get_sblock(name))
     ru = _merged_parallel(sch, ("dq_unit",), 2)
     for name in ("ds", "dots", "dp", "q_t", "g_t", "key_factor"):
         sch.compute_at(sch.get_sblock(name), ru)
-    for name in ("dots", "dp"):
-        _vector_reduce(sch, name, vec, rows)
-    _vector_reduce(sch, "dq_unit", vec, rows)
+    b = sch.get(sch.get_loops(sch.get_sblock("q_t"))[-1]).extent
+    tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
+             for name in ("dots", "dp")}
+    _, slot = _register_tile(sch, "dq_unit", vec=vec, rows=rows, unroll=True, slot=b)
     for name in ("ds", "q_t", "g_t"):
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
+    for name, (_, reduction) in tiles.items():
+        sch.decompose_reduction(sch.get_sblock(name), reduction)
+    sch.decompose_reduction(sch.get_sblock("dq_unit"), slot)
+    keys = sch.get_loops(sch.get_sblock("ds"))[-3]
+    _skip_empty_slots(sch, ru, "unit_cols", {tiles["dots"][0]: rows, tiles["dp"][0]: rows,
+                                             keys: 1, slot: b})
     return sch
 
 
-def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=2):
-    """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b], then P^T g and
-    dS^T q."""
+def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
+    """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b] (register tiles
+    for the products), then P^T g and dS^T q as [b, D] tiles; empty query-block slots
+    skipped."""
     for name in ("q_g", "g_g", "prob_t", "ds_t"):  # CUDA's tensor-core tiles
         sch.compute_inline(sch.get_sblock(name))
     ru = _merged_parallel(sch, ("dk_unit", "dv_unit"), 2)
     for name in ("ds", "prob", "dots", "dp", "k_t", "v_t", "query_factor", "key_mask"):
         sch.compute_at(sch.get_sblock(name), ru)
-    for name in ("dots", "dp", "dk_unit", "dv_unit"):
-        _vector_reduce(sch, name, vec, rows)
+    b = sch.get(sch.get_loops(sch.get_sblock("k_t"))[-1]).extent
+    tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
+             for name in ("dots", "dp")}
+    slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
+             for name in ("dk_unit", "dv_unit")}
     for name in ("ds", "prob", "k_t", "v_t"):
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
+    for name, (_, reduction) in tiles.items():
+        sch.decompose_reduction(sch.get_sblock(name), reduction)
+    for name, slot in slots.items():
+        sch.decompose_reduction(sch.get_sblock(name), slot)
+    guarded = {tiles["dots"][0]: rows, tiles["dp"][0]: rows, **{s_: b for s_ in slots.values()}}
+    for name in ("prob", "ds"):
+        guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
+    _skip_empty_slots(sch, ru, "unit_rows", guarded, factor="query_factor")
     return sch
 
 
@@ -322,8 +342,8 @@ def bwd_finish(sch, *, vec=16):
 OPERATOR_KNOBS.update({"bwd_dq_units": ("blocks_per_unit",), "bwd_dkdv_units": ("blocks_per_unit",)})
 KNOBS.update({
     "bwd_prep": dict(vec=16),
-    "bwd_dq_units": dict(vec=16, rows=4, blocks_per_unit=2),
-    "bwd_dkdv_units": dict(vec=16, rows=4, blocks_per_unit=2),
+    "bwd_dq_units": dict(vec=16, rows=4, blocks_per_unit=3),
+    "bwd_dkdv_units": dict(vec=16, rows=4, blocks_per_unit=3),
     "bwd_lowres": dict(vec=16),
     "bwd_finish": dict(vec=16),
 })
