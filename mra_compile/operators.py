@@ -474,12 +474,89 @@ def bwd_prep(b: int, D: int, dtype: str = "float32"):
     return [dout, out, inv_z, lo_w, g, dsum, ga, da]
 
 
-def _bwd_inputs(D, dt, io=None):
+def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool):
+    """What the backward's two unit kernels share: inputs, a unit's blocks, and the
+    two [W, b] products of a unit (W = C b slot tokens x b fixed tokens).
+
+    A unit pairs one *fixed* block with C *slot* blocks (-1: empty). ``by_key=False``
+    (``bwd_dq_units``): the fixed block is a query block (``unit_row``), the slots are key
+    blocks (``unit_cols``); ``dots`` = k q^T scale m_q, ``dp`` = v g^T. ``by_key=True``
+    (``bwd_dkdv_units``): the fixed block is a key block (``unit_col``), the slots are
+    query blocks (``unit_rows``); ``dots`` = q k^T scale m_k, ``dp`` = g v^T. Either way
+    dots[w, t] is the logit of (slot token w, fixed token t) without the slot token's
+    mask, which ``factor`` (``key_factor`` / ``query_factor``: the slot token's mask, 0
+    for empty slots) supplies. The fixed block is gathered transposed (``q_t``, ``g_t`` /
+    ``k_t``, ``v_t``), the slots as rows (``k_g``, ``v_g`` / ``q_g``, ``g_g``), all in
+    ``io`` (tensor-core operands on CUDA), sums in ``dt``.
+    """
     R, N, heads, scale, q, k, v, mask = _inputs(D, dt, io)
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), dt, "g")
     dsum = te.placeholder((R, N), dt, "dsum")
-    return R, N, heads, scale, q, k, v, mask, stab, g, dsum
+    U = te.var("U", dtype=I32)
+    fixed = te.placeholder((R, U), I32, "unit_col" if by_key else "unit_row")
+    slots = te.placeholder((R, U, C), I32, "unit_rows" if by_key else "unit_cols")
+    W = C * b
+
+    def valid(r, u, w):
+        return slots[r, u, w // b] >= 0
+
+    def slot_tok(r, u, w):  # clamped: no index read can leave the tensor
+        return te.max(slots[r, u, w // b], 0) * b + w % b
+
+    def fixed_tok(r, u, t):
+        return te.max(fixed[r, u], 0) * b + t
+
+    factor = te.compute(
+        (R, U, W),
+        lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, slot_tok(r, u, w)], 0.0),
+        name="query_factor" if by_key else "key_factor",
+    )
+    if by_key:
+        fixed_mask = te.compute((R, U, b), lambda r, u, s: mask[r // heads, fixed_tok(r, u, s)],
+                                name="key_mask")
+        x, y, x_slot, y_slot = k, v, q, g  # dots = q k^T, dp = g v^T
+        names = ("k_t", "v_t", "q_g", "g_g")
+    else:
+        fixed_mask = None
+        x, y, x_slot, y_slot = q, g, k, v  # dots = k q^T, dp = v g^T
+        names = ("q_t", "g_t", "k_g", "v_g")
+
+    def fixed_factor(r, u, t):
+        if fixed_mask is not None:
+            return fixed_mask[r, u, t]
+        return mask[r // heads, fixed_tok(r, u, t)]
+
+    x_t = te.compute(
+        (R, U, D, b),
+        lambda r, u, d, t: (x[r, fixed_tok(r, u, t), d].astype(dt) * fixed_factor(r, u, t)
+                            * scale).astype(io),
+        name=names[0],
+    )
+    y_t = te.compute((R, U, D, b), lambda r, u, d, t: y[r, fixed_tok(r, u, t), d].astype(io),
+                     name=names[1])
+    x_g = te.compute((R, U, W, D), lambda r, u, w, d: x_slot[r, slot_tok(r, u, w), d].astype(io),
+                     name=names[2])
+    y_g = te.compute((R, U, W, D), lambda r, u, w, d: y_slot[r, slot_tok(r, u, w), d].astype(io),
+                     name=names[3])
+    d0 = te.reduce_axis((0, D), "d0")
+    dots = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, t: te.sum(x_g[r, u, w, d0].astype(dt) * x_t[r, u, d0, t].astype(dt),
+                                  axis=d0),
+        name="dots",
+    )
+    d1 = te.reduce_axis((0, D), "d1")
+    dp = te.compute(
+        (R, U, W, b),
+        lambda r, u, w, t: te.sum(y_g[r, u, w, d1].astype(dt) * y_t[r, u, d1, t].astype(dt),
+                                  axis=d1),
+        name="dp",
+    )
+    inputs = [q, k, v, mask, fixed, slots, stab, g, dsum]
+    return dict(inputs=inputs, R=R, U=U, W=W, heads=heads, scale=scale, mask=mask, stab=stab,
+                dsum=dsum, valid=valid, slot_tok=slot_tok, fixed_tok=fixed_tok, factor=factor,
+                fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, dots=dots, dp=dp)
 
 
 def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
@@ -492,63 +569,21 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
 
     Like the forward's units, the three products read gathered operands in ``io``
     (``k_g``, ``v_g``, ``q_t``, ``g_t``, ``ds_t``: tensor-core tiles on CUDA for fp16/bf16)
-    and sum in ``dtype``; the CPU schedules inline the gathers.
+    and sum in ``dtype``; the CPU schedules inline the gathers. See ``_bwd_unit``.
     """
     dt = dtype
     io = io or dt
-    C = blocks_per_unit
-    W = C * b
-    R, N, heads, scale, q, k, v, mask, stab, g, dsum = _bwd_inputs(D, dt, io)
-    U = te.var("U", dtype=I32)
-    unit_row = te.placeholder((R, U), I32, "unit_row")
-    unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
-
-    def valid(r, u, w):
-        return unit_cols[r, u, w // b] >= 0
-
-    def key(r, u, w):
-        return te.max(unit_cols[r, u, w // b], 0) * b + w % b
-
-    def qtok(r, u, t):
-        return te.max(unit_row[r, u], 0) * b + t
-
-    key_factor = te.compute(
-        (R, U, W),
-        lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, key(r, u, w)], 0.0),
-        name="key_factor",
-    )
-    q_t = te.compute(
-        (R, U, D, b),
-        lambda r, u, d, t: (
-            q[r, qtok(r, u, t), d].astype(dt) * mask[r // heads, qtok(r, u, t)] * scale
-        ).astype(io),
-        name="q_t",
-    )
-    g_t = te.compute((R, U, D, b), lambda r, u, d, t: g[r, qtok(r, u, t), d].astype(io),
-                     name="g_t")
-    k_g = te.compute((R, U, W, D), lambda r, u, w, d: k[r, key(r, u, w), d], name="k_g")
-    v_g = te.compute((R, U, W, D), lambda r, u, w, d: v[r, key(r, u, w), d], name="v_g")
-    d0 = te.reduce_axis((0, D), "d0")
-    dots = te.compute(
-        (R, U, W, b),
-        lambda r, u, w, t: te.sum(k_g[r, u, w, d0].astype(dt) * q_t[r, u, d0, t].astype(dt),
-                                  axis=d0),
-        name="dots",
-    )
-    d1 = te.reduce_axis((0, D), "d1")
-    dp = te.compute(
-        (R, U, W, b),
-        lambda r, u, w, t: te.sum(v_g[r, u, w, d1].astype(dt) * g_t[r, u, d1, t].astype(dt),
-                                  axis=d1),
-        name="dp",
-    )
+    p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=False)
+    R, U, W, heads, scale, mask = p["R"], p["U"], p["W"], p["heads"], p["scale"], p["mask"]
+    valid, qtok, kf, dots, dp = p["valid"], p["fixed_tok"], p["factor"], p["dots"], p["dp"]
+    stab, dsum, k_g = p["stab"], p["dsum"], p["x_g"]
     ds = te.compute(
         (R, U, W, b),
         lambda r, u, w, t: te.if_then_else(
             valid(r, u, w),
-            _exp(dots[r, u, w, t] * key_factor[r, u, w] - stab[r, qtok(r, u, t)]
-                 - (1.0 - key_factor[r, u, w]) * 1e4)
-            * key_factor[r, u, w]
+            _exp(dots[r, u, w, t] * kf[r, u, w] - stab[r, qtok(r, u, t)]
+                 - (1.0 - kf[r, u, w]) * 1e4)
+            * kf[r, u, w]
             * (dp[r, u, w, t] - dsum[r, qtok(r, u, t)])
             * (mask[r // heads, qtok(r, u, t)] * scale),  # dA/dq's factor, folded in
             tirx.const(0.0, dt),
@@ -563,7 +598,7 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                                   axis=w1),
         name="dq_unit",
     )
-    return [q, k, v, mask, unit_row, unit_cols, stab, g, dsum, dq_unit, heads, scale]
+    return p["inputs"] + [dq_unit, heads, scale]
 
 
 def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
@@ -576,63 +611,19 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     out: dk_unit, dv_unit [R, U, b, D] (summed per key block by ``bwd_finish``)
 
     The four products read gathered ``io`` operands (``q_g``, ``g_g``, ``k_t``, ``v_t``,
-    ``prob_t``, ``ds_t``), as in ``bwd_dq_units``.
+    ``prob_t``, ``ds_t``), as in ``bwd_dq_units``. See ``_bwd_unit``.
     """
     dt = dtype
     io = io or dt
-    C = blocks_per_unit
-    W = C * b
-    R, N, heads, scale, q, k, v, mask, stab, g, dsum = _bwd_inputs(D, dt, io)
-    U = te.var("U", dtype=I32)
-    unit_col = te.placeholder((R, U), I32, "unit_col")
-    unit_rows = te.placeholder((R, U, C), I32, "unit_rows")
-
-    def valid(r, u, w):
-        return unit_rows[r, u, w // b] >= 0
-
-    def qtok(r, u, w):
-        return te.max(unit_rows[r, u, w // b], 0) * b + w % b
-
-    def ktok(r, u, s):
-        return te.max(unit_col[r, u], 0) * b + s
-
-    query_factor = te.compute(
-        (R, U, W),
-        lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, qtok(r, u, w)], 0.0),
-        name="query_factor",
-    )
-    key_mask = te.compute((R, U, b), lambda r, u, s: mask[r // heads, ktok(r, u, s)],
-                          name="key_mask")
-    k_t = te.compute(
-        (R, U, D, b),
-        lambda r, u, d, s: (
-            k[r, ktok(r, u, s), d].astype(dt) * key_mask[r, u, s] * scale
-        ).astype(io),
-        name="k_t",
-    )
-    v_t = te.compute((R, U, D, b), lambda r, u, d, s: v[r, ktok(r, u, s), d], name="v_t")
-    q_g = te.compute((R, U, W, D), lambda r, u, w, d: q[r, qtok(r, u, w), d], name="q_g")
-    g_g = te.compute((R, U, W, D), lambda r, u, w, d: g[r, qtok(r, u, w), d].astype(io),
-                     name="g_g")
-    d0 = te.reduce_axis((0, D), "d0")
-    dots = te.compute(
-        (R, U, W, b),
-        lambda r, u, w, s: te.sum(q_g[r, u, w, d0].astype(dt) * k_t[r, u, d0, s].astype(dt),
-                                  axis=d0),
-        name="dots",
-    )
-    d1 = te.reduce_axis((0, D), "d1")
-    dp = te.compute(
-        (R, U, W, b),
-        lambda r, u, w, s: te.sum(g_g[r, u, w, d1].astype(dt) * v_t[r, u, d1, s].astype(dt),
-                                  axis=d1),
-        name="dp",
-    )
+    p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=True)
+    R, U, W, scale = p["R"], p["U"], p["W"], p["scale"]
+    valid, qtok, qf, key_mask = p["valid"], p["slot_tok"], p["factor"], p["fixed_mask"]
+    dots, dp, stab, dsum, q_g, g_g = p["dots"], p["dp"], p["stab"], p["dsum"], p["x_g"], p["y_g"]
     prob = te.compute(
         (R, U, W, b),
         lambda r, u, w, s: te.if_then_else(
             valid(r, u, w),
-            _exp(dots[r, u, w, s] * query_factor[r, u, w] - stab[r, qtok(r, u, w)]
+            _exp(dots[r, u, w, s] * qf[r, u, w] - stab[r, qtok(r, u, w)]
                  - (1.0 - key_mask[r, u, s]) * 1e4)
             * key_mask[r, u, s],
             tirx.const(0.0, dt),
@@ -642,7 +633,7 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     ds = te.compute(
         (R, U, W, b),
         lambda r, u, w, s: prob[r, u, w, s] * (dp[r, u, w, s] - dsum[r, qtok(r, u, w)])
-        * (query_factor[r, u, w] * scale),  # dA/dk's factor, folded in
+        * (qf[r, u, w] * scale),  # dA/dk's factor, folded in
         name="ds",
     )
     prob_t = te.compute((R, U, b, W), lambda r, u, s, w: prob[r, u, w, s].astype(io),
@@ -662,7 +653,7 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                                   axis=w2),
         name="dk_unit",
     )
-    return [q, k, v, mask, unit_col, unit_rows, stab, g, dsum, dk_unit, dv_unit, heads, scale]
+    return p["inputs"] + [dk_unit, dv_unit, p["heads"], scale]
 
 
 def bwd_lowres(b: int, D: int, dtype: str = "float32"):
