@@ -248,54 +248,53 @@ def bwd_prep(sch, *, vec=16):
     return sch
 
 
-def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
-    """Parallel over (row, unit): logits and dP = g v^T as [W, b] register tiles, dS, then
-    dS k as a [b, D] tile; empty key-block slots skipped (``_skip_empty_slots``)."""
-    for name in ("k_g", "v_g", "ds_t"):  # CUDA's tensor-core tiles: read in place here
+def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, factor,
+               extra=()):
+    """The backward's unit kernels (``operators._bwd_unit``): parallel over (row, unit);
+    ``dots`` and ``dp`` as [W, b] register tiles, the ``elementwise`` [W, b] stages (exp,
+    dS) with the fixed block's tokens in vector lanes, the [b, D] ``outputs`` as register
+    tiles over (slot, token); empty slots (-1 in input ``slots``) skipped. ``gathers``:
+    CUDA's tensor-core tiles, read in place here; ``fixed``: the fixed block's transposed
+    gathers; ``factor`` and ``extra``: the per-token factor stages."""
+    for name in gathers:
         sch.compute_inline(sch.get_sblock(name))
-    ru = _merged_parallel(sch, ("dq_unit",), 2)
-    for name in ("ds", "dots", "dp", "q_t", "g_t", "key_factor"):
+    ru = _merged_parallel(sch, outputs, 2)
+    for name in (*elementwise, "dots", "dp", *fixed, factor, *extra):  # consumers first
         sch.compute_at(sch.get_sblock(name), ru)
-    b = sch.get(sch.get_loops(sch.get_sblock("q_t"))[-1]).extent
+    b = sch.get(sch.get_loops(sch.get_sblock(fixed[0]))[-1]).extent
     tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
              for name in ("dots", "dp")}
-    _, slot = _register_tile(sch, "dq_unit", vec=vec, rows=rows, unroll=True, slot=b)
-    for name in ("ds", "q_t", "g_t"):
+    out_slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
+                 for name in outputs}
+    for name in (*elementwise, *fixed):
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
     for name, (_, reduction) in tiles.items():
         sch.decompose_reduction(sch.get_sblock(name), reduction)
-    sch.decompose_reduction(sch.get_sblock("dq_unit"), slot)
-    keys = sch.get_loops(sch.get_sblock("ds"))[-3]
-    _skip_empty_slots(sch, ru, "unit_cols", {tiles["dots"][0]: rows, tiles["dp"][0]: rows,
-                                             keys: 1, slot: b})
+    for name, slot in out_slots.items():
+        sch.decompose_reduction(sch.get_sblock(name), slot)
+    guarded = {tiles["dots"][0]: rows, tiles["dp"][0]: rows,
+               **{slot: b for slot in out_slots.values()}}
+    for name in elementwise:
+        guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
+    _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
     return sch
+
+
+def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
+    """Parallel over (row, unit): logits and dP = g v^T as [W, b] register tiles, dS, then
+    dS k as a [b, D] tile; empty key-block slots skipped (``_bwd_units``)."""
+    return _bwd_units(sch, vec=vec, rows=rows, gathers=("k_g", "v_g", "ds_t"),
+                      outputs=("dq_unit",), elementwise=("ds",), fixed=("q_t", "g_t"),
+                      slots="unit_cols", factor="key_factor")
 
 
 def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
-    """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b] (register tiles
-    for the products), then P^T g and dS^T q as [b, D] tiles; empty query-block slots
-    skipped."""
-    for name in ("q_g", "g_g", "prob_t", "ds_t"):  # CUDA's tensor-core tiles
-        sch.compute_inline(sch.get_sblock(name))
-    ru = _merged_parallel(sch, ("dk_unit", "dv_unit"), 2)
-    for name in ("ds", "prob", "dots", "dp", "k_t", "v_t", "query_factor", "key_mask"):
-        sch.compute_at(sch.get_sblock(name), ru)
-    b = sch.get(sch.get_loops(sch.get_sblock("k_t"))[-1]).extent
-    tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
-             for name in ("dots", "dp")}
-    slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
-             for name in ("dk_unit", "dv_unit")}
-    for name in ("ds", "prob", "k_t", "v_t"):
-        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
-    for name, (_, reduction) in tiles.items():
-        sch.decompose_reduction(sch.get_sblock(name), reduction)
-    for name, slot in slots.items():
-        sch.decompose_reduction(sch.get_sblock(name), slot)
-    guarded = {tiles["dots"][0]: rows, tiles["dp"][0]: rows, **{s_: b for s_ in slots.values()}}
-    for name in ("prob", "ds"):
-        guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
-    _skip_empty_slots(sch, ru, "unit_rows", guarded, factor="query_factor")
-    return sch
+    """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b], then P^T g and
+    dS^T q as [b, D] tiles; empty query-block slots skipped (``_bwd_units``)."""
+    return _bwd_units(sch, vec=vec, rows=rows, gathers=("q_g", "g_g", "prob_t", "ds_t"),
+                      outputs=("dk_unit", "dv_unit"), elementwise=("ds", "prob"),
+                      fixed=("k_t", "v_t"), slots="unit_rows", factor="query_factor",
+                      extra=("key_mask",))
 
 
 def bwd_lowres(sch, *, vec=16):
