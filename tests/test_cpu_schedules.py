@@ -1,0 +1,44 @@
+"""Structure of the CPU schedules that correctness tests cannot see: the work of empty
+slots and missing unit partials is skipped, not merely multiplied by zero (their
+results are checked against the reference in test_op, test_backward and test_tuning)."""
+import re
+
+import pytest
+
+from mra_compile import build
+
+# op -> (static, the index whose entries guard the skipped loops, how many such loops)
+GUARDED = {
+    # logits tiles, exp, sum P, and P V per slot
+    "hires_units": ({"b": 32, "D": 64}, "unit_cols", 4),
+    "hires_rows": ({"b": 32, "D": 64, "full": True}, "row_cols", 4),
+    # dots and dP tiles, dS, and dS k per slot
+    "bwd_dq_units": ({"b": 32, "D": 64}, "unit_cols", 4),
+    # dots and dP tiles, P and dS, and P^T g, dS^T q per slot
+    "bwd_dkdv_units": ({"b": 32, "D": 64}, "unit_rows", 6),
+    # one [b, D] partial per unit, for dq, dk and dv
+    "bwd_finish": ({"b": 32, "D": 64}, r"[qk]_units", 3),
+}
+
+
+def _guards(op, static, index):
+    script = build.scheduled_func(op, static, build.resolve_knobs(op, None)).script()
+    return [line.strip() for line in script.splitlines()
+            if re.match(rf"\s*if .*\b{index}\[", line)]
+
+
+@pytest.mark.parametrize("op", sorted(GUARDED))
+def test_empty_work_is_skipped(op):
+    static, index, count = GUARDED[op]
+    guards = _guards(op, static, index)
+    assert len(guards) == count, guards
+    if op != "bwd_finish":  # slot guards test the slot's block index
+        assert all(g.endswith(">= 0:") for g in guards), guards
+
+
+def test_pool_logits_read_a_transposed_copy_of_the_keys():
+    script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64},
+                                  build.resolve_knobs("pool_and_logits", None)).script()
+    # k̂ [R, n, D] copied as [R, D, n]: the block logits' innermost loop runs over keys.
+    assert re.search(r"kp_global\[v\w+, v\w+, v\w+\] = kp\[", script)
+    assert "qp[v_r, v_i, v_dd] * kp_global[v_r, v_dd, v_j]" in script
