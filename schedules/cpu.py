@@ -28,6 +28,11 @@ def _guard(sch, loop, cond) -> None:
                                      f.thread_binding, f.annotations))
 
 
+def _input(block, name: str):
+    """The buffer ``name`` that ``block`` (an ``SBlock``) reads: the indices guards test."""
+    return next(r.source for r in block.reads if getattr(r.source, "name", None) == name)
+
+
 def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_factor") -> None:
     """Skip the work of a unit's empty block slots (index -1 in input ``slots``,
     [R, units, C]): a row's own unit, or an overflow unit, often has fewer blocks than
@@ -39,7 +44,7 @@ def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_fac
     selects by the slot's validity, or is itself guarded here. ``factor``: the unit's
     per-token factor stage (it reads ``slots`` and spans the C * b slot tokens)."""
     block = sch.get(sch.get_sblock(factor))
-    index = next(r.source for r in block.reads if getattr(r.source, "name", None) == slots)
+    index = _input(block, slots)
     units, C = index.shape[1], index.shape[2]
     unit = sch.get(loop).loop_var  # the fused (row, unit) loop: row-major
     b = block.iter_vars[-1].dom.extent // C
@@ -153,6 +158,19 @@ def hires_rows(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row
     return sch
 
 
+def _rows_times_transposed(sch, name):
+    """A per-row [n, n] = [n, D] x [n, D]^T product (``name``, under the row loop) in the
+    order (i, d, j): j innermost on a transposed copy of its second operand ([D, n]), so
+    that LLVM vectorises it over contiguous columns (n is symbolic: an explicit vectorize
+    would need a guard)."""
+    blk = sch.get_sblock(name)
+    i, j, d = sch.get_loops(blk)[-3:]
+    sch.reorder(i, d, j)
+    copy = sch.cache_read(blk, 1, "global")  # placed under the row loop, beside blk
+    sch.transform_layout(copy, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
+    sch.decompose_reduction(blk, d)
+
+
 def pool_and_logits(sch, *, vec=16):
     """Parallel over rows: pool q, k, v of one row, then its n x n logits.
 
@@ -171,15 +189,7 @@ def pool_and_logits(sch, *, vec=16):
         sch.vectorize(sch.split(d, [None, vec])[1])
         sch.decompose_reduction(blk, t)
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
-    # Block logits: a small q̂ k̂^T in the order (i, d, j), the key axis j innermost on
-    # a transposed copy of the row's k̂ ([D, n]), so that LLVM vectorises it over
-    # contiguous keys (n is symbolic: an explicit vectorize would need a guard).
-    raw = sch.get_sblock("raw_logits")
-    i, j, d = sch.get_loops(raw)[-3:]
-    sch.reorder(i, d, j)
-    kp_t = sch.cache_read(raw, 1, "global")  # placed under the row loop, beside raw
-    sch.transform_layout(kp_t, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
-    sch.decompose_reduction(raw, d)
+    _rows_times_transposed(sch, "raw_logits")  # block logits q̂ k̂^T
     return sch
 
 
@@ -300,17 +310,11 @@ def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
 def bwd_lowres(sch, *, vec=16):
     """Parallel over rows: the n x n weights and dL, then three small products.
 
-    ``gv`` = ga v̂^T runs in the order (i, d, j) on a transposed copy of the row's v̂, so
-    that LLVM vectorises its key loop (as ``pool_and_logits``' block logits)."""
+    ``gv`` = ga v̂^T as ``pool_and_logits``' block logits (``_rows_times_transposed``)."""
     r = _merged_parallel(sch, ("dqp", "dkp", "dvp"), 1)
     for name in ("dlog", "gv", "weight"):
         sch.compute_at(sch.get_sblock(name), r)
-    gv = sch.get_sblock("gv")
-    i, j, d = sch.get_loops(gv)[-3:]
-    sch.reorder(i, d, j)
-    vp_t = sch.cache_read(gv, 1, "global")  # placed under the row loop, beside gv
-    sch.transform_layout(vp_t, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
-    sch.decompose_reduction(gv, d)
+    _rows_times_transposed(sch, "gv")
     for name in ("dqp", "dkp", "dvp"):
         _vector_reduce(sch, name, vec, rows=1, unroll=False)
     return sch
@@ -331,8 +335,7 @@ def bwd_finish(sch, *, vec=16):
         sch.vectorize(sch.split(d, [None, vec])[1])
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         sch.decompose_reduction(blk, w)
-        count = next(r.source for r in sch.get(blk).reads
-                     if getattr(r.source, "name", None) == count_name)
+        count = _input(sch.get(blk), count_name)
         n = count.shape[1]
         _guard(sch, w, sch.get(w).loop_var < count[row_block // n, row_block % n])
     return sch
