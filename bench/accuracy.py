@@ -3,7 +3,7 @@ sliding window and random blocks with the same number of exact blocks.
 
 Run from the repository checkout; writes ``bench/results/accuracy.md`` (and
 ``bench/results/accuracy.png`` with ``--plot``). What is measured, on which inputs, is
-described in ``mra_compile/accuracy.py``.
+described in ``mra_compile/tools/accuracy.py``.
 
     python bench/accuracy.py --plot                 # N=4096, H=4, D=64, 1..16 blocks per row
     python bench/accuracy.py --seq-len 2048 --blocks-per-row 1 4 16
@@ -19,8 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from mra_compile import accuracy  # noqa: E402
-from mra_compile.benchmarks import machine_line  # noqa: E402
+from mra_compile.tools import accuracy  # noqa: E402
+from mra_compile.tools.benchmarks import machine_line  # noqa: E402
+from mra_compile.tools.common import pyplot  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 
@@ -74,7 +75,7 @@ def report(args, rows, seconds: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot:
-        accuracy._pyplot()  # fail before the run if matplotlib is missing
+        pyplot()  # fail before the run if matplotlib is missing
     start = time.perf_counter()
     rows = []
     for structure in args.structures:

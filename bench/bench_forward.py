@@ -1,7 +1,7 @@
 """Forward-pass benchmark on the CPU: the compiled op against the baselines, side by side.
 
-A thin script over ``mra_compile.benchmarks`` (also ``mra-compile bench``), run from the
-repository checkout; see that module for what is timed and how. Results go to
+A thin script over ``mra_compile.tools.benchmarks`` (also ``mra-compile bench``), run
+from the repository checkout; see that module for what is timed and how. Results go to
 ``bench/results/`` of this checkout.
 
     python bench/bench_forward.py                          # full run, writes bench/results/
@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from mra_compile.benchmarks import main  # noqa: E402
+from mra_compile.tools.benchmarks import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(out_dir=REPO_ROOT / "bench" / "results"))

@@ -119,7 +119,7 @@ def peak_memory(name: str, n_tokens: int, mode: str) -> float:
 
 
 def main(argv=None) -> int:
-    from mra_compile.benchmarks import machine_line
+    from mra_compile.tools.benchmarks import machine_line
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])

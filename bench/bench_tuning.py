@@ -3,7 +3,7 @@
 For every sequence length N (``--sizes``): B*H = 12 rows, D = 64, block size 32, 4 blocks
 per row ("full" mode), random inputs through the real pipeline (``tuning.Case``). The
 "default" configuration is ``KNOBS`` (vec = this CPU's vector width); "tuned" is what the
-tuning records give for the call's shape bucket (``build.knobs_for_shape``, with the
+tuning records give for the call's shape bucket (``knob_policy.knobs_for_shape``, with the
 records' source shown). Each kernel is timed alone on the arguments the real forward
 passes it under that configuration's plan; "whole op" times ``forward.mra_forward``
 end to end, and "op as called" times ``torch.ops.mra.attention`` as the op runs now
@@ -31,8 +31,9 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
-from mra_compile import build, records, tuning  # noqa: E402
-from mra_compile.benchmarks import cpu_model, load_average  # noqa: E402
+from mra_compile import host, knob_policy, records, runtime, tuning  # noqa: E402
+from mra_compile.tools.benchmarks import load_average  # noqa: E402
+from mra_compile.tools.common import cpu_model  # noqa: E402
 
 ROWS, HEAD_DIM, BLOCK_SIZE, BLOCKS_PER_ROW = 12, 64, 32, 4
 DEFAULT_SIZES = (512, 1024, 2048, 4096, 8192)
@@ -54,6 +55,11 @@ def parse_args(argv=None):
     return args
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the checkout where it lies inside it."""
+    return path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+
+
 def changed(default: dict, tuned: dict) -> str:
     diff = [f"{k}={tuning._fmt(v)}" for k, v in tuned.items() if default.get(k) != v]
     return " ".join(diff) or "(default)"
@@ -64,7 +70,7 @@ def bench_size(N: int, repeat: int, op_repeat: int, seed: int):
                          blocks_per_row=BLOCKS_PER_ROW)
     case = tuning.Case(shape, seed)
     default = tuning.default_config()
-    tuned = build.knobs_for_shape(None, N, HEAD_DIM, BLOCK_SIZE)
+    tuned = knob_policy.knobs_for_shape(None, N, HEAD_DIM, BLOCK_SIZE)
     sources = {op: tuning.chosen_knobs(op, shape.bucket) for op in tuning.OPS}
     rows = []
 
@@ -91,7 +97,7 @@ def bench_size(N: int, repeat: int, op_repeat: int, seed: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    build.ensure_runtime()
+    runtime.ensure()
     paths = [p for p in records.db_paths() if p.exists()]
     start_load = load_average()
     lines = []
@@ -108,21 +114,23 @@ def main(argv=None) -> int:
         "# Tuned vs default schedule knobs (CPU)",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads()="
-        f"{torch.get_num_threads()}, torch {torch.__version__}, TVM {build.tvm_version()}, {now}",
-        f"Host fingerprint: `{build.host_fingerprint()}`",
-        f"Records: {', '.join(f'`{p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p}`' for p in paths) or 'none'}",
+        f"{torch.get_num_threads()}, torch {torch.__version__}, TVM {host.tvm_version()}, {now}",
+        f"Host fingerprint: `{host.host_fingerprint()}`",
+        f"Records: {', '.join(f'`{_shown(p)}`' for p in paths) or 'none'}",
         f"Setup: B*H={ROWS}, D={HEAD_DIM}, block {BLOCK_SIZE}, {BLOCKS_PER_ROW} blocks per row, "
         f"\"full\" mode, fp32; median of {args.repeat} interleaved rounds per kernel and "
-        f"{args.op_repeat} for the whole op (default and tuned alternate within each round); ms. Gain: 1 - the median over rounds of the "
-        "tuned/default time ratio (paired within a round). Kernels are timed alone on the arguments the real "
-        "forward passes them (under each configuration's own plan: `hires_units` and "
-        "`hires_rows` split the selected blocks differently when `blocks_per_row` / "
+        f"{args.op_repeat} for the whole op (default and tuned alternate within each round); "
+        "ms. Gain: 1 - the median over rounds of the tuned/default time ratio (paired within "
+        "a round). Kernels are timed alone on the arguments the real forward passes them "
+        "(under each configuration's own plan: `hires_units` and "
+        "`hires_rows` split the selected blocks differently when `row_unit_blocks` / "
         "`blocks_per_unit` differ, so their per-kernel times move in opposite directions; "
         "the whole op is the number that matters).",
         f"Load average at start: {start_load}, at the end: {load_average()} (a 2-core machine "
         "shared with other work: single-kernel differences of a few percent are within noise).",
         "",
-        "| N | operator | default ms | tuned ms | gain | rounds tuned faster | tuned knobs (changed) | record bucket |",
+        "| N | operator | default ms | tuned ms | gain | rounds tuned faster "
+        "| tuned knobs (changed) | record bucket |",
         "|---:|:---|---:|---:|---:|---:|:---|:---|",
     ]
     args.md.parent.mkdir(parents=True, exist_ok=True)

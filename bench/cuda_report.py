@@ -3,7 +3,7 @@
     python bench/cuda_report.py                       # sm_80 and sm_90, D 64 and 128
     python bench/cuda_report.py --arch sm_90 --head-dims 64 --out /tmp/report.md
 
-Builds the kernel library (``mra_compile.library.build_library``) for each architecture
+Builds the kernel library (``mra_compile.aot.build_library``) for each architecture
 into a temporary directory, compiles its generated CUDA source with ``nvcc -Xptxas -v``
 and writes one table per architecture (default ``bench/results/cuda_ptxas.md``).
 """
@@ -20,14 +20,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from mra_compile import cuda_toolchain, library  # noqa: E402
+from mra_compile import aot, cuda_toolchain, library  # noqa: E402
 
 HOT = ("hires_units", "hires_rows", "bwd_dq_units", "bwd_dkdv_units")
 
 
 def report(arch: str, head_dims, dtypes) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        library.build_library(tmp, (32,), head_dims, dtypes, log=lambda *_: None,
+        aot.build_library(tmp, (32,), head_dims, dtypes, log=lambda *_: None,
                               target=f"cuda-{arch}")
         manifest = json.loads((Path(tmp) / library.MANIFEST).read_text())
         source = (Path(tmp) / library.CUDA_SOURCE).read_text()

@@ -114,13 +114,13 @@ def bootstrap(bundle: Path | None, notes: list[str]) -> None:
         return
     try:
         importlib.import_module("tvm_ffi")
-    except ImportError:
+    except ImportError as missing:
         if not (PYLIB / "tvm_ffi").is_dir():
             tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
             wheels = (sorted((bundle / "wheels").glob(f"apache_tvm_ffi-*-{tag}-*.whl"))
                       or sorted((bundle / "wheels").glob("apache_tvm_ffi-*.whl")))
             if not wheels:
-                raise RuntimeError(f"tvm_ffi missing and no wheel in {bundle / 'wheels'}")
+                raise RuntimeError(f"tvm_ffi missing and no wheel in {bundle / 'wheels'}") from missing
             # --no-index: the GPU machine has no network; --no-deps: torch brings typing_extensions.
             subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                             "--no-index", "--disable-pip-version-check", "--target", str(PYLIB),

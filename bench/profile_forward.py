@@ -12,7 +12,6 @@ expect the interleaved rounds of ``bench_forward.py`` to be slower (see the READ
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,11 +23,13 @@ if str(REPO_ROOT) not in sys.path:
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
 from mra_compile import build  # noqa: E402
-from mra_compile.benchmarks import machine_line, timed  # noqa: E402
+from mra_compile.tools import common  # noqa: E402
+from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:
-    return statistics.median(timed(fn) for _ in range(repeat))
+    """Median ms of ``repeat`` back-to-back calls (one function: nothing to interleave)."""
+    return common.median_ms({"fn": fn}, repeat)["fn"]
 
 
 def main() -> int:

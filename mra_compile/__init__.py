@@ -18,6 +18,8 @@ def _schedules_from_checkout() -> None:
         return
     spec = _util.spec_from_file_location("mra_compile.schedules", folder / "__init__.py",
                                          submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None:
+        return
     module = _util.module_from_spec(spec)
     _sys.modules["mra_compile.schedules"] = module
     spec.loader.exec_module(module)
@@ -27,8 +29,9 @@ _schedules_from_checkout()
 
 from mra_compile import op as _op  # noqa: E402,F401  (registers torch.ops.mra.attention)
 from mra_compile.api import block_selection, mra_attention  # noqa: E402
-from mra_compile.build import cache_dir, cache_events  # noqa: E402
-from mra_compile.forward import clear_workspace  # noqa: E402
+from mra_compile.build import cache_events  # noqa: E402
+from mra_compile.host import cache_dir  # noqa: E402
+from mra_compile.inputs import clear_workspace  # noqa: E402
 
 __all__ = ["mra_attention", "block_selection", "cache_dir", "cache_events", "clear_workspace"]
 __version__ = "0.1.0"

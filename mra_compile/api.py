@@ -1,7 +1,10 @@
-"""The friendly Python entry point."""
+"""The friendly Python entry points (the op's documented arguments, with defaults)."""
 from __future__ import annotations
 
 import torch
+
+from mra_compile import forward, options, validate
+from mra_compile.options import Options
 
 
 def mra_attention(
@@ -44,24 +47,17 @@ def mra_attention(
     Raises:
         TypeError / ValueError naming the offending argument.
     """
-    from mra_compile import validate
-
     if num_blocks is not None and block_per_row is not None:
         raise ValueError("give num_blocks or block_per_row, not both")
     # Checked here too (not only in the op) so that Python-type errors are TypeErrors
     # rather than the dispatcher's RuntimeError.
     validate.check_tensors(q, k, v, mask)
     if num_blocks is None:
-        bpr = 4 if block_per_row is None else block_per_row
-        validate.check_int("block_per_row", bpr, 1)
-        validate.check_int("block_size", block_size, 8)
-        num_blocks = bpr * max(-(-q.shape[2] // block_size), 1)
-    validate.check_options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-                           initial_prior_diagonal_n_blocks)
-    return torch.ops.mra.attention(
-        q, k, v, mask, num_blocks, approx_mode, block_size,
-        initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks,
-    )
+        bpr = options.DEFAULT_BLOCK_PER_ROW if block_per_row is None else block_per_row
+        num_blocks = options.budget(bpr, q.shape[2], block_size)
+    opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
+                   initial_prior_diagonal_n_blocks)
+    return torch.ops.mra.attention(q, k, v, mask, *opts.as_args())
 
 
 def block_selection(
@@ -79,19 +75,14 @@ def block_selection(
     """The blocks ``torch.ops.mra.attention`` computes exactly for these arguments.
 
     Returns ``(selected, high_mask)``, bool ``[B, H, n, n]`` with ``n = ceil(N / block_size)``:
-    the top-``num_blocks`` set T of the spec and, in "full" mode, Hmask (the blocks the
+    the top-``num_blocks`` set T of docs/spec.md, step 3, and, in "full" mode, Hmask (the blocks the
     low-resolution part leaves out; equal to ``selected`` in "sparse" mode). Useful to
     inspect the pattern, and to give a reference the same blocks when scores tie.
     """
-    from mra_compile import forward, validate
-
-    validate.check_options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-                           initial_prior_diagonal_n_blocks)
+    opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
+                   initial_prior_diagonal_n_blocks)
     validate.check_tensors(q, k, v, mask)
     validate.check_device(q)
     validate.check_mask_values(mask)
     with torch.no_grad():
-        return forward.block_selection(
-            q.detach(), k.detach(), v.detach(), mask, num_blocks, approx_mode, block_size,
-            initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks,
-        )
+        return forward.block_selection(q.detach(), k.detach(), v.detach(), mask, opts)

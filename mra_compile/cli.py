@@ -5,6 +5,7 @@
                      [--search random|exhaustive]
     mra-compile demo [demo arguments, e.g. --seq-len 4096 --mode sparse]
     mra-compile bench [--sizes 512 1024 ...] [--repeat 7] [--plot]
+    mra-compile build --out DIR [--target llvm|cuda] [--arch sm_90] [--head-dims ...] [...]
 
 To add a subcommand: write ``_add_<name>(subparsers)`` that registers its arguments and
 ``set_defaults(func=_cmd_<name>)``, a ``_cmd_<name>(args) -> int`` returning the exit code,
@@ -62,7 +63,7 @@ def _cuda_line() -> str:
 
 
 def _cmd_info(args) -> int:
-    from mra_compile import build, records, tuning
+    from mra_compile import host, library, openmp, records, tuning
 
     bucket = None
     if args.shape:
@@ -76,13 +77,11 @@ def _cmd_info(args) -> int:
     print(f"mra-compile {mra_compile.__version__}")
     print(f"python {platform.python_version()}, torch {_version('torch')}, "
           f"apache-tvm {_version('apache-tvm')}, apache-tvm-ffi {_version('apache-tvm-ffi')}")
-    print(f"host: {build.host_fingerprint()} (vector width {build.default_vector_width()} floats)")
-    cache = build.cache_dir()
+    print(f"host: {host.host_fingerprint()} (vector width {host.default_vector_width()} floats)")
+    cache = host.cache_dir()
     count = len(list(cache.glob("*.so"))) if cache.is_dir() else 0
     print(f"kernel cache: {cache} ({count} kernels)")
     print(f"cuda: {_cuda_line()}")
-    from mra_compile import library, openmp
-
     print(f"CPU kernels' parallel loops: {openmp.status()}")
 
     for directory in library.directories():
@@ -106,7 +105,7 @@ def _cmd_info(args) -> int:
     print(f"knobs in use ({where}):")
     for op in records.tunable_ops():
         chosen = tuning.chosen_knobs(op, bucket)
-        knobs = " ".join(f"{k}={tuning._fmt(v)}" for k, v in chosen.knobs.items())
+        knobs = " ".join(f"{k}={tuning.fmt(v)}" for k, v in chosen.knobs.items())
         source = "default" if chosen.source == "default" else f"record {chosen.bucket} in {chosen.source}"
         print(f"  {op:<16} {knobs}  [{source}]")
     return EXIT_OK
@@ -121,7 +120,9 @@ def _add_tune(sub) -> None:
                        description="Search the schedule knobs of each operator for the fastest on "
                                    "this machine and write them as tuning records, which the op "
                                    "then uses automatically.")
-    p.add_argument("--target", default="llvm", choices=["llvm"],
+    from mra_compile import targets
+
+    p.add_argument("--target", default=targets.CPU.name, choices=[targets.CPU.name],
                    help="compilation target (only the CPU, llvm, for now)")
     p.add_argument("--ops", nargs="+", default=list(tuning.OPS), choices=list(tuning.OPS),
                    metavar="OP", help="operators to tune (default: all: %(default)s)")
@@ -178,9 +179,9 @@ def _cmd_tune(args) -> int:
 # ---------------------------------------------------------------------------- demo
 
 def _add_demo(sub) -> None:
-    # Every argument goes to mra_compile.demo untouched (prefix_chars: no option is ours).
+    # Every argument goes to mra_compile.tools.demo untouched (prefix_chars: no option is ours).
     p = sub.add_parser("demo", help="build the kernels and compare MRA-2 with exact attention",
-                       description="Run mra_compile.demo; arguments pass through "
+                       description="Run mra_compile.tools.demo; arguments pass through "
                                    "(mra-compile demo --help lists them).",
                        add_help=False, prefix_chars="\0")
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -188,7 +189,7 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from mra_compile import demo
+    from mra_compile.tools import demo
 
     try:
         return demo.main(args.demo_args)
@@ -199,17 +200,18 @@ def _cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------- bench
 
 def _add_bench(sub) -> None:
-    from mra_compile import benchmarks
+    from mra_compile.tools import benchmarks
 
     p = sub.add_parser("bench", help="time the op against the fallback, reference and SDPA",
                        description=benchmarks.__doc__.split("\n\n")[0].replace("\n", " ")
-                       + " --plot also writes time_vs_n.png and error_vs_blocks_per_row.png.")
+                       + f" --plot also writes {benchmarks.TIME_PLOT} and "
+                       f"{benchmarks.ERROR_PLOT}.")
     benchmarks.add_arguments(p, out_dir="bench/results")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
-    from mra_compile import benchmarks
+    from mra_compile.tools import benchmarks
 
     problem = benchmarks.check_arguments(args)
     if problem:
@@ -225,6 +227,8 @@ def _cmd_bench(args) -> int:
 # ---------------------------------------------------------------------------- main
 
 def _add_build(sub) -> None:
+    from mra_compile import targets
+
     p = sub.add_parser(
         "build", help="compile every kernel ahead of time into one library + manifest",
         description="Compile every operator (forward and backward) for the given block sizes, "
@@ -232,14 +236,17 @@ def _add_build(sub) -> None:
         "MRA_COMPILE_KERNEL_LIBRARY=DIR and the op loads its kernels from there with the TVM "
         "runtime only. --target cuda compiles device code with nvcc (no GPU or driver "
         "needed) and copies TVM's runtime libraries to DIR/runtime/.")
-    p.add_argument("--target", choices=("llvm", "cuda"), default="llvm",
-                   help="llvm: this CPU (default); cuda: NVIDIA GPUs of --arch")
+    p.add_argument("--target", choices=targets.BUILD_KINDS, default=targets.CPU.name,
+                   help="llvm: this CPU (default); cuda: NVIDIA GPUs of --arch (default: "
+                   "%(default)s)")
     p.add_argument("--arch", default="sm_90",
                    help="GPU architecture for --target cuda, e.g. sm_80, sm_90 (default)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[32])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[32],
+                   help="block sizes to cover (default: %(default)s)")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64],
-                   help="head dims to cover (compiled padded to multiples of 16)")
+                   help="head dims to cover, compiled padded to multiples of 16 "
+                   "(default: %(default)s)")
     p.add_argument("--dtypes", nargs="+", default=None,
                    choices=("float32", "float64", "float16", "bfloat16"),
                    help="input dtypes (default: float32; with cuda: float32 float16 bfloat16). "
@@ -252,48 +259,41 @@ def _add_build(sub) -> None:
 
 
 def _cmd_build(args) -> int:
-    from mra_compile import library, validate
+    from mra_compile import aot, library, options, targets
 
-    target = "llvm"
-    if args.target == "cuda":
-        arch = args.arch
-        if not (arch.startswith("sm_") and arch[3:].isdigit() and int(arch[3:]) >= 70):
-            print(f"mra-compile build: --arch: {arch!r} is not an NVIDIA architecture like "
-                  "sm_80 or sm_90 (sm_70 or newer)", file=sys.stderr)
-            return 2
-        target = f"cuda-{arch}"
+    try:
+        target = targets.for_build(args.target, args.arch)
+    except ValueError as e:
+        print(f"mra-compile build: {e}", file=sys.stderr)
+        return EXIT_USAGE
     for b in args.block_sizes:
-        if b < 8 or b & (b - 1) or b > validate.MAX_BLOCK_SIZE:
+        if b < options.MIN_BLOCK_SIZE or b & (b - 1) or b > options.MAX_BLOCK_SIZE:
             print(f"mra-compile build: --block-sizes: {b} is not a power of two in "
-                  f"[8, {validate.MAX_BLOCK_SIZE}]", file=sys.stderr)
-            return 2
+                  f"[{options.MIN_BLOCK_SIZE}, {options.MAX_BLOCK_SIZE}]", file=sys.stderr)
+            return EXIT_USAGE
     if any(d < 1 for d in args.head_dims):
         print("mra-compile build: --head-dims must be >= 1", file=sys.stderr)
-        return 2
-    default = ["float32", "float16", "bfloat16"] if target != "llvm" else ["float32"]
-    dtypes = list(args.dtypes or default)
-    if target == "llvm":  # the CPU runs half inputs on the float32 kernels
-        dtypes = ["float32" if d in ("float16", "bfloat16") else d for d in dtypes]
+        return EXIT_USAGE
+    dtypes = target.build_dtypes(args.dtypes)
     if args.float64:
-        dtypes.append("float64")
-    dtypes = list(dict.fromkeys(dtypes))
-    print(f"compiling for {target} into {args.out}:")
+        dtypes = list(dict.fromkeys([*dtypes, "float64"]))
+    print(f"compiling for {target.name} into {args.out}:")
     try:
-        manifest = library.build_library(args.out, args.block_sizes, args.head_dims, dtypes,
-                                         target=target)
+        manifest = aot.build_library(args.out, args.block_sizes, args.head_dims, dtypes,
+                                     target=target)
     except RuntimeError as e:  # e.g. no nvcc, or TVM kept only CUDA source
         print(f"mra-compile build: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     print(f"wrote {Path(args.out) / library.LIBRARY} and {manifest}")
     for version in args.wheel_for_python:
         try:
-            wheel = library.download_ffi_wheel(args.out, version)
+            wheel = aot.download_ffi_wheel(args.out, version)
         except RuntimeError as e:
             print(f"mra-compile build: {e}", file=sys.stderr)
-            return 1
+            return EXIT_FAILURE
         print(f"wrote {wheel}")
     print(f"use it with: export {library.ENV}={Path(args.out).resolve()}")
-    return 0
+    return EXIT_OK
 
 
 _SUBCOMMANDS = (_add_info, _add_tune, _add_demo, _add_bench, _add_build)

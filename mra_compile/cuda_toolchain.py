@@ -8,13 +8,12 @@ runtime only wraps the bytes), so on such machines a stand-in ``libcuda.so.1`` w
 every entry point reports "no device" is loaded first. It is used only to build:
 loading a kernel's functions through it fails with a CUDA error, never silently.
 
-Also: finding TVM's runtime libraries without the compiler package (a deployment, the lent
-GPU machine), and checking that a built module really holds device code.
+Also: checking that a built module really holds device code, and nvcc reports on the
+generated source.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.util
 import os
 import re
@@ -23,7 +22,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-RUNTIME_DIR_ENV = "MRA_COMPILE_TVM_RUNTIME_DIR"
+from mra_compile import host, runtime
+
 EM_CUDA = 190  # ELF e_machine of NVIDIA device code (cubin)
 
 # The driver entry points libtvm_runtime_cuda.so imports (``nm -D --undefined-only``).
@@ -51,37 +51,6 @@ class CudaToolchainError(RuntimeError):
     """Building or loading CUDA kernels is not possible on this machine (says why)."""
 
 
-def runtime_dir() -> Path:
-    """The directory holding ``libtvm_runtime.so`` (and ``libtvm_runtime_cuda.so``).
-
-    ``$MRA_COMPILE_TVM_RUNTIME_DIR``, else the installed ``tvm`` package, else the
-    ``runtime/`` folder of a kernel library in ``$MRA_COMPILE_KERNEL_LIBRARY``.
-    """
-    env = os.environ.get(RUNTIME_DIR_ENV)
-    if env:
-        return Path(env)
-    spec = tvm_spec()
-    if spec is None:
-        for library in os.environ.get("MRA_COMPILE_KERNEL_LIBRARY", "").split(os.pathsep):
-            if library and (Path(library) / "runtime" / "libtvm_runtime.so").exists():
-                return Path(library) / "runtime"
-    if spec is None:
-        raise ImportError(
-            "the TVM runtime was not found: install apache-tvm, or set "
-            f"{RUNTIME_DIR_ENV} (or MRA_COMPILE_KERNEL_LIBRARY to a library built with "
-            "`mra-compile build`, which carries the runtime)")
-    return Path(spec.submodule_search_locations[0]) / "lib"
-
-
-def tvm_spec():
-    """The installed ``tvm`` package's import spec, or None (a runtime-only machine)."""
-    try:
-        spec = importlib.util.find_spec("tvm")
-    except (ImportError, ValueError):
-        return None
-    return spec if spec is not None and spec.submodule_search_locations else None
-
-
 def _has_driver() -> bool:
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
@@ -91,11 +60,9 @@ def _has_driver() -> bool:
 
 
 def _build_stub() -> Path:
-    from mra_compile import build
-
-    out = build.cache_dir() / "nodriver" / "libcuda.so.1"
+    out = host.cache_dir() / "nodriver" / "libcuda.so.1"
     try:
-        return build.compile_c_library(_STUB_SOURCE, out, ("-Wl,-soname,libcuda.so.1",))
+        return host.compile_c_library(_STUB_SOURCE, out, ("-Wl,-soname,libcuda.so.1",))
     except OSError as e:
         raise CudaToolchainError("building CUDA kernels without a driver needs a C compiler "
                                  "(cc or gcc) for the stand-in libcuda.so.1") from e
@@ -142,12 +109,12 @@ def _preload_cudart() -> None:
 
 def ensure_cuda_runtime(allow_stub: bool = False) -> str:
     """Load TVM's CUDA runtime (registers the "cuda" module loader); returns the driver
-    kind. The base runtime (``build.ensure_runtime``) must be loaded first."""
+    kind. The base runtime (``runtime.load``) must be loaded first."""
     global _CUDA_RUNTIME
     kind = ensure_driver(allow_stub)
     if not _CUDA_RUNTIME:
         _preload_cudart()
-        ctypes.CDLL(str(runtime_dir() / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(runtime.runtime_dir() / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
         _CUDA_RUNTIME = True
     return kind
 
@@ -166,7 +133,8 @@ def prepare_compiler() -> None:
 
 def device_images(blob: bytes) -> list[dict]:
     """The NVIDIA device-code ELF images (cubins) embedded in ``blob``: offset, sm arch."""
-    images, start = [], 0
+    images: list[dict] = []
+    start = 0
     while True:
         at = blob.find(b"\x7fELF", start)
         if at < 0:
@@ -225,7 +193,8 @@ def ptxas_report(source: str, arch: str) -> dict[str, dict]:
              str(src)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise CudaToolchainError(f"nvcc -arch={arch} failed:\n{proc.stderr[-3000:]}")
-    report, current = {}, None
+    report: dict[str, dict] = {}
+    current = None
     for line in proc.stderr.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'|Function properties for (\w+)", line)
         if m:

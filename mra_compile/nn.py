@@ -22,7 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mra_compile import validate
+from mra_compile import options, validate
+from mra_compile.options import Options
 
 __all__ = ["MRASelfAttention"]
 
@@ -101,10 +102,8 @@ class MRASelfAttention(nn.Module):
         if num_blocks is not None:
             validate.check_int("num_blocks", num_blocks, 1)
         # The remaining options are checked exactly as the op will check them.
-        validate.check_options(
-            1 if num_blocks is None else num_blocks, approx_mode, block_size,
-            initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks,
-        )
+        Options(1 if num_blocks is None else num_blocks, approx_mode, block_size,
+                initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
         del attention_probs_dropout_prob  # not applicable, see the docstring
 
         self.hidden_size = hidden_size
@@ -124,7 +123,7 @@ class MRASelfAttention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
 
     @classmethod
-    def from_config(cls, config, **overrides) -> "MRASelfAttention":
+    def from_config(cls, config, **overrides) -> MRASelfAttention:
         """Build from a Hugging Face ``MraConfig`` (or any object or mapping with its fields).
 
         Reads ``hidden_size``, ``num_attention_heads``, ``block_per_row``, ``approx_mode``,
@@ -152,7 +151,7 @@ class MRASelfAttention(nn.Module):
         """``num_blocks`` passed to the op for a sequence of ``seq_len`` tokens."""
         if self.num_blocks is not None:
             return self.num_blocks
-        return self.block_per_row * max(-(-seq_len // self.block_size), 1)
+        return options.budget(self.block_per_row, seq_len, self.block_size)
 
     def _heads(self, x: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
         # [B, N, H*Dh] -> [B, H, N, Dh] as a view: the op reads strided inputs.

@@ -29,6 +29,10 @@ import subprocess
 import threading
 from pathlib import Path
 
+import torch
+
+from mra_compile import host
+
 ENV = "MRA_COMPILE_OPENMP"  # "0": kernels use TVM's own thread pool
 POINTER = "__TVMBackendParallelLaunch"
 
@@ -104,21 +108,17 @@ def launcher_name() -> str:
 
 def build_into(directory: Path) -> Path:
     """Compile the launcher into ``directory`` (once: the name carries the source hash)."""
-    from mra_compile import build
-
-    return build.compile_c_library(_SOURCE, Path(directory) / launcher_name())
+    return host.compile_c_library(_SOURCE, Path(directory) / launcher_name())
 
 
 def _launcher() -> Path:
     """A kernel library's launcher (``DIR/runtime/``: runtime-only machines need no
     compiler and write nothing), else the kernel cache's, built on first use."""
-    from mra_compile import build, library
-
-    for directory in library.directories():
+    for directory in host.kernel_library_dirs():
         shipped = Path(directory) / "runtime" / launcher_name()
         if shipped.exists():
             return shipped
-    return build_into(build.cache_dir() / "openmp")
+    return build_into(host.cache_dir() / "openmp")
 
 
 def _setup() -> dict:
@@ -141,8 +141,6 @@ def _setup() -> dict:
                                address(omp.omp_get_num_threads))
     except AttributeError as e:
         return {"error": f"{runtime} lacks the GNU OpenMP entry points ({e})"}
-    import torch
-
     shim.mra_parallel_set_tasks(torch.get_num_threads())
     return {"shim": shim, "launch": ctypes.cast(shim.mra_parallel_launch, ctypes.c_void_p).value,
             "runtime": runtime}

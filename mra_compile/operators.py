@@ -1,7 +1,8 @@
 """MRA-2 stages as TVM tensor-expression operators.
 
-Every function returns ``(tensors, params)``: the TE tensors of one stage and the
-ordered argument list for ``te.create_prim_func``. Shapes that vary between calls
+Every public function builds one kernel's stages and returns its ordered argument list
+for ``te.create_prim_func`` (inputs, outputs, scalars: the order ``mra_compile.kernels``
+declares). Shapes that vary between calls
 (rows ``R = B*H``, padded sequence ``N``, number of work units ``U``...) are
 ``te.var`` so one compiled kernel serves every call; the block edge ``b`` and the
 (padded) head dim ``D`` are compile-time constants.
@@ -10,11 +11,15 @@ Layout conventions (all row-major, float32 unless stated):
   q, k, v      [R, N, D]   N a multiple of b, D a multiple of the vector width
   mask         [Bm, N]     1 real / 0 padding; row r belongs to batch r // heads
   counts       [Bm, n]     real tokens per block (b everywhere without a mask)
-  inv_counts   [Bm, n]     1/(c + 1e-6) with a mask, 1/b without (spec step 2)
+  inv_counts   [Bm, n]     1/(c + 1e-6) with a mask, 1/b without (docs/spec.md, step 2)
 
-This module imports TVM: import it lazily (``mra_compile.build`` does).
+This module imports TVM: import it lazily (``mra_compile.kernels.Kernel.builder`` does).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from tvm import te, tirx
 
@@ -29,7 +34,7 @@ def _exp(x):
     (llvm's expf is a scalar libm call per lane.) float32: range reduction
     x = k ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial for exp(r) (error
     < 2e-8 there) and 2^k built in the exponent bits; <= 8e-8 relative error overall.
-    Inputs below -87.3 give exactly 0, so the spec's -1e4 penalties still remove a
+    Inputs below -87.3 give exactly 0, so the -1e4 penalties (docs/spec.md) still remove a
     term; inputs above 88 saturate (never reached: arguments here are <= 0 after
     subtracting a maximum, up to rounding). float64 (tests, gradcheck) uses the exact
     libm exp.
@@ -209,7 +214,7 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
         (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
             valid(r, u, w),
-            # (times the key's mask: the spec's v_s * mask_s, applied to P instead of v)
+            # (times the key's mask: docs/spec.md, step 1 zeroes v at padding; here on P)
             _exp(logit[r, u, w, t] - unit_max[r, u, t] - (1.0 - key_factor[r, u, w]) * 1e4)
             * key_factor[r, u, w],
             tirx.const(0.0, dt),
@@ -266,11 +271,11 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     return [q, k, v, mask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads, scale]
 
 
-def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "float32",
+def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "float32",
                io: str | None = None):
     """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
-    Block row i of row r computes its first ``blocks_per_row`` selected key blocks
+    Block row i of row r computes its first ``row_unit_blocks`` selected key blocks
     ``row_cols[r, i, :]`` (-1 = empty) itself; the rest came from ``hires_units`` as the
     overflow units ``ov_start[r, i] + w``, ``w < ov_units[r, i] <= ucap``. All share the
     row's maximum m_t (-1e5 without blocks); "full" adds the low-resolution part at the
@@ -283,7 +288,7 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "fl
     """
     dt = dtype
     io = io or dt
-    C = blocks_per_row
+    C = row_unit_blocks
     R, N, heads, scale, q, k, v, mask = _inputs(D, dtype, io)
     n = N // b
     U, ucap = _vars("U", "ucap")
@@ -311,7 +316,8 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "fl
         ),
         name="ov_stab",
     )
-    # m_t of the spec: -1e5 for a block row without selected blocks.
+    # m_t (docs/spec.md, step 4): -1e5 for a block row without selected blocks (this
+    # release takes padding keys into m_t: docs/spec.md, "Status in this release").
     row_max = te.compute(
         (R, n, b),
         lambda r, i, t: te.if_then_else(
@@ -435,8 +441,8 @@ def hires_rows(b: int, D: int, blocks_per_row: int, full: bool, dtype: str = "fl
 
 
 # ---------------------------------------------------------------------------------------
-# Backward. The selection and the stabilisers are constants (spec, "Properties"). With
-# g_t = dO_t mask_t / Z_t and D_t = g_t . out_t, for a selected pair (t, s):
+# Backward. The selection and the stabilisers are constants (docs/spec.md, "Properties").
+# With g_t = dO_t mask_t / Z_t and D_t = g_t . out_t, for a selected pair (t, s):
 #   P_ts = exp(A_ts - stab_t - 1e4 (1 - m_s)) m_s,   dS_ts = P_ts (g_t . v_s - D_t),
 #   dq_t += scale m_t sum_s dS_ts k_s,  dk_s += scale m_s sum_t dS_ts m_t q_t,
 #   dv_s += sum_t P_ts g_t;
@@ -474,7 +480,31 @@ def bwd_prep(b: int, D: int, dtype: str = "float32"):
     return [dout, out, inv_z, lo_w, g, dsum, ga, da]
 
 
-def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool):
+@dataclass
+class _BwdUnit:
+    """The shared part of a backward unit kernel (see ``_bwd_unit``)."""
+
+    inputs: list  # q, k, v, mask, fixed, slots, stab, g, dsum: the kernel's first arguments
+    R: Any
+    U: Any
+    W: int
+    heads: Any
+    scale: Any
+    mask: Any
+    stab: Any
+    dsum: Any
+    valid: Callable  # (r, u, w) -> whether slot token w is in a block
+    slot_tok: Callable  # (r, u, w) -> the slot token's position in the sequence
+    fixed_tok: Callable  # (r, u, t) -> the fixed block's token t's position
+    factor: Any  # [R, U, W]: the slot token's mask, 0 for empty slots
+    fixed_mask: Any  # [R, U, b] the fixed (key) block's mask (by key), else None
+    x_g: Any  # the slot rows of the first product (k_g / q_g)
+    y_g: Any  # the slot rows of the second product (v_g / g_g)
+    dots: Any  # [R, U, W, b]
+    dp: Any  # [R, U, W, b]
+
+
+def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool) -> _BwdUnit:
     """What the backward's two unit kernels share: inputs, a unit's blocks, and the
     two [W, b] products of a unit (W = C b slot tokens x b fixed tokens).
 
@@ -554,9 +584,9 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool):
         name="dp",
     )
     inputs = [q, k, v, mask, fixed, slots, stab, g, dsum]
-    return dict(inputs=inputs, R=R, U=U, W=W, heads=heads, scale=scale, mask=mask, stab=stab,
-                dsum=dsum, valid=valid, slot_tok=slot_tok, fixed_tok=fixed_tok, factor=factor,
-                fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, dots=dots, dp=dp)
+    return _BwdUnit(inputs=inputs, R=R, U=U, W=W, heads=heads, scale=scale, mask=mask,
+                    stab=stab, dsum=dsum, valid=valid, slot_tok=slot_tok, fixed_tok=fixed_tok,
+                    factor=factor, fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, dots=dots, dp=dp)
 
 
 def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
@@ -574,9 +604,9 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     dt = dtype
     io = io or dt
     p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=False)
-    R, U, W, heads, scale, mask = p["R"], p["U"], p["W"], p["heads"], p["scale"], p["mask"]
-    valid, qtok, kf, dots, dp = p["valid"], p["fixed_tok"], p["factor"], p["dots"], p["dp"]
-    stab, dsum, k_g = p["stab"], p["dsum"], p["x_g"]
+    R, U, W, heads, scale, mask = p.R, p.U, p.W, p.heads, p.scale, p.mask
+    valid, qtok, kf, dots, dp = p.valid, p.fixed_tok, p.factor, p.dots, p.dp
+    stab, dsum, k_g = p.stab, p.dsum, p.x_g
     ds = te.compute(
         (R, U, W, b),
         lambda r, u, w, t: te.if_then_else(
@@ -598,7 +628,7 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                                   axis=w1),
         name="dq_unit",
     )
-    return p["inputs"] + [dq_unit, heads, scale]
+    return p.inputs + [dq_unit, heads, scale]
 
 
 def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
@@ -616,9 +646,9 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     dt = dtype
     io = io or dt
     p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=True)
-    R, U, W, scale = p["R"], p["U"], p["W"], p["scale"]
-    valid, qtok, qf, key_mask = p["valid"], p["slot_tok"], p["factor"], p["fixed_mask"]
-    dots, dp, stab, dsum, q_g, g_g = p["dots"], p["dp"], p["stab"], p["dsum"], p["x_g"], p["y_g"]
+    R, U, W, scale = p.R, p.U, p.W, p.scale
+    valid, qtok, qf, key_mask = p.valid, p.slot_tok, p.factor, p.fixed_mask
+    dots, dp, stab, dsum, q_g, g_g = p.dots, p.dp, p.stab, p.dsum, p.x_g, p.y_g
     prob = te.compute(
         (R, U, W, b),
         lambda r, u, w, s: te.if_then_else(
@@ -653,7 +683,7 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                                   axis=w2),
         name="dk_unit",
     )
-    return p["inputs"] + [dk_unit, dv_unit, p["heads"], scale]
+    return p.inputs + [dk_unit, dv_unit, p.heads, scale]
 
 
 def bwd_lowres(b: int, D: int, dtype: str = "float32"):

@@ -1,4 +1,4 @@
-"""Block selection (spec step 3) and the work plan for the high-resolution kernels.
+"""Block selection (docs/spec.md, step 3) and the work plan for the high-resolution kernels.
 
 Selection is a top-k over the n*n low-resolution scores of each row. It runs on the
 host in numpy/torch: the input is small (n*n per row, n = N/b), the result only indexes
@@ -7,8 +7,8 @@ TOPI's top-k sorts the whole row, and ``torch.topk`` was 5x slower than argparti
 the 12 x 16384 scores of N = 4096.
 
 The plan groups the selected blocks of each (row, query block) into *units* of at most
-``C`` key blocks; every unit is an independent piece of work for ``hires_units`` and
-``combine`` merges the units of a block row.
+``C`` key blocks beyond a row's own ``Cr``: every unit is an independent piece of work
+for ``hires_units``, and ``hires_rows`` merges the units of a block row into it.
 """
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PRIOR_BONUS = 5e3  # spec step 3
+from mra_compile import targets
+
+PRIOR_BONUS = 5e3  # docs/spec.md, step 3
 
 
 def selection_scores(logits, rowmax, first_n: int, diagonal_n: int):
-    """S of spec step 3: [R, n, n] from logits [R, n, n] and rowmax [R, n].
+    """S of docs/spec.md, step 3: [R, n, n] from logits [R, n, n] and rowmax [R, n].
 
     With priors, in float64: the 5e3 bonus would otherwise round away float32
     differences below 5e-4 and turn near-ties into ties, changing T and Hmask.
@@ -61,7 +63,7 @@ def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0) 
     flat = scores.reshape(R, n * n)
     if k == n * n:
         index = torch.arange(n * n, device=flat.device).expand(R, n * n).contiguous()
-    elif flat.device.type == "cpu":
+    elif targets.of_device(flat.device).selects_in_numpy:
         # numpy's introselect is ~5x faster than torch.topk here (no sorting of pairs), and
         # numpy's sort and comparisons of these small int/float rows ~8x faster than torch's.
         values = flat.numpy()

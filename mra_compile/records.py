@@ -1,9 +1,10 @@
 """Tuning records: the schedule knobs ``mra-compile tune`` measured fastest, as JSON files.
 
 A record holds the complete knobs of one operator and is keyed by the operator, dtype
-(``float32``), target (``llvm`` and ``build.host_fingerprint()``), TVM version and shape
-bucket (``build.shape_bucket``: sequence length rounded to a power of two, head dim padded
-to 16, block size). ``build.resolve_knobs`` reads them, in this order, first match wins:
+(``float32``), target (the CPU target, ``llvm``, and ``host.host_fingerprint()``), TVM
+version and shape bucket (``knob_policy.shape_bucket``: sequence length rounded to a power of
+two, head dim padded to 16, block size). ``knob_policy.resolve_knobs`` reads them, in this
+order, first match wins:
 
 1. the user db: ``$MRA_COMPILE_TUNE_DB``, else ``~/.cache/mra_compile/tuned.json``;
 2. the records shipped for this CPU: ``<package>/schedules/tuned/<fingerprint>.json``.
@@ -18,7 +19,10 @@ Writes (``save``) merge into the file under an exclusive ``fcntl.flock`` of its 
 atomically (temporary file + ``os.replace``), so readers never see half a file and two
 tuners writing at once both keep their records.
 
-This module imports neither TVM nor torch.
+Records made before the row-unit knob was renamed (``blocks_per_row``, now
+``row_unit_blocks``) are read under the new name.
+
+This module does not import TVM.
 """
 from __future__ import annotations
 
@@ -32,16 +36,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from mra_compile import host, kernels, targets
+
 try:
     import fcntl
 except ImportError:  # not POSIX: writes stay atomic, concurrent writers may lose records
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 SCHEMA = 1
 ENV_DB = "MRA_COMPILE_TUNE_DB"
 ENV_ENABLE = "MRA_COMPILE_TUNED"  # "0" ignores all records
 DTYPE = "float32"
-TARGET = "llvm"
+TARGET = targets.CPU.name
+LEGACY_KNOBS = {"blocks_per_row": "row_unit_blocks"}  # old name -> new name
 # Without a shape, the record nearest to the default tuning shape is used.
 REFERENCE_BUCKET = "N4096-D64-b32"
 
@@ -70,9 +77,7 @@ def user_db_path() -> Path:
 
 
 def shipped_db_path() -> Path:
-    from mra_compile import build
-
-    return build._schedule_dir() / "tuned" / f"{sanitise(build.host_fingerprint())}.json"
+    return host.schedule_dir() / "tuned" / f"{sanitise(host.host_fingerprint())}.json"
 
 
 def db_paths() -> list[Path]:
@@ -112,9 +117,8 @@ def bucket_distance(a: str, b: str) -> float:
 # ---------------------------------------------------------------------------- records
 
 def tunable_ops() -> tuple[str, ...]:
-    from mra_compile.schedules import cpu
-
-    return tuple(cpu.SPACES)
+    """The operators with tuning records (a search space on the CPU target)."""
+    return kernels.tunable(targets.CPU)
 
 
 def record_key(rec: dict) -> tuple:
@@ -123,10 +127,8 @@ def record_key(rec: dict) -> tuple:
 
 def make_record(op: str, bucket: str, knobs: dict, **meta) -> dict:
     """A record of this host and TVM version; ``meta`` (timings, dates...) is kept as is."""
-    from mra_compile import build
-
-    rec = {"op": op, "dtype": DTYPE, "target": TARGET, "host": build.host_fingerprint(),
-           "tvm": build.tvm_version(), "bucket": bucket, "knobs": dict(knobs), **meta}
+    rec = {"op": op, "dtype": DTYPE, "target": TARGET, "host": host.host_fingerprint(),
+           "tvm": host.tvm_version(), "bucket": bucket, "knobs": dict(knobs), **meta}
     problem = _record_problem(rec)
     if problem:
         raise ValueError(f"invalid tuning record: {problem}")
@@ -134,23 +136,19 @@ def make_record(op: str, bucket: str, knobs: dict, **meta) -> dict:
 
 
 def _ours(rec: dict) -> bool:
-    from mra_compile import build
-
     return (rec.get("dtype") == DTYPE and rec.get("target") == TARGET
-            and rec.get("host") == build.host_fingerprint() and rec.get("tvm") == build.tvm_version())
+            and rec.get("host") == host.host_fingerprint() and rec.get("tvm") == host.tvm_version())
 
 
 def _record_problem(rec) -> str | None:
     """Why ``rec`` cannot be used on this host (None: it can)."""
-    from mra_compile import build
-    from mra_compile.schedules import cpu
-
+    cpu = targets.CPU
     if not isinstance(rec, dict):
         return f"not an object: {rec!r:.80}"
     missing = [f for f in ("op", "dtype", "target", "host", "tvm", "bucket", "knobs") if f not in rec]
     if missing:
         return f"missing fields {missing}"
-    if rec["op"] not in cpu.SPACES:
+    if rec["op"] not in cpu.schedules.SPACES:
         return f"unknown operator {rec['op']!r}"
     try:
         parse_bucket(rec["bucket"])
@@ -160,16 +158,14 @@ def _record_problem(rec) -> str | None:
         return "knobs is not an object"
     if not _ours(rec):
         return None  # another host's or dtype's record: kept, not checked here
-    knobs = {**build.default_knobs(rec["op"]), **rec["knobs"]}
-    if not cpu.constraints(rec["op"], knobs):
+    knobs = {**cpu.default_knobs(rec["op"]), **rec["knobs"]}
+    if not cpu.schedules.constraints(rec["op"], knobs):
         return f"{rec['op']} knobs {rec['knobs']} are not a legal point of its search space here"
     return None
 
 
 def _read(path: Path, *, purpose: str) -> list[dict]:
     """Every valid record of ``path`` ([] when absent); problems warn and are skipped."""
-    from mra_compile import build
-
     try:
         text = path.read_bytes()  # (json decodes; bad bytes are a ValueError there)
     except FileNotFoundError:
@@ -189,12 +185,14 @@ def _read(path: Path, *, purpose: str) -> list[dict]:
         _warn(f"tuning records {path} have schema version {doc.get('schema')!r}, this "
               f"mra_compile reads version {SCHEMA}; {purpose}")
         return []
-    if doc.get("tvm") != build.tvm_version():
+    if doc.get("tvm") != host.tvm_version():
         _warn(f"tuning records {path} are stale: made with TVM {doc.get('tvm')!r}, this is "
-              f"TVM {build.tvm_version()}; {purpose}")
+              f"TVM {host.tvm_version()}; {purpose}")
         return []
     good = []
     for rec in doc["records"]:
+        if isinstance(rec, dict) and isinstance(rec.get("knobs"), dict):
+            rec["knobs"] = {LEGACY_KNOBS.get(k, k): v for k, v in rec["knobs"].items()}
         problem = _record_problem(rec)
         if problem:
             _warn(f"tuning record in {path} ignored: {problem}")
@@ -297,8 +295,6 @@ def _locked(path: Path):
 def save(path, new_records) -> Path:
     """Merge ``new_records`` (from ``make_record``) into the file at ``path``: same key
     replaces. Safe against concurrent writers and readers; returns the path."""
-    from mra_compile import build
-
     path = Path(path)
     new_records = list(new_records)
     for rec in new_records:
@@ -309,7 +305,7 @@ def save(path, new_records) -> Path:
     with _locked(path):
         merged = {record_key(r): r for r in _read(path, purpose="replacing it")}
         merged.update((record_key(r), r) for r in new_records)
-        doc = {"schema": SCHEMA, "tvm": build.tvm_version(),
+        doc = {"schema": SCHEMA, "tvm": host.tvm_version(),
                "records": sorted(merged.values(), key=lambda r: tuple(map(str, record_key(r))))}
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         try:

@@ -1,8 +1,9 @@
 """Plain PyTorch MRA-2 attention: the test oracle.
 
-This follows /work/shared/docs/mra2-spec.md step by step, with dense [n, n] block
-matrices and dense [N, N] token matrices. It is meant for small and medium sizes
-(N up to a few thousand) where clarity matters more than speed.
+This follows docs/spec.md step by step (the "Step N" comments below are its steps 1-6),
+with dense [n, n] block matrices and dense [N, N] token matrices; where it still differs
+from that page is listed in its section "Status in this release". It is meant for small
+and medium sizes (N up to a few thousand) where clarity matters more than speed.
 """
 
 import math
@@ -47,7 +48,7 @@ def _block_pool(x, counts, block_size, masked):
 
 
 def _select_blocks(scores, num_blocks, approx_mode, first_n, diagonal_n):
-    """Spec step 3. scores: detached L - R[:, None], [B, H, n, n], before the priors.
+    """docs/spec.md, step 3. scores: detached L - R[:, None], [B, H, n, n], before the priors.
 
     Returns (selected, high_mask), both bool [B, H, n, n].
     """
@@ -81,7 +82,7 @@ def _select_blocks(scores, num_blocks, approx_mode, first_n, diagonal_n):
 def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_size=32,
                    initial_prior_first_n_blocks=0, initial_prior_diagonal_n_blocks=0,
                    selection=None, return_selection=False):
-    """MRA-2 attention, literally as in the spec. Differentiable w.r.t. q, k, v.
+    """MRA-2 attention, docs/spec.md steps 1-6 as written. Differentiable w.r.t. q, k, v.
 
     q, k, v: [B, H, N, D] (any float dtype; computation happens in that dtype).
     mask: [B, N] with 1 for real tokens and 0 for padding, or None.

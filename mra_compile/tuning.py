@@ -5,7 +5,7 @@ per knob, filtered by ``cpu.constraints``). For every shape bucket the tuner run
 phases, each starting from the default knobs and keeping the best found so far:
 
 1. ``pool_and_logits``, ``lowres_out``: ``vec``, timing the kernel alone.
-2. ``blocks``: (``blocks_per_row``, ``blocks_per_unit``) jointly, timing the whole forward
+2. ``blocks``: (``row_unit_blocks``, ``blocks_per_unit``) jointly, timing the whole forward
    (``forward.mra_forward(..., knobs=...)``): they change the work plan, how the blocks are
    split between ``hires_rows`` and ``hires_units``, and ``hires_rows`` merges the output
    of ``hires_units``, so only the whole pass measures them fairly.
@@ -29,7 +29,7 @@ really gets. Timing uses ``time.perf_counter`` around calls of the loaded kernel
 ``time_evaluator`` is not available on the runtime-only modules ``build.kernel`` loads):
 median of several rounds after warm-up, with enough calls per sample to last >= 2 ms.
 
-Results are written as records (``mra_compile.records``), which ``build.resolve_knobs``
+Results are written as records (``mra_compile.records``), which ``knob_policy.resolve_knobs``
 then uses automatically. ``chosen_knobs(op, bucket)`` tells which knobs an operator
 would use and where they come from.
 """
@@ -45,10 +45,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mra_compile import build, records
+import torch
 
-OPS = ("pool_and_logits", "lowres_out", "hires_units", "hires_rows")
-BLOCK_KNOBS = {"hires_rows": "blocks_per_row", "hires_units": "blocks_per_unit"}
+from mra_compile import build, forward, knob_policy, records, runtime, targets
+from mra_compile.options import Options
+
+OPS = records.tunable_ops()  # pool_and_logits, lowres_out, hires_units, hires_rows
+# The knobs that change the work plan (how the blocks are split between the two kernels).
+BLOCK_KNOBS = {"hires_rows": "row_unit_blocks", "hires_units": "blocks_per_unit"}
 MIN_GAIN = 0.01  # a candidate must beat the best by this fraction to replace it
 DEFAULT_BUDGET_S = 60.0
 
@@ -68,14 +72,14 @@ class Shape:
 
     @property
     def bucket(self) -> str:
-        return build.shape_bucket(self.N, self.D, self.block_size)
+        return knob_policy.shape_bucket(self.N, self.D, self.block_size)
 
     @property
     def num_blocks(self) -> int:
         return self.blocks_per_row * -(-self.N // self.block_size)
 
     @classmethod
-    def parse(cls, text: str) -> "Shape":
+    def parse(cls, text: str) -> Shape:
         """``"4096"`` (N) or ``"12x4096x64"`` (B*H x N x D)."""
         parts = text.lower().split("x")
         try:
@@ -148,7 +152,7 @@ class TuneResult:
                  f"{'gain':>7}  knobs changed from the default",
                  "-" * 96]
         for r in self.results:
-            changed = " ".join(f"{k}={_fmt(v)}" for k, v in r.changed.items())
+            changed = " ".join(f"{k}={fmt(v)}" for k, v in r.changed.items())
             if r.op == "forward":
                 changed = "(whole op, all kernels and the plan)"
             elif r.kept_default:
@@ -164,7 +168,8 @@ class TuneResult:
         return "\n".join(lines)
 
 
-def _fmt(v):
+def fmt(v) -> str:
+    """A knob value as the CLI shows it (booleans lower-case)."""
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
@@ -183,13 +188,13 @@ class Chosen:
 
 
 def chosen_knobs(op: str, bucket: str | None = None) -> Chosen:
-    """What ``build.resolve_knobs(op, None, bucket)`` gives, with its origin.
+    """What ``knob_policy.resolve_knobs(op, None, bucket)`` gives, with its origin.
 
-    ``bucket``: ``build.shape_bucket(N, D, block_size)``; None means the record nearest
+    ``bucket``: ``knob_policy.shape_bucket(N, D, block_size)``; None means the record nearest
     to ``records.REFERENCE_BUCKET`` (what a caller that passes no shape gets).
     """
     match = records.lookup(op, bucket)
-    knobs = build.resolve_knobs(op, None, bucket)
+    knobs = knob_policy.resolve_knobs(op, None, bucket)
     if match is None:
         return Chosen(op, knobs, "default")
     return Chosen(op, knobs, str(match.path), match.record["bucket"], match.record)
@@ -225,15 +230,14 @@ def _key(point: dict) -> tuple:
 
 
 def _legal(config: dict) -> bool:
-    from mra_compile.schedules import cpu
-
+    cpu = targets.CPU.schedules
     return all(cpu.constraints(op, knobs) for op, knobs in config.items() if op in cpu.SPACES)
 
 
 def _phases(ops, spaces) -> list[_Phase]:
     """The phases for ``ops``; ``spaces[op]`` (if given) replaces ``SPACES[op]`` and knobs
     it leaves out stay at their defaults."""
-    from mra_compile.schedules import cpu
+    cpu = targets.CPU.schedules
 
     def space(op):
         return dict(spaces[op]) if spaces and op in spaces else dict(cpu.SPACES[op])
@@ -268,11 +272,6 @@ def _neighbours(point: dict, space: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------- measuring
 
-def interleaved_medians(fns, rounds: int, **kw) -> list[float]:
-    """Median seconds per call of each of ``fns``, timed in turn round after round."""
-    return [statistics.median(s) for s in interleaved_samples(fns, rounds, **kw)]
-
-
 def paired_ratio(base: list[float], other: list[float]) -> float:
     """Median over rounds of other / base (samples of the same rounds)."""
     return statistics.median(o / b if b > 0 else 1.0 for b, o in zip(base, other))
@@ -288,7 +287,7 @@ def interleaved_samples(fns, rounds: int, warmup: int = 2, min_sample_s: float =
     t0 = clock()
     fns[0]()
     inner = max(1, min(200, math.ceil(min_sample_s / max(clock() - t0, 1e-7))))
-    samples = [[] for _ in fns]
+    samples: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
         for j in range(len(fns)):
             i = (j + r) % len(fns)  # rotate who goes first
@@ -306,8 +305,6 @@ class Case:
     running kernel ``op`` (or ``"forward"``) with ``config`` = ``{op: knobs}``."""
 
     def __init__(self, shape: Shape, seed: int):
-        import torch
-
         g = torch.Generator().manual_seed(seed)
         self.shape = shape
         self.q, self.k, self.v = (torch.randn(1, shape.rows, shape.N, shape.D, generator=g)
@@ -315,18 +312,14 @@ class Case:
         self._captures: dict[tuple, dict] = {}
 
     def forward(self, config: dict):
-        from mra_compile import forward
-
         s = self.shape
-        return forward.mra_forward(self.q, self.k, self.v, None, s.num_blocks, "full",
-                                   s.block_size, 0, 0, knobs=config)
+        return forward.mra_forward(self.q, self.k, self.v, None,
+                                   Options(s.num_blocks, "full", s.block_size), knobs=config)
 
     def capture(self, config: dict) -> dict:
         """``{op: (static, args)}`` of every kernel the forward calls under ``config``'s
         plan. Arguments that are views (scratch buffers a later call may overwrite) are
         copied; the rest are fresh tensors of that call."""
-        import torch
-
         key = tuple(config[op][knob] for op, knob in BLOCK_KNOBS.items())
         cap = self._captures.get(key)
         if cap is None:
@@ -360,7 +353,7 @@ class _RealTimer:
     def __call__(self, shape: Shape, timed: str, configs: list[dict], rounds: int) -> list[list[float]]:
         case = self.cases.get(shape)
         if case is None:
-            build.ensure_runtime()
+            runtime.ensure()
             case = self.cases[shape] = Case(shape, self.seed)
         fns = [case.runner(timed, c) for c in configs]
         return interleaved_samples(fns, rounds)
@@ -414,7 +407,7 @@ class _Progress:
 
 def default_config() -> dict:
     """``{op: default knobs}`` of every tunable operator (records not applied)."""
-    return {op: build.default_knobs(op) for op in records.tunable_ops()}
+    return {op: knob_policy.default_knobs(op) for op in OPS}
 
 
 def tune(ops=None, shapes=None, *, budget_seconds: float | None = DEFAULT_BUDGET_S, db=None,
@@ -477,7 +470,7 @@ def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, s
     visited = {_key(phase.point_of(best[s.bucket])) for s in shapes}
     start_s: dict[str, float | None] = {s.bucket: None for s in shapes}  # the phase's start point
     space_keys = {_key(p) for p in points}
-    durations = []
+    durations: list[float] = []
 
     def candidates():
         if search == "exhaustive":
@@ -511,15 +504,16 @@ def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, s
             s_best, s_new = measure(s, phase.timed, [incumbent, config], rounds)
             t_best, t_new = statistics.median(s_best), statistics.median(s_new)
             ratio = paired_ratio(s_best, s_new)
-            if start_s[s.bucket] is None:
-                start_s[s.bucket] = t_best
+            first = start_s[s.bucket]
+            if first is None:
+                first = start_s[s.bucket] = t_best
             accepted = ratio < 1 - MIN_GAIN
             trials.append(Trial(phase.name, s.bucket, dict(point), t_new, t_best, ratio, accepted))
             if accepted:
                 best[s.bucket] = config
                 t_best = t_new
             show(f"{phase.name} {s.bucket}: {sum(t.phase == phase.name for t in trials)} trials, "
-                 f"best {1e3 * t_best:.3f} ms (start {1e3 * start_s[s.bucket]:.3f})")
+                 f"best {1e3 * t_best:.3f} ms (start {1e3 * first:.3f})")
         durations.append(time.perf_counter() - t0)
     show(f"{phase.name}: done, {len(durations)} candidates in {time.perf_counter() - start:.1f} s",
          force=True)
@@ -528,7 +522,7 @@ def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, s
 def _verify(ops, shapes, default, best, measure, rounds, show) -> list[OpResult]:
     """Default against tuned per operator and for the whole pass; operators whose tuned
     knobs are not faster keep the defaults."""
-    results = []
+    results: list[OpResult] = []
     for s in shapes:
         tuned = best[s.bucket]
         show(f"verifying {s.bucket}", force=True)

@@ -1,4 +1,5 @@
-"""Argument checks for torch.ops.mra.attention.
+"""Argument checks for torch.ops.mra.attention's tensors (the other options:
+``mra_compile.options``).
 
 Every bad input becomes a TypeError or ValueError naming the argument: the kernels
 do not bounds-check, so nothing unchecked may reach them.
@@ -7,34 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from mra_compile import kernels, targets
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MODES = ("full", "sparse")
-MAX_BLOCK_SIZE = 256
 
 
-def check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int):
     # torch.SymInt: a size-derived argument under torch.compile(dynamic=True).
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
-
-
-def check_options(num_blocks, approx_mode, block_size, first_n, diagonal_n) -> None:
-    """The non-tensor arguments (checked in the fake implementation too)."""
-    check_int("num_blocks", num_blocks, 1)
-    if not isinstance(approx_mode, str):
-        raise TypeError(f"approx_mode must be a str, got {type(approx_mode).__name__}")
-    if approx_mode not in MODES:
-        raise ValueError(f"approx_mode must be 'full' or 'sparse', got {approx_mode!r}")
-    check_int("block_size", block_size, 8)
-    if block_size & (block_size - 1) or block_size > MAX_BLOCK_SIZE:
-        raise ValueError(
-            f"block_size must be a power of two between 8 and {MAX_BLOCK_SIZE}, got {block_size}"
-        )
-    check_int("initial_prior_first_n_blocks", first_n, 0)
-    check_int("initial_prior_diagonal_n_blocks", diagonal_n, 0)
 
 
 def check_tensors(q, k, v, mask) -> None:
@@ -76,7 +61,7 @@ def check_sizes(q, block_size: int, num_blocks: int) -> None:
     """Shapes the kernels' 32-bit indexing can address (fake-safe: shapes only)."""
     B, H, N, D = q.shape
     n = -(-N // block_size)
-    Dp = -(-D // 16) * 16
+    Dp = -(-D // kernels.HEAD_DIM_MULTIPLE) * kernels.HEAD_DIM_MULTIPLE
     rows = B * H
     if rows * n * block_size * Dp >= INDEX_LIMIT:
         raise ValueError(
@@ -100,6 +85,4 @@ def check_mask_values(mask) -> None:
 
 
 def check_device(q) -> None:
-    if q.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"q is on {q.device}: mra_compile runs on the CPU and on NVIDIA GPUs "
-                         "(cuda) only")
+    targets.check_device(q.device, "q")

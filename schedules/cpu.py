@@ -6,6 +6,8 @@ AVX-512 (vec=16 floats) and still run well with AVX2 (the vector is split in two
 """
 from __future__ import annotations
 
+from mra_compile import host
+
 
 def _keys_outer(sch, name, vec):
     """A [.., t] = reduce_w X[.., w, t] stage: w outside, the queries t in vector lanes."""
@@ -91,7 +93,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     # blocks are contiguous [b, D] slabs already.
     for name in ("logit", "k_g", "v_g", "prob_io"):
         sch.compute_inline(sch.get_sblock(name))
-    stages = ("prob", "dots", "q_t", "key_factor")
+    stages: tuple[str, ...] = ("prob", "dots", "q_t", "key_factor")
     if not outputs_placed:
         stages = ("prob", "unit_max", "dots", "q_t", "key_factor")
     for name in stages:
@@ -116,7 +118,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
                                          key_loops["unit_sum"]: 1, slot: b})
 
 
-def hires_units(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=2):
+def hires_units(sch, *, vec, qk_rows, pv_rows, unroll, blocks_per_unit):
     """Overflow units, parallel over (row, unit); see ``_unit``.
 
     ``blocks_per_unit`` (C) is an operator knob (the unit size the plan packs).
@@ -129,11 +131,11 @@ def hires_units(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_un
     return sch
 
 
-def hires_rows(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row=4, full=True):
+def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full):
     """Parallel over (row, query block): the block row's own unit (``_unit``), the merge
     of its overflow units, the low-resolution part and the normalisation, written once.
 
-    ``blocks_per_row`` (Cr) is an operator knob: key blocks computed in the row's own
+    ``row_unit_blocks`` (Cr) is an operator knob: key blocks computed in the row's own
     unit; the plan sends the rest to ``hires_units``.
     """
     # The outputs (out and the per-token statistics) share one (row, block) loop.
@@ -143,7 +145,7 @@ def hires_rows(sch, *, vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row
     d = sch.get_loops(sch.get_sblock("out"))[-1]
     sch.vectorize(sch.split(d, [None, vec])[1])
     # Consumers before producers, so each compute_at finds its readers under the loop.
-    order = ("inv_norm", "hi_scale", "lo_scale", "delta") if full else ("inv_norm",)
+    order: tuple[str, ...] = ("inv_norm", "hi_scale", "lo_scale", "delta") if full else ("inv_norm",)
     order += ("z_hi", "ov_z", "ov_o", "own_scale", "ov_scale", "row_max", "ov_stab",
               "unit_sum", "unit_out")
     for name in order:
@@ -171,7 +173,7 @@ def _rows_times_transposed(sch, name):
     sch.decompose_reduction(blk, d)
 
 
-def pool_and_logits(sch, *, vec=16):
+def pool_and_logits(sch, *, vec):
     """Parallel over rows: pool q, k, v of one row, then its n x n logits.
 
     The logits of a row need every pooled key of that row, so a row (not a block)
@@ -193,7 +195,7 @@ def pool_and_logits(sch, *, vec=16):
     return sch
 
 
-def lowres_out(sch, *, vec=16):
+def lowres_out(sch, *, vec):
     """Parallel over (row, query block): weights of the block row, then W v̂ and sum W."""
     outputs = ("o_lo", "z_lo")
     ri = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
@@ -207,15 +209,14 @@ def lowres_out(sch, *, vec=16):
     return sch
 
 
-# Knobs that shape the operator itself (passed to mra_compile.operators), not only its loops.
-OPERATOR_KNOBS = {"hires_units": ("blocks_per_unit",), "hires_rows": ("blocks_per_row",)}
-
+# The defaults of every knob, the only place they are set (``blocks_per_unit`` and
+# ``row_unit_blocks`` also shape the operator: ``mra_compile.kernels``, ``shape_knobs``).
 KNOBS = {
     "pool_and_logits": dict(vec=16),
     "lowres_out": dict(vec=16),
     "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=3),
     # Wide row units cost little (empty slots are skipped) and leave few overflow units.
-    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_row=8),
+    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, row_unit_blocks=8),
 }
 
 
@@ -247,7 +248,7 @@ def _merged_parallel(sch, outputs, depth):
     return loop
 
 
-def bwd_prep(sch, *, vec=16):
+def bwd_prep(sch, *, vec):
     """Parallel over (row, query block): g, its dot with out, the per-block sums."""
     _merged_parallel(sch, ("g", "dsum", "ga", "da"), 2)
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("g"))[-1], [None, vec])[1])
@@ -290,7 +291,7 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     return sch
 
 
-def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
+def bwd_dq_units(sch, *, vec, rows, blocks_per_unit):
     """Parallel over (row, unit): logits and dP = g v^T as [W, b] register tiles, dS, then
     dS k as a [b, D] tile; empty key-block slots skipped (``_bwd_units``)."""
     return _bwd_units(sch, vec=vec, rows=rows, gathers=("k_g", "v_g", "ds_t"),
@@ -298,7 +299,7 @@ def bwd_dq_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
                       slots="unit_cols", factor="key_factor")
 
 
-def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
+def bwd_dkdv_units(sch, *, vec, rows, blocks_per_unit):
     """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b], then P^T g and
     dS^T q as [b, D] tiles; empty query-block slots skipped (``_bwd_units``)."""
     return _bwd_units(sch, vec=vec, rows=rows, gathers=("q_g", "g_g", "prob_t", "ds_t"),
@@ -307,7 +308,7 @@ def bwd_dkdv_units(sch, *, vec=16, rows=4, blocks_per_unit=3):
                       extra=("key_mask",))
 
 
-def bwd_lowres(sch, *, vec=16):
+def bwd_lowres(sch, *, vec):
     """Parallel over rows: the n x n weights and dL, then three small products.
 
     ``gv`` = ga v̂^T as ``pool_and_logits``' block logits (``_rows_times_transposed``)."""
@@ -320,7 +321,7 @@ def bwd_lowres(sch, *, vec=16):
     return sch
 
 
-def bwd_finish(sch, *, vec=16):
+def bwd_finish(sch, *, vec):
     """Parallel over (row, block): sum a block's unit partials, add the pooled part.
 
     A block has 0 ... ucap units: each unit's [b, D] partial is added under an ``if`` on
@@ -341,7 +342,6 @@ def bwd_finish(sch, *, vec=16):
     return sch
 
 
-OPERATOR_KNOBS.update({"bwd_dq_units": ("blocks_per_unit",), "bwd_dkdv_units": ("blocks_per_unit",)})
 KNOBS.update({
     "bwd_prep": dict(vec=16),
     "bwd_dq_units": dict(vec=16, rows=4, blocks_per_unit=3),
@@ -363,13 +363,13 @@ KNOBS.update({
 # ---------------------------------------------------------------------------------------
 
 _VEC = [8, 16]
-_TILES = {"qk_rows": [2, 4, 8], "pv_rows": [1, 2, 4], "unroll": [True, False]}
+_TILES: dict[str, list] = {"qk_rows": [2, 4, 8], "pv_rows": [1, 2, 4], "unroll": [True, False]}
 
-SPACES = {
+SPACES: dict[str, dict[str, list]] = {
     "pool_and_logits": {"vec": _VEC},
     "lowres_out": {"vec": _VEC},
     "hires_units": {"vec": _VEC, **_TILES, "blocks_per_unit": [1, 2, 3, 4]},
-    "hires_rows": {"vec": _VEC, **_TILES, "blocks_per_row": [2, 3, 4, 6, 8, 12, 16]},
+    "hires_rows": {"vec": _VEC, **_TILES, "row_unit_blocks": [2, 3, 4, 6, 8, 12, 16]},
 }
 
 
@@ -382,7 +382,7 @@ def constraints(op: str, knobs: dict) -> bool:
     """Whether ``knobs`` (every knob of ``op``) is a legal, sensible point of ``SPACES[op]``.
 
     Legal: exactly the op's knobs, each one of its listed values, and ``vec`` no wider than
-    this CPU's vector unit (``mra_compile.build.default_vector_width()``). Sensible: the
+    this CPU's vector unit (``mra_compile.host.default_vector_width()``). Sensible: the
     logits register tile of ``_unit`` (``qk_rows`` keys x 32 queries, in vectors of
     ``vec`` lanes, block size 32 assumed) fits the vector registers (32 with AVX-512,
     16 with AVX2), so that its accumulators are not spilled on every FMA.
@@ -392,9 +392,7 @@ def constraints(op: str, knobs: dict) -> bool:
         return False
     if not all(_legal(knobs[name], values) for name, values in space.items()):
         return False
-    from mra_compile.build import default_vector_width
-
-    width = default_vector_width()
+    width = host.default_vector_width()
     if knobs["vec"] > width:
         return False
     if "qk_rows" in knobs and knobs["qk_rows"] * (32 // knobs["vec"]) > (32 if width == 16 else 16):

@@ -47,7 +47,8 @@ def _thread_bind(sch, block, loops, threads, vector=1):
     if vector > 1:
         # Lanes along the innermost (contiguous) axis only: each vector is one row's
         # consecutive elements, so its gather index is the same for every lane.
-        *loops, vec = [*loops[:-1], *sch.split(loops[-1], [None, vector])]
+        outer, vec = sch.split(loops[-1], [None, vector])
+        loops = [*loops[:-1], outer]
         sch.vectorize(vec)
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     _, ty, tx = sch.split(fused, [None, threads // WARP, WARP])
@@ -68,7 +69,7 @@ def _spatial_loops_under(sch, block, anchor_depth):
     return list(loops[: len(loops) - n_red]) if n_red else list(loops)
 
 
-def grid(sch, name, threads=256):
+def grid(sch, name, threads):
     """One thread per output element of stage ``name``: its own kernel."""
     block = sch.get_sblock(name)
     loops = _spatial_loops_under(sch, block, 0)
@@ -78,13 +79,11 @@ def grid(sch, name, threads=256):
     sch.bind(tx, "threadIdx.x")
 
 
-def per_unit(sch, outputs, depth, threads, keep_global=(), custom=None, copies=(),
-             vector_bytes=16):
+def per_unit(sch, outputs, depth, threads, custom=None, copies=(), vector_bytes=16):
     """One thread block per point of the first ``depth`` axes of ``outputs`` (merged).
 
     Every other computed stage is moved under that loop (consumers first), its buffer put
-    in shared memory, and its spatial loops spread over ``threads`` threads. Stages in
-    ``keep_global`` stay separate kernels (see ``grid``). ``custom(sch)``, run once the
+    in shared memory, and its spatial loops spread over ``threads`` threads. ``custom(sch)``, run once the
     stages are in place, schedules some stages itself and returns their names.
     ``copies``: gathers of contiguous rows (the key and value blocks), loaded with
     ``vector_bytes``-wide (coalesced 16-byte) accesses. Returns the block loop."""
@@ -98,7 +97,7 @@ def per_unit(sch, outputs, depth, threads, keep_global=(), custom=None, copies=(
     root = sch.get_sblock("root") if _has_root(sch) else None
     blocks = sch.get_child_blocks(root) if root is not None else []
     names = [_name(sch, b) for b in blocks]
-    inner = [n for n in names if n not in outputs and n not in keep_global]
+    inner = [n for n in names if n not in outputs]
     for n in reversed(inner):
         sch.compute_at(sch.get_sblock(n), unit)
         sch.set_scope(sch.get_sblock(n), 0, SHARED)
@@ -114,8 +113,6 @@ def per_unit(sch, outputs, depth, threads, keep_global=(), custom=None, copies=(
             # Accumulate in a register, store once: a reduction updating shared memory
             # in place would need a barrier per step (and cannot have one under a guard).
             sch.reverse_compute_at(sch.cache_write(block, 0, "local"), thread)
-    for n in keep_global:
-        grid(sch, n)
     return unit
 
 
@@ -132,7 +129,7 @@ def _has_root(sch) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-def pool_and_logits(sch, *, threads=256):
+def pool_and_logits(sch, *, threads):
     """Block means per (row, block) in registers; logits, their row maxima as grids."""
     for name in ("qp", "kp", "vp"):
         blk = sch.get_sblock(name + "_sum")
@@ -145,7 +142,7 @@ def pool_and_logits(sch, *, threads=256):
     return sch
 
 
-def lowres_out(sch, *, threads=256):
+def lowres_out(sch, *, threads):
     """Weights as a grid kernel; W v̂ and sum W one thread per output."""
     for name in ("weight", "o_lo", "z_lo"):
         grid(sch, name, threads)
@@ -268,7 +265,7 @@ def _custom(sch, threads, tensor_cores, products, gather="k_g"):
     return _tensor_cores(threads, io, products) if tensor_cores and io in HALF else None
 
 
-def hires_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16):
+def hires_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
     """One thread block per overflow unit; see ``per_unit``. fp16/bf16: the unit's two
     products on tensor cores (``tensor_cores``)."""
     threads = _cuda_core_threads(sch, threads)
@@ -281,8 +278,8 @@ def hires_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vecto
 HALF = ("float16", "bfloat16")
 
 
-def hires_rows(sch, *, threads=128, blocks_per_row=2, tensor_cores=True, vector_bytes=16,
-               full=True):
+def hires_rows(sch, *, threads, row_unit_blocks, tensor_cores, vector_bytes,
+               full):
     """One thread block per (row, query block): its own unit, the merge of its overflow
     units, the low-resolution part and the normalisation, the output written once."""
     # [b, ucap] has a symbolic extent: recompute the merge factors where they are used.
@@ -302,7 +299,7 @@ def hires_rows(sch, *, threads=128, blocks_per_row=2, tensor_cores=True, vector_
 # ---------------------------------------------------------------------------------------
 
 
-def bwd_prep(sch, *, threads=128):
+def bwd_prep(sch, *, threads):
     """One thread block per (row, query block)."""
     per_unit(sch, ("g", "dsum", "ga", "da"), 2, threads)
     return sch
@@ -319,7 +316,7 @@ def _backward_products(sch, products, output):
     return tuple(p for p in products if p in ("dots", "dp"))
 
 
-def bwd_dq_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16):
+def bwd_dq_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
     """One thread block per query-block unit; fp16/bf16: its three products on tensor
     cores."""
     threads = _cuda_core_threads(sch, threads)
@@ -329,8 +326,8 @@ def bwd_dq_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True, vect
     return sch
 
 
-def bwd_dkdv_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True,
-                   vector_bytes=16):
+def bwd_dkdv_units(sch, *, threads, blocks_per_unit, tensor_cores,
+                   vector_bytes):
     """One thread block per key-block unit; fp16/bf16: its four products on tensor
     cores."""
     custom = _custom(sch, threads, tensor_cores,
@@ -340,14 +337,14 @@ def bwd_dkdv_units(sch, *, threads=128, blocks_per_unit=2, tensor_cores=True,
     return sch
 
 
-def bwd_lowres(sch, *, threads=256):
+def bwd_lowres(sch, *, threads):
     """Grid kernels over the n x n weights and the three small products."""
     for name in ("weight", "gv", "dlog", "dqp", "dkp", "dvp"):
         grid(sch, name, threads)
     return sch
 
 
-def bwd_finish(sch, *, threads=128):
+def bwd_finish(sch, *, threads):
     """One thread per output element; the unit partials summed in registers."""
     for name in ("dq", "dk", "dv"):
         grid(sch, name, threads)
@@ -357,16 +354,12 @@ def bwd_finish(sch, *, threads=128):
     return sch
 
 
-OPERATOR_KNOBS = {
-    "hires_units": ("blocks_per_unit",), "hires_rows": ("blocks_per_row",),
-    "bwd_dq_units": ("blocks_per_unit",), "bwd_dkdv_units": ("blocks_per_unit",),
-}
-
+# The defaults of every knob, the only place they are set.
 KNOBS = {
     "pool_and_logits": dict(threads=256),
     "lowres_out": dict(threads=256),
     "hires_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16),
-    "hires_rows": dict(threads=128, blocks_per_row=2, tensor_cores=True, vector_bytes=16),
+    "hires_rows": dict(threads=128, row_unit_blocks=2, tensor_cores=True, vector_bytes=16),
     "bwd_prep": dict(threads=128),
     "bwd_dq_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16),
     "bwd_dkdv_units": dict(threads=128, blocks_per_unit=2, tensor_cores=True, vector_bytes=16),

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import as64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,10 +46,9 @@ def _grads_vs_reference(q, k, v, mask, num_blocks, mode, f, g, block_size=32):
     out = op(*leaves, mask, num_blocks, mode, block_size, f, g)
     out.backward(grad_out.to(q.dtype))
     refs = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = mra2_reference(*refs, None if mask is None else mask.double(), num_blocks=num_blocks,
-                         approx_mode=mode, block_size=block_size,
-                         initial_prior_first_n_blocks=f, initial_prior_diagonal_n_blocks=g,
-                         selection=sel)
+    ref = mra2_reference(*refs, as64(mask), num_blocks=num_blocks, approx_mode=mode,
+                         block_size=block_size, initial_prior_first_n_blocks=f,
+                         initial_prior_diagonal_n_blocks=g, selection=sel)
     ref.backward(grad_out)
     scale = max(x.grad.abs().max().item() for x in refs) or 1.0
     return [((mine.grad.double() - theirs.grad).abs().max() / scale).item()
@@ -69,7 +69,7 @@ def test_gradcheck_float64(mode, masked, N):
     q, k, v, mask = _inputs(1, 2, N, 8, torch.float64, seed=N, masked=masked)
     n = math.ceil(N / 32)
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    fn = lambda a, b, c: op(a, b, c, mask, n + 1, mode)  # noqa: E731
+    fn = lambda a, b, c: op(a, b, c, mask, n + 1, mode)
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
@@ -77,7 +77,7 @@ def test_gradcheck_float64(mode, masked, N):
 def test_gradcheck_float64_full_jacobian(mode):
     q, k, v, mask = _inputs(1, 1, 40, 4, torch.float64, seed=4, masked=True)
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    fn = lambda a, b, c: op(a, b, c, mask, 3, mode)  # noqa: E731
+    fn = lambda a, b, c: op(a, b, c, mask, 3, mode)
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
@@ -87,7 +87,7 @@ def test_gradcheck_float64_block16_priors(mode):
     n = math.ceil(50 / 16)
     leaves = [x.requires_grad_() for x in (q, k, v)]
     # All n*n blocks: priors then only reorder, never change, the selection.
-    fn = lambda a, b, c: op(a, b, c, mask, n * n, mode, 16, 1, 2)  # noqa: E731
+    fn = lambda a, b, c: op(a, b, c, mask, n * n, mode, 16, 1, 2)
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
@@ -185,8 +185,7 @@ def _train_step(model, x, y, mask, lr=0.05):
     return loss.detach()
 
 
-def test_compiled_training_step_matches_eager(monkeypatch):
-    torch._dynamo.reset()
+def test_compiled_training_step_matches_eager(monkeypatch, fresh_dynamo):
     monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)
     torch.manual_seed(0)
     eager = TinyMRALayer()
@@ -201,12 +200,9 @@ def test_compiled_training_step_matches_eager(monkeypatch):
         assert torch.allclose(le, lc, rtol=1e-5, atol=1e-6)
     for pe, pc in zip(eager.parameters(), compiled.parameters()):
         assert torch.allclose(pe, pc, rtol=1e-5, atol=1e-6)
-    torch._dynamo.reset()
 
 
-def test_compiled_backward_dynamic_shapes():
-    torch._dynamo.reset()
-
+def test_compiled_backward_dynamic_shapes(fresh_dynamo):
     def loss_fn(q, k, v):
         return op(q, k, v, None, 8).square().sum()
 
@@ -219,4 +215,3 @@ def test_compiled_backward_dynamic_shapes():
         compiled(*c).backward()
         for a, b in zip(e, c):
             assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
-    torch._dynamo.reset()

@@ -5,16 +5,11 @@ Each test points ``MRA_COMPILE_CACHE_DIR`` at its own empty directory and runs t
 the output bytes and whether the TVM compiler (the ``tvm`` package) was imported.
 """
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, run_python
 
 SCRIPT = r"""
 import hashlib, json, sys
@@ -27,7 +22,7 @@ mask = torch.ones(2, 520)
 mask[1, 450:] = 0
 h = hashlib.sha256()
 # 17 block rows and 284 of their 289 blocks: at least 12 rows hold all 17, more than a
-# row's own unit takes (blocks_per_row <= 16), so they need overflow units.
+# row's own unit takes (row_unit_blocks <= 16), so they need overflow units.
 for args in ((None, 284, "full"), (mask, 60, "sparse", 32, 1, 2)):
     out = torch.ops.mra.attention(q, k, v, *args)
     h.update(out.numpy().tobytes())
@@ -45,12 +40,9 @@ print(json.dumps({
 OPS = sorted(["pool_and_logits", "hires_units", "lowres_out", "hires_rows", "hires_rows"])
 
 
-def run_script(cache, script=SCRIPT):
-    env = dict(os.environ, MRA_COMPILE_CACHE_DIR=str(cache))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_script(cache, script=SCRIPT, timeout=300):
+    return run_python(script, env={"MRA_COMPILE_CACHE_DIR": str(cache)}, cwd=REPO,
+                      timeout=timeout)
 
 
 def origins(report):
@@ -101,11 +93,7 @@ def test_import_does_not_import_tvm(cache):
         "import mra_compile\n"
         "print(json.dumps(sorted(m for m in sys.modules if m == 'tvm' or m.startswith('tvm.'))))\n"
     )
-    env = dict(os.environ, MRA_COMPILE_CACHE_DIR=str(cache))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert run_script(cache, script, timeout=120) == []
     assert not cache.exists() or not any(cache.iterdir())
 
 

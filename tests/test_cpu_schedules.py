@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from mra_compile import build
+from mra_compile import build, knob_policy
 
 # op -> (static, the index whose entries guard the skipped loops, how many such loops)
 GUARDED = {
@@ -22,7 +22,7 @@ GUARDED = {
 
 
 def _guards(op, static, index):
-    script = build.scheduled_func(op, static, build.resolve_knobs(op, None)).script()
+    script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     return [line.strip() for line in script.splitlines()
             if re.match(rf"\s*if .*\b{index}\[", line)]
 
@@ -38,7 +38,7 @@ def test_empty_work_is_skipped(op):
 
 def test_pool_logits_read_a_transposed_copy_of_the_keys():
     script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64},
-                                  build.resolve_knobs("pool_and_logits", None)).script()
+                                  knob_policy.resolve_knobs("pool_and_logits", None)).script()
     # k̂ [R, n, D] copied as [R, D, n]: the block logits' innermost loop runs over keys.
     assert re.search(r"kp_global\[v\w+, v\w+, v\w+\] = kp\[", script)
     assert "qp[v_r, v_i, v_dd] * kp_global[v_r, v_dd, v_j]" in script

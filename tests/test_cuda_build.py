@@ -8,12 +8,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
+from conftest import run_python
 
-from mra_compile import cli, cuda_toolchain, library
+from mra_compile import aot, cli, cuda_toolchain, library
 
 # CI sets MRA_COMPILE_REQUIRE_NVCC=1: there a missing nvcc fails these tests, never skips them.
 pytestmark = pytest.mark.skipif(
@@ -79,7 +78,7 @@ def test_every_kernel_is_real_device_code(fixture, request):
     images = cuda_toolchain.check_device_code(directory / library.LIBRARY, arch)
     assert images and all(img["sm"] == int(arch[3:]) for img in images)
     built = {(e["op"], json.dumps(e["static"], sort_keys=True)) for e in manifest["kernels"]}
-    expected = {(op, json.dumps(static, sort_keys=True)) for op, static in library.variants(
+    expected = {(op, json.dumps(static, sort_keys=True)) for op, static in aot.variants(
         [32], [64] if fixture == "sm80" else [64, 40, 128], ("float32", "float16", "bfloat16"))}
     assert built == expected
     # every kernel of the manifest has its device functions in the library's source
@@ -159,11 +158,8 @@ print(json.dumps({"found": all(found), "keys": keys == [e["key"] for e in manife
 
 def test_library_loads_with_the_runtime_only(sm80, tmp_path):
     # As on a GPU machine without TVM: no compiler; the runtime comes from DIR/runtime/.
-    env = {**os.environ, library.ENV: str(sm80), "MRA_COMPILE_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, str(sm80)], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+    env = {library.ENV: str(sm80), "MRA_COMPILE_CACHE_DIR": str(tmp_path)}
+    assert run_python(RUNTIME_ONLY, str(sm80), env=env, timeout=300) == {
         "found": True, "keys": True, "tvm": False}
 
 

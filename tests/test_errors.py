@@ -5,13 +5,11 @@ of bounds; ``test_no_case_crashes_the_process`` runs the whole table in a fresh
 interpreter to make sure none of them takes the process down.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import make_qkv, run_python
 
 import mra_compile
 
@@ -26,8 +24,7 @@ B, H, N, D = 2, 2, 40, 8
 
 
 def qkv(dtype=torch.float32, shape=(B, H, N, D)):
-    g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    return make_qkv(0, *shape, dtype=dtype)
 
 
 def ones_mask():
@@ -225,10 +222,7 @@ for name, thunk, *_ in test_errors.CASES:
         out[name] = type(e).__name__
 print(json.dumps(out))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    raised = json.loads(proc.stdout.strip().splitlines()[-1])
+    raised = run_python(script, timeout=300)
     assert set(raised) == {c[0] for c in CASES}
     for name, thunk, exc, match, _ in CASES:
         allowed = exc if isinstance(exc, tuple) else (exc,)
@@ -247,7 +241,7 @@ def test_non_finite_inputs_do_not_crash(mode, masked, bad, where):
     if masked:
         mask[:, 60:] = 0
     clean = op(q, k, v, mask, 3, mode)
-    x = dict(q=q, k=k, v=v)
+    x = {"q": q, "k": k, "v": v}
     x[where] = x[where].clone()
     x[where][1, 0, 5, 2] = bad
     out = op(x["q"], x["k"], x["v"], mask, 3, mode)

@@ -11,15 +11,13 @@ import types
 
 import pytest
 import torch
+from conftest import RTOL_FP32, as64, op_selection, padded_mask, rel_err
+from helpers.recording import RecordMraCalls
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mra_compile
 from mra_compile.nn import MRASelfAttention
 from mra_compile.reference import mra2_reference
-from helpers.recording import RecordMraCalls
-
-RTOL = 1e-5
 
 
 def reference_forward(module, x, mask, selection):
@@ -34,7 +32,7 @@ def reference_forward(module, x, mask, selection):
 
     q, k, v = heads(m.query(x)), heads(m.key(x)), heads(m.value(x))
     ctx = mra2_reference(
-        q, k, v, None if mask is None else mask.double(), num_blocks=m.budget(N),
+        q, k, v, as64(mask), num_blocks=m.budget(N),
         approx_mode=m.approx_mode, block_size=m.block_size,
         initial_prior_first_n_blocks=m.initial_prior_first_n_blocks,
         initial_prior_diagonal_n_blocks=m.initial_prior_diagonal_n_blocks, selection=selection,
@@ -42,19 +40,17 @@ def reference_forward(module, x, mask, selection):
     return m.out_proj(ctx.transpose(1, 2).reshape(B, N, C))
 
 
-def run_and_check(module, x, mask, rtol=RTOL):
+def run_and_check(module, x, mask, rtol=RTOL_FP32):
     with torch.no_grad(), RecordMraCalls() as rec:
         out = module(x, mask)
     assert out.shape == x.shape and out.dtype == x.dtype
     (args, kwargs), = rec.calls
-    q, k, v, m, num_blocks, mode, b, f, g = args
+    num_blocks = args[4]
     assert num_blocks == module.budget(x.shape[1])
-    sel = mra_compile.block_selection(q, k, v, m, num_blocks=num_blocks, approx_mode=mode,
-                                      block_size=b, initial_prior_first_n_blocks=f,
-                                      initial_prior_diagonal_n_blocks=g)
+    sel = op_selection(args, kwargs)
     with torch.no_grad():
         ref = reference_forward(module, x, mask, sel)
-    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    err = rel_err(out, ref)
     assert err <= rtol, err
     return out
 
@@ -63,8 +59,7 @@ def make_mask(g, B, N, kind):
     if kind == "none":
         return None
     if kind == "right":
-        lengths = torch.randint(1, N + 1, (B,), generator=g)
-        return (torch.arange(N)[None, :] < lengths[:, None]).float()
+        return padded_mask(N, torch.randint(1, N + 1, (B,), generator=g))
     mask = (torch.rand(B, N, generator=g) < 0.7)
     mask[:, 0] = True
     return mask  # bool
@@ -119,26 +114,22 @@ def test_half_precision(dtype, rtol):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_compile_fullgraph_matches_eager(masked):
+def test_compile_fullgraph_matches_eager(masked, fresh_dynamo):
     torch.manual_seed(2)
     module = MRASelfAttention(64, 4, block_per_row=2, initial_prior_diagonal_n_blocks=1).eval()
     x = torch.randn(2, 200, 64)
     mask = torch.ones(2, 200, dtype=torch.bool) if masked else None
     if masked:
         mask[1, 120:] = False
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(module, fullgraph=True)
-        with torch.no_grad():
-            expected = module(x, mask)
-            got = compiled(x, mask)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-            # A second length: a new graph (num_blocks depends on N), same answers.
-            x2 = torch.randn(1, 77, 64)
-            m2 = None if mask is None else torch.ones(1, 77, dtype=torch.bool)
-            torch.testing.assert_close(compiled(x2, m2), module(x2, m2), rtol=1e-5, atol=1e-6)
-    finally:
-        torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    with torch.no_grad():
+        expected = module(x, mask)
+        got = compiled(x, mask)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        # A second length: a new graph (num_blocks depends on N), same answers.
+        x2 = torch.randn(1, 77, 64)
+        m2 = None if mask is None else torch.ones(1, 77, dtype=torch.bool)
+        torch.testing.assert_close(compiled(x2, m2), module(x2, m2), rtol=1e-5, atol=1e-6)
 
 
 def config_fields(**extra):
@@ -181,14 +172,16 @@ def test_state_dict_names_match_hugging_face():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(hidden_size=64, num_attention_heads=5), ValueError, "multiple of num_attention_heads"),
-    (dict(hidden_size=64, num_attention_heads=0), ValueError, "num_attention_heads"),
-    (dict(hidden_size=64.0, num_attention_heads=4), TypeError, "hidden_size"),
-    (dict(hidden_size=64, num_attention_heads=4, approx_mode="dense"), ValueError, "approx_mode"),
-    (dict(hidden_size=64, num_attention_heads=4, block_per_row=0), ValueError, "block_per_row"),
-    (dict(hidden_size=64, num_attention_heads=4, num_blocks=0), ValueError, "num_blocks"),
-    (dict(hidden_size=64, num_attention_heads=4, block_size=24), ValueError, "block_size"),
-    (dict(hidden_size=64, num_attention_heads=4, initial_prior_first_n_blocks=-1), ValueError,
+    ({"hidden_size": 64, "num_attention_heads": 5}, ValueError, "multiple of num_attention_heads"),
+    ({"hidden_size": 64, "num_attention_heads": 0}, ValueError, "num_attention_heads"),
+    ({"hidden_size": 64.0, "num_attention_heads": 4}, TypeError, "hidden_size"),
+    ({"hidden_size": 64, "num_attention_heads": 4, "approx_mode": "dense"}, ValueError,
+     "approx_mode"),
+    ({"hidden_size": 64, "num_attention_heads": 4, "block_per_row": 0}, ValueError,
+     "block_per_row"),
+    ({"hidden_size": 64, "num_attention_heads": 4, "num_blocks": 0}, ValueError, "num_blocks"),
+    ({"hidden_size": 64, "num_attention_heads": 4, "block_size": 24}, ValueError, "block_size"),
+    ({"hidden_size": 64, "num_attention_heads": 4, "initial_prior_first_n_blocks": -1}, ValueError,
      "initial_prior_first_n_blocks"),
 ])
 def test_bad_construction(kwargs, error, match):

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from conftest import RTOL_FP32, as64, make_qkv, n_blocks, padded_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,13 +23,6 @@ op = torch.ops.mra.attention
 
 HEAD_DIMS = [8, 16, 24, 33, 64, 100, 128]
 MASK_KINDS = ["none", "ones", "right", "random", "blocks"]
-RTOL_FP32 = 1e-5
-
-
-def make_qkv(seed, B, H, N, D, scale=1.0, dtype=torch.float32):
-    """Random q, k, v [B, H, N, D], reproducible from seed."""
-    g = torch.Generator().manual_seed(seed)
-    return tuple((scale * torch.randn(B, H, N, D, generator=g)).to(dtype) for _ in range(3))
 
 
 def make_mask(seed, B, N, kind, b=32, dtype=torch.float32):
@@ -43,12 +37,11 @@ def make_mask(seed, B, N, kind, b=32, dtype=torch.float32):
     if kind == "ones":
         mask = torch.ones(B, N)
     elif kind == "right":
-        lengths = torch.randint(1, N + 1, (B,), generator=g)
-        mask = (torch.arange(N)[None, :] < lengths[:, None]).float()
+        mask = padded_mask(N, torch.randint(1, N + 1, (B,), generator=g))
     elif kind == "random":
         mask = (torch.rand(B, N, generator=g) < 0.7).float()
     else:
-        n = -(-N // b)
+        n = n_blocks(N, b)
         keep = torch.rand(B, n, generator=g) < 0.5
         mask = keep.repeat_interleave(b, dim=1)[:, :N].float()
         mask = mask * (torch.rand(B, N, generator=g) < 0.9).float()
@@ -56,14 +49,6 @@ def make_mask(seed, B, N, kind, b=32, dtype=torch.float32):
     first = torch.randint(0, N, (B,), generator=g)
     mask[torch.arange(B), first] = 1
     return mask.to(dtype)
-
-
-def n_blocks(N, b=32):
-    return -(-N // b)
-
-
-def as64(x):
-    return None if x is None else x.double()
 
 
 def row_rel_err(out, ref):
@@ -98,13 +83,13 @@ def check_against_reference(q, k, v, mask, rtol, **kw):
 
 def options(draw, N, b=32):
     n = n_blocks(N, b)
-    return dict(
-        num_blocks=draw(st.integers(1, n * n + 5)),
-        approx_mode=draw(st.sampled_from(["full", "sparse"])),
-        block_size=b,
-        initial_prior_first_n_blocks=draw(st.integers(0, 3)),
-        initial_prior_diagonal_n_blocks=draw(st.integers(0, 5)),
-    )
+    return {
+        "num_blocks": draw(st.integers(1, n * n + 5)),
+        "approx_mode": draw(st.sampled_from(["full", "sparse"])),
+        "block_size": b,
+        "initial_prior_first_n_blocks": draw(st.integers(0, 3)),
+        "initial_prior_diagonal_n_blocks": draw(st.integers(0, 5)),
+    }
 
 
 seq_lengths = st.one_of(st.integers(1, 700), st.sampled_from([32, 64, 96, 128, 256, 512]))
@@ -271,12 +256,12 @@ def test_rows_are_independent(seed, B, H, N, D, kind, data):
     out = op(q, k, v, mask, **kw)
     pb = torch.tensor(data.draw(st.permutations(range(B))))
     ph = torch.tensor(data.draw(st.permutations(range(H))))
-    perm = lambda x: x[pb][:, ph]  # noqa: E731
+    perm = lambda x: x[pb][:, ph]
     out_p = op(perm(q), perm(k), perm(v), None if mask is None else mask[pb], **kw)
     torch.testing.assert_close(out_p, perm(out), rtol=0, atol=1e-6)
     # A single row alone gives the same as inside the batch.
     b, h = data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, H - 1))
-    one = lambda x: x[b:b + 1, h:h + 1]  # noqa: E731
+    one = lambda x: x[b:b + 1, h:h + 1]
     out_1 = op(one(q), one(k), one(v), None if mask is None else mask[b:b + 1], **kw)
     torch.testing.assert_close(out_1, one(out), rtol=0, atol=1e-6)
 
@@ -353,7 +338,7 @@ def test_num_blocks_is_clamped(mode):
 @pytest.mark.parametrize("shape", [(2, 0, 50, 8), (0, 2, 50, 8), (0, 0, 7, 33)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_empty_batch_or_heads(shape, masked):
-    B, H, N, D = shape
+    B, _, N, _ = shape
     q, k, v = (torch.randn(shape) for _ in range(3))
     mask = torch.ones(B, N) if masked else None
     for dtype in (torch.float32, torch.bfloat16):
@@ -386,7 +371,7 @@ def test_threads_agree_with_serial():
         try:
             for r in range(3):
                 results[i, r] = op(*inputs[i], None, 7)
-        except Exception as e:  # pragma: no cover - reported below
+        except Exception as e:  # noqa: BLE001  # pragma: no cover - reported below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]

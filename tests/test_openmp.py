@@ -1,20 +1,15 @@
 """CPU kernels run their parallel loops on torch's OpenMP threads (mra_compile.openmp)."""
 import ctypes
 import hashlib
-import json
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_python
 
 import mra_compile
 from mra_compile import openmp
-
-REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
 import hashlib, json, torch
@@ -34,10 +29,7 @@ print(json.dumps({"hash": h.hexdigest(), "status": openmp.status()}))
 
 
 def run_script(**env):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_python(SCRIPT, env=env, cwd=REPO, timeout=600)
 
 
 def test_same_results_as_tvms_own_pool():

@@ -1,7 +1,8 @@
 """The work plan: its shape-only bounds (CUDA: no host synchronisation) hold for every
 selection, and a bounded plan is the exact plan plus empty units."""
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mra_compile import plan
 

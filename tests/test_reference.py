@@ -3,6 +3,7 @@
 Everything runs in float64 so that the spec's properties can be checked tightly.
 """
 
+import functools
 import os
 import sys
 
@@ -11,20 +12,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-# Make the repository root importable (for mra_compile and bench) when run from anywhere.
+# Make the repository root importable (for mra_compile) when run from anywhere.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.fallback import mra2_fallback  # noqa: E402
-from mra_compile.reference import exact_attention, mra2_reference  # noqa: E402
+from conftest import make_qkv, n_blocks, padded_mask
+
+from mra_compile.reference import exact_attention, mra2_reference
+from mra_compile.tools.fallback import mra2_fallback
 
 DT = torch.float64
 FAST = settings(max_examples=30, deadline=None)
 
-
-def make_qkv(seed, B, H, N, D, scale=1.0):
-    """Random q, k, v [B, H, N, D] in float64, reproducible from seed."""
-    g = torch.Generator().manual_seed(seed)
-    return tuple(scale * torch.randn(B, H, N, D, generator=g, dtype=DT) for _ in range(3))
+# Random q, k, v [B, H, N, D] drawn in float64, reproducible from seed.
+make_qkv64 = functools.partial(make_qkv, dtype=DT, sample_dtype=DT)
 
 
 def make_mask(seed, B, N, kind):
@@ -33,15 +33,10 @@ def make_mask(seed, B, N, kind):
         return None
     g = torch.Generator().manual_seed(seed + 1)
     if kind == "right":
-        lengths = torch.randint(1, N + 1, (B,), generator=g)
-        return (torch.arange(N)[None, :] < lengths[:, None]).to(DT)
+        return padded_mask(N, torch.randint(1, N + 1, (B,), generator=g), DT)
     mask = (torch.rand(B, N, generator=g) < 0.7).to(DT)
     mask[:, 0] = 1  # keep at least one real token per batch
     return mask
-
-
-def block_count(N, b=32):
-    return -(-N // b)
 
 
 # positive_self_logits: padded keys have logit 0 and count in the stabiliser m_t, so
@@ -58,7 +53,7 @@ modes = st.sampled_from(["full", "sparse"])
        n=st.integers(1, 4), D=st.sampled_from([8, 16, 33]))
 def test_full_all_blocks_is_exact_attention_without_mask(seed, B, H, n, D):
     N = 32 * n
-    q, k, v = make_qkv(seed, B, H, N, D)
+    q, k, v = make_qkv64(seed, B, H, N, D)
     out = mra2_reference(q, k, v, num_blocks=n * n, approx_mode="full")
     torch.testing.assert_close(out, exact_attention(q, k, v), rtol=1e-5, atol=1e-6)
 
@@ -68,10 +63,10 @@ def test_full_all_blocks_is_exact_attention_without_mask(seed, B, H, n, D):
        N=st.integers(1, 160), D=st.sampled_from([8, 16, 33]),
        kind=st.sampled_from(["right", "random"]))
 def test_full_all_blocks_is_exact_attention_with_mask(seed, B, H, N, D, kind):
-    q, k, v = make_qkv(seed, B, H, N, D)
+    q, k, v = make_qkv64(seed, B, H, N, D)
     k = k + q  # see positive_self_logits
     mask = make_mask(seed, B, N, kind)
-    n = block_count(N)
+    n = n_blocks(N)
     out = mra2_reference(q, k, v, mask, num_blocks=n * n, approx_mode="full")
     expected = exact_attention(q, k, v, mask)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -83,9 +78,9 @@ def test_full_all_blocks_is_exact_attention_with_mask(seed, B, H, N, D, kind):
 @given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 150), D=st.sampled_from([8, 16]))
 def test_unmasked_padding_to_block_multiple_is_exact(seed, N, D):
     # N not a multiple of 32 without a mask: the internal padding acts as masked keys.
-    q, k, v = make_qkv(seed, 1, 2, N, D)
+    q, k, v = make_qkv64(seed, 1, 2, N, D)
     k = k + q  # see positive_self_logits
-    n = block_count(N)
+    n = n_blocks(N)
     out = mra2_reference(q, k, v, num_blocks=n * n, approx_mode="full")
     torch.testing.assert_close(out, exact_attention(q, k, v), rtol=1e-5, atol=1e-6)
 
@@ -96,16 +91,16 @@ def test_unmasked_padding_to_block_multiple_is_exact(seed, N, D):
        kind=st.sampled_from(["right", "random"]), frac=st.floats(0.05, 1.0),
        f=st.integers(0, 2), g=st.integers(0, 3))
 def test_padding_values_do_not_matter(seed, B, H, N, D, mode, kind, frac, f, g):
-    q, k, v = make_qkv(seed, B, H, N, D)
+    q, k, v = make_qkv64(seed, B, H, N, D)
     mask = make_mask(seed, B, N, kind)
-    n = block_count(N)
-    kw = dict(num_blocks=max(1, int(frac * n * n)), approx_mode=mode,
-              initial_prior_first_n_blocks=f, initial_prior_diagonal_n_blocks=g)
+    n = n_blocks(N)
+    kw = {"num_blocks": max(1, int(frac * n * n)), "approx_mode": mode,
+          "initial_prior_first_n_blocks": f, "initial_prior_diagonal_n_blocks": g}
     out = mra2_reference(q, k, v, mask, **kw)
 
     # Replace every padded token's q, k, v with large garbage.
     pad = (mask == 0)[:, None, :, None]
-    garbage = make_qkv(seed + 7, B, H, N, D, scale=100.0)
+    garbage = make_qkv64(seed + 7, B, H, N, D, scale=100.0)
     q2, k2, v2 = (torch.where(pad, junk + 37, x) for x, junk in zip((q, k, v), garbage))
     out2 = mra2_reference(q2, k2, v2, mask, **kw)
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
@@ -116,16 +111,16 @@ def test_padding_values_do_not_matter(seed, B, H, N, D, mode, kind, frac, f, g):
        N=st.integers(1, 150), D=st.sampled_from([8, 16]), mode=modes, kind=mask_kinds,
        frac=st.floats(0.05, 1.0), data=st.data())
 def test_rows_are_independent(seed, B, H, N, D, mode, kind, frac, data):
-    q, k, v = make_qkv(seed, B, H, N, D)
+    q, k, v = make_qkv64(seed, B, H, N, D)
     mask = make_mask(seed, B, N, kind)
-    n = block_count(N)
-    kw = dict(num_blocks=max(1, int(frac * n * n)), approx_mode=mode)
+    n = n_blocks(N)
+    kw = {"num_blocks": max(1, int(frac * n * n)), "approx_mode": mode}
     out = mra2_reference(q, k, v, mask, **kw)
 
     # Permute batches (with their masks) and heads.
     pb = torch.tensor(data.draw(st.permutations(range(B))))
     ph = torch.tensor(data.draw(st.permutations(range(H))))
-    perm = lambda x: x[pb][:, ph]  # noqa: E731
+    perm = lambda x: x[pb][:, ph]
     pmask = None if mask is None else mask[pb]
     out_p = mra2_reference(perm(q), perm(k), perm(v), pmask, **kw)
     torch.testing.assert_close(out_p, perm(out), rtol=1e-12, atol=1e-12)
@@ -133,7 +128,7 @@ def test_rows_are_independent(seed, B, H, N, D, mode, kind, frac, data):
     # Without a mask, any permutation of the flattened (batch, head) rows works.
     if mask is None:
         rows = torch.tensor(data.draw(st.permutations(range(B * H))))
-        flat = lambda x: x.reshape(1, B * H, N, D)[:, rows]  # noqa: E731
+        flat = lambda x: x.reshape(1, B * H, N, D)[:, rows]
         out_f = mra2_reference(flat(q), flat(k), flat(v), None, **kw)
         torch.testing.assert_close(out_f, flat(out), rtol=1e-12, atol=1e-12)
 
@@ -143,11 +138,11 @@ def test_rows_are_independent(seed, B, H, N, D, mode, kind, frac, data):
        N=st.integers(32, 600), D=st.sampled_from([8, 16, 33, 64]), mode=modes,
        kind=mask_kinds, frac=st.floats(0.0, 1.2), f=st.integers(0, 3), g=st.integers(0, 5))
 def test_fallback_matches_reference(seed, B, H, N, D, mode, kind, frac, f, g):
-    q, k, v = make_qkv(seed, B, H, N, D)
+    q, k, v = make_qkv64(seed, B, H, N, D)
     mask = make_mask(seed, B, N, kind)
-    n = block_count(N)
-    kw = dict(num_blocks=max(1, int(frac * n * n)), approx_mode=mode,
-              initial_prior_first_n_blocks=f, initial_prior_diagonal_n_blocks=g)
+    n = n_blocks(N)
+    kw = {"num_blocks": max(1, int(frac * n * n)), "approx_mode": mode,
+          "initial_prior_first_n_blocks": f, "initial_prior_diagonal_n_blocks": g}
     expected = mra2_reference(q, k, v, mask, **kw)
     got = mra2_fallback(q, k, v, mask, **kw)
     assert got.shape == expected.shape and got.dtype == expected.dtype
@@ -158,10 +153,10 @@ def test_fallback_matches_reference(seed, B, H, N, D, mode, kind, frac, f, g):
 @given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 130), D=st.sampled_from([8, 16]),
        mode=modes, kind=mask_kinds, frac=st.floats(0.1, 1.0))
 def test_fallback_gradients_match_reference(seed, N, D, mode, kind, frac):
-    q, k, v = make_qkv(seed, 2, 2, N, D)
+    q, k, v = make_qkv64(seed, 2, 2, N, D)
     mask = make_mask(seed, 2, N, kind)
-    n = block_count(N)
-    kw = dict(num_blocks=max(1, int(frac * n * n)), approx_mode=mode)
+    n = n_blocks(N)
+    kw = {"num_blocks": max(1, int(frac * n * n)), "approx_mode": mode}
     grads = []
     for fn in (mra2_reference, mra2_fallback):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -178,11 +173,11 @@ def test_fallback_gradients_match_reference(seed, N, D, mode, kind, frac):
        N=st.integers(1, 200), D=st.sampled_from([8, 16]), mode=modes, kind=mask_kinds,
        frac=st.floats(0.0, 1.0), f=st.integers(0, 2), g=st.integers(0, 3))
 def test_forced_selection_reproduces_output(seed, B, H, N, D, mode, kind, frac, f, g):
-    q, k, v = make_qkv(seed, B, H, N, D)
+    q, k, v = make_qkv64(seed, B, H, N, D)
     mask = make_mask(seed, B, N, kind)
-    n = block_count(N)
-    kw = dict(num_blocks=max(1, int(frac * n * n)), approx_mode=mode,
-              initial_prior_first_n_blocks=f, initial_prior_diagonal_n_blocks=g)
+    n = n_blocks(N)
+    kw = {"num_blocks": max(1, int(frac * n * n)), "approx_mode": mode,
+          "initial_prior_first_n_blocks": f, "initial_prior_diagonal_n_blocks": g}
     out, (selected, high_mask) = mra2_reference(q, k, v, mask, return_selection=True, **kw)
     assert selected.shape == high_mask.shape == (B, H, n, n)
     assert selected.dtype == high_mask.dtype == torch.bool
@@ -195,7 +190,7 @@ def test_forced_selection_reproduces_output(seed, B, H, N, D, mode, kind, frac, 
 
 
 def test_unknown_mode_raises():
-    q, k, v = make_qkv(0, 1, 1, 32, 8)
+    q, k, v = make_qkv64(0, 1, 1, 32, 8)
     with pytest.raises(ValueError):
         mra2_reference(q, k, v, num_blocks=1, approx_mode="dense")
     with pytest.raises(ValueError):
@@ -203,7 +198,7 @@ def test_unknown_mode_raises():
 
 
 def test_output_keeps_input_dtype_and_shape():
-    q, k, v = make_qkv(0, 2, 3, 70, 16)
+    q, k, v = make_qkv64(0, 2, 3, 70, 16)
     q, k, v = q.float(), k.float(), v.float()
     for fn in (mra2_reference, mra2_fallback):
         out = fn(q, k, v, num_blocks=3, approx_mode="full")
@@ -215,8 +210,8 @@ def test_output_keeps_input_dtype_and_shape():
 def test_reference_gradcheck(mode, masked):
     # The stabilisers are detached; they cancel mathematically (up to the 1e-6 terms),
     # so finite differences must agree with autograd.
-    q, k, v = (x.requires_grad_() for x in make_qkv(3, 1, 2, 40, 4))
+    q, k, v = (x.requires_grad_() for x in make_qkv64(3, 1, 2, 40, 4))
     mask = make_mask(3, 1, 40, "random") if masked else None
-    fn = lambda a, b, c: mra2_reference(a, b, c, mask, num_blocks=3, approx_mode=mode,  # noqa: E731
+    fn = lambda a, b, c: mra2_reference(a, b, c, mask, num_blocks=3, approx_mode=mode,
                                         block_size=8)
     assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-5, rtol=1e-4)

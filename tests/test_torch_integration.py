@@ -3,37 +3,24 @@
 import pytest
 import torch
 import torch._dynamo
+from conftest import make_qkv, padded_mask
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import mra_compile
 
 op = torch.ops.mra.attention
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def qkv(B, H, N, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
-
-
-def padded_mask(B, N, lengths, dtype=torch.float32):
-    return (torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]).to(dtype)
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 OPCHECK_CASES = {
-    "no-mask": lambda: (*qkv(2, 2, 96, 24), None, 5),
-    "mask": lambda: (*qkv(2, 2, 96, 24), padded_mask(2, 96, [96, 70]), 5, "full", 32, 1, 2),
-    "sparse-bool-mask": lambda: (*qkv(2, 3, 70, 33), padded_mask(2, 70, [1, 64], torch.bool), 4,
-                                 "sparse"),
-    "fp16": lambda: (*qkv(1, 2, 100, 16, torch.float16), padded_mask(1, 100, [77]), 7),
-    "bf16-block16": lambda: (*qkv(2, 1, 50, 8, torch.bfloat16), None, 3, "full", 16),
-    "non-contiguous": lambda: (*(x.transpose(1, 2) for x in qkv(1, 40, 2, 16)), None, 2),
+    "no-mask": lambda: (*make_qkv(0, 2, 2, 96, 24), None, 5),
+    "mask": lambda: (*make_qkv(0, 2, 2, 96, 24), padded_mask(96, [96, 70]), 5, "full", 32, 1, 2),
+    "sparse-bool-mask": lambda: (*make_qkv(0, 2, 3, 70, 33), padded_mask(70, [1, 64], torch.bool),
+                                 4, "sparse"),
+    "fp16": lambda: (*make_qkv(0, 1, 2, 100, 16, dtype=torch.float16), padded_mask(100, [77]), 7),
+    "bf16-block16": lambda: (*make_qkv(0, 2, 1, 50, 8, dtype=torch.bfloat16), None, 3, "full", 16),
+    "non-contiguous": lambda: (*(x.transpose(1, 2) for x in make_qkv(0, 1, 40, 2, 16)), None, 2),
 }
 
 
@@ -51,8 +38,8 @@ def pointwise_around(q, k, v, mask):
 
 
 def test_compile_fullgraph_matches_eager():
-    q, k, v = qkv(2, 2, 96, 24)
-    mask = padded_mask(2, 96, [96, 61])
+    q, k, v = make_qkv(0, 2, 2, 96, 24)
+    mask = padded_mask(96, [96, 61])
     compiled = torch.compile(pointwise_around, fullgraph=True)
     expected = pointwise_around(q, k, v, mask)
     got = compiled(q, k, v, mask)
@@ -71,8 +58,8 @@ def test_compile_dynamic_shapes_match_eager():
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
     for B, N in [(2, 96), (4, 160), (5, 130)]:
-        q, k, v = qkv(B, 3, N, 16, seed=N)
-        mask = padded_mask(B, N, [N - i * 7 for i in range(B)])
+        q, k, v = make_qkv(N, B, 3, N, 16)
+        mask = padded_mask(N, [N - i * 7 for i in range(B)])
         torch.testing.assert_close(compiled(q, k, v, mask), fn(q, k, v, mask), rtol=1e-5,
                                    atol=1e-6)
     assert counter.frame_count == 1
@@ -85,8 +72,8 @@ def test_compile_dynamic_num_blocks_from_shape_matches_eager():
 
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
     for B, N in [(1, 96), (2, 160), (3, 130)]:
-        q, k, v = qkv(B, 2, N, 16, seed=N)
-        mask = padded_mask(B, N, [N - i * 7 for i in range(B)])
+        q, k, v = make_qkv(N, B, 2, N, 16)
+        mask = padded_mask(N, [N - i * 7 for i in range(B)])
         torch.testing.assert_close(compiled(q, k, v, mask), fn(q, k, v, mask), rtol=1e-5,
                                    atol=1e-6)
 
@@ -100,12 +87,12 @@ def test_compile_dynamic_block_per_row_does_not_recompile():
     counter = CompileCounterWithBackend("eager")
     compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
     for B, N in [(2, 96), (4, 160), (5, 130)]:
-        compiled(*qkv(B, 3, N, 16, seed=N))
+        compiled(*make_qkv(N, B, 3, N, 16))
     assert counter.frame_count == 1
 
 
 def test_compile_half_precision():
-    q, k, v = qkv(1, 2, 64, 16, torch.bfloat16)
+    q, k, v = make_qkv(0, 1, 2, 64, 16, dtype=torch.bfloat16)
 
     def fn(q, k, v):
         return op(q, k, v, None, 3) * 2

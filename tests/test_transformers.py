@@ -22,17 +22,18 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-import mra_compile  # noqa: E402
-from mra_compile.integrations.transformers import (  # noqa: E402
+from conftest import op_selection, padded_mask, rel_err
+from helpers.recording import RecordMraCalls
+from transformers.models.mra import modeling_mra
+from transformers.models.mra.modeling_mra import MraSelfAttention
+
+from mra_compile.integrations.transformers import (
     MraCompiledSelfAttention,
     is_patched,
     patch_mra_model,
     unpatch_mra_model,
 )
-from mra_compile.reference import mra2_reference  # noqa: E402
-from transformers.models.mra import modeling_mra  # noqa: E402
-from transformers.models.mra.modeling_mra import MraSelfAttention  # noqa: E402
-from helpers.recording import RecordMraCalls
+from mra_compile.reference import mra2_reference
 
 VOCAB = 100
 RTOL = 1e-4
@@ -49,7 +50,7 @@ def make_config(hidden=64, heads=4, layers=2, block_per_row=1, approx_mode="full
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(cls_name="MraModel", **config):
     torch.manual_seed(0)
     return getattr(transformers, cls_name)(make_config(**config)).eval()
@@ -64,17 +65,8 @@ def make_batch(seed, batch, seq_len, lengths=None):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, seq_len), generator=g)
     lengths = [seq_len] * batch if lengths is None else lengths
-    mask = (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
+    mask = padded_mask(seq_len, lengths, torch.long)
     return ids, mask
-
-
-def op_selection(args, kwargs):
-    """(selected, high_mask) of one recorded op call, by the op's own selection code."""
-    names = ("q", "k", "v", "mask", "num_blocks", "approx_mode", "block_size",
-             "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks")
-    a = dict(zip(names, args), **kwargs)
-    q, k, v, mask = a.pop("q"), a.pop("k"), a.pop("v"), a.pop("mask")
-    return mra_compile.block_selection(q, k, v, mask, **a)
 
 
 def hf_reference_forward(module, hidden_states, attention_mask=None, *, selections):
@@ -110,10 +102,6 @@ def reference_model(model, recorded_calls):
     return ref
 
 
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
 def run_patched_and_reference(model, **inputs):
     """(patched float32 output, float64 oracle output, recorded op calls)."""
     with torch.no_grad(), RecordMraCalls() as rec:
@@ -127,13 +115,13 @@ def run_patched_and_reference(model, **inputs):
 
 
 @pytest.mark.parametrize("case", [
-    dict(seq_len=200, lengths=[200, 150]),                      # the usual: 200 tokens, padding
-    dict(seq_len=200, lengths=[200, 131], approx_mode="sparse"),
-    dict(seq_len=200, lengths=[190, 64], first_n=1, diagonal_n=3),
-    dict(seq_len=512, lengths=[512, 300]),                      # = max_position_embeddings
-    dict(seq_len=37, lengths=[37, 5]),                          # n*n < num_block: all exact
-    dict(seq_len=200, lengths=[200, 170], override=2),          # block_per_row per input
-    dict(seq_len=96, lengths=[96, 96], heads=2),                # head dim 32: no rescaling
+    {"seq_len": 200, "lengths": [200, 150]},                  # the usual: 200 tokens, padding
+    {"seq_len": 200, "lengths": [200, 131], "approx_mode": "sparse"},
+    {"seq_len": 200, "lengths": [190, 64], "first_n": 1, "diagonal_n": 3},
+    {"seq_len": 512, "lengths": [512, 300]},                  # = max_position_embeddings
+    {"seq_len": 37, "lengths": [37, 5]},                      # n*n < num_block: all exact
+    {"seq_len": 200, "lengths": [200, 170], "override": 2},   # block_per_row per input
+    {"seq_len": 96, "lengths": [96, 96], "heads": 2},         # head dim 32: no rescaling
 ])
 def test_patched_model_matches_float64_reference(case):
     case = dict(case)
@@ -195,8 +183,8 @@ def test_task_heads(cls_name, extra_inputs):
 def test_multiple_choice_head():
     model = patch_mra_model(fresh_model("MraForMultipleChoice"))
     ids, mask = make_batch(2, 6, 100, [100, 90, 80, 70, 60, 50])
-    inputs = dict(input_ids=ids.view(2, 3, 100), attention_mask=mask.view(2, 3, 100),
-                  labels=torch.tensor([0, 2]))
+    inputs = {"input_ids": ids.view(2, 3, 100), "attention_mask": mask.view(2, 3, 100),
+              "labels": torch.tensor([0, 2])}
     out, ref, _ = run_patched_and_reference(model, **inputs)
     assert out.logits.shape == (2, 3)
     assert rel_err(out.logits, ref.logits) <= RTOL
@@ -241,17 +229,13 @@ def test_half_precision_model(dtype, rtol):
     assert rel_err(out.last_hidden_state, ref.last_hidden_state) <= rtol
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(fresh_dynamo):
     model = patch_mra_model(fresh_model())
     ids, mask = make_batch(9, 2, 200, [200, 160])
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            compiled = torch.compile(model, fullgraph=True)
-            got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
-    finally:
-        torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        compiled = torch.compile(model, fullgraph=True)
+        got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 

@@ -12,20 +12,19 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, RTOL_FP32, as64, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import mra_compile
-from mra_compile import build, cli, forward, records, tuning
-from mra_compile.reference import mra2_reference
 from mra_compile.schedules import cpu
 
-REPO = Path(__file__).resolve().parent.parent
-RTOL = 1e-5
+import mra_compile
+from mra_compile import build, cli, forward, host, knob_policy, records, tuning
+from mra_compile.options import Options
+from mra_compile.reference import mra2_reference
+
 TUNABLE = tuple(cpu.SPACES)
 
 
@@ -54,21 +53,21 @@ def legal_configs(op):
 def test_spaces_match_the_schedules_and_hold_the_defaults():
     for op in TUNABLE:
         assert set(cpu.SPACES[op]) == set(cpu.KNOBS[op]), op
-        assert cpu.constraints(op, build.default_knobs(op)), op
+        assert cpu.constraints(op, knob_policy.default_knobs(op)), op
         assert len(list(legal_configs(op))) >= 2
-    assert cpu.SPACES["hires_rows"]["blocks_per_row"] == [2, 3, 4, 6, 8, 12, 16]
+    assert cpu.SPACES["hires_rows"]["row_unit_blocks"] == [2, 3, 4, 6, 8, 12, 16]
     assert cpu.SPACES["hires_units"]["blocks_per_unit"] == [1, 2, 3, 4]
 
 
 def test_constraints_reject_illegal_points(monkeypatch):
-    good = build.default_knobs("hires_units")
+    good = knob_policy.default_knobs("hires_units")
     assert not cpu.constraints("hires_units", {**good, "unroll": 1})  # True == 1, but not a bool
     assert not cpu.constraints("hires_units", {**good, "qk_rows": 3})
     assert not cpu.constraints("hires_units", {**good, "extra": 1})
     assert not cpu.constraints("hires_units", {k: v for k, v in good.items() if k != "vec"})
     assert not cpu.constraints("combine", {"vec": 8})
     # Without AVX-512 there is no vec=16, and the logits tile must fit 16 registers.
-    monkeypatch.setattr(build, "default_vector_width", lambda: 8)
+    monkeypatch.setattr(host, "default_vector_width", lambda: 8)
     assert not cpu.constraints("pool_and_logits", {"vec": 16})
     assert cpu.constraints("pool_and_logits", {"vec": 8})
     assert not cpu.constraints("hires_units", {**good, "vec": 8, "qk_rows": 8})
@@ -76,11 +75,11 @@ def test_constraints_reject_illegal_points(monkeypatch):
 
 
 def test_shape_buckets():
-    assert build.shape_bucket(4096, 64) == "N4096-D64-b32"
-    assert build.shape_bucket(3000, 60) == "N4096-D64-b32"  # nearest power of two; D padded
-    assert build.shape_bucket(2500, 64) == "N2048-D64-b32"
-    assert build.shape_bucket(1, 8) == "N32-D16-b32"
-    assert build.shape_bucket(300, 40, 16) == "N256-D48-b16"
+    assert knob_policy.shape_bucket(4096, 64) == "N4096-D64-b32"
+    assert knob_policy.shape_bucket(3000, 60) == "N4096-D64-b32"  # nearest power of two; D padded
+    assert knob_policy.shape_bucket(2500, 64) == "N2048-D64-b32"
+    assert knob_policy.shape_bucket(1, 8) == "N32-D16-b32"
+    assert knob_policy.shape_bucket(300, 40, 16) == "N256-D48-b16"
     assert tuning.Shape.parse("12x4096x64") == tuning.Shape(12, 4096, 64)
     assert tuning.Shape.parse("1024").bucket == "N1024-D64-b32"
     with pytest.raises(ValueError):
@@ -91,7 +90,7 @@ def test_shape_buckets():
 
 TINY_SPACES = {
     "pool_and_logits": {"vec": [8, 16]},
-    "hires_rows": {"blocks_per_row": [2, 6, 8], "qk_rows": [2, 4]},
+    "hires_rows": {"row_unit_blocks": [2, 6, 8], "qk_rows": [2, 4]},
     "hires_units": {"blocks_per_unit": [2, 3]},
 }
 
@@ -104,7 +103,7 @@ def fake_timer(calls):
         if op == "pool_and_logits":
             return 1e-3 if knobs["vec"] == 8 else 2e-3
         if op == "forward":
-            cr, co = knobs["hires_rows"]["blocks_per_row"], knobs["hires_units"]["blocks_per_unit"]
+            cr, co = knobs["hires_rows"]["row_unit_blocks"], knobs["hires_units"]["blocks_per_unit"]
             return 1e-2 * (1 + abs(cr - 6) + abs(co - 3))
         if op == "hires_rows":
             return 3e-3 if knobs["qk_rows"] == 4 else 1e-3
@@ -123,8 +122,8 @@ def test_tuner_finds_and_persists_the_best(isolated, search):
     bucket = shape.bucket
     expected = {
         "pool_and_logits": {"vec": 8},
-        "hires_rows": {**build.default_knobs("hires_rows"), "blocks_per_row": 6, "qk_rows": 2},
-        "hires_units": {**build.default_knobs("hires_units"), "blocks_per_unit": 3},
+        "hires_rows": {**knob_policy.default_knobs("hires_rows"), "row_unit_blocks": 6, "qk_rows": 2},
+        "hires_units": {**knob_policy.default_knobs("hires_units"), "blocks_per_unit": 3},
     }
     for op, knobs in expected.items():
         assert result.best(op, bucket) == knobs
@@ -132,7 +131,7 @@ def test_tuner_finds_and_persists_the_best(isolated, search):
     assert {t.phase for t in result.trials} == {"pool_and_logits", "blocks", "hires_rows"}
     assert sum(t.phase == "blocks" for t in result.trials) == 3 * 2 - 1
     first_forward = next(c for c in calls if c[0] == "forward")
-    assert json.loads(first_forward[2])["hires_rows"]["blocks_per_row"] == 8  # the default
+    assert json.loads(first_forward[2])["hires_rows"]["row_unit_blocks"] == 8  # the default
     fwd = next(r for r in result.results if r.op == "forward")
     assert fwd.default_s == pytest.approx(0.03) and fwd.tuned_s == pytest.approx(0.01)
     assert fwd.gain_pct == pytest.approx(200 / 3)
@@ -141,16 +140,16 @@ def test_tuner_finds_and_persists_the_best(isolated, search):
     # Persisted, and what the op now uses, for this bucket and (nearest) for any.
     assert result.db == isolated
     doc = json.loads(isolated.read_text())
-    assert doc["schema"] == records.SCHEMA and doc["tvm"] == build.tvm_version()
+    assert doc["schema"] == records.SCHEMA and doc["tvm"] == host.tvm_version()
     saved = {r["op"]: r for r in doc["records"]}
     assert set(saved) == set(expected)
     for op, knobs in expected.items():
         assert saved[op]["knobs"] == knobs and saved[op]["bucket"] == bucket
-        assert saved[op]["host"] == build.host_fingerprint()
+        assert saved[op]["host"] == host.host_fingerprint()
         for b in (bucket, None, "N8192-D64-b32"):
             chosen = tuning.chosen_knobs(op, b)
             assert chosen.source == str(isolated) and chosen.bucket == bucket
-            assert chosen.knobs == {**build.default_knobs(op), **knobs}
+            assert chosen.knobs == {**knob_policy.default_knobs(op), **knobs}
     assert tuning.chosen_knobs("lowres_out", bucket).source == "default"
 
 
@@ -158,7 +157,7 @@ def test_tuner_real_short_run(isolated):
     """Real compiles and timings on a tiny space: records land and are legal and used."""
     shape = tuning.Shape(rows=2, N=512, D=32)
     spaces = {"pool_and_logits": {"vec": [8, 16]},
-              "hires_rows": {"blocks_per_row": [2, 8]}, "hires_units": {"blocks_per_unit": [3]}}
+              "hires_rows": {"row_unit_blocks": [2, 8]}, "hires_units": {"blocks_per_unit": [3]}}
     result = tuning.tune(["pool_and_logits", "hires_rows", "hires_units"], [shape],
                          budget_seconds=60, db=isolated, spaces=spaces, rounds=3,
                          verify_rounds=3, progress=False)
@@ -198,18 +197,22 @@ DISTINCT = {
     "pool_and_logits": {"vec": 8},
     "lowres_out": {"vec": 8},
     "hires_units": {"vec": 8, "qk_rows": 2, "pv_rows": 1, "unroll": False, "blocks_per_unit": 3},
-    "hires_rows": {"vec": 8, "qk_rows": 2, "pv_rows": 2, "unroll": False, "blocks_per_row": 3},
+    "hires_rows": {"vec": 8, "qk_rows": 2, "pv_rows": 2, "unroll": False, "row_unit_blocks": 3},
 }
+
+
+def reference_error(out, q, k, v, mask, num_blocks, mode):
+    """out's relative error against the float64 oracle given the op's own block set."""
+    sel = mra_compile.block_selection(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode)
+    ref = mra2_reference(as64(q), as64(k), as64(v), as64(mask), num_blocks=num_blocks,
+                         approx_mode=mode, selection=sel)
+    return rel_err(out, ref)
 
 
 def check_op(q, k, v, mask, num_blocks, mode):
     out = torch.ops.mra.attention(q, k, v, mask, num_blocks, mode)
-    sel = mra_compile.block_selection(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode)
-    d = lambda x: None if x is None else x.double()  # noqa: E731
-    ref = mra2_reference(d(q), d(k), d(v), d(mask), num_blocks=num_blocks, approx_mode=mode,
-                         selection=sel)
-    err = ((out.double() - ref).abs().amax() / ref.abs().amax()).item()
-    assert err <= RTOL, f"relative error {err:.3g}"
+    err = reference_error(out, q, k, v, mask, num_blocks, mode)
+    assert err <= RTOL_FP32, f"relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("record_bucket", ["exact", "other"])
@@ -217,7 +220,7 @@ def test_op_uses_a_record(isolated, record_bucket):
     g = torch.Generator().manual_seed(5)
     B, H, N, D = 1, 2, 300, 40
     q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
-    bucket = build.shape_bucket(N, D)
+    bucket = knob_policy.shape_bucket(N, D)
     assert bucket == "N256-D48-b32"
     rec_bucket = bucket if record_bucket == "exact" else "N2048-D64-b32"
     path = records.save(isolated, [records.make_record(op, rec_bucket, knobs, note="test")
@@ -226,10 +229,10 @@ def test_op_uses_a_record(isolated, record_bucket):
         for b in (bucket, None):
             chosen = tuning.chosen_knobs(op, b)
             assert chosen.source == str(path) and chosen.bucket == rec_bucket
-            assert chosen.knobs == knobs and build.resolve_knobs(op, None, b) == knobs
+            assert chosen.knobs == knobs and knob_policy.resolve_knobs(op, None, b) == knobs
     # Explicit knobs still win, key by key.
-    assert build.resolve_knobs("hires_rows", {"vec": 16}, bucket) == {**DISTINCT["hires_rows"], "vec": 16}
-    assert build.knobs_for_shape(None, N, D)["hires_units"] == DISTINCT["hires_units"]
+    assert knob_policy.resolve_knobs("hires_rows", {"vec": 16}, bucket) == {**DISTINCT["hires_rows"], "vec": 16}
+    assert knob_policy.knobs_for_shape(None, N, D)["hires_units"] == DISTINCT["hires_units"]
 
     n = -(-N // 32)
     with build.trace_kernel_calls() as calls:
@@ -247,8 +250,8 @@ def test_op_uses_a_record(isolated, record_bucket):
     assert variants == {True, False}
 
 
-SMALL = {**DISTINCT["hires_rows"], "blocks_per_row": 3}
-LARGE = {**DISTINCT["hires_rows"], "blocks_per_row": 6}
+SMALL = {**DISTINCT["hires_rows"], "row_unit_blocks": 3}
+LARGE = {**DISTINCT["hires_rows"], "row_unit_blocks": 6}
 
 
 @pytest.fixture
@@ -259,21 +262,21 @@ def two_buckets(isolated):
 
 
 def test_records_per_bucket(two_buckets):
-    assert build.knobs_for_shape(None, 300, 40)["hires_rows"] == SMALL
-    assert build.knobs_for_shape(None, 3000, 64)["hires_rows"] == LARGE
-    assert build.knobs_for_shape(None, 16384, 64)["hires_rows"] == LARGE  # the nearest
-    assert build.knobs_for_shape(None, 100, 40)["hires_rows"] == SMALL
-    assert build.resolve_knobs("hires_rows") == LARGE  # no shape: nearest to N4096-D64-b32
+    assert knob_policy.knobs_for_shape(None, 300, 40)["hires_rows"] == SMALL
+    assert knob_policy.knobs_for_shape(None, 3000, 64)["hires_rows"] == LARGE
+    assert knob_policy.knobs_for_shape(None, 16384, 64)["hires_rows"] == LARGE  # the nearest
+    assert knob_policy.knobs_for_shape(None, 100, 40)["hires_rows"] == SMALL
+    assert knob_policy.resolve_knobs("hires_rows") == LARGE  # no shape: nearest to N4096-D64-b32
     assert tuning.chosen_knobs("hires_rows").bucket == "N4096-D64-b32"
-    assert build.knobs_for_shape({"hires_rows": {"vec": 8}}, 300, 40)["hires_rows"] == SMALL
-    assert build.knobs_for_shape(None, 300, 40)["lowres_out"] == build.default_knobs("lowres_out")
+    assert knob_policy.knobs_for_shape({"hires_rows": {"vec": 8}}, 300, 40)["hires_rows"] == SMALL
+    assert knob_policy.knobs_for_shape(None, 300, 40)["lowres_out"] == knob_policy.default_knobs("lowres_out")
     # The forward given the shape's knobs (what forward.py passes with the bucket change).
     g = torch.Generator().manual_seed(8)
     N, D = 300, 40
     q, k, v = (torch.randn(1, 2, N, D, generator=g) for _ in range(3))
     with build.trace_kernel_calls() as calls:
-        forward.mra_forward(q, k, v, None, 60, "full", 32, 0, 0,
-                            knobs=build.knobs_for_shape(None, N, D))
+        forward.mra_forward(q, k, v, None, Options(60, "full", 32),
+                            knobs=knob_policy.knobs_for_shape(None, N, D))
     assert [c["resolved"] for c in calls if c["op"] == "hires_rows"] == [SMALL]
 
 
@@ -290,12 +293,12 @@ def test_disabling_records(isolated, monkeypatch):
     assert tuning.chosen_knobs("lowres_out").knobs == {"vec": 8}
     monkeypatch.setenv(records.ENV_ENABLE, "0")
     assert tuning.chosen_knobs("lowres_out").source == "default"
-    assert build.resolve_knobs("lowres_out") == build.default_knobs("lowres_out")
+    assert knob_policy.resolve_knobs("lowres_out") == knob_policy.default_knobs("lowres_out")
 
 
 def good_doc(**change):
     rec = records.make_record("lowres_out", "N1024-D64-b32", {"vec": 8})
-    doc = {"schema": records.SCHEMA, "tvm": build.tvm_version(), "records": [rec]}
+    doc = {"schema": records.SCHEMA, "tvm": host.tvm_version(), "records": [rec]}
     doc.update(change)
     return doc
 
@@ -317,8 +320,8 @@ def test_corrupt_or_stale_db_warns_and_is_ignored(isolated, damage):
     DAMAGES[damage](isolated)
     with pytest.warns(records.TuningRecordWarning):
         chosen = tuning.chosen_knobs("lowres_out", "N1024-D64-b32")
-    assert chosen.source == "default" and chosen.knobs == build.default_knobs("lowres_out")
-    assert build.resolve_knobs("hires_rows") == build.default_knobs("hires_rows")
+    assert chosen.source == "default" and chosen.knobs == knob_policy.default_knobs("lowres_out")
+    assert knob_policy.resolve_knobs("hires_rows") == knob_policy.default_knobs("hires_rows")
     # A tuner writing there replaces the bad file (with a warning), never fails.
     with pytest.warns(records.TuningRecordWarning):
         records.save(isolated, [records.make_record("pool_and_logits", "N1024-D64-b32", {"vec": 8})])
@@ -340,15 +343,16 @@ def test_invalid_records_are_skipped_and_the_rest_used(isolated):
     doc["records"] += bad + [other_host]
     isolated.write_text(json.dumps(doc))
     with pytest.warns(records.TuningRecordWarning) as caught:
-        assert tuning.chosen_knobs("lowres_out").knobs == {"vec": 8}
-        assert tuning.chosen_knobs("hires_rows").source == "default"
-        assert tuning.chosen_knobs("hires_units").source == "default"
+        chosen = {op: tuning.chosen_knobs(op) for op in ("lowres_out", "hires_rows", "hires_units")}
+    assert chosen["lowres_out"].knobs == {"vec": 8}
+    assert chosen["hires_rows"].source == "default"
+    assert chosen["hires_units"].source == "default"
     assert len(caught) == len(bad)
     # Saving keeps the other host's record (and drops the invalid ones).
     with pytest.warns(records.TuningRecordWarning):
         records.save(isolated, [records.make_record("pool_and_logits", "N1024-D64-b32", {"vec": 8})])
     hosts = sorted(r["host"] for r in json.loads(isolated.read_text())["records"])
-    assert hosts == sorted([build.host_fingerprint()] * 2 + ["riscv|elsewhere|0"])
+    assert hosts == sorted([host.host_fingerprint()] * 2 + ["riscv|elsewhere|0"])
 
 
 def test_op_runs_with_a_corrupt_db(isolated):
@@ -387,7 +391,7 @@ def test_concurrent_writers_both_land(isolated, tmp_path):
         time.sleep(0.01)
     start.touch()
     for p in procs:
-        out, err = p.communicate(timeout=240)
+        _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
     doc = json.loads(isolated.read_text())
     got = sorted((r["worker"], r["i"]) for r in doc["records"])
@@ -403,7 +407,7 @@ def covering_configs():
     every knob (row i takes the i-th value of each knob, cycling)."""
     rows = []
     longest = max(len(v) for op in TUNABLE for v in cpu.SPACES[op].values())
-    width = build.default_vector_width()
+    width = host.default_vector_width()
     for i in range(longest):
         config = {}
         for op in TUNABLE:
@@ -425,13 +429,9 @@ def run_forward(config, seed, N, D, mode, num_blocks, masked):
     if masked:
         mask = (torch.rand(B, N, generator=g) < 0.8).float()
         mask[:, 0] = 1
-    out = forward.mra_forward(q, k, v, mask, num_blocks, mode, 32, 0, 0, knobs=config)
-    sel = mra_compile.block_selection(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode)
-    d = lambda x: None if x is None else x.double()  # noqa: E731
-    ref = mra2_reference(d(q), d(k), d(v), d(mask), num_blocks=num_blocks, approx_mode=mode,
-                         selection=sel)
-    err = ((out.double() - ref).abs().amax() / ref.abs().amax()).item()
-    assert err <= RTOL, f"relative error {err:.3g} with {config}"
+    out = forward.mra_forward(q, k, v, mask, Options(num_blocks, mode, 32), knobs=config)
+    err = reference_error(out, q, k, v, mask, num_blocks, mode)
+    assert err <= RTOL_FP32, f"relative error {err:.3g} with {config}"
 
 
 @pytest.mark.parametrize("i", range(len(covering_configs())))

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mra_compile import accuracy, benchmarks, cli
+from mra_compile import cli
 from mra_compile.reference import exact_attention
+from mra_compile.tools import accuracy, benchmarks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,11 +118,11 @@ def test_bench_without_the_fallback(tmp_path, monkeypatch):
     assert benchmarks.main(["--sizes", "64", "--repeat", "1", "--reference-max-gb", "0",
                             "--csv", str(tmp_path / "f.csv"), "--md", str(tmp_path / "f.md")]) == 0
     text = (tmp_path / "f.md").read_text()
-    assert "bench/fallback.py not found" in text and "| 64 | full |" in text
+    assert "Fallback: not timed" in text and "| 64 | full |" in text
     assert "n/a" in text and "skipped" in text
 
 
-def test_load_fallback_finds_the_checkout_copy():
+def test_load_fallback_finds_the_packaged_copy():
     fallback = benchmarks.load_fallback()
     assert fallback is not None
     g = torch.Generator().manual_seed(3)

@@ -15,7 +15,9 @@ the attention layers contribute nothing. With the kernels it needs a sequence le
 is a multiple of 32 and long enough for its fixed budget (``n * n >= num_block``, below).
 
 What the patched forward computes is exactly the stock module's function (spec:
-``mra2-spec.md``, which follows the authors' numerics):
+``docs/spec.md``, steps 1-6, which follow the authors' numerics; like the stock kernels,
+this release still takes the maxima R and m_t over padding keys, see its "Deviation" and
+"Status in this release"):
 
 * the same ``query`` / ``key`` / ``value`` projections and heads;
 * the mask: ``MraModel`` hands its layers the ``[B, N]`` 0/1 mask (older releases gave
@@ -46,7 +48,7 @@ import torch
 from transformers.models.mra.modeling_mra import MraSelfAttention
 
 import mra_compile  # noqa: F401  (registers torch.ops.mra.attention)
-from mra_compile import validate
+from mra_compile import options, validate
 
 __all__ = ["patch_mra_model", "unpatch_mra_model", "is_patched", "MraCompiledSelfAttention",
            "mra_self_attention_forward"]
@@ -95,7 +97,7 @@ def budget(module: MraSelfAttention, seq_len: int) -> int:
     block_per_row = getattr(module, "mra_compile_block_per_row", None)
     if block_per_row is None:
         return int(module.num_block)
-    return block_per_row * max(-(-seq_len // BLOCK_SIZE), 1)
+    return options.budget(block_per_row, seq_len, BLOCK_SIZE)
 
 
 def mra_self_attention_forward(module: MraSelfAttention, hidden_states: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers.tiny_model import STEPS, batch, make_model, sgd_step  # noqa: E402
+from helpers.tiny_model import STEPS, batch, make_model, sgd_step
 
 
 def main(mode: str, store: str, out: str) -> None:

@@ -19,9 +19,9 @@ not. This is the MRA paper's comparison against Longformer / BigBird at equal bu
 
 Inputs (``[B, H, N, D]``, values N(0, 1)):
 
-* ``local+prefix``: ``mra_compile.demo.structured_inputs``: queries and keys follow a
-  smooth random walk (each token attends mostly to its neighbours) plus a 32-token prefix
-  that every query also attends to (global tokens);
+* ``local+prefix``: ``mra_compile.tools.common.local_prefix_inputs``, the demo's input:
+  queries and keys follow a smooth random walk (each token attends mostly to its
+  neighbours) plus a 32-token prefix that every query also attends to (global tokens);
 * ``topics``: the sequence is a run of segments (16-256 tokens, not aligned to blocks),
   each about one of ``N / 128`` topics; a topic recurs at random places, and a token
   attends to the tokens of its own topic wherever they are (clustered, non-local
@@ -38,10 +38,15 @@ from dataclasses import dataclass
 
 import torch
 
-from mra_compile import demo
 from mra_compile.reference import exact_attention, mra2_reference
+from mra_compile.tools.common import (
+    BLOCK_SIZE,
+    local_prefix_inputs,
+    pyplot,
+    random_qkv,
+    relative_error,
+)
 
-BLOCK_SIZE = 32
 DEFAULT_BLOCKS_PER_ROW = (1, 2, 4, 8, 16)
 METHODS = ("MRA-2", "MRA-2-s", "sliding window", "random blocks")
 
@@ -83,14 +88,14 @@ def topic_inputs(B, H, N, D, gen):
 
 
 STRUCTURES = {
-    "local+prefix": demo.structured_inputs,
+    "local+prefix": local_prefix_inputs,
     "topics": topic_inputs,
-    "noise": demo.noise_inputs,
+    "noise": random_qkv,
 }
 
 STRUCTURE_NOTES = {
     "local+prefix": "smooth random-walk queries/keys (local attention) plus a 32-token "
-                    "prefix every query attends to (global tokens); mra_compile.demo's input",
+                    "prefix every query attends to (global tokens); the demo's input",
     "topics": f"segments of {SEGMENT_TOKENS[0]}-{SEGMENT_TOKENS[1]} tokens, each on one of N/"
               f"{TOKENS_PER_TOPIC} topics that recur at random places; tokens attend to their "
               "topic anywhere in the sequence and share half their value vector with it",
@@ -142,7 +147,7 @@ def measure(structure: str, *, seq_len: int = 4096, heads: int = 4, head_dim: in
             batch: int = 1, blocks_per_row=DEFAULT_BLOCKS_PER_ROW, seed: int = 0,
             methods=METHODS, progress=None) -> list[Row]:
     """Errors of each method at each budget on one input of the given structure."""
-    import mra_compile  # noqa: F401  (registers the op)
+    import mra_compile
 
     gen = torch.Generator().manual_seed(seed)
     q, k, v = STRUCTURES[structure](batch, heads, seq_len, head_dim, gen)
@@ -161,7 +166,7 @@ def measure(structure: str, *, seq_len: int = 4096, heads: int = 4, head_dim: in
                 out = block_sparse_attention(q, k, v, random_blocks(batch, heads, n, bpr, gen))
             else:
                 raise ValueError(f"unknown method {method!r}")
-            errors[method] = demo.relative_error(out.double(), exact)
+            errors[method] = relative_error(out.double(), exact)
         rows.append(Row(structure, bpr, min(bpr, n) / n, errors))
         if progress:
             progress(rows[-1])
@@ -190,7 +195,7 @@ def markdown(rows: list[Row], methods=METHODS) -> str:
 
 def plot(rows: list[Row], path, methods=METHODS, title=None) -> None:
     """Error vs blocks per row (log-log), one panel per structure; writes a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     structures = list(dict.fromkeys(r.structure for r in rows))
     fig, axes = plt.subplots(1, len(structures), figsize=(max(6.4, 4.6 * len(structures)), 4.2),
                              squeeze=False)
@@ -217,13 +222,3 @@ def plot(rows: list[Row], path, methods=METHODS, title=None) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'mra-compile[plot]'") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

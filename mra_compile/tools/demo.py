@@ -1,7 +1,7 @@
 """MRA-2 demo: build (or load) the kernels, then check accuracy and speed on a long sequence.
 
-    python -m mra_compile.demo                       # N=8192, B=1, H=12, D=64, full mode
-    python -m mra_compile.demo --seq-len 4096 --mode sparse
+    python -m mra_compile.tools.demo                 # N=8192, B=1, H=12, D=64, full mode
+    python -m mra_compile.tools.demo --seq-len 4096 --mode sparse
 
 It prints a short report: how long the kernels took to build or load, the relative error
 of MRA-2 against exact attention on inputs with structure (local attention plus a
@@ -11,26 +11,30 @@ shared prefix that every token looks at), and the speed against dense
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import math
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-BLOCK_SIZE = 32
-CORRELATION_LENGTH = 64  # tokens: how far the random walk of queries/keys stays similar
-LOCAL_LOGIT = 8.0  # q.k/sqrt(D) of a token with itself
-PREFIX_TOKENS = 32  # the shared prefix every query attends to (one block)
-PREFIX_LOGIT = 6.0  # extra q.k/sqrt(D) towards a prefix token
-QUERY_NOISE = 0.3
+from mra_compile.tools.common import (
+    BLOCK_SIZE,
+    CORRELATION_LENGTH,
+    PREFIX_TOKENS,
+    cpu_model,
+    local_prefix_inputs,
+    median_ms,
+    package_version,
+    random_qkv,
+    relative_error,
+)
+
 TIMED_RUNS = 5
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mra_compile.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mra_compile.tools.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, default=8192, help="N, tokens (default: %(default)s)")
     p.add_argument("--heads", type=int, default=12, help="H (default: %(default)s)")
     p.add_argument("--head-dim", type=int, default=64, help="D (default: %(default)s)")
@@ -50,44 +54,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------- inputs
-
-def smooth_walk(B, H, N, D, gen) -> torch.Tensor:
-    """AR(1) random walk along the tokens: unit variance, correlation exp(-|t-s|/L)."""
-    rho = math.exp(-1.0 / CORRELATION_LENGTH)
-    steps = torch.randn(B, H, N, D, generator=gen)
-    x = torch.empty_like(steps)
-    x[:, :, 0] = steps[:, :, 0]
-    keep, fresh = rho, math.sqrt(1.0 - rho * rho)
-    for t in range(1, N):
-        x[:, :, t] = keep * x[:, :, t - 1] + fresh * steps[:, :, t]
-    return x
-
-
-def structured_inputs(B, H, N, D, gen):
-    """q, k, v [B, H, N, D] whose attention is local plus a shared prefix.
-
-    The first D-1 coordinates of q and k follow one smooth random walk, scaled so that a
-    token's logit with itself is about LOCAL_LOGIT and falls off with distance. The
-    last coordinate is reserved: every query and the first PREFIX_TOKENS keys carry a
-    constant there, adding PREFIX_LOGIT to every logit towards the prefix. Values are
-    i.i.d. N(0, 1).
-    """
-    x = smooth_walk(B, H, N, D - 1, gen)
-    a = math.sqrt(LOCAL_LOGIT * math.sqrt(D) / (D - 1))
-    c = math.sqrt(PREFIX_LOGIT * math.sqrt(D))
-    q = torch.zeros(B, H, N, D)
-    k = torch.zeros(B, H, N, D)
-    q[..., :-1] = a * (x + QUERY_NOISE * torch.randn(x.shape, generator=gen))
-    k[..., :-1] = a * x
-    q[..., -1] = c
-    k[:, :, :PREFIX_TOKENS, -1] = c
-    v = torch.randn(B, H, N, D, generator=gen)
-    return q, k, v
-
-
-def noise_inputs(B, H, N, D, gen):
-    return tuple(torch.randn(B, H, N, D, generator=gen) for _ in range(3))
-
 
 def prefix_mass(q, k, samples: int = 256) -> float:
     """Average share of attention the prefix gets, over a sample of queries."""
@@ -116,34 +82,12 @@ def sliding_window(q, k, v, half_width: int) -> torch.Tensor:
     return out.reshape(B, H, n * b, D)[:, :, :N]
 
 
-def relative_error(approx, exact) -> float:
-    """||approx - exact|| / ||exact|| per (batch, head), averaged."""
-    num = (approx - exact).flatten(2).norm(dim=-1)
-    return (num / exact.flatten(2).norm(dim=-1)).mean().item()
-
-
-def median_ms(fns: dict, runs: int) -> dict:
-    """Interleaved timing: each round calls every function once; median per function."""
-    samples = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
-
-
 # ---------------------------------------------------------------------------- report
 
 def machine_line() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"Machine: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
-            f"torch {torch.__version__}, TVM {importlib.metadata.version('apache-tvm')}")
+    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads; "
+            f"torch {torch.__version__}, TVM {package_version('apache-tvm')}")
 
 
 def build_kernels(args, run) -> str:
@@ -166,7 +110,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cache_dir:
         os.environ["MRA_COMPILE_CACHE_DIR"] = args.cache_dir
-    import mra_compile  # noqa: F401  (after MRA_COMPILE_CACHE_DIR is set)
+    import mra_compile  # after MRA_COMPILE_CACHE_DIR is set
 
     B, H, N, D, b = 1, args.heads, args.seq_len, args.head_dim, BLOCK_SIZE
     n = -(-N // b)
@@ -183,7 +127,7 @@ def main(argv=None) -> int:
 
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        q, k, v = structured_inputs(B, H, N, D, gen)
+        q, k, v = local_prefix_inputs(B, H, N, D, gen)
         print(f"Input: queries/keys follow a smooth random walk (correlation length "
               f"{CORRELATION_LENGTH} tokens), so each token attends mostly to its neighbours; "
               f"the first {PREFIX_TOKENS} tokens are a shared prefix that every query also "
@@ -201,7 +145,7 @@ def report_accuracy(args, mra, q, k, v, gen) -> None:
     rows = [(f"MRA-2 ({args.mode})", relative_error(mra(q, k, v), exact)),
             (f"sliding window +-{w} tokens (same budget)",
              relative_error(sliding_window(q, k, v, w), exact))]
-    nq, nk, nv = noise_inputs(B, H, N, D, gen)
+    nq, nk, nv = random_qkv(B, H, N, D, gen)
     rows.append((f"MRA-2 ({args.mode}) on i.i.d. noise (flat attention), for contrast",
                  relative_error(mra(nq, nk, nv), F.scaled_dot_product_attention(nq, nk, nv))))
     print("\nAccuracy: relative L2 error vs exact attention, mean over heads")

@@ -1,11 +1,11 @@
 """MRA-2 in plain PyTorch, in the sparse style of the original authors' fallback.
 
-This is the speed baseline the compiled kernels must beat. It computes the same function
-as mra_compile.reference.mra2_reference (see /work/shared/docs/mra2-spec.md) but never
-builds an N x N matrix: the low resolution is a dense n x n matrix on pooled blocks, and
-the high resolution gathers only the selected query/key/value blocks into [R, K, b, D]
-tensors (R = B*H rows, K selected blocks per row), multiplies them with batched matmuls
-and scatters the block results back to tokens with index_add.
+This is the speed baseline the compiled kernels must beat (``mra-compile bench``). It
+computes the same function as mra_compile.reference.mra2_reference (docs/spec.md, steps
+1-6) but never builds an N x N matrix: the low resolution is a dense n x n matrix on
+pooled blocks, and the high resolution gathers only the selected query/key/value blocks
+into [R, K, b, D] tensors (R = B*H rows, K selected blocks per row), multiplies them with
+batched matmuls and scatters the block results back to tokens with index_add.
 
 Works in float32 (the benchmark) and float64 (checked against the reference).
 """

@@ -4,9 +4,8 @@ Behind ``mra-compile bench`` and ``bench/bench_forward.py``. For every sequence 
 (``--sizes``) and both approximation modes it times
 
 * ``torch.ops.mra.attention`` (the TVM-compiled op),
-* ``mra2_fallback`` from the repository's ``bench/fallback.py`` (MRA-2 in plain PyTorch,
-  gather / bmm / scatter-add, the way the original authors' fallback is written; only
-  where that file is found: a checkout or an editable install),
+* ``mra_compile.tools.fallback.mra2_fallback`` (MRA-2 in plain PyTorch, gather / bmm /
+  scatter-add, the way the original authors' fallback is written),
 * ``mra_compile.reference.mra2_reference`` (the dense N x N oracle; only where its
   estimated peak memory fits in ``--reference-max-gb``),
 * dense ``torch.nn.functional.scaled_dot_product_attention`` (mode independent: timed
@@ -23,7 +22,7 @@ The median of the rounds is reported, in milliseconds.
 ``--plot`` also writes ``time_vs_n.png`` (log-log time against N for every
 implementation) and ``error_vs_blocks_per_row.png`` (MRA-2's error against exact
 attention as the budget grows, next to a sliding window and random blocks of the same
-budget; see ``mra_compile.accuracy``) next to the CSV. It needs matplotlib
+budget; see ``mra_compile.tools.accuracy``) next to the CSV. It needs matplotlib
 (``pip install 'mra-compile[plot]'``).
 """
 from __future__ import annotations
@@ -31,20 +30,28 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import gc
-import importlib.metadata
-import importlib.util
 import os
-import platform
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-BATCH, HEADS, HEAD_DIM, BLOCK_SIZE, BLOCKS_PER_ROW = 1, 12, 64, 32, 4
+from mra_compile.tools.common import (
+    BLOCK_SIZE,
+    cpu_model,
+    median_ms,
+    package_version,
+    pyplot,
+    random_qkv,
+)
+from mra_compile.tools.fallback import mra2_fallback
+
+BATCH, HEADS, HEAD_DIM, BLOCKS_PER_ROW = 1, 12, 64, 4
 MODES = ("full", "sparse")
 DEFAULT_SIZES = (512, 1024, 2048, 4096, 8192)
 # Peak memory of mra2_reference, in fp32 [B, H, N, N] matrices (measured: ~4.4-4.9).
@@ -96,23 +103,6 @@ def check_arguments(args) -> str | None:
 
 
 # ---------------------------------------------------------------------------- machine
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
 
 def load_average() -> str:
     try:
@@ -168,34 +158,15 @@ class OtherLoad:
 # ---------------------------------------------------------------------------- fallback
 
 def load_fallback():
-    """``mra2_fallback`` from the repository's bench/fallback.py, or None if not found.
+    """The PyTorch baseline to time, ``mra2_fallback`` (shipped in the package).
 
-    Looked for as the importable ``bench.fallback`` (the repository root on sys.path), then
-    as a file next to this package (editable install) or under the working directory.
+    A function so that a caller can replace it with one returning None: the table then
+    leaves the fallback out (its columns read n/a).
     """
-    try:
-        from bench.fallback import mra2_fallback
-
-        return mra2_fallback
-    except ImportError:
-        pass
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        path = root / "bench" / "fallback.py"
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("_mra_compile_bench_fallback", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module.mra2_fallback
-    return None
+    return mra2_fallback
 
 
 # ---------------------------------------------------------------------------- timing
-
-def make_inputs(n_tokens: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (BATCH, HEADS, n_tokens, HEAD_DIM)
-    return tuple(torch.randn(shape, generator=gen) for _ in range(3))
-
 
 def reference_fits(n_tokens: int, max_gb: float) -> bool:
     peak = REFERENCE_NXN_MATRICES * BATCH * HEADS * n_tokens * n_tokens * 4
@@ -204,13 +175,13 @@ def reference_fits(n_tokens: int, max_gb: float) -> bool:
 
 def implementations(q, k, v, num_blocks: int, fallback) -> dict:
     """The interleaved set: (impl, mode) -> zero-argument callable; SDPA's mode is None."""
-    impls = {}
+    impls: dict[tuple[str, str | None], Callable[[], torch.Tensor]] = {}
     for mode in MODES:
-        impls[("op", mode)] = (lambda m=mode: torch.ops.mra.attention(
-            q, k, v, None, num_blocks, m, BLOCK_SIZE))
+        impls[("op", mode)] = functools.partial(torch.ops.mra.attention, q, k, v, None,
+                                                num_blocks, mode, BLOCK_SIZE)
         if fallback is not None:
-            impls[("fallback", mode)] = (lambda m=mode: fallback(
-                q, k, v, num_blocks=num_blocks, approx_mode=m, block_size=BLOCK_SIZE))
+            impls[("fallback", mode)] = functools.partial(
+                fallback, q, k, v, num_blocks=num_blocks, approx_mode=mode, block_size=BLOCK_SIZE)
     impls[("sdpa", None)] = lambda: F.scaled_dot_product_attention(q, k, v)
     return impls
 
@@ -221,12 +192,6 @@ def reference_implementations(q, k, v, num_blocks: int) -> dict:
     return {("reference", mode): (lambda m=mode: mra2_reference(
         q, k, v, num_blocks=num_blocks, approx_mode=m, block_size=BLOCK_SIZE))
         for mode in MODES}
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def warm_up(impls: dict, calls: int) -> dict:
@@ -241,15 +206,6 @@ def warm_up(impls: dict, calls: int) -> dict:
     return outputs
 
 
-def median_times(impls: dict, repeat: int) -> dict:
-    """Interleaved rounds: each round calls every implementation once."""
-    samples = {name: [] for name in impls}
-    for _ in range(repeat):
-        for name, fn in impls.items():
-            samples[name].append(timed(fn))
-    return {name: statistics.median(ts) for name, ts in samples.items()}
-
-
 def max_rel_err(out, ref) -> float:
     """max |out - ref| / max |ref| (normwise, so tiny entries don't blow it up)."""
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
@@ -258,7 +214,8 @@ def max_rel_err(out, ref) -> float:
 def bench_size(n_tokens: int, args, fallback) -> list[dict]:
     import mra_compile  # noqa: F401  (registers torch.ops.mra.attention)
 
-    q, k, v = make_inputs(n_tokens, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    q, k, v = random_qkv(BATCH, HEADS, n_tokens, HEAD_DIM, gen)
     num_blocks = BLOCKS_PER_ROW * (-(-n_tokens // BLOCK_SIZE))
     impls = implementations(q, k, v, num_blocks, fallback)
     with torch.no_grad(), OtherLoad() as load:
@@ -266,11 +223,11 @@ def bench_size(n_tokens: int, args, fallback) -> list[dict]:
         errors = {m: (max_rel_err(outputs[("op", m)], outputs[("fallback", m)])
                       if ("fallback", m) in outputs else None) for m in MODES}
         del outputs
-        times = median_times(impls, args.repeat)
+        times = median_ms(impls, args.repeat)
         if reference_fits(n_tokens, args.reference_max_gb):
             ref_impls = reference_implementations(q, k, v, num_blocks)
             warm_up(ref_impls, args.warmup)
-            times.update(median_times(ref_impls, args.repeat))
+            times.update(median_ms(ref_impls, args.repeat))
     return [make_row(n_tokens, mode, times, errors[mode], load.share) for mode in MODES]
 
 
@@ -297,8 +254,8 @@ def fmt_ratio(x) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| N | mode | op ms | fallback ms | reference ms | SDPA ms "
-             "| fallback/op | SDPA/op | reference/op |",
+    lines = [("| N | mode | op ms | fallback ms | reference ms | SDPA ms "
+              "| fallback/op | SDPA/op | reference/op |"),
              "|---:|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
@@ -311,8 +268,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def error_table(rows: list[dict]) -> str:
-    lines = ["Sanity check, max |op − fallback| / max |fallback| (fp32; the two may pick "
-             "different blocks at exact score ties, so this is reported, not asserted):",
+    lines = [("Sanity check, max |op − fallback| / max |fallback| (fp32; the two may pick "
+              "different blocks at exact score ties, so this is reported, not asserted):"),
              "",
              "| N | mode | max rel. error op vs fallback |",
              "|---:|:---|---:|"]
@@ -349,9 +306,7 @@ def write_markdown(path: Path, text: str) -> None:
 
 def plot_times(rows: list[dict], path: Path, title: str = "") -> None:
     """Time against N, log-log: op, fallback, reference (both modes) and dense SDPA."""
-    from mra_compile.accuracy import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     series = [("op", "torch.ops.mra.attention (TVM)", "C0", "o"),
               ("fallback", "PyTorch fallback (gather/bmm)", "C1", "s"),
@@ -383,7 +338,7 @@ def plot_times(rows: list[dict], path: Path, title: str = "") -> None:
 
 def plot_errors(path: Path, seq_len: int, seed: int = 0) -> list:
     """Error vs blocks per row on the demo's structured input; returns the measured rows."""
-    from mra_compile import accuracy
+    from mra_compile.tools import accuracy
 
     rows = accuracy.measure(ERROR_PLOT_STRUCTURE, seq_len=seq_len, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,15 +352,12 @@ def plot_errors(path: Path, seq_len: int, seed: int = 0) -> list:
 def run(args) -> int:
     """Run the benchmark for parsed ``args`` (see ``add_arguments``); returns the exit code."""
     if args.plot:
-        from mra_compile.accuracy import _pyplot
-
-        _pyplot()  # fail before the long run if matplotlib is missing
+        pyplot()  # fail before the long run if matplotlib is missing
     torch.manual_seed(args.seed)
     fallback = load_fallback()
     header = [machine_line(), setup_line(args)]
     if fallback is None:
-        header.append("Fallback: bench/fallback.py not found (run from the repository "
-                      "checkout to include it)")
+        header.append("Fallback: not timed (its columns read n/a)")
     print("\n".join(header), flush=True)
     rows = []
     for n_tokens in args.sizes:

@@ -1,0 +1,106 @@
+"""Building ahead-of-time kernel libraries: every kernel in one exported shared object.
+
+``mra-compile build --target llvm|cuda [--arch sm_90] --out DIR`` compiles each operator
+(``mra_compile.kernels``) for the requested block sizes, head dims and dtypes (with the
+knobs the op would use) into ``DIR/mra_kernels.so`` plus ``DIR/manifest.json``, which
+``mra_compile.library`` loads.
+
+What a library carries besides its kernels depends on its target
+(``Target.library_extras``): CUDA libraries hold real device code (a build that kept only
+CUDA source fails), their generated source, and TVM's runtime libraries in DIR/runtime/,
+so that a machine with torch but without TVM runs them (plus the ``apache-tvm-ffi`` wheel
+of its Python); CPU libraries carry the OpenMP launcher there (``mra_compile.openmp``).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from mra_compile import build, host, kernels, knob_policy, library, targets
+from mra_compile.targets import Target
+
+HALF = ("float16", "bfloat16")
+
+
+def variants(block_sizes, head_dims, dtypes=("float32",)):
+    """(op, static) pairs the forward and backward call, for these shapes and input
+    dtypes ("float32", "float64", and on CUDA "float16", "bfloat16", whose kernels that
+    read q, k, v take them as they are and the rest compute in float32)."""
+    m = kernels.HEAD_DIM_MULTIPLE
+    padded = sorted({-(-d // m) * m for d in head_dims})
+    seen = set()
+    for b in block_sizes:
+        for D in padded:
+            for dt in dtypes:
+                compute = "float64" if dt == "float64" else "float32"
+                io = dt if dt in HALF else None
+                for kernel in kernels.KERNELS.values():
+                    for full in ((True, False) if kernel.has_modes else (None,)):
+                        static = kernel.static(b, D, compute, io, full)
+                        key = json.dumps([kernel.name, static], sort_keys=True)
+                        if key not in seen:  # fp16 and bf16 share the float32 backward
+                            seen.add(key)
+                            yield kernel.name, static
+
+
+def build_library(out_dir, block_sizes=(32,), head_dims=(64,), dtypes=("float32",),
+                  log=print, target: Target | str | None = None) -> Path:
+    """Compile every variant for ``target`` (the CPU, or e.g. "cuda-sm_90") into
+    ``out_dir``; returns the manifest path."""
+    target = targets.get(target)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    funcs, entries = {}, []
+    for op, static in variants(block_sizes, head_dims, dtypes):
+        # Every knob setting the op may pick for these shapes: the tuning records of each
+        # sequence-length bucket (64 ... 128k tokens), else the defaults.
+        settings = {}
+        for p in range(6, 18):
+            bucket = knob_policy.shape_bucket(2**p, static["D"], static["b"])
+            chosen = knob_policy.resolve_knobs(op, None, bucket, target)
+            settings[json.dumps(chosen, sort_keys=True)] = chosen
+        for chosen in settings.values():
+            key = build.kernel_key(op, static, chosen, target)
+            name = library.symbol(key)
+            funcs[name] = build.scheduled_func(op, static, chosen, target)
+            entries.append({"op": op, "static": static, "knobs": chosen, "key": key,
+                            "symbol": name})
+            log(f"  {op:16s} {json.dumps(static, sort_keys=True)} {json.dumps(chosen)}")
+    executable = build.compile_module(funcs, target)
+    executable.export_library(str(out / library.LIBRARY))
+    manifest = {
+        "schema": library.SCHEMA_VERSION,
+        "target": target.name,
+        "tvm_target": str(target.tvm_target()),
+        "host": target.host_key(),
+        "tvm": host.tvm_version(),
+        "source": host.source_hash(target.family),
+        "kernels": entries,
+    }
+    target.library_extras(out, out / library.LIBRARY, executable, manifest)
+    path = out / library.MANIFEST
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return path
+
+
+def download_ffi_wheel(out_dir, python: str) -> Path:
+    """Download the apache-tvm-ffi wheel of the installed version for ``python`` ("3.12")
+    into ``out_dir/wheels`` (its compiled core is per Python version). Needs PyPI."""
+    version = importlib.metadata.version("apache-tvm-ffi")
+    wheels = Path(out_dir) / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    tag = python.replace(".", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", f"apache-tvm-ffi=={version}", "--no-deps",
+         "--only-binary=:all:", "--python-version", python,
+         "--platform", f"manylinux_2_28_{platform.machine()}", "-d", str(wheels)],
+        capture_output=True, text=True)
+    found = sorted(wheels.glob(f"apache_tvm_ffi-{version}-cp{tag}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"could not download apache-tvm-ffi {version} for Python {python}: "
+                           f"{proc.stderr.strip()[-500:]}")
+    return found[-1]

@@ -1,0 +1,152 @@
+"""What the forward and the backward share: inputs as the kernels read them, scratch
+buffers, and the thread policy around kernel calls.
+
+Inputs are validated by the caller (``mra_compile.validate``, ``mra_compile.options``).
+Kernels compute in float32, or in float64 for float64 inputs; the kernels that read q, k,
+v take them in the target's I/O dtype (``Target.io_dtype``: fp16/bf16 as they are on
+CUDA, else the compute dtype).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mra_compile import kernels, targets
+from mra_compile.targets import Target, compute_dtype
+
+HEAD_DIM_MULTIPLE = kernels.HEAD_DIM_MULTIPLE
+
+_TVM_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16",
+              torch.float32: "float32", torch.float64: "float64"}
+
+
+class Workspace(threading.local):
+    """Per-thread scratch buffers for the intermediates, reused between calls where the
+    target allows it (``Target.reuses_workspace``).
+
+    A fresh 50 MB intermediate costs ~10 ms of page faults on first touch, as much as
+    the kernel that fills it; reusing the memory removes that. ``clear_workspace()``
+    frees it.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int, dtype: torch.dtype, device: torch.device,
+            target: Target) -> torch.Tensor:
+        numel = math.prod(shape)
+        if not target.reuses_workspace:
+            # e.g. CUDA: a tensor reused across calls could still be read by a kernel
+            # queued on another stream; the caching allocator makes fresh memory cheap.
+            return torch.empty(shape, dtype=dtype, device=device)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self.buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+WORKSPACE = Workspace()
+
+
+def clear_workspace() -> None:
+    """Free this thread's scratch buffers."""
+    WORKSPACE.buffers.clear()
+
+
+@contextlib.contextmanager
+def torch_single_threaded():
+    """Run the plan's small torch ops on the calling thread only.
+
+    Torch's OpenMP workers spin for a while after each parallel op; the kernels that
+    follow would share the cores with spinning threads (measured: the next kernel
+    1.5-3x slower on 2 cores). The plan's ops are small (n*n per row), so one thread
+    loses little; the kernels run on torch's thread count (``mra_compile.openmp``).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, N, D] -> contiguous [B*H, N + n_pad, D + d_pad] of ``dtype``, zero padded."""
+    x = x.to(dtype)
+    if n_pad or d_pad:
+        x = F.pad(x, (0, d_pad, 0, n_pad))
+    B, H, N, D = x.shape
+    return x.reshape(B * H, N, D).contiguous()
+
+
+@dataclass
+class Prepared:
+    """Inputs as the kernels read them.
+
+    q, k, v [R, Np, Dp] in the target's I/O dtype; mask [Bm, Np] (row r of q uses mask
+    row r // heads); counts, inv_counts [Bm, n]; scale = 1/sqrt(D) of the real head dim.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+    counts: torch.Tensor
+    inv_counts: torch.Tensor
+    heads: int
+    scale: float
+    block_size: int
+    target: Target
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (of the mask and every kernel output but ``out``)."""
+        return self.mask.dtype
+
+    def static(self, op: str, full: bool | None = None) -> dict:
+        """The compile-time parameters of kernel ``op`` for these inputs."""
+        return kernels.get(op).static(self.block_size, self.q.shape[-1], _TVM_DTYPE[self.dtype],
+                                      _TVM_DTYPE[self.q.dtype], full)
+
+    def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
+        return WORKSPACE.get(name, *shape, dtype=dtype or self.dtype, device=self.q.device,
+                             target=self.target)
+
+
+def prepare(q, k, v, mask, block_size: int) -> Prepared:
+    """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
+    as masked tokens) and head dims of a multiple of 16; the mask tensors."""
+    B, H, N, D = q.shape
+    b = block_size
+    Np = -(-N // b) * b
+    Dp = -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+    n = Np // b
+    dt = compute_dtype(q.dtype)
+    dev = q.device
+    target = targets.of_device(dev)
+    io = target.io_dtype(q.dtype)
+    qf, kf, vf = (pad(x, Np - N, Dp - D, io) for x in (q, k, v))
+    if mask is None and Np == N:
+        # No mask: one shared row of ones; block means divide by b (docs/spec.md, step 2).
+        maskf = torch.ones(1, Np, dtype=dt, device=dev)
+        counts = torch.full((1, n), float(b), dtype=dt, device=dev)
+        inv_counts = torch.full((1, n), 1.0 / b, dtype=dt, device=dev)
+        heads = B * H
+    else:
+        real = torch.ones(B, N, dtype=dt, device=dev) if mask is None else mask.to(dt)
+        maskf = F.pad(real, (0, Np - N)).contiguous()
+        counts = maskf.view(B, n, b).sum(-1)
+        inv_counts = 1.0 / (counts + 1e-6)
+        heads = H
+    return Prepared(qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads,
+                    1.0 / math.sqrt(D), b, target)

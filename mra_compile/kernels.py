@@ -1,0 +1,117 @@
+"""The kernel registry: every MRA-2 operator declared once.
+
+Each ``Kernel`` names its TE builder (the function of the same name in
+``mra_compile.operators``), its arguments in the order the builder returns them (checked
+against the built PrimFunc's parameters, and used to order the named arguments of a
+call), whether it reads q, k, v (then CUDA gives it fp16/bf16 as they are), which of its
+schedule knobs shape the operator itself, and whether it has a "full"/"sparse" variant.
+Its knobs and tunable space per target live with that target's schedules
+(``schedules/<family>.py``: ``KNOBS[name]``, ``SPACES[name]``).
+
+The ahead-of-time library (``mra_compile.aot``), the tuner, the forward and backward
+and the tests all derive their lists of operators from ``KERNELS``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+QKV = ("q", "k", "v", "mask")
+HEAD_DIM_MULTIPLE = 16  # kernels are compiled for head dims padded to this (one AVX-512 vector)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    args: tuple[str, ...]  # the TE builder's parameters, in order
+    reads_qkv: bool = False
+    shape_knobs: tuple[str, ...] = ()  # knobs passed to the TE builder
+    full_only: tuple[str, ...] = ()  # arguments only in "full" mode (then ``static["full"]``)
+    backward: bool = False
+
+    @property
+    def has_modes(self) -> bool:
+        """Whether the kernel is compiled per mode (``static["full"]``)."""
+        return bool(self.full_only)
+
+    def builder(self):
+        """The TE builder (imports TVM)."""
+        return getattr(importlib.import_module("mra_compile.operators"), self.name)
+
+    def static(self, b: int, D: int, dtype: str = "float32", io: str | None = None,
+               full: bool | None = None) -> dict:
+        """The compile-time parameters of one variant: block edge ``b``, padded head dim
+        ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
+        kernels that read q, k, v) and, for kernels with modes, ``full``."""
+        static: dict = {"b": b, "D": D}
+        if dtype != "float32":  # float32 kernels keep their historical keys
+            static["dtype"] = dtype
+        if io is not None and io != dtype and self.reads_qkv:
+            static["io"] = io
+        if self.has_modes:
+            if full is None:
+                raise ValueError(f"kernel {self.name} needs full=True or False")
+            static["full"] = bool(full)
+        return static
+
+    def arg_names(self, static: dict) -> tuple[str, ...]:
+        """The arguments of the variant ``static``, in call order."""
+        if self.full_only and not static.get("full", True):
+            return tuple(a for a in self.args if a not in self.full_only)
+        return self.args
+
+    def order(self, static: dict, named: dict) -> tuple:
+        """``named`` arguments as the positional tuple the compiled kernel takes."""
+        names = self.arg_names(static)
+        if named.keys() != set(names):
+            missing = [a for a in names if a not in named]
+            extra = [a for a in named if a not in names]
+            raise TypeError(f"kernel {self.name}: missing arguments {missing}, "
+                            f"unexpected {extra}")
+        return tuple(named[a] for a in names)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    # Forward (docs/spec.md, steps 2-6).
+    Kernel("pool_and_logits", (*QKV, "counts", "inv_counts", "qp", "kp", "vp", "logits",
+                               "rowmax", "heads", "scale"), reads_qkv=True),
+    Kernel("lowres_out", ("logits", "rowmax", "hmask", "counts", "vp", "o_lo", "z_lo",
+                          "heads")),
+    Kernel("hires_units", (*QKV, "unit_row", "unit_cols", "unit_max", "unit_out", "unit_sum",
+                           "heads", "scale"), reads_qkv=True, shape_knobs=("blocks_per_unit",)),
+    Kernel("hires_rows", (*QKV, "row_cols", "ov_max", "ov_out", "ov_sum", "ov_start",
+                          "ov_units", "o_lo", "z_lo", "rowmax", "out", "stab", "lo_w", "inv_z",
+                          "heads", "scale", "ucap"),
+           reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax")),
+    # Backward.
+    Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"), backward=True),
+    Kernel("bwd_dq_units", (*QKV, "unit_row", "unit_cols", "stab", "g", "dsum", "dq_unit",
+                            "heads", "scale"),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",), backward=True),
+    Kernel("bwd_dkdv_units", (*QKV, "unit_col", "unit_rows", "stab", "g", "dsum", "dk_unit",
+                              "dv_unit", "heads", "scale"),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",), backward=True),
+    Kernel("bwd_lowres", ("logits", "hmask", "rowmax", "counts", "qp", "kp", "vp", "ga", "da",
+                          "dqp", "dkp", "dvp", "heads", "scale"), backward=True),
+    Kernel("bwd_finish", ("dq_unit", "q_start", "q_units", "dk_unit", "dv_unit", "k_start",
+                          "k_units", "dqp", "dkp", "dvp", "inv_counts", "mask", "dq", "dk", "dv",
+                          "heads", "ucap_q", "ucap_k"), backward=True),
+)}
+
+
+def get(name: str) -> Kernel:
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown kernel {name!r}; known: {list(KERNELS)}") from None
+
+
+def reading_qkv() -> tuple[str, ...]:
+    """The kernels that read q, k, v (on CUDA they take fp16/bf16 as they are)."""
+    return tuple(k.name for k in KERNELS.values() if k.reads_qkv)
+
+
+def tunable(target) -> tuple[str, ...]:
+    """The kernels with a tuning search space on ``target`` (``SPACES`` of its schedules)."""
+    spaces = getattr(target.schedules, "SPACES", {})
+    return tuple(name for name in KERNELS if name in spaces)

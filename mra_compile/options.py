@@ -1,0 +1,99 @@
+"""The op's options, validated once into a frozen ``Options`` that the op, the plan, the
+forward and the backward take.
+
+The fields are the op's arguments after q, k, v, mask, in schema order: the torch op
+schemas (``mra_compile.op``) are generated from them, so an option is added here (a
+field, its check in ``__post_init__``), where it is used, and in the user API.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from mra_compile import validate
+
+MODES = ("full", "sparse")
+MIN_BLOCK_SIZE = 8
+MAX_BLOCK_SIZE = 256
+DEFAULT_BLOCK_PER_ROW = 4  # the budget when neither num_blocks nor block_per_row is given
+
+
+@dataclass(frozen=True)
+class Options:
+    """num_blocks: exact blocks per (batch, head) (docs/spec.md, step 3), >= 1.
+    approx_mode: "full" (MRA-2) or "sparse" (MRA-2-s: exact blocks only).
+    block_size: block edge b, a power of two in [8, 256].
+    initial_prior_first_n_blocks / initial_prior_diagonal_n_blocks: the selection priors.
+
+    ``schema`` metadata: the default the public op's schema gives the argument (none for
+    ``num_blocks``, which every call passes)."""
+
+    num_blocks: int
+    approx_mode: str = field(default="full", metadata={"schema": True})
+    block_size: int = field(default=32, metadata={"schema": True})
+    initial_prior_first_n_blocks: int = field(default=0, metadata={"schema": True})
+    initial_prior_diagonal_n_blocks: int = field(default=0, metadata={"schema": True})
+
+    def __post_init__(self):
+        # int checks accept torch.SymInt: a size-derived option under torch.compile.
+        validate.check_int("num_blocks", self.num_blocks, 1)
+        if not isinstance(self.approx_mode, str):
+            raise TypeError(f"approx_mode must be a str, got {type(self.approx_mode).__name__}")
+        if self.approx_mode not in MODES:
+            raise ValueError(f"approx_mode must be 'full' or 'sparse', got {self.approx_mode!r}")
+        b = validate.check_int("block_size", self.block_size, MIN_BLOCK_SIZE)
+        if b & (b - 1) or b > MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be a power of two between {MIN_BLOCK_SIZE} and "
+                             f"{MAX_BLOCK_SIZE}, got {b}")
+        validate.check_int("initial_prior_first_n_blocks", self.initial_prior_first_n_blocks, 0)
+        validate.check_int("initial_prior_diagonal_n_blocks",
+                           self.initial_prior_diagonal_n_blocks, 0)
+
+    @property
+    def full(self) -> bool:
+        return self.approx_mode == "full"
+
+    @property
+    def first_n(self) -> int:
+        return self.initial_prior_first_n_blocks
+
+    @property
+    def diagonal_n(self) -> int:
+        return self.initial_prior_diagonal_n_blocks
+
+    def as_args(self) -> tuple:
+        """The values in schema order (the op's arguments after q, k, v, mask)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def blocks(self, N: int) -> int:
+        """Blocks per row ``n`` of a sequence of ``N`` tokens (padded to whole blocks)."""
+        return -(-N // self.block_size)
+
+
+_SCHEMA_TYPES = {"int": "int", "str": "str", int: "int", str: "str"}
+
+
+def schema(defaults: bool) -> str:
+    """The options as torch schema arguments: ``int num_blocks, str approx_mode="full", ...``
+    (``defaults``: with the public op's defaults)."""
+    parts = []
+    for f in dataclasses.fields(Options):
+        text = f"{_SCHEMA_TYPES[f.type]} {f.name}"
+        if defaults and f.metadata.get("schema"):
+            text += "=" + (json.dumps(f.default) if isinstance(f.default, str) else str(f.default))
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def count() -> int:
+    """How many options the op takes after q, k, v, mask."""
+    return len(dataclasses.fields(Options))
+
+
+def budget(block_per_row: int, N: int, block_size: int) -> int:
+    """``num_blocks`` for a budget of ``block_per_row`` blocks per block row of a sequence
+    of ``N`` tokens (at least one block row): ``block_per_row * ceil(N / block_size)``."""
+    validate.check_int("block_per_row", block_per_row, 1)
+    validate.check_int("block_size", block_size, MIN_BLOCK_SIZE)
+    return block_per_row * max(-(-N // block_size), 1)

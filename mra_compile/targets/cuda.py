@@ -1,0 +1,78 @@
+"""The CUDA target: kernels for one NVIDIA GPU architecture ("sm_90"), device code
+compiled by nvcc (``mra_compile.cuda_toolchain``)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from mra_compile import cuda_toolchain, host, runtime
+from mra_compile.schedules import cuda as cuda_schedules
+from mra_compile.targets.base import Target
+
+SOURCE_FILE = "mra_kernels.cu"  # a CUDA library's generated device source, for inspection
+GRID_Y = 65535  # blockIdx.y limit: the kernels put a row's blocks / units there
+HALF = (torch.float16, torch.bfloat16)
+
+
+class CudaTarget(Target):
+    family = "cuda"
+    device_type = "cuda"
+    # The plan is sized from the shapes alone: no host synchronisation, capturable.
+    exact_plan = False
+
+    def __init__(self, arch: str):
+        self.arch = arch
+        self.name = f"cuda-{arch}"
+
+    @property
+    def schedules(self):
+        return cuda_schedules
+
+    def tvm_target(self):
+        import tvm
+
+        return tvm.target.Target({"kind": "cuda", "arch": self.arch})
+
+    def host_key(self) -> str:
+        return host.machine()  # the host side is generic code for the machine type
+
+    def io_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # fp16/bf16 are tensor-core operands as they are; sums stay in float32.
+        return dtype if dtype in HALF else super().io_dtype(dtype)
+
+    def prepare_compiler(self) -> None:
+        cuda_toolchain.prepare_compiler()
+
+    def build_dtypes(self, requested: list[str] | None) -> list[str]:
+        return super().build_dtypes(requested or ["float32", "float16", "bfloat16"])
+
+    def check_export(self, path: Path) -> list:
+        # Never keep a module that holds only CUDA source (no driver: see cuda_toolchain).
+        return cuda_toolchain.check_device_code(Path(path), self.arch)
+
+    def prepare_runtime(self) -> None:
+        cuda_toolchain.ensure_cuda_runtime(allow_stub=True)
+
+    def library_extras(self, out: Path, library: Path, executable, manifest: dict) -> None:
+        manifest["device_images"] = len(self.check_export(library))
+        (out / SOURCE_FILE).write_text(cuda_toolchain.device_source(executable))
+        # A machine with torch but without TVM loads the library with these.
+        (out / "runtime").mkdir(exist_ok=True)
+        for lib in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
+            shutil.copy2(runtime.runtime_dir() / lib, out / "runtime" / lib)
+
+    def device_scope(self, device: torch.device):
+        # torch's current stream is per device: the kernels launch on the current stream
+        # of their tensors' device.
+        return torch.cuda.device(device)
+
+    def check_launch(self, **extents: int) -> None:
+        # One thread block per (row, block or unit).
+        for name, extent in extents.items():
+            if extent > GRID_Y:
+                what = "blocks per row" if name == "n" else "work units per row"
+                raise ValueError(
+                    f"num_blocks/N: {extent} {what} exceed the CUDA grid's {GRID_Y}; use "
+                    "fewer blocks or a larger block_size")
