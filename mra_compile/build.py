@@ -211,6 +211,7 @@ def _kernel(op: str, knobs: dict | None, static: dict, target: Target):
                 module = _compile_to_cache(op, static, knobs, path, desc, target)
             target.after_load(path)
             fn = module["main"]
+        fn = target.wrap_kernel(fn)
         _MEMORY[name] = _FAST[fast] = fn
         _EVENTS.append({"op": op, "origin": origin, "path": where, **desc})
         return fn

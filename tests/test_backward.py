@@ -69,7 +69,7 @@ def test_gradcheck_float64(mode, masked, N):
     q, k, v, mask = _inputs(1, 2, N, 8, torch.float64, seed=N, masked=masked)
     n = math.ceil(N / 32)
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    fn = lambda a, b, c: op(a, b, c, mask, n + 1, mode)
+    fn = lambda a, b, c: op(a, b, c, mask, n + 1, mode)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
@@ -77,7 +77,7 @@ def test_gradcheck_float64(mode, masked, N):
 def test_gradcheck_float64_full_jacobian(mode):
     q, k, v, mask = _inputs(1, 1, 40, 4, torch.float64, seed=4, masked=True)
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    fn = lambda a, b, c: op(a, b, c, mask, 3, mode)
+    fn = lambda a, b, c: op(a, b, c, mask, 3, mode)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
@@ -87,7 +87,7 @@ def test_gradcheck_float64_block16_priors(mode):
     n = math.ceil(50 / 16)
     leaves = [x.requires_grad_() for x in (q, k, v)]
     # All n*n blocks: priors then only reorder, never change, the selection.
-    fn = lambda a, b, c: op(a, b, c, mask, n * n, mode, 16, 1, 2)
+    fn = lambda a, b, c: op(a, b, c, mask, n * n, mode, 16, 1, 2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 

@@ -14,7 +14,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from helpers.tiny_model import STEPS, batch, make_model, sgd_step
+from helpers.tiny_model import STEPS, batch, make_model, sgd_step  # noqa: E402
 
 
 def _single_process_baseline():

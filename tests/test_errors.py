@@ -224,7 +224,7 @@ print(json.dumps(out))
 """
     raised = run_python(script, timeout=300)
     assert set(raised) == {c[0] for c in CASES}
-    for name, thunk, exc, match, _ in CASES:
+    for name, _thunk, exc, _match, _ in CASES:
         allowed = exc if isinstance(exc, tuple) else (exc,)
         assert raised[name] in {e.__name__ for e in allowed}, (name, raised[name])
 

@@ -256,12 +256,12 @@ def test_rows_are_independent(seed, B, H, N, D, kind, data):
     out = op(q, k, v, mask, **kw)
     pb = torch.tensor(data.draw(st.permutations(range(B))))
     ph = torch.tensor(data.draw(st.permutations(range(H))))
-    perm = lambda x: x[pb][:, ph]
+    perm = lambda x: x[pb][:, ph]  # noqa: E731
     out_p = op(perm(q), perm(k), perm(v), None if mask is None else mask[pb], **kw)
     torch.testing.assert_close(out_p, perm(out), rtol=0, atol=1e-6)
     # A single row alone gives the same as inside the batch.
     b, h = data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, H - 1))
-    one = lambda x: x[b:b + 1, h:h + 1]
+    one = lambda x: x[b:b + 1, h:h + 1]  # noqa: E731
     out_1 = op(one(q), one(k), one(v), None if mask is None else mask[b:b + 1], **kw)
     torch.testing.assert_close(out_1, one(out), rtol=0, atol=1e-6)
 

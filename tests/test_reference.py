@@ -120,7 +120,7 @@ def test_rows_are_independent(seed, B, H, N, D, mode, kind, frac, data):
     # Permute batches (with their masks) and heads.
     pb = torch.tensor(data.draw(st.permutations(range(B))))
     ph = torch.tensor(data.draw(st.permutations(range(H))))
-    perm = lambda x: x[pb][:, ph]
+    perm = lambda x: x[pb][:, ph]  # noqa: E731
     pmask = None if mask is None else mask[pb]
     out_p = mra2_reference(perm(q), perm(k), perm(v), pmask, **kw)
     torch.testing.assert_close(out_p, perm(out), rtol=1e-12, atol=1e-12)
@@ -128,7 +128,7 @@ def test_rows_are_independent(seed, B, H, N, D, mode, kind, frac, data):
     # Without a mask, any permutation of the flattened (batch, head) rows works.
     if mask is None:
         rows = torch.tensor(data.draw(st.permutations(range(B * H))))
-        flat = lambda x: x.reshape(1, B * H, N, D)[:, rows]
+        flat = lambda x: x.reshape(1, B * H, N, D)[:, rows]  # noqa: E731
         out_f = mra2_reference(flat(q), flat(k), flat(v), None, **kw)
         torch.testing.assert_close(out_f, flat(out), rtol=1e-12, atol=1e-12)
 
@@ -212,6 +212,6 @@ def test_reference_gradcheck(mode, masked):
     # so finite differences must agree with autograd.
     q, k, v = (x.requires_grad_() for x in make_qkv64(3, 1, 2, 40, 4))
     mask = make_mask(3, 1, 40, "random") if masked else None
-    fn = lambda a, b, c: mra2_reference(a, b, c, mask, num_blocks=3, approx_mode=mode,
+    fn = lambda a, b, c: mra2_reference(a, b, c, mask, num_blocks=3, approx_mode=mode,  # noqa: E731
                                         block_size=8)
     assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-5, rtol=1e-4)

@@ -22,18 +22,18 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import op_selection, padded_mask, rel_err
-from helpers.recording import RecordMraCalls
-from transformers.models.mra import modeling_mra
-from transformers.models.mra.modeling_mra import MraSelfAttention
+from conftest import op_selection, padded_mask, rel_err  # noqa: E402
+from helpers.recording import RecordMraCalls  # noqa: E402
+from transformers.models.mra import modeling_mra  # noqa: E402
+from transformers.models.mra.modeling_mra import MraSelfAttention  # noqa: E402
 
-from mra_compile.integrations.transformers import (
+from mra_compile.integrations.transformers import (  # noqa: E402
     MraCompiledSelfAttention,
     is_patched,
     patch_mra_model,
     unpatch_mra_model,
 )
-from mra_compile.reference import mra2_reference
+from mra_compile.reference import mra2_reference  # noqa: E402
 
 VOCAB = 100
 RTOL = 1e-4

@@ -18,12 +18,12 @@ import torch
 from conftest import REPO, RTOL_FP32, as64, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mra_compile.schedules import cpu
 
 import mra_compile
 from mra_compile import build, cli, forward, host, knob_policy, records, tuning
 from mra_compile.options import Options
 from mra_compile.reference import mra2_reference
+from mra_compile.schedules import cpu
 
 TUNABLE = tuple(cpu.SPACES)
 
@@ -231,7 +231,8 @@ def test_op_uses_a_record(isolated, record_bucket):
             assert chosen.source == str(path) and chosen.bucket == rec_bucket
             assert chosen.knobs == knobs and knob_policy.resolve_knobs(op, None, b) == knobs
     # Explicit knobs still win, key by key.
-    assert knob_policy.resolve_knobs("hires_rows", {"vec": 16}, bucket) == {**DISTINCT["hires_rows"], "vec": 16}
+    assert knob_policy.resolve_knobs("hires_rows", {"vec": 16}, bucket) == {
+        **DISTINCT["hires_rows"], "vec": 16}
     assert knob_policy.knobs_for_shape(None, N, D)["hires_units"] == DISTINCT["hires_units"]
 
     n = -(-N // 32)

@@ -78,6 +78,11 @@ class Target:
     def after_load(self, path: Path) -> None:
         """After loading the exported module at ``path``."""
 
+    def wrap_kernel(self, fn):
+        """The callable a loaded kernel function is used through (identity here; a target
+        may adapt the arguments, e.g. a test target emulating a device on the CPU)."""
+        return fn
+
     def library_extras(self, out: Path, library: Path, executable, manifest: dict) -> None:
         """What an ahead-of-time library of this target carries besides its kernels
         (``mra_compile.aot``; ``library``: the exported kernels, ``executable``: the TVM

@@ -1,0 +1,92 @@
+"""What the test files share: fixtures (found by pytest) and plain helpers.
+
+The plain helpers are imported as ``from conftest import name``: pytest's default
+("prepend") import mode puts tests/ on ``sys.path`` (tests/ is not a package), the same
+way ``from helpers.recording import ...`` works.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The op (float32 arithmetic) against the float64 oracle: largest relative error.
+RTOL_FP32 = 1e-5
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch._dynamo reset before and after the test (compiled graphs, caches, counters)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def make_qkv(seed, B, H, N, D, scale=1.0, dtype=torch.float32, sample_dtype=torch.float32):
+    """Random q, k, v [B, H, N, D], reproducible from seed: drawn in ``sample_dtype``,
+    scaled, then cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple((scale * torch.randn(B, H, N, D, generator=g, dtype=sample_dtype)).to(dtype)
+                 for _ in range(3))
+
+
+def padded_mask(N, lengths, dtype=torch.float32):
+    """A [len(lengths), N] 0/1 mask: row b has its first ``lengths[b]`` tokens real."""
+    return (torch.arange(N)[None, :] < torch.as_tensor(lengths)[:, None]).to(dtype)
+
+
+def n_blocks(N, b=32):
+    """Blocks of b tokens covering N tokens."""
+    return -(-N // b)
+
+
+# ---------------------------------------------------------------------------- the oracle
+
+
+def as64(x):
+    """x in float64 (None stays None): the oracle's inputs."""
+    return None if x is None else x.double()
+
+
+def rel_err(out, ref):
+    """max |out - ref| / max |ref|, in float64."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def op_selection(args, kwargs):
+    """(selected, high_mask) of one recorded torch.ops.mra.attention call (see
+    helpers.recording.RecordMraCalls), by the op's own selection code."""
+    import mra_compile
+
+    names = ("q", "k", "v", "mask", "num_blocks", "approx_mode", "block_size",
+             "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks")
+    a = dict(zip(names, args), **kwargs)
+    q, k, v, mask = a.pop("q"), a.pop("k"), a.pop("v"), a.pop("mask")
+    return mra_compile.block_selection(q, k, v, mask, **a)
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def run_python(script, *args, env=None, cwd=None, timeout=300):
+    """Run ``script`` (source text) in a fresh ``sys.executable`` with ``args``; it must
+    succeed. ``env``: variables set on top of this process's environment. Returns the JSON
+    its last line of output holds."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, env=None if env is None else {**os.environ, **env},
+                          cwd=cwd, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
