@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mra_compile import forward, options, validate
+from mra_compile import forward, op, options, validate
 from mra_compile.options import Options
 
 
@@ -57,7 +57,7 @@ def mra_attention(
         num_blocks = options.budget(bpr, q.shape[2], block_size)
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
                    initial_prior_diagonal_n_blocks)
-    return torch.ops.mra.attention(q, k, v, mask, *opts.as_args())
+    return op.differentiable(q, k, v, mask, opts)
 
 
 def block_selection(

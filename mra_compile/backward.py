@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mra_compile import build, knob_policy, plan, runtime
+from mra_compile import build, knob_policy, plan, runtime, validate
 from mra_compile.forward import Saved
 from mra_compile.inputs import Prepared, pad, prepare, torch_single_threaded
 from mra_compile.options import Options
@@ -65,6 +65,8 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     by_key = plan.make_plan(_transpose_selection(saved.index, n), n, 0, Ck, exact)
     Uq, Uk = by_query.unit_row.shape[1], by_key.unit_row.shape[1]
     target.check_launch(n=n, U=max(Uq, Uk))
+    validate.check_scratch("dq-unit", R, Uq, b, Dp)
+    validate.check_scratch("dk/dv-unit", R, Uk, b, Dp)
     dq_unit = pr.scratch("dq_unit", R, Uq, b, Dp)
     dk_unit, dv_unit = pr.scratch("dk_unit", R, Uk, b, Dp), pr.scratch("dv_unit", R, Uk, b, Dp)
     shared = dict(q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, stab=stab, g=g, dsum=dsum,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mra_compile import build, knob_policy, plan, runtime
+from mra_compile import build, knob_policy, plan, runtime, validate
 from mra_compile.inputs import Prepared, prepare, torch_single_threaded
 from mra_compile.options import Options
 
@@ -129,6 +129,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     p = plan.make_plan(lr.sel.index, n, Cr, Co, exact=target.exact_plan)
     U = p.unit_row.shape[1]
     target.check_launch(n=n, U=U)
+    validate.check_scratch("overflow-unit", R, U, b, Dp)
 
     # Step 4 for the blocks beyond each row's own Cr: overflow units.
     ov_max, ov_sum = pr.scratch("unit_max", R, U, b), pr.scratch("unit_sum", R, U, b)

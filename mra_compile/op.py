@@ -5,8 +5,12 @@
 - ``mra::attention_fwd``: the forward kernels; returns the output and what the backward
   needs (selected blocks, stabilisers, normalisers, low-resolution tensors).
 - ``mra::attention_bwd``: the backward kernels, registered as attention_fwd's autograd.
+  It is not differentiable: a second backward raises a clear error.
 
-Each has a fake implementation that gives shapes for torch.compile and meta tensors.
+The public op differentiates through ``_Attention``, an ``autograd.Function`` in the
+``setup_context`` form, so that ``torch.func.grad``/``vjp``/``jacrev`` work too
+(``vmap`` does not: the kernels have no batching rule). Each op has a fake
+implementation that gives shapes for torch.compile and meta tensors.
 The options after q, k, v, mask are those of ``mra_compile.options.Options``, in its
 field order; the schemas are generated from it.
 """
@@ -92,15 +96,57 @@ def _setup_context(ctx, inputs, output):
     ctx.options = tuple(args)
 
 
+class _OnceDifferentiable(torch.autograd.Function):
+    """Passes the gradients ``grads`` through (``anchors``: the inputs they depend on);
+    differentiating them again raises a clear error."""
+
+    generate_vmap_rule = True  # (jacrev vmaps the backward)
+
+    @staticmethod
+    def forward(grads, *anchors):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "mra_compile: differentiating MRA-2 attention twice (create_graph=True, then a "
+            "second backward, or nested torch.func.grad) is not supported")
+
+
 def _backward(ctx, grad_out, *_unused):
     q, k, v, mask, out, stats, pooled, logits, high_mask, rowmax, index = ctx.saved_tensors
-    dq, dk, dv = torch.ops.mra.attention_bwd(
-        grad_out, q, k, v, mask, out, stats, pooled, logits, high_mask, rowmax, index,
-        *ctx.options)
-    return dq, dk, dv, None, *(None for _ in ctx.options)
+    with torch.no_grad():
+        grads = torch.ops.mra.attention_bwd(
+            grad_out, q, k, v, mask, out, stats, pooled, logits, high_mask, rowmax, index,
+            *ctx.options)
+    if torch.is_grad_enabled():  # create_graph=True: a second backward would come here
+        grads = _OnceDifferentiable.apply(tuple(grads), q, k, v, grad_out)
+    return *grads, None, *(None for _ in ctx.options)
 
 
 torch.library.register_autograd("mra::attention_fwd", _backward, setup_context=_setup_context)
+
+
+class _Attention(torch.autograd.Function):
+    """attention_fwd with its backward, in the form torch.func transforms accept."""
+
+    @staticmethod
+    def forward(q, k, v, mask, *args):
+        return torch.ops.mra.attention_fwd(q, k, v, mask, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_out, *grads):
+        return _backward(ctx, grad_out, *grads)
+
 
 torch.library.define("mra::attention", SCHEMA)
 
@@ -110,3 +156,13 @@ def attention(q, k, v, mask, *args, **kwargs):
     """MRA-2 attention (see ``mra_compile.mra_attention`` for the arguments)."""
     opts = Options(*args, **kwargs)
     return torch.ops.mra.attention_fwd(q, k, v, mask, *opts.as_args())[0]
+
+
+def differentiable(q, k, v, mask, opts: Options) -> torch.Tensor:
+    """The op as ``mra_compile.mra_attention`` calls it: the same kernels; in eager mode
+    through ``_Attention``, so that torch.func transforms work on it; under torch.compile
+    as ``mra::attention`` (Dynamo does not trace an autograd.Function given one tensor
+    twice, as self-attention does)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.mra.attention(q, k, v, mask, *opts.as_args())
+    return _Attention.apply(q, k, v, mask, *opts.as_args())[0]

@@ -96,4 +96,8 @@ def budget(block_per_row: int, N: int, block_size: int) -> int:
     of ``N`` tokens (at least one block row): ``block_per_row * ceil(N / block_size)``."""
     validate.check_int("block_per_row", block_per_row, 1)
     validate.check_int("block_size", block_size, MIN_BLOCK_SIZE)
+    # Any budget of n or more blocks per row selects every block (num_blocks is clamped to
+    # n * n, n < 2**31): capping it here keeps the product within int64.
+    if isinstance(block_per_row, int):
+        block_per_row = min(block_per_row, validate.INDEX_LIMIT)
     return block_per_row * max(-(-N // block_size), 1)

@@ -13,12 +13,17 @@ from mra_compile import kernels, targets
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_int(name: str, value, minimum: int):
+INT64_MAX = 2**63 - 1  # the op's int arguments are int64 in its schema
+
+
+def check_int(name: str, value, minimum: int, maximum: int = INT64_MAX):
     # torch.SymInt: a size-derived argument under torch.compile(dynamic=True).
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if isinstance(value, int) and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -71,6 +76,20 @@ def check_sizes(q, block_size: int, num_blocks: int) -> None:
         raise ValueError(
             f"q: B*H*n*n = {rows}*{n}*{n} low-resolution logits (n = N / block_size) must stay "
             "below 2**31; use a larger block_size or split the batch")
+
+
+def check_scratch(name: str, *shape: int) -> None:
+    """A scratch tensor of ``shape`` must stay within the kernels' 32-bit indexing
+    (checked before it is allocated)."""
+    numel = 1
+    for extent in shape:
+        numel *= int(extent)
+    if numel >= INDEX_LIMIT:
+        dims = " x ".join(str(int(e)) for e in shape)
+        raise ValueError(
+            f"num_blocks: this call needs a {name} buffer of {dims} = {numel} elements, more "
+            "than the kernels' 32-bit indexing allows (2**31); use fewer blocks "
+            "(num_blocks / block_per_row), a larger block_size, or split the batch")
 
 
 def check_mask_values(mask) -> None:
