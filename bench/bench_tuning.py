@@ -61,7 +61,7 @@ def _shown(path: Path) -> Path:
 
 
 def changed(default: dict, tuned: dict) -> str:
-    diff = [f"{k}={tuning._fmt(v)}" for k, v in tuned.items() if default.get(k) != v]
+    diff = [f"{k}={tuning.fmt(v)}" for k, v in tuned.items() if default.get(k) != v]
     return " ".join(diff) or "(default)"
 
 

@@ -10,6 +10,8 @@ What a library carries besides its kernels depends on its target
 CUDA source fails), their generated source, and TVM's runtime libraries in DIR/runtime/,
 so that a machine with torch but without TVM runs them (plus the ``apache-tvm-ffi`` wheel
 of its Python); CPU libraries carry the OpenMP launcher there (``mra_compile.openmp``).
+The manifest's ``files`` record the sha256 of ``mra_kernels.so`` and of every
+``runtime/*.so``: nothing of a library is loaded unless it matches.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from mra_compile import build, host, kernels, knob_policy, library, targets
 from mra_compile.targets import Target
 
 HALF = ("float16", "bfloat16")
+# What ``mra-compile build`` covers unless told: the head dims of the common models.
+DEFAULT_BLOCK_SIZES = (32,)
+DEFAULT_HEAD_DIMS = (64, 128)
 
 
 def variants(block_sizes, head_dims, dtypes=("float32",)):
@@ -47,8 +52,8 @@ def variants(block_sizes, head_dims, dtypes=("float32",)):
                             yield kernel.name, static
 
 
-def build_library(out_dir, block_sizes=(32,), head_dims=(64,), dtypes=("float32",),
-                  log=print, target: Target | str | None = None) -> Path:
+def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HEAD_DIMS,
+                  dtypes=("float32",), log=print, target: Target | str | None = None) -> Path:
     """Compile every variant for ``target`` (the CPU, or e.g. "cuda-sm_90") into
     ``out_dir``; returns the manifest path."""
     target = targets.get(target)
@@ -82,8 +87,12 @@ def build_library(out_dir, block_sizes=(32,), head_dims=(64,), dtypes=("float32"
         "kernels": entries,
     }
     target.library_extras(out, out / library.LIBRARY, executable, manifest)
+    # The binaries a user of the library loads, checked against these before loading.
+    binaries = [out / library.LIBRARY, *sorted((out / "runtime").glob("*.so"))]
+    manifest["files"] = {p.relative_to(out).as_posix(): host.file_digest(p) for p in binaries}
     path = out / library.MANIFEST
-    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    host.atomic_write(path, lambda tmp: Path(tmp).write_text(
+        json.dumps(manifest, indent=1, sort_keys=True)))
     return path
 
 

@@ -7,7 +7,9 @@ to a disk cache so that a second process loads it in milliseconds with the TVM *
 only: the TVM compiler (``import tvm``, ~3 s) is imported only when something must
 actually be compiled. An ahead-of-time library (``mra_compile.library``) comes first.
 
-Cache directory: ``$MRA_COMPILE_CACHE_DIR``, else ``~/.cache/mra_compile``. Entries are
+Cache directory: ``$MRA_COMPILE_CACHE_DIR`` (``~`` expanded), else ``~/.cache/mra_compile``;
+one this process cannot write is read, and new kernels go to a temporary directory
+(``host.writable_cache_dir``, with a warning). Entries are
 keyed by operator, static parameters, dtype, knobs, target, TVM version and a hash of
 the operator and schedule sources, so editing either rebuilds.
 """
@@ -20,7 +22,7 @@ import os
 import threading
 from pathlib import Path
 
-from mra_compile import host, kernels, knob_policy, library, records, runtime, targets
+from mra_compile import host, kernels, knob_policy, library, progress, records, runtime, targets
 from mra_compile.targets import Target
 
 _LOCK = threading.RLock()
@@ -67,20 +69,28 @@ def scheduled_func(op: str, static: dict, knobs: dict, target: Target | str | No
     return sch.mod["main"]
 
 
-def compile_module(funcs: dict, target: Target | str | None = None):
-    """Compile ``{symbol: PrimFunc}`` for ``target``; returns the TVM executable."""
+def compile_module(funcs: dict, target: Target | str | None = None, *, log: bool = True):
+    """Compile ``{symbol: PrimFunc}`` for ``target``; returns the TVM executable. ``log``:
+    say so on stderr, with the time it took (``progress.timed``)."""
     target = targets.get(target)
-    target.prepare_compiler()
-    import tvm
+    what = f"compiling {len(funcs)} kernels for {target.name}"
+    with progress.timed(what) if log else contextlib.nullcontext():
+        target.prepare_compiler()
+        import tvm
 
-    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-    with target.tvm_target() as tgt:
-        return tvm.compile(mod, target=tgt)
+        mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+        with target.tvm_target() as tgt:
+            return tvm.compile(mod, target=tgt)
 
 
 def compile_kernel(op: str, static: dict, knobs: dict, target: Target | str | None = None):
-    """Build one kernel with the TVM compiler; returns the TVM executable."""
-    return compile_module({"main": scheduled_func(op, static, knobs, target)}, target)
+    """Build one kernel with the TVM compiler (saying so on stderr, ``progress.timed``: a
+    first compile takes seconds); returns the TVM executable."""
+    target = targets.get(target)
+    shape = " ".join(f"{k}={v}" for k, v in static.items())
+    with progress.timed(f"compiling kernel {op} ({shape}) for {target.name}"):
+        func = scheduled_func(op, static, knobs, target)
+        return compile_module({"main": func}, target, log=False)
 
 
 def _load_cached(path: Path, desc: dict):
@@ -196,6 +206,7 @@ def _kernel(op: str, knobs: dict | None, static: dict, target: Target):
         fn = library.lookup(name)  # an ahead-of-time library first, when one is set
         origin, where = "library", os.environ.get(library.ENV, "")
         if fn is None:
+            library.missing(op, static, target)  # warns once per shape, or raises
             path = host.cache_dir() / f"{name}.so"
             where = str(path)
             module = _load_cached(path, desc)
@@ -208,6 +219,9 @@ def _kernel(op: str, knobs: dict | None, static: dict, target: Target):
                         "and apache-tvm is not installed to compile it; build one with "
                         "`mra-compile build` for these shapes and dtypes")
                 origin = "compiled"
+                # A cache this process cannot write: a temporary one (warned once).
+                path = host.writable_cache_dir() / f"{name}.so"
+                where = str(path)
                 module = _compile_to_cache(op, static, knobs, path, desc, target)
             target.after_load(path)
             fn = module["main"]

@@ -92,7 +92,8 @@ def _cmd_info(args) -> int:
             state = "no readable manifest"
         print(f"kernel library ({library.ENV}): {directory} ({state})")
     print("tuning records (first match wins):")
-    for label, path in (("user db", records.user_db_path()), ("shipped", records.shipped_db_path())):
+    for label, path in (("user db", records.user_db_path()),
+                        ("shipped (in the package, read-only)", records.shipped_db_path())):
         if path.exists():
             state = f"{len(records.records_in(path))} records for this host and TVM version"
         else:
@@ -132,21 +133,22 @@ def _add_tune(sub) -> None:
                    help=f"search time budget (default: {tuning.DEFAULT_BUDGET_S:g} s for random "
                         "search, unlimited for exhaustive)")
     p.add_argument("--db", default=None, metavar="PATH",
-                   help="records file to write (default: $MRA_COMPILE_TUNE_DB, else the "
-                        "package's schedules/tuned/<cpu>.json when writable, else "
-                        "~/.cache/mra_compile/tuned.json)")
+                   help="records file to write (default: the user db, $MRA_COMPILE_TUNE_DB "
+                        "else ~/.cache/mra_compile/tuned.json; the records shipped in the "
+                        "package are read-only unless this names their file)")
     p.add_argument("--search", default="random", choices=["random", "exhaustive"],
                    help="random sampling with local refinement, or every point in order")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=7,
                    help="interleaved timing rounds per comparison (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="tune and print, write no records")
-    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (search, verification, kernel compiles)")
     p.set_defaults(func=_cmd_tune)
 
 
 def _cmd_tune(args) -> int:
-    from mra_compile import tuning
+    from mra_compile import progress, tuning
 
     try:
         shapes = [tuning.Shape.parse(s) for s in args.shapes]
@@ -160,9 +162,10 @@ def _cmd_tune(args) -> int:
     if budget is None and args.search == "random":
         budget = tuning.DEFAULT_BUDGET_S
     try:
-        result = tuning.tune(args.ops, shapes, budget_seconds=budget, db=args.db,
-                             search=args.search, seed=args.seed, rounds=args.rounds,
-                             progress=not args.quiet, write=not args.dry_run)
+        with progress.silenced(args.quiet):
+            result = tuning.tune(args.ops, shapes, budget_seconds=budget, db=args.db,
+                                 search=args.search, seed=args.seed, rounds=args.rounds,
+                                 progress=not args.quiet, write=not args.dry_run)
     except OSError as e:
         print(f"mra-compile tune: cannot write the records: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -192,7 +195,7 @@ def _cmd_demo(args) -> int:
     from mra_compile.tools import demo
 
     try:
-        return demo.main(args.demo_args)
+        return demo.main(args.demo_args, prog="mra-compile demo")
     except SystemExit as e:  # the demo's argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
 
@@ -227,7 +230,7 @@ def _cmd_bench(args) -> int:
 # ---------------------------------------------------------------------------- main
 
 def _add_build(sub) -> None:
-    from mra_compile import targets
+    from mra_compile import aot, targets
 
     p = sub.add_parser(
         "build", help="compile every kernel ahead of time into one library + manifest",
@@ -240,13 +243,17 @@ def _add_build(sub) -> None:
                    help="llvm: this CPU (default); cuda: NVIDIA GPUs of --arch (default: "
                    "%(default)s)")
     p.add_argument("--arch", default="sm_90",
-                   help="GPU architecture for --target cuda, e.g. sm_80, sm_90 (default)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[32],
-                   help="block sizes to cover (default: %(default)s)")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64],
-                   help="head dims to cover, compiled padded to multiples of 16 "
+                   help="GPU architecture for --target cuda, e.g. sm_80, sm_90 "
                    "(default: %(default)s)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=list(aot.DEFAULT_BLOCK_SIZES),
+                   metavar="B", help="block sizes to cover (default: "
+                   f"{' '.join(map(str, aot.DEFAULT_BLOCK_SIZES))})")
+    p.add_argument("--head-dims", type=int, nargs="+", default=list(aot.DEFAULT_HEAD_DIMS),
+                   metavar="D", help="head dims to cover, compiled padded to multiples of 16 "
+                   f"(default: {' '.join(map(str, aot.DEFAULT_HEAD_DIMS))}); a call with a "
+                   f"shape the library lacks warns and compiles it (an error with "
+                   "MRA_COMPILE_LIBRARY_ONLY=1)")
     p.add_argument("--dtypes", nargs="+", default=None,
                    choices=("float32", "float64", "float16", "bfloat16"),
                    help="input dtypes (default: float32; with cuda: float32 float16 bfloat16). "

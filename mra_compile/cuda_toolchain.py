@@ -60,9 +60,11 @@ def _has_driver() -> bool:
 
 
 def _build_stub() -> Path:
-    out = host.cache_dir() / "nodriver" / "libcuda.so.1"
+    # In the kernel cache, checked against its sha256 sidecar (rebuilt when it does not
+    # match: loading a truncated library can kill the process).
     try:
-        return host.compile_c_library(_STUB_SOURCE, out, ("-Wl,-soname,libcuda.so.1",))
+        return host.cached_c_library(_STUB_SOURCE, "nodriver/libcuda.so.1",
+                                     ("-Wl,-soname,libcuda.so.1",))
     except OSError as e:
         raise CudaToolchainError("building CUDA kernels without a driver needs a C compiler "
                                  "(cc or gcc) for the stand-in libcuda.so.1") from e

@@ -3,10 +3,12 @@
 The lowest layer: imports nothing of mra_compile, neither TVM nor torch. Everything that
 keys a kernel to where it was built (CPU fingerprint, TVM version, source hash) and
 every place files are written (the cache directory, atomic writes, the C compiler for
-the small helper libraries) lives here.
+the small helper libraries) lives here, with the checks binaries pass before anything
+loads them (``verified``, ``library_file``).
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import importlib.metadata
@@ -17,6 +19,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,10 +31,58 @@ LIBRARY_ENV = "MRA_COMPILE_KERNEL_LIBRARY"
 LIBRARY_MANIFEST = "manifest.json"
 
 
+class CacheWarning(UserWarning):
+    """The kernel cache directory cannot be written: this process keeps its new kernels
+    in a temporary directory (see ``writable_cache_dir``)."""
+
+
 def cache_dir() -> Path:
-    """Where exported kernels live (``MRA_COMPILE_CACHE_DIR`` overrides)."""
+    """Where exported kernels live (``MRA_COMPILE_CACHE_DIR`` overrides; ``~`` expanded)."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "mra_compile"
+    if not env:
+        return Path.home() / ".cache" / "mra_compile"
+    try:
+        return Path(env).expanduser()
+    except RuntimeError:  # "~user" of an unknown user: taken as it is
+        return Path(env)
+
+
+_WRITABLE_LOCK = threading.Lock()
+_WRITABLE: dict[str, Path] = {}  # cache_dir() -> where this process writes its new files
+_TEMPORARY: list[Path] = []  # this process's stand-in cache, when it needed one
+
+
+def writable_cache_dir() -> Path:
+    """Where new cache files go: ``cache_dir()`` (created if need be) when this process
+    can write there; else (read-only, a file, a path that cannot be created) a temporary
+    directory of this process, deleted at exit, with one ``CacheWarning`` per directory.
+    Files already in ``cache_dir()`` are still read from there."""
+    wanted = cache_dir()
+    with _WRITABLE_LOCK:
+        where = _WRITABLE.get(str(wanted))
+        if where is None:
+            where = _WRITABLE[str(wanted)] = _probe_writable(wanted)
+        return where
+
+
+def _probe_writable(directory: Path) -> Path:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+        return directory
+    except OSError as e:
+        error = e
+    if not _TEMPORARY:
+        _TEMPORARY.append(Path(tempfile.mkdtemp(prefix="mra_compile-cache-")))
+        atexit.register(shutil.rmtree, _TEMPORARY[0], ignore_errors=True)
+    warnings.warn(
+        f"mra_compile: the kernel cache {directory} cannot be written "
+        f"({type(error).__name__}: {error.strerror or error}); this process keeps the "
+        f"kernels it builds in {_TEMPORARY[0]}, deleted at exit, so the next process builds "
+        f"them again. Set {CACHE_ENV} to a writable directory.", CacheWarning, stacklevel=3)
+    return _TEMPORARY[0]
 
 
 def kernel_library_dirs() -> list[str]:
@@ -126,6 +178,41 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def digest_sidecar(path: Path) -> Path:
+    """The file holding the sha256 of the cached binary ``path`` (``<name>.sha256``)."""
+    return path.with_name(path.name + ".sha256")
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return file_digest(Path(path))
+
+
+def verified(path: Path, digest: str | None = None) -> bool:
+    """Whether the binary ``path`` exists and its sha256 is ``digest`` (None: the one its
+    ``digest_sidecar`` records). Loading a truncated or corrupt shared object can kill
+    the process (SIGBUS) before any exception, so none is loaded unless this holds."""
+    try:
+        if digest is None:
+            digest = digest_sidecar(path).read_text().strip()
+        st = os.stat(path)
+        return _digest_of(str(path), st.st_size, st.st_mtime_ns, st.st_ino) == digest
+    except OSError:
+        return False
+
+
+def library_file(directory: str | os.PathLike, relative: str) -> Path | None:
+    """``directory/relative`` of a kernel library (``mra-compile build``) when its
+    manifest's ``files`` record that file's sha256 and the file matches it, else None."""
+    try:
+        files = json.loads((Path(directory) / LIBRARY_MANIFEST).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    digest = files.get(relative) if isinstance(files, dict) else None
+    path = Path(directory) / relative
+    return path if isinstance(digest, str) and verified(path, digest) else None
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """``write(tmp_path)`` then rename: readers never see a half-written file."""
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
@@ -140,9 +227,11 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
 
 def compile_c_library(source: str, out: Path, flags: tuple[str, ...] = ()) -> Path:
     """Compile C ``source`` into the shared library ``out`` with the system C compiler
-    (``$CC``, cc or gcc), once: an existing ``out`` is kept. Written to a temporary name
-    and renamed, so concurrent builders never see half a file."""
-    if out.exists():
+    (``$CC``, cc or gcc), once: an existing ``out`` whose ``digest_sidecar`` matches it is
+    kept, a truncated or corrupt one (or one without sidecar) is rebuilt. Written to a
+    temporary name and renamed, then its sidecar, so concurrent builders never see half a
+    file (and build the same bytes)."""
+    if verified(out):
         return out
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
@@ -154,7 +243,19 @@ def compile_c_library(source: str, out: Path, flags: tuple[str, ...] = ()) -> Pa
         built = Path(tmp) / out.name
         subprocess.run([cc, "-shared", "-fPIC", "-O2", *flags, "-o", str(built), str(src)],
                        check=True, capture_output=True)
+        digest = file_digest(built)
         staged = out.with_name(f".{out.name}.{os.getpid()}")
         shutil.copyfile(built, staged)
         os.replace(staged, out)
+    atomic_write(digest_sidecar(out), lambda tmp: Path(tmp).write_text(digest + "\n"))
     return out
+
+
+def cached_c_library(source: str, relative: str, flags: tuple[str, ...] = ()) -> Path:
+    """The helper library ``relative`` of the kernel cache (e.g. "openmp/libx.so"): the
+    cache's copy when it is intact, else compiled (``compile_c_library``) into
+    ``writable_cache_dir()``."""
+    existing = cache_dir() / relative
+    if verified(existing):
+        return existing
+    return compile_c_library(source, writable_cache_dir() / relative, flags)

@@ -135,6 +135,12 @@ def prepare(q, k, v, mask, block_size: int) -> Prepared:
     dev = q.device
     target = targets.of_device(dev)
     io = target.io_dtype(q.dtype)
+    if mask is not None:
+        # docs/spec.md, step 1: padding positions replaced by zero by selection, so that
+        # whatever they hold (NaN, inf) never reaches a real token's output.
+        real = (mask != 0)[:, None, :, None]
+        q, k, v = (torch.where(real, x, torch.zeros((), dtype=x.dtype, device=dev))
+                   for x in (q, k, v))
     qf, kf, vf = (pad(x, Np - N, Dp - D, io) for x in (q, k, v))
     if mask is None and Np == N:
         # No mask: one shared row of ones; block means divide by b (docs/spec.md, step 2).

@@ -107,18 +107,21 @@ def launcher_name() -> str:
 
 
 def build_into(directory: Path) -> Path:
-    """Compile the launcher into ``directory`` (once: the name carries the source hash)."""
+    """Compile the launcher into ``directory`` (once: the name carries the source hash,
+    and a truncated or corrupt one is rebuilt; see ``host.compile_c_library``)."""
     return host.compile_c_library(_SOURCE, Path(directory) / launcher_name())
 
 
 def _launcher() -> Path:
     """A kernel library's launcher (``DIR/runtime/``: runtime-only machines need no
-    compiler and write nothing), else the kernel cache's, built on first use."""
+    compiler and write nothing) when it matches the sha256 the library's manifest
+    records, else the kernel cache's, checked against its sidecar, built on first use
+    (loading a truncated one would kill the process)."""
     for directory in host.kernel_library_dirs():
-        shipped = Path(directory) / "runtime" / launcher_name()
-        if shipped.exists():
+        shipped = host.library_file(directory, f"runtime/{launcher_name()}")
+        if shipped is not None:
             return shipped
-    return build_into(host.cache_dir() / "openmp")
+    return host.cached_c_library(_SOURCE, f"openmp/{launcher_name()}")
 
 
 def _setup() -> dict:

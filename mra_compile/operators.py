@@ -97,8 +97,20 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         name="raw_logits",
     )
     jj = te.reduce_axis((0, n), "jj")
+    # R of docs/spec.md, step 2: over the key blocks holding a real token, 0 without one.
+    real_max = te.compute(
+        (R, n),
+        lambda r, i: te.max(
+            te.if_then_else(counts[r // heads, jj] > 0.5, raw[r, i, jj] * scale,
+                            tirx.const(NEG_BIG, dt)),
+            axis=jj),
+        name="real_max",
+    )
     rowmax = te.compute(
-        (R, n), lambda r, i: te.max(raw[r, i, jj] * scale, axis=jj), name="rowmax"
+        (R, n),
+        lambda r, i: te.if_then_else(real_max[r, i] > NEG_BIG / 2, real_max[r, i],
+                                     tirx.const(0.0, dt)),
+        name="rowmax",
     )
     logits = te.compute(
         (R, n, n),
@@ -131,8 +143,12 @@ def lowres_out(b: int, D: int, dtype: str = "float32"):
     vp = te.placeholder((R, n, D), dt, "vp")
     weight = te.compute(
         (R, n, n),
-        lambda r, i, j: _exp(logits[r, i, j] - rowmax[r, i] - hmask[r, i, j] * 1e4)
-        * counts[r // heads, j],
+        # Times c_j by selection: an empty key block adds nothing, even where R (over
+        # real blocks) lies below its penalised logit (exp would overflow there).
+        lambda r, i, j: te.if_then_else(
+            counts[r // heads, j] > 0.5,
+            _exp(logits[r, i, j] - rowmax[r, i] - hmask[r, i, j] * 1e4) * counts[r // heads, j],
+            tirx.const(0.0, logits.dtype)),
         name="weight",
     )
     j1 = te.reduce_axis((0, n), "j1")
@@ -199,10 +215,12 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
         name="dots",
     )
     # A = scale * (q m_t) . (k m_s); empty slots take no part in the max.
+    # A = scale * q . k over the real keys of filled slots (docs/spec.md, step 4: m_t ranges
+    # over real keys only); padding keys and empty slots take no part, by selection.
     logit = te.compute(
         (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
-            valid(r, u, w), dots[r, u, w, t] * key_factor[r, u, w], tirx.const(NEG_BIG, dt)
+            key_factor[r, u, w] > 0.5, dots[r, u, w, t], tirx.const(NEG_BIG, dt)
         ),
         name="logit",
     )
@@ -213,10 +231,8 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
     prob = te.compute(
         (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
-            valid(r, u, w),
-            # (times the key's mask: docs/spec.md, step 1 zeroes v at padding; here on P)
-            _exp(logit[r, u, w, t] - unit_max[r, u, t] - (1.0 - key_factor[r, u, w]) * 1e4)
-            * key_factor[r, u, w],
+            key_factor[r, u, w] > 0.5,
+            _exp(logit[r, u, w, t] - unit_max[r, u, t]),
             tirx.const(0.0, dt),
         ),
         name="prob",
@@ -316,14 +332,15 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
         ),
         name="ov_stab",
     )
-    # m_t (docs/spec.md, step 4): -1e5 for a block row without selected blocks (this
-    # release takes padding keys into m_t: docs/spec.md, "Status in this release").
+    # m_t of docs/spec.md, step 4: -1e5 when no real key lies in the selected blocks (both
+    # maxima are then NEG_BIG: padding keys and empty slots take no part).
+    row_best = te.compute(
+        (R, n, b), lambda r, i, t: te.max(own_max[r, i, t], ov_stab[r, i, t]), name="row_best"
+    )
     row_max = te.compute(
         (R, n, b),
         lambda r, i, t: te.if_then_else(
-            tirx.Or(row_cols[r, i, 0] >= 0, ov_units[r, i] > 0),
-            te.max(own_max[r, i, t], ov_stab[r, i, t]),
-            tirx.const(-1e5, dt),
+            row_best[r, i, t] > NEG_BIG / 2, row_best[r, i, t], tirx.const(-1e5, dt)
         ),
         name="row_max",
     )
@@ -605,15 +622,14 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     io = io or dt
     p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=False)
     R, U, W, heads, scale, mask = p.R, p.U, p.W, p.heads, p.scale, p.mask
-    valid, qtok, kf, dots, dp = p.valid, p.fixed_tok, p.factor, p.dots, p.dp
+    qtok, kf, dots, dp = p.fixed_tok, p.factor, p.dots, p.dp
     stab, dsum, k_g = p.stab, p.dsum, p.x_g
+    # Only real keys of filled slots take part (by selection: no exp overflow times 0).
     ds = te.compute(
         (R, U, W, b),
         lambda r, u, w, t: te.if_then_else(
-            valid(r, u, w),
-            _exp(dots[r, u, w, t] * kf[r, u, w] - stab[r, qtok(r, u, t)]
-                 - (1.0 - kf[r, u, w]) * 1e4)
-            * kf[r, u, w]
+            kf[r, u, w] > 0.5,
+            _exp(dots[r, u, w, t] - stab[r, qtok(r, u, t)])
             * (dp[r, u, w, t] - dsum[r, qtok(r, u, t)])
             * (mask[r // heads, qtok(r, u, t)] * scale),  # dA/dq's factor, folded in
             tirx.const(0.0, dt),
@@ -647,15 +663,14 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     io = io or dt
     p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=True)
     R, U, W, scale = p.R, p.U, p.W, p.scale
-    valid, qtok, qf, key_mask = p.valid, p.slot_tok, p.factor, p.fixed_mask
+    qtok, qf, key_mask = p.slot_tok, p.factor, p.fixed_mask
     dots, dp, stab, dsum, q_g, g_g = p.dots, p.dp, p.stab, p.dsum, p.x_g, p.y_g
     prob = te.compute(
         (R, U, W, b),
+        # Real queries of filled slots against real keys only (by selection).
         lambda r, u, w, s: te.if_then_else(
-            valid(r, u, w),
-            _exp(dots[r, u, w, s] * qf[r, u, w] - stab[r, qtok(r, u, w)]
-                 - (1.0 - key_mask[r, u, s]) * 1e4)
-            * key_mask[r, u, s],
+            tirx.And(qf[r, u, w] > 0.5, key_mask[r, u, s] > 0.5),
+            _exp(dots[r, u, w, s] - stab[r, qtok(r, u, w)]),
             tirx.const(0.0, dt),
         ),
         name="prob",
@@ -707,8 +722,12 @@ def bwd_lowres(b: int, D: int, dtype: str = "float32"):
     da = te.placeholder((R, n), dt, "da")
     weight = te.compute(
         (R, n, n),
-        lambda r, i, j: _exp(logits[r, i, j] - rowmax[r, i] - hmask[r, i, j] * 1e4)
-        * counts[r // heads, j],
+        # Times c_j by selection: an empty key block adds nothing, even where R (over
+        # real blocks) lies below its penalised logit (exp would overflow there).
+        lambda r, i, j: te.if_then_else(
+            counts[r // heads, j] > 0.5,
+            _exp(logits[r, i, j] - rowmax[r, i] - hmask[r, i, j] * 1e4) * counts[r // heads, j],
+            tirx.const(0.0, logits.dtype)),
         name="weight",
     )
     d0 = te.reduce_axis((0, D), "d0")

@@ -6,8 +6,11 @@ version and shape bucket (``knob_policy.shape_bucket``: sequence length rounded 
 two, head dim padded to 16, block size). ``knob_policy.resolve_knobs`` reads them, in this
 order, first match wins:
 
-1. the user db: ``$MRA_COMPILE_TUNE_DB``, else ``~/.cache/mra_compile/tuned.json``;
-2. the records shipped for this CPU: ``<package>/schedules/tuned/<fingerprint>.json``.
+1. the user db: ``$MRA_COMPILE_TUNE_DB``, else ``~/.cache/mra_compile/tuned.json`` (the
+   user cache directory): where ``mra-compile tune`` writes;
+2. the records shipped for this CPU: ``<package>/schedules/tuned/<fingerprint>.json``,
+   read-only: nothing writes into the installed package unless given that path
+   explicitly (``mra-compile tune --db``, how a checkout updates the shipped records).
 
 A record of the exact bucket wins over one of another bucket; without one (or without a
 bucket) the record of the nearest bucket is used. ``MRA_COMPILE_TUNED=0`` ignores every
@@ -73,7 +76,7 @@ def sanitise(text: str) -> str:
 
 def user_db_path() -> Path:
     env = os.environ.get(ENV_DB)
-    return Path(env) if env else Path.home() / ".cache" / "mra_compile" / "tuned.json"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mra_compile" / "tuned.json"
 
 
 def shipped_db_path() -> Path:
@@ -87,15 +90,9 @@ def db_paths() -> list[Path]:
 
 
 def default_write_path() -> Path:
-    """Where ``mra-compile tune`` writes without ``--db``: ``$MRA_COMPILE_TUNE_DB`` when set,
-    else the package's shipped file for this CPU when that is writable (a development
-    checkout), else the user db ``~/.cache/mra_compile/tuned.json``."""
-    if os.environ.get(ENV_DB):
-        return user_db_path()
-    shipped = shipped_db_path()
-    folder = shipped.parent if shipped.parent.exists() else shipped.parent.parent
-    if os.access(shipped if shipped.exists() else folder, os.W_OK):
-        return shipped
+    """Where ``mra-compile tune`` writes without ``--db``: the user db (``user_db_path``),
+    never the package's shipped records, even where the package is writable (records
+    written there would outlive ``pip uninstall`` and pass for shipped ones)."""
     return user_db_path()
 
 

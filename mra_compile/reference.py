@@ -100,12 +100,12 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
     scale = 1.0 / math.sqrt(D)
     masked = mask is not None
 
-    # Step 1: zero out padded tokens. mask_t is [B, 1, N] to broadcast over heads.
+    # Step 1: padded tokens replaced by zero, by selection (NaN/inf there never propagate).
+    # mask_t is [B, 1, N] to broadcast over heads.
     if masked:
         mask_t = mask.to(q.dtype)[:, None, :]
-        q = q * mask_t[..., None]
-        k = k * mask_t[..., None]
-        v = v * mask_t[..., None]
+        real = mask_t[..., None] > 0
+        q, k, v = (torch.where(real, x, torch.zeros_like(x)) for x in (q, k, v))
         counts = mask_t.reshape(B, 1, n, b).sum(dim=-1)  # c_i, [B, 1, n]
     else:
         counts = torch.full((1, 1, n), float(b), dtype=q.dtype, device=q.device)
@@ -115,8 +115,10 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
     k_hat = _block_pool(k, counts[..., None], b, masked)
     v_hat = _block_pool(v, counts[..., None], b, masked)
     L = scale * q_hat @ k_hat.transpose(-1, -2)  # [B, H, n, n]
-    # R is a stabiliser (a constant for gradients), taken before the compat penalty.
-    R = L.detach().amax(dim=-1)  # [B, H, n]
+    # R is a stabiliser (a constant for gradients), taken before the compat penalty, over
+    # the key blocks holding a real token (0 when there is none).
+    R = L.detach().masked_fill(counts[..., None, :] == 0, float("-inf")).amax(dim=-1)
+    R = torch.where(torch.isinf(R), torch.zeros_like(R), R)  # [B, H, n]
     if masked:
         empty_pair = (counts[..., :, None] * counts[..., None, :]) < 0.5  # [B, 1, n, n]
         L = L - 1e4 * empty_pair.to(L.dtype)
@@ -135,15 +137,17 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
     # Step 4: high resolution over the selected blocks, with dense [N, N] matrices.
     sel_tok = selected.repeat_interleave(b, dim=-2).repeat_interleave(b, dim=-1)  # [B, H, N, N]
     A = scale * q @ k.transpose(-1, -2)
+    # The pairs that take part: selected, with a real key. (With a mask, step 4's
+    # exp(... - 1e4) of a padding key is 0 unless m_t is below -1e4; excluding the pair
+    # is that value, without the overflow the literal formula would have there.)
+    pairs = sel_tok & (mask_t[:, :, None, :] > 0) if masked else sel_tok
     with torch.no_grad():
-        m = A.masked_fill(~sel_tok, float("-inf")).amax(dim=-1)  # [B, H, N]
+        m = A.masked_fill(~pairs, float("-inf")).amax(dim=-1)  # [B, H, N], real keys only
         m = torch.where(torch.isinf(m), torch.full_like(m, -1e5), m)
     logits = A - m[..., None]
-    if masked:
-        logits = logits - 1e4 * (1 - mask_t[:, :, None, :])
-    # Mask the exponent (not the result) so unselected pairs give exp(-inf) = 0
+    # Mask the exponent (not the result) so excluded pairs give exp(-inf) = 0
     # without inf * 0 = nan in the backward pass.
-    P = torch.exp(logits.masked_fill(~sel_tok, float("-inf")))
+    P = torch.exp(logits.masked_fill(~pairs, float("-inf")))
     O_hi = P @ v  # [B, H, N, D]
     Z_hi = P.sum(dim=-1)  # [B, H, N]
 
@@ -151,7 +155,10 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
     if approx_mode == "sparse":
         out = O_hi / (Z_hi[..., None] + 1e-6)
     else:
-        W = torch.exp(L - R[..., None] - 1e4 * high_mask.to(L.dtype)) * counts[..., None, :]
+        # Times c_j by selection: empty key blocks add nothing (exp may overflow there,
+        # where R, over real blocks, lies below their penalised logit).
+        W = torch.exp(L - R[..., None] - 1e4 * high_mask.to(L.dtype))
+        W = torch.where(counts[..., None, :] > 0, W * counts[..., None, :], torch.zeros_like(W))
         O_lo = (W @ v_hat).repeat_interleave(b, dim=-2)  # [B, H, N, D]
         Z_lo = W.sum(dim=-1).repeat_interleave(b, dim=-1)  # [B, H, N]
         delta = R.repeat_interleave(b, dim=-1) - m  # [B, H, N], a constant
@@ -168,9 +175,9 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
         Z_lo = Z_lo * lo_factor
         out = (O_hi + O_lo) / (Z_hi + Z_lo + 1e-6)[..., None]
 
-    # Step 6: zero the padded queries and drop the padding.
+    # Step 6: zero the padded queries (by selection) and drop the padding.
     if masked:
-        out = out * mask_t[..., None]
+        out = torch.where(mask_t[..., None] > 0, out, torch.zeros_like(out))
     out = out[:, :, :N_orig].to(q.dtype)
     if return_selection:
         return out, (selected, high_mask)
@@ -188,6 +195,7 @@ def exact_attention(q, k, v, mask=None):
     if mask is None:
         return torch.softmax(logits, dim=-1) @ v
     real = mask.to(torch.bool)
+    v = torch.where(real[:, None, :, None], v, torch.zeros_like(v))  # (NaN there: inert)
     logits = logits.masked_fill(~real[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     # A padded query may see no real key at all (all -inf -> nan); zero it explicitly.

@@ -25,7 +25,9 @@ def runtime_dir() -> Path:
     """The directory holding ``libtvm_runtime.so`` (and ``libtvm_runtime_cuda.so``).
 
     ``$MRA_COMPILE_TVM_RUNTIME_DIR``, else the installed ``tvm`` package, else the
-    ``runtime/`` folder of a kernel library in ``$MRA_COMPILE_KERNEL_LIBRARY``.
+    ``runtime/`` folder of a kernel library in ``$MRA_COMPILE_KERNEL_LIBRARY`` whose
+    runtime libraries all match the sha256 its manifest records (a truncated one would
+    kill the process that loads it).
     """
     env = os.environ.get(RUNTIME_DIR_ENV)
     if env:
@@ -34,8 +36,11 @@ def runtime_dir() -> Path:
     if spec is not None:
         return Path(spec.submodule_search_locations[0]) / "lib"
     for library in host.kernel_library_dirs():
-        if (Path(library) / "runtime" / "libtvm_runtime.so").exists():
-            return Path(library) / "runtime"
+        shipped = Path(library) / "runtime"
+        names = [p.name for p in shipped.glob("libtvm_runtime*.so")]
+        if "libtvm_runtime.so" in names and all(
+                host.library_file(library, f"runtime/{name}") is not None for name in names):
+            return shipped
     raise ImportError(
         "the TVM runtime was not found: install apache-tvm, or set "
         f"{RUNTIME_DIR_ENV} (or {host.LIBRARY_ENV} to a library built with "

@@ -5,12 +5,13 @@ per knob, filtered by ``cpu.constraints``). For every shape bucket the tuner run
 phases, each starting from the default knobs and keeping the best found so far:
 
 1. ``pool_and_logits``, ``lowres_out``: ``vec``, timing the kernel alone.
-2. ``blocks``: (``row_unit_blocks``, ``blocks_per_unit``) jointly, timing the whole forward
+2. ``plan``: (``row_unit_blocks``, ``blocks_per_unit``) jointly, timing the whole forward
    (``forward.mra_forward(..., knobs=...)``): they change the work plan, how the blocks are
    split between ``hires_rows`` and ``hires_units``, and ``hires_rows`` merges the output
    of ``hires_units``, so only the whole pass measures them fairly.
 3. ``hires_units``, ``hires_rows``: the micro knobs (``vec``, ``qk_rows``, ``pv_rows``,
-   ``unroll``), each kernel timed alone under the plan of the best blocks found.
+   ``unroll``), each kernel timed alone under the best plan found (a kernel that plan
+   does not call, e.g. ``hires_units`` without overflow units, is skipped).
 
 Candidates come in order: the default first, then (``search="random"``) random points
 and neighbours of the best (one knob one step away), until the phase's share of the
@@ -19,7 +20,16 @@ best are timed in the same rounds, alternating (so machine noise hits both alike
 candidate replaces the best when the median of its per-round time ratios to the best is
 below 0.99. A last verification times default against tuned again (more rounds) for the
 table, whose gains are such paired medians too; tuned knobs that are not at least 1%
-faster there are dropped for the defaults (per kernel; the blocks by the whole pass).
+faster there are dropped for the defaults (per kernel; the plan by the whole pass).
+
+Progress (stderr, ``mra_compile.progress``; ``progress=False`` or ``MRA_COMPILE_QUIET=1``
+silences it): during the search, a status per stage, named by what it tunes
+(``plan (row_unit_blocks, blocks_per_unit)``, ``hires_rows (vec, qk_rows, ...)``), with
+the points tried and the pick so far. At each stage's end a line with its pick and its
+gain over the stage's start (the two timed together, ``rounds`` rounds: a relative
+figure under the stage's own plan; no times, since the table's are re-measured against
+the defaults). Then one line per row of the table with the table's own figures
+(``OpResult.summary``), saying why a pick was dropped for the defaults.
 
 Inputs are realistic: random q, k, v of the bucket's shape go through the real pipeline
 (``forward.mra_forward``, with ``build.trace_kernel_calls`` recording every kernel's
@@ -29,9 +39,10 @@ really gets. Timing uses ``time.perf_counter`` around calls of the loaded kernel
 ``time_evaluator`` is not available on the runtime-only modules ``build.kernel`` loads):
 median of several rounds after warm-up, with enough calls per sample to last >= 2 ms.
 
-Results are written as records (``mra_compile.records``), which ``knob_policy.resolve_knobs``
-then uses automatically. ``chosen_knobs(op, bucket)`` tells which knobs an operator
-would use and where they come from.
+Results are written as records (``mra_compile.records``; by default to the user db, never
+into the package), which ``knob_policy.resolve_knobs`` then uses automatically.
+``chosen_knobs(op, bucket)`` tells which knobs an operator would use and where they come
+from.
 """
 from __future__ import annotations
 
@@ -40,7 +51,6 @@ import itertools
 import math
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +59,7 @@ import torch
 
 from mra_compile import build, forward, knob_policy, records, runtime, targets
 from mra_compile.options import Options
+from mra_compile.progress import Status
 
 OPS = records.tunable_ops()  # pool_and_logits, lowres_out, hires_units, hires_rows
 # The knobs that change the work plan (how the blocks are split between the two kernels).
@@ -124,6 +135,8 @@ class OpResult:
     tuned_s: float
     ratio: float = 1.0  # median over rounds of tuned / default (each round times both)
     kept_default: bool = False
+    note: str = ""  # what the table says instead of the changed knobs ("" : them)
+    called: bool = True  # False: the tuned plan does not call this kernel
 
     @property
     def gain_pct(self) -> float:
@@ -133,6 +146,29 @@ class OpResult:
     @property
     def changed(self) -> dict:
         return {k: v for k, v in self.knobs.items() if self.default_knobs.get(k) != v}
+
+    def cells(self) -> tuple[str, str, str]:
+        """Default ms, tuned ms and gain as the table and the progress lines show them."""
+        if not self.called:
+            return f"{1e3 * self.default_s:.3f}", "-", "-"
+        return f"{1e3 * self.default_s:.3f}", f"{1e3 * self.tuned_s:.3f}", f"{self.gain_pct:+.1f}%"
+
+    def comment(self) -> str:
+        """The table's last column: the knobs changed, or why there are none."""
+        changed = " ".join(f"{k}={fmt(v)}" for k, v in self.changed.items())
+        if self.note:
+            return f"{changed} ({self.note})" if changed else f"({self.note})"
+        if not changed and self.ratio != 1.0:
+            return "(default knobs; other work under the tuned plan)"
+        return changed or "(the default was best)"
+
+    def summary(self) -> str:
+        """One line with the table row's figures (the tuner's last progress lines)."""
+        default, tuned, gain = self.cells()
+        if not self.called:
+            return f"{self.op} {self.bucket}: default {default} ms, tuned: {self.comment()}"
+        return (f"{self.op} {self.bucket}: default {default} ms, tuned {tuned} ms, "
+                f"gain {gain} {self.comment()}")
 
 
 @dataclass
@@ -152,17 +188,9 @@ class TuneResult:
                  f"{'gain':>7}  knobs changed from the default",
                  "-" * 96]
         for r in self.results:
-            changed = " ".join(f"{k}={fmt(v)}" for k, v in r.changed.items())
-            if r.op == "forward":
-                changed = "(whole op, all kernels and the plan)"
-            elif r.kept_default:
-                changed = "(default kept: tuned was not >= 1% faster)"
-            elif not changed and r.ratio != 1.0:
-                changed = "(default knobs; other work under the tuned plan)"
-            elif not changed:
-                changed = "(the default was best)"
-            lines.append(f"{r.op:<16} {r.bucket:<15} {1e3 * r.default_s:>10.3f} "
-                         f"{1e3 * r.tuned_s:>9.3f} {r.gain_pct:>+6.1f}%  {changed}")
+            default, tuned, gain = r.cells()
+            lines.append(f"{r.op:<16} {r.bucket:<15} {default:>10} {tuned:>9} {gain:>7}  "
+                         f"{r.comment()}")
         lines.append("(ms: medians; gain: 1 - the median over rounds of tuned/default, both "
                      "timed in each round)")
         return "\n".join(lines)
@@ -202,16 +230,24 @@ def chosen_knobs(op: str, bucket: str | None = None) -> Chosen:
 
 # ---------------------------------------------------------------------------- spaces
 
+PLAN = "plan"  # the stage tuning the plan's knobs (BLOCK_KNOBS), timing the whole forward
+
+
 @dataclass
 class _Phase:
-    name: str
+    name: str  # an operator, or PLAN
     timed: str  # the kernel timed, or "forward"
     space: dict  # knob -> values; knobs not in it stay as they are
     weight: float
 
+    @property
+    def label(self) -> str:
+        """What the stage tunes, as progress shows it: ``plan (row_unit_blocks, ...)``."""
+        return f"{self.name} ({', '.join(self.space)})"
+
     def apply(self, config: dict, point: dict) -> dict:
         new = {op: dict(k) for op, k in config.items()}
-        if self.name == "blocks":
+        if self.name == PLAN:
             for op, knob in BLOCK_KNOBS.items():
                 if knob in point:
                     new[op][knob] = point[knob]
@@ -220,7 +256,7 @@ class _Phase:
         return new
 
     def point_of(self, config: dict) -> dict:
-        if self.name == "blocks":
+        if self.name == PLAN:
             return {knob: config[op][knob] for op, knob in BLOCK_KNOBS.items() if knob in self.space}
         return {k: config[self.name][k] for k in self.space}
 
@@ -249,7 +285,7 @@ def _phases(ops, spaces) -> list[_Phase]:
     blocks = {knob: space(op)[knob] for op, knob in BLOCK_KNOBS.items()
               if op in ops and knob in space(op)}
     if blocks:
-        phases.append(_Phase("blocks", "forward", blocks, 4.0))
+        phases.append(_Phase(PLAN, "forward", blocks, 4.0))
     for op, weight in (("hires_units", 2.0), ("hires_rows", 3.0)):
         if op in ops:
             micro = {k: v for k, v in space(op).items() if k != BLOCK_KNOBS[op]}
@@ -350,57 +386,38 @@ class _RealTimer:
         self.seed = seed
         self.cases: dict[Shape, Case] = {}
 
-    def __call__(self, shape: Shape, timed: str, configs: list[dict], rounds: int) -> list[list[float]]:
+    def case(self, shape: Shape) -> Case:
         case = self.cases.get(shape)
         if case is None:
             runtime.ensure()
             case = self.cases[shape] = Case(shape, self.seed)
+        return case
+
+    def __call__(self, shape: Shape, timed: str, configs: list[dict], rounds: int) -> list[list[float]]:
+        case = self.case(shape)
         fns = [case.runner(timed, c) for c in configs]
         return interleaved_samples(fns, rounds)
+
+    def called(self, shape: Shape, timed: str, config: dict) -> bool:
+        """Whether the forward under ``config``'s plan calls kernel ``timed``."""
+        return timed == "forward" or timed in self.case(shape).capture(config)
 
 
 class _FakeTimer:
     """Adapts ``timer(op, bucket, knobs) -> seconds`` (tests): op is a kernel name with
-    its knobs, or ``"forward"`` with ``{op: knobs}`` of every operator."""
+    its knobs, or ``"forward"`` with ``{op: knobs}`` of every operator. ``called``
+    (optional): ``called(op, bucket, config) -> bool``, whether config's plan calls op."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, called=None):
         self.fn = fn
+        self.is_called = called
 
     def __call__(self, shape, timed, configs, rounds):
         return [[float(self.fn(timed, shape.bucket, c if timed == "forward" else c[timed]))]
                 for c in configs]
 
-
-class _Progress:
-    def __init__(self, enabled: bool, budget: float | None, stream=None):
-        self.enabled = enabled
-        self.budget = budget
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = time.perf_counter()
-        self.last = -1e9
-        self.width = 0
-
-    def __call__(self, text: str, force: bool = False):
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        spent = now - self.start
-        total = f"/{self.budget:.0f}" if self.budget else ""
-        line = f"[tune {spent:5.1f}{total} s] {text}"[:110]
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self.width))
-            self.width = len(line)
-            self.stream.flush()
-        elif force or now - self.last >= 5.0:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self.last = now
-
-    def done(self):
-        if self.enabled and self.tty and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
+    def called(self, shape, timed, config) -> bool:
+        return self.is_called is None or bool(self.is_called(timed, shape.bucket, config))
 
 
 # ---------------------------------------------------------------------------- the tuner
@@ -413,17 +430,21 @@ def default_config() -> dict:
 def tune(ops=None, shapes=None, *, budget_seconds: float | None = DEFAULT_BUDGET_S, db=None,
          search: str = "random", spaces: dict | None = None, seed: int = 0, rounds: int = 7,
          verify_rounds: int = 15, timer=None, progress: bool = True, write: bool = True,
-         stream=None) -> TuneResult:
+         stream=None, called=None) -> TuneResult:
     """Tune ``ops`` (default: all four) for ``shapes`` (default: ``DEFAULT_SHAPES``) and
-    write the records to ``db`` (default: ``records.default_write_path()``).
+    write the records to ``db`` (default: ``records.default_write_path()``, the user db).
 
     budget_seconds: wall-clock budget of the search (None: unlimited; ``search="random"``
         then stops when the space is exhausted); the final verification comes on top when
         the budget is too small to hold it.
     spaces: ``{op: {knob: [values]}}`` replacing ``SPACES[op]``; knobs left out keep their
         default. Values must still be legal (``cpu.constraints``).
+    progress, stream: progress lines (see the module docstring) on ``stream`` (default:
+        stderr, or logging: ``mra_compile.progress``).
     timer: for tests, ``timer(op, bucket, knobs) -> seconds`` replaces measuring (no kernel
-        is built); op is ``"forward"`` for the whole pass, with ``{op: knobs}``.
+        is built); op is ``"forward"`` for the whole pass, with ``{op: knobs}``. With it,
+        ``called(op, bucket, config) -> bool`` (default: always) tells whether a plan calls
+        a kernel.
     """
     start = time.perf_counter()
     ops = tuple(OPS if not ops else ops)
@@ -435,26 +456,28 @@ def tune(ops=None, shapes=None, *, budget_seconds: float | None = DEFAULT_BUDGET
     shapes = [s if isinstance(s, Shape) else Shape.parse(str(s)) for s in (shapes or DEFAULT_SHAPES)]
     # One shape per bucket: records are per bucket.
     shapes = list({s.bucket: s for s in shapes}.values())
-    measure = _FakeTimer(timer) if timer is not None else _RealTimer(seed)
+    measure = _FakeTimer(timer, called) if timer is not None else _RealTimer(seed)
     rng = random.Random(seed)
-    show = _Progress(progress, budget_seconds, stream)
+    show = Status("tune", budget=budget_seconds, stream=stream, enabled=progress)
     phases = _phases(ops, spaces)
     default = default_config()
     best = {s.bucket: {op: dict(k) for op, k in default.items()} for s in shapes}
     trials: list[Trial] = []
     reserve = 0.0 if budget_seconds is None else max(2.0, 0.12 * budget_seconds)
 
-    for idx, phase in enumerate(phases):
-        if budget_seconds is None:
-            phase_budget = math.inf
-        else:
-            left = budget_seconds - reserve - (time.perf_counter() - start)
-            weights = sum(p.weight for p in phases[idx:])
-            phase_budget = max(0.0, left * phase.weight / weights)
-        _search(phase, shapes, best, measure, rounds, phase_budget, search, rng, trials, show)
-
-    results = _verify(ops, shapes, default, best, measure, verify_rounds, show)
-    show.done()
+    try:
+        for idx, phase in enumerate(phases):
+            if budget_seconds is None:
+                phase_budget = math.inf
+            else:
+                left = budget_seconds - reserve - (time.perf_counter() - start)
+                weights = sum(p.weight for p in phases[idx:])
+                phase_budget = max(0.0, left * phase.weight / weights)
+            _search(phase, shapes, best, measure, rounds, phase_budget, search, rng, trials, show)
+        picks = {b: {op: dict(k) for op, k in config.items()} for b, config in best.items()}
+        results = _verify(ops, shapes, default, best, picks, measure, verify_rounds, show)
+    finally:
+        show.close()
     recs = _records_of(ops, shapes, default, results, trials, search, budget_seconds)
     path = None
     if write:
@@ -463,14 +486,34 @@ def tune(ops=None, shapes=None, *, budget_seconds: float | None = DEFAULT_BUDGET
     return TuneResult(results, trials, recs, path, time.perf_counter() - start, shapes)
 
 
+def _knobs_text(point: dict) -> str:
+    return " ".join(f"{k}={fmt(v)}" for k, v in point.items())
+
+
+def _changed(config: dict, default: dict, op: str, skip: str | None = None) -> str:
+    """The knobs of ``op`` (but ``skip``) that ``config`` changes from ``default``, as text."""
+    return _knobs_text({k: v for k, v in config[op].items()
+                        if default[op].get(k) != v and k != skip})
+
+
+def _moved(start: dict, point: dict) -> str:
+    """``point``'s knobs that differ from ``start``, as text ("the start": none)."""
+    return _knobs_text({k: v for k, v in point.items() if start.get(k) != v}) or "the start"
+
+
 def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, show):
     start = time.perf_counter()
     keys = list(phase.space)
     points = [dict(zip(keys, vals)) for vals in itertools.product(*phase.space.values())]
     visited = {_key(phase.point_of(best[s.bucket])) for s in shapes}
-    start_s: dict[str, float | None] = {s.bucket: None for s in shapes}  # the phase's start point
     space_keys = {_key(p) for p in points}
     durations: list[float] = []
+    start_config = {s.bucket: best[s.bucket] for s in shapes}
+    start_point = {s.bucket: phase.point_of(best[s.bucket]) for s in shapes}
+    better = {s.bucket: 0 for s in shapes}  # candidates that replaced the best
+    # A kernel the plan does not call (hires_units without overflow units) has nothing to
+    # tune: timing it would time nothing.
+    active = [s for s in shapes if measure.called(s, phase.timed, best[s.bucket])]
 
     def candidates():
         if search == "exhaustive":
@@ -481,14 +524,14 @@ def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, s
             if not unvisited:
                 return
             if rng.random() < 0.5:
-                near = [p for s in shapes for p in _neighbours(phase.point_of(best[s.bucket]), phase.space)
+                near = [p for s in active for p in _neighbours(phase.point_of(best[s.bucket]), phase.space)
                         if _key(p) not in visited and _key(p) in space_keys]
                 if near:
                     yield rng.choice(near)
                     continue
             yield rng.choice(unvisited)
 
-    for point in candidates():
+    for point in candidates() if active else ():
         elapsed = time.perf_counter() - start
         if durations and elapsed + statistics.mean(durations) > budget or elapsed > budget:
             break
@@ -496,71 +539,110 @@ def _search(phase, shapes, best, measure, rounds, budget, search, rng, trials, s
             continue
         visited.add(_key(point))
         t0 = time.perf_counter()
-        for s in shapes:
+        for s in active:
             incumbent = best[s.bucket]
             config = phase.apply(incumbent, point)
             if config == incumbent or not _legal(config):
                 continue
             s_best, s_new = measure(s, phase.timed, [incumbent, config], rounds)
-            t_best, t_new = statistics.median(s_best), statistics.median(s_new)
             ratio = paired_ratio(s_best, s_new)
-            first = start_s[s.bucket]
-            if first is None:
-                first = start_s[s.bucket] = t_best
             accepted = ratio < 1 - MIN_GAIN
-            trials.append(Trial(phase.name, s.bucket, dict(point), t_new, t_best, ratio, accepted))
+            trials.append(Trial(phase.name, s.bucket, dict(point), statistics.median(s_new),
+                                statistics.median(s_best), ratio, accepted))
             if accepted:
                 best[s.bucket] = config
-                t_best = t_new
-            show(f"{phase.name} {s.bucket}: {sum(t.phase == phase.name for t in trials)} trials, "
-                 f"best {1e3 * t_best:.3f} ms (start {1e3 * first:.3f})")
+                better[s.bucket] += 1
+            show.update(f"{phase.label} {s.bucket}: {len(durations) + 1}/{len(points)} points, "
+                        f"{better[s.bucket]} faster found, pick "
+                        f"{_moved(start_point[s.bucket], phase.point_of(best[s.bucket]))}")
         durations.append(time.perf_counter() - t0)
-    show(f"{phase.name}: done, {len(durations)} candidates in {time.perf_counter() - start:.1f} s",
-         force=True)
+    took = time.perf_counter() - start
+    for s in shapes:
+        if s not in active:
+            show.line(f"{phase.label} {s.bucket}: skipped, the plan calls no {phase.timed} here")
+            continue
+        where = f"{phase.label} {s.bucket}: {len(durations)}/{len(points)} points in {took:.1f} s"
+        pick = _moved(start_point[s.bucket], phase.point_of(best[s.bucket]))
+        if best[s.bucket] == start_config[s.bucket]:
+            show.line(f"{where}: kept its start, no point was >= 1% faster ({rounds} rounds each)")
+            continue
+        # The pick against the start, timed together: a fair figure for the stage (a chain of
+        # accepted candidates, each compared with the one before, is not).
+        s_start, s_pick = measure(s, phase.timed, [start_config[s.bucket], best[s.bucket]], rounds)
+        gain = 100 * (1 - paired_ratio(s_start, s_pick))
+        show.line(f"{where}: pick {pick}, gain {gain:+.1f}% over its start ({rounds} rounds; "
+                  "verified at the end)")
 
 
-def _verify(ops, shapes, default, best, measure, rounds, show) -> list[OpResult]:
+def _verify(ops, shapes, default, best, picks, measure, rounds, show) -> list[OpResult]:
     """Default against tuned per operator and for the whole pass; operators whose tuned
-    knobs are not faster keep the defaults."""
+    knobs are not faster keep the defaults, and their rows say why. ``picks``: the
+    search's picks (``best`` as the search left it)."""
     results: list[OpResult] = []
     for s in shapes:
-        tuned = best[s.bucket]
-        show(f"verifying {s.bucket}", force=True)
+        tuned, pick = best[s.bucket], picks[s.bucket]
+        dropped: dict[str, str] = {}  # op -> why the search's pick was dropped
+        show.update(f"verifying {s.bucket}: default against tuned, {rounds} rounds each")
         for op, knob in BLOCK_KNOBS.items():
             # Micro knobs were chosen under the tuned plan: keep them only if they still
             # beat the default micro knobs there.
             micro_default = {**default[op], knob: tuned[op][knob]}
-            if op in ops and tuned[op] != micro_default:
+            if op in ops and tuned[op] != micro_default and measure.called(s, op, tuned):
                 alt = {**tuned, op: micro_default}
                 s_alt, s_tun = measure(s, op, [alt, tuned], rounds)
                 if paired_ratio(s_alt, s_tun) >= 1 - MIN_GAIN:
+                    dropped[op] = (f"the search's {_changed(pick, default, op, knob)}: not >= 1% "
+                                   "faster re-measured")
                     tuned[op] = micro_default
         rows = {}
         for op in ops:
+            if op in BLOCK_KNOBS and not measure.called(s, op, tuned):
+                # Not called under the tuned plan: its micro knobs mean nothing.
+                tuned[op] = {**default[op], BLOCK_KNOBS[op]: tuned[op][BLOCK_KNOBS[op]]}
+                t = (statistics.median(measure(s, op, [default], rounds)[0])
+                     if measure.called(s, op, default) else 0.0)
+                rows[op] = OpResult(op, s.bucket, default[op], tuned[op], t, 0.0, 1.0,
+                                    note="not called under the tuned plan: no overflow units",
+                                    called=False)
+                continue
             # The hires kernels' work depends on the plan (the blocks knobs of both).
             if tuned[op] == default[op] and (op not in BLOCK_KNOBS or _same_plan(tuned, default)):
                 t = statistics.median(measure(s, op, [default], rounds)[0])
                 rows[op] = OpResult(op, s.bucket, default[op], tuned[op], t, t)
+                if op in dropped:
+                    rows[op].kept_default = True
+                    rows[op].note = f"default kept: {dropped[op]}"
                 continue
             rows[op] = _compare(measure, s, op, default, tuned, rounds, op)
+            if op in dropped:
+                rows[op].note = f"default micro knobs kept: {dropped[op]}"
         for op in ("pool_and_logits", "lowres_out"):
             r = rows.get(op)
             if r is not None and r.knobs != r.default_knobs and r.ratio >= 1 - MIN_GAIN:
                 tuned[op] = dict(default[op])
-                rows[op] = _kept(r)
+                rows[op] = _kept(r, f"the search's {_changed(pick, default, op)}: not >= 1% "
+                                    "faster re-measured")
         fwd = _compare(measure, s, "forward", default, tuned, rounds, "forward")
         hires = [op for op in BLOCK_KNOBS if op in ops and tuned[op] != default[op]]
         if fwd.ratio >= 1 - MIN_GAIN and hires:
             for op in hires:
                 tuned[op] = dict(default[op])
-                rows[op] = _kept(rows[op])
+                rows[op] = _kept(rows[op], f"{_knobs_text(rows[op].changed)}: the whole op was "
+                                           "not >= 1% faster with them")
             if tuned != default:
                 fwd = _compare(measure, s, "forward", default, tuned, rounds, "forward")
-        if tuned == default:
-            fwd = _kept(fwd)
         fwd.default_knobs = fwd.knobs = {}
+        if tuned == default:
+            fwd = _kept(fwd, "")
+            fwd.note = ("whole op: every pick of the search dropped, the defaults kept"
+                        if pick != default else "whole op: the defaults")
+        else:
+            fwd.note = "whole op, all kernels and the plan"
         results.extend(rows[op] for op in OPS if op in rows)
         results.append(fwd)
+        for op in [*(op for op in OPS if op in rows), "forward"]:
+            show.line("verified " + next(r for r in results if r.op == op
+                                         and r.bucket == s.bucket).summary())
     return results
 
 
@@ -571,10 +653,12 @@ def _compare(measure, shape, timed, default, tuned, rounds, name) -> OpResult:
                     statistics.median(s_tun), paired_ratio(s_def, s_tun))
 
 
-def _kept(r: OpResult) -> OpResult:
+def _kept(r: OpResult, why: str) -> OpResult:
     """``r`` after its operator went back to the defaults: default time both sides."""
+    kept = r.knobs != r.default_knobs
     return OpResult(r.op, r.bucket, r.default_knobs, dict(r.default_knobs), r.default_s,
-                    r.default_s, 1.0, kept_default=r.knobs != r.default_knobs)
+                    r.default_s, 1.0, kept_default=kept,
+                    note=f"default kept: {why}" if kept and why else "")
 
 
 def _same_plan(a, b) -> bool:

@@ -146,8 +146,8 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full):
     sch.vectorize(sch.split(d, [None, vec])[1])
     # Consumers before producers, so each compute_at finds its readers under the loop.
     order: tuple[str, ...] = ("inv_norm", "hi_scale", "lo_scale", "delta") if full else ("inv_norm",)
-    order += ("z_hi", "ov_z", "ov_o", "own_scale", "ov_scale", "row_max", "ov_stab",
-              "unit_sum", "unit_out")
+    order += ("z_hi", "ov_z", "ov_o", "own_scale", "ov_scale", "row_max", "row_best",
+              "ov_stab", "unit_sum", "unit_out")
     for name in order:
         sch.compute_at(sch.get_sblock(name), ri)
     ov_o = sch.get_sblock("ov_o")
@@ -182,6 +182,7 @@ def pool_and_logits(sch, *, vec):
     outputs = ("qp", "kp", "vp", "logits", "rowmax")
     r = sch.merge(*(sch.get_loops(sch.get_sblock(name))[0] for name in outputs))
     sch.parallel(r)
+    sch.compute_at(sch.get_sblock("real_max"), r)  # (consumers first: it reads raw_logits)
     sch.compute_at(sch.get_sblock("raw_logits"), r)
     for name in ("qp", "kp", "vp"):
         blk = sch.get_sblock(name + "_sum")

@@ -137,7 +137,7 @@ def pool_and_logits(sch, *, threads):
         grid(sch, name, threads)
         sch.compute_at(blk, sch.get_loops(out)[-1])
         sch.set_scope(blk, 0, "local")
-    for name in ("raw_logits", "logits", "rowmax"):
+    for name in ("raw_logits", "logits", "real_max", "rowmax"):
         grid(sch, name, threads)
     return sch
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 from conftest import run_python
 
-from mra_compile import aot, cli, cuda_toolchain, library
+from mra_compile import aot, cli, cuda_toolchain, host, library
 
 # CI sets MRA_COMPILE_REQUIRE_NVCC=1: there a missing nvcc fails these tests, never skips them.
 pytestmark = pytest.mark.skipif(
@@ -87,6 +87,9 @@ def test_every_kernel_is_real_device_code(fixture, request):
     assert {e["symbol"] for e in manifest["kernels"]} <= symbols
     for lib in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
         assert (directory / "runtime" / lib).is_file()
+        # checked against this before a machine without TVM loads it
+        assert host.library_file(directory, f"runtime/{lib}") == directory / "runtime" / lib
+    assert host.library_file(directory, library.LIBRARY) == directory / library.LIBRARY
 
 
 def test_hot_kernels_stage_blocks_in_shared_memory(sm90):

@@ -93,7 +93,8 @@ def test_launcher_is_built_once_per_source(tmp_path):
     assert first.parent == tmp_path and first.exists() and digest in first.name
     mtime = first.stat().st_mtime_ns
     assert openmp.build_into(tmp_path) == first and first.stat().st_mtime_ns == mtime
-    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no temporaries
+    # no temporaries: the launcher and its sha256 sidecar (checked before loading it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")

@@ -14,6 +14,7 @@ so that the attention logits spread over several units and MRA-2 is a real appro
 import copy
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -27,8 +28,11 @@ from helpers.recording import RecordMraCalls  # noqa: E402
 from transformers.models.mra import modeling_mra  # noqa: E402
 from transformers.models.mra.modeling_mra import MraSelfAttention  # noqa: E402
 
+from mra_compile.integrations import transformers as mra_hf  # noqa: E402
 from mra_compile.integrations.transformers import (  # noqa: E402
     MraCompiledSelfAttention,
+    MraStockAttentionWarning,
+    from_pretrained,
     is_patched,
     patch_mra_model,
     unpatch_mra_model,
@@ -171,7 +175,8 @@ def test_patched_matches_reference_any_length(seq_len, batch, data, approx_mode,
 ])
 def test_task_heads(cls_name, extra_inputs):
     model = patch_mra_model(fresh_model(cls_name))
-    assert sum(is_patched(m) for m in model.modules()) == 2
+    assert is_patched(model)
+    assert sum(isinstance(m, MraCompiledSelfAttention) for m in model.modules()) == 2
     ids, mask = make_batch(1, 2, 200, [200, 120])
     out, ref, _ = run_patched_and_reference(model, input_ids=ids, attention_mask=mask)
     for name in ("logits", "start_logits", "end_logits"):
@@ -339,3 +344,144 @@ def test_module_options_are_read_at_call_time():
         hidden = model.embeddings(input_ids=ids)
         q = attn.query(hidden).view(1, 128, 4, 16).transpose(1, 2)
     torch.testing.assert_close(args[0], q * math.sqrt(0.5), rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------- whole models, persistence
+
+
+def test_is_patched_on_whole_models_and_parts():
+    model = fresh_model("MraForSequenceClassification")
+    layers = [m for m in model.modules() if isinstance(m, MraSelfAttention)]
+    assert not is_patched(model) and not any(is_patched(m) for m in layers)
+    patch_mra_model(model)
+    assert is_patched(model) and is_patched(model.mra) and is_patched(model.mra.encoder.layer[0])
+    assert all(is_patched(m) for m in layers)
+    assert not is_patched(model.classifier)  # no MRA attention inside
+    unpatch_mra_model(model)
+    assert not is_patched(model)
+    patch_mra_model(model.mra.encoder.layer[1])  # one layer of two: the model is not patched
+    assert is_patched(model.mra.encoder.layer[1]) and not is_patched(model)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        is_patched("MraModel")
+
+
+def _snapshot(model):
+    """Everything patching may touch: each attention module's class and attributes, the
+    config, the model's own attributes, the state dict."""
+    layers = [m for m in model.modules() if isinstance(m, MraSelfAttention)]
+    return ([(type(m), dict(vars(m))) for m in layers], model.config.to_dict(), dict(vars(model)),
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_same_snapshot(a, b):
+    assert [t for t, _ in a[0]] == [t for t, _ in b[0]]
+    for (_, va), (_, vb) in zip(a[0], b[0]):
+        assert va.keys() == vb.keys() and all(va[k] is vb[k] for k in va)
+    assert a[1] == b[1]
+    assert a[2].keys() == b[2].keys() and all(a[2][k] is b[2][k] for k in a[2])
+    assert a[3].keys() == b[3].keys() and all(torch.equal(a[3][k], b[3][k]) for k in a[3])
+
+
+@pytest.mark.parametrize("prior", [None, 3])
+def test_unpatch_restores_exactly(prior):
+    """Classes, module attributes, the config (also one that carried a budget before) and
+    the model's attributes are what they were before patch_mra_model."""
+    model = fresh_model("MraForSequenceClassification")
+    if prior is not None:  # e.g. loaded from a checkpoint saved patched
+        model.config.mra_block_per_row = prior
+    before = _snapshot(model)
+    patch_mra_model(model, block_per_row=2)
+    assert model.config.mra_block_per_row == 2
+    patch_mra_model(model, block_per_row=None)  # patching twice keeps the first backup
+    assert model.config.mra_block_per_row is None
+    unpatch_mra_model(model)
+    _assert_same_snapshot(_snapshot(model), before)
+    assert hasattr(model.config, "mra_block_per_row") == (prior is not None)
+
+
+def test_patch_takes_the_budget_from_the_config():
+    model = fresh_model(layers=1)
+    model.config.mra_block_per_row = 2
+    ids, mask = make_batch(11, 1, 100)
+    with RecordMraCalls() as rec, torch.no_grad():
+        patch_mra_model(model)(input_ids=ids, attention_mask=mask)
+    assert rec.calls[0][0][4] == 2 * 4  # 2 blocks per row, 4 block rows
+    model.config.mra_block_per_row = 0
+    with pytest.raises(ValueError, match="config.mra_block_per_row"):
+        patch_mra_model(model)
+
+
+@pytest.mark.parametrize("block_per_row", [None, 2])
+def test_save_and_load_round_trip(tmp_path, block_per_row):
+    """A patched model saves as a plain checkpoint (plus config.mra_block_per_row) and
+    from_pretrained() brings it back patched, with the same budget and outputs."""
+    model = patch_mra_model(fresh_model("MraForSequenceClassification"), block_per_row=block_per_row)
+    ids, mask = make_batch(12, 2, 200, [200, 140])
+    with RecordMraCalls() as rec, torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+
+    for cls in (transformers.MraForSequenceClassification, transformers.AutoModelForSequenceClassification):
+        loaded = from_pretrained(cls, tmp_path).eval()
+        assert type(loaded) is transformers.MraForSequenceClassification and is_patched(loaded)
+        assert loaded.config.mra_block_per_row == block_per_row
+        with RecordMraCalls() as rec2, torch.no_grad():
+            got = loaded(input_ids=ids, attention_mask=mask).logits
+        assert [c[0][4] for c in rec2.calls] == [c[0][4] for c in rec.calls]
+        assert torch.equal(got, expected)
+    # The plain transformers load plus patch_mra_model does the same.
+    plain = transformers.MraForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert not is_patched(plain)
+    with torch.no_grad():
+        assert torch.equal(patch_mra_model(plain)(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+@pytest.mark.skipif(modeling_mra.mra_cuda_kernel is not None,
+                    reason="the transformers MRA CUDA kernels are loaded here")
+def test_stock_path_warns_once_where_it_returns_zeros(monkeypatch):
+    monkeypatch.setitem(mra_hf.STOCK_WARNING, "given", False)
+    model = fresh_model(layers=2)
+    ids, mask = make_batch(13, 2, 64)
+    with pytest.warns(MraStockAttentionWarning, match="returns zeros") as caught, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert len([w for w in caught if w.category is MraStockAttentionWarning]) == 1  # 2 layers, 1 warning
+    assert "from_pretrained" in str(caught[0].message) and "patch_mra_model" in str(caught[0].message)
+    with warnings.catch_warnings(record=True) as later, torch.no_grad():
+        warnings.simplefilter("always")
+        model(input_ids=ids, attention_mask=mask)                     # once per process
+        patch_mra_model(model)(input_ids=ids, attention_mask=mask)    # the patched path: never
+    assert not [w for w in later if w.category is MraStockAttentionWarning]
+    # Importing again does not wrap twice.
+    mra_hf.install_stock_warning()
+    assert modeling_mra.mra2_attention.__wrapped__.__name__ == "mra2_attention"
+    assert not hasattr(modeling_mra.mra2_attention.__wrapped__, "__wrapped__")
+
+
+def test_stock_mask_reshape_mixes_samples_and_the_patch_does_not(monkeypatch):
+    """Witness of the stock bug the docs describe: with B > 1 and H > 1 the stock forward
+    gives head h of sample b the mask of sample (b * H + h) % B. (If this fails, transformers
+    fixed it: update the module docstring and the README.) The patch passes the op each
+    sample's own [B, N] mask."""
+    B, H, N = 2, 4, 64
+    model = fresh_model(layers=1, heads=H)
+    attn = model.encoder.layer[0].attention.self
+    seen = []
+
+    def capture(query, key, value, mask, *args, **kwargs):
+        seen.append(mask)
+        return torch.zeros_like(query)
+
+    monkeypatch.setattr(modeling_mra, "mra2_attention", capture)
+    mask = make_batch(0, B, N, [64, 20])[1]
+    x = torch.randn(B, N, 64)
+    with torch.no_grad():
+        attn(x, mask)
+    per_head = seen[0].view(B, H, N)
+    for b in range(B):
+        for h in range(H):
+            assert torch.equal(per_head[b, h], mask[(b * H + h) % B].float())
+    assert not torch.equal(per_head[0, 1], mask[0].float())  # sample 0, head 1 got sample 1's mask
+    patch_mra_model(model)
+    with RecordMraCalls() as rec, torch.no_grad():
+        attn(x, mask)
+    assert torch.equal(rec.calls[0][0][3], mask.bool())

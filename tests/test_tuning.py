@@ -128,8 +128,8 @@ def test_tuner_finds_and_persists_the_best(isolated, search):
     for op, knobs in expected.items():
         assert result.best(op, bucket) == knobs
     # Every point of the tiny spaces was measured; the default always came first.
-    assert {t.phase for t in result.trials} == {"pool_and_logits", "blocks", "hires_rows"}
-    assert sum(t.phase == "blocks" for t in result.trials) == 3 * 2 - 1
+    assert {t.phase for t in result.trials} == {"pool_and_logits", tuning.PLAN, "hires_rows"}
+    assert sum(t.phase == tuning.PLAN for t in result.trials) == 3 * 2 - 1
     first_forward = next(c for c in calls if c[0] == "forward")
     assert json.loads(first_forward[2])["hires_rows"]["row_unit_blocks"] == 8  # the default
     fwd = next(r for r in result.results if r.op == "forward")
@@ -161,7 +161,7 @@ def test_tuner_real_short_run(isolated):
     result = tuning.tune(["pool_and_logits", "hires_rows", "hires_units"], [shape],
                          budget_seconds=60, db=isolated, spaces=spaces, rounds=3,
                          verify_rounds=3, progress=False)
-    assert {t.phase for t in result.trials} <= {"pool_and_logits", "blocks"}
+    assert {t.phase for t in result.trials} <= {"pool_and_logits", tuning.PLAN}
     assert 1 <= len(result.trials) <= 2  # vec=8 (with AVX-512), blocks_per_row=2
     assert all(r.default_s > 0 and r.tuned_s > 0 for r in result.results
                if r.op != "hires_units")

@@ -19,6 +19,9 @@ alike. The reference gets its own rounds afterwards: it allocates gigabytes per 
 and interleaving it would leave the others to run on evicted caches and fresh pages.
 The median of the rounds is reported, in milliseconds.
 
+Progress (stderr, ``mra_compile.progress``): the size, part and round running, and every
+kernel compile; ``--quiet`` or ``MRA_COMPILE_QUIET=1`` silences it.
+
 ``--plot`` also writes ``time_vs_n.png`` (log-log time against N for every
 implementation) and ``error_vs_blocks_per_row.png`` (MRA-2's error against exact
 attention as the budget grows, next to a sliding window and random blocks of the same
@@ -41,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mra_compile.progress import Status, silenced
 from mra_compile.tools.common import (
     BLOCK_SIZE,
     cpu_model,
@@ -89,6 +93,8 @@ def add_arguments(p: argparse.ArgumentParser, out_dir: Path | str = "bench/resul
                         "(needs matplotlib)")
     p.add_argument("--error-seq-len", type=int, default=2048,
                    help="N of the error-vs-blocks-per-row plot (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (sizes, rounds, kernel compiles)")
 
 
 def check_arguments(args) -> str | None:
@@ -194,10 +200,13 @@ def reference_implementations(q, k, v, num_blocks: int) -> dict:
         for mode in MODES}
 
 
-def warm_up(impls: dict, calls: int) -> dict:
-    """Call everything ``calls`` times; returns the last outputs of the op and fallback."""
+def warm_up(impls: dict, calls: int, show=None) -> dict:
+    """Call everything ``calls`` times; returns the last outputs of the op and fallback.
+    ``show(text)``: progress (which implementation warms up)."""
     outputs = {}
     for name, fn in impls.items():
+        if show is not None:
+            show(f"warm-up, {name[0]}" + (f" {name[1]}" if name[1] else ""))
         for _ in range(calls):
             out = fn()
         if name[0] in ("op", "fallback"):
@@ -211,23 +220,29 @@ def max_rel_err(out, ref) -> float:
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def bench_size(n_tokens: int, args, fallback) -> list[dict]:
+def bench_size(n_tokens: int, args, fallback, status: Status | None = None) -> list[dict]:
     import mra_compile  # noqa: F401  (registers torch.ops.mra.attention)
+
+    def show(text):
+        if status is not None:
+            status.update(f"N={n_tokens}: {text}")
 
     gen = torch.Generator().manual_seed(args.seed)
     q, k, v = random_qkv(BATCH, HEADS, n_tokens, HEAD_DIM, gen)
     num_blocks = BLOCKS_PER_ROW * (-(-n_tokens // BLOCK_SIZE))
     impls = implementations(q, k, v, num_blocks, fallback)
     with torch.no_grad(), OtherLoad() as load:
-        outputs = warm_up(impls, args.warmup)
+        outputs = warm_up(impls, args.warmup, show)
         errors = {m: (max_rel_err(outputs[("op", m)], outputs[("fallback", m)])
                       if ("fallback", m) in outputs else None) for m in MODES}
         del outputs
-        times = median_ms(impls, args.repeat)
+        times = median_ms(impls, args.repeat, on_round=lambda i: show(
+            f"round {i}/{args.repeat} (op, fallback, SDPA)"))
         if reference_fits(n_tokens, args.reference_max_gb):
             ref_impls = reference_implementations(q, k, v, num_blocks)
-            warm_up(ref_impls, args.warmup)
-            times.update(median_ms(ref_impls, args.repeat))
+            warm_up(ref_impls, args.warmup, show)
+            times.update(median_ms(ref_impls, args.repeat, on_round=lambda i: show(
+                f"dense reference, round {i}/{args.repeat}")))
     return [make_row(n_tokens, mode, times, errors[mode], load.share) for mode in MODES]
 
 
@@ -336,11 +351,23 @@ def plot_times(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_errors(path: Path, seq_len: int, seed: int = 0) -> list:
+def plot_errors(path: Path, seq_len: int, seed: int = 0, status: Status | None = None) -> list:
     """Error vs blocks per row on the demo's structured input; returns the measured rows."""
     from mra_compile.tools import accuracy
 
-    rows = accuracy.measure(ERROR_PLOT_STRUCTURE, seq_len=seq_len, seed=seed)
+    budgets = accuracy.DEFAULT_BLOCKS_PER_ROW
+    done = []
+
+    def progress(row):
+        done.append(row)
+        if status is not None and len(done) < len(budgets):
+            status.update(f"error plot: {len(done) + 1}/{len(budgets)} budgets "
+                          f"({budgets[len(done)]} blocks per row)")
+
+    if status is not None:
+        status.update(f"error plot: 1/{len(budgets)} budgets ({budgets[0]} blocks per row)")
+    rows = accuracy.measure(ERROR_PLOT_STRUCTURE, seq_len=seq_len, seed=seed,
+                            blocks_per_row=budgets, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     accuracy.plot(rows, path, title=f"Same number of exact blocks for every method "
                                     f"(N={seq_len}, H=4, D=64)")
@@ -351,6 +378,11 @@ def plot_errors(path: Path, seq_len: int, seed: int = 0) -> list:
 
 def run(args) -> int:
     """Run the benchmark for parsed ``args`` (see ``add_arguments``); returns the exit code."""
+    with silenced(getattr(args, "quiet", False)):
+        return _run(args)
+
+
+def _run(args) -> int:
     if args.plot:
         pyplot()  # fail before the long run if matplotlib is missing
     torch.manual_seed(args.seed)
@@ -360,9 +392,11 @@ def run(args) -> int:
         header.append("Fallback: not timed (its columns read n/a)")
     print("\n".join(header), flush=True)
     rows = []
+    status = Status("bench", every=2.0)
     for n_tokens in args.sizes:
         t0 = time.perf_counter()
-        size_rows = bench_size(n_tokens, args, fallback)
+        size_rows = bench_size(n_tokens, args, fallback, status)
+        status.close()
         rows += size_rows
         gc.collect()
         ops = ", ".join(f"{r['mode']} op {r['op_ms']:.2f} ms" for r in size_rows)
@@ -381,7 +415,8 @@ def run(args) -> int:
         out_dir = args.csv.parent
         plot_times(rows, out_dir / TIME_PLOT)
         print(f"wrote {out_dir / TIME_PLOT}", flush=True)
-        plot_errors(out_dir / ERROR_PLOT, args.error_seq_len, args.seed)
+        plot_errors(out_dir / ERROR_PLOT, args.error_seq_len, args.seed, status)
+        status.close()
         print(f"wrote {out_dir / ERROR_PLOT}")
     return 0
 

@@ -73,14 +73,17 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------- timing
 
-def median_ms(fns: dict, rounds: int) -> dict:
+def median_ms(fns: dict, rounds: int, on_round=None) -> dict:
     """Median milliseconds per call of each of ``fns`` (name -> zero-argument callable).
 
     Interleaved: each round calls every function once, in turn, so machine noise hits
-    all of them alike. A single function is timed back to back.
+    all of them alike. A single function is timed back to back. ``on_round(i)`` (if given)
+    is called before round i (1-based): a progress counter.
     """
     samples: dict = {name: [] for name in fns}
-    for _ in range(rounds):
+    for r in range(rounds):
+        if on_round is not None:
+            on_round(r + 1)
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()

@@ -6,7 +6,9 @@
 It prints a short report: how long the kernels took to build or load, the relative error
 of MRA-2 against exact attention on inputs with structure (local attention plus a
 shared prefix that every token looks at), and the speed against dense
-``torch.nn.functional.scaled_dot_product_attention``.
+``torch.nn.functional.scaled_dot_product_attention``. What it is doing meanwhile (kernel
+compiles, each step of the accuracy and speed parts) shows on stderr
+(``mra_compile.progress``; ``--quiet`` or ``MRA_COMPILE_QUIET=1``: none).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mra_compile.progress import Status, silenced
 from mra_compile.tools.common import (
     BLOCK_SIZE,
     CORRELATION_LENGTH,
@@ -33,8 +36,13 @@ from mra_compile.tools.common import (
 TIMED_RUNS = 5
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mra_compile.tools.demo", description=__doc__.split("\n\n")[0])
+PROG = "python -m mra_compile.tools.demo"
+
+
+def parse_args(argv=None, prog: str = PROG):
+    """The demo's arguments; ``prog``: the command as usage and errors show it (the CLI
+    passes ``mra-compile demo``)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, default=8192, help="N, tokens (default: %(default)s)")
     p.add_argument("--heads", type=int, default=12, help="H (default: %(default)s)")
     p.add_argument("--head-dim", type=int, default=64, help="D (default: %(default)s)")
@@ -46,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None,
                    help="kernel cache directory (sets MRA_COMPILE_CACHE_DIR; an empty "
                         "directory forces a fresh build)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (kernel compiles, the steps of each part)")
     args = p.parse_args(argv)
     if args.seq_len < 2 * BLOCK_SIZE or args.heads < 1 or args.head_dim < 2 or args.block_per_row < 1:
         p.error(f"need --seq-len >= {2 * BLOCK_SIZE}, --heads >= 1, --head-dim >= 2, "
@@ -106,10 +116,16 @@ def build_kernels(args, run) -> str:
     return f"Kernels: {how or 'already in memory'} in {seconds:.2f} s  ({mra_compile.cache_dir()})"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog)
     if args.cache_dir:
         os.environ["MRA_COMPILE_CACHE_DIR"] = args.cache_dir
+    with silenced(args.quiet):
+        return run(args)
+
+
+def run(args) -> int:
+    """The demo for parsed ``args``."""
     import mra_compile  # after MRA_COMPILE_CACHE_DIR is set
 
     B, H, N, D, b = 1, args.heads, args.seq_len, args.head_dim, BLOCK_SIZE
@@ -120,46 +136,80 @@ def main(argv=None) -> int:
         return mra_compile.mra_attention(q, k, v, block_per_row=bpr, approx_mode=args.mode)
 
     print(f"MRA-2 demo: torch.ops.mra.attention (TVM-compiled, CPU), mode {args.mode!r}")
-    print(machine_line())
-    print(build_kernels(args, mra), flush=True)
+    print(machine_line(), flush=True)
+    status = Status("demo", every=0.0)  # (a dozen steps: elsewhere than a terminal, all)
+    status.update("building or loading the kernels (compiled on first use, then cached)")
+    built = build_kernels(args, mra)
+    status.close()
+    print(built, flush=True)
     print(f"Problem: B={B}, H={H}, N={N}, D={D}, fp32; {bpr} exact {b}x{b} blocks per block row "
-          f"= {bpr * n} of {n * n} blocks ({100 * bpr / n:.1f}% of the score matrix)")
+          f"= {bpr * n} of {n * n} blocks ({100 * bpr / n:.1f}% of the score matrix)", flush=True)
 
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
+        status.update("making the inputs")
         q, k, v = local_prefix_inputs(B, H, N, D, gen)
+        status.close()
         print(f"Input: queries/keys follow a smooth random walk (correlation length "
               f"{CORRELATION_LENGTH} tokens), so each token attends mostly to its neighbours; "
               f"the first {PREFIX_TOKENS} tokens are a shared prefix that every query also "
               f"attends to ({100 * prefix_mass(q, k):.0f}% of the attention mass); values are "
               f"i.i.d. N(0,1).", flush=True)
-        report_accuracy(args, mra, q, k, v, gen)
-        report_speed(mra, q, k, v)
+        report_accuracy(args, mra, q, k, v, gen, status)
+        report_speed(mra, q, k, v, status)
     return 0
 
 
-def report_accuracy(args, mra, q, k, v, gen) -> None:
+ACCURACY_STEPS = ("exact attention (dense SDPA)", "MRA-2", "sliding window",
+                  "exact attention on noise", "MRA-2 on noise")
+
+
+def report_accuracy(args, mra, q, k, v, gen, status: Status | None = None) -> None:
     B, H, N, D = q.shape
     w = args.block_per_row * BLOCK_SIZE // 2
+    step = iter(range(1, len(ACCURACY_STEPS) + 1))
+
+    def show(what):
+        i = next(step)
+        if status is not None:
+            status.update(f"accuracy {i}/{len(ACCURACY_STEPS)}: {what}")
+
+    show(ACCURACY_STEPS[0])
     exact = F.scaled_dot_product_attention(q, k, v)
-    rows = [(f"MRA-2 ({args.mode})", relative_error(mra(q, k, v), exact)),
-            (f"sliding window +-{w} tokens (same budget)",
-             relative_error(sliding_window(q, k, v, w), exact))]
+    show(ACCURACY_STEPS[1])
+    rows = [(f"MRA-2 ({args.mode})", relative_error(mra(q, k, v), exact))]
+    show(ACCURACY_STEPS[2])
+    rows.append((f"sliding window +-{w} tokens (same budget)",
+                 relative_error(sliding_window(q, k, v, w), exact)))
     nq, nk, nv = random_qkv(B, H, N, D, gen)
+    show(ACCURACY_STEPS[3])
+    exact = F.scaled_dot_product_attention(nq, nk, nv)
+    show(ACCURACY_STEPS[4])
     rows.append((f"MRA-2 ({args.mode}) on i.i.d. noise (flat attention), for contrast",
-                 relative_error(mra(nq, nk, nv), F.scaled_dot_product_attention(nq, nk, nv))))
+                 relative_error(mra(nq, nk, nv), exact)))
+    if status is not None:
+        status.close()
     print("\nAccuracy: relative L2 error vs exact attention, mean over heads")
     width = max(len(name) for name, _ in rows)
     for name, err in rows:
         print(f"  {name:<{width}}  {100 * err:6.2f}%")
 
 
-def report_speed(mra, q, k, v) -> None:
+def report_speed(mra, q, k, v, status: Status | None = None) -> None:
     fns = {"mra": lambda: mra(q, k, v),
            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    if status is not None:
+        status.update("speed: warm-up")
     for fn in fns.values():  # warm-up
         fn()
-    t = median_ms(fns, TIMED_RUNS)
+
+    def on_round(i):
+        if status is not None:
+            status.update(f"speed: round {i}/{TIMED_RUNS} (MRA-2, then dense SDPA)")
+
+    t = median_ms(fns, TIMED_RUNS, on_round=on_round)
+    if status is not None:
+        status.close()
     print(f"\nSpeed: median of {TIMED_RUNS} runs after warm-up")
     print(f"  MRA-2 (torch.ops.mra.attention)  {t['mra']:9.1f} ms")
     print(f"  dense SDPA (exact)               {t['sdpa']:9.1f} ms")

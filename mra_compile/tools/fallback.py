@@ -57,9 +57,8 @@ def mra2_fallback(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_s
     v = v.reshape(R, N, D)
     if masked:
         tok_mask = mask.to(dtype).repeat_interleave(H, dim=0)  # [R, N]
-        q = q * tok_mask[..., None]
-        k = k * tok_mask[..., None]
-        v = v * tok_mask[..., None]
+        real = tok_mask[..., None] > 0  # padding replaced by zero, by selection (step 1)
+        q, k, v = (torch.where(real, x, torch.zeros_like(x)) for x in (q, k, v))
         counts = tok_mask.view(R, n, b).sum(dim=-1)  # c_i, [R, n]
         q_hat = q.view(R, n, b, D).sum(dim=2) / (counts[..., None] + 1e-6)
         k_hat = k.view(R, n, b, D).sum(dim=2) / (counts[..., None] + 1e-6)
@@ -70,9 +69,11 @@ def mra2_fallback(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_s
         k_hat = k.view(R, n, b, D).mean(dim=2)
         v_hat = v.view(R, n, b, D).mean(dim=2)
 
-    # Low resolution: dense n x n block logits. The row max is taken before the penalty.
+    # Low resolution: dense n x n block logits. The row max is taken before the penalty,
+    # over the key blocks holding a real token (0 without one).
     low = scale * q_hat @ k_hat.transpose(-1, -2)  # [R, n, n]
-    low_max = low.detach().amax(dim=-1)  # [R, n]
+    low_max = low.detach().masked_fill(counts[:, None, :] == 0, float("-inf")).amax(dim=-1)
+    low_max = torch.where(torch.isinf(low_max), torch.zeros_like(low_max), low_max)  # [R, n]
     if masked:
         low = low - 1e4 * ((counts[:, :, None] * counts[:, None, :]) < 0.5).to(dtype)
 
@@ -100,17 +101,17 @@ def mra2_fallback(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_s
     # Token index (within the row) of every query position of every selected block.
     q_tok = (blk_row[:, :, None] * b + torch.arange(b, device=device)).reshape(R, K * b)
 
-    # Per-token row max over all selected blocks of its block row; -1e5 where none.
-    # include_self=False keeps -1e5 only for tokens that no block touches.
-    with torch.no_grad():
-        m = torch.full((R, N), -1e5, dtype=dtype, device=device)
-        m = m.scatter_reduce(1, q_tok, logits.amax(dim=-1).reshape(R, K * b),
-                             reduce="amax", include_self=False)
-    logits = logits - m.gather(1, q_tok).view(R, K, b, 1)
+    # Padding keys take no part (docs/spec.md, step 4: m_t over real keys only).
     if masked:
         key_mask = _gather_blocks(tok_mask.view(R, n, b), blk_col)  # [R, K, b]
-        logits = logits - 1e4 * (1 - key_mask[:, :, None, :])
-    P = torch.exp(logits)
+        logits = logits.masked_fill(key_mask[:, :, None, :] == 0, float("-inf"))
+    # Per-token row max over the real keys of the selected blocks of its block row; -1e5
+    # where there is none.
+    with torch.no_grad():
+        m = torch.full((R, N), float("-inf"), dtype=dtype, device=device)
+        m = m.scatter_reduce(1, q_tok, logits.amax(dim=-1).reshape(R, K * b), reduce="amax")
+        m = torch.where(torch.isinf(m), torch.full_like(m, -1e5), m)
+    P = torch.exp(logits - m.gather(1, q_tok).view(R, K, b, 1))
     blk_out = P @ v_blk  # [R, K, b, D]
     blk_sum = P.sum(dim=-1)  # [R, K, b]
 
@@ -128,7 +129,8 @@ def mra2_fallback(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_s
         with torch.no_grad():
             theta = top_val.min(dim=-1).values
             high_mask = score >= theta[:, None, None]  # [R, n, n]
-        W = torch.exp(low - low_max[:, :, None] - 1e4 * high_mask.to(dtype)) * counts[:, None, :]
+        W = torch.exp(low - low_max[:, :, None] - 1e4 * high_mask.to(dtype))
+        W = torch.where(counts[:, None, :] > 0, W * counts[:, None, :], torch.zeros_like(W))
         O_lo = (W @ v_hat).repeat_interleave(b, dim=1)  # [R, N, D]
         Z_lo = W.sum(dim=-1).repeat_interleave(b, dim=1)  # [R, N]
 
@@ -144,5 +146,5 @@ def mra2_fallback(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_s
                / (Z_hi * hi_factor + Z_lo * lo_factor + 1e-6)[..., None])
 
     if masked:
-        out = out * tok_mask[..., None]
+        out = torch.where(tok_mask[..., None] > 0, out, torch.zeros_like(out))
     return out.view(B, H, N, D)[:, :, :N_orig]
