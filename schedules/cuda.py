@@ -69,14 +69,18 @@ def _spatial_loops_under(sch, block, anchor_depth):
     return list(loops[: len(loops) - n_red]) if n_red else list(loops)
 
 
-def grid(sch, name, threads):
-    """One thread per output element of stage ``name``: its own kernel."""
+def grid(sch, name, threads, accumulate=False):
+    """One thread per output element of stage ``name``: its own kernel. ``accumulate``:
+    a reduction sums in a register and stores once (else it updates global memory at
+    every step)."""
     block = sch.get_sblock(name)
     loops = _spatial_loops_under(sch, block, 0)
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     bx, tx = sch.split(fused, [None, threads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
+    if accumulate and _reduce_count(sch, block):
+        sch.reverse_compute_at(sch.cache_write(block, 0, "local"), tx)
 
 
 def per_unit(sch, outputs, depth, threads, custom=None, copies=(), vector_bytes=16):
@@ -98,6 +102,7 @@ def per_unit(sch, outputs, depth, threads, custom=None, copies=(), vector_bytes=
     blocks = sch.get_child_blocks(root) if root is not None else []
     names = [_name(sch, b) for b in blocks]
     inner = [n for n in names if n not in outputs]
+    _check_independent(sch, outputs)
     for n in reversed(inner):
         sch.compute_at(sch.get_sblock(n), unit)
         sch.set_scope(sch.get_sblock(n), 0, SHARED)
@@ -107,13 +112,29 @@ def per_unit(sch, outputs, depth, threads, custom=None, copies=(), vector_bytes=
             continue
         block = sch.get_sblock(n)
         vector = max(vector_bytes // _itemsize(sch, n), 1) if n in copies else 1
-        thread = _thread_bind(sch, block, _spatial_loops_under(sch, block, depth), threads,
-                              vector)
-        if _reduce_count(sch, block):
+        loops = _spatial_loops_under(sch, block, depth)
+        scalar = not loops
+        thread = _thread_bind(sch, block, loops, threads, vector)
+        if _reduce_count(sch, block) and not scalar:
             # Accumulate in a register, store once: a reduction updating shared memory
             # in place would need a barrier per step (and cannot have one under a guard).
+            # Not for one value per unit: the register's store would land outside the
+            # thread guard, every thread storing its own (uninitialised) register.
             sch.reverse_compute_at(sch.cache_write(block, 0, "local"), thread)
     return unit
+
+
+def _check_independent(sch, outputs):
+    """Outputs of one per-unit kernel live in global memory with no barrier between
+    them: one that reads another would read other threads' values before they are
+    written. Such stages go to separate kernels (``grid``)."""
+    written = {str(sch.get(sch.get_sblock(n)).writes[0].source.name): n for n in outputs}
+    for n in outputs:
+        for region in sch.get(sch.get_sblock(n)).reads:
+            source = written.get(str(region.source.name))
+            if source is not None and source != n:
+                raise ValueError(f"per_unit: output {n!r} reads output {source!r}; "
+                                 "schedule them as separate kernels")
 
 
 def _has_root(sch) -> bool:
@@ -300,8 +321,14 @@ def hires_rows(sch, *, threads, row_unit_blocks, tensor_cores, vector_bytes,
 
 
 def bwd_prep(sch, *, threads):
-    """One thread block per (row, query block)."""
-    per_unit(sch, ("g", "dsum", "ga", "da"), 2, threads)
+    """Four grid kernels, in order: g; dsum and ga, which read g; da, which reads dsum.
+
+    Each stage reads what other threads of the stage before wrote. In one kernel that
+    needs a barrier between stages, and ``per_unit`` puts none between outputs in global
+    memory (the first CUDA run would have read stale g and dsum): a kernel boundary is
+    the barrier here. The stages are small (one pass over dout and out)."""
+    for name in ("g", "dsum", "ga", "da"):
+        grid(sch, name, threads, accumulate=True)
     return sch
 
 

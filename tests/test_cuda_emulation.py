@@ -16,10 +16,10 @@ memory access: races (no barrier between two threads' conflicting accesses),
 uninitialised reads, out-of-bounds and misaligned accesses, barrier errors. Outputs are
 compared with the float64 reference (``mra2_reference``, with the op's own selection).
 
-``bwd_prep`` on CUDA has cross-thread dependencies without barriers (all warps write
-``g`` that warp 0 then reads, lane 0 reads the other lanes' ``dsum``, ``da`` stored by
-every thread from a register only thread 0 sets): the backward fails on it here, and is
-marked xfail(strict) until it is fixed; everything else must pass.
+This test caught ``bwd_prep`` (before commit "bwd_prep: one kernel per stage"): its
+outputs shared one kernel with cross-thread dependencies and no barrier (all warps wrote
+``g`` that warp 0 then read, lane 0 read the other lanes' ``dsum``, ``da`` was stored by
+every thread from a register only thread 0 set); every backward case failed on it.
 ``test_each_check_fires`` proves each check on a small kernel with that one bug.
 """
 import json
@@ -180,17 +180,6 @@ def test_forward(emulation, case):
         assert result["padding_zero"], "padded query rows are not zero"
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_backward_kernels_but_bwd_prep(emulation, case):
-    # Each kernel call is checked on its own inputs: this holds whatever bwd_prep computes.
-    result = _phase(emulation, case, "backward")
-    others = [f for f in result["findings"] if f["op"] != "bwd_prep"]
-    assert not others, f"backward of {case}:\n{_findings(others)}"
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "bwd_prep on CUDA (schedules/cuda.py: bwd_prep -> per_unit) reads g, dsum across "
-    "threads with no barrier and stores da from a register only thread 0 sets"))
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward(emulation, case):
     result = _phase(emulation, case, "backward")
