@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mra_compile import build, knob_policy, plan, runtime, validate
-from mra_compile.forward import Saved
+from mra_compile.forward import Saved, narrow, row_parts, row_range
 from mra_compile.inputs import Prepared, pad, prepare, torch_single_threaded
 from mra_compile.options import Options
 
@@ -28,10 +28,22 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
     if B * H == 0 or saved is None:
         return tuple(torch.zeros_like(x) for x in (q, k, v))
     runtime.ensure()
-    with torch_single_threaded():
-        pr = prepare(q, k, v, mask, opts.block_size)  # CUDA fp16/bf16: as the kernels take them
-        with pr.target.device_scope(q.device):
-            return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
+    try:
+        with torch_single_threaded():
+            pr = prepare(q, k, v, mask, opts.block_size)  # CUDA fp16/bf16: as the kernels take them
+            with pr.target.device_scope(q.device):
+                return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
+    except validate.ScratchOverflow:
+        split = row_parts(B, H)  # as the forward splits (rows are independent)
+        if split is None:
+            raise
+        dim, ranges = split
+        parts = [mra_backward(narrow(grad_out, dim, a, z), narrow(q, dim, a, z),
+                              narrow(k, dim, a, z), narrow(v, dim, a, z),
+                              mask if dim == 1 else narrow(mask, 0, a, z),
+                              narrow(out, dim, a, z), saved.rows(*row_range(dim, H, a, z)),
+                              opts, knobs) for a, z in ranges]
+        return tuple(torch.cat(grads, dim) for grads in zip(*parts))
 
 
 def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict):

@@ -92,6 +92,40 @@ class Saved:
     rowmax: torch.Tensor
     index: torch.Tensor
 
+    def rows(self, start: int, stop: int) -> Saved:
+        """The rows (batch * heads) ``start:stop``."""
+        return Saved(self.stats[:, start:stop], self.pooled[:, start:stop],
+                     self.logits[start:stop], self.high_mask[start:stop],
+                     self.rowmax[start:stop], self.index[start:stop])
+
+    @staticmethod
+    def cat(parts: list[Saved]) -> Saved:
+        """Consecutive row ranges, joined."""
+        return Saved(*(torch.cat([getattr(p, f) for p in parts], 1 if f in ("stats", "pooled") else 0)
+                       for f in ("stats", "pooled", "logits", "high_mask", "rowmax", "index")))
+
+
+def row_parts(B: int, H: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """How to split a call whose scratch is beyond 32-bit indexing: ``(dim, [(start,
+    stop), ...])``, halves of the batch (dim 0) or, for one sequence, of the heads (dim
+    1); None for one row. Rows are independent (docs/spec.md, "Properties"), and each
+    half's rows are a consecutive range of the whole's (row = batch * H + head)."""
+    dim, size = (0, B) if B > 1 else (1, H)
+    if size == 1:
+        return None
+    half = size // 2
+    return dim, [(0, half), (half, size)]
+
+
+def narrow(x, dim: int, start: int, stop: int):
+    """``x[:, start:stop]`` (dim 1) or ``x[start:stop]`` (dim 0); None stays None."""
+    return None if x is None else x.narrow(dim, start, stop - start)
+
+
+def row_range(dim: int, H: int, start: int, stop: int) -> tuple[int, int]:
+    """The rows (batch * heads) of a part of ``row_parts``."""
+    return (start * H, stop * H) if dim == 0 else (start, stop)
+
 
 def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: bool = False):
     """MRA-2 of docs/spec.md, steps 1-6. q, k, v [B, H, N, D]; mask [B, N] or None ->
@@ -104,11 +138,22 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
         out = q.new_zeros(q.shape)
         return (out, None) if save else out
     runtime.ensure()  # sizes the kernels' threads from torch's before they change
-    with torch_single_threaded():
-        pr = prepare(q, k, v, mask, opts.block_size)
-        with pr.target.device_scope(q.device):
-            chosen = knob_policy.knobs_for_shape(knobs, N, D, opts.block_size, pr.target)
-            out, saved = _forward(q, pr, opts, chosen)
+    try:
+        with torch_single_threaded():
+            pr = prepare(q, k, v, mask, opts.block_size)
+            with pr.target.device_scope(q.device):
+                chosen = knob_policy.knobs_for_shape(knobs, N, D, opts.block_size, pr.target)
+                out, saved = _forward(q, pr, opts, chosen)
+    except validate.ScratchOverflow:
+        split = row_parts(B, H)
+        if split is None:
+            raise
+        dim, ranges = split
+        results = [mra_forward(narrow(q, dim, a, z), narrow(k, dim, a, z), narrow(v, dim, a, z),
+                               mask if dim == 1 else narrow(mask, 0, a, z), opts, knobs,
+                               save=True) for a, z in ranges]
+        out = torch.cat([o for o, _ in results], dim)
+        saved = Saved.cat([s for _, s in results])
     return (out, saved) if save else out
 
 

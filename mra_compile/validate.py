@@ -78,18 +78,27 @@ def check_sizes(q, block_size: int, num_blocks: int) -> None:
             "below 2**31; use a larger block_size or split the batch")
 
 
+class ScratchOverflow(ValueError):
+    """A call's per-unit scratch is beyond the kernels' 32-bit indexing. The forward and
+    backward catch it and run the batch (then the heads) in parts; it reaches the user
+    only when one (batch, head) row alone is too large."""
+
+
+SCRATCH_LIMIT = INDEX_LIMIT  # its own name: tests lower it to exercise the split
+
+
 def check_scratch(name: str, *shape: int) -> None:
     """A scratch tensor of ``shape`` must stay within the kernels' 32-bit indexing
     (checked before it is allocated)."""
     numel = 1
     for extent in shape:
         numel *= int(extent)
-    if numel >= INDEX_LIMIT:
+    if numel >= SCRATCH_LIMIT:
         dims = " x ".join(str(int(e)) for e in shape)
-        raise ValueError(
+        raise ScratchOverflow(
             f"num_blocks: this call needs a {name} buffer of {dims} = {numel} elements, more "
-            "than the kernels' 32-bit indexing allows (2**31); use fewer blocks "
-            "(num_blocks / block_per_row), a larger block_size, or split the batch")
+            "than the kernels' 32-bit indexing allows (2**31) even for one (batch, head) "
+            "row; use fewer blocks (num_blocks / block_per_row) or a larger block_size")
 
 
 def check_mask_values(mask) -> None:
