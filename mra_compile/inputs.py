@@ -79,13 +79,19 @@ def torch_single_threaded():
         torch.set_num_threads(threads)
 
 
+ALIGNMENT = 64  # bytes: TVM's buffer alignment (torch's allocations are at least this)
+
+
 def pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, N, D] -> contiguous [B*H, N + n_pad, D + d_pad] of ``dtype``, zero padded."""
     x = x.to(dtype)
     if n_pad or d_pad:
         x = F.pad(x, (0, d_pad, 0, n_pad))
     B, H, N, D = x.shape
-    return x.reshape(B * H, N, D).contiguous()
+    x = x.reshape(B * H, N, D).contiguous()
+    # A view at an odd offset of a larger tensor passes through the lines above; the
+    # kernels assume aligned buffers (vector loads: CPU segfault, CUDA misaligned address).
+    return x.clone() if x.data_ptr() % ALIGNMENT else x
 
 
 @dataclass
