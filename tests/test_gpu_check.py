@@ -1,0 +1,145 @@
+"""bench/gpu_check.py's driver without a GPU: one fault or hang loses only its own task.
+
+Fake tasks stand for the GPU work: one raises what a sticky CUDA error raises and leaves
+the "device" unusable in its process, one hangs, one kills its process. Every row
+measured before and after must be in the results file, each lost task recorded, and the
+report rendered from the file.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from bench import gpu_driver  # noqa: E402
+from bench.gpu_driver import Results, Task  # noqa: E402
+
+# The worker: a fresh interpreter running gpu_driver.work over the fake tasks, with a
+# device probe that fails once the sticky task ran in this process (as CUDA's does).
+WORKER = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {repo!r})
+    from bench import gpu_driver
+    from bench.gpu_driver import Results, Task
+
+    broken = []
+
+    def run(task, emit):
+        emit({{"table": "rows", "id": task.id, "pid": os.getpid()}})  # measured at once
+        if task.kind == "sticky":
+            broken.append(1)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if task.kind == "hang":
+            time.sleep(600)
+        if task.kind == "crash":
+            os.abort()
+        if task.kind == "error":
+            raise ValueError("q: wrong")
+
+    def problem():
+        return "CUDA error: an illegal memory access was encountered" if broken else None
+
+    def failure_rows(task, status, message):
+        return [{{"table": "failed", "id": task.id, "status": status, "message": message}}]
+
+    tasks = [Task(name, kind, {seconds}) for name, kind in {tasks!r}]
+    with open({stacks!r}, "a") as stacks:
+        sys.exit(gpu_driver.work(tasks, Results({path!r}), run, problem, failure_rows, stacks))
+""")
+
+PLAN = [("a", "ok"), ("b", "error"), ("c", "sticky"), ("d", "ok"), ("e", "hang"), ("f", "ok"),
+        ("g", "crash"), ("h", "ok")]
+
+
+def failure_rows(task, status, message):
+    return [{"table": "failed", "id": task.id, "status": status, "message": message}]
+
+
+def supervise_fakes(tmp_path, plan, seconds=1.5, deadline_s=60.0):
+    path, stacks = tmp_path / "rows.jsonl", tmp_path / "stacks.txt"
+    script = WORKER.format(repo=str(REPO), seconds=seconds, tasks=plan, path=str(path),
+                           stacks=str(stacks))
+    tasks = [Task(name, kind, seconds) for name, kind in plan]
+    results = Results(path)
+    progress = []
+    t0 = time.monotonic()
+    gpu_driver.supervise(tasks, results, lambda: subprocess.Popen([sys.executable, "-c", script]),
+                         failure_rows, deadline=t0 + deadline_s, poll=0.05, grace=0.5,
+                         on_progress=lambda: progress.append(len(results.read())))
+    return results, progress, time.monotonic() - t0, stacks
+
+
+def test_a_fault_a_hang_and_a_crash_lose_only_their_own_task(tmp_path):
+    results, progress, elapsed, stacks = supervise_fakes(tmp_path, PLAN)
+    _, ended = results.task_events()
+    status = {name: ended[name]["status"] for name, _ in PLAN}
+    assert status == {"a": "ok", "b": "error", "c": "broken", "d": "ok", "e": "hung",
+                      "f": "ok", "g": "died", "h": "ok"}
+    # Every task's own row reached the file, including those of the lost tasks.
+    measured = results.rows("rows")
+    assert [r["id"] for r in measured] == [name for name, _ in PLAN]
+    # A fresh worker after the sticky error, the hang and the crash: four processes.
+    pids = {r["id"]: r["pid"] for r in measured}
+    assert pids["a"] == pids["b"] == pids["c"] != pids["d"] == pids["e"] != pids["f"]
+    assert pids["f"] == pids["g"] != pids["h"]
+    assert len(results.rows("worker")) == 8  # start and exit of each
+    # Each lost task stands in its table, with why.
+    failed = {r["id"]: r for r in results.rows("failed")}
+    assert set(failed) == {"b", "c", "e", "g"}
+    assert "illegal memory access" in failed["c"]["message"]
+    assert failed["b"]["message"] == "ValueError: q: wrong"
+    assert "hung" in failed["e"]["message"]
+    assert "signal" in failed["g"]["message"]
+    assert "Timeout" in stacks.read_text()  # the hung worker's stack, for the report
+    assert progress and elapsed < 15
+
+
+def test_rows_are_on_disk_while_the_worker_still_runs(tmp_path):
+    """A watchdog's kill after a row was measured must not lose it: appended and synced."""
+    results, _, _, _ = supervise_fakes(tmp_path, [("a", "ok"), ("e", "hang")], seconds=1.0)
+    lines = results.path.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert any(r.get("id") == "e" and r["table"] == "rows" for r in rows)
+    assert rows[-1]["table"] == "worker" or rows[-1]["table"] == "task"
+
+
+def test_the_deadline_records_what_was_not_run(tmp_path):
+    plan = [("a", "ok"), ("e", "hang"), ("f", "ok")]
+    results, _, elapsed, _ = supervise_fakes(tmp_path, plan, seconds=30.0, deadline_s=1.0)
+    _, ended = results.task_events()
+    assert ended["a"]["status"] == "ok"
+    assert ended["e"]["status"] == "hung" and "deadline" in ended["e"]["message"]
+    assert ended["f"]["status"] == "skipped"
+    assert elapsed < 8
+
+
+def test_tasks_past_their_start_time_are_recorded_as_skipped(tmp_path):
+    results = Results(tmp_path / "rows.jsonl")
+    tasks = [Task("a", "ok", 5.0), Task("late", "ok", 5.0, start_by=time.monotonic() - 1)]
+    ran = []
+    code = gpu_driver.work(tasks, results, lambda t, emit: ran.append(t.id), lambda: None,
+                           failure_rows)
+    assert code == 0 and ran == ["a"]
+    assert results.rows("failed") == [{"table": "failed", "id": "late", "status": "skipped",
+                                       "message": "skipped: time budget"}]
+
+
+def test_a_cut_last_line_loses_only_itself(tmp_path):
+    results = Results(tmp_path / "rows.jsonl")
+    results.append({"table": "rows", "id": "a"})
+    with open(results.path, "a") as f:
+        f.write('{"table": "rows", "id": "b"')  # killed mid-write
+    assert results.rows("rows") == [{"table": "rows", "id": "a"}]
+
+
+@pytest.mark.parametrize("args", [["--help"]])
+def test_gpu_check_imports_and_helps_without_cuda(args):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--bundle" in proc.stdout
