@@ -143,3 +143,41 @@ def test_gpu_check_imports_and_helps_without_cuda(args):
                           env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert "--bundle" in proc.stdout
+
+
+def test_report_keeps_passing_lost_and_skipped_checks_and_the_must_show_ratios(tmp_path):
+    """gpu_check's side: rows of a run in which one case broke the device and one was
+    never reached are all in the markdown and the CSV, and the speed summary states the
+    issue's thresholds."""
+    from bench import gpu_check
+
+    args = gpu_check.parse_args(["--smoke", "--out", str(tmp_path)])
+    tasks = gpu_check.plan_tasks(args, time.monotonic())
+    assert [t.kind for t in tasks[:2]] == ["env", "rates"]
+    assert {"baselines", "flex", "peer", "kernels"} <= {t.kind for t in tasks}
+    first, broke, late = [t for t in tasks if t.kind == "correctness"][:3]
+    results = Results(tmp_path / gpu_check.RESULTS)
+    row = gpu_check.correctness_row(first.spec)
+    row.update(status="PASS", error=1e-7, message="")
+    results.append(row)
+    gpu_driver.close_task(results, first, "ok", "", gpu_check.failure_rows)
+    gpu_driver.close_task(results, broke, "broken", "device unusable after it: CUDA error: an "
+                          "illegal memory access was encountered", gpu_check.failure_rows)
+    gpu_driver.close_task(results, late, "skipped", "skipped: time budget", gpu_check.failure_rows)
+    dtype, D, N = (gpu_check.short_dtype(gpu_check.SMOKE_SUMMARY[0]), *gpu_check.SMOKE_SUMMARY[1:])
+    for impl, mode, ms in (("op", "full", 1.0), ("sdpa", None, 6.0), ("flex", None, 1.5),
+                           ("peer", "full", 0.8)):
+        results.append({"table": "timing", "dtype": dtype, "D": D, "N": N, "impl": impl,
+                        "mode": mode, "direction": "fwd", "ms": ms, "why": None,
+                        "variant": "bs32" if impl == "flex" else None})
+    results.append({"table": "note", "text": "kernels: hung: killed after 190 s"})
+    meta = {"argv": ["python", "bench/gpu_check.py", "--smoke"], "date": "today",
+            "start": time.monotonic(), "budget": 60.0, "smoke": True, "out": tmp_path,
+            "fatal": [], "notes": []}
+    text = gpu_check.write_outputs(results, meta)
+    assert "every correctness check passes: no (1 passed, 1 failed, 1 skipped)" in text
+    assert "illegal memory access" in text and "kernels: hung" in text
+    assert "SDPA flash 6.000 ms (6.00x, needs >= 5x: yes)" in text
+    assert "MRA-2 on Flex 0.800 ms (0.80x, needs >= 1x: NO)" in text
+    lines = (tmp_path / "correctness.csv").read_text().splitlines()
+    assert len(lines) == 4 and "FAIL" in lines[2] and "SKIPPED" in lines[3]
