@@ -236,9 +236,10 @@ def machine_rates(dev, smoke: bool) -> dict:
 # ---------------------------------------------------------------------------- correctness
 
 def draw_cases(seed: int, smoke: bool) -> list[dict]:
-    """Seeded cases, cheapest and most informative first: forward, stream, backward, the
-    large-N forwards (the float64 oracle is the expensive part), then the CUDA graph
-    captures last, so that a capture gone wrong cannot spoil the other checks."""
+    """Seeded cases, cheapest and most informative first: forward, stream, misaligned
+    inputs, backward, the large-N forwards (the float64 oracle is the expensive part), then
+    the CUDA graph captures last, so that a capture gone wrong cannot spoil the other
+    checks."""
     rng = random.Random(seed)
     small, streams, backward, large, graphs = [], [], [], [], []
     large_n = [300, 257, 200, 300, 231, 129] if smoke else [32768, 16411, 8191, 32768, 24007, 12345]
@@ -272,6 +273,8 @@ def draw_cases(seed: int, smoke: bool) -> list[dict]:
                           amp=1.0, seed=rng.randrange(2**31))
             common["num_blocks"] = 4 * -(-common["N"] // BLOCK)
             streams.append(dict(common, check="stream"))
+            # Odd storage offsets (not 16-byte aligned) against the kernels' vector loads.
+            streams.append(dict(common, check="misaligned", masked=combo % 2 == 0))
             graphs.append(dict(common, check="graph"))
             combo += 1
     return small + streams + backward + large + graphs
@@ -422,8 +425,28 @@ def check_graph(case, dev):
     return rel_error(static_out, op(*fresh, None, nb, mode).double(), None)
 
 
+def offset_by_one(x):
+    """x's values in a tensor whose storage begins one element into its buffer, so that its
+    data pointer is not 16-byte aligned."""
+    y = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    return y.copy_(x)
+
+
+def check_misaligned(case, dev):
+    """q, k, v and mask at an odd storage offset give what aligned copies give (issue 15:
+    the kernels read with 16-byte vector loads)."""
+    q, k, v, mask = make_inputs(case, dev)
+    nb, mode = case["num_blocks"], case["mode"]
+    with torch.no_grad():
+        aligned = op(q, k, v, mask, nb, mode)
+        shifted = op(*(offset_by_one(x) for x in (q, k, v)),
+                     None if mask is None else offset_by_one(mask), nb, mode)
+    return rel_error(shifted, aligned.double(), mask)
+
+
 CHECKS = {"forward": (check_forward, FWD_LIMIT), "backward": (check_backward, BWD_LIMIT),
-          "stream": (check_stream, FWD_LIMIT), "graph": (check_graph, FWD_LIMIT)}
+          "stream": (check_stream, FWD_LIMIT), "misaligned": (check_misaligned, FWD_LIMIT),
+          "graph": (check_graph, FWD_LIMIT)}
 
 
 def correctness_row(case: dict) -> dict:
@@ -668,8 +691,9 @@ def timing_entries(rows: list[dict]) -> dict:
         if r["impl"] in ("flex-check", "peer-check"):
             entry[r["impl"]] = r["value"]
             continue
-        entry[(r["impl"], r["mode"], r["direction"])] = r["ms"] if r["ms"] is not None else r["why"]
-        if r["impl"] == "flex" and r["ms"] is not None:
+        ms = r.get("ms")
+        entry[(r["impl"], r["mode"], r["direction"])] = ms if ms is not None else r.get("why")
+        if r["impl"] == "flex" and ms is not None:
             entry["variants"][r["direction"]] = r["variant"]
     return entries
 
@@ -833,7 +857,7 @@ def summary_lines(report, smoke: bool, fatal: list[str]) -> list[str]:
     ok = counts["FAIL"] == 0 and counts["PASS"] > 0 and not fatal
     lines = [f"every correctness check passes: {'yes' if ok else 'no'} "
              f"({counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIPPED']} skipped)"]
-    for check in ("forward", "backward", "stream", "graph"):
+    for check in CHECKS:
         rows = [r for r in corr if r["check"] == check]
         by = collections.Counter(r["status"] for r in rows)
         lines.append(f"{check}: {by['PASS']} of {len(rows)} pass"
@@ -860,7 +884,8 @@ def render(report, meta) -> str:
             "dq, dk, dv together), ref = mra2_reference in float64 on the same device with the "
             "op's own block selection; limits fp32 1e-5, fp16 2e-3, bf16 1e-2 (gradients 1e-4, "
             "1e-2, 5e-2). stream: the op launched on a side stream held back by a sleep while "
-            "the default stream sleeps longer, against the eager result; graph: a mask-free "
+            "the default stream sleeps longer, against the eager result; misaligned: q, k, v, mask "
+            "at an odd storage offset against aligned copies; graph: a mask-free "
             "forward captured in a CUDA graph, replayed on new inputs, against eager."]
     failing = [r for r in report["correctness"] if r["status"] == "FAIL"]
     if failing:

@@ -20,6 +20,7 @@ import faulthandler
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -138,10 +139,10 @@ def work(tasks: list[Task], results: Results, run: Runner, device_problem: Calla
             status, message = "ok", ""
         except Exception as exc:  # noqa: BLE001  (recorded; the next task runs)
             status, message = "error", one_line(exc)
-        finally:
-            if stacks is not None:
-                faulthandler.cancel_dump_traceback_later()
+        # The probe waits for the task's device work, so the watchdog stays armed over it.
         problem = device_problem()
+        if stacks is not None:
+            faulthandler.cancel_dump_traceback_later()
         if problem is not None:
             message = f"{message + '; ' if message else ''}device unusable after it: {problem}"
             close_task(results, task, "broken", message, failure_rows)
@@ -185,11 +186,25 @@ def watch(proc: subprocess.Popen, by_id: dict[str, Task], results: Results, dead
     return None
 
 
+def never_raising(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn, with its errors printed instead of raised: a report that fails to render must
+    not stop the run (the rows stay in the results file)."""
+    def call() -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            print(f"gpu_driver: progress callback failed: {one_line(exc)}", file=sys.stderr,
+                  flush=True)
+    return call
+
+
 def supervise(tasks: list[Task], results: Results, spawn: Callable[[], subprocess.Popen],
               failure_rows: FailureRows, deadline: float, poll: float = 0.5,
               grace: float = GRACE_SECONDS, on_progress: Callable[[], None] = lambda: None) -> None:
-    """Start workers (``spawn()``) until every task has an end record or time is up."""
+    """Start workers (``spawn()``) until every task has an end record or time is up.
+    ``on_progress()`` runs after every finished task (e.g. to rewrite the report)."""
     by_id = {t.id: t for t in tasks}
+    on_progress = never_raising(on_progress)
     fruitless = 0
     while True:
         _, ended = results.task_events()
