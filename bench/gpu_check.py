@@ -812,6 +812,13 @@ def md_table(fields, rows) -> str:
     return "\n".join(lines)
 
 
+def latest_per_task(rows: list[dict]) -> list[dict]:
+    """One row per task, the last written: a case whose row was measured before its worker
+    died, or before the device was found broken after it, is superseded by its FAIL row."""
+    last = {r.get("task", i): r for i, r in enumerate(rows)}
+    return list(last.values())
+
+
 def collect(results: Results, smoke: bool) -> dict:
     """What the report shows, from the results file alone (any worker may have written it)."""
     order = {(short_dtype(dt), D, N): i for i, (dt, D, N) in enumerate(timing_configs(smoke))}
@@ -820,7 +827,7 @@ def collect(results: Results, smoke: bool) -> dict:
     return {"env": [(r["fact"], r["value"]) for r in results.rows("env")],
             "notes": [r["text"] for r in results.rows("note")],
             "rates": rates[-1] if rates else {},
-            "correctness": results.rows("correctness"),
+            "correctness": latest_per_task(results.rows("correctness")),
             "timings": [row for key in sorted(entries, key=lambda k: order.get(k, len(order)))
                         for row in timing_rows(key, entries[key])],
             "kernels": results.rows("kernel"),

@@ -3,8 +3,9 @@
 Used by bench/gpu_check.py; no torch here, so that it is testable anywhere.
 
 - ``Results``: the results file, one JSON object per line, each appended, flushed and
-  fsynced as soon as it exists. Task records (``{"table": "task", "event": "begin" |
-  "end", ...}``) sit beside the data rows and say which task was running.
+  fsynced as soon as it exists; data rows carry their task's id. Task records
+  (``{"table": "task", "event": "begin" | "end", ...}``) sit beside the data rows and say
+  which task was running.
 - ``work``: the worker's loop, in the process that touches the device. It runs the tasks
   not yet begun in the file, in order; after each task it asks whether the device is
   still usable, and when it is not (a sticky CUDA error such as an illegal address makes
@@ -110,7 +111,7 @@ def close_task(results: Results, task: Task, status: str, message: str,
                failure_rows: FailureRows) -> None:
     if status != "ok":
         for row in failure_rows(task, status, message):
-            results.append(row)
+            results.append({**row, "task": task.id})
     results.end(task, status, message)
 
 
@@ -134,8 +135,11 @@ def work(tasks: list[Task], results: Results, run: Runner, device_problem: Calla
         results.begin(task)
         if stacks is not None:
             faulthandler.dump_traceback_later(task.seconds, exit=True, file=stacks)
+        def emit(row: dict, task_id: str = task.id) -> None:
+            results.append({**row, "task": task_id})  # which task measured it
+
         try:
-            run(task, results.append)
+            run(task, emit)
             status, message = "ok", ""
         except Exception as exc:  # noqa: BLE001  (recorded; the next task runs)
             status, message = "error", one_line(exc)

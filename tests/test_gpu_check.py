@@ -82,6 +82,7 @@ def test_a_fault_a_hang_and_a_crash_lose_only_their_own_task(tmp_path):
     # Every task's own row reached the file, including those of the lost tasks.
     measured = results.rows("rows")
     assert [r["id"] for r in measured] == [name for name, _ in PLAN]
+    assert all(r["task"] == r["id"] for r in measured)  # tagged with the task that made them
     # A fresh worker after the sticky error, the hang and the crash: four processes.
     pids = {r["id"]: r["pid"] for r in measured}
     assert pids["a"] == pids["b"] == pids["c"] != pids["d"] == pids["e"] != pids["f"]
@@ -125,7 +126,7 @@ def test_tasks_past_their_start_time_are_recorded_as_skipped(tmp_path):
                            failure_rows)
     assert code == 0 and ran == ["a"]
     assert results.rows("failed") == [{"table": "failed", "id": "late", "status": "skipped",
-                                       "message": "skipped: time budget"}]
+                                       "message": "skipped: time budget", "task": "late"}]
 
 
 def test_a_cut_last_line_loses_only_itself(tmp_path):
@@ -157,9 +158,10 @@ def test_report_keeps_passing_lost_and_skipped_checks_and_the_must_show_ratios(t
     assert {"baselines", "flex", "peer", "kernels"} <= {t.kind for t in tasks}
     first, broke, late = [t for t in tasks if t.kind == "correctness"][:3]
     results = Results(tmp_path / gpu_check.RESULTS)
-    row = gpu_check.correctness_row(first.spec)
-    row.update(status="PASS", error=1e-7, message="")
-    results.append(row)
+    for task in (first, broke):  # broke's row was measured before the probe found the fault
+        row = gpu_check.correctness_row(task.spec)
+        row.update(status="PASS", error=1e-7, message="", task=task.id)
+        results.append(row)
     gpu_driver.close_task(results, first, "ok", "", gpu_check.failure_rows)
     gpu_driver.close_task(results, broke, "broken", "device unusable after it: CUDA error: an "
                           "illegal memory access was encountered", gpu_check.failure_rows)
