@@ -20,16 +20,27 @@ Within --budget-seconds (default 420 s; work left over is recorded as skipped) i
 1. Correctness: float32/float16/bfloat16 x "full"/"sparse" on seeded random shapes (odd N
    and head dims, [B, N] masks with padding, N up to 32768) against ``mra2_reference`` in
    float64 on the same device, given the op's own block selection; q/k/v gradients for a
-   subset; the op on a side stream; one forward captured in a CUDA graph and replayed.
+   subset; the op on a side stream held back by a sleep (it must follow torch's current
+   stream); a mask-free forward captured in a CUDA graph and replayed on new inputs.
 2. Timings (B=1, H=16, D 64/128, 8 blocks per row, bf16 then fp16, N 1024..32768):
    forward and forward+backward of the op, flash SDPA, compiled FlexAttention on the op's
-   selected blocks, and the plain-torch reference where it fits.
+   selected blocks, and the plain-torch reference where it fits; at the must-show
+   configuration (bf16, N=16384, D=64) also the peer a GPU user would write, MRA-2 full
+   mode on FlexAttention (bench/flex_mra.py). Ratios against the op.
 3. Kernels: time, bytes and flops of every kernel of one forward and one backward, against
    the card's measured copy bandwidth and bf16 matmul rate.
 
-Writes gpu_check.md, correctness.csv, timings.csv and kernels.csv under --out (after every
-section, so a killed run still leaves results) and prints the markdown. Exit status: 0 when
-every correctness check that ran passed, 1 otherwise.
+How a fault loses only its own check (bench/gpu_driver.py): this process (the
+supervisor) never touches the GPU; it starts a worker process that runs the checks as
+tasks, appending every row to --out/rows.jsonl (flushed and fsynced) as soon as it is
+measured. After each task the worker probes the device; a sticky CUDA error (an illegal
+address, a launch failure) is recorded against the task and the worker exits, and the
+supervisor starts a fresh worker for the remaining tasks. A task that outlives its
+allowance is stopped (its stacks go to worker_stacks.txt) and recorded as hung; a worker
+that crashes has its task recorded as died. gpu_check.md, correctness.csv, timings.csv
+and kernels.csv are rebuilt from rows.jsonl after every task, and printed at the end.
+``--resume`` continues a run that was cut off; ``--only KIND ...`` runs a subset.
+Exit status: 0 when every correctness check that ran passed, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -37,7 +48,6 @@ import argparse
 import collections
 import csv
 import datetime
-import faulthandler
 import gc
 import importlib
 import json
@@ -57,6 +67,13 @@ import torch
 import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # bench.* and mra_compile from this checkout
+
+from bench import flex_mra, gpu_driver  # noqa: E402
+from bench.gpu_driver import Results, Task  # noqa: E402
+
+RESULTS = "rows.jsonl"  # under --out: every row, appended as it is measured
 PYLIB = Path("/tmp/mra_pylib")  # where the carried tvm_ffi wheel is unpacked
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODES = ("full", "sparse")
@@ -74,18 +91,15 @@ FLEX_VARIANTS = ("bs32", "bs128+mask_mod")
 CORR_FIELDS = ("check", "dtype", "mode", "B", "H", "N", "D", "masked", "num_blocks",
                "error", "limit", "status", "seconds", "message")
 TIME_FIELDS = ("dtype", "mode", "direction", "N", "D", "op_ms", "sdpa_ms", "flex_ms",
-               "reference_ms", "sdpa_over_op", "flex_over_op", "flex_variant",
-               "flex_vs_op_sparse", "notes")
+               "peer_ms", "reference_ms", "sdpa_over_op", "flex_over_op", "peer_over_op",
+               "flex_variant", "flex_vs_op_sparse", "peer_vs_op_full", "notes")
 KERNEL_FIELDS = ("pass", "kernel", "ms", "bytes", "GB/s", "% copy bw", "flops",
                  "flop formula", "TFLOP/s", "% matmul")
 
 mc = None  # the mra_compile package, imported after the bootstrap
 
 
-def short(exc: BaseException) -> str:
-    """The first lines of an exception, one line, for a table cell."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {' / '.join(lines[:2])}"[:400]
+short = gpu_driver.one_line  # an exception as one line, for a table cell
 
 
 def short_dtype(dtype) -> str:
@@ -93,23 +107,10 @@ def short_dtype(dtype) -> str:
         dtype, str(dtype).replace("torch.", ""))
 
 
-class Budget:
-    """Wall-clock budget of the whole run, counted from the script's start."""
-
-    def __init__(self, seconds: float):
-        self.start = time.monotonic()
-        self.end = self.start + seconds
-
-    def left(self) -> float:
-        return self.end - time.monotonic()
-
-
 # ---------------------------------------------------------------------------- bootstrap
 
 def bootstrap(bundle: Path | None, notes: list[str]) -> None:
     """Make ``tvm_ffi`` importable (offline, from the bundle) and point the op at the bundle."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # import mra_compile from this checkout
     if bundle is None:
         return
     try:
@@ -235,9 +236,10 @@ def machine_rates(dev, smoke: bool) -> dict:
 # ---------------------------------------------------------------------------- correctness
 
 def draw_cases(seed: int, smoke: bool) -> list[dict]:
-    """Seeded cases, cheapest and most informative first: forward, stream, backward, the
-    large-N forwards (the float64 oracle is the expensive part), then the CUDA graph
-    captures last, so that a capture gone wrong cannot spoil the other checks."""
+    """Seeded cases, cheapest and most informative first: forward, stream, misaligned
+    inputs, backward, the large-N forwards (the float64 oracle is the expensive part), then
+    the CUDA graph captures last, so that a capture gone wrong cannot spoil the other
+    checks."""
     rng = random.Random(seed)
     small, streams, backward, large, graphs = [], [], [], [], []
     large_n = [300, 257, 200, 300, 231, 129] if smoke else [32768, 16411, 8191, 32768, 24007, 12345]
@@ -271,6 +273,8 @@ def draw_cases(seed: int, smoke: bool) -> list[dict]:
                           amp=1.0, seed=rng.randrange(2**31))
             common["num_blocks"] = 4 * -(-common["N"] // BLOCK)
             streams.append(dict(common, check="stream"))
+            # Odd storage offsets (not 16-byte aligned) against the kernels' vector loads.
+            streams.append(dict(common, check="misaligned", masked=combo % 2 == 0))
             graphs.append(dict(common, check="graph"))
             combo += 1
     return small + streams + backward + large + graphs
@@ -421,70 +425,79 @@ def check_graph(case, dev):
     return rel_error(static_out, op(*fresh, None, nb, mode).double(), None)
 
 
+def offset_by_one(x):
+    """x's values in a tensor whose storage begins one element into its buffer, so that its
+    data pointer is not 16-byte aligned."""
+    y = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    return y.copy_(x)
+
+
+def check_misaligned(case, dev):
+    """q, k, v and mask at an odd storage offset give what aligned copies give (issue 15:
+    the kernels read with 16-byte vector loads)."""
+    q, k, v, mask = make_inputs(case, dev)
+    nb, mode = case["num_blocks"], case["mode"]
+    with torch.no_grad():
+        aligned = op(q, k, v, mask, nb, mode)
+        shifted = op(*(offset_by_one(x) for x in (q, k, v)),
+                     None if mask is None else offset_by_one(mask), nb, mode)
+    return rel_error(shifted, aligned.double(), mask)
+
+
 CHECKS = {"forward": (check_forward, FWD_LIMIT), "backward": (check_backward, BWD_LIMIT),
-          "stream": (check_stream, FWD_LIMIT), "graph": (check_graph, FWD_LIMIT)}
+          "stream": (check_stream, FWD_LIMIT), "misaligned": (check_misaligned, FWD_LIMIT),
+          "graph": (check_graph, FWD_LIMIT)}
 
 
-def run_correctness(cases, dev, until: float, rows: list, progress) -> None:
-    for case in cases:
-        fn, limits = CHECKS[case["check"]]
-        row = {f: case.get(f) for f in CORR_FIELDS}
-        row.update(dtype=short_dtype(case["dtype"]), limit=limits[case["dtype"]], error=None)
-        t0 = time.monotonic()
-        if t0 > until:
-            row.update(status="SKIPPED", message="skipped: time budget")
-        else:
-            try:
-                err, msg = fn(case, dev)
-                row.update(error=err, message=msg)
-                row["status"] = ("SKIPPED" if err is None else
-                                 "PASS" if err <= row["limit"] else "FAIL")
-            except Exception as exc:  # noqa: BLE001  (every case is recorded, the run goes on)
-                row.update(status="FAIL", message=short(exc))
-            free_memory(dev)
-        row["seconds"] = time.monotonic() - t0
-        rows.append(row)
-        if row["status"] == "FAIL":
-            progress(f"  FAIL {case['check']} {row['dtype']} {row['mode']} B{row['B']} "
-                     f"H{row['H']} N{row['N']} D{row['D']}: {fmt(row['error'], 'error')} "
-                     f"{row['message']}")
+def correctness_row(case: dict) -> dict:
+    """A correctness row of a case, before its outcome."""
+    row = {f: case.get(f) for f in CORR_FIELDS}
+    row.update(table="correctness", dtype=short_dtype(case["dtype"]),
+               limit=CHECKS[case["check"]][1][case["dtype"]], error=None)
+    return row
+
+
+def run_correctness(case: dict, ctx, emit) -> None:
+    """One case against its limit, as one row (an exception is a FAIL row, made by
+    failure_rows from the message)."""
+    t0 = time.monotonic()
+    err, msg = CHECKS[case["check"]][0](case, ctx.dev)
+    row = correctness_row(case)
+    row.update(error=err, message=msg, seconds=time.monotonic() - t0,
+               status="SKIPPED" if err is None else "PASS" if err <= row["limit"] else "FAIL")
+    emit(row)
+    if row["status"] == "FAIL":
+        ctx.progress(f"  FAIL {case['check']} {row['dtype']} {row['mode']} B{row['B']} "
+                     f"H{row['H']} N{row['N']} D{row['D']}: {fmt(err, 'error')} {msg}")
 
 
 # ---------------------------------------------------------------------------- flex attention
 
-def kv_lists(blocks):
-    """(count [B, H, m] int32, indices [B, H, m, m] int32) of a bool block matrix, the
-    True columns of each row first (the BlockMask layout)."""
-    order = torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True)
-    return blocks.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous()
-
-
 def flex_block_mask(selected, N, variant):
     """A BlockMask for the op's selected 32-token blocks ``selected`` [B, H, n, n].
 
-    Both variants carry a mask_mod that looks ``selected`` up per token: it defines the
-    function (eager flex evaluates it everywhere), while compiled kernels evaluate it only
-    in partial blocks and skip the unlisted ones.
-    "bs32": the selected blocks as full 32x32 blocks, exactly the op's work.
+    "bs32": the selected blocks as full 32x32 blocks, exactly the op's work
+    (flex_mra.selection_block_mask, also what the MRA-2-on-Flex peer uses).
     "bs128+mask_mod": flex's default 128-token tiles that hold a selected block; a partly
     selected tile costs the whole 128x128 tile, so this does more work than the op (the
-    fallback where bs32 fails).
+    fallback where bs32 fails). Its mask_mod looks ``selected`` up per token: it defines
+    the function (eager flex evaluates it everywhere), while compiled kernels evaluate it
+    only in partial tiles and skip the unlisted ones.
     """
     from torch.nn.attention.flex_attention import BlockMask
+
+    if variant == "bs32":
+        return flex_mra.selection_block_mask(selected, None, BLOCK)
 
     def lookup(b, h, q_idx, kv_idx):
         return selected[b, h, q_idx // BLOCK, kv_idx // BLOCK]
 
-    if variant == "bs32":
-        count, order = kv_lists(selected)
-        return BlockMask.from_kv_blocks(torch.zeros_like(count), order.clone(), count, order,
-                                        BLOCK_SIZE=BLOCK, mask_mod=lookup, seq_lengths=(N, N))
     B, H, n, _ = selected.shape
     r, m = 128 // BLOCK, -(-n * BLOCK // 128)
     tiles = F.pad(selected, (0, m * r - n, 0, m * r - n)).view(B, H, m, r, m, r)
     some, every = tiles.any(5).any(3), tiles.all(5).all(3)
-    return BlockMask.from_kv_blocks(*kv_lists(some & ~every), *kv_lists(every), BLOCK_SIZE=128,
-                                    mask_mod=lookup, seq_lengths=(N, N))
+    return BlockMask.from_kv_blocks(*flex_mra.kv_lists(some & ~every), *flex_mra.kv_lists(every),
+                                    BLOCK_SIZE=128, mask_mod=lookup, seq_lengths=(N, N))
 
 
 def make_flex(dev):
@@ -503,10 +516,20 @@ def make_flex(dev):
     return types.SimpleNamespace(fn=torch.compile(flex_attention, dynamic=False), failed={})
 
 
-def flex_call(flex, q, k, v, block_mask, variant):
+def flex_options(variant):
     # 32-token blocks need kernel tiles that divide them; the default forward tile is larger.
-    opts = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK} if variant == "bs32" else None
-    return flex.fn(q, k, v, block_mask=block_mask, kernel_options=opts)
+    return {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK} if variant == "bs32" else None
+
+
+def flex_call(flex, q, k, v, block_mask, variant):
+    return flex.fn(q, k, v, block_mask=block_mask, kernel_options=flex_options(variant))
+
+
+def peer_call(flex, q, k, v, num_blocks):
+    """MRA-2 full mode on FlexAttention (bench/flex_mra.py), end to end: the op's block
+    selection, the BlockMask, flex on the exact blocks, the coarse part, the merge."""
+    return flex_mra.flex_mra(q, k, v, None, num_blocks=num_blocks, flex=flex.fn,
+                             kernel_options=flex_options("bs32"), block_size=BLOCK)
 
 
 # ---------------------------------------------------------------------------- timings
@@ -534,50 +557,59 @@ def config_inputs(cfg, dev, args):
     return [torch.randn(1, H, N, D, generator=gen, device=dev).to(dtype) for _ in range(4)]
 
 
-def make_measure(res: dict, q, k, v, g, dev, until: float):
-    """measure(key, impl, need_s): times impl(q, k, v) into res[key] = ms or "skipped: why".
-    key[2] "fwd" runs it under no_grad; "fwd+bwd" adds the gradients of q, k, v."""
+def make_measure(cfg, emit, q, k, v, g, dev, until: float):
+    """measure(impl, mode, direction, fn_of_qkv, need_s, variant) times fn_of_qkv(q, k, v)
+    and appends one timing row at once: ms, or why not ("skipped: ..."). Returns the row.
+    "fwd" runs under no_grad; "fwd+bwd" adds the gradients of q, k, v."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    dtype, D, N = cfg
 
-    def measure(key, impl, need_s=5.0):
+    def measure(impl, mode, direction, impl_fn, need_s=5.0, variant=None):
+        row = {"table": "timing", "dtype": short_dtype(dtype), "D": D, "N": N, "impl": impl,
+               "mode": mode, "direction": direction, "variant": variant, "ms": None, "why": None}
         if until - time.monotonic() < need_s:
-            res[key] = "skipped: time budget"
-            return
-        if key[2] == "fwd":
-            def fn():
-                with torch.no_grad():
-                    return impl(q, k, v)
+            row["why"] = "skipped: time budget"
         else:
-            def fn():
-                return torch.autograd.grad(impl(*leaves), leaves, g)
-        try:
-            res[key] = bench_ms(fn, dev)
-        except Exception as exc:  # noqa: BLE001  (recorded; the run goes on)
-            res[key] = f"skipped: {short(exc)}"
-            free_memory(dev)
+            if direction == "fwd":
+                def fn():
+                    with torch.no_grad():
+                        return impl_fn(q, k, v)
+            else:
+                def fn():
+                    return torch.autograd.grad(impl_fn(*leaves), leaves, g)
+            try:
+                row["ms"] = bench_ms(fn, dev)
+            except Exception as exc:  # noqa: BLE001  (recorded; the run goes on)
+                row["why"] = f"skipped: {short(exc)}"
+                free_memory(dev)
+        emit(row)
+        return row
 
     return measure
 
 
-def time_baselines(cfg, entry, dev, args, until) -> None:
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def time_baselines(cfg, ctx, emit) -> None:
     """The op (both modes), flash SDPA and the dense reference at one configuration."""
     dtype, D, N = cfg
+    dev, args = ctx.dev, ctx.args
     q, k, v, g = config_inputs(cfg, dev, args)
     H, nb = q.shape[1], BLOCKS_PER_ROW * (N // BLOCK)
-    res = entry["res"]
-    measure = make_measure(res, q, k, v, g, dev, until)
+    measure = make_measure(cfg, emit, q, k, v, g, dev, ctx.until)
     for direction in DIRECTIONS:
         for mode in MODES:
-            measure(("op", mode, direction), lambda a, b, c, m=mode: op(a, b, c, None, nb, m))
+            measure("op", mode, direction, lambda a, b, c, m=mode: op(a, b, c, None, nb, m))
         if dev.type == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            def sdpa(a, b, c):
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(a, b, c)
-            measure(("sdpa", None, direction), sdpa)
+            measure("sdpa", None, direction, sdpa_flash)
         else:
-            res[("sdpa", None, direction)] = "skipped: no CUDA"
+            emit({"table": "timing", "dtype": short_dtype(dtype), "D": D, "N": N, "impl": "sdpa",
+                  "mode": None, "direction": direction, "why": "skipped: no CUDA"})
     # The plain-torch oracle in the input dtype, where its N x N matrices fit.
     cap = args.reference_max_gb * 1e9
     if dev.type == "cuda":
@@ -586,102 +618,113 @@ def time_baselines(cfg, entry, dev, args, until) -> None:
         sel = selection(q, k, v, None, nb, mode)
         for direction in DIRECTIONS:
             if reference_peak_bytes(H, N, dtype, direction != "fwd") > cap:
-                res[("reference", mode, direction)] = "skipped: dense N x N does not fit"
+                emit({"table": "timing", "dtype": short_dtype(dtype), "D": D, "N": N,
+                      "impl": "reference", "mode": mode, "direction": direction,
+                      "why": "skipped: dense N x N does not fit"})
             else:
-                measure(("reference", mode, direction), lambda a, b, c, m=mode, s=sel:
+                measure("reference", mode, direction, lambda a, b, c, m=mode, s=sel:
                         mc.reference.mra2_reference(a, b, c, num_blocks=nb, approx_mode=m,
                                                     selection=s), 15)
         free_memory(dev)
 
 
-def time_flex(cfg, entry, dev, args, until, flex, progress) -> None:
+def time_flex(cfg, ctx, emit) -> None:
     """FlexAttention on exactly the op's blocks (T is the same in both modes), trying the
-    BlockMask variants in turn; a variant that failed once is not compiled again."""
-    N = cfg[2]
-    q, k, v, g = config_inputs(cfg, dev, args)
+    BlockMask variants in turn; a variant that failed once is not compiled again (also
+    across workers: the failures are rows of the results file)."""
+    dtype, D, N = cfg
+    flex = ctx.flex()
+    q, k, v, g = config_inputs(cfg, ctx.dev, ctx.args)
     nb = BLOCKS_PER_ROW * (N // BLOCK)
-    res, variants = entry["res"], entry["variants"]
-    measure = make_measure(res, q, k, v, g, dev, until)
+    measure = make_measure(cfg, emit, q, k, v, g, ctx.dev, ctx.until)
     selected = selection(q, k, v, None, nb, "full")[0]
+    worked = {}
     for direction in DIRECTIONS:
-        key = ("flex", None, direction)
-        res[key] = "skipped: no BlockMask variant worked (see notes)"
         for variant in FLEX_VARIANTS:
             if (direction, variant) in flex.failed:
                 continue
-            try:
-                mask = flex_block_mask(selected, N, variant)
-            except Exception as exc:  # noqa: BLE001  (e.g. an older BlockMask API)
-                res[key] = f"skipped: {short(exc)}"
-            else:
-                measure(key, lambda a, b, c, bm=mask, vr=variant:
-                        flex_call(flex, a, b, c, bm, vr), need_s=60)
-            if not isinstance(res[key], str):
-                variants[direction] = variant
+            mask = flex_block_mask(selected, N, variant)
+            row = measure("flex", None, direction, lambda a, b, c, bm=mask, vr=variant:
+                          flex_call(flex, a, b, c, bm, vr), need_s=60, variant=variant)
+            if row["ms"] is not None:
+                worked[direction] = variant
                 break
-            if "budget" in res[key]:
+            if "budget" in row["why"]:
                 break
-            flex.failed[(direction, variant)] = res[key]
-            progress(f"  flex {direction} {variant}: {res[key]}")
-    if "fwd" in variants:  # the op's sparse mode is the same function: checks the BlockMask
+            flex.failed[(direction, variant)] = row["why"]
+            emit({"table": "flexfail", "direction": direction, "variant": variant,
+                  "why": row["why"]})
+            ctx.progress(f"  flex {direction} {variant}: {row['why']}")
+    if "fwd" in worked:  # the op's sparse mode is the same function: checks the BlockMask
         with torch.no_grad():
-            got = flex_call(flex, q, k, v, flex_block_mask(selected, N, variants["fwd"]),
-                            variants["fwd"])
-            entry["check"] = rel_error(got, op(q, k, v, None, nb, "sparse").double(), None)[0]
-    free_memory(dev)
+            got = flex_call(flex, q, k, v, flex_block_mask(selected, N, worked["fwd"]),
+                            worked["fwd"])
+            err = rel_error(got, op(q, k, v, None, nb, "sparse").double(), None)[0]
+        emit({"table": "timing", "dtype": short_dtype(dtype), "D": D, "N": N,
+              "impl": "flex-check", "value": err})
+    free_memory(ctx.dev)
 
 
-def timing_rows(cfg, entry) -> list[dict]:
-    """One row per mode and direction; SDPA and Flex (mode independent) repeat in both."""
+def time_peer(cfg, ctx, emit) -> None:
+    """MRA-2 full mode on FlexAttention (the peer a GPU user would write), end to end,
+    and its difference from the op's full mode (the same function)."""
     dtype, D, N = cfg
+    flex = ctx.flex()
+    q, k, v, g = config_inputs(cfg, ctx.dev, ctx.args)
+    nb = BLOCKS_PER_ROW * (N // BLOCK)
+    measure = make_measure(cfg, emit, q, k, v, g, ctx.dev, ctx.until)
+    for direction in DIRECTIONS:
+        measure("peer", "full", direction, lambda a, b, c: peer_call(flex, a, b, c, nb), need_s=60)
+    with torch.no_grad():
+        err = rel_error(peer_call(flex, q, k, v, nb), op(q, k, v, None, nb, "full").double(),
+                        None)[0]
+    emit({"table": "timing", "dtype": short_dtype(dtype), "D": D, "N": N, "impl": "peer-check",
+          "value": err})
+    free_memory(ctx.dev)
+
+
+def timing_entries(rows: list[dict]) -> dict:
+    """{(dtype, D, N): {(impl, mode, direction): ms or why, "variants": {...}, checks}}."""
+    entries: dict = {}
+    for r in rows:
+        entry = entries.setdefault((r["dtype"], r["D"], r["N"]), {"variants": {}})
+        if r["impl"] in ("flex-check", "peer-check"):
+            entry[r["impl"]] = r["value"]
+            continue
+        ms = r.get("ms")
+        entry[(r["impl"], r["mode"], r["direction"])] = ms if ms is not None else r.get("why")
+        if r["impl"] == "flex" and ms is not None:
+            entry["variants"][r["direction"]] = r["variant"]
+    return entries
+
+
+def timing_rows(key, entry) -> list[dict]:
+    """One row per mode and direction; SDPA and Flex (mode independent) repeat in both;
+    the peer is full mode only."""
+    dtype, D, N = key
     rows = []
     for mode in MODES:
         for direction in DIRECTIONS:
-            row = {"dtype": short_dtype(dtype), "mode": mode, "direction": direction, "N": N,
-                   "D": D, "flex_variant": entry["variants"].get(direction, ""),
-                   "flex_vs_op_sparse": entry["check"] if direction == "fwd" else None}
+            row = {"dtype": dtype, "mode": mode, "direction": direction, "N": N, "D": D,
+                   "flex_variant": entry["variants"].get(direction, ""),
+                   "flex_vs_op_sparse": entry.get("flex-check") if direction == "fwd" else None,
+                   "peer_vs_op_full": (entry.get("peer-check")
+                                       if direction == "fwd" and mode == "full" else None)}
             notes = []
-            for impl, key_mode in (("op", mode), ("sdpa", None), ("flex", None),
-                                   ("reference", mode)):
-                value = entry["res"].get((impl, key_mode, direction), "skipped: not reached")
+            impls = [("op", mode), ("sdpa", None), ("flex", None), ("reference", mode)]
+            if mode == "full" and any(k[0] == "peer" for k in entry if isinstance(k, tuple)):
+                impls.append(("peer", "full"))
+            for impl, key_mode in impls:
+                value = entry.get((impl, key_mode, direction), "skipped: not reached")
                 row[f"{impl}_ms"] = None if isinstance(value, str) else value
                 if isinstance(value, str):
-                    notes.append(f"{impl}: {value[len('skipped: '):]}")
-            for impl in ("sdpa", "flex"):
-                if row["op_ms"] and row[f"{impl}_ms"]:
+                    notes.append(f"{impl}: {value.removeprefix('skipped: ')}")
+            for impl in ("sdpa", "flex", "peer"):
+                if row["op_ms"] and row.get(f"{impl}_ms"):
                     row[f"{impl}_over_op"] = row[f"{impl}_ms"] / row["op_ms"]
             row["notes"] = "; ".join(notes)
             rows.append(row)
     return rows
-
-
-def run_timings(dev, args, until, flex, state, progress) -> None:
-    """Two passes over the configurations, must-show one first: the op, SDPA and the
-    reference everywhere (cheap), then Flex while time is left (each shape compiles)."""
-    configs = timing_configs(args.smoke)
-    entries = {}
-    for step, fn in (("op/SDPA/reference", time_baselines), ("Flex", time_flex)):
-        if step == "Flex" and flex is None:
-            break
-        for cfg in configs:
-            if until - time.monotonic() < 10:
-                state["notes"].append(f"timings: {step} not reached from {short_dtype(cfg[0])} "
-                                      f"D={cfg[1]} N={cfg[2]} on (time budget)")
-                break
-            entry = entries.setdefault(cfg, {"res": {}, "variants": {}, "check": None})
-            try:
-                if step == "Flex":
-                    fn(cfg, entry, dev, args, until, flex, progress)
-                else:
-                    fn(cfg, entry, dev, args, until)
-            except Exception as exc:  # noqa: BLE001
-                state["notes"].append(f"timings {step} {short_dtype(cfg[0])} D={cfg[1]} "
-                                      f"N={cfg[2]}: {short(exc)}")
-                free_memory(dev)
-            state["timings"] = [row for c in configs if c in entries
-                                for row in timing_rows(c, entries[c])]
-            write_outputs(state)
-            progress(f"  {step} {short_dtype(cfg[0])} D={cfg[1]} N={cfg[2]} done")
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -701,8 +744,9 @@ FLOPS = (
 )
 
 
-def kernel_table(dev, smoke: bool, rates: dict, rows: list) -> str:
-    """Trace one forward and one backward, re-time each kernel call on its own arguments."""
+def kernel_table(dev, smoke: bool, rates: dict, emit) -> str:
+    """Trace one forward and one backward, re-time each kernel call on its own arguments
+    (one row each, emitted as it is timed); returns the table's note."""
     dtype, D, N = SMOKE_SUMMARY if smoke else SUMMARY
     H = 2 if smoke else 16
     n = N // BLOCK
@@ -732,13 +776,13 @@ def kernel_table(dev, smoke: bool, rates: dict, rows: list) -> str:
                     formula, flops = text, count and count(H, n, N, D, K)
                     break
             static = ",".join(f"{key}={val}" for key, val in sorted(rec["static"].items()))
-            rows.append({"pass": name, "kernel": f"{rec['op']}({static})", "ms": ms,
-                         "bytes": nbytes, "GB/s": nbytes / ms / 1e6,
-                         "% copy bw": 100 * nbytes / ms / 1e6 / rates["copy_GBps"],
-                         "flops": flops, "flop formula": formula,
-                         "TFLOP/s": flops / ms / 1e9 if flops else None,
-                         "% matmul": (100 * flops / ms / 1e9 / rates["matmul_TFLOPs"]
-                                      if flops else None)})
+            emit({"table": "kernel", "pass": name, "kernel": f"{rec['op']}({static})",
+                  "ms": ms, "bytes": nbytes, "GB/s": nbytes / ms / 1e6,
+                  "% copy bw": 100 * nbytes / ms / 1e6 / rates["copy_GBps"],
+                  "flops": flops, "flop formula": formula,
+                  "TFLOP/s": flops / ms / 1e9 if flops else None,
+                  "% matmul": (100 * flops / ms / 1e9 / rates["matmul_TFLOPs"]
+                               if flops else None)})
             totals[name] = totals.get(name, 0.0) + ms
     return (f"{short_dtype(dtype)}, B=1, H={H}, N={N}, D={D}, {BLOCKS_PER_ROW} blocks/row, "
             "full mode. "
@@ -752,7 +796,7 @@ def fmt(value, field: str = "") -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        if field in ("error", "limit", "flex_vs_op_sparse"):
+        if field in ("error", "limit", "flex_vs_op_sparse", "peer_vs_op_full"):
             return "inf" if math.isinf(value) else f"{value:.2e}"
         if field.endswith("over_op"):
             return f"{value:.2f}x"
@@ -768,79 +812,230 @@ def md_table(fields, rows) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(state) -> list[str]:
-    corr = state["correctness"]
+def latest_per_task(rows: list[dict]) -> list[dict]:
+    """One row per task, the last written: a case whose row was measured before its worker
+    died, or before the device was found broken after it, is superseded by its FAIL row."""
+    last = {r.get("task", i): r for i, r in enumerate(rows)}
+    return list(last.values())
+
+
+def collect(results: Results, smoke: bool) -> dict:
+    """What the report shows, from the results file alone (any worker may have written it)."""
+    order = {(short_dtype(dt), D, N): i for i, (dt, D, N) in enumerate(timing_configs(smoke))}
+    entries = timing_entries(results.rows("timing"))
+    rates = results.rows("rates")
+    return {"env": [(r["fact"], r["value"]) for r in results.rows("env")],
+            "notes": [r["text"] for r in results.rows("note")],
+            "rates": rates[-1] if rates else {},
+            "correctness": latest_per_task(results.rows("correctness")),
+            "timings": [row for key in sorted(entries, key=lambda k: order.get(k, len(order)))
+                        for row in timing_rows(key, entries[key])],
+            "kernels": results.rows("kernel"),
+            "kernel_note": " ".join(r["text"] for r in results.rows("kernel_note"))}
+
+
+def verdict(ratio, need: float) -> str:
+    """A speed-up against a must-show threshold."""
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.2f}x, needs >= {need:g}x: {'yes' if ratio >= need else 'NO'}"
+
+
+def speed_line(rows, cfg, H: int, direction: str, needs: dict) -> str:
+    """The op against each peer at one configuration, with the must-show thresholds."""
+    dtype, D, N = cfg
+    head = f"{direction} {short_dtype(dtype)} N={N} D={D} B*H={H} {BLOCKS_PER_ROW} blocks/row"
+    row = next((r for r in rows if r["dtype"] == short_dtype(dtype) and r["D"] == D
+                and r["N"] == N and r["mode"] == "full" and r["direction"] == direction), None)
+    if row is None or row["op_ms"] is None:
+        return f"{head}: op not measured"
+    names = {"sdpa": "SDPA flash", "flex": "Flex on the same blocks", "peer": "MRA-2 on Flex"}
+    parts = [f"op {fmt(row['op_ms'])} ms"]
+    for impl, need in needs.items():
+        ms = row.get(f"{impl}_ms")
+        parts.append(f"{names[impl]} {fmt(ms) or 'n/a'} ms "
+                     f"({verdict(row.get(f'{impl}_over_op'), need)})")
+    return f"{head}: " + "; ".join(parts)
+
+
+def summary_lines(report, smoke: bool, fatal: list[str]) -> list[str]:
+    corr = report["correctness"]
     counts = {s: sum(r["status"] == s for r in corr) for s in ("PASS", "FAIL", "SKIPPED")}
-    ok = counts["FAIL"] == 0 and counts["PASS"] > 0 and not state["fatal"]
+    ok = counts["FAIL"] == 0 and counts["PASS"] > 0 and not fatal
     lines = [f"every correctness check passes: {'yes' if ok else 'no'} "
              f"({counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIPPED']} skipped)"]
-    dtype, D, N = SMOKE_SUMMARY if state["smoke"] else SUMMARY
-    row = next((r for r in state["timings"] if r["dtype"] == short_dtype(dtype) and r["D"] == D
-                and r["N"] == N and r["mode"] == "full" and r["direction"] == "fwd"), None)
-    head = f"forward {short_dtype(dtype)} N={N} D={D} {BLOCKS_PER_ROW} blocks/row"
-    if row is None:
-        lines.append(f"{head}: not measured")
-    else:
-        def part(name, key, extra=""):
-            ms, ratio = row[f"{key}_ms"], row.get(f"{key}_over_op")
-            return f"{name} {fmt(ms) or 'n/a'} ms ({fmt(ratio, 'x_over_op') or 'n/a'}{extra})"
-        variant = f", BlockMask {row['flex_variant']}" if row["flex_variant"] else ""
-        lines.append(f"{head}: op {fmt(row['op_ms']) or 'n/a'} ms, {part('SDPA', 'sdpa')}, "
-                     f"{part('Flex', 'flex', variant)}")
+    for check in CHECKS:
+        rows = [r for r in corr if r["check"] == check]
+        by = collections.Counter(r["status"] for r in rows)
+        lines.append(f"{check}: {by['PASS']} of {len(rows)} pass"
+                     + (f", {by['FAIL']} FAIL" if by["FAIL"] else "")
+                     + (f", {by['SKIPPED']} skipped" if by["SKIPPED"] else ""))
+    cfg, H = (SMOKE_SUMMARY, 2) if smoke else (SUMMARY, 16)
+    lines.append(speed_line(report["timings"], cfg, H, "fwd", {"sdpa": 5, "flex": 1, "peer": 1}))
+    lines.append(speed_line(report["timings"], cfg, H, "fwd+bwd",
+                            {"sdpa": 3, "flex": 1, "peer": 1}))
+    lines.append(f"kernels timed against copy bandwidth and matmul rate: {len(report['kernels'])}")
     return lines
 
 
-def render(state) -> str:
+def render(report, meta) -> str:
     out = ["# MRA-2 CUDA check (bench/gpu_check.py)", "",
-           f"`{' '.join(state['argv'])}` — {state['date']}, {state['elapsed']:.0f} s of "
-           f"{state['budget']:.0f} s budget", "", "## Summary", ""]
-    out += [f"- {line}" for line in summary_lines(state) + state["fatal"] + state["notes"]]
+           f"`{' '.join(meta['argv'])}` — {meta['date']}, {meta['elapsed']:.0f} s of "
+           f"{meta['budget']:.0f} s budget", "", "## Summary", ""]
+    out += [f"- {line}" for line in summary_lines(report, meta["smoke"], meta["fatal"])
+            + meta["fatal"] + meta["notes"] + report["notes"]]
     out += ["", "## Environment", "", md_table(("fact", "value"),
-                                               [{"fact": k, "value": v} for k, v in state["env"]])]
+                                               [{"fact": k, "value": v} for k, v in report["env"]])]
     out += ["", "## Correctness", "",
             "Relative error = max |out − ref| / max |ref| over real tokens (gradients: over "
             "dq, dk, dv together), ref = mra2_reference in float64 on the same device with the "
             "op's own block selection; limits fp32 1e-5, fp16 2e-3, bf16 1e-2 (gradients 1e-4, "
-            "1e-2, 5e-2). stream: the op on a side stream; graph: CUDA graph replay vs eager."]
-    failing = [r for r in state["correctness"] if r["status"] == "FAIL"]
+            "1e-2, 5e-2). stream: the op launched on a side stream held back by a sleep while "
+            "the default stream sleeps longer, against the eager result; misaligned: q, k, v, mask "
+            "at an odd storage offset against aligned copies; graph: a mask-free "
+            "forward captured in a CUDA graph, replayed on new inputs, against eager."]
+    failing = [r for r in report["correctness"] if r["status"] == "FAIL"]
     if failing:
         out += ["", "### Failing checks", "", md_table(CORR_FIELDS, failing), "", "### All checks"]
-    out += ["", md_table(CORR_FIELDS, state["correctness"])]
+    out += ["", md_table(CORR_FIELDS, report["correctness"])]
     out += ["", "## Timings", "",
             "Median ms (CUDA events; wall clock on a CPU) after warm-up, no L2 flush; forward "
             "under no_grad; B=1, "
             f"{BLOCKS_PER_ROW} blocks per row; SDPA = flash backend; Flex = torch.compile'd "
             "flex_attention on the op's selected blocks (variant bs32: BLOCK_SIZE=32 BlockMask, "
             "the op's exact work; bs128+mask_mod: 128-token tiles with a per-token lookup, more "
-            "work); flex_vs_op_sparse = rel. diff of Flex against the op in sparse mode "
-            "(same function); reference = mra2_reference in the input dtype.", "",
-            md_table(TIME_FIELDS, state["timings"])]
-    rates = state["rates"]
+            "work); peer = MRA-2 full mode on Flex (bench/flex_mra.py: the op's selection, "
+            "compiled flex with its LSE on the exact blocks, the coarse part in torch, merged "
+            "in log space), end to end; X_over_op = X ms / op ms (above 1: the op is faster); "
+            "flex_vs_op_sparse, peer_vs_op_full = rel. diff against the op (same function); "
+            "reference = mra2_reference in the input dtype.", "",
+            md_table(TIME_FIELDS, report["timings"])]
+    rates = report["rates"]
     out += ["", "## Kernels", "",
             (f"Copy bandwidth {rates['copy_GBps']:.0f} GB/s ({rates['copy_desc']}, read + "
              f"write), matmul {rates['matmul_TFLOPs']:.1f} TFLOP/s ({rates['matmul_desc']}). "
              if rates else "") +
             "Bytes = sum of the tensor arguments' sizes (a lower bound: re-reads not counted); "
             "flops from the formula column; each kernel timed alone on its recorded "
-            "arguments (tiny kernels: launch overhead included). " + state["kernel_note"], "",
-            md_table(KERNEL_FIELDS, state["kernels"])]
+            "arguments (tiny kernels: launch overhead included). " + report["kernel_note"], "",
+            md_table(KERNEL_FIELDS, report["kernels"])]
     return "\n".join(out) + "\n"
 
 
-def write_outputs(state) -> str:
-    out_dir = state["out"]
+def write_outputs(results: Results, meta) -> str:
+    """gpu_check.md and the CSV files, rebuilt from the results file."""
+    out_dir = meta["out"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    state["elapsed"] = time.monotonic() - state["start"]
-    text = render(state)
+    meta["elapsed"] = time.monotonic() - meta["start"]
+    report = collect(results, meta["smoke"])
+    text = render(report, meta)
     (out_dir / "gpu_check.md").write_text(text)
-    for name, fields, rows in (("correctness.csv", CORR_FIELDS, state["correctness"]),
-                               ("timings.csv", TIME_FIELDS, state["timings"]),
-                               ("kernels.csv", KERNEL_FIELDS, state["kernels"])):
+    for name, fields, rows in (("correctness.csv", CORR_FIELDS, report["correctness"]),
+                               ("timings.csv", TIME_FIELDS, report["timings"]),
+                               ("kernels.csv", KERNEL_FIELDS, report["kernels"])):
         with open(out_dir / name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
     return text
+
+
+# ---------------------------------------------------------------------------- tasks
+
+def config_name(cfg) -> str:
+    return f"{short_dtype(cfg[0])}-D{cfg[1]}-N{cfg[2]}"
+
+
+def plan_tasks(args, start: float) -> list[Task]:
+    """Every unit of work in the order it runs, each with its allowance (seconds before it
+    counts as hung) and latest start: correctness until 40% of the budget; the must-show
+    timings (op, SDPA, Flex, the peer) and the kernel table next; the other timing
+    configurations while time is left. Parent and workers build the same list."""
+    end = start + args.budget_seconds
+    corr_by, time_by = start + 0.40 * args.budget_seconds, end - (20 if args.smoke else 45)
+    tasks = [Task("env", "env", 60), Task("rates", "rates", 90)]
+    for i, case in enumerate(draw_cases(args.seed, args.smoke)):
+        name = (f"correctness/{i:03d}-{case['check']}-{short_dtype(case['dtype'])}-"
+                f"{case['mode']}-B{case['B']}H{case['H']}N{case['N']}D{case['D']}")
+        tasks.append(Task(name, "correctness", 120, corr_by, case))
+    summary = SMOKE_SUMMARY if args.smoke else SUMMARY
+    others = [cfg for cfg in timing_configs(args.smoke) if cfg != summary]
+    tasks += [Task(f"baselines/{config_name(summary)}", "baselines", 240, time_by, summary),
+              Task(f"flex/{config_name(summary)}", "flex", 300, time_by, summary),
+              Task(f"peer/{config_name(summary)}", "peer", 300, time_by, summary),
+              Task("kernels", "kernels", 180, end - 5)]
+    tasks += [Task(f"baselines/{config_name(c)}", "baselines", 240, time_by, c) for c in others]
+    tasks += [Task(f"flex/{config_name(c)}", "flex", 300, time_by, c) for c in others]
+    if args.only:
+        tasks = [t for t in tasks if t.kind in args.only or t.kind in ("env", "rates")]
+    return tasks
+
+
+def failure_rows(task: Task, status: str, message: str) -> list[dict]:
+    """What stands for a task that did not finish: a correctness case keeps its row (FAIL,
+    or SKIPPED when never started), anything else becomes a note."""
+    if task.kind == "correctness":
+        row = correctness_row(task.spec)
+        row.update(status="SKIPPED" if status == "skipped" else "FAIL", message=message)
+        return [row]
+    return [{"table": "note", "text": f"{task.id}: {status}: {message}"}]
+
+
+def device_problem(dev) -> str | None:
+    """None while the device still runs work, else the error: a sticky CUDA error (an
+    illegal address, a launch failure) fails every later call of this process, so the
+    worker must hand over to a fresh one. Frees cached memory on the way."""
+    try:
+        free_memory(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.ones(1, device=dev).add_(1).item()
+    except Exception as exc:  # noqa: BLE001  (any failure here means: start afresh)
+        return short(exc)
+    return None
+
+
+class Context:
+    """What the task runners of one worker share."""
+
+    def __init__(self, dev, args, results: Results, start: float):
+        self.dev, self.args, self.results, self.start = dev, args, results, start
+        self.until = start + args.budget_seconds - (20 if args.smoke else 45)
+        self.flex_state = None
+
+    def progress(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.1f}s] {msg}", flush=True)
+
+    def flex(self):
+        """flex_attention, compiled once per worker; the BlockMask variants that failed in
+        earlier workers are not tried again."""
+        if self.flex_state is None:
+            self.flex_state = make_flex(self.dev)
+            for r in self.results.rows("flexfail"):
+                self.flex_state.failed[(r["direction"], r["variant"])] = r["why"]
+        return self.flex_state
+
+
+def run_env(_, ctx, emit) -> None:
+    for fact, value in environment(ctx.dev, ctx.args.bundle):
+        emit({"table": "env", "fact": fact, "value": value})
+
+
+def run_rates(_, ctx, emit) -> None:
+    emit({"table": "rates", **machine_rates(ctx.dev, ctx.args.smoke)})
+
+
+def run_kernels(_, ctx, emit) -> None:
+    rates = ctx.results.rows("rates")
+    if not rates:
+        raise RuntimeError("no machine rates: the rates task did not finish")
+    note = kernel_table(ctx.dev, ctx.args.smoke, rates[-1], emit)
+    emit({"table": "kernel_note", "text": note})
+
+
+RUNNERS = {"env": run_env, "rates": run_rates, "correctness": run_correctness,
+           "baselines": time_baselines, "flex": time_flex, "peer": time_peer,
+           "kernels": run_kernels}
 
 
 # ---------------------------------------------------------------------------- main
@@ -856,86 +1051,81 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference-max-gb", type=float, default=48.0,
                    help="time the dense reference only while its estimated peak fits")
+    p.add_argument("--only", nargs="+", choices=sorted(RUNNERS),
+                   help="run only these kinds of task (env and rates always run)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"keep --out/{RESULTS} and run only the tasks it does not end")
+    p.add_argument("--worker-of", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.budget_seconds is None:
         args.budget_seconds = 1800.0 if args.smoke else 420.0
     return args
 
 
-def main(argv=None) -> int:
+def import_package() -> None:
     global mc
-    args = parse_args(argv)
-    budget = Budget(args.budget_seconds)
-    # A hung call (a stuck compile or capture) must not eat the machine's time limit: dump
-    # the stacks and exit; the files written after each finished section stay.
-    faulthandler.dump_traceback_later(args.budget_seconds + 30, exit=True)
-    command = ["python", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]
-    state = {"argv": command,
-             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-             "start": budget.start, "budget": args.budget_seconds, "smoke": args.smoke,
-             "out": args.out, "fatal": [], "notes": [], "env": [], "rates": {},
-             "correctness": [], "timings": [], "kernels": [], "kernel_note": ""}
+    mc = importlib.import_module("mra_compile")
+    importlib.import_module("mra_compile.reference")
+    importlib.import_module("mra_compile.build")
 
-    def progress(msg):
-        print(f"[{time.monotonic() - budget.start:6.1f}s] {msg}", flush=True)
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def worker_main(args) -> int:
+    """A worker: runs the tasks the results file has not begun, on the device."""
+    results = Results(args.out / RESULTS)
     try:
-        bootstrap(args.bundle, state["notes"])
-        mc = importlib.import_module("mra_compile")
-        importlib.import_module("mra_compile.reference")
-        importlib.import_module("mra_compile.build")
-    except Exception as exc:  # noqa: BLE001  (report it in the files rather than crash)
-        state["fatal"].append(f"setup failed: {short(exc)}")
-        state["env"] = environment(dev, args.bundle)
-        print(write_outputs(state))
+        bootstrap(args.bundle, [])
+        import_package()
+    except Exception as exc:  # noqa: BLE001  (reported in the file; the parent gives up)
+        results.append({"table": "note", "text": f"worker setup failed: {short(exc)}"})
         return 1
-    if not args.smoke and dev.type != "cuda":
-        state["notes"].append("no CUDA device: the GPU-only checks are skipped")
-    state["env"] = environment(dev, args.bundle)
-    progress(f"device {dev}; measuring copy bandwidth and matmul rate")
-    try:
-        state["rates"] = machine_rates(dev, args.smoke)
-        free_memory(dev)
-    except Exception as exc:  # noqa: BLE001
-        state["notes"].append(f"machine rates not measured: {short(exc)}")
-    write_outputs(state)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = Context(dev, args, results, args.worker_of)
 
-    # Shares of the budget: correctness first, then timings, with a reserve for the kernels.
-    total = args.budget_seconds
-    cases = draw_cases(args.seed, args.smoke)
-    progress(f"correctness: {len(cases)} cases")
-    run_correctness(cases, dev, budget.start + 0.40 * total, state["correctness"], progress)
-    write_outputs(state)
+    def run(task: Task, emit) -> None:
+        ctx.progress(task.id)
+        RUNNERS[task.kind](task.spec, ctx, emit)
 
-    progress("timings")
-    try:
-        flex = make_flex(dev)
-    except Exception as exc:  # noqa: BLE001
-        flex = None
-        state["notes"].append(f"FlexAttention unavailable: {short(exc)}")
-    run_timings(dev, args, budget.end - (20 if args.smoke else 45), flex, state, progress)
-    for (direction, variant), why in (flex.failed if flex else {}).items():
-        state["notes"].append(f"Flex {variant} {direction} failed, not retried: {why}")
-
-    # Last: re-running recorded kernels on stale arguments is the riskiest step.
-    progress("kernels")
-    if budget.left() > 5 and state["rates"]:
-        try:
-            state["kernel_note"] = kernel_table(dev, args.smoke, state["rates"], state["kernels"])
-        except Exception as exc:  # noqa: BLE001
-            state["kernel_note"] = f"kernel table failed: {short(exc)}"
-    else:
-        state["kernel_note"] = "skipped: time budget or no machine rates"
-    # Where the op's kernels came from: "library" is the bundle, "compiled" needs TVM.
+    with open(args.out / "worker_stacks.txt", "a") as stacks:
+        code = gpu_driver.work(plan_tasks(args, args.worker_of), results, run,
+                               lambda: device_problem(dev), failure_rows, stacks)
+    # Where this worker's kernels came from: "library" is the bundle, "compiled" needs TVM.
     origins = collections.Counter(e["origin"] for e in mc.cache_events())
-    state["env"].append(("kernels loaded", ", ".join(f"{v} {k}" for k, v in origins.items())
-                         or "none"))
-    text = write_outputs(state)
+    results.append({"table": "env", "fact": f"kernels loaded by worker {os.getpid()}",
+                    "value": ", ".join(f"{v} {k}" for k, v in origins.items()) or "none"})
+    return code
+
+
+def main(argv=None) -> int:
+    """The supervisor: never touches the device; workers do, one after another."""
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(raw)
+    if args.worker_of is not None:
+        return worker_main(args)
+    start = time.monotonic()
+    results = Results(args.out / RESULTS)
+    if not args.resume and results.path.exists():
+        results.path.unlink()  # a fresh run; --resume continues an interrupted one
+    meta = {"argv": ["python", "bench/gpu_check.py", *raw],
+            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "start": start, "budget": args.budget_seconds, "smoke": args.smoke,
+            "out": args.out, "fatal": [], "notes": []}
+    try:
+        bootstrap(args.bundle, meta["notes"])  # once here, so workers find tvm_ffi installed
+    except Exception as exc:  # noqa: BLE001  (report it in the files rather than crash)
+        meta["fatal"].append(f"setup failed: {short(exc)}")
+        print(write_outputs(results, meta))
+        return 1
+    tasks = plan_tasks(args, start)
+    print(f"{len(tasks)} tasks; rows appended to {results.path} as they are measured", flush=True)
+    worker = [sys.executable, str(Path(__file__).resolve()), *raw, "--worker-of", repr(start)]
+    gpu_driver.supervise(tasks, results, lambda: subprocess.Popen(worker), failure_rows,
+                         deadline=start + args.budget_seconds,
+                         on_progress=lambda: write_outputs(results, meta))
+    text = write_outputs(results, meta)
     print(text)
-    lines = summary_lines(state)
+    lines = summary_lines(collect(results, args.smoke), args.smoke, meta["fatal"])
     print("\n".join(lines))
-    print(f"files in {state['out']}: gpu_check.md correctness.csv timings.csv kernels.csv")
+    print(f"files in {args.out}: gpu_check.md correctness.csv timings.csv kernels.csv {RESULTS}")
     return 0 if lines[0].startswith("every correctness check passes: yes") else 1
 
 
