@@ -31,10 +31,11 @@ DEFAULT_BLOCK_SIZES = (32,)
 DEFAULT_HEAD_DIMS = (64, 128)
 
 
-def variants(block_sizes, head_dims, dtypes=("float32",)):
+def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False):
     """(op, static) pairs the forward and backward call, for these shapes and input
     dtypes ("float32", "float64", and on CUDA "float16", "bfloat16", whose kernels that
-    read q, k, v take them as they are and the rest compute in float32)."""
+    read q, k, v take them as they are and the rest compute in float32); ``scratch``:
+    the target's ``scratch_args``."""
     m = kernels.HEAD_DIM_MULTIPLE
     padded = sorted({-(-d // m) * m for d in head_dims})
     seen = set()
@@ -45,7 +46,7 @@ def variants(block_sizes, head_dims, dtypes=("float32",)):
                 io = dt if dt in HALF else None
                 for kernel in kernels.KERNELS.values():
                     for full in ((True, False) if kernel.has_modes else (None,)):
-                        static = kernel.static(b, D, compute, io, full)
+                        static = kernel.static(b, D, compute, io, full, scratch)
                         key = json.dumps([kernel.name, static], sort_keys=True)
                         if key not in seen:  # fp16 and bf16 share the float32 backward
                             seen.add(key)
@@ -60,7 +61,7 @@ def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     funcs, entries = {}, []
-    for op, static in variants(block_sizes, head_dims, dtypes):
+    for op, static in variants(block_sizes, head_dims, dtypes, target.scratch_args):
         # Every knob setting the op may pick for these shapes: the tuning records of each
         # sequence-length bucket (64 ... 128k tokens), else the defaults.
         settings = {}

@@ -54,7 +54,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dt, dev, target = pr.dtype, q.device, pr.target
 
     def run(op, **args):
-        build.run(op, knobs.get(op), target, pr.static(op), **args)
+        build.run(op, knobs.get(op), target, pr.static(op), **args, **pr.kernel_scratch(op))
 
     dout = pad(grad_out, Np - N, Dp - D, dt)
     outp = pad(out, Np - N, Dp - D, dt)

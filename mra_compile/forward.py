@@ -33,7 +33,8 @@ class LowRes:
 
 
 def _run(pr: Prepared, knobs: dict, op: str, full: bool | None = None, **args) -> None:
-    build.run(op, knobs.get(op), pr.target, pr.static(op, full), **args)
+    build.run(op, knobs.get(op), pr.target, pr.static(op, full), **args,
+              **pr.kernel_scratch(op))
 
 
 def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:

@@ -121,12 +121,24 @@ class Prepared:
     def static(self, op: str, full: bool | None = None) -> dict:
         """The compile-time parameters of kernel ``op`` for these inputs."""
         return kernels.get(op).static(self.block_size, self.q.shape[-1], _TVM_DTYPE[self.dtype],
-                                      _TVM_DTYPE[self.q.dtype], full)
+                                      _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args)
 
     def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
         return WORKSPACE.get(name, *shape, dtype=dtype or self.dtype, device=self.q.device,
                              target=self.target)
+
+    def kernel_scratch(self, op: str) -> dict:
+        """``op``'s intermediates between its launches (``Kernel.scratch``), as named
+        arguments, where the target takes them as arguments (``Target.scratch_args``);
+        else none (TVM's workspace holds them)."""
+        if not self.target.scratch_args:
+            return {}
+        R, Np, _ = self.q.shape
+        n = Np // self.block_size
+        shapes = {"raw_logits": (R, n, n), "real_max": (R, n), "weight": (R, n, n),
+                  "gv": (R, n, n), "dlog": (R, n, n)}
+        return {name: self.scratch(name, *shapes[name]) for name in kernels.get(op).scratch}
 
 
 def prepare(q, k, v, mask, block_size: int) -> Prepared:

@@ -28,6 +28,10 @@ class Kernel:
     shape_knobs: tuple[str, ...] = ()  # knobs passed to the TE builder
     full_only: tuple[str, ...] = ()  # arguments only in "full" mode (then ``static["full"]``)
     backward: bool = False
+    # Intermediates in global memory between the kernel's launches: with
+    # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
+    # arguments, and the caller allocates them.
+    scratch: tuple[str, ...] = ()
 
     @property
     def has_modes(self) -> bool:
@@ -39,10 +43,11 @@ class Kernel:
         return getattr(importlib.import_module("mra_compile.operators"), self.name)
 
     def static(self, b: int, D: int, dtype: str = "float32", io: str | None = None,
-               full: bool | None = None) -> dict:
+               full: bool | None = None, scratch: bool = False) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
-        kernels that read q, k, v) and, for kernels with modes, ``full``."""
+        kernels that read q, k, v), for kernels with modes ``full``, and ``scratch``:
+        whether the ``scratch`` intermediates are arguments."""
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
@@ -52,13 +57,16 @@ class Kernel:
             if full is None:
                 raise ValueError(f"kernel {self.name} needs full=True or False")
             static["full"] = bool(full)
+        if scratch and self.scratch:
+            static["scratch"] = True
         return static
 
     def arg_names(self, static: dict) -> tuple[str, ...]:
         """The arguments of the variant ``static``, in call order."""
+        args = self.args + (self.scratch if static.get("scratch") else ())
         if self.full_only and not static.get("full", True):
-            return tuple(a for a in self.args if a not in self.full_only)
-        return self.args
+            return tuple(a for a in args if a not in self.full_only)
+        return args
 
     def order(self, static: dict, named: dict) -> tuple:
         """``named`` arguments as the positional tuple the compiled kernel takes."""
@@ -74,9 +82,10 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # Forward (docs/spec.md, steps 2-6).
     Kernel("pool_and_logits", (*QKV, "counts", "inv_counts", "qp", "kp", "vp", "logits",
-                               "rowmax", "heads", "scale"), reads_qkv=True),
+                               "rowmax", "heads", "scale"), reads_qkv=True,
+           scratch=("raw_logits", "real_max")),
     Kernel("lowres_out", ("logits", "rowmax", "hmask", "counts", "vp", "o_lo", "z_lo",
-                          "heads")),
+                          "heads"), scratch=("weight",)),
     Kernel("hires_units", (*QKV, "unit_row", "unit_cols", "unit_max", "unit_out", "unit_sum",
                            "heads", "scale"), reads_qkv=True, shape_knobs=("blocks_per_unit",)),
     Kernel("hires_rows", (*QKV, "row_cols", "ov_max", "ov_out", "ov_sum", "ov_start",
@@ -92,7 +101,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
                               "dv_unit", "heads", "scale"),
            reads_qkv=True, shape_knobs=("blocks_per_unit",), backward=True),
     Kernel("bwd_lowres", ("logits", "hmask", "rowmax", "counts", "qp", "kp", "vp", "ga", "da",
-                          "dqp", "dkp", "dvp", "heads", "scale"), backward=True),
+                          "dqp", "dkp", "dvp", "heads", "scale"), backward=True,
+           scratch=("weight", "gv", "dlog")),
     Kernel("bwd_finish", ("dq_unit", "q_start", "q_units", "dk_unit", "dv_unit", "k_start",
                           "k_units", "dqp", "dkp", "dvp", "inv_counts", "mask", "dq", "dk", "dv",
                           "heads", "ucap_q", "ucap_k"), backward=True),

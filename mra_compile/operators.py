@@ -57,13 +57,15 @@ def _vars(*names):
     return [te.var(name, dtype=I32) for name in names]
 
 
-def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = None):
+def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = None,
+                    scratch: bool = False):
     """Step 2: block means and low-resolution logits.
 
     in : q, k, v [R, N, D]; mask [Bm, N]; counts, inv_counts [Bm, n]; heads, scale
     out: qp, kp, vp [R, n, D] (block averages of the masked tokens);
          logits [R, n, n] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
     ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
+    ``scratch``: raw_logits [R, n, n] and real_max [R, n] are arguments too (the last).
     """
     dt = dtype
     io = io or dt
@@ -123,16 +125,17 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         name="logits",
     )
     params = [q, k, v, mask, counts, inv_counts, qp, kp, vp, logits, rowmax, heads, scale]
-    return params
+    return params + ([raw, real_max] if scratch else [])
 
 
-def lowres_out(b: int, D: int, dtype: str = "float32"):
+def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     """Step 5 ("full"), the low-resolution part, one value per query block.
 
     in : logits [R, n, n]; rowmax [R, n]; hmask [R, n, n] (1.0 where covered by the
          high resolution); counts [Bm, n]; vp [R, n, D]; heads
     out: o_lo [R, n, D] = sum_j W v̂_j; z_lo [R, n] = sum_j W,
          W[i, j] = exp(L - R_i - 1e4*Hmask) * c_j
+    ``scratch``: weight [R, n, n] is an argument too (the last).
     """
     dt = dtype
     R, n, Bm, heads = _vars("R", "n", "Bm", "heads")
@@ -157,7 +160,7 @@ def lowres_out(b: int, D: int, dtype: str = "float32"):
     )
     j2 = te.reduce_axis((0, n), "j2")
     z_lo = te.compute((R, n), lambda r, i: te.sum(weight[r, i, j2], axis=j2), name="z_lo")
-    return [logits, rowmax, hmask, counts, vp, o_lo, z_lo, heads]
+    return [logits, rowmax, hmask, counts, vp, o_lo, z_lo, heads] + ([weight] if scratch else [])
 
 
 def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block, C, b, D, dt):
@@ -701,7 +704,7 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     return p.inputs + [dk_unit, dv_unit, p.heads, scale]
 
 
-def bwd_lowres(b: int, D: int, dtype: str = "float32"):
+def bwd_lowres(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     """The low-resolution part's gradient, on the block averages ("full" mode).
 
     W0 = exp(L - R - 1e4 Hmask) c_j (the forward's weights before the per-token scale
@@ -710,6 +713,7 @@ def bwd_lowres(b: int, D: int, dtype: str = "float32"):
     in : logits, hmask [R, n, n]; rowmax [R, n]; counts [Bm, n]; qp, kp, vp, ga [R, n, D];
          da [R, n]; heads, scale
     out: dqp, dkp, dvp [R, n, D]
+    ``scratch``: weight, gv, dlog [R, n, n] are arguments too (the last).
     """
     dt = dtype
     R, n, Bm, heads = _vars("R", "n", "Bm", "heads")
@@ -750,7 +754,8 @@ def bwd_lowres(b: int, D: int, dtype: str = "float32"):
     dvp = te.compute(
         (R, n, D), lambda r, j, d: te.sum(weight[r, i2, j] * ga[r, i2, d], axis=i2), name="dvp"
     )
-    return [logits, hmask, rowmax, counts, qp, kp, vp, ga, da, dqp, dkp, dvp, heads, scale]
+    return ([logits, hmask, rowmax, counts, qp, kp, vp, ga, da, dqp, dkp, dvp, heads, scale]
+            + ([weight, gv, dlog] if scratch else []))
 
 
 def bwd_finish(b: int, D: int, dtype: str = "float32"):

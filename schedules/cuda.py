@@ -137,6 +137,60 @@ def _check_independent(sch, outputs):
                                  "schedule them as separate kernels")
 
 
+def _reads(sch, name):
+    """The input buffer ``name``, from a stage that reads it."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        for region in sch.get(block).reads:
+            if str(region.source.name) == name:
+                return region.source
+    raise ValueError(f"no stage reads {name!r}")
+
+
+def skip_padding_units(sch, index: str):
+    """A unit whose block index ``index`` [R, U] is -1 (the padding units a plan sized
+    from the shapes has: ``plan.plan_bounds``) skips every stage's work.
+    Nothing reads a padding unit's outputs (the plan points only at real units). The
+    condition is the same for every thread of a block, so its barriers stay uniform.
+    Applied last: later primitives could not see through the ``if``."""
+    from tvm import tirx
+
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    row, unit = sch.get_loops(blocks[0])[:2]  # blockIdx.x, blockIdx.y (per_unit)
+    buf = _reads(sch, index)
+    sref = sch.get_sref(unit)
+    f = sref.stmt
+    padding = tirx.BufferLoad(buf, [sch.get(row).loop_var, f.loop_var]) < 0
+    # An early return, not an if around the stages: TVM puts no barrier inside a
+    # condition, and the return needs none (the whole thread block leaves).
+    leave = tirx.IfThenElse(padding, tirx.Return(tirx.const(0, "int32")), None)
+    sch.state.replace(sref, tirx.For(f.loop_var, f.min, f.extent, f.kind,
+                                     tirx.SeqStmt([leave, f.body]), f.thread_binding,
+                                     f.annotations))
+
+
+def bound_reductions(sch, stages, count: str, cap: str):
+    """Reductions of ``stages`` over a row's units (extent the shape bound ``cap``: 255
+    at N = 16384 when rows need 3 or 4) run ``count[r, i]`` steps (at least one, for
+    the accumulator's initial value); the stages select by ``w < count[r, i]`` already,
+    so the result is the same. Applied last, like ``skip_padding_units``."""
+    from tvm import tirx
+
+    buf = _reads(sch, count)
+    for name in stages:
+        block = sch.get_sblock(name)
+        for loop in sch.get_loops(block):
+            f = sch.get(loop)
+            if not (isinstance(f.extent, tirx.Var) and f.extent.name == cap):
+                continue
+            realize = f.body
+            while not hasattr(realize, "iter_values"):  # through a thread guard's if
+                realize = realize.then_case if hasattr(realize, "then_case") else realize.body
+            r, i = realize.iter_values[:2]  # the stage's (row, query block) iterators
+            steps = tirx.max(tirx.min(f.extent, tirx.BufferLoad(buf, [r, i])), 1)
+            sch.state.replace(sch.get_sref(loop), tirx.For(
+                f.loop_var, f.min, steps, f.kind, f.body, f.thread_binding, f.annotations))
+
+
 def _has_root(sch) -> bool:
     try:
         sch.get_sblock("root")
@@ -293,6 +347,7 @@ def hires_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
     custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
     per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
+    skip_padding_units(sch, "unit_row")
     return sch
 
 
@@ -312,6 +367,7 @@ def hires_rows(sch, *, threads, row_unit_blocks, tensor_cores, vector_bytes,
     custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
     per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
+    bound_reductions(sch, ("ov_stab", "ov_z", "ov_o"), "ov_units", "ucap")
     return sch
 
 
@@ -350,6 +406,7 @@ def bwd_dq_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
     custom = _custom(sch, threads, tensor_cores, _backward_products(sch, DQ_PRODUCTS, "dq_unit"))
     per_unit(sch, ("dq_unit",), 2, threads, custom=custom, copies=("k_g", "v_g"),
              vector_bytes=vector_bytes)
+    skip_padding_units(sch, "unit_row")
     return sch
 
 
@@ -361,6 +418,7 @@ def bwd_dkdv_units(sch, *, threads, blocks_per_unit, tensor_cores,
                      _backward_products(sch, DKDV_PRODUCTS, "dk_unit"), gather="q_g")
     per_unit(sch, ("dk_unit", "dv_unit"), 2, threads, custom=custom, copies=("q_g", "g_g"),
              vector_bytes=vector_bytes)
+    skip_padding_units(sch, "unit_col")
     return sch
 
 
@@ -378,6 +436,8 @@ def bwd_finish(sch, *, threads):
         blk = sch.get_sblock(name + "_sum")
         sch.compute_at(blk, sch.get_loops(sch.get_sblock(name))[-1])
         sch.set_scope(blk, 0, "local")
+    bound_reductions(sch, ("dq_sum",), "q_units", "ucap_q")
+    bound_reductions(sch, ("dk_sum", "dv_sum"), "k_units", "ucap_k")
     return sch
 
 

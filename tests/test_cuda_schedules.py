@@ -25,8 +25,11 @@ needs_nvcc = pytest.mark.skipif(
 
 
 def _source(sch) -> str:
-    """The CUDA source of a scheduled PrimFunc (compiling it runs nvcc)."""
-    return tvm.compile(sch.mod, target="cuda").mod.imports[0].inspect_source()
+    """The CUDA source of a scheduled PrimFunc (compiled as the kernels are: nvcc, sm_80)."""
+    from mra_compile import build
+
+    executable = build.compile_module({"main": sch.mod["main"]}, "cuda-sm_80", log=False)
+    return executable.mod.imports[0].inspect_source()
 
 
 def test_per_unit_refuses_outputs_that_read_each_other():
@@ -60,3 +63,70 @@ def test_bwd_prep_is_one_kernel_per_stage():
     source = _source(sch)
     definitions = re.findall(r"__global__ void[^;{]*\{", source)
     assert len(definitions) == 4, definitions
+
+
+def _global_allocations(func) -> list[str]:
+    """Buffers a scheduled PrimFunc allocates in global memory (TVM's workspace)."""
+    allocated = re.findall(r"(\w+) = T\.(?:sblock_)?alloc_buffer\(([^\n]*)", func.script())
+    return [name for name, rest in allocated if "scope=" not in rest]
+
+
+def test_no_kernel_keeps_global_memory_of_its_own():
+    """Issue 15, item 5: raw_logits, real_max (pool_and_logits), weight (lowres_out) and
+    weight, gv, dlog (bwd_lowres) lived in TVM's CUDA workspace pool, which takes them
+    back when the kernels are queued, not when they finish: another stream, or a CUDA
+    graph replaying, could get the same memory while they run. They are now arguments
+    (``Kernel.scratch``), allocated by torch on the current stream."""
+    from mra_compile import aot, build, knob_policy, targets
+
+    target = targets.get("cuda-sm_80")
+    found = {}
+    for op, static in aot.variants([32], [64, 128], ("float32", "float16", "bfloat16"),
+                                   target.scratch_args):
+        func = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None, target=target),
+                                    target)
+        if _global_allocations(func):
+            found[op, str(static)] = _global_allocations(func)
+    assert not found
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op, index", [("hires_units", "unit_row"), ("bwd_dq_units", "unit_row"),
+                                       ("bwd_dkdv_units", "unit_col")])
+def test_padding_units_return_at_once(op, index):
+    """Issue 15, item 4: a CUDA plan is sized from the shapes (no host synchronisation),
+    so at N = 16384 hires_units ran 2,296 units for ~1,536 real ones, each doing the full
+    work. A padding unit (index -1) now leaves before its first stage."""
+    from mra_compile import build, kernels, knob_policy, targets
+
+    target = targets.get("cuda-sm_80")
+    static = kernels.get(op).static(32, 64, "float32", None, None, True)
+    func = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None, target=target),
+                                target)
+    source = build.compile_module({"main": func}, target, log=False).mod.imports[0].inspect_source()
+    body = source[source.index('extern "C" __global__'):]
+    body = body[body.index(") {") + 3:]  # the definition's body
+    first = re.search(rf"if \({index}_ptr\[[^\]]*\] < 0\) \{{\s*return;\s*\}}", body)
+    assert first, body[:1500]
+    before = body[:first.start()]  # declarations only: no load, no barrier
+    assert "__syncthreads" not in before and not re.search(r"_ptr\[\(", before), before
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op, count, cap", [("hires_rows", "ov_units", "ucap"),
+                                            ("bwd_finish", "q_units", "ucap_q"),
+                                            ("bwd_finish", "k_units", "ucap_k")])
+def test_unit_merges_run_as_many_steps_as_the_row_has_units(op, count, cap):
+    """Issue 15, item 4: the loops over a row's overflow units ran to the shape bound
+    ``ucap`` (255 at N = 16384; rows need 3 or 4), ~18 x ucap steps per thread in
+    hires_rows. Each now stops at the row's own count (at least one step)."""
+    from mra_compile import build, kernels, knob_policy, targets
+
+    target = targets.get("cuda-sm_80")
+    static = kernels.get(op).static(32, 64, "float32", None, True if op == "hires_rows" else None,
+                                    True)
+    func = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None, target=target),
+                                target)
+    source = build.compile_module({"main": func}, target, log=False).mod.imports[0].inspect_source()
+    loops = re.findall(rf"for \(int \w+ = 0; \w+ < ([^;]*\b{cap}\b[^;]*);", source)
+    assert loops and all(f"max(min({cap}, {count}_ptr[" in bound for bound in loops), loops

@@ -27,6 +27,12 @@ class Target:
     # Whether block selection runs in numpy on the host (``plan.select_blocks``): the
     # tensors are in host memory, where numpy's selection beats torch.topk.
     selects_in_numpy: bool = False
+    # Whether the intermediates a kernel keeps in global memory between its launches
+    # (``Kernel.scratch``) are arguments allocated by torch, instead of TVM's workspace
+    # pool. CUDA: TVM returns its workspace to the pool when the kernels are queued,
+    # not when they finish, so another stream or a replaying CUDA graph could reuse it
+    # while they run; torch's allocator orders reuse by stream and keeps a graph's own.
+    scratch_args: bool = False
 
     @property
     def schedules(self) -> ModuleType:

@@ -21,6 +21,7 @@ class CudaTarget(Target):
     device_type = "cuda"
     # The plan is sized from the shapes alone: no host synchronisation, capturable.
     exact_plan = False
+    scratch_args = True
 
     def __init__(self, arch: str):
         self.arch = arch
