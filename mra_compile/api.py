@@ -19,6 +19,7 @@ def mra_attention(
     block_size: int = 32,
     initial_prior_first_n_blocks: int = 0,
     initial_prior_diagonal_n_blocks: int = 0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """MRA-2 approximate self-attention (Zeng et al., ICML 2022).
 
@@ -40,6 +41,8 @@ def mra_attention(
             columns (global tokens), >= 0.
         initial_prior_diagonal_n_blocks: always select a band of ``g`` block diagonals
             (local attention), >= 0.
+        scale: the logit scale, a positive finite float (default ``1/sqrt(D)``), as
+            ``scaled_dot_product_attention``'s ``scale``.
 
     Returns:
         ``[B, H, N, D]`` in q's dtype.
@@ -56,7 +59,7 @@ def mra_attention(
         bpr = options.DEFAULT_BLOCK_PER_ROW if block_per_row is None else block_per_row
         num_blocks = options.budget(bpr, q.shape[2], block_size)
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-                   initial_prior_diagonal_n_blocks)
+                   initial_prior_diagonal_n_blocks, scale)
     return op.differentiable(q, k, v, mask, opts)
 
 
@@ -71,6 +74,7 @@ def block_selection(
     block_size: int = 32,
     initial_prior_first_n_blocks: int = 0,
     initial_prior_diagonal_n_blocks: int = 0,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks ``torch.ops.mra.attention`` computes exactly for these arguments.
 
@@ -80,7 +84,7 @@ def block_selection(
     inspect the pattern, and to give a reference the same blocks when scores tie.
     """
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-                   initial_prior_diagonal_n_blocks)
+                   initial_prior_diagonal_n_blocks, scale)
     validate.check_tensors(q, k, v, mask)
     validate.check_device(q)
     validate.check_mask_values(mask)

@@ -29,7 +29,7 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
         return tuple(torch.zeros_like(x) for x in (q, k, v))
     runtime.ensure()
     with torch_single_threaded():
-        pr = prepare(q, k, v, mask, opts.block_size)  # CUDA fp16/bf16: as the kernels take them
+        pr = prepare(q, k, v, mask, opts.block_size, opts.scale)  # CUDA fp16/bf16: as the kernels take them
         with pr.target.device_scope(q.device):
             return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
 

@@ -63,7 +63,7 @@ def block_selection(q, k, v, mask, opts: Options):
     B, H, N, D = q.shape
     runtime.ensure()
     with torch_single_threaded():
-        pr = prepare(q, k, v, mask, opts.block_size)
+        pr = prepare(q, k, v, mask, opts.block_size, opts.scale)
         with pr.target.device_scope(q.device):
             knobs = knob_policy.knobs_for_shape(None, N, D, opts.block_size, pr.target)
             lr = _pool_and_select(pr, opts, knobs)
@@ -105,7 +105,7 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
         return (out, None) if save else out
     runtime.ensure()  # sizes the kernels' threads from torch's before they change
     with torch_single_threaded():
-        pr = prepare(q, k, v, mask, opts.block_size)
+        pr = prepare(q, k, v, mask, opts.block_size, opts.scale)
         with pr.target.device_scope(q.device):
             chosen = knob_policy.knobs_for_shape(knobs, N, D, opts.block_size, pr.target)
             out, saved = _forward(q, pr, opts, chosen)

@@ -93,7 +93,8 @@ class Prepared:
     """Inputs as the kernels read them.
 
     q, k, v [R, Np, Dp] in the target's I/O dtype; mask [Bm, Np] (row r of q uses mask
-    row r // heads); counts, inv_counts [Bm, n]; scale = 1/sqrt(D) of the real head dim.
+    row r // heads); counts, inv_counts [Bm, n]; scale: the logit scale (default 1/sqrt(D)
+    of the real head dim).
     """
 
     q: torch.Tensor
@@ -123,9 +124,10 @@ class Prepared:
                              target=self.target)
 
 
-def prepare(q, k, v, mask, block_size: int) -> Prepared:
+def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
-    as masked tokens) and head dims of a multiple of 16; the mask tensors."""
+    as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
+    logit scale (None: 1/sqrt(D))."""
     B, H, N, D = q.shape
     b = block_size
     Np = -(-N // b) * b
@@ -155,4 +157,4 @@ def prepare(q, k, v, mask, block_size: int) -> Prepared:
         inv_counts = 1.0 / (counts + 1e-6)
         heads = H
     return Prepared(qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads,
-                    1.0 / math.sqrt(D), b, target)
+                    1.0 / math.sqrt(D) if scale is None else float(scale), b, target)

@@ -59,6 +59,7 @@ class MRASelfAttention(nn.Module):
         block_size: the block edge (default 32, as in MRA-2 and Hugging Face).
         num_blocks: a fixed budget of exact blocks per (batch, head) instead of
             ``block_per_row`` (clamped to ``n*n`` by the op).
+        scale: the logit scale (default ``1/sqrt(head dim)``), a positive finite float.
         bias: whether the projections have biases (default True).
         attention_probs_dropout_prob: accepted so that ``MraConfig`` values pass through,
             and ignored: MRA-2 never forms the ``N x N`` attention probabilities, so there
@@ -85,6 +86,7 @@ class MRASelfAttention(nn.Module):
         initial_prior_diagonal_n_blocks: int = 0,
         block_size: int = 32,
         num_blocks: int | None = None,
+        scale: float | None = None,
         bias: bool = True,
         attention_probs_dropout_prob: float | None = None,
         device=None,
@@ -103,7 +105,7 @@ class MRASelfAttention(nn.Module):
             validate.check_int("num_blocks", num_blocks, 1)
         # The remaining options are checked exactly as the op will check them.
         Options(1 if num_blocks is None else num_blocks, approx_mode, block_size,
-                initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+                initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks, scale)
         del attention_probs_dropout_prob  # not applicable, see the docstring
 
         self.hidden_size = hidden_size
@@ -115,6 +117,7 @@ class MRASelfAttention(nn.Module):
         self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scale = scale
 
         factory = {"device": device, "dtype": dtype}
         self.query = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
@@ -170,7 +173,7 @@ class MRASelfAttention(nn.Module):
         v = self._heads(self.value(hidden_states), batch, seq_len)
         context = torch.ops.mra.attention(
             q, k, v, attention_mask, self.budget(seq_len), self.approx_mode, self.block_size,
-            self.initial_prior_first_n_blocks, self.initial_prior_diagonal_n_blocks,
+            self.initial_prior_first_n_blocks, self.initial_prior_diagonal_n_blocks, self.scale,
         )
         context = context.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(context)
@@ -181,7 +184,8 @@ class MRASelfAttention(nn.Module):
         return (f"hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}, "
                 f"{budget}, approx_mode={self.approx_mode!r}, block_size={self.block_size}, "
                 f"initial_prior_first_n_blocks={self.initial_prior_first_n_blocks}, "
-                f"initial_prior_diagonal_n_blocks={self.initial_prior_diagonal_n_blocks}")
+                f"initial_prior_diagonal_n_blocks={self.initial_prior_diagonal_n_blocks}"
+                + ("" if self.scale is None else f", scale={self.scale}"))
 
 
 _MISSING = object()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from mra_compile import validate
@@ -25,6 +26,7 @@ class Options:
     approx_mode: "full" (MRA-2) or "sparse" (MRA-2-s: exact blocks only).
     block_size: block edge b, a power of two in [8, 256].
     initial_prior_first_n_blocks / initial_prior_diagonal_n_blocks: the selection priors.
+    scale: the logit scale, a positive finite float; None: ``1/sqrt(D)``.
 
     ``schema`` metadata: the default the public op's schema gives the argument (none for
     ``num_blocks``, which every call passes)."""
@@ -34,6 +36,7 @@ class Options:
     block_size: int = field(default=32, metadata={"schema": True})
     initial_prior_first_n_blocks: int = field(default=0, metadata={"schema": True})
     initial_prior_diagonal_n_blocks: int = field(default=0, metadata={"schema": True})
+    scale: float | None = field(default=None, metadata={"schema": True})
 
     def __post_init__(self):
         # int checks accept torch.SymInt: a size-derived option under torch.compile.
@@ -49,6 +52,8 @@ class Options:
         validate.check_int("initial_prior_first_n_blocks", self.initial_prior_first_n_blocks, 0)
         validate.check_int("initial_prior_diagonal_n_blocks",
                            self.initial_prior_diagonal_n_blocks, 0)
+        if self.scale is not None:
+            validate.check_scale(self.scale)
 
     @property
     def full(self) -> bool:
@@ -70,8 +75,20 @@ class Options:
         """Blocks per row ``n`` of a sequence of ``N`` tokens (padded to whole blocks)."""
         return -(-N // self.block_size)
 
+    def scale_for(self, D: int) -> float:
+        """The logit scale for head dim ``D``: ``scale``, else ``1/sqrt(D)``."""
+        return 1.0 / math.sqrt(D) if self.scale is None else float(self.scale)
 
-_SCHEMA_TYPES = {"int": "int", "str": "str", int: "int", str: "str"}
+
+# Field annotations (strings, from __future__ annotations) as torch schema types.
+_SCHEMA_TYPES: dict[object, str] = {"int": "int", "str": "str", "float | None": "float?",
+                                    "int | None": "int?", "bool": "bool"}
+
+
+def _schema_default(value) -> str:
+    if value is None:
+        return "None"
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def schema(defaults: bool) -> str:
@@ -81,7 +98,7 @@ def schema(defaults: bool) -> str:
     for f in dataclasses.fields(Options):
         text = f"{_SCHEMA_TYPES[f.type]} {f.name}"
         if defaults and f.metadata.get("schema"):
-            text += "=" + (json.dumps(f.default) if isinstance(f.default, str) else str(f.default))
+            text += "=" + _schema_default(f.default)
         parts.append(text)
     return ", ".join(parts)
 

@@ -81,11 +81,12 @@ def _select_blocks(scores, num_blocks, approx_mode, first_n, diagonal_n):
 
 def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_size=32,
                    initial_prior_first_n_blocks=0, initial_prior_diagonal_n_blocks=0,
-                   selection=None, return_selection=False):
+                   scale=None, selection=None, return_selection=False):
     """MRA-2 attention, docs/spec.md steps 1-6 as written. Differentiable w.r.t. q, k, v.
 
     q, k, v: [B, H, N, D] (any float dtype; computation happens in that dtype).
     mask: [B, N] with 1 for real tokens and 0 for padding, or None.
+    scale: the logit scale (None: 1/sqrt(D)).
     selection: optional (selected, high_mask), bool [B, H, n, n], used instead of the
         top-k selection (n counts blocks after padding N up to a multiple of block_size).
     Returns out [B, H, N, D], or (out, (selected, high_mask)) if return_selection.
@@ -97,7 +98,7 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
     q, k, v, mask, N_orig = _pad_inputs(q, k, v, mask, b)
     B, H, N, D = q.shape
     n = N // b
-    scale = 1.0 / math.sqrt(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     masked = mask is not None
 
     # Step 1: padded tokens replaced by zero, by selection (NaN/inf there never propagate).
@@ -184,13 +185,13 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
     return out
 
 
-def exact_attention(q, k, v, mask=None):
-    """Exact softmax(q k^T / sqrt(D)) v over real keys; zero at padded queries.
+def exact_attention(q, k, v, mask=None, scale=None):
+    """Exact softmax(q k^T * scale) v over real keys; zero at padded queries.
 
-    q, k, v: [B, H, N, D]; mask: [B, N] (1 real, 0 padding) or None.
-    Returns [B, H, N, D] in q's dtype.
+    q, k, v: [B, H, N, D]; mask: [B, N] (1 real, 0 padding) or None; scale: None for
+    1/sqrt(D). Returns [B, H, N, D] in q's dtype.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = scale * q @ k.transpose(-1, -2)  # [B, H, N, N]
     if mask is None:
         return torch.softmax(logits, dim=-1) @ v

@@ -6,6 +6,8 @@ do not bounds-check, so nothing unchecked may reach them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mra_compile import kernels, targets
@@ -25,6 +27,14 @@ def check_int(name: str, value, minimum: int, maximum: int = INT64_MAX):
     if isinstance(value, int) and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_scale(value) -> None:
+    """The logit scale: a positive finite real number (int or float, not bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat)):
+        raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
+    if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"scale must be a positive finite float, got {value}")
 
 
 def check_tensors(q, k, v, mask) -> None:

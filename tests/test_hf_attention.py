@@ -406,7 +406,7 @@ def test_native_scale_and_gqa_are_used_when_the_op_has_them(monkeypatch):
         seen.update(q=q_, k=k_, scale=scale, enable_gqa=enable_gqa)
         groups = q_.shape[1] // k_.shape[1]
         k_, v_ = (x.repeat_interleave(groups, dim=1) for x in (k_, v_))
-        return real_op(q_ * (scale * math.sqrt(q_.shape[-1])), k_, v_, mask_, **kwargs)
+        return real_op(q_, k_, v_, mask_, scale=scale, **kwargs)
 
     monkeypatch.setattr(mra_compile, "mra_attention", op)
     got, _ = hf_attention.mra_attention_forward(module, q, k, v, mask, scaling=0.3)
@@ -422,15 +422,16 @@ def test_default_scaling_does_not_touch_q(monkeypatch):
 
     @functools.wraps(real_op)
     def op(*args, **kwargs):
-        seen.append(args[0])
+        seen.append((args[0], kwargs.get("scale")))
         return real_op(*args, **kwargs)
 
     monkeypatch.setattr(mra_compile, "mra_attention", op)
     hf_attention.mra_attention_forward(stub_module(), q, k, v, None, scaling=16 ** -0.5)
     hf_attention.mra_attention_forward(stub_module(), q, k, v, None, scaling=None)
-    assert seen[0] is q and seen[1] is q
+    assert seen[0][0] is q and seen[1] == (q, None)
+    # The op takes scale itself: q is passed as it is.
     hf_attention.mra_attention_forward(stub_module(), q, k, v, None, scaling=0.5)
-    torch.testing.assert_close(seen[2], q * 2.0, rtol=0, atol=0)
+    assert seen[2][0] is q and seen[2][1] == 0.5
 
 
 # ---------------------------------------------------------------------------- what is refused

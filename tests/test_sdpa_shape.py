@@ -1,0 +1,83 @@
+"""The op in the shape SDPA users know (issue 12): ``scale``, SDPA-style key padding masks,
+per-sequence budgets, grouped-query heads; against the float64 reference (docs/spec.md,
+"Extensions") and ``scaled_dot_product_attention``."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import RTOL_FP32, as64, make_qkv, n_blocks, padded_mask, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mra_compile
+from mra_compile.reference import mra2_reference
+
+MODES = st.sampled_from(["full", "sparse"])
+SCALES = st.one_of(st.none(), st.sampled_from([0.05, 0.3, 1.0, 2.5]))
+
+
+def _grads(fn, *xs, grad_out):
+    """(out, [grads]) of ``fn`` on leaves copied from ``xs``."""
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+# ---------------------------------------------------------------------------- scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), H=st.integers(1, 2),
+       N=st.integers(1, 150), D=st.sampled_from([8, 16, 33]), scale=SCALES, mode=MODES,
+       masked=st.booleans(), data=st.data())
+def test_scale_matches_reference_outputs_and_grads(seed, B, H, N, D, scale, mode, masked, data):
+    q, k, v = make_qkv(seed, B, H, N, D)
+    mask = None
+    if masked:
+        mask = padded_mask(N, [data.draw(st.integers(1, N)) for _ in range(B)])
+    kw = dict(num_blocks=data.draw(st.integers(1, n_blocks(N) ** 2)), approx_mode=mode,
+              initial_prior_diagonal_n_blocks=data.draw(st.integers(0, 3)), scale=scale)
+    sel = mra_compile.block_selection(q, k, v, mask, **kw)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1),
+                           dtype=torch.float64)
+    out, grads = _grads(lambda *x: mra_compile.mra_attention(*x, mask, **kw), q, k, v,
+                        grad_out=grad_out)
+    ref, ref_grads = _grads(lambda *x: mra2_reference(*x, as64(mask), selection=sel, **kw),
+                            *(as64(x) for x in (q, k, v)), grad_out=grad_out)
+    assert rel_err(out, ref) <= RTOL_FP32
+    size = max(g.abs().max().item() for g in ref_grads) or 1.0
+    for g, gr in zip(grads, ref_grads):
+        assert (g.double() - gr).abs().max().item() / size <= 1e-4
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 130), D=st.sampled_from([8, 24]),
+       scale=st.sampled_from([0.02, 0.5, 3.0]))
+def test_scale_all_blocks_full_is_sdpa(seed, N, D, scale):
+    # Logits of unit size whatever the scale: exact "up to the 1e-6 terms" (spec,
+    # "Properties"), which weigh e^(R - m_t) where the block mean R exceeds a query's m_t.
+    q, k, v = make_qkv(seed, 2, 2, N, D, scale=(scale * math.sqrt(D)) ** -0.5)
+    out = mra_compile.mra_attention(q, k, v, num_blocks=n_blocks(N) ** 2, scale=scale)
+    ref = F.scaled_dot_product_attention(*(x.double() for x in (q, k, v)), scale=scale)
+    assert rel_err(out, ref) <= RTOL_FP32
+
+
+def test_default_scale_is_one_over_sqrt_d():
+    q, k, v = make_qkv(3, 1, 2, 70, 24)
+    a = mra_compile.mra_attention(q, k, v, num_blocks=5)
+    b = mra_compile.mra_attention(q, k, v, num_blocks=5, scale=1 / math.sqrt(24))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad, error", [(0.0, ValueError), (-1.0, ValueError),
+                                        (float("inf"), ValueError), (float("nan"), ValueError),
+                                        ("1", TypeError), (True, TypeError)])
+def test_bad_scale_is_an_error_naming_it(bad, error):
+    q, k, v = make_qkv(0, 1, 1, 32, 8)
+    with pytest.raises(error, match="scale"):
+        mra_compile.mra_attention(q, k, v, scale=bad)
+    if not isinstance(bad, bool):  # (the dispatcher turns a bool into a float)
+        with pytest.raises((error, RuntimeError), match="scale"):
+            torch.ops.mra.attention(q, k, v, None, 4, scale=bad)
