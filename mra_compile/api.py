@@ -26,8 +26,10 @@ def mra_attention(
     Args:
         q, k, v: ``[B, H, N, D]`` queries, keys, values; float32, float16 or bfloat16,
             same shape, dtype and device. Any N and D; non-contiguous is fine.
-        mask: ``[B, N]`` with 1 for real tokens and 0 for padding (bool, int or float),
-            or None. Padded queries get zero output; padded keys are ignored.
+        mask: key padding, or None: ``[B, N]`` with 1 for real tokens and 0 for padding
+            (bool, int or float), or SDPA's ``[B, 1, 1, N]``, bool (True = take part) or
+            additive float (0 / -inf). Padded queries get zero output; padded keys are
+            ignored. A per-query mask (``[B, 1, N, N]``) is a ValueError.
         num_blocks: exact ``block_size x block_size`` blocks per (batch, head), >= 1;
             clamped to ``n*n`` where ``n = ceil(N / block_size)``.
         block_per_row: alternative to ``num_blocks``: ``num_blocks = block_per_row * n``

@@ -124,6 +124,15 @@ class Prepared:
                              target=self.target)
 
 
+def key_padding(mask):
+    """The mask as ``[B, N]`` with nonzero = real: SDPA's ``[B, 1, 1, N]`` (bool: True =
+    take part; additive float: 0 = take part, -inf = padding) becomes bool ``[B, N]``."""
+    if mask is None or mask.dim() == 2:
+        return mask
+    keys = mask[:, 0, 0, :]
+    return keys if keys.dtype == torch.bool else keys == 0
+
+
 def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
@@ -137,6 +146,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepa
     dev = q.device
     target = targets.of_device(dev)
     io = target.io_dtype(q.dtype)
+    mask = key_padding(mask)
     if mask is not None:
         # docs/spec.md, step 1: padding positions replaced by zero by selection, so that
         # whatever they hold (NaN, inf) never reaches a real token's output.

@@ -61,12 +61,32 @@ def check_tensors(q, k, v, mask) -> None:
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] != N:
-            raise ValueError(f"mask must have shape [B, N] = [{B}, {N}], got {tuple(mask.shape)}")
+        check_mask_shape(mask, B, N)
         if mask.is_complex():
             raise TypeError(f"mask must be real (bool, integer or float), got {mask.dtype}")
         if mask.device != q.device:
             raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
+
+
+def check_mask_shape(mask, B: int, N: int) -> None:
+    """A key padding mask: ``[B, N]`` (1 real / 0 padding) or SDPA's ``[B, 1, 1, N]``
+    (bool: True = take part; float: additive, 0 / -inf). Any other 4-d shape would mask
+    per query (or per head): not key padding, which is all MRA-2's selection can express."""
+    if mask.dim() == 4:
+        if mask.shape[0] == B and mask.shape[-1] == N and (mask.shape[1] != 1 or mask.shape[2] != 1):
+            raise ValueError(
+                f"mask: a [B, H, Nq, Nk] = {list(mask.shape)} mask is a per-query (or per-head) "
+                "pattern, not key padding; MRA-2 takes key padding only: [B, Nk] or "
+                f"[B, 1, 1, Nk] = [{B}, 1, 1, {N}]")
+        if tuple(mask.shape) == (B, 1, 1, N):
+            if mask.dtype != torch.bool and not mask.is_floating_point():
+                raise TypeError("mask: a [B, 1, 1, Nk] mask must be bool (True = take part) or "
+                                f"additive float (0 / -inf), got {mask.dtype}")
+            return
+    elif mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] == N:
+        return
+    raise ValueError(f"mask must have shape [B, Nk] = [{B}, {N}] or [B, 1, 1, Nk] = "
+                     f"[{B}, 1, 1, {N}], got {tuple(mask.shape)}")
 
 
 INDEX_LIMIT = 2**31  # the kernels index with 32-bit integers
@@ -103,9 +123,17 @@ def check_scratch(name: str, *shape: int) -> None:
 
 
 def check_mask_values(mask) -> None:
-    """Mask entries must be 0 or 1 (reads the data: real implementation only)."""
+    """Mask entries must be 0 or 1, or 0 or -inf for an additive ``[B, 1, 1, N]`` mask
+    (reads the data: real implementation only)."""
     if mask is not None and mask.numel():
         if mask.dtype == torch.bool:
+            return
+        if mask.dim() == 4:
+            ok = (mask == 0) | (mask == float("-inf"))
+            if not bool(ok.all()):
+                bad = mask[~ok].flatten()[0].item()
+                raise ValueError("mask: an additive [B, 1, 1, Nk] float mask must hold only 0 "
+                                 f"(take part) and -inf (padding), found {bad}")
             return
         ok = (mask == 0) | (mask == 1)
         if not bool(ok.all()):

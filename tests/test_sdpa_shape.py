@@ -81,3 +81,58 @@ def test_bad_scale_is_an_error_naming_it(bad, error):
     if not isinstance(bad, bool):  # (the dispatcher turns a bool into a float)
         with pytest.raises((error, RuntimeError), match="scale"):
             torch.ops.mra.attention(q, k, v, None, 4, scale=bad)
+
+
+# ---------------------------------------------------------------------------- SDPA masks
+
+
+def _sdpa_masks(keep):
+    """keep [B, N] bool -> SDPA's [B, 1, 1, N] boolean and additive (0 / -inf) masks."""
+    boolean = keep[:, None, None, :]
+    additive = torch.zeros(boolean.shape).masked_fill(~boolean, float("-inf"))
+    return boolean, additive
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), N=st.integers(2, 150),
+       mode=MODES, data=st.data())
+def test_sdpa_key_padding_masks_equal_the_two_d_mask(seed, B, N, mode, data):
+    q, k, v = make_qkv(seed, B, 2, N, 16)
+    keep = padded_mask(N, [data.draw(st.integers(1, N)) for _ in range(B)], torch.bool)
+    kw = dict(num_blocks=data.draw(st.integers(1, n_blocks(N) ** 2)), approx_mode=mode)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed))
+    want, want_grads = _grads(lambda *x: mra_compile.mra_attention(*x, keep.float(), **kw),
+                              q, k, v, grad_out=grad_out)
+    for m in _sdpa_masks(keep):
+        got, grads = _grads(lambda *x, m=m: mra_compile.mra_attention(*x, m, **kw), q, k, v,
+                            grad_out=grad_out)
+        assert torch.equal(got, want)
+        for g, w in zip(grads, want_grads):
+            assert torch.equal(g, w)
+        sel = mra_compile.block_selection(q, k, v, m, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(sel, mra_compile.block_selection(
+            q, k, v, keep, **kw)))
+
+
+def test_sdpa_bool_mask_all_blocks_full_is_sdpa():
+    q, k, v = make_qkv(5, 2, 3, 100, 16)
+    keep = padded_mask(100, [100, 61], torch.bool)
+    boolean, additive = _sdpa_masks(keep)
+    ref = F.scaled_dot_product_attention(*(x.double() for x in (q, k, v)), attn_mask=boolean)
+    ref = ref * keep[:, None, :, None]  # the op zeroes padded queries
+    for m in (boolean, additive):
+        out = torch.ops.mra.attention(q, k, v, m, n_blocks(100) ** 2)
+        assert rel_err(out, ref) <= RTOL_FP32
+
+
+def test_per_query_masks_are_refused_saying_so():
+    q, k, v = make_qkv(0, 2, 2, 40, 8)
+    for shape in [(2, 1, 40, 40), (2, 2, 40, 40), (2, 2, 1, 40)]:
+        with pytest.raises(ValueError, match="per-query"):
+            mra_compile.mra_attention(q, k, v, torch.ones(shape, dtype=torch.bool))
+    with pytest.raises(ValueError, match="additive"):
+        mra_compile.mra_attention(q, k, v, torch.full((2, 1, 1, 40), 1.0))
+    with pytest.raises(TypeError, match="additive"):
+        mra_compile.mra_attention(q, k, v, torch.zeros((2, 1, 1, 40), dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[B, Nk\]"):
+        mra_compile.mra_attention(q, k, v, torch.ones(2, 39))
