@@ -107,6 +107,7 @@ class Prepared:
     scale: float
     block_size: int
     target: Target
+    masked: bool = False  # a mask was given (not only a partial last block)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,4 +168,5 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepa
         inv_counts = 1.0 / (counts + 1e-6)
         heads = H
     return Prepared(qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads,
-                    1.0 / math.sqrt(D) if scale is None else float(scale), b, target)
+                    1.0 / math.sqrt(D) if scale is None else float(scale), b, target,
+                    mask is not None)

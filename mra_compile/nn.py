@@ -47,9 +47,9 @@ class MRASelfAttention(nn.Module):
             ``hidden_size // num_attention_heads`` dims.
         num_attention_heads: number of heads; must divide ``hidden_size``.
         block_per_row: exact ``block_size x block_size`` blocks per block row; a sequence
-            of ``N`` tokens gets ``num_blocks = block_per_row * ceil(N / block_size)``
-            (default 4). Hugging Face's ``MraSelfAttention`` instead fixes the budget
-            from ``max_position_embeddings``; the two agree at
+            with ``c`` real tokens gets ``block_per_row * ceil(c / block_size)`` blocks
+            (default 4), whatever the padding of its batch. Hugging Face's
+            ``MraSelfAttention`` instead fixes the budget from ``max_position_embeddings``; the two agree at
             ``N = max_position_embeddings`` (use
             ``mra_compile.integrations.transformers.patch_mra_model`` to keep Hugging
             Face's exact behaviour).
@@ -104,8 +104,8 @@ class MRASelfAttention(nn.Module):
         if num_blocks is not None:
             validate.check_int("num_blocks", num_blocks, 1)
         # The remaining options are checked exactly as the op will check them.
-        Options(1 if num_blocks is None else num_blocks, approx_mode, block_size,
-                initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks, scale)
+        Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
+                initial_prior_diagonal_n_blocks, scale)
         del attention_probs_dropout_prob  # not applicable, see the docstring
 
         self.hidden_size = hidden_size
@@ -151,7 +151,7 @@ class MRASelfAttention(nn.Module):
         return cls(**kwargs)
 
     def budget(self, seq_len: int) -> int:
-        """``num_blocks`` passed to the op for a sequence of ``seq_len`` tokens."""
+        """The blocks per (batch, head) of a sequence of ``seq_len`` real tokens."""
         if self.num_blocks is not None:
             return self.num_blocks
         return options.budget(self.block_per_row, seq_len, self.block_size)
@@ -171,9 +171,12 @@ class MRASelfAttention(nn.Module):
         q = self._heads(self.query(hidden_states), batch, seq_len)
         k = self._heads(self.key(hidden_states), batch, seq_len)
         v = self._heads(self.value(hidden_states), batch, seq_len)
+        # The op takes block_per_row itself: no argument depends on seq_len, so one graph
+        # serves every length under torch.compile / torch.export.
         context = torch.ops.mra.attention(
-            q, k, v, attention_mask, self.budget(seq_len), self.approx_mode, self.block_size,
+            q, k, v, attention_mask, self.num_blocks, self.approx_mode, self.block_size,
             self.initial_prior_first_n_blocks, self.initial_prior_diagonal_n_blocks, self.scale,
+            None if self.num_blocks is not None else self.block_per_row,
         )
         context = context.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(context)

@@ -92,7 +92,7 @@ def check_mask_shape(mask, B: int, N: int) -> None:
 INDEX_LIMIT = 2**31  # the kernels index with 32-bit integers
 
 
-def check_sizes(q, block_size: int, num_blocks: int) -> None:
+def check_sizes(q, block_size: int) -> None:
     """Shapes the kernels' 32-bit indexing can address (fake-safe: shapes only)."""
     B, H, N, D = q.shape
     n = -(-N // block_size)

@@ -174,14 +174,12 @@ def check_call(call, token_mask, config):
     (op_args, op_kwargs), = call.op_calls
     bpr, b = opts["mra_block_per_row"], opts["mra_block_size"]
     assert op_kwargs["block_per_row"] == bpr and op_kwargs["approx_mode"] == opts["mra_approx_mode"]
-    num_blocks = bpr * -(-N // b)
-    selection_kwargs = {k: v for k, v in op_kwargs.items() if k != "block_per_row"}
-    selection = mra_compile.block_selection(*op_args, num_blocks=num_blocks, **selection_kwargs)
+    selection = mra_compile.block_selection(*op_args, **op_kwargs)
     groups = H // call.key.shape[1]
     k, v = (x.repeat_interleave(groups, dim=1) for x in (call.key, call.value))
     scale = call.kwargs.get("scaling") or D ** -0.5
     ref = reference(call.query, k, v, None if token_mask is None else token_mask.double(), scale,
-                    num_blocks=num_blocks, approx_mode=opts["mra_approx_mode"], block_size=b,
+                    block_per_row=bpr, approx_mode=opts["mra_approx_mode"], block_size=b,
                     initial_prior_first_n_blocks=opts["mra_initial_prior_first_n_blocks"],
                     initial_prior_diagonal_n_blocks=opts["mra_initial_prior_diagonal_n_blocks"],
                     selection=selection)

@@ -136,3 +136,58 @@ def test_per_query_masks_are_refused_saying_so():
         mra_compile.mra_attention(q, k, v, torch.zeros((2, 1, 1, 40), dtype=torch.int64))
     with pytest.raises(ValueError, match=r"\[B, Nk\]"):
         mra_compile.mra_attention(q, k, v, torch.ones(2, 39))
+
+
+# ---------------------------------------------------------------------------- budgets
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 200), extra=st.integers(1, 300),
+       bpr=st.integers(1, 5), mode=MODES)
+def test_block_per_row_a_sequence_alone_equals_it_in_a_padded_batch(seed, N, extra, bpr, mode):
+    """docs/spec.md, "Per-sequence budget": the budget comes from the real length, so the
+    padding of the batch (NaN there included) changes nothing. (No priors: their equal
+    bonuses would make ties at the top-k boundary, where either choice is right.)"""
+    g = torch.Generator().manual_seed(seed)
+    H, D = 2, 16
+    q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+    kw = dict(block_per_row=bpr, approx_mode=mode)
+    alone = mra_compile.mra_attention(q, k, v, **kw)
+    M = N + extra
+    qb, kb, vb = (torch.cat([F.pad(x, (0, 0, 0, extra), value=float("nan")),
+                             torch.randn(1, H, M, D, generator=g)]) for x in (q, k, v))
+    keep = padded_mask(M, [N, M], torch.bool)
+    batched = mra_compile.mra_attention(qb, kb, vb, keep, **kw)
+    torch.testing.assert_close(batched[:1, :, :N], alone, rtol=1e-5, atol=1e-6)
+    n = n_blocks(N)
+    sel = mra_compile.block_selection(qb, kb, vb, keep, **kw)[0]
+    assert torch.equal(sel[:1, :, :n, :n], mra_compile.block_selection(q, k, v, **kw)[0])
+    assert (sel[:1, :, :n, :n].sum((-1, -2)) == min(bpr * n, n * n)).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), N=st.integers(1, 200),
+       bpr=st.integers(1, 6), mode=MODES, scale=SCALES, data=st.data())
+def test_block_per_row_matches_reference(seed, B, N, bpr, mode, scale, data):
+    q, k, v = make_qkv(seed, B, 2, N, 8)
+    lengths = [data.draw(st.integers(1, N)) for _ in range(B)]
+    mask = padded_mask(N, lengths)
+    kw = dict(block_per_row=bpr, approx_mode=mode, scale=scale)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.float64)
+    out, grads = _grads(lambda *x: mra_compile.mra_attention(*x, mask, **kw), q, k, v,
+                        grad_out=grad_out)
+    selected, high_mask = mra_compile.block_selection(q, k, v, mask, **kw)
+    ref, (ref_sel, ref_high) = mra2_reference(*(as64(x) for x in (q, k, v, mask)),
+                                              return_selection=True, **kw)
+    # Each sequence's own budget of real blocks (those with a real query and key).
+    for b, c in enumerate(lengths):
+        nc = n_blocks(c)
+        assert (selected[b, :, :nc, :nc].sum((-1, -2)) == min(bpr * nc, nc * nc)).all()
+        assert (ref_sel[b, :, :nc, :nc].sum((-1, -2)) == min(bpr * nc, nc * nc)).all()
+    ref, ref_grads = _grads(lambda *x: mra2_reference(*x, as64(mask), selection=(
+        selected, high_mask), **kw), *(as64(x) for x in (q, k, v)), grad_out=grad_out)
+    assert rel_err(out, ref) <= RTOL_FP32
+    size = max(g.abs().max().item() for g in ref_grads) or 1.0
+    for g, gr in zip(grads, ref_grads):
+        assert (g.double() - gr).abs().max().item() / size <= 1e-4

@@ -78,8 +78,6 @@ def test_compile_dynamic_num_blocks_from_shape_matches_eager():
                                    atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="the schema declares num_blocks as int, not SymInt: a "
-                   "num_blocks computed from a dynamic N is specialised, one graph per n")
 def test_compile_dynamic_block_per_row_does_not_recompile():
     def fn(q, k, v):
         return mra_compile.mra_attention(q, k, v, block_per_row=2)
