@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mra_compile import forward, op, options, validate
+from mra_compile import forward, op, validate
 from mra_compile.options import Options
 
 
@@ -19,19 +19,23 @@ def mra_attention(
     block_size: int = 32,
     initial_prior_first_n_blocks: int = 0,
     initial_prior_diagonal_n_blocks: int = 0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """MRA-2 approximate self-attention (Zeng et al., ICML 2022).
 
     Args:
         q, k, v: ``[B, H, N, D]`` queries, keys, values; float32, float16 or bfloat16,
             same shape, dtype and device. Any N and D; non-contiguous is fine.
-        mask: ``[B, N]`` with 1 for real tokens and 0 for padding (bool, int or float),
-            or None. Padded queries get zero output; padded keys are ignored.
+        mask: key padding, or None: ``[B, N]`` with 1 for real tokens and 0 for padding
+            (bool, int or float), or SDPA's ``[B, 1, 1, N]``, bool (True = take part) or
+            additive float (0 / -inf). Padded queries get zero output; padded keys are
+            ignored. A per-query mask (``[B, 1, N, N]``) is a ValueError.
         num_blocks: exact ``block_size x block_size`` blocks per (batch, head), >= 1;
             clamped to ``n*n`` where ``n = ceil(N / block_size)``.
-        block_per_row: alternative to ``num_blocks``: ``num_blocks = block_per_row * n``
-            (Hugging Face ``MraConfig.block_per_row``). Give at most one of the two;
-            with neither, ``block_per_row = 4``.
+        block_per_row: alternative to ``num_blocks``, per sequence: a sequence with ``c``
+            real tokens gets ``block_per_row * ceil(c / block_size)`` blocks (Hugging
+            Face ``MraConfig.block_per_row``), so padding never changes its output. Give
+            at most one of the two; with neither, ``block_per_row = 4``.
         approx_mode: ``"full"`` (MRA-2: exact blocks plus the low-resolution rest) or
             ``"sparse"`` (MRA-2-s: exact blocks only).
         block_size: block edge ``b``, a power of two in [8, 256] (default 32). N is
@@ -40,6 +44,8 @@ def mra_attention(
             columns (global tokens), >= 0.
         initial_prior_diagonal_n_blocks: always select a band of ``g`` block diagonals
             (local attention), >= 0.
+        scale: the logit scale, a positive finite float (default ``1/sqrt(D)``), as
+            ``scaled_dot_product_attention``'s ``scale``.
 
     Returns:
         ``[B, H, N, D]`` in q's dtype.
@@ -47,16 +53,11 @@ def mra_attention(
     Raises:
         TypeError / ValueError naming the offending argument.
     """
-    if num_blocks is not None and block_per_row is not None:
-        raise ValueError("give num_blocks or block_per_row, not both")
     # Checked here too (not only in the op) so that Python-type errors are TypeErrors
     # rather than the dispatcher's RuntimeError.
-    validate.check_tensors(q, k, v, mask)
-    if num_blocks is None:
-        bpr = options.DEFAULT_BLOCK_PER_ROW if block_per_row is None else block_per_row
-        num_blocks = options.budget(bpr, q.shape[2], block_size)
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-                   initial_prior_diagonal_n_blocks)
+                   initial_prior_diagonal_n_blocks, scale, block_per_row)
+    validate.check_tensors(q, k, v, mask)
     return op.differentiable(q, k, v, mask, opts)
 
 
@@ -66,21 +67,26 @@ def block_selection(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    num_blocks: int,
+    num_blocks: int | None = None,
+    block_per_row: int | None = None,
     approx_mode: str = "full",
     block_size: int = 32,
     initial_prior_first_n_blocks: int = 0,
     initial_prior_diagonal_n_blocks: int = 0,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks ``torch.ops.mra.attention`` computes exactly for these arguments.
+    """The blocks ``torch.ops.mra.attention`` computes exactly for these arguments (the
+    arguments of ``mra_attention``, budget included).
 
     Returns ``(selected, high_mask)``, bool ``[B, H, n, n]`` with ``n = ceil(N / block_size)``:
     the top-``num_blocks`` set T of docs/spec.md, step 3, and, in "full" mode, Hmask (the blocks the
     low-resolution part leaves out; equal to ``selected`` in "sparse" mode). Useful to
-    inspect the pattern, and to give a reference the same blocks when scores tie.
+    inspect the pattern, and to give a reference the same blocks when scores tie. With
+    ``block_per_row`` and a mask, each sequence selects ``block_per_row * ceil(c / b)`` of
+    its blocks that hold a real query and a real key (``c`` real tokens).
     """
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-                   initial_prior_diagonal_n_blocks)
+                   initial_prior_diagonal_n_blocks, scale, block_per_row)
     validate.check_tensors(q, k, v, mask)
     validate.check_device(q)
     validate.check_mask_values(mask)

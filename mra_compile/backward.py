@@ -17,8 +17,10 @@ from mra_compile.options import Options
 
 
 def _transpose_selection(index: torch.Tensor, n: int) -> torch.Tensor:
-    """Selected blocks (i, j) as sorted flat ``j * n + i``: grouped by key block."""
-    return ((index % n) * n + index // n).sort(dim=1).values
+    """Selected blocks (i, j) as sorted flat ``j * n + i``: grouped by key block (entries
+    ``n * n``, no block, stay)."""
+    flipped = torch.where(index < n * n, (index % n) * n + index // n, n * n)
+    return flipped.sort(dim=1).values
 
 
 def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
@@ -30,7 +32,8 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
     runtime.ensure()
     try:
         with torch_single_threaded():
-            pr = prepare(q, k, v, mask, opts.block_size)  # CUDA fp16/bf16: as the kernels take them
+            # CUDA fp16/bf16: as the kernels take them
+            pr = prepare(q, k, v, mask, opts.block_size, opts.scale)
             with pr.target.device_scope(q.device):
                 return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
     except validate.ScratchOverflow:

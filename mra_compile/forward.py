@@ -49,9 +49,26 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     _run(pr, knobs, "pool_and_logits", q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, counts=pr.counts,
          inv_counts=pr.inv_counts, qp=qp, kp=kp, vp=vp, logits=logits, rowmax=rowmax,
          heads=pr.heads, scale=pr.scale)
-    sel = plan.select_blocks(logits, rowmax, num_blocks=opts.num_blocks, full=opts.full,
-                             first_n=opts.first_n, diagonal_n=opts.diagonal_n)
+    row_blocks = real_pairs = None
+    if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
+        row_blocks, real_pairs = _sequence_budgets(pr, opts.block_per_row, R, n)
+    sel = plan.select_blocks(logits, rowmax, num_blocks=opts.max_blocks(n), full=opts.full,
+                             first_n=opts.first_n, diagonal_n=opts.diagonal_n,
+                             row_blocks=row_blocks, real_pairs=real_pairs)
     return LowRes(pooled, logits, rowmax, sel)
+
+
+def _sequence_budgets(pr: Prepared, block_per_row: int, R: int, n: int):
+    """docs/spec.md, "Per-sequence budget": each row's ``r * ceil(c / b)`` blocks (at
+    least r, at most n*n) for its sequence's ``c`` real tokens, [R] int64; and the blocks
+    with a real query and a real key (those the budget counts), [R, n, n] bool."""
+    real_tokens = pr.counts.sum(-1)  # [Bm]
+    rows_real = torch.ceil(real_tokens / pr.block_size).clamp_min(1).to(torch.int64)
+    budget = (rows_real * block_per_row).clamp_max(n * n)
+    filled = pr.counts > 0.5  # [Bm, n]
+    pairs = filled[:, :, None] & filled[:, None, :]
+    return (budget.repeat_interleave(pr.heads, dim=0),
+            pairs.repeat_interleave(pr.heads, dim=0))
 
 
 def block_selection(q, k, v, mask, opts: Options):
@@ -64,14 +81,14 @@ def block_selection(q, k, v, mask, opts: Options):
     B, H, N, D = q.shape
     runtime.ensure()
     with torch_single_threaded():
-        pr = prepare(q, k, v, mask, opts.block_size)
+        pr = prepare(q, k, v, mask, opts.block_size, opts.scale)
         with pr.target.device_scope(q.device):
             knobs = knob_policy.knobs_for_shape(None, N, D, opts.block_size, pr.target)
             lr = _pool_and_select(pr, opts, knobs)
     n = lr.logits.shape[-1]
-    selected = torch.zeros(B * H, n * n, dtype=torch.bool, device=q.device)
-    selected.scatter_(1, lr.sel.index, True)
-    selected = selected.view(B, H, n, n)
+    selected = torch.zeros(B * H, n * n + 1, dtype=torch.bool, device=q.device)
+    selected.scatter_(1, lr.sel.index, True)  # (entries n * n: no block)
+    selected = selected[:, : n * n].reshape(B, H, n, n)
     hm = lr.sel.high_mask
     high_mask = selected.clone() if hm is None else hm.bool().view(B, H, n, n)
     return selected, high_mask
@@ -141,7 +158,7 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
     runtime.ensure()  # sizes the kernels' threads from torch's before they change
     try:
         with torch_single_threaded():
-            pr = prepare(q, k, v, mask, opts.block_size)
+            pr = prepare(q, k, v, mask, opts.block_size, opts.scale)
             with pr.target.device_scope(q.device):
                 chosen = knob_policy.knobs_for_shape(knobs, N, D, opts.block_size, pr.target)
                 out, saved = _forward(q, pr, opts, chosen)

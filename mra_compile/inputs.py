@@ -99,7 +99,8 @@ class Prepared:
     """Inputs as the kernels read them.
 
     q, k, v [R, Np, Dp] in the target's I/O dtype; mask [Bm, Np] (row r of q uses mask
-    row r // heads); counts, inv_counts [Bm, n]; scale = 1/sqrt(D) of the real head dim.
+    row r // heads); counts, inv_counts [Bm, n]; scale: the logit scale (default 1/sqrt(D)
+    of the real head dim).
     """
 
     q: torch.Tensor
@@ -112,6 +113,7 @@ class Prepared:
     scale: float
     block_size: int
     target: Target
+    masked: bool = False  # a mask was given (not only a partial last block)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -141,9 +143,19 @@ class Prepared:
         return {name: self.scratch(name, *shapes[name]) for name in kernels.get(op).scratch}
 
 
-def prepare(q, k, v, mask, block_size: int) -> Prepared:
+def key_padding(mask):
+    """The mask as ``[B, N]`` with nonzero = real: SDPA's ``[B, 1, 1, N]`` (bool: True =
+    take part; additive float: 0 = take part, -inf = padding) becomes bool ``[B, N]``."""
+    if mask is None or mask.dim() == 2:
+        return mask
+    keys = mask[:, 0, 0, :]
+    return keys if keys.dtype == torch.bool else keys == 0
+
+
+def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
-    as masked tokens) and head dims of a multiple of 16; the mask tensors."""
+    as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
+    logit scale (None: 1/sqrt(D))."""
     B, H, N, D = q.shape
     b = block_size
     Np = -(-N // b) * b
@@ -153,6 +165,7 @@ def prepare(q, k, v, mask, block_size: int) -> Prepared:
     dev = q.device
     target = targets.of_device(dev)
     io = target.io_dtype(q.dtype)
+    mask = key_padding(mask)
     if mask is not None:
         # docs/spec.md, step 1: padding positions replaced by zero by selection, so that
         # whatever they hold (NaN, inf) never reaches a real token's output.
@@ -173,4 +186,5 @@ def prepare(q, k, v, mask, block_size: int) -> Prepared:
         inv_counts = 1.0 / (counts + 1e-6)
         heads = H
     return Prepared(qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads,
-                    1.0 / math.sqrt(D), b, target)
+                    1.0 / math.sqrt(D) if scale is None else float(scale), b, target,
+                    mask is not None)

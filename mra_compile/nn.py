@@ -47,9 +47,9 @@ class MRASelfAttention(nn.Module):
             ``hidden_size // num_attention_heads`` dims.
         num_attention_heads: number of heads; must divide ``hidden_size``.
         block_per_row: exact ``block_size x block_size`` blocks per block row; a sequence
-            of ``N`` tokens gets ``num_blocks = block_per_row * ceil(N / block_size)``
-            (default 4). Hugging Face's ``MraSelfAttention`` instead fixes the budget
-            from ``max_position_embeddings``; the two agree at
+            with ``c`` real tokens gets ``block_per_row * ceil(c / block_size)`` blocks
+            (default 4), whatever the padding of its batch. Hugging Face's
+            ``MraSelfAttention`` instead fixes the budget from ``max_position_embeddings``; the two agree at
             ``N = max_position_embeddings`` (use
             ``mra_compile.integrations.transformers.patch_mra_model`` to keep Hugging
             Face's exact behaviour).
@@ -59,6 +59,7 @@ class MRASelfAttention(nn.Module):
         block_size: the block edge (default 32, as in MRA-2 and Hugging Face).
         num_blocks: a fixed budget of exact blocks per (batch, head) instead of
             ``block_per_row`` (clamped to ``n*n`` by the op).
+        scale: the logit scale (default ``1/sqrt(head dim)``), a positive finite float.
         bias: whether the projections have biases (default True).
         attention_probs_dropout_prob: accepted so that ``MraConfig`` values pass through,
             and ignored: MRA-2 never forms the ``N x N`` attention probabilities, so there
@@ -85,6 +86,7 @@ class MRASelfAttention(nn.Module):
         initial_prior_diagonal_n_blocks: int = 0,
         block_size: int = 32,
         num_blocks: int | None = None,
+        scale: float | None = None,
         bias: bool = True,
         attention_probs_dropout_prob: float | None = None,
         device=None,
@@ -102,8 +104,8 @@ class MRASelfAttention(nn.Module):
         if num_blocks is not None:
             validate.check_int("num_blocks", num_blocks, 1)
         # The remaining options are checked exactly as the op will check them.
-        Options(1 if num_blocks is None else num_blocks, approx_mode, block_size,
-                initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+        Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
+                initial_prior_diagonal_n_blocks, scale)
         del attention_probs_dropout_prob  # not applicable, see the docstring
 
         self.hidden_size = hidden_size
@@ -115,6 +117,7 @@ class MRASelfAttention(nn.Module):
         self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scale = scale
 
         factory = {"device": device, "dtype": dtype}
         self.query = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
@@ -148,7 +151,7 @@ class MRASelfAttention(nn.Module):
         return cls(**kwargs)
 
     def budget(self, seq_len: int) -> int:
-        """``num_blocks`` passed to the op for a sequence of ``seq_len`` tokens."""
+        """The blocks per (batch, head) of a sequence of ``seq_len`` real tokens."""
         if self.num_blocks is not None:
             return self.num_blocks
         return options.budget(self.block_per_row, seq_len, self.block_size)
@@ -168,9 +171,12 @@ class MRASelfAttention(nn.Module):
         q = self._heads(self.query(hidden_states), batch, seq_len)
         k = self._heads(self.key(hidden_states), batch, seq_len)
         v = self._heads(self.value(hidden_states), batch, seq_len)
+        # The op takes block_per_row itself: no argument depends on seq_len, so one graph
+        # serves every length under torch.compile / torch.export.
         context = torch.ops.mra.attention(
-            q, k, v, attention_mask, self.budget(seq_len), self.approx_mode, self.block_size,
-            self.initial_prior_first_n_blocks, self.initial_prior_diagonal_n_blocks,
+            q, k, v, attention_mask, self.num_blocks, self.approx_mode, self.block_size,
+            self.initial_prior_first_n_blocks, self.initial_prior_diagonal_n_blocks, self.scale,
+            None if self.num_blocks is not None else self.block_per_row,
         )
         context = context.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(context)
@@ -181,7 +187,8 @@ class MRASelfAttention(nn.Module):
         return (f"hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}, "
                 f"{budget}, approx_mode={self.approx_mode!r}, block_size={self.block_size}, "
                 f"initial_prior_first_n_blocks={self.initial_prior_first_n_blocks}, "
-                f"initial_prior_diagonal_n_blocks={self.initial_prior_diagonal_n_blocks}")
+                f"initial_prior_diagonal_n_blocks={self.initial_prior_diagonal_n_blocks}"
+                + ("" if self.scale is None else f", scale={self.scale}"))
 
 
 _MISSING = object()

@@ -38,7 +38,7 @@ def _checked(q, k, v, mask, args) -> Options:
     """The options, validated, and the tensors checked against them (fake-safe)."""
     opts = Options(*args)
     validate.check_tensors(q, k, v, mask)
-    validate.check_sizes(q, opts.block_size, opts.num_blocks)
+    validate.check_sizes(q, opts.block_size)
     return opts
 
 
@@ -48,7 +48,7 @@ def _saved_shapes(q, opts: Options):
     R = B * H
     n = opts.blocks(N)
     Np, Dp = n * opts.block_size, -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
-    K = min(opts.num_blocks, n * n)
+    K = opts.max_blocks(n)
     dt = compute_dtype(q.dtype)
     return dt, [(3, R, Np), (3, R, n, Dp), (R, n, n), (R, n, n), (R, n)], (R, K)
 

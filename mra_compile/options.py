@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
+
+import torch
 
 from mra_compile import validate
 
@@ -21,23 +24,41 @@ DEFAULT_BLOCK_PER_ROW = 4  # the budget when neither num_blocks nor block_per_ro
 
 @dataclass(frozen=True)
 class Options:
-    """num_blocks: exact blocks per (batch, head) (docs/spec.md, step 3), >= 1.
+    """The budget, one of (docs/spec.md, step 3 and "Per-sequence budget"):
+    num_blocks: exact blocks per (batch, head), >= 1, one number for every row;
+    block_per_row: ``r`` blocks per block row, >= 1: a sequence with ``c`` real tokens
+        gets ``r * ceil(c / block_size)`` blocks. With neither, ``block_per_row = 4``.
     approx_mode: "full" (MRA-2) or "sparse" (MRA-2-s: exact blocks only).
     block_size: block edge b, a power of two in [8, 256].
     initial_prior_first_n_blocks / initial_prior_diagonal_n_blocks: the selection priors.
+    scale: the logit scale, a positive finite float; None: ``1/sqrt(D)``.
 
-    ``schema`` metadata: the default the public op's schema gives the argument (none for
-    ``num_blocks``, which every call passes)."""
+    ``schema`` metadata: the default the public op's schema gives the argument.
+    ``block_per_row`` rather than a ``num_blocks`` computed from N keeps the op's arguments
+    free of the sequence length: one graph serves every length under torch.compile."""
 
-    num_blocks: int
+    num_blocks: int | None = field(default=None, metadata={"schema": True})
     approx_mode: str = field(default="full", metadata={"schema": True})
     block_size: int = field(default=32, metadata={"schema": True})
     initial_prior_first_n_blocks: int = field(default=0, metadata={"schema": True})
     initial_prior_diagonal_n_blocks: int = field(default=0, metadata={"schema": True})
+    scale: float | None = field(default=None, metadata={"schema": True})
+    block_per_row: int | None = field(default=None, metadata={"schema": True})
 
     def __post_init__(self):
         # int checks accept torch.SymInt: a size-derived option under torch.compile.
-        validate.check_int("num_blocks", self.num_blocks, 1)
+        if self.num_blocks is not None:
+            if self.block_per_row is not None:
+                raise ValueError("give num_blocks or block_per_row, not both")
+            validate.check_int("num_blocks", self.num_blocks, 1)
+        else:
+            bpr = DEFAULT_BLOCK_PER_ROW if self.block_per_row is None else self.block_per_row
+            validate.check_int("block_per_row", bpr, 1)
+            # Any budget of n or more blocks per row selects every block (n < 2**31):
+            # capping it keeps the products within int64.
+            if isinstance(bpr, int):
+                bpr = min(bpr, validate.INDEX_LIMIT)
+            object.__setattr__(self, "block_per_row", bpr)
         if not isinstance(self.approx_mode, str):
             raise TypeError(f"approx_mode must be a str, got {type(self.approx_mode).__name__}")
         if self.approx_mode not in MODES:
@@ -49,6 +70,16 @@ class Options:
         validate.check_int("initial_prior_first_n_blocks", self.initial_prior_first_n_blocks, 0)
         validate.check_int("initial_prior_diagonal_n_blocks",
                            self.initial_prior_diagonal_n_blocks, 0)
+        if self.scale is not None:
+            validate.check_scale(self.scale)
+
+    def max_blocks(self, n):
+        """K, the selected blocks of the fullest row, for ``n`` block rows: ``num_blocks``
+        or ``block_per_row * n``, at most ``n * n`` (``n`` may be a SymInt: no guard)."""
+        if self.num_blocks is not None:
+            return torch.sym_min(self.num_blocks, n * n)
+        assert self.block_per_row is not None  # (set by __post_init__)
+        return torch.sym_min(self.block_per_row * n, n * n)
 
     @property
     def full(self) -> bool:
@@ -70,18 +101,34 @@ class Options:
         """Blocks per row ``n`` of a sequence of ``N`` tokens (padded to whole blocks)."""
         return -(-N // self.block_size)
 
+    def scale_for(self, D: int) -> float:
+        """The logit scale for head dim ``D``: ``scale``, else ``1/sqrt(D)``."""
+        return 1.0 / math.sqrt(D) if self.scale is None else float(self.scale)
 
-_SCHEMA_TYPES = {"int": "int", "str": "str", int: "int", str: "str"}
+
+# Field annotations (strings, from __future__ annotations) as torch schema types.
+_SCHEMA_TYPES: dict[object, str] = {"int": "int", "str": "str", "float | None": "float?",
+                                    "int | None": "int?", "bool": "bool"}
+
+
+def _schema_default(value) -> str:
+    if value is None:
+        return "None"
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def schema(defaults: bool) -> str:
     """The options as torch schema arguments: ``int num_blocks, str approx_mode="full", ...``
     (``defaults``: with the public op's defaults)."""
     parts = []
-    for f in dataclasses.fields(Options):
+    fields = dataclasses.fields(Options)
+    for i, f in enumerate(fields):
         text = f"{_SCHEMA_TYPES[f.type]} {f.name}"
-        if defaults and f.metadata.get("schema"):
-            text += "=" + (json.dumps(f.default) if isinstance(f.default, str) else str(f.default))
+        # Trailing None defaults even without ``defaults``: the compiled graphs' calls
+        # leave out trailing arguments equal to their default, None included.
+        trailing_none = all(g.default is None for g in fields[i:])
+        if (defaults and f.metadata.get("schema")) or trailing_none:
+            text += "=" + _schema_default(f.default)
         parts.append(text)
     return ", ".join(parts)
 

@@ -56,10 +56,18 @@ class Selection:
 
 
 @torch.no_grad()
-def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0) -> Selection:
+def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0,
+                  row_blocks=None, real_pairs=None) -> Selection:
+    """T (and Hmask) of docs/spec.md, step 3, for logits [R, n, n] and rowmax [R, n]:
+    the top ``num_blocks`` of each row; or, with ``row_blocks`` [R] int64 (each row's own
+    budget, at most ``num_blocks``: "Per-sequence budget") and ``real_pairs`` [R, n, n]
+    bool (blocks with a real query and a real key), each row's top ``row_blocks[r]`` real
+    blocks, padded to ``num_blocks`` with blocks of padding."""
     scores = selection_scores(logits, rowmax, first_n, diagonal_n)
     R, n, _ = scores.shape
     k = min(num_blocks, n * n)
+    if row_blocks is not None and k < n * n:
+        return _select_per_row(scores, k, row_blocks, real_pairs, full, logits.dtype)
     flat = scores.reshape(R, n * n)
     if k == n * n:
         index = torch.arange(n * n, device=flat.device).expand(R, n * n).contiguous()
@@ -81,6 +89,25 @@ def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0) 
     if full:
         theta = flat.gather(1, index).amin(dim=1)
         high_mask = (scores >= theta[:, None, None]).to(logits.dtype)
+    return Selection(index, high_mask)
+
+
+def _select_per_row(scores, k: int, row_blocks, real_pairs, full: bool, dtype) -> Selection:
+    """Each row's top ``row_blocks[r]`` blocks with a real query and key; the row's other
+    entries of the ``[R, k]`` index are ``n * n`` (no block: ``make_plan`` skips them)."""
+    R, n, _ = scores.shape
+    flat = scores.reshape(R, n * n)
+    real = real_pairs.reshape(R, n * n)
+    # A block without a real query or key changes no output, but it is not selected: the
+    # budget counts real blocks ("Per-sequence budget"), ranked by S (ties: by position).
+    top = flat.masked_fill(~real, float("-inf")).topk(k, dim=1, sorted=True)
+    kept = (torch.arange(k, device=flat.device)[None, :] < row_blocks[:, None]) \
+        & real.gather(1, top.indices)
+    index = torch.where(kept, top.indices, n * n).sort(dim=1).values
+    high_mask = None
+    if full:
+        theta = top.values.masked_fill(~kept, float("inf")).amin(dim=1)
+        high_mask = (scores >= theta[:, None, None]).to(dtype)
     return Selection(index, high_mask)
 
 
@@ -131,21 +158,24 @@ def plan_bounds(K: int, n: int, Cr: int, Co: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def make_plan(index, n: int, Cr: int, Co: int, exact: bool = True) -> Plan:
-    """Split the sorted selected blocks ``index`` [R, K] into row units and overflow units.
+    """Split the sorted selected blocks ``index`` [R, K] into row units and overflow units;
+    entries ``n * n`` (rows with fewer blocks, at the end) are no block.
 
     ``exact=False`` sizes U and ucap by ``plan_bounds`` instead of reading them from the
     device: no host synchronisation (CUDA: the call stays asynchronous and capturable
     in a CUDA graph), at the price of some empty units."""
     R, K = index.shape
     dev = index.device
-    bi = index // n
+    bi = index // n  # entries n * n (no block, after all the others) give block row n
     bj = (index % n).to(torch.int32)
-    per_row = torch.zeros(R, n, dtype=torch.int64, device=dev)
+    per_row = torch.zeros(R, n + 1, dtype=torch.int64, device=dev)
     per_row.scatter_add_(1, bi, torch.ones_like(bi))
     first = per_row.cumsum(1) - per_row  # position of each block row in the sorted list
     pos = torch.arange(K, device=dev)[None, :] - first.gather(1, bi)  # rank within its row
+    valid = bi < n
+    per_row, bi = per_row[:, :n], bi.clamp_max(n - 1)
 
-    own = pos < Cr
+    own = (pos < Cr) & valid
     row_cols = torch.full((R, n * Cr), -1, dtype=torch.int32, device=dev)
     slot = torch.where(own, bi * Cr + pos, n * Cr)  # overflow blocks go to a spill column
     spill = torch.full((R, n * Cr + 1), -1, dtype=torch.int32, device=dev)
@@ -160,7 +190,8 @@ def make_plan(index, n: int, Cr: int, Co: int, exact: bool = True) -> Plan:
     else:
         U, ucap = plan_bounds(K, n, Cr, Co)
     opos = (pos - Cr).clamp_min(0)
-    unit = torch.where(own, U, ov_start.gather(1, bi) + opos // Co)  # own blocks: spill unit U
+    # Own blocks and no-blocks go to the spill unit U.
+    unit = torch.where(own | ~valid, U, ov_start.gather(1, bi) + opos // Co)
     unit_cols = torch.full((R, (U + 1) * Co), -1, dtype=torch.int32, device=dev)
     unit_cols.scatter_(1, unit * Co + opos % Co, bj)
     unit_row = torch.full((R, U + 1), -1, dtype=torch.int32, device=dev)

@@ -64,28 +64,40 @@ def _select_blocks(scores, num_blocks, approx_mode, first_n, diagonal_n):
         S = S + 5e3 * (idx[None, :] < first_n).to(S.dtype)
 
     flat = S.reshape(B, H, n * n)
-    top = torch.topk(flat, min(num_blocks, n * n), dim=-1)
-    selected = torch.zeros_like(flat, dtype=torch.bool)
-    selected.scatter_(-1, top.indices, True)
+    if isinstance(num_blocks, torch.Tensor):
+        # One budget per sequence, [B]: the top num_blocks[b] of each row of batch b.
+        order = flat.argsort(dim=-1, descending=True)
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(n * n, device=S.device).expand_as(order))
+        selected = rank < num_blocks.to(S.device).clamp_max(n * n)[:, None, None]
+        theta = flat.masked_fill(~selected, float("inf")).amin(dim=-1)
+    else:
+        top = torch.topk(flat, min(num_blocks, n * n), dim=-1)
+        selected = torch.zeros_like(flat, dtype=torch.bool)
+        selected.scatter_(-1, top.indices, True)
+        theta = top.values.min(dim=-1).values
     selected = selected.reshape(B, H, n, n)
 
     if approx_mode == "full":
         # Everything at least as large as the smallest selected score is high
         # resolution, so exact ties are all excluded from the low-resolution part.
-        theta = top.values.min(dim=-1).values
         high_mask = S >= theta[:, :, None, None]
     else:
         high_mask = selected
     return selected, high_mask
 
 
-def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_size=32,
+def mra2_reference(q, k, v, mask=None, *, num_blocks=None, approx_mode="full", block_size=32,
                    initial_prior_first_n_blocks=0, initial_prior_diagonal_n_blocks=0,
-                   selection=None, return_selection=False):
+                   scale=None, block_per_row=None, selection=None, return_selection=False):
     """MRA-2 attention, docs/spec.md steps 1-6 as written. Differentiable w.r.t. q, k, v.
 
     q, k, v: [B, H, N, D] (any float dtype; computation happens in that dtype).
     mask: [B, N] with 1 for real tokens and 0 for padding, or None.
+    num_blocks / block_per_row: the budget, one number for every row, or per sequence: a
+        sequence with c real tokens gets block_per_row * ceil(c / block_size) blocks
+        (docs/spec.md, "Per-sequence budget"). Give one of the two.
+    scale: the logit scale (None: 1/sqrt(D)).
     selection: optional (selected, high_mask), bool [B, H, n, n], used instead of the
         top-k selection (n counts blocks after padding N up to a multiple of block_size).
     Returns out [B, H, N, D], or (out, (selected, high_mask)) if return_selection.
@@ -93,11 +105,16 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
     if approx_mode not in ("full", "sparse"):
         raise ValueError(f"unknown approx_mode {approx_mode!r}; expected 'full' or 'sparse'")
 
+    if (num_blocks is None) == (block_per_row is None):
+        raise ValueError("give one of num_blocks and block_per_row")
     b = block_size
+    if block_per_row is not None:
+        real = torch.full((q.shape[0],), q.shape[2]) if mask is None else (mask != 0).sum(-1)
+        num_blocks = block_per_row * torch.clamp_min(-(-real.cpu() // b), 1).to(torch.int64)
     q, k, v, mask, N_orig = _pad_inputs(q, k, v, mask, b)
     B, H, N, D = q.shape
     n = N // b
-    scale = 1.0 / math.sqrt(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     masked = mask is not None
 
     # Step 1: padded tokens replaced by zero, by selection (NaN/inf there never propagate).
@@ -184,13 +201,13 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_
     return out
 
 
-def exact_attention(q, k, v, mask=None):
-    """Exact softmax(q k^T / sqrt(D)) v over real keys; zero at padded queries.
+def exact_attention(q, k, v, mask=None, scale=None):
+    """Exact softmax(q k^T * scale) v over real keys; zero at padded queries.
 
-    q, k, v: [B, H, N, D]; mask: [B, N] (1 real, 0 padding) or None.
-    Returns [B, H, N, D] in q's dtype.
+    q, k, v: [B, H, N, D]; mask: [B, N] (1 real, 0 padding) or None; scale: None for
+    1/sqrt(D). Returns [B, H, N, D] in q's dtype.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = scale * q @ k.transpose(-1, -2)  # [B, H, N, N]
     if mask is None:
         return torch.softmax(logits, dim=-1) @ v

@@ -6,6 +6,8 @@ do not bounds-check, so nothing unchecked may reach them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mra_compile import kernels, targets
@@ -25,6 +27,14 @@ def check_int(name: str, value, minimum: int, maximum: int = INT64_MAX):
     if isinstance(value, int) and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_scale(value) -> None:
+    """The logit scale: a positive finite real number (int or float, not bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat)):
+        raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
+    if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"scale must be a positive finite float, got {value}")
 
 
 def check_tensors(q, k, v, mask) -> None:
@@ -51,18 +61,38 @@ def check_tensors(q, k, v, mask) -> None:
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] != N:
-            raise ValueError(f"mask must have shape [B, N] = [{B}, {N}], got {tuple(mask.shape)}")
+        check_mask_shape(mask, B, N)
         if mask.is_complex():
             raise TypeError(f"mask must be real (bool, integer or float), got {mask.dtype}")
         if mask.device != q.device:
             raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
 
 
+def check_mask_shape(mask, B: int, N: int) -> None:
+    """A key padding mask: ``[B, N]`` (1 real / 0 padding) or SDPA's ``[B, 1, 1, N]``
+    (bool: True = take part; float: additive, 0 / -inf). Any other 4-d shape would mask
+    per query (or per head): not key padding, which is all MRA-2's selection can express."""
+    if mask.dim() == 4:
+        if mask.shape[0] == B and mask.shape[-1] == N and (mask.shape[1] != 1 or mask.shape[2] != 1):
+            raise ValueError(
+                f"mask: a [B, H, Nq, Nk] = {list(mask.shape)} mask is a per-query (or per-head) "
+                "pattern, not key padding; MRA-2 takes key padding only: [B, Nk] or "
+                f"[B, 1, 1, Nk] = [{B}, 1, 1, {N}]")
+        if tuple(mask.shape) == (B, 1, 1, N):
+            if mask.dtype != torch.bool and not mask.is_floating_point():
+                raise TypeError("mask: a [B, 1, 1, Nk] mask must be bool (True = take part) or "
+                                f"additive float (0 / -inf), got {mask.dtype}")
+            return
+    elif mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] == N:
+        return
+    raise ValueError(f"mask must have shape [B, Nk] = [{B}, {N}] or [B, 1, 1, Nk] = "
+                     f"[{B}, 1, 1, {N}], got {tuple(mask.shape)}")
+
+
 INDEX_LIMIT = 2**31  # the kernels index with 32-bit integers
 
 
-def check_sizes(q, block_size: int, num_blocks: int) -> None:
+def check_sizes(q, block_size: int) -> None:
     """Shapes the kernels' 32-bit indexing can address (fake-safe: shapes only)."""
     B, H, N, D = q.shape
     n = -(-N // block_size)
@@ -102,9 +132,17 @@ def check_scratch(name: str, *shape: int) -> None:
 
 
 def check_mask_values(mask) -> None:
-    """Mask entries must be 0 or 1 (reads the data: real implementation only)."""
+    """Mask entries must be 0 or 1, or 0 or -inf for an additive ``[B, 1, 1, N]`` mask
+    (reads the data: real implementation only)."""
     if mask is not None and mask.numel():
         if mask.dtype == torch.bool:
+            return
+        if mask.dim() == 4:
+            ok = (mask == 0) | (mask == float("-inf"))
+            if not bool(ok.all()):
+                bad = mask[~ok].flatten()[0].item()
+                raise ValueError("mask: an additive [B, 1, 1, Nk] float mask must hold only 0 "
+                                 f"(take part) and -inf (padding), found {bad}")
             return
         ok = (mask == 0) | (mask == 1)
         if not bool(ok.all()):

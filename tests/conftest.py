@@ -72,7 +72,7 @@ def op_selection(args, kwargs):
     import mra_compile
 
     names = ("q", "k", "v", "mask", "num_blocks", "approx_mode", "block_size",
-             "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks")
+             "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks", "scale", "block_per_row")
     a = dict(zip(names, args), **kwargs)
     q, k, v, mask = a.pop("q"), a.pop("k"), a.pop("v"), a.pop("mask")
     return mra_compile.block_selection(q, k, v, mask, **a)

@@ -120,7 +120,12 @@ CASES = [
     case("num_blocks--1", lambda: call_op(num_blocks=-1), VE, r"num_blocks"),
     case("num_blocks-2.5", lambda: call_op(num_blocks=2.5), TE, r"num_blocks", schema=True),
     case("num_blocks-str", lambda: call_op(num_blocks="3"), TE, r"num_blocks", schema=True),
-    case("num_blocks-None", lambda: call_op(num_blocks=None), TE, r"num_blocks", schema=True),
+    case("num_blocks-and-block_per_row", lambda: call_op(block_per_row=2), VE,
+         r"num_blocks or block_per_row"),
+    case("block_per_row-0", lambda: call_op(num_blocks=None, block_per_row=0), VE,
+         r"block_per_row"),
+    case("block_per_row-2.5", lambda: call_op(num_blocks=None, block_per_row=2.5), TE,
+         r"block_per_row", schema=True),
     # approx_mode.
     case("approx_mode-dense", lambda: call_op(approx_mode="dense"), VE, r"approx_mode"),
     case("approx_mode-FULL", lambda: call_op(approx_mode="FULL"), VE, r"approx_mode"),

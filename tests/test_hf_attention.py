@@ -174,14 +174,12 @@ def check_call(call, token_mask, config):
     (op_args, op_kwargs), = call.op_calls
     bpr, b = opts["mra_block_per_row"], opts["mra_block_size"]
     assert op_kwargs["block_per_row"] == bpr and op_kwargs["approx_mode"] == opts["mra_approx_mode"]
-    num_blocks = bpr * -(-N // b)
-    selection_kwargs = {k: v for k, v in op_kwargs.items() if k != "block_per_row"}
-    selection = mra_compile.block_selection(*op_args, num_blocks=num_blocks, **selection_kwargs)
+    selection = mra_compile.block_selection(*op_args, **op_kwargs)
     groups = H // call.key.shape[1]
     k, v = (x.repeat_interleave(groups, dim=1) for x in (call.key, call.value))
     scale = call.kwargs.get("scaling") or D ** -0.5
     ref = reference(call.query, k, v, None if token_mask is None else token_mask.double(), scale,
-                    num_blocks=num_blocks, approx_mode=opts["mra_approx_mode"], block_size=b,
+                    block_per_row=bpr, approx_mode=opts["mra_approx_mode"], block_size=b,
                     initial_prior_first_n_blocks=opts["mra_initial_prior_first_n_blocks"],
                     initial_prior_diagonal_n_blocks=opts["mra_initial_prior_diagonal_n_blocks"],
                     selection=selection)
@@ -406,7 +404,7 @@ def test_native_scale_and_gqa_are_used_when_the_op_has_them(monkeypatch):
         seen.update(q=q_, k=k_, scale=scale, enable_gqa=enable_gqa)
         groups = q_.shape[1] // k_.shape[1]
         k_, v_ = (x.repeat_interleave(groups, dim=1) for x in (k_, v_))
-        return real_op(q_ * (scale * math.sqrt(q_.shape[-1])), k_, v_, mask_, **kwargs)
+        return real_op(q_, k_, v_, mask_, scale=scale, **kwargs)
 
     monkeypatch.setattr(mra_compile, "mra_attention", op)
     got, _ = hf_attention.mra_attention_forward(module, q, k, v, mask, scaling=0.3)
@@ -422,15 +420,16 @@ def test_default_scaling_does_not_touch_q(monkeypatch):
 
     @functools.wraps(real_op)
     def op(*args, **kwargs):
-        seen.append(args[0])
+        seen.append((args[0], kwargs.get("scale")))
         return real_op(*args, **kwargs)
 
     monkeypatch.setattr(mra_compile, "mra_attention", op)
     hf_attention.mra_attention_forward(stub_module(), q, k, v, None, scaling=16 ** -0.5)
     hf_attention.mra_attention_forward(stub_module(), q, k, v, None, scaling=None)
-    assert seen[0] is q and seen[1] is q
+    assert seen[0][0] is q and seen[1] == (q, None)
+    # The op takes scale itself: q is passed as it is.
     hf_attention.mra_attention_forward(stub_module(), q, k, v, None, scaling=0.5)
-    torch.testing.assert_close(seen[2], q * 2.0, rtol=0, atol=0)
+    assert seen[2][0] is q and seen[2][1] == 0.5
 
 
 # ---------------------------------------------------------------------------- what is refused

@@ -32,7 +32,7 @@ def reference_forward(module, x, mask, selection):
 
     q, k, v = heads(m.query(x)), heads(m.key(x)), heads(m.value(x))
     ctx = mra2_reference(
-        q, k, v, as64(mask), num_blocks=m.budget(N),
+        q, k, v, as64(mask), **budget_args(m),
         approx_mode=m.approx_mode, block_size=m.block_size,
         initial_prior_first_n_blocks=m.initial_prior_first_n_blocks,
         initial_prior_diagonal_n_blocks=m.initial_prior_diagonal_n_blocks, selection=selection,
@@ -40,13 +40,20 @@ def reference_forward(module, x, mask, selection):
     return m.out_proj(ctx.transpose(1, 2).reshape(B, N, C))
 
 
+def budget_args(module):
+    """The module's budget as the op takes it: num_blocks, else block_per_row."""
+    if module.num_blocks is not None:
+        return {"num_blocks": module.num_blocks}
+    return {"block_per_row": module.block_per_row}
+
+
 def run_and_check(module, x, mask, rtol=RTOL_FP32):
     with torch.no_grad(), RecordMraCalls() as rec:
         out = module(x, mask)
     assert out.shape == x.shape and out.dtype == x.dtype
     (args, kwargs), = rec.calls
-    num_blocks = args[4]
-    assert num_blocks == module.budget(x.shape[1])
+    # The budget goes to the op as it is: no argument depends on the length.
+    assert (args[4], args[10]) == (module.num_blocks, budget_args(module).get("block_per_row"))
     sel = op_selection(args, kwargs)
     with torch.no_grad():
         ref = reference_forward(module, x, mask, sel)

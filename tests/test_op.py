@@ -311,9 +311,19 @@ def test_block_per_row(N, block_size):
     mask = make_mask(N, 2, N, "random")
     n = n_blocks(N, block_size)
     for bpr in (1, 2, 3):
-        got = mra_compile.mra_attention(q, k, v, mask, block_per_row=bpr, block_size=block_size)
-        expected = op(q, k, v, mask, bpr * n, "full", block_size)
+        got = mra_compile.mra_attention(q, k, v, None, block_per_row=bpr, block_size=block_size)
+        expected = op(q, k, v, None, bpr * n, "full", block_size)
         assert torch.equal(got, expected)
+        # With padding, per sequence: r * ceil(c / b) of its blocks with a real query and key.
+        kw = dict(block_per_row=bpr, block_size=block_size)
+        selected = mra_compile.block_selection(q, k, v, mask, **kw)[0]
+        filled = mask.view(2, -1).new_zeros(2, n * block_size)
+        filled[:, :N] = mask
+        filled = filled.view(2, n, block_size).sum(-1) > 0
+        real_pairs = filled[:, None, :, None] & filled[:, None, None, :]
+        budget = (bpr * torch.ceil(mask.sum(-1) / block_size)).clamp_min(bpr)
+        want = torch.minimum(budget, real_pairs.sum((-1, -2, -3)).double())
+        assert ((selected & real_pairs).sum((-1, -2)) == want[:, None]).all()
     # Default: block_per_row = 4.
     got = mra_compile.mra_attention(q, k, v, block_size=block_size)
     assert torch.equal(got, op(q, k, v, None, 4 * n, "full", block_size))

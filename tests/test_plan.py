@@ -28,3 +28,29 @@ def test_bounded_plan_is_the_exact_plan_plus_empty_units(n, data, Cr, Co, seed):
     assert torch.equal(bounded.unit_cols[:, :used], exact.unit_cols)
     assert (bounded.unit_row[:, used:] == -1).all() and (bounded.unit_cols[:, used:] == -1).all()
     assert bounded.has_overflow or not exact.has_overflow
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 16), data=st.data(), Cr=st.integers(0, 4), Co=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_no_block_entries_are_skipped(n, data, Cr, Co, seed):
+    """Per-sequence budgets: a row with fewer blocks ends in entries n * n (no block); its
+    plan is the plan of its blocks alone, within the bounds of the full width."""
+    K = data.draw(st.integers(1, n * n))
+    kept = data.draw(st.integers(0, K))
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(n * n, generator=g)[:kept].sort().values
+    padded = torch.cat([blocks, torch.full((K - kept,), n * n)])[None]
+    for exact in (True, False):
+        got = plan.make_plan(padded, n, Cr, Co, exact=exact)
+        U, ucap = plan.plan_bounds(K, n, Cr, Co)
+        assert got.unit_row.shape[1] <= U and got.ucap <= ucap
+        if kept:
+            want = plan.make_plan(blocks[None], n, Cr, Co)
+            for name in ("row_cols", "ov_start", "ov_units"):
+                assert torch.equal(getattr(got, name), getattr(want, name))
+            used = want.unit_row.shape[1]
+            assert torch.equal(got.unit_cols[:, :used], want.unit_cols)
+            assert (got.unit_row[:, used:] == -1).all()
+        else:
+            assert (got.row_cols == -1).all() and (got.ov_units == 0).all()

@@ -78,17 +78,35 @@ def test_compile_dynamic_num_blocks_from_shape_matches_eager():
                                    atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="the schema declares num_blocks as int, not SymInt: a "
-                   "num_blocks computed from a dynamic N is specialised, one graph per n")
 def test_compile_dynamic_block_per_row_does_not_recompile():
-    def fn(q, k, v):
-        return mra_compile.mra_attention(q, k, v, block_per_row=2)
+    """The default budget (block_per_row) over 20 lengths: one graph (at most two), and the
+    recompile limit (8) is never reached; the results are the eager ones."""
+    def fn(q, k, v, mask):
+        return mra_compile.mra_attention(q, k, v, mask) * 2
 
     counter = CompileCounterWithBackend("eager")
     compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
-    for B, N in [(2, 96), (4, 160), (5, 130)]:
-        compiled(*make_qkv(N, B, 3, N, 16))
-    assert counter.frame_count == 1
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        for i, N in enumerate(range(37, 37 + 20 * 23, 23)):
+            q, k, v = make_qkv(N, 2, 3, N, 16)
+            mask = padded_mask(N, [N, N - i - 1]) if i % 2 else None
+            torch.testing.assert_close(compiled(q, k, v, mask), fn(q, k, v, mask), rtol=0, atol=0)
+    assert counter.frame_count <= 2
+
+
+def test_export_nn_module_with_a_dynamic_length():
+    from mra_compile.nn import MRASelfAttention
+
+    module = MRASelfAttention(32, 2).eval()
+    x, mask = torch.randn(2, 100, 32), padded_mask(100, [100, 71])
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    exported = torch.export.export(module, (x, mask),
+                                   dynamic_shapes=({1: seq}, {1: seq}))
+    for N in (100, 257, 40):
+        x, mask = torch.randn(2, N, 32), padded_mask(N, [N, N // 2])
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x, mask), module(x, mask), rtol=0,
+                                       atol=0)
 
 
 def test_compile_half_precision():

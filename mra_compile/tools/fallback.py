@@ -25,10 +25,11 @@ def _gather_blocks(x_blocks, block_idx):
 
 
 def mra2_fallback(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_size=32,
-                  initial_prior_first_n_blocks=0, initial_prior_diagonal_n_blocks=0):
+                  initial_prior_first_n_blocks=0, initial_prior_diagonal_n_blocks=0, scale=None):
     """MRA-2 attention with gathered blocks and scatter-add.
 
-    q, k, v: [B, H, N, D]; mask: [B, N] (1 real, 0 padding) or None.
+    q, k, v: [B, H, N, D]; mask: [B, N] (1 real, 0 padding) or None; scale: the logit
+    scale (None: 1/sqrt(D)).
     Returns [B, H, N, D] in q's dtype.
     """
     if approx_mode not in ("full", "sparse"):
@@ -48,7 +49,7 @@ def mra2_fallback(q, k, v, mask=None, *, num_blocks, approx_mode="full", block_s
     N = N_orig + pad
     n = N // b
     R = B * H
-    scale = 1.0 / math.sqrt(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     masked = mask is not None
 
     # Work on rows r = (batch, head) flattened, batch major.

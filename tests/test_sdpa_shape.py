@@ -1,0 +1,193 @@
+"""The op in the shape SDPA users know (issue 12): ``scale``, SDPA-style key padding masks,
+per-sequence budgets, grouped-query heads; against the float64 reference (docs/spec.md,
+"Extensions") and ``scaled_dot_product_attention``."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import RTOL_FP32, as64, make_qkv, n_blocks, padded_mask, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mra_compile
+from mra_compile.reference import mra2_reference
+
+MODES = st.sampled_from(["full", "sparse"])
+SCALES = st.one_of(st.none(), st.sampled_from([0.05, 0.3, 1.0, 2.5]))
+
+
+def _grads(fn, *xs, grad_out):
+    """(out, [grads]) of ``fn`` on leaves copied from ``xs``."""
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+# ---------------------------------------------------------------------------- scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), H=st.integers(1, 2),
+       N=st.integers(1, 150), D=st.sampled_from([8, 16, 33]), scale=SCALES, mode=MODES,
+       masked=st.booleans(), data=st.data())
+def test_scale_matches_reference_outputs_and_grads(seed, B, H, N, D, scale, mode, masked, data):
+    q, k, v = make_qkv(seed, B, H, N, D)
+    mask = None
+    if masked:
+        mask = padded_mask(N, [data.draw(st.integers(1, N)) for _ in range(B)])
+    kw = dict(num_blocks=data.draw(st.integers(1, n_blocks(N) ** 2)), approx_mode=mode,
+              initial_prior_diagonal_n_blocks=data.draw(st.integers(0, 3)), scale=scale)
+    sel = mra_compile.block_selection(q, k, v, mask, **kw)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1),
+                           dtype=torch.float64)
+    out, grads = _grads(lambda *x: mra_compile.mra_attention(*x, mask, **kw), q, k, v,
+                        grad_out=grad_out)
+    ref, ref_grads = _grads(lambda *x: mra2_reference(*x, as64(mask), selection=sel, **kw),
+                            *(as64(x) for x in (q, k, v)), grad_out=grad_out)
+    assert rel_err(out, ref) <= RTOL_FP32
+    size = max(g.abs().max().item() for g in ref_grads) or 1.0
+    for g, gr in zip(grads, ref_grads):
+        assert (g.double() - gr).abs().max().item() / size <= 1e-4
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 130), D=st.sampled_from([8, 24]),
+       scale=st.sampled_from([0.02, 0.5, 3.0]))
+def test_scale_all_blocks_full_is_sdpa(seed, N, D, scale):
+    # Logits of unit size whatever the scale: exact "up to the 1e-6 terms" (spec,
+    # "Properties"), which weigh e^(R - m_t) where the block mean R exceeds a query's m_t.
+    q, k, v = make_qkv(seed, 2, 2, N, D, scale=(scale * math.sqrt(D)) ** -0.5)
+    out = mra_compile.mra_attention(q, k, v, num_blocks=n_blocks(N) ** 2, scale=scale)
+    ref = F.scaled_dot_product_attention(*(x.double() for x in (q, k, v)), scale=scale)
+    assert rel_err(out, ref) <= RTOL_FP32
+
+
+def test_default_scale_is_one_over_sqrt_d():
+    q, k, v = make_qkv(3, 1, 2, 70, 24)
+    a = mra_compile.mra_attention(q, k, v, num_blocks=5)
+    b = mra_compile.mra_attention(q, k, v, num_blocks=5, scale=1 / math.sqrt(24))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad, error", [(0.0, ValueError), (-1.0, ValueError),
+                                        (float("inf"), ValueError), (float("nan"), ValueError),
+                                        ("1", TypeError), (True, TypeError)])
+def test_bad_scale_is_an_error_naming_it(bad, error):
+    q, k, v = make_qkv(0, 1, 1, 32, 8)
+    with pytest.raises(error, match="scale"):
+        mra_compile.mra_attention(q, k, v, scale=bad)
+    if not isinstance(bad, bool):  # (the dispatcher turns a bool into a float)
+        with pytest.raises((error, RuntimeError), match="scale"):
+            torch.ops.mra.attention(q, k, v, None, 4, scale=bad)
+
+
+# ---------------------------------------------------------------------------- SDPA masks
+
+
+def _sdpa_masks(keep):
+    """keep [B, N] bool -> SDPA's [B, 1, 1, N] boolean and additive (0 / -inf) masks."""
+    boolean = keep[:, None, None, :]
+    additive = torch.zeros(boolean.shape).masked_fill(~boolean, float("-inf"))
+    return boolean, additive
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), N=st.integers(2, 150),
+       mode=MODES, data=st.data())
+def test_sdpa_key_padding_masks_equal_the_two_d_mask(seed, B, N, mode, data):
+    q, k, v = make_qkv(seed, B, 2, N, 16)
+    keep = padded_mask(N, [data.draw(st.integers(1, N)) for _ in range(B)], torch.bool)
+    kw = dict(num_blocks=data.draw(st.integers(1, n_blocks(N) ** 2)), approx_mode=mode)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed))
+    want, want_grads = _grads(lambda *x: mra_compile.mra_attention(*x, keep.float(), **kw),
+                              q, k, v, grad_out=grad_out)
+    for m in _sdpa_masks(keep):
+        got, grads = _grads(lambda *x, m=m: mra_compile.mra_attention(*x, m, **kw), q, k, v,
+                            grad_out=grad_out)
+        assert torch.equal(got, want)
+        for g, w in zip(grads, want_grads):
+            assert torch.equal(g, w)
+        sel = mra_compile.block_selection(q, k, v, m, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(sel, mra_compile.block_selection(
+            q, k, v, keep, **kw)))
+
+
+def test_sdpa_bool_mask_all_blocks_full_is_sdpa():
+    q, k, v = make_qkv(5, 2, 3, 100, 16)
+    keep = padded_mask(100, [100, 61], torch.bool)
+    boolean, additive = _sdpa_masks(keep)
+    ref = F.scaled_dot_product_attention(*(x.double() for x in (q, k, v)), attn_mask=boolean)
+    ref = ref * keep[:, None, :, None]  # the op zeroes padded queries
+    for m in (boolean, additive):
+        out = torch.ops.mra.attention(q, k, v, m, n_blocks(100) ** 2)
+        assert rel_err(out, ref) <= RTOL_FP32
+
+
+def test_per_query_masks_are_refused_saying_so():
+    q, k, v = make_qkv(0, 2, 2, 40, 8)
+    for shape in [(2, 1, 40, 40), (2, 2, 40, 40), (2, 2, 1, 40)]:
+        with pytest.raises(ValueError, match="per-query"):
+            mra_compile.mra_attention(q, k, v, torch.ones(shape, dtype=torch.bool))
+    with pytest.raises(ValueError, match="additive"):
+        mra_compile.mra_attention(q, k, v, torch.full((2, 1, 1, 40), 1.0))
+    with pytest.raises(TypeError, match="additive"):
+        mra_compile.mra_attention(q, k, v, torch.zeros((2, 1, 1, 40), dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[B, Nk\]"):
+        mra_compile.mra_attention(q, k, v, torch.ones(2, 39))
+
+
+# ---------------------------------------------------------------------------- budgets
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 200), extra=st.integers(1, 300),
+       bpr=st.integers(1, 5), mode=MODES)
+def test_block_per_row_a_sequence_alone_equals_it_in_a_padded_batch(seed, N, extra, bpr, mode):
+    """docs/spec.md, "Per-sequence budget": the budget comes from the real length, so the
+    padding of the batch (NaN there included) changes nothing. (No priors: their equal
+    bonuses would make ties at the top-k boundary, where either choice is right.)"""
+    g = torch.Generator().manual_seed(seed)
+    H, D = 2, 16
+    q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+    kw = dict(block_per_row=bpr, approx_mode=mode)
+    alone = mra_compile.mra_attention(q, k, v, **kw)
+    M = N + extra
+    qb, kb, vb = (torch.cat([F.pad(x, (0, 0, 0, extra), value=float("nan")),
+                             torch.randn(1, H, M, D, generator=g)]) for x in (q, k, v))
+    keep = padded_mask(M, [N, M], torch.bool)
+    batched = mra_compile.mra_attention(qb, kb, vb, keep, **kw)
+    torch.testing.assert_close(batched[:1, :, :N], alone, rtol=1e-5, atol=1e-6)
+    n = n_blocks(N)
+    sel = mra_compile.block_selection(qb, kb, vb, keep, **kw)[0]
+    assert torch.equal(sel[:1, :, :n, :n], mra_compile.block_selection(q, k, v, **kw)[0])
+    assert (sel[:1, :, :n, :n].sum((-1, -2)) == min(bpr * n, n * n)).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), N=st.integers(1, 200),
+       bpr=st.integers(1, 6), mode=MODES, scale=SCALES, data=st.data())
+def test_block_per_row_matches_reference(seed, B, N, bpr, mode, scale, data):
+    q, k, v = make_qkv(seed, B, 2, N, 8)
+    lengths = [data.draw(st.integers(1, N)) for _ in range(B)]
+    mask = padded_mask(N, lengths)
+    kw = dict(block_per_row=bpr, approx_mode=mode, scale=scale)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.float64)
+    out, grads = _grads(lambda *x: mra_compile.mra_attention(*x, mask, **kw), q, k, v,
+                        grad_out=grad_out)
+    selected, high_mask = mra_compile.block_selection(q, k, v, mask, **kw)
+    ref, (ref_sel, ref_high) = mra2_reference(*(as64(x) for x in (q, k, v, mask)),
+                                              return_selection=True, **kw)
+    # Each sequence's own budget of real blocks (those with a real query and key).
+    for b, c in enumerate(lengths):
+        nc = n_blocks(c)
+        assert (selected[b, :, :nc, :nc].sum((-1, -2)) == min(bpr * nc, nc * nc)).all()
+        assert (ref_sel[b, :, :nc, :nc].sum((-1, -2)) == min(bpr * nc, nc * nc)).all()
+    ref, ref_grads = _grads(lambda *x: mra2_reference(*x, as64(mask), selection=(
+        selected, high_mask), **kw), *(as64(x) for x in (q, k, v)), grad_out=grad_out)
+    assert rel_err(out, ref) <= RTOL_FP32
+    size = max(g.abs().max().item() for g in ref_grads) or 1.0
+    for g, gr in zip(grads, ref_grads):
+        assert (g.double() - gr).abs().max().item() / size <= 1e-4
