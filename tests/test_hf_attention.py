@@ -555,3 +555,49 @@ def test_compiled_mask_checks_run_in_the_graph(fresh_dynamo):
     torch.testing.assert_close(f(q, k, v, materialised), expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(RuntimeError, match="padding-only"):
         f(q, k, v, materialised & torch.ones(N, N, dtype=torch.bool).tril())
+
+
+# ---------------------------------------------------------------------------- long inputs, fine-tuning
+
+TESTED = ("bert", "roberta", "modernbert")  # the README's table of tested families
+
+
+@pytest.mark.parametrize("kind", TESTED)
+def test_default_budget_on_a_1000_token_input(kind):
+    model = make_model(kind, layers=1, max_position_embeddings=1024, local_attention=2048)
+    assert getattr(model.config, "mra_block_per_row", None) is None  # the default budget
+    ids, mask = make_batch(3, 2, 1000, [1000, 613])
+    out = run(model, ids, mask)
+    assert out.shape == (2, 1000, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kind", TESTED)
+def test_a_fine_tuning_step(kind, compiled, fresh_dynamo):
+    """Loss, backward, optimizer step on a padded batch; under torch.compile too."""
+    torch.manual_seed(0)
+    model = make_model(kind, layers=1).train()
+    head = torch.nn.Linear(64, 3)
+    params = [*model.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    ids, mask = make_batch(5, 2, 100, [100, 57])
+    labels = torch.tensor([0, 2])
+
+    def loss_fn(ids, mask):
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return torch.nn.functional.cross_entropy(head(hidden[:, 0]), labels)
+
+    step = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+    before = [p.detach().clone() for p in params]
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = step(ids, mask)
+        loss.backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(math.isfinite(x) for x in losses)
+    attention = [p for n, p in model.named_parameters() if "query" in n or "Wqkv" in n]
+    assert attention and all(p.grad is not None and p.grad.abs().sum() > 0 for p in attention)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
