@@ -1,0 +1,107 @@
+"""The CPU op against its flop floor and against compiled FlexAttention on its own blocks.
+
+Issue 16's must-show rows, each from one interleaved run (every round calls every
+implementation once, in turn):
+
+- the flop floor: ``4·k·b²·D + 4·n²·D`` flops per (batch, head) row at this CPU's fp32
+  matmul peak, measured in the same run (the best of square ``torch.mm`` sizes);
+- full mode, interleaved with dense SDPA: op / floor;
+- sparse mode against compiled FlexAttention (Inductor's C++ flex template) on exactly
+  the op's blocks in its fastest form: 32-token blocks, all marked full (no mask_mod
+  work), built from ``mra_compile.block_selection``.
+
+    python bench/bench_roofline_cpu.py                       # N = 4096 and 8192
+    python bench/bench_roofline_cpu.py --sizes 512 1024 --repeat 21
+
+B·H = 12, D = 64, 4 blocks per row, fp32, as the issue states. Writes nothing: the
+table goes to stdout with the machine line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import mra_compile  # noqa: E402
+from bench.flex_mra import selection_block_mask  # noqa: E402
+from mra_compile.tools import common  # noqa: E402
+from mra_compile.tools.benchmarks import machine_line  # noqa: E402
+
+B, H, D, BLOCK = 1, 12, 64, 32
+
+
+def matmul_peak_gflops(repeat: int = 7) -> float:
+    """fp32 GFLOP/s of the best square torch.mm here (all of torch's threads)."""
+    best = 0.0
+    for size in (512, 1024, 2048):
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        ms = common.median_ms({"mm": lambda a=a, b=b: torch.mm(a, b)}, repeat)["mm"]
+        best = max(best, 2 * size**3 / ms / 1e6)
+    return best
+
+
+def floor_ms(n_tokens: int, blocks_per_row: int, peak: float) -> float:
+    """The flop floor of one call at ``peak`` GFLOP/s (docs/spec.md, "Cost")."""
+    n = -(-n_tokens // BLOCK)
+    k = blocks_per_row * n
+    flops = B * H * (4 * k * BLOCK * BLOCK * D + 4 * n * n * D)
+    return flops / peak / 1e6
+
+
+def flex_on_blocks(q, k, v, num_blocks: int):
+    """Compiled FlexAttention on the op's sparse-mode blocks, all full (its fastest form)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    selected, _ = mra_compile.block_selection(q, k, v, num_blocks=num_blocks,
+                                              approx_mode="sparse")
+    mask = selection_block_mask(selected, None, BLOCK)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda: flex(q, k, v, block_mask=mask)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--blocks-per-row", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=11)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    print(machine_line())
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak (best torch.mm 512-2048): {peak:.0f} GFLOP/s")
+    print(f"B*H={B * H} D={D} {args.blocks_per_row} blocks/row; median of {args.repeat} "
+          "interleaved rounds\n")
+    print("| N | floor ms | op full ms | SDPA ms | op/floor | SDPA/op | op sparse ms "
+          "| Flex ms | Flex/op sparse |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n_tokens in args.sizes:
+        q, k, v = (torch.randn(B, H, n_tokens, D) for _ in range(3))
+        nb = args.blocks_per_row * (-(-n_tokens // BLOCK))
+        with torch.no_grad():
+            impls = {
+                "full": lambda: torch.ops.mra.attention(q, k, v, None, nb, "full"),
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                "sparse": lambda: torch.ops.mra.attention(q, k, v, None, nb, "sparse"),
+                "flex": flex_on_blocks(q, k, v, nb),
+            }
+            for fn in impls.values():  # builds, compiles, fills caches
+                fn()
+                fn()
+            t = common.median_ms(impls, args.repeat)
+        floor = floor_ms(n_tokens, args.blocks_per_row, peak)
+        print(f"| {n_tokens} | {floor:.2f} | {t['full']:.2f} | {t['sdpa']:.2f} | "
+              f"{t['full'] / floor:.2f}x | {t['sdpa'] / t['full']:.2f}x | {t['sparse']:.2f} | "
+              f"{t['flex']:.2f} | {t['flex'] / t['sparse']:.2f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
