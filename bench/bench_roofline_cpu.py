@@ -66,6 +66,16 @@ def flex_on_blocks(q, k, v, num_blocks: int):
     return lambda: flex(q, k, v, block_mask=mask)
 
 
+def implementations(q, k, v, nb: int) -> dict:
+    """What one round calls, in turn."""
+    return {
+        "full": lambda: torch.ops.mra.attention(q, k, v, None, nb, "full"),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+        "sparse": lambda: torch.ops.mra.attention(q, k, v, None, nb, "sparse"),
+        "flex": flex_on_blocks(q, k, v, nb),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
@@ -86,12 +96,7 @@ def main() -> int:
         q, k, v = (torch.randn(B, H, n_tokens, D) for _ in range(3))
         nb = args.blocks_per_row * (-(-n_tokens // BLOCK))
         with torch.no_grad():
-            impls = {
-                "full": lambda: torch.ops.mra.attention(q, k, v, None, nb, "full"),
-                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                "sparse": lambda: torch.ops.mra.attention(q, k, v, None, nb, "sparse"),
-                "flex": flex_on_blocks(q, k, v, nb),
-            }
+            impls = implementations(q, k, v, nb)
             for fn in impls.values():  # builds, compiles, fills caches
                 fn()
                 fn()

@@ -20,12 +20,14 @@ def mra_attention(
     initial_prior_first_n_blocks: int = 0,
     initial_prior_diagonal_n_blocks: int = 0,
     scale: float | None = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """MRA-2 approximate self-attention (Zeng et al., ICML 2022).
 
     Args:
         q, k, v: ``[B, H, N, D]`` queries, keys, values; float32, float16 or bfloat16,
-            same shape, dtype and device. Any N and D; non-contiguous is fine.
+            same shape (k, v: ``[B, Hkv, N, D]`` with ``enable_gqa``), dtype and device.
+            Any N and D; non-contiguous is fine.
         mask: key padding, or None: ``[B, N]`` with 1 for real tokens and 0 for padding
             (bool, int or float), or SDPA's ``[B, 1, 1, N]``, bool (True = take part) or
             additive float (0 / -inf). Padded queries get zero output; padded keys are
@@ -46,6 +48,10 @@ def mra_attention(
             (local attention), >= 0.
         scale: the logit scale, a positive finite float (default ``1/sqrt(D)``), as
             ``scaled_dot_product_attention``'s ``scale``.
+        enable_gqa: grouped-query / multi-query heads, as in SDPA: k and v may have
+            ``Hkv`` heads (``H % Hkv == 0``); query head ``h`` uses key/value head
+            ``h // (H / Hkv)``, read in place (no expanded copy). Their gradients sum
+            over the query heads that share them.
 
     Returns:
         ``[B, H, N, D]`` in q's dtype.
@@ -56,8 +62,8 @@ def mra_attention(
     # Checked here too (not only in the op) so that Python-type errors are TypeErrors
     # rather than the dispatcher's RuntimeError.
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-                   initial_prior_diagonal_n_blocks, scale, block_per_row)
-    validate.check_tensors(q, k, v, mask)
+                   initial_prior_diagonal_n_blocks, scale, block_per_row, enable_gqa)
+    validate.check_tensors(q, k, v, mask, enable_gqa)
     return op.differentiable(q, k, v, mask, opts)
 
 
@@ -74,6 +80,7 @@ def block_selection(
     initial_prior_first_n_blocks: int = 0,
     initial_prior_diagonal_n_blocks: int = 0,
     scale: float | None = None,
+    enable_gqa: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks ``torch.ops.mra.attention`` computes exactly for these arguments (the
     arguments of ``mra_attention``, budget included).
@@ -86,8 +93,8 @@ def block_selection(
     its blocks that hold a real query and a real key (``c`` real tokens).
     """
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-                   initial_prior_diagonal_n_blocks, scale, block_per_row)
-    validate.check_tensors(q, k, v, mask)
+                   initial_prior_diagonal_n_blocks, scale, block_per_row, enable_gqa)
+    validate.check_tensors(q, k, v, mask, enable_gqa)
     validate.check_device(q)
     validate.check_mask_values(mask)
     with torch.no_grad():

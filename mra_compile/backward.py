@@ -57,6 +57,8 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dt, dev, target = pr.dtype, q.device, pr.target
 
     def run(op, **args):
+        if pr.group == 1:
+            args.pop("group", None)  # (only the grouped-query variants take it)
         build.run(op, knobs.get(op), target, pr.static(op), **args, **pr.kernel_scratch(op))
 
     dout = pad(grad_out, Np - N, Dp - D, dt)
@@ -85,7 +87,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dq_unit = pr.scratch("dq_unit", R, Uq, b, Dp)
     dk_unit, dv_unit = pr.scratch("dk_unit", R, Uk, b, Dp), pr.scratch("dv_unit", R, Uk, b, Dp)
     shared = dict(q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, stab=stab, g=g, dsum=dsum,
-                  heads=pr.heads, scale=pr.scale)
+                  heads=pr.heads, group=pr.group, scale=pr.scale)
     run("bwd_dq_units", unit_row=by_query.unit_row, unit_cols=by_query.unit_cols,
         dq_unit=dq_unit, **shared)
     run("bwd_dkdv_units", unit_col=by_key.unit_row, unit_rows=by_key.unit_cols,
@@ -107,5 +109,8 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
         inv_counts=pr.inv_counts, mask=pr.mask, dq=grads[0], dk=grads[1], dv=grads[2],
         heads=pr.heads, ucap_q=by_query.ucap, ucap_k=by_key.ucap)
     grads = [gr.view(B, H, Np, Dp)[:, :, :N, :D] for gr in grads]
+    if pr.group > 1:
+        # Grouped-query heads: a key/value head's gradient sums over the heads sharing it.
+        grads[1:] = [gr.unflatten(1, (H // pr.group, pr.group)).sum(2) for gr in grads[1:]]
     return tuple(gr.to(x.dtype) if x.dtype != dt else gr.contiguous()
                  for gr, x in zip(grads, (q, k, v)))

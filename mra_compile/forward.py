@@ -33,6 +33,8 @@ class LowRes:
 
 
 def _run(pr: Prepared, knobs: dict, op: str, full: bool | None = None, **args) -> None:
+    if pr.group == 1:
+        args.pop("group", None)  # (only the grouped-query variants take it)
     build.run(op, knobs.get(op), pr.target, pr.static(op, full), **args,
               **pr.kernel_scratch(op))
 
@@ -48,7 +50,7 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     rowmax = torch.empty(R, n, dtype=dt, device=dev)
     _run(pr, knobs, "pool_and_logits", q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, counts=pr.counts,
          inv_counts=pr.inv_counts, qp=qp, kp=kp, vp=vp, logits=logits, rowmax=rowmax,
-         heads=pr.heads, scale=pr.scale)
+         heads=pr.heads, group=pr.group, scale=pr.scale)
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
         row_blocks, real_pairs = _sequence_budgets(pr, opts.block_per_row, R, n)
@@ -200,7 +202,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     if p.has_overflow:
         _run(pr, knobs, "hires_units", q=pr.q, k=pr.k, v=pr.v, mask=pr.mask,
              unit_row=p.unit_row, unit_cols=p.unit_cols, unit_max=ov_max, unit_out=ov_out,
-             unit_sum=ov_sum, heads=pr.heads, scale=pr.scale)
+             unit_sum=ov_sum, heads=pr.heads, group=pr.group, scale=pr.scale)
 
     # Step 4 for each row's own blocks, merged with its overflow units; steps 5 and 6.
     out = torch.empty(R, n, b, Dp, dtype=pr.q.dtype, device=dev)
@@ -217,7 +219,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     _run(pr, knobs, "hires_rows", full, q=pr.q, k=pr.k, v=pr.v, mask=pr.mask,
          row_cols=p.row_cols, ov_max=ov_max, ov_out=ov_out, ov_sum=ov_sum, ov_start=p.ov_start,
          ov_units=p.ov_units, **lowres, out=out, stab=stats[0], lo_w=stats[1], inv_z=stats[2],
-         heads=pr.heads, scale=pr.scale, ucap=p.ucap)
+         heads=pr.heads, group=pr.group, scale=pr.scale, ucap=p.ucap)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
     out = out.to(q.dtype) if q.dtype != out.dtype else out.contiguous()
     if high_mask is None:

@@ -114,6 +114,7 @@ class Prepared:
     block_size: int
     target: Target
     masked: bool = False  # a mask was given (not only a partial last block)
+    group: int = 1  # query heads per key/value head: q row r reads k, v row r // group
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,7 +124,8 @@ class Prepared:
     def static(self, op: str, full: bool | None = None) -> dict:
         """The compile-time parameters of kernel ``op`` for these inputs."""
         return kernels.get(op).static(self.block_size, self.q.shape[-1], _TVM_DTYPE[self.dtype],
-                                      _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args)
+                                      _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args,
+                                      self.group > 1)
 
     def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
@@ -169,7 +171,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepa
     if mask is not None:
         # docs/spec.md, step 1: padding positions replaced by zero by selection, so that
         # whatever they hold (NaN, inf) never reaches a real token's output.
-        real = (mask != 0)[:, None, :, None]
+        real = (mask != 0)[:, None, :, None]  # (broadcast over q's H and k, v's Hkv heads)
         q, k, v = (torch.where(real, x, torch.zeros((), dtype=x.dtype, device=dev))
                    for x in (q, k, v))
     qf, kf, vf = (pad(x, Np - N, Dp - D, io) for x in (q, k, v))
@@ -187,4 +189,4 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepa
         heads = H
     return Prepared(qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads,
                     1.0 / math.sqrt(D) if scale is None else float(scale), b, target,
-                    mask is not None)
+                    mask is not None, H // k.shape[1])

@@ -43,16 +43,20 @@ class Kernel:
         return getattr(importlib.import_module("mra_compile.operators"), self.name)
 
     def static(self, b: int, D: int, dtype: str = "float32", io: str | None = None,
-               full: bool | None = None, scratch: bool = False) -> dict:
+               full: bool | None = None, scratch: bool = False, gqa: bool = False) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
-        kernels that read q, k, v), for kernels with modes ``full``, and ``scratch``:
-        whether the ``scratch`` intermediates are arguments."""
+        kernels that read q, k, v), for kernels with modes ``full``, ``scratch``: whether
+        the ``scratch`` intermediates are arguments, and ``gqa`` for the grouped-query
+        variant of the kernels that read k, v (an extra ``group`` argument; the plain
+        variant has no division in its indexing)."""
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
         if io is not None and io != dtype and self.reads_qkv:
             static["io"] = io
+        if gqa and self.reads_qkv:
+            static["gqa"] = True
         if self.has_modes:
             if full is None:
                 raise ValueError(f"kernel {self.name} needs full=True or False")
@@ -65,7 +69,9 @@ class Kernel:
         """The arguments of the variant ``static``, in call order."""
         args = self.args + (self.scratch if static.get("scratch") else ())
         if self.full_only and not static.get("full", True):
-            return tuple(a for a in args if a not in self.full_only)
+            args = tuple(a for a in args if a not in self.full_only)
+        if not static.get("gqa"):
+            args = tuple(a for a in args if a != "group")
         return args
 
     def order(self, static: dict, named: dict) -> tuple:
@@ -82,23 +88,23 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # Forward (docs/spec.md, steps 2-6).
     Kernel("pool_and_logits", (*QKV, "counts", "inv_counts", "qp", "kp", "vp", "logits",
-                               "rowmax", "heads", "scale"), reads_qkv=True,
+                               "rowmax", "heads", "group", "scale"), reads_qkv=True,
            scratch=("raw_logits", "real_max")),
     Kernel("lowres_out", ("logits", "rowmax", "hmask", "counts", "vp", "o_lo", "z_lo",
                           "heads"), scratch=("weight",)),
     Kernel("hires_units", (*QKV, "unit_row", "unit_cols", "unit_max", "unit_out", "unit_sum",
-                           "heads", "scale"), reads_qkv=True, shape_knobs=("blocks_per_unit",)),
+                           "heads", "group", "scale"), reads_qkv=True, shape_knobs=("blocks_per_unit",)),
     Kernel("hires_rows", (*QKV, "row_cols", "ov_max", "ov_out", "ov_sum", "ov_start",
                           "ov_units", "o_lo", "z_lo", "rowmax", "out", "stab", "lo_w", "inv_z",
-                          "heads", "scale", "ucap"),
+                          "heads", "group", "scale", "ucap"),
            reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax")),
     # Backward.
     Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"), backward=True),
     Kernel("bwd_dq_units", (*QKV, "unit_row", "unit_cols", "stab", "g", "dsum", "dq_unit",
-                            "heads", "scale"),
+                            "heads", "group", "scale"),
            reads_qkv=True, shape_knobs=("blocks_per_unit",), backward=True),
     Kernel("bwd_dkdv_units", (*QKV, "unit_col", "unit_rows", "stab", "g", "dsum", "dk_unit",
-                              "dv_unit", "heads", "scale"),
+                              "dv_unit", "heads", "group", "scale"),
            reads_qkv=True, shape_knobs=("blocks_per_unit",), backward=True),
     Kernel("bwd_lowres", ("logits", "hmask", "rowmax", "counts", "qp", "kp", "vp", "ga", "da",
                           "dqp", "dkp", "dvp", "heads", "scale"), backward=True,

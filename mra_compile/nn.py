@@ -60,6 +60,9 @@ class MRASelfAttention(nn.Module):
         num_blocks: a fixed budget of exact blocks per (batch, head) instead of
             ``block_per_row`` (clamped to ``n*n`` by the op).
         scale: the logit scale (default ``1/sqrt(head dim)``), a positive finite float.
+        num_key_value_heads: grouped-query attention: ``key`` and ``value`` project to
+            this many heads (a divisor of ``num_attention_heads``; default: as many),
+            each shared by a group of query heads without being copied.
         bias: whether the projections have biases (default True).
         attention_probs_dropout_prob: accepted so that ``MraConfig`` values pass through,
             and ignored: MRA-2 never forms the ``N x N`` attention probabilities, so there
@@ -87,6 +90,7 @@ class MRASelfAttention(nn.Module):
         block_size: int = 32,
         num_blocks: int | None = None,
         scale: float | None = None,
+        num_key_value_heads: int | None = None,
         bias: bool = True,
         attention_probs_dropout_prob: float | None = None,
         device=None,
@@ -100,6 +104,11 @@ class MRASelfAttention(nn.Module):
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads "
                 f"({num_attention_heads})"
             )
+        kv_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        validate.check_int("num_key_value_heads", kv_heads, 1)
+        if num_attention_heads % kv_heads:
+            raise ValueError(f"num_key_value_heads ({kv_heads}) must divide num_attention_heads "
+                             f"({num_attention_heads})")
         validate.check_int("block_per_row", block_per_row, 1)
         if num_blocks is not None:
             validate.check_int("num_blocks", num_blocks, 1)
@@ -110,6 +119,7 @@ class MRASelfAttention(nn.Module):
 
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = kv_heads
         self.attention_head_size = hidden_size // num_attention_heads
         self.block_per_row = block_per_row
         self.approx_mode = approx_mode
@@ -121,8 +131,9 @@ class MRASelfAttention(nn.Module):
 
         factory = {"device": device, "dtype": dtype}
         self.query = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
-        self.key = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
-        self.value = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
+        kv_size = kv_heads * self.attention_head_size
+        self.key = nn.Linear(hidden_size, kv_size, bias=bias, **factory)
+        self.value = nn.Linear(hidden_size, kv_size, bias=bias, **factory)
         self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias, **factory)
 
     @classmethod
@@ -156,9 +167,9 @@ class MRASelfAttention(nn.Module):
             return self.num_blocks
         return options.budget(self.block_per_row, seq_len, self.block_size)
 
-    def _heads(self, x: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, batch: int, seq_len: int, heads: int) -> torch.Tensor:
         # [B, N, H*Dh] -> [B, H, N, Dh] as a view: the op reads strided inputs.
-        return x.view(batch, seq_len, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+        return x.view(batch, seq_len, heads, self.attention_head_size).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,15 +179,16 @@ class MRASelfAttention(nn.Module):
                 f"got {tuple(hidden_states.shape)}"
             )
         batch, seq_len, _ = hidden_states.shape
-        q = self._heads(self.query(hidden_states), batch, seq_len)
-        k = self._heads(self.key(hidden_states), batch, seq_len)
-        v = self._heads(self.value(hidden_states), batch, seq_len)
+        H, Hkv = self.num_attention_heads, self.num_key_value_heads
+        q = self._heads(self.query(hidden_states), batch, seq_len, H)
+        k = self._heads(self.key(hidden_states), batch, seq_len, Hkv)
+        v = self._heads(self.value(hidden_states), batch, seq_len, Hkv)
         # The op takes block_per_row itself: no argument depends on seq_len, so one graph
         # serves every length under torch.compile / torch.export.
         context = torch.ops.mra.attention(
             q, k, v, attention_mask, self.num_blocks, self.approx_mode, self.block_size,
             self.initial_prior_first_n_blocks, self.initial_prior_diagonal_n_blocks, self.scale,
-            None if self.num_blocks is not None else self.block_per_row,
+            None if self.num_blocks is not None else self.block_per_row, Hkv != H,
         )
         context = context.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(context)
@@ -188,7 +200,9 @@ class MRASelfAttention(nn.Module):
                 f"{budget}, approx_mode={self.approx_mode!r}, block_size={self.block_size}, "
                 f"initial_prior_first_n_blocks={self.initial_prior_first_n_blocks}, "
                 f"initial_prior_diagonal_n_blocks={self.initial_prior_diagonal_n_blocks}"
-                + ("" if self.scale is None else f", scale={self.scale}"))
+                + ("" if self.scale is None else f", scale={self.scale}")
+                + ("" if self.num_key_value_heads == self.num_attention_heads
+                   else f", num_key_value_heads={self.num_key_value_heads}"))
 
 
 _MISSING = object()

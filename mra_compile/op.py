@@ -37,7 +37,7 @@ BWD_SCHEMA = (f"(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor
 def _checked(q, k, v, mask, args) -> Options:
     """The options, validated, and the tensors checked against them (fake-safe)."""
     opts = Options(*args)
-    validate.check_tensors(q, k, v, mask)
+    validate.check_tensors(q, k, v, mask, opts.enable_gqa)
     validate.check_sizes(q, opts.block_size)
     return opts
 

@@ -53,15 +53,29 @@ def _exp(x):
     return tirx.Let(xv, clamped, tirx.Let(kv, k, tirx.Let(rv, r, poly * two_k)))
 
 
+def _kv_row(r, group):
+    """The key/value row of query row r: ``r // group`` in the grouped-query variant
+    (``group`` a var), r itself otherwise (``group`` None: no division in the indexing,
+    which costs registers: a spill in hires_units on sm_90). Rows are never negative, so
+    a truncating division (C's ``/``) serves."""
+    return r if group is None else tirx.truncdiv(r, group)
+
+
+def _params(*args) -> list:
+    """A kernel's parameters: ``group`` is None (absent) outside the grouped-query variant."""
+    return [a for a in args if a is not None]
+
+
 def _vars(*names):
     return [te.var(name, dtype=I32) for name in names]
 
 
 def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = None,
-                    scratch: bool = False):
+                    scratch: bool = False, gqa: bool = False):
     """Step 2: block means and low-resolution logits.
 
-    in : q, k, v [R, N, D]; mask [Bm, N]; counts, inv_counts [Bm, n]; heads, scale
+    in : q [R, N, D]; k, v [R / group, N, D]; mask [Bm, N]; counts, inv_counts [Bm, n];
+         heads, group, scale
     out: qp, kp, vp [R, n, D] (block averages of the masked tokens);
          logits [R, n, n] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
     ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
@@ -69,29 +83,27 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
     """
     dt = dtype
     io = io or dt
-    R, N, Bm, heads = _vars("R", "N", "Bm", "heads")
+    R, N, heads, group, scale, q, k, v, mask = _inputs(D, dt, io, gqa)
     n = N // b
-    scale = te.var("scale", dtype=dt)
-    q = te.placeholder((R, N, D), io, "q")
-    k = te.placeholder((R, N, D), io, "k")
-    v = te.placeholder((R, N, D), io, "v")
-    mask = te.placeholder((Bm, N), dt, "mask")
+    Bm = mask.shape[0]
     counts = te.placeholder((Bm, n), dt, "counts")
     inv_counts = te.placeholder((Bm, n), dt, "inv_counts")
 
-    def pooled(x, name):
+    def pooled(x, name, kv=False):
         t = te.reduce_axis((0, b), "t")
         s = te.compute(
             (R, n, D),
             lambda r, i, d: te.sum(
-                x[r, i * b + t, d].astype(dt) * mask[r // heads, i * b + t], axis=t),
+                x[_kv_row(r, group) if kv else r, i * b + t, d].astype(dt)
+                * mask[r // heads, i * b + t], axis=t),
             name=name + "_sum",
         )
         return te.compute(
             (R, n, D), lambda r, i, d: s[r, i, d] * inv_counts[r // heads, i], name=name
         )
 
-    qp, kp, vp = pooled(q, "qp"), pooled(k, "kp"), pooled(v, "vp")
+    # k̂, v̂ per query row (a few n x D per row): the low-resolution kernels stay per row.
+    qp, kp, vp = pooled(q, "qp"), pooled(k, "kp", kv=True), pooled(v, "vp", kv=True)
     dd = te.reduce_axis((0, D), "dd")
     raw = te.compute(
         (R, n, n),
@@ -124,7 +136,8 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         ),
         name="logits",
     )
-    params = [q, k, v, mask, counts, inv_counts, qp, kp, vp, logits, rowmax, heads, scale]
+    params = _params(q, k, v, mask, counts, inv_counts, qp, kp, vp, logits, rowmax, heads,
+                     group, scale)
     return params + ([raw, real_max] if scratch else [])
 
 
@@ -163,7 +176,8 @@ def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     return [logits, rowmax, hmask, counts, vp, o_lo, z_lo, heads] + ([weight] if scratch else [])
 
 
-def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block, C, b, D, dt):
+def _unit_attention(q, k, v, mask, heads, group, scale, domain, query_block, key_block, C, b,
+                    D, dt):
     """Step 4 on one query block against C key blocks, for every point of ``domain``.
 
     ``query_block(r, u)`` and ``key_block(r, u, c)`` give block indices (-1 = empty
@@ -208,8 +222,11 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
         ).astype(io),
         name="q_t",
     )
-    k_g = te.compute((*domain, W, D), lambda r, u, w, d: k[r, key_token(r, u, w), d], name="k_g")
-    v_g = te.compute((*domain, W, D), lambda r, u, w, d: v[r, key_token(r, u, w), d], name="v_g")
+    # Row r reads the key/value head it shares with its group (grouped-query heads).
+    k_g = te.compute((*domain, W, D), lambda r, u, w, d: k[_kv_row(r, group), key_token(r, u, w), d],
+                     name="k_g")
+    v_g = te.compute((*domain, W, D), lambda r, u, w, d: v[_kv_row(r, group), key_token(r, u, w), d],
+                     name="v_g")
     d0 = te.reduce_axis((0, D), "d0")
     dots = te.compute(
         (*domain, W, b),
@@ -257,41 +274,46 @@ def _unit_attention(q, k, v, mask, heads, scale, domain, query_block, key_block,
     return unit_max, unit_out, unit_sum
 
 
-def _inputs(D, dt, io=None):
-    R, N, Bm, heads = _vars("R", "N", "Bm", "heads")
+def _inputs(D, dt, io=None, gqa=False):
+    """q [R, N, D]; k, v [Rkv, N, D] (query row r reads key/value row r // group:
+    grouped-query heads, Rkv = R / group); mask [Bm, N] (row r: mask row r // heads)."""
+    R, Rkv, N, Bm, heads, group = _vars("R", "Rkv", "N", "Bm", "heads", "group")
+    if not gqa:
+        Rkv, group = R, None
     scale = te.var("scale", dtype=dt)
     q = te.placeholder((R, N, D), io or dt, "q")
-    k = te.placeholder((R, N, D), io or dt, "k")
-    v = te.placeholder((R, N, D), io or dt, "v")
+    k = te.placeholder((Rkv, N, D), io or dt, "k")
+    v = te.placeholder((Rkv, N, D), io or dt, "v")
     mask = te.placeholder((Bm, N), dt, "mask")
-    return R, N, heads, scale, q, k, v, mask
+    return R, N, heads, group, scale, q, k, v, mask
 
 
 def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                io: str | None = None):
+                io: str | None = None, gqa: bool = False):
     """Step 4 on overflow units: up to C more selected blocks of one block row each.
 
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
     ``unit_cols[r, u, :]`` (-1 = empty slot); ``hires_rows`` merges them into their row.
 
     in : q, k, v [R, N, D]; mask [Bm, N]; unit_row [R, U] i32; unit_cols [R, U, C] i32;
-         heads, scale
+         heads, group, scale (k, v: [R / group, N, D])
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
     C = blocks_per_unit
-    R, N, heads, scale, q, k, v, mask = _inputs(D, dtype, io)
+    R, N, heads, group, scale, q, k, v, mask = _inputs(D, dtype, io, gqa)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
     unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
     unit_max, unit_out, unit_sum = _unit_attention(
-        q, k, v, mask, heads, scale, (R, U),
+        q, k, v, mask, heads, group, scale, (R, U),
         lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D, dtype,
     )
-    return [q, k, v, mask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads, scale]
+    return _params(q, k, v, mask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads, group,
+                   scale)
 
 
 def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "float32",
-               io: str | None = None):
+               io: str | None = None, gqa: bool = False):
     """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
     Block row i of row r computes its first ``row_unit_blocks`` selected key blocks
@@ -302,13 +324,13 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
 
     in : q, k, v [R, N, D]; mask [Bm, N]; row_cols [R, n, Cr] i32;
          ov_max [R, U, b]; ov_out [R, U, b, D]; ov_sum [R, U, b]; ov_start, ov_units [R, n] i32;
-         full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, scale, ucap
+         full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, group, scale, ucap
     out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v)
     """
     dt = dtype
     io = io or dt
     C = row_unit_blocks
-    R, N, heads, scale, q, k, v, mask = _inputs(D, dtype, io)
+    R, N, heads, group, scale, q, k, v, mask = _inputs(D, dtype, io, gqa)
     n = N // b
     U, ucap = _vars("U", "ucap")
     row_cols = te.placeholder((R, n, C), I32, "row_cols")
@@ -318,7 +340,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     ov_start = te.placeholder((R, n), I32, "ov_start")
     ov_units = te.placeholder((R, n), I32, "ov_units")
     own_max, own_out, own_sum = _unit_attention(
-        q, k, v, mask, heads, scale, (R, n),
+        q, k, v, mask, heads, group, scale, (R, n),
         lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D, dtype,
     )
 
@@ -457,7 +479,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
         stab = te.compute((R, n, b), lambda *p: row_max(*p), name="stab")
         lo_w = te.compute((R, n, b), lambda *p: tirx.const(0.0, dt), name="lo_w")
     inv_z = te.compute((R, n, b), lambda *p: inv_norm(*p), name="inv_z")
-    return params + [out, stab, lo_w, inv_z, heads, scale, ucap]
+    return _params(*params, out, stab, lo_w, inv_z, heads, group, scale, ucap)
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,6 +531,7 @@ class _BwdUnit:
     U: Any
     W: int
     heads: Any
+    group: Any
     scale: Any
     mask: Any
     stab: Any
@@ -524,7 +547,7 @@ class _BwdUnit:
     dp: Any  # [R, U, W, b]
 
 
-def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool) -> _BwdUnit:
+def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool) -> _BwdUnit:
     """What the backward's two unit kernels share: inputs, a unit's blocks, and the
     two [W, b] products of a unit (W = C b slot tokens x b fixed tokens).
 
@@ -539,7 +562,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool) -> _BwdUni
     ``k_t``, ``v_t``), the slots as rows (``k_g``, ``v_g`` / ``q_g``, ``g_g``), all in
     ``io`` (tensor-core operands on CUDA), sums in ``dt``.
     """
-    R, N, heads, scale, q, k, v, mask = _inputs(D, dt, io)
+    R, N, heads, group, scale, q, k, v, mask = _inputs(D, dt, io, gqa)
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), dt, "g")
     dsum = te.placeholder((R, N), dt, "dsum")
@@ -562,14 +585,22 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool) -> _BwdUni
         lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, slot_tok(r, u, w)], 0.0),
         name="query_factor" if by_key else "key_factor",
     )
+    def own(r):
+        return r
+
+    def shared(r):  # the key/value row of query row r (grouped-query heads)
+        return _kv_row(r, group)
+
     if by_key:
         fixed_mask = te.compute((R, U, b), lambda r, u, s: mask[r // heads, fixed_tok(r, u, s)],
                                 name="key_mask")
         x, y, x_slot, y_slot = k, v, q, g  # dots = q k^T, dp = g v^T
+        fixed_row, slot_row = shared, own
         names = ("k_t", "v_t", "q_g", "g_g")
     else:
         fixed_mask = None
         x, y, x_slot, y_slot = q, g, k, v  # dots = k q^T, dp = v g^T
+        fixed_row, slot_row = own, shared
         names = ("q_t", "g_t", "k_g", "v_g")
 
     def fixed_factor(r, u, t):
@@ -579,15 +610,18 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool) -> _BwdUni
 
     x_t = te.compute(
         (R, U, D, b),
-        lambda r, u, d, t: (x[r, fixed_tok(r, u, t), d].astype(dt) * fixed_factor(r, u, t)
-                            * scale).astype(io),
+        lambda r, u, d, t: (x[fixed_row(r), fixed_tok(r, u, t), d].astype(dt)
+                            * fixed_factor(r, u, t) * scale).astype(io),
         name=names[0],
     )
-    y_t = te.compute((R, U, D, b), lambda r, u, d, t: y[r, fixed_tok(r, u, t), d].astype(io),
+    y_t = te.compute((R, U, D, b),
+                     lambda r, u, d, t: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
                      name=names[1])
-    x_g = te.compute((R, U, W, D), lambda r, u, w, d: x_slot[r, slot_tok(r, u, w), d].astype(io),
+    x_g = te.compute((R, U, W, D),
+                     lambda r, u, w, d: x_slot[slot_row(r), slot_tok(r, u, w), d].astype(io),
                      name=names[2])
-    y_g = te.compute((R, U, W, D), lambda r, u, w, d: y_slot[r, slot_tok(r, u, w), d].astype(io),
+    y_g = te.compute((R, U, W, D),
+                     lambda r, u, w, d: y_slot[slot_row(r), slot_tok(r, u, w), d].astype(io),
                      name=names[3])
     d0 = te.reduce_axis((0, D), "d0")
     dots = te.compute(
@@ -604,17 +638,18 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool) -> _BwdUni
         name="dp",
     )
     inputs = [q, k, v, mask, fixed, slots, stab, g, dsum]
-    return _BwdUnit(inputs=inputs, R=R, U=U, W=W, heads=heads, scale=scale, mask=mask,
+    return _BwdUnit(inputs=inputs, R=R, U=U, W=W, heads=heads, group=group, scale=scale,
+                    mask=mask,
                     stab=stab, dsum=dsum, valid=valid, slot_tok=slot_tok, fixed_tok=fixed_tok,
                     factor=factor, fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, dots=dots, dp=dp)
 
 
 def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                 io: str | None = None):
+                 io: str | None = None, gqa: bool = False):
     """dq of the high-resolution part, per unit (one query block x C key blocks).
 
     in : q, k, v [R, N, D] (``io`` dtype); mask [Bm, N]; unit_row [R, U];
-         unit_cols [R, U, C] i32; stab [R, N]; g [R, N, D]; dsum [R, N]; heads, scale
+         unit_cols [R, U, C] i32; stab [R, N]; g [R, N, D]; dsum [R, N]; heads, group, scale
     out: dq_unit [R, U, b, D] (summed over a block row's units by ``bwd_finish``)
 
     Like the forward's units, the three products read gathered operands in ``io``
@@ -623,7 +658,7 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     """
     dt = dtype
     io = io or dt
-    p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=False)
+    p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=False, gqa=gqa)
     R, U, W, heads, scale, mask = p.R, p.U, p.W, p.heads, p.scale, p.mask
     qtok, kf, dots, dp = p.fixed_tok, p.factor, p.dots, p.dp
     stab, dsum, k_g = p.stab, p.dsum, p.x_g
@@ -647,11 +682,11 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                                   axis=w1),
         name="dq_unit",
     )
-    return p.inputs + [dq_unit, heads, scale]
+    return _params(*p.inputs, dq_unit, heads, p.group, scale)
 
 
 def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                   io: str | None = None):
+                   io: str | None = None, gqa: bool = False):
     """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
 
     in : q, k, v [R, N, D] (``io`` dtype); mask [Bm, N]; unit_col [R, U] (the key block);
@@ -664,7 +699,7 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     """
     dt = dtype
     io = io or dt
-    p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=True)
+    p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=True, gqa=gqa)
     R, U, W, scale = p.R, p.U, p.W, p.scale
     qtok, qf, key_mask = p.slot_tok, p.factor, p.fixed_mask
     dots, dp, stab, dsum, q_g, g_g = p.dots, p.dp, p.stab, p.dsum, p.x_g, p.y_g
@@ -701,7 +736,7 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                                   axis=w2),
         name="dk_unit",
     )
-    return p.inputs + [dk_unit, dv_unit, p.heads, scale]
+    return _params(*p.inputs, dk_unit, dv_unit, p.heads, p.group, scale)
 
 
 def bwd_lowres(b: int, D: int, dtype: str = "float32", scratch: bool = False):

@@ -32,6 +32,8 @@ class Options:
     block_size: block edge b, a power of two in [8, 256].
     initial_prior_first_n_blocks / initial_prior_diagonal_n_blocks: the selection priors.
     scale: the logit scale, a positive finite float; None: ``1/sqrt(D)``.
+    enable_gqa: k, v may have fewer heads than q (a divisor of H), shared by groups of
+        query heads (docs/spec.md, "Extensions"), as in SDPA.
 
     ``schema`` metadata: the default the public op's schema gives the argument.
     ``block_per_row`` rather than a ``num_blocks`` computed from N keeps the op's arguments
@@ -44,6 +46,7 @@ class Options:
     initial_prior_diagonal_n_blocks: int = field(default=0, metadata={"schema": True})
     scale: float | None = field(default=None, metadata={"schema": True})
     block_per_row: int | None = field(default=None, metadata={"schema": True})
+    enable_gqa: bool = field(default=False, metadata={"schema": True})
 
     def __post_init__(self):
         # int checks accept torch.SymInt: a size-derived option under torch.compile.
@@ -72,6 +75,8 @@ class Options:
                            self.initial_prior_diagonal_n_blocks, 0)
         if self.scale is not None:
             validate.check_scale(self.scale)
+        if not isinstance(self.enable_gqa, bool):
+            raise TypeError(f"enable_gqa must be a bool, got {type(self.enable_gqa).__name__}")
 
     def max_blocks(self, n):
         """K, the selected blocks of the fullest row, for ``n`` block rows: ``num_blocks``
@@ -124,10 +129,10 @@ def schema(defaults: bool) -> str:
     fields = dataclasses.fields(Options)
     for i, f in enumerate(fields):
         text = f"{_SCHEMA_TYPES[f.type]} {f.name}"
-        # Trailing None defaults even without ``defaults``: the compiled graphs' calls
-        # leave out trailing arguments equal to their default, None included.
-        trailing_none = all(g.default is None for g in fields[i:])
-        if (defaults and f.metadata.get("schema")) or trailing_none:
+        # Trailing defaults even without ``defaults``: the compiled graphs' calls leave
+        # out trailing arguments equal to their default.
+        trailing = all(g.default is not dataclasses.MISSING for g in fields[i:])
+        if (defaults and f.metadata.get("schema")) or trailing:
             text += "=" + _schema_default(f.default)
         parts.append(text)
     return ", ".join(parts)

@@ -89,7 +89,8 @@ def _select_blocks(scores, num_blocks, approx_mode, first_n, diagonal_n):
 
 def mra2_reference(q, k, v, mask=None, *, num_blocks=None, approx_mode="full", block_size=32,
                    initial_prior_first_n_blocks=0, initial_prior_diagonal_n_blocks=0,
-                   scale=None, block_per_row=None, selection=None, return_selection=False):
+                   scale=None, block_per_row=None, enable_gqa=False, selection=None,
+                   return_selection=False):
     """MRA-2 attention, docs/spec.md steps 1-6 as written. Differentiable w.r.t. q, k, v.
 
     q, k, v: [B, H, N, D] (any float dtype; computation happens in that dtype).
@@ -98,6 +99,8 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks=None, approx_mode="full", b
         sequence with c real tokens gets block_per_row * ceil(c / block_size) blocks
         (docs/spec.md, "Per-sequence budget"). Give one of the two.
     scale: the logit scale (None: 1/sqrt(D)).
+    enable_gqa: k, v may have Hkv heads (H % Hkv == 0): query head h uses key/value head
+        h // (H / Hkv) (docs/spec.md, "Extensions"), here by expanding them.
     selection: optional (selected, high_mask), bool [B, H, n, n], used instead of the
         top-k selection (n counts blocks after padding N up to a multiple of block_size).
     Returns out [B, H, N, D], or (out, (selected, high_mask)) if return_selection.
@@ -105,6 +108,9 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks=None, approx_mode="full", b
     if approx_mode not in ("full", "sparse"):
         raise ValueError(f"unknown approx_mode {approx_mode!r}; expected 'full' or 'sparse'")
 
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if (num_blocks is None) == (block_per_row is None):
         raise ValueError("give one of num_blocks and block_per_row")
     b = block_size

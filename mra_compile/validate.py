@@ -37,8 +37,9 @@ def check_scale(value) -> None:
         raise ValueError(f"scale must be a positive finite float, got {value}")
 
 
-def check_tensors(q, k, v, mask) -> None:
-    """Types, ranks, shapes, dtypes and devices (no data access: fake-safe)."""
+def check_tensors(q, k, v, mask, enable_gqa: bool = False) -> None:
+    """Types, ranks, shapes, dtypes and devices (no data access: fake-safe). With
+    ``enable_gqa``, k and v may have ``Hkv`` heads, a divisor of q's ``H``."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -47,8 +48,16 @@ def check_tensors(q, k, v, mask) -> None:
         if x.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
     for name, x in (("k", k), ("v", v)):
-        if x.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+        if enable_gqa and x.shape[1] and q.shape[1] % x.shape[1] == 0 and (
+                x.shape[:1] + x.shape[2:] == q.shape[:1] + q.shape[2:]) and x.shape == k.shape:
+            pass  # grouped-query heads: Hkv divides H
+        elif enable_gqa:
+            raise ValueError(
+                f"{name} must have shape [B, Hkv, N, D] with Hkv dividing q's H (q "
+                f"{tuple(q.shape)}), the shape of k, got {tuple(x.shape)}")
+        elif x.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)} "
+                             "(fewer key/value heads: enable_gqa=True)")
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
         if x.device != q.device:

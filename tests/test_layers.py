@@ -127,7 +127,7 @@ def test_named_kernel_arguments_are_checked():
 
 def test_options_are_validated_once_and_drive_the_op_schema():
     opts = Options(10)
-    assert opts.as_args() == (10, "full", 32, 0, 0, None, None) and opts.full
+    assert opts.as_args() == (10, "full", 32, 0, 0, None, None, False) and opts.full
     names = [f.name for f in dataclasses.fields(Options)]
     schema = str(torch.ops.mra.attention.default._schema)
     for name in names:

@@ -191,3 +191,91 @@ def test_block_per_row_matches_reference(seed, B, N, bpr, mode, scale, data):
     size = max(g.abs().max().item() for g in ref_grads) or 1.0
     for g, gr in zip(grads, ref_grads):
         assert (g.double() - gr).abs().max().item() / size <= 1e-4
+
+
+# ---------------------------------------------------------------------------- grouped heads
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), Hkv=st.integers(1, 2),
+       group=st.sampled_from([1, 2, 4]), N=st.integers(1, 150), D=st.sampled_from([8, 24]),
+       mode=MODES, scale=SCALES, masked=st.booleans(), bpr=st.integers(1, 4), data=st.data())
+def test_gqa_equals_the_op_on_expanded_heads(seed, B, Hkv, group, N, D, mode, scale, masked,
+                                             bpr, data):
+    """Outputs and gradients within 1e-6; and the float64 reference (outputs, grads)."""
+    H = Hkv * group
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=g)
+    k, v = (torch.randn(B, Hkv, N, D, generator=g) for _ in range(2))
+    mask = None
+    if masked:
+        mask = padded_mask(N, [data.draw(st.integers(1, N)) for _ in range(B)])
+    kw = dict(block_per_row=bpr, approx_mode=mode, scale=scale)
+    grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    out, grads = _grads(lambda *x: mra_compile.mra_attention(*x, mask, enable_gqa=True, **kw),
+                        q, k, v, grad_out=grad_out)
+
+    def expanded(x, y, z):
+        return mra_compile.mra_attention(x, y.repeat_interleave(group, 1),
+                                         z.repeat_interleave(group, 1), mask, **kw)
+
+    want, want_grads = _grads(expanded, q, k, v, grad_out=grad_out)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    for a, w in zip(grads, want_grads):
+        torch.testing.assert_close(a, w, rtol=0, atol=1e-6 * max(1.0, w.abs().max().item()))
+    sel = mra_compile.block_selection(q, k, v, mask, enable_gqa=True, **kw)
+    ref, ref_grads = _grads(lambda *x: mra2_reference(*x, as64(mask), enable_gqa=True,
+                                                      selection=sel, **kw),
+                            *(as64(x) for x in (q, k, v)), grad_out=grad_out)
+    assert rel_err(out, ref) <= RTOL_FP32
+    size = max(x.abs().max().item() for x in ref_grads) or 1.0
+    for a, r in zip(grads, ref_grads):
+        assert a.shape == r.shape
+        assert (a.double() - r).abs().max().item() / size <= 1e-4
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_gqa_all_blocks_full_is_sdpa(Hkv):
+    g = torch.Generator().manual_seed(Hkv)
+    q = torch.randn(2, 4, 90, 16, generator=g)
+    k, v = (torch.randn(2, Hkv, 90, 16, generator=g) for _ in range(2))
+    keep = padded_mask(90, [90, 47], torch.bool)
+    out = mra_compile.mra_attention(q, k, v, keep, num_blocks=9, scale=0.2, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(*(x.double() for x in (q, k, v)),
+                                         attn_mask=keep[:, None, None, :], scale=0.2,
+                                         enable_gqa=True)
+    assert rel_err(out, ref * keep[:, None, :, None]) <= RTOL_FP32
+
+
+def test_fewer_key_heads_need_enable_gqa():
+    q = torch.randn(1, 4, 40, 8)
+    k = v = torch.randn(1, 2, 40, 8)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        mra_compile.mra_attention(q, k, v)
+    with pytest.raises(ValueError, match="Hkv dividing"):
+        mra_compile.mra_attention(q, torch.randn(1, 3, 40, 8), torch.randn(1, 3, 40, 8),
+                                  enable_gqa=True)
+    with pytest.raises(ValueError, match="Hkv dividing"):
+        mra_compile.mra_attention(q, k, torch.randn(1, 1, 40, 8), enable_gqa=True)
+
+
+def test_nn_module_with_key_value_heads_and_scale():
+    from mra_compile.nn import MRASelfAttention
+
+    torch.manual_seed(0)
+    m = MRASelfAttention(64, 4, num_key_value_heads=2, scale=0.3, block_per_row=2).eval()
+    assert m.key.out_features == m.value.out_features == 32
+    assert "num_key_value_heads=2" in repr(m) and "scale=0.3" in repr(m)
+    x, mask = torch.randn(2, 100, 64), padded_mask(100, [100, 55])
+    with torch.no_grad():
+        out = m(x, mask)
+        B, N, _ = x.shape
+        q = m.query(x).view(B, N, 4, 16).transpose(1, 2)
+        k, v = (p(x).view(B, N, 2, 16).transpose(1, 2) for p in (m.key, m.value))
+        kw = dict(block_per_row=2, scale=0.3, enable_gqa=True)
+        sel = mra_compile.block_selection(q, k, v, mask, **kw)
+        ctx = mra2_reference(*(as64(t) for t in (q, k, v, mask)), selection=sel, **kw)
+        ref = m.double().out_proj(ctx.transpose(1, 2).reshape(B, N, 64))
+    assert rel_err(out, ref) <= RTOL_FP32
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        MRASelfAttention(64, 4, num_key_value_heads=3)
