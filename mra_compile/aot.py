@@ -31,11 +31,13 @@ DEFAULT_BLOCK_SIZES = (32,)
 DEFAULT_HEAD_DIMS = (64, 128)
 
 
-def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False):
+def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
+             gqa: bool = False):
     """(op, static) pairs the forward and backward call, for these shapes and input
     dtypes ("float32", "float64", and on CUDA "float16", "bfloat16", whose kernels that
     read q, k, v take them as they are and the rest compute in float32); ``scratch``:
-    the target's ``scratch_args``."""
+    the target's ``scratch_args``; ``gqa``: also the grouped-query variants of the
+    kernels that read k, v (``enable_gqa=True`` with fewer key/value heads)."""
     m = kernels.HEAD_DIM_MULTIPLE
     padded = sorted({-(-d // m) * m for d in head_dims})
     seen = set()
@@ -45,23 +47,27 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False)
                 compute = "float64" if dt == "float64" else "float32"
                 io = dt if dt in HALF else None
                 for kernel in kernels.KERNELS.values():
+                    grouped = (False, True) if gqa and kernel.reads_qkv else (False,)
                     for full in ((True, False) if kernel.has_modes else (None,)):
-                        static = kernel.static(b, D, compute, io, full, scratch)
-                        key = json.dumps([kernel.name, static], sort_keys=True)
-                        if key not in seen:  # fp16 and bf16 share the float32 backward
-                            seen.add(key)
-                            yield kernel.name, static
+                        for grouped_heads in grouped:
+                            static = kernel.static(b, D, compute, io, full, scratch,
+                                                   grouped_heads)
+                            key = json.dumps([kernel.name, static], sort_keys=True)
+                            if key not in seen:  # fp16 and bf16 share the float32 backward
+                                seen.add(key)
+                                yield kernel.name, static
 
 
 def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HEAD_DIMS,
-                  dtypes=("float32",), log=print, target: Target | str | None = None) -> Path:
+                  dtypes=("float32",), log=print, target: Target | str | None = None,
+                  gqa: bool = False) -> Path:
     """Compile every variant for ``target`` (the CPU, or e.g. "cuda-sm_90") into
-    ``out_dir``; returns the manifest path."""
+    ``out_dir``, with ``gqa`` the grouped-query ones too; returns the manifest path."""
     target = targets.get(target)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     funcs, entries = {}, []
-    for op, static in variants(block_sizes, head_dims, dtypes, target.scratch_args):
+    for op, static in variants(block_sizes, head_dims, dtypes, target.scratch_args, gqa):
         # Every knob setting the op may pick for these shapes: the tuning records of each
         # sequence-length bucket (64 ... 128k tokens), else the defaults.
         settings = {}

@@ -259,6 +259,9 @@ def _add_build(sub) -> None:
                    help="input dtypes (default: float32; with cuda: float32 float16 bfloat16). "
                    "On the CPU float16/bfloat16 run the float32 kernels")
     p.add_argument("--float64", action="store_true", help="also the float64 kernels")
+    p.add_argument("--grouped-heads", action="store_true",
+                   help="also the grouped-query variants (enable_gqa=True with fewer key/value "
+                   "heads) of the kernels that read k, v")
     p.add_argument("--wheel-for-python", nargs="+", default=[], metavar="X.Y",
                    help="also download the apache-tvm-ffi wheel (the version installed here) "
                    "for these Pythons into DIR/wheels/, for machines without TVM (needs PyPI)")
@@ -287,7 +290,7 @@ def _cmd_build(args) -> int:
     print(f"compiling for {target.name} into {args.out}:")
     try:
         manifest = aot.build_library(args.out, args.block_sizes, args.head_dims, dtypes,
-                                     target=target)
+                                     target=target, gqa=args.grouped_heads)
     except RuntimeError as e:  # e.g. no nvcc, or TVM kept only CUDA source
         print(f"mra-compile build: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -140,13 +140,17 @@ def missing(op: str, static: dict, target) -> None:
     if not dirs and not only():
         return
     dtype = static.get("io", static.get("dtype", "float32"))
-    shape = (target.name, static.get("b"), static.get("D"), static.get("dtype", "float32"))
+    shape = (target.name, static.get("b"), static.get("D"), static.get("dtype", "float32"),
+             bool(static.get("gqa")))
     ignored = "; ".join(f"{d} ignored: {_IGNORED[d]}" for d in dirs if d in _IGNORED)
     what = (f"no kernel library has {op} for {target.name}, block size {static.get('b')}, "
             f"head dim {static.get('D')} (padded to a multiple of 16), {dtype}"
+            + (", grouped key/value heads" if static.get("gqa") else "")
             + (f" ({ignored})" if ignored else ""))
     cover = (f"`mra-compile build --out DIR --block-sizes {static.get('b')} "
-             f"--head-dims {static.get('D')}` (for {target.name}) covers it")
+             f"--head-dims {static.get('D')}"
+             + (" --grouped-heads" if static.get("gqa") else "")
+             + f"` (for {target.name}) covers it")
     if only():
         where = f"{ENV}={os.environ.get(ENV, '')!r}" if dirs else f"{ENV} is not set"
         raise KernelLibraryError(

@@ -111,7 +111,7 @@ def per_unit(sch, outputs, depth, threads, custom=None, copies=(), vector_bytes=
         if n in special:
             continue
         block = sch.get_sblock(n)
-        vector = max(vector_bytes // _itemsize(sch, n), 1) if n in copies else 1
+        vector = max(_gather_bytes(sch, vector_bytes) // _itemsize(sch, n), 1) if n in copies else 1
         loops = _spatial_loops_under(sch, block, depth)
         scalar = not loops
         thread = _thread_bind(sch, block, loops, threads, vector)
@@ -122,6 +122,15 @@ def per_unit(sch, outputs, depth, threads, custom=None, copies=(), vector_bytes=
             # thread guard, every thread storing its own (uninitialised) register.
             sch.reverse_compute_at(sch.cache_write(block, 0, "local"), thread)
     return unit
+
+
+def _gather_bytes(sch, vector_bytes):
+    """The gathers' vector width: ``vector_bytes``, at most 8 in the grouped-query
+    variants (a ``group`` parameter: k, v row r // group). With 16-byte gathers ptxas
+    (13.0, sm_90) spilled 4-12 bytes there (hires_units D128 fp16, hires_rows D128 fp32,
+    bwd_dq_units D48), with 8-byte ones nowhere (tests/test_cuda_build.py)."""
+    grouped = any(p.name == "group" for p in sch.mod["main"].params)
+    return min(vector_bytes, 8) if grouped else vector_bytes
 
 
 def _check_independent(sch, outputs):

@@ -23,10 +23,10 @@ HOT = ("hires_units", "hires_rows", "bwd_dq_units", "bwd_dkdv_units")
 HALF = ("float16", "bfloat16")
 
 
-def _build(tmp_path_factory, arch, head_dims):
+def _build(tmp_path_factory, arch, head_dims, *extra):
     out = tmp_path_factory.mktemp(f"cuda_{arch}")
     argv = ["build", "--target", "cuda", "--arch", arch, "--out", str(out), "--head-dims",
-            *map(str, head_dims)]
+            *map(str, head_dims), *extra]
     assert cli.main(argv) == 0
     return out
 
@@ -35,7 +35,8 @@ def _build(tmp_path_factory, arch, head_dims):
 def sm90(tmp_path_factory):
     # 64: every product on tensor cores; 40 (padded to 48): P V's 3 column tiles do not
     # split over 4 warps, so it stays on CUDA cores; 128: the largest common head dim.
-    return _build(tmp_path_factory, "sm_90", (64, 40, 128))
+    # With the grouped-query variants (enable_gqa): they must compile and not spill too.
+    return _build(tmp_path_factory, "sm_90", (64, 40, 128), "--grouped-heads")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_every_kernel_is_real_device_code(fixture, request):
     built = {(e["op"], json.dumps(e["static"], sort_keys=True)) for e in manifest["kernels"]}
     expected = {(op, json.dumps(static, sort_keys=True)) for op, static in aot.variants(
         [32], [64] if fixture == "sm80" else [64, 40, 128], ("float32", "float16", "bfloat16"),
-        scratch=True)}
+        scratch=True, gqa=fixture == "sm90")}
     assert built == expected
     # every kernel of the manifest has its device functions in the library's source
     source = (directory / library.CUDA_SOURCE).read_text()
