@@ -88,7 +88,7 @@ SMOKE_SUMMARY = (torch.bfloat16, 64, 512)
 DIRECTIONS = ("fwd", "fwd+bwd")
 FLEX_VARIANTS = ("bs32", "bs128+mask_mod")
 
-CORR_FIELDS = ("check", "dtype", "mode", "B", "H", "N", "D", "masked", "num_blocks",
+CORR_FIELDS = ("check", "dtype", "mode", "B", "H", "N", "D", "masked", "num_blocks", "options",
                "error", "limit", "status", "seconds", "message")
 TIME_FIELDS = ("dtype", "mode", "direction", "N", "D", "op_ms", "sdpa_ms", "flex_ms",
                "peer_ms", "reference_ms", "sdpa_over_op", "flex_over_op", "peer_over_op",
@@ -269,6 +269,14 @@ def draw_cases(seed: int, smoke: bool) -> list[dict]:
             large.append(dict(base, check="forward", B=1, H=1, N=large_n[combo], D=large_d[combo],
                               masked=combo % 2 == 1, num_blocks=BLOCKS_PER_ROW * n, amp=1.0,
                               seed=rng.randrange(2**31)))
+            # The SDPA-shaped options together (issue 12): a scale, grouped key/value heads,
+            # a per-sequence budget on a padded batch; forward and backward.
+            sdpa_shaped = dict(base, check="forward", B=2, H=4, kv_heads=2, N=rng.randint(300, 700),
+                               D=64, masked=True, num_blocks=None, amp=1.0,
+                               seed=rng.randrange(2**31),
+                               extra=dict(scale=0.3, enable_gqa=True, block_per_row=3))
+            small.append(sdpa_shaped)
+            backward.append(dict(sdpa_shaped, check="backward"))
             common = dict(base, B=2, H=4, N=200 if smoke else 1000, D=64, masked=False,
                           amp=1.0, seed=rng.randrange(2**31))
             common["num_blocks"] = 4 * -(-common["N"] // BLOCK)
@@ -281,10 +289,12 @@ def draw_cases(seed: int, smoke: bool) -> list[dict]:
 
 
 def make_inputs(case: dict, dev, seed_offset: int = 0):
-    """q, k, v [B, H, N, D] and a [B, N] 0/1 mask (or None) for a case."""
+    """q [B, H, N, D], k, v [B, kv_heads (default H), N, D] and a [B, N] 0/1 mask (or None)
+    for a case."""
     B, H, N, D = case["B"], case["H"], case["N"], case["D"]
     gen = torch.Generator(device=dev).manual_seed(case["seed"] + seed_offset)
-    q, k, v = (case["amp"] * torch.randn(B, H, N, D, generator=gen, device=dev) for _ in range(3))
+    q, k, v = (case["amp"] * torch.randn(B, heads, N, D, generator=gen, device=dev)
+               for heads in (H, case.get("kv_heads", H), case.get("kv_heads", H)))
     q, k, v = (x.to(case["dtype"]) for x in (q, k, v))
     mask = None
     if case["masked"]:
@@ -300,12 +310,16 @@ def make_inputs(case: dict, dev, seed_offset: int = 0):
     return q, k, v, mask
 
 
-def op(q, k, v, mask, num_blocks, mode):
+def op(q, k, v, mask, num_blocks, mode, extra=None):
+    """The op; ``extra``: mra_attention's further options (scale, enable_gqa, block_per_row)."""
+    if extra:
+        return mc.mra_attention(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode, **extra)
     return torch.ops.mra.attention(q, k, v, mask, num_blocks, mode)
 
 
-def selection(q, k, v, mask, num_blocks, mode):
-    sel, high = mc.block_selection(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode)
+def selection(q, k, v, mask, num_blocks, mode, extra=None):
+    sel, high = mc.block_selection(q, k, v, mask, num_blocks=num_blocks, approx_mode=mode,
+                                   **(extra or {}))
     return sel.to(q.device), high.to(q.device)
 
 
@@ -340,12 +354,13 @@ def check_forward(case, dev):
         return None, f"skipped: float64 oracle needs {matrix / 2**30:.1f} GiB per N x N matrix"
     if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < 6 * matrix:
         return None, "skipped: float64 oracle does not fit in free GPU memory"
+    extra = case.get("extra", {})
     with torch.no_grad():
-        out = op(q, k, v, mask, nb, mode)
-        sel = selection(q, k, v, mask, nb, mode)
+        out = op(q, k, v, mask, nb, mode, extra)
+        sel = selection(q, k, v, mask, nb, mode, extra)
         ref = mc.reference.mra2_reference(
             q.double(), k.double(), v.double(), None if mask is None else mask.double(),
-            num_blocks=nb, approx_mode=mode, selection=sel)
+            num_blocks=nb, approx_mode=mode, selection=sel, **extra)
     return rel_error(out, ref, mask)
 
 
@@ -354,12 +369,13 @@ def check_backward(case, dev):
     nb, mode = case["num_blocks"], case["mode"]
     grad = torch.randn(q.shape, generator=torch.Generator(device=dev).manual_seed(case["seed"] + 7),
                        device=dev).to(q.dtype)
+    extra = case.get("extra", {})
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    got = torch.autograd.grad(op(*leaves, mask, nb, mode), leaves, grad)
-    sel = selection(q, k, v, mask, nb, mode)
+    got = torch.autograd.grad(op(*leaves, mask, nb, mode, extra), leaves, grad)
+    sel = selection(q, k, v, mask, nb, mode, extra)
     leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = mc.reference.mra2_reference(*leaves64, None if mask is None else mask.double(),
-                                      num_blocks=nb, approx_mode=mode, selection=sel)
+                                      num_blocks=nb, approx_mode=mode, selection=sel, **extra)
     want = torch.autograd.grad(ref, leaves64, grad.double())
     scale = max(w.abs().max().item() for w in want)
     worst = [(g.double() - w).abs().max().item() for g, w in zip(got, want)]
@@ -452,6 +468,9 @@ CHECKS = {"forward": (check_forward, FWD_LIMIT), "backward": (check_backward, BW
 def correctness_row(case: dict) -> dict:
     """A correctness row of a case, before its outcome."""
     row = {f: case.get(f) for f in CORR_FIELDS}
+    extra = dict(case.get("extra", {}), **({"kv_heads": case["kv_heads"]} if "kv_heads" in case
+                                          else {}))
+    row["options"] = " ".join(f"{k}={v}" for k, v in extra.items())
     row.update(table="correctness", dtype=short_dtype(case["dtype"]),
                limit=CHECKS[case["check"]][1][case["dtype"]], error=None)
     return row
