@@ -6,7 +6,7 @@
 BUNDLE_DIR is made here (nvcc, no GPU needed; about 10 MB) by
 
     mra-compile build --target cuda --arch sm_90 --out bench/gpu_bundle \
-        --head-dims 40 64 72 96 100 128 --wheel-for-python 3.12
+        --head-dims 40 64 72 96 100 128 --grouped-heads --wheel-for-python 3.12
 
 (the head dims the checks below use) and holds mra_kernels.so, manifest.json,
 runtime/libtvm_runtime*.so and wheels/apache_tvm_ffi-*.whl; carry it to the GPU machine
