@@ -4,7 +4,8 @@ Issue 12's must-show: with ``Hkv = H / 4`` at N = 8192, ``enable_gqa=True`` is n
 than the op on ``repeat_interleave``d k, v (the expansion is part of that call, as a
 user without GQA support would write it), and its peak memory is lower. Time: one
 interleaved run (forward, and forward + backward). Peak memory: each variant's forward
-+ backward in a fresh subprocess, the growth of its maximum resident set over the inputs.
++ backward in a fresh subprocess, the growth of its peak resident set (Linux VmHWM, reset
+after the inputs are made).
 
     python bench/bench_gqa.py                      # B=1, H=16, Hkv=4, N=8192, D=64
     python bench/bench_gqa.py --n 4096 --repeat 5
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -54,10 +54,19 @@ def peak_child(args, variant: str) -> None:
     """In a fresh process: forward + backward of one variant; prints the RSS growth (MiB)."""
     q, k, v = inputs(args, requires_grad=True)
     VARIANTS[variant](q[:, :, :64], k[:, :, :64], v[:, :, :64], args.blocks_per_row)  # kernels
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux: "5" resets the peak resident set (VmHWM) to the current one (TVM's import
+    # and any compile above would otherwise hold the peak).
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
     VARIANTS[variant](q, k, v, args.blocks_per_row).sum().backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"growth_mib": (after - before) / 1024}))
+    print(json.dumps({"growth_mib": (_status_kib("VmHWM") - before) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> int:
