@@ -279,3 +279,49 @@ def test_nn_module_with_key_value_heads_and_scale():
     assert rel_err(out, ref) <= RTOL_FP32
     with pytest.raises(ValueError, match="num_key_value_heads"):
         MRASelfAttention(64, 4, num_key_value_heads=3)
+
+
+# ---------------------------------------------------------------------------- all together
+
+FORWARD_RTOL = {torch.float32: RTOL_FP32, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+BACKWARD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), Hkv=st.integers(1, 2),
+       group=st.sampled_from([1, 2]), N=st.integers(1, 140), D=st.sampled_from([8, 24]),
+       mode=MODES, scale=SCALES, form=st.sampled_from(["2d", "bool", "additive"]),
+       budget=st.sampled_from(["block_per_row", "num_blocks"]), first=st.integers(0, 2),
+       diagonal=st.integers(0, 2),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), data=st.data())
+def test_every_new_argument_together(seed, B, Hkv, group, N, D, mode, scale, form, budget,
+                                     first, diagonal, dtype, data):
+    """scale, grouped heads, an SDPA-style key mask, either budget, both priors, both modes
+    and each dtype in one call: outputs and gradients against the float64 reference with
+    the op's own selection (docs/spec.md, "Extensions")."""
+    H = Hkv * group
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, N, D, generator=g).to(dtype) for _ in range(2))
+    keep = padded_mask(N, [data.draw(st.integers(1, N)) for _ in range(B)]).bool()
+    mask = {"2d": keep.float(), "bool": keep[:, None, None, :],
+            "additive": torch.zeros(B, 1, 1, N).masked_fill(~keep[:, None, None, :],
+                                                            float("-inf"))}[form]
+    n = -(-N // 32)
+    kw = dict(approx_mode=mode, scale=scale, enable_gqa=True,
+              initial_prior_first_n_blocks=first, initial_prior_diagonal_n_blocks=diagonal)
+    if budget == "block_per_row":
+        kw["block_per_row"] = data.draw(st.integers(1, 3))
+    else:
+        kw["num_blocks"] = data.draw(st.integers(1, n * n))
+    grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    out, grads = _grads(lambda *x: mra_compile.mra_attention(*x, mask, **kw), q, k, v,
+                        grad_out=grad_out)
+    assert out.dtype == dtype and all(x.dtype == dtype for x in grads)
+    sel = mra_compile.block_selection(q, k, v, mask, **kw)
+    ref, ref_grads = _grads(lambda *x: mra2_reference(*x, keep.double(), selection=sel, **kw),
+                            *(as64(x) for x in (q, k, v)), grad_out=grad_out)
+    assert rel_err(out, ref) <= FORWARD_RTOL[dtype]
+    size = max(x.abs().max().item() for x in ref_grads) or 1.0
+    for a, r in zip(grads, ref_grads):
+        assert (a.double() - r).abs().max().item() / size <= BACKWARD_RTOL[dtype]
