@@ -48,6 +48,11 @@ def check_tensors(q, k, v, mask, enable_gqa: bool = False) -> None:
         if x.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
     for name, x in (("k", k), ("v", v)):
+        if x.dim() == 4 and x.shape[2] != q.shape[2]:
+            raise ValueError(
+                f"{name} must have q's length N = {q.shape[2]}, got shape {tuple(x.shape)}: "
+                "cross-attention (a key length other than the query length) is not "
+                "supported yet")
         if enable_gqa and x.shape[1] and q.shape[1] % x.shape[1] == 0 and (
                 x.shape[:1] + x.shape[2:] == q.shape[:1] + q.shape[2:]) and x.shape == k.shape:
             pass  # grouped-query heads: Hkv divides H
