@@ -12,6 +12,11 @@ implementation once, in turn):
 
     python bench/bench_roofline_cpu.py                       # N = 4096 and 8192
     python bench/bench_roofline_cpu.py --sizes 512 1024 --repeat 21
+    python bench/bench_roofline_cpu.py --backward --sizes 8192   # + forward+backward
+
+Forward+backward's floor is 3.5 times the forward's: the backward's minimal work is 2.5
+times the forward's (recomputing the logits, then dP, dV, dQ, dK: five products per
+block against two, as in FlashAttention's backward).
 
 B·H = 12, D = 64, 4 blocks per row, fp32, as the issue states. Writes nothing: the
 table goes to stdout with the machine line.
@@ -81,6 +86,8 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--blocks-per-row", type=int, default=4)
     p.add_argument("--repeat", type=int, default=11)
+    p.add_argument("--backward", action="store_true",
+                   help="also forward+backward (full mode) against 3.5x the forward floor")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -105,6 +112,19 @@ def main() -> int:
         print(f"| {n_tokens} | {floor:.2f} | {t['full']:.2f} | {t['sdpa']:.2f} | "
               f"{t['full'] / floor:.2f}x | {t['sdpa'] / t['full']:.2f}x | {t['sparse']:.2f} | "
               f"{t['flex']:.2f} | {t['flex'] / t['sparse']:.2f}x |", flush=True)
+    if args.backward:
+        print("\n| N | fwd+bwd floor ms | op fwd+bwd ms (full) | op/floor |\n|---|---|---|---|")
+        for n_tokens in args.sizes:
+            leaves = [torch.randn(B, H, n_tokens, D, requires_grad=True) for _ in range(3)]
+            nb = args.blocks_per_row * (-(-n_tokens // BLOCK))
+
+            def step(leaves=leaves, nb=nb):
+                torch.ops.mra.attention(*leaves, None, nb, "full").sum().backward()
+
+            step()
+            ms = common.median_ms({"step": step}, args.repeat)["step"]
+            floor = 3.5 * floor_ms(n_tokens, args.blocks_per_row, peak)
+            print(f"| {n_tokens} | {floor:.2f} | {ms:.2f} | {ms / floor:.2f}x |", flush=True)
     return 0
 
 
