@@ -3,7 +3,8 @@ there fails the test with the last case, printed to stderr before it ran).
 
     python tests/helpers/fuzz_worker.py VALID_EXAMPLES INVALID_EXAMPLES SEED
 
-Valid inputs (shapes, dtypes, masks, budgets, priors, block sizes, strides) must match the
+Valid inputs (shapes, dtypes, masks in every accepted form, budgets, priors, block sizes,
+strides, scale, grouped key/value heads) must match the
 float64 reference given the op's own block selection (so ties cannot differ); invalid
 ones must raise TypeError or ValueError, nothing else. Prints a JSON summary on stdout.
 """
@@ -59,6 +60,9 @@ def valid_case(draw):
                 mask_dtype=draw(st.sampled_from([torch.float32, torch.bool, torch.int64])),
                 layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
                 first_n=draw(st.integers(0, 3)), diagonal_n=draw(st.integers(0, 4)),
+                mask_form=draw(st.sampled_from(["2d", "bool4d", "additive4d"])),
+                scale=draw(st.one_of(st.none(), st.floats(0.01, 4.0))),
+                kv_heads=draw(st.sampled_from([d for d in (1, H) if H % d == 0])),
                 seed=draw(st.integers(0, 2**31 - 1)))
     if draw(st.booleans()):
         case["num_blocks"] = draw(st.integers(1, n * n + 3))
@@ -71,8 +75,9 @@ def fuzz_valid(case):
     announce("valid", **case)
     g = torch.Generator().manual_seed(case["seed"])
     B, H, N, D, dt = case["B"], case["H"], case["N"], case["D"], case["dtype"]
-    q, k, v = (layout(torch.randn(B, H, N, D, generator=g).to(dt), case["layout"])
-               for _ in range(3))
+    Hkv = case["kv_heads"]
+    q, k, v = (layout(torch.randn(B, heads, N, D, generator=g).to(dt), case["layout"])
+               for heads in (H, Hkv, Hkv))
     mask = None
     if case["mask"] != "none" and B:
         if case["mask"] == "right":
@@ -82,25 +87,30 @@ def fuzz_valid(case):
             mask = (torch.rand(B, N, generator=g) < 0.7).float()
             mask[:, torch.randint(0, N, (1,), generator=g)] = 1
         mask = mask.to(case["mask_dtype"])
+    real = None if mask is None else mask != 0  # [B, N] bool, what every form says
+    if real is not None and case["mask_form"] == "bool4d":
+        mask = real[:, None, None, :]
+    elif real is not None and case["mask_form"] == "additive4d":
+        mask = torch.zeros(B, 1, 1, N, dtype=dt).masked_fill(~real[:, None, None, :],
+                                                            float("-inf"))
     budget = ({"num_blocks": case["num_blocks"]} if "num_blocks" in case
               else {"block_per_row": case["block_per_row"]})
     kw = dict(approx_mode=case["mode"], block_size=case["block_size"],
               initial_prior_first_n_blocks=case["first_n"],
-              initial_prior_diagonal_n_blocks=case["diagonal_n"])
+              initial_prior_diagonal_n_blocks=case["diagonal_n"], scale=case["scale"],
+              enable_gqa=Hkv != H)
     out = mra_compile.mra_attention(q, k, v, mask, **budget, **kw)
     assert out.shape == q.shape and out.dtype == dt
     counts["valid"] += 1
     if B == 0:
         return
-    num_blocks = budget.get("num_blocks") or case["block_per_row"] * -(-N // case["block_size"])
-    sel = mra_compile.block_selection(q, k, v, mask, num_blocks=num_blocks, **kw)
+    sel = mra_compile.block_selection(q, k, v, mask, **budget, **kw)
     ref = mra2_reference(q.double(), k.double(), v.double(),
-                         None if mask is None else mask.double(), num_blocks=num_blocks,
-                         selection=sel, **kw)
+                         None if real is None else real.double(), **budget, selection=sel, **kw)
     err = worst_row_error(out, ref)
     assert err <= RTOL[dt], f"relative error {err:.3g} > {RTOL[dt]:g}"
-    if mask is not None:
-        assert torch.all(out[(mask == 0)[:, None, :].expand(B, H, N)] == 0)
+    if real is not None:
+        assert torch.all(out[(~real)[:, None, :].expand(B, H, N)] == 0)
 
 
 def good():
@@ -135,6 +145,20 @@ INVALID = {
     "op mode": lambda: torch.ops.mra.attention(good(), good(), good(), None, 3, "dense"),
     "selection num_blocks": lambda: mra_compile.block_selection(good(), good(), good(),
                                                                 num_blocks=0),
+    "scale 0": lambda: mra_compile.mra_attention(good(), good(), good(), scale=0.0),
+    "scale nan": lambda: mra_compile.mra_attention(good(), good(), good(), scale=float("nan")),
+    "scale str": lambda: mra_compile.mra_attention(good(), good(), good(), scale="0.1"),
+    "kv heads without gqa": lambda: mra_compile.mra_attention(
+        torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)),
+    "kv heads not dividing": lambda: mra_compile.mra_attention(
+        torch.randn(1, 3, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16),
+        enable_gqa=True),
+    "per-query mask": lambda: mra_compile.mra_attention(
+        good(), good(), good(), torch.ones(1, 1, 40, 40, dtype=torch.bool)),
+    "per-head mask": lambda: mra_compile.mra_attention(
+        good(), good(), good(), torch.ones(1, 2, 1, 40, dtype=torch.bool)),
+    "block_per_row 0": lambda: mra_compile.mra_attention(good(), good(), good(),
+                                                         block_per_row=0),
 }
 
 
