@@ -90,3 +90,15 @@ def run_python(script, *args, env=None, cwd=None, timeout=300):
                           cwd=cwd, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build_cuda_library(tmp_path_factory, arch, head_dims, *extra):
+    """``mra-compile build --target cuda --arch ARCH --head-dims ...`` (+ ``extra``) into a
+    fresh temporary directory, which it returns (nvcc, no GPU)."""
+    from mra_compile import cli
+
+    out = tmp_path_factory.mktemp(f"cuda_{arch}")
+    argv = ["build", "--target", "cuda", "--arch", arch, "--out", str(out), "--head-dims",
+            *map(str, head_dims), *extra]
+    assert cli.main(argv) == 0
+    return out

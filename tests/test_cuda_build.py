@@ -10,7 +10,7 @@ import re
 import shutil
 
 import pytest
-from conftest import run_python
+from conftest import build_cuda_library, run_python
 
 from mra_compile import aot, cli, cuda_toolchain, host, library
 
@@ -23,25 +23,17 @@ HOT = ("hires_units", "hires_rows", "bwd_dq_units", "bwd_dkdv_units")
 HALF = ("float16", "bfloat16")
 
 
-def _build(tmp_path_factory, arch, head_dims, *extra):
-    out = tmp_path_factory.mktemp(f"cuda_{arch}")
-    argv = ["build", "--target", "cuda", "--arch", arch, "--out", str(out), "--head-dims",
-            *map(str, head_dims), *extra]
-    assert cli.main(argv) == 0
-    return out
-
-
 @pytest.fixture(scope="module")
 def sm90(tmp_path_factory):
     # 64: every product on tensor cores; 40 (padded to 48): P V's 3 column tiles do not
     # split over 4 warps, so it stays on CUDA cores; 128: the largest common head dim.
     # With the grouped-query variants (enable_gqa): they must compile and not spill too.
-    return _build(tmp_path_factory, "sm_90", (64, 40, 128), "--grouped-heads")
+    return build_cuda_library(tmp_path_factory, "sm_90", (64, 40, 128), "--grouped-heads")
 
 
 @pytest.fixture(scope="module")
 def sm80(tmp_path_factory):
-    return _build(tmp_path_factory, "sm_80", (64,))
+    return build_cuda_library(tmp_path_factory, "sm_80", (64,))
 
 
 def _manifest(directory):

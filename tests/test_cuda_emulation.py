@@ -31,10 +31,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RTOL_FP32
+from conftest import RTOL_FP32, build_cuda_library
 from cuda_emulation import emulator
 
-from mra_compile import cli, library
+from mra_compile import library
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,11 +76,7 @@ CASES = {f"{dtype}-{mode}-{'mask' if masked else 'nomask'}-D{D}": _case(D, dtype
 @pytest.fixture(scope="module")
 def cuda_library(tmp_path_factory):
     """The CUDA kernel library of the emulated GPU (as tests/test_cuda_build.py builds)."""
-    out = tmp_path_factory.mktemp(f"emulated_cuda_{ARCH}")
-    argv = ["build", "--target", "cuda", "--arch", ARCH, "--out", str(out), "--head-dims",
-            *map(str, HEAD_DIMS)]
-    assert cli.main(argv) == 0
-    return out
+    return build_cuda_library(tmp_path_factory, ARCH, HEAD_DIMS)
 
 
 @pytest.fixture(scope="module")

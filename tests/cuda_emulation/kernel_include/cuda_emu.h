@@ -302,37 +302,32 @@ EMU_NOT_DEVICE_MEMORY void emu_check_same(struct emu_coll* const* lanes, const v
   }
 }
 
-// load_matrix_sync of matrix_a / matrix_b (layout from the fragment type).
-template <typename Use, int M, int N, int K, typename T, typename Layout, typename P>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
-  typedef fragment<Use, M, N, K, T, Layout> F;
-  struct emu_coll me = {EMU_COLL_LOAD, p, ldm, emu_layout<Layout>::col, (int)sizeof(P), &f,
+// A warp-wide load of fragment f (element type T) from p, column-major if col.
+template <typename T, typename F, typename P>
+inline void emu_load_fragment(F& f, const P* p, unsigned ldm, bool col) {
+  struct emu_coll me = {EMU_COLL_LOAD, p, ldm, col, (int)sizeof(P), &f,
                         nullptr, nullptr, nullptr, (int)sizeof(F)};
   struct emu_coll* const* lanes = emu_collective_begin(&me);
   if (!lanes) return;
   F tile;
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
-      tile.x[r * F::cols + c] = T(emu_layout<Layout>::col ? p[c * ldm + r] : p[r * ldm + c]);
+      tile.x[r * F::cols + c] = T(col ? p[c * ldm + r] : p[r * ldm + c]);
   emu_copy_to_lanes(lanes, tile);
   emu_collective_end();
+}
+
+// load_matrix_sync of matrix_a / matrix_b (layout from the fragment type).
+template <typename Use, int M, int N, int K, typename T, typename Layout, typename P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
+  emu_load_fragment<T>(f, p, ldm, emu_layout<Layout>::col);
 }
 
 // load_matrix_sync of an accumulator (layout as an argument).
 template <int M, int N, int K, typename T, typename P>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, const P* p, unsigned ldm,
                              layout_t layout) {
-  typedef fragment<accumulator, M, N, K, T, void> F;
-  struct emu_coll me = {EMU_COLL_LOAD, p, ldm, layout == mem_col_major, (int)sizeof(P), &f,
-                        nullptr, nullptr, nullptr, (int)sizeof(F)};
-  struct emu_coll* const* lanes = emu_collective_begin(&me);
-  if (!lanes) return;
-  F tile;
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c)
-      tile.x[r * F::cols + c] = T(layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]);
-  emu_copy_to_lanes(lanes, tile);
-  emu_collective_end();
+  emu_load_fragment<T>(f, p, ldm, layout == mem_col_major);
 }
 
 template <int M, int N, int K, typename T, typename P>
