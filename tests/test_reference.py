@@ -208,3 +208,62 @@ def test_reference_gradcheck(mode, masked):
     fn = lambda a, b, c: mra2_reference(a, b, c, mask, num_blocks=3, approx_mode=mode,  # noqa: E731
                                         block_size=8)
     assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- cross-attention
+# The oracle's cross-attention (docs/spec.md, "Extensions"): the op does not take Nk != Nq
+# yet; these hold the reference the kernels will be tested against.
+
+
+def _cross_inputs(seed, B, H, Nq, Nk, D):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Nq, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H, Nk, D, generator=g, dtype=torch.float64) for _ in range(2))
+    kmask = (torch.arange(Nk)[None, :] < torch.randint(1, Nk + 1, (B,), generator=g)[:, None])
+    qmask = (torch.arange(Nq)[None, :] < torch.randint(1, Nq + 1, (B,), generator=g)[:, None])
+    return q, k, v, kmask.double(), qmask.double()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), H=st.integers(1, 2),
+       Nq=st.integers(1, 130), Nk=st.integers(1, 130), D=st.sampled_from([4, 16]),
+       scale=st.one_of(st.none(), st.floats(0.05, 0.5)))
+def test_cross_attention_with_every_block_is_sdpa(seed, B, H, Nq, Nk, D, scale):
+    """Within 1e-5 where logits are of unit size: the spec's +1e-6 in the denominator is
+    relative to the high-resolution sum scaled by exp(-(R - m_t)), which large logits
+    can make small (then the spec itself, not the code, differs from SDPA)."""
+    q, k, v, kmask, qmask = _cross_inputs(seed, B, H, Nq, Nk, D)
+    q, k = q * 0.5, k * 0.5
+    nq, nk = -(-Nq // 32), -(-Nk // 32)
+    out = mra2_reference(q, k, v, kmask, query_mask=qmask, num_blocks=nq * nk, scale=scale)
+    assert out.shape == q.shape
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=kmask.bool()[:, None, None, :], scale=scale)
+    keep = qmask.bool()[:, None, :, None]
+    want = torch.where(keep, want, torch.zeros_like(want))
+    assert ((out - want).abs().max() / want.abs().max()).item() <= 1e-5
+    assert torch.equal(out, torch.where(keep, out, torch.zeros_like(out)))  # padded queries 0
+    assert torch.allclose(exact_attention(q, k, v, kmask, scale=scale, query_mask=qmask), want,
+                          rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 130), mode=st.sampled_from(["full", "sparse"]),
+       nb=st.integers(1, 20))
+def test_cross_attention_with_equal_lengths_and_one_mask_is_self_attention(seed, N, mode, nb):
+    q, k, v, kmask, _ = _cross_inputs(seed, 2, 2, N, N, 8)
+    kw = dict(num_blocks=nb, approx_mode=mode, initial_prior_diagonal_n_blocks=1)
+    assert torch.equal(mra2_reference(q, k, v, kmask, query_mask=kmask, **kw),
+                       mra2_reference(q, k, v, kmask, **kw))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), Nq=st.integers(1, 100), Nk=st.integers(1, 100),
+       mode=st.sampled_from(["full", "sparse"]), nb=st.integers(1, 12))
+def test_cross_attention_padding_never_reaches_real_outputs(seed, Nq, Nk, mode, nb):
+    q, k, v, kmask, qmask = _cross_inputs(seed, 2, 2, Nq, Nk, 8)
+    kw = dict(num_blocks=nb, approx_mode=mode)
+    out = mra2_reference(q, k, v, kmask, query_mask=qmask, **kw)
+    nan_q = torch.where(qmask.bool()[:, None, :, None], q, torch.nan)
+    nan_k, nan_v = (torch.where(kmask.bool()[:, None, :, None], x, torch.nan) for x in (k, v))
+    assert torch.equal(mra2_reference(nan_q, nan_k, nan_v, kmask, query_mask=qmask, **kw), out)
