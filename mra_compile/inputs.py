@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -30,8 +31,10 @@ class Workspace(threading.local):
     target allows it (``Target.reuses_workspace``).
 
     A fresh 50 MB intermediate costs ~10 ms of page faults on first touch, as much as
-    the kernel that fills it; reusing the memory removes that. ``clear_workspace()``
-    frees it.
+    the kernel that fills it; reusing the memory removes that. What a thread keeps is
+    bounded by ``workspace_limit()`` (``MRA_COMPILE_WORKSPACE_MB``, default 1024 MiB):
+    a buffer that would pass it is allocated for the call only. ``clear_workspace()``
+    frees it all.
     """
 
     def __init__(self):
@@ -46,9 +49,30 @@ class Workspace(threading.local):
             return torch.empty(shape, dtype=dtype, device=device)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            self.buffers.pop(name, None)
             buf = torch.empty(numel, dtype=dtype, device=device)
-            self.buffers[name] = buf
+            if self.kept_bytes() + buf.numel() * buf.element_size() <= workspace_limit():
+                self.buffers[name] = buf
         return buf[:numel].view(shape)
+
+    def kept_bytes(self) -> int:
+        """Bytes this thread keeps for later calls."""
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+WORKSPACE_ENV = "MRA_COMPILE_WORKSPACE_MB"
+
+
+def workspace_limit() -> int:
+    """Bytes of scratch a thread may keep between calls (``MRA_COMPILE_WORKSPACE_MB``)."""
+    value = os.environ.get(WORKSPACE_ENV, "1024")
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"{WORKSPACE_ENV} must be a number of MiB, got {value!r}") from None
+    if not megabytes >= 0:
+        raise ValueError(f"{WORKSPACE_ENV} must be >= 0, got {value!r}")
+    return int(megabytes * 2**20)
 
 
 WORKSPACE = Workspace()
