@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mra_compile import build, knob_policy, plan, runtime, validate
+from mra_compile import knob_policy, plan, runtime, validate
 from mra_compile.forward import Saved, narrow, row_parts, row_range
 from mra_compile.inputs import Prepared, pad, prepare, torch_single_threaded
 from mra_compile.options import Options
@@ -56,11 +56,6 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     n = Np // b
     dt, dev, target = pr.dtype, q.device, pr.target
 
-    def run(op, **args):
-        if pr.group == 1:
-            args.pop("group", None)  # (only the grouped-query variants take it)
-        build.run(op, knobs.get(op), target, pr.static(op), **args, **pr.kernel_scratch(op))
-
     dout = pad(grad_out, Np - N, Dp - D, dt)
     outp = pad(out, Np - N, Dp - D, dt)
     stab, lo_w, inv_z = saved.stats  # [R, Np] each
@@ -68,9 +63,9 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     # g = dO mask / Z, D_t = g . out, and their low-resolution block sums.
     g, dsum = torch.empty(R, Np, Dp, dtype=dt, device=dev), torch.empty(R, Np, dtype=dt, device=dev)
     ga, da = torch.empty(R, n, Dp, dtype=dt, device=dev), torch.empty(R, n, dtype=dt, device=dev)
-    run("bwd_prep", dout=dout.view(R, n, b, Dp), out=outp.view(R, n, b, Dp),
-        inv_z=inv_z.view(R, n, b), lo_w=lo_w.view(R, n, b), g=g.view(R, n, b, Dp),
-        dsum=dsum.view(R, n, b), ga=ga, da=da)
+    pr.run("bwd_prep", knobs, dout=dout.view(R, n, b, Dp), out=outp.view(R, n, b, Dp),
+           inv_z=inv_z.view(R, n, b), lo_w=lo_w.view(R, n, b), g=g.view(R, n, b, Dp),
+           dsum=dsum.view(R, n, b), ga=ga, da=da)
 
     # High resolution: units by query block (dq) and by key block (dk, dv).
     Cq = knob_policy.resolve_knobs("bwd_dq_units", knobs.get("bwd_dq_units"),
@@ -88,26 +83,26 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dk_unit, dv_unit = pr.scratch("dk_unit", R, Uk, b, Dp), pr.scratch("dv_unit", R, Uk, b, Dp)
     shared = dict(q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, stab=stab, g=g, dsum=dsum,
                   heads=pr.heads, group=pr.group, scale=pr.scale)
-    run("bwd_dq_units", unit_row=by_query.unit_row, unit_cols=by_query.unit_cols,
-        dq_unit=dq_unit, **shared)
-    run("bwd_dkdv_units", unit_col=by_key.unit_row, unit_rows=by_key.unit_cols,
-        dk_unit=dk_unit, dv_unit=dv_unit, **shared)
+    pr.run("bwd_dq_units", knobs, unit_row=by_query.unit_row, unit_cols=by_query.unit_cols,
+           dq_unit=dq_unit, **shared)
+    pr.run("bwd_dkdv_units", knobs, unit_col=by_key.unit_row, unit_rows=by_key.unit_cols,
+           dk_unit=dk_unit, dv_unit=dv_unit, **shared)
 
     # Low resolution ("full"): through the block averages; "sparse" has none.
     pooled_grads = torch.zeros(3, R, n, Dp, dtype=dt, device=dev)
     if full:
         qp, kp, vp = saved.pooled
-        run("bwd_lowres", logits=saved.logits, hmask=saved.high_mask, rowmax=saved.rowmax,
-            counts=pr.counts, qp=qp, kp=kp, vp=vp, ga=ga, da=da, dqp=pooled_grads[0],
-            dkp=pooled_grads[1], dvp=pooled_grads[2], heads=pr.heads, scale=pr.scale)
+        pr.run("bwd_lowres", knobs, logits=saved.logits, hmask=saved.high_mask, rowmax=saved.rowmax,
+               counts=pr.counts, qp=qp, kp=kp, vp=vp, ga=ga, da=da, dqp=pooled_grads[0],
+               dkp=pooled_grads[1], dvp=pooled_grads[2], heads=pr.heads, scale=pr.scale)
 
     # Three separate tensors: a custom op's outputs may not alias one another.
     grads = [torch.empty(R, n, b, Dp, dtype=dt, device=dev) for _ in range(3)]
-    run("bwd_finish", dq_unit=dq_unit, q_start=by_query.ov_start, q_units=by_query.ov_units,
-        dk_unit=dk_unit, dv_unit=dv_unit, k_start=by_key.ov_start, k_units=by_key.ov_units,
-        dqp=pooled_grads[0], dkp=pooled_grads[1], dvp=pooled_grads[2],
-        inv_counts=pr.inv_counts, mask=pr.mask, dq=grads[0], dk=grads[1], dv=grads[2],
-        heads=pr.heads, ucap_q=by_query.ucap, ucap_k=by_key.ucap)
+    pr.run("bwd_finish", knobs, dq_unit=dq_unit, q_start=by_query.ov_start, q_units=by_query.ov_units,
+           dk_unit=dk_unit, dv_unit=dv_unit, k_start=by_key.ov_start, k_units=by_key.ov_units,
+           dqp=pooled_grads[0], dkp=pooled_grads[1], dvp=pooled_grads[2],
+           inv_counts=pr.inv_counts, mask=pr.mask, dq=grads[0], dk=grads[1], dv=grads[2],
+           heads=pr.heads, ucap_q=by_query.ucap, ucap_k=by_key.ucap)
     grads = [gr.view(B, H, Np, Dp)[:, :, :N, :D] for gr in grads]
     if pr.group > 1:
         # Grouped-query heads: a key/value head's gradient sums over the heads sharing it.

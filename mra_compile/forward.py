@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mra_compile import build, knob_policy, plan, runtime, validate
+from mra_compile import knob_policy, plan, runtime, validate
 from mra_compile.inputs import Prepared, prepare, torch_single_threaded
 from mra_compile.options import Options
 
@@ -32,13 +32,6 @@ class LowRes:
     sel: plan.Selection
 
 
-def _run(pr: Prepared, knobs: dict, op: str, full: bool | None = None, **args) -> None:
-    if pr.group == 1:
-        args.pop("group", None)  # (only the grouped-query variants take it)
-    build.run(op, knobs.get(op), pr.target, pr.static(op, full), **args,
-              **pr.kernel_scratch(op))
-
-
 def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     R, Np, Dp = pr.q.shape
     n = Np // pr.block_size
@@ -48,9 +41,9 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     qp, kp, vp = pooled.unbind(0)
     logits = torch.empty(R, n, n, dtype=dt, device=dev)
     rowmax = torch.empty(R, n, dtype=dt, device=dev)
-    _run(pr, knobs, "pool_and_logits", q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, counts=pr.counts,
-         inv_counts=pr.inv_counts, qp=qp, kp=kp, vp=vp, logits=logits, rowmax=rowmax,
-         heads=pr.heads, group=pr.group, scale=pr.scale)
+    pr.run("pool_and_logits", knobs, q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, counts=pr.counts,
+           inv_counts=pr.inv_counts, qp=qp, kp=kp, vp=vp, logits=logits, rowmax=rowmax,
+           heads=pr.heads, group=pr.group, scale=pr.scale)
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
         row_blocks, real_pairs = _sequence_budgets(pr, opts.block_per_row, R, n)
@@ -200,9 +193,9 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     ov_max, ov_sum = pr.scratch("unit_max", R, U, b), pr.scratch("unit_sum", R, U, b)
     ov_out = pr.scratch("unit_out", R, U, b, Dp)
     if p.has_overflow:
-        _run(pr, knobs, "hires_units", q=pr.q, k=pr.k, v=pr.v, mask=pr.mask,
-             unit_row=p.unit_row, unit_cols=p.unit_cols, unit_max=ov_max, unit_out=ov_out,
-             unit_sum=ov_sum, heads=pr.heads, group=pr.group, scale=pr.scale)
+        pr.run("hires_units", knobs, q=pr.q, k=pr.k, v=pr.v, mask=pr.mask,
+               unit_row=p.unit_row, unit_cols=p.unit_cols, unit_max=ov_max, unit_out=ov_out,
+               unit_sum=ov_sum, heads=pr.heads, group=pr.group, scale=pr.scale)
 
     # Step 4 for each row's own blocks, merged with its overflow units; steps 5 and 6.
     out = torch.empty(R, n, b, Dp, dtype=pr.q.dtype, device=dev)
@@ -212,14 +205,14 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     if full:
         assert high_mask is not None  # (the selection makes it in "full" mode)
         o_lo, z_lo = pr.scratch("o_lo", R, n, Dp), pr.scratch("z_lo", R, n)
-        _run(pr, knobs, "lowres_out", logits=lr.logits, rowmax=lr.rowmax,
-             hmask=high_mask.to(dt), counts=pr.counts, vp=lr.pooled[2], o_lo=o_lo,
-             z_lo=z_lo, heads=pr.heads)
+        pr.run("lowres_out", knobs, logits=lr.logits, rowmax=lr.rowmax,
+               hmask=high_mask.to(dt), counts=pr.counts, vp=lr.pooled[2], o_lo=o_lo,
+               z_lo=z_lo, heads=pr.heads)
         lowres = dict(o_lo=o_lo, z_lo=z_lo, rowmax=lr.rowmax)
-    _run(pr, knobs, "hires_rows", full, q=pr.q, k=pr.k, v=pr.v, mask=pr.mask,
-         row_cols=p.row_cols, ov_max=ov_max, ov_out=ov_out, ov_sum=ov_sum, ov_start=p.ov_start,
-         ov_units=p.ov_units, **lowres, out=out, stab=stats[0], lo_w=stats[1], inv_z=stats[2],
-         heads=pr.heads, group=pr.group, scale=pr.scale, ucap=p.ucap)
+    pr.run("hires_rows", knobs, full, q=pr.q, k=pr.k, v=pr.v, mask=pr.mask,
+           row_cols=p.row_cols, ov_max=ov_max, ov_out=ov_out, ov_sum=ov_sum, ov_start=p.ov_start,
+           ov_units=p.ov_units, **lowres, out=out, stab=stats[0], lo_w=stats[1], inv_z=stats[2],
+           heads=pr.heads, group=pr.group, scale=pr.scale, ucap=p.ucap)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
     out = out.to(q.dtype) if q.dtype != out.dtype else out.contiguous()
     if high_mask is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mra_compile import kernels, targets
+from mra_compile import build, kernels, targets
 from mra_compile.targets import Target, compute_dtype
 
 HEAD_DIM_MULTIPLE = kernels.HEAD_DIM_MULTIPLE
@@ -167,6 +167,14 @@ class Prepared:
         shapes = {"raw_logits": (R, n, n), "real_max": (R, n), "weight": (R, n, n),
                   "gv": (R, n, n), "dlog": (R, n, n)}
         return {name: self.scratch(name, *shapes[name]) for name in kernels.get(op).scratch}
+
+    def run(self, op: str, knobs: dict, full: bool | None = None, **args) -> None:
+        """Kernel ``op`` on these inputs (``knobs``: ``{op: schedule knobs}``), with its
+        scratch arguments; ``group`` goes only to the grouped-query variants."""
+        if self.group == 1:
+            args.pop("group", None)
+        build.run(op, knobs.get(op), self.target, self.static(op, full), **args,
+                  **self.kernel_scratch(op))
 
 
 def key_padding(mask):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -105,10 +104,6 @@ class Options:
     def blocks(self, N: int) -> int:
         """Blocks per row ``n`` of a sequence of ``N`` tokens (padded to whole blocks)."""
         return -(-N // self.block_size)
-
-    def scale_for(self, D: int) -> float:
-        """The logit scale for head dim ``D``: ``scale``, else ``1/sqrt(D)``."""
-        return 1.0 / math.sqrt(D) if self.scale is None else float(self.scale)
 
 
 # Field annotations (strings, from __future__ annotations) as torch schema types.
