@@ -277,6 +277,13 @@ def draw_cases(seed: int, smoke: bool) -> list[dict]:
                                extra=dict(scale=0.3, enable_gqa=True, block_per_row=3))
             small.append(sdpa_shaped)
             backward.append(dict(sdpa_shaped, check="backward"))
+            # Cross-attention (issue 12): keys of their own length, both sides padded.
+            Nq = rng.randint(100, 300 if smoke else 900)
+            cross = dict(base, check="forward", B=2, H=2, N=Nq, Nk=rng.randint(Nq + 1, 3 * Nq),
+                         D=64, masked=True, cross=True, num_blocks=None, amp=1.0,
+                         seed=rng.randrange(2**31), extra=dict(block_per_row=3))
+            small.append(cross)
+            backward.append(dict(cross, check="backward"))
             common = dict(base, B=2, H=4, N=200 if smoke else 1000, D=64, masked=False,
                           amp=1.0, seed=rng.randrange(2**31))
             common["num_blocks"] = 4 * -(-common["N"] // BLOCK)
@@ -288,26 +295,45 @@ def draw_cases(seed: int, smoke: bool) -> list[dict]:
     return small + streams + backward + large + graphs
 
 
+def _padding_mask(B, N, dtype, dev, rng, gen):
+    """[B, N] 0/1: row 0 real (B > 1), the others padded at the end and in a few holes."""
+    mask = torch.ones(B, N, dtype=dtype, device=dev)
+    for b in range(B):
+        if b == 0 and B > 1:
+            continue  # one full row next to padded ones
+        mask[b, N - rng.randint(1, max(1, N // 3)):] = 0  # padding at the end
+        holes = torch.rand(N, generator=gen, device=dev) < 0.03  # and a few in the middle
+        mask[b, holes] = 0
+        mask[b, 0] = 1  # at least one real token
+    return mask
+
+
 def make_inputs(case: dict, dev, seed_offset: int = 0):
-    """q [B, H, N, D], k, v [B, kv_heads (default H), N, D] and a [B, N] 0/1 mask (or None)
-    for a case."""
+    """q [B, H, N, D], k, v [B, kv_heads (default H), Nk (default N), D] and a [B, Nk] 0/1
+    mask (or None) for a case."""
     B, H, N, D = case["B"], case["H"], case["N"], case["D"]
+    Nk = case.get("Nk", N)
     gen = torch.Generator(device=dev).manual_seed(case["seed"] + seed_offset)
-    q, k, v = (case["amp"] * torch.randn(B, heads, N, D, generator=gen, device=dev)
-               for heads in (H, case.get("kv_heads", H), case.get("kv_heads", H)))
+    q, k, v = (case["amp"] * torch.randn(B, heads, length, D, generator=gen, device=dev)
+               for heads, length in ((H, N), (case.get("kv_heads", H), Nk),
+                                     (case.get("kv_heads", H), Nk)))
     q, k, v = (x.to(case["dtype"]) for x in (q, k, v))
     mask = None
     if case["masked"]:
-        rng = random.Random(case["seed"])
-        mask = torch.ones(B, N, dtype=case["dtype"], device=dev)
-        for b in range(B):
-            if b == 0 and B > 1:
-                continue  # one full row next to padded ones
-            mask[b, N - rng.randint(1, max(1, N // 3)):] = 0  # padding at the end
-            holes = torch.rand(N, generator=gen, device=dev) < 0.03  # and a few in the middle
-            mask[b, holes] = 0
-            mask[b, 0] = 1  # at least one real token
+        mask = _padding_mask(B, Nk, case["dtype"], dev, random.Random(case["seed"]), gen)
     return q, k, v, mask
+
+
+def call_options(case: dict, dev) -> tuple[dict, torch.Tensor | None]:
+    """The case's further options for the op and the oracle (a cross-attention case's
+    ``query_mask`` made here), and the mask of the padded queries (their output is 0)."""
+    extra = dict(case.get("extra", {}))
+    if case.get("cross"):
+        gen = torch.Generator(device=dev).manual_seed(case["seed"] + 3)
+        extra["query_mask"] = _padding_mask(case["B"], case["N"], case["dtype"], dev,
+                                            random.Random(case["seed"] + 3), gen).float()
+        return extra, extra["query_mask"]
+    return extra, None
 
 
 def op(q, k, v, mask, num_blocks, mode, extra=None):
@@ -354,14 +380,14 @@ def check_forward(case, dev):
         return None, f"skipped: float64 oracle needs {matrix / 2**30:.1f} GiB per N x N matrix"
     if dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] < 6 * matrix:
         return None, "skipped: float64 oracle does not fit in free GPU memory"
-    extra = case.get("extra", {})
+    extra, query_mask = call_options(case, dev)
     with torch.no_grad():
         out = op(q, k, v, mask, nb, mode, extra)
         sel = selection(q, k, v, mask, nb, mode, extra)
         ref = mc.reference.mra2_reference(
             q.double(), k.double(), v.double(), None if mask is None else mask.double(),
             num_blocks=nb, approx_mode=mode, selection=sel, **extra)
-    return rel_error(out, ref, mask)
+    return rel_error(out, ref, mask if query_mask is None else query_mask)
 
 
 def check_backward(case, dev):
@@ -369,7 +395,7 @@ def check_backward(case, dev):
     nb, mode = case["num_blocks"], case["mode"]
     grad = torch.randn(q.shape, generator=torch.Generator(device=dev).manual_seed(case["seed"] + 7),
                        device=dev).to(q.dtype)
-    extra = case.get("extra", {})
+    extra, _ = call_options(case, dev)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     got = torch.autograd.grad(op(*leaves, mask, nb, mode, extra), leaves, grad)
     sel = selection(q, k, v, mask, nb, mode, extra)
@@ -469,7 +495,9 @@ def correctness_row(case: dict) -> dict:
     """A correctness row of a case, before its outcome."""
     row = {f: case.get(f) for f in CORR_FIELDS}
     extra = dict(case.get("extra", {}), **({"kv_heads": case["kv_heads"]} if "kv_heads" in case
-                                          else {}))
+                                          else {}), **({"Nk": case["Nk"]} if "Nk" in case else {}))
+    if case.get("cross"):
+        extra["query_mask"] = "padded"
     row["options"] = " ".join(f"{k}={v}" for k, v in extra.items())
     row.update(table="correctness", dtype=short_dtype(case["dtype"]),
                limit=CHECKS[case["check"]][1][case["dtype"]], error=None)

@@ -21,17 +21,20 @@ def mra_attention(
     initial_prior_diagonal_n_blocks: int = 0,
     scale: float | None = None,
     enable_gqa: bool = False,
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MRA-2 approximate self-attention (Zeng et al., ICML 2022).
+    """MRA-2 approximate attention (Zeng et al., ICML 2022).
 
     Args:
-        q, k, v: ``[B, H, N, D]`` queries, keys, values; float32, float16 or bfloat16,
-            same shape (k, v: ``[B, Hkv, N, D]`` with ``enable_gqa``), dtype and device.
-            Any N and D; non-contiguous is fine.
-        mask: key padding, or None: ``[B, N]`` with 1 for real tokens and 0 for padding
-            (bool, int or float), or SDPA's ``[B, 1, 1, N]``, bool (True = take part) or
-            additive float (0 / -inf). Padded queries get zero output; padded keys are
-            ignored. A per-query mask (``[B, 1, N, N]``) is a ValueError.
+        q: ``[B, H, Nq, D]`` queries; k, v: ``[B, H, Nk, D]`` keys and values (``[B, Hkv,
+            Nk, D]`` with ``enable_gqa``); float32, float16 or bfloat16, one dtype and
+            device. Any Nq, Nk and D; ``Nk != Nq`` is cross-attention (each side is cut
+            into blocks on its own). Non-contiguous is fine.
+        mask: key padding, or None: ``[B, Nk]`` with 1 for real tokens and 0 for padding
+            (bool, int or float), or SDPA's ``[B, 1, 1, Nk]``, bool (True = take part) or
+            additive float (0 / -inf). Padded keys are ignored. For self-attention
+            (``Nk == Nq``, no ``query_mask``) it pads the queries too: they get zero
+            output. A per-query mask (``[B, 1, Nq, Nk]``) is a ValueError.
         num_blocks: exact ``block_size x block_size`` blocks per (batch, head), >= 1;
             clamped to ``n*n`` where ``n = ceil(N / block_size)``.
         block_per_row: alternative to ``num_blocks``, per sequence: a sequence with ``c``
@@ -52,9 +55,13 @@ def mra_attention(
             ``Hkv`` heads (``H % Hkv == 0``); query head ``h`` uses key/value head
             ``h // (H / Hkv)``, read in place (no expanded copy). Their gradients sum
             over the query heads that share them.
+        query_mask: the query padding of cross-attention, ``[B, Nq]`` (1 real / 0
+            padding, bool, int or float), or None (every query real; for self-attention,
+            ``mask``'s). Padded queries get zero output and no gradient; the per-sequence
+            budget counts a sequence's real queries.
 
     Returns:
-        ``[B, H, N, D]`` in q's dtype.
+        ``[B, H, Nq, D]`` in q's dtype.
 
     Raises:
         TypeError / ValueError naming the offending argument.
@@ -63,8 +70,8 @@ def mra_attention(
     # rather than the dispatcher's RuntimeError.
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
                    initial_prior_diagonal_n_blocks, scale, block_per_row, enable_gqa)
-    validate.check_tensors(q, k, v, mask, enable_gqa)
-    return op.differentiable(q, k, v, mask, opts)
+    validate.check_tensors(q, k, v, mask, enable_gqa, query_mask)
+    return op.differentiable(q, k, v, mask, opts, query_mask)
 
 
 def block_selection(
@@ -81,11 +88,13 @@ def block_selection(
     initial_prior_diagonal_n_blocks: int = 0,
     scale: float | None = None,
     enable_gqa: bool = False,
+    query_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks ``torch.ops.mra.attention`` computes exactly for these arguments (the
     arguments of ``mra_attention``, budget included).
 
-    Returns ``(selected, high_mask)``, bool ``[B, H, n, n]`` with ``n = ceil(N / block_size)``:
+    Returns ``(selected, high_mask)``, bool ``[B, H, nq, nk]`` with ``nq = ceil(Nq /
+    block_size)``, ``nk = ceil(Nk / block_size)``:
     the top-``num_blocks`` set T of docs/spec.md, step 3, and, in "full" mode, Hmask (the blocks the
     low-resolution part leaves out; equal to ``selected`` in "sparse" mode). Useful to
     inspect the pattern, and to give a reference the same blocks when scores tie. With
@@ -94,8 +103,9 @@ def block_selection(
     """
     opts = Options(num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
                    initial_prior_diagonal_n_blocks, scale, block_per_row, enable_gqa)
-    validate.check_tensors(q, k, v, mask, enable_gqa)
+    validate.check_tensors(q, k, v, mask, enable_gqa, query_mask)
     validate.check_device(q)
     validate.check_mask_values(mask)
+    validate.check_mask_values(query_mask, "query_mask")
     with torch.no_grad():
-        return forward.block_selection(q.detach(), k.detach(), v.detach(), mask, opts)
+        return forward.block_selection(q.detach(), k.detach(), v.detach(), mask, opts, query_mask)

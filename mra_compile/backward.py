@@ -24,8 +24,9 @@ def _transpose_selection(index: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
-                 knobs: dict | None = None):
-    """(dq, dk, dv) [B, H, N, D] in q's dtype, for the upstream gradient ``grad_out``."""
+                 knobs: dict | None = None, query_mask=None):
+    """(dq, dk, dv), shaped and typed as (q, k, v), for the upstream gradient ``grad_out``
+    [B, H, Nq, D] (arguments as ``mra_compile.forward.mra_forward``'s)."""
     B, H, N, D = q.shape
     if B * H == 0 or saved is None:
         return tuple(torch.zeros_like(x) for x in (q, k, v))
@@ -33,7 +34,7 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
     try:
         with torch_single_threaded():
             # CUDA fp16/bf16: as the kernels take them
-            pr = prepare(q, k, v, mask, opts.block_size, opts.scale)
+            pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
             with pr.target.device_scope(q.device):
                 return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
     except validate.ScratchOverflow:
@@ -45,12 +46,15 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
                               narrow(k, dim, a, z), narrow(v, dim, a, z),
                               mask if dim == 1 else narrow(mask, 0, a, z),
                               narrow(out, dim, a, z), saved.rows(*row_range(dim, H, a, z)),
-                              opts, knobs) for a, z in ranges]
+                              opts, knobs,
+                              query_mask if dim == 1 else narrow(query_mask, 0, a, z))
+                 for a, z in ranges]
         return tuple(torch.cat(grads, dim) for grads in zip(*parts))
 
 
 def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict):
     B, H, N, D = q.shape
+    Nk = k.shape[2]  # (cross-attention: both sides are padded to Np)
     R, Np, Dp = pr.q.shape
     b = pr.block_size
     n = Np // b
@@ -81,7 +85,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     validate.check_scratch("dk/dv-unit", R, Uk, b, Dp)
     dq_unit = pr.scratch("dq_unit", R, Uq, b, Dp)
     dk_unit, dv_unit = pr.scratch("dk_unit", R, Uk, b, Dp), pr.scratch("dv_unit", R, Uk, b, Dp)
-    shared = dict(q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, stab=stab, g=g, dsum=dsum,
+    shared = dict(q=pr.q, k=pr.k, v=pr.v, **pr.masks, stab=stab, g=g, dsum=dsum,
                   heads=pr.heads, group=pr.group, scale=pr.scale)
     pr.run("bwd_dq_units", knobs, unit_row=by_query.unit_row, unit_cols=by_query.unit_cols,
            dq_unit=dq_unit, **shared)
@@ -101,9 +105,9 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     pr.run("bwd_finish", knobs, dq_unit=dq_unit, q_start=by_query.ov_start, q_units=by_query.ov_units,
            dk_unit=dk_unit, dv_unit=dv_unit, k_start=by_key.ov_start, k_units=by_key.ov_units,
            dqp=pooled_grads[0], dkp=pooled_grads[1], dvp=pooled_grads[2],
-           inv_counts=pr.inv_counts, mask=pr.mask, dq=grads[0], dk=grads[1], dv=grads[2],
-           heads=pr.heads, ucap_q=by_query.ucap, ucap_k=by_key.ucap)
-    grads = [gr.view(B, H, Np, Dp)[:, :, :N, :D] for gr in grads]
+           inv_counts=pr.inv_counts, q_inv_counts=pr.q_inv_counts, **pr.masks, dq=grads[0],
+           dk=grads[1], dv=grads[2], heads=pr.heads, ucap_q=by_query.ucap, ucap_k=by_key.ucap)
+    grads = [gr.view(B, H, Np, Dp)[:, :, :length, :D] for gr, length in zip(grads, (N, Nk, Nk))]
     if pr.group > 1:
         # Grouped-query heads: a key/value head's gradient sums over the heads sharing it.
         grads[1:] = [gr.unflatten(1, (H // pr.group, pr.group)).sum(2) for gr in grads[1:]]

@@ -41,8 +41,9 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     qp, kp, vp = pooled.unbind(0)
     logits = torch.empty(R, n, n, dtype=dt, device=dev)
     rowmax = torch.empty(R, n, dtype=dt, device=dev)
-    pr.run("pool_and_logits", knobs, q=pr.q, k=pr.k, v=pr.v, mask=pr.mask, counts=pr.counts,
-           inv_counts=pr.inv_counts, qp=qp, kp=kp, vp=vp, logits=logits, rowmax=rowmax,
+    pr.run("pool_and_logits", knobs, q=pr.q, k=pr.k, v=pr.v, **pr.masks, counts=pr.counts,
+           inv_counts=pr.inv_counts, q_counts=pr.q_counts, q_inv_counts=pr.q_inv_counts,
+           qp=qp, kp=kp, vp=vp, logits=logits, rowmax=rowmax,
            heads=pr.heads, group=pr.group, scale=pr.scale)
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
@@ -55,30 +56,32 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
 
 def _sequence_budgets(pr: Prepared, block_per_row: int, R: int, n: int):
     """docs/spec.md, "Per-sequence budget": each row's ``r * ceil(c / b)`` blocks (at
-    least r, at most n*n) for its sequence's ``c`` real tokens, [R] int64; and the blocks
-    with a real query and a real key (those the budget counts), [R, n, n] bool."""
-    real_tokens = pr.counts.sum(-1)  # [Bm]
+    least r, at most n*n) for its sequence's ``c`` real tokens (queries), [R] int64; and
+    the blocks with a real query and a real key (those the budget counts), [R, n, n] bool."""
+    real_tokens = pr.q_counts.sum(-1)  # [Bm]
     rows_real = torch.ceil(real_tokens / pr.block_size).clamp_min(1).to(torch.int64)
     budget = (rows_real * block_per_row).clamp_max(n * n)
-    filled = pr.counts > 0.5  # [Bm, n]
-    pairs = filled[:, :, None] & filled[:, None, :]
+    pairs = (pr.q_counts > 0.5)[:, :, None] & (pr.counts > 0.5)[:, None, :]
     return (budget.repeat_interleave(pr.heads, dim=0),
             pairs.repeat_interleave(pr.heads, dim=0))
 
 
-def block_selection(q, k, v, mask, opts: Options):
+def block_selection(q, k, v, mask, opts: Options, query_mask=None):
     """The blocks the op computes exactly, for tests and inspection.
 
-    Returns ``(selected, high_mask)``, bool ``[B, H, n, n]``: T of docs/spec.md, step 3
-    and, in "full" mode, Hmask (equal to ``selected`` in "sparse" mode). Same computation
-    and tie-breaking as ``torch.ops.mra.attention`` on the same inputs.
+    Returns ``(selected, high_mask)``, bool ``[B, H, nq, nk]`` (``n = ceil(N / b)`` per
+    side): T of docs/spec.md, step 3 and, in "full" mode, Hmask (equal to ``selected`` in
+    "sparse" mode). Same computation and tie-breaking as ``torch.ops.mra.attention`` on
+    the same inputs.
     """
     B, H, N, D = q.shape
+    nq, nk = opts.blocks(N), opts.blocks(k.shape[2])
     runtime.ensure()
     with torch_single_threaded():
-        pr = prepare(q, k, v, mask, opts.block_size, opts.scale)
+        pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
         with pr.target.device_scope(q.device):
-            knobs = knob_policy.knobs_for_shape(None, N, D, opts.block_size, pr.target)
+            knobs = knob_policy.knobs_for_shape(None, max(N, k.shape[2]), D, opts.block_size,
+                                                pr.target)
             lr = _pool_and_select(pr, opts, knobs)
     n = lr.logits.shape[-1]
     selected = torch.zeros(B * H, n * n + 1, dtype=torch.bool, device=q.device)
@@ -86,7 +89,8 @@ def block_selection(q, k, v, mask, opts: Options):
     selected = selected[:, : n * n].reshape(B, H, n, n)
     hm = lr.sel.high_mask
     high_mask = selected.clone() if hm is None else hm.bool().view(B, H, n, n)
-    return selected, high_mask
+    # Cross-attention: the blocks of the nq x nk grid (the rest hold no real pair).
+    return selected[:, :, :nq, :nk], high_mask[:, :, :nq, :nk]
 
 
 @dataclass
@@ -140,9 +144,11 @@ def row_range(dim: int, H: int, start: int, stop: int) -> tuple[int, int]:
     return (start * H, stop * H) if dim == 0 else (start, stop)
 
 
-def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: bool = False):
-    """MRA-2 of docs/spec.md, steps 1-6. q, k, v [B, H, N, D]; mask [B, N] or None ->
-    [B, H, N, D]. ``knobs``: ``{op: schedule knobs}`` (see ``knob_policy.knobs_for_shape``).
+def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: bool = False,
+                query_mask=None):
+    """MRA-2 of docs/spec.md, steps 1-6. q [B, H, Nq, D]; k, v [B, Hkv, Nk, D]; mask
+    [B, Nk] or None; query_mask [B, Nq] or None -> [B, H, Nq, D]. ``knobs``: ``{op:
+    schedule knobs}`` (see ``knob_policy.knobs_for_shape``).
 
     With ``save=True`` returns ``(out, Saved)`` for the backward.
     """
@@ -153,9 +159,10 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
     runtime.ensure()  # sizes the kernels' threads from torch's before they change
     try:
         with torch_single_threaded():
-            pr = prepare(q, k, v, mask, opts.block_size, opts.scale)
+            pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
             with pr.target.device_scope(q.device):
-                chosen = knob_policy.knobs_for_shape(knobs, N, D, opts.block_size, pr.target)
+                chosen = knob_policy.knobs_for_shape(knobs, max(N, k.shape[2]), D,
+                                                     opts.block_size, pr.target)
                 out, saved = _forward(q, pr, opts, chosen)
     except validate.ScratchOverflow:
         split = row_parts(B, H)
@@ -164,7 +171,9 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
         dim, ranges = split
         results = [mra_forward(narrow(q, dim, a, z), narrow(k, dim, a, z), narrow(v, dim, a, z),
                                mask if dim == 1 else narrow(mask, 0, a, z), opts, knobs,
-                               save=True) for a, z in ranges]
+                               save=True,
+                               query_mask=query_mask if dim == 1 else narrow(query_mask, 0, a, z))
+                   for a, z in ranges]
         out = torch.cat([o for o, _ in results], dim)
         saved = Saved.cat([s for _, s in results])
     return (out, saved) if save else out
@@ -193,7 +202,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     ov_max, ov_sum = pr.scratch("unit_max", R, U, b), pr.scratch("unit_sum", R, U, b)
     ov_out = pr.scratch("unit_out", R, U, b, Dp)
     if p.has_overflow:
-        pr.run("hires_units", knobs, q=pr.q, k=pr.k, v=pr.v, mask=pr.mask,
+        pr.run("hires_units", knobs, q=pr.q, k=pr.k, v=pr.v, **pr.masks,
                unit_row=p.unit_row, unit_cols=p.unit_cols, unit_max=ov_max, unit_out=ov_out,
                unit_sum=ov_sum, heads=pr.heads, group=pr.group, scale=pr.scale)
 
@@ -209,7 +218,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
                hmask=high_mask.to(dt), counts=pr.counts, vp=lr.pooled[2], o_lo=o_lo,
                z_lo=z_lo, heads=pr.heads)
         lowres = dict(o_lo=o_lo, z_lo=z_lo, rowmax=lr.rowmax)
-    pr.run("hires_rows", knobs, full, q=pr.q, k=pr.k, v=pr.v, mask=pr.mask,
+    pr.run("hires_rows", knobs, full, q=pr.q, k=pr.k, v=pr.v, **pr.masks,
            row_cols=p.row_cols, ov_max=ov_max, ov_out=ov_out, ov_sum=ov_sum, ov_start=p.ov_start,
            ov_units=p.ov_units, **lowres, out=out, stab=stats[0], lo_w=stats[1], inv_z=stats[2],
            heads=pr.heads, group=pr.group, scale=pr.scale, ucap=p.ucap)

@@ -122,9 +122,11 @@ def pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Te
 class Prepared:
     """Inputs as the kernels read them.
 
-    q, k, v [R, Np, Dp] in the target's I/O dtype; mask [Bm, Np] (row r of q uses mask
-    row r // heads); counts, inv_counts [Bm, n]; scale: the logit scale (default 1/sqrt(D)
-    of the real head dim).
+    q, k, v [R, Np, Dp] in the target's I/O dtype; mask [Bm, Np], the keys' (row r of q
+    uses mask row r // heads); counts, inv_counts [Bm, n]; qmask, q_counts, q_inv_counts:
+    the same for the queries (the same tensors for self-attention); scale: the logit
+    scale (default 1/sqrt(D) of the real head dim). Cross-attention pads both sides to
+    one length Np (``prepare``).
     """
 
     q: torch.Tensor
@@ -133,12 +135,20 @@ class Prepared:
     mask: torch.Tensor
     counts: torch.Tensor
     inv_counts: torch.Tensor
+    qmask: torch.Tensor
+    q_counts: torch.Tensor
+    q_inv_counts: torch.Tensor
     heads: int
     scale: float
     block_size: int
     target: Target
     masked: bool = False  # a mask was given (not only a partial last block)
     group: int = 1  # query heads per key/value head: q row r reads k, v row r // group
+
+    @property
+    def masks(self) -> dict:
+        """Both sides' masks as the kernels name them."""
+        return {"mask": self.mask, "qmask": self.qmask}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,10 +196,14 @@ def key_padding(mask):
     return keys if keys.dtype == torch.bool else keys == 0
 
 
-def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepared:
+def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
+            query_mask=None) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
-    logit scale (None: 1/sqrt(D))."""
+    logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
+    [B, Nq], is cross-attention (``_prepare_cross``)."""
+    if query_mask is not None or k.shape[2] != q.shape[2]:
+        return _prepare_cross(q, k, v, key_padding(mask), query_mask, block_size, scale)
     B, H, N, D = q.shape
     b = block_size
     Np = -(-N // b) * b
@@ -219,6 +233,51 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None) -> Prepa
         counts = maskf.view(B, n, b).sum(-1)
         inv_counts = 1.0 / (counts + 1e-6)
         heads = H
-    return Prepared(qf, kf, vf, maskf, counts.contiguous(), inv_counts.contiguous(), heads,
+    counts, inv_counts = counts.contiguous(), inv_counts.contiguous()
+    # Self-attention: one mask (and its counts) for both sides.
+    return Prepared(qf, kf, vf, maskf, counts, inv_counts, maskf, counts, inv_counts, heads,
                     1.0 / math.sqrt(D) if scale is None else float(scale), b, target,
                     mask is not None, H // k.shape[1])
+
+
+def _side_mask(real, N: int, Np: int, dt, b: int):
+    """One side's mask [B, Np] (``real`` [B, N] nonzero = real, padded with zeros) and
+    its per-block counts and 1/(count + 1e-6), [B, Np / b]."""
+    maskf = F.pad(real.to(dt), (0, Np - N)).contiguous()
+    counts = maskf.view(maskf.shape[0], Np // b, b).sum(-1).contiguous()
+    return maskf, counts, (1.0 / (counts + 1e-6)).contiguous()
+
+
+def _prepare_cross(q, k, v, mask, query_mask, block_size: int, scale) -> Prepared:
+    """Cross-attention (docs/spec.md, "Extensions"): q [B, H, Nq, D]; k, v [B, Hkv, Nk, D];
+    mask [B, Nk] (keys) and query_mask [B, Nq], each None for all real.
+
+    Both sides are padded to one length Np = b * max(ceil(Nq / b), ceil(Nk / b)) so that
+    the kernels keep one tiling; each side's padding is masked in its own mask. The
+    shorter side's extra blocks then hold no real token: their logits carry the -1e4
+    penalty, below every block with a real query and a real key, so the top-k keeps the
+    blocks of the spec's nq x nk grid first, and a selected block beyond it adds nothing
+    (no real key) or reaches no output (no real query). The cost of the extra blocks is
+    linear in Np: empty slots are skipped, padded queries only write zeros."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    b = block_size
+    Np = -(-max(Nq, Nk) // b) * b
+    Dp = -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+    dt = compute_dtype(q.dtype)
+    dev = q.device
+    target = targets.of_device(dev)
+    io = target.io_dtype(q.dtype)
+    keys = torch.ones(B, Nk, dtype=dt, device=dev) if mask is None else mask != 0
+    queries = torch.ones(B, Nq, dtype=dt, device=dev) if query_mask is None else query_mask != 0
+    # docs/spec.md, step 1, on each side with its own mask (by selection).
+    zero = torch.zeros((), dtype=q.dtype, device=dev)
+    q = torch.where(queries.bool()[:, None, :, None], q, zero)
+    k, v = (torch.where(keys.bool()[:, None, :, None], x, zero) for x in (k, v))
+    qf = pad(q, Np - Nq, Dp - D, io)
+    kf, vf = (pad(x, Np - Nk, Dp - D, io) for x in (k, v))
+    maskf, counts, inv_counts = _side_mask(keys, Nk, Np, dt, b)
+    qmaskf, q_counts, q_inv_counts = _side_mask(queries, Nq, Np, dt, b)
+    return Prepared(qf, kf, vf, maskf, counts, inv_counts, qmaskf, q_counts, q_inv_counts, H,
+                    1.0 / math.sqrt(D) if scale is None else float(scale), b, target,
+                    True, H // k.shape[1])

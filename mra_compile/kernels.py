@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-QKV = ("q", "k", "v", "mask")
+QKV = ("q", "k", "v", "mask", "qmask")  # mask: the keys', qmask: the queries' (operators)
 HEAD_DIM_MULTIPLE = 16  # kernels are compiled for head dims padded to this (one AVX-512 vector)
 
 
@@ -87,8 +87,9 @@ class Kernel:
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # Forward (docs/spec.md, steps 2-6).
-    Kernel("pool_and_logits", (*QKV, "counts", "inv_counts", "qp", "kp", "vp", "logits",
-                               "rowmax", "heads", "group", "scale"), reads_qkv=True,
+    Kernel("pool_and_logits", (*QKV, "counts", "inv_counts", "q_counts", "q_inv_counts", "qp",
+                               "kp", "vp", "logits", "rowmax", "heads", "group", "scale"),
+           reads_qkv=True,
            scratch=("raw_logits", "real_max")),
     Kernel("lowres_out", ("logits", "rowmax", "hmask", "counts", "vp", "o_lo", "z_lo",
                           "heads"), scratch=("weight",)),
@@ -110,8 +111,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
                           "dqp", "dkp", "dvp", "heads", "scale"), backward=True,
            scratch=("weight", "gv", "dlog")),
     Kernel("bwd_finish", ("dq_unit", "q_start", "q_units", "dk_unit", "dv_unit", "k_start",
-                          "k_units", "dqp", "dkp", "dvp", "inv_counts", "mask", "dq", "dk", "dv",
-                          "heads", "ucap_q", "ucap_k"), backward=True),
+                          "k_units", "dqp", "dkp", "dvp", "inv_counts", "q_inv_counts", "mask",
+                          "qmask", "dq", "dk", "dv", "heads", "ucap_q", "ucap_k"), backward=True),
 )}
 
 

@@ -12,7 +12,9 @@ The public op differentiates through ``_Attention``, an ``autograd.Function`` in
 (``vmap`` does not: the kernels have no batching rule). Each op has a fake
 implementation that gives shapes for torch.compile and meta tensors.
 The options after q, k, v, mask are those of ``mra_compile.options.Options``, in its
-field order; the schemas are generated from it.
+field order; the schemas are generated from it. The public op takes the query padding
+mask of cross-attention (``query_mask``) last, so that calls written before it keep
+their meaning; the internal ops take it after ``mask``.
 """
 from __future__ import annotations
 
@@ -27,26 +29,33 @@ from mra_compile.targets import compute_dtype
 
 _SAVED = ("Tensor stats, Tensor pooled, Tensor logits, Tensor high_mask, Tensor rowmax, "
           "Tensor index")
-SCHEMA = f"(Tensor q, Tensor k, Tensor v, Tensor? mask, {options.schema(True)}) -> Tensor"
-FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, {options.schema(False)}) "
-              f"-> (Tensor out, {_SAVED})")
-BWD_SCHEMA = (f"(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, {_SAVED}, "
-              f"{options.schema(False)}) -> (Tensor dq, Tensor dk, Tensor dv)")
+SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, {options.schema(True)}, "
+          "Tensor? query_mask=None) -> Tensor")
+FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
+              f"{options.schema(False)}) -> (Tensor out, {_SAVED})")
+BWD_SCHEMA = (f"(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
+              f"Tensor out, {_SAVED}, {options.schema(False)}) -> (Tensor dq, Tensor dk, Tensor dv)")
 
 
-def _checked(q, k, v, mask, args) -> Options:
+def _checked(q, k, v, mask, query_mask, args) -> Options:
     """The options, validated, and the tensors checked against them (fake-safe)."""
     opts = Options(*args)
-    validate.check_tensors(q, k, v, mask, opts.enable_gqa)
-    validate.check_sizes(q, opts.block_size)
+    validate.check_tensors(q, k, v, mask, opts.enable_gqa, query_mask)
+    validate.check_sizes(q, opts.block_size, k.shape[2] if k.shape[2] is not q.shape[2] else None)
     return opts
 
 
-def _saved_shapes(q, opts: Options):
+def _padded_length(q, k):
+    """Both sides' length before block padding (cross-attention pads them to the longer)."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    return Nq if Nk is Nq else torch.sym_max(Nq, Nk)
+
+
+def _saved_shapes(q, k, opts: Options):
     """Shapes of attention_fwd's extra outputs (see mra_compile.forward.Saved)."""
-    B, H, N, D = q.shape
+    B, H, _, D = q.shape
     R = B * H
-    n = opts.blocks(N)
+    n = opts.blocks(_padded_length(q, k))
     Np, Dp = n * opts.block_size, -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     K = opts.max_blocks(n)
     dt = compute_dtype(q.dtype)
@@ -54,45 +63,47 @@ def _saved_shapes(q, opts: Options):
 
 
 @torch.library.custom_op("mra::attention_fwd", mutates_args=(), schema=FWD_SCHEMA)
-def attention_fwd(q, k, v, mask, *args):
+def attention_fwd(q, k, v, mask, query_mask, *args):
     """The forward kernels; returns (out, *what the backward needs)."""
-    opts = _checked(q, k, v, mask, args)
+    opts = _checked(q, k, v, mask, query_mask, args)
     validate.check_device(q)
     validate.check_mask_values(mask)
-    out, s = mra_forward(q, k, v, mask, opts, save=True)
+    validate.check_mask_values(query_mask, "query_mask")
+    out, s = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask)
     if s is None:  # B*H == 0
-        dt, shapes, index_shape = _saved_shapes(q, opts)
+        dt, shapes, index_shape = _saved_shapes(q, k, opts)
         return (out, *(q.new_zeros(sh, dtype=dt) for sh in shapes),
                 q.new_zeros(index_shape, dtype=torch.int64))
     return out, s.stats, s.pooled, s.logits, s.high_mask, s.rowmax, s.index
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, mask, *args):
-    opts = _checked(q, k, v, mask, args)
-    dt, shapes, index_shape = _saved_shapes(q, opts)
+def _attention_fwd_fake(q, k, v, mask, query_mask, *args):
+    opts = _checked(q, k, v, mask, query_mask, args)
+    dt, shapes, index_shape = _saved_shapes(q, k, opts)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return (out, *(q.new_empty(sh, dtype=dt) for sh in shapes),
             q.new_empty(index_shape, dtype=torch.int64))
 
 
 @torch.library.custom_op("mra::attention_bwd", mutates_args=(), schema=BWD_SCHEMA)
-def attention_bwd(grad, q, k, v, mask, out, stats, pooled, logits, high_mask, rowmax, index,
-                  *args):
+def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
+                  index, *args):
     """Gradients of q, k, v (the selection and stabilisers held constant)."""
     saved = Saved(stats, pooled, logits, high_mask, rowmax, index)
-    return mra_backward(grad.contiguous(), q, k, v, mask, out, saved, Options(*args))
+    return mra_backward(grad.contiguous(), q, k, v, mask, out, saved, Options(*args),
+                        query_mask=query_mask)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(grad, q, k, v, mask, out, stats, pooled, logits, high_mask, rowmax,
-                        index, *args):
+def _attention_bwd_fake(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask,
+                        rowmax, index, *args):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, *args = inputs
-    ctx.save_for_backward(q, k, v, mask, *output)
+    q, k, v, mask, query_mask, *args = inputs
+    ctx.save_for_backward(q, k, v, mask, query_mask, *output)
     ctx.options = tuple(args)
 
 
@@ -118,14 +129,15 @@ class _OnceDifferentiable(torch.autograd.Function):
 
 
 def _backward(ctx, grad_out, *_unused):
-    q, k, v, mask, out, stats, pooled, logits, high_mask, rowmax, index = ctx.saved_tensors
+    (q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
+     index) = ctx.saved_tensors
     with torch.no_grad():
         grads = torch.ops.mra.attention_bwd(
-            grad_out, q, k, v, mask, out, stats, pooled, logits, high_mask, rowmax, index,
-            *ctx.options)
+            grad_out, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
+            index, *ctx.options)
     if torch.is_grad_enabled():  # create_graph=True: a second backward would come here
         grads = _OnceDifferentiable.apply(tuple(grads), q, k, v, grad_out)
-    return *grads, None, *(None for _ in ctx.options)
+    return *grads, None, None, *(None for _ in ctx.options)
 
 
 torch.library.register_autograd("mra::attention_fwd", _backward, setup_context=_setup_context)
@@ -135,8 +147,8 @@ class _Attention(torch.autograd.Function):
     """attention_fwd with its backward, in the form torch.func transforms accept."""
 
     @staticmethod
-    def forward(q, k, v, mask, *args):
-        return torch.ops.mra.attention_fwd(q, k, v, mask, *args)
+    def forward(q, k, v, mask, query_mask, *args):
+        return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -152,17 +164,19 @@ torch.library.define("mra::attention", SCHEMA)
 
 
 @torch.library.impl("mra::attention", "CompositeImplicitAutograd")
-def attention(q, k, v, mask, *args, **kwargs):
+def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
     """MRA-2 attention (see ``mra_compile.mra_attention`` for the arguments)."""
+    if len(args) > options.count():  # query_mask given by position
+        args, query_mask = args[:options.count()], args[options.count()]
     opts = Options(*args, **kwargs)
-    return torch.ops.mra.attention_fwd(q, k, v, mask, *opts.as_args())[0]
+    return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args())[0]
 
 
-def differentiable(q, k, v, mask, opts: Options) -> torch.Tensor:
+def differentiable(q, k, v, mask, opts: Options, query_mask=None) -> torch.Tensor:
     """The op as ``mra_compile.mra_attention`` calls it: the same kernels; in eager mode
     through ``_Attention``, so that torch.func transforms work on it; under torch.compile
     as ``mra::attention`` (Dynamo does not trace an autograd.Function given one tensor
     twice, as self-attention does)."""
     if torch.compiler.is_compiling():
-        return torch.ops.mra.attention(q, k, v, mask, *opts.as_args())
-    return _Attention.apply(q, k, v, mask, *opts.as_args())[0]
+        return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
+    return _Attention.apply(q, k, v, mask, query_mask, *opts.as_args())[0]

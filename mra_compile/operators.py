@@ -9,9 +9,15 @@ declares). Shapes that vary between calls
 
 Layout conventions (all row-major, float32 unless stated):
   q, k, v      [R, N, D]   N a multiple of b, D a multiple of the vector width
-  mask         [Bm, N]     1 real / 0 padding; row r belongs to batch r // heads
-  counts       [Bm, n]     real tokens per block (b everywhere without a mask)
+  mask         [Bm, N]     the keys': 1 real / 0 padding; row r belongs to batch r // heads
+  qmask        [Bm, N]     the queries' (the same tensor as mask for self-attention)
+  counts       [Bm, n]     real keys per block (b everywhere without a mask)
   inv_counts   [Bm, n]     1/(c + 1e-6) with a mask, 1/b without (docs/spec.md, step 2)
+  q_counts, q_inv_counts   the same for the query blocks
+
+Cross-attention (docs/spec.md, "Extensions") runs on one padded length N for both sides:
+the shorter side's extra blocks are padding in its mask, so they hold no real token and
+add nothing (``mra_compile.inputs.prepare``).
 
 This module imports TVM: import it lazily (``mra_compile.kernels.Kernel.builder`` does).
 """
@@ -74,8 +80,8 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
                     scratch: bool = False, gqa: bool = False):
     """Step 2: block means and low-resolution logits.
 
-    in : q [R, N, D]; k, v [R / group, N, D]; mask [Bm, N]; counts, inv_counts [Bm, n];
-         heads, group, scale
+    in : q [R, N, D]; k, v [R / group, N, D]; mask, qmask [Bm, N]; counts, inv_counts,
+         q_counts, q_inv_counts [Bm, n]; heads, group, scale
     out: qp, kp, vp [R, n, D] (block averages of the masked tokens);
          logits [R, n, n] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
     ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
@@ -83,23 +89,25 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
     """
     dt = dtype
     io = io or dt
-    R, N, heads, group, scale, q, k, v, mask = _inputs(D, dt, io, gqa)
+    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
     n = N // b
     Bm = mask.shape[0]
-    counts = te.placeholder((Bm, n), dt, "counts")
-    inv_counts = te.placeholder((Bm, n), dt, "inv_counts")
+    counts, inv_counts, q_counts, q_inv_counts = (
+        te.placeholder((Bm, n), dt, name)
+        for name in ("counts", "inv_counts", "q_counts", "q_inv_counts"))
 
     def pooled(x, name, kv=False):
+        side, inv = (mask, inv_counts) if kv else (qmask, q_inv_counts)
         t = te.reduce_axis((0, b), "t")
         s = te.compute(
             (R, n, D),
             lambda r, i, d: te.sum(
                 x[_kv_row(r, group) if kv else r, i * b + t, d].astype(dt)
-                * mask[r // heads, i * b + t], axis=t),
+                * side[r // heads, i * b + t], axis=t),
             name=name + "_sum",
         )
         return te.compute(
-            (R, n, D), lambda r, i, d: s[r, i, d] * inv_counts[r // heads, i], name=name
+            (R, n, D), lambda r, i, d: s[r, i, d] * inv[r // heads, i], name=name
         )
 
     # k̂, v̂ per query row (a few n x D per row): the low-resolution kernels stay per row.
@@ -130,14 +138,14 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         (R, n, n),
         lambda r, i, j: raw[r, i, j] * scale
         - te.if_then_else(
-            counts[r // heads, i] * counts[r // heads, j] < 0.5,
+            q_counts[r // heads, i] * counts[r // heads, j] < 0.5,
             tirx.const(1e4, dt),
             tirx.const(0.0, dt),
         ),
         name="logits",
     )
-    params = _params(q, k, v, mask, counts, inv_counts, qp, kp, vp, logits, rowmax, heads,
-                     group, scale)
+    params = _params(q, k, v, mask, qmask, counts, inv_counts, q_counts, q_inv_counts, qp, kp,
+                     vp, logits, rowmax, heads, group, scale)
     return params + ([raw, real_max] if scratch else [])
 
 
@@ -176,8 +184,8 @@ def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     return [logits, rowmax, hmask, counts, vp, o_lo, z_lo, heads] + ([weight] if scratch else [])
 
 
-def _unit_attention(q, k, v, mask, heads, group, scale, domain, query_block, key_block, C, b,
-                    D, dt):
+def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_block, key_block,
+                    C, b, D, dt):
     """Step 4 on one query block against C key blocks, for every point of ``domain``.
 
     ``query_block(r, u)`` and ``key_block(r, u, c)`` give block indices (-1 = empty
@@ -217,7 +225,7 @@ def _unit_attention(q, k, v, mask, heads, group, scale, domain, query_block, key
         (*domain, D, b),
         lambda r, u, d, t: (
             q[r, query_token(r, u, t), d].astype(dt)
-            * mask[r // heads, query_token(r, u, t)]
+            * qmask[r // heads, query_token(r, u, t)]
             * scale
         ).astype(io),
         name="q_t",
@@ -276,7 +284,8 @@ def _unit_attention(q, k, v, mask, heads, group, scale, domain, query_block, key
 
 def _inputs(D, dt, io=None, gqa=False):
     """q [R, N, D]; k, v [Rkv, N, D] (query row r reads key/value row r // group:
-    grouped-query heads, Rkv = R / group); mask [Bm, N] (row r: mask row r // heads)."""
+    grouped-query heads, Rkv = R / group); mask, qmask [Bm, N] (the keys' and the
+    queries'; row r: mask row r // heads)."""
     R, Rkv, N, Bm, heads, group = _vars("R", "Rkv", "N", "Bm", "heads", "group")
     if not gqa:
         Rkv, group = R, None
@@ -285,7 +294,8 @@ def _inputs(D, dt, io=None, gqa=False):
     k = te.placeholder((Rkv, N, D), io or dt, "k")
     v = te.placeholder((Rkv, N, D), io or dt, "v")
     mask = te.placeholder((Bm, N), dt, "mask")
-    return R, N, heads, group, scale, q, k, v, mask
+    qmask = te.placeholder((Bm, N), dt, "qmask")
+    return R, N, heads, group, scale, q, k, v, mask, qmask
 
 
 def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
@@ -295,21 +305,21 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
     ``unit_cols[r, u, :]`` (-1 = empty slot); ``hires_rows`` merges them into their row.
 
-    in : q, k, v [R, N, D]; mask [Bm, N]; unit_row [R, U] i32; unit_cols [R, U, C] i32;
+    in : q, k, v [R, N, D]; mask, qmask [Bm, N]; unit_row [R, U] i32; unit_cols [R, U, C] i32;
          heads, group, scale (k, v: [R / group, N, D])
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
     C = blocks_per_unit
-    R, N, heads, group, scale, q, k, v, mask = _inputs(D, dtype, io, gqa)
+    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
     unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
     unit_max, unit_out, unit_sum = _unit_attention(
-        q, k, v, mask, heads, group, scale, (R, U),
+        q, k, v, mask, qmask, heads, group, scale, (R, U),
         lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D, dtype,
     )
-    return _params(q, k, v, mask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads, group,
-                   scale)
+    return _params(q, k, v, mask, qmask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads,
+                   group, scale)
 
 
 def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "float32",
@@ -322,7 +332,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     row's maximum m_t (-1e5 without blocks); "full" adds the low-resolution part at the
     larger of m_t and R_i, then everything is normalised and masked.
 
-    in : q, k, v [R, N, D]; mask [Bm, N]; row_cols [R, n, Cr] i32;
+    in : q, k, v [R, N, D]; mask, qmask [Bm, N]; row_cols [R, n, Cr] i32;
          ov_max [R, U, b]; ov_out [R, U, b, D]; ov_sum [R, U, b]; ov_start, ov_units [R, n] i32;
          full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, group, scale, ucap
     out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v)
@@ -330,7 +340,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     dt = dtype
     io = io or dt
     C = row_unit_blocks
-    R, N, heads, group, scale, q, k, v, mask = _inputs(D, dtype, io, gqa)
+    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa)
     n = N // b
     U, ucap = _vars("U", "ucap")
     row_cols = te.placeholder((R, n, C), I32, "row_cols")
@@ -340,7 +350,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     ov_start = te.placeholder((R, n), I32, "ov_start")
     ov_units = te.placeholder((R, n), I32, "ov_units")
     own_max, own_out, own_sum = _unit_attention(
-        q, k, v, mask, heads, group, scale, (R, n),
+        q, k, v, mask, qmask, heads, group, scale, (R, n),
         lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D, dtype,
     )
 
@@ -413,10 +423,10 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     def o_hi(r, i, t, d):
         return own_out[r, i, t, d] * own_scale[r, i, t] + ov_o[r, i, t, d]
 
-    def token_mask(r, i, t):
-        return mask[r // heads, i * b + t]
+    def token_mask(r, i, t):  # the query's
+        return qmask[r // heads, i * b + t]
 
-    params = [q, k, v, mask, row_cols, ov_max, ov_out, ov_sum, ov_start, ov_units]
+    params = [q, k, v, mask, qmask, row_cols, ov_max, ov_out, ov_sum, ov_start, ov_units]
     if full:
         o_lo = te.placeholder((R, n, D), dt, "o_lo")
         z_lo = te.placeholder((R, n), dt, "z_lo")
@@ -526,7 +536,7 @@ def bwd_prep(b: int, D: int, dtype: str = "float32"):
 class _BwdUnit:
     """The shared part of a backward unit kernel (see ``_bwd_unit``)."""
 
-    inputs: list  # q, k, v, mask, fixed, slots, stab, g, dsum: the kernel's first arguments
+    inputs: list  # q, k, v, mask, qmask, fixed, slots, stab, g, dsum: the first arguments
     R: Any
     U: Any
     W: int
@@ -534,6 +544,7 @@ class _BwdUnit:
     group: Any
     scale: Any
     mask: Any
+    qmask: Any
     stab: Any
     dsum: Any
     valid: Callable  # (r, u, w) -> whether slot token w is in a block
@@ -562,7 +573,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool)
     ``k_t``, ``v_t``), the slots as rows (``k_g``, ``v_g`` / ``q_g``, ``g_g``), all in
     ``io`` (tensor-core operands on CUDA), sums in ``dt``.
     """
-    R, N, heads, group, scale, q, k, v, mask = _inputs(D, dt, io, gqa)
+    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), dt, "g")
     dsum = te.placeholder((R, N), dt, "dsum")
@@ -580,9 +591,12 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool)
     def fixed_tok(r, u, t):
         return te.max(fixed[r, u], 0) * b + t
 
+    # The slots are query blocks by key (their mask: qmask), key blocks otherwise.
+    slot_mask, fixed_side = (qmask, mask) if by_key else (mask, qmask)
     factor = te.compute(
         (R, U, W),
-        lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, slot_tok(r, u, w)], 0.0),
+        lambda r, u, w: te.if_then_else(valid(r, u, w), slot_mask[r // heads, slot_tok(r, u, w)],
+                                        0.0),
         name="query_factor" if by_key else "key_factor",
     )
     def own(r):
@@ -592,7 +606,8 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool)
         return _kv_row(r, group)
 
     if by_key:
-        fixed_mask = te.compute((R, U, b), lambda r, u, s: mask[r // heads, fixed_tok(r, u, s)],
+        fixed_mask = te.compute((R, U, b),
+                                lambda r, u, s: fixed_side[r // heads, fixed_tok(r, u, s)],
                                 name="key_mask")
         x, y, x_slot, y_slot = k, v, q, g  # dots = q k^T, dp = g v^T
         fixed_row, slot_row = shared, own
@@ -606,7 +621,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool)
     def fixed_factor(r, u, t):
         if fixed_mask is not None:
             return fixed_mask[r, u, t]
-        return mask[r // heads, fixed_tok(r, u, t)]
+        return fixed_side[r // heads, fixed_tok(r, u, t)]
 
     x_t = te.compute(
         (R, U, D, b),
@@ -637,9 +652,9 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool)
                                   axis=d1),
         name="dp",
     )
-    inputs = [q, k, v, mask, fixed, slots, stab, g, dsum]
+    inputs = [q, k, v, mask, qmask, fixed, slots, stab, g, dsum]
     return _BwdUnit(inputs=inputs, R=R, U=U, W=W, heads=heads, group=group, scale=scale,
-                    mask=mask,
+                    mask=mask, qmask=qmask,
                     stab=stab, dsum=dsum, valid=valid, slot_tok=slot_tok, fixed_tok=fixed_tok,
                     factor=factor, fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, dots=dots, dp=dp)
 
@@ -648,7 +663,7 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                  io: str | None = None, gqa: bool = False):
     """dq of the high-resolution part, per unit (one query block x C key blocks).
 
-    in : q, k, v [R, N, D] (``io`` dtype); mask [Bm, N]; unit_row [R, U];
+    in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_row [R, U];
          unit_cols [R, U, C] i32; stab [R, N]; g [R, N, D]; dsum [R, N]; heads, group, scale
     out: dq_unit [R, U, b, D] (summed over a block row's units by ``bwd_finish``)
 
@@ -659,7 +674,7 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     dt = dtype
     io = io or dt
     p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=False, gqa=gqa)
-    R, U, W, heads, scale, mask = p.R, p.U, p.W, p.heads, p.scale, p.mask
+    R, U, W, heads, scale, qmask = p.R, p.U, p.W, p.heads, p.scale, p.qmask
     qtok, kf, dots, dp = p.fixed_tok, p.factor, p.dots, p.dp
     stab, dsum, k_g = p.stab, p.dsum, p.x_g
     # Only real keys of filled slots take part (by selection: no exp overflow times 0).
@@ -669,7 +684,7 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
             kf[r, u, w] > 0.5,
             _exp(dots[r, u, w, t] - stab[r, qtok(r, u, t)])
             * (dp[r, u, w, t] - dsum[r, qtok(r, u, t)])
-            * (mask[r // heads, qtok(r, u, t)] * scale),  # dA/dq's factor, folded in
+            * (qmask[r // heads, qtok(r, u, t)] * scale),  # dA/dq's factor, folded in
             tirx.const(0.0, dt),
         ),
         name="ds",
@@ -689,7 +704,7 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                    io: str | None = None, gqa: bool = False):
     """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
 
-    in : q, k, v [R, N, D] (``io`` dtype); mask [Bm, N]; unit_col [R, U] (the key block);
+    in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_col [R, U] (the key block);
          unit_rows [R, U, C] i32 (query blocks, -1 empty); stab [R, N]; g [R, N, D];
          dsum [R, N]; heads, scale
     out: dk_unit, dv_unit [R, U, b, D] (summed per key block by ``bwd_finish``)
@@ -798,7 +813,8 @@ def bwd_finish(b: int, D: int, dtype: str = "float32"):
 
     in : dq_unit [R, Uq, b, D]; q_start, q_units [R, n] (units of each query block);
          dk_unit, dv_unit [R, Uk, b, D]; k_start, k_units [R, n] (units of each key block);
-         dqp, dkp, dvp [R, n, D]; inv_counts [Bm, n]; mask [Bm, N]; heads, ucap_q, ucap_k
+         dqp, dkp, dvp [R, n, D]; inv_counts, q_inv_counts [Bm, n]; mask, qmask [Bm, N];
+         heads, ucap_q, ucap_k
     out: dq, dk, dv [R, n, b, D] (the memory of [R, N, D])
     """
     dt = dtype
@@ -813,9 +829,11 @@ def bwd_finish(b: int, D: int, dtype: str = "float32"):
     )
     dqp, dkp, dvp = (te.placeholder((R, n, D), dt, name) for name in ("dqp", "dkp", "dvp"))
     inv_counts = te.placeholder((Bm, n), dt, "inv_counts")
+    q_inv_counts = te.placeholder((Bm, n), dt, "q_inv_counts")
     mask = te.placeholder((Bm, N), dt, "mask")
+    qmask = te.placeholder((Bm, N), dt, "qmask")
 
-    def gathered(name, units, start, count, cap, pooled):
+    def gathered(name, units, start, count, cap, pooled, inv, side):
         w = te.reduce_axis((0, cap), "w_" + name)
         total = te.compute(
             (R, n, b, D),
@@ -832,12 +850,12 @@ def bwd_finish(b: int, D: int, dtype: str = "float32"):
         return te.compute(
             (R, n, b, D),
             lambda r, i, t, d: total[r, i, t, d]
-            + pooled[r, i, d] * inv_counts[r // heads, i] * mask[r // heads, i * b + t],
+            + pooled[r, i, d] * inv[r // heads, i] * side[r // heads, i * b + t],
             name=name,
         )
 
-    dq = gathered("dq", dq_unit, q_start, q_units, ucap_q, dqp)
-    dk = gathered("dk", dk_unit, k_start, k_units, ucap_k, dkp)
-    dv = gathered("dv", dv_unit, k_start, k_units, ucap_k, dvp)
+    dq = gathered("dq", dq_unit, q_start, q_units, ucap_q, dqp, q_inv_counts, qmask)
+    dk = gathered("dk", dk_unit, k_start, k_units, ucap_k, dkp, inv_counts, mask)
+    dv = gathered("dv", dv_unit, k_start, k_units, ucap_k, dvp, inv_counts, mask)
     return [dq_unit, q_start, q_units, dk_unit, dv_unit, k_start, k_units, dqp, dkp, dvp,
-            inv_counts, mask, dq, dk, dv, heads, ucap_q, ucap_k]
+            inv_counts, q_inv_counts, mask, qmask, dq, dk, dv, heads, ucap_q, ucap_k]

@@ -37,9 +37,11 @@ def check_scale(value) -> None:
         raise ValueError(f"scale must be a positive finite float, got {value}")
 
 
-def check_tensors(q, k, v, mask, enable_gqa: bool = False) -> None:
+def check_tensors(q, k, v, mask, enable_gqa: bool = False, query_mask=None) -> None:
     """Types, ranks, shapes, dtypes and devices (no data access: fake-safe). With
-    ``enable_gqa``, k and v may have ``Hkv`` heads, a divisor of q's ``H``."""
+    ``enable_gqa``, k and v may have ``Hkv`` heads, a divisor of q's ``H``; k and v may
+    have their own length ``Nk`` (cross-attention), ``mask`` is then the keys' [B, Nk]
+    and ``query_mask`` the queries' [B, Nq]."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -47,39 +49,45 @@ def check_tensors(q, k, v, mask, enable_gqa: bool = False) -> None:
             raise ValueError(f"{name} must have shape [B, H, N, D] (4 dims), got {tuple(x.shape)}")
         if x.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]  # the key length (cross-attention when it is not Nq)
     for name, x in (("k", k), ("v", v)):
-        if x.dim() == 4 and x.shape[2] != q.shape[2]:
-            raise ValueError(
-                f"{name} must have q's length N = {q.shape[2]}, got shape {tuple(x.shape)}: "
-                "cross-attention (a key length other than the query length) is not "
-                "supported yet")
-        if enable_gqa and x.shape[1] and q.shape[1] % x.shape[1] == 0 and (
-                x.shape[:1] + x.shape[2:] == q.shape[:1] + q.shape[2:]) and x.shape == k.shape:
+        if enable_gqa and x.shape[1] and H % x.shape[1] == 0 and (
+                x.shape[0] == B and x.shape[3] == D) and x.shape == k.shape:
             pass  # grouped-query heads: Hkv divides H
         elif enable_gqa:
             raise ValueError(
-                f"{name} must have shape [B, Hkv, N, D] with Hkv dividing q's H (q "
+                f"{name} must have shape [B, Hkv, Nk, D] with Hkv dividing q's H (q "
                 f"{tuple(q.shape)}), the shape of k, got {tuple(x.shape)}")
-        elif x.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)} "
-                             "(fewer key/value heads: enable_gqa=True)")
+        elif x.shape != (B, H, Nk, D):
+            raise ValueError(
+                f"{name} must have shape [B, H, Nk, D] = [{B}, {H}, Nk, {D}] (q's batch, heads "
+                f"and head dim; the key length Nk may differ from q's), the shape of k, got "
+                f"{tuple(x.shape)} (fewer key/value heads: enable_gqa=True)")
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
-    B, H, N, D = q.shape
-    if N == 0:
+    if Nq == 0:
         raise ValueError("q: the sequence length N must be >= 1")
+    if Nk == 0:
+        raise ValueError("k: the key length Nk must be >= 1")
     if D == 0:
         raise ValueError("q: the head dim D must be >= 1")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        check_mask_shape(mask, B, N)
-        if mask.is_complex():
-            raise TypeError(f"mask must be real (bool, integer or float), got {mask.dtype}")
-        if mask.device != q.device:
-            raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
+    for name, m in (("mask", mask), ("query_mask", query_mask)):
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+        if name == "mask":
+            check_mask_shape(m, B, Nk)
+        elif tuple(m.shape) != (B, Nq):
+            raise ValueError(f"query_mask must have shape [B, Nq] = [{B}, {Nq}] (1 real query, "
+                             f"0 padding), got {tuple(m.shape)}")
+        if m.is_complex():
+            raise TypeError(f"{name} must be real (bool, integer or float), got {m.dtype}")
+        if m.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {m.device}")
 
 
 def check_mask_shape(mask, B: int, N: int) -> None:
@@ -106,10 +114,12 @@ def check_mask_shape(mask, B: int, N: int) -> None:
 INDEX_LIMIT = 2**31  # the kernels index with 32-bit integers
 
 
-def check_sizes(q, block_size: int) -> None:
-    """Shapes the kernels' 32-bit indexing can address (fake-safe: shapes only)."""
+def check_sizes(q, block_size: int, Nk: int | None = None) -> None:
+    """Shapes the kernels' 32-bit indexing can address (fake-safe: shapes only). ``Nk``:
+    the key length, when it differs from q's (both sides are padded to the longer)."""
     B, H, N, D = q.shape
-    n = -(-N // block_size)
+    longest = N if Nk is None else torch.sym_max(N, Nk)  # (SymInts: no guard)
+    n = -(-longest // block_size)
     Dp = -(-D // kernels.HEAD_DIM_MULTIPLE) * kernels.HEAD_DIM_MULTIPLE
     rows = B * H
     if rows * n * block_size * Dp >= INDEX_LIMIT:
@@ -145,7 +155,7 @@ def check_scratch(name: str, *shape: int) -> None:
             "row; use fewer blocks (num_blocks / block_per_row) or a larger block_size")
 
 
-def check_mask_values(mask) -> None:
+def check_mask_values(mask, name: str = "mask") -> None:
     """Mask entries must be 0 or 1, or 0 or -inf for an additive ``[B, 1, 1, N]`` mask
     (reads the data: real implementation only)."""
     if mask is not None and mask.numel():
@@ -161,7 +171,7 @@ def check_mask_values(mask) -> None:
         ok = (mask == 0) | (mask == 1)
         if not bool(ok.all()):
             bad = mask[~ok].flatten()[0].item()
-            raise ValueError(f"mask must contain only 0 (padding) and 1 (real token), found {bad}")
+            raise ValueError(f"{name} must contain only 0 (padding) and 1 (real token), found {bad}")
 
 
 def check_device(q) -> None:

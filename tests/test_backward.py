@@ -149,7 +149,7 @@ def test_opcheck_with_autograd(mask_kind, mode):
     args = tuple(x.requires_grad_() for x in (q, k, v)) + (mask, 6, mode)
     result = torch.library.opcheck(op.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
-    fwd_args = args + (32, 0, 1)
+    fwd_args = args[:4] + (None,) + args[4:] + (32, 0, 1)  # (query_mask after mask)
     result = torch.library.opcheck(torch.ops.mra.attention_fwd.default, fwd_args)
     assert all(v == "SUCCESS" for v in result.values()), result
 

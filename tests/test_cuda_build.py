@@ -12,7 +12,7 @@ import shutil
 import pytest
 from conftest import build_cuda_library, run_python
 
-from mra_compile import aot, cli, cuda_toolchain, host, library
+from mra_compile import aot, cli, cuda_toolchain, host, library, targets
 
 # CI sets MRA_COMPILE_REQUIRE_NVCC=1: there a missing nvcc fails these tests, never skips them.
 pytestmark = pytest.mark.skipif(
@@ -43,7 +43,8 @@ def _manifest(directory):
 def _kernel_bodies(source: str) -> dict[str, str]:
     """``{kernel name: its definition}`` of a generated CUDA source."""
     starts = [(m.start(), m.group(1)) for m in re.finditer(
-        r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;]*?\{', source)]
+        r'extern "C" __global__ void (?:__launch_bounds__\(\d+(?:, \d+)?\) )?(\w+)\([^;]*?\{',
+        source)]
     bodies = {}
     for (start, name), (end, _) in zip(starts, starts[1:] + [(len(source), None)]):
         bodies[name] = source[start:end]
@@ -130,6 +131,32 @@ def test_hot_kernels_do_not_spill(fixture, request):
         if op in HOT:
             assert stats["spill_stores"] == 0 and stats["spill_loads"] == 0, (op, stats)
             assert stats["stack_frame"] == 0, (op, stats)
+
+
+def test_kernels_are_compiled_for_two_resident_blocks(sm90, monkeypatch):
+    """nvcc compiles every kernel with ``__launch_bounds__(T, MIN_BLOCKS)`` (through TVM's
+    compile callback): with the thread count alone, ptxas squeezed some kernels into 32
+    registers and spilled (cuda_toolchain.with_min_blocks)."""
+    import tvm_ffi
+
+    source = (sm90 / library.CUDA_SOURCE).read_text()
+    bounds = re.findall(r"__launch_bounds__\(([^)]*)\)", source)
+    assert bounds and all(b.endswith(f", {cuda_toolchain.MIN_BLOCKS}") for b in bounds)
+    assert cuda_toolchain.with_min_blocks(source) == source  # (idempotent)
+    compiled = []  # TVM's compile callback is ours: it compiles with_min_blocks's source
+    rewrite = cuda_toolchain.with_min_blocks
+    monkeypatch.setattr(cuda_toolchain, "with_min_blocks",
+                        lambda code: compiled.append(rewrite(code)) or compiled[-1])
+    with targets.get("cuda-sm_90").tvm_target():
+        assert tvm_ffi.get_global_func("tvm_callback_cuda_compile")(SMALL_KERNEL)
+    assert compiled and "__launch_bounds__(64, 2)" in compiled[0]
+
+
+SMALL_KERNEL = r"""
+extern "C" __global__ void __launch_bounds__(64) small(float* __restrict__ x) {
+  x[threadIdx.x] *= 2.0f;
+}
+"""
 
 
 RUNTIME_ONLY = r"""

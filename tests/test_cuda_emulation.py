@@ -68,6 +68,10 @@ def _case(D, dtype, mode, masked):
 
 CASES = {f"{dtype}-{mode}-{'mask' if masked else 'nomask'}-D{D}": _case(D, dtype, mode, masked)
          for D in HEAD_DIMS for dtype in DTYPES for mode in MODES for masked in (False, True)}
+# Cross-attention (docs/spec.md, "Extensions"): 70 queries (a query mask) against 130 keys
+# (a key mask): both sides padded to 160 inside, the queries' extra blocks all padding.
+CASES.update({f"{dtype}-{mode}-cross-D64": {**_case(64, dtype, mode, True), "Nk": 130, "N": 70}
+              for dtype in DTYPES for mode in MODES})
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -70,7 +70,9 @@ CASES = [
     case("v-rank2", lambda: call_op(v=qkv()[2][0, 0]), VE, r"\bv\b.*4 dims"),
     case("q-rank0", lambda: call_op(q=torch.tensor(1.0)), VE, r"\bq\b"),
     # Shapes.
-    case("k-shape-N", lambda: call_op(k=torch.randn(B, H, N + 1, D)), VE, r"\bk\b.*shape"),
+    # (k may have its own length, cross-attention: v must then have k's)
+    case("k-shape-N", lambda: call_op(k=torch.randn(B, H, N + 1, D)), VE,
+         r"\bv\b must have shape \[B, H, Nk, D\].*the shape of k"),
     case("v-shape-D", lambda: call_op(v=torch.randn(B, H, N, D + 1)), VE, r"\bv\b.*shape"),
     case("k-shape-B", lambda: call_op(k=torch.randn(B + 1, H, N, D)), VE, r"\bk\b.*shape"),
     case("v-shape-H", lambda: call_op(v=torch.randn(B, H + 1, N, D)), VE, r"\bv\b.*shape"),

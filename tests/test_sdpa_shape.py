@@ -325,10 +325,3 @@ def test_every_new_argument_together(seed, B, Hkv, group, N, D, mode, scale, for
     size = max(x.abs().max().item() for x in ref_grads) or 1.0
     for a, r in zip(grads, ref_grads):
         assert (a.double() - r).abs().max().item() / size <= BACKWARD_RTOL[dtype]
-
-
-def test_a_key_length_other_than_the_query_length_says_cross_attention():
-    q, kv = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 96, 16)
-    with pytest.raises(ValueError,
-                       match=r"k must have q's length N = 64, got shape \(1, 2, 96, 16\): cross-att"):
-        mra_compile.mra_attention(q, kv, kv)

@@ -11,8 +11,11 @@ Running (a process of its own: the fakes stand in for the NVIDIA driver there):
 The op then runs as on a GPU: ``targets.of_device`` gives an ``EmulatedCudaTarget`` (the
 CUDA target, named like the library's, so its keys match), whose ``wrap_kernel`` passes
 each tensor to the TVM kernel as a CUDA (kDLCUDA) tensor over a fresh device allocation
-of the fake driver, with the tensor's alignment modulo 512; TVM's CUDA runtime launches
-the kernels through the fakes, which run them on the CPU with their checks.
+of the fake driver, with the tensor's alignment modulo 512 (one tensor given as two
+arguments, e.g. self-attention's one mask for keys and queries, gets one allocation, and
+a kernel that writes it is a finding: every pointer is ``__restrict__``); TVM's CUDA
+runtime launches the kernels through the fakes, which run them on the CPU with their
+checks.
 
 Every kernel call runs once per ``Variant`` (registers, shared memory and workspaces
 initialised differently; threads and blocks in different orders, preempted or not) on
@@ -39,7 +42,7 @@ KERNEL_INCLUDE = HERE / "kernel_include"
 
 # ``extern "C" __global__ void __launch_bounds__(N) name(params) {``: a kernel definition
 DEFINITION = re.compile(
-    r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\)\s+)?(\w+)\(([^;{)]*)\)\s*\{')
+    r'extern "C" __global__ void (?:__launch_bounds__\((\d+)(?:,\s*\d+)?\)\s+)?(\w+)\(([^;{)]*)\)\s*\{')
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?[\w ]+?(\w+)\[\];")
 STATIC_SHARED = re.compile(r"^\s*__shared__ ", re.M)
 
@@ -434,10 +437,18 @@ class Emulator:
 
         _dtype_tables()
         buffers: list[_Buffer | None] = []
+        same: dict[tuple, _Buffer] = {}  # one tensor passed twice: one device copy
         try:
             for i, a in enumerate(args):
-                buffers.append(_Buffer(self, a, f"arg{i}") if isinstance(a, torch.Tensor) else None)
-            self._check_overlaps([b for b in buffers if b is not None])
+                if not isinstance(a, torch.Tensor):
+                    buffers.append(None)
+                    continue
+                view = (a.data_ptr(), a.dtype, tuple(a.shape), a.stride())
+                if view not in same:
+                    same[view] = _Buffer(self, a, f"arg{i}")
+                buffers.append(same[view])
+            unique = list(same.values())
+            self._check_overlaps(unique)
             results = []
             for variant in self.variants:
                 results.append(self._run_variant(fn, args, buffers, variant))
@@ -467,23 +478,30 @@ class Emulator:
                                   "launches")
                 if i:
                     self._compare(results[0], result, buffers, i, kernel, label)
+            for b in unique:
+                if buffers.count(b) > 1 and not torch.equal(
+                        results[0]["snapshots"][buffers.index(b)][0], b.flat.view(torch.uint8)
+                        if b.nbytes else torch.zeros(0, dtype=torch.uint8)):
+                    # Every pointer is __restrict__: one buffer under two names is only
+                    # valid when neither writes it.
+                    self._finding("alias", launched[0] if launched else "", self.variants[0].name,
+                                  f"{label}: writes {b.name}, passed as more than one argument",
+                                  b.name)
             for b, (data, init) in zip(buffers, results[0]["snapshots"]):
                 if b is not None:
                     b.store(data)
                     b.record_writes(init)
         finally:
-            for b in buffers:
-                if b is not None:
-                    b.free()
+            for b in same.values():
+                b.free()
 
     def _run_variant(self, fn, args, buffers, variant: Variant) -> dict:
         c = self.core
         c.emu_set_variant(variant.lib, variant.threads, variant.blocks, variant.seed,
                           variant.preempt, variant.poison)
         c.emu_begin_call()
-        for b in buffers:
-            if b is not None:
-                b.load(variant)
+        for b in dict.fromkeys(b for b in buffers if b is not None):  # (each once)
+            b.load(variant)
         call_args = [b.dlpack() if b is not None else a for a, b in zip(args, buffers)]
         error = None
         try:

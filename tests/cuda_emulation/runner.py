@@ -8,7 +8,8 @@ this process only), then mra_compile, whose CPU tensors take the CUDA target's p
     manifest               the CUDA library's manifest.json (kernel names -> operators)
     env                    variables to set before importing mra_compile
                            (MRA_COMPILE_KERNEL_LIBRARY, MRA_COMPILE_CACHE_DIR, ...)
-    cases                  [{dtype, mode, masked, B, H, N, D, num_blocks, seed, backward}]:
+    cases                  [{dtype, mode, masked, B, H, N, D, num_blocks, seed, backward,
+                             Nk (optional: cross-attention, with a query mask too)}]:
                            the op's forward (and backward) on random inputs, against the
                            float64 reference with the op's own block selection
  or kernels                [{name, grid, block, smem, args: [{bytes} | {int} | {float}]}]:
@@ -53,17 +54,22 @@ def _inputs(case: dict):
 
     g = torch.Generator().manual_seed(case["seed"])
     B, H, N, D = case["B"], case["H"], case["N"], case["D"]
+    Nk = case.get("Nk", N)
     dtype = getattr(torch, case["dtype"])
-    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64).to(dtype)
-               for _ in range(3))
-    mask = None
+    q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64).to(dtype)
+    k, v = (torch.randn(B, H, Nk, D, generator=g, dtype=torch.float64).to(dtype)
+            for _ in range(2))
+    mask = query_mask = None
     if case["masked"]:
-        mask = (torch.rand(B, N, generator=g) > 0.25).float()
+        mask = (torch.rand(B, Nk, generator=g) > 0.25).float()
         mask[:, 32:64] = 0  # a whole block of padding (its pooled vectors are empty)
         mask[:, 0] = 1
-        mask[-1, N - N // 3:] = 0  # padding at the end of one sequence
+        mask[-1, Nk - Nk // 3:] = 0  # padding at the end of one sequence
+    if "Nk" in case:  # cross-attention: the queries' own padding
+        query_mask = torch.ones(B, N)
+        query_mask[0, N - N // 4:] = 0
     grad_out = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
-    return q, k, v, mask, grad_out
+    return q, k, v, mask, query_mask, grad_out
 
 
 def run_case(emu: emulator.Emulator, case: dict) -> dict:
@@ -74,24 +80,27 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
     from mra_compile.options import Options
     from mra_compile.reference import mra2_reference
 
-    q, k, v, mask, grad_out = _inputs(case)
+    q, k, v, mask, query_mask, grad_out = _inputs(case)
     opts = Options(case["num_blocks"], case["mode"])
-    ref_kw = dict(num_blocks=case["num_blocks"], approx_mode=case["mode"])
     mask64 = None if mask is None else mask.double()
+    ref_kw = dict(num_blocks=case["num_blocks"], approx_mode=case["mode"],
+                  query_mask=None if query_mask is None else query_mask.double())
     result: dict = {"case": case}
     emu.findings.clear()
     emu.calls.clear()
     emu.forget_writes()
     start = time.perf_counter()
     try:
-        out, saved = mra_forward(q, k, v, mask, opts, save=True)
-        selection = block_selection(q, k, v, mask, opts)  # the op's blocks, for the oracle
+        out, saved = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask)
+        # the op's blocks, for the oracle
+        selection = block_selection(q, k, v, mask, opts, query_mask)
         ref = mra2_reference(q.double(), k.double(), v.double(), mask64, selection=selection,
                              **ref_kw)
         forward = {"error": _row_rel_err(out, ref), "dtype": str(out.dtype),
                    "finite": bool(torch.isfinite(out).all())}
-        if mask is not None:
-            padded = (mask == 0)[:, None, :].expand(q.shape[:3])
+        queries = mask if query_mask is None else query_mask
+        if queries is not None:
+            padded = (queries == 0)[:, None, :].expand(q.shape[:3])
             forward["padding_zero"] = bool((out[padded] == 0).all())
     except Exception:  # noqa: BLE001  (reported to the test, which fails on it)
         forward = {"exception": traceback.format_exc()[-3000:]}
@@ -104,7 +113,8 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
     emu.calls.clear()
     start = time.perf_counter()
     try:
-        grads = mra_backward(grad_out.to(q.dtype), q, k, v, mask, out, saved, opts)
+        grads = mra_backward(grad_out.to(q.dtype), q, k, v, mask, out, saved, opts,
+                             query_mask=query_mask)
         leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
         ref = mra2_reference(*leaves, mask64, selection=selection, **ref_kw)
         ref.backward(grad_out)
