@@ -48,9 +48,17 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
         row_blocks, real_pairs = _sequence_budgets(pr, opts.block_per_row, R, n)
-    sel = plan.select_blocks(logits, rowmax, num_blocks=opts.max_blocks(n), full=opts.full,
+    # Cross-attention: the top-k runs over the nq x nk grid of the spec; the blocks both
+    # sides are padded to beyond it hold no real query or key (inputs._prepare_cross).
+    nq, nk = pr.blocks_q, pr.blocks_k
+    grid = (nq, nk) != (n, n)
+    sel = plan.select_blocks(logits[:, :nq, :nk] if grid else logits, rowmax[:, :nq],
+                             num_blocks=opts.max_blocks(nq, nk), full=opts.full,
                              first_n=opts.first_n, diagonal_n=opts.diagonal_n,
-                             row_blocks=row_blocks, real_pairs=real_pairs)
+                             row_blocks=row_blocks,
+                             real_pairs=None if real_pairs is None else real_pairs[:, :nq, :nk])
+    if grid:
+        sel = sel.embed(nq, nk, n)
     return LowRes(pooled, logits, rowmax, sel)
 
 

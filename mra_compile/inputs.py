@@ -144,6 +144,12 @@ class Prepared:
     target: Target
     masked: bool = False  # a mask was given (not only a partial last block)
     group: int = 1  # query heads per key/value head: q row r reads k, v row r // group
+    blocks_q: int = 0  # cross-attention: each side's real blocks, ceil(N / b); 0: Np / b
+    blocks_k: int = 0
+
+    def __post_init__(self):
+        n = self.q.shape[1] // self.block_size
+        self.blocks_q, self.blocks_k = self.blocks_q or n, self.blocks_k or n
 
     @property
     def masks(self) -> dict:
@@ -187,6 +193,34 @@ class Prepared:
                   **self.kernel_scratch(op))
 
 
+def clean_padding(xs, keep, may_sync: bool):
+    """docs/spec.md, step 1: the tensors ``xs`` ([B, H, N, D], any H) with their padded
+    tokens (``keep`` [B, N] bool False) replaced by zero by selection, so that whatever
+    they hold (NaN, inf) never reaches a real token's output.
+
+    The kernels multiply every padded q, k, v value by its 0 mask (pooling, the queries
+    of a unit) or exclude it by selection (logits, probabilities); only P V reads a
+    padded value as it is, times a probability of exactly 0. So finite padding needs no
+    copy: ``may_sync`` (the device's values may be read on the host: CPU) looks at the
+    padded tokens only and copies just a tensor that has a non-finite one there (a full
+    copy of q, k, v cost 7 ms each at N = 8192, B*H = 12, single-threaded). Otherwise
+    (CUDA: no host synchronisation) every tensor is copied."""
+    if not may_sync:
+        return tuple(torch.where(keep[:, None, :, None], x, torch.zeros((), dtype=x.dtype,
+                                                                       device=x.device))
+                     for x in xs)
+    padded = ~keep
+    if not bool(padded.any()):
+        return tuple(xs)
+    out = []
+    for x in xs:
+        if bool(torch.isfinite(x.transpose(1, 2)[padded]).all()):  # [P, H, D]: padding only
+            out.append(x)
+        else:
+            out.append(torch.where(keep[:, None, :, None], x, torch.zeros((), dtype=x.dtype)))
+    return tuple(out)
+
+
 def key_padding(mask):
     """The mask as ``[B, N]`` with nonzero = real: SDPA's ``[B, 1, 1, N]`` (bool: True =
     take part; additive float: 0 = take part, -inf = padding) becomes bool ``[B, N]``."""
@@ -215,11 +249,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     io = target.io_dtype(q.dtype)
     mask = key_padding(mask)
     if mask is not None:
-        # docs/spec.md, step 1: padding positions replaced by zero by selection, so that
-        # whatever they hold (NaN, inf) never reaches a real token's output.
-        real = (mask != 0)[:, None, :, None]  # (broadcast over q's H and k, v's Hkv heads)
-        q, k, v = (torch.where(real, x, torch.zeros((), dtype=x.dtype, device=dev))
-                   for x in (q, k, v))
+        q, k, v = clean_padding((q, k, v), mask != 0, target.exact_plan)
     qf, kf, vf = (pad(x, Np - N, Dp - D, io) for x in (q, k, v))
     if mask is None and Np == N:
         # No mask: one shared row of ones; block means divide by b (docs/spec.md, step 2).
@@ -254,11 +284,11 @@ def _prepare_cross(q, k, v, mask, query_mask, block_size: int, scale) -> Prepare
 
     Both sides are padded to one length Np = b * max(ceil(Nq / b), ceil(Nk / b)) so that
     the kernels keep one tiling; each side's padding is masked in its own mask. The
-    shorter side's extra blocks then hold no real token: their logits carry the -1e4
-    penalty, below every block with a real query and a real key, so the top-k keeps the
-    blocks of the spec's nq x nk grid first, and a selected block beyond it adds nothing
-    (no real key) or reaches no output (no real query). The cost of the extra blocks is
-    linear in Np: empty slots are skipped, padded queries only write zeros."""
+    shorter side's extra blocks then hold no real token; the selection runs over the
+    spec's nq x nk grid only (``blocks_q``, ``blocks_k``; ``forward._pool_and_select``), so
+    no extra block is ever computed exactly, and in the low-resolution part an extra key
+    block weighs 0 (c_j = 0) and an extra query block reaches no output. The cost of the
+    extra blocks is linear in Np (copying, pooling, writing zeros)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     b = block_size
@@ -270,14 +300,14 @@ def _prepare_cross(q, k, v, mask, query_mask, block_size: int, scale) -> Prepare
     io = target.io_dtype(q.dtype)
     keys = torch.ones(B, Nk, dtype=dt, device=dev) if mask is None else mask != 0
     queries = torch.ones(B, Nq, dtype=dt, device=dev) if query_mask is None else query_mask != 0
-    # docs/spec.md, step 1, on each side with its own mask (by selection).
-    zero = torch.zeros((), dtype=q.dtype, device=dev)
-    q = torch.where(queries.bool()[:, None, :, None], q, zero)
-    k, v = (torch.where(keys.bool()[:, None, :, None], x, zero) for x in (k, v))
+    # docs/spec.md, step 1, on each side with its own mask.
+    (q,) = clean_padding((q,), queries.bool(), target.exact_plan)
+    k, v = clean_padding((k, v), keys.bool(), target.exact_plan)
     qf = pad(q, Np - Nq, Dp - D, io)
     kf, vf = (pad(x, Np - Nk, Dp - D, io) for x in (k, v))
     maskf, counts, inv_counts = _side_mask(keys, Nk, Np, dt, b)
     qmaskf, q_counts, q_inv_counts = _side_mask(queries, Nq, Np, dt, b)
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, qmaskf, q_counts, q_inv_counts, H,
                     1.0 / math.sqrt(D) if scale is None else float(scale), b, target,
-                    True, H // k.shape[1])
+                    mask is not None or query_mask is not None, H // k.shape[1],
+                    -(-Nq // b), -(-Nk // b))

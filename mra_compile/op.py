@@ -56,8 +56,9 @@ def _saved_shapes(q, k, opts: Options):
     B, H, _, D = q.shape
     R = B * H
     n = opts.blocks(_padded_length(q, k))
+    nq, nk = opts.blocks(q.shape[2]), opts.blocks(k.shape[2])
     Np, Dp = n * opts.block_size, -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
-    K = opts.max_blocks(n)
+    K = opts.max_blocks(nq, nk)
     dt = compute_dtype(q.dtype)
     return dt, [(3, R, Np), (3, R, n, Dp), (R, n, n), (R, n, n), (R, n)], (R, K)
 

@@ -77,13 +77,15 @@ class Options:
         if not isinstance(self.enable_gqa, bool):
             raise TypeError(f"enable_gqa must be a bool, got {type(self.enable_gqa).__name__}")
 
-    def max_blocks(self, n):
-        """K, the selected blocks of the fullest row, for ``n`` block rows: ``num_blocks``
-        or ``block_per_row * n``, at most ``n * n`` (``n`` may be a SymInt: no guard)."""
+    def max_blocks(self, n, nk=None):
+        """K, the selected blocks of the fullest row, for ``n`` query block rows and ``nk``
+        key blocks (default ``n``): ``num_blocks`` or ``block_per_row * n``, at most
+        ``n * nk`` (``n``, ``nk`` may be SymInts: no guard)."""
+        total = n * (n if nk is None else nk)
         if self.num_blocks is not None:
-            return torch.sym_min(self.num_blocks, n * n)
+            return torch.sym_min(self.num_blocks, total)
         assert self.block_per_row is not None  # (set by __post_init__)
-        return torch.sym_min(self.block_per_row * n, n * n)
+        return torch.sym_min(self.block_per_row * n, total)
 
     @property
     def full(self) -> bool:
