@@ -270,6 +270,21 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
                     mask is not None, H // k.shape[1])
 
 
+def _pad_side(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tensor:
+    """``pad`` of one side of cross-attention to the common length Np. The shorter side
+    goes into the workspace where the target reuses it (CPU): padding 1024 keys to 8192
+    in fresh memory each call had made the op 20-36 ms instead of 23 (the pages of a
+    freed 25 MB copy go back to the system and fault in again)."""
+    B, H, N, D = x.shape
+    if N == Np or not target.reuses_workspace:
+        return pad(x, Np - N, Dp - D, dtype)
+    buf = WORKSPACE.get(name, B * H, Np, Dp, dtype=dtype, device=x.device, target=target)
+    buf[:, :N, :D].copy_(x.reshape(B * H, N, D))
+    buf[:, N:].zero_()
+    buf[:, :N, D:].zero_()
+    return buf
+
+
 def _side_mask(real, N: int, Np: int, dt, b: int):
     """One side's mask [B, Np] (``real`` [B, N] nonzero = real, padded with zeros) and
     its per-block counts and 1/(count + 1e-6), [B, Np / b]."""
@@ -303,8 +318,8 @@ def _prepare_cross(q, k, v, mask, query_mask, block_size: int, scale) -> Prepare
     # docs/spec.md, step 1, on each side with its own mask.
     (q,) = clean_padding((q,), queries.bool(), target.exact_plan)
     k, v = clean_padding((k, v), keys.bool(), target.exact_plan)
-    qf = pad(q, Np - Nq, Dp - D, io)
-    kf, vf = (pad(x, Np - Nk, Dp - D, io) for x in (k, v))
+    qf = _pad_side(q, Np, Dp, io, "cross_q", target)
+    kf, vf = (_pad_side(x, Np, Dp, io, name, target) for x, name in ((k, "cross_k"), (v, "cross_v")))
     maskf, counts, inv_counts = _side_mask(keys, Nk, Np, dt, b)
     qmaskf, q_counts, q_inv_counts = _side_mask(queries, Nq, Np, dt, b)
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, qmaskf, q_counts, q_inv_counts, H,
