@@ -1,0 +1,63 @@
+"""Masked calls against the unmasked op on the CPU: what a padding mask costs.
+
+One interleaved run (fp32, B=1, H=12, D=64, ``block_per_row=4`` unless said): the op
+without a mask, with an all-ones mask, with the last 100 tokens padded (per-sequence
+budget), and the same padding with ``num_blocks = 4 * n`` (one budget for every row).
+
+    python bench/bench_masks.py                  # N=8192, writes bench/results/masks_cpu.md
+    python bench/bench_masks.py --n 4096 --repeat 5 --out /tmp/masks.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import mra_compile  # noqa: E402
+from mra_compile.tools import common  # noqa: E402
+from mra_compile.tools.benchmarks import machine_line  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=8192, help="sequence length N")
+    p.add_argument("--repeat", type=int, default=9, help="interleaved rounds (median)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "masks_cpu.md")
+    args = p.parse_args()
+    N = args.n
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 12, N, 64, generator=g) for _ in range(3))
+    ones = torch.ones(1, N)
+    padded = torch.ones(1, N)
+    padded[0, -100:] = 0
+    fns = {
+        "no mask": lambda: mra_compile.mra_attention(q, k, v, block_per_row=4),
+        "all-ones mask": lambda: mra_compile.mra_attention(q, k, v, ones, block_per_row=4),
+        "100 padded, block_per_row=4": lambda: mra_compile.mra_attention(q, k, v, padded,
+                                                                         block_per_row=4),
+        "100 padded, num_blocks=4n": lambda: mra_compile.mra_attention(
+            q, k, v, padded, num_blocks=4 * (-(-N // 32))),
+    }
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        times = common.median_ms(fns, args.repeat)
+    lines = [machine_line(), "",
+             f"fp32, B=1, H=12, N={N}, D=64, full mode; median of {args.repeat} interleaved "
+             "rounds.", "", "| call | ms |", "|---|---:|"]
+    lines += [f"| {name} | {ms:.2f} |" for name, ms in times.items()]
+    lines += ["", f"Command: `python bench/bench_masks.py --n {N} --repeat {args.repeat}`"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
