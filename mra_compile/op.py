@@ -41,21 +41,16 @@ def _checked(q, k, v, mask, query_mask, args) -> Options:
     """The options, validated, and the tensors checked against them (fake-safe)."""
     opts = Options(*args)
     validate.check_tensors(q, k, v, mask, opts.enable_gqa, query_mask)
-    validate.check_sizes(q, opts.block_size, k.shape[2] if k.shape[2] is not q.shape[2] else None)
+    validate.check_sizes(q, opts.block_size, k.shape[2])
     return opts
-
-
-def _padded_length(q, k):
-    """Both sides' length before block padding (cross-attention pads them to the longer)."""
-    Nq, Nk = q.shape[2], k.shape[2]
-    return Nq if Nk is Nq else torch.sym_max(Nq, Nk)
 
 
 def _saved_shapes(q, k, opts: Options):
     """Shapes of attention_fwd's extra outputs (see mra_compile.forward.Saved)."""
     B, H, _, D = q.shape
     R = B * H
-    n = opts.blocks(_padded_length(q, k))
+    # Both sides are padded to the longer length (cross-attention; SymInts: no guard).
+    n = opts.blocks(torch.sym_max(q.shape[2], k.shape[2]))
     nq, nk = opts.blocks(q.shape[2]), opts.blocks(k.shape[2])
     Np, Dp = n * opts.block_size, -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     K = opts.max_blocks(nq, nk)
