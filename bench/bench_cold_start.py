@@ -1,0 +1,110 @@
+"""The op's call right after memory-heavy torch work, against its back-to-back time (CPU).
+
+Each setting runs in a fresh process: the op (full mode, B=1, H=12, N=4096, D=64, 4 blocks
+per row) is called ``--calls`` times right after the PyTorch MRA-2 fallback (many large
+gathers and scatters, then freed), then ``--calls`` times back to back. Settings: no
+switch; torch's ``THP_MEM_ALLOC_ENABLE=1``; glibc's
+``GLIBC_TUNABLES=glibc.malloc.top_pad=268435456`` (both are environment variables read
+at process start, so they cannot be set from inside a running program).
+
+    python bench/bench_cold_start.py                 # writes bench/results/cold_start_cpu.md
+    python bench/bench_cold_start.py --calls 6 --out /tmp/cold.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+SETTINGS = {
+    "no switch": {},
+    "THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "GLIBC_TUNABLES=glibc.malloc.top_pad=268435456": {
+        "GLIBC_TUNABLES": "glibc.malloc.top_pad=268435456"},
+}
+N, HEADS, HEAD_DIM = 4096, 12, 64
+
+
+def child(calls: int) -> None:
+    """In a fresh process: the timings (ms) after the fallback and back to back, as JSON."""
+    import resource
+
+    import torch
+
+    import mra_compile  # noqa: F401  (registers torch.ops.mra.attention)
+    from mra_compile.tools.fallback import mra2_fallback
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, N, HEAD_DIM, generator=g) for _ in range(3))
+    blocks = 4 * N // 32
+
+    def op():
+        return torch.ops.mra.attention(q, k, v, None, blocks, "full")
+
+    def fallback():
+        return mra2_fallback(q, k, v, None, num_blocks=blocks, approx_mode="full")
+
+    op()
+    fallback()
+    after, system = [], []
+    for _ in range(calls):
+        fallback()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+        start = time.perf_counter()
+        op()
+        after.append((time.perf_counter() - start) * 1e3)
+        system.append((resource.getrusage(resource.RUSAGE_SELF).ru_stime - before) * 1e3)
+    back = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        op()
+        back.append((time.perf_counter() - start) * 1e3)
+    print(json.dumps({"after": after, "system": system, "back": back}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=12)
+    p.add_argument("--out", type=Path,
+                   default=REPO_ROOT / "bench" / "results" / "cold_start_cpu.md")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.calls)
+        return 0
+    from mra_compile.tools.benchmarks import machine_line
+
+    lines = [machine_line(), "",
+             f"fp32, B=1, H={HEADS}, N={N}, D={HEAD_DIM}, full mode, 4 blocks per row; "
+             f"{args.calls} calls each right after the PyTorch MRA-2 fallback, then "
+             f"{args.calls} back to back; one fresh process per setting; ms.", "",
+             "| setting | after fallback: median | worst | system time (median) | "
+             "back to back: median | after / back to back |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, env in SETTINGS.items():
+        out = subprocess.run([sys.executable, __file__, "--child", "--calls", str(args.calls)],
+                             env={**os.environ, **env}, capture_output=True, text=True,
+                             check=True).stdout
+        t = json.loads(out.strip().splitlines()[-1])
+        after, back = statistics.median(t["after"]), statistics.median(t["back"])
+        lines.append(f"| {name} | {after:.1f} | {max(t['after']):.1f} | "
+                     f"{statistics.median(t['system']):.1f} | {back:.1f} | {after / back:.2f}x |")
+        print(lines[-1], flush=True)
+    lines += ["", f"Command: `python bench/bench_cold_start.py --calls {args.calls}`"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
