@@ -215,7 +215,13 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
                unit_sum=ov_sum, heads=pr.heads, group=pr.group, scale=pr.scale)
 
     # Step 4 for each row's own blocks, merged with its overflow units; steps 5 and 6.
-    out = torch.empty(R, n, b, Dp, dtype=pr.q.dtype, device=dev)
+    copied = N < Np or D < Dp or q.dtype != pr.q.dtype
+    if copied:
+        # The result is a copy of part of it (below): scratch memory, reused between calls
+        # where the target allows it (no fresh pages to fault in).
+        out = pr.scratch("out", R, n, b, Dp, dtype=pr.q.dtype)
+    else:
+        out = torch.empty(R, n, b, Dp, dtype=pr.q.dtype, device=dev)  # returned as it is
     stats = torch.empty(3, R, n, b, dtype=dt, device=dev)
     lowres = {}
     high_mask = lr.sel.high_mask
@@ -231,7 +237,10 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
            ov_units=p.ov_units, **lowres, out=out, stab=stats[0], lo_w=stats[1], inv_z=stats[2],
            heads=pr.heads, group=pr.group, scale=pr.scale, ucap=p.ucap)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
-    out = out.to(q.dtype) if q.dtype != out.dtype else out.contiguous()
+    if q.dtype != out.dtype:
+        out = out.to(q.dtype)
+    elif copied:  # (a prefix of rows can be contiguous already: never hand out the scratch)
+        out = out.clone(memory_format=torch.contiguous_format)
     if high_mask is None:
         high_mask = torch.zeros(R, n, n, dtype=dt, device=dev)
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,

@@ -412,3 +412,19 @@ def test_threads_agree_with_serial():
     for (i, _), out in results.items():
         assert torch.equal(out, serial[i])
     assert len(results) == 3 * len(inputs)
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 1, 1000, 64), torch.float32),
+                                          ((2, 3, 100, 40), torch.float32),
+                                          ((1, 2, 128, 64), torch.bfloat16)])
+def test_results_never_share_the_reused_scratch(shape, dtype):
+    """A result copied out of the kernels' output (padded N or D, another dtype) comes
+    from reused scratch memory: the next call must not change a result already returned
+    (one row of 1000 tokens: its first 1000 padded rows are contiguous as they are)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    first = mra_compile.mra_attention(q, k, v, num_blocks=9)
+    kept = first.clone()
+    second = mra_compile.mra_attention(k, q, v, num_blocks=9)
+    assert torch.equal(first, kept)
+    assert first.data_ptr() != second.data_ptr() and first.is_contiguous()
