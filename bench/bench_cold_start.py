@@ -81,6 +81,7 @@ def main() -> int:
     if args.child:
         child(args.calls)
         return 0
+    from mra_compile.tools import common
     from mra_compile.tools.benchmarks import machine_line
 
     lines = [machine_line(), "",
@@ -100,9 +101,7 @@ def main() -> int:
                      f"{statistics.median(t['system']):.1f} | {back:.1f} | {after / back:.2f}x |")
         print(lines[-1], flush=True)
     lines += ["", f"Command: `python bench/bench_cold_start.py --calls {args.calls}`"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    common.write_report(args.out, lines)
     return 0
 
 

@@ -76,9 +76,7 @@ def main() -> int:
     lines += ["", "Command: `python bench/bench_cross.py "
               + " ".join(["--shapes", *(f"{a}x{b}" for a, b in args.shapes),
                           "--repeat", str(args.repeat)]) + "`"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    common.write_report(args.out, lines)
     return 0
 
 

@@ -53,9 +53,8 @@ def main() -> int:
              "rounds.", "", "| call | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms:.2f} |" for name, ms in times.items()]
     lines += ["", f"Command: `python bench/bench_masks.py --n {N} --repeat {args.repeat}`"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    common.write_report(args.out, lines)
     return 0
 
 

@@ -123,3 +123,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def write_report(path, lines: list[str]) -> None:
+    """Write a benchmark's markdown ``lines`` to ``path`` (its folder created) and say so."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
