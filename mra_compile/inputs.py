@@ -205,20 +205,18 @@ def clean_padding(xs, keep, may_sync: bool):
     padded tokens only and copies just a tensor that has a non-finite one there (a full
     copy of q, k, v cost 7 ms each at N = 8192, B*H = 12, single-threaded). Otherwise
     (CUDA: no host synchronisation) every tensor is copied."""
+    def zeroed(x):
+        return torch.where(keep[:, None, :, None], x, torch.zeros((), dtype=x.dtype,
+                                                                  device=x.device))
+
     if not may_sync:
-        return tuple(torch.where(keep[:, None, :, None], x, torch.zeros((), dtype=x.dtype,
-                                                                       device=x.device))
-                     for x in xs)
+        return tuple(zeroed(x) for x in xs)
     padded = ~keep
     if not bool(padded.any()):
         return tuple(xs)
-    out = []
-    for x in xs:
-        if bool(torch.isfinite(x.transpose(1, 2)[padded]).all()):  # [P, H, D]: padding only
-            out.append(x)
-        else:
-            out.append(torch.where(keep[:, None, :, None], x, torch.zeros((), dtype=x.dtype)))
-    return tuple(out)
+    # [P, H, D]: the padded tokens only
+    return tuple(x if bool(torch.isfinite(x.transpose(1, 2)[padded]).all()) else zeroed(x)
+                 for x in xs)
 
 
 def key_padding(mask):
@@ -236,38 +234,37 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
     logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
     [B, Nq], is cross-attention (``_prepare_cross``)."""
-    if query_mask is not None or k.shape[2] != q.shape[2]:
-        return _prepare_cross(q, k, v, key_padding(mask), query_mask, block_size, scale)
     B, H, N, D = q.shape
+    Nk = k.shape[2]
     b = block_size
-    Np = -(-N // b) * b
+    Np = -(-max(N, Nk) // b) * b
     Dp = -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
-    n = Np // b
     dt = compute_dtype(q.dtype)
     dev = q.device
     target = targets.of_device(dev)
     io = target.io_dtype(q.dtype)
     mask = key_padding(mask)
+    common = dict(scale=1.0 / math.sqrt(D) if scale is None else float(scale), block_size=b,
+                  target=target, group=H // k.shape[1])
+    if query_mask is not None or Nk != N:
+        return _prepare_cross(q, k, v, mask, query_mask, Np, Dp, dt, io, common)
     if mask is not None:
         q, k, v = clean_padding((q, k, v), mask != 0, target.exact_plan)
     qf, kf, vf = (pad(x, Np - N, Dp - D, io) for x in (q, k, v))
     if mask is None and Np == N:
         # No mask: one shared row of ones; block means divide by b (docs/spec.md, step 2).
+        n = Np // b
         maskf = torch.ones(1, Np, dtype=dt, device=dev)
         counts = torch.full((1, n), float(b), dtype=dt, device=dev)
         inv_counts = torch.full((1, n), 1.0 / b, dtype=dt, device=dev)
         heads = B * H
     else:
-        real = torch.ones(B, N, dtype=dt, device=dev) if mask is None else mask.to(dt)
-        maskf = F.pad(real, (0, Np - N)).contiguous()
-        counts = maskf.view(B, n, b).sum(-1)
-        inv_counts = 1.0 / (counts + 1e-6)
+        real = torch.ones(B, N, dtype=dt, device=dev) if mask is None else mask
+        maskf, counts, inv_counts = _side_mask(real, N, Np, dt, b)
         heads = H
-    counts, inv_counts = counts.contiguous(), inv_counts.contiguous()
     # Self-attention: one mask (and its counts) for both sides.
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, maskf, counts, inv_counts, heads,
-                    1.0 / math.sqrt(D) if scale is None else float(scale), b, target,
-                    mask is not None, H // k.shape[1])
+                    masked=mask is not None, **common)
 
 
 def _pad_side(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tensor:
@@ -293,9 +290,10 @@ def _side_mask(real, N: int, Np: int, dt, b: int):
     return maskf, counts, (1.0 / (counts + 1e-6)).contiguous()
 
 
-def _prepare_cross(q, k, v, mask, query_mask, block_size: int, scale) -> Prepared:
+def _prepare_cross(q, k, v, mask, query_mask, Np: int, Dp: int, dt, io, common: dict) -> Prepared:
     """Cross-attention (docs/spec.md, "Extensions"): q [B, H, Nq, D]; k, v [B, Hkv, Nk, D];
-    mask [B, Nk] (keys) and query_mask [B, Nq], each None for all real.
+    mask [B, Nk] (keys) and query_mask [B, Nq], each None for all real; the rest as
+    ``prepare`` derived it (``common``: Prepared's shared fields).
 
     Both sides are padded to one length Np = b * max(ceil(Nq / b), ceil(Nk / b)) so that
     the kernels keep one tiling; each side's padding is masked in its own mask. The
@@ -304,25 +302,23 @@ def _prepare_cross(q, k, v, mask, query_mask, block_size: int, scale) -> Prepare
     no extra block is ever computed exactly, and in the low-resolution part an extra key
     block weighs 0 (c_j = 0) and an extra query block reaches no output. The cost of the
     extra blocks is linear in Np (copying, pooling, writing zeros)."""
-    B, H, Nq, D = q.shape
+    B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    b = block_size
-    Np = -(-max(Nq, Nk) // b) * b
-    Dp = -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
-    dt = compute_dtype(q.dtype)
-    dev = q.device
-    target = targets.of_device(dev)
-    io = target.io_dtype(q.dtype)
-    keys = torch.ones(B, Nk, dtype=dt, device=dev) if mask is None else mask != 0
-    queries = torch.ones(B, Nq, dtype=dt, device=dev) if query_mask is None else query_mask != 0
-    # docs/spec.md, step 1, on each side with its own mask.
-    (q,) = clean_padding((q,), queries.bool(), target.exact_plan)
-    k, v = clean_padding((k, v), keys.bool(), target.exact_plan)
+    b, target = common["block_size"], common["target"]
+    # docs/spec.md, step 1, on each side that has a mask.
+    if query_mask is not None:
+        (q,) = clean_padding((q,), query_mask != 0, target.exact_plan)
+    if mask is not None:
+        k, v = clean_padding((k, v), mask != 0, target.exact_plan)
     qf = _pad_side(q, Np, Dp, io, "cross_q", target)
     kf, vf = (_pad_side(x, Np, Dp, io, name, target) for x, name in ((k, "cross_k"), (v, "cross_v")))
-    maskf, counts, inv_counts = _side_mask(keys, Nk, Np, dt, b)
-    qmaskf, q_counts, q_inv_counts = _side_mask(queries, Nq, Np, dt, b)
+
+    def side(given, N):
+        real = torch.ones(B, N, dtype=dt, device=q.device) if given is None else given != 0
+        return _side_mask(real, N, Np, dt, b)
+
+    maskf, counts, inv_counts = side(mask, Nk)
+    qmaskf, q_counts, q_inv_counts = side(query_mask, Nq)
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, qmaskf, q_counts, q_inv_counts, H,
-                    1.0 / math.sqrt(D) if scale is None else float(scale), b, target,
-                    mask is not None or query_mask is not None, H // k.shape[1],
-                    -(-Nq // b), -(-Nk // b))
+                    masked=mask is not None or query_mask is not None,
+                    blocks_q=-(-Nq // b), blocks_k=-(-Nk // b), **common)

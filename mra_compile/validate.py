@@ -114,12 +114,11 @@ def check_mask_shape(mask, B: int, N: int) -> None:
 INDEX_LIMIT = 2**31  # the kernels index with 32-bit integers
 
 
-def check_sizes(q, block_size: int, Nk: int | None = None) -> None:
+def check_sizes(q, block_size: int, Nk: int) -> None:
     """Shapes the kernels' 32-bit indexing can address (fake-safe: shapes only). ``Nk``:
-    the key length, when it differs from q's (both sides are padded to the longer)."""
+    the key length (both sides are padded to the longer)."""
     B, H, N, D = q.shape
-    longest = N if Nk is None else torch.sym_max(N, Nk)  # (SymInts: no guard)
-    n = -(-longest // block_size)
+    n = -(-torch.sym_max(N, Nk) // block_size)  # (SymInts: no guard)
     Dp = -(-D // kernels.HEAD_DIM_MULTIPLE) * kernels.HEAD_DIM_MULTIPLE
     rows = B * H
     if rows * n * block_size * Dp >= INDEX_LIMIT:
