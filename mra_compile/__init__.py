@@ -31,7 +31,7 @@ from mra_compile import op as _op  # noqa: E402,F401  (registers torch.ops.mra.a
 from mra_compile.api import block_selection, mra_attention  # noqa: E402
 from mra_compile.build import cache_events  # noqa: E402
 from mra_compile.host import cache_dir  # noqa: E402
-from mra_compile.inputs import clear_workspace  # noqa: E402
+from mra_compile.memory import clear_workspace  # noqa: E402
 
 __all__ = ["mra_attention", "block_selection", "cache_dir", "cache_events", "clear_workspace"]
 __version__ = "0.1.0"

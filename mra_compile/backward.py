@@ -65,7 +65,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     stab, lo_w, inv_z = saved.stats  # [R, Np] each
 
     # g = dO mask / Z, D_t = g . out, and their low-resolution block sums.
-    g, dsum = torch.empty(R, Np, Dp, dtype=dt, device=dev), torch.empty(R, Np, dtype=dt, device=dev)
+    g, dsum = pr.scratch("g", R, Np, Dp), torch.empty(R, Np, dtype=dt, device=dev)
     ga, da = torch.empty(R, n, Dp, dtype=dt, device=dev), torch.empty(R, n, dtype=dt, device=dev)
     pr.run("bwd_prep", knobs, dout=dout.view(R, n, b, Dp), out=outp.view(R, n, b, Dp),
            inv_z=inv_z.view(R, n, b), lo_w=lo_w.view(R, n, b), g=g.view(R, n, b, Dp),
@@ -101,7 +101,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
                dkp=pooled_grads[1], dvp=pooled_grads[2], heads=pr.heads, scale=pr.scale)
 
     # Three separate tensors: a custom op's outputs may not alias one another.
-    grads = [torch.empty(R, n, b, Dp, dtype=dt, device=dev) for _ in range(3)]
+    grads = [pr.result(R, n, b, Dp) for _ in range(3)]
     pr.run("bwd_finish", knobs, dq_unit=dq_unit, q_start=by_query.ov_start, q_units=by_query.ov_units,
            dk_unit=dk_unit, dv_unit=dv_unit, k_start=by_key.ov_start, k_units=by_key.ov_units,
            dqp=pooled_grads[0], dkp=pooled_grads[1], dvp=pooled_grads[2],
@@ -111,5 +111,6 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     if pr.group > 1:
         # Grouped-query heads: a key/value head's gradient sums over the heads sharing it.
         grads[1:] = [gr.unflatten(1, (H // pr.group, pr.group)).sum(2) for gr in grads[1:]]
-    return tuple(gr.to(x.dtype) if x.dtype != dt else gr.contiguous()
+    return tuple(gr if gr.dtype == x.dtype and gr.is_contiguous()
+                 else pr.result(*gr.shape, dtype=x.dtype).copy_(gr)
                  for gr, x in zip(grads, (q, k, v)))

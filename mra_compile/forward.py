@@ -35,12 +35,10 @@ class LowRes:
 def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     R, Np, Dp = pr.q.shape
     n = Np // pr.block_size
-    dt, dev = pr.dtype, pr.q.device
-    # Fresh tensors (small: n x D and n x n per row): the backward keeps them.
-    pooled = torch.empty(3, R, n, Dp, dtype=dt, device=dev)
+    # Results, not scratch (n x D and n x n per row): the backward keeps them.
+    pooled = pr.result(3, R, n, Dp)
     qp, kp, vp = pooled.unbind(0)
-    logits = torch.empty(R, n, n, dtype=dt, device=dev)
-    rowmax = torch.empty(R, n, dtype=dt, device=dev)
+    logits, rowmax = pr.result(R, n, n), pr.result(R, n)
     pr.run("pool_and_logits", knobs, q=pr.q, k=pr.k, v=pr.v, **pr.masks, counts=pr.counts,
            inv_counts=pr.inv_counts, q_counts=pr.q_counts, q_inv_counts=pr.q_inv_counts,
            qp=qp, kp=kp, vp=vp, logits=logits, rowmax=rowmax,
@@ -221,8 +219,8 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
         # where the target allows it (no fresh pages to fault in).
         out = pr.scratch("out", R, n, b, Dp, dtype=pr.q.dtype)
     else:
-        out = torch.empty(R, n, b, Dp, dtype=pr.q.dtype, device=dev)  # returned as it is
-    stats = torch.empty(3, R, n, b, dtype=dt, device=dev)
+        out = pr.result(R, n, b, Dp, dtype=pr.q.dtype)  # returned as it is
+    stats = pr.result(3, R, n, b)
     lowres = {}
     high_mask = lr.sel.high_mask
     if full:
@@ -237,10 +235,8 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
            ov_units=p.ov_units, **lowres, out=out, stab=stats[0], lo_w=stats[1], inv_z=stats[2],
            heads=pr.heads, group=pr.group, scale=pr.scale, ucap=p.ucap)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
-    if q.dtype != out.dtype:
-        out = out.to(q.dtype)
-    elif copied:  # (a prefix of rows can be contiguous already: never hand out the scratch)
-        out = out.clone(memory_format=torch.contiguous_format)
+    if copied:  # (never hand out the scratch, even where a prefix of it is the result)
+        out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out)
     if high_mask is None:
         high_mask = torch.zeros(R, n, n, dtype=dt, device=dev)
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,

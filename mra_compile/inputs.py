@@ -1,5 +1,5 @@
-"""What the forward and the backward share: inputs as the kernels read them, scratch
-buffers, and the thread policy around kernel calls.
+"""What the forward and the backward share: inputs as the kernels read them, scratch and
+result memory (kept in ``mra_compile.memory``), and the thread policy around kernel calls.
 
 Inputs are validated by the caller (``mra_compile.validate``, ``mra_compile.options``).
 Kernels compute in float32, or in float64 for float64 inputs; the kernels that read q, k,
@@ -10,77 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from mra_compile import build, kernels, targets
+from mra_compile.memory import WORKSPACE, result_tensor
 from mra_compile.targets import Target, compute_dtype
 
 HEAD_DIM_MULTIPLE = kernels.HEAD_DIM_MULTIPLE
 
 _TVM_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16",
               torch.float32: "float32", torch.float64: "float64"}
-
-
-class Workspace(threading.local):
-    """Per-thread scratch buffers for the intermediates, reused between calls where the
-    target allows it (``Target.reuses_workspace``).
-
-    A fresh 50 MB intermediate costs ~10 ms of page faults on first touch, as much as
-    the kernel that fills it; reusing the memory removes that. What a thread keeps is
-    bounded by ``workspace_limit()`` (``MRA_COMPILE_WORKSPACE_MB``, default 1024 MiB):
-    a buffer that would pass it is allocated for the call only. ``clear_workspace()``
-    frees it all.
-    """
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, *shape: int, dtype: torch.dtype, device: torch.device,
-            target: Target) -> torch.Tensor:
-        numel = math.prod(shape)
-        if not target.reuses_workspace:
-            # e.g. CUDA: a tensor reused across calls could still be read by a kernel
-            # queued on another stream; the caching allocator makes fresh memory cheap.
-            return torch.empty(shape, dtype=dtype, device=device)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            self.buffers.pop(name, None)
-            buf = torch.empty(numel, dtype=dtype, device=device)
-            if self.kept_bytes() + buf.numel() * buf.element_size() <= workspace_limit():
-                self.buffers[name] = buf
-        return buf[:numel].view(shape)
-
-    def kept_bytes(self) -> int:
-        """Bytes this thread keeps for later calls."""
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-
-WORKSPACE_ENV = "MRA_COMPILE_WORKSPACE_MB"
-
-
-def workspace_limit() -> int:
-    """Bytes of scratch a thread may keep between calls (``MRA_COMPILE_WORKSPACE_MB``)."""
-    value = os.environ.get(WORKSPACE_ENV, "1024")
-    try:
-        megabytes = float(value)
-    except ValueError:
-        raise ValueError(f"{WORKSPACE_ENV} must be a number of MiB, got {value!r}") from None
-    if not megabytes >= 0:
-        raise ValueError(f"{WORKSPACE_ENV} must be >= 0, got {value!r}")
-    return int(megabytes * 2**20)
-
-
-WORKSPACE = Workspace()
-
-
-def clear_workspace() -> None:
-    """Free this thread's scratch buffers."""
-    WORKSPACE.buffers.clear()
 
 
 @contextlib.contextmanager
@@ -171,6 +113,10 @@ class Prepared:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
         return WORKSPACE.get(name, *shape, dtype=dtype or self.dtype, device=self.q.device,
                              target=self.target)
+
+    def result(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor the op returns as it is (``memory.result_tensor``)."""
+        return result_tensor(shape, dtype or self.dtype, self.q.device, self.target)
 
     def kernel_scratch(self, op: str) -> dict:
         """``op``'s intermediates between its launches (``Kernel.scratch``), as named

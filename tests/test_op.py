@@ -373,19 +373,19 @@ def test_deterministic_and_workspace_reuse():
 def test_the_kept_workspace_is_bounded(monkeypatch):
     """What a thread keeps between calls stays within MRA_COMPILE_WORKSPACE_MB; a call
     whose scratch would pass it allocates that scratch for itself (same results)."""
-    from mra_compile import inputs
+    from mra_compile import memory
 
     x = make_qkv(3, 2, 3, 600, 64)
     mra_compile.clear_workspace()
     want = op(*x, None, 40, "full")
-    kept = inputs.WORKSPACE.kept_bytes()
+    kept = memory.WORKSPACE.kept_bytes()
     assert kept > 0
     for megabytes in ("0", str(kept / 2**20 / 2)):
-        monkeypatch.setenv(inputs.WORKSPACE_ENV, megabytes)
+        monkeypatch.setenv(memory.WORKSPACE_ENV, megabytes)
         mra_compile.clear_workspace()
         assert torch.equal(op(*x, None, 40, "full"), want)
-        assert inputs.WORKSPACE.kept_bytes() <= inputs.workspace_limit()
-    monkeypatch.setenv(inputs.WORKSPACE_ENV, "lots")
+        assert memory.WORKSPACE.kept_bytes() <= memory.workspace_limit()
+    monkeypatch.setenv(memory.WORKSPACE_ENV, "lots")
     with pytest.raises(ValueError, match="MRA_COMPILE_WORKSPACE_MB must be a number"):
         op(*x, None, 40, "full")
     mra_compile.clear_workspace()

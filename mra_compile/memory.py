@@ -1,0 +1,154 @@
+"""Memory the op keeps between calls on the CPU: scratch buffers and result blocks.
+
+Both exist for one reason: memory the process just got from the OS costs a page fault
+(and a page of zeroing) on first touch, ~10 ms for 50 MB here, as much as the kernel that
+fills it. What is kept is bounded by ``workspace_limit()`` (``MRA_COMPILE_WORKSPACE_MB``,
+default 1024 MiB) for a thread's scratch and again for the result blocks kept unused;
+``clear_workspace()`` frees both.
+
+Results: a result is written once by the last kernel. Back to back its fresh pages cost
+nothing (glibc hands out the last result's freed memory again), but after other
+memory-heavy torch work glibc has returned that memory to the OS and the next call pays
+the faults: at N = 4096 (a 12.6 MB result) ~4 ms of system time in a 9 ms call
+(``bench/bench_cold_start.py``). So a result is a view of a block kept here: when the
+last tensor using it is freed, the block comes back, still mapped, for the next result of
+its size (oldest block dropped first past the bound). Results are ordinary tensors except
+that their storage cannot be resized in place.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from mra_compile.targets import Target
+
+
+class Workspace(threading.local):
+    """Per-thread scratch buffers for the intermediates, reused between calls where the
+    target allows it (``Target.reuses_workspace``); a buffer that would take the thread
+    past ``workspace_limit()`` is allocated for the call only."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int, dtype: torch.dtype, device: torch.device,
+            target: Target) -> torch.Tensor:
+        numel = math.prod(shape)
+        if not target.reuses_workspace:
+            # e.g. CUDA: a tensor reused across calls could still be read by a kernel
+            # queued on another stream; the caching allocator makes fresh memory cheap.
+            return torch.empty(shape, dtype=dtype, device=device)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            self.buffers.pop(name, None)
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            if self.kept_bytes() + buf.numel() * buf.element_size() <= workspace_limit():
+                self.buffers[name] = buf
+        return buf[:numel].view(shape)
+
+    def kept_bytes(self) -> int:
+        """Bytes this thread keeps for later calls."""
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+WORKSPACE_ENV = "MRA_COMPILE_WORKSPACE_MB"
+
+
+def workspace_limit() -> int:
+    """Bytes of scratch a thread may keep between calls (``MRA_COMPILE_WORKSPACE_MB``)."""
+    value = os.environ.get(WORKSPACE_ENV, "1024")
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"{WORKSPACE_ENV} must be a number of MiB, got {value!r}") from None
+    if not megabytes >= 0:
+        raise ValueError(f"{WORKSPACE_ENV} must be >= 0, got {value!r}")
+    return int(megabytes * 2**20)
+
+
+WORKSPACE = Workspace()
+
+
+def clear_workspace() -> None:
+    """Free this thread's scratch buffers and the blocks kept for later results."""
+    WORKSPACE.buffers.clear()
+    with _POOL.lock:
+        _POOL.free.clear()
+
+
+class _Pool:
+    """Blocks (uint8 tensors) not in use, by size, oldest first."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.free: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            blocks = self.free.get(nbytes)
+            if blocks:
+                block = blocks.pop()
+                if not blocks:
+                    del self.free[nbytes]
+                return block
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give_back(self, block: torch.Tensor) -> None:
+        nbytes = block.numel()
+        with self.lock:
+            self.free.setdefault(nbytes, []).append(block)
+            self.free.move_to_end(nbytes)
+            limit = workspace_limit()
+            while self.free and self.kept_bytes() > limit:
+                size, blocks = next(iter(self.free.items()))
+                blocks.pop(0)
+                if not blocks:
+                    del self.free[size]
+
+    def kept_bytes(self) -> int:
+        return sum(size * len(blocks) for size, blocks in self.free.items())
+
+
+_POOL = _Pool()
+
+
+@functools.lru_cache(maxsize=256)
+def _lease_type(nbytes: int) -> type:
+    """A ctypes byte array over a block, that gives the block back when it is freed.
+
+    ``torch.frombuffer`` keeps the object it was given until the tensor's storage is freed
+    (the last view with it): that is when the block is free again."""
+    def release(self):
+        pool = _POOL  # (None while the interpreter shuts down)
+        if pool is not None:
+            pool.give_back(self.block)
+
+    return type("ResultBlock", (ctypes.c_ubyte * nbytes,), {"__del__": release})
+
+
+def result_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                  target: Target) -> torch.Tensor:
+    """An uninitialised contiguous tensor of ``shape`` for a result: on a kept block where
+    the target reuses memory (``Target.reuses_workspace``), else fresh."""
+    if not target.reuses_workspace:
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    nbytes = max(numel * dtype.itemsize, 1)
+    block = _POOL.take(nbytes)
+    lease = _lease_type(nbytes).from_address(block.data_ptr())
+    lease.block = block
+    return torch.frombuffer(lease, dtype=dtype, count=numel).view(shape)
+
+
+def kept_result_bytes() -> int:
+    """Bytes of blocks kept for later results, none of them in use."""
+    with _POOL.lock:
+        return _POOL.kept_bytes()
