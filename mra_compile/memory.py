@@ -106,7 +106,10 @@ class _Pool:
         with self.lock:
             self.free.setdefault(nbytes, []).append(block)
             self.free.move_to_end(nbytes)
-            limit = workspace_limit()
+            try:
+                limit = workspace_limit()
+            except ValueError:  # (reported by the next call; a release must not raise)
+                limit = 0
             while self.free and self.kept_bytes() > limit:
                 size, blocks = next(iter(self.free.items()))
                 blocks.pop(0)
