@@ -22,22 +22,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from mra_compile import build, host, kernels, knob_policy, library, targets
 from mra_compile.targets import Target
 
-HALF = ("float16", "bfloat16")
 # What ``mra-compile build`` covers unless told: the head dims of the common models.
 DEFAULT_BLOCK_SIZES = (32,)
 DEFAULT_HEAD_DIMS = (64, 128)
 
 
 def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
-             gqa: bool = False):
-    """(op, static) pairs the forward and backward call, for these shapes and input
-    dtypes ("float32", "float64", and on CUDA "float16", "bfloat16", whose kernels that
-    read q, k, v take them as they are and the rest compute in float32); ``scratch``:
-    the target's ``scratch_args``; ``gqa``: also the grouped-query variants of the
-    kernels that read k, v (``enable_gqa=True`` with fewer key/value heads)."""
+             gqa: bool = False, *, target: Target | str | None):
+    """(op, static) pairs the forward and backward call on ``target``, for these shapes
+    and input dtypes ("float32", "float64", "float16", "bfloat16": the kernels that read
+    q, k, v take them in ``Target.io_dtype``, e.g. fp16/bf16 as they are on CUDA; the rest
+    compute in float32); ``scratch``: the target's ``scratch_args``; ``gqa``: also the
+    grouped-query variants of the kernels that read k, v (``enable_gqa=True`` with fewer
+    key/value heads)."""
+    target = targets.get(target)
     m = kernels.HEAD_DIM_MULTIPLE
     padded = sorted({-(-d // m) * m for d in head_dims})
     seen = set()
@@ -45,13 +48,15 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
         for D in padded:
             for dt in dtypes:
                 compute = "float64" if dt == "float64" else "float32"
-                io = dt if dt in HALF else None
                 for kernel in kernels.KERNELS.values():
+                    io_dtype = target.io_dtype(getattr(torch, dt), b, kernel.backward)
+                    io = str(io_dtype).removeprefix("torch.")
+                    micro = target.micro_kernels(io_dtype)
                     grouped = (False, True) if gqa and kernel.reads_qkv else (False,)
                     for full in ((True, False) if kernel.has_modes else (None,)):
                         for grouped_heads in grouped:
                             static = kernel.static(b, D, compute, io, full, scratch,
-                                                   grouped_heads)
+                                                   grouped_heads, micro)
                             key = json.dumps([kernel.name, static], sort_keys=True)
                             if key not in seen:  # fp16 and bf16 share the float32 backward
                                 seen.add(key)
@@ -67,7 +72,8 @@ def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     funcs, entries = {}, []
-    for op, static in variants(block_sizes, head_dims, dtypes, target.scratch_args, gqa):
+    for op, static in variants(block_sizes, head_dims, dtypes, target.scratch_args, gqa,
+                               target=target):
         # Every knob setting the op may pick for these shapes: the tuning records of each
         # sequence-length bucket (64 ... 128k tokens), else the defaults.
         settings = {}
@@ -83,7 +89,8 @@ def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HE
                             "symbol": name})
             log(f"  {op:16s} {json.dumps(static, sort_keys=True)} {json.dumps(chosen)}")
     executable = build.compile_module(funcs, target)
-    executable.export_library(str(out / library.LIBRARY))
+    objects = dict.fromkeys(o for e in entries for o in target.link_objects(e["static"]))
+    executable.export_library(str(out / library.LIBRARY), options=list(objects))
     manifest = {
         "schema": library.SCHEMA_VERSION,
         "target": target.name,

@@ -65,6 +65,8 @@ def scheduled_func(op: str, static: dict, knobs: dict, target: Target | str | No
                            f"declares {kernel.arg_names(static)}")
     sch = s_tir.Schedule(func)
     extra = {"full": static["full"]} if kernel.has_modes else {}
+    if op in getattr(target.schedules, "MICRO", ()):  # the target's micro-kernels, if any
+        extra["micro"] = static.get("micro")
     getattr(target.schedules, op)(sch, **knobs, **extra)
     return sch.mod["main"]
 
@@ -123,7 +125,7 @@ def _compile_to_cache(op: str, static: dict, knobs: dict, path: Path, desc: dict
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def export(tmp):
-        executable.export_library(tmp)
+        executable.export_library(tmp, options=target.link_objects(static))
         target.check_export(Path(tmp))
 
     host.atomic_write(path, export)

@@ -169,7 +169,9 @@ def source_hash(family: str) -> str:
     """Hash of the operator definitions and the ``family`` ("cpu", "cuda") schedules: part
     of every kernel's key, so that editing either rebuilds."""
     h = hashlib.sha256()
-    for path in (PACKAGE_DIR / "operators.py", schedule_dir() / f"{family}.py"):
+    # (the family's micro-kernels too: schedules/<family>_*.py and their C sources)
+    extra = sorted(schedule_dir().glob(f"{family}_*.py")) + sorted(schedule_dir().glob("*.c"))
+    for path in (PACKAGE_DIR / "operators.py", schedule_dir() / f"{family}.py", *extra):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -225,12 +227,14 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
             os.unlink(tmp)
 
 
-def compile_c_library(source: str, out: Path, flags: tuple[str, ...] = ()) -> Path:
-    """Compile C ``source`` into the shared library ``out`` with the system C compiler
-    (``$CC``, cc or gcc), once: an existing ``out`` whose ``digest_sidecar`` matches it is
-    kept, a truncated or corrupt one (or one without sidecar) is rebuilt. Written to a
-    temporary name and renamed, then its sidecar, so concurrent builders never see half a
-    file (and build the same bytes)."""
+def compile_c_library(source: str, out: Path, flags: tuple[str, ...] = (),
+                      shared: bool = True) -> Path:
+    """Compile C ``source`` into the shared library ``out`` (``shared=False``: the
+    position-independent object file ``out``, to link into another library) with the
+    system C compiler (``$CC``, cc or gcc), once: an existing ``out`` whose
+    ``digest_sidecar`` matches it is kept, a truncated or corrupt one (or one without
+    sidecar) is rebuilt. Written to a temporary name and renamed, then its sidecar, so
+    concurrent builders never see half a file (and build the same bytes)."""
     if verified(out):
         return out
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -241,7 +245,8 @@ def compile_c_library(source: str, out: Path, flags: tuple[str, ...] = ()) -> Pa
         src = Path(tmp) / "source.c"
         src.write_text(source)
         built = Path(tmp) / out.name
-        subprocess.run([cc, "-shared", "-fPIC", "-O2", *flags, "-o", str(built), str(src)],
+        kind = ["-shared", "-O2"] if shared else ["-c"]
+        subprocess.run([cc, *kind, "-fPIC", *flags, "-o", str(built), str(src)],
                        check=True, capture_output=True)
         digest = file_digest(built)
         staged = out.with_name(f".{out.name}.{os.getpid()}")
@@ -251,11 +256,17 @@ def compile_c_library(source: str, out: Path, flags: tuple[str, ...] = ()) -> Pa
     return out
 
 
-def cached_c_library(source: str, relative: str, flags: tuple[str, ...] = ()) -> Path:
-    """The helper library ``relative`` of the kernel cache (e.g. "openmp/libx.so"): the
-    cache's copy when it is intact, else compiled (``compile_c_library``) into
-    ``writable_cache_dir()``."""
+def cached_c_library(source: str, relative: str, flags: tuple[str, ...] = (),
+                     shared: bool = True) -> Path:
+    """The helper library (or object file, ``shared=False``) ``relative`` of the kernel
+    cache (e.g. "openmp/libx.so"): the cache's copy when it is intact, else compiled
+    (``compile_c_library``) into ``writable_cache_dir()``."""
     existing = cache_dir() / relative
     if verified(existing):
         return existing
-    return compile_c_library(source, writable_cache_dir() / relative, flags)
+    return compile_c_library(source, writable_cache_dir() / relative, flags, shared)
+
+
+def text_digest(text: str) -> str:
+    """sha256 of ``text`` (hex)."""
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -107,7 +107,7 @@ class Prepared:
         """The compile-time parameters of kernel ``op`` for these inputs."""
         return kernels.get(op).static(self.block_size, self.q.shape[-1], _TVM_DTYPE[self.dtype],
                                       _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args,
-                                      self.group > 1)
+                                      self.group > 1, self.target.micro_kernels(self.q.dtype))
 
     def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
@@ -135,8 +135,11 @@ class Prepared:
         scratch arguments; ``group`` goes only to the grouped-query variants."""
         if self.group == 1:
             args.pop("group", None)
-        build.run(op, knobs.get(op), self.target, self.static(op, full), **args,
-                  **self.kernel_scratch(op))
+        static = self.static(op, full)
+        if "micro" in static:  # bf16 as its bits (operators.BF16_BITS)
+            args = {name: x.view(torch.int16) if isinstance(x, torch.Tensor)
+                    and x.dtype == torch.bfloat16 else x for name, x in args.items()}
+        build.run(op, knobs.get(op), self.target, static, **args, **self.kernel_scratch(op))
 
 
 def clean_padding(xs, keep, may_sync: bool):
@@ -175,11 +178,12 @@ def key_padding(mask):
 
 
 def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
-            query_mask=None) -> Prepared:
+            query_mask=None, backward: bool = False) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
     logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
-    [B, Nq], is cross-attention (``_prepare_cross``)."""
+    [B, Nq], is cross-attention (``_prepare_cross``). ``backward``: for the backward's
+    kernels (their I/O dtype may differ, ``Target.io_dtype``)."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
     b = block_size
@@ -188,7 +192,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     dt = compute_dtype(q.dtype)
     dev = q.device
     target = targets.of_device(dev)
-    io = target.io_dtype(q.dtype)
+    io = target.io_dtype(q.dtype, b, backward)
     mask = key_padding(mask)
     common = dict(scale=1.0 / math.sqrt(D) if scale is None else float(scale), block_size=b,
                   target=target, group=H // k.shape[1])

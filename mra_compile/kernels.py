@@ -43,18 +43,23 @@ class Kernel:
         return getattr(importlib.import_module("mra_compile.operators"), self.name)
 
     def static(self, b: int, D: int, dtype: str = "float32", io: str | None = None,
-               full: bool | None = None, scratch: bool = False, gqa: bool = False) -> dict:
+               full: bool | None = None, scratch: bool = False, gqa: bool = False,
+               micro: str | None = None) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
         kernels that read q, k, v), for kernels with modes ``full``, ``scratch``: whether
         the ``scratch`` intermediates are arguments, and ``gqa`` for the grouped-query
         variant of the kernels that read k, v (an extra ``group`` argument; the plain
-        variant has no division in its indexing)."""
+        variant has no division in its indexing); ``micro``: the target's micro-kernels
+        for q, k, v of dtype ``io`` (``Target.micro_kernels``), named in the key of the
+        kernels that read them."""
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
         if io is not None and io != dtype and self.reads_qkv:
             static["io"] = io
+            if micro is not None:
+                static["micro"] = micro
         if gqa and self.reads_qkv:
             static["gqa"] = True
         if self.has_modes:

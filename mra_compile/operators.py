@@ -59,6 +59,42 @@ def _exp(x):
     return tirx.Let(xv, clamped, tirx.Let(kv, k, tirx.Let(rv, r, poly * two_k)))
 
 
+BF16_BITS = "int16"  # bf16 q, k, v held as their bits: the CPU's bf16 micro-kernels
+
+
+def bf16_widen(x):
+    """The float32 value of a bf16 held as its 16 bits (an int16 expression): exact."""
+    return tirx.reinterpret(F32, x.astype(I32) << 16)
+
+
+def bf16_narrow(x):
+    """The bits (int16) of float32 ``x`` rounded to the nearest bf16, ties to even (as
+    torch converts)."""
+    bits = tirx.reinterpret("uint32", x)
+    rounded = bits + tirx.const(0x7FFF, "uint32") + ((bits >> 16) & tirx.const(1, "uint32"))
+    return (rounded >> 16).astype("uint16").astype(BF16_BITS)
+
+
+def _widen(x, dt: str):
+    """A q, k, v (I/O) value in the compute dtype ``dt``."""
+    return bf16_widen(x) if x.dtype == BF16_BITS else x.astype(dt)
+
+
+def _narrow(x, io: str):
+    """A compute-dtype value in the I/O dtype ``io``."""
+    return bf16_narrow(x) if io == BF16_BITS else x.astype(io)
+
+
+def _io(io: str | None, dt: str, micro: str | None) -> str:
+    """The storage dtype of q, k, v: ``io`` (None: the compute dtype), or bf16 bits for the
+    CPU micro-kernels (``micro``: "avx512_bf16", schedules/cpu_bf16.py)."""
+    if micro is not None:
+        if micro != "avx512_bf16" or io != "bfloat16":
+            raise ValueError(f"micro-kernels {micro!r} take bfloat16 q, k, v, not {io}")
+        return BF16_BITS
+    return io or dt
+
+
 def _kv_row(r, group):
     """The key/value row of query row r: ``r // group`` in the grouped-query variant
     (``group`` a var), r itself otherwise (``group`` None: no division in the indexing,
@@ -77,7 +113,7 @@ def _vars(*names):
 
 
 def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = None,
-                    scratch: bool = False, gqa: bool = False):
+                    scratch: bool = False, gqa: bool = False, micro: str | None = None):
     """Step 2: block means and low-resolution logits.
 
     in : q [R, N, D]; k, v [R / group, N, D]; mask, qmask [Bm, N]; counts, inv_counts,
@@ -86,9 +122,10 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
          logits [R, n, n] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
     ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
     ``scratch``: raw_logits [R, n, n] and real_max [R, n] are arguments too (the last).
+    ``micro``: q, k, v are bf16 bits (``_io``).
     """
     dt = dtype
-    io = io or dt
+    io = _io(io, dt, micro)
     R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
     n = N // b
     Bm = mask.shape[0]
@@ -102,7 +139,7 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         s = te.compute(
             (R, n, D),
             lambda r, i, d: te.sum(
-                x[_kv_row(r, group) if kv else r, i * b + t, d].astype(dt)
+                _widen(x[_kv_row(r, group) if kv else r, i * b + t, d], dt)
                 * side[r // heads, i * b + t], axis=t),
             name=name + "_sum",
         )
@@ -185,7 +222,7 @@ def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
 
 
 def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_block, key_block,
-                    C, b, D, dt):
+                    C, b, D, dt, micro=None):
     """Step 4 on one query block against C key blocks, for every point of ``domain``.
 
     ``query_block(r, u)`` and ``key_block(r, u, c)`` give block indices (-1 = empty
@@ -193,6 +230,11 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     unit_sum [*domain, b] = sum P), P = exp(A - unit_max - 1e4 (1 - mask_s)): the unit's
     own stabiliser; merging units to a common one (flash-decoding style) gives the
     spec's m_t.
+
+    ``micro`` ("avx512_bf16": q, k, v are bf16 bits): the queries are masked into ``q_s``
+    [b, D] (the scale goes to the logits) and moved into pairs of dims (``q_t``
+    [D/2, b, 2], the operand layout of ``vdpbf16ps``), and P is rounded to bf16 for P V;
+    the block products and the pairing are the CPU micro-kernels' (tensorized).
 
     q, k, v may be stored in a narrower dtype than the compute dtype ``dt`` (fp16/bf16
     on CUDA): the gathered blocks ``k_g``, ``v_g``, ``q_t`` and the probabilities of P V
@@ -221,34 +263,50 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # Keys and values are read in place (each key block is a contiguous [b, D] slab);
     # the queries are gathered transposed ([D, b]): logits are laid out [key, query] so
     # that every reduction over keys (max, sum, P V) runs with the queries in vector lanes.
-    q_t = te.compute(
-        (*domain, D, b),
-        lambda r, u, d, t: (
-            q[r, query_token(r, u, t), d].astype(dt)
-            * qmask[r // heads, query_token(r, u, t)]
-            * scale
-        ).astype(io),
-        name="q_t",
-    )
+    def scaled_query(r, u, t, d, scale=scale):
+        return _narrow(_widen(q[r, query_token(r, u, t), d], dt)
+                       * qmask[r // heads, query_token(r, u, t)] * scale, io)
+
+    if micro:  # masked in place (vectors), then moved into pairs by a micro-kernel
+        # Not scaled: bf16 q * scale would be rounded again; the logits are scaled instead
+        # (q times a 0/1 mask is exact), so q k^T is as exact as the float32 path's.
+        q_s = te.compute((*domain, b, D),
+                         lambda r, u, t, d: scaled_query(r, u, t, d, tirx.const(1.0, dt)),
+                         name="q_s")
+        q_t = te.compute((*domain, D // 2, b, 2),
+                         lambda r, u, p, t, e: q_s[r, u, t, 2 * p + e], name="q_t")
+    else:
+        q_t = te.compute((*domain, D, b), lambda r, u, d, t: scaled_query(r, u, t, d),
+                         name="q_t")
     # Row r reads the key/value head it shares with its group (grouped-query heads).
     k_g = te.compute((*domain, W, D), lambda r, u, w, d: k[_kv_row(r, group), key_token(r, u, w), d],
                      name="k_g")
     v_g = te.compute((*domain, W, D), lambda r, u, w, d: v[_kv_row(r, group), key_token(r, u, w), d],
                      name="v_g")
-    d0 = te.reduce_axis((0, D), "d0")
-    dots = te.compute(
-        (*domain, W, b),
-        lambda r, u, w, t: te.sum(k_g[r, u, w, d0].astype(dt) * q_t[r, u, d0, t].astype(dt),
-                                  axis=d0),
-        name="dots",
-    )
+    if micro:  # dims in pairs: the reduction of vdpbf16ps
+        p0, e0 = te.reduce_axis((0, D // 2), "p0"), te.reduce_axis((0, 2), "e0")
+        dots = te.compute(
+            (*domain, W, b),
+            lambda r, u, w, t: te.sum(_widen(k_g[r, u, w, 2 * p0 + e0], dt)
+                                      * _widen(q_t[r, u, p0, t, e0], dt), axis=[p0, e0]),
+            name="dots",
+        )
+    else:
+        d0 = te.reduce_axis((0, D), "d0")
+        dots = te.compute(
+            (*domain, W, b),
+            lambda r, u, w, t: te.sum(_widen(k_g[r, u, w, d0], dt) * _widen(q_t[r, u, d0, t], dt),
+                                      axis=d0),
+            name="dots",
+        )
     # A = scale * (q m_t) . (k m_s); empty slots take no part in the max.
     # A = scale * q . k over the real keys of filled slots (docs/spec.md, step 4: m_t ranges
     # over real keys only); padding keys and empty slots take no part, by selection.
     logit = te.compute(
         (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
-            key_factor[r, u, w] > 0.5, dots[r, u, w, t], tirx.const(NEG_BIG, dt)
+            key_factor[r, u, w] > 0.5, dots[r, u, w, t] * scale if micro else dots[r, u, w, t],
+            tirx.const(NEG_BIG, dt)
         ),
         name="logit",
     )
@@ -266,12 +324,12 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
         name="prob",
     )
     # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
-    prob_io = te.compute((*domain, b, W), lambda r, u, t, w: prob[r, u, w, t].astype(io),
+    prob_io = te.compute((*domain, b, W), lambda r, u, t, w: _narrow(prob[r, u, w, t], io),
                          name="prob_io")
     w1 = te.reduce_axis((0, W), "w1")
     unit_out = te.compute(
         (*domain, b, D),
-        lambda r, u, t, d: te.sum(prob_io[r, u, t, w1].astype(dt) * v_g[r, u, w1, d].astype(dt),
+        lambda r, u, t, d: te.sum(_widen(prob_io[r, u, t, w1], dt) * _widen(v_g[r, u, w1, d], dt),
                                   axis=w1),
         name="unit_out",
     )
@@ -299,7 +357,7 @@ def _inputs(D, dt, io=None, gqa=False):
 
 
 def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                io: str | None = None, gqa: bool = False):
+                io: str | None = None, gqa: bool = False, micro: str | None = None):
     """Step 4 on overflow units: up to C more selected blocks of one block row each.
 
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
@@ -310,20 +368,20 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
     C = blocks_per_unit
-    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa)
+    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, _io(io, dtype, micro), gqa)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
     unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
     unit_max, unit_out, unit_sum = _unit_attention(
         q, k, v, mask, qmask, heads, group, scale, (R, U),
-        lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D, dtype,
+        lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D, dtype, micro,
     )
     return _params(q, k, v, mask, qmask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads,
                    group, scale)
 
 
 def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "float32",
-               io: str | None = None, gqa: bool = False):
+               io: str | None = None, gqa: bool = False, micro: str | None = None):
     """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
     Block row i of row r computes its first ``row_unit_blocks`` selected key blocks
@@ -338,7 +396,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v)
     """
     dt = dtype
-    io = io or dt
+    io = _io(io, dt, micro)
     C = row_unit_blocks
     R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa)
     n = N // b
@@ -351,7 +409,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     ov_units = te.placeholder((R, n), I32, "ov_units")
     own_max, own_out, own_sum = _unit_attention(
         q, k, v, mask, qmask, heads, group, scale, (R, n),
-        lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D, dtype,
+        lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D, dtype, micro,
     )
 
     def unit(r, i, w):
@@ -460,10 +518,9 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
         )
         out = te.compute(
             (R, n, b, D),
-            lambda r, i, t, d: (
+            lambda r, i, t, d: _narrow(
                 (o_hi(r, i, t, d) * hi_scale[r, i, t] + o_lo[r, i, d] * lo_scale[r, i, t])
-                * inv_norm[r, i, t]
-            ).astype(io),
+                * inv_norm[r, i, t], io),
             name="out",
         )
     else:
@@ -473,7 +530,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
             name="inv_norm",
         )
         out = te.compute(
-            (R, n, b, D), lambda r, i, t, d: (o_hi(r, i, t, d) * inv_norm[r, i, t]).astype(io),
+            (R, n, b, D), lambda r, i, t, d: _narrow(o_hi(r, i, t, d) * inv_norm[r, i, t], io),
             name="out",
         )
     # What the backward needs, one value per token (the stabilisers are constants there):

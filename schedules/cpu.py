@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from mra_compile import host
 
+# The schedules that take ``micro``: the micro-kernels of the variant (None, or
+# "avx512_bf16": bf16 q, k, v and the block products of schedules/cpu_bf16.py).
+MICRO = ("pool_and_logits", "hires_units", "hires_rows")
+
 
 def _keys_outer(sch, name, vec):
     """A [.., t] = reduce_w X[.., w, t] stage: w outside, the queries t in vector lanes."""
@@ -82,43 +86,82 @@ def _register_tile(sch, name, *, vec, rows, unroll, slot=None):
     return x_o, z_outer
 
 
-def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slots):
+def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slots, micro=None):
     """Schedule the stages of ``operators._unit_attention`` under ``loop`` (one unit per
     iteration), everything in L1: the transposed query gather; logits [W, b] as a
     register tile of ``qk_rows`` keys x b queries; max, exp and sum with the queries in
     vector lanes; P V as a tile of ``pv_rows`` queries x D. ``outputs_placed``: whether
     unit_max already sits under ``loop`` (it does when it is a kernel output). Empty
-    key-block slots (-1 in input ``slots``) are skipped (``_skip_empty_slots``)."""
+    key-block slots (-1 in input ``slots``) are skipped (``_skip_empty_slots``).
+    ``micro`` ("avx512_bf16"): both block products are the bf16 micro-kernels instead, one
+    call per key block (``_micro_products``)."""
     # The gathers (CUDA's shared-memory tiles) are read in place here: key and value
     # blocks are contiguous [b, D] slabs already.
     for name in ("logit", "k_g", "v_g", "prob_io"):
         sch.compute_inline(sch.get_sblock(name))
-    stages: tuple[str, ...] = ("prob", "dots", "q_t", "key_factor")
+    queries = ("q_t", "q_s") if micro else ("q_t",)
+    stages: tuple[str, ...] = ("prob", "dots", *queries, "key_factor")
     if not outputs_placed:
-        stages = ("prob", "unit_max", "dots", "q_t", "key_factor")
+        stages = ("prob", "unit_max", "dots", *queries, "key_factor")
     for name in stages:
         sch.compute_at(sch.get_sblock(name), loop)
 
     b = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-3]).extent  # queries: one block
-    # P V: sum_w P[w, t] v[w, d] -> [b, D], keys as (slot, key of the block).
-    _, slot = _register_tile(sch, "unit_out", vec=vec, rows=pv_rows, unroll=unroll, slot=b)
-    # Logits: sum_d k[w, d] q^T[d, t] -> [W, b].
-    w_o, d_ = _register_tile(sch, "dots", vec=vec, rows=qk_rows, unroll=unroll)
+    if micro:
+        w_o, slot = _micro_products(sch, vec, b)
+        w_tokens = b
+    else:
+        # P V: sum_w P[w, t] v[w, d] -> [b, D], keys as (slot, key of the block).
+        _, slot = _register_tile(sch, "unit_out", vec=vec, rows=pv_rows, unroll=unroll, slot=b)
+        # Logits: sum_d k[w, d] q^T[d, t] -> [W, b].
+        w_o, d_ = _register_tile(sch, "dots", vec=vec, rows=qk_rows, unroll=unroll)
+        w_tokens = qk_rows
     key_loops = {name: _keys_outer(sch, name, vec) for name in ("unit_max", "unit_sum")}
-    for name in ("prob", "q_t"):
-        loops = sch.get_loops(sch.get_sblock(name))
+    loops = sch.get_loops(sch.get_sblock("prob"))
+    sch.vectorize(sch.split(loops[-1], [None, vec])[1])
+    if micro:  # q_s [b, D] in vectors, then q_t [D/2, b, 2] by the micro-kernel
+        d_ = sch.get_loops(sch.get_sblock("q_s"))[-1]
+        sch.vectorize(sch.split(d_, [None, vec])[1])
+    else:
+        loops = sch.get_loops(sch.get_sblock("q_t"))
         sch.vectorize(sch.split(loops[-1], [None, vec])[1])
     # Reductions are split into init and update last (loop moves need them whole).
-    sch.decompose_reduction(sch.get_sblock("dots"), d_)
-    sch.decompose_reduction(sch.get_sblock("unit_out"), slot)
+    if not micro:
+        sch.decompose_reduction(sch.get_sblock("dots"), d_)
+        sch.decompose_reduction(sch.get_sblock("unit_out"), slot)
     for name, loop_ in key_loops.items():
         sch.decompose_reduction(sch.get_sblock(name), loop_)
     prob_keys = sch.get_loops(sch.get_sblock("prob"))[-3]
-    _skip_empty_slots(sch, loop, slots, {w_o: qk_rows, prob_keys: 1,
+    _skip_empty_slots(sch, loop, slots, {w_o: w_tokens, prob_keys: 1,
                                          key_loops["unit_sum"]: 1, slot: b})
 
 
-def hires_units(sch, *, vec, qk_rows, pv_rows, unroll, blocks_per_unit):
+def _micro_products(sch, vec, b):
+    """The unit's block products as calls of the bf16 micro-kernels
+    (``schedules/cpu_bf16.py``), one per key block (slot) each: logits [W, b] and P V
+    [b, D], accumulated onto zeros. Returns the two slot loops (logits, P V)."""
+    from mra_compile.schedules import cpu_bf16
+
+    D = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-2]).extent
+    qk, pv, pairs = cpu_bf16.intrinsics(D)
+    sch.tensorize(sch.get_loops(sch.get_sblock("q_t"))[-3], pairs)
+    dots = sch.get_sblock("dots")
+    w, *_ = sch.get_loops(dots)[-4:]
+    w_o, w_i = sch.split(w, [None, b])
+    init = sch.decompose_reduction(dots, w_i)
+    sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
+    sch.tensorize(w_i, qk)
+    out = sch.get_sblock("unit_out")
+    t, d, w = sch.get_loops(out)[-3:]
+    slot, w_i = sch.split(w, [None, b])
+    sch.reorder(slot, t, d, w_i)
+    init = sch.decompose_reduction(out, slot)
+    sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
+    sch.tensorize(t, pv)
+    return w_o, slot
+
+
+def hires_units(sch, *, vec, qk_rows, pv_rows, unroll, blocks_per_unit, micro):
     """Overflow units, parallel over (row, unit); see ``_unit``.
 
     ``blocks_per_unit`` (C) is an operator knob (the unit size the plan packs).
@@ -127,11 +170,12 @@ def hires_units(sch, *, vec, qk_rows, pv_rows, unroll, blocks_per_unit):
     outputs = ("unit_max", "unit_out", "unit_sum")
     ru = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
     sch.parallel(ru)
-    _unit(sch, ru, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll, slots="unit_cols")
+    _unit(sch, ru, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll, slots="unit_cols",
+          micro=micro)
     return sch
 
 
-def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full):
+def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full, micro):
     """Parallel over (row, query block): the block row's own unit (``_unit``), the merge
     of its overflow units, the low-resolution part and the normalisation, written once.
 
@@ -156,7 +200,7 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full):
     sch.vectorize(sch.split(d2, [None, vec])[1])
     sch.decompose_reduction(ov_o, w2)
     _unit(sch, ri, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll,
-          outputs_placed=False, slots="row_cols")
+          outputs_placed=False, slots="row_cols", micro=micro)
     return sch
 
 
@@ -173,8 +217,9 @@ def _rows_times_transposed(sch, name):
     sch.decompose_reduction(blk, d)
 
 
-def pool_and_logits(sch, *, vec):
-    """Parallel over rows: pool q, k, v of one row, then its n x n logits.
+def pool_and_logits(sch, *, vec, micro):
+    """Parallel over rows: pool q, k, v of one row, then its n x n logits. (``micro``: q,
+    k, v are bf16 bits, widened as they are read; nothing to tensorize.)
 
     The logits of a row need every pooled key of that row, so a row (not a block)
     is the unit of parallel work; pooling reads each input once.

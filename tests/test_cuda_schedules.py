@@ -82,7 +82,7 @@ def test_no_kernel_keeps_global_memory_of_its_own():
     target = targets.get("cuda-sm_80")
     found = {}
     for op, static in aot.variants([32], [64, 128], ("float32", "float16", "bfloat16"),
-                                   target.scratch_args):
+                                   target.scratch_args, target=target):
         func = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None, target=target),
                                     target)
         if _global_allocations(func):

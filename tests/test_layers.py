@@ -79,13 +79,17 @@ def test_imports_flow_one_way_and_no_private_names_cross_modules():
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
 def test_every_kernel_has_a_schedule_whose_knobs_are_its_defaults(target):
     """KNOBS is the only source of defaults: schedule functions take exactly those knobs,
-    keyword-only and without defaults (plus ``full`` for kernels with modes)."""
+    keyword-only and without defaults (plus ``full`` for kernels with modes and ``micro``
+    for those that may call micro-kernels, ``MICRO``)."""
     schedules = target.schedules
     assert set(schedules.KNOBS) == set(kernels.KERNELS)
     for name, kernel in kernels.KERNELS.items():
         params = inspect.signature(getattr(schedules, name)).parameters
         keyword = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY}
-        assert keyword == set(schedules.KNOBS[name]) | ({"full"} if kernel.has_modes else set())
+        micro = {"micro"} if name in getattr(schedules, "MICRO", ()) else set()
+        assert not micro or kernel.reads_qkv, name  # (only those read bf16 q, k, v)
+        assert keyword == (set(schedules.KNOBS[name]) | ({"full"} if kernel.has_modes else set())
+                           | micro)
         assert all(params[p].default is inspect.Parameter.empty for p in keyword), name
         assert set(kernel.shape_knobs) <= set(schedules.KNOBS[name]), name
     for name, space in getattr(schedules, "SPACES", {}).items():

@@ -59,10 +59,21 @@ class Target:
         """A user override of the TVM target that changes the code (part of the key)."""
         return ""
 
-    def io_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype q, k, v have in the kernels that read them, for inputs of ``dtype``;
-        every other kernel computes in ``compute_dtype(dtype)``."""
+    def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
+                 backward: bool = False) -> torch.dtype:
+        """The dtype q, k, v have in the kernels that read them, for inputs of ``dtype``
+        (blocks of ``block_size``; ``backward``: in the backward's kernels); every other
+        kernel computes in ``compute_dtype(dtype)``."""
         return compute_dtype(dtype)
+
+    def micro_kernels(self, io: torch.dtype) -> str | None:
+        """The hand-written micro-kernels the kernels reading q, k, v of dtype ``io`` call
+        (tensorized by the schedules), or None."""
+        return None
+
+    def link_objects(self, static: dict) -> list[str]:
+        """Object files to link into the library of a kernel variant ``static``."""
+        return []
 
     # ------------------------------------------------------------------ building
 

@@ -5,11 +5,23 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from mra_compile import host, openmp
 from mra_compile.schedules import cpu as cpu_schedules
 from mra_compile.targets.base import Target
 
 TARGET_ENV = "MRA_COMPILE_TARGET"  # a TVM target as JSON, replacing this host's CPU
+BF16_ENV = "MRA_COMPILE_CPU_BF16"  # "0": bf16 inputs run on the float32 kernels
+
+
+def bf16_products() -> bool:
+    """Whether bf16 q, k, v stay bf16 in the forward's kernels, their block products on
+    the AVX-512-BF16 micro-kernels (``schedules/avx512_bf16.c``): this CPU has the
+    instructions, no other CPU is targeted (``MRA_COMPILE_TARGET``), and
+    ``MRA_COMPILE_CPU_BF16`` is not "0"."""
+    return ("avx512_bf16" in host.cpu_flags() and "avx512bw" in host.cpu_flags()
+            and not os.environ.get(TARGET_ENV) and os.environ.get(BF16_ENV, "1") != "0")
 
 
 class CpuTarget(Target):
@@ -47,9 +59,28 @@ class CpuTarget(Target):
     def target_override(self) -> str:
         return os.environ.get(TARGET_ENV, "")
 
+    def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
+                 backward: bool = False) -> torch.dtype:
+        # bf16 products with fp32 sums where the CPU has them (the forward's 32 x 32
+        # blocks); everything else computes in float32 from float32 copies.
+        if dtype == torch.bfloat16 and block_size == 32 and not backward and bf16_products():
+            return dtype
+        return super().io_dtype(dtype)
+
+    def micro_kernels(self, io: torch.dtype) -> str | None:
+        return "avx512_bf16" if io == torch.bfloat16 else None
+
+    def link_objects(self, static: dict) -> list[str]:
+        if static.get("micro") == "avx512_bf16":
+            from mra_compile.schedules import cpu_bf16
+
+            return cpu_bf16.objects()
+        return []
+
     def build_dtypes(self, requested: list[str] | None) -> list[str]:
-        # float16/bfloat16 inputs run on the float32 kernels here.
-        half = ("float16", "bfloat16")
+        # float16 inputs run on the float32 kernels here, and so do bfloat16 inputs on a
+        # CPU without bf16 products (``bf16_products``).
+        half = ("float16",) if bf16_products() else ("float16", "bfloat16")
         return super().build_dtypes(["float32" if d in half else d for d in requested or []])
 
     def after_load(self, path: Path) -> None:

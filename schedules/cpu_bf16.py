@@ -1,0 +1,139 @@
+"""bf16 block products on AVX-512-BF16 CPUs: tensor intrinsics over the C micro-kernels of
+``avx512_bf16.c``.
+
+TVM 0.27 cannot emit ``vdpbf16ps`` (its bf16 legalisation rewrites the operands before
+LLVM sees them), so the two 32 x 32 x D block products of a unit, ``dots`` (q k^T) and
+``unit_out`` (P v), are tensorized into calls of C functions compiled with the system C
+compiler and linked into the kernel library (``objects()``); so is the move of the
+unit's queries into pairs of dims (``q_t``: 32-bit gathers, which LLVM does not make of
+TVM's 16-bit loads).
+
+bf16 values are int16 buffers holding their bits (``operators.bf16_widen`` reads them);
+each intrinsic's description is the operator's own stage on one key block (P V reads the
+probabilities in float32, key-major as the kernel computes them, and rounds them itself:
+``prob_io`` is inlined into it). Each also
+reads the block's index (the key block's position comes from ``unit_cols``/``row_cols``):
+that read is in the description so that the two match.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from mra_compile import host
+
+SOURCE = Path(__file__).with_name("avx512_bf16.c")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16")
+BLOCK = 32  # the micro-kernels' block edge
+
+
+def objects() -> list[str]:
+    """The micro-kernels as an object file to link into a kernel library (built once into
+    the kernel cache)."""
+    source = SOURCE.read_text()
+    digest = host.text_digest(source + " ".join(FLAGS))[:16]
+    return [str(host.cached_c_library(source, f"micro/avx512_bf16-{digest}.o", FLAGS, shared=False))]
+
+
+@functools.cache
+def intrinsics(D: int) -> tuple[str, str, str]:
+    """The names of the q k^T, P v and query-pairing intrinsics for head dim ``D``
+    (registered once)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    from mra_compile.operators import BF16_BITS as I16
+    from mra_compile.operators import bf16_narrow as narrow
+    from mra_compile.operators import bf16_widen as widen
+
+    b, F32 = BLOCK, "float32"
+
+    @T.prim_func(s_tir=True)
+    def qk_desc(a: T.handle, i: T.handle, q: T.handle, c: T.handle):
+        sa, sc = T.int32(), T.int32()
+        A = T.match_buffer(a, (b, D), I16, strides=[sa, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
+        C = T.match_buffer(c, (b, b), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:b], A[0:b, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
+            T.writes(C[0:b, 0:b])
+            for w, t, p, e in T.grid(b, b, D // 2, 2):
+                with T.sblock("update"):
+                    vw, vt, vp, ve = T.axis.remap("SSRR", [w, t, p, e])
+                    T.reads(C[vw, vt], A[vw, vp * 2 + ve], Ix[0], Q[vp, vt, ve])
+                    T.writes(C[vw, vt])
+                    C[vw, vt] = C[vw, vt] + widen(A[vw, vp * 2 + ve]) * widen(Q[vp, vt, ve])
+
+    @T.prim_func(s_tir=True)
+    def qk_impl(a: T.handle, i: T.handle, q: T.handle, c: T.handle):
+        sa, sc = T.int32(), T.int32()
+        A = T.match_buffer(a, (b, D), I16, strides=[sa, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
+        C = T.match_buffer(c, (b, b), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:b], A[0:b, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
+            T.writes(C[0:b, 0:b])
+            T.evaluate(T.call_extern("int32", "mra_bf16_qk", A.access_ptr("r"), sa,
+                                     Q.access_ptr("r"), C.access_ptr("rw"), sc, D))
+
+    @T.prim_func(s_tir=True)
+    def pv_desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
+        sp, sv, sc = T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:b, 0:D])
+            T.writes(C[0:b, 0:D])
+            for t, d, w in T.grid(b, D, b):
+                with T.sblock("update"):
+                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
+                    T.reads(C[vt, vd], Ix[0], P[vw, vt], V[vw, vd])
+                    T.writes(C[vt, vd])
+                    C[vt, vd] = C[vt, vd] + widen(narrow(P[vw, vt])) * widen(V[vw, vd])
+
+    @T.prim_func(s_tir=True)
+    def pv_impl(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
+        sp, sv, sc = T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:b, 0:D])
+            T.writes(C[0:b, 0:D])
+            T.evaluate(T.call_extern("int32", "mra_bf16_pv", P.access_ptr("r"), sp,
+                                     V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
+
+    @T.prim_func(s_tir=True)
+    def pairs_desc(s: T.handle, q: T.handle):
+        ss = T.int32()
+        S = T.match_buffer(s, (b, D), I16, strides=[ss, 1], offset_factor=1)
+        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
+        with T.sblock("root"):
+            T.reads(S[0:b, 0:D])
+            T.writes(Q[0:D // 2, 0:b, 0:2])
+            for p, t, e in T.grid(D // 2, b, 2):
+                with T.sblock("pair"):
+                    vp, vt, ve = T.axis.remap("SSS", [p, t, e])
+                    Q[vp, vt, ve] = S[vt, vp * 2 + ve]
+
+    @T.prim_func(s_tir=True)
+    def pairs_impl(s: T.handle, q: T.handle):
+        ss = T.int32()
+        S = T.match_buffer(s, (b, D), I16, strides=[ss, 1], offset_factor=1)
+        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
+        with T.sblock("root"):
+            T.reads(S[0:b, 0:D])
+            T.writes(Q[0:D // 2, 0:b, 0:2])
+            T.evaluate(T.call_extern("int32", "mra_bf16_pairs", S.access_ptr("r"), ss,
+                                     Q.access_ptr("w"), D))
+
+    names = (f"mra_bf16_qk_d{D}", f"mra_bf16_pv_d{D}", f"mra_bf16_pairs_d{D}")
+    for name, desc, impl in zip(names, (qk_desc, pv_desc, pairs_desc),
+                                (qk_impl, pv_impl, pairs_impl)):
+        TensorIntrin.register(name, desc, impl)
+    return names

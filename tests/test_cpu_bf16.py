@@ -1,0 +1,147 @@
+"""bf16 on CPUs with AVX-512-BF16: the forward's block products on the bf16 micro-kernels
+(schedules/avx512_bf16.c, tensorized by schedules/cpu_bf16.py) with float32 sums, chosen
+by the CPU target from the CPU's features; float32 everywhere else.
+
+Against the float64 oracle on the bf16-rounded inputs with the op's own selection, bf16
+tolerance (1e-2 of each row's largest output: q k and P v are bf16 products, each rounded
+once more than the float32 path). The tests that need the instructions are skipped on a
+CPU without them; the choice itself is checked everywhere.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from conftest import as64, make_qkv, n_blocks, padded_mask
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mra_compile
+from mra_compile import aot, build, host, inputs, knob_policy
+from mra_compile.reference import mra2_reference
+from mra_compile.targets import cpu
+
+op = torch.ops.mra.attention
+RTOL_BF16 = 1e-2
+needs_bf16 = pytest.mark.skipif(not cpu.bf16_products(),
+                                reason="this CPU has no AVX-512-BF16 (bf16 runs in float32)")
+
+
+def _row_rel_err(out, ref):
+    err = (out.double() - ref).abs().amax(dim=(-1, -2))
+    return (err / ref.abs().amax(dim=(-1, -2)).clamp_min(1e-30)).max().item()
+
+
+def _check(q, k, v, mask, *, query_mask=None, **kw):
+    out = mra_compile.mra_attention(q, k, v, mask, query_mask=query_mask, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    sel = mra_compile.block_selection(q, k, v, mask, query_mask=query_mask, **kw)
+    ref = mra2_reference(as64(q), as64(k), as64(v), as64(mask), query_mask=as64(query_mask),
+                         selection=sel, **kw)
+    err = _row_rel_err(out, ref)
+    assert err <= RTOL_BF16, f"relative error {err:.3g} > {RTOL_BF16}"
+    return out
+
+
+@needs_bf16
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), H=st.integers(1, 3),
+       N=st.integers(1, 300), D=st.sampled_from([16, 40, 64, 100, 128]),
+       padded=st.booleans(), mode=st.sampled_from(["full", "sparse"]),
+       bpr=st.integers(1, 6), scale=st.sampled_from([None, 0.3]))
+def test_bf16_products_match_the_reference(seed, B, H, N, D, padded, mode, bpr, scale):
+    q, k, v = make_qkv(seed, B, H, N, D, dtype=torch.bfloat16)
+    mask = padded_mask(N, [max(1, N - 37 * b) for b in range(B)]) if padded else None
+    out = _check(q, k, v, mask, block_per_row=bpr, approx_mode=mode, scale=scale)
+    if mask is not None:
+        assert torch.all(out.transpose(1, 2)[mask == 0] == 0)
+
+
+@needs_bf16
+@pytest.mark.parametrize("Nq, Nk", [(70, 130), (130, 40)])
+def test_bf16_cross_and_grouped_heads(Nq, Nk):
+    g = torch.Generator().manual_seed(Nq)
+    q = torch.randn(2, 4, Nq, 64, generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, Nk, 64, generator=g).bfloat16() for _ in range(2))
+    _check(q, k, v, padded_mask(Nk, [Nk, Nk - 20]), query_mask=padded_mask(Nq, [Nq - 5, Nq]),
+           block_per_row=3, enable_gqa=True)
+
+
+@needs_bf16
+def test_bf16_training():
+    # The backward runs on float32 copies (its kernels take no bf16): gradients agree with
+    # the float64 oracle's within the bf16 tolerance.
+    q, k, v = (t.requires_grad_() for t in make_qkv(3, 1, 2, 200, 64, dtype=torch.bfloat16))
+    kw = dict(block_per_row=4)
+    out = mra_compile.mra_attention(q, k, v, None, **kw)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    sel = mra_compile.block_selection(q, k, v, None, **kw)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mra2_reference(*x64, None, selection=sel, **kw).backward(grad.double())
+    for got, want in zip((q.grad, k.grad, v.grad), (t.grad for t in x64)):
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - want).abs().max() <= 5e-2 * want.abs().max()
+
+
+@needs_bf16
+def test_bf16_kernels_call_the_micro_kernels():
+    # The forward's kernels that read q, k, v are the bf16 variants and their libraries
+    # hold the micro-kernels; the backward's and every float32 kernel are not.
+    q, k, v = make_qkv(4, 1, 2, 100, 64, dtype=torch.bfloat16)
+    pr = inputs.prepare(q, k, v, None, 32)
+    assert pr.q.dtype == torch.bfloat16
+    for name in ("pool_and_logits", "hires_units", "hires_rows"):
+        static = pr.static(name, True)
+        assert static["io"] == "bfloat16" and static["micro"] == "avx512_bf16"
+    static = pr.static("hires_rows", True)
+    knobs = knob_policy.resolve_knobs("hires_rows", None, target=pr.target)
+    build.kernel("hires_rows", knobs, pr.target, **static)
+    path = next(e["path"] for e in reversed(mra_compile.cache_events())
+                if e["op"] == "hires_rows" and e["static"] == static)
+    symbols = subprocess.run(["nm", path], capture_output=True, text=True).stdout
+    assert all(f"mra_bf16_{name}" in symbols for name in ("qk", "pv", "pairs"))
+    back = inputs.prepare(q, k, v, None, 32, backward=True)
+    assert back.q.dtype == torch.float32
+    assert "micro" not in back.static("bwd_dq_units")
+    f32 = inputs.prepare(q.float(), k.float(), v.float(), None, 32)
+    assert "micro" not in f32.static("hires_rows", True) and "io" not in f32.static("hires_rows", True)
+
+
+def test_the_cpu_target_chooses_bf16_products_from_the_cpu(monkeypatch):
+    target = cpu.CPU
+    assert target.io_dtype(torch.float32) == torch.float32
+    assert target.io_dtype(torch.float16) == torch.float32
+    has = "avx512_bf16" in host.cpu_flags() and "avx512bw" in host.cpu_flags()
+    assert target.io_dtype(torch.bfloat16) == (torch.bfloat16 if has else torch.float32)
+    # Never for the backward's kernels, another block size, or when switched off.
+    assert target.io_dtype(torch.bfloat16, 32, backward=True) == torch.float32
+    assert target.io_dtype(torch.bfloat16, 64) == torch.float32
+    monkeypatch.setenv(cpu.BF16_ENV, "0")
+    assert target.io_dtype(torch.bfloat16) == torch.float32
+    monkeypatch.delenv(cpu.BF16_ENV)
+    monkeypatch.setenv(cpu.TARGET_ENV, '{"kind": "llvm", "mcpu": "x86-64"}')
+    assert target.io_dtype(torch.bfloat16) == torch.float32  # another CPU targeted
+
+
+def test_switched_off_bf16_is_the_float32_op_rounded(monkeypatch):
+    monkeypatch.setenv(cpu.BF16_ENV, "0")
+    q, k, v = make_qkv(5, 1, 2, 90, 40, dtype=torch.bfloat16)
+    out = op(q, k, v, None, 9, "full")
+    want = op(q.float(), k.float(), v.float(), None, 9, "full").bfloat16()
+    assert torch.equal(out, want)
+
+
+def test_ahead_of_time_variants_follow_the_target():
+    got = {(name, tuple(sorted(s.items()))) for name, s in aot.variants(
+        [32], [64], ("float32", "bfloat16"), target=cpu.CPU)}
+    micro = {name for name, s in got if dict(s).get("micro")}
+    if cpu.bf16_products():
+        assert micro == {"pool_and_logits", "hires_units", "hires_rows"}
+    else:
+        assert not micro
+    # The backward's kernels are the float32 ones for bf16 inputs: no variant twice.
+    assert len(got) == len(list(aot.variants([32], [64], ("float32", "bfloat16"),
+                                             target=cpu.CPU)))
+    assert n_blocks(64) == 2
