@@ -13,6 +13,10 @@ implementation once, in turn):
     python bench/bench_roofline_cpu.py                       # N = 4096 and 8192
     python bench/bench_roofline_cpu.py --sizes 512 1024 --repeat 21
     python bench/bench_roofline_cpu.py --backward --sizes 8192   # + forward+backward
+    python bench/bench_roofline_cpu.py --bf16     # + sparse mode in bf16 against Flex
+
+``--bf16`` adds, to the same rounds, the op (sparse) and Flex on bf16 copies of the
+inputs, and compares the bf16 op with Flex in its faster dtype on this CPU.
 
 Forward+backward's floor is 3.5 times the forward's: the backward's minimal work is 2.5
 times the forward's (recomputing the logits, then dP, dV, dQ, dK: five products per
@@ -71,14 +75,19 @@ def flex_on_blocks(q, k, v, num_blocks: int):
     return lambda: flex(q, k, v, block_mask=mask)
 
 
-def implementations(q, k, v, nb: int) -> dict:
+def implementations(q, k, v, nb: int, bf16: bool = False) -> dict:
     """What one round calls, in turn."""
-    return {
+    impls = {
         "full": lambda: torch.ops.mra.attention(q, k, v, None, nb, "full"),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "sparse": lambda: torch.ops.mra.attention(q, k, v, None, nb, "sparse"),
         "flex": flex_on_blocks(q, k, v, nb),
     }
+    if bf16:
+        qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+        impls["sparse_bf16"] = lambda: torch.ops.mra.attention(qb, kb, vb, None, nb, "sparse")
+        impls["flex_bf16"] = flex_on_blocks(qb, kb, vb, nb)
+    return impls
 
 
 def main() -> int:
@@ -88,6 +97,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=11)
     p.add_argument("--backward", action="store_true",
                    help="also forward+backward (full mode) against 3.5x the forward floor")
+    p.add_argument("--bf16", action="store_true",
+                   help="also sparse mode in bf16, the op against Flex")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -97,21 +108,27 @@ def main() -> int:
     print(f"B*H={B * H} D={D} {args.blocks_per_row} blocks/row; median of {args.repeat} "
           "interleaved rounds\n")
     print("| N | floor ms | op full ms | SDPA ms | op/floor | SDPA/op | op sparse ms "
-          "| Flex ms | Flex/op sparse |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| Flex ms | Flex/op sparse |" + (" op sparse bf16 ms | Flex bf16 ms | Flex bf16/op "
+                                           "bf16 | faster Flex/op bf16 |" if args.bf16 else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.bf16 else ""))
     for n_tokens in args.sizes:
         q, k, v = (torch.randn(B, H, n_tokens, D) for _ in range(3))
         nb = args.blocks_per_row * (-(-n_tokens // BLOCK))
         with torch.no_grad():
-            impls = implementations(q, k, v, nb)
+            impls = implementations(q, k, v, nb, args.bf16)
             for fn in impls.values():  # builds, compiles, fills caches
                 fn()
                 fn()
             t = common.median_ms(impls, args.repeat)
         floor = floor_ms(n_tokens, args.blocks_per_row, peak)
-        print(f"| {n_tokens} | {floor:.2f} | {t['full']:.2f} | {t['sdpa']:.2f} | "
-              f"{t['full'] / floor:.2f}x | {t['sdpa'] / t['full']:.2f}x | {t['sparse']:.2f} | "
-              f"{t['flex']:.2f} | {t['flex'] / t['sparse']:.2f}x |", flush=True)
+        row = (f"| {n_tokens} | {floor:.2f} | {t['full']:.2f} | {t['sdpa']:.2f} | "
+               f"{t['full'] / floor:.2f}x | {t['sdpa'] / t['full']:.2f}x | {t['sparse']:.2f} | "
+               f"{t['flex']:.2f} | {t['flex'] / t['sparse']:.2f}x |")
+        if args.bf16:
+            ob, fb = t["sparse_bf16"], t["flex_bf16"]
+            row += (f" {ob:.2f} | {fb:.2f} | {fb / ob:.2f}x | "
+                    f"{min(fb, t['flex']) / ob:.2f}x |")
+        print(row, flush=True)
     if args.backward:
         print("\n| N | fwd+bwd floor ms | op fwd+bwd ms (full) | op/floor |\n|---|---|---|---|")
         for n_tokens in args.sizes:

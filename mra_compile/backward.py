@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mra_compile import knob_policy, plan, runtime, validate
-from mra_compile.forward import Saved, narrow, row_parts, row_range
+from mra_compile.forward import Saved, exact_and_combine, narrow, row_parts, row_range
 from mra_compile.inputs import Prepared, pad, prepare, torch_single_threaded
 from mra_compile.options import Options
 
@@ -61,8 +61,18 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dt, dev, target = pr.dtype, q.device, pr.target
 
     dout = pad(grad_out, Np - N, Dp - D, dt)
-    outp = pad(out, Np - N, Dp - D, dt)
     stab, lo_w, inv_z = saved.stats  # [R, Np] each
+    if out.dtype != dt and pr.q.dtype == dt:
+        # A half-precision result, float32 kernels here: D_t = g . out from the output
+        # computed again in float32 with the forward's blocks. With the rounded one, g . v -
+        # D_t cancels where the softmax is peaky and dq, dk lose all precision there (seen:
+        # dk off by 5% of the largest gradient, 120% of its own, at scale 2.5).
+        outp = pr.scratch("out", R, n, b, Dp)
+        chosen = knob_policy.knobs_for_shape(knobs or None, max(N, Nk), D, b, target)
+        exact_and_combine(pr, saved.index, saved.logits, saved.rowmax, saved.high_mask,
+                          saved.pooled[2], full, chosen, outp, pr.scratch("stats", 3, R, n, b))
+    else:
+        outp = pad(out, Np - N, Dp - D, dt)
 
     # g = dO mask / Z, D_t = g . out, and their low-resolution block sums.
     g, dsum = pr.scratch("g", R, Np, Dp), torch.empty(R, Np, dtype=dt, device=dev)

@@ -187,19 +187,48 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
 
 def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     B, H, N, D = q.shape
-    b = opts.block_size
-    full = opts.full
     lr = _pool_and_select(pr, opts, knobs)
     R, Np, Dp = pr.q.shape
-    n = Np // b
+    n = Np // opts.block_size
     dt, dev = pr.dtype, q.device
-    target = pr.target
+    # The result is a copy of part of the kernels' output (below) where padded or of
+    # another dtype: then scratch memory, reused between calls where the target allows it
+    # (no fresh pages to fault in).
+    copied = N < Np or D < Dp or q.dtype != pr.q.dtype
+    if copied:
+        out = pr.scratch("out", R, n, opts.block_size, Dp, dtype=pr.q.dtype)
+    else:
+        out = pr.result(R, n, opts.block_size, Dp, dtype=pr.q.dtype)  # returned as it is
+    stats = pr.result(3, R, n, opts.block_size)
+    high_mask = lr.sel.high_mask
+    exact_and_combine(pr, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.pooled[2],
+                      opts.full, knobs, out, stats)
+    out = out.view(B, H, Np, Dp)[:, :, :N, :D]
+    if copied:  # (never hand out the scratch, even where a prefix of it is the result)
+        out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out)
+    if high_mask is None:
+        high_mask = torch.zeros(R, n, n, dtype=dt, device=dev)
+    saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
+                  high_mask.to(dt), lr.rowmax, lr.sel.index)
+    return out, saved
+
+
+def exact_and_combine(pr: Prepared, index, logits, rowmax, high_mask, vp, full: bool,
+                      knobs: dict, out, stats) -> None:
+    """Steps 4-6 for the selected blocks ``index`` [R, K] (and, "full", the
+    low-resolution part from ``logits``, ``rowmax``, ``high_mask`` [R, n, n] and the
+    pooled values ``vp`` [R, n, Dp]): the output into ``out`` [R, n, b, Dp] (in the I/O
+    dtype of ``pr``) and the per-token statistics into ``stats`` [3, R, n, b]."""
+    R, Np, Dp = pr.q.shape
+    b = pr.block_size
+    n = Np // b
+    dt, target = pr.dtype, pr.target
 
     Cr = knob_policy.resolve_knobs("hires_rows", knobs.get("hires_rows"),
                                    target=target)["row_unit_blocks"]
     Co = knob_policy.resolve_knobs("hires_units", knobs.get("hires_units"),
                                    target=target)["blocks_per_unit"]
-    p = plan.make_plan(lr.sel.index, n, Cr, Co, exact=target.exact_plan)
+    p = plan.make_plan(index, n, Cr, Co, exact=target.exact_plan)
     U = p.unit_row.shape[1]
     target.check_launch(n=n, U=U)
     validate.check_scratch("overflow-unit", R, U, b, Dp)
@@ -213,32 +242,14 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
                unit_sum=ov_sum, heads=pr.heads, group=pr.group, scale=pr.scale)
 
     # Step 4 for each row's own blocks, merged with its overflow units; steps 5 and 6.
-    copied = N < Np or D < Dp or q.dtype != pr.q.dtype
-    if copied:
-        # The result is a copy of part of it (below): scratch memory, reused between calls
-        # where the target allows it (no fresh pages to fault in).
-        out = pr.scratch("out", R, n, b, Dp, dtype=pr.q.dtype)
-    else:
-        out = pr.result(R, n, b, Dp, dtype=pr.q.dtype)  # returned as it is
-    stats = pr.result(3, R, n, b)
     lowres = {}
-    high_mask = lr.sel.high_mask
     if full:
         assert high_mask is not None  # (the selection makes it in "full" mode)
         o_lo, z_lo = pr.scratch("o_lo", R, n, Dp), pr.scratch("z_lo", R, n)
-        pr.run("lowres_out", knobs, logits=lr.logits, rowmax=lr.rowmax,
-               hmask=high_mask.to(dt), counts=pr.counts, vp=lr.pooled[2], o_lo=o_lo,
-               z_lo=z_lo, heads=pr.heads)
-        lowres = dict(o_lo=o_lo, z_lo=z_lo, rowmax=lr.rowmax)
+        pr.run("lowres_out", knobs, logits=logits, rowmax=rowmax, hmask=high_mask.to(dt),
+               counts=pr.counts, vp=vp, o_lo=o_lo, z_lo=z_lo, heads=pr.heads)
+        lowres = dict(o_lo=o_lo, z_lo=z_lo, rowmax=rowmax)
     pr.run("hires_rows", knobs, full, q=pr.q, k=pr.k, v=pr.v, **pr.masks,
            row_cols=p.row_cols, ov_max=ov_max, ov_out=ov_out, ov_sum=ov_sum, ov_start=p.ov_start,
            ov_units=p.ov_units, **lowres, out=out, stab=stats[0], lo_w=stats[1], inv_z=stats[2],
            heads=pr.heads, group=pr.group, scale=pr.scale, ucap=p.ucap)
-    out = out.view(B, H, Np, Dp)[:, :, :N, :D]
-    if copied:  # (never hand out the scratch, even where a prefix of it is the result)
-        out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out)
-    if high_mask is None:
-        high_mask = torch.zeros(R, n, n, dtype=dt, device=dev)
-    saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
-                  high_mask.to(dt), lr.rowmax, lr.sel.index)
-    return out, saved

@@ -23,7 +23,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -124,7 +124,7 @@ _POOL = _Pool()
 
 
 @functools.lru_cache(maxsize=256)
-def _lease_type(nbytes: int) -> type:
+def _lease_type(nbytes: int) -> type[ctypes.Array]:
     """A ctypes byte array over a block, that gives the block back when it is freed.
 
     ``torch.frombuffer`` keeps the object it was given until the tensor's storage is freed
@@ -134,7 +134,8 @@ def _lease_type(nbytes: int) -> type:
         if pool is not None:
             pool.give_back(self.block)
 
-    return type("ResultBlock", (ctypes.c_ubyte * nbytes,), {"__del__": release})
+    return cast("type[ctypes.Array]",
+                type("ResultBlock", (ctypes.c_ubyte * nbytes,), {"__del__": release}))
 
 
 def result_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -146,7 +147,7 @@ def result_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     numel = math.prod(shape)
     nbytes = max(numel * dtype.itemsize, 1)
     block = _POOL.take(nbytes)
-    lease = _lease_type(nbytes).from_address(block.data_ptr())
+    lease: Any = _lease_type(nbytes).from_address(block.data_ptr())
     lease.block = block
     return torch.frombuffer(lease, dtype=dtype, count=numel).view(shape)
 
