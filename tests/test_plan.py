@@ -1,5 +1,6 @@
 """The work plan: its shape-only bounds (CUDA: no host synchronisation) hold for every
-selection, and a bounded plan is the exact plan plus empty units."""
+selection, and a bounded plan is the exact plan plus empty units. (On the CPU the exact
+plan is numpy's, the bounded one torch's: the same steps, compared here.)"""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,3 +55,31 @@ def test_no_block_entries_are_skipped(n, data, Cr, Co, seed):
             assert (got.unit_row[:, used:] == -1).all()
         else:
             assert (got.row_cols == -1).all() and (got.ov_units == 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.sampled_from([256, 300]), per_row=st.integers(1, 30), seed=st.integers(0, 2**31 - 1),
+       layout=st.sampled_from(["random", "sorted", "strided", "one row"]))
+def test_sampled_top_k_is_the_top_k(n, per_row, seed, layout):
+    """``top_k_numpy`` (a threshold from a strided sample first) selects exactly the k
+    largest of every row, also where the sample misleads it (then it partitions the row
+    whole): the largest values sorted to one end, or placed on the sample's stride."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    R, T = 3, n * n
+    k = min(per_row * n // 8, T - 1)
+    values = g.permutation(R * T).reshape(R, T).astype(np.float64)  # distinct: no ties
+    if layout == "sorted":
+        values.sort(axis=1)
+    elif layout == "strided":  # the sample holds the largest values: its threshold is too high
+        sampled = np.arange(0, T, plan.SAMPLE_STRIDE)
+        positions = np.r_[sampled, np.setdiff1d(np.arange(T), sampled)]
+        row = np.empty(T)
+        row[positions] = np.arange(T, 0, -1)
+        values = np.stack([row + T * i for i in range(R)])
+    elif layout == "one row":
+        values[1] = -values[1]
+    got = np.sort(plan.top_k_numpy(values, k), axis=1)
+    want = np.sort(np.argpartition(values, T - k, axis=1)[:, T - k:], axis=1)
+    assert (got == want).all()
