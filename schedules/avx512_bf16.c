@@ -3,7 +3,7 @@
  * schedules/cpu_bf16.py (TVM 0.27 cannot emit the instruction itself).
  *
  * bf16 values are passed as their 16 bits. Blocks are 32 x 32; D is the padded head dim
- * (a multiple of 16, at most 256). Both functions add to ``out`` (the kernel zeroes it).
+ * (any multiple of 16). The products add to ``out`` (the kernel zeroes it).
  * Compiled with -O3: at -O2 gcc keeps the accumulator tiles in memory (3-4x slower).
  */
 #include <immintrin.h>
@@ -46,14 +46,63 @@ HIDDEN int32_t mra_bf16_qk(const uint16_t *k, int32_t ldk, const uint16_t *qp, f
  * rounded here to bf16 (nearest even); v: rows of D (stride ldv); out: fp32 rows of
  * stride ldo. Both operands are first put in the layout of vdpbf16ps, in pairs of keys:
  * pp[w/2][t] (one 32-bit pair per query, broadcast) and vp[w/2][d][2] (vectors). */
-HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
-                           float *out, int32_t ldo, int32_t D) {
-  int32_t pp[16 * 32] __attribute__((aligned(64)));
+/* P v for the dims [0, Dc) of v and out (Dc <= 256, a multiple of 16), pp as below. */
+static void pv_dims(const int32_t *pp, const uint16_t *v, int32_t ldv, float *out, int32_t ldo,
+                    int32_t Dc) {
   uint16_t vp[16 * 256 * 2] __attribute__((aligned(64)));
   /* element i of the result: a[i/2] for even i, b[i/2] for odd i (b's lanes start at 32) */
   const __m512i pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
                                          32, 0);
+  for (int p = 0; p < 16; ++p)
+    for (int d = 0; d < Dc; d += 16) {
+      __m512i a = _mm512_castsi256_si512(
+          _mm256_loadu_si256((const __m256i *)(v + 2 * p * ldv + d)));
+      __m512i b = _mm512_castsi256_si512(
+          _mm256_loadu_si256((const __m256i *)(v + (2 * p + 1) * ldv + d)));
+      _mm512_store_si512(vp + (p * Dc + d) * 2, _mm512_permutex2var_epi16(a, pairs, b));
+    }
+  const int nv = Dc / 16; /* output vectors per query row */
+  int j0 = 0;
+  for (; j0 + 4 <= nv; j0 += 4) /* tiles of 4 queries x 64 dims (16 accumulators) */
+    for (int t0 = 0; t0 < 32; t0 += 4) {
+      __m512 acc[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_loadu_ps(out + (t0 + i) * ldo + (j0 + j) * 16);
+      for (int p = 0; p < 16; ++p) {
+        __m512bh vb[4];
+        for (int j = 0; j < 4; ++j)
+          vb[j] = (__m512bh)_mm512_load_si512(vp + (p * Dc + (j0 + j) * 16) * 2);
+        for (int i = 0; i < 4; ++i) {
+          __m512bh pb = (__m512bh)_mm512_set1_epi32(pp[p * 32 + t0 + i]);
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pb, vb[j]);
+        }
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + (t0 + i) * ldo + (j0 + j) * 16, acc[i][j]);
+    }
+  for (; j0 < nv; ++j0) /* the last 1-3 vectors of a Dc that is not a multiple of 64 */
+    for (int t0 = 0; t0 < 32; t0 += 8) {
+      __m512 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(out + (t0 + i) * ldo + j0 * 16);
+      for (int p = 0; p < 16; ++p) {
+        __m512bh vb = (__m512bh)_mm512_load_si512(vp + (p * Dc + j0 * 16) * 2);
+        for (int i = 0; i < 8; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pp[p * 32 + t0 + i]), vb);
+      }
+      for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (t0 + i) * ldo + j0 * 16, acc[i]);
+    }
+}
+
+/* P V of one key block: out[t][d] += sum_w bf16(P[w][t]) v[w][d], t, w < 32, d < D.
+ * P: the fp32 probabilities as the kernel computes them, key-major (rows of stride ldp),
+ * rounded here to bf16 (nearest even); v: rows of D (stride ldv); out: fp32 rows of
+ * stride ldo. Both operands are first put in the layout of vdpbf16ps, in pairs of keys:
+ * pp[w/2][t] (one 32-bit pair per query, broadcast) and, 256 dims at a time,
+ * vp[w/2][d][2] (vectors). */
+HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                           float *out, int32_t ldo, int32_t D) {
+  int32_t pp[16 * 32] __attribute__((aligned(64)));
   /* the same within one vector: its halves interleaved */
   const __m512i halves = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
@@ -64,44 +113,8 @@ HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32
       __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
       _mm512_store_si512(pp + p * 32 + h, _mm512_permutexvar_epi16(halves, both));
     }
-  for (int p = 0; p < 16; ++p)
-    for (int d = 0; d < D; d += 16) {
-      __m512i a = _mm512_castsi256_si512(
-          _mm256_loadu_si256((const __m256i *)(v + 2 * p * ldv + d)));
-      __m512i b = _mm512_castsi256_si512(
-          _mm256_loadu_si256((const __m256i *)(v + (2 * p + 1) * ldv + d)));
-      _mm512_store_si512(vp + (p * D + d) * 2, _mm512_permutex2var_epi16(a, pairs, b));
-    }
-  const int nv = D / 16; /* output vectors per query row */
-  int j0 = 0;
-  for (; j0 + 4 <= nv; j0 += 4) /* tiles of 4 queries x 64 dims (16 accumulators) */
-    for (int t0 = 0; t0 < 32; t0 += 4) {
-      __m512 acc[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_loadu_ps(out + (t0 + i) * ldo + (j0 + j) * 16);
-      for (int p = 0; p < 16; ++p) {
-        __m512bh vb[4];
-        for (int j = 0; j < 4; ++j)
-          vb[j] = (__m512bh)_mm512_load_si512(vp + (p * D + (j0 + j) * 16) * 2);
-        for (int i = 0; i < 4; ++i) {
-          __m512bh pb = (__m512bh)_mm512_set1_epi32(pp[p * 32 + t0 + i]);
-          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pb, vb[j]);
-        }
-      }
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + (t0 + i) * ldo + (j0 + j) * 16, acc[i][j]);
-    }
-  for (; j0 < nv; ++j0) /* the last 1-3 vectors of a D that is not a multiple of 64 */
-    for (int t0 = 0; t0 < 32; t0 += 8) {
-      __m512 acc[8];
-      for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(out + (t0 + i) * ldo + j0 * 16);
-      for (int p = 0; p < 16; ++p) {
-        __m512bh vb = (__m512bh)_mm512_load_si512(vp + (p * D + j0 * 16) * 2);
-        for (int i = 0; i < 8; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pp[p * 32 + t0 + i]), vb);
-      }
-      for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (t0 + i) * ldo + j0 * 16, acc[i]);
-    }
+  for (int d0 = 0; d0 < D; d0 += 256)
+    pv_dims(pp, v + d0, ldv, out + d0, ldo, D - d0 < 256 ? D - d0 : 256);
   return 0;
 }
 

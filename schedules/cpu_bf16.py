@@ -30,9 +30,20 @@ BLOCK = 32  # the micro-kernels' block edge
 def objects() -> list[str]:
     """The micro-kernels as an object file to link into a kernel library (built once into
     the kernel cache)."""
+    import subprocess
+
     source = SOURCE.read_text()
     digest = host.text_digest(source + " ".join(FLAGS))[:16]
-    return [str(host.cached_c_library(source, f"micro/avx512_bf16-{digest}.o", FLAGS, shared=False))]
+    try:
+        built = host.cached_c_library(source, f"micro/avx512_bf16-{digest}.o", FLAGS, shared=False)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        raise RuntimeError(
+            "mra_compile: building the bf16 micro-kernels (schedules/avx512_bf16.c) failed; "
+            "they need a C compiler that knows -mavx512bf16 (gcc 10+, clang 9+). Set "
+            "MRA_COMPILE_CPU_BF16=0 to compute bf16 inputs in float32 instead. "
+            f"{e} {detail.decode(errors='replace')[-400:]}") from e
+    return [str(built)]
 
 
 @functools.cache

@@ -69,6 +69,24 @@ def test_bf16_cross_and_grouped_heads(Nq, Nk):
 
 
 @needs_bf16
+@pytest.mark.parametrize("D", [8, 300])
+def test_bf16_head_dims_beyond_one_vector_tile(D):
+    # D = 8 pads to 16 (one vector); D = 300 pads to 304 (P v in chunks of 256 dims).
+    q, k, v = make_qkv(D, 1, 2, 130, D, dtype=torch.bfloat16)
+    _check(q, k, v, None, block_per_row=3)
+
+
+def test_a_failed_micro_kernel_build_says_what_to_do(monkeypatch, tmp_path):
+    from mra_compile.schedules import cpu_bf16
+
+    monkeypatch.setenv(host.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setattr(cpu_bf16, "FLAGS", (*cpu_bf16.FLAGS, "-DUNCACHED"))
+    with pytest.raises(RuntimeError, match="MRA_COMPILE_CPU_BF16=0"):
+        cpu_bf16.objects()
+
+
+@needs_bf16
 def test_bf16_training():
     # The backward runs on float32 copies (its kernels take no bf16): gradients agree with
     # the float64 oracle's within the bf16 tolerance.
