@@ -5,7 +5,9 @@ per row) is called ``--calls`` times right after the PyTorch MRA-2 fallback (man
 gathers and scatters, then freed), then ``--calls`` times back to back. Settings: no
 switch; torch's ``THP_MEM_ALLOC_ENABLE=1``; glibc's
 ``GLIBC_TUNABLES=glibc.malloc.top_pad=268435456`` (both are environment variables read
-at process start, so they cannot be set from inside a running program).
+at process start, so they cannot be set from inside a running program). The op keeps
+its results' memory mapped between calls itself (``mra_compile.memory``): what is left
+after the fallback is mostly its cache traffic.
 
     python bench/bench_cold_start.py                 # writes bench/results/cold_start_cpu.md
     python bench/bench_cold_start.py --calls 6 --out /tmp/cold.md

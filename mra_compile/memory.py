@@ -13,7 +13,7 @@ the faults: at N = 4096 (a 12.6 MB result) ~4 ms of system time in a 9 ms call
 (``bench/bench_cold_start.py``). So a result is a view of a block kept here: when the
 last tensor using it is freed, the block comes back, still mapped, for the next result of
 its size (oldest block dropped first past the bound). Results are ordinary tensors except
-that their storage cannot be resized in place.
+that their storage cannot grow in place.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 
+import pytest
 import torch
 from conftest import make_qkv
 
@@ -93,3 +94,19 @@ def test_a_result_freed_on_another_thread_comes_back():
     gc.collect()
     assert memory.kept_result_bytes() > 0
     assert torch.equal(op(*x, None, 4, "full"), want)
+
+
+def test_results_behave_as_tensors():
+    import io
+
+    x = make_qkv(9, 1, 2, 64, 32)
+    out = op(*x, None, 4, "full")
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), out)
+    shared = op(*x, None, 4, "full")
+    shared.share_memory_()
+    assert shared.is_shared() and torch.equal(shared, out)
+    with pytest.raises(RuntimeError):
+        out.resize_(out.numel() + 1)  # (documented: a result's storage cannot grow)
