@@ -1,5 +1,5 @@
 """bf16 against float32 on the CPU: the op's forward with bf16 products (AVX-512-BF16,
-``schedules/avx512_bf16.c``) against the float32 op on the same inputs, and the bf16
+``schedules/cpu_bf16.c``) against the float32 op on the same inputs, and the bf16
 result's error against the float64 oracle.
 
 One interleaved run per N (B=1, H=12, D=64, full mode, ``block_per_row=4``): the float32

@@ -170,7 +170,7 @@ def source_hash(family: str) -> str:
     of every kernel's key, so that editing either rebuilds."""
     h = hashlib.sha256()
     # (the family's micro-kernels too: schedules/<family>_*.py and their C sources)
-    extra = sorted(schedule_dir().glob(f"{family}_*.py")) + sorted(schedule_dir().glob("*.c"))
+    extra = sorted(schedule_dir().glob(f"{family}_*.*"))
     for path in (PACKAGE_DIR / "operators.py", schedule_dir() / f"{family}.py", *extra):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

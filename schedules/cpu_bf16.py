@@ -1,5 +1,5 @@
 """bf16 block products on AVX-512-BF16 CPUs: tensor intrinsics over the C micro-kernels of
-``avx512_bf16.c``.
+``cpu_bf16.c``.
 
 TVM 0.27 cannot emit ``vdpbf16ps`` (its bf16 legalisation rewrites the operands before
 LLVM sees them), so the two 32 x 32 x D block products of a unit, ``dots`` (q k^T) and
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mra_compile import host
 
-SOURCE = Path(__file__).with_name("avx512_bf16.c")
+SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16")
 BLOCK = 32  # the micro-kernels' block edge
 
@@ -39,7 +39,7 @@ def objects() -> list[str]:
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         raise RuntimeError(
-            "mra_compile: building the bf16 micro-kernels (schedules/avx512_bf16.c) failed; "
+            "mra_compile: building the bf16 micro-kernels (schedules/cpu_bf16.c) failed; "
             "they need a C compiler that knows -mavx512bf16 (gcc 10+, clang 9+). Set "
             "MRA_COMPILE_CPU_BF16=0 to compute bf16 inputs in float32 instead. "
             f"{e} {detail.decode(errors='replace')[-400:]}") from e

@@ -1,5 +1,5 @@
 """bf16 on CPUs with AVX-512-BF16: the forward's block products on the bf16 micro-kernels
-(schedules/avx512_bf16.c, tensorized by schedules/cpu_bf16.py) with float32 sums, chosen
+(schedules/cpu_bf16.c, tensorized by schedules/cpu_bf16.py) with float32 sums, chosen
 by the CPU target from the CPU's features; float32 everywhere else.
 
 Against the float64 oracle on the bf16-rounded inputs with the op's own selection, bf16

@@ -17,7 +17,7 @@ BF16_ENV = "MRA_COMPILE_CPU_BF16"  # "0": bf16 inputs run on the float32 kernels
 
 def bf16_products() -> bool:
     """Whether bf16 q, k, v stay bf16 in the forward's kernels, their block products on
-    the AVX-512-BF16 micro-kernels (``schedules/avx512_bf16.c``): this CPU has the
+    the AVX-512-BF16 micro-kernels (``schedules/cpu_bf16.c``): this CPU has the
     instructions, no other CPU is targeted (``MRA_COMPILE_TARGET``), and
     ``MRA_COMPILE_CPU_BF16`` is not "0"."""
     return ("avx512_bf16" in host.cpu_flags() and "avx512bw" in host.cpu_flags()
