@@ -50,11 +50,15 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     # sides are padded to beyond it hold no real query or key (inputs._prepare_cross).
     nq, nk = pr.blocks_q, pr.blocks_k
     grid = (nq, nk) != (n, n)
+    # S is scratch; Hmask a result (the backward keeps it): kept memory, not fresh pages.
+    kept = {} if grid else dict(scores_out=pr.scratch("scores", R, n, n),
+                                high_mask_out=pr.result(R, n, n) if opts.full else None)
     sel = plan.select_blocks(logits[:, :nq, :nk] if grid else logits, rowmax[:, :nq],
                              num_blocks=opts.max_blocks(nq, nk), full=opts.full,
                              first_n=opts.first_n, diagonal_n=opts.diagonal_n,
                              row_blocks=row_blocks,
-                             real_pairs=None if real_pairs is None else real_pairs[:, :nq, :nk])
+                             real_pairs=None if real_pairs is None else real_pairs[:, :nq, :nk],
+                             **kept)
     if grid:
         sel = sel.embed(nq, nk, n)
     return LowRes(pooled, logits, rowmax, sel)
@@ -190,7 +194,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     lr = _pool_and_select(pr, opts, knobs)
     R, Np, Dp = pr.q.shape
     n = Np // opts.block_size
-    dt, dev = pr.dtype, q.device
+    dt = pr.dtype
     # The result is a copy of part of the kernels' output (below) where padded or of
     # another dtype: then scratch memory, reused between calls where the target allows it
     # (no fresh pages to fault in).
@@ -207,7 +211,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     if copied:  # (never hand out the scratch, even where a prefix of it is the result)
         out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out)
     if high_mask is None:
-        high_mask = torch.zeros(R, n, n, dtype=dt, device=dev)
+        high_mask = pr.result(R, n, n).zero_()
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
                   high_mask.to(dt), lr.rowmax, lr.sel.index)
     return out, saved

@@ -22,13 +22,18 @@ from mra_compile import targets
 PRIOR_BONUS = 5e3  # docs/spec.md, step 3
 
 
-def selection_scores(logits, rowmax, first_n: int, diagonal_n: int):
+def selection_scores(logits, rowmax, first_n: int, diagonal_n: int, out=None):
     """S of docs/spec.md, step 3: [R, nq, nk] from logits [R, nq, nk] and rowmax [R, nq].
 
     With priors, in float64: the 5e3 bonus would otherwise round away float32
     differences below 5e-4 and turn near-ties into ties, changing T and Hmask.
+    ``out``: where to write S without priors (a kept tensor of the logits' shape and
+    dtype: no fresh pages to fault in on every call).
     """
-    scores = logits - rowmax[:, :, None]
+    if first_n > 0 or diagonal_n > 0 or logits.dtype == torch.float64:
+        out = None
+    scores = torch.sub(logits, rowmax[:, :, None], out=out) if out is not None \
+        else logits - rowmax[:, :, None]
     if first_n > 0 or diagonal_n > 0 or scores.dtype == torch.float64:
         scores = scores.double()
     rows = torch.arange(scores.shape[-2], device=scores.device)
@@ -68,14 +73,19 @@ class Selection:
 
 @torch.no_grad()
 def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0,
-                  row_blocks=None, real_pairs=None) -> Selection:
+                  row_blocks=None, real_pairs=None, scores_out=None,
+                  high_mask_out=None) -> Selection:
     """T (and Hmask) of docs/spec.md, step 3, for logits [R, nq, nk] and rowmax [R, nq]
     (nq = nk but for cross-attention): the top ``num_blocks`` of each row; or, with
     ``row_blocks`` [R] int64 (each row's own budget, at most ``num_blocks``: "Per-sequence
     budget") and ``real_pairs`` [R, nq, nk] bool (blocks with a real query and a real key),
     each row's top ``row_blocks[r]`` real blocks, padded to ``num_blocks`` with blocks of
-    padding."""
-    scores = selection_scores(logits, rowmax, first_n, diagonal_n)
+    padding.
+
+    ``scores_out``, ``high_mask_out``: kept tensors like ``logits`` for S and Hmask (the
+    host path writes into them instead of fresh memory; ``high_mask`` may then be
+    ``high_mask_out``)."""
+    scores = selection_scores(logits, rowmax, first_n, diagonal_n, out=scores_out)
     R, nq, nk = scores.shape
     total = nq * nk
     k = min(num_blocks, total)
@@ -93,8 +103,11 @@ def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0,
         high_mask = None
         if full:
             theta = np.take_along_axis(values, part, axis=1).min(axis=1)
-            hm = (values >= theta[:, None]).astype(logits.numpy().dtype)
-            high_mask = torch.from_numpy(hm).view(R, nq, nk)
+            if high_mask_out is None:
+                high_mask_out = torch.empty(R, nq, nk, dtype=logits.dtype)
+            # (one pass: the comparison's bools are cast as they are stored)
+            np.greater_equal(values, theta[:, None], out=high_mask_out.view(R, total).numpy())
+            high_mask = high_mask_out
         return Selection(torch.from_numpy(part), high_mask)
     else:
         index = torch.topk(flat, k, dim=1, sorted=False).indices.sort(dim=1).values
