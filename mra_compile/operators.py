@@ -232,7 +232,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     spec's m_t.
 
     ``micro`` ("avx512_bf16": q, k, v are bf16 bits): the queries are masked into ``q_s``
-    [b, D] (the scale goes to the logits) and moved into pairs of dims (``q_t``
+    [b, D] unscaled (the scale goes to the logits) and moved into pairs of dims (``q_t``
     [D/2, b, 2], the operand layout of ``vdpbf16ps``), and P is rounded to bf16 for P V;
     the block products and the pairing are the CPU micro-kernels' (tensorized).
 
@@ -267,7 +267,10 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
         return _narrow(_widen(q[r, query_token(r, u, t), d], dt)
                        * qmask[r // heads, query_token(r, u, t)] * scale, io)
 
-    if micro:  # masked in place (vectors), then moved into pairs by a micro-kernel
+    # The queries are first masked and scaled in place (``q_s`` [b, D], rows of q: vectors
+    # on the CPU, inlined on CUDA), then moved: transposed (``q_t`` [D, b]), or for
+    # ``micro`` into pairs of dims by a micro-kernel.
+    if micro:
         # Not scaled: bf16 q * scale would be rounded again; the logits are scaled instead
         # (q times a 0/1 mask is exact), so q k^T is as exact as the float32 path's.
         q_s = te.compute((*domain, b, D),
@@ -276,8 +279,9 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
         q_t = te.compute((*domain, D // 2, b, 2),
                          lambda r, u, p, t, e: q_s[r, u, t, 2 * p + e], name="q_t")
     else:
-        q_t = te.compute((*domain, D, b), lambda r, u, d, t: scaled_query(r, u, t, d),
-                         name="q_t")
+        q_s = te.compute((*domain, b, D), lambda r, u, t, d: scaled_query(r, u, t, d),
+                         name="q_s")
+        q_t = te.compute((*domain, D, b), lambda r, u, d, t: q_s[r, u, t, d], name="q_t")
     # Row r reads the key/value head it shares with its group (grouped-query heads).
     k_g = te.compute((*domain, W, D), lambda r, u, w, d: k[_kv_row(r, group), key_token(r, u, w), d],
                      name="k_g")

@@ -7,6 +7,7 @@ AVX-512 (vec=16 floats) and still run well with AVX2 (the vector is split in two
 from __future__ import annotations
 
 from mra_compile import host
+from mra_compile.schedules import cpu_transpose
 
 # The schedules that take ``micro``: the micro-kernels of the variant (None, or
 # "avx512_bf16": bf16 q, k, v and the block products of schedules/cpu_bf16.py).
@@ -99,7 +100,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     # blocks are contiguous [b, D] slabs already.
     for name in ("logit", "k_g", "v_g", "prob_io"):
         sch.compute_inline(sch.get_sblock(name))
-    queries = ("q_t", "q_s") if micro else ("q_t",)
+    queries = ("q_t", "q_s")
     stages: tuple[str, ...] = ("prob", "dots", *queries, "key_factor")
     if not outputs_placed:
         stages = ("prob", "unit_max", "dots", *queries, "key_factor")
@@ -119,12 +120,18 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     key_loops = {name: _keys_outer(sch, name, vec) for name in ("unit_max", "unit_sum")}
     loops = sch.get_loops(sch.get_sblock("prob"))
     sch.vectorize(sch.split(loops[-1], [None, vec])[1])
-    if micro:  # q_s [b, D] in vectors, then q_t [D/2, b, 2] by the micro-kernel
-        d_ = sch.get_loops(sch.get_sblock("q_s"))[-1]
-        sch.vectorize(sch.split(d_, [None, vec])[1])
-    else:
-        loops = sch.get_loops(sch.get_sblock("q_t"))
-        sch.vectorize(sch.split(loops[-1], [None, vec])[1])
+    # q_s [b, D] in vectors; then q_t: [D/2, b, 2] by the micro-kernel, or [D, b] by the
+    # shuffle transpose (a plain strided gather where b or D is not a multiple of 16).
+    q_d = sch.get_loops(sch.get_sblock("q_s"))[-1]
+    sch.vectorize(sch.split(q_d, [None, vec])[1])
+    if not micro:
+        q_d, q_t = sch.get_loops(sch.get_sblock("q_t"))[-2:]
+        tile = int(b), int(sch.get(q_d).extent)
+        if cpu_transpose.fits(*tile):
+            dtype = str(sch.get(sch.get_sblock("q_t")).writes[0].source.dtype)
+            sch.tensorize(q_d, cpu_transpose.intrinsic(*tile, dtype))
+        else:
+            sch.vectorize(sch.split(q_t, [None, vec])[1])
     # Reductions are split into init and update last (loop moves need them whole).
     if not micro:
         sch.decompose_reduction(sch.get_sblock("dots"), d_)

@@ -352,6 +352,7 @@ def _custom(sch, threads, tensor_cores, products, gather="k_g"):
 def hires_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
     """One thread block per overflow unit; see ``per_unit``. fp16/bf16: the unit's two
     products on tensor cores (``tensor_cores``)."""
+    sch.compute_inline(sch.get_sblock("q_s"))  # (read straight into q_t's shared tile)
     threads = _cuda_core_threads(sch, threads)
     custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
     per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
@@ -369,6 +370,7 @@ def hires_rows(sch, *, threads, row_unit_blocks, tensor_cores, vector_bytes,
     units, the low-resolution part and the normalisation, the output written once."""
     # [b, ucap] has a symbolic extent: recompute the merge factors where they are used.
     sch.compute_inline(sch.get_sblock("ov_scale"))
+    sch.compute_inline(sch.get_sblock("q_s"))  # (read straight into q_t's shared tile)
     threads = _cuda_core_threads(sch, threads)
     head_dim = int(sch.get(sch.get_loops(sch.get_sblock("k_g"))[-1]).extent)
     if _io(sch) in HALF and head_dim >= 128:

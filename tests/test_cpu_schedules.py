@@ -42,3 +42,40 @@ def test_pool_logits_read_a_transposed_copy_of_the_keys():
     # k̂ [R, n, D] copied as [R, D, n]: the block logits' innermost loop runs over keys.
     assert re.search(r"kp_global\[v\w+, v\w+, v\w+\] = kp\[", script)
     assert "qp[v_r, v_i, v_dd] * kp_global[v_r, v_dd, v_j]" in script
+
+
+@pytest.mark.parametrize("b,D,dtype", [(16, 16, "float32"), (32, 64, "float32"),
+                                       (64, 48, "float32"), (32, 128, "float64")])
+def test_shuffle_transpose_is_a_transpose(b, D, dtype):
+    """schedules/cpu_transpose.py: the tensorized q_t of a unit, on its own (a strided
+    source: the intrinsic takes any row stride)."""
+    import torch
+    from tvm import s_tir, te
+
+    from mra_compile import targets
+    from mra_compile.schedules import cpu_transpose
+
+    U = te.var("U")
+    src = te.placeholder((U, b, D + 16), dtype, "src")
+    q_t = te.compute((U, D, b), lambda u, d, t: src[u, t, d], name="q_t")
+    sch = s_tir.Schedule(te.create_prim_func([src, q_t]))
+    sch.tensorize(sch.get_loops(sch.get_sblock("q_t"))[-2],
+                  cpu_transpose.intrinsic(b, D, dtype))
+    lib = build.compile_module({"main": sch.mod["main"]}, targets.get(None), log=False)
+    x = torch.randn(5, b, D + 16, dtype=getattr(torch, dtype))
+    out = torch.empty(5, D, b, dtype=x.dtype)
+    lib["main"](x, out)
+    assert torch.equal(out, x[:, :, :D].transpose(1, 2))
+
+
+@pytest.mark.parametrize("op,static", [
+    ("hires_units", {"b": 32, "D": 64}), ("hires_rows", {"b": 32, "D": 48, "full": False}),
+    ("hires_rows", {"b": 32, "D": 64, "full": True, "dtype": "float64"})])
+def test_unit_queries_are_transposed_in_registers(op, static):
+    """The unit's queries: masked and scaled as rows (q_s), then transposed by the shuffle
+    intrinsic, not gathered a lane at a time; b = 8 keeps the plain gather."""
+    knobs = knob_policy.resolve_knobs(op, None)
+    script = build.scheduled_func(op, static, knobs).script()
+    assert "T.Shuffle(" in script and "q_s[" in script
+    small = build.scheduled_func(op, {**static, "b": 8}, knobs).script()
+    assert "T.Shuffle(" not in small
