@@ -231,11 +231,19 @@ def pool_and_logits(sch, *, vec, micro):
     The logits of a row need every pooled key of that row, so a row (not a block)
     is the unit of parallel work; pooling reads each input once.
     """
-    outputs = ("qp", "kp", "vp", "logits", "rowmax")
+    # q̂ k̂^T as register tiles of 8 x 32 logits over a zero-padded copy of q̂ and a
+    # zero-padded, transposed one of k̂ (the tiles need no guard); the logits read
+    # the padded product in place.
+    sch.pad_einsum(sch.get_sblock("raw_logits"), [1, LOGIT_ROWS, LOGIT_COLS, 1])
+    sch.compute_inline(sch.get_sblock("raw_logits_pad"))  # (the copy back to [n, n])
+    kp_pad = sch.get_sblock("kp_pad")
+    sch.transform_layout(kp_pad, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
+    # The padded stages join the row loop whole (compute_at would shrink them to the
+    # n x n that the logits read, guarding every tile).
+    outputs = ("qp", "kp", "vp", "qp_pad", "kp_pad", "raw_logits", "logits", "rowmax")
     r = sch.merge(*(sch.get_loops(sch.get_sblock(name))[0] for name in outputs))
     sch.parallel(r)
-    sch.compute_at(sch.get_sblock("real_max"), r)  # (consumers first: it reads raw_logits)
-    sch.compute_at(sch.get_sblock("raw_logits"), r)
+    sch.compute_at(sch.get_sblock("real_max"), r)
     for name in ("qp", "kp", "vp"):
         blk = sch.get_sblock(name + "_sum")
         sch.compute_at(blk, sch.get_loops(sch.get_sblock(name))[1])
@@ -244,8 +252,21 @@ def pool_and_logits(sch, *, vec, micro):
         sch.vectorize(sch.split(d, [None, vec])[1])
         sch.decompose_reduction(blk, t)
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
-    _rows_times_transposed(sch, "raw_logits")  # block logits q̂ k̂^T
+    raw = sch.get_sblock("raw_logits")
+    i, j, d = sch.get_loops(raw)[-3:]
+    i_o, i_i = sch.split(i, [None, LOGIT_ROWS])
+    j_o, j_i = sch.split(j, [None, LOGIT_COLS])
+    sch.reorder(i_o, j_o, d, i_i, j_i)
+    tile = sch.cache_write(raw, 0, "local")
+    sch.reverse_compute_at(tile, j_o)
+    sch.unroll(i_i)
+    sch.vectorize(j_i)
+    sch.vectorize(sch.get_loops(tile)[-1])
+    sch.decompose_reduction(raw, d)
     return sch
+
+
+LOGIT_ROWS, LOGIT_COLS = 8, 32  # the low-resolution logits' register tile (16 vectors)
 
 
 def lowres_out(sch, *, vec):

@@ -36,12 +36,17 @@ def test_empty_work_is_skipped(op):
         assert all(g.endswith(">= 0:") for g in guards), guards
 
 
-def test_pool_logits_read_a_transposed_copy_of_the_keys():
+def test_pool_logits_are_register_tiles_over_padded_copies():
+    """q̂ k̂^T: k̂ [R, n, D] copied as [R, D, n'] and q̂ as [R, n'', D], zero-padded to the
+    8 x 32 tile, so that the tiles' loops carry no guard; the keys are the vector lanes."""
     script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64},
                                   knob_policy.resolve_knobs("pool_and_logits", None)).script()
-    # k̂ [R, n, D] copied as [R, D, n]: the block logits' innermost loop runs over keys.
-    assert re.search(r"kp_global\[v\w+, v\w+, v\w+\] = kp\[", script)
-    assert "qp[v_r, v_i, v_dd] * kp_global[v_r, v_dd, v_j]" in script
+    assert re.search(r"kp_pad\[v\w+, v\w+, v\w+\] = T.if_then_else\(v\w+ < N // 32, kp\[", script)
+    assert "qp_pad[v_r, v_i, v_dd] * kp_pad[v_r, v_dd, v_j]" in script
+    tile = script[script.index('T.sblock("raw_logits_update")') - 400:]
+    assert "T.vectorized(32)" in tile[:400] and "T.unroll(8)" in tile[:400]
+    update = tile[400:tile.index("raw_logits_pad_local[v_r, v_i, v_j] =")]
+    assert "T.where" not in update
 
 
 @pytest.mark.parametrize("b,D,dtype", [(16, 16, "float32"), (32, 64, "float32"),
