@@ -24,7 +24,7 @@ GUARDED = {
 def _guards(op, static, index):
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     return [line.strip() for line in script.splitlines()
-            if re.match(rf"\s*if .*\b{index}\[", line)]
+            if re.match(rf"\s*if .*\b{index}\[", line) and "pf_slot" not in line]
 
 
 @pytest.mark.parametrize("op", sorted(GUARDED))
@@ -84,3 +84,21 @@ def test_unit_queries_are_transposed_in_registers(op, static):
     assert "T.Shuffle(" in script and "q_s[" in script
     small = build.scheduled_func(op, {**static, "b": 8}, knobs).script()
     assert "T.Shuffle(" not in small
+
+
+@pytest.mark.parametrize("op,static,index", [
+    ("hires_units", {"b": 32, "D": 64}, "unit_cols"),
+    ("hires_rows", {"b": 32, "D": 64, "full": True}, "row_cols"),
+    ("hires_rows", {"b": 32, "D": 48, "full": False, "gqa": True}, "row_cols")])
+def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
+    """Each unit first prefetches (into L2) the k and v blocks of the unit after it, for
+    its filled slots only, and not past the last unit."""
+    script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
+    lines = [line.strip() for line in script.splitlines()]
+    assert any(re.match(r"if \w+ \+ 1 < ", line) for line in lines), script[:3000]
+    slot = [line for line in lines if "pf_slot" in line and line.startswith("if ")]
+    assert slot and re.search(rf"{index}\[\(\w+ \+ 1\) // .*\] >= 0", slot[0]), slot
+    prefetches = [line for line in lines if "llvm.prefetch" in line]
+    assert {"k" if "T.address_of(k[" in p else "v" for p in prefetches} == {"k", "v"}
+    if static.get("gqa"):  # the key/value row of the next unit's query row
+        assert all("// group" in p for p in prefetches), prefetches
