@@ -119,18 +119,44 @@ HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32
 }
 
 /* The queries of a unit in the layout of mra_bf16_qk: qp[p][t][2] = q[t][2p, 2p + 1] for
- * t < 32, p < D/2 (q: rows of stride ldq, already scaled and rounded; pairs of dims are
- * moved as 32-bit words). */
+ * t < 32, p < D/2 (q: rows of stride ldq, already scaled and rounded). Pairs of dims are
+ * 32-bit words, so this is the transpose of a 32 x D/2 matrix of words: 16 x 16 tiles,
+ * each transposed in registers by four rounds of two-source permutes (round k swaps
+ * bit k of the row and the lane index), 8-word tails (D/2 = 8 mod 16) through masks. */
+/* The permute indices of each round: the low and the high row of a pair. */
+static const int32_t ROUND_LO[4][16] __attribute__((aligned(64))) = {
+    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
+static const int32_t ROUND_HI[4][16] __attribute__((aligned(64))) = {
+    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
+
 HIDDEN int32_t mra_bf16_pairs(const uint16_t *q, int32_t ldq, uint16_t *qp, int32_t D) {
-  /* 32-bit words: rows of q are ldq / 2 words apart (ldq is even: D is) */
-  const __m512i rows = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-      _mm512_set1_epi32(ldq / 2));
-  const __m512i rows16 = _mm512_add_epi32(rows, _mm512_set1_epi32(8 * ldq));
-  for (int p = 0; p < D / 2; ++p) {
-    const void *col = q + 2 * p;
-    _mm512_storeu_si512(qp + p * 64, _mm512_i32gather_epi32(rows, col, 4));
-    _mm512_storeu_si512(qp + p * 64 + 32, _mm512_i32gather_epi32(rows16, col, 4));
+  const int words = D / 2; /* a multiple of 8 */
+  uint32_t *out = (uint32_t *)qp;
+  for (int c0 = 0; c0 < words; c0 += 16) {
+    const int width = words - c0 < 16 ? words - c0 : 16;
+    const __mmask16 cols = (__mmask16)((1u << width) - 1);
+    for (int t0 = 0; t0 < 32; t0 += 16) {
+      __m512i x[16];
+      for (int i = 0; i < 16; ++i)
+        x[i] = _mm512_maskz_loadu_epi32(cols, (const uint32_t *)(q + (t0 + i) * ldq) + c0);
+      for (int k = 0; k < 4; ++k) {
+        const int s = 1 << k;
+        const __m512i lo = _mm512_load_si512(ROUND_LO[k]), hi = _mm512_load_si512(ROUND_HI[k]);
+        for (int i = 0; i < 16; ++i) {
+          if (i & s) continue;
+          __m512i a = x[i], b = x[i + s];
+          x[i] = _mm512_permutex2var_epi32(a, lo, b);
+          x[i + s] = _mm512_permutex2var_epi32(a, hi, b);
+        }
+      }
+      for (int j = 0; j < width; ++j) _mm512_storeu_si512(out + (c0 + j) * 32 + t0, x[j]);
+    }
   }
   return 0;
 }
