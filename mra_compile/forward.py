@@ -50,9 +50,9 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     # sides are padded to beyond it hold no real query or key (inputs._prepare_cross).
     nq, nk = pr.blocks_q, pr.blocks_k
     grid = (nq, nk) != (n, n)
-    # S is scratch; Hmask a result (the backward keeps it): kept memory, not fresh pages.
-    kept = {} if grid else dict(scores_out=pr.scratch("scores", R, n, n),
-                                high_mask_out=pr.result(R, n, n) if opts.full else None)
+    # S goes to kept memory, not fresh pages: a result, where Hmask (which the backward
+    # keeps) replaces it ("full"), or that the backward's zeros then take ("sparse").
+    kept = {} if grid else {"scores_out": pr.result(R, n, n)}
     sel = plan.select_blocks(logits[:, :nq, :nk] if grid else logits, rowmax[:, :nq],
                              num_blocks=opts.max_blocks(nq, nk), full=opts.full,
                              first_n=opts.first_n, diagonal_n=opts.diagonal_n,

@@ -73,8 +73,7 @@ class Selection:
 
 @torch.no_grad()
 def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0,
-                  row_blocks=None, real_pairs=None, scores_out=None,
-                  high_mask_out=None) -> Selection:
+                  row_blocks=None, real_pairs=None, scores_out=None) -> Selection:
     """T (and Hmask) of docs/spec.md, step 3, for logits [R, nq, nk] and rowmax [R, nq]
     (nq = nk but for cross-attention): the top ``num_blocks`` of each row; or, with
     ``row_blocks`` [R] int64 (each row's own budget, at most ``num_blocks``: "Per-sequence
@@ -82,9 +81,9 @@ def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0,
     each row's top ``row_blocks[r]`` real blocks, padded to ``num_blocks`` with blocks of
     padding.
 
-    ``scores_out``, ``high_mask_out``: kept tensors like ``logits`` for S and Hmask (the
-    host path writes into them instead of fresh memory; ``high_mask`` may then be
-    ``high_mask_out``)."""
+    ``scores_out``: a kept tensor like ``logits`` for S (no fresh pages to fault in on
+    every call); on the host, Hmask then replaces S there in place (``high_mask`` is
+    ``scores_out``), so that the two take one buffer."""
     scores = selection_scores(logits, rowmax, first_n, diagonal_n, out=scores_out)
     R, nq, nk = scores.shape
     total = nq * nk
@@ -103,11 +102,11 @@ def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0,
         high_mask = None
         if full:
             theta = np.take_along_axis(values, part, axis=1).min(axis=1)
-            if high_mask_out is None:
-                high_mask_out = torch.empty(R, nq, nk, dtype=logits.dtype)
-            # (one pass: the comparison's bools are cast as they are stored)
-            np.greater_equal(values, theta[:, None], out=high_mask_out.view(R, total).numpy())
-            high_mask = high_mask_out
+            # In place over S where S is float32 (else into a new tensor), in one pass:
+            # the comparison's bools are cast as they are stored.
+            high_mask = flat.view(R, nq, nk) if scores.dtype == logits.dtype \
+                else torch.empty(R, nq, nk, dtype=logits.dtype)
+            np.greater_equal(values, theta[:, None], out=high_mask.view(R, total).numpy())
         return Selection(torch.from_numpy(part), high_mask)
     else:
         index = torch.topk(flat, k, dim=1, sorted=False).indices.sort(dim=1).values
