@@ -64,7 +64,12 @@ WORKSPACE_ENV = "MRA_COMPILE_WORKSPACE_MB"
 
 def workspace_limit() -> int:
     """Bytes of scratch a thread may keep between calls (``MRA_COMPILE_WORKSPACE_MB``)."""
-    value = os.environ.get(WORKSPACE_ENV, "1024")
+    return _parsed_limit(os.environ.get(WORKSPACE_ENV, "1024"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_limit(value: str) -> int:
+    # (read on every release of a result: the parse is done once per distinct value)
     try:
         megabytes = float(value)
     except ValueError:
@@ -80,8 +85,7 @@ WORKSPACE = Workspace()
 def clear_workspace() -> None:
     """Free this thread's scratch buffers and the blocks kept for later results."""
     WORKSPACE.buffers.clear()
-    with _POOL.lock:
-        _POOL.free.clear()
+    _POOL.clear()
 
 
 class _Pool:
@@ -90,12 +94,14 @@ class _Pool:
     def __init__(self):
         self.lock = threading.Lock()
         self.free: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self.kept = 0  # bytes in ``free``
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self.lock:
             blocks = self.free.get(nbytes)
             if blocks:
                 block = blocks.pop()
+                self.kept -= nbytes
                 if not blocks:
                     del self.free[nbytes]
                 return block
@@ -106,18 +112,25 @@ class _Pool:
         with self.lock:
             self.free.setdefault(nbytes, []).append(block)
             self.free.move_to_end(nbytes)
+            self.kept += nbytes
             try:
                 limit = workspace_limit()
             except ValueError:  # (reported by the next call; a release must not raise)
                 limit = 0
-            while self.free and self.kept_bytes() > limit:
+            while self.free and self.kept > limit:
                 size, blocks = next(iter(self.free.items()))
                 blocks.pop(0)
+                self.kept -= size
                 if not blocks:
                     del self.free[size]
 
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+            self.kept = 0
+
     def kept_bytes(self) -> int:
-        return sum(size * len(blocks) for size, blocks in self.free.items())
+        return self.kept
 
 
 _POOL = _Pool()

@@ -299,7 +299,7 @@ def _make_plan_numpy(index, n: int, Cr: int, Co: int) -> Plan:
     bj = (index % n).astype(np.int32)
     per_row = np.bincount((bi + rows * (n + 1)).ravel(), minlength=R * (n + 1)).reshape(R, n + 1)
     first = np.cumsum(per_row, axis=1) - per_row  # position of each block row in the list
-    pos = np.arange(K)[None, :] - np.take_along_axis(first, bi, axis=1)  # rank in its row
+    pos = np.arange(K)[None, :] - first[rows, bi]  # rank in its row
     valid = bi < n
     per_row, bi = per_row[:, :n], np.minimum(bi, n - 1)
 
@@ -313,7 +313,7 @@ def _make_plan_numpy(index, n: int, Cr: int, Co: int) -> Plan:
     U = max(int(ov_units.sum(1).max()) if K else 0, 1)
     opos = np.maximum(pos - Cr, 0)
     # Own blocks and no-blocks go to the spill unit U.
-    unit = np.where(own | ~valid, U, np.take_along_axis(ov_start, bi, axis=1) + opos // Co)
+    unit = np.where(own | ~valid, U, ov_start[rows, bi] + opos // Co)
     unit_cols = np.full((R, (U + 1) * Co), -1, dtype=np.int32)
     unit_cols[rows, unit * Co + opos % Co] = bj
     unit_row = np.full((R, U + 1), -1, dtype=np.int32)
