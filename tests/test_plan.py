@@ -83,3 +83,28 @@ def test_sampled_top_k_is_the_top_k(n, per_row, seed, layout):
     got = np.sort(plan.top_k_numpy(values, k), axis=1)
     want = np.sort(np.argpartition(values, T - k, axis=1)[:, T - k:], axis=1)
     assert (got == want).all()
+
+
+@given(n=st.integers(8, 24), per_row=st.integers(1, 6), full=st.booleans(),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_selection_takes_one_kept_buffer(n, per_row, full, seed):
+    """With ``scores_out`` the host selection writes S there and, in "full" mode, makes
+    Hmask from it in place: one [R, n, n] buffer for both (the op's peak memory), and the
+    same selection and Hmask as without it. (A budget of every block selects without
+    a top-k: n >= 8 keeps per_row * n below n * n.)"""
+    g = torch.Generator().manual_seed(seed)
+    R = 3
+    logits = torch.randn(R, n, n, generator=g)
+    rowmax = logits.amax(-1)
+    k = min(per_row * n, n * n)
+    plain = plan.select_blocks(logits, rowmax, num_blocks=k, full=full)
+    out = torch.empty(R, n, n)
+    kept = plan.select_blocks(logits, rowmax, num_blocks=k, full=full, scores_out=out)
+    assert torch.equal(kept.index, plain.index)
+    if full:
+        assert kept.high_mask.data_ptr() == out.data_ptr()
+        assert torch.equal(kept.high_mask, plain.high_mask)
+    else:
+        assert kept.high_mask is None
+        assert torch.equal(out, logits - rowmax[:, :, None])
