@@ -27,14 +27,12 @@ def selection_scores(logits, rowmax, first_n: int, diagonal_n: int, out=None):
 
     With priors, in float64: the 5e3 bonus would otherwise round away float32
     differences below 5e-4 and turn near-ties into ties, changing T and Hmask.
-    ``out``: where to write S without priors (a kept tensor of the logits' shape and
-    dtype: no fresh pages to fault in on every call).
+    ``out``: where to write L - R (a kept tensor of the logits' shape and dtype: no fresh
+    pages to fault in on every call); with priors S is a float64 copy of it.
     """
-    if first_n > 0 or diagonal_n > 0 or logits.dtype == torch.float64:
-        out = None
-    scores = torch.sub(logits, rowmax[:, :, None], out=out) if out is not None \
-        else logits - rowmax[:, :, None]
-    if first_n > 0 or diagonal_n > 0 or scores.dtype == torch.float64:
+    scores = logits - rowmax[:, :, None] if out is None \
+        else torch.sub(logits, rowmax[:, :, None], out=out)
+    if first_n > 0 or diagonal_n > 0:
         scores = scores.double()
     rows = torch.arange(scores.shape[-2], device=scores.device)
     cols = torch.arange(scores.shape[-1], device=scores.device)
@@ -102,8 +100,8 @@ def select_blocks(logits, rowmax, *, num_blocks, full, first_n=0, diagonal_n=0,
         high_mask = None
         if full:
             theta = np.take_along_axis(values, part, axis=1).min(axis=1)
-            # In place over S where S is float32 (else into a new tensor), in one pass:
-            # the comparison's bools are cast as they are stored.
+            # In place over S where S has the logits' dtype (no priors; else into a new
+            # tensor), in one pass: the comparison's bools are cast as they are stored.
             high_mask = flat.view(R, nq, nk) if scores.dtype == logits.dtype \
                 else torch.empty(R, nq, nk, dtype=logits.dtype)
             np.greater_equal(values, theta[:, None], out=high_mask.view(R, total).numpy())

@@ -75,26 +75,16 @@ def intrinsic(b: int, D: int, dtype: str) -> str:
                     vd, vt = T.axis.remap("SS", [d, t])
                     Q[vd, vt] = S[vt, vd]
 
-    @T.prim_func(s_tir=True)
-    def stub(s: T.handle, q: T.handle):
-        ss = T.int32()
-        S = T.match_buffer(s, (b, D), dtype, strides=[ss, 1], offset_factor=1)
-        Q = T.match_buffer(q, (D, b), dtype, offset_factor=1)
-        with T.sblock("root"):
-            T.reads(S[0:b, 0:D])
-            T.writes(Q[0:D, 0:b])
-            T.evaluate(0)
-
-    # TVMScript has no spelling for the shuffles' straight-line code: the stub's body is
-    # replaced by it, on the stub's own buffers.
-    realize = stub.body
+    # TVMScript has no spelling for the shuffles' straight-line code: the implementation
+    # is the description with its root block's loops replaced by it, on the same buffers.
+    realize = desc.body
     root = realize.block
     S, Q = root.reads[0].source, root.writes[0].source
     body = tirx.SeqStmt([stmt for r0 in range(0, b, TILE) for c0 in range(0, D, TILE)
                          for stmt in _tile(S, Q, r0, c0, dtype)])
     block = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body,
                           root.init, root.alloc_buffers, root.match_buffers, root.annotations)
-    impl = stub.with_body(s_stmt.SBlockRealize(realize.iter_values, realize.predicate, block))
+    impl = desc.with_body(s_stmt.SBlockRealize(realize.iter_values, realize.predicate, block))
     name = f"mra_transpose_b{b}_d{D}_{dtype}"
     TensorIntrin.register(name, desc, impl)
     return name
