@@ -263,24 +263,21 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # Keys and values are read in place (each key block is a contiguous [b, D] slab);
     # the queries are gathered transposed ([D, b]): logits are laid out [key, query] so
     # that every reduction over keys (max, sum, P V) runs with the queries in vector lanes.
-    def scaled_query(r, u, t, d, scale=scale):
-        return _narrow(_widen(q[r, query_token(r, u, t), d], dt)
-                       * qmask[r // heads, query_token(r, u, t)] * scale, io)
-
     # The queries are first masked and scaled in place (``q_s`` [b, D], rows of q: vectors
     # on the CPU, inlined on CUDA), then moved: transposed (``q_t`` [D, b]), or for
-    # ``micro`` into pairs of dims by a micro-kernel.
+    # ``micro`` into pairs of dims by a micro-kernel. ``micro`` leaves them unscaled:
+    # bf16 q * scale would be rounded again; the logits are scaled instead (q times a 0/1
+    # mask is exact), so q k^T is as exact as the float32 path's.
+    q_scale = tirx.const(1.0, dt) if micro else scale
+    q_s = te.compute(
+        (*domain, b, D),
+        lambda r, u, t, d: _narrow(_widen(q[r, query_token(r, u, t), d], dt)
+                                   * qmask[r // heads, query_token(r, u, t)] * q_scale, io),
+        name="q_s")
     if micro:
-        # Not scaled: bf16 q * scale would be rounded again; the logits are scaled instead
-        # (q times a 0/1 mask is exact), so q k^T is as exact as the float32 path's.
-        q_s = te.compute((*domain, b, D),
-                         lambda r, u, t, d: scaled_query(r, u, t, d, tirx.const(1.0, dt)),
-                         name="q_s")
         q_t = te.compute((*domain, D // 2, b, 2),
                          lambda r, u, p, t, e: q_s[r, u, t, 2 * p + e], name="q_t")
     else:
-        q_s = te.compute((*domain, b, D), lambda r, u, t, d: scaled_query(r, u, t, d),
-                         name="q_s")
         q_t = te.compute((*domain, D, b), lambda r, u, d, t: q_s[r, u, t, d], name="q_t")
     # Row r reads the key/value head it shares with its group (grouped-query heads).
     k_g = te.compute((*domain, W, D), lambda r, u, w, d: k[_kv_row(r, group), key_token(r, u, w), d],
