@@ -1,12 +1,13 @@
-"""bf16 against float32 on the CPU: the op's forward with bf16 products (AVX-512-BF16,
-``schedules/cpu_bf16.c``) against the float32 op on the same inputs, and the bf16
-result's error against the float64 oracle.
+"""bf16 against float32 on the CPU: the op with bf16 products (AVX-512-BF16,
+``schedules/cpu_bf16.c``) against the float32 op on the same inputs, forward and
+forward+backward, and the bf16 results' errors against the float64 oracle.
 
-One interleaved run per N (B=1, H=12, D=64, full mode, ``block_per_row=4``): the float32
-op, the bf16 op, and SDPA in bf16 at N <= 4096 for scale. The error is the largest
-per-row relative error (max |out - ref| / max |ref| of each (batch, head)) of the bf16
-op against ``mra2_reference`` in float64 on the bf16-rounded inputs with the op's blocks,
-at N=1024 (the oracle is quadratic).
+One interleaved run per N and table (B=1, H=12, D=64, full mode, ``block_per_row=4``):
+the float32 op, the bf16 op, and SDPA in bf16 at N <= 4096 for scale (forward only).
+The forward's error is the largest per-row relative error (max |out - ref| / max |ref|
+of each (batch, head)) of the bf16 op against ``mra2_reference`` in float64 on the
+bf16-rounded inputs with the op's blocks, at N=1024 (the oracle is quadratic); the
+gradients' is max |grad - ref| / max |ref| of each of dq, dk, dv there.
 
     python bench/bench_bf16_cpu.py                 # N=4096 8192, writes bench/results/bf16_cpu.md
     python bench/bench_bf16_cpu.py --sizes 4096 --repeat 5 --out /tmp/bf16.md
@@ -43,6 +44,36 @@ def bf16_error(N: int = 1024) -> float:
     return (err / ref.abs().amax(dim=(-1, -2))).max().item()
 
 
+def bf16_grad_errors(N: int = 1024) -> list[float]:
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 12, N, 64, generator=g).bfloat16().requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(1, 12, N, 64, generator=g).bfloat16()
+    mra_compile.mra_attention(q, k, v, block_per_row=4).backward(grad)
+    sel = mra_compile.block_selection(q, k, v, None, block_per_row=4)
+    x64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    mra2_reference(*x64, None, block_per_row=4, selection=sel).backward(grad.double())
+    return [((x.grad.double() - r.grad).abs().max() / r.grad.abs().max()).item()
+            for x, r in zip((q, k, v), x64)]
+
+
+def measure_training(N: int, repeat: int) -> dict:
+    """Median ms of forward+backward of the float32 and the bf16 op, interleaved."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 12, N, 64, generator=g).requires_grad_() for _ in range(3)]
+    xb = [x.detach().bfloat16().requires_grad_() for x in xs]
+    grad = torch.randn(1, 12, N, 64, generator=g)
+    grad_b = grad.bfloat16()
+
+    def step(x, gr):
+        mra_compile.mra_attention(*x, block_per_row=4).backward(gr)
+
+    fns = {"fp32": lambda: step(xs, grad), "bf16": lambda: step(xb, grad_b)}
+    for fn in fns.values():
+        fn()
+    return common.median_ms(fns, repeat)
+
+
 def measure(N: int, repeat: int) -> dict:
     """Median ms of the float32 op, the bf16 op and (N <= 4096) bf16 SDPA, interleaved."""
     g = torch.Generator().manual_seed(0)
@@ -77,9 +108,17 @@ def main() -> int:
         lines.append(f"| {N} | {t['fp32']:.2f} | {t['bf16']:.2f} | {t['fp32'] / t['bf16']:.2f}x "
                      f"| {sdpa} |")
         print(lines[-1], flush=True)
+    lines += ["", "Forward+backward (the same inputs and settings; bf16 gradients):", "",
+              "| N | float32 op | bf16 op | float32 / bf16 |", "|---|---:|---:|---:|"]
+    for N in args.sizes:
+        t = measure_training(N, args.repeat)
+        lines.append(f"| {N} | {t['fp32']:.2f} | {t['bf16']:.2f} | {t['fp32'] / t['bf16']:.2f}x |")
+        print(lines[-1], flush=True)
     err = bf16_error()
+    dq, dk, dv = bf16_grad_errors()
     lines += ["", f"bf16 op vs the float64 oracle (N=1024, same blocks): largest per-row "
-              f"relative error {err:.2e} (the tests' bf16 tolerance: 1e-2).", "",
+              f"relative error {err:.2e} (the tests' bf16 tolerance: 1e-2); gradients, "
+              f"largest error over largest entry: dq {dq:.2e}, dk {dk:.2e}, dv {dv:.2e}.", "",
               f"Command: `python bench/bench_bf16_cpu.py --sizes {' '.join(map(str, args.sizes))} "
               f"--repeat {args.repeat}`"]
     print(lines[-3])

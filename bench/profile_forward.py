@@ -2,6 +2,7 @@
 
     python bench/profile_forward.py                    # N=4096, B*H=12, D=64, 4 blocks/row
     python bench/profile_forward.py --n 8192 --mode sparse --repeat 25
+    python bench/profile_forward.py --n 8192 --dtype bfloat16
 
 Records one call's kernels with ``mra_compile.build.trace_kernel_calls`` and times each
 with its recorded arguments (median of ``--repeat`` back-to-back calls), then the whole
@@ -40,10 +41,12 @@ def main() -> int:
     p.add_argument("--blocks-per-row", type=int, default=4)
     p.add_argument("--mode", choices=("full", "sparse"), default="full")
     p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, args.heads, args.n, args.head_dim) for _ in range(3))
+    dtype = getattr(torch, args.dtype)
+    q, k, v = (torch.randn(1, args.heads, args.n, args.head_dim, dtype=dtype) for _ in range(3))
     num_blocks = args.blocks_per_row * (-(-args.n // 32))
 
     def op():
@@ -56,7 +59,7 @@ def main() -> int:
             op()
         print(machine_line())
         print(f"N={args.n} B*H={args.heads} D={args.head_dim} "
-              f"{args.blocks_per_row} blocks/row, {args.mode}; median of {args.repeat}")
+              f"{args.blocks_per_row} blocks/row, {args.mode}, {args.dtype}; median of {args.repeat}")
         total = 0.0
         for call in calls:
             fn = build.kernel(call["op"], call["knobs"], call["target"], **call["static"])

@@ -48,8 +48,7 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
         for D in padded:
             for dt in dtypes:
                 compute = "float64" if dt == "float64" else "float32"
-                for kernel in kernels.KERNELS.values():
-                    io_dtype = target.io_dtype(getattr(torch, dt), b, kernel.backward)
+                for kernel, io_dtype in _calls(target, getattr(torch, dt), b):
                     io = str(io_dtype).removeprefix("torch.")
                     micro = target.micro_kernels(io_dtype)
                     grouped = (False, True) if gqa and kernel.reads_qkv else (False,)
@@ -58,9 +57,25 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
                             static = kernel.static(b, D, compute, io, full, scratch,
                                                    grouped_heads, micro)
                             key = json.dumps([kernel.name, static], sort_keys=True)
-                            if key not in seen:  # fp16 and bf16 share the float32 backward
+                            if key not in seen:  # e.g. fp16 and fp32 share kernels on the CPU
                                 seen.add(key)
                                 yield kernel.name, static
+
+
+# The kernels of ``forward.exact_and_combine``: the backward's output computed again in
+# float32 for a half-precision result, where its own kernels take bf16 (CPU micro-kernels).
+RECOMPUTED = ("hires_units", "lowres_out", "hires_rows")
+
+
+def _calls(target: Target, dtype: torch.dtype, b: int):
+    """(kernel, I/O dtype of q, k, v) of every kernel call for inputs of ``dtype``."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    for kernel in kernels.KERNELS.values():
+        io = target.io_dtype(dtype, b, kernel.backward)
+        yield kernel, io
+        backward_io = target.io_dtype(dtype, b, backward=True)
+        if kernel.name in RECOMPUTED and target.micro_kernels(backward_io) and io != compute:
+            yield kernel, compute
 
 
 def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HEAD_DIMS,

@@ -12,7 +12,7 @@ import torch
 
 from mra_compile import knob_policy, plan, runtime, validate
 from mra_compile.forward import Saved, exact_and_combine, narrow, row_parts, row_range
-from mra_compile.inputs import Prepared, pad, prepare, torch_single_threaded
+from mra_compile.inputs import Prepared, pad, padded, prepare, torch_single_threaded
 from mra_compile.options import Options
 
 
@@ -35,8 +35,14 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
         with torch_single_threaded():
             # CUDA fp16/bf16: as the kernels take them
             pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask, backward=True)
+
+            def float_inputs() -> Prepared:  # (for the output computed again in float32)
+                return prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask,
+                               io=pr.dtype)
+
             with pr.target.device_scope(q.device):
-                return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
+                return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {},
+                                 float_inputs)
     except validate.ScratchOverflow:
         split = row_parts(B, H)  # as the forward splits (rows are independent)
         if split is None:
@@ -52,30 +58,37 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
         return tuple(torch.cat(grads, dim) for grads in zip(*parts))
 
 
-def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict):
+def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict,
+              float_inputs):
     B, H, N, D = q.shape
     Nk = k.shape[2]  # (cross-attention: both sides are padded to Np)
     R, Np, Dp = pr.q.shape
     b = pr.block_size
     n = Np // b
     dt, dev, target = pr.dtype, q.device, pr.target
+    # CPU bf16 with its micro-kernels: the units' products in bf16, and g (their operand)
+    # rounded to bf16 before D_t is taken from it (``operators.bwd_prep``).
+    micro = target.micro_kernels(pr.q.dtype)
+    io = pr.q.dtype if micro else dt
 
-    dout = pad(grad_out, Np - N, Dp - D, dt)
+    dout = padded(grad_out, Np, Dp, io, "dout", target)
     stab, lo_w, inv_z = saved.stats  # [R, Np] each
-    if out.dtype != dt and pr.q.dtype == dt:
-        # A half-precision result, float32 kernels here: D_t = g . out from the output
+    if out.dtype != dt and (pr.q.dtype == dt or micro):
+        # A half-precision result, float32 sums here: D_t = g . out from the output
         # computed again in float32 with the forward's blocks. With the rounded one, g . v -
         # D_t cancels where the softmax is peaky and dq, dk lose all precision there (seen:
-        # dk off by 5% of the largest gradient, 120% of its own, at scale 2.5).
+        # dk off by 5% of the largest gradient, 120% of its own, at scale 2.5). The
+        # forward's own output with bf16 products would not do either: P was rounded in it.
+        exact = pr if pr.q.dtype == dt else float_inputs()
         outp = pr.scratch("out", R, n, b, Dp)
         chosen = knob_policy.knobs_for_shape(knobs or None, max(N, Nk), D, b, target)
-        exact_and_combine(pr, saved.index, saved.logits, saved.rowmax, saved.high_mask,
+        exact_and_combine(exact, saved.index, saved.logits, saved.rowmax, saved.high_mask,
                           saved.pooled[2], full, chosen, outp, pr.scratch("stats", 3, R, n, b))
     else:
         outp = pad(out, Np - N, Dp - D, dt)
 
     # g = dO mask / Z, D_t = g . out, and their low-resolution block sums.
-    g, dsum = pr.scratch("g", R, Np, Dp), torch.empty(R, Np, dtype=dt, device=dev)
+    g, dsum = pr.scratch("g", R, Np, Dp, dtype=io), torch.empty(R, Np, dtype=dt, device=dev)
     ga, da = torch.empty(R, n, Dp, dtype=dt, device=dev), torch.empty(R, n, dtype=dt, device=dev)
     pr.run("bwd_prep", knobs, dout=dout.view(R, n, b, Dp), out=outp.view(R, n, b, Dp),
            inv_z=inv_z.view(R, n, b), lo_w=lo_w.view(R, n, b), g=g.view(R, n, b, Dp),

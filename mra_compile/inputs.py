@@ -178,12 +178,15 @@ def key_padding(mask):
 
 
 def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
-            query_mask=None, backward: bool = False) -> Prepared:
+            query_mask=None, backward: bool = False, io: torch.dtype | None = None) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
     logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
     [B, Nq], is cross-attention (``_prepare_cross``). ``backward``: for the backward's
-    kernels (their I/O dtype may differ, ``Target.io_dtype``)."""
+    kernels (their I/O dtype may differ, ``Target.io_dtype``); ``io``: this I/O dtype
+    instead (the backward's float32 copies of bf16 inputs). Where q, k, v must be
+    copied (padded, converted), the copies go to kept workspace memory on targets that
+    reuse it (``padded``)."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
     b = block_size
@@ -192,7 +195,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     dt = compute_dtype(q.dtype)
     dev = q.device
     target = targets.of_device(dev)
-    io = target.io_dtype(q.dtype, b, backward)
+    io = target.io_dtype(q.dtype, b, backward) if io is None else io
     mask = key_padding(mask)
     common = dict(scale=1.0 / math.sqrt(D) if scale is None else float(scale), block_size=b,
                   target=target, group=H // k.shape[1])
@@ -200,7 +203,8 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
         return _prepare_cross(q, k, v, mask, query_mask, Np, Dp, dt, io, common)
     if mask is not None:
         q, k, v = clean_padding((q, k, v), mask != 0, target.exact_plan)
-    qf, kf, vf = (pad(x, Np - N, Dp - D, io) for x in (q, k, v))
+    qf, kf, vf = (padded(x, Np, Dp, io, name, target)
+                  for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
     if mask is None and Np == N:
         # No mask: one shared row of ones; block means divide by b (docs/spec.md, step 2).
         n = Np // b
@@ -217,18 +221,26 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
                     masked=mask is not None, **common)
 
 
-def _pad_side(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tensor:
-    """``pad`` of one side of cross-attention to the common length Np. The shorter side
-    goes into the workspace where the target reuses it (CPU): padding 1024 keys to 8192
-    in fresh memory each call had made the op 20-36 ms instead of 23 (the pages of a
-    freed 25 MB copy go back to the system and fault in again)."""
+def padded(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tensor:
+    """``pad`` of ``x`` [B, H, N, D] to [B*H, Np, Dp] of ``dtype``: ``x`` itself where it
+    already is that, else a copy in kept workspace memory (``name``) where the target
+    reuses it (CPU). Fresh copies had cost more in page faults than in copying: padding
+    1024 keys to 8192 for cross-attention made the op 20-36 ms instead of 23, and the
+    bf16 backward's float32 copies of q, k, v at N = 8192 took 19 ms instead of 3 (the
+    pages of a freed 25 MB tensor go back to the system and fault in again)."""
     B, H, N, D = x.shape
-    if N == Np or not target.reuses_workspace:
+    as_is = (x.dtype == dtype and (N, D) == (Np, Dp) and x.is_contiguous()
+             and x.data_ptr() % ALIGNMENT == 0)
+    if as_is or not target.reuses_workspace:
         return pad(x, Np - N, Dp - D, dtype)
-    buf = WORKSPACE.get(name, B * H, Np, Dp, dtype=dtype, device=x.device, target=target)
-    buf[:, :N, :D].copy_(x.reshape(B * H, N, D))
-    buf[:, N:].zero_()
-    buf[:, :N, D:].zero_()
+    # (one buffer per dtype: the bf16 backward copies q, k, v in bf16 and in float32)
+    buf = WORKSPACE.get(f"{name}:{dtype}", B * H, Np, Dp, dtype=dtype, device=x.device,
+                        target=target)
+    buf.view(B, H, Np, Dp)[:, :, :N, :D].copy_(x)
+    if N < Np:
+        buf[:, N:].zero_()
+    if D < Dp:
+        buf[:, :N, D:].zero_()
     return buf
 
 
@@ -260,8 +272,8 @@ def _prepare_cross(q, k, v, mask, query_mask, Np: int, Dp: int, dt, io, common: 
         (q,) = clean_padding((q,), query_mask != 0, target.exact_plan)
     if mask is not None:
         k, v = clean_padding((k, v), mask != 0, target.exact_plan)
-    qf = _pad_side(q, Np, Dp, io, "cross_q", target)
-    kf, vf = (_pad_side(x, Np, Dp, io, name, target) for x, name in ((k, "cross_k"), (v, "cross_v")))
+    qf, kf, vf = (padded(x, Np, Dp, io, name, target)
+                  for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
 
     def side(given, N):
         real = torch.ones(B, N, dtype=dt, device=q.device) if given is None else given != 0

@@ -27,6 +27,9 @@ class Kernel:
     reads_qkv: bool = False
     shape_knobs: tuple[str, ...] = ()  # knobs passed to the TE builder
     full_only: tuple[str, ...] = ()  # arguments only in "full" mode (then ``static["full"]``)
+    # Takes I/O-dtype arguments in its micro-kernel variant only (bwd_prep: dout and g as
+    # the backward's bf16 products read them); else in the compute dtype.
+    micro_io: bool = False
     backward: bool = False
     # Intermediates in global memory between the kernel's launches: with
     # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
@@ -47,16 +50,16 @@ class Kernel:
                micro: str | None = None) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
-        kernels that read q, k, v), for kernels with modes ``full``, ``scratch``: whether
-        the ``scratch`` intermediates are arguments, and ``gqa`` for the grouped-query
-        variant of the kernels that read k, v (an extra ``group`` argument; the plain
-        variant has no division in its indexing); ``micro``: the target's micro-kernels
-        for q, k, v of dtype ``io`` (``Target.micro_kernels``), named in the key of the
-        kernels that read them."""
+        kernels that read q, k, v, and by ``micro_io`` ones with ``micro``), for kernels
+        with modes ``full``, ``scratch``: whether the ``scratch`` intermediates are
+        arguments, and ``gqa`` for the grouped-query variant of the kernels that read
+        k, v (an extra ``group`` argument; the plain variant has no division in its
+        indexing); ``micro``: the target's micro-kernels for q, k, v of dtype ``io``
+        (``Target.micro_kernels``), named in the key of the kernels that take ``io``."""
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
-        if io is not None and io != dtype and self.reads_qkv:
+        if io is not None and io != dtype and (self.reads_qkv or (self.micro_io and micro)):
             static["io"] = io
             if micro is not None:
                 static["micro"] = micro
@@ -105,7 +108,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
                           "heads", "group", "scale", "ucap"),
            reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax")),
     # Backward.
-    Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"), backward=True),
+    Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"), backward=True,
+           micro_io=True),
     Kernel("bwd_dq_units", (*QKV, "unit_row", "unit_cols", "stab", "g", "dsum", "dq_unit",
                             "heads", "group", "scale"),
            reads_qkv=True, shape_knobs=("blocks_per_unit",), backward=True),

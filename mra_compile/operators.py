@@ -560,28 +560,39 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
 # ---------------------------------------------------------------------------------------
 
 
-def bwd_prep(b: int, D: int, dtype: str = "float32"):
+def bwd_prep(b: int, D: int, dtype: str = "float32", io: str | None = None,
+             micro: str | None = None):
     """Per-token backward inputs.
 
     in : dout, out [R, n, b, D] (the memory of [R, N, D]); inv_z, lo_w [R, n, b]
     out: g [R, n, b, D] = dout * inv_z; dsum [R, n, b] = sum_d g out;
          ga [R, n, D] = sum_t lo_w g; da [R, n] = sum_t lo_w dsum (the low-resolution
          part's per-block sums; zero in "sparse" mode where lo_w = 0)
+    ``micro`` ("avx512_bf16"): dout and g are bf16 bits (``_io``), the operands of the
+    backward's bf16 block products; g is rounded first and dsum, ga, da are sums of the
+    rounded g, so that g . v_s - D_t stays a difference of two products of one g (as if
+    dout were rounded: no cancellation error).
     """
     dt = dtype
+    io = _io(io, dt, micro) if micro else dt
     R, n = _vars("R", "n")
-    dout = te.placeholder((R, n, b, D), dt, "dout")
+    dout = te.placeholder((R, n, b, D), io, "dout")
     out = te.placeholder((R, n, b, D), dt, "out")
     inv_z = te.placeholder((R, n, b), dt, "inv_z")
     lo_w = te.placeholder((R, n, b), dt, "lo_w")
-    g = te.compute((R, n, b, D), lambda r, i, t, d: dout[r, i, t, d] * inv_z[r, i, t], name="g")
+    g = te.compute((R, n, b, D),
+                   lambda r, i, t, d: _narrow(_widen(dout[r, i, t, d], dt) * inv_z[r, i, t], io),
+                   name="g")
     d0 = te.reduce_axis((0, D), "d0")
     dsum = te.compute(
-        (R, n, b), lambda r, i, t: te.sum(g[r, i, t, d0] * out[r, i, t, d0], axis=d0), name="dsum"
+        (R, n, b),
+        lambda r, i, t: te.sum(_widen(g[r, i, t, d0], dt) * out[r, i, t, d0], axis=d0),
+        name="dsum",
     )
     t1 = te.reduce_axis((0, b), "t1")
     ga = te.compute(
-        (R, n, D), lambda r, i, d: te.sum(lo_w[r, i, t1] * g[r, i, t1, d], axis=t1), name="ga"
+        (R, n, D),
+        lambda r, i, d: te.sum(lo_w[r, i, t1] * _widen(g[r, i, t1, d], dt), axis=t1), name="ga"
     )
     t2 = te.reduce_axis((0, b), "t2")
     da = te.compute(
@@ -605,6 +616,7 @@ class _BwdUnit:
     qmask: Any
     stab: Any
     dsum: Any
+    io: str  # the dtype of q, k, v and g (bf16 bits with micro-kernels)
     valid: Callable  # (r, u, w) -> whether slot token w is in a block
     slot_tok: Callable  # (r, u, w) -> the slot token's position in the sequence
     fixed_tok: Callable  # (r, u, t) -> the fixed block's token t's position
@@ -612,11 +624,12 @@ class _BwdUnit:
     fixed_mask: Any  # [R, U, b] the fixed (key) block's mask (by key), else None
     x_g: Any  # the slot rows of the first product (k_g / q_g)
     y_g: Any  # the slot rows of the second product (v_g / g_g)
-    dots: Any  # [R, U, W, b]
+    logit: Callable  # (r, u, w, t) -> the scaled logit from ``dots`` [R, U, W, b]
     dp: Any  # [R, U, W, b]
 
 
-def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool) -> _BwdUnit:
+def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
+              micro: str | None = None) -> _BwdUnit:
     """What the backward's two unit kernels share: inputs, a unit's blocks, and the
     two [W, b] products of a unit (W = C b slot tokens x b fixed tokens).
 
@@ -630,10 +643,17 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool)
     for empty slots) supplies. The fixed block is gathered transposed (``q_t``, ``g_t`` /
     ``k_t``, ``v_t``), the slots as rows (``k_g``, ``v_g`` / ``q_g``, ``g_g``), all in
     ``io`` (tensor-core operands on CUDA), sums in ``dt``.
+
+    ``micro`` ("avx512_bf16": q, k, v and g are bf16 bits): the fixed block is first
+    masked as rows (``q_s``, ``g_s`` / ``k_s``, ``v_s`` [b, D], unscaled: the scale goes
+    to the logits, as in the forward's units) and then moved into pairs of dims (``q_t``
+    ... [D/2, b, 2], the operand layout of ``vdpbf16ps``); the products are the CPU
+    micro-kernels' (tensorized).
     """
+    io = _io(io, dt, micro)
     R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
     stab = te.placeholder((R, N), dt, "stab")
-    g = te.placeholder((R, N, D), dt, "g")
+    g = te.placeholder((R, N, D), io if micro else dt, "g")
     dsum = te.placeholder((R, N), dt, "dsum")
     U = te.var("U", dtype=I32)
     fixed = te.placeholder((R, U), I32, "unit_col" if by_key else "unit_row")
@@ -669,56 +689,104 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool)
                                 name="key_mask")
         x, y, x_slot, y_slot = k, v, q, g  # dots = q k^T, dp = g v^T
         fixed_row, slot_row = shared, own
-        names = ("k_t", "v_t", "q_g", "g_g")
+        names = ("k", "v", "q_g", "g_g")
     else:
         fixed_mask = None
         x, y, x_slot, y_slot = q, g, k, v  # dots = k q^T, dp = v g^T
         fixed_row, slot_row = own, shared
-        names = ("q_t", "g_t", "k_g", "v_g")
+        names = ("q", "g", "k_g", "v_g")
 
     def fixed_factor(r, u, t):
         if fixed_mask is not None:
             return fixed_mask[r, u, t]
         return fixed_side[r // heads, fixed_tok(r, u, t)]
 
-    x_t = te.compute(
-        (R, U, D, b),
-        lambda r, u, d, t: (x[fixed_row(r), fixed_tok(r, u, t), d].astype(dt)
-                            * fixed_factor(r, u, t) * scale).astype(io),
-        name=names[0],
-    )
-    y_t = te.compute((R, U, D, b),
-                     lambda r, u, d, t: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
-                     name=names[1])
     x_g = te.compute((R, U, W, D),
                      lambda r, u, w, d: x_slot[slot_row(r), slot_tok(r, u, w), d].astype(io),
                      name=names[2])
     y_g = te.compute((R, U, W, D),
                      lambda r, u, w, d: y_slot[slot_row(r), slot_tok(r, u, w), d].astype(io),
                      name=names[3])
-    d0 = te.reduce_axis((0, D), "d0")
-    dots = te.compute(
-        (R, U, W, b),
-        lambda r, u, w, t: te.sum(x_g[r, u, w, d0].astype(dt) * x_t[r, u, d0, t].astype(dt),
-                                  axis=d0),
-        name="dots",
-    )
-    d1 = te.reduce_axis((0, D), "d1")
-    dp = te.compute(
-        (R, U, W, b),
-        lambda r, u, w, t: te.sum(y_g[r, u, w, d1].astype(dt) * y_t[r, u, d1, t].astype(dt),
-                                  axis=d1),
-        name="dp",
-    )
+    if micro:
+        # bf16 x times a 0/1 mask is exact; scale * x would be rounded again.
+        x_s = te.compute(
+            (R, U, b, D),
+            lambda r, u, t, d: _narrow(_widen(x[fixed_row(r), fixed_tok(r, u, t), d], dt)
+                                       * fixed_factor(r, u, t), io),
+            name=names[0] + "_s")
+        y_s = te.compute((R, U, b, D),
+                         lambda r, u, t, d: y[fixed_row(r), fixed_tok(r, u, t), d],
+                         name=names[1] + "_s")
+        def pairs(rows, name):
+            return te.compute((R, U, D // 2, b, 2),
+                              lambda r, u, p_, t, e: rows[r, u, t, 2 * p_ + e], name=name)
+
+        x_t, y_t = pairs(x_s, names[0] + "_t"), pairs(y_s, names[1] + "_t")
+
+        def product(rows, pairs, name, i):  # dims in pairs: the reduction of vdpbf16ps
+            p0, e0 = te.reduce_axis((0, D // 2), f"p{i}"), te.reduce_axis((0, 2), f"e{i}")
+            return te.compute(
+                (R, U, W, b),
+                lambda r, u, w, t: te.sum(_widen(rows[r, u, w, 2 * p0 + e0], dt)
+                                          * _widen(pairs[r, u, p0, t, e0], dt), axis=[p0, e0]),
+                name=name)
+    else:
+        x_t = te.compute(
+            (R, U, D, b),
+            lambda r, u, d, t: (x[fixed_row(r), fixed_tok(r, u, t), d].astype(dt)
+                                * fixed_factor(r, u, t) * scale).astype(io),
+            name=names[0] + "_t",
+        )
+        y_t = te.compute((R, U, D, b),
+                         lambda r, u, d, t: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
+                         name=names[1] + "_t")
+
+        def product(rows, cols, name, i):
+            d_ = te.reduce_axis((0, D), f"d{i}")
+            return te.compute(
+                (R, U, W, b),
+                lambda r, u, w, t: te.sum(rows[r, u, w, d_].astype(dt) * cols[r, u, d_, t].astype(dt),
+                                          axis=d_),
+                name=name)
+    dots = product(x_g, x_t, "dots", 0)
+    dp = product(y_g, y_t, "dp", 1)
+
+    def logit(r, u, w, t):
+        return dots[r, u, w, t] * scale if micro else dots[r, u, w, t]
+
     inputs = [q, k, v, mask, qmask, fixed, slots, stab, g, dsum]
     return _BwdUnit(inputs=inputs, R=R, U=U, W=W, heads=heads, group=group, scale=scale,
-                    mask=mask, qmask=qmask,
-                    stab=stab, dsum=dsum, valid=valid, slot_tok=slot_tok, fixed_tok=fixed_tok,
-                    factor=factor, fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, dots=dots, dp=dp)
+                    mask=mask, qmask=qmask, stab=stab, dsum=dsum, io=io, valid=valid,
+                    slot_tok=slot_tok, fixed_tok=fixed_tok, factor=factor,
+                    fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, logit=logit, dp=dp)
+
+
+def _slot_product(probs, rows, dt: str, io: str, name: str, axis: str, by_key: bool):
+    """sum_w probs[r, u, w, t] rows[r, u, w, d] -> [R, U, b, D]: the probabilities (or dS)
+    [R, U, W, b] in ``io`` (rounded once), the slot rows as they are. ``axis``: the
+    reduction's name; ``by_key``: the fixed tokens are keys (named s, else t)."""
+    R, U, W, b = probs.shape
+    D = rows.shape[-1]
+    w1 = te.reduce_axis((0, W), axis)
+    if by_key:
+        probs_t = te.compute((R, U, b, W), lambda r, u, s, w: _narrow(probs[r, u, w, s], io),
+                             name=probs.op.name + "_t")
+        return te.compute(
+            (R, U, b, D),
+            lambda r, u, s, d: te.sum(_widen(probs_t[r, u, s, w1], dt)
+                                      * _widen(rows[r, u, w1, d], dt), axis=w1),
+            name=name)
+    probs_t = te.compute((R, U, b, W), lambda r, u, t, w: _narrow(probs[r, u, w, t], io),
+                         name=probs.op.name + "_t")
+    return te.compute(
+        (R, U, b, D),
+        lambda r, u, t, d: te.sum(_widen(probs_t[r, u, t, w1], dt)
+                                  * _widen(rows[r, u, w1, d], dt), axis=w1),
+        name=name)
 
 
 def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                 io: str | None = None, gqa: bool = False):
+                 io: str | None = None, gqa: bool = False, micro: str | None = None):
     """dq of the high-resolution part, per unit (one query block x C key blocks).
 
     in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_row [R, U];
@@ -727,39 +795,32 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
 
     Like the forward's units, the three products read gathered operands in ``io``
     (``k_g``, ``v_g``, ``q_t``, ``g_t``, ``ds_t``: tensor-core tiles on CUDA for fp16/bf16)
-    and sum in ``dtype``; the CPU schedules inline the gathers. See ``_bwd_unit``.
+    and sum in ``dtype``; the CPU schedules inline the gathers. ``micro``: bf16 q, k, v
+    and g (bits) on the CPU's micro-kernels, dS rounded to bf16 for dS k. See ``_bwd_unit``.
     """
     dt = dtype
-    io = io or dt
-    p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=False, gqa=gqa)
+    p = _bwd_unit(b, D, blocks_per_unit, dt, io or dt, by_key=False, gqa=gqa, micro=micro)
     R, U, W, heads, scale, qmask = p.R, p.U, p.W, p.heads, p.scale, p.qmask
-    qtok, kf, dots, dp = p.fixed_tok, p.factor, p.dots, p.dp
-    stab, dsum, k_g = p.stab, p.dsum, p.x_g
+    qtok, kf, dp = p.fixed_tok, p.factor, p.dp
+    stab, dsum = p.stab, p.dsum
     # Only real keys of filled slots take part (by selection: no exp overflow times 0).
     ds = te.compute(
         (R, U, W, b),
         lambda r, u, w, t: te.if_then_else(
             kf[r, u, w] > 0.5,
-            _exp(dots[r, u, w, t] - stab[r, qtok(r, u, t)])
+            _exp(p.logit(r, u, w, t) - stab[r, qtok(r, u, t)])
             * (dp[r, u, w, t] - dsum[r, qtok(r, u, t)])
             * (qmask[r // heads, qtok(r, u, t)] * scale),  # dA/dq's factor, folded in
             tirx.const(0.0, dt),
         ),
         name="ds",
     )
-    ds_t = te.compute((R, U, b, W), lambda r, u, t, w: ds[r, u, w, t].astype(io), name="ds_t")
-    w1 = te.reduce_axis((0, W), "w1")
-    dq_unit = te.compute(
-        (R, U, b, D),
-        lambda r, u, t, d: te.sum(ds_t[r, u, t, w1].astype(dt) * k_g[r, u, w1, d].astype(dt),
-                                  axis=w1),
-        name="dq_unit",
-    )
+    dq_unit = _slot_product(ds, p.x_g, dt, p.io, "dq_unit", "w1", by_key=False)
     return _params(*p.inputs, dq_unit, heads, p.group, scale)
 
 
 def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                   io: str | None = None, gqa: bool = False):
+                   io: str | None = None, gqa: bool = False, micro: str | None = None):
     """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
 
     in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_col [R, U] (the key block);
@@ -768,20 +829,20 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     out: dk_unit, dv_unit [R, U, b, D] (summed per key block by ``bwd_finish``)
 
     The four products read gathered ``io`` operands (``q_g``, ``g_g``, ``k_t``, ``v_t``,
-    ``prob_t``, ``ds_t``), as in ``bwd_dq_units``. See ``_bwd_unit``.
+    ``prob_t``, ``ds_t``), as in ``bwd_dq_units``. ``micro``: bf16 products, P and dS
+    rounded to bf16 for P^T g and dS^T q. See ``_bwd_unit``.
     """
     dt = dtype
-    io = io or dt
-    p = _bwd_unit(b, D, blocks_per_unit, dt, io, by_key=True, gqa=gqa)
+    p = _bwd_unit(b, D, blocks_per_unit, dt, io or dt, by_key=True, gqa=gqa, micro=micro)
     R, U, W, scale = p.R, p.U, p.W, p.scale
     qtok, qf, key_mask = p.slot_tok, p.factor, p.fixed_mask
-    dots, dp, stab, dsum, q_g, g_g = p.dots, p.dp, p.stab, p.dsum, p.x_g, p.y_g
+    dp, stab, dsum = p.dp, p.stab, p.dsum
     prob = te.compute(
         (R, U, W, b),
         # Real queries of filled slots against real keys only (by selection).
         lambda r, u, w, s: te.if_then_else(
             tirx.And(qf[r, u, w] > 0.5, key_mask[r, u, s] > 0.5),
-            _exp(dots[r, u, w, s] - stab[r, qtok(r, u, w)]),
+            _exp(p.logit(r, u, w, s) - stab[r, qtok(r, u, w)]),
             tirx.const(0.0, dt),
         ),
         name="prob",
@@ -792,23 +853,8 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
         * (qf[r, u, w] * scale),  # dA/dk's factor, folded in
         name="ds",
     )
-    prob_t = te.compute((R, U, b, W), lambda r, u, s, w: prob[r, u, w, s].astype(io),
-                        name="prob_t")
-    ds_t = te.compute((R, U, b, W), lambda r, u, s, w: ds[r, u, w, s].astype(io), name="ds_t")
-    w1 = te.reduce_axis((0, W), "w1")
-    dv_unit = te.compute(
-        (R, U, b, D),
-        lambda r, u, s, d: te.sum(prob_t[r, u, s, w1].astype(dt) * g_g[r, u, w1, d].astype(dt),
-                                  axis=w1),
-        name="dv_unit",
-    )
-    w2 = te.reduce_axis((0, W), "w2")
-    dk_unit = te.compute(
-        (R, U, b, D),
-        lambda r, u, s, d: te.sum(ds_t[r, u, s, w2].astype(dt) * q_g[r, u, w2, d].astype(dt),
-                                  axis=w2),
-        name="dk_unit",
-    )
+    dv_unit = _slot_product(prob, p.y_g, dt, p.io, "dv_unit", "w1", by_key=True)
+    dk_unit = _slot_product(ds, p.x_g, dt, p.io, "dk_unit", "w2", by_key=True)
     return _params(*p.inputs, dk_unit, dv_unit, p.heads, p.group, scale)
 
 

@@ -11,7 +11,8 @@ from mra_compile.schedules import cpu_transpose
 
 # The schedules that take ``micro``: the micro-kernels of the variant (None, or
 # "avx512_bf16": bf16 q, k, v and the block products of schedules/cpu_bf16.py).
-MICRO = ("pool_and_logits", "hires_units", "hires_rows")
+MICRO = ("pool_and_logits", "hires_units", "hires_rows", "bwd_prep", "bwd_dq_units",
+         "bwd_dkdv_units")
 
 
 def _keys_outer(sch, name, vec):
@@ -384,8 +385,9 @@ def _merged_parallel(sch, outputs, depth):
     return loop
 
 
-def bwd_prep(sch, *, vec):
-    """Parallel over (row, query block): g, its dot with out, the per-block sums."""
+def bwd_prep(sch, *, vec, micro):
+    """Parallel over (row, query block): g, its dot with out, the per-block sums.
+    (``micro``: dout and g are bf16 bits, converted as they are read and written.)"""
     _merged_parallel(sch, ("g", "dsum", "ga", "da"), 2)
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("g"))[-1], [None, vec])[1])
     ga = sch.get_sblock("ga")
@@ -396,52 +398,99 @@ def bwd_prep(sch, *, vec):
 
 
 def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, factor,
-               extra=()):
+               extra=(), micro=None):
     """The backward's unit kernels (``operators._bwd_unit``): parallel over (row, unit);
     ``dots`` and ``dp`` as [W, b] register tiles, the ``elementwise`` [W, b] stages (exp,
     dS) with the fixed block's tokens in vector lanes, the [b, D] ``outputs`` as register
     tiles over (slot, token); empty slots (-1 in input ``slots``) skipped. ``gathers``:
-    CUDA's tensor-core tiles, read in place here; ``fixed``: the fixed block's transposed
-    gathers; ``factor`` and ``extra``: the per-token factor stages."""
+    CUDA's tensor-core tiles, read in place here; ``fixed``: the fixed block's two
+    operands (``q``, ``g`` / ``k``, ``v``), gathered transposed; ``factor`` and ``extra``:
+    the per-token factor stages. ``micro`` ("avx512_bf16"): every block product is a call
+    of the bf16 micro-kernels instead, one per slot (``_micro_bwd_products``)."""
     for name in gathers:
         sch.compute_inline(sch.get_sblock(name))
     ru = _merged_parallel(sch, outputs, 2)
-    for name in (*elementwise, "dots", "dp", *fixed, factor, *extra):  # consumers first
+    staged = tuple(f"{x}_{stage}" for x in fixed for stage in (("t", "s") if micro else ("t",)))
+    for name in (*elementwise, "dots", "dp", *staged, factor, *extra):  # consumers first
         sch.compute_at(sch.get_sblock(name), ru)
-    b = sch.get(sch.get_loops(sch.get_sblock(fixed[0]))[-1]).extent
-    tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
-             for name in ("dots", "dp")}
-    out_slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
-                 for name in outputs}
-    for name in (*elementwise, *fixed):
+    b = sch.get(sch.get_loops(sch.get_sblock(outputs[0]))[-3]).extent
+    if micro:
+        guarded = _micro_bwd_products(sch, vec, b, outputs, fixed)
+    else:
+        tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
+                 for name in ("dots", "dp")}
+        out_slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
+                     for name in outputs}
+    for name in (*elementwise, *(f"{x}_t" for x in ([] if micro else fixed))):
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
-    for name, (_, reduction) in tiles.items():
-        sch.decompose_reduction(sch.get_sblock(name), reduction)
-    for name, slot in out_slots.items():
-        sch.decompose_reduction(sch.get_sblock(name), slot)
-    guarded = {tiles["dots"][0]: rows, tiles["dp"][0]: rows,
-               **{slot: b for slot in out_slots.values()}}
+    if not micro:
+        for name, (_, reduction) in tiles.items():
+            sch.decompose_reduction(sch.get_sblock(name), reduction)
+        for name, slot in out_slots.items():
+            sch.decompose_reduction(sch.get_sblock(name), slot)
+        guarded = {tiles["dots"][0]: rows, tiles["dp"][0]: rows,
+                   **{slot: b for slot in out_slots.values()}}
     for name in elementwise:
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
     _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
     return sch
 
 
-def bwd_dq_units(sch, *, vec, rows, blocks_per_unit):
+def _micro_bwd_products(sch, vec, b, outputs, fixed) -> dict:
+    """A backward unit's block products as calls of the bf16 micro-kernels
+    (``schedules/cpu_bf16.py``): the fixed block's two operands masked as rows, then put
+    in pairs of dims; ``dots`` and ``dp`` [W, b] one q k^T call per slot each; every
+    [b, D] output one P v call per slot (dS or P rounded to bf16 in the call). Returns
+    the slot loops, {loop: tokens per iteration} (for ``_skip_empty_slots``)."""
+    from mra_compile.schedules import cpu_bf16
+
+    D = sch.get(sch.get_loops(sch.get_sblock(outputs[0]))[-2]).extent
+    qk, pv, pairs = cpu_bf16.intrinsics(D)
+    for x in fixed:
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(f"{x}_s"))[-1], [None, vec])[1])
+        sch.tensorize(sch.get_loops(sch.get_sblock(f"{x}_t"))[-3], pairs)
+    slots = {}
+    for name in ("dots", "dp"):
+        blk = sch.get_sblock(name)
+        w_o, w_i = sch.split(sch.get_loops(blk)[-4], [None, b])
+        init = sch.decompose_reduction(blk, w_i)
+        sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
+        sch.tensorize(w_i, qk)
+        slots[w_o] = b
+    for name in outputs:
+        blk = sch.get_sblock(name)
+        t, d, w = sch.get_loops(blk)[-3:]
+        slot, w_i = sch.split(w, [None, b])
+        sch.reorder(slot, t, d, w_i)
+        init = sch.decompose_reduction(blk, slot)
+        sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
+        sch.tensorize(t, pv)
+        slots[slot] = b
+    # The bf16 operands in a scope of their own (set last: the intrinsics match buffers
+    # of the default scope). Else TVM's storage rewrite lets a float32 intermediate reuse
+    # them once they are dead, and then fails to lower the micro-kernels' typed
+    # pointers into them.
+    for x in fixed:
+        for stage in (f"{x}_s", f"{x}_t_o"):  # (the pairs: blockized by tensorize)
+            sch.set_scope(sch.get_sblock(stage), 0, "local")
+    return slots
+
+
+def bwd_dq_units(sch, *, vec, rows, blocks_per_unit, micro):
     """Parallel over (row, unit): logits and dP = g v^T as [W, b] register tiles, dS, then
     dS k as a [b, D] tile; empty key-block slots skipped (``_bwd_units``)."""
     return _bwd_units(sch, vec=vec, rows=rows, gathers=("k_g", "v_g", "ds_t"),
-                      outputs=("dq_unit",), elementwise=("ds",), fixed=("q_t", "g_t"),
-                      slots="unit_cols", factor="key_factor")
+                      outputs=("dq_unit",), elementwise=("ds",), fixed=("q", "g"),
+                      slots="unit_cols", factor="key_factor", micro=micro)
 
 
-def bwd_dkdv_units(sch, *, vec, rows, blocks_per_unit):
+def bwd_dkdv_units(sch, *, vec, rows, blocks_per_unit, micro):
     """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b], then P^T g and
     dS^T q as [b, D] tiles; empty query-block slots skipped (``_bwd_units``)."""
     return _bwd_units(sch, vec=vec, rows=rows, gathers=("q_g", "g_g", "prob_t", "ds_t"),
                       outputs=("dk_unit", "dv_unit"), elementwise=("ds", "prob"),
-                      fixed=("k_t", "v_t"), slots="unit_rows", factor="query_factor",
-                      extra=("key_mask",))
+                      fixed=("k", "v"), slots="unit_rows", factor="query_factor",
+                      extra=("key_mask",), micro=micro)
 
 
 def bwd_lowres(sch, *, vec):

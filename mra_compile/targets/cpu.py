@@ -16,10 +16,10 @@ BF16_ENV = "MRA_COMPILE_CPU_BF16"  # "0": bf16 inputs run on the float32 kernels
 
 
 def bf16_products() -> bool:
-    """Whether bf16 q, k, v stay bf16 in the forward's kernels, their block products on
-    the AVX-512-BF16 micro-kernels (``schedules/cpu_bf16.c``): this CPU has the
-    instructions, no other CPU is targeted (``MRA_COMPILE_TARGET``), and
-    ``MRA_COMPILE_CPU_BF16`` is not "0"."""
+    """Whether bf16 q, k, v stay bf16 in the kernels that read them (forward and
+    backward), their block products on the AVX-512-BF16 micro-kernels
+    (``schedules/cpu_bf16.c``): this CPU has the instructions, no other CPU is targeted
+    (``MRA_COMPILE_TARGET``), and ``MRA_COMPILE_CPU_BF16`` is not "0"."""
     return ("avx512_bf16" in host.cpu_flags() and "avx512bw" in host.cpu_flags()
             and not os.environ.get(TARGET_ENV) and os.environ.get(BF16_ENV, "1") != "0")
 
@@ -61,9 +61,10 @@ class CpuTarget(Target):
 
     def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
                  backward: bool = False) -> torch.dtype:
-        # bf16 products with fp32 sums where the CPU has them (the forward's 32 x 32
-        # blocks); everything else computes in float32 from float32 copies.
-        if dtype == torch.bfloat16 and block_size == 32 and not backward and bf16_products():
+        # bf16 products with fp32 sums where the CPU has them (the 32 x 32 blocks of the
+        # forward and of the backward's units); everything else computes in float32 from
+        # float32 copies.
+        if dtype == torch.bfloat16 and block_size == 32 and bf16_products():
             return dtype
         return super().io_dtype(dtype)
 
