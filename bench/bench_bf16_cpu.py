@@ -3,7 +3,8 @@
 forward+backward, and the bf16 results' errors against the float64 oracle.
 
 One interleaved run per N and table (B=1, H=12, D=64, full mode, ``block_per_row=4``):
-the float32 op, the bf16 op, and SDPA in bf16 at N <= 4096 for scale (forward only).
+the float32 op, the bf16 op, and (forward only) the float16 op, which computes in
+float32 from float32 copies, and SDPA in bf16 at N <= 4096 for scale.
 The forward's error is the largest per-row relative error (max |out - ref| / max |ref|
 of each (batch, head)) of the bf16 op against ``mra2_reference`` in float64 on the
 bf16-rounded inputs with the op's blocks, at N=1024 (the oracle is quadratic); the
@@ -75,13 +76,16 @@ def measure_training(N: int, repeat: int) -> dict:
 
 
 def measure(N: int, repeat: int) -> dict:
-    """Median ms of the float32 op, the bf16 op and (N <= 4096) bf16 SDPA, interleaved."""
+    """Median ms of the float32 op, the bf16 op, the float16 op (computed in float32 from
+    float32 copies) and (N <= 4096) bf16 SDPA, interleaved."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 12, N, 64, generator=g) for _ in range(3))
     qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    qh, kh, vh = (x.half() for x in (q, k, v))
     fns = {
         "fp32": lambda: mra_compile.mra_attention(q, k, v, block_per_row=4),
         "bf16": lambda: mra_compile.mra_attention(qb, kb, vb, block_per_row=4),
+        "fp16": lambda: mra_compile.mra_attention(qh, kh, vh, block_per_row=4),
     }
     if N <= 4096:
         fns["sdpa"] = lambda: F.scaled_dot_product_attention(qb, kb, vb)
@@ -101,12 +105,13 @@ def main() -> int:
              f"bf16 products: {'yes' if cpu.bf16_products() else 'no (bf16 runs in float32)'}; "
              f"B=1, H=12, D=64, full mode, block_per_row=4; median of {args.repeat} "
              "interleaved rounds; ms.", "",
-             "| N | float32 op | bf16 op | float32 / bf16 | SDPA bf16 |", "|---|---:|---:|---:|---:|"]
+             "| N | float32 op | bf16 op | float32 / bf16 | float16 op | SDPA bf16 |",
+             "|---|---:|---:|---:|---:|---:|"]
     for N in args.sizes:
         t = measure(N, args.repeat)
         sdpa = f"{t['sdpa']:.1f}" if "sdpa" in t else "-"
         lines.append(f"| {N} | {t['fp32']:.2f} | {t['bf16']:.2f} | {t['fp32'] / t['bf16']:.2f}x "
-                     f"| {sdpa} |")
+                     f"| {t['fp16']:.2f} | {sdpa} |")
         print(lines[-1], flush=True)
     lines += ["", "Forward+backward (the same inputs and settings; bf16 gradients):", "",
               "| N | float32 op | bf16 op | float32 / bf16 |", "|---|---:|---:|---:|"]
