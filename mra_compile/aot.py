@@ -48,9 +48,8 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
         for D in padded:
             for dt in dtypes:
                 compute = "float64" if dt == "float64" else "float32"
-                for kernel, io_dtype in _calls(target, getattr(torch, dt), b):
+                for kernel, io_dtype, micro in _calls(target, getattr(torch, dt), b):
                     io = str(io_dtype).removeprefix("torch.")
-                    micro = target.micro_kernels(io_dtype)
                     grouped = (False, True) if gqa and kernel.reads_qkv else (False,)
                     for full in ((True, False) if kernel.has_modes else (None,)):
                         for grouped_heads in grouped:
@@ -63,19 +62,20 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
 
 
 # The kernels of ``forward.exact_and_combine``: the backward's output computed again in
-# float32 for a half-precision result, where its own kernels take bf16 (CPU micro-kernels).
+# float32 for a half-precision result, where its own kernels call micro-kernels (CPU bf16:
+# their variant with P v in float32).
 RECOMPUTED = ("hires_units", "lowres_out", "hires_rows")
 
 
 def _calls(target: Target, dtype: torch.dtype, b: int):
-    """(kernel, I/O dtype of q, k, v) of every kernel call for inputs of ``dtype``."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    """(kernel, I/O dtype of q, k, v, micro-kernels) of every kernel call for inputs of
+    ``dtype``."""
+    backward_io = target.io_dtype(dtype, b, backward=True)
     for kernel in kernels.KERNELS.values():
         io = target.io_dtype(dtype, b, kernel.backward)
-        yield kernel, io
-        backward_io = target.io_dtype(dtype, b, backward=True)
-        if kernel.name in RECOMPUTED and target.micro_kernels(backward_io) and io != compute:
-            yield kernel, compute
+        yield kernel, io, target.micro_kernels(io)
+        if kernel.name in RECOMPUTED and target.micro_kernels(backward_io):
+            yield kernel, backward_io, target.micro_kernels(backward_io, float32_pv=True)
 
 
 def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HEAD_DIMS,

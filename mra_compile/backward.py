@@ -8,6 +8,8 @@ of C selected blocks, grouped by query block for dq and by key block for dk, dv.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mra_compile import knob_policy, plan, runtime, validate
@@ -35,14 +37,8 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
         with torch_single_threaded():
             # CUDA fp16/bf16: as the kernels take them
             pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask, backward=True)
-
-            def float_inputs() -> Prepared:  # (for the output computed again in float32)
-                return prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask,
-                               io=pr.dtype)
-
             with pr.target.device_scope(q.device):
-                return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {},
-                                 float_inputs)
+                return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
     except validate.ScratchOverflow:
         split = row_parts(B, H)  # as the forward splits (rows are independent)
         if split is None:
@@ -58,8 +54,7 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
         return tuple(torch.cat(grads, dim) for grads in zip(*parts))
 
 
-def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict,
-              float_inputs):
+def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict):
     B, H, N, D = q.shape
     Nk = k.shape[2]  # (cross-attention: both sides are padded to Np)
     R, Np, Dp = pr.q.shape
@@ -78,11 +73,12 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
         # computed again in float32 with the forward's blocks. With the rounded one, g . v -
         # D_t cancels where the softmax is peaky and dq, dk lose all precision there (seen:
         # dk off by 5% of the largest gradient, 120% of its own, at scale 2.5). The
-        # forward's own output with bf16 products would not do either: P was rounded in it.
-        exact = pr if pr.q.dtype == dt else float_inputs()
+        # forward's own output with bf16 products would not do either: P was rounded in
+        # it; with micro-kernels, their variant with P v in float32 (q k^T is exact).
+        second = dataclasses.replace(pr, float32_pv=True) if micro else pr
         outp = pr.scratch("out", R, n, b, Dp)
         chosen = knob_policy.knobs_for_shape(knobs or None, max(N, Nk), D, b, target)
-        exact_and_combine(exact, saved.index, saved.logits, saved.rowmax, saved.high_mask,
+        exact_and_combine(second, saved.index, saved.logits, saved.rowmax, saved.high_mask,
                           saved.pooled[2], full, chosen, outp, pr.scratch("stats", 3, R, n, b))
     else:
         outp = pad(out, Np - N, Dp - D, dt)

@@ -88,6 +88,9 @@ class Prepared:
     group: int = 1  # query heads per key/value head: q row r reads k, v row r // group
     blocks_q: int = 0  # cross-attention: each side's real blocks, ceil(N / b); 0: Np / b
     blocks_k: int = 0
+    # The micro-kernels' variant with P v in float32 (``Target.micro_kernels``): the
+    # backward's second pass for the float32 output.
+    float32_pv: bool = False
 
     def __post_init__(self):
         n = self.q.shape[1] // self.block_size
@@ -107,7 +110,8 @@ class Prepared:
         """The compile-time parameters of kernel ``op`` for these inputs."""
         return kernels.get(op).static(self.block_size, self.q.shape[-1], _TVM_DTYPE[self.dtype],
                                       _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args,
-                                      self.group > 1, self.target.micro_kernels(self.q.dtype))
+                                      self.group > 1,
+                                      self.target.micro_kernels(self.q.dtype, self.float32_pv))
 
     def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
@@ -178,13 +182,12 @@ def key_padding(mask):
 
 
 def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
-            query_mask=None, backward: bool = False, io: torch.dtype | None = None) -> Prepared:
+            query_mask=None, backward: bool = False) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
     logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
     [B, Nq], is cross-attention (``_prepare_cross``). ``backward``: for the backward's
-    kernels (their I/O dtype may differ, ``Target.io_dtype``); ``io``: this I/O dtype
-    instead (the backward's float32 copies of bf16 inputs). Where q, k, v must be
+    kernels (their I/O dtype may differ, ``Target.io_dtype``). Where q, k, v must be
     copied (padded, converted), the copies go to kept workspace memory on targets that
     reuse it (``padded``)."""
     B, H, N, D = q.shape
@@ -195,7 +198,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     dt = compute_dtype(q.dtype)
     dev = q.device
     target = targets.of_device(dev)
-    io = target.io_dtype(q.dtype, b, backward) if io is None else io
+    io = target.io_dtype(q.dtype, b, backward)
     mask = key_padding(mask)
     common = dict(scale=1.0 / math.sqrt(D) if scale is None else float(scale), block_size=b,
                   target=target, group=H // k.shape[1])
@@ -226,14 +229,14 @@ def padded(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tenso
     already is that, else a copy in kept workspace memory (``name``) where the target
     reuses it (CPU). Fresh copies had cost more in page faults than in copying: padding
     1024 keys to 8192 for cross-attention made the op 20-36 ms instead of 23, and the
-    bf16 backward's float32 copies of q, k, v at N = 8192 took 19 ms instead of 3 (the
-    pages of a freed 25 MB tensor go back to the system and fault in again)."""
+    float16 forward's float32 copies of q, k, v at N = 8192 made it 50-53 ms instead of
+    25 (the pages of a freed 25 MB tensor go back to the system and fault in again)."""
     B, H, N, D = x.shape
     as_is = (x.dtype == dtype and (N, D) == (Np, Dp) and x.is_contiguous()
              and x.data_ptr() % ALIGNMENT == 0)
     if as_is or not target.reuses_workspace:
         return pad(x, Np - N, Dp - D, dtype)
-    # (one buffer per dtype: the bf16 backward copies q, k, v in bf16 and in float32)
+    # (one buffer per dtype: a call's bf16 and float32 copies never share one)
     buf = WORKSPACE.get(f"{name}:{dtype}", B * H, Np, Dp, dtype=dtype, device=x.device,
                         target=target)
     buf.view(B, H, Np, Dp)[:, :, :N, :D].copy_(x)

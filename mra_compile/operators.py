@@ -85,11 +85,17 @@ def _narrow(x, io: str):
     return bf16_narrow(x) if io == BF16_BITS else x.astype(io)
 
 
+# The CPU micro-kernels (schedules/cpu_bf16.py) a kernel variant may call: bf16 block
+# products; or (the backward's second pass for the float32 output, hires_units and
+# hires_rows only) bf16 q k^T with P v in float32 FMAs, P not rounded.
+MICRO = ("avx512_bf16", "avx512_bf16_fp32_pv")
+
+
 def _io(io: str | None, dt: str, micro: str | None) -> str:
     """The storage dtype of q, k, v: ``io`` (None: the compute dtype), or bf16 bits for the
-    CPU micro-kernels (``micro``: "avx512_bf16", schedules/cpu_bf16.py)."""
+    CPU micro-kernels (``micro``: one of ``MICRO``)."""
     if micro is not None:
-        if micro != "avx512_bf16" or io != "bfloat16":
+        if micro not in MICRO or io != "bfloat16":
             raise ValueError(f"micro-kernels {micro!r} take bfloat16 q, k, v, not {io}")
         return BF16_BITS
     return io or dt
@@ -233,8 +239,9 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
 
     ``micro`` ("avx512_bf16": q, k, v are bf16 bits): the queries are masked into ``q_s``
     [b, D] unscaled (the scale goes to the logits) and moved into pairs of dims (``q_t``
-    [D/2, b, 2], the operand layout of ``vdpbf16ps``), and P is rounded to bf16 for P V;
-    the block products and the pairing are the CPU micro-kernels' (tensorized).
+    [D/2, b, 2], the operand layout of ``vdpbf16ps``), and P is rounded to bf16 for P V
+    (not with "avx512_bf16_fp32_pv": float32 P V); the block products and the pairing
+    are the CPU micro-kernels' (tensorized).
 
     q, k, v may be stored in a narrower dtype than the compute dtype ``dt`` (fp16/bf16
     on CUDA): the gathered blocks ``k_g``, ``v_g``, ``q_t`` and the probabilities of P V
@@ -325,7 +332,9 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
         name="prob",
     )
     # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
-    prob_io = te.compute((*domain, b, W), lambda r, u, t, w: _narrow(prob[r, u, w, t], io),
+    # (P v in float32 for micro "avx512_bf16_fp32_pv": P as it is)
+    p_io = dt if micro == MICRO[1] else io
+    prob_io = te.compute((*domain, b, W), lambda r, u, t, w: _narrow(prob[r, u, w, t], p_io),
                          name="prob_io")
     w1 = te.reduce_axis((0, W), "w1")
     unit_out = te.compute(
@@ -394,7 +403,8 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     in : q, k, v [R, N, D]; mask, qmask [Bm, N]; row_cols [R, n, Cr] i32;
          ov_max [R, U, b]; ov_out [R, U, b, D]; ov_sum [R, U, b]; ov_start, ov_units [R, n] i32;
          full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, group, scale, ucap
-    out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v)
+    out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v; in
+         float32 with micro "avx512_bf16_fp32_pv")
     """
     dt = dtype
     io = _io(io, dt, micro)
@@ -486,6 +496,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
         return qmask[r // heads, i * b + t]
 
     params = [q, k, v, mask, qmask, row_cols, ov_max, ov_out, ov_sum, ov_start, ov_units]
+    out_io = dt if micro == MICRO[1] else io  # (the float32 output of the backward's pass)
     if full:
         o_lo = te.placeholder((R, n, D), dt, "o_lo")
         z_lo = te.placeholder((R, n), dt, "z_lo")
@@ -521,7 +532,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
             (R, n, b, D),
             lambda r, i, t, d: _narrow(
                 (o_hi(r, i, t, d) * hi_scale[r, i, t] + o_lo[r, i, d] * lo_scale[r, i, t])
-                * inv_norm[r, i, t], io),
+                * inv_norm[r, i, t], out_io),
             name="out",
         )
     else:
@@ -531,8 +542,8 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
             name="inv_norm",
         )
         out = te.compute(
-            (R, n, b, D), lambda r, i, t, d: _narrow(o_hi(r, i, t, d) * inv_norm[r, i, t], io),
-            name="out",
+            (R, n, b, D),
+            lambda r, i, t, d: _narrow(o_hi(r, i, t, d) * inv_norm[r, i, t], out_io), name="out",
         )
     # What the backward needs, one value per token (the stabilisers are constants there):
     # P = exp(A - stab - pen) mask_s is the final high-resolution weight, lo_w scales the

@@ -167,7 +167,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
 
     b = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-3]).extent  # queries: one block
     if micro:
-        w_o, slot = _micro_products(sch, vec, b)
+        w_o, slot = _micro_products(sch, vec, b, micro)
         w_tokens = b
     else:
         # P V: sum_w P[w, t] v[w, d] -> [b, D], keys as (slot, key of the block).
@@ -202,14 +202,17 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     _prefetch_next_unit(sch, loop, slots, kv)
 
 
-def _micro_products(sch, vec, b):
+def _micro_products(sch, vec, b, micro):
     """The unit's block products as calls of the bf16 micro-kernels
     (``schedules/cpu_bf16.py``), one per key block (slot) each: logits [W, b] and P V
-    [b, D], accumulated onto zeros. Returns the two slot loops (logits, P V)."""
+    [b, D], accumulated onto zeros (``micro`` "avx512_bf16_fp32_pv": P V in float32).
+    Returns the two slot loops (logits, P V)."""
     from mra_compile.schedules import cpu_bf16
 
     D = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-2]).extent
     qk, pv, pairs = cpu_bf16.intrinsics(D)
+    if micro == "avx512_bf16_fp32_pv":  # (P v in float32 FMAs, P not rounded)
+        pv = cpu_bf16.float32_pv_intrinsic(D)
     sch.tensorize(sch.get_loops(sch.get_sblock("q_t"))[-3], pairs)
     dots = sch.get_sblock("dots")
     w, *_ = sch.get_loops(dots)[-4:]

@@ -160,3 +160,54 @@ HIDDEN int32_t mra_bf16_pairs(const uint16_t *q, int32_t ldq, uint16_t *qp, int3
   }
   return 0;
 }
+
+/* P V of one key block with P unrounded: out[t][d] += sum_w P[w][t] v[w][d] in float32
+ * FMAs (the backward's second pass for the float32 output, whose P must be the float32
+ * one: D_t = g . out cancels against g . v). P: key-major fp32 rows of stride ldp; v: bf16
+ * rows of stride ldv, widened (exactly) into a float32 copy 256 dims at a time; out:
+ * fp32 rows of stride ldo. Tiles of 4 queries x 64 dims (16 accumulators). */
+HIDDEN int32_t mra_bf16_pv_f32(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                               float *out, int32_t ldo, int32_t D) {
+  float vf[32 * 256] __attribute__((aligned(64)));
+  for (int d0 = 0; d0 < D; d0 += 256) {
+    const int Dc = D - d0 < 256 ? D - d0 : 256;
+    for (int w = 0; w < 32; ++w)
+      for (int d = 0; d < Dc; d += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(v + w * ldv + d0 + d));
+        _mm512_store_ps(vf + w * Dc + d,
+                        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+    const int nv = Dc / 16;
+    int j0 = 0;
+    for (; j0 + 4 <= nv; j0 += 4)
+      for (int t0 = 0; t0 < 32; t0 += 4) {
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j)
+            acc[i][j] = _mm512_loadu_ps(out + (t0 + i) * ldo + d0 + (j0 + j) * 16);
+        for (int w = 0; w < 32; ++w) {
+          __m512 vb[4];
+          for (int j = 0; j < 4; ++j) vb[j] = _mm512_load_ps(vf + w * Dc + (j0 + j) * 16);
+          for (int i = 0; i < 4; ++i) {
+            __m512 p = _mm512_set1_ps(P[w * ldp + t0 + i]);
+            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(p, vb[j], acc[i][j]);
+          }
+        }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j)
+            _mm512_storeu_ps(out + (t0 + i) * ldo + d0 + (j0 + j) * 16, acc[i][j]);
+      }
+    for (; j0 < nv; ++j0) /* the last 1-3 vectors of a Dc that is not a multiple of 64 */
+      for (int t0 = 0; t0 < 32; t0 += 8) {
+        __m512 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(out + (t0 + i) * ldo + d0 + j0 * 16);
+        for (int w = 0; w < 32; ++w) {
+          __m512 vb = _mm512_load_ps(vf + w * Dc + j0 * 16);
+          for (int i = 0; i < 8; ++i)
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(P[w * ldp + t0 + i]), vb, acc[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (t0 + i) * ldo + d0 + j0 * 16, acc[i]);
+      }
+  }
+  return 0;
+}

@@ -148,3 +148,50 @@ def intrinsics(D: int) -> tuple[str, str, str]:
                                 (qk_impl, pv_impl, pairs_impl)):
         TensorIntrin.register(name, desc, impl)
     return names
+
+
+@functools.cache
+def float32_pv_intrinsic(D: int) -> str:
+    """The name of the P v intrinsic that keeps P in float32 (float32 FMAs over the
+    widened bf16 v: ``mra_bf16_pv_f32``) for head dim ``D`` (registered once)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    from mra_compile.operators import BF16_BITS as I16
+    from mra_compile.operators import bf16_widen as widen
+
+    b, F32 = BLOCK, "float32"
+
+    @T.prim_func(s_tir=True)
+    def desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
+        sp, sv, sc = T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:b, 0:D])
+            T.writes(C[0:b, 0:D])
+            for t, d, w in T.grid(b, D, b):
+                with T.sblock("update"):
+                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
+                    T.reads(C[vt, vd], Ix[0], P[vw, vt], V[vw, vd])
+                    T.writes(C[vt, vd])
+                    C[vt, vd] = C[vt, vd] + P[vw, vt] * widen(V[vw, vd])
+
+    @T.prim_func(s_tir=True)
+    def impl(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
+        sp, sv, sc = T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:b, 0:D])
+            T.writes(C[0:b, 0:D])
+            T.evaluate(T.call_extern("int32", "mra_bf16_pv_f32", P.access_ptr("r"), sp,
+                                     V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
+
+    name = f"mra_bf16_pv_f32_d{D}"
+    TensorIntrin.register(name, desc, impl)
+    return name

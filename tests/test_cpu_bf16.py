@@ -135,6 +135,35 @@ def test_bf16_gradients_match_the_reference(seed, B, H, N, D, padded, mode, bpr,
 
 
 @needs_bf16
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_the_backward_output_pass_keeps_p_in_float32(mode):
+    # The backward's second pass (the float32 output, for D_t) on the micro-kernels'
+    # variant with float32 P v equals the float32 kernels' on float32 copies within the
+    # float32 tolerance: q k^T is exact in bf16 products, and P is not rounded.
+    import dataclasses
+
+    from mra_compile import forward
+    from mra_compile.options import Options
+
+    q, k, v = make_qkv(7, 1, 3, 300, 64, dtype=torch.bfloat16)
+    opts = Options(40, mode)
+    _, saved = forward.mra_forward(q, k, v, None, opts, save=True)
+    outs = []
+    exact = dataclasses.replace(inputs.prepare(q, k, v, None, 32, backward=True), float32_pv=True)
+    assert exact.static("hires_rows", True)["micro"] == "avx512_bf16_fp32_pv"
+    for pr in (exact, inputs.prepare(q.float(), k.float(), v.float(), None, 32)):
+        R, Np, Dp = pr.q.shape
+        out = torch.zeros(R, Np // 32, 32, Dp)
+        knobs = knob_policy.knobs_for_shape(None, 300, 64, 32, pr.target)
+        forward.exact_and_combine(pr, saved.index, saved.logits, saved.rowmax,
+                                  saved.high_mask if mode == "full" else None,
+                                  saved.pooled[2], mode == "full", knobs, out,
+                                  torch.zeros(3, R, Np // 32, 32))
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+@needs_bf16
 def test_bf16_kernels_call_the_micro_kernels():
     # The kernels that read q, k, v (forward and backward) and bwd_prep (its g is their
     # operand) are the bf16 variants, and their libraries hold the micro-kernels; every
@@ -200,10 +229,11 @@ def test_ahead_of_time_variants_follow_the_target():
     # No variant twice (float32 and bf16 share the kernels that do not read q, k, v).
     assert len(got) == len(list(aot.variants([32], [64], ("float32", "bfloat16"),
                                              target=cpu.CPU)))
-    # A bf16-only library holds the float32 kernels of the backward's second forward pass
-    # (its output in float32: D_t), which its micro-kernels cannot compute.
+    # A bf16-only library holds the kernels of the backward's second forward pass (its
+    # output in float32, for D_t): with the micro-kernels, their float32 P v variant.
     alone = {(name, tuple(sorted(s.items()))) for name, s in aot.variants(
         [32], [64], ("bfloat16",), target=cpu.CPU)}
-    plain = {name for name, s in alone if "io" not in dict(s)}
-    assert {"hires_units", "hires_rows", "lowres_out"} <= plain
+    second = {name for name, s in alone if dict(s).get("micro") == "avx512_bf16_fp32_pv"}
+    assert second == ({"hires_units", "hires_rows"} if cpu.bf16_products() else set())
+    assert "lowres_out" in {name for name, _ in alone}
     assert n_blocks(64) == 2

@@ -66,9 +66,10 @@ class Target:
         kernel computes in ``compute_dtype(dtype)``."""
         return compute_dtype(dtype)
 
-    def micro_kernels(self, io: torch.dtype) -> str | None:
+    def micro_kernels(self, io: torch.dtype, float32_pv: bool = False) -> str | None:
         """The hand-written micro-kernels the kernels reading q, k, v of dtype ``io`` call
-        (tensorized by the schedules), or None."""
+        (tensorized by the schedules), or None. ``float32_pv``: the variant whose P v keeps
+        P in float32 (the backward's second pass for the float32 output)."""
         return None
 
     def link_objects(self, static: dict) -> list[str]:

@@ -68,11 +68,13 @@ class CpuTarget(Target):
             return dtype
         return super().io_dtype(dtype)
 
-    def micro_kernels(self, io: torch.dtype) -> str | None:
-        return "avx512_bf16" if io == torch.bfloat16 else None
+    def micro_kernels(self, io: torch.dtype, float32_pv: bool = False) -> str | None:
+        if io != torch.bfloat16:
+            return None
+        return "avx512_bf16_fp32_pv" if float32_pv else "avx512_bf16"
 
     def link_objects(self, static: dict) -> list[str]:
-        if static.get("micro") == "avx512_bf16":
+        if str(static.get("micro", "")).startswith("avx512_bf16"):
             from mra_compile.schedules import cpu_bf16
 
             return cpu_bf16.objects()
