@@ -10,7 +10,8 @@ from mra_compile import host
 from mra_compile.schedules import cpu_transpose
 
 # The schedules that take ``micro``: the micro-kernels of the variant (None, or
-# "avx512_bf16": bf16 q, k, v and the block products of schedules/cpu_bf16.py).
+# "avx512_bf16": bf16 q, k, v and the block products of schedules/cpu_bf16.py, or
+# "avx512_bf16_fp32_pv": the same with P v in float32, operators.MICRO).
 MICRO = ("pool_and_logits", "hires_units", "hires_rows", "bwd_prep", "bwd_dq_units",
          "bwd_dkdv_units")
 
@@ -214,20 +215,31 @@ def _micro_products(sch, vec, b, micro):
     if micro == "avx512_bf16_fp32_pv":  # (P v in float32 FMAs, P not rounded)
         pv = cpu_bf16.float32_pv_intrinsic(D)
     sch.tensorize(sch.get_loops(sch.get_sblock("q_t"))[-3], pairs)
-    dots = sch.get_sblock("dots")
-    w, *_ = sch.get_loops(dots)[-4:]
-    w_o, w_i = sch.split(w, [None, b])
-    init = sch.decompose_reduction(dots, w_i)
+    return _slot_logits(sch, "dots", vec, b, qk), _slot_product(sch, "unit_out", vec, b, pv)
+
+
+def _slot_logits(sch, name, vec, b, intrin):
+    """A [W, b] = sum over pairs of dims stage (loops w, t, p, e) as one ``intrin`` call
+    (q k^T) per slot of b tokens onto zeros; returns the slot loop."""
+    blk = sch.get_sblock(name)
+    w_o, w_i = sch.split(sch.get_loops(blk)[-4], [None, b])
+    init = sch.decompose_reduction(blk, w_i)
     sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
-    sch.tensorize(w_i, qk)
-    out = sch.get_sblock("unit_out")
-    t, d, w = sch.get_loops(out)[-3:]
+    sch.tensorize(w_i, intrin)
+    return w_o
+
+
+def _slot_product(sch, name, vec, b, intrin):
+    """A [b, D] = sum_w stage (loops t, d, w over W = C b) as one ``intrin`` call (P v)
+    per slot of b tokens onto zeros; returns the slot loop."""
+    blk = sch.get_sblock(name)
+    t, d, w = sch.get_loops(blk)[-3:]
     slot, w_i = sch.split(w, [None, b])
     sch.reorder(slot, t, d, w_i)
-    init = sch.decompose_reduction(out, slot)
+    init = sch.decompose_reduction(blk, slot)
     sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
-    sch.tensorize(t, pv)
-    return w_o, slot
+    sch.tensorize(t, intrin)
+    return slot
 
 
 def hires_units(sch, *, vec, qk_rows, pv_rows, unroll, blocks_per_unit, micro):
@@ -452,23 +464,8 @@ def _micro_bwd_products(sch, vec, b, outputs, fixed) -> dict:
     for x in fixed:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(f"{x}_s"))[-1], [None, vec])[1])
         sch.tensorize(sch.get_loops(sch.get_sblock(f"{x}_t"))[-3], pairs)
-    slots = {}
-    for name in ("dots", "dp"):
-        blk = sch.get_sblock(name)
-        w_o, w_i = sch.split(sch.get_loops(blk)[-4], [None, b])
-        init = sch.decompose_reduction(blk, w_i)
-        sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
-        sch.tensorize(w_i, qk)
-        slots[w_o] = b
-    for name in outputs:
-        blk = sch.get_sblock(name)
-        t, d, w = sch.get_loops(blk)[-3:]
-        slot, w_i = sch.split(w, [None, b])
-        sch.reorder(slot, t, d, w_i)
-        init = sch.decompose_reduction(blk, slot)
-        sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
-        sch.tensorize(t, pv)
-        slots[slot] = b
+    slots = {_slot_logits(sch, name, vec, b, qk): b for name in ("dots", "dp")}
+    slots.update((_slot_product(sch, name, vec, b, pv), b) for name in outputs)
     # The bf16 operands in a scope of their own (set last: the intrinsics match buffers
     # of the default scope). Else TVM's storage rewrite lets a float32 intermediate reuse
     # them once they are dead, and then fails to lower the micro-kernels' typed
