@@ -62,7 +62,8 @@ def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_fac
         _guard(sch, slot_loop, index[unit // units, unit % units, first // b] >= 0)
 
 
-def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor") -> None:
+def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
+                        shared: bool = True) -> None:
     """At the start of each unit, ask for the key and value blocks of the next one (its
     slots in input ``slots``, [R, units, C]) to be brought into L2 (``llvm.prefetch``).
 
@@ -73,7 +74,9 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor") -
     hires_rows 12.6-13.0 ms. (What counts is asking for all of a unit's blocks together:
     asking at the unit's own start, or two or three units ahead, measured the same; and
     nothing changed in the bf16 kernels.) ``loop``: the fused (row, unit) loop,
-    row-major; ``kv``: the k and v buffers. Applied last (like ``_guard``)."""
+    row-major; ``kv``: the k and v buffers (or any two [rows, N, D] inputs the slots index:
+    the backward's units), read at row r // group unless ``shared`` is False. Applied
+    last (like ``_guard``)."""
     from tvm import tirx
 
     block = sch.get(sch.get_sblock(factor))
@@ -86,7 +89,7 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor") -
     f = sref.stmt
     nxt = f.loop_var + 1
     row = nxt // units
-    kv_row = row if group is None else row // group
+    kv_row = row if group is None or not shared else row // group
     slot, token, line = (tirx.Var(name, "int32") for name in ("pf_slot", "pf_token", "pf_line"))
     block_index = index[row, nxt % units, slot]
     per_line = 64 // (_bits(k.dtype) // 8)  # elements of a 64-byte cache line
@@ -413,7 +416,7 @@ def bwd_prep(sch, *, vec, micro):
 
 
 def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, factor,
-               extra=(), micro=None):
+               extra=(), micro=None, slot_rows=(), shared_rows=True):
     """The backward's unit kernels (``operators._bwd_unit``): parallel over (row, unit);
     ``dots`` and ``dp`` as [W, b] register tiles, the ``elementwise`` [W, b] stages (exp,
     dS) with the fixed block's tokens in vector lanes, the [b, D] ``outputs`` as register
@@ -421,7 +424,12 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     CUDA's tensor-core tiles, read in place here; ``fixed``: the fixed block's two
     operands (``q``, ``g`` / ``k``, ``v``), gathered transposed; ``factor`` and ``extra``:
     the per-token factor stages. ``micro`` ("avx512_bf16"): every block product is a call
-    of the bf16 micro-kernels instead, one per slot (``_micro_bwd_products``)."""
+    of the bf16 micro-kernels instead, one per slot (``_micro_bwd_products``), and each
+    unit prefetches the next one's slot blocks (``_prefetch_next_unit``) of the inputs
+    ``slot_rows`` ((gather stage, input) pairs; ``shared_rows``: key/value rows, shared
+    by grouped-query heads).
+    """
+    rows_read = [_input(sch.get(sch.get_sblock(g)), x) for g, x in slot_rows]
     for name in gathers:
         sch.compute_inline(sch.get_sblock(name))
     ru = _merged_parallel(sch, outputs, 2)
@@ -448,6 +456,9 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     for name in elementwise:
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
     _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
+    if micro:  # (bf16 at N = 8192: bwd_dq_units 12.0-12.6 -> 11.2-11.7 ms, dkdv ~4%;
+        # the float32 units, compute-bound, gain nothing)
+        _prefetch_next_unit(sch, ru, slots, rows_read, factor=factor, shared=shared_rows)
     return sch
 
 
@@ -481,7 +492,8 @@ def bwd_dq_units(sch, *, vec, rows, blocks_per_unit, micro):
     dS k as a [b, D] tile; empty key-block slots skipped (``_bwd_units``)."""
     return _bwd_units(sch, vec=vec, rows=rows, gathers=("k_g", "v_g", "ds_t"),
                       outputs=("dq_unit",), elementwise=("ds",), fixed=("q", "g"),
-                      slots="unit_cols", factor="key_factor", micro=micro)
+                      slots="unit_cols", factor="key_factor", micro=micro,
+                      slot_rows=(("k_g", "k"), ("v_g", "v")), shared_rows=True)
 
 
 def bwd_dkdv_units(sch, *, vec, rows, blocks_per_unit, micro):
@@ -490,7 +502,8 @@ def bwd_dkdv_units(sch, *, vec, rows, blocks_per_unit, micro):
     return _bwd_units(sch, vec=vec, rows=rows, gathers=("q_g", "g_g", "prob_t", "ds_t"),
                       outputs=("dk_unit", "dv_unit"), elementwise=("ds", "prob"),
                       fixed=("k", "v"), slots="unit_rows", factor="query_factor",
-                      extra=("key_mask",), micro=micro)
+                      extra=("key_mask",), micro=micro,
+                      slot_rows=(("q_g", "q"), ("g_g", "g")), shared_rows=False)
 
 
 def bwd_lowres(sch, *, vec):

@@ -102,3 +102,20 @@ def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
     assert {"k" if "T.address_of(k[" in p else "v" for p in prefetches} == {"k", "v"}
     if static.get("gqa"):  # the key/value row of the next unit's query row
         assert all("// group" in p for p in prefetches), prefetches
+
+
+BF16 = {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}
+
+
+@pytest.mark.parametrize("op,static,inputs,shared", [
+    ("bwd_dq_units", BF16, {"k", "v"}, False),
+    ("bwd_dq_units", {**BF16, "gqa": True}, {"k", "v"}, True),
+    ("bwd_dkdv_units", {**BF16, "gqa": True}, {"q", "g"}, False)])
+def test_bf16_backward_units_request_the_next_units_slot_blocks(op, static, inputs, shared):
+    """The bf16 backward's units prefetch the next unit's slot blocks: key and value blocks
+    by query block (at the key/value row with grouped heads), query and g blocks by key
+    block (their own row). (Scheduling only: no AVX-512-BF16 needed.)"""
+    script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
+    prefetches = [line.strip() for line in script.splitlines() if "llvm.prefetch" in line]
+    assert {re.search(r"T.address_of\((\w+)\[", p).group(1) for p in prefetches} == inputs
+    assert all(("// group" in p) == shared for p in prefetches), prefetches
