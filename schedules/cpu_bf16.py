@@ -54,7 +54,6 @@ def intrinsics(D: int) -> tuple[str, str, str]:
     from tvm.script import tirx as T
 
     from mra_compile.operators import BF16_BITS as I16
-    from mra_compile.operators import bf16_narrow as narrow
     from mra_compile.operators import bf16_widen as widen
 
     b, F32 = BLOCK, "float32"
@@ -90,36 +89,6 @@ def intrinsics(D: int) -> tuple[str, str, str]:
                                      Q.access_ptr("r"), C.access_ptr("rw"), sc, D))
 
     @T.prim_func(s_tir=True)
-    def pv_desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
-        sp, sv, sc = T.int32(), T.int32(), T.int32()
-        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
-        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
-        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:b, 0:D])
-            T.writes(C[0:b, 0:D])
-            for t, d, w in T.grid(b, D, b):
-                with T.sblock("update"):
-                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
-                    T.reads(C[vt, vd], Ix[0], P[vw, vt], V[vw, vd])
-                    T.writes(C[vt, vd])
-                    C[vt, vd] = C[vt, vd] + widen(narrow(P[vw, vt])) * widen(V[vw, vd])
-
-    @T.prim_func(s_tir=True)
-    def pv_impl(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
-        sp, sv, sc = T.int32(), T.int32(), T.int32()
-        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
-        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
-        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:b, 0:D])
-            T.writes(C[0:b, 0:D])
-            T.evaluate(T.call_extern("int32", "mra_bf16_pv", P.access_ptr("r"), sp,
-                                     V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
-
-    @T.prim_func(s_tir=True)
     def pairs_desc(s: T.handle, q: T.handle):
         ss = T.int32()
         S = T.match_buffer(s, (b, D), I16, strides=[ss, 1], offset_factor=1)
@@ -143,24 +112,35 @@ def intrinsics(D: int) -> tuple[str, str, str]:
             T.evaluate(T.call_extern("int32", "mra_bf16_pairs", S.access_ptr("r"), ss,
                                      Q.access_ptr("w"), D))
 
-    names = (f"mra_bf16_qk_d{D}", f"mra_bf16_pv_d{D}", f"mra_bf16_pairs_d{D}")
-    for name, desc, impl in zip(names, (qk_desc, pv_desc, pairs_desc),
-                                (qk_impl, pv_impl, pairs_impl)):
+    names = (f"mra_bf16_qk_d{D}", f"mra_bf16_pairs_d{D}")
+    for name, desc, impl in zip(names, (qk_desc, pairs_desc), (qk_impl, pairs_impl)):
         TensorIntrin.register(name, desc, impl)
-    return names
+    return names[0], _pv_intrinsic(D, rounded=True), names[1]
 
 
-@functools.cache
 def float32_pv_intrinsic(D: int) -> str:
     """The name of the P v intrinsic that keeps P in float32 (float32 FMAs over the
     widened bf16 v: ``mra_bf16_pv_f32``) for head dim ``D`` (registered once)."""
+    return _pv_intrinsic(D, rounded=False)
+
+
+@functools.cache
+def _pv_intrinsic(D: int, rounded: bool) -> str:
+    """The P v intrinsic of one key block for head dim ``D`` (registered once): P, the
+    float32 probabilities key-major, rounded to bf16 in the call (``mra_bf16_pv``) or not
+    (``rounded=False``: ``mra_bf16_pv_f32``); v as bf16 bits; float32 sums."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     from mra_compile.operators import BF16_BITS as I16
+    from mra_compile.operators import bf16_narrow as narrow
     from mra_compile.operators import bf16_widen as widen
 
     b, F32 = BLOCK, "float32"
+    extern = "mra_bf16_pv" if rounded else "mra_bf16_pv_f32"
+
+    def prob(p):  # P as the call multiplies it
+        return widen(narrow(p)) if rounded else p
 
     @T.prim_func(s_tir=True)
     def desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
@@ -177,7 +157,7 @@ def float32_pv_intrinsic(D: int) -> str:
                     vt, vd, vw = T.axis.remap("SSR", [t, d, w])
                     T.reads(C[vt, vd], Ix[0], P[vw, vt], V[vw, vd])
                     T.writes(C[vt, vd])
-                    C[vt, vd] = C[vt, vd] + P[vw, vt] * widen(V[vw, vd])
+                    C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[vw, vd])
 
     @T.prim_func(s_tir=True)
     def impl(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
@@ -189,9 +169,9 @@ def float32_pv_intrinsic(D: int) -> str:
         with T.sblock("root"):
             T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:b, 0:D])
             T.writes(C[0:b, 0:D])
-            T.evaluate(T.call_extern("int32", "mra_bf16_pv_f32", P.access_ptr("r"), sp,
+            T.evaluate(T.call_extern("int32", extern, P.access_ptr("r"), sp,
                                      V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
 
-    name = f"mra_bf16_pv_f32_d{D}"
+    name = f"{extern}_d{D}"
     TensorIntrin.register(name, desc, impl)
     return name
