@@ -440,26 +440,34 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     if micro:
         guarded = _micro_bwd_products(sch, vec, b, outputs, fixed)
     else:
-        tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
-                 for name in ("dots", "dp")}
-        out_slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
-                     for name in outputs}
-    for name in (*elementwise, *(f"{x}_t" for x in ([] if micro else fixed))):
-        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
-    if not micro:
-        for name, (_, reduction) in tiles.items():
-            sch.decompose_reduction(sch.get_sblock(name), reduction)
-        for name, slot in out_slots.items():
-            sch.decompose_reduction(sch.get_sblock(name), slot)
-        guarded = {tiles["dots"][0]: rows, tiles["dp"][0]: rows,
-                   **{slot: b for slot in out_slots.values()}}
+        guarded = _tiled_bwd_products(sch, vec, rows, b, outputs, fixed)
     for name in elementwise:
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
     _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
     if micro:  # (bf16 at N = 8192: bwd_dq_units 12.0-12.6 -> 11.2-11.7 ms, dkdv ~4%;
         # the float32 units, compute-bound, gain nothing)
         _prefetch_next_unit(sch, ru, slots, rows_read, factor=factor, shared=shared_rows)
     return sch
+
+
+def _tiled_bwd_products(sch, vec, rows, b, outputs, fixed) -> dict:
+    """A backward unit's block products as register tiles: ``dots`` and ``dp`` [W, b] of
+    ``rows`` slot tokens x b, every [b, D] output of ``rows`` tokens x D over its slots;
+    the fixed block's transposed gathers in vectors. Returns the loops whose whole
+    bodies an empty slot skips, {loop: tokens per iteration} (``_skip_empty_slots``)."""
+    tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
+             for name in ("dots", "dp")}
+    out_slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
+                 for name in outputs}
+    for x in fixed:
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(f"{x}_t"))[-1], [None, vec])[1])
+    for name, (_, reduction) in tiles.items():
+        sch.decompose_reduction(sch.get_sblock(name), reduction)
+    for name, slot in out_slots.items():
+        sch.decompose_reduction(sch.get_sblock(name), slot)
+    return {tiles["dots"][0]: rows, tiles["dp"][0]: rows,
+            **{slot: b for slot in out_slots.values()}}
 
 
 def _micro_bwd_products(sch, vec, b, outputs, fixed) -> dict:
