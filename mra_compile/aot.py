@@ -70,12 +70,12 @@ RECOMPUTED = ("hires_units", "lowres_out", "hires_rows")
 def _calls(target: Target, dtype: torch.dtype, b: int):
     """(kernel, I/O dtype of q, k, v, micro-kernels) of every kernel call for inputs of
     ``dtype``."""
-    backward_io = target.io_dtype(dtype, b, backward=True)
+    io = target.io_dtype(dtype, b)
+    micro = target.micro_kernels(io)
     for kernel in kernels.KERNELS.values():
-        io = target.io_dtype(dtype, b, kernel.backward)
-        yield kernel, io, target.micro_kernels(io)
-        if kernel.name in RECOMPUTED and target.micro_kernels(backward_io):
-            yield kernel, backward_io, target.micro_kernels(backward_io, float32_pv=True)
+        yield kernel, io, micro
+        if kernel.name in RECOMPUTED and micro:
+            yield kernel, io, target.micro_kernels(io, float32_pv=True)
 
 
 def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HEAD_DIMS,

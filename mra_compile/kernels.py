@@ -30,7 +30,6 @@ class Kernel:
     # Takes I/O-dtype arguments in its micro-kernel variant only (bwd_prep: dout and g as
     # the backward's bf16 products read them); else in the compute dtype.
     micro_io: bool = False
-    backward: bool = False
     # Intermediates in global memory between the kernel's launches: with
     # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
     # arguments, and the caller allocates them.
@@ -108,20 +107,20 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
                           "heads", "group", "scale", "ucap"),
            reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax")),
     # Backward.
-    Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"), backward=True,
+    Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"),
            micro_io=True),
     Kernel("bwd_dq_units", (*QKV, "unit_row", "unit_cols", "stab", "g", "dsum", "dq_unit",
                             "heads", "group", "scale"),
-           reads_qkv=True, shape_knobs=("blocks_per_unit",), backward=True),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",)),
     Kernel("bwd_dkdv_units", (*QKV, "unit_col", "unit_rows", "stab", "g", "dsum", "dk_unit",
                               "dv_unit", "heads", "group", "scale"),
-           reads_qkv=True, shape_knobs=("blocks_per_unit",), backward=True),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",)),
     Kernel("bwd_lowres", ("logits", "hmask", "rowmax", "counts", "qp", "kp", "vp", "ga", "da",
-                          "dqp", "dkp", "dvp", "heads", "scale"), backward=True,
+                          "dqp", "dkp", "dvp", "heads", "scale"),
            scratch=("weight", "gv", "dlog")),
     Kernel("bwd_finish", ("dq_unit", "q_start", "q_units", "dk_unit", "dv_unit", "k_start",
                           "k_units", "dqp", "dkp", "dvp", "inv_counts", "q_inv_counts", "mask",
-                          "qmask", "dq", "dk", "dv", "heads", "ucap_q", "ucap_k"), backward=True),
+                          "qmask", "dq", "dk", "dv", "heads", "ucap_q", "ucap_k")),
 )}
 
 

@@ -149,7 +149,7 @@ def test_the_backward_output_pass_keeps_p_in_float32(mode):
     opts = Options(40, mode)
     _, saved = forward.mra_forward(q, k, v, None, opts, save=True)
     outs = []
-    exact = dataclasses.replace(inputs.prepare(q, k, v, None, 32, backward=True), float32_pv=True)
+    exact = dataclasses.replace(inputs.prepare(q, k, v, None, 32), float32_pv=True)
     assert exact.static("hires_rows", True)["micro"] == "avx512_bf16_fp32_pv"
     for pr in (exact, inputs.prepare(q.float(), k.float(), v.float(), None, 32)):
         R, Np, Dp = pr.q.shape
@@ -174,12 +174,10 @@ def test_bf16_kernels_call_the_micro_kernels():
     for name in ("pool_and_logits", "hires_units", "hires_rows"):
         static = pr.static(name, True)
         assert static["io"] == "bfloat16" and static["micro"] == "avx512_bf16"
-    back = inputs.prepare(q, k, v, None, 32, backward=True)
-    assert back.q.dtype == torch.bfloat16
     for name in ("bwd_prep", "bwd_dq_units", "bwd_dkdv_units"):
-        assert back.static(name)["micro"] == "avx512_bf16"
+        assert pr.static(name)["micro"] == "avx512_bf16"
     for name in ("bwd_lowres", "bwd_finish"):
-        assert "micro" not in back.static(name) and "io" not in back.static(name)
+        assert "micro" not in pr.static(name) and "io" not in pr.static(name)
     for name, full in (("hires_rows", True), ("bwd_dq_units", None), ("bwd_dkdv_units", None)):
         static = pr.static(name, full)
         knobs = knob_policy.resolve_knobs(name, None, target=pr.target)
@@ -199,8 +197,7 @@ def test_the_cpu_target_chooses_bf16_products_from_the_cpu(monkeypatch):
     assert target.io_dtype(torch.float16) == torch.float32
     has = "avx512_bf16" in host.cpu_flags() and "avx512bw" in host.cpu_flags()
     assert target.io_dtype(torch.bfloat16) == (torch.bfloat16 if has else torch.float32)
-    # The backward's kernels too; never another block size, or when switched off.
-    assert target.io_dtype(torch.bfloat16, 32, backward=True) == target.io_dtype(torch.bfloat16)
+    # (The same for the backward's kernels.) Never another block size, or switched off.
     assert target.io_dtype(torch.bfloat16, 64) == torch.float32
     monkeypatch.setenv(cpu.BF16_ENV, "0")
     assert target.io_dtype(torch.bfloat16) == torch.float32

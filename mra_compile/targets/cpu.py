@@ -59,8 +59,7 @@ class CpuTarget(Target):
     def target_override(self) -> str:
         return os.environ.get(TARGET_ENV, "")
 
-    def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
-                 backward: bool = False) -> torch.dtype:
+    def io_dtype(self, dtype: torch.dtype, block_size: int = 32) -> torch.dtype:
         # bf16 products with fp32 sums where the CPU has them (the 32 x 32 blocks of the
         # forward and of the backward's units); everything else computes in float32 from
         # float32 copies.
