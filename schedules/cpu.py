@@ -278,14 +278,46 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full, mic
               "ov_stab", "unit_sum", "unit_out")
     for name in order:
         sch.compute_at(sch.get_sblock(name), ri)
-    ov_o = sch.get_sblock("ov_o")
-    t2, d2, w2 = sch.get_loops(ov_o)[-3:]
-    sch.reorder(t2, w2, d2)
-    sch.vectorize(sch.split(d2, [None, vec])[1])
-    sch.decompose_reduction(ov_o, w2)
+    merges = _overflow_merges(sch, vec)
     _unit(sch, ri, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll,
           outputs_placed=False, slots="row_cols", micro=micro)
+    _skip_missing_units(sch, ri, merges)
     return sch
+
+
+def _overflow_merges(sch, vec):
+    """The stages over a block row's overflow units (``w < ucap``; those past the row's
+    own ``ov_units`` contribute nothing) with the unit loop outermost and the tokens
+    (``ov_o``: the dims) in vector lanes, so that ``_skip_missing_units`` can skip
+    whole units: ucap is the largest count of any block row (5 at N = 8192 where most
+    rows have none), and a skipped unit saves b exps and a [b, D] pass.
+    Returns the unit loops."""
+    loops = []
+    for name in ("ov_stab", "ov_scale", "ov_z", "ov_o"):
+        blk = sch.get_sblock(name)
+        if name == "ov_o":
+            t, d, w = sch.get_loops(blk)[-3:]
+            sch.reorder(w, t, d)
+            sch.vectorize(sch.split(d, [None, vec])[1])
+        else:
+            t, w = sch.get_loops(blk)[-2:]
+            sch.reorder(w, t)
+            sch.vectorize(sch.split(t, [None, vec])[1])
+        if name != "ov_scale":  # (the reductions)
+            sch.decompose_reduction(blk, w)
+        loops.append(w)
+    return loops
+
+
+def _skip_missing_units(sch, loop, unit_loops) -> None:
+    """Run each iteration of ``unit_loops`` (over a block row's overflow units, under the
+    fused (row, block row) ``loop``) only for the row's own ``w < ov_units[r, i]``; what
+    reads the skipped results selects by the same condition. Applied last (``_guard``)."""
+    units = _input(sch.get(sch.get_sblock("ov_scale")), "ov_units")
+    n = units.shape[1]
+    ri = sch.get(loop).loop_var
+    for w in unit_loops:
+        _guard(sch, w, sch.get(w).loop_var < units[ri // n, ri % n])
 
 
 def _rows_times_transposed(sch, name):

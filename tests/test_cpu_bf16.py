@@ -59,6 +59,15 @@ def test_bf16_products_match_the_reference(seed, B, H, N, D, padded, mode, bpr, 
 
 
 @needs_bf16
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_bf16_rows_with_different_overflow_units(mode):
+    # 17 block rows, 10 selected blocks per row: block rows with none, one or several
+    # overflow units beside each other (hires_rows skips the units a row lacks).
+    q, k, v = make_qkv(5, 1, 2, 520, 64, dtype=torch.bfloat16)
+    _check(q, k, v, None, block_per_row=10, approx_mode=mode)
+
+
+@needs_bf16
 @pytest.mark.parametrize("Nq, Nk", [(70, 130), (130, 40)])
 def test_bf16_cross_and_grouped_heads(Nq, Nk):
     g = torch.Generator().manual_seed(Nq)

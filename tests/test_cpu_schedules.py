@@ -36,6 +36,38 @@ def test_empty_work_is_skipped(op):
         assert all(g.endswith(">= 0:") for g in guards), guards
 
 
+def test_hires_rows_merges_only_the_units_a_row_has():
+    """The merge of a block row's overflow units (max, scales, sum, output) runs over the
+    row's own ``ov_units``, not the largest count of any row (``ucap``): one guarded unit
+    loop per stage."""
+    guards = _guards("hires_rows", {"b": 32, "D": 64, "full": True}, "ov_units")
+    assert len(guards) == 4, guards
+    assert all(re.fullmatch(r"if \w+ < ov_units\[.*\]:", g) for g in guards), guards
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_rows_with_different_overflow_units_match_the_reference(mode):
+    """Block rows with none, one or several overflow units beside each other (the units a
+    row lacks are skipped, ``_skip_missing_units``): float32 within 1e-5."""
+    import torch
+    from conftest import RTOL_FP32, as64, make_qkv, rel_err
+
+    import mra_compile
+    from mra_compile.reference import mra2_reference
+
+    q, k, v = make_qkv(5, 1, 2, 520, 64)  # 17 block rows, 10 selected blocks per row
+    kw = dict(block_per_row=10, approx_mode=mode)
+    with build.trace_kernel_calls() as calls:
+        out = mra_compile.mra_attention(q, k, v, **kw)
+    rows = next(c for c in calls if c["op"] == "hires_rows")
+    names = build.kernels.get("hires_rows").arg_names(rows["static"])
+    counts = torch.from_dlpack(rows["args"][names.index("ov_units")])
+    assert {0, 1, 3} <= set(counts.flatten().tolist())  # (Cr = 8, 3 blocks per unit)
+    sel = mra_compile.block_selection(q, k, v, **kw)
+    ref = mra2_reference(as64(q), as64(k), as64(v), selection=sel, **kw)
+    assert rel_err(out, ref) <= RTOL_FP32
+
+
 def test_pool_logits_are_register_tiles_over_padded_copies():
     """q̂ k̂^T: k̂ [R, n, D] copied as [R, D, n'] and q̂ as [R, n'', D], zero-padded to the
     8 x 32 tile, so that the tiles' loops carry no guard; the keys are the vector lanes."""
