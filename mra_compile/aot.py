@@ -62,8 +62,9 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
 
 
 # The kernels of ``forward.exact_and_combine``: the backward's output computed again in
-# float32 for a half-precision result, where its own kernels call micro-kernels (CPU bf16:
-# their variant with P v in float32).
+# float32 for a half-precision result (``backward._backward``): where the kernels call
+# micro-kernels, their variant with P v in float32 (CPU bf16); where they read q, k, v in
+# half precision otherwise (CUDA), the float32 kernels.
 RECOMPUTED = ("hires_units", "lowres_out", "hires_rows")
 
 
@@ -72,10 +73,13 @@ def _calls(target: Target, dtype: torch.dtype, b: int):
     ``dtype``."""
     io = target.io_dtype(dtype, b)
     micro = target.micro_kernels(io)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
     for kernel in kernels.KERNELS.values():
         yield kernel, io, micro
         if kernel.name in RECOMPUTED and micro:
             yield kernel, io, target.micro_kernels(io, float32_pv=True)
+        elif kernel.name in RECOMPUTED and io != compute:
+            yield kernel, compute, None
 
 
 def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HEAD_DIMS,

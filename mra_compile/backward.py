@@ -68,14 +68,20 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
 
     dout = padded(grad_out, Np, Dp, io, "dout", target)
     stab, lo_w, inv_z = saved.stats  # [R, Np] each
-    if out.dtype != dt and (pr.q.dtype == dt or micro):
+    if out.dtype != dt:
         # A half-precision result, float32 sums here: D_t = g . out from the output
         # computed again in float32 with the forward's blocks. With the rounded one, g . v -
         # D_t cancels where the softmax is peaky and dq, dk lose all precision there (seen:
         # dk off by 5% of the largest gradient, 120% of its own, at scale 2.5). The
-        # forward's own output with bf16 products would not do either: P was rounded in
-        # it; with micro-kernels, their variant with P v in float32 (q k^T is exact).
-        second = dataclasses.replace(pr, float32_pv=True) if micro else pr
+        # forward's own output with half-precision products would not do either: P was
+        # rounded in it. So: with micro-kernels, their variant with P v in float32 (q k^T
+        # is exact); where the kernels read half-precision q, k, v otherwise (CUDA's
+        # tensor cores), the float32 kernels on float32 copies of them.
+        second = pr
+        if micro:
+            second = dataclasses.replace(pr, float32_pv=True)
+        elif pr.q.dtype != dt:
+            second = dataclasses.replace(pr, q=pr.q.to(dt), k=pr.k.to(dt), v=pr.v.to(dt))
         outp = pr.scratch("out", R, n, b, Dp)
         chosen = knob_policy.knobs_for_shape(knobs or None, max(N, Nk), D, b, target)
         exact_and_combine(second, saved.index, saved.logits, saved.rowmax, saved.high_mask,

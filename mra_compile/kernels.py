@@ -27,8 +27,8 @@ class Kernel:
     reads_qkv: bool = False
     shape_knobs: tuple[str, ...] = ()  # knobs passed to the TE builder
     full_only: tuple[str, ...] = ()  # arguments only in "full" mode (then ``static["full"]``)
-    # Takes I/O-dtype arguments in its micro-kernel variant only (bwd_prep: dout and g as
-    # the backward's bf16 products read them); else in the compute dtype.
+    # Takes the I/O dtype though it does not read q, k, v (bwd_prep: g rounded to it, as
+    # the backward's block products read it; stored in it with micro-kernels).
     micro_io: bool = False
     # Intermediates in global memory between the kernel's launches: with
     # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
@@ -49,7 +49,7 @@ class Kernel:
                micro: str | None = None) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
-        kernels that read q, k, v, and by ``micro_io`` ones with ``micro``), for kernels
+        kernels that read q, k, v, and by ``micro_io`` ones), for kernels
         with modes ``full``, ``scratch``: whether the ``scratch`` intermediates are
         arguments, and ``gqa`` for the grouped-query variant of the kernels that read
         k, v (an extra ``group`` argument; the plain variant has no division in its
@@ -58,7 +58,7 @@ class Kernel:
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
-        if io is not None and io != dtype and (self.reads_qkv or (self.micro_io and micro)):
+        if io is not None and io != dtype and (self.reads_qkv or self.micro_io):
             static["io"] = io
             if micro is not None:
                 static["micro"] = micro

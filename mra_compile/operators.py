@@ -101,6 +101,13 @@ def _io(io: str | None, dt: str, micro: str | None) -> str:
     return io or dt
 
 
+def _scaled_after(io: str, dt: str, micro: str | None) -> bool:
+    """Whether the logits are scaled after the product q k^T (q, k stored narrower than
+    the compute dtype ``dt``: ``scale * q`` would be rounded to ``io`` again), not through
+    scaled queries; the forward's and the backward's units must agree."""
+    return micro is not None or io != dt
+
+
 def _kv_row(r, group):
     """The key/value row of query row r: ``r // group`` in the grouped-query variant
     (``group`` a var), r itself otherwise (``group`` None: no division in the indexing,
@@ -272,10 +279,12 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # that every reduction over keys (max, sum, P V) runs with the queries in vector lanes.
     # The queries are first masked and scaled in place (``q_s`` [b, D], rows of q: vectors
     # on the CPU, inlined on CUDA), then moved: transposed (``q_t`` [D, b]), or for
-    # ``micro`` into pairs of dims by a micro-kernel. ``micro`` leaves them unscaled:
-    # bf16 q * scale would be rounded again; the logits are scaled instead (q times a 0/1
-    # mask is exact), so q k^T is as exact as the float32 path's.
-    q_scale = tirx.const(1.0, dt) if micro else scale
+    # ``micro`` into pairs of dims by a micro-kernel. Where q is stored in a narrower
+    # dtype (``micro``; fp16/bf16 on CUDA) they stay unscaled: q * scale would be rounded
+    # again; the logits are scaled instead (q times a 0/1 mask is exact), so q k^T is as
+    # exact as the float32 path's, and the backward's units compute the same logits.
+    scaled_after = _scaled_after(io, dt, micro)
+    q_scale = tirx.const(1.0, dt) if scaled_after else scale
     q_s = te.compute(
         (*domain, b, D),
         lambda r, u, t, d: _narrow(_widen(q[r, query_token(r, u, t), d], dt)
@@ -313,7 +322,8 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     logit = te.compute(
         (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
-            key_factor[r, u, w] > 0.5, dots[r, u, w, t] * scale if micro else dots[r, u, w, t],
+            key_factor[r, u, w] > 0.5,
+            dots[r, u, w, t] * scale if scaled_after else dots[r, u, w, t],
             tirx.const(NEG_BIG, dt)
         ),
         name="logit",
@@ -579,20 +589,27 @@ def bwd_prep(b: int, D: int, dtype: str = "float32", io: str | None = None,
     out: g [R, n, b, D] = dout * inv_z; dsum [R, n, b] = sum_d g out;
          ga [R, n, D] = sum_t lo_w g; da [R, n] = sum_t lo_w dsum (the low-resolution
          part's per-block sums; zero in "sparse" mode where lo_w = 0)
-    ``micro`` ("avx512_bf16"): dout and g are bf16 bits (``_io``), the operands of the
-    backward's bf16 block products; g is rounded first and dsum, ga, da are sums of the
-    rounded g, so that g . v_s - D_t stays a difference of two products of one g (as if
-    dout were rounded: no cancellation error).
+    ``io``: the dtype the backward's block products take g in (fp16/bf16 on CUDA; with
+    ``micro`` ("avx512_bf16") dout and g are bf16 bits, ``_io``): g is rounded to it first
+    and dsum, ga, da are sums of the rounded g, so that g . v_s - D_t stays a difference
+    of two products of one g (as if dout were rounded: no cancellation error). Without
+    ``micro`` dout and g stay in the compute dtype (g's values those of ``io``).
     """
     dt = dtype
-    io = _io(io, dt, micro) if micro else dt
+    store = _io(io, dt, micro) if micro else dt
     R, n = _vars("R", "n")
-    dout = te.placeholder((R, n, b, D), io, "dout")
+    dout = te.placeholder((R, n, b, D), store, "dout")
     out = te.placeholder((R, n, b, D), dt, "out")
     inv_z = te.placeholder((R, n, b), dt, "inv_z")
     lo_w = te.placeholder((R, n, b), dt, "lo_w")
+
+    def rounded(x):  # to the products' operand dtype, in the storage dtype
+        if micro or io in (None, dt):
+            return _narrow(x, store)
+        return x.astype(io).astype(dt)
+
     g = te.compute((R, n, b, D),
-                   lambda r, i, t, d: _narrow(_widen(dout[r, i, t, d], dt) * inv_z[r, i, t], io),
+                   lambda r, i, t, d: rounded(_widen(dout[r, i, t, d], dt) * inv_z[r, i, t]),
                    name="g")
     d0 = te.reduce_axis((0, D), "d0")
     dsum = te.compute(
@@ -662,6 +679,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     micro-kernels' (tensorized).
     """
     io = _io(io, dt, micro)
+    scaled_after = _scaled_after(io, dt, micro)
     R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), io if micro else dt, "g")
@@ -742,10 +760,11 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
                                           * _widen(pairs[r, u, p0, t, e0], dt), axis=[p0, e0]),
                 name=name)
     else:
+        x_scale = tirx.const(1.0, dt) if scaled_after else scale
         x_t = te.compute(
             (R, U, D, b),
             lambda r, u, d, t: (x[fixed_row(r), fixed_tok(r, u, t), d].astype(dt)
-                                * fixed_factor(r, u, t) * scale).astype(io),
+                                * fixed_factor(r, u, t) * x_scale).astype(io),
             name=names[0] + "_t",
         )
         y_t = te.compute((R, U, D, b),
@@ -763,7 +782,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     dp = product(y_g, y_t, "dp", 1)
 
     def logit(r, u, w, t):
-        return dots[r, u, w, t] * scale if micro else dots[r, u, w, t]
+        return dots[r, u, w, t] * scale if scaled_after else dots[r, u, w, t]
 
     inputs = [q, k, v, mask, qmask, fixed, slots, stab, g, dsum]
     return _BwdUnit(inputs=inputs, R=R, U=U, W=W, heads=heads, group=group, scale=scale,

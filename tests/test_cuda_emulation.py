@@ -72,6 +72,17 @@ CASES = {f"{dtype}-{mode}-{'mask' if masked else 'nomask'}-D{D}": _case(D, dtype
 # (a key mask): both sides padded to 160 inside, the queries' extra blocks all padding.
 CASES.update({f"{dtype}-{mode}-cross-D64": {**_case(64, dtype, mode, True), "Nk": 130, "N": 70}
               for dtype in DTYPES for mode in MODES})
+# A peaky softmax (logit scale 2.5; one real query of 5 against 57 keys, 1 block per row):
+# with D_t = g . out taken from the rounded half-precision output, g . v - D_t cancels and
+# dq, dk came out 126-143% off their own size (this seed, simulated on the CPU); the
+# backward computes the output again in float32 (``backward._backward``). Each gradient
+# is held to the dtype's tolerance of its own largest entry.
+PEAKY = {f"{dtype}-peaky-D64": {"D": 64, "dtype": dtype, "mode": "full", "masked": False,
+                                "N": 5, "Nk": 57, "B": 1, "H": 1, "seed": 10,
+                                "real_queries": 1, "scale": 2.5, "block_per_row": 1,
+                                "backward": True}
+         for dtype in ("float16", "bfloat16")}
+CASES.update(PEAKY)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -189,6 +200,11 @@ def test_backward(emulation, case):
     worst = max(result["errors"].values())
     assert worst <= BACKWARD_RTOL[dtype], (
         f"backward of {case}: gradient errors {result['errors']} > {BACKWARD_RTOL[dtype]:g}")
+    if case in PEAKY:
+        own = result["own_errors"]
+        assert max(own.values()) <= BACKWARD_RTOL[dtype], (
+            f"backward of {case}: errors over each gradient's own size {own} > "
+            f"{BACKWARD_RTOL[dtype]:g}")
 
 
 # ----------------------------------------------------------------------------- the checks

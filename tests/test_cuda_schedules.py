@@ -130,3 +130,38 @@ def test_unit_merges_run_as_many_steps_as_the_row_has_units(op, count, cap):
     source = build.compile_module({"main": func}, target, log=False).mod.imports[0].inspect_source()
     loops = re.findall(rf"for \(int \w+ = 0; \w+ < ([^;]*\b{cap}\b[^;]*);", source)
     assert loops and all(f"max(min({cap}, {count}_ptr[" in bound for bound in loops), loops
+
+
+def test_half_precision_backward_has_what_its_float32_pass_needs():
+    """The fp16/bf16 backward computes the output again in float32 (``backward._backward``:
+    D_t = g . out from the rounded output cancelled against g . v where the softmax is
+    peaky; dq, dk 126-143% off in tests/test_cuda_emulation.py's peaky cases): a library
+    built for bf16 alone holds the float32 kernels of that pass, and ``bwd_prep`` takes
+    the I/O dtype (g rounded to it, as the units' tensor-core products read it, before
+    D_t is taken from it)."""
+    from mra_compile import aot, targets
+
+    target = targets.get("cuda-sm_90")
+    built = {(op, tuple(sorted(static.items()))) for op, static in aot.variants(
+        [32], [64], ("bfloat16",), target.scratch_args, target=target)}
+    for op in ("hires_units", "hires_rows"):
+        for full in ((True, False) if op == "hires_rows" else (None,)):
+            fp32 = {"b": 32, "D": 64, **({} if full is None else {"full": full})}
+            assert (op, tuple(sorted(fp32.items()))) in built, (op, full)
+    assert ("bwd_prep", (("D", 64), ("b", 32), ("io", "bfloat16"))) in built
+
+
+def test_half_precision_logits_are_scaled_after_the_product():
+    """fp16/bf16 q, k: the forward's and the backward's units take q k^T of the masked,
+    unscaled inputs and scale the product (scale * q rounded to fp16/bf16 again gave the
+    backward's units logits other than the forward's stabilisers: dv 1.4% off in the
+    peaky cases); float32 keeps the scaled queries."""
+    from mra_compile import build, knob_policy, targets
+
+    target = targets.get("cuda-sm_90")
+    for op in ("hires_units", "bwd_dq_units", "bwd_dkdv_units"):
+        for io, scaled_after in (("float16", True), ("bfloat16", True), (None, False)):
+            static = {"b": 32, "D": 64, **({"io": io} if io else {})}
+            script = build.scheduled_func(
+                op, static, knob_policy.resolve_knobs(op, None, target=target), target).script()
+            assert bool(re.search(r"dots\w*\[[^\]]*\] \* scale\b", script)) == scaled_after, (op, io)

@@ -68,6 +68,9 @@ def _inputs(case: dict):
     if "Nk" in case:  # cross-attention: the queries' own padding
         query_mask = torch.ones(B, N)
         query_mask[0, N - N // 4:] = 0
+    if "real_queries" in case:  # only the first ones real
+        query_mask = torch.zeros(B, N)
+        query_mask[:, :case["real_queries"]] = 1
     grad_out = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
     return q, k, v, mask, query_mask, grad_out
 
@@ -81,9 +84,11 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
     from mra_compile.reference import mra2_reference
 
     q, k, v, mask, query_mask, grad_out = _inputs(case)
-    opts = Options(case["num_blocks"], case["mode"])
+    budget = dict(num_blocks=case.get("num_blocks"), block_per_row=case.get("block_per_row"),
+                  scale=case.get("scale"))
+    opts = Options(approx_mode=case["mode"], **budget)
     mask64 = None if mask is None else mask.double()
-    ref_kw = dict(num_blocks=case["num_blocks"], approx_mode=case["mode"],
+    ref_kw = dict(approx_mode=case["mode"], **budget,
                   query_mask=None if query_mask is None else query_mask.double())
     result: dict = {"case": case}
     emu.findings.clear()
@@ -121,7 +126,11 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
         scale = max(x.grad.abs().max().item() for x in leaves) or 1.0
         errors = [((mine.double() - theirs.grad).abs().max() / scale).item()
                   for mine, theirs in zip(grads, leaves)]
+        own = [((mine.double() - theirs.grad).abs().max()
+                / theirs.grad.abs().max().clamp_min(1e-30)).item()
+               for mine, theirs in zip(grads, leaves)]
         backward = {"errors": dict(zip(("dq", "dk", "dv"), errors)),
+                    "own_errors": dict(zip(("dq", "dk", "dv"), own)),
                     "finite": all(bool(torch.isfinite(x).all()) for x in grads)}
     except Exception:  # noqa: BLE001
         backward = {"exception": traceback.format_exc()[-3000:]}
