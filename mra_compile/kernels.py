@@ -29,7 +29,7 @@ class Kernel:
     full_only: tuple[str, ...] = ()  # arguments only in "full" mode (then ``static["full"]``)
     # Takes the I/O dtype though it does not read q, k, v (bwd_prep: g rounded to it, as
     # the backward's block products read it; stored in it with micro-kernels).
-    micro_io: bool = False
+    takes_io: bool = False
     # Intermediates in global memory between the kernel's launches: with
     # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
     # arguments, and the caller allocates them.
@@ -49,7 +49,7 @@ class Kernel:
                micro: str | None = None) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
-        kernels that read q, k, v, and by ``micro_io`` ones), for kernels
+        kernels that read q, k, v, and by ``takes_io`` ones), for kernels
         with modes ``full``, ``scratch``: whether the ``scratch`` intermediates are
         arguments, and ``gqa`` for the grouped-query variant of the kernels that read
         k, v (an extra ``group`` argument; the plain variant has no division in its
@@ -58,7 +58,7 @@ class Kernel:
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
-        if io is not None and io != dtype and (self.reads_qkv or self.micro_io):
+        if io is not None and io != dtype and (self.reads_qkv or self.takes_io):
             static["io"] = io
             if micro is not None:
                 static["micro"] = micro
@@ -108,7 +108,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax")),
     # Backward.
     Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"),
-           micro_io=True),
+           takes_io=True),
     Kernel("bwd_dq_units", (*QKV, "unit_row", "unit_cols", "stab", "g", "dsum", "dq_unit",
                             "heads", "group", "scale"),
            reads_qkv=True, shape_knobs=("blocks_per_unit",)),

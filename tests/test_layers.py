@@ -88,7 +88,7 @@ def test_every_kernel_has_a_schedule_whose_knobs_are_its_defaults(target):
         keyword = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY}
         micro = {"micro"} if name in getattr(schedules, "MICRO", ()) else set()
         # (only those that read bf16 q, k, v, or take bf16 operands in their micro variant)
-        assert not micro or kernel.reads_qkv or kernel.micro_io, name
+        assert not micro or kernel.reads_qkv or kernel.takes_io, name
         assert keyword == (set(schedules.KNOBS[name]) | ({"full"} if kernel.has_modes else set())
                            | micro)
         assert all(params[p].default is inspect.Parameter.empty for p in keyword), name
