@@ -63,7 +63,7 @@ def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_fac
 
 
 def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
-                        shared: bool = True) -> None:
+                        shared: bool = True, queries=None) -> None:
     """At the start of each unit, ask for the key and value blocks of the next one (its
     slots in input ``slots``, [R, units, C]) to be brought into L2 (``llvm.prefetch``).
 
@@ -75,8 +75,12 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     asking at the unit's own start, or two or three units ahead, measured the same; and
     nothing changed in the bf16 kernels.) ``loop``: the fused (row, unit) loop,
     row-major; ``kv``: the k and v buffers (or any two [rows, N, D] inputs the slots index:
-    the backward's units), read at row r // group unless ``shared`` is False. Applied
-    last (like ``_guard``)."""
+    the backward's units), read at row r // group unless ``shared`` is False.
+    ``queries``: the q buffer where unit u of a row is its query block u (``hires_rows``):
+    the next block of queries too. The queries of consecutive units are consecutive, but
+    each block of them (4 KB in bf16 at D = 64) starts a page the hardware prefetcher
+    does not enter: hires_rows 2-3% faster in bf16, 1.6% in float32 (N = 8192).
+    Applied last (like ``_guard``)."""
     from tvm import tirx
 
     block = sch.get(sch.get_sblock(factor))
@@ -95,8 +99,8 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     per_line = 64 // (_bits(k.dtype) // 8)  # elements of a 64-byte cache line
     D = int(k.shape[2])
 
-    def request(buf):  # rw 0 (read), locality 2 (L2), data cache
-        address = tirx.address_of(buf[kv_row, block_index * b + token, line * per_line])
+    def request(buf, buf_row=kv_row, block=block_index):  # read, locality 2 (L2), data
+        address = tirx.address_of(buf[buf_row, block * b + token, line * per_line])
         return tirx.Evaluate(tirx.call_llvm_intrin(
             "void", "llvm.prefetch.p0", address, tirx.IntImm("int32", 0),
             tirx.IntImm("int32", 2), tirx.IntImm("int32", 1)))
@@ -106,6 +110,10 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
                      tirx.SeqStmt([request(k), request(v)]))
     tokens = tirx.For(token, 0, b, serial, lines)
     each_slot = tirx.For(slot, 0, C, serial, tirx.IfThenElse(block_index >= 0, tokens, None))
+    if queries is not None:
+        q_lines = tirx.For(line, 0, -(-D // per_line), tirx.ForKind.UNROLLED,
+                           request(queries, row, nxt % units))
+        each_slot = tirx.SeqStmt([tirx.For(token, 0, b, serial, q_lines), each_slot])
     ahead = tirx.IfThenElse(nxt < f.min + f.extent, each_slot, None)
     sch.state.replace(sref, tirx.For(f.loop_var, f.min, f.extent, f.kind,
                                      tirx.SeqStmt([ahead, f.body]), f.thread_binding,
@@ -146,7 +154,8 @@ def _register_tile(sch, name, *, vec, rows, unroll, slot=None):
     return x_o, z_outer
 
 
-def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slots, micro=None):
+def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slots, micro=None,
+          prefetch_queries=False):
     """Schedule the stages of ``operators._unit_attention`` under ``loop`` (one unit per
     iteration), everything in L1: the queries masked and scaled as rows, then transposed
     in registers (``schedules/cpu_transpose.py``); logits [W, b] as a register tile of
@@ -156,7 +165,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     input ``slots``) are skipped (``_skip_empty_slots``); the next unit's key and value
     blocks are prefetched (``_prefetch_next_unit``).
     ``micro`` ("avx512_bf16"): both block products are the bf16 micro-kernels instead, one
-    call per key block (``_micro_products``)."""
+    call per key block (``_micro_products``). ``prefetch_queries``: unit u of a row is its
+    query block u (``hires_rows``): prefetch the next one's queries too."""
     # The gathers (CUDA's shared-memory tiles) are read in place here: key and value
     # blocks are contiguous [b, D] slabs already.
     kv = tuple(_input(sch.get(sch.get_sblock(g)), x) for g, x in (("k_g", "k"), ("v_g", "v")))
@@ -203,7 +213,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     prob_keys = sch.get_loops(sch.get_sblock("prob"))[-3]
     _skip_empty_slots(sch, loop, slots, {w_o: w_tokens, prob_keys: 1,
                                          key_loops["unit_sum"]: 1, slot: b})
-    _prefetch_next_unit(sch, loop, slots, kv)
+    queries = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
+    _prefetch_next_unit(sch, loop, slots, kv, queries=queries)
 
 
 def _micro_products(sch, vec, b, micro):
@@ -280,7 +291,7 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full, mic
         sch.compute_at(sch.get_sblock(name), ri)
     merges = _overflow_merges(sch, vec)
     _unit(sch, ri, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll,
-          outputs_placed=False, slots="row_cols", micro=micro)
+          outputs_placed=False, slots="row_cols", micro=micro, prefetch_queries=True)
     _skip_missing_units(sch, ri, merges)
     return sch
 

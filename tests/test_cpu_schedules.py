@@ -124,16 +124,22 @@ def test_unit_queries_are_transposed_in_registers(op, static):
     ("hires_rows", {"b": 32, "D": 48, "full": False, "gqa": True}, "row_cols")])
 def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
     """Each unit first prefetches (into L2) the k and v blocks of the unit after it, for
-    its filled slots only, and not past the last unit."""
+    its filled slots only, and not past the last unit; hires_rows, whose unit u is query
+    block u, the next block of queries too (of the query row itself)."""
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     lines = [line.strip() for line in script.splitlines()]
     assert any(re.match(r"if \w+ \+ 1 < ", line) for line in lines), script[:3000]
     slot = [line for line in lines if "pf_slot" in line and line.startswith("if ")]
     assert slot and re.search(rf"{index}\[\(\w+ \+ 1\) // .*\] >= 0", slot[0]), slot
     prefetches = [line for line in lines if "llvm.prefetch" in line]
-    assert {"k" if "T.address_of(k[" in p else "v" for p in prefetches} == {"k", "v"}
+    buffers = {re.search(r"T.address_of\((\w+)\[", p).group(1): p for p in prefetches}
+    assert set(buffers) == ({"q", "k", "v"} if op == "hires_rows" else {"k", "v"}), prefetches
+    if op == "hires_rows":  # block (u + 1) % n of row (u + 1) // n
+        assert re.search(r"q\[\((\w+) \+ 1\) // \(N // 32\), \(\1 \+ 1\) % \(N // 32\) \* 32",
+                         buffers["q"]), buffers["q"]
     if static.get("gqa"):  # the key/value row of the next unit's query row
-        assert all("// group" in p for p in prefetches), prefetches
+        assert all("// group" in buffers[x] for x in "kv"), prefetches
+        assert "// group" not in buffers.get("q", "")
 
 
 BF16 = {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}
