@@ -213,8 +213,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     prob_keys = sch.get_loops(sch.get_sblock("prob"))[-3]
     _skip_empty_slots(sch, loop, slots, {w_o: w_tokens, prob_keys: 1,
                                          key_loops["unit_sum"]: 1, slot: b})
-    queries = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
-    _prefetch_next_unit(sch, loop, slots, kv, queries=queries)
+    q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
+    _prefetch_next_unit(sch, loop, slots, kv, queries=q)
 
 
 def _micro_products(sch, vec, b, micro):
