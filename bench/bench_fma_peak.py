@@ -46,38 +46,30 @@ static double now(void) {
   return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static void fma_chains(void) {
-  __m512 a[12], b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-7f);
-  for (int j = 0; j < 12; j++) a[j] = _mm512_set1_ps((float)j);
-  long n = 100000000;
-  double t = now();
-  for (long i = 0; i < n; i++) {
-#pragma GCC unroll 12
-    for (int j = 0; j < 12; j++) a[j] = _mm512_fmadd_ps(a[j], b, c);
+/* 12 independent accumulator chains of STEP(acc) on 16 float lanes, N times;
+   FLOPS per instruction (32: an FMA; 64: a bf16 pair dot). */
+#define CHAINS(NAME, N, FLOPS, STEP)                                                   \
+  static void NAME(void) {                                                             \
+    __m512 acc[12];                                                                    \
+    for (int j = 0; j < 12; j++) acc[j] = _mm512_set1_ps((float)j);                    \
+    double t = now();                                                                  \
+    for (long i = 0; i < (N); i++) {                                                   \
+      _Pragma("GCC unroll 12")                                                         \
+      for (int j = 0; j < 12; j++) acc[j] = STEP(acc[j]);                              \
+    }                                                                                  \
+    double el = now() - t;                                                             \
+    float s = 0;                                                                       \
+    for (int j = 0; j < 12; j++) s += _mm512_reduce_add_ps(acc[j]);                    \
+    printf(#NAME " %.1f %g\n", (N) * 12.0 * (FLOPS) / el / 1e9, s);                    \
   }
-  double el = now() - t;
-  float s = 0;
-  for (int j = 0; j < 12; j++) s += _mm512_reduce_add_ps(a[j]);
-  printf("fp32_fma %.1f %g\n", n * 12 * 32.0 / el / 1e9, s);
-}
 
+#define FMA(a) _mm512_fmadd_ps(a, _mm512_set1_ps(1.0000001f), _mm512_set1_ps(1e-7f))
+CHAINS(fp32_fma, 100000000L, 32, FMA)
 #ifdef BF16
-__attribute__((target("avx512bf16")))
-static void bf16_chains(void) {
-  __m512 acc[12];
-  __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80);
-  for (int j = 0; j < 12; j++) acc[j] = _mm512_setzero_ps();
-  long n = 50000000;
-  double t = now();
-  for (long i = 0; i < n; i++) {
-#pragma GCC unroll 12
-    for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbf16_ps(acc[j], x, x);
-  }
-  double el = now() - t;
-  float s = 0;
-  for (int j = 0; j < 12; j++) s += _mm512_reduce_add_ps(acc[j]);
-  printf("bf16_dot %.1f %g\n", n * 12 * 64.0 / el / 1e9, s);
-}
+#pragma GCC target("avx512bf16")
+#define BF16_ONE ((__m512bh)_mm512_set1_epi16(0x3f80))
+#define DOT(a) _mm512_dpbf16_ps(a, BF16_ONE, BF16_ONE)
+CHAINS(bf16_dot, 50000000L, 64, DOT)
 #endif
 
 /* C[w][t] = sum_d K[w][d] QT[d][t]: 32 keys x 32 queries x 64 dims, R keys per tile. */
@@ -123,9 +115,9 @@ static void tile(const char* name, void (*f)(const float*, const float*, float*)
 
 int main(void) {
   for (int i = 0; i < 2048; i++) { K[i] = i * 1e-3f; QT[i] = 1.0f - i * 1e-4f; }
-  fma_chains();
+  fp32_fma();
 #ifdef BF16
-  bf16_chains();
+  bf16_dot();
 #endif
   tile("tile_4_keys", tile_4);
   tile("tile_8_keys", tile_8);
