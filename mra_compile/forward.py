@@ -39,9 +39,13 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     pooled = pr.result(3, R, n, Dp)
     qp, kp, vp = pooled.unbind(0)
     logits, rowmax = pr.result(R, n, n), pr.result(R, n)
-    pr.run("pool_and_logits", knobs, q=pr.q, k=pr.k, v=pr.v, **pr.masks, counts=pr.counts,
-           inv_counts=pr.inv_counts, q_counts=pr.q_counts, q_inv_counts=pr.q_inv_counts,
-           qp=qp, kp=kp, vp=vp, logits=logits, rowmax=rowmax,
+    # v̂ only feeds the low-resolution output ("full"); "sparse" saves zeros in its place.
+    values = dict(v=pr.v, vp=vp) if opts.full else {}
+    if not opts.full:
+        vp.zero_()
+    pr.run("pool_and_logits", knobs, opts.full, q=pr.q, k=pr.k, **values, **pr.masks,
+           counts=pr.counts, inv_counts=pr.inv_counts, q_counts=pr.q_counts,
+           q_inv_counts=pr.q_inv_counts, qp=qp, kp=kp, logits=logits, rowmax=rowmax,
            heads=pr.heads, group=pr.group, scale=pr.scale)
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
@@ -107,7 +111,8 @@ def block_selection(q, k, v, mask, opts: Options, query_mask=None):
 class Saved:
     """What the forward hands to the backward (see ``mra_compile.backward``).
 
-    stats [3, R, Np]: stab, lo_w, inv_z per token; pooled [3, R, n, Dp]: q̂, k̂, v̂;
+    stats [3, R, Np]: stab, lo_w, inv_z per token; pooled [3, R, n, Dp]: q̂, k̂, v̂ (v̂
+    zeros in "sparse" mode);
     logits, high_mask [R, n, n] (high_mask zeros in "sparse" mode); rowmax [R, n];
     index [R, K] int64: the selected blocks, sorted.
     """

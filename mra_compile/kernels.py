@@ -94,9 +94,10 @@ class Kernel:
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # Forward (docs/spec.md, steps 2-6).
+    # (v and v̂ only in "full" mode: "sparse" has no low-resolution output)
     Kernel("pool_and_logits", (*QKV, "counts", "inv_counts", "q_counts", "q_inv_counts", "qp",
                                "kp", "vp", "logits", "rowmax", "heads", "group", "scale"),
-           reads_qkv=True,
+           reads_qkv=True, full_only=("v", "vp"),
            scratch=("raw_logits", "real_max")),
     Kernel("lowres_out", ("logits", "rowmax", "hmask", "counts", "vp", "o_lo", "z_lo",
                           "heads"), scratch=("weight",)),

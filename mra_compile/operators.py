@@ -126,13 +126,16 @@ def _vars(*names):
 
 
 def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = None,
-                    scratch: bool = False, gqa: bool = False, micro: str | None = None):
+                    scratch: bool = False, gqa: bool = False, micro: str | None = None,
+                    full: bool = True):
     """Step 2: block means and low-resolution logits.
 
     in : q [R, N, D]; k, v [R / group, N, D]; mask, qmask [Bm, N]; counts, inv_counts,
          q_counts, q_inv_counts [Bm, n]; heads, group, scale
     out: qp, kp, vp [R, n, D] (block averages of the masked tokens);
          logits [R, n, n] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
+    ``full=False`` ("sparse" mode, no low-resolution output): neither v nor vp (pooling
+    v was a third of the kernel's memory traffic).
     ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
     ``scratch``: raw_logits [R, n, n] and real_max [R, n] are arguments too (the last).
     ``micro``: q, k, v are bf16 bits (``_io``).
@@ -161,7 +164,7 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         )
 
     # k̂, v̂ per query row (a few n x D per row): the low-resolution kernels stay per row.
-    qp, kp, vp = pooled(q, "qp"), pooled(k, "kp", kv=True), pooled(v, "vp", kv=True)
+    qp, kp = pooled(q, "qp"), pooled(k, "kp", kv=True)
     dd = te.reduce_axis((0, D), "dd")
     raw = te.compute(
         (R, n, n),
@@ -194,8 +197,10 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         ),
         name="logits",
     )
-    params = _params(q, k, v, mask, qmask, counts, inv_counts, q_counts, q_inv_counts, qp, kp,
-                     vp, logits, rowmax, heads, group, scale)
+    values = [v] if full else []
+    vp = [pooled(v, "vp", kv=True)] if full else []
+    params = _params(q, k, *values, mask, qmask, counts, inv_counts, q_counts, q_inv_counts,
+                     qp, kp, *vp, logits, rowmax, heads, group, scale)
     return params + ([raw, real_max] if scratch else [])
 
 

@@ -344,9 +344,10 @@ def _rows_times_transposed(sch, name):
     sch.decompose_reduction(blk, d)
 
 
-def pool_and_logits(sch, *, vec, micro):
-    """Parallel over rows: pool q, k, v of one row, then its n x n logits. (``micro``: q,
-    k, v are bf16 bits, widened as they are read; nothing to tensorize.)
+def pool_and_logits(sch, *, vec, micro, full):
+    """Parallel over rows: pool q, k, v of one row (not v in "sparse" mode: ``full``
+    False), then its n x n logits. (``micro``: q, k, v are bf16 bits, widened as they are
+    read; nothing to tensorize.)
 
     The logits of a row need every pooled key of that row, so a row (not a block)
     is the unit of parallel work; pooling reads each input once.
@@ -360,11 +361,12 @@ def pool_and_logits(sch, *, vec, micro):
     sch.transform_layout(kp_pad, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
     # The padded stages join the row loop whole (compute_at would shrink them to the
     # n x n that the logits read, guarding every tile).
-    outputs = ("qp", "kp", "vp", "qp_pad", "kp_pad", "raw_logits", "logits", "rowmax")
+    pooled = ("qp", "kp", "vp") if full else ("qp", "kp")
+    outputs = (*pooled, "qp_pad", "kp_pad", "raw_logits", "logits", "rowmax")
     r = sch.merge(*(sch.get_loops(sch.get_sblock(name))[0] for name in outputs))
     sch.parallel(r)
     sch.compute_at(sch.get_sblock("real_max"), r)
-    for name in ("qp", "kp", "vp"):
+    for name in pooled:
         blk = sch.get_sblock(name + "_sum")
         sch.compute_at(blk, sch.get_loops(sch.get_sblock(name))[1])
         i, d, t = sch.get_loops(blk)[-3:]

@@ -213,9 +213,10 @@ def _has_root(sch) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-def pool_and_logits(sch, *, threads):
-    """Block means per (row, block) in registers; logits, their row maxima as grids."""
-    for name in ("qp", "kp", "vp"):
+def pool_and_logits(sch, *, threads, full):
+    """Block means per (row, block) in registers (no v̂ in "sparse" mode); logits, their
+    row maxima as grids."""
+    for name in ("qp", "kp", "vp") if full else ("qp", "kp"):
         blk = sch.get_sblock(name + "_sum")
         out = sch.get_sblock(name)
         grid(sch, name, threads)

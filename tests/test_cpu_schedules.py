@@ -71,7 +71,7 @@ def test_rows_with_different_overflow_units_match_the_reference(mode):
 def test_pool_logits_are_register_tiles_over_padded_copies():
     """q̂ k̂^T: k̂ [R, n, D] copied as [R, D, n'] and q̂ as [R, n'', D], zero-padded to the
     8 x 32 tile, so that the tiles' loops carry no guard; the keys are the vector lanes."""
-    script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64},
+    script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64, "full": True},
                                   knob_policy.resolve_knobs("pool_and_logits", None)).script()
     assert re.search(r"kp_pad\[v\w+, v\w+, v\w+\] = T.if_then_else\(v\w+ < N // 32, kp\[", script)
     assert "qp_pad[v_r, v_i, v_dd] * kp_pad[v_r, v_dd, v_j]" in script

@@ -197,14 +197,14 @@ def test_a_first_call_compile_says_so(tmp_path):
     can be quicker, so the threshold is 0 here.)"""
     script = ("from mra_compile import build, progress\n"
               "progress.LOG_THRESHOLD_S = 0.0\n"
-              "build.kernel('pool_and_logits', b=32, D=16)\n"
+              "build.kernel('lowres_out', b=32, D=16)\n"
               "print('built')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=REPO, timeout=300, check=True,
                           env={**env_without_quiet(), "MRA_COMPILE_CACHE_DIR": str(tmp_path)})
     assert proc.stdout == "built\n"
-    assert "mra_compile: compiling kernel pool_and_logits (b=32 D=16) for llvm ...\n" in proc.stderr
-    assert re.search(r"compiling kernel pool_and_logits \(b=32 D=16\) for llvm: done in \d+\.\d s",
+    assert "mra_compile: compiling kernel lowres_out (b=32 D=16) for llvm ...\n" in proc.stderr
+    assert re.search(r"compiling kernel lowres_out \(b=32 D=16\) for llvm: done in \d+\.\d s",
                      proc.stderr)
 
 
