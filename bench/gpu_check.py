@@ -326,8 +326,6 @@ def make_inputs(case: dict, dev, seed_offset: int = 0):
     mask (or None) for a case."""
     B, H, N, D = case["B"], case["H"], case["N"], case["D"]
     Nk = case.get("Nk", N)
-    if case.get("host_seed"):  # as tests/cuda_emulation/runner.py draws them
-        return (*host_drawn(case, dev)[:3], None)
     gen = torch.Generator(device=dev).manual_seed(case["seed"] + seed_offset)
     q, k, v = (case["amp"] * torch.randn(B, heads, length, D, generator=gen, device=dev)
                for heads, length in ((H, N), (case.get("kv_heads", H), Nk),
@@ -421,12 +419,13 @@ def check_forward(case, dev):
 
 
 def check_backward(case, dev):
-    q, k, v, mask = make_inputs(case, dev)
     nb, mode = case["num_blocks"], case["mode"]
-    grad = torch.randn(q.shape, generator=torch.Generator(device=dev).manual_seed(case["seed"] + 7),
-                       device=dev).to(q.dtype)
-    if case.get("host_seed"):
-        grad = host_drawn(case, dev)[3]
+    if case.get("host_seed"):  # as tests/cuda_emulation/runner.py draws them
+        (q, k, v, grad), mask = host_drawn(case, dev), None
+    else:
+        q, k, v, mask = make_inputs(case, dev)
+        gen = torch.Generator(device=dev).manual_seed(case["seed"] + 7)
+        grad = torch.randn(q.shape, generator=gen, device=dev).to(q.dtype)
     extra, _ = call_options(case, dev)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     got = torch.autograd.grad(op(*leaves, mask, nb, mode, extra), leaves, grad)

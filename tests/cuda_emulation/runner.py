@@ -65,12 +65,12 @@ def _inputs(case: dict):
         mask[:, 32:64] = 0  # a whole block of padding (its pooled vectors are empty)
         mask[:, 0] = 1
         mask[-1, Nk - Nk // 3:] = 0  # padding at the end of one sequence
-    if "Nk" in case:  # cross-attention: the queries' own padding
-        query_mask = torch.ones(B, N)
-        query_mask[0, N - N // 4:] = 0
     if "real_queries" in case:  # only the first ones real
         query_mask = torch.zeros(B, N)
         query_mask[:, :case["real_queries"]] = 1
+    elif "Nk" in case:  # cross-attention: the queries' own padding
+        query_mask = torch.ones(B, N)
+        query_mask[0, N - N // 4:] = 0
     grad_out = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
     return q, k, v, mask, query_mask, grad_out
 
