@@ -40,15 +40,17 @@ def _exp(x):
     (llvm's expf is a scalar libm call per lane.) float32: range reduction
     x = k ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial for exp(r) (error
     < 2e-8 there) and 2^k built in the exponent bits; <= 8e-8 relative error overall.
-    Inputs below -87.3 give exactly 0, so the -1e4 penalties (docs/spec.md) still remove a
-    term; inputs above 88 saturate (never reached: arguments here are <= 0 after
-    subtracting a maximum, up to rounding). float64 (tests, gradcheck) uses the exact
-    libm exp.
+    Inputs below -87.7 give exactly 0 (clamped at -88: k = -127, whose 2^k has exponent
+    bits 0), so the -1e4 penalties (docs/spec.md) remove a term as exp(-1e4) = 0 does: a
+    row whose every term is penalised has the spec's output 0, not v scaled by 1e-38 /
+    1e-6 (a clamp at ln(FLT_MIN) = -87.3 left 2^-126 there). Inputs above 88 saturate
+    (never reached: arguments here are <= 0 after subtracting a maximum, up to rounding).
+    float64 (tests, gradcheck) uses the exact libm exp.
     """
     if str(x.ty) == "float64":
         return te.exp(x)
     xv, kv, rv = (tirx.Var(name, F32) for name in ("exp_x", "exp_k", "exp_r"))
-    clamped = te.max(te.min(x, tirx.const(88.0, F32)), tirx.const(-87.3, F32))
+    clamped = te.max(te.min(x, tirx.const(88.0, F32)), tirx.const(-88.0, F32))
     k = te.floor(xv * tirx.const(1.4426950408889634, F32) + tirx.const(0.5, F32))
     # ln2 split in a high part exact in float32 and a small correction.
     r = xv - kv * tirx.const(0.693359375, F32) + kv * tirx.const(2.12194440e-4, F32)

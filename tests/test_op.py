@@ -119,6 +119,19 @@ def test_matches_reference_other_block_sizes(seed, B, H, N, D, b, kind, data):
     check_against_reference(q, k, v, mask, RTOL_FP32, **kw)
 
 
+def test_a_sequence_whose_every_term_is_penalised_gives_zeros():
+    """The second sequence has one real token, in a block row with no selected block whose
+    low-resolution terms are all penalised (-1e4): exp(-1e4) = 0, so its output is 0, as
+    the reference's (found by test_matches_reference_other_block_sizes: the kernels' exp
+    gave 2^-126 there, and the output v * 1e-32)."""
+    q, k, v = make_qkv(8117, 2, 1, 238, 8)
+    mask = make_mask(8117, 2, 238, "blocks", b=64)
+    assert mask.sum(-1).tolist() == [104.0, 1.0]
+    out = check_against_reference(q, k, v, mask, RTOL_FP32, num_blocks=1, approx_mode="full",
+                                  block_size=64, initial_prior_first_n_blocks=1)
+    assert (out[1] == 0).all()
+
+
 @pytest.mark.parametrize("mode", ["full", "sparse"])
 def test_matches_reference_long_sequence(mode):
     N = 2048
