@@ -75,6 +75,8 @@ def _calls(target: Target, dtype: torch.dtype, b: int):
     micro = target.micro_kernels(io)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     for kernel in kernels.KERNELS.values():
+        if not kernel.on(target.family):
+            continue
         yield kernel, io, micro
         if kernel.name in RECOMPUTED and micro:
             yield kernel, io, target.micro_kernels(io, float32_pv=True)

@@ -53,12 +53,13 @@ def _key(op: str, static: dict, knobs: dict, target: Target) -> tuple[str, dict]
 
 def scheduled_func(op: str, static: dict, knobs: dict, target: Target | str | None = None):
     """The operator's PrimFunc with the target's schedule applied (not yet compiled)."""
-    from tvm import s_tir, te
+    from tvm import s_tir, te, tirx
 
     target = targets.get(target)
     kernel = kernels.get(op)
     shape = {k: knobs[k] for k in kernel.shape_knobs}
-    func = te.create_prim_func(kernel.builder()(**static, **shape))
+    built = kernel.builder()(**static, **shape)  # TE tensors, or TIR itself (``Kernel.module``)
+    func = built if isinstance(built, tirx.PrimFunc) else te.create_prim_func(built)
     params = tuple(p.name for p in func.params)
     if params != kernel.arg_names(static):  # calls order their named arguments by these
         raise RuntimeError(f"operators.{op} returns arguments {params}, the kernel registry "

@@ -7,9 +7,10 @@ dtype. Tensors live on the inputs' device; CUDA kernels run on torch's current s
 there.
 
 Stages: ``inputs.prepare`` (pad, mask tensors) -> ``pool_and_logits`` kernel -> block
-selection (``plan.select_blocks``) -> ``plan.make_plan`` -> ``hires_units`` kernel
-(overflow) -> ``lowres_out`` kernel ("full") -> ``hires_rows`` kernel (output and the
-statistics the backward needs).
+selection and the work plan (the ``select_plan`` kernel where the target has it and the
+call needs nothing else; else ``plan.select_blocks`` and ``plan.make_plan`` on the host)
+-> ``hires_units`` kernel (overflow) -> ``lowres_out`` kernel ("full") -> ``hires_rows``
+kernel (output and the statistics the backward needs).
 """
 from __future__ import annotations
 
@@ -17,19 +18,21 @@ from dataclasses import dataclass
 
 import torch
 
-from mra_compile import knob_policy, plan, runtime, validate
+from mra_compile import kernels, knob_policy, plan, runtime, validate
 from mra_compile.inputs import Prepared, prepare, torch_single_threaded
 from mra_compile.options import Options
 
 
 @dataclass
 class LowRes:
-    """Steps 2-3: pooled [3, R, n, Dp] (q̂, k̂, v̂); logits, rowmax; the selection."""
+    """Steps 2-3: pooled [3, R, n, Dp] (q̂, k̂, v̂); logits, rowmax; the selection; the
+    work plan where the selection kernel made it with the selection (else None)."""
 
     pooled: torch.Tensor
     logits: torch.Tensor
     rowmax: torch.Tensor
     sel: plan.Selection
+    work: plan.Plan | None = None
 
 
 def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
@@ -54,11 +57,16 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     # sides are padded to beyond it hold no real query or key (inputs._prepare_cross).
     nq, nk = pr.blocks_q, pr.blocks_k
     grid = (nq, nk) != (n, n)
+    k = opts.max_blocks(nq, nk)
+    if (kernels.get("select_plan").on(pr.target.family) and not grid and row_blocks is None
+            and opts.first_n == 0 and opts.diagonal_n == 0 and k < n * n):
+        sel, work = _select_and_plan(pr, logits, rowmax, k, opts.full, knobs)
+        return LowRes(pooled, logits, rowmax, sel, work)
     # S goes to kept memory, not fresh pages: a result, where Hmask (which the backward
     # keeps) replaces it ("full"), or that the backward's zeros then take ("sparse").
     kept = {} if grid else {"scores_out": pr.result(R, n, n)}
     sel = plan.select_blocks(logits[:, :nq, :nk] if grid else logits, rowmax[:, :nq],
-                             num_blocks=opts.max_blocks(nq, nk), full=opts.full,
+                             num_blocks=k, full=opts.full,
                              first_n=opts.first_n, diagonal_n=opts.diagonal_n,
                              row_blocks=row_blocks,
                              real_pairs=None if real_pairs is None else real_pairs[:, :nq, :nk],
@@ -66,6 +74,51 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     if grid:
         sel = sel.embed(nq, nk, n)
     return LowRes(pooled, logits, rowmax, sel)
+
+
+# Room for the selection kernel's candidates per row (``selection_tir``, step 2), in
+# multiples of the number of selected blocks: the bisection runs on all n*n scores only
+# until this many or fewer are above its lower bound (~1.4 K at N = 8192).
+CANDIDATE_ROOM = 2
+
+
+def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: dict):
+    """Step 3 and the work plan in one kernel (``selection_tir``): the selection of
+    ``plan.select_blocks`` and the plan ``plan.make_plan`` makes of it, for the common
+    case (no priors, no per-sequence budget, a square grid, k < n*n)."""
+    R, n, _ = logits.shape
+    Cr, Co = _unit_blocks(knobs, pr.target)
+    room, _ = plan.plan_bounds(k, n, Cr, Co)  # (the most overflow units a row can have)
+    i32 = torch.int32
+    # S into kept memory: Hmask replaces it in place ("full"; the backward keeps it), or
+    # the backward's zeros take it ("sparse").
+    scores = pr.result(R, n, n)
+    index = pr.result(R, k, dtype=torch.int64)
+    row_cols = pr.scratch("row_cols", R, n, Cr, dtype=i32)
+    ov_start, ov_units = pr.scratch("ov_start", R, n, dtype=i32), pr.scratch("ov_units", R, n, dtype=i32)
+    unit_row = pr.scratch("unit_row", R, room, dtype=i32)
+    unit_cols = pr.scratch("unit_cols", R, room, Co, dtype=i32)
+    units = pr.scratch("units", R, 2, dtype=i32)
+    pr.run("select_plan", knobs, logits=logits, rowmax=rowmax, scores=scores.view(R, n * n),
+           cand_val=pr.scratch("cand_val", R, CANDIDATE_ROOM * k),
+           cand_idx=pr.scratch("cand_idx", R, CANDIDATE_ROOM * k, dtype=i32), index=index,
+           row_cols=row_cols, ov_start=ov_start, ov_units=ov_units, unit_row=unit_row,
+           unit_cols=unit_cols, units=units, write_mask=int(full))
+    U = max(int(units[:, 0].max()), 1)
+    ucap = max(int(units[:, 1].max()), 1)
+    work = plan.Plan(row_cols, unit_row[:, :U].contiguous(), unit_cols[:, :U].contiguous(),
+                     ov_start, ov_units, ucap)
+    return plan.Selection(index, scores if full else None), work
+
+
+def _unit_blocks(knobs: dict, target) -> tuple[int, int]:
+    """(Cr, Co): the blocks of a row unit (``hires_rows``) and of an overflow unit
+    (``hires_units``) for these knobs."""
+    Cr = knob_policy.resolve_knobs("hires_rows", knobs.get("hires_rows"),
+                                   target=target)["row_unit_blocks"]
+    Co = knob_policy.resolve_knobs("hires_units", knobs.get("hires_units"),
+                                   target=target)["blocks_per_unit"]
+    return Cr, Co
 
 
 def _sequence_budgets(pr: Prepared, block_per_row: int, R: int, n: int):
@@ -211,7 +264,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     stats = pr.result(3, R, n, opts.block_size)
     high_mask = lr.sel.high_mask
     exact_and_combine(pr, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.pooled[2],
-                      opts.full, knobs, out, stats)
+                      opts.full, knobs, out, stats, lr.work)
     out = out.view(B, H, Np, Dp)[:, :, :N, :D]
     if copied:  # (never hand out the scratch, even where a prefix of it is the result)
         out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out)
@@ -223,21 +276,21 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
 
 
 def exact_and_combine(pr: Prepared, index, logits, rowmax, high_mask, vp, full: bool,
-                      knobs: dict, out, stats) -> None:
+                      knobs: dict, out, stats, work: plan.Plan | None = None) -> None:
     """Steps 4-6 for the selected blocks ``index`` [R, K] (and, "full", the
     low-resolution part from ``logits``, ``rowmax``, ``high_mask`` [R, n, n] and the
     pooled values ``vp`` [R, n, Dp]): the output into ``out`` [R, n, b, Dp] (in the I/O
-    dtype of ``pr``) and the per-token statistics into ``stats`` [3, R, n, b]."""
+    dtype of ``pr``) and the per-token statistics into ``stats`` [3, R, n, b]. ``work``:
+    the plan of ``index`` for these knobs, where the selection made it (else made here)."""
     R, Np, Dp = pr.q.shape
     b = pr.block_size
     n = Np // b
     dt, target = pr.dtype, pr.target
 
-    Cr = knob_policy.resolve_knobs("hires_rows", knobs.get("hires_rows"),
-                                   target=target)["row_unit_blocks"]
-    Co = knob_policy.resolve_knobs("hires_units", knobs.get("hires_units"),
-                                   target=target)["blocks_per_unit"]
-    p = plan.make_plan(index, n, Cr, Co, exact=target.exact_plan)
+    if work is None:
+        Cr, Co = _unit_blocks(knobs, target)
+        work = plan.make_plan(index, n, Cr, Co, exact=target.exact_plan)
+    p = work
     U = p.unit_row.shape[1]
     target.check_launch(n=n, U=U)
     validate.check_scratch("overflow-unit", R, U, b, Dp)

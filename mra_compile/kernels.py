@@ -34,6 +34,15 @@ class Kernel:
     # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
     # arguments, and the caller allocates them.
     scratch: tuple[str, ...] = ()
+    # The module of ``mra_compile`` that defines it: "operators" (TE) or one that writes
+    # TIR with its schedule in it (``selection_tir``: control flow that TE cannot state).
+    module: str = "operators"
+    # The target families (``Target.family``) that have it; None: every one.
+    families: tuple[str, ...] | None = None
+
+    def on(self, family: str) -> bool:
+        """Whether targets of ``family`` have this kernel."""
+        return self.families is None or family in self.families
 
     @property
     def has_modes(self) -> bool:
@@ -42,7 +51,7 @@ class Kernel:
 
     def builder(self):
         """The TE builder (imports TVM)."""
-        return getattr(importlib.import_module("mra_compile.operators"), self.name)
+        return getattr(importlib.import_module(f"mra_compile.{self.module}"), self.name)
 
     def static(self, b: int, D: int, dtype: str = "float32", io: str | None = None,
                full: bool | None = None, scratch: bool = False, gqa: bool = False,
@@ -107,6 +116,11 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
                           "ov_units", "o_lo", "z_lo", "rowmax", "out", "stab", "lo_w", "inv_z",
                           "heads", "group", "scale", "ucap"),
            reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax")),
+    # Block selection and the work plan in one pass (docs/spec.md, step 3; CPU: on the
+    # host otherwise, and for priors, per-sequence budgets and cross-attention).
+    Kernel("select_plan", ("logits", "rowmax", "scores", "cand_val", "cand_idx", "index",
+                           "row_cols", "ov_start", "ov_units", "unit_row", "unit_cols", "units",
+                           "write_mask"), module="selection_tir", families=("cpu",)),
     # Backward.
     Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"),
            takes_io=True),
@@ -135,6 +149,11 @@ def get(name: str) -> Kernel:
 def reading_qkv() -> tuple[str, ...]:
     """The kernels that read q, k, v (on CUDA they take fp16/bf16 as they are)."""
     return tuple(k.name for k in KERNELS.values() if k.reads_qkv)
+
+
+def on_target(target) -> tuple[str, ...]:
+    """The kernels ``target`` has (``Kernel.families``)."""
+    return tuple(name for name, k in KERNELS.items() if k.on(target.family))
 
 
 def tunable(target) -> tuple[str, ...]:

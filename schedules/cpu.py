@@ -409,6 +409,12 @@ def lowres_out(sch, *, vec):
     return sch
 
 
+def select_plan(sch):
+    """Nothing to do: ``mra_compile.selection_tir`` writes this kernel in TIR with its rows
+    already parallel and its scans in vectors."""
+    return sch
+
+
 # The defaults of every knob, the only place they are set (``blocks_per_unit`` and
 # ``row_unit_blocks`` also shape the operator: ``mra_compile.kernels``, ``shape_knobs``).
 KNOBS = {
@@ -417,6 +423,7 @@ KNOBS = {
     "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=3),
     # Wide row units cost little (empty slots are skipped) and leave few overflow units.
     "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, row_unit_blocks=8),
+    "select_plan": {},
 }
 
 

@@ -36,10 +36,10 @@ print(json.dumps({
 }))
 """
 
-# The six kernels SCRIPT needs: pool_and_logits and hires_rows come in a "full" and a
+# The seven kernels SCRIPT needs: pool_and_logits and hires_rows come in a "full" and a
 # "sparse" variant.
-OPS = sorted(["pool_and_logits", "pool_and_logits", "hires_units", "lowres_out", "hires_rows",
-              "hires_rows"])
+OPS = sorted(["pool_and_logits", "pool_and_logits", "select_plan", "hires_units", "lowres_out",
+              "hires_rows", "hires_rows"])
 
 
 def run_script(cache, script=SCRIPT, timeout=300):

@@ -239,8 +239,9 @@ def test_op_uses_a_record(isolated, record_bucket):
     with build.trace_kernel_calls() as calls:
         for mode in ("full", "sparse"):  # 6 blocks per row: rows overflow their own 3
             check_op(q, k, v, None, 6 * n, mode)
-    assert {c["op"] for c in calls} == set(DISTINCT)
-    for c in calls:
+    tuned = [c for c in calls if c["op"] in DISTINCT]  # (select_plan has no knobs)
+    assert {c["op"] for c in calls} == set(DISTINCT) | {"select_plan"}
+    for c in tuned:
         assert c["resolved"] == DISTINCT[c["op"]], c["op"]
     # The kernels this process built or loaded (the first parametrisation built them).
     events = mra_compile.cache_events()

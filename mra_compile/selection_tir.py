@@ -1,0 +1,244 @@
+"""Block selection (docs/spec.md, step 3) and the work plan in one CPU kernel, written in TIR.
+
+A top-k is data-dependent control flow, which tensor expressions cannot state, so this
+operator is TIR itself (TVMScript), with its schedule in it: rows in parallel, scans in
+vectors. It computes what ``plan.select_blocks`` and ``plan.make_plan`` compute on the
+host (the same T, Hmask and plan; ties at the k-th score: the first in row-major
+order), for the common case: no priors, no per-sequence budget, a square grid.
+
+Per row of ``R = B*H`` (T = n*n scores, K selected):
+
+1. S = L - R[:, None] into ``scores``.
+2. theta, the K-th largest S, by bisection on the scores' order-preserving integer keys
+   (a float's bits with the magnitude bits flipped when negative): each step counts
+   S >= t in one vector pass. Once at most ``C`` (``cand_val``'s room) scores are >= the
+   lower bound, those are copied with their positions (in order) and the bisection ends
+   on them; rows with more ties at theta than that room stay on all T scores.
+3. T: the scores > theta and the first ties at theta, in row-major order: the flat
+   indices ``i * n + j``, ascending (then ``n * n``: no block, when a row has fewer).
+   With ``write_mask``, Hmask = (S >= theta) in ``scores``, in place.
+4. The plan of ``plan.Plan`` for row units of Cr blocks and overflow units of Co
+   (``row_cols``' and ``unit_cols``' last dims): ``row_cols``, ``ov_start``, ``ov_units``,
+   and the overflow units in ``unit_row``/``unit_cols`` (room for ``plan.plan_bounds``'s
+   U; -1 beyond the row's own). ``units[r]`` = (the row's overflow units, its largest
+   ``ov_units``): the caller trims the unit arrays to the largest over rows.
+
+This module imports TVM: import it lazily (``mra_compile.kernels.Kernel.builder`` does).
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+I32, I64 = "int32", "int64"
+
+
+def _key_constants(dtype: str) -> tuple[str, int, int, int, int]:
+    """(integer dtype of the keys, sign shift, magnitude mask, key(-inf), key(+inf) + 1)."""
+    bits = np.dtype(dtype).itemsize * 8
+    idt = f"int{bits}"
+    mask = (1 << (bits - 1)) - 1
+    raw = np.array([-np.inf, np.inf], dtype=dtype).view(idt).astype(np.int64)
+    keys = [int(b) ^ mask if b < 0 else int(b) for b in raw]
+    return idt, bits - 1, mask, keys[0], keys[1] + 1
+
+
+def select_plan(b: int, D: int, dtype: str = "float32"):
+    """The kernel's PrimFunc (``b``, ``D``: unused, as for every kernel of the registry);
+    ``dtype``: of the logits, "float32" or "float64"."""
+    del b, D
+    idt, shift, magnitude, key_lo, key_hi = _key_constants(dtype)
+    lanes = 64 // (np.dtype(dtype).itemsize)  # one AVX-512 vector
+    one, zero = tirx.const(1, I64), tirx.const(0, I64)
+    # The bisection's state (int64 slots): lo, hi are keys with count(S >= value(lo)) >= K
+    # > count(S >= value(hi)); c_lo, c_hi those counts; mid, cnt the step's; pos: blocks
+    # written; ties: left to take at theta; found: candidates.
+    lo, hi, c_lo, c_hi, mid, cnt, pos, ties, found = range(9)
+
+    def key(x):  # integer bits <-> order key (an involution)
+        return T.bitwise_xor(x, T.bitwise_and(T.shift_right(x, tirx.const(shift, idt)),
+                                              tirx.const(magnitude, idt)))
+
+    def value(k):  # the float whose key is the int64 ``k``
+        return T.reinterpret(dtype, key(T.Cast(idt, k)))
+
+    # (keys span the whole int64 range for float64: no differences of keys, which overflow)
+    def midpoint(lo, hi):  # floor((lo + hi) / 2) without overflow
+        return (T.shift_right(lo, one) + T.shift_right(hi, one)
+                + T.bitwise_and(T.bitwise_and(lo, hi), one))
+
+    def lane_bits(x, r, start, theta):  # bit l set where x[r, start + l] >= theta, l < lanes
+        return T.call_llvm_pure_intrin(I32, "llvm.vector.reduce.or", T.Select(
+            x[r, T.Ramp(start, 1, lanes)] >= T.Broadcast(theta, lanes),
+            T.shift_left(T.Broadcast(1, lanes), T.Ramp(0, 1, lanes)), T.Broadcast(0, lanes)))
+
+    @T.prim_func
+    def kernel(a_logits: T.handle, a_rowmax: T.handle, a_scores: T.handle, a_cand_val: T.handle,
+               a_cand_idx: T.handle, a_index: T.handle, a_row_cols: T.handle, a_ov_start: T.handle,
+               a_ov_units: T.handle, a_unit_row: T.handle, a_unit_cols: T.handle, a_units: T.handle,
+               write_mask: T.int32):
+        R, n, tot, C, K = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        # Cr, Co: blocks of a row unit and of an overflow unit; Ub: room for units
+        Cr, Ub, Co = T.int32(), T.int32(), T.int32()
+        logits = T.match_buffer(a_logits, (R, n, n), dtype)
+        rowmax = T.match_buffer(a_rowmax, (R, n), dtype)
+        scores = T.match_buffer(a_scores, (R, tot), dtype)  # S, then Hmask (write_mask)
+        cand_val = T.match_buffer(a_cand_val, (R, C), dtype)
+        cand_idx = T.match_buffer(a_cand_idx, (R, C), I32)
+        index = T.match_buffer(a_index, (R, K), I64)
+        row_cols = T.match_buffer(a_row_cols, (R, n, Cr), I32)
+        ov_start = T.match_buffer(a_ov_start, (R, n), I32)
+        ov_units = T.match_buffer(a_ov_units, (R, n), I32)
+        unit_row = T.match_buffer(a_unit_row, (R, Ub), I32)
+        unit_cols = T.match_buffer(a_unit_cols, (R, Ub, Co), I32)
+        units = T.match_buffer(a_units, (R, 2), I32)
+        for r in T.parallel(R):
+            acc = T.alloc_buffer((lanes,), I32, scope="local")
+            st = T.alloc_buffer((9,), I64, scope="local")
+            bitmask = T.alloc_buffer((1,), I32, scope="local")
+            # (the plan) the current block row, the largest unit count
+            cur = T.alloc_buffer((4,), I32, scope="local")
+            vecs = n // lanes
+            for i in range(n):
+                for jo in range(vecs):
+                    for l in T.vectorized(lanes):
+                        scores[r, i * n + jo * lanes + l] = logits[r, i, jo * lanes + l] - rowmax[r, i]
+                for j in range(vecs * lanes, n):
+                    scores[r, i * n + j] = logits[r, i, j] - rowmax[r, i]
+            full = tot // lanes
+            st[lo] = T.int64(key_lo)
+            st[hi] = T.int64(key_hi)
+            st[c_lo] = T.Cast(I64, tot)
+            st[c_hi] = zero
+            # Bisection on all scores while more than C are >= value(lo).
+            while st[lo] + one < st[hi] and st[c_lo] > T.Cast(I64, C):
+                st[mid] = midpoint(st[lo], st[hi])
+                t1 = value(st[mid])
+                for l in T.vectorized(lanes):
+                    acc[l] = 0
+                for c in range(full):
+                    for l in T.vectorized(lanes):
+                        acc[l] = acc[l] + T.Select(scores[r, c * lanes + l] >= t1, 1, 0)
+                st[cnt] = zero
+                for l in range(lanes):
+                    st[cnt] = st[cnt] + T.Cast(I64, acc[l])
+                for e in range(full * lanes, tot):
+                    st[cnt] = st[cnt] + T.Select(scores[r, e] >= t1, one, zero)
+                if st[cnt] >= T.Cast(I64, K):
+                    st[lo] = st[mid]
+                    st[c_lo] = st[cnt]
+                else:
+                    st[hi] = st[mid]
+                    st[c_hi] = st[cnt]
+            st[found] = zero
+            if st[c_lo] <= T.Cast(I64, C):
+                # The candidates: the scores >= value(lo), with their positions, in order.
+                t2 = value(st[lo])
+                for c in range(full):
+                    bitmask[0] = lane_bits(scores, r, c * lanes, t2)
+                    while bitmask[0] != 0:
+                        l2 = T.popcount(T.bitwise_and(bitmask[0], 0 - bitmask[0]) - 1)
+                        bitmask[0] = T.bitwise_and(bitmask[0], bitmask[0] - 1)
+                        if st[found] < T.Cast(I64, C):  # (never false: c_lo <= C)
+                            cand_val[r, T.Cast(I32, st[found])] = scores[r, c * lanes + l2]
+                            cand_idx[r, T.Cast(I32, st[found])] = c * lanes + l2
+                            st[found] = st[found] + one
+                for e in range(full * lanes, tot):
+                    if scores[r, e] >= t2 and st[found] < T.Cast(I64, C):
+                        cand_val[r, T.Cast(I32, st[found])] = scores[r, e]
+                        cand_idx[r, T.Cast(I32, st[found])] = e
+                        st[found] = st[found] + one
+                m = T.Cast(I32, st[found])
+                cvecs = m // lanes
+                while st[lo] + one < st[hi]:
+                    st[mid] = midpoint(st[lo], st[hi])
+                    t3 = value(st[mid])
+                    for l in T.vectorized(lanes):
+                        acc[l] = 0
+                    for c in range(cvecs):
+                        for l in T.vectorized(lanes):
+                            acc[l] = acc[l] + T.Select(cand_val[r, c * lanes + l] >= t3, 1, 0)
+                    st[cnt] = zero
+                    for l in range(lanes):
+                        st[cnt] = st[cnt] + T.Cast(I64, acc[l])
+                    for e in range(cvecs * lanes, m):
+                        st[cnt] = st[cnt] + T.Select(cand_val[r, e] >= t3, one, zero)
+                    if st[cnt] >= T.Cast(I64, K):
+                        st[lo] = st[mid]
+                    else:
+                        st[hi] = st[mid]
+                        st[c_hi] = st[cnt]
+                theta = value(st[lo])
+                st[ties] = T.Cast(I64, K) - st[c_hi]
+                st[pos] = zero
+                for e in range(m):
+                    if st[pos] < T.Cast(I64, K) and (
+                            cand_val[r, e] > theta or (cand_val[r, e] == theta and st[ties] > zero)):
+                        if cand_val[r, e] == theta:
+                            st[ties] = st[ties] - one
+                        index[r, T.Cast(I32, st[pos])] = T.Cast(I64, cand_idx[r, e])
+                        st[pos] = st[pos] + one
+            else:
+                # More ties at theta than the candidates' room: theta is exact already.
+                theta2 = value(st[lo])
+                st[ties] = T.Cast(I64, K) - st[c_hi]
+                st[pos] = zero
+                for e in range(tot):
+                    if st[pos] < T.Cast(I64, K) and (
+                            scores[r, e] > theta2 or (scores[r, e] == theta2 and st[ties] > zero)):
+                        if scores[r, e] == theta2:
+                            st[ties] = st[ties] - one
+                        index[r, T.Cast(I32, st[pos])] = T.Cast(I64, e)
+                        st[pos] = st[pos] + one
+            for p in range(K):
+                if T.Cast(I64, p) >= st[pos]:
+                    index[r, p] = T.Cast(I64, tot)
+            if write_mask != 0:
+                t4 = value(st[lo])
+                for c in range(full):
+                    for l in T.vectorized(lanes):
+                        scores[r, c * lanes + l] = T.Select(scores[r, c * lanes + l] >= t4,
+                                                            T.Cast(dtype, 1), T.Cast(dtype, 0))
+                for e in range(full * lanes, tot):
+                    scores[r, e] = T.Select(scores[r, e] >= t4, T.Cast(dtype, 1), T.Cast(dtype, 0))
+
+            # The plan. Blocks per block row first (in ov_units), then units and starts.
+            for i in range(n):
+                ov_units[r, i] = 0
+                for s in range(Cr):
+                    row_cols[r, i, s] = -1
+            for u in range(Ub):
+                unit_row[r, u] = -1
+                for s in range(Co):
+                    unit_cols[r, u, s] = -1
+            for p in range(T.Cast(I32, st[pos])):
+                ov_units[r, T.Cast(I32, index[r, p]) // n] = ov_units[r, T.Cast(I32, index[r, p]) // n] + 1
+            cur[0] = 0  # units so far
+            cur[1] = 0  # the largest count
+            for i in range(n):
+                extra = T.max(ov_units[r, i] - Cr, 0)
+                ov_start[r, i] = cur[0]
+                ov_units[r, i] = (extra + Co - 1) // Co
+                cur[0] = cur[0] + ov_units[r, i]
+                cur[1] = T.max(cur[1], ov_units[r, i])
+            units[r, 0] = cur[0]
+            units[r, 1] = cur[1]
+            cur[2] = -1  # block row of the previous block
+            cur[3] = 0  # its rank in that row
+            for p in range(T.Cast(I32, st[pos])):
+                flat = T.Cast(I32, index[r, p])
+                if flat // n != cur[2]:
+                    cur[2] = flat // n
+                    cur[3] = 0
+                if cur[3] < Cr:
+                    row_cols[r, flat // n, cur[3]] = flat % n
+                else:
+                    over = cur[3] - Cr
+                    unit = ov_start[r, flat // n] + over // Co
+                    if unit < Ub:  # (never false: Ub is plan.plan_bounds')
+                        unit_cols[r, unit, over % Co] = flat % n
+                        unit_row[r, unit] = flat // n
+                cur[3] = cur[3] + 1
+
+    return kernel
