@@ -94,11 +94,13 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
         unit_cols = T.match_buffer(a_unit_cols, (R, Ub, Co), I32)
         units = T.match_buffer(a_units, (R, 2), I32)
         for r in T.parallel(R):
-            acc = T.alloc_buffer((lanes,), I32, scope="local")
-            st = T.alloc_buffer((9,), I64, scope="local")
-            bitmask = T.alloc_buffer((1,), I32, scope="local")
+            # (global scope and small: stack memory, which LLVM keeps in registers; TVM
+            # gives every other scope, "local" included, a workspace allocation per row)
+            acc = T.alloc_buffer((lanes,), I32)
+            st = T.alloc_buffer((9,), I64)
+            bitmask = T.alloc_buffer((1,), I32)
             # (the plan) the current block row, the largest unit count
-            cur = T.alloc_buffer((4,), I32, scope="local")
+            cur = T.alloc_buffer((4,), I32)
             vecs = n // lanes
             for i in range(n):
                 for jo in range(vecs):
