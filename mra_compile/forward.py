@@ -99,9 +99,10 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     unit_row = pr.scratch("unit_row", R, room, dtype=i32)
     unit_cols = pr.scratch("unit_cols", R, room, Co, dtype=i32)
     units = pr.scratch("units", R, 2, dtype=i32)
+    cands = min(CANDIDATE_ROOM * k, n * n)  # (never more than the scores: R*n*n < 2**31)
     pr.run("select_plan", knobs, logits=logits, rowmax=rowmax, scores=scores.view(R, n * n),
-           cand_val=pr.scratch("cand_val", R, CANDIDATE_ROOM * k),
-           cand_idx=pr.scratch("cand_idx", R, CANDIDATE_ROOM * k, dtype=i32), index=index,
+           cand_val=pr.scratch("cand_val", R, cands),
+           cand_idx=pr.scratch("cand_idx", R, cands, dtype=i32), index=index,
            row_cols=row_cols, ov_start=ov_start, ov_units=ov_units, unit_row=unit_row,
            unit_cols=unit_cols, units=units, write_mask=int(full))
     U = max(int(units[:, 0].max()), 1)
