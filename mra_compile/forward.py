@@ -7,8 +7,8 @@ dtype. Tensors live on the inputs' device; CUDA kernels run on torch's current s
 there.
 
 Stages: ``inputs.prepare`` (pad, mask tensors) -> ``pool_and_logits`` kernel -> block
-selection and the work plan (the ``select_plan`` kernel where the target has it and the
-call needs nothing else; else ``plan.select_blocks`` and ``plan.make_plan`` on the host)
+selection and the work plan (the ``select_plan`` kernel where the target has it, for
+calls without priors; else ``plan.select_blocks`` and ``plan.make_plan`` on the host)
 -> ``hires_units`` kernel (overflow) -> ``lowres_out`` kernel ("full") -> ``hires_rows``
 kernel (output and the statistics the backward needs).
 """
@@ -52,16 +52,18 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
            heads=pr.heads, group=pr.group, scale=pr.scale)
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
-        row_blocks, real_pairs = _sequence_budgets(pr, opts.block_per_row, R, n)
+        row_blocks = _sequence_budgets(pr, opts.block_per_row, n)
     # Cross-attention: the top-k runs over the nq x nk grid of the spec; the blocks both
     # sides are padded to beyond it hold no real query or key (inputs._prepare_cross).
     nq, nk = pr.blocks_q, pr.blocks_k
     grid = (nq, nk) != (n, n)
     k = opts.max_blocks(nq, nk)
-    if (kernels.get("select_plan").on(pr.target.family) and not grid and row_blocks is None
-            and opts.first_n == 0 and opts.diagonal_n == 0 and k < n * n):
-        sel, work = _select_and_plan(pr, logits, rowmax, k, opts.full, knobs)
+    if (kernels.get("select_plan").on(pr.target.family) and opts.first_n == 0
+            and opts.diagonal_n == 0 and k < nq * nk):
+        sel, work = _select_and_plan(pr, logits, rowmax, k, opts.full, knobs, row_blocks)
         return LowRes(pooled, logits, rowmax, sel, work)
+    if row_blocks is not None:
+        real_pairs = _real_pairs(pr)
     # S goes to kept memory, not fresh pages: a result, where Hmask (which the backward
     # keeps) replaces it ("full"), or that the backward's zeros then take ("sparse").
     kept = {} if grid else {"scores_out": pr.result(R, n, n)}
@@ -82,10 +84,12 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
 CANDIDATE_ROOM = 2
 
 
-def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: dict):
+def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: dict,
+                     row_blocks=None):
     """Step 3 and the work plan in one kernel (``selection_tir``): the selection of
-    ``plan.select_blocks`` and the plan ``plan.make_plan`` makes of it, for the common
-    case (no priors, no per-sequence budget, a square grid, k < n*n)."""
+    ``plan.select_blocks`` (with per-sequence budgets ``row_blocks`` [R], and over the
+    nq x nk grid of cross-attention) and the plan ``plan.make_plan`` makes of it; for
+    calls without priors and k < nq * nk."""
     R, n, _ = logits.shape
     Cr, Co = _unit_blocks(knobs, pr.target)
     room, _ = plan.plan_bounds(k, n, Cr, Co)  # (the most overflow units a row can have)
@@ -100,11 +104,18 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     unit_cols = pr.scratch("unit_cols", R, room, Co, dtype=i32)
     units = pr.scratch("units", R, 2, dtype=i32)
     cands = min(CANDIDATE_ROOM * k, n * n)  # (never more than the scores: R*n*n < 2**31)
-    pr.run("select_plan", knobs, logits=logits, rowmax=rowmax, scores=scores.view(R, n * n),
+    budget = pr.scratch("budget", R, dtype=i32)
+    if row_blocks is None:
+        budget.fill_(k)
+    else:  # (a row's budget beyond k takes its k best, as plan.select_blocks does)
+        budget.copy_(row_blocks.clamp_max(k))
+    pr.run("select_plan", knobs, logits=logits, rowmax=rowmax, counts=pr.counts,
+           q_counts=pr.q_counts, budget=budget, scores=scores.view(R, n * n),
            cand_val=pr.scratch("cand_val", R, cands),
            cand_idx=pr.scratch("cand_idx", R, cands, dtype=i32), index=index,
            row_cols=row_cols, ov_start=ov_start, ov_units=ov_units, unit_row=unit_row,
-           unit_cols=unit_cols, units=units, write_mask=int(full))
+           unit_cols=unit_cols, units=units, heads=pr.heads, nq=pr.blocks_q, nk=pr.blocks_k,
+           real_only=int(row_blocks is not None), write_mask=int(full))
     U = max(int(units[:, 0].max()), 1)
     ucap = max(int(units[:, 1].max()), 1)
     work = plan.Plan(row_cols, unit_row[:, :U].contiguous(), unit_cols[:, :U].contiguous(),
@@ -122,16 +133,20 @@ def _unit_blocks(knobs: dict, target) -> tuple[int, int]:
     return Cr, Co
 
 
-def _sequence_budgets(pr: Prepared, block_per_row: int, R: int, n: int):
+def _sequence_budgets(pr: Prepared, block_per_row: int, n: int):
     """docs/spec.md, "Per-sequence budget": each row's ``r * ceil(c / b)`` blocks (at
-    least r, at most n*n) for its sequence's ``c`` real tokens (queries), [R] int64; and
-    the blocks with a real query and a real key (those the budget counts), [R, n, n] bool."""
+    least r, at most n*n) for its sequence's ``c`` real tokens (queries), [R] int64."""
     real_tokens = pr.q_counts.sum(-1)  # [Bm]
     rows_real = torch.ceil(real_tokens / pr.block_size).clamp_min(1).to(torch.int64)
     budget = (rows_real * block_per_row).clamp_max(n * n)
+    return budget.repeat_interleave(pr.heads, dim=0)
+
+
+def _real_pairs(pr: Prepared):
+    """The blocks with a real query and a real key (those a per-sequence budget counts),
+    [R, n, n] bool."""
     pairs = (pr.q_counts > 0.5)[:, :, None] & (pr.counts > 0.5)[:, None, :]
-    return (budget.repeat_interleave(pr.heads, dim=0),
-            pairs.repeat_interleave(pr.heads, dim=0))
+    return pairs.repeat_interleave(pr.heads, dim=0)
 
 
 def block_selection(q, k, v, mask, opts: Options, query_mask=None):

@@ -24,6 +24,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from mra_compile import kernels
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 CACHE_ENV = "MRA_COMPILE_CACHE_DIR"
 # Ahead-of-time kernel libraries (``mra_compile.library``): directories, os.pathsep-separated.
@@ -166,12 +168,14 @@ def schedule_dir() -> Path:
 
 @functools.cache
 def source_hash(family: str) -> str:
-    """Hash of the operator definitions and the ``family`` ("cpu", "cuda") schedules: part
-    of every kernel's key, so that editing either rebuilds."""
+    """Hash of the operator definitions (every module of the kernel registry's
+    ``Kernel.module``) and the ``family`` ("cpu", "cuda") schedules: part of every
+    kernel's key, so that editing either rebuilds."""
     h = hashlib.sha256()
+    operators = [PACKAGE_DIR / f"{m}.py" for m in kernels.operator_modules()]
     # (the family's micro-kernels too: schedules/<family>_*.py and their C sources)
     extra = sorted(schedule_dir().glob(f"{family}_*.*"))
-    for path in (PACKAGE_DIR / "operators.py", schedule_dir() / f"{family}.py", *extra):
+    for path in (*operators, schedule_dir() / f"{family}.py", *extra):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 

@@ -117,9 +117,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
                           "heads", "group", "scale", "ucap"),
            reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax")),
     # Block selection and the work plan in one pass (docs/spec.md, step 3; CPU: on the
-    # host otherwise, and for priors, per-sequence budgets and cross-attention).
-    Kernel("select_plan", ("logits", "rowmax", "scores", "cand_val", "cand_idx", "index",
-                           "row_cols", "ov_start", "ov_units", "unit_row", "unit_cols", "units",
+    # host otherwise, and for priors).
+    Kernel("select_plan", ("logits", "rowmax", "counts", "q_counts", "budget", "scores",
+                           "cand_val", "cand_idx", "index", "row_cols", "ov_start", "ov_units",
+                           "unit_row", "unit_cols", "units", "heads", "nq", "nk", "real_only",
                            "write_mask"), module="selection_tir", families=("cpu",)),
     # Backward.
     Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"),
@@ -149,6 +150,11 @@ def get(name: str) -> Kernel:
 def reading_qkv() -> tuple[str, ...]:
     """The kernels that read q, k, v (on CUDA they take fp16/bf16 as they are)."""
     return tuple(k.name for k in KERNELS.values() if k.reads_qkv)
+
+
+def operator_modules() -> tuple[str, ...]:
+    """The modules of ``mra_compile`` that define the kernels (``Kernel.module``), sorted."""
+    return tuple(sorted({k.module for k in KERNELS.values()}))
 
 
 def on_target(target) -> tuple[str, ...]:

@@ -4,11 +4,15 @@ A top-k is data-dependent control flow, which tensor expressions cannot state, s
 operator is TIR itself (TVMScript), with its schedule in it: rows in parallel, scans in
 vectors. It computes what ``plan.select_blocks`` and ``plan.make_plan`` compute on the
 host (the same T, Hmask and plan; ties at the k-th score: the first in row-major
-order), for the common case: no priors, no per-sequence budget, a square grid.
+order), for every call without priors (those select on the host, in float64).
 
-Per row of ``R = B*H`` (T = n*n scores, K selected):
+Per row of ``R = B*H`` (T = n*n scores, K = min(``budget[r]``, the index's width)
+selected):
 
-1. S = L - R[:, None] into ``scores``.
+1. S = L - R[:, None] into ``scores``; NaN (excluded by every comparison) where a block
+   may not be selected: beyond cross-attention's ``nq x nk`` grid, and with
+   ``real_only`` (per-sequence budgets, docs/spec.md) where it has no real query or
+   key (``q_counts``, ``counts``) or S is -inf.
 2. theta, the K-th largest S, by bisection on the scores' order-preserving integer keys
    (a float's bits with the magnitude bits flipped when negative): each step counts
    S >= t in one vector pass. Once at most ``C`` (``cand_val``'s room) scores are >= the
@@ -16,7 +20,8 @@ Per row of ``R = B*H`` (T = n*n scores, K selected):
    on them; rows with more ties at theta than that room stay on all T scores.
 3. T: the scores > theta and the first ties at theta, in row-major order: the flat
    indices ``i * n + j``, ascending (then ``n * n``: no block, when a row has fewer).
-   With ``write_mask``, Hmask = (S >= theta) in ``scores``, in place.
+   With ``write_mask``, Hmask = (L - R >= the smallest selected S) over the grid, into
+   ``scores``.
 4. The plan of ``plan.Plan`` for row units of Cr blocks and overflow units of Co
    (``row_cols``' and ``unit_cols``' last dims): ``row_cols``, ``ov_start``, ``ov_units``,
    and the overflow units in ``unit_row``/``unit_cols`` (room for ``plan.plan_bounds``'s
@@ -51,6 +56,9 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
     idt, shift, magnitude, key_lo, key_hi = _key_constants(dtype)
     lanes = 64 // (np.dtype(dtype).itemsize)  # one AVX-512 vector
     one, zero = tirx.const(1, I64), tirx.const(0, I64)
+    neg_inf, pos_inf = tirx.const(-np.inf, dtype), tirx.const(np.inf, dtype)
+    nan = tirx.const(np.nan, dtype)
+    half = tirx.const(0.5, dtype)
     # The bisection's state (int64 slots): lo, hi are keys with count(S >= value(lo)) >= K
     # > count(S >= value(hi)); c_lo, c_hi those counts; mid, cnt the step's; pos: blocks
     # written; ties: left to take at theta; found: candidates.
@@ -74,15 +82,19 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             T.shift_left(T.Broadcast(1, lanes), T.Ramp(0, 1, lanes)), T.Broadcast(0, lanes)))
 
     @T.prim_func
-    def kernel(a_logits: T.handle, a_rowmax: T.handle, a_scores: T.handle, a_cand_val: T.handle,
+    def kernel(a_logits: T.handle, a_rowmax: T.handle, a_counts: T.handle, a_q_counts: T.handle,
+               a_budget: T.handle, a_scores: T.handle, a_cand_val: T.handle,
                a_cand_idx: T.handle, a_index: T.handle, a_row_cols: T.handle, a_ov_start: T.handle,
                a_ov_units: T.handle, a_unit_row: T.handle, a_unit_cols: T.handle, a_units: T.handle,
-               write_mask: T.int32):
-        R, n, tot, C, K = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+               heads: T.int32, nq: T.int32, nk: T.int32, real_only: T.int32, write_mask: T.int32):
+        R, n, tot, C, K, Bm = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         # Cr, Co: blocks of a row unit and of an overflow unit; Ub: room for units
         Cr, Ub, Co = T.int32(), T.int32(), T.int32()
         logits = T.match_buffer(a_logits, (R, n, n), dtype)
         rowmax = T.match_buffer(a_rowmax, (R, n), dtype)
+        counts = T.match_buffer(a_counts, (Bm, n), dtype)
+        q_counts = T.match_buffer(a_q_counts, (Bm, n), dtype)
+        budget = T.match_buffer(a_budget, (R,), I32)
         scores = T.match_buffer(a_scores, (R, tot), dtype)  # S, then Hmask (write_mask)
         cand_val = T.match_buffer(a_cand_val, (R, C), dtype)
         cand_idx = T.match_buffer(a_cand_idx, (R, C), I32)
@@ -101,13 +113,27 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             bitmask = T.alloc_buffer((1,), I32)
             # (the plan) the current block row, the largest unit count
             cur = T.alloc_buffer((4,), I32)
+            least = T.alloc_buffer((1,), dtype)  # the smallest selected score
+            kr = T.min(budget[r], K)  # (the index has room for K)
+            b = r // heads
             vecs = n // lanes
+            # S; NaN, which every comparison below excludes, where a block may not be
+            # selected: beyond the nq x nk grid and, with real_only (per-sequence budgets),
+            # without a real query or a real key, or at -inf (as on the host).
             for i in range(n):
                 for jo in range(vecs):
                     for l in T.vectorized(lanes):
-                        scores[r, i * n + jo * lanes + l] = logits[r, i, jo * lanes + l] - rowmax[r, i]
+                        scores[r, i * n + jo * lanes + l] = T.Select(
+                            i < nq and jo * lanes + l < nk and (real_only == 0 or (
+                                q_counts[b, i] > half and counts[b, jo * lanes + l] > half
+                                and logits[r, i, jo * lanes + l] - rowmax[r, i] > neg_inf)),
+                            logits[r, i, jo * lanes + l] - rowmax[r, i], nan)
                 for j in range(vecs * lanes, n):
-                    scores[r, i * n + j] = logits[r, i, j] - rowmax[r, i]
+                    scores[r, i * n + j] = T.Select(
+                        i < nq and j < nk and (real_only == 0 or (
+                            q_counts[b, i] > half and counts[b, j] > half
+                            and logits[r, i, j] - rowmax[r, i] > neg_inf)),
+                        logits[r, i, j] - rowmax[r, i], nan)
             full = tot // lanes
             st[lo] = T.int64(key_lo)
             st[hi] = T.int64(key_hi)
@@ -127,13 +153,14 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                     st[cnt] = st[cnt] + T.Cast(I64, acc[l])
                 for e in range(full * lanes, tot):
                     st[cnt] = st[cnt] + T.Select(scores[r, e] >= t1, one, zero)
-                if st[cnt] >= T.Cast(I64, K):
+                if st[cnt] >= T.Cast(I64, kr):
                     st[lo] = st[mid]
                     st[c_lo] = st[cnt]
                 else:
                     st[hi] = st[mid]
                     st[c_hi] = st[cnt]
             st[found] = zero
+            least[0] = pos_inf
             if st[c_lo] <= T.Cast(I64, C):
                 # The candidates: the scores >= value(lo), with their positions, in order.
                 t2 = value(st[lo])
@@ -166,44 +193,53 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                         st[cnt] = st[cnt] + T.Cast(I64, acc[l])
                     for e in range(cvecs * lanes, m):
                         st[cnt] = st[cnt] + T.Select(cand_val[r, e] >= t3, one, zero)
-                    if st[cnt] >= T.Cast(I64, K):
+                    if st[cnt] >= T.Cast(I64, kr):
                         st[lo] = st[mid]
                     else:
                         st[hi] = st[mid]
                         st[c_hi] = st[cnt]
                 theta = value(st[lo])
-                st[ties] = T.Cast(I64, K) - st[c_hi]
+                st[ties] = T.Cast(I64, kr) - st[c_hi]
                 st[pos] = zero
                 for e in range(m):
-                    if st[pos] < T.Cast(I64, K) and (
+                    if st[pos] < T.Cast(I64, kr) and (
                             cand_val[r, e] > theta or (cand_val[r, e] == theta and st[ties] > zero)):
                         if cand_val[r, e] == theta:
                             st[ties] = st[ties] - one
                         index[r, T.Cast(I32, st[pos])] = T.Cast(I64, cand_idx[r, e])
+                        least[0] = T.min(least[0], cand_val[r, e])
                         st[pos] = st[pos] + one
             else:
                 # More ties at theta than the candidates' room: theta is exact already.
                 theta2 = value(st[lo])
-                st[ties] = T.Cast(I64, K) - st[c_hi]
+                st[ties] = T.Cast(I64, kr) - st[c_hi]
                 st[pos] = zero
                 for e in range(tot):
-                    if st[pos] < T.Cast(I64, K) and (
+                    if st[pos] < T.Cast(I64, kr) and (
                             scores[r, e] > theta2 or (scores[r, e] == theta2 and st[ties] > zero)):
                         if scores[r, e] == theta2:
                             st[ties] = st[ties] - one
                         index[r, T.Cast(I32, st[pos])] = T.Cast(I64, e)
+                        least[0] = T.min(least[0], scores[r, e])
                         st[pos] = st[pos] + one
             for p in range(K):
                 if T.Cast(I64, p) >= st[pos]:
                     index[r, p] = T.Cast(I64, tot)
             if write_mask != 0:
-                t4 = value(st[lo])
-                for c in range(full):
-                    for l in T.vectorized(lanes):
-                        scores[r, c * lanes + l] = T.Select(scores[r, c * lanes + l] >= t4,
-                                                            T.Cast(dtype, 1), T.Cast(dtype, 0))
-                for e in range(full * lanes, tot):
-                    scores[r, e] = T.Select(scores[r, e] >= t4, T.Cast(dtype, 1), T.Cast(dtype, 0))
+                # Hmask: S >= the smallest selected score, over the whole grid (blocks
+                # without a real query or key included, as on the host); 0 beyond it.
+                t4 = least[0]
+                for i in range(n):
+                    for jo in range(vecs):
+                        for l in T.vectorized(lanes):
+                            scores[r, i * n + jo * lanes + l] = T.Select(
+                                i < nq and jo * lanes + l < nk
+                                and logits[r, i, jo * lanes + l] - rowmax[r, i] >= t4,
+                                T.Cast(dtype, 1), T.Cast(dtype, 0))
+                    for j in range(vecs * lanes, n):
+                        scores[r, i * n + j] = T.Select(
+                            i < nq and j < nk and logits[r, i, j] - rowmax[r, i] >= t4,
+                            T.Cast(dtype, 1), T.Cast(dtype, 0))
 
             # The plan. Blocks per block row first (in ov_units), then units and starts.
             for i in range(n):

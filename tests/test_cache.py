@@ -140,3 +140,24 @@ def test_kernels_are_not_shared_across_cache_dirs(first_run, cache):
     other = run_script(cache)
     assert {e["origin"] for e in other["events"]} == {"compiled"}
     assert other["hash"] == first_run[1]["hash"]
+
+
+def test_every_operator_module_is_in_the_kernels_key(tmp_path, monkeypatch):
+    """Editing any module that defines kernels (``Kernel.module``: the TE operators and the
+    TIR selection kernel) changes the source hash in every kernel's key: a rebuild."""
+    from mra_compile import host, kernels
+
+    modules = kernels.operator_modules()
+    assert {"operators", "selection_tir"} <= set(modules)
+    for m in modules:
+        (tmp_path / f"{m}.py").write_bytes((host.PACKAGE_DIR / f"{m}.py").read_bytes())
+    monkeypatch.setattr(host, "PACKAGE_DIR", tmp_path)
+    source_hash = host.source_hash.__wrapped__  # (not the per-process cache)
+    base = source_hash("cpu")
+    for m in modules:
+        path = tmp_path / f"{m}.py"
+        text = path.read_text()
+        path.write_text(text + "\n# edited\n")
+        assert source_hash("cpu") != base, m
+        path.write_text(text)
+    assert source_hash("cpu") == base

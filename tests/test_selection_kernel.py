@@ -1,8 +1,8 @@
 """The CPU selection kernel (``mra_compile.selection_tir``): the same blocks, Hmask and work
 plan as the host's ``plan.select_blocks`` and ``plan.make_plan``, on scores drawn to
-stress it (ties, the -1e4 penalties, zeros of both signs, infinities, float64), and the
-op takes it exactly where it applies."""
-import pytest
+stress it (ties, the -1e4 penalties, zeros of both signs, infinities, float64), with
+per-sequence budgets and cross-attention's grid, and the op takes it exactly where it
+applies."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,8 +11,11 @@ import mra_compile
 from mra_compile import build, forward, kernels, plan, targets
 
 
-def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM):
-    """The kernel on [R, n, n] logits: (scores, as Hmask with ``full``; its outputs)."""
+def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=None,
+               budgets=None):
+    """The kernel on [R, n, n] logits: (scores, as Hmask with ``full``; its outputs).
+    ``grid``: (nq, nk); ``budgets``: (row_blocks [R], q_counts [R, n], counts [R, n]) for
+    per-sequence budgets (one head per sequence here)."""
     R, n, _ = logits.shape
     U, _ = plan.plan_bounds(K, n, Cr, Co)
     i32 = torch.int32
@@ -21,23 +24,45 @@ def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM):
                ov_start=torch.full((R, n), -7, dtype=i32), ov_units=torch.full((R, n), -7, dtype=i32),
                unit_row=torch.full((R, U), -7, dtype=i32), unit_cols=torch.full((R, U, Co), -7, dtype=i32),
                units=torch.full((R, 2), -7, dtype=i32))
+    nq, nk = grid or (n, n)
+    if budgets is None:
+        budget = torch.full((R,), K, dtype=i32)
+        q_counts = counts = torch.ones(R, n, dtype=logits.dtype)
+    else:
+        row_blocks, q_counts, counts = budgets
+        budget = row_blocks.clamp_max(K).to(i32)
     scores = torch.empty(R, n * n, dtype=logits.dtype)
     static = kernels.get("select_plan").static(32, 64, str(logits.dtype).removeprefix("torch."))
     build.run("select_plan", None, targets.CPU, static, logits=logits, rowmax=rowmax,
-              scores=scores, cand_val=torch.empty(R, room * K, dtype=logits.dtype),
-              cand_idx=torch.empty(R, room * K, dtype=i32), write_mask=int(full), **out)
+              counts=counts, q_counts=q_counts, budget=budget, scores=scores,
+              cand_val=torch.empty(R, room * K, dtype=logits.dtype),
+              cand_idx=torch.empty(R, room * K, dtype=i32), heads=1, nq=nq, nk=nk,
+              real_only=int(budgets is not None), write_mask=int(full), **out)
     return scores.view(R, n, n), out
 
 
-def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM):
+def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=None,
+          budgets=None):
     R, n, _ = logits.shape
-    scores, got = run_kernel(logits, rowmax, K, Cr, Co, full, room)
-    want = plan.select_blocks(logits, rowmax, num_blocks=K, full=full)
-    S = (logits - rowmax[:, :, None]).reshape(R, n * n)
+    scores, got = run_kernel(logits, rowmax, K, Cr, Co, full, room, grid, budgets)
+    nq, nk = grid or (n, n)
+    kw = {}
+    if budgets is not None:
+        row_blocks, q_counts, counts = budgets
+        pairs = (q_counts > 0.5)[:, :, None] & (counts > 0.5)[:, None, :]
+        kw = dict(row_blocks=row_blocks, real_pairs=pairs[:, :nq, :nk])
+    want = plan.select_blocks(logits[:, :nq, :nk], rowmax[:, :nq], num_blocks=K, full=full, **kw)
+    if grid is not None:
+        want = want.embed(nq, nk, n)
+    S = torch.cat([(logits - rowmax[:, :, None]).reshape(R, n * n),
+                   torch.zeros(R, 1, dtype=logits.dtype)], 1)  # (entry n*n: no block)
     index = got["index"]
-    # T: K blocks in ascending order whose scores are the K largest (ties: any of them).
-    assert ((index >= 0) & (index < n * n)).all()
-    assert (index.diff(dim=1) > 0).all()
+    # T: ascending, then the no-block entries; its scores the largest (ties: any of them).
+    assert torch.equal(index, index.sort(dim=1).values)
+    assert ((index >= 0) & (index <= n * n)).all()
+    real = index < n * n
+    assert ((index.diff(dim=1) > 0) | ~real[:, 1:]).all()
+    assert torch.equal(real.sum(1), (want.index < n * n).sum(1))
     assert torch.equal(S.gather(1, index).sort(dim=1).values,
                        S.gather(1, want.index).sort(dim=1).values)
     if full:
@@ -73,31 +98,56 @@ def draw_logits(kind, R, n, dtype, g):
     return x
 
 
+def draw_rowmax(logits, zero):
+    """R[i] of the spec: the maximum over real key blocks, or 0 (no real key)."""
+    finite = torch.where(logits.isinf(), torch.zeros((), dtype=logits.dtype), logits)
+    return torch.zeros(logits.shape[:2], dtype=logits.dtype) if zero else finite.amax(-1)
+
+
 @settings(max_examples=150, deadline=None)
-@given(n=st.integers(1, 48), R=st.integers(1, 4), data=st.data(), Cr=st.integers(1, 9),
+@given(n=st.integers(2, 48), R=st.integers(1, 4), data=st.data(), Cr=st.integers(1, 9),
        Co=st.integers(1, 4), full=st.booleans(), kind=st.sampled_from(KINDS),
        float64=st.booleans(), zero_rowmax=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_same_selection_and_plan_as_the_host(n, R, data, Cr, Co, full, kind, float64,
                                              zero_rowmax, seed):
-    if n == 1:
-        return  # (k < n*n: one block is all of them, which the op never sends here)
     K = data.draw(st.integers(1, n * n - 1))
     dtype = torch.float64 if float64 else torch.float32
     g = torch.Generator().manual_seed(seed)
     logits = draw_logits(kind, R, n, dtype, g)
-    # R[i] of the spec is the maximum over real key blocks, or 0 (no real key).
-    finite = torch.where(logits.isinf(), torch.zeros((), dtype=dtype), logits)
-    rowmax = torch.zeros(R, n, dtype=dtype) if zero_rowmax else finite.amax(-1)
-    got, want = check(logits, rowmax, K, Cr, Co, full)
+    got, want = check(logits, draw_rowmax(logits, zero_rowmax), K, Cr, Co, full)
     if kind == "normal" and zero_rowmax:  # no ties (each row's maximum makes a 0 per row)
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("room", [1, 2])
-@pytest.mark.parametrize("N", [1024, 8192])
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(2, 40), R=st.integers(1, 4), data=st.data(), Cr=st.integers(1, 9),
+       Co=st.integers(1, 4), full=st.booleans(), kind=st.sampled_from(KINDS),
+       with_budgets=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_budgets_and_grids_as_the_host(n, R, data, Cr, Co, full, kind, with_budgets, seed):
+    """docs/spec.md, "Per-sequence budget" (each row's own number of blocks, among those
+    with a real query and a real key) and cross-attention's nq x nk grid of an n x n
+    padded one."""
+    nq, nk = data.draw(st.integers(1, n)), data.draw(st.integers(1, n))
+    if nq * nk < 2:
+        return
+    K = data.draw(st.integers(1, nq * nk - 1))
+    g = torch.Generator().manual_seed(seed)
+    logits = draw_logits(kind, R, n, torch.float32, g)
+    budgets = None
+    if with_budgets:
+        row_blocks = torch.randint(1, K + 3, (R,), generator=g)
+        q_counts = (torch.rand(R, n, generator=g) < 0.7).float() * 32
+        counts = (torch.rand(R, n, generator=g) < 0.7).float() * 32
+        budgets = (row_blocks, q_counts, counts)
+    grid = None if (nq, nk) == (n, n) else (nq, nk)
+    check(logits, draw_rowmax(logits, False), K, Cr, Co, full, grid=grid, budgets=budgets)
+
+
+@settings(max_examples=4, deadline=None)
+@given(N=st.sampled_from([1024, 8192]), room=st.sampled_from([1, 2]))
 def test_long_rows(N, room):
-    """Rows of 65536 scores with K = 4n: the bisection stops on all scores once at most
-    ``room * K`` remain, and ends on those; with the smallest room too."""
+    """Rows of up to 65536 scores with K = 4n: the bisection stops on all scores once at
+    most ``room * K`` remain, and ends on those; with the smallest room too."""
     n = N // 32
     g = torch.Generator().manual_seed(N)
     logits = torch.randn(3, n, n, generator=g) / 4
@@ -117,22 +167,23 @@ def test_more_ties_than_room_stay_on_all_scores():
 
 
 def test_the_op_uses_the_kernel_where_it_applies():
-    """Plain self-attention takes the kernel; priors (and cross-attention, per-sequence
-    budgets) keep the host's selection."""
+    """Self- and cross-attention, with or without per-sequence budgets, take the kernel;
+    priors (and selecting every block) keep the host's selection."""
     q, k, v = (torch.randn(1, 2, 256, 64) for _ in range(3))
 
-    def ops(**kw):
+    def ops(q=q, k=k, v=v, **kw):
         if "block_per_row" not in kw:
             kw.setdefault("num_blocks", 24)
         with build.trace_kernel_calls() as calls:
             mra_compile.mra_attention(q, k, v, **kw)
         return [c["op"] for c in calls]
 
-    assert "select_plan" in ops()
-    assert "select_plan" in ops(approx_mode="sparse")
-    assert "select_plan" not in ops(initial_prior_diagonal_n_blocks=2)
     padded = torch.ones(1, 256)
     padded[:, 200:] = 0
+    assert "select_plan" in ops()
+    assert "select_plan" in ops(approx_mode="sparse")
     assert "select_plan" in ops(mask=padded)
-    assert "select_plan" not in ops(block_per_row=3, mask=padded)
+    assert "select_plan" in ops(block_per_row=3, mask=padded)
+    assert "select_plan" in ops(k=k[:, :, :100], v=v[:, :, :100], num_blocks=8)
+    assert "select_plan" not in ops(initial_prior_diagonal_n_blocks=2)
     assert "select_plan" not in ops(num_blocks=64)  # every block: nothing to select
