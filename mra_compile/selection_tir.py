@@ -81,6 +81,21 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             x[r, T.Ramp(start, 1, lanes)] >= T.Broadcast(theta, lanes),
             T.shift_left(T.Broadcast(1, lanes), T.Ramp(0, 1, lanes)), T.Broadcast(0, lanes)))
 
+    @T.macro
+    def count_at_least(values, r, length, t, acc, st):
+        """st[cnt] = the number of values[r, :length] >= t (in vectors)."""
+        threshold = t  # (bound once, outside the vector loop)
+        for l in T.vectorized(lanes):
+            acc[l] = 0
+        for c in range(length // lanes):
+            for l in T.vectorized(lanes):
+                acc[l] = acc[l] + T.Select(values[r, c * lanes + l] >= threshold, 1, 0)
+        st[cnt] = zero
+        for l in range(lanes):
+            st[cnt] = st[cnt] + T.Cast(I64, acc[l])
+        for e in range(length // lanes * lanes, length):
+            st[cnt] = st[cnt] + T.Select(values[r, e] >= threshold, one, zero)
+
     @T.prim_func
     def kernel(a_logits: T.handle, a_rowmax: T.handle, a_counts: T.handle, a_q_counts: T.handle,
                a_budget: T.handle, a_scores: T.handle, a_cand_val: T.handle,
@@ -142,17 +157,7 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             # Bisection on all scores while more than C are >= value(lo).
             while st[lo] + one < st[hi] and st[c_lo] > T.Cast(I64, C):
                 st[mid] = midpoint(st[lo], st[hi])
-                t1 = value(st[mid])
-                for l in T.vectorized(lanes):
-                    acc[l] = 0
-                for c in range(full):
-                    for l in T.vectorized(lanes):
-                        acc[l] = acc[l] + T.Select(scores[r, c * lanes + l] >= t1, 1, 0)
-                st[cnt] = zero
-                for l in range(lanes):
-                    st[cnt] = st[cnt] + T.Cast(I64, acc[l])
-                for e in range(full * lanes, tot):
-                    st[cnt] = st[cnt] + T.Select(scores[r, e] >= t1, one, zero)
+                count_at_least(scores, r, tot, value(st[mid]), acc, st)
                 if st[cnt] >= T.Cast(I64, kr):
                     st[lo] = st[mid]
                     st[c_lo] = st[cnt]
@@ -179,20 +184,9 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                         cand_idx[r, T.Cast(I32, st[found])] = e
                         st[found] = st[found] + one
                 m = T.Cast(I32, st[found])
-                cvecs = m // lanes
                 while st[lo] + one < st[hi]:
                     st[mid] = midpoint(st[lo], st[hi])
-                    t3 = value(st[mid])
-                    for l in T.vectorized(lanes):
-                        acc[l] = 0
-                    for c in range(cvecs):
-                        for l in T.vectorized(lanes):
-                            acc[l] = acc[l] + T.Select(cand_val[r, c * lanes + l] >= t3, 1, 0)
-                    st[cnt] = zero
-                    for l in range(lanes):
-                        st[cnt] = st[cnt] + T.Cast(I64, acc[l])
-                    for e in range(cvecs * lanes, m):
-                        st[cnt] = st[cnt] + T.Select(cand_val[r, e] >= t3, one, zero)
+                    count_at_least(cand_val, r, m, value(st[mid]), acc, st)
                     if st[cnt] >= T.Cast(I64, kr):
                         st[lo] = st[mid]
                     else:
