@@ -80,7 +80,7 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
 
 # Room for the selection kernel's candidates per row (``selection_tir``, step 2), in
 # multiples of the number of selected blocks: the bisection runs on all n*n scores only
-# until this many or fewer are above its lower bound (~1.4 K at N = 8192).
+# until this many or fewer are above its lower bound (~1.75 K at N = 8192, 8 passes).
 CANDIDATE_ROOM = 2
 
 
