@@ -96,6 +96,25 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
         for e in range(length // lanes * lanes, length):
             st[cnt] = st[cnt] + T.Select(values[r, e] >= threshold, one, zero)
 
+    def position(where, r, e):  # the flat index of entry e: where[r, e], or e itself
+        return T.Cast(I64, e) if where is None else T.Cast(I64, where[r, e])
+
+    @T.macro
+    def read_off(values, where, r, length, theta, kr, st, least, index):
+        """T: the values[r, :length] > theta and the first ties at theta, in order, into
+        index[r, :] (their positions: ``position``); the smallest of them into least[0]."""
+        t = theta  # (bound once, outside the loop)
+        st[ties] = T.Cast(I64, kr) - st[c_hi]
+        st[pos] = zero
+        for e in range(length):
+            if st[pos] < T.Cast(I64, kr) and (
+                    values[r, e] > t or (values[r, e] == t and st[ties] > zero)):
+                if values[r, e] == t:
+                    st[ties] = st[ties] - one
+                index[r, T.Cast(I32, st[pos])] = position(where, r, e)
+                least[0] = T.min(least[0], values[r, e])
+                st[pos] = st[pos] + one
+
     @T.prim_func
     def kernel(a_logits: T.handle, a_rowmax: T.handle, a_counts: T.handle, a_q_counts: T.handle,
                a_budget: T.handle, a_scores: T.handle, a_cand_val: T.handle,
@@ -192,33 +211,12 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                     else:
                         st[hi] = st[mid]
                         st[c_hi] = st[cnt]
-                theta = value(st[lo])
-                st[ties] = T.Cast(I64, kr) - st[c_hi]
-                st[pos] = zero
-                for e in range(m):
-                    if st[pos] < T.Cast(I64, kr) and (
-                            cand_val[r, e] > theta or (cand_val[r, e] == theta and st[ties] > zero)):
-                        if cand_val[r, e] == theta:
-                            st[ties] = st[ties] - one
-                        index[r, T.Cast(I32, st[pos])] = T.Cast(I64, cand_idx[r, e])
-                        least[0] = T.min(least[0], cand_val[r, e])
-                        st[pos] = st[pos] + one
+                read_off(cand_val, cand_idx, r, m, value(st[lo]), kr, st, least, index)
             else:
                 # More ties at theta than the candidates' room: theta is exact already.
-                theta2 = value(st[lo])
-                st[ties] = T.Cast(I64, kr) - st[c_hi]
-                st[pos] = zero
-                for e in range(tot):
-                    if st[pos] < T.Cast(I64, kr) and (
-                            scores[r, e] > theta2 or (scores[r, e] == theta2 and st[ties] > zero)):
-                        if scores[r, e] == theta2:
-                            st[ties] = st[ties] - one
-                        index[r, T.Cast(I32, st[pos])] = T.Cast(I64, e)
-                        least[0] = T.min(least[0], scores[r, e])
-                        st[pos] = st[pos] + one
-            for p in range(K):
-                if T.Cast(I64, p) >= st[pos]:
-                    index[r, p] = T.Cast(I64, tot)
+                read_off(scores, None, r, tot, value(st[lo]), kr, st, least, index)
+            for p in range(T.Cast(I32, st[pos]), K):  # (no block)
+                index[r, p] = T.Cast(I64, tot)
             if write_mask != 0:
                 # Hmask: S >= the smallest selected score, over the whole grid (blocks
                 # without a real query or key included, as on the host); 0 beyond it.
