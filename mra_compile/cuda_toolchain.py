@@ -8,13 +8,14 @@ runtime only wraps the bytes), so on such machines a stand-in ``libcuda.so.1`` w
 every entry point reports "no device" is loaded first. It is used only to build:
 loading a kernel's functions through it fails with a CUDA error, never silently.
 
-Also: the nvcc compile of the generated source (``compile_device_code``: TVM's, with
-``with_min_blocks``), checking that a built module really holds device code, and nvcc
-reports on the generated source.
+Also: the nvcc compile of the generated source (``compile_device_code``, with
+``with_min_blocks``) and what ptxas and the PTX say about each kernel it compiled
+(``device_report``), and checking that a built module really holds device code.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import os
 import re
@@ -137,12 +138,96 @@ def with_min_blocks(source: str) -> str:
     return re.sub(r"__launch_bounds__\((\d+)\)", rf"__launch_bounds__(\1, {MIN_BLOCKS})", source)
 
 
-def compile_device_code(code: str) -> bytes:
-    """TVM's nvcc compile (a fatbin for the current target's arch) of ``with_min_blocks``
-    of the generated source."""
-    from tvm.support import nvcc
+# nvcc's options for the generated source (those of TVM's own nvcc compile): -O3, fast
+# math, the half-precision operators and conversions TVM's code uses, ptxas at its highest
+# register-use level; ``-v`` makes ptxas report every kernel's resources (``device_report``).
+NVCC_OPTIONS = (
+    "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+    *(f"-U__CUDA_NO_{name}__" for name in (
+        "HALF_OPERATORS", "HALF_CONVERSIONS", "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS",
+        "BFLOAT162_OPERATORS", "BFLOAT162_CONVERSIONS")),
+    "--ptxas-options=-v,--register-usage-level=10,--warn-on-local-memory-usage",
+)
 
-    return nvcc.compile_cuda(with_min_blocks(code), target_format="fatbin", compiler="nvcc")
+# The device report of every source compiled in this process, by the source's sha256.
+_REPORTS: dict[str, dict[str, dict]] = {}
+
+
+def _source_key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def compile_device_code(code: str, arch: str | None = None) -> bytes:
+    """nvcc's fatbin (SASS for ``arch``, default the current TVM target's) of
+    ``with_min_blocks(code)``; TVM's compile callback (``prepare_compiler``). Keeps the
+    compile's ``device_report``."""
+    source = with_min_blocks(code)
+    arch = arch or _current_arch()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+        src.write_text(source)
+        # --keep: the PTX stays in tmp (kernels.ptx), for the report
+        proc = subprocess.run(
+            ["nvcc", "--fatbin", "-gencode", f"arch=compute_{arch[3:]},code={arch}",
+             *NVCC_OPTIONS, "--keep", f"--keep-dir={tmp}", "-o", str(out), str(src)],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CudaToolchainError(f"nvcc -arch={arch} failed:\n{proc.stderr[-3000:]}")
+        binary = out.read_bytes()
+        ptx_text = (Path(tmp) / "kernels.ptx").read_text()
+    _REPORTS[_source_key(source)] = _report(proc.stderr + proc.stdout, ptx_text)
+    return binary
+
+
+def _current_arch() -> str:
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    arch = str(getattr(target, "arch", "") or "")
+    if not re.fullmatch(r"sm_\d+", arch):
+        raise CudaToolchainError(f"compiling CUDA code needs a CUDA target with an sm_ arch, "
+                                 f"not {target}")
+    return arch
+
+
+def device_report(source: str) -> dict[str, dict]:
+    """Per kernel of ``source`` (a device source as compiled: ``device_source``), what
+    its compile in this process made: ptxas's registers, spill stores and loads, stack
+    frame and static shared memory (bytes), barriers, and the tensor-core (``mma``)
+    instructions of its PTX."""
+    try:
+        return _REPORTS[_source_key(source)]
+    except KeyError:
+        raise CudaToolchainError("this CUDA source was not compiled in this process") from None
+
+
+def _report(log: str, ptx_text: str) -> dict[str, dict]:
+    report: dict[str, dict] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'|Function properties for (\w+)", line)
+        if m:
+            current = m.group(1) or m.group(2)
+            report.setdefault(current, {})
+            continue
+        if current is None:
+            continue
+        for key, pattern in (("stack_frame", r"(\d+) bytes stack frame"),
+                             ("spill_stores", r"(\d+) bytes spill stores"),
+                             ("spill_loads", r"(\d+) bytes spill loads"),
+                             ("registers", r"Used (\d+) registers"),
+                             ("barriers", r"used (\d+) barriers"),
+                             ("shared", r"(\d+) bytes smem")):
+            hit = re.search(pattern, line)
+            if hit:
+                report[current][key] = int(hit.group(1))
+    # PTX: ".entry NAME(" opens each kernel, up to the next one
+    entries = list(re.finditer(r"\.entry (\w+)\(", ptx_text))
+    for m, after in zip(entries, entries[1:] + [None]):
+        body = ptx_text[m.end():after.start() if after else len(ptx_text)]
+        report.setdefault(m.group(1), {})["mma"] = sorted(
+            set(re.findall(r"\b(?:wmma\.)?mma\.sync[\w.]*", body)))
+    return report
 
 
 _COMPILE_HOOKED = False
@@ -218,53 +303,6 @@ def kernel_symbols(source: str) -> dict[str, str]:
     names = re.findall(
         r'extern "C" __global__ void (?:__launch_bounds__\(\d+(?:, \d+)?\) )?(\w+)\(', source)
     return {name: re.sub(r"_kernel(_\d+)?$", "", name) for name in names}
-
-
-def ptxas_report(source: str, arch: str) -> dict[str, dict]:
-    """Compile ``source`` (``with_min_blocks``, as the build does) for ``arch`` with
-    ``nvcc -Xptxas -v``; per kernel: registers, spill stores/loads (bytes), stack frame
-    and shared memory (bytes)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.cu"
-        src.write_text(with_min_blocks(source))
-        proc = subprocess.run(
-            ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(Path(tmp) / "k.cubin"),
-             str(src)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CudaToolchainError(f"nvcc -arch={arch} failed:\n{proc.stderr[-3000:]}")
-    report: dict[str, dict] = {}
-    current = None
-    for line in proc.stderr.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'|Function properties for (\w+)", line)
-        if m:
-            current = m.group(1) or m.group(2)
-            report.setdefault(current, {})
-            continue
-        if current is None:
-            continue
-        entry = report[current]
-        for key, pattern in (("stack_frame", r"(\d+) bytes stack frame"),
-                             ("spill_stores", r"(\d+) bytes spill stores"),
-                             ("spill_loads", r"(\d+) bytes spill loads"),
-                             ("registers", r"Used (\d+) registers"),
-                             ("shared", r"(\d+) bytes smem")):
-            hit = re.search(pattern, line)
-            if hit:
-                entry[key] = int(hit.group(1))
-    return report
-
-
-def ptx(source: str, arch: str) -> str:
-    """The PTX nvcc makes of ``source`` for ``arch`` (to check which instructions it uses)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.cu"
-        src.write_text(source)
-        out = Path(tmp) / "k.ptx"
-        proc = subprocess.run(["nvcc", "-ptx", f"-arch={arch}", "-o", str(out), str(src)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CudaToolchainError(f"nvcc -ptx -arch={arch} failed:\n{proc.stderr[-3000:]}")
-        return out.read_text()
 
 
 def nvcc_version() -> str:

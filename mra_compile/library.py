@@ -27,6 +27,7 @@ from mra_compile.targets import cuda
 
 LIBRARY = "mra_kernels.so"
 CUDA_SOURCE = cuda.SOURCE_FILE  # CUDA libraries: the generated device source, for inspection
+CUDA_REPORT = cuda.REPORT_FILE  # ... and each kernel's registers, spills, mma instructions
 MANIFEST = host.LIBRARY_MANIFEST
 ENV = host.LIBRARY_ENV
 ONLY_ENV = "MRA_COMPILE_LIBRARY_ONLY"  # "1": a kernel no library has is an error

@@ -14,8 +14,8 @@ Two shapes of kernel:
 
 The gathered key and value blocks of a unit (``k_g``, ``v_g``) are staged in shared
 memory chunk by chunk, with 16-byte vector loads. fp16/bf16 variants run the two products
-of a unit (q k^T and P V) on tensor cores through TVM's wmma intrinsics, accumulating in
-fp32 (``_tensor_core_unit``).
+of a unit (q k^T and P V) on tensor cores through wmma intrinsics (``cuda_wmma``),
+accumulating in fp32 (``_tensor_core_unit``).
 """
 from __future__ import annotations
 
@@ -234,46 +234,14 @@ def lowres_out(sch, *, threads):
     return sch
 
 
-_INTRINSICS: dict[str, dict[str, str]] = {}
-
-
-def _wmma_intrinsics(io: str) -> dict[str, str]:
-    """Names of the 16x16x16 wmma intrinsics for ``io`` operands (fp32 accumulators).
-
-    TVM ships fp16 ones; the bfloat16 ones are registered here from TVM's generators."""
-    if io in _INTRINSICS:
-        return _INTRINSICS[io]
-    from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin import cuda as tc
-
-    names = {
-        "fill": tc.WMMA_FILL_16x16x16_F32_INTRIN,
-        "store_shared": tc.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN,
-        "store_global": tc.WMMA_STORE_16x16x16_F32_GLOBAL_INTRIN,
-    }
-    if io == "float16":
-        names.update(load_a=tc.WMMA_LOAD_16x16x16_F16_A_DYN_INTRIN,
-                     load_b=tc.WMMA_LOAD_16x16x16_F16_B_DYN_INTRIN,
-                     sync=tc.WMMA_SYNC_16x16x16_f16f16f32_INTRIN)
-    else:
-        names.update(load_a=f"mra_wmma_load_a_{io}", load_b=f"mra_wmma_load_b_{io}",
-                     sync=f"mra_wmma_sync_{io}_f32")
-        TensorIntrin.register(names["load_a"], *tc.get_wmma_load_intrin(
-            16, 16, 16, io, SHARED, False, False), override=True)
-        TensorIntrin.register(names["load_b"], *tc.get_wmma_load_intrin(
-            16, 16, 16, io, SHARED, True, False), override=True)
-        TensorIntrin.register(names["sync"], *tc.get_wmma_sync_intrin(
-            16, 16, 16, io, "float32", False), override=True)
-    _INTRINSICS[io] = names
-    return names
-
-
 def _wmma_matmul(sch, name, a_index, b_index, warps, io):
     """Tensor-core schedule of a [M, N] = sum_k A[M, k] B[k, N] stage under a unit loop.
 
     A and B (fp16/bf16, in shared memory) are loaded 16x16 fragment by fragment, each
     warp owns output tiles of 16x16 fp32 accumulators, stored back once."""
-    tc = _wmma_intrinsics(io)
+    from mra_compile.schedules import cuda_wmma  # (TVM's compiler: only when building)
+
+    tc = cuda_wmma.intrinsics(io, SHARED)
     block = sch.get_sblock(name)
     m, n, k = sch.get_loops(block)[-3:]
     extents = [int(sch.get(loop).extent) for loop in (m, n, k)]

@@ -92,6 +92,21 @@ def run_python(script, *args, env=None, cwd=None, timeout=300):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# The head dims of the sm_80 CUDA library (``sm80_library``), as the GPU bundle ships them
+# (padded to 48, 64, 80, 96, 112, 128): P V of 3 column tiles on CUDA cores (48), every
+# product on tensor cores (64), the backward's [b, D] products on CUDA cores (128).
+# MRA_COMPILE_EMULATION_HEAD_DIMS="40 64 128" makes the emulation a minute shorter.
+CUDA_HEAD_DIMS = tuple(int(d) for d in os.environ.get("MRA_COMPILE_EMULATION_HEAD_DIMS",
+                                                      "40 64 72 96 100 128").split())
+
+
+@pytest.fixture(scope="session")
+def sm80_library(tmp_path_factory):
+    """The sm_80 CUDA kernel library for ``CUDA_HEAD_DIMS``, built once (~1 minute):
+    tests/test_cuda_build.py checks its device code, tests/test_cuda_emulation.py runs it."""
+    return build_cuda_library(tmp_path_factory, "sm_80", CUDA_HEAD_DIMS)
+
+
 def build_cuda_library(tmp_path_factory, arch, head_dims, *extra):
     """``mra-compile build --target cuda --arch ARCH --head-dims ...`` (+ ``extra``) into a
     fresh temporary directory, which it returns (nvcc, no GPU)."""

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RTOL_FP32, build_cuda_library
+from conftest import CUDA_HEAD_DIMS, RTOL_FP32
 from cuda_emulation import emulator
 
 from mra_compile import library
@@ -44,12 +44,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs nvcc on the PATH")
 
 ARCH = "sm_80"
-# The head dims the GPU bundle ships (padded to 48, 64, 80, 96, 112, 128): P V of 3
-# column tiles on CUDA cores (48), every product on tensor cores (64), the backward's
-# [b, D] products on CUDA cores (128). ~3.7 minutes on 2 cores, the library build
-# included; MRA_COMPILE_EMULATION_HEAD_DIMS="40 64 128" takes ~2.7.
-HEAD_DIMS = tuple(int(d) for d in os.environ.get("MRA_COMPILE_EMULATION_HEAD_DIMS",
-                                                 "40 64 72 96 100 128").split())
+HEAD_DIMS = CUDA_HEAD_DIMS  # ~3.7 minutes on 2 cores with the library's build
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("full", "sparse")
 # As tests/test_op.py and tests/test_backward.py hold the CPU op to.
@@ -89,9 +84,9 @@ CASES.update(PEAKY)
 
 
 @pytest.fixture(scope="module")
-def cuda_library(tmp_path_factory):
-    """The CUDA kernel library of the emulated GPU (as tests/test_cuda_build.py builds)."""
-    return build_cuda_library(tmp_path_factory, ARCH, HEAD_DIMS)
+def cuda_library(sm80_library):
+    """The CUDA kernel library of the emulated GPU (the one tests/test_cuda_build.py checks)."""
+    return sm80_library
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 compiled by nvcc (``mra_compile.cuda_toolchain``)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from mra_compile.schedules import cuda as cuda_schedules
 from mra_compile.targets.base import Target
 
 SOURCE_FILE = "mra_kernels.cu"  # a CUDA library's generated device source, for inspection
+# ... and what its compile made of each kernel (cuda_toolchain.device_report): registers,
+# spills, shared memory, tensor-core instructions
+REPORT_FILE = "device_report.json"
 GRID_Y = 65535  # blockIdx.y limit: the kernels put a row's blocks / units there
 HALF = (torch.float16, torch.bfloat16)
 
@@ -58,7 +62,10 @@ class CudaTarget(Target):
 
     def library_extras(self, out: Path, library: Path, executable, manifest: dict) -> None:
         manifest["device_images"] = len(self.check_export(library))
-        (out / SOURCE_FILE).write_text(cuda_toolchain.device_source(executable))
+        source = cuda_toolchain.device_source(executable)
+        (out / SOURCE_FILE).write_text(source)
+        (out / REPORT_FILE).write_text(json.dumps(cuda_toolchain.device_report(source),
+                                                  indent=1, sort_keys=True))
         # A machine with torch but without TVM loads the library with these.
         (out / "runtime").mkdir(exist_ok=True)
         for lib in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
