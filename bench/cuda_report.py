@@ -73,8 +73,10 @@ def main() -> int:
     parts = [f"# ptxas -v of every CUDA kernel ({date.today()})", "",
              f"`python bench/cuda_report.py --arch {' '.join(args.arch)} --head-dims "
              f"{' '.join(map(str, args.head_dims))}`: nvcc "
-             f"{cuda_toolchain.nvcc_version()}, block size 32, default knobs. Compiled only: "
-             "no GPU was used.", ""]
+             f"{cuda_toolchain.nvcc_version()}, block size 32, default knobs. What ptxas "
+             "reported in each library's own build (`device_report.json`: the shipped flags, "
+             f"{' '.join(cuda_toolchain.NVCC_OPTIONS[:2])}). Compiled only: no GPU was used.",
+             ""]
     for arch in args.arch:
         parts.append(markdown(arch, report(arch, args.head_dims, args.dtypes)))
     Path(args.out).write_text("\n".join(parts))
