@@ -3,13 +3,14 @@
     python bench/gpu_check.py --bundle BUNDLE_DIR --out $OUT        # the lent H200, < 8 min
     python bench/gpu_check.py --smoke --out /tmp/gpucheck_smoke      # tiny run, any device
 
-BUNDLE_DIR is made here (nvcc, no GPU needed; about 10 MB) by
+BUNDLE_DIR is made here (nvcc, no GPU needed; 3 minutes on 2 cores, 37 MB) by
 
     mra-compile build --target cuda --arch sm_90 --out bench/gpu_bundle \
         --head-dims 40 64 72 96 100 128 --grouped-heads --wheel-for-python 3.12
 
 (the head dims the checks below use) and holds mra_kernels.so, manifest.json,
-runtime/libtvm_runtime*.so and wheels/apache_tvm_ffi-*.whl; carry it to the GPU machine
+runtime/libtvm_runtime*.so, wheels/apache_tvm_ffi-*.whl, the generated source
+mra_kernels.cu and device_report.json; carry it to the GPU machine
 (``run`` tool: carry=["bench/gpu_bundle"]). When ``tvm_ffi`` is missing, the carried wheel is installed
 offline into /tmp/mra_pylib; MRA_COMPILE_KERNEL_LIBRARY is pointed at the bundle before
 ``import mra_compile``, so no TVM compiler is needed. Without --bundle the installed
@@ -28,7 +29,8 @@ Within --budget-seconds (default 420 s; work left over is recorded as skipped) i
    configuration (bf16, N=16384, D=64) also the peer a GPU user would write, MRA-2 full
    mode on FlexAttention (bench/flex_mra.py). Ratios against the op.
 3. Kernels: time, bytes and flops of every kernel of one forward and one backward, against
-   the card's measured copy bandwidth and bf16 matmul rate.
+   the card's measured copy bandwidth and bf16 matmul rate, with the registers and spills
+   ptxas gave it in the bundle's build (the bundle's device_report.json).
 
 How a fault loses only its own check (bench/gpu_driver.py): this process (the
 supervisor) never touches the GPU; it starts a worker process that runs the checks as
@@ -94,7 +96,7 @@ TIME_FIELDS = ("dtype", "mode", "direction", "N", "D", "op_ms", "sdpa_ms", "flex
                "peer_ms", "reference_ms", "sdpa_over_op", "flex_over_op", "peer_over_op",
                "flex_variant", "flex_vs_op_sparse", "peer_vs_op_full", "notes")
 KERNEL_FIELDS = ("pass", "kernel", "ms", "bytes", "GB/s", "% copy bw", "flops",
-                 "flop formula", "TFLOP/s", "% matmul")
+                 "flop formula", "TFLOP/s", "% matmul", "registers", "spill B")
 
 mc = None  # the mra_compile package, imported after the bootstrap
 
@@ -827,6 +829,24 @@ FLOPS = (
 )
 
 
+def device_resources(rec: dict) -> dict:
+    """What ptxas gave the CUDA kernels of one traced call in the bundle's own build
+    (its ``device_report.json``): the most registers per thread of its kernels and their
+    spill stores (bytes); {} where no library of ``MRA_COMPILE_KERNEL_LIBRARY`` has them."""
+    key = mc.build.kernel_key(rec["op"], rec["static"], rec["resolved"], rec["target"])
+    prefix = mc.library.symbol(key) + "_kernel"
+    for directory in mc.library.directories():
+        path = Path(directory) / mc.library.CUDA_REPORT
+        if not path.is_file():
+            continue
+        found = [entry for name, entry in json.loads(path.read_text()).items()
+                 if name == prefix or name.startswith(prefix + "_")]
+        if found:
+            return {"registers": max(e.get("registers", 0) for e in found),
+                    "spill B": sum(e.get("spill_stores", 0) for e in found)}
+    return {}
+
+
 def kernel_table(dev, smoke: bool, rates: dict, emit) -> str:
     """Trace one forward and one backward, re-time each kernel call on its own arguments
     (one row each, emitted as it is timed); returns the table's note."""
@@ -865,7 +885,7 @@ def kernel_table(dev, smoke: bool, rates: dict, emit) -> str:
                   "flops": flops, "flop formula": formula,
                   "TFLOP/s": flops / ms / 1e9 if flops else None,
                   "% matmul": (100 * flops / ms / 1e9 / rates["matmul_TFLOPs"]
-                               if flops else None)})
+                               if flops else None), **device_resources(rec)})
             totals[name] = totals.get(name, 0.0) + ms
     return (f"{short_dtype(dtype)}, B=1, H={H}, N={N}, D={D}, {BLOCKS_PER_ROW} blocks/row, "
             "full mode. "

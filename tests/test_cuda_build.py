@@ -12,9 +12,10 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import pytest
-from conftest import CUDA_HEAD_DIMS, build_cuda_library, run_python
+from conftest import CUDA_HEAD_DIMS, REPO, build_cuda_library, run_python
 
 from mra_compile import aot, cli, cuda_toolchain, host, library, targets
 
@@ -134,8 +135,6 @@ def test_half_precision_products_run_on_tensor_cores(sm90):
 def test_the_build_leaves_tvms_intrinsic_sets_alone(sm90):
     # Importing tvm.s_tir.tensor_intrin parses every intrinsic of every target TVM knows:
     # 28 of the 46 s an sm_80 build for one head dim took (schedules/cuda_wmma.py).
-    import sys
-
     assert "tvm.s_tir.tensor_intrin" not in sys.modules
 
 
@@ -224,3 +223,27 @@ def test_source_only_modules_are_refused(tmp_path):
 ])
 def test_build_rejects_unknown_architectures(argv):
     assert cli.main(argv) == 2
+
+
+def test_gpu_check_reports_each_kernels_registers(sm90, monkeypatch):
+    """bench/gpu_check.py's kernel table gives each traced call the registers and spills
+    of its kernels in the bundle's build (a traced call as build.trace_kernel_calls
+    records it)."""
+    import mra_compile
+
+    sys.path.insert(0, str(REPO))
+    from bench import gpu_check
+
+    monkeypatch.setattr(gpu_check, "mc", mra_compile)
+    monkeypatch.setenv(library.ENV, str(sm90))
+    manifest = _manifest(sm90)
+    report = json.loads((sm90 / library.CUDA_REPORT).read_text())
+    for entry in manifest["kernels"][:40]:
+        rec = {"op": entry["op"], "static": entry["static"], "resolved": entry["knobs"],
+               "target": manifest["target"]}
+        mine = {n: r for n, r in report.items() if n.startswith(entry["symbol"] + "_kernel")}
+        assert gpu_check.device_resources(rec) == {
+            "registers": max(r["registers"] for r in mine.values()),
+            "spill B": sum(r["spill_stores"] for r in mine.values())}
+    monkeypatch.setenv(library.ENV, "")
+    assert gpu_check.device_resources(rec) == {}
