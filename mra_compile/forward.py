@@ -116,10 +116,10 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
            row_cols=row_cols, ov_start=ov_start, ov_units=ov_units, unit_row=unit_row,
            unit_cols=unit_cols, units=units, heads=pr.heads, nq=pr.blocks_q, nk=pr.blocks_k,
            real_only=int(row_blocks is not None), write_mask=int(full))
-    U = max(int(units[:, 0].max()), 1)
-    ucap = max(int(units[:, 1].max()), 1)
+    most, widest = units.amax(0).tolist()  # (one read of the row counts for both)
+    U = max(most, 1)
     work = plan.Plan(row_cols, unit_row[:, :U].contiguous(), unit_cols[:, :U].contiguous(),
-                     ov_start, ov_units, ucap)
+                     ov_start, ov_units, max(widest, 1), overflow=most > 0)
     return plan.Selection(index, scores if full else None), work
 
 

@@ -211,9 +211,12 @@ class Plan:
     ucap: int
 
     exact: bool = True  # U and ucap measured (else upper bounds: see make_plan)
+    overflow: bool | None = None  # whether a row has an overflow unit, where known
 
     @property
     def has_overflow(self) -> bool:
+        if self.overflow is not None:
+            return self.overflow
         if not self.exact:
             return True  # unknown without reading the device: empty units cost little
         return bool(self.unit_row.shape[1]) and bool((self.unit_row >= 0).any())
@@ -308,7 +311,8 @@ def _make_plan_numpy(index, n: int, Cr: int, Co: int) -> Plan:
 
     ov_units = (np.maximum(per_row - Cr, 0) + Co - 1) // Co
     ov_start = np.cumsum(ov_units, axis=1) - ov_units
-    U = max(int(ov_units.sum(1).max()) if K else 0, 1)
+    most = int(ov_units.sum(1).max()) if K else 0  # (units of the row with the most)
+    U = max(most, 1)
     opos = np.maximum(pos - Cr, 0)
     # Own blocks and no-blocks go to the spill unit U.
     unit = np.where(own | ~valid, U, ov_start[rows, bi] + opos // Co)
@@ -323,4 +327,5 @@ def _make_plan_numpy(index, n: int, Cr: int, Co: int) -> Plan:
         torch.from_numpy(ov_start.astype(np.int32)),
         torch.from_numpy(ov_units.astype(np.int32)),
         max(int(ov_units.max()) if ov_units.size else 0, 1),
+        overflow=most > 0,
     )

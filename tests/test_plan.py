@@ -29,6 +29,9 @@ def test_bounded_plan_is_the_exact_plan_plus_empty_units(n, data, Cr, Co, seed):
     assert torch.equal(bounded.unit_cols[:, :used], exact.unit_cols)
     assert (bounded.unit_row[:, used:] == -1).all() and (bounded.unit_cols[:, used:] == -1).all()
     assert bounded.has_overflow or not exact.has_overflow
+    # (the exact plan knows it without scanning its units: the same answer)
+    assert exact.overflow is not None
+    assert exact.has_overflow == bool((exact.unit_row >= 0).any())
 
 
 @settings(max_examples=100, deadline=None)

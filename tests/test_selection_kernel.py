@@ -76,6 +76,8 @@ def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=Non
     assert torch.equal(got["unit_cols"][:, :U], p.unit_cols)
     assert (got["unit_row"][:, U:] == -1).all() and (got["unit_cols"][:, U:] == -1).all()
     assert max(int(got["units"][:, 1].max()), 1) == p.ucap
+    # (what forward._select_and_plan tells its Plan: some row has an overflow unit)
+    assert (int(got["units"][:, 0].max()) > 0) == bool((p.unit_row >= 0).any())
     return index, want.index
 
 
