@@ -231,7 +231,7 @@ def test_gpu_check_reports_each_kernels_registers(sm90, monkeypatch):
     records it)."""
     import mra_compile
 
-    sys.path.insert(0, str(REPO))
+    monkeypatch.syspath_prepend(str(REPO))
     from bench import gpu_check
 
     monkeypatch.setattr(gpu_check, "mc", mra_compile)
