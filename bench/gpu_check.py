@@ -50,6 +50,7 @@ import argparse
 import collections
 import csv
 import datetime
+import functools
 import gc
 import importlib
 import json
@@ -829,6 +830,13 @@ FLOPS = (
 )
 
 
+@functools.cache
+def device_report(directory: Path) -> dict:
+    """A library's ``device_report.json`` (read once per directory); {} without one."""
+    path = directory / mc.library.CUDA_REPORT
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def device_resources(rec: dict) -> dict:
     """What ptxas gave the CUDA kernels of one traced call in the bundle's own build
     (its ``device_report.json``): the most registers per thread of its kernels and their
@@ -836,10 +844,7 @@ def device_resources(rec: dict) -> dict:
     key = mc.build.kernel_key(rec["op"], rec["static"], rec["resolved"], rec["target"])
     prefix = mc.library.symbol(key) + "_kernel"
     for directory in mc.library.directories():
-        path = Path(directory) / mc.library.CUDA_REPORT
-        if not path.is_file():
-            continue
-        found = [entry for name, entry in json.loads(path.read_text()).items()
+        found = [entry for name, entry in device_report(Path(directory)).items()
                  if name == prefix or name.startswith(prefix + "_")]
         if found:
             return {"registers": max(e.get("registers", 0) for e in found),

@@ -19,7 +19,7 @@ from tvm.script import tirx as T
 
 TILE = 16  # m = n = k of every wmma operation here
 ACCUMULATOR = "wmma.accumulator"
-_REGISTERED: dict[str, dict[str, str]] = {}
+_REGISTERED: set[str] = set()  # the intrinsics registered so far
 
 
 def _fragment(buffer, row_stride):
@@ -151,21 +151,28 @@ def _multiply_accumulate(dtype):
     return computation, replacement
 
 
+def _registered(name: str, make) -> str:
+    """``name``, with the (computation, replacement) pair ``make()`` registered under it
+    the first time it is asked for."""
+    if name not in _REGISTERED:
+        TensorIntrin.register(name, *make(), override=True)
+        _REGISTERED.add(name)
+    return name
+
+
 def intrinsics(io: str, shared: str) -> dict[str, str]:
     """Names of the registered intrinsics for ``io`` ("float16" or "bfloat16") operands
     staged in the ``shared`` memory scope ("shared" or "shared.dyn"): fill, load_a,
-    load_b, sync, store_shared, store_global."""
+    load_b, sync, store_shared, store_global. Each is named by what it depends on and
+    registered once."""
     if io not in ("float16", "bfloat16"):
         raise ValueError(f"wmma operands are float16 or bfloat16, not {io!r}")
-    key = f"{io}_{shared.replace('.', '_')}"
-    if key not in _REGISTERED:
-        pairs = {"fill": _fill(), "load_a": _load(io, "a", shared),
-                 "load_b": _load(io, "b", shared), "sync": _multiply_accumulate(io),
-                 "store_shared": _store(shared), "store_global": _store("global")}
-        names = {}
-        for role, (computation, replacement) in pairs.items():
-            # (fill and the global store do not depend on io or shared: registered again)
-            names[role] = f"mra_wmma_{role}_{key}"
-            TensorIntrin.register(names[role], computation, replacement, override=True)
-        _REGISTERED[key] = names
-    return _REGISTERED[key]
+    s = shared.replace(".", "_")
+    return {
+        "fill": _registered("mra_wmma_fill_f32", _fill),
+        "load_a": _registered(f"mra_wmma_load_a_{io}_{s}", lambda: _load(io, "a", shared)),
+        "load_b": _registered(f"mra_wmma_load_b_{io}_{s}", lambda: _load(io, "b", shared)),
+        "sync": _registered(f"mra_wmma_sync_{io}_f32", lambda: _multiply_accumulate(io)),
+        "store_shared": _registered(f"mra_wmma_store_f32_{s}", lambda: _store(shared)),
+        "store_global": _registered("mra_wmma_store_f32_global", lambda: _store("global")),
+    }
