@@ -275,10 +275,13 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     def query_token(r, u, t):
         return te.max(query_block(r, u), 0) * b + t
 
-    # Per-key factor: the key's mask value, 0 for empty slots.
+    # Per-key factor: 1 for a real key of a filled slot, else 0 (the mask is 0 or 1; a
+    # key counts as real where it is above 0.5).
     key_factor = te.compute(
         (*domain, W),
-        lambda r, u, w: te.if_then_else(valid(r, u, w), mask[r // heads, key_token(r, u, w)], 0.0),
+        lambda r, u, w: te.if_then_else(
+            tirx.all(valid(r, u, w), mask[r // heads, key_token(r, u, w)] > 0.5),
+            tirx.const(1.0, dt), tirx.const(0.0, dt)),
         name="key_factor",
     )
     # Keys and values are read in place (each key block is a contiguous [b, D] slab);
@@ -326,28 +329,30 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # A = scale * (q m_t) . (k m_s); empty slots take no part in the max.
     # A = scale * q . k over the real keys of filled slots (docs/spec.md, step 4: m_t ranges
     # over real keys only); padding keys and empty slots take no part, by selection.
+    def scaled(r, u, w, t):
+        return dots[r, u, w, t] * scale if scaled_after else dots[r, u, w, t]
+
     logit = te.compute(
         (*domain, W, b),
         lambda r, u, w, t: te.if_then_else(
-            key_factor[r, u, w] > 0.5,
-            dots[r, u, w, t] * scale if scaled_after else dots[r, u, w, t],
-            tirx.const(NEG_BIG, dt)
-        ),
+            key_factor[r, u, w] > 0.5, scaled(r, u, w, t), tirx.const(NEG_BIG, dt)),
         name="logit",
     )
     w0 = te.reduce_axis((0, W), "w0")
     unit_max = te.compute(
         (*domain, b), lambda r, u, t: te.max(logit[r, u, w0, t], axis=w0), name="unit_max"
     )
-    prob = te.compute(
-        (*domain, W, b),
-        lambda r, u, w, t: te.if_then_else(
-            key_factor[r, u, w] > 0.5,
-            _exp(logit[r, u, w, t] - unit_max[r, u, t]),
-            tirx.const(0.0, dt),
-        ),
-        name="prob",
-    )
+    # P, 0 for the other keys. In float32 by their factor 0 times an exp that is finite
+    # whatever its argument, inf and NaN included (``_exp`` clamps it to [-88, 88] by
+    # comparisons, which send NaN to a bound): the exact zeros of a selection, without a
+    # branch per key in the loop over keys. (float64's exact exp can overflow: selected.)
+    def prob_of(r, u, w, t):
+        p = _exp(scaled(r, u, w, t) - unit_max[r, u, t])
+        if dt == F32:
+            return p * key_factor[r, u, w]
+        return te.if_then_else(key_factor[r, u, w] > 0.5, p, tirx.const(0.0, dt))
+
+    prob = te.compute((*domain, W, b), prob_of, name="prob")
     # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
     # (P v in float32 for micro "avx512_bf16_fp32_pv": P as it is)
     p_io = dt if micro == MICRO[1] else io

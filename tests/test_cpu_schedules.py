@@ -9,9 +9,9 @@ from mra_compile import build, knob_policy
 
 # op -> (static, the index whose entries guard the skipped loops, how many such loops)
 GUARDED = {
-    # logits tiles, exp, sum P, and P V per slot
-    "hires_units": ({"b": 32, "D": 64}, "unit_cols", 4),
-    "hires_rows": ({"b": 32, "D": 64, "full": True}, "row_cols", 4),
+    # logits tiles, key factors, max, exp, sum P, and P V per slot
+    "hires_units": ({"b": 32, "D": 64}, "unit_cols", 6),
+    "hires_rows": ({"b": 32, "D": 64, "full": True}, "row_cols", 6),
     # dots and dP tiles, dS, and dS k per slot
     "bwd_dq_units": ({"b": 32, "D": 64}, "unit_cols", 4),
     # dots and dP tiles, P and dS, and P^T g, dS^T q per slot
