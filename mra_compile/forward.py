@@ -126,11 +126,13 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
 def _unit_blocks(knobs: dict, target) -> tuple[int, int]:
     """(Cr, Co): the blocks of a row unit (``hires_rows``) and of an overflow unit
     (``hires_units``) for these knobs."""
-    Cr = knob_policy.resolve_knobs("hires_rows", knobs.get("hires_rows"),
-                                   target=target)["row_unit_blocks"]
-    Co = knob_policy.resolve_knobs("hires_units", knobs.get("hires_units"),
-                                   target=target)["blocks_per_unit"]
-    return Cr, Co
+    def knob(op, name):  # (complete knobs, as knobs_for_shape gives them, hold it)
+        given = knobs.get(op)
+        if given and name in given:
+            return given[name]
+        return knob_policy.resolve_knobs(op, given, target=target)[name]
+
+    return knob("hires_rows", "row_unit_blocks"), knob("hires_units", "blocks_per_unit")
 
 
 def _sequence_budgets(pr: Prepared, block_per_row: int, n: int):

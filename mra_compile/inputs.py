@@ -210,10 +210,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
                   for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
     if mask is None and Np == N:
         # No mask: one shared row of ones; block means divide by b (docs/spec.md, step 2).
-        n = Np // b
-        maskf = torch.ones(1, Np, dtype=dt, device=dev)
-        counts = torch.full((1, n), float(b), dtype=dt, device=dev)
-        inv_counts = torch.full((1, n), 1.0 / b, dtype=dt, device=dev)
+        maskf, counts, inv_counts = _unmasked(Np, b, dt, dev, keep=target.reuses_workspace)
         heads = B * H
     else:
         real = torch.ones(B, N, dtype=dt, device=dev) if mask is None else mask
@@ -222,6 +219,28 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     # Self-attention: one mask (and its counts) for both sides.
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, maskf, counts, inv_counts, heads,
                     masked=mask is not None, **common)
+
+
+_UNMASKED: dict = {}  # (Np, b, dtype, device) -> (mask, counts, inv_counts); bounded below
+
+
+def _unmasked(Np: int, b: int, dt, dev, keep: bool):
+    """The mask [1, Np] of ones and its counts, b and 1/b per block, [1, Np / b]: the
+    same for every call of a length, so made once where the target keeps memory between
+    calls (``keep``, CPU: three small tensors a call cost ~40 us). Only the kernels read
+    them (inputs, never written), and nothing hands them out."""
+    key = (Np, b, dt, dev)
+    made = _UNMASKED.get(key) if keep else None
+    if made is None:
+        n = Np // b
+        made = (torch.ones(1, Np, dtype=dt, device=dev),
+                torch.full((1, n), float(b), dtype=dt, device=dev),
+                torch.full((1, n), 1.0 / b, dtype=dt, device=dev))
+        if keep:
+            if len(_UNMASKED) >= 64:  # (many lengths: forget the oldest)
+                del _UNMASKED[next(iter(_UNMASKED))]
+            _UNMASKED[key] = made
+    return made
 
 
 def padded(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tensor:

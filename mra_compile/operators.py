@@ -291,15 +291,23 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # on the CPU, inlined on CUDA), then moved: transposed (``q_t`` [D, b]), or for
     # ``micro`` into pairs of dims by a micro-kernel. Where q is stored in a narrower
     # dtype (``micro``; fp16/bf16 on CUDA) they stay unscaled: q * scale would be rounded
-    # again; the logits are scaled instead (q times a 0/1 mask is exact), so q k^T is as
-    # exact as the float32 path's, and the backward's units compute the same logits.
+    # again; the logits are scaled instead (the 0/1 mask selects them, as they are), so
+    # q k^T is as exact as the float32 path's, and the backward's units compute the same
+    # logits.
     scaled_after = _scaled_after(io, dt, micro)
-    q_scale = tirx.const(1.0, dt) if scaled_after else scale
-    q_s = te.compute(
-        (*domain, b, D),
-        lambda r, u, t, d: _narrow(_widen(q[r, query_token(r, u, t), d], dt)
-                                   * qmask[r // heads, query_token(r, u, t)] * q_scale, io),
-        name="q_s")
+    if scaled_after:  # (stored narrower: the 0/1 mask selects, no widening and rounding)
+        q_s = te.compute(
+            (*domain, b, D),
+            lambda r, u, t, d: te.if_then_else(qmask[r // heads, query_token(r, u, t)] > 0.5,
+                                               q[r, query_token(r, u, t), d],
+                                               tirx.const(0, io)),
+            name="q_s")
+    else:
+        q_s = te.compute(
+            (*domain, b, D),
+            lambda r, u, t, d: _narrow(_widen(q[r, query_token(r, u, t), d], dt)
+                                       * qmask[r // heads, query_token(r, u, t)] * scale, io),
+            name="q_s")
     if micro:
         q_t = te.compute((*domain, D // 2, b, 2),
                          lambda r, u, p, t, e: q_s[r, u, t, 2 * p + e], name="q_t")

@@ -194,8 +194,15 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     key_loops = {name: sch.split(_keys_outer(sch, name, vec), [None, b])[0]
                  for name in ("unit_max", "unit_sum")}
     loops = sch.get_loops(sch.get_sblock("prob"))
-    prob_slot = sch.split(loops[-2], [None, b])[0]
-    sch.vectorize(sch.split(loops[-1], [None, vec])[1])
+    prob_slot, prob_key = sch.split(loops[-2], [None, b])
+    t_o, t_i = sch.split(loops[-1], [None, vec])
+    sch.vectorize(t_i)
+    # Two keys' exps interleaved (each a chain of ~20 dependent operations; b queries
+    # are only b / vec chains): the out-of-order window then overlaps them.
+    key_o, key_i = sch.split(prob_key, [None, 2])
+    sch.reorder(key_i, t_o)
+    sch.unroll(key_i)
+    sch.unroll(t_o)
     # The keys' factors: b contiguous mask values per filled slot, in vectors.
     factor_slot, factor_key = sch.split(sch.get_loops(sch.get_sblock("key_factor"))[-1],
                                         [None, b])
