@@ -61,8 +61,8 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     b = pr.block_size
     n = Np // b
     dt, dev, target = pr.dtype, q.device, pr.target
-    # CPU bf16 with its micro-kernels: the units' products in bf16, and g (their operand)
-    # rounded to bf16 before D_t is taken from it (``operators.bwd_prep``).
+    # CPU bf16 with its micro-kernels: the units' products in bf16 on dO itself (their
+    # operand ``g``, exact), scaled by inv_z after them (``operators.bwd_prep``).
     micro = target.micro_kernels(pr.q.dtype)
     io = pr.q.dtype if micro else dt
 
@@ -110,7 +110,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     validate.check_scratch("dk/dv-unit", R, Uk, b, Dp)
     dq_unit = pr.scratch("dq_unit", R, Uq, b, Dp)
     dk_unit, dv_unit = pr.scratch("dk_unit", R, Uk, b, Dp), pr.scratch("dv_unit", R, Uk, b, Dp)
-    shared = dict(q=pr.q, k=pr.k, v=pr.v, **pr.masks, stab=stab, g=g, dsum=dsum,
+    shared = dict(q=pr.q, k=pr.k, v=pr.v, **pr.masks, stab=stab, g=g, dsum=dsum, inv_z=inv_z,
                   heads=pr.heads, group=pr.group, scale=pr.scale)
     pr.run("bwd_dq_units", knobs, unit_row=by_query.unit_row, unit_cols=by_query.unit_cols,
            dq_unit=dq_unit, **shared)

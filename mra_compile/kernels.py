@@ -27,8 +27,8 @@ class Kernel:
     reads_qkv: bool = False
     shape_knobs: tuple[str, ...] = ()  # knobs passed to the TE builder
     full_only: tuple[str, ...] = ()  # arguments only in "full" mode (then ``static["full"]``)
-    # Takes the I/O dtype though it does not read q, k, v (bwd_prep: g rounded to it, as
-    # the backward's block products read it; stored in it with micro-kernels).
+    # Takes the I/O dtype though it does not read q, k, v (bwd_prep: with micro-kernels
+    # dout and g, the backward's block products' operand, are stored in it).
     takes_io: bool = False
     # Intermediates in global memory between the kernel's launches: with
     # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
@@ -125,11 +125,11 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # Backward.
     Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"),
            takes_io=True),
-    Kernel("bwd_dq_units", (*QKV, "unit_row", "unit_cols", "stab", "g", "dsum", "dq_unit",
-                            "heads", "group", "scale"),
+    Kernel("bwd_dq_units", (*QKV, "unit_row", "unit_cols", "stab", "g", "dsum", "inv_z",
+                            "dq_unit", "heads", "group", "scale"),
            reads_qkv=True, shape_knobs=("blocks_per_unit",)),
-    Kernel("bwd_dkdv_units", (*QKV, "unit_col", "unit_rows", "stab", "g", "dsum", "dk_unit",
-                              "dv_unit", "heads", "group", "scale"),
+    Kernel("bwd_dkdv_units", (*QKV, "unit_col", "unit_rows", "stab", "g", "dsum", "inv_z",
+                              "dk_unit", "dv_unit", "heads", "group", "scale"),
            reads_qkv=True, shape_knobs=("blocks_per_unit",)),
     Kernel("bwd_lowres", ("logits", "hmask", "rowmax", "counts", "qp", "kp", "vp", "ga", "da",
                           "dqp", "dkp", "dvp", "heads", "scale"),

@@ -606,7 +606,12 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
 #   P_ts = exp(A_ts - stab_t - 1e4 (1 - m_s)) m_s,   dS_ts = P_ts (g_t . v_s - D_t),
 #   dq_t += scale m_t sum_s dS_ts k_s,  dk_s += scale m_s sum_t dS_ts m_t q_t,
 #   dv_s += sum_t P_ts g_t;
-# and the low-resolution part ("full") flows through the block averages.
+# and the low-resolution part ("full") flows through the block averages. The block
+# products take dO_t itself (masked by selection: exact in any dtype), and inv_z_t =
+# mask_t / Z_t goes with P: dS_ts = (P_ts inv_z_t) (dO_t . v_s - dO_t . out_t) and
+# dv_s += sum_t (P_ts inv_z_t) dO_t. (g rounded to a half-precision operand had put its
+# rounding, 2^-9 relative per entry, into every g . v_s - D_t: bf16 dq off by 1.1% of
+# the largest gradient at scale 2, D = 128.)
 # ---------------------------------------------------------------------------------------
 
 
@@ -615,14 +620,14 @@ def bwd_prep(b: int, D: int, dtype: str = "float32", io: str | None = None,
     """Per-token backward inputs.
 
     in : dout, out [R, n, b, D] (the memory of [R, N, D]); inv_z, lo_w [R, n, b]
-    out: g [R, n, b, D] = dout * inv_z; dsum [R, n, b] = sum_d g out;
-         ga [R, n, D] = sum_t lo_w g; da [R, n] = sum_t lo_w dsum (the low-resolution
-         part's per-block sums; zero in "sparse" mode where lo_w = 0)
-    ``io``: the dtype the backward's block products take g in (fp16/bf16 on CUDA; with
-    ``micro`` ("avx512_bf16") dout and g are bf16 bits, ``_io``): g is rounded to it first
-    and dsum, ga, da are sums of the rounded g, so that g . v_s - D_t stays a difference
-    of two products of one g (as if dout were rounded: no cancellation error). Without
-    ``micro`` dout and g stay in the compute dtype (g's values those of ``io``).
+    out: g [R, n, b, D] = dout where inv_z > 0 (a real query), else 0: the block products'
+         operand, exact in the storage dtype (the units scale by inv_z after them);
+         dsum [R, n, b] = sum_d g out (D_t / inv_z_t); ga [R, n, D] = sum_t lo_w inv_z g;
+         da [R, n] = sum_t lo_w inv_z dsum (the low-resolution part's per-block sums of g
+         and D_t; zero in "sparse" mode where lo_w = 0)
+    ``micro`` ("avx512_bf16"): dout and g are bf16 bits (``_io``); otherwise they are in
+    the compute dtype (``io``, the products' operand dtype, takes dout's values exactly:
+    dout comes in it).
     """
     dt = dtype
     store = _io(io, dt, micro) if micro else dt
@@ -632,13 +637,10 @@ def bwd_prep(b: int, D: int, dtype: str = "float32", io: str | None = None,
     inv_z = te.placeholder((R, n, b), dt, "inv_z")
     lo_w = te.placeholder((R, n, b), dt, "lo_w")
 
-    def rounded(x):  # to the products' operand dtype, in the storage dtype
-        if micro or io in (None, dt):
-            return _narrow(x, store)
-        return x.astype(io).astype(dt)
-
+    # Selected, not multiplied: a padded query's dout may hold anything.
     g = te.compute((R, n, b, D),
-                   lambda r, i, t, d: rounded(_widen(dout[r, i, t, d], dt) * inv_z[r, i, t]),
+                   lambda r, i, t, d: te.if_then_else(inv_z[r, i, t] > 0.0, dout[r, i, t, d],
+                                                      tirx.const(0, store)),
                    name="g")
     d0 = te.reduce_axis((0, D), "d0")
     dsum = te.compute(
@@ -649,11 +651,13 @@ def bwd_prep(b: int, D: int, dtype: str = "float32", io: str | None = None,
     t1 = te.reduce_axis((0, b), "t1")
     ga = te.compute(
         (R, n, D),
-        lambda r, i, d: te.sum(lo_w[r, i, t1] * _widen(g[r, i, t1, d], dt), axis=t1), name="ga"
+        lambda r, i, d: te.sum(lo_w[r, i, t1] * inv_z[r, i, t1] * _widen(g[r, i, t1, d], dt),
+                               axis=t1), name="ga"
     )
     t2 = te.reduce_axis((0, b), "t2")
     da = te.compute(
-        (R, n), lambda r, i: te.sum(lo_w[r, i, t2] * dsum[r, i, t2], axis=t2), name="da"
+        (R, n), lambda r, i: te.sum(lo_w[r, i, t2] * inv_z[r, i, t2] * dsum[r, i, t2], axis=t2),
+        name="da"
     )
     return [dout, out, inv_z, lo_w, g, dsum, ga, da]
 
@@ -662,7 +666,7 @@ def bwd_prep(b: int, D: int, dtype: str = "float32", io: str | None = None,
 class _BwdUnit:
     """The shared part of a backward unit kernel (see ``_bwd_unit``)."""
 
-    inputs: list  # q, k, v, mask, qmask, fixed, slots, stab, g, dsum: the first arguments
+    inputs: list  # q, k, v, mask, qmask, fixed, slots, stab, g, dsum, inv_z: the first ones
     R: Any
     U: Any
     W: int
@@ -673,6 +677,7 @@ class _BwdUnit:
     qmask: Any
     stab: Any
     dsum: Any
+    inv_z: Any  # [R, N]: mask_t / Z_t, the factor of a query's P
     io: str  # the dtype of q, k, v and g (bf16 bits with micro-kernels)
     valid: Callable  # (r, u, w) -> whether slot token w is in a block
     slot_tok: Callable  # (r, u, w) -> the slot token's position in the sequence
@@ -713,6 +718,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), io if micro else dt, "g")
     dsum = te.placeholder((R, N), dt, "dsum")
+    inv_z = te.placeholder((R, N), dt, "inv_z")
     U = te.var("U", dtype=I32)
     fixed = te.placeholder((R, U), I32, "unit_col" if by_key else "unit_row")
     slots = te.placeholder((R, U, C), I32, "unit_rows" if by_key else "unit_cols")
@@ -813,9 +819,10 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     def logit(r, u, w, t):
         return dots[r, u, w, t] * scale if scaled_after else dots[r, u, w, t]
 
-    inputs = [q, k, v, mask, qmask, fixed, slots, stab, g, dsum]
+    inputs = [q, k, v, mask, qmask, fixed, slots, stab, g, dsum, inv_z]
     return _BwdUnit(inputs=inputs, R=R, U=U, W=W, heads=heads, group=group, scale=scale,
-                    mask=mask, qmask=qmask, stab=stab, dsum=dsum, io=io, valid=valid,
+                    mask=mask, qmask=qmask, stab=stab, dsum=dsum, inv_z=inv_z, io=io,
+                    valid=valid,
                     slot_tok=slot_tok, fixed_tok=fixed_tok, factor=factor,
                     fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, logit=logit, dp=dp)
 
@@ -849,7 +856,8 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     """dq of the high-resolution part, per unit (one query block x C key blocks).
 
     in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_row [R, U];
-         unit_cols [R, U, C] i32; stab [R, N]; g [R, N, D]; dsum [R, N]; heads, group, scale
+         unit_cols [R, U, C] i32; stab [R, N]; g [R, N, D] (dO, ``bwd_prep``); dsum, inv_z
+         [R, N]; heads, group, scale
     out: dq_unit [R, U, b, D] (summed over a block row's units by ``bwd_finish``)
 
     Like the forward's units, the three products read gathered operands in ``io``
@@ -867,7 +875,7 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
         (R, U, W, b),
         lambda r, u, w, t: te.if_then_else(
             kf[r, u, w] > 0.5,
-            _exp(p.logit(r, u, w, t) - stab[r, qtok(r, u, t)])
+            _exp(p.logit(r, u, w, t) - stab[r, qtok(r, u, t)]) * p.inv_z[r, qtok(r, u, t)]
             * (dp[r, u, w, t] - dsum[r, qtok(r, u, t)])
             * (qmask[r // heads, qtok(r, u, t)] * scale),  # dA/dq's factor, folded in
             tirx.const(0.0, dt),
@@ -883,8 +891,8 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
 
     in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_col [R, U] (the key block);
-         unit_rows [R, U, C] i32 (query blocks, -1 empty); stab [R, N]; g [R, N, D];
-         dsum [R, N]; heads, scale
+         unit_rows [R, U, C] i32 (query blocks, -1 empty); stab [R, N]; g [R, N, D] (dO,
+         ``bwd_prep``); dsum, inv_z [R, N]; heads, scale
     out: dk_unit, dv_unit [R, U, b, D] (summed per key block by ``bwd_finish``)
 
     The four products read gathered ``io`` operands (``q_g``, ``g_g``, ``k_t``, ``v_t``,
@@ -901,11 +909,11 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
         # Real queries of filled slots against real keys only (by selection).
         lambda r, u, w, s: te.if_then_else(
             tirx.And(qf[r, u, w] > 0.5, key_mask[r, u, s] > 0.5),
-            _exp(p.logit(r, u, w, s) - stab[r, qtok(r, u, w)]),
+            _exp(p.logit(r, u, w, s) - stab[r, qtok(r, u, w)]) * p.inv_z[r, qtok(r, u, w)],
             tirx.const(0.0, dt),
         ),
         name="prob",
-    )
+    )  # P inv_z: dv = sum_w P inv_z dO, and dS = P inv_z (dO . v - dO . out)
     ds = te.compute(
         (R, U, W, b),
         lambda r, u, w, s: prob[r, u, w, s] * (dp[r, u, w, s] - dsum[r, qtok(r, u, w)])

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 from conftest import as64, make_qkv, n_blocks, padded_mask
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import mra_compile
@@ -97,8 +97,8 @@ def test_a_failed_micro_kernel_build_says_what_to_do(monkeypatch, tmp_path):
 
 @needs_bf16
 def test_bf16_training():
-    # The backward's unit kernels take bf16 too (g, P and dS rounded to bf16 for their
-    # products; D_t from the rounded g and the output computed again in float32):
+    # The backward's unit kernels take bf16 too (P / Z and dS rounded to bf16 for their
+    # products, dO exact; D_t from the output computed again in float32):
     # gradients agree with the float64 oracle's within the bf16 tolerance.
     q, k, v = (t.requires_grad_() for t in make_qkv(3, 1, 2, 200, 64, dtype=torch.bfloat16))
     kw = dict(block_per_row=4)
@@ -119,6 +119,10 @@ def test_bf16_training():
        N=st.integers(1, 200), D=st.sampled_from([16, 40, 64, 128]), padded=st.booleans(),
        mode=st.sampled_from(["full", "sparse"]), bpr=st.integers(1, 5),
        scale=st.sampled_from([None, 0.3, 2.0]), grouped=st.booleans())
+# (found by this test: dq off by 1.09% of the largest gradient while the backward's block
+# products took g = dO / Z rounded to bf16; 0.31% with dO itself and 1/Z applied to P)
+@example(seed=2, B=2, H=2, N=2, D=128, padded=False, mode="sparse", bpr=1, scale=2.0,
+         grouped=True)
 def test_bf16_gradients_match_the_reference(seed, B, H, N, D, padded, mode, bpr, scale, grouped):
     # Within the bf16 tolerance of the largest gradient entry, against the float64 oracle on
     # the same bf16 inputs and blocks (masks, grouped-query heads, peaky scales). (Not of

@@ -136,9 +136,8 @@ def test_half_precision_backward_has_what_its_float32_pass_needs():
     """The fp16/bf16 backward computes the output again in float32 (``backward._backward``:
     D_t = g . out from the rounded output cancelled against g . v where the softmax is
     peaky; dq, dk 126-143% off in tests/test_cuda_emulation.py's peaky cases): a library
-    built for bf16 alone holds the float32 kernels of that pass, and ``bwd_prep`` takes
-    the I/O dtype (g rounded to it, as the units' tensor-core products read it, before
-    D_t is taken from it)."""
+    built for bf16 alone holds the float32 kernels of that pass, and ``bwd_prep``'s
+    variant of the I/O dtype."""
     from mra_compile import aot, targets
 
     target = targets.get("cuda-sm_90")
