@@ -62,7 +62,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     n = Np // b
     dt, dev, target = pr.dtype, q.device, pr.target
     # CPU bf16 with its micro-kernels: the units' products in bf16 on dO itself (their
-    # operand ``g``, exact), scaled by inv_z after them (``operators.bwd_prep``).
+    # operand ``g``, exact), 1/Z going with P (``operators.bwd_prep``).
     micro = target.micro_kernels(pr.q.dtype)
     io = pr.q.dtype if micro else dt
 

@@ -43,11 +43,11 @@ def _exp(x):
     interval with its constant term 1 (exp(0) is exactly 1: a row's largest logit gets
     weight 1): 1.6e-7 largest relative error of the whole float32 exp on [-87, 0]
     (measured on 4M points; the degree-7 Taylor polynomial it replaced: 9e-8, for two
-    more FMAs on every probability). Inputs below
-    -87.7 give exactly 0 (clamped at -88: k = -127, whose 2^k has exponent bits 0), so
-    the -1e4 penalties (docs/spec.md) remove a term as exp(-1e4) = 0 does: a row whose
-    every term is penalised has the spec's output 0, not v scaled by 1e-38 / 1e-6 (a
-    clamp at ln(FLT_MIN) = -87.3 left 2^-126 there). Inputs above 88 saturate (never
+    more FMAs on every probability). Inputs below -87.7 give exactly 0 (clamped at -88:
+    k = -127, whose 2^k has exponent bits 0), so the -1e4 penalties (docs/spec.md) remove
+    a term as exp(-1e4) = 0 does: a row whose every term is penalised has the spec's
+    output 0, not v scaled by 1e-38 / 1e-6 (a clamp at ln(FLT_MIN) = -87.3 left 2^-126
+    there). Inputs above 88 saturate (never
     reached: arguments here are <= 0 after subtracting a maximum, up to rounding).
     float64 (tests, gradcheck) uses the exact libm exp.
     """
@@ -343,7 +343,6 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
                                       axis=d0),
             name="dots",
         )
-    # A = scale * (q m_t) . (k m_s); empty slots take no part in the max.
     # A = scale * q . k over the real keys of filled slots (docs/spec.md, step 4: m_t ranges
     # over real keys only); padding keys and empty slots take no part, by selection.
     def scaled(r, u, w, t):
@@ -621,7 +620,7 @@ def bwd_prep(b: int, D: int, dtype: str = "float32", io: str | None = None,
 
     in : dout, out [R, n, b, D] (the memory of [R, N, D]); inv_z, lo_w [R, n, b]
     out: g [R, n, b, D] = dout where inv_z > 0 (a real query), else 0: the block products'
-         operand, exact in the storage dtype (the units scale by inv_z after them);
+         operand, exact in the storage dtype (the units put inv_z with P);
          dsum [R, n, b] = sum_d g out (D_t / inv_z_t); ga [R, n, D] = sum_t lo_w inv_z g;
          da [R, n] = sum_t lo_w inv_z dsum (the low-resolution part's per-block sums of g
          and D_t; zero in "sparse" mode where lo_w = 0)

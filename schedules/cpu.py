@@ -199,7 +199,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     sch.vectorize(t_i)
     # Two keys' exps interleaved (each a chain of ~20 dependent operations; b queries
     # are only b / vec chains): the out-of-order window then overlaps them.
-    key_o, key_i = sch.split(prob_key, [None, 2])
+    key_i = sch.split(prob_key, [None, 2])[1]
     sch.reorder(key_i, t_o)
     sch.unroll(key_i)
     sch.unroll(t_o)
