@@ -770,16 +770,26 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     y_g = te.compute((R, U, W, D),
                      lambda r, u, w, d: y_slot[slot_row(r), slot_tok(r, u, w), d].astype(io),
                      name=names[3])
-    if micro:
-        # bf16 x times a 0/1 mask is exact; scale * x would be rounded again.
+    # The fixed block as rows first (``x_s``: masked; ``y_s``), then moved: transposed
+    # (``x_t`` [D, b]; the CPU's shuffle transpose, a plain strided gather was 7% of
+    # ``bwd_dkdv_units``), or for ``micro`` into pairs of dims. CUDA inlines the rows.
+    if scaled_after:  # (stored narrower: the 0/1 mask selects, no widening and rounding)
         x_s = te.compute(
             (R, U, b, D),
-            lambda r, u, t, d: _narrow(_widen(x[fixed_row(r), fixed_tok(r, u, t), d], dt)
-                                       * fixed_factor(r, u, t), io),
+            lambda r, u, t, d: te.if_then_else(fixed_factor(r, u, t) > 0.5,
+                                               x[fixed_row(r), fixed_tok(r, u, t), d],
+                                               tirx.const(0, io)),
             name=names[0] + "_s")
-        y_s = te.compute((R, U, b, D),
-                         lambda r, u, t, d: y[fixed_row(r), fixed_tok(r, u, t), d],
-                         name=names[1] + "_s")
+    else:
+        x_s = te.compute(
+            (R, U, b, D),
+            lambda r, u, t, d: (x[fixed_row(r), fixed_tok(r, u, t), d].astype(dt)
+                                * fixed_factor(r, u, t) * scale).astype(io),
+            name=names[0] + "_s")
+    y_s = te.compute((R, U, b, D),
+                     lambda r, u, t, d: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
+                     name=names[1] + "_s")
+    if micro:
         def pairs(rows, name):
             return te.compute((R, U, D // 2, b, 2),
                               lambda r, u, p_, t, e: rows[r, u, t, 2 * p_ + e], name=name)
@@ -794,16 +804,10 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
                                           * _widen(pairs[r, u, p0, t, e0], dt), axis=[p0, e0]),
                 name=name)
     else:
-        x_scale = tirx.const(1.0, dt) if scaled_after else scale
-        x_t = te.compute(
-            (R, U, D, b),
-            lambda r, u, d, t: (x[fixed_row(r), fixed_tok(r, u, t), d].astype(dt)
-                                * fixed_factor(r, u, t) * x_scale).astype(io),
-            name=names[0] + "_t",
-        )
-        y_t = te.compute((R, U, D, b),
-                         lambda r, u, d, t: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
-                         name=names[1] + "_t")
+        def transposed(rows, name):
+            return te.compute((R, U, D, b), lambda r, u, d, t: rows[r, u, t, d], name=name)
+
+        x_t, y_t = transposed(x_s, names[0] + "_t"), transposed(y_s, names[1] + "_t")
 
         def product(rows, cols, name, i):
             d_ = te.reduce_axis((0, D), f"d{i}")
@@ -824,6 +828,18 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
                     valid=valid,
                     slot_tok=slot_tok, fixed_tok=fixed_tok, factor=factor,
                     fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, logit=logit, dp=dp)
+
+
+def _only(factor, e, rest):
+    """``rest(e)`` where the 0/1 ``factor`` is 1, exactly 0 where it is 0 (``e``: an
+    ``_exp``). float32: ``rest(e * factor)``, no branch: ``_exp`` is finite whatever its
+    argument, so ``e * 0`` is an exact 0 and every later factor (finite: the inputs'
+    padding is replaced by selection) keeps it 0; a selection here had LLVM load the
+    per-token operands under a mask, as gathers (15% of ``bwd_dkdv_units``). float64's
+    exact exp can overflow: selected."""
+    if str(e.ty) == F32:
+        return rest(e * factor)
+    return te.if_then_else(factor > 0.5, rest(e), tirx.const(0.0, str(e.ty)))
 
 
 def _slot_product(probs, rows, dt: str, io: str, name: str, axis: str, by_key: bool):
@@ -869,16 +885,13 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     R, U, W, heads, scale, qmask = p.R, p.U, p.W, p.heads, p.scale, p.qmask
     qtok, kf, dp = p.fixed_tok, p.factor, p.dp
     stab, dsum = p.stab, p.dsum
-    # Only real keys of filled slots take part (by selection: no exp overflow times 0).
+    # Only real keys of filled slots take part (their factor: 1, else 0; see ``_only``).
     ds = te.compute(
         (R, U, W, b),
-        lambda r, u, w, t: te.if_then_else(
-            kf[r, u, w] > 0.5,
-            _exp(p.logit(r, u, w, t) - stab[r, qtok(r, u, t)]) * p.inv_z[r, qtok(r, u, t)]
-            * (dp[r, u, w, t] - dsum[r, qtok(r, u, t)])
-            * (qmask[r // heads, qtok(r, u, t)] * scale),  # dA/dq's factor, folded in
-            tirx.const(0.0, dt),
-        ),
+        lambda r, u, w, t: _only(
+            kf[r, u, w], _exp(p.logit(r, u, w, t) - stab[r, qtok(r, u, t)]),
+            lambda e: e * p.inv_z[r, qtok(r, u, t)] * (dp[r, u, w, t] - dsum[r, qtok(r, u, t)])
+            * (qmask[r // heads, qtok(r, u, t)] * scale)),  # dA/dq's factor, folded in
         name="ds",
     )
     dq_unit = _slot_product(ds, p.x_g, dt, p.io, "dq_unit", "w1", by_key=False)
@@ -905,12 +918,10 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     dp, stab, dsum = p.dp, p.stab, p.dsum
     prob = te.compute(
         (R, U, W, b),
-        # Real queries of filled slots against real keys only (by selection).
-        lambda r, u, w, s: te.if_then_else(
-            tirx.And(qf[r, u, w] > 0.5, key_mask[r, u, s] > 0.5),
-            _exp(p.logit(r, u, w, s) - stab[r, qtok(r, u, w)]) * p.inv_z[r, qtok(r, u, w)],
-            tirx.const(0.0, dt),
-        ),
+        # Real queries of filled slots against real keys only (their factors; ``_only``).
+        lambda r, u, w, s: _only(
+            qf[r, u, w] * key_mask[r, u, s], _exp(p.logit(r, u, w, s) - stab[r, qtok(r, u, w)]),
+            lambda e: e * p.inv_z[r, qtok(r, u, w)]),
         name="prob",
     )  # P inv_z: dv = sum_w P inv_z dO, and dS = P inv_z (dO . v - dO . out)
     ds = te.compute(

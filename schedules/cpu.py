@@ -209,16 +209,11 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
     sch.vectorize(sch.split(factor_key, [None, vec])[1])
     # q_s [b, D] in vectors; then q_t: [D/2, b, 2] by the micro-kernel, or [D, b] by the
     # shuffle transpose (a plain strided gather where b or D is not a multiple of 16).
-    q_d = sch.get_loops(sch.get_sblock("q_s"))[-1]
-    sch.vectorize(sch.split(q_d, [None, vec])[1])
-    if not micro:
-        q_d, q_t = sch.get_loops(sch.get_sblock("q_t"))[-2:]
-        tile = int(b), int(sch.get(q_d).extent)
-        if cpu_transpose.fits(*tile):
-            dtype = str(sch.get(sch.get_sblock("q_t")).writes[0].source.dtype)
-            sch.tensorize(q_d, cpu_transpose.intrinsic(*tile, dtype))
-        else:
-            sch.vectorize(sch.split(q_t, [None, vec])[1])
+    if micro:
+        q_d = sch.get_loops(sch.get_sblock("q_s"))[-1]
+        sch.vectorize(sch.split(q_d, [None, vec])[1])
+    else:
+        _rows_then_transposed(sch, "q", vec, b)
     # Reductions are split into init and update last (loop moves need them whole).
     if not micro:
         sch.decompose_reduction(sch.get_sblock("dots"), d_)
@@ -230,6 +225,20 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
                                          slot: b})
     q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
     _prefetch_next_unit(sch, loop, slots, kv, queries=q)
+
+
+def _rows_then_transposed(sch, x, vec, b):
+    """``{x}_s`` [b, D] (a block's rows, masked) in vectors, then ``{x}_t`` [D, b] by the
+    shuffle transpose (``cpu_transpose``; a plain strided gather, built a lane at a time,
+    where b or D is not a multiple of 16)."""
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(f"{x}_s"))[-1], [None, vec])[1])
+    x_d, x_t = sch.get_loops(sch.get_sblock(f"{x}_t"))[-2:]
+    tile = int(b), int(sch.get(x_d).extent)
+    if cpu_transpose.fits(*tile):
+        dtype = str(sch.get(sch.get_sblock(f"{x}_t")).writes[0].source.dtype)
+        sch.tensorize(x_d, cpu_transpose.intrinsic(*tile, dtype))
+    else:
+        sch.vectorize(sch.split(x_t, [None, vec])[1])
 
 
 def _micro_products(sch, vec, b, micro):
@@ -505,7 +514,7 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     for name in gathers:
         sch.compute_inline(sch.get_sblock(name))
     ru = _merged_parallel(sch, outputs, 2)
-    staged = tuple(f"{x}_{stage}" for x in fixed for stage in (("t", "s") if micro else ("t",)))
+    staged = tuple(f"{x}_{stage}" for x in fixed for stage in ("t", "s"))
     for name in (*elementwise, "dots", "dp", *staged, factor, *extra):  # consumers first
         sch.compute_at(sch.get_sblock(name), ru)
     b = sch.get(sch.get_loops(sch.get_sblock(outputs[0]))[-3]).extent
@@ -526,14 +535,15 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
 def _tiled_bwd_products(sch, vec, rows, b, outputs, fixed) -> dict:
     """A backward unit's block products as register tiles: ``dots`` and ``dp`` [W, b] of
     ``rows`` slot tokens x b, every [b, D] output of ``rows`` tokens x D over its slots;
-    the fixed block's transposed gathers in vectors. Returns the loops whose whole
-    bodies an empty slot skips, {loop: tokens per iteration} (``_skip_empty_slots``)."""
+    the fixed block's operands as rows, then transposed (``_rows_then_transposed``).
+    Returns the loops whose whole bodies an empty slot skips, {loop: tokens per
+    iteration} (``_skip_empty_slots``)."""
     tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
              for name in ("dots", "dp")}
     out_slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
                  for name in outputs}
     for x in fixed:
-        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(f"{x}_t"))[-1], [None, vec])[1])
+        _rows_then_transposed(sch, x, vec, b)
     for name, (_, reduction) in tiles.items():
         sch.decompose_reduction(sch.get_sblock(name), reduction)
     for name, slot in out_slots.items():

@@ -382,6 +382,8 @@ def _backward_products(sch, products, output):
 def bwd_dq_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
     """One thread block per query-block unit; fp16/bf16: its three products on tensor
     cores."""
+    for name in ("q_s", "g_s"):  # (read straight into the transposed shared tiles)
+        sch.compute_inline(sch.get_sblock(name))
     threads = _cuda_core_threads(sch, threads)
     custom = _custom(sch, threads, tensor_cores, _backward_products(sch, DQ_PRODUCTS, "dq_unit"))
     per_unit(sch, ("dq_unit",), 2, threads, custom=custom, copies=("k_g", "v_g"),
@@ -394,6 +396,8 @@ def bwd_dkdv_units(sch, *, threads, blocks_per_unit, tensor_cores,
                    vector_bytes):
     """One thread block per key-block unit; fp16/bf16: its four products on tensor
     cores."""
+    for name in ("k_s", "v_s"):  # (read straight into the transposed shared tiles)
+        sch.compute_inline(sch.get_sblock(name))
     custom = _custom(sch, threads, tensor_cores,
                      _backward_products(sch, DKDV_PRODUCTS, "dk_unit"), gather="q_g")
     per_unit(sch, ("dk_unit", "dv_unit"), 2, threads, custom=custom, copies=("q_g", "g_g"),
