@@ -12,17 +12,10 @@ import dataclasses
 
 import torch
 
-from mra_compile import knob_policy, plan, runtime, validate
+from mra_compile import kernels, knob_policy, plan, runtime, validate
 from mra_compile.forward import Saved, exact_and_combine, narrow, row_parts, row_range
 from mra_compile.inputs import Prepared, pad, padded, prepare, torch_single_threaded
 from mra_compile.options import Options
-
-
-def _transpose_selection(index: torch.Tensor, n: int) -> torch.Tensor:
-    """Selected blocks (i, j) as sorted flat ``j * n + i``: grouped by key block (entries
-    ``n * n``, no block, stay)."""
-    flipped = torch.where(index < n * n, (index % n) * n + index // n, n * n)
-    return flipped.sort(dim=1).values
 
 
 def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
@@ -96,14 +89,18 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
            inv_z=inv_z.view(R, n, b), lo_w=lo_w.view(R, n, b), g=g.view(R, n, b, Dp),
            dsum=dsum.view(R, n, b), ga=ga, da=da)
 
-    # High resolution: units by query block (dq) and by key block (dk, dv).
-    Cq = knob_policy.resolve_knobs("bwd_dq_units", knobs.get("bwd_dq_units"),
-                                   target=target)["blocks_per_unit"]
-    Ck = knob_policy.resolve_knobs("bwd_dkdv_units", knobs.get("bwd_dkdv_units"),
+    # High resolution: units by query block (dq) and by key block (dk, dv). Where the
+    # target has them (the CPU), the dk/dv units write dS and dq is made from it.
+    reuse = kernels.get("bwd_dq_ds_units").on(target.family)
+    dq_op, dkdv_op = ("bwd_dq_ds_units", "bwd_dkdv_ds_units") if reuse else \
+        ("bwd_dq_units", "bwd_dkdv_units")
+    Cq = knob_policy.resolve_knobs(dq_op, knobs.get(dq_op), target=target)["blocks_per_unit"]
+    Ck = knob_policy.resolve_knobs(dkdv_op, knobs.get(dkdv_op),
                                    target=target)["blocks_per_unit"]
     exact = target.exact_plan  # else no host synchronisation (plan.plan_bounds)
     by_query = plan.make_plan(saved.index, n, 0, Cq, exact)
-    by_key = plan.make_plan(_transpose_selection(saved.index, n), n, 0, Ck, exact)
+    flipped, order = plan.transposed(saved.index, n)
+    by_key = plan.make_plan(flipped, n, 0, Ck, exact)
     Uq, Uk = by_query.unit_row.shape[1], by_key.unit_row.shape[1]
     target.check_launch(n=n, U=max(Uq, Uk))
     validate.check_scratch("dq-unit", R, Uq, b, Dp)
@@ -112,10 +109,19 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dk_unit, dv_unit = pr.scratch("dk_unit", R, Uk, b, Dp), pr.scratch("dv_unit", R, Uk, b, Dp)
     shared = dict(q=pr.q, k=pr.k, v=pr.v, **pr.masks, stab=stab, g=g, dsum=dsum, inv_z=inv_z,
                   heads=pr.heads, group=pr.group, scale=pr.scale)
-    pr.run("bwd_dq_units", knobs, unit_row=by_query.unit_row, unit_cols=by_query.unit_cols,
-           dq_unit=dq_unit, **shared)
-    pr.run("bwd_dkdv_units", knobs, unit_col=by_key.unit_row, unit_rows=by_key.unit_cols,
-           dk_unit=dk_unit, dv_unit=dv_unit, **shared)
+    if reuse:
+        validate.check_scratch("dS", R, Uk * Ck, b, b)
+        ds_blocks = pr.scratch("ds_blocks", R, Uk, Ck, b, b)
+        pr.run(dkdv_op, knobs, unit_col=by_key.unit_row, unit_rows=by_key.unit_cols,
+               dk_unit=dk_unit, dv_unit=dv_unit, ds_blocks=ds_blocks, **shared)
+        ds_at = plan.transposed_slots(saved.index, by_query, Cq, flipped, order, by_key, Ck, n)
+        pr.run(dq_op, knobs, k=pr.k, unit_cols=by_query.unit_cols, ds_at=ds_at,
+               ds_blocks=ds_blocks.view(R, Uk * Ck, b, b), dq_unit=dq_unit, group=pr.group)
+    else:
+        pr.run(dq_op, knobs, unit_row=by_query.unit_row, unit_cols=by_query.unit_cols,
+               dq_unit=dq_unit, **shared)
+        pr.run(dkdv_op, knobs, unit_col=by_key.unit_row, unit_rows=by_key.unit_cols,
+               dk_unit=dk_unit, dv_unit=dv_unit, **shared)
 
     # Low resolution ("full"): through the block averages; "sparse" has none.
     pooled_grads = torch.zeros(3, R, n, Dp, dtype=dt, device=dev)

@@ -125,12 +125,22 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # Backward.
     Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"),
            takes_io=True),
+    # CUDA's units: dq by query block, dk and dv by key block, each computing the
+    # logits, P and dS of its blocks itself.
     Kernel("bwd_dq_units", (*QKV, "unit_row", "unit_cols", "stab", "g", "dsum", "inv_z",
                             "dq_unit", "heads", "group", "scale"),
-           reads_qkv=True, shape_knobs=("blocks_per_unit",)),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",), families=("cuda",)),
     Kernel("bwd_dkdv_units", (*QKV, "unit_col", "unit_rows", "stab", "g", "dsum", "inv_z",
                               "dk_unit", "dv_unit", "heads", "group", "scale"),
-           reads_qkv=True, shape_knobs=("blocks_per_unit",)),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",), families=("cuda",)),
+    # The CPU's: dk, dv and dS by key block, then dq from that dS (one block product where
+    # bwd_dq_units has three, and no exp). CUDA keeps the two above (dS through global
+    # memory is not measured there: its kernels have not run on a GPU yet).
+    Kernel("bwd_dkdv_ds_units", (*QKV, "unit_col", "unit_rows", "stab", "g", "dsum", "inv_z",
+                                 "dk_unit", "dv_unit", "ds_blocks", "heads", "group", "scale"),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",), families=("cpu",)),
+    Kernel("bwd_dq_ds_units", ("k", "unit_cols", "ds_at", "ds_blocks", "dq_unit", "group"),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",), families=("cpu",)),
     Kernel("bwd_lowres", ("logits", "hmask", "rowmax", "counts", "qp", "kp", "vp", "ga", "da",
                           "dqp", "dkp", "dvp", "heads", "scale"),
            scratch=("weight", "gv", "dlog")),

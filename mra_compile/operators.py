@@ -899,7 +899,8 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
 
 
 def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                   io: str | None = None, gqa: bool = False, micro: str | None = None):
+                   io: str | None = None, gqa: bool = False, micro: str | None = None,
+                   keep_ds: bool = False):
     """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
 
     in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_col [R, U] (the key block);
@@ -910,9 +911,14 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     The four products read gathered ``io`` operands (``q_g``, ``g_g``, ``k_t``, ``v_t``,
     ``prob_t``, ``ds_t``), as in ``bwd_dq_units``. ``micro``: bf16 products, P and dS
     rounded to bf16 for P^T g and dS^T q. See ``_bwd_unit``.
+
+    ``keep_ds`` (``bwd_dkdv_ds_units``): dS is an output too, ``ds_blocks`` [R, U, C, b, b]
+    with ``ds_blocks[r, u, c, s, t]`` = dS of (query t of slot c, key s): each block
+    key-major, as ``bwd_dq_ds_units`` reads it.
     """
     dt = dtype
-    p = _bwd_unit(b, D, blocks_per_unit, dt, io or dt, by_key=True, gqa=gqa, micro=micro)
+    C = blocks_per_unit
+    p = _bwd_unit(b, D, C, dt, io or dt, by_key=True, gqa=gqa, micro=micro)
     R, U, W, scale = p.R, p.U, p.W, p.scale
     qtok, qf, key_mask = p.slot_tok, p.factor, p.fixed_mask
     dp, stab, dsum = p.dp, p.stab, p.dsum
@@ -932,7 +938,53 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     )
     dv_unit = _slot_product(prob, p.y_g, dt, p.io, "dv_unit", "w1", by_key=True)
     dk_unit = _slot_product(ds, p.x_g, dt, p.io, "dk_unit", "w2", by_key=True)
-    return _params(*p.inputs, dk_unit, dv_unit, p.heads, p.group, scale)
+    if not keep_ds:
+        return _params(*p.inputs, dk_unit, dv_unit, p.heads, p.group, scale)
+    ds_blocks = te.compute((R, U, C, b, b), lambda r, u, c, s, t: ds[r, u, c * b + t, s],
+                           name="ds_blocks")
+    return _params(*p.inputs, dk_unit, dv_unit, ds_blocks, p.heads, p.group, scale)
+
+
+def bwd_dkdv_ds_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
+                      io: str | None = None, gqa: bool = False, micro: str | None = None):
+    """``bwd_dkdv_units`` that also writes dS (``ds_blocks``), for ``bwd_dq_ds_units``."""
+    return bwd_dkdv_units(b, D, blocks_per_unit, dtype, io, gqa, micro, keep_ds=True)
+
+
+def bwd_dq_ds_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
+                    io: str | None = None, gqa: bool = False, micro: str | None = None):
+    """dq of the high-resolution part per unit (one query block x C key blocks), from the
+    dS that ``bwd_dkdv_ds_units`` wrote: one block product per slot, where
+    ``bwd_dq_units`` computes the logits, exp and g v^T again (three products).
+
+    in : k [Rkv, N, D] (``io`` dtype); unit_cols [R, U, C] i32 (key blocks, -1 empty);
+         ds_at [R, U, C] i32 (each block's dS in ``ds_blocks``, -1 empty);
+         ds_blocks [R, S, b, b] (key-major: [key s, query t]); group
+    out: dq_unit [R, U, b, D] = sum over slots of dS^T k (summed by ``bwd_finish``)
+
+    dS carries every factor already (the 0/1 masks, 1/Z, the scale). ``micro``: bf16 k
+    (bits) on the CPU's P v micro-kernel, dS rounded to bf16 in it.
+    """
+    dt = dtype
+    C = blocks_per_unit
+    io = _io(io or dt, dt, micro)
+    R, Rkv, N, group, U, S = _vars("R", "Rkv", "N", "group", "U", "S")
+    if not gqa:
+        Rkv, group = R, None
+    k = te.placeholder((Rkv, N, D), io, "k")
+    unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
+    ds_at = te.placeholder((R, U, C), I32, "ds_at")
+    ds_blocks = te.placeholder((R, S, b, b), dt, "ds_blocks")
+    W = C * b
+    k_g = te.compute(  # (clamped: no index read can leave the tensors; empty slots skipped)
+        (R, U, W, D),
+        lambda r, u, w, d: k[_kv_row(r, group), te.max(unit_cols[r, u, w // b], 0) * b + w % b, d],
+        name="k_g")
+    ds_g = te.compute((R, U, W, b),
+                      lambda r, u, w, t: ds_blocks[r, te.max(ds_at[r, u, w // b], 0), w % b, t],
+                      name="ds_g")
+    dq_unit = _slot_product(ds_g, k_g, dt, io, "dq_unit", "w1", by_key=False)
+    return _params(k, unit_cols, ds_at, ds_blocks, dq_unit, group)
 
 
 def bwd_lowres(b: int, D: int, dtype: str = "float32", scratch: bool = False):

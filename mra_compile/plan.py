@@ -290,6 +290,42 @@ def make_plan(index, n: int, Cr: int, Co: int, exact: bool = True) -> Plan:
     )
 
 
+def transposed(index: torch.Tensor, n: int):
+    """Selected blocks (i, j) as sorted flat ``j * n + i``: grouped by key block (entries
+    ``n * n``, no block, stay), and each one's position in ``index`` [R, K]."""
+    flipped = torch.where(index < n * n, (index % n) * n + index // n, n * n)
+    return flipped.sort(dim=1, stable=True)
+
+
+def _unit_slots(index, n: int, p: Plan, Co: int) -> torch.Tensor:
+    """Where ``make_plan(index, n, 0, Co)`` (``p``) put each entry of ``index`` [R, K]:
+    its flat slot ``unit * Co + slot`` [R, K] int64, -1 for no block."""
+    R, K = index.shape
+    bi = index // n
+    per_row = torch.zeros(R, n + 1, dtype=torch.int64, device=index.device)
+    per_row.scatter_add_(1, bi, torch.ones_like(bi))
+    first = per_row.cumsum(1) - per_row
+    pos = torch.arange(K, device=index.device)[None, :] - first.gather(1, bi)  # rank in row
+    unit = p.ov_start.long().gather(1, bi.clamp_max(n - 1)) + pos // Co
+    return torch.where(bi < n, unit * Co + pos % Co, -1)
+
+
+@torch.no_grad()
+def transposed_slots(index, by_query: Plan, Cq: int, flipped, order, by_key: Plan,
+                     Ck: int, n: int) -> torch.Tensor:
+    """For each slot of the plan ``by_query`` (``make_plan(index, n, 0, Cq)``), the flat slot
+    ``unit * Ck + slot`` of the same block in ``by_key`` (``make_plan(flipped, n, 0, Ck)``:
+    the blocks by key, ``flipped`` = the transposed blocks sorted, ``order`` their
+    positions in ``index``): [R, Uq, Cq] int32, -1 for empty slots."""
+    R = index.shape[0]
+    Uq = by_query.unit_cols.shape[1]
+    q_slot = _unit_slots(index, n, by_query, Cq).gather(1, order)  # by key order
+    k_slot = _unit_slots(flipped, n, by_key, Ck)
+    at = torch.full((R, Uq * Cq + 1), -1, dtype=torch.int32, device=index.device)
+    at.scatter_(1, torch.where(q_slot >= 0, q_slot, Uq * Cq), k_slot.to(torch.int32))
+    return at[:, : Uq * Cq].reshape(R, Uq, Cq).contiguous()
+
+
 def _make_plan_numpy(index, n: int, Cr: int, Co: int) -> Plan:
     """``make_plan`` (exact) in numpy, for selections in host memory: the same steps on
     [R, K] arrays, where numpy's per-operation cost is a few microseconds against torch's

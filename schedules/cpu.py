@@ -12,8 +12,8 @@ from mra_compile.schedules import cpu_transpose
 # The schedules that take ``micro``: the micro-kernels of the variant (None, or
 # "avx512_bf16": bf16 q, k, v and the block products of schedules/cpu_bf16.py, or
 # "avx512_bf16_fp32_pv": the same with P v in float32, operators.MICRO).
-MICRO = ("pool_and_logits", "hires_units", "hires_rows", "bwd_prep", "bwd_dq_units",
-         "bwd_dkdv_units")
+MICRO = ("pool_and_logits", "hires_units", "hires_rows", "bwd_prep", "bwd_dkdv_ds_units",
+         "bwd_dq_ds_units")
 
 
 def _keys_outer(sch, name, vec):
@@ -497,7 +497,7 @@ def bwd_prep(sch, *, vec, micro):
 
 
 def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, factor,
-               extra=(), micro=None, slot_rows=(), shared_rows=True):
+               extra=(), micro=None, slot_rows=(), shared_rows=True, kept=()):
     """The backward's unit kernels (``operators._bwd_unit``): parallel over (row, unit);
     ``dots`` and ``dp`` as [W, b] register tiles, the ``elementwise`` [W, b] stages (exp,
     dS) with the fixed block's tokens in vector lanes, the [b, D] ``outputs`` as register
@@ -508,12 +508,13 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     of the bf16 micro-kernels instead, one per slot (``_micro_bwd_products``), and each
     unit prefetches the next one's slot blocks (``_prefetch_next_unit``) of the inputs
     ``slot_rows`` ((gather stage, input) pairs; ``shared_rows``: key/value rows, shared
-    by grouped-query heads).
+    by grouped-query heads). ``kept``: an elementwise [W, b] stage that is also written
+    out, per slot transposed (``ds_blocks`` [C, b, b] of ``ds``), under the same loop.
     """
     rows_read = [_input(sch.get(sch.get_sblock(g)), x) for g, x in slot_rows]
     for name in gathers:
         sch.compute_inline(sch.get_sblock(name))
-    ru = _merged_parallel(sch, outputs, 2)
+    ru = _merged_parallel(sch, (*outputs, *(f"{x}_blocks" for x in kept)), 2)
     staged = tuple(f"{x}_{stage}" for x in fixed for stage in ("t", "s"))
     for name in (*elementwise, "dots", "dp", *staged, factor, *extra):  # consumers first
         sch.compute_at(sch.get_sblock(name), ru)
@@ -525,9 +526,14 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     for name in elementwise:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
+    for x in kept:  # each slot's [b, b] by the shuffle transpose
+        slot, s_, t = sch.get_loops(sch.get_sblock(f"{x}_blocks"))[-3:]
+        dtype = str(sch.get(sch.get_sblock(f"{x}_blocks")).writes[0].source.dtype)
+        sch.tensorize(s_, cpu_transpose.intrinsic(int(b), int(b), dtype))
+        guarded[slot] = b
     _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
-    if micro:  # (bf16 at N = 8192: bwd_dq_units 12.0-12.6 -> 11.2-11.7 ms, dkdv ~4%;
-        # the float32 units, compute-bound, gain nothing)
+    if micro:  # (bf16 at N = 8192, on the units of the time: dq's 12.0-12.6 -> 11.2-11.7
+        # ms, dk/dv's ~4%; the float32 units, compute-bound, gain nothing)
         _prefetch_next_unit(sch, ru, slots, rows_read, factor=factor, shared=shared_rows)
     return sch
 
@@ -577,23 +583,34 @@ def _micro_bwd_products(sch, vec, b, outputs, fixed) -> dict:
     return slots
 
 
-def bwd_dq_units(sch, *, vec, rows, blocks_per_unit, micro):
-    """Parallel over (row, unit): logits and dP = g v^T as [W, b] register tiles, dS, then
-    dS k as a [b, D] tile; empty key-block slots skipped (``_bwd_units``)."""
-    return _bwd_units(sch, vec=vec, rows=rows, gathers=("k_g", "v_g", "ds_t"),
-                      outputs=("dq_unit",), elementwise=("ds",), fixed=("q", "g"),
-                      slots="unit_cols", factor="key_factor", micro=micro,
-                      slot_rows=(("k_g", "k"), ("v_g", "v")), shared_rows=True)
-
-
-def bwd_dkdv_units(sch, *, vec, rows, blocks_per_unit, micro):
+def bwd_dkdv_ds_units(sch, *, vec, rows, blocks_per_unit, micro):
     """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b], then P^T g and
-    dS^T q as [b, D] tiles; empty query-block slots skipped (``_bwd_units``)."""
+    dS^T q as [b, D] tiles, and dS written out per slot (``ds_blocks``, transposed); empty
+    query-block slots skipped (``_bwd_units``)."""
     return _bwd_units(sch, vec=vec, rows=rows, gathers=("q_g", "g_g", "prob_t", "ds_t"),
                       outputs=("dk_unit", "dv_unit"), elementwise=("ds", "prob"),
                       fixed=("k", "v"), slots="unit_rows", factor="query_factor",
                       extra=("key_mask",), micro=micro,
-                      slot_rows=(("q_g", "q"), ("g_g", "g")), shared_rows=False)
+                      slot_rows=(("q_g", "q"), ("g_g", "g")), shared_rows=False, kept=("ds",))
+
+
+def bwd_dq_ds_units(sch, *, vec, rows, blocks_per_unit, micro):
+    """Parallel over (row, unit): dq_unit [b, D] as a register tile of ``rows`` queries x D
+    over the slots' dS blocks (read in place, key-major) and key blocks; empty slots
+    skipped. ``micro`` (bf16 k): the same tile on widened k and dS rounded to bf16 (the
+    P v micro-kernel's products; its tensor intrinsic matches one index read per block,
+    and this block reads two, the key block's and its dS's)."""
+    at = _input(sch.get(sch.get_sblock("ds_g")), "ds_at")
+    for name in ("k_g", "ds_g", "ds_g_t"):
+        sch.compute_inline(sch.get_sblock(name))
+    ru = _merged_parallel(sch, ("dq_unit",), 2)
+    b = int(sch.get(sch.get_loops(sch.get_sblock("dq_unit"))[-3]).extent)
+    slot = _register_tile(sch, "dq_unit", vec=vec, rows=rows, unroll=True, slot=b)[1]
+    sch.decompose_reduction(sch.get_sblock("dq_unit"), slot)
+    units = at.shape[1]
+    unit = sch.get(ru).loop_var
+    _guard(sch, slot, at[unit // units, unit % units, sch.get(slot).loop_var] >= 0)
+    return sch
 
 
 def bwd_lowres(sch, *, vec):
@@ -635,8 +652,8 @@ KNOBS.update({
     # Units of 6 blocks: a block row or column's blocks (4 on average at 4 per row) mostly
     # in one unit, so fewer partials for bwd_finish to sum (fp32 forward+backward at
     # N = 8192: 82.7-83.6 ms against 85.5-88.3 with 3; 1024-4096 the same or better).
-    "bwd_dq_units": dict(vec=16, rows=4, blocks_per_unit=6),
-    "bwd_dkdv_units": dict(vec=16, rows=4, blocks_per_unit=6),
+    "bwd_dkdv_ds_units": dict(vec=16, rows=4, blocks_per_unit=6),
+    "bwd_dq_ds_units": dict(vec=16, rows=4, blocks_per_unit=6),
     "bwd_lowres": dict(vec=16),
     "bwd_finish": dict(vec=16),
 })

@@ -187,11 +187,12 @@ def test_bf16_kernels_call_the_micro_kernels():
     for name in ("pool_and_logits", "hires_units", "hires_rows"):
         static = pr.static(name, True)
         assert static["io"] == "bfloat16" and static["micro"] == "avx512_bf16"
-    for name in ("bwd_prep", "bwd_dq_units", "bwd_dkdv_units"):
+    for name in ("bwd_prep", "bwd_dq_ds_units", "bwd_dkdv_ds_units"):
         assert pr.static(name)["micro"] == "avx512_bf16"
     for name in ("bwd_lowres", "bwd_finish"):
         assert "micro" not in pr.static(name) and "io" not in pr.static(name)
-    for name, full in (("hires_rows", True), ("bwd_dq_units", None), ("bwd_dkdv_units", None)):
+    # (bwd_dq_ds_units: one product on widened bf16 k, no micro-kernel call)
+    for name, full in (("hires_rows", True), ("bwd_dkdv_ds_units", None)):
         static = pr.static(name, full)
         knobs = knob_policy.resolve_knobs(name, None, target=pr.target)
         build.kernel(name, knobs, pr.target, **static)
@@ -233,7 +234,7 @@ def test_ahead_of_time_variants_follow_the_target():
     micro = {name for name, s in got if dict(s).get("micro")}
     if cpu.bf16_products():
         assert micro == {"pool_and_logits", "hires_units", "hires_rows", "bwd_prep",
-                         "bwd_dq_units", "bwd_dkdv_units"}
+                         "bwd_dq_ds_units", "bwd_dkdv_ds_units"}
     else:
         assert not micro
     # No variant twice (float32 and bf16 share the kernels that do not read q, k, v).

@@ -12,10 +12,10 @@ GUARDED = {
     # logits tiles, key factors, max, exp, sum P, and P V per slot
     "hires_units": ({"b": 32, "D": 64}, "unit_cols", 6),
     "hires_rows": ({"b": 32, "D": 64, "full": True}, "row_cols", 6),
-    # dots and dP tiles, dS, and dS k per slot
-    "bwd_dq_units": ({"b": 32, "D": 64}, "unit_cols", 4),
-    # dots and dP tiles, P and dS, and P^T g, dS^T q per slot
-    "bwd_dkdv_units": ({"b": 32, "D": 64}, "unit_rows", 6),
+    # dS k per slot
+    "bwd_dq_ds_units": ({"b": 32, "D": 64}, "ds_at", 1),
+    # dots and dP tiles, P and dS, P^T g, dS^T q, and dS written out per slot
+    "bwd_dkdv_ds_units": ({"b": 32, "D": 64}, "unit_rows", 7),
     # one [b, D] partial per unit, for dq, dk and dv
     "bwd_finish": ({"b": 32, "D": 64}, r"[qk]_units", 3),
 }
@@ -146,13 +146,12 @@ BF16 = {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}
 
 
 @pytest.mark.parametrize("op,static,inputs,shared", [
-    ("bwd_dq_units", BF16, {"k", "v"}, False),
-    ("bwd_dq_units", {**BF16, "gqa": True}, {"k", "v"}, True),
-    ("bwd_dkdv_units", {**BF16, "gqa": True}, {"q", "g"}, False)])
+    ("bwd_dkdv_ds_units", BF16, {"q", "g"}, False),
+    ("bwd_dkdv_ds_units", {**BF16, "gqa": True}, {"q", "g"}, False)])
 def test_bf16_backward_units_request_the_next_units_slot_blocks(op, static, inputs, shared):
-    """The bf16 backward's units prefetch the next unit's slot blocks: key and value blocks
-    by query block (at the key/value row with grouped heads), query and g blocks by key
-    block (their own row). (Scheduling only: no AVX-512-BF16 needed.)"""
+    """The bf16 backward's units prefetch the next unit's slot blocks: query and g blocks
+    by key block (their own row, grouped heads or not). (Scheduling only: no AVX-512-BF16
+    needed.)"""
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     prefetches = [line.strip() for line in script.splitlines() if "llvm.prefetch" in line]
     assert {re.search(r"T.address_of\((\w+)\[", p).group(1) for p in prefetches} == inputs

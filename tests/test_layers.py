@@ -103,7 +103,8 @@ def test_tunable_kernels_come_from_the_registry_and_the_cpu_spaces():
 
     assert records.tunable_ops() == tuning.OPS == tuple(targets.CPU.schedules.SPACES)
     assert kernels.reading_qkv() == ("pool_and_logits", "hires_units", "hires_rows",
-                                     "bwd_dq_units", "bwd_dkdv_units")
+                                     "bwd_dq_units", "bwd_dkdv_units", "bwd_dkdv_ds_units",
+                                     "bwd_dq_ds_units")
 
 
 @pytest.mark.parametrize("name", sorted(kernels.KERNELS))
@@ -111,10 +112,11 @@ def test_registered_arguments_are_the_operator_parameters(name):
     """The registry's argument names are the TE builder's (``scheduled_func`` checks it on
     every build; here for both modes of moded kernels)."""
     kernel = kernels.get(name)
+    target = targets.CPU if kernel.on(targets.CPU.family) else targets.get("cuda-sm_80")
     for full in (True, False) if kernel.has_modes else (None,):
         static = kernel.static(32, 64, full=full)
-        knobs = targets.CPU.default_knobs(name)
-        func = build.scheduled_func(name, static, knobs)
+        knobs = target.default_knobs(name)
+        func = build.scheduled_func(name, static, knobs, target)
         assert tuple(p.name for p in func.params) == kernel.arg_names(static)
 
 

@@ -60,6 +60,39 @@ def test_no_block_entries_are_skipped(n, data, Cr, Co, seed):
             assert (got.row_cols == -1).all() and (got.ov_units == 0).all()
 
 
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 20), data=st.data(), Cq=st.integers(1, 6), Ck=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1))
+def test_each_query_slot_finds_its_block_among_the_key_units(n, data, Cq, Ck, seed):
+    """The CPU backward's dq reads each block's dS where the key-block units wrote it:
+    ``transposed_slots`` maps every filled slot of the by-query plan to the by-key slot of
+    the same block (i, j), one to one; empty slots to -1."""
+    K = data.draw(st.integers(1, n * n))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(3):  # rows with fewer blocks end in entries n * n (no block)
+        kept = data.draw(st.integers(0, K))
+        blocks = torch.randperm(n * n, generator=g)[:kept].sort().values
+        rows.append(torch.cat([blocks, torch.full((K - kept,), n * n)]))
+    index = torch.stack(rows)
+    by_query = plan.make_plan(index, n, 0, Cq)
+    flipped, order = plan.transposed(index, n)
+    by_key = plan.make_plan(flipped, n, 0, Ck)
+    at = plan.transposed_slots(index, by_query, Cq, flipped, order, by_key, Ck, n)
+    assert at.shape == by_query.unit_cols.shape and at.dtype == torch.int32
+    filled = by_query.unit_cols >= 0
+    assert torch.equal(at >= 0, filled)
+    for r in range(index.shape[0]):
+        seen = set()
+        for u, c in filled[r].nonzero().tolist():
+            i, j = int(by_query.unit_row[r, u]), int(by_query.unit_cols[r, u, c])
+            a = int(at[r, u, c])
+            assert int(by_key.unit_row[r, a // Ck]) == j
+            assert int(by_key.unit_cols[r, a // Ck, a % Ck]) == i
+            seen.add(a)
+        assert len(seen) == int((index[r] < n * n).sum())
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.sampled_from([256, 300]), per_row=st.integers(1, 30), seed=st.integers(0, 2**31 - 1),
        layout=st.sampled_from(["random", "sorted", "strided", "one row"]))
