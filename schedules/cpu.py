@@ -596,17 +596,23 @@ def bwd_dkdv_ds_units(sch, *, vec, rows, blocks_per_unit, micro):
 
 def bwd_dq_ds_units(sch, *, vec, rows, blocks_per_unit, micro):
     """Parallel over (row, unit): dq_unit [b, D] as a register tile of ``rows`` queries x D
-    over the slots' dS blocks (read in place, key-major) and key blocks; empty slots
-    skipped. ``micro`` (bf16 k): the same tile on widened k and dS rounded to bf16 (the
-    P v micro-kernel's products; its tensor intrinsic matches one index read per block,
-    and this block reads two, the key block's and its dS's)."""
+    over the slots' dS blocks (read in place, key-major) and key blocks, or one P v
+    micro-kernel call per slot (``micro``: bf16 k, dS rounded to bf16 in the call); empty
+    slots skipped."""
+    from mra_compile.schedules import cpu_bf16
+
     at = _input(sch.get(sch.get_sblock("ds_g")), "ds_at")
     for name in ("k_g", "ds_g", "ds_g_t"):
         sch.compute_inline(sch.get_sblock(name))
     ru = _merged_parallel(sch, ("dq_unit",), 2)
-    b = int(sch.get(sch.get_loops(sch.get_sblock("dq_unit"))[-3]).extent)
-    slot = _register_tile(sch, "dq_unit", vec=vec, rows=rows, unroll=True, slot=b)[1]
-    sch.decompose_reduction(sch.get_sblock("dq_unit"), slot)
+    loops = sch.get_loops(sch.get_sblock("dq_unit"))
+    b = int(sch.get(loops[-3]).extent)
+    if micro:
+        D = int(sch.get(loops[-2]).extent)
+        slot = _slot_product(sch, "dq_unit", vec, b, cpu_bf16.gathered_pv_intrinsic(D))
+    else:
+        slot = _register_tile(sch, "dq_unit", vec=vec, rows=rows, unroll=True, slot=b)[1]
+        sch.decompose_reduction(sch.get_sblock("dq_unit"), slot)
     units = at.shape[1]
     unit = sch.get(ru).loop_var
     _guard(sch, slot, at[unit // units, unit % units, sch.get(slot).loop_var] >= 0)

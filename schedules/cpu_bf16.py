@@ -124,11 +124,19 @@ def float32_pv_intrinsic(D: int) -> str:
     return _pv_intrinsic(D, rounded=False)
 
 
+def gathered_pv_intrinsic(D: int) -> str:
+    """The P v intrinsic (P rounded) for a P that is itself read through an index: the
+    backward's dq from stored dS (``operators.bwd_dq_ds_units``: the block reads the key
+    block's index, the dS block, the dS block's index, k, in that order)."""
+    return _pv_intrinsic(D, rounded=True, gathered=True)
+
+
 @functools.cache
-def _pv_intrinsic(D: int, rounded: bool) -> str:
+def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False) -> str:
     """The P v intrinsic of one key block for head dim ``D`` (registered once): P, the
     float32 probabilities key-major, rounded to bf16 in the call (``mra_bf16_pv``) or not
-    (``rounded=False``: ``mra_bf16_pv_f32``); v as bf16 bits; float32 sums."""
+    (``rounded=False``: ``mra_bf16_pv_f32``); v as bf16 bits; float32 sums. ``gathered``:
+    the description reads a second index after P (``gathered_pv_intrinsic``)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
@@ -172,6 +180,41 @@ def _pv_intrinsic(D: int, rounded: bool) -> str:
             T.evaluate(T.call_extern("int32", extern, P.access_ptr("r"), sp,
                                      V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
 
-    name = f"{extern}_d{D}"
-    TensorIntrin.register(name, desc, impl)
+    @T.prim_func(s_tir=True)
+    def gathered_desc(p: T.handle, v: T.handle, i: T.handle, j: T.handle, c: T.handle):
+        sp, sv, sc = T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        Jx = T.match_buffer(j, (1,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], Jx[0:1], V[0:b, 0:D])
+            T.writes(C[0:b, 0:D])
+            for t, d, w in T.grid(b, D, b):
+                with T.sblock("update"):
+                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
+                    T.reads(C[vt, vd], Ix[0], P[vw, vt], Jx[0], V[vw, vd])
+                    T.writes(C[vt, vd])
+                    C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[vw, vd])
+
+    @T.prim_func(s_tir=True)
+    def gathered_impl(p: T.handle, v: T.handle, i: T.handle, j: T.handle, c: T.handle):
+        sp, sv, sc = T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        Jx = T.match_buffer(j, (1,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], Jx[0:1], V[0:b, 0:D])
+            T.writes(C[0:b, 0:D])
+            T.evaluate(T.call_extern("int32", extern, P.access_ptr("r"), sp,
+                                     V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
+
+    name = f"{extern}_d{D}" + ("_gathered" if gathered else "")
+    if gathered:
+        TensorIntrin.register(name, gathered_desc, gathered_impl)
+    else:
+        TensorIntrin.register(name, desc, impl)
     return name

@@ -191,8 +191,8 @@ def test_bf16_kernels_call_the_micro_kernels():
         assert pr.static(name)["micro"] == "avx512_bf16"
     for name in ("bwd_lowres", "bwd_finish"):
         assert "micro" not in pr.static(name) and "io" not in pr.static(name)
-    # (bwd_dq_ds_units: one product on widened bf16 k, no micro-kernel call)
-    for name, full in (("hires_rows", True), ("bwd_dkdv_ds_units", None)):
+    for name, full in (("hires_rows", True), ("bwd_dkdv_ds_units", None),
+                       ("bwd_dq_ds_units", None)):
         static = pr.static(name, full)
         knobs = knob_policy.resolve_knobs(name, None, target=pr.target)
         build.kernel(name, knobs, pr.target, **static)
