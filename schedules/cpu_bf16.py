@@ -137,7 +137,9 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False) -> str:
     float32 probabilities key-major, rounded to bf16 in the call (``mra_bf16_pv``) or not
     (``rounded=False``: ``mra_bf16_pv_f32``); v as bf16 bits; float32 sums. ``gathered``:
     the description reads a second index after P (``gathered_pv_intrinsic``)."""
+    from tvm import tirx
     from tvm.s_tir import TensorIntrin
+    from tvm.s_tir import stmt as s_stmt
     from tvm.script import tirx as T
 
     from mra_compile.operators import BF16_BITS as I16
@@ -198,23 +200,24 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False) -> str:
                     T.writes(C[vt, vd])
                     C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[vw, vd])
 
-    @T.prim_func(s_tir=True)
-    def gathered_impl(p: T.handle, v: T.handle, i: T.handle, j: T.handle, c: T.handle):
-        sp, sv, sc = T.int32(), T.int32(), T.int32()
-        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
-        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
-        Jx = T.match_buffer(j, (1,), "int32", offset_factor=1)
-        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], Jx[0:1], V[0:b, 0:D])
-            T.writes(C[0:b, 0:D])
-            T.evaluate(T.call_extern("int32", extern, P.access_ptr("r"), sp,
-                                     V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
+    def gathered_impl():
+        # The description with its root block's loops replaced by the call (TVMScript
+        # cannot state the extra index once for both: the same buffers).
+        realize = gathered_desc.body
+        root = realize.block
+        C, _, P, _, V = (region.source for region in root.reads)
+        call = tirx.Evaluate(tirx.call_extern(
+            "int32", extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"),
+            V.strides[0], C.access_ptr("rw"), C.strides[0], D))
+        block = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, call,
+                              root.init, root.alloc_buffers, root.match_buffers,
+                              root.annotations)
+        return gathered_desc.with_body(s_stmt.SBlockRealize(realize.iter_values,
+                                                            realize.predicate, block))
 
     name = f"{extern}_d{D}" + ("_gathered" if gathered else "")
     if gathered:
-        TensorIntrin.register(name, gathered_desc, gathered_impl)
+        TensorIntrin.register(name, gathered_desc, gathered_impl())
     else:
         TensorIntrin.register(name, desc, impl)
     return name
