@@ -297,17 +297,17 @@ def transposed(index: torch.Tensor, n: int):
     return flipped.sort(dim=1, stable=True)
 
 
-def _unit_slots(index, n: int, p: Plan, Co: int) -> torch.Tensor:
-    """Where ``make_plan(index, n, 0, Co)`` (``p``) put each entry of ``index`` [R, K]:
-    its flat slot ``unit * Co + slot`` [R, K] int64, -1 for no block."""
+def _unit_slots(index: np.ndarray, n: int, ov_start: np.ndarray, Co: int) -> np.ndarray:
+    """Where ``make_plan(index, n, 0, Co)`` put each entry of ``index`` [R, K] (its
+    ``ov_start``): the flat slot ``unit * Co + slot`` [R, K], -1 for no block."""
     R, K = index.shape
+    rows = np.arange(R)[:, None]
     bi = index // n
-    per_row = torch.zeros(R, n + 1, dtype=torch.int64, device=index.device)
-    per_row.scatter_add_(1, bi, torch.ones_like(bi))
-    first = per_row.cumsum(1) - per_row
-    pos = torch.arange(K, device=index.device)[None, :] - first.gather(1, bi)  # rank in row
-    unit = p.ov_start.long().gather(1, bi.clamp_max(n - 1)) + pos // Co
-    return torch.where(bi < n, unit * Co + pos % Co, -1)
+    per_row = np.bincount((bi + rows * (n + 1)).ravel(), minlength=R * (n + 1)).reshape(R, n + 1)
+    first = np.cumsum(per_row, axis=1) - per_row
+    pos = np.arange(K)[None, :] - first[rows, bi]  # rank in its row
+    unit = ov_start[rows, np.minimum(bi, n - 1)] + pos // Co
+    return np.where(bi < n, unit * Co + pos % Co, -1)
 
 
 @torch.no_grad()
@@ -316,14 +316,19 @@ def transposed_slots(index, by_query: Plan, Cq: int, flipped, order, by_key: Pla
     """For each slot of the plan ``by_query`` (``make_plan(index, n, 0, Cq)``), the flat slot
     ``unit * Ck + slot`` of the same block in ``by_key`` (``make_plan(flipped, n, 0, Ck)``:
     the blocks by key, ``flipped`` = the transposed blocks sorted, ``order`` their
-    positions in ``index``): [R, Uq, Cq] int32, -1 for empty slots."""
+    positions in ``index``): [R, Uq, Cq] int32, -1 for empty slots. In numpy (the CPU's
+    backward uses it: 50-90 us where torch's per-operation cost made it 250-840)."""
     R = index.shape[0]
     Uq = by_query.unit_cols.shape[1]
-    q_slot = _unit_slots(index, n, by_query, Cq).gather(1, order)  # by key order
-    k_slot = _unit_slots(flipped, n, by_key, Ck)
-    at = torch.full((R, Uq * Cq + 1), -1, dtype=torch.int32, device=index.device)
-    at.scatter_(1, torch.where(q_slot >= 0, q_slot, Uq * Cq), k_slot.to(torch.int32))
-    return at[:, : Uq * Cq].reshape(R, Uq, Cq).contiguous()
+    host = [x.cpu().numpy() for x in (index, flipped, order, by_query.ov_start, by_key.ov_start)]
+    index_, flipped_, order_, q_start, k_start = host
+    rows = np.arange(R)[:, None]
+    q_slot = _unit_slots(index_, n, q_start, Cq)[rows, order_]  # in key order
+    k_slot = _unit_slots(flipped_, n, k_start, Ck)
+    at = np.full((R, Uq * Cq + 1), -1, dtype=np.int32)
+    at[rows, np.where(q_slot >= 0, q_slot, Uq * Cq)] = k_slot
+    return torch.from_numpy(np.ascontiguousarray(at[:, : Uq * Cq]).reshape(R, Uq, Cq)).to(
+        index.device)
 
 
 def _make_plan_numpy(index, n: int, Cr: int, Co: int) -> Plan:
