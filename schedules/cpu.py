@@ -526,10 +526,13 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     for name in elementwise:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
-    for x in kept:  # each slot's [b, b] by the shuffle transpose
+    for x in kept:  # each slot's [b, b] by the shuffle transpose (a gather if b < 16)
         slot, s_, t = sch.get_loops(sch.get_sblock(f"{x}_blocks"))[-3:]
         dtype = str(sch.get(sch.get_sblock(f"{x}_blocks")).writes[0].source.dtype)
-        sch.tensorize(s_, cpu_transpose.intrinsic(int(b), int(b), dtype))
+        if cpu_transpose.fits(int(b), int(b)):
+            sch.tensorize(s_, cpu_transpose.intrinsic(int(b), int(b), dtype))
+        else:
+            sch.vectorize(t)
         guarded[slot] = b
     _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
     if micro:  # (bf16 at N = 8192, on the units of the time: dq's 12.0-12.6 -> 11.2-11.7

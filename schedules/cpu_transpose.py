@@ -55,12 +55,17 @@ def _tile(S, Q, r0: int, c0: int, dtype: str) -> list:
 
 @functools.cache
 def intrinsic(b: int, D: int, dtype: str) -> str:
-    """The name of the ``[D, b] = [b, D]^T`` intrinsic (``fits(b, D)``; registered once).
+    """The name of the ``[D, b] = [b, D]^T`` intrinsic (registered once). ValueError
+    unless ``fits(b, D)``: its 16 x 16 tiles would read and write past the block.
     ``q_s`` may have any row stride; ``q_t`` is contiguous."""
     from tvm import tirx
     from tvm.s_tir import TensorIntrin
     from tvm.s_tir import stmt as s_stmt
     from tvm.script import tirx as T
+
+    if not fits(b, D):
+        raise ValueError(f"the shuffle transpose needs b and D multiples of {TILE}, "
+                         f"got b={b}, D={D}")
 
     @T.prim_func(s_tir=True)
     def desc(s: T.handle, q: T.handle):

@@ -156,3 +156,17 @@ def test_bf16_backward_units_request_the_next_units_slot_blocks(op, static, inpu
     prefetches = [line.strip() for line in script.splitlines() if "llvm.prefetch" in line]
     assert {re.search(r"T.address_of\((\w+)\[", p).group(1) for p in prefetches} == inputs
     assert all(("// group" in p) == shared for p in prefetches), prefetches
+
+
+def test_the_shuffle_transpose_refuses_blocks_it_would_overrun():
+    """Its 16 x 16 tiles would read and write past an 8 x 8 block (TVM checks no bounds):
+    the schedules use a plain gather there (``block_size=8``), and the intrinsic refuses."""
+    from mra_compile.schedules import cpu_transpose
+
+    assert cpu_transpose.fits(32, 64) and not cpu_transpose.fits(8, 8)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cpu_transpose.intrinsic(8, 8, "float32")
+    knobs = knob_policy.resolve_knobs("bwd_dkdv_ds_units", None)
+    shuffles = {b: build.scheduled_func("bwd_dkdv_ds_units", {"b": b, "D": D}, knobs)
+                .script().count("T.Shuffle") for b, D in ((32, 64), (8, 16))}
+    assert shuffles[32] > 0 and shuffles[8] == 0, shuffles
