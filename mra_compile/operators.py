@@ -119,6 +119,29 @@ def _scaled_after(io: str, dt: str, micro: str | None) -> bool:
     return micro is not None or io != dt
 
 
+def _masked_row(x, factor, scale, io: str, dt: str, scaled_after: bool):
+    """A query's (or the backward's fixed block's) q or k value ``x`` masked by its token's
+    0/1 ``factor``: where it is stored narrower than ``dt`` (``scaled_after``), selected
+    as it is (no widening and rounding; the logits take the scale); else x * factor *
+    scale in ``dt``, in ``io``. The forward's and the backward's units must agree."""
+    if scaled_after:
+        return te.if_then_else(factor > 0.5, x, tirx.const(0, io))
+    return _narrow(_widen(x, dt) * factor * scale, io)
+
+
+def _only(factor, e, rest=lambda e: e):
+    """``rest(e)`` (default: e) where the 0/1 ``factor`` is 1, exactly 0 where it is 0 (``e``: an
+    ``_exp``; the forward's P and the backward's P and dS). float32: ``rest(e * factor)``,
+    no branch: ``_exp`` is finite whatever its argument, so ``e * 0`` is an exact 0 and
+    every later factor (finite: the inputs' padding is replaced by selection) keeps it 0;
+    a selection had cost a branch per key in the forward's loops and, in the backward,
+    had LLVM load the per-token operands under a mask, as gathers (15% of
+    ``bwd_dkdv_units``). float64's exact exp can overflow: selected."""
+    if str(e.ty) == F32:
+        return rest(e * factor)
+    return te.if_then_else(factor > 0.5, rest(e), tirx.const(0.0, str(e.ty)))
+
+
 def _kv_row(r, group):
     """The key/value row of query row r: ``r // group`` in the grouped-query variant
     (``group`` a var), r itself otherwise (``group`` None: no division in the indexing,
@@ -304,19 +327,12 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # q k^T is as exact as the float32 path's, and the backward's units compute the same
     # logits.
     scaled_after = _scaled_after(io, dt, micro)
-    if scaled_after:  # (stored narrower: the 0/1 mask selects, no widening and rounding)
-        q_s = te.compute(
-            (*domain, b, D),
-            lambda r, u, t, d: te.if_then_else(qmask[r // heads, query_token(r, u, t)] > 0.5,
-                                               q[r, query_token(r, u, t), d],
-                                               tirx.const(0, io)),
-            name="q_s")
-    else:
-        q_s = te.compute(
-            (*domain, b, D),
-            lambda r, u, t, d: _narrow(_widen(q[r, query_token(r, u, t), d], dt)
-                                       * qmask[r // heads, query_token(r, u, t)] * scale, io),
-            name="q_s")
+    q_s = te.compute(
+        (*domain, b, D),
+        lambda r, u, t, d: _masked_row(q[r, query_token(r, u, t), d],
+                                       qmask[r // heads, query_token(r, u, t)], scale, io, dt,
+                                       scaled_after),
+        name="q_s")
     if micro:
         q_t = te.compute((*domain, D // 2, b, 2),
                          lambda r, u, p, t, e: q_s[r, u, t, 2 * p + e], name="q_t")
@@ -363,10 +379,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # comparisons, which send NaN to a bound): the exact zeros of a selection, without a
     # branch per key in the loop over keys. (float64's exact exp can overflow: selected.)
     def prob_of(r, u, w, t):
-        p = _exp(scaled(r, u, w, t) - unit_max[r, u, t])
-        if dt == F32:
-            return p * key_factor[r, u, w]
-        return te.if_then_else(key_factor[r, u, w] > 0.5, p, tirx.const(0.0, dt))
+        return _only(key_factor[r, u, w], _exp(scaled(r, u, w, t) - unit_max[r, u, t]))
 
     prob = te.compute((*domain, W, b), prob_of, name="prob")
     # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
@@ -773,19 +786,11 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     # The fixed block as rows first (``x_s``: masked; ``y_s``), then moved: transposed
     # (``x_t`` [D, b]; the CPU's shuffle transpose, a plain strided gather was 7% of
     # ``bwd_dkdv_units``), or for ``micro`` into pairs of dims. CUDA inlines the rows.
-    if scaled_after:  # (stored narrower: the 0/1 mask selects, no widening and rounding)
-        x_s = te.compute(
-            (R, U, b, D),
-            lambda r, u, t, d: te.if_then_else(fixed_factor(r, u, t) > 0.5,
-                                               x[fixed_row(r), fixed_tok(r, u, t), d],
-                                               tirx.const(0, io)),
-            name=names[0] + "_s")
-    else:
-        x_s = te.compute(
-            (R, U, b, D),
-            lambda r, u, t, d: (x[fixed_row(r), fixed_tok(r, u, t), d].astype(dt)
-                                * fixed_factor(r, u, t) * scale).astype(io),
-            name=names[0] + "_s")
+    x_s = te.compute(
+        (R, U, b, D),
+        lambda r, u, t, d: _masked_row(x[fixed_row(r), fixed_tok(r, u, t), d],
+                                       fixed_factor(r, u, t), scale, io, dt, scaled_after),
+        name=names[0] + "_s")
     y_s = te.compute((R, U, b, D),
                      lambda r, u, t, d: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
                      name=names[1] + "_s")
@@ -828,18 +833,6 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
                     valid=valid,
                     slot_tok=slot_tok, fixed_tok=fixed_tok, factor=factor,
                     fixed_mask=fixed_mask, x_g=x_g, y_g=y_g, logit=logit, dp=dp)
-
-
-def _only(factor, e, rest):
-    """``rest(e)`` where the 0/1 ``factor`` is 1, exactly 0 where it is 0 (``e``: an
-    ``_exp``). float32: ``rest(e * factor)``, no branch: ``_exp`` is finite whatever its
-    argument, so ``e * 0`` is an exact 0 and every later factor (finite: the inputs'
-    padding is replaced by selection) keeps it 0; a selection here had LLVM load the
-    per-token operands under a mask, as gathers (15% of ``bwd_dkdv_units``). float64's
-    exact exp can overflow: selected."""
-    if str(e.ty) == F32:
-        return rest(e * factor)
-    return te.if_then_else(factor > 0.5, rest(e), tirx.const(0.0, str(e.ty)))
 
 
 def _slot_product(probs, rows, dt: str, io: str, name: str, axis: str, by_key: bool):

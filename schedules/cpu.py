@@ -228,17 +228,23 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
 
 
 def _rows_then_transposed(sch, x, vec, b):
-    """``{x}_s`` [b, D] (a block's rows, masked) in vectors, then ``{x}_t`` [D, b] by the
-    shuffle transpose (``cpu_transpose``; a plain strided gather, built a lane at a time,
-    where b or D is not a multiple of 16)."""
+    """``{x}_s`` [b, D] (a block's rows, masked) in vectors, then ``{x}_t`` [D, b] by
+    ``_transposed``."""
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(f"{x}_s"))[-1], [None, vec])[1])
-    x_d, x_t = sch.get_loops(sch.get_sblock(f"{x}_t"))[-2:]
-    tile = int(b), int(sch.get(x_d).extent)
+    _transposed(sch, f"{x}_t", vec, b)
+
+
+def _transposed(sch, name, vec, b):
+    """A stage ``name`` [.., D, b] = [b, D]^T (its last two loops) by the shuffle transpose
+    (``cpu_transpose``), or a plain strided gather, built a lane at a time, where b or D
+    is not a multiple of 16 (the intrinsic's tiles would overrun the block)."""
+    d, t = sch.get_loops(sch.get_sblock(name))[-2:]
+    tile = int(b), int(sch.get(d).extent)
     if cpu_transpose.fits(*tile):
-        dtype = str(sch.get(sch.get_sblock(f"{x}_t")).writes[0].source.dtype)
-        sch.tensorize(x_d, cpu_transpose.intrinsic(*tile, dtype))
+        dtype = str(sch.get(sch.get_sblock(name)).writes[0].source.dtype)
+        sch.tensorize(d, cpu_transpose.intrinsic(*tile, dtype))
     else:
-        sch.vectorize(sch.split(x_t, [None, vec])[1])
+        sch.vectorize(sch.split(t, [None, vec])[1])
 
 
 def _micro_products(sch, vec, b, micro):
@@ -526,14 +532,9 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     for name in elementwise:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
-    for x in kept:  # each slot's [b, b] by the shuffle transpose (a gather if b < 16)
-        slot, s_, t = sch.get_loops(sch.get_sblock(f"{x}_blocks"))[-3:]
-        dtype = str(sch.get(sch.get_sblock(f"{x}_blocks")).writes[0].source.dtype)
-        if cpu_transpose.fits(int(b), int(b)):
-            sch.tensorize(s_, cpu_transpose.intrinsic(int(b), int(b), dtype))
-        else:
-            sch.vectorize(t)
-        guarded[slot] = b
+    for x in kept:  # each slot's [b, b], transposed
+        guarded[sch.get_loops(sch.get_sblock(f"{x}_blocks"))[-3]] = b
+        _transposed(sch, f"{x}_blocks", vec, b)
     _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
     if micro:  # (bf16 at N = 8192, on the units of the time: dq's 12.0-12.6 -> 11.2-11.7
         # ms, dk/dv's ~4%; the float32 units, compute-bound, gain nothing)
