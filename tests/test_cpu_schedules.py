@@ -23,8 +23,10 @@ GUARDED = {
 
 def _guards(op, static, index):
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
+    # (not the prefetches' tests of the next unit's slots)
     return [line.strip() for line in script.splitlines()
-            if re.match(rf"\s*if .*\b{index}\[", line) and "pf_slot" not in line]
+            if re.match(rf"\s*if .*\b{index}\[", line) and "pf_slot" not in line
+            and not re.match(r"\s*if \w+ \+ 1 < ", line)]
 
 
 @pytest.mark.parametrize("op", sorted(GUARDED))
@@ -123,14 +125,23 @@ def test_unit_queries_are_transposed_in_registers(op, static):
     ("hires_rows", {"b": 32, "D": 64, "full": True}, "row_cols"),
     ("hires_rows", {"b": 32, "D": 48, "full": False, "gqa": True}, "row_cols")])
 def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
-    """Each unit first prefetches (into L2) the k and v blocks of the unit after it, for
-    its filled slots only, and not past the last unit; hires_rows, whose unit u is query
-    block u, the next block of queries too (of the query row itself)."""
+    """Each unit prefetches (into L2) the k and v blocks of the unit after it, for its
+    filled slots only, and not past the last unit: slot c a few rows at a time from the
+    logits tiles of its own slot c, up front only the slots it has empty; hires_rows,
+    whose unit u is query block u, the next block of queries too (of the query row
+    itself)."""
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     lines = [line.strip() for line in script.splitlines()]
     assert any(re.match(r"if \w+ \+ 1 < ", line) for line in lines), script[:3000]
     slot = [line for line in lines if "pf_slot" in line and line.startswith("if ")]
     assert slot and re.search(rf"{index}\[\(\w+ \+ 1\) // .*\] >= 0", slot[0]), slot
+    assert re.search(rf"and {index}\[[^\]]*pf_slot\] < 0", slot[0]), slot
+    spread = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_spread" in line]
+    assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in spread} == {"k", "v"}
+    ask = next(i for i in range(spread[0], 0, -1) if lines[i].startswith("if "))
+    assert re.match(rf"if \w+ \+ 1 < .* and {index}\[\(\w+ \+ 1\) //", lines[ask]), lines[ask]
+    guard = lines[ask - 1]  # the current unit's slot guard of the logits tile
+    assert guard.startswith(f"if {index}[") and guard.endswith("] >= 0:") and "+ 1" not in guard
     prefetches = [line for line in lines if "llvm.prefetch" in line]
     buffers = {re.search(r"T.address_of\((\w+)\[", p).group(1): p for p in prefetches}
     assert set(buffers) == ({"q", "k", "v"} if op == "hires_rows" else {"k", "v"}), prefetches
