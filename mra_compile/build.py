@@ -184,16 +184,28 @@ def kernel(op: str, knobs: dict | None = None, target: Target | str | None = Non
     return _kernel(op, knobs, static, target)
 
 
+def tracing() -> bool:
+    """Whether ``trace_kernel_calls`` is recording: callers that keep kernels between
+    calls must then ask ``kernel`` for each call, so that it is recorded."""
+    return _TRACE is not None
+
+
+def lookup_token() -> tuple:
+    """What the kernel of a key depends on besides the op, its variant, knobs and target:
+    the cache directory and the tuning records (``records.token``). (The cache directory
+    enters as its environment variable: resolving ~ costs ~10 us.)"""
+    return os.environ.get(host.CACHE_ENV), records.token()
+
+
 def run(op: str, knobs: dict | None, target: Target, static: dict, **args) -> None:
     """Call kernel ``op`` with its arguments by name (checked against its declaration)."""
     kernel(op, knobs, target, **static)(*kernels.get(op).order(static, args))
 
 
 def _kernel(op: str, knobs: dict | None, static: dict, target: Target):
-    # The records' token keeps the fast path right when the tuning records change.
-    # (The cache directory enters as its environment variable: resolving ~ costs ~10 us.)
+    # The token keeps the fast path right when the tuning records or the cache change.
     fast = (op, tuple(sorted(static.items())), tuple(sorted((knobs or {}).items())),
-            os.environ.get(host.CACHE_ENV), records.token(), target.name)
+            lookup_token(), target.name)
     fn = _FAST.get(fast)
     if fn is not None:
         return fn

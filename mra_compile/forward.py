@@ -283,13 +283,15 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
     high_mask = lr.sel.high_mask
     exact_and_combine(pr, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.pooled[2],
                       opts.full, knobs, out, stats, lr.work)
-    out = out.view(B, H, Np, Dp)[:, :, :N, :D]
     if copied:  # (never hand out the scratch, even where a prefix of it is the result)
-        out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out)
+        out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
+    else:
+        out = out.view(B, H, N, D)
     if high_mask is None:
         high_mask = pr.result(R, n, n).zero_()
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
-                  high_mask.to(dt), lr.rowmax, lr.sel.index)
+                  high_mask if high_mask.dtype == dt else high_mask.to(dt), lr.rowmax,
+                  lr.sel.index)
     return out, saved
 
 
@@ -326,7 +328,8 @@ def exact_and_combine(pr: Prepared, index, logits, rowmax, high_mask, vp, full: 
     if full:
         assert high_mask is not None  # (the selection makes it in "full" mode)
         o_lo, z_lo = pr.scratch("o_lo", R, n, Dp), pr.scratch("z_lo", R, n)
-        pr.run("lowres_out", knobs, logits=logits, rowmax=rowmax, hmask=high_mask.to(dt),
+        hmask = high_mask if high_mask.dtype == dt else high_mask.to(dt)
+        pr.run("lowres_out", knobs, logits=logits, rowmax=rowmax, hmask=hmask,
                counts=pr.counts, vp=vp, o_lo=o_lo, z_lo=z_lo, heads=pr.heads)
         lowres = dict(o_lo=o_lo, z_lo=z_lo, rowmax=rowmax)
     pr.run("hires_rows", knobs, full, q=pr.q, k=pr.k, v=pr.v, **pr.masks,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,10 @@ class Prepared:
     def __post_init__(self):
         n = self.q.shape[1] // self.block_size
         self.blocks_q, self.blocks_k = self.blocks_q or n, self.blocks_k or n
+        # What selects a kernel variant besides its op, mode and knobs (``run``).
+        self._variant = (self.block_size, self.q.shape[-1], self.q.dtype, self.mask.dtype,
+                         self.group > 1, self.float32_pv, self.target.name,
+                         build.lookup_token())
 
     @property
     def masks(self) -> dict:
@@ -139,11 +145,43 @@ class Prepared:
         scratch arguments; ``group`` goes only to the grouped-query variants."""
         if self.group == 1:
             args.pop("group", None)
-        static = self.static(op, full)
-        if "micro" in static:  # bf16 as its bits (operators.BF16_BITS)
+        args.update(self.kernel_scratch(op))
+        given = knobs.get(op)
+        key = (op, full, self._variant, None if given is None else tuple(given.items()))
+        bound = _BOUND.get(key)
+        if bound is None or build.tracing():
+            static = self.static(op, full)
+            bound = _Bound(build.kernel(op, given, self.target, **static),
+                           kernels.get(op).arg_names(static), "micro" in static)
+            if not build.tracing():
+                if len(_BOUND) >= 256:  # (many shapes and knobs: start again)
+                    _BOUND.clear()
+                _BOUND[key] = bound
+        bound(op, args)
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """A kernel with the order of its arguments, kept per variant (``Prepared.run``): a
+    call's five to ten launches had each cost ~10 us of lookups (keys built from dicts,
+    environment reads) before this."""
+
+    fn: Callable[..., Any]
+    names: tuple[str, ...]
+    bf16_bits: bool  # takes bf16 tensors as their bits (operators.BF16_BITS)
+
+    def __call__(self, op: str, args: dict) -> None:
+        if args.keys() != set(self.names):
+            missing = [a for a in self.names if a not in args]
+            extra = [a for a in args if a not in self.names]
+            raise TypeError(f"kernel {op}: missing arguments {missing}, unexpected {extra}")
+        if self.bf16_bits:
             args = {name: x.view(torch.int16) if isinstance(x, torch.Tensor)
                     and x.dtype == torch.bfloat16 else x for name, x in args.items()}
-        build.run(op, knobs.get(op), self.target, static, **args, **self.kernel_scratch(op))
+        self.fn(*(args[name] for name in self.names))
+
+
+_BOUND: dict[tuple, _Bound] = {}
 
 
 def clean_padding(xs, keep, may_sync: bool):
@@ -253,7 +291,9 @@ def padded(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tenso
     B, H, N, D = x.shape
     as_is = (x.dtype == dtype and (N, D) == (Np, Dp) and x.is_contiguous()
              and x.data_ptr() % ALIGNMENT == 0)
-    if as_is or not target.reuses_workspace:
+    if as_is:  # (one view: ``pad`` would make three calls of torch to return x)
+        return x.view(B * H, N, D)
+    if not target.reuses_workspace:
         return pad(x, Np - N, Dp - D, dtype)
     # (one buffer per dtype: a call's bf16 and float32 copies never share one)
     buf = WORKSPACE.get(f"{name}:{dtype}", B * H, Np, Dp, dtype=dtype, device=x.device,

@@ -39,7 +39,7 @@ BWD_SCHEMA = (f"(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor
 
 def _checked(q, k, v, mask, query_mask, args) -> Options:
     """The options, validated, and the tensors checked against them (fake-safe)."""
-    opts = Options(*args)
+    opts = options.parse(args)
     validate.check_tensors(q, k, v, mask, opts.enable_gqa, query_mask)
     validate.check_sizes(q, opts.block_size, k.shape[2])
     return opts
@@ -164,7 +164,7 @@ def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
     """MRA-2 attention (see ``mra_compile.mra_attention`` for the arguments)."""
     if len(args) > options.count():  # query_mask given by position
         args, query_mask = args[:options.count()], args[options.count()]
-    opts = Options(*args, **kwargs)
+    opts = Options(*args, **kwargs) if kwargs else options.parse(args)
     return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args())[0]
 
 

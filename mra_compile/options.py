@@ -135,6 +135,27 @@ def schema(defaults: bool) -> str:
     return ", ".join(parts)
 
 
+_PLAIN = (int, float, str, bool, type(None))
+_PARSED: dict[tuple, Options] = {}
+
+
+def parse(args: tuple) -> Options:
+    """``Options(*args)``, kept per distinct arguments of plain Python types (an op call
+    parses its options twice; the checks cost ~4 us each time, and far more when torch
+    work before the call has left the caches cold). Others (SymInts under
+    torch.compile) are parsed each time."""
+    if not all(type(a) in _PLAIN for a in args):
+        return Options(*args)
+    key = tuple((type(a), a) for a in args)  # (True and 1 are equal keys otherwise)
+    opts = _PARSED.get(key)
+    if opts is None:
+        opts = Options(*args)  # (raises for bad options: nothing is kept)
+        if len(_PARSED) >= 1024:
+            _PARSED.clear()
+        _PARSED[key] = opts
+    return opts
+
+
 def count() -> int:
     """How many options the op takes after q, k, v, mask."""
     return len(dataclasses.fields(Options))

@@ -272,3 +272,18 @@ def test_schema_errors_still_name_the_argument(thunk, match):
     # Whatever the exception type (see SCHEMA_XFAIL), the message names the argument.
     with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
         thunk()
+
+
+def test_options_are_parsed_once_per_distinct_arguments():
+    # The op parses its options on every call; plain arguments are parsed once
+    # (options.parse), bad ones raise every time, and True is not taken for 1.
+    from mra_compile import options
+
+    args = (4, "full", 32, 0, 0, None, None, False)
+    first = options.parse(args)
+    assert options.parse(args) is first and first.num_blocks == 4
+    with pytest.raises(TypeError, match="num_blocks"):
+        options.parse((True, *args[1:]))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="num_blocks"):
+            options.parse((0, *args[1:]))

@@ -40,13 +40,13 @@ def test_a_freed_result_is_reused_still_mapped():
 
 
 def test_a_live_result_is_never_handed_out_again():
-    x = make_qkv(1, 2, 2, 130, 40)
+    x = make_qkv(1, 2, 2, 610, 40)  # (results over memory.SMALL_RESULT come from kept blocks)
     first = op(*x, None, 9, "sparse")
     part = first[1, :, 5:]  # a view keeps the whole block
     kept = part.clone()
     del first
     gc.collect()
-    later = [op(*make_qkv(seed, 2, 2, 130, 40), None, 9, "sparse") for seed in range(2, 5)]
+    later = [op(*make_qkv(seed, 2, 2, 610, 40), None, 9, "sparse") for seed in range(2, 5)]
     assert torch.equal(part, kept)
     a0, a1 = _span(part)
     for t in later:
@@ -57,14 +57,14 @@ def test_a_live_result_is_never_handed_out_again():
 def test_saved_results_survive_later_calls_in_training():
     # What the forward saves for the backward are results too: a second forward and its
     # backward must not touch the first forward's.
-    x = [t.requires_grad_() for t in make_qkv(5, 1, 2, 100, 32)]
+    x = [t.requires_grad_() for t in make_qkv(5, 1, 2, 700, 32)]
     y = [t.detach().clone().requires_grad_() for t in x]
     out_x = op(*x, None, 12, "full")
     out_y = op(*y, None, 12, "full")
     out_y.sum().backward()
     del out_y
     gc.collect()
-    op(*make_qkv(6, 1, 2, 100, 32), None, 12, "full")  # reuses the freed blocks
+    op(*make_qkv(6, 1, 2, 700, 32), None, 12, "full")  # reuses the freed blocks
     out_x.sum().backward()
     for a, b in zip(x, y):
         assert torch.equal(a.grad, b.grad)
@@ -84,7 +84,7 @@ def test_kept_results_stay_within_the_bound(monkeypatch):
 
 
 def test_a_result_freed_on_another_thread_comes_back():
-    x = make_qkv(8, 1, 2, 64, 32)
+    x = make_qkv(8, 1, 2, 600, 32)
     mra_compile.clear_workspace()
     box = [op(*x, None, 4, "full")]
     want = box[0].clone()
@@ -96,10 +96,22 @@ def test_a_result_freed_on_another_thread_comes_back():
     assert torch.equal(op(*x, None, 4, "full"), want)
 
 
+def test_small_results_are_plain_tensors():
+    # Below memory.SMALL_RESULT a result is a plain allocation (heap memory, no fault to
+    # avoid): nothing is kept for it.
+    x = make_qkv(9, 1, 2, 64, 32)
+    mra_compile.clear_workspace()
+    out = op(*x, None, 4, "full")
+    assert out.numel() * 4 <= memory.SMALL_RESULT
+    del out
+    gc.collect()
+    assert memory.kept_result_bytes() == 0
+
+
 def test_results_behave_as_tensors():
     import io
 
-    x = make_qkv(9, 1, 2, 64, 32)
+    x = make_qkv(9, 1, 2, 600, 32)  # (over memory.SMALL_RESULT: on a kept block)
     out = op(*x, None, 4, "full")
     buf = io.BytesIO()
     torch.save(out, buf)
