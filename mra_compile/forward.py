@@ -33,6 +33,9 @@ class LowRes:
     rowmax: torch.Tensor
     sel: plan.Selection
     work: plan.Plan | None = None
+    # What the backward reads for Hmask where the selection kernel wrote it: Hmask
+    # ("full", also ``sel.high_mask``) or zeros ("sparse").
+    saved_mask: torch.Tensor | None = None
 
 
 def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
@@ -60,8 +63,9 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     k = opts.max_blocks(nq, nk)
     if (kernels.get("select_plan").on(pr.target.family) and opts.first_n == 0
             and opts.diagonal_n == 0 and k < nq * nk):
-        sel, work = _select_and_plan(pr, logits, rowmax, k, opts.full, knobs, row_blocks)
-        return LowRes(pooled, logits, rowmax, sel, work)
+        sel, work, saved_mask = _select_and_plan(pr, logits, rowmax, k, opts.full, knobs,
+                                                 row_blocks)
+        return LowRes(pooled, logits, rowmax, sel, work, saved_mask)
     if row_blocks is not None:
         real_pairs = _real_pairs(pr)
     # S goes to kept memory, not fresh pages: a result, where Hmask (which the backward
@@ -89,13 +93,14 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     """Step 3 and the work plan in one kernel (``selection_tir``): the selection of
     ``plan.select_blocks`` (with per-sequence budgets ``row_blocks`` [R], and over the
     nq x nk grid of cross-attention) and the plan ``plan.make_plan`` makes of it; for
-    calls without priors and k < nq * nk."""
+    calls without priors and k < nq * nk. Returns (selection, plan, Hmask or, "sparse",
+    zeros [R, n, n]: what the backward reads for Hmask)."""
     R, n, _ = logits.shape
     Cr, Co = _unit_blocks(knobs, pr.target)
     room, _ = plan.plan_bounds(k, n, Cr, Co)  # (the most overflow units a row can have)
     i32 = torch.int32
-    # S into kept memory: Hmask replaces it in place ("full"; the backward keeps it), or
-    # the backward's zeros take it ("sparse").
+    # S into a result: Hmask ("full") or zeros ("sparse") replace it in place, for the
+    # backward.
     scores = pr.result(R, n, n)
     index = pr.result(R, k, dtype=torch.int64)
     row_cols = pr.scratch("row_cols", R, n, Cr, dtype=i32)
@@ -120,7 +125,7 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     U = max(most, 1)
     work = plan.Plan(row_cols, unit_row[:, :U].contiguous(), unit_cols[:, :U].contiguous(),
                      ov_start, ov_units, max(widest, 1), overflow=most > 0)
-    return plan.Selection(index, scores if full else None), work
+    return plan.Selection(index, scores if full else None), work, scores
 
 
 def _unit_blocks(knobs: dict, target) -> tuple[int, int]:
@@ -287,8 +292,8 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
         out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
     else:
         out = out.view(B, H, N, D)
-    if high_mask is None:
-        high_mask = pr.result(R, n, n).zero_()
+    if high_mask is None:  # ("sparse": zeros, from the selection kernel where it ran)
+        high_mask = lr.saved_mask if lr.saved_mask is not None else pr.result(R, n, n).zero_()
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
                   high_mask if high_mask.dtype == dt else high_mask.to(dt), lr.rowmax,
                   lr.sel.index)

@@ -13,7 +13,8 @@ from mra_compile import build, forward, kernels, plan, targets
 
 def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=None,
                budgets=None):
-    """The kernel on [R, n, n] logits: (scores, as Hmask with ``full``; its outputs).
+    """The kernel on [R, n, n] logits: (scores, as Hmask with ``full``, else zeros; its
+    outputs).
     ``grid``: (nq, nk); ``budgets``: (row_blocks [R], q_counts [R, n], counts [R, n]) for
     per-sequence budgets (one head per sequence here)."""
     R, n, _ = logits.shape
@@ -67,6 +68,8 @@ def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=Non
                        S.gather(1, want.index).sort(dim=1).values)
     if full:
         assert torch.equal(scores, want.high_mask)
+    else:  # zeros: what the backward reads in Hmask's place in "sparse" mode
+        assert torch.equal(scores, torch.zeros_like(scores))
     # The plan of that selection.
     p = plan.make_plan(index, n, Cr, Co)
     for name in ("row_cols", "ov_start", "ov_units"):
