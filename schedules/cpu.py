@@ -84,7 +84,7 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     burst of ~1000 requests at the unit's start (all of its blocks) holds the core's
     miss buffers while the unit's first products wait behind it; spread over the logits
     tiles, fp32 hires_rows took 21.96 against 23.40 ms at N = 8192 (Zen 4, one process,
-    alternating; bf16 and hires_units 1-3%).
+    alternating; bf16 and hires_units 1-4%).
 
     ``queries``: the q buffer where unit u of a row is its query block u (``hires_rows``):
     the next block of queries too. The queries of consecutive units are consecutive, but
