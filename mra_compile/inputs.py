@@ -151,13 +151,14 @@ class Prepared:
         bound = _BOUND.get(key)
         if bound is None or build.tracing():
             static = self.static(op, full)
-            bound = _Bound(build.kernel(op, given, self.target, **static),
-                           kernels.get(op).arg_names(static), "micro" in static)
+            kernel = kernels.get(op)
+            bound = _Bound(build.kernel(op, given, self.target, **static), kernel,
+                           kernel.arg_names(static), "micro" in static)
             if not build.tracing():
                 if len(_BOUND) >= 256:  # (many shapes and knobs: start again)
                     _BOUND.clear()
                 _BOUND[key] = bound
-        bound(op, args)
+        bound(args)
 
 
 @dataclass(frozen=True)
@@ -167,18 +168,15 @@ class _Bound:
     environment reads) before this."""
 
     fn: Callable[..., Any]
-    names: tuple[str, ...]
+    kernel: kernels.Kernel
+    names: tuple[str, ...]  # its arguments in call order (``Kernel.arg_names``)
     bf16_bits: bool  # takes bf16 tensors as their bits (operators.BF16_BITS)
 
-    def __call__(self, op: str, args: dict) -> None:
-        if args.keys() != set(self.names):
-            missing = [a for a in self.names if a not in args]
-            extra = [a for a in args if a not in self.names]
-            raise TypeError(f"kernel {op}: missing arguments {missing}, unexpected {extra}")
+    def __call__(self, args: dict) -> None:
         if self.bf16_bits:
             args = {name: x.view(torch.int16) if isinstance(x, torch.Tensor)
                     and x.dtype == torch.bfloat16 else x for name, x in args.items()}
-        self.fn(*(args[name] for name in self.names))
+        self.fn(*self.kernel.ordered(self.names, args))
 
 
 _BOUND: dict[tuple, _Bound] = {}

@@ -92,7 +92,11 @@ class Kernel:
 
     def order(self, static: dict, named: dict) -> tuple:
         """``named`` arguments as the positional tuple the compiled kernel takes."""
-        names = self.arg_names(static)
+        return self.ordered(self.arg_names(static), named)
+
+    def ordered(self, names: tuple[str, ...], named: dict) -> tuple:
+        """``named`` arguments in the order ``names`` (``arg_names`` of a variant); a
+        TypeError names the missing and the unexpected ones."""
         if named.keys() != set(names):
             missing = [a for a in names if a not in named]
             extra = [a for a in named if a not in names]
