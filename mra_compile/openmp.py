@@ -86,6 +86,10 @@ int mra_parallel_get_tasks(void) { return default_tasks; }
 
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "shim": the loaded CDLL, "launch": its address; or "error": why not
+# The count the op last asked for (``set_threads``). The launcher is set up when the first
+# kernel loads, inside the op's single-threaded plan section (``inputs.torch_single_threaded``),
+# where torch's count reads 1: it takes this one, so that the first call is parallel too.
+_ASKED: list[int] = []
 
 
 def _openmp_runtime() -> str | None:
@@ -144,7 +148,7 @@ def _setup() -> dict:
                                address(omp.omp_get_num_threads))
     except AttributeError as e:
         return {"error": f"{runtime} lacks the GNU OpenMP entry points ({e})"}
-    shim.mra_parallel_set_tasks(torch.get_num_threads())
+    shim.mra_parallel_set_tasks(_ASKED[-1] if _ASKED else torch.get_num_threads())
     return {"shim": shim, "launch": ctypes.cast(shim.mra_parallel_launch, ctypes.c_void_p).value,
             "runtime": runtime}
 
@@ -172,6 +176,7 @@ def install(path: str | os.PathLike) -> bool:
 
 def set_threads(n: int) -> None:
     """Threads per kernel (torch's intra-op thread count, read by the op on each call)."""
+    _ASKED[:] = [int(n)]
     state = _STATE
     if "shim" in state:
         state["shim"].mra_parallel_set_tasks(int(n))

@@ -102,3 +102,20 @@ def test_finds_torchs_openmp_runtime():
     path = openmp._openmp_runtime()
     assert path is not None and Path(path).exists()
     assert any(name in Path(path).name for name in ("libgomp", "libiomp5", "libomp"))
+
+
+def test_the_first_call_of_a_process_is_parallel_too():
+    """The launcher is set up when the first kernel loads, inside the op's single-threaded
+    plan section: it must still take torch's thread count (it took that section's 1, and
+    the whole first call, and every kernel timed alone after it, ran on one thread)."""
+    got = run_python(
+        "import json, torch\n"
+        "import mra_compile\n"
+        "from mra_compile import openmp\n"
+        "torch.set_num_threads(2)\n"
+        "q = torch.randn(1, 2, 256, 32)\n"
+        "torch.ops.mra.attention(q, q, q, None, 24, 'full')\n"
+        "print(json.dumps({'threads': openmp.threads(), 'status': openmp.status()}))\n",
+        cwd=REPO, timeout=600)
+    assert got["status"].startswith("torch's OpenMP threads"), got["status"]
+    assert got["threads"] == 2

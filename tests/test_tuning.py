@@ -50,13 +50,32 @@ def legal_configs(op):
 
 # ---------------------------------------------------------------------------- spaces
 
-def test_spaces_match_the_schedules_and_hold_the_defaults():
+@pytest.mark.parametrize("width", [16, 8])
+def test_spaces_match_the_schedules_and_hold_the_defaults(monkeypatch, width):
+    """On an AVX-512 CPU (16 lanes) and an AVX2 one (8: vec=16 is not legal there, so the
+    operators whose only knob is vec have one point)."""
+    monkeypatch.setattr(host, "default_vector_width", lambda: width)
     for op in TUNABLE:
         assert set(cpu.SPACES[op]) == set(cpu.KNOBS[op]), op
         assert cpu.constraints(op, knob_policy.default_knobs(op)), op
-        assert len(list(legal_configs(op))) >= 2
+        points = len(list(legal_configs(op)))
+        assert points >= (1 if width == 8 and set(cpu.SPACES[op]) == {"vec"} else 2), op
     assert cpu.SPACES["hires_rows"]["row_unit_blocks"] == [2, 3, 4, 6, 8, 12, 16]
     assert cpu.SPACES["hires_units"]["blocks_per_unit"] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("width", [16, 8])
+def test_default_register_tiles_fit_the_vector_registers(monkeypatch, width):
+    """The forward's default accumulator tiles at D = 64 (logits: qk_rows keys x 32
+    queries; P V: pv_rows queries x 64 dims) take at most half the vector registers (32
+    with AVX-512, 16 with AVX2), the rest holding operands."""
+    monkeypatch.setattr(host, "default_vector_width", lambda: width)
+    half = (32 if width == 16 else 16) // 2
+    for op in ("hires_units", "hires_rows"):
+        knobs = knob_policy.default_knobs(op)
+        assert knobs["vec"] == width
+        assert knobs["qk_rows"] * 32 // width <= half, op
+        assert knobs["pv_rows"] * 64 // width <= half, op
 
 
 def test_constraints_reject_illegal_points(monkeypatch):
@@ -113,7 +132,8 @@ def fake_timer(calls):
 
 
 @pytest.mark.parametrize("search", ["random", "exhaustive"])
-def test_tuner_finds_and_persists_the_best(isolated, search):
+def test_tuner_finds_and_persists_the_best(isolated, search, monkeypatch):
+    monkeypatch.setattr(host, "default_vector_width", lambda: 16)  # vec=16 legal, as with AVX-512
     calls = []
     shape = tuning.Shape(rows=2, N=256, D=64)
     result = tuning.tune(["pool_and_logits", "hires_rows", "hires_units"], [shape],

@@ -39,10 +39,8 @@ class CpuTarget(Target):
         return cpu_schedules
 
     def default_knobs(self, op: str) -> dict:
-        knobs = super().default_knobs(op)
-        if "vec" in knobs:
-            knobs["vec"] = host.default_vector_width()
-        return knobs
+        # Register tiles sized to this CPU's vector unit (schedules/cpu.py, NARROW_KNOBS).
+        return cpu_schedules.default_knobs(op, host.default_vector_width())
 
     def tvm_target(self):
         import tvm
