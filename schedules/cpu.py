@@ -167,22 +167,30 @@ def _bits(dtype) -> int:
     return DataType(str(dtype)).bits
 
 
-def _register_tile(sch, name, *, vec, rows, unroll, slot=None):
+def _register_tile(sch, name, *, vec, rows, unroll, slot=None, cols=None):
     """A [.., x, y] = sum_z stage as register tiles: ``rows`` consecutive x times all of
     y (in vectors of ``vec``), accumulated in a constant-size local tile (LLVM keeps it
     in registers) and written back once; loop order (x_o, z, x_i, y).
 
     ``slot``: split z into (z_o, z_i) of ``slot`` each, loop order (x_o, z_o, z_i, x_i, y),
-    so that a slot's work can be skipped whole. Returns (x_o, the outer reduction loop)."""
+    so that a slot's work can be skipped whole. ``cols``: tiles of ``cols`` vectors of y
+    instead of all of y, the column tiles outermost (y_c, x_o, ...): each pass then reads
+    a narrow band of the z rows, which stays in L1 while every x tile reuses it (where
+    ``cols`` vectors do not divide y, all of y). Returns (x_o, the outer reduction loop)."""
     blk = sch.get_sblock(name)
     x, y, z = sch.get_loops(blk)[-3:]
+    width = sch.get(y).extent
+    y_c = None
+    if cols is not None and width % (cols * vec) == 0 and width > cols * vec:
+        y_c, y = sch.split(y, [None, cols * vec])
     x_o, x_i = sch.split(x, [None, rows])
     if slot is None:
         z_outer = z
-        sch.reorder(x_o, z, x_i, y)
+        order = [x_o, z, x_i, y]
     else:
         z_outer, z = sch.split(z, [None, slot])
-        sch.reorder(x_o, z_outer, z, x_i, y)
+        order = [x_o, z_outer, z, x_i, y]
+    sch.reorder(*([y_c] if y_c is not None else []), *order)
     acc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(acc, x_o)
     y_o, y_i = sch.split(y, [None, vec])
@@ -194,16 +202,17 @@ def _register_tile(sch, name, *, vec, rows, unroll, slot=None):
     return x_o, z_outer
 
 
-def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slots, micro=None,
-          prefetch_queries=False):
+def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=True, slots,
+          micro=None, prefetch_queries=False):
     """Schedule the stages of ``operators._unit_attention`` under ``loop`` (one unit per
     iteration), everything in L1: the queries masked and scaled as rows, then transposed
     in registers (``schedules/cpu_transpose.py``); logits [W, b] as a register tile of
     ``qk_rows`` keys x b queries; max, exp and sum with the queries in vector lanes; P V
-    as a tile of ``pv_rows`` queries x D. ``outputs_placed``: whether unit_max already
-    sits under ``loop`` (it does when it is a kernel output). Empty key-block slots (-1 in
-    input ``slots``) are skipped (``_skip_empty_slots``); the next unit's key and value
-    blocks are prefetched (``_prefetch_next_unit``).
+    as tiles of ``pv_rows`` queries x ``pv_cols`` vectors of D (``_register_tile``).
+    ``outputs_placed``: whether unit_max already sits under ``loop`` (it does when it is
+    a kernel output). Empty key-block slots (-1 in input ``slots``) are skipped
+    (``_skip_empty_slots``); the next unit's key and value blocks are prefetched
+    (``_prefetch_next_unit``).
     ``micro`` ("avx512_bf16"): both block products are the bf16 micro-kernels instead, one
     call per key block (``_micro_products``). ``prefetch_queries``: unit u of a row is its
     query block u (``hires_rows``): prefetch the next one's queries too."""
@@ -225,7 +234,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, unroll, outputs_placed=True, slot
         w_tokens = b
     else:
         # P V: sum_w P[w, t] v[w, d] -> [b, D], keys as (slot, key of the block).
-        _, slot = _register_tile(sch, "unit_out", vec=vec, rows=pv_rows, unroll=unroll, slot=b)
+        _, slot = _register_tile(sch, "unit_out", vec=vec, rows=pv_rows, unroll=unroll, slot=b,
+                                 cols=pv_cols)
         # Logits: sum_d k[w, d] q^T[d, t] -> [W, b].
         w_o, d_ = _register_tile(sch, "dots", vec=vec, rows=qk_rows, unroll=unroll)
         w_tokens = qk_rows
@@ -326,7 +336,7 @@ def _slot_product(sch, name, vec, b, intrin):
     return slot
 
 
-def hires_units(sch, *, vec, qk_rows, pv_rows, unroll, blocks_per_unit, micro):
+def hires_units(sch, *, vec, qk_rows, pv_rows, pv_cols, unroll, blocks_per_unit, micro):
     """Overflow units, parallel over (row, unit); see ``_unit``.
 
     ``blocks_per_unit`` (C) is an operator knob (the unit size the plan packs).
@@ -335,12 +345,12 @@ def hires_units(sch, *, vec, qk_rows, pv_rows, unroll, blocks_per_unit, micro):
     outputs = ("unit_max", "unit_out", "unit_sum")
     ru = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
     sch.parallel(ru)
-    _unit(sch, ru, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll, slots="unit_cols",
-          micro=micro)
+    _unit(sch, ru, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, pv_cols=pv_cols, unroll=unroll,
+          slots="unit_cols", micro=micro)
     return sch
 
 
-def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full, micro):
+def hires_rows(sch, *, vec, qk_rows, pv_rows, pv_cols, unroll, row_unit_blocks, full, micro):
     """Parallel over (row, query block): the block row's own unit (``_unit``), the merge
     of its overflow units, the low-resolution part and the normalisation, written once.
 
@@ -365,7 +375,7 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, unroll, row_unit_blocks, full, mic
     for name in tokens + (("delta", "hi_scale", "lo_scale") if full else ()):
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
     merges = _overflow_merges(sch, vec)
-    _unit(sch, ri, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, unroll=unroll,
+    _unit(sch, ri, vec=vec, qk_rows=qk_rows, pv_rows=pv_rows, pv_cols=pv_cols, unroll=unroll,
           outputs_placed=False, slots="row_cols", micro=micro, prefetch_queries=True)
     _skip_missing_units(sch, ri, merges)
     return sch
@@ -495,21 +505,25 @@ def select_plan(sch):
 KNOBS = {
     "pool_and_logits": dict(vec=16),
     "lowres_out": dict(vec=16),
-    "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, blocks_per_unit=3),
+    "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=8, unroll=True, blocks_per_unit=3),
     # Wide row units cost little (empty slots are skipped) and leave few overflow units.
-    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, unroll=True, row_unit_blocks=8),
+    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=8, unroll=True, row_unit_blocks=8),
     "select_plan": {},
 }
 
 # AVX2 (8 float32 lanes, 16 vector registers): the tiles of KNOBS would keep 16 (logits:
 # qk_rows=4 keys x 32 queries) and 32 (P V: pv_rows=4 queries x D=64) accumulators, more
-# than there are registers, and the backward's rows=4 likewise; these keep 8 each.
-# Measured on a 2-core Zen 3 (AVX2, no AVX-512), D=64, B*H=12, interleaved: hires_rows
-# 21.7 against 29.0 ms at N=4096 and 37.0 against 57.6 ms at N=8192; the backward 69.6
-# against 93.7 ms at N=4096 (rows=1: 77.2; at D=128 rows=1 was best by ~7%).
+# than there are registers, and the backward's rows=4 likewise; these keep 8. P V also
+# goes in bands of pv_cols=2 vectors (16 dims, one cache line of each value row): with
+# all of D per tile each query tile streamed the unit's whole v (4-8 blocks of 8 KB, past
+# L1) from L2, and took twice the time of the logits. Measured on a 2-core Zen 3 (AVX2,
+# no AVX-512), B*H=12, interleaved, hires_rows alone: D=64, N=4096: 29.0 ms (KNOBS), 21.7
+# (pv_rows=1, all of D), 18.2 (these); N=8192: 57.6, 35.3, 29.4; D=128, N=2048: 18.6
+# (pv_rows=1) against 14.4; D=48: 6.4 against 5.1. The backward (rows=2) 69.6 against
+# 93.7 ms at N=4096, D=64 (rows=1: 77.2; at D=128 rows=1 was best by ~7%).
 NARROW_KNOBS = {
-    "hires_units": dict(qk_rows=2, pv_rows=1),
-    "hires_rows": dict(qk_rows=2, pv_rows=1),
+    "hires_units": dict(qk_rows=2, pv_rows=4, pv_cols=2),
+    "hires_rows": dict(qk_rows=2, pv_rows=4, pv_cols=2),
     "bwd_dkdv_ds_units": dict(rows=2),
     "bwd_dq_ds_units": dict(rows=2),
 }
@@ -741,11 +755,13 @@ KNOBS.update({
 # What the schedules require: every split uses a None outer factor, so TVM accepts any
 # inner factor (non-dividing ones get a guard); the values below divide the extents
 # they split anyway (qk_rows | C*b keys of a unit, pv_rows | b queries, vec | the head
-# dim padded to 16 and b). vec=16 needs AVX-512 (16 float32 lanes).
+# dim padded to 16 and b; pv_cols vectors that do not divide the head dim's mean all of
+# it, see _register_tile). vec=16 needs AVX-512 (16 float32 lanes).
 # ---------------------------------------------------------------------------------------
 
 _VEC = [8, 16]
-_TILES: dict[str, list] = {"qk_rows": [2, 4, 8], "pv_rows": [1, 2, 4], "unroll": [True, False]}
+_TILES: dict[str, list] = {"qk_rows": [2, 4, 8], "pv_rows": [1, 2, 4], "pv_cols": [1, 2, 4, 8],
+                           "unroll": [True, False]}
 
 SPACES: dict[str, dict[str, list]] = {
     "pool_and_logits": {"vec": _VEC},

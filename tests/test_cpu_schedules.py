@@ -83,6 +83,26 @@ def test_pool_logits_are_register_tiles_over_padded_copies():
     assert "T.where" not in update
 
 
+@pytest.mark.parametrize("op,static", [("hires_units", {"b": 32, "D": 64}),
+                                       ("hires_rows", {"b": 32, "D": 64, "full": True})])
+def test_p_v_runs_in_bands_of_the_head_dim(op, static):
+    """pv_cols: P V in tiles of pv_rows queries x pv_cols vectors, the bands of D outermost
+    (d_0), so that a band of the unit's v rows (pv_cols * vec dims) stays in L1 while every
+    query tile (t_0) reads it; all of D in one tile where pv_cols covers it."""
+    knobs = knob_policy.resolve_knobs(op, {"vec": 8, "qk_rows": 2, "pv_rows": 4, "pv_cols": 2})
+
+    def tile_loops(pv_cols):  # the loops above the accumulator tile's initialisation
+        script = build.scheduled_func(op, static, {**knobs, "pv_cols": pv_cols}).script()
+        return "\n".join(script[:script.index('T.sblock("unit_out_init")')].splitlines()[-5:])
+
+    # 4 bands of 16 dims, then 8 tiles of 4 queries; each tile 4 x 2 vectors of 8
+    banded = tile_loops(2)
+    assert re.search(r"for \w+, \w+ in T.grid\(4, 8\):\n.*T.unroll\(4\):\n.*T.unroll\(2\):\n"
+                     r".*T.vectorized\(8\):", banded), banded
+    whole = tile_loops(8)
+    assert re.search(r"for \w+ in range\(8\):\n.*T.unroll\(4\):\n.*T.unroll\(8\):", whole), whole
+
+
 @pytest.mark.parametrize("b,D,dtype", [(16, 16, "float32"), (32, 64, "float32"),
                                        (64, 48, "float32"), (32, 128, "float64")])
 def test_shuffle_transpose_is_a_transpose(b, D, dtype):

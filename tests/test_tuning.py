@@ -67,15 +67,15 @@ def test_spaces_match_the_schedules_and_hold_the_defaults(monkeypatch, width):
 @pytest.mark.parametrize("width", [16, 8])
 def test_default_register_tiles_fit_the_vector_registers(monkeypatch, width):
     """The forward's default accumulator tiles at D = 64 (logits: qk_rows keys x 32
-    queries; P V: pv_rows queries x 64 dims) take at most half the vector registers (32
-    with AVX-512, 16 with AVX2), the rest holding operands."""
+    queries; P V: pv_rows queries x pv_cols vectors of the 64 dims) take at most half the
+    vector registers (32 with AVX-512, 16 with AVX2), the rest holding operands."""
     monkeypatch.setattr(host, "default_vector_width", lambda: width)
     half = (32 if width == 16 else 16) // 2
     for op in ("hires_units", "hires_rows"):
         knobs = knob_policy.default_knobs(op)
         assert knobs["vec"] == width
         assert knobs["qk_rows"] * 32 // width <= half, op
-        assert knobs["pv_rows"] * 64 // width <= half, op
+        assert knobs["pv_rows"] * min(knobs["pv_cols"], 64 // width) <= half, op
 
 
 def test_constraints_reject_illegal_points(monkeypatch):
@@ -216,8 +216,10 @@ def test_cli_tune_and_info(isolated, capsys):
 DISTINCT = {
     "pool_and_logits": {"vec": 8},
     "lowres_out": {"vec": 8},
-    "hires_units": {"vec": 8, "qk_rows": 2, "pv_rows": 1, "unroll": False, "blocks_per_unit": 3},
-    "hires_rows": {"vec": 8, "qk_rows": 2, "pv_rows": 2, "unroll": False, "row_unit_blocks": 3},
+    "hires_units": {"vec": 8, "qk_rows": 2, "pv_rows": 1, "pv_cols": 1, "unroll": False,
+                    "blocks_per_unit": 3},
+    "hires_rows": {"vec": 8, "qk_rows": 2, "pv_rows": 2, "pv_cols": 4, "unroll": False,
+                   "row_unit_blocks": 3},
 }
 
 
