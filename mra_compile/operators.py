@@ -254,16 +254,23 @@ def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     hmask = te.placeholder((R, n, n), dt, "hmask")
     counts = te.placeholder((Bm, n), dt, "counts")
     vp = te.placeholder((R, n, D), dt, "vp")
-    weight = te.compute(
-        (R, n, n),
+    # The weights of a query block in whole vectors (the CPU's: the row padded to 16
+    # with zeros, so that its exps vectorise with no guard); the scratch variant (an
+    # argument) keeps [R, n, n].
+    width = n if scratch else (n + 15) // 16 * 16
+
+    def weight_of(r, i, j):
         # Times c_j by selection: an empty key block adds nothing, even where R (over
-        # real blocks) lies below its penalised logit (exp would overflow there).
-        lambda r, i, j: te.if_then_else(
-            counts[r // heads, j] > 0.5,
-            _exp(logits[r, i, j] - rowmax[r, i] - hmask[r, i, j] * 1e4) * counts[r // heads, j],
-            tirx.const(0.0, logits.dtype)),
-        name="weight",
-    )
+        # real blocks) lies below its penalised logit (exp would overflow there). A
+        # select, both sides evaluated: the padding reads the last block (in bounds).
+        jj = te.min(j, n - 1)
+        c = counts[r // heads, jj]
+        return tirx.Select(
+            tirx.all(j < n, c > 0.5),
+            _exp(logits[r, i, jj] - rowmax[r, i] - hmask[r, i, jj] * 1e4) * c,
+            tirx.const(0.0, logits.dtype))
+
+    weight = te.compute((R, n, width), weight_of, name="weight")
     j1 = te.reduce_axis((0, n), "j1")
     o_lo = te.compute(
         (R, n, D), lambda r, i, d: te.sum(weight[r, i, j1] * vp[r, j1, d], axis=j1), name="o_lo"
@@ -1000,16 +1007,23 @@ def bwd_lowres(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     counts = te.placeholder((Bm, n), dt, "counts")
     qp, kp, vp, ga = (te.placeholder((R, n, D), dt, name) for name in ("qp", "kp", "vp", "ga"))
     da = te.placeholder((R, n), dt, "da")
-    weight = te.compute(
-        (R, n, n),
+    # The weights of a query block in whole vectors (the CPU's: the row padded to 16
+    # with zeros, so that its exps vectorise with no guard); the scratch variant (an
+    # argument) keeps [R, n, n].
+    width = n if scratch else (n + 15) // 16 * 16
+
+    def weight_of(r, i, j):
         # Times c_j by selection: an empty key block adds nothing, even where R (over
-        # real blocks) lies below its penalised logit (exp would overflow there).
-        lambda r, i, j: te.if_then_else(
-            counts[r // heads, j] > 0.5,
-            _exp(logits[r, i, j] - rowmax[r, i] - hmask[r, i, j] * 1e4) * counts[r // heads, j],
-            tirx.const(0.0, logits.dtype)),
-        name="weight",
-    )
+        # real blocks) lies below its penalised logit (exp would overflow there). A
+        # select, both sides evaluated: the padding reads the last block (in bounds).
+        jj = te.min(j, n - 1)
+        c = counts[r // heads, jj]
+        return tirx.Select(
+            tirx.all(j < n, c > 0.5),
+            _exp(logits[r, i, jj] - rowmax[r, i] - hmask[r, i, jj] * 1e4) * c,
+            tirx.const(0.0, logits.dtype))
+
+    weight = te.compute((R, n, width), weight_of, name="weight")
     d0 = te.reduce_axis((0, D), "d0")
     gv = te.compute(
         (R, n, n), lambda r, i, j: te.sum(ga[r, i, d0] * vp[r, j, d0], axis=d0), name="gv"

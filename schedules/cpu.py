@@ -478,10 +478,12 @@ LOGIT_ROWS, LOGIT_COLS = 8, 32  # the low-resolution logits' register tile (16 v
 
 def lowres_out(sch, *, vec):
     """Parallel over (row, query block): weights of the block row, then W v̂ and sum W."""
-    outputs = ("o_lo", "z_lo")
+    # (the weights join the loop whole: compute_at would shrink their padded row to the
+    # n that W v̂ reads, guarding every vector)
+    outputs = ("weight", "o_lo", "z_lo")
     ri = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
     sch.parallel(ri)
-    sch.compute_at(sch.get_sblock("weight"), ri)
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("weight"))[-1], [None, vec])[1])
     out, z = sch.get_sblock("o_lo"), sch.get_sblock("z_lo")
     d, j = sch.get_loops(out)[-2:]
     sch.reorder(j, d)
@@ -704,9 +706,12 @@ def bwd_dq_ds_units(sch, *, vec, rows, blocks_per_unit, micro):
 def bwd_lowres(sch, *, vec):
     """Parallel over rows: the n x n weights and dL, then three small products.
 
-    ``gv`` = ga v̂^T as ``pool_and_logits``' block logits (``_rows_times_transposed``)."""
-    r = _merged_parallel(sch, ("dqp", "dkp", "dvp"), 1)
-    for name in ("dlog", "gv", "weight"):
+    ``gv`` = ga v̂^T as ``pool_and_logits``' block logits (``_rows_times_transposed``);
+    the weights in vectors over their padded rows, which join the row loop whole (as in
+    ``lowres_out``)."""
+    r = _merged_parallel(sch, ("weight", "dqp", "dkp", "dvp"), 1)
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("weight"))[-1], [None, vec])[1])
+    for name in ("dlog", "gv"):
         sch.compute_at(sch.get_sblock(name), r)
     _rows_times_transposed(sch, "gv")
     for name in ("dqp", "dkp", "dvp"):
