@@ -440,7 +440,8 @@ def pool_and_logits(sch, *, vec, micro, full):
     # q̂ k̂^T as register tiles of 8 x 32 logits over a zero-padded copy of q̂ and a
     # zero-padded, transposed one of k̂ (the tiles need no guard); the logits read
     # the padded product in place.
-    sch.pad_einsum(sch.get_sblock("raw_logits"), [1, LOGIT_ROWS, LOGIT_COLS, 1])
+    rows, cols = LOGIT_TILE[min(vec, 16)]
+    sch.pad_einsum(sch.get_sblock("raw_logits"), [1, rows, cols, 1])
     sch.compute_inline(sch.get_sblock("raw_logits_pad"))  # (the copy back to [n, n])
     kp_pad = sch.get_sblock("kp_pad")
     sch.transform_layout(kp_pad, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
@@ -461,8 +462,8 @@ def pool_and_logits(sch, *, vec, micro, full):
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
     raw = sch.get_sblock("raw_logits")
     i, j, d = sch.get_loops(raw)[-3:]
-    i_o, i_i = sch.split(i, [None, LOGIT_ROWS])
-    j_o, j_i = sch.split(j, [None, LOGIT_COLS])
+    i_o, i_i = sch.split(i, [None, rows])
+    j_o, j_i = sch.split(j, [None, cols])
     sch.reorder(i_o, j_o, d, i_i, j_i)
     tile = sch.cache_write(raw, 0, "local")
     sch.reverse_compute_at(tile, j_o)
@@ -473,7 +474,10 @@ def pool_and_logits(sch, *, vec, micro, full):
     return sch
 
 
-LOGIT_ROWS, LOGIT_COLS = 8, 32  # the low-resolution logits' register tile (16 vectors)
+# The low-resolution logits' register tile (rows, columns) by vector width: 16 of the 32
+# AVX-512 registers, 8 of AVX2's 16 (8 x 32 there took 32 and spilled on every FMA:
+# a quarter of pool_and_logits at N = 8192 on Zen 3).
+LOGIT_TILE = {16: (8, 32), 8: (4, 16)}
 
 
 def lowres_out(sch, *, vec):

@@ -70,15 +70,17 @@ def test_rows_with_different_overflow_units_match_the_reference(mode):
     assert rel_err(out, ref) <= RTOL_FP32
 
 
-def test_pool_logits_are_register_tiles_over_padded_copies():
+@pytest.mark.parametrize("vec,rows,cols", [(16, 8, 32), (8, 4, 16)])
+def test_pool_logits_are_register_tiles_over_padded_copies(vec, rows, cols):
     """q̂ k̂^T: k̂ [R, n, D] copied as [R, D, n'] and q̂ as [R, n'', D], zero-padded to the
-    8 x 32 tile, so that the tiles' loops carry no guard; the keys are the vector lanes."""
+    tile (8 x 32 with AVX-512, 4 x 16 with AVX2: half the vector registers), so that the
+    tiles' loops carry no guard; the keys are the vector lanes."""
     script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64, "full": True},
-                                  knob_policy.resolve_knobs("pool_and_logits", None)).script()
+                                  {"vec": vec}).script()
     assert re.search(r"kp_pad\[v\w+, v\w+, v\w+\] = T.if_then_else\(v\w+ < N // 32, kp\[", script)
     assert "qp_pad[v_r, v_i, v_dd] * kp_pad[v_r, v_dd, v_j]" in script
     tile = script[script.index('T.sblock("raw_logits_update")') - 400:]
-    assert "T.vectorized(32)" in tile[:400] and "T.unroll(8)" in tile[:400]
+    assert f"T.vectorized({cols})" in tile[:400] and f"T.unroll({rows})" in tile[:400]
     update = tile[400:tile.index("raw_logits_pad_local[v_r, v_i, v_j] =")]
     assert "T.where" not in update
 
