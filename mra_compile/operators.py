@@ -238,6 +238,28 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
     return params + ([raw, real_max] if scratch else [])
 
 
+def _low_res_weights(logits, rowmax, hmask, counts, heads, scratch: bool):
+    """W [R, n, n'] = exp(L - R_i - 1e4 Hmask) c_j (zero past n), for ``lowres_out`` and
+    ``bwd_lowres``. n' = n for the ``scratch`` variant (an argument); otherwise each row is
+    padded to a multiple of 16 with zeros, so that the CPU computes its exps in whole
+    vectors with no guard."""
+    R, n, _ = logits.shape
+    width = n if scratch else (n + 15) // 16 * 16
+
+    def weight_of(r, i, j):
+        # Times c_j by selection: an empty key block adds nothing, even where R (over
+        # real blocks) lies below its penalised logit (exp would overflow there). A
+        # select, both sides evaluated: the padding reads the last block (in bounds).
+        jj = te.min(j, n - 1)
+        c = counts[r // heads, jj]
+        return tirx.Select(
+            tirx.all(j < n, c > 0.5),
+            _exp(logits[r, i, jj] - rowmax[r, i] - hmask[r, i, jj] * 1e4) * c,
+            tirx.const(0.0, logits.dtype))
+
+    return te.compute((R, n, width), weight_of, name="weight")
+
+
 def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     """Step 5 ("full"), the low-resolution part, one value per query block.
 
@@ -254,23 +276,7 @@ def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     hmask = te.placeholder((R, n, n), dt, "hmask")
     counts = te.placeholder((Bm, n), dt, "counts")
     vp = te.placeholder((R, n, D), dt, "vp")
-    # The weights of a query block in whole vectors (the CPU's: the row padded to 16
-    # with zeros, so that its exps vectorise with no guard); the scratch variant (an
-    # argument) keeps [R, n, n].
-    width = n if scratch else (n + 15) // 16 * 16
-
-    def weight_of(r, i, j):
-        # Times c_j by selection: an empty key block adds nothing, even where R (over
-        # real blocks) lies below its penalised logit (exp would overflow there). A
-        # select, both sides evaluated: the padding reads the last block (in bounds).
-        jj = te.min(j, n - 1)
-        c = counts[r // heads, jj]
-        return tirx.Select(
-            tirx.all(j < n, c > 0.5),
-            _exp(logits[r, i, jj] - rowmax[r, i] - hmask[r, i, jj] * 1e4) * c,
-            tirx.const(0.0, logits.dtype))
-
-    weight = te.compute((R, n, width), weight_of, name="weight")
+    weight = _low_res_weights(logits, rowmax, hmask, counts, heads, scratch)
     j1 = te.reduce_axis((0, n), "j1")
     o_lo = te.compute(
         (R, n, D), lambda r, i, d: te.sum(weight[r, i, j1] * vp[r, j1, d], axis=j1), name="o_lo"
@@ -1007,23 +1013,7 @@ def bwd_lowres(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     counts = te.placeholder((Bm, n), dt, "counts")
     qp, kp, vp, ga = (te.placeholder((R, n, D), dt, name) for name in ("qp", "kp", "vp", "ga"))
     da = te.placeholder((R, n), dt, "da")
-    # The weights of a query block in whole vectors (the CPU's: the row padded to 16
-    # with zeros, so that its exps vectorise with no guard); the scratch variant (an
-    # argument) keeps [R, n, n].
-    width = n if scratch else (n + 15) // 16 * 16
-
-    def weight_of(r, i, j):
-        # Times c_j by selection: an empty key block adds nothing, even where R (over
-        # real blocks) lies below its penalised logit (exp would overflow there). A
-        # select, both sides evaluated: the padding reads the last block (in bounds).
-        jj = te.min(j, n - 1)
-        c = counts[r // heads, jj]
-        return tirx.Select(
-            tirx.all(j < n, c > 0.5),
-            _exp(logits[r, i, jj] - rowmax[r, i] - hmask[r, i, jj] * 1e4) * c,
-            tirx.const(0.0, logits.dtype))
-
-    weight = te.compute((R, n, width), weight_of, name="weight")
+    weight = _low_res_weights(logits, rowmax, hmask, counts, heads, scratch)
     d0 = te.reduce_axis((0, D), "d0")
     gv = te.compute(
         (R, n, n), lambda r, i, j: te.sum(ga[r, i, d0] * vp[r, j, d0], axis=d0), name="gv"
