@@ -437,7 +437,7 @@ def pool_and_logits(sch, *, vec, micro, full):
     The logits of a row need every pooled key of that row, so a row (not a block)
     is the unit of parallel work; pooling reads each input once.
     """
-    # q̂ k̂^T as register tiles of 8 x 32 logits over a zero-padded copy of q̂ and a
+    # q̂ k̂^T as register tiles of logits (LOGIT_TILE) over a zero-padded copy of q̂ and a
     # zero-padded, transposed one of k̂ (the tiles need no guard); the logits read
     # the padded product in place.
     rows, cols = LOGIT_TILE[min(vec, 16)]
