@@ -759,7 +759,7 @@ KNOBS.update({
 # ---------------------------------------------------------------------------------------
 # Tuning search spaces (read by mra_compile.tuning and by the tuning-record checks in
 # mra_compile.records): every legal value of every knob of the forward schedules above.
-# The defaults (KNOBS, with vec set to the host's vector width) are points of these spaces.
+# The defaults (``default_knobs(op, vec)`` at the host's vector width) are points of these spaces.
 #
 # What the schedules require: every split uses a None outer factor, so TVM accepts any
 # inner factor (non-dividing ones get a guard); the values below divide the extents

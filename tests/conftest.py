@@ -23,6 +23,19 @@ RTOL_FP32 = 1e-5
 
 
 @pytest.fixture
+def avx512_defaults(monkeypatch):
+    """The default knobs of an AVX-512 CPU (vec=16, qk_rows=4, ...) whatever this one has,
+    for tests whose fake timers or expectations are written against them. (Tuning records
+    reloaded around it: no knobs cached under it outlive it.)"""
+    from mra_compile import host, records
+
+    monkeypatch.setattr(host, "default_vector_width", lambda: 16)
+    records.reload()
+    yield
+    records.reload()
+
+
+@pytest.fixture
 def fresh_dynamo():
     """torch._dynamo reset before and after the test (compiled graphs, caches, counters)."""
     import torch._dynamo

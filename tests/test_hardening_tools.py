@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from mra_compile import build, cli, host, knob_policy, progress, records, tuning
+from mra_compile import build, cli, knob_policy, progress, records, tuning
 from mra_compile.tools import benchmarks
 
 SHAPE = tuning.Shape(rows=2, N=256, D=64)
@@ -19,16 +19,6 @@ SHAPE = tuning.Shape(rows=2, N=256, D=64)
 @pytest.fixture
 def no_quiet(monkeypatch):
     monkeypatch.delenv(progress.ENV_QUIET, raising=False)
-
-
-@pytest.fixture
-def avx512(monkeypatch):
-    """The defaults of an AVX-512 CPU (vec=16, qk_rows=4) whatever this one has: the fake
-    timers favour other points. (records.reload: no knobs cached under it outlive it.)"""
-    monkeypatch.setattr(host, "default_vector_width", lambda: 16)
-    records.reload()
-    yield
-    records.reload()
 
 
 @pytest.fixture
@@ -119,7 +109,7 @@ def run_tune(timer, **kw):
     return result, stream.getvalue()
 
 
-def test_tune_progress_agrees_with_the_table(no_quiet, avx512):
+def test_tune_progress_agrees_with_the_table(no_quiet, avx512_defaults):
     result, text = run_tune(micro_gain_lost_in_the_whole_op)
     table = result.table()
     # Stages are named by what they tune; no stage called "blocks".
@@ -146,7 +136,7 @@ def test_tune_progress_agrees_with_the_table(no_quiet, avx512):
     assert hires_rows.cells() == ("3.300", "3.300", "+0.0%")
 
 
-def test_a_kernel_the_tuned_plan_does_not_call_is_not_tuned(no_quiet, avx512):
+def test_a_kernel_the_tuned_plan_does_not_call_is_not_tuned(no_quiet, avx512_defaults):
     def timer(op, bucket, knobs):
         if op == "forward":  # row units of 12 blocks are best: no overflow units then
             return 1e-2 * (1 + abs(knobs["hires_rows"]["row_unit_blocks"] - 12))

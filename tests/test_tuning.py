@@ -132,8 +132,7 @@ def fake_timer(calls):
 
 
 @pytest.mark.parametrize("search", ["random", "exhaustive"])
-def test_tuner_finds_and_persists_the_best(isolated, search, monkeypatch):
-    monkeypatch.setattr(host, "default_vector_width", lambda: 16)  # vec=16 legal, as with AVX-512
+def test_tuner_finds_and_persists_the_best(isolated, search, avx512_defaults):
     calls = []
     shape = tuning.Shape(rows=2, N=256, D=64)
     result = tuning.tune(["pool_and_logits", "hires_rows", "hires_units"], [shape],
