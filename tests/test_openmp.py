@@ -33,8 +33,8 @@ def run_script(**env):
 
 
 def test_same_results_as_tvms_own_pool():
-    """Forward and backward, masked and not: bit for bit what TVM's pool computes (the
-    kernels split their loops into the same tasks either way)."""
+    """Forward and backward, masked and not: bit for bit what TVM's pool computes (an
+    iteration of a kernel's parallel loop computes the same whichever task runs it)."""
     ours, tvm_pool = run_script(), run_script(MRA_COMPILE_OPENMP="0")
     assert ours["status"].startswith("torch's OpenMP threads")
     assert tvm_pool["status"] == "TVM's own thread pool: disabled by MRA_COMPILE_OPENMP=0"
@@ -51,6 +51,43 @@ def test_every_loaded_cpu_kernel_uses_the_launcher():
     for e in events:
         lib = ctypes.CDLL(e["path"])
         assert ctypes.c_void_p.in_dll(lib, openmp.POINTER).value == state["launch"], e["op"]
+
+
+def test_tasks_are_handed_out_as_threads_come_free():
+    """A parallel loop is cut into TASKS_PER_THREAD tasks per thread, each run once, and
+    a thread takes the next one when it is done: one thread kept busy by its first task
+    leaves the rest to the others."""
+    state = openmp._state()
+    assert "shim" in state, openmp.status()
+    shim = state["shim"]
+    lam = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    before = openmp.threads()
+    seen, lock = [], threading.Lock()
+    first_done = threading.Event()
+
+    @lam
+    def task(task_id, penv, cdata):
+        num_task = ctypes.cast(penv, ctypes.POINTER(ctypes.c_int32 * 4)).contents[2]
+        with lock:
+            seen.append((task_id, num_task, threading.get_ident()))
+        if task_id == 0:  # (held until every other task ran: another thread ran them)
+            first_done.wait(10)
+        elif len(seen) == 2 * openmp.TASKS_PER_THREAD:
+            first_done.set()
+        return 0
+
+    try:
+        shim.mra_parallel_set_tasks(2)
+        rc = shim.mra_parallel_launch(task, None, 0)
+    finally:
+        shim.mra_parallel_set_tasks(before)
+    assert rc == 0
+    tasks = 2 * openmp.TASKS_PER_THREAD
+    assert sorted(t for t, _, _ in seen) == list(range(tasks))
+    assert {n for _, n, _ in seen} == {tasks}
+    holder = next(who for t, _, who in seen if t == 0)
+    assert all(who != holder for t, _, who in seen if t != 0)
+    assert first_done.is_set()
 
 
 def test_threads_follow_torch():
