@@ -526,12 +526,16 @@ KNOBS = {
 # no AVX-512), B*H=12, interleaved, hires_rows alone: D=64, N=4096: 29.0 ms (KNOBS), 21.7
 # (pv_rows=1, all of D), 18.2 (these); N=8192: 57.6, 35.3, 29.4; D=128, N=2048: 18.6
 # (pv_rows=1) against 14.4; D=48: 6.4 against 5.1. The backward (rows=2) 69.6 against
-# 93.7 ms at N=4096, D=64 (rows=1: 77.2; at D=128 rows=1 was best by ~7%).
+# 93.7 ms at N=4096, D=64 (rows=1: 77.2; at D=128 rows=1 was best by ~7%); its [b, D]
+# outputs then still kept rows=2 x all of D (16 accumulators, spilled): in tiles of
+# out_rows=4 x out_cols=2 vectors, bands of D outermost, the backward took 0.74x the time
+# at N=4096, D=64 (94.2 -> 70.2 ms), 0.68x at D=128 (N=2048), 0.91x at D=48; 2 x 4: 0.78x,
+# 8 x 1: 0.88x (backward alone, interleaved, bit-identical gradients).
 NARROW_KNOBS = {
     "hires_units": dict(qk_rows=2, pv_rows=4, pv_cols=2),
     "hires_rows": dict(qk_rows=2, pv_rows=4, pv_cols=2),
-    "bwd_dkdv_ds_units": dict(rows=2),
-    "bwd_dq_ds_units": dict(rows=2),
+    "bwd_dkdv_ds_units": dict(rows=2, out_rows=4, out_cols=2),
+    "bwd_dq_ds_units": dict(rows=2, out_rows=4, out_cols=2),
 }
 
 
@@ -586,12 +590,13 @@ def bwd_prep(sch, *, vec, micro):
     return sch
 
 
-def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, factor,
-               extra=(), micro=None, slot_rows=(), shared_rows=True, kept=()):
+def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementwise, fixed,
+               slots, factor, extra=(), micro=None, slot_rows=(), shared_rows=True, kept=()):
     """The backward's unit kernels (``operators._bwd_unit``): parallel over (row, unit);
-    ``dots`` and ``dp`` as [W, b] register tiles, the ``elementwise`` [W, b] stages (exp,
-    dS) with the fixed block's tokens in vector lanes, the [b, D] ``outputs`` as register
-    tiles over (slot, token); empty slots (-1 in input ``slots``) skipped. ``gathers``:
+    ``dots`` and ``dp`` as [W, b] register tiles of ``rows`` slot tokens, the
+    ``elementwise`` [W, b] stages (exp, dS) with the fixed block's tokens in vector lanes,
+    the [b, D] ``outputs`` as register tiles of ``out_rows`` tokens x ``out_cols`` vectors
+    of D over (slot, token); empty slots (-1 in input ``slots``) skipped. ``gathers``:
     CUDA's tensor-core tiles, read in place here; ``fixed``: the fixed block's two
     operands (``q``, ``g`` / ``k``, ``v``), gathered transposed; ``factor`` and ``extra``:
     the per-token factor stages. ``micro`` ("avx512_bf16"): every block product is a call
@@ -612,7 +617,7 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     if micro:
         guarded = _micro_bwd_products(sch, vec, b, outputs, fixed)
     else:
-        guarded = _tiled_bwd_products(sch, vec, rows, b, outputs, fixed)
+        guarded = _tiled_bwd_products(sch, vec, rows, out_rows, out_cols, b, outputs, fixed)
     for name in elementwise:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
@@ -626,15 +631,16 @@ def _bwd_units(sch, *, vec, rows, gathers, outputs, elementwise, fixed, slots, f
     return sch
 
 
-def _tiled_bwd_products(sch, vec, rows, b, outputs, fixed) -> dict:
+def _tiled_bwd_products(sch, vec, rows, out_rows, out_cols, b, outputs, fixed) -> dict:
     """A backward unit's block products as register tiles: ``dots`` and ``dp`` [W, b] of
-    ``rows`` slot tokens x b, every [b, D] output of ``rows`` tokens x D over its slots;
-    the fixed block's operands as rows, then transposed (``_rows_then_transposed``).
-    Returns the loops whose whole bodies an empty slot skips, {loop: tokens per
-    iteration} (``_skip_empty_slots``)."""
+    ``rows`` slot tokens x b, every [b, D] output of ``out_rows`` tokens x ``out_cols``
+    vectors of D (in bands of D, ``_register_tile``) over its slots; the fixed block's
+    operands as rows, then transposed (``_rows_then_transposed``). Returns the loops whose
+    whole bodies an empty slot skips, {loop: tokens per iteration} (``_skip_empty_slots``)."""
     tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
              for name in ("dots", "dp")}
-    out_slots = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True, slot=b)[1]
+    out_slots = {name: _register_tile(sch, name, vec=vec, rows=out_rows, unroll=True, slot=b,
+                                      cols=out_cols)[1]
                  for name in outputs}
     for x in fixed:
         _rows_then_transposed(sch, x, vec, b)
@@ -671,22 +677,24 @@ def _micro_bwd_products(sch, vec, b, outputs, fixed) -> dict:
     return slots
 
 
-def bwd_dkdv_ds_units(sch, *, vec, rows, blocks_per_unit, micro):
+def bwd_dkdv_ds_units(sch, *, vec, rows, out_rows, out_cols, blocks_per_unit, micro):
     """Parallel over (row, key-block unit): logits, P, dP, dS as [W, b], then P^T g and
     dS^T q as [b, D] tiles, and dS written out per slot (``ds_blocks``, transposed); empty
     query-block slots skipped (``_bwd_units``)."""
-    return _bwd_units(sch, vec=vec, rows=rows, gathers=("q_g", "g_g", "prob_t", "ds_t"),
+    return _bwd_units(sch, vec=vec, rows=rows, out_rows=out_rows, out_cols=out_cols,
+                      gathers=("q_g", "g_g", "prob_t", "ds_t"),
                       outputs=("dk_unit", "dv_unit"), elementwise=("ds", "prob"),
                       fixed=("k", "v"), slots="unit_rows", factor="query_factor",
                       extra=("key_mask",), micro=micro,
                       slot_rows=(("q_g", "q"), ("g_g", "g")), shared_rows=False, kept=("ds",))
 
 
-def bwd_dq_ds_units(sch, *, vec, rows, blocks_per_unit, micro):
-    """Parallel over (row, unit): dq_unit [b, D] as a register tile of ``rows`` queries x D
-    over the slots' dS blocks (read in place, key-major) and key blocks, or one P v
-    micro-kernel call per slot (``micro``: bf16 k, dS rounded to bf16 in the call); empty
-    slots skipped."""
+def bwd_dq_ds_units(sch, *, vec, rows, out_rows, out_cols, blocks_per_unit, micro):
+    """Parallel over (row, unit): dq_unit [b, D] as a register tile of ``out_rows`` queries
+    x ``out_cols`` vectors of D over the slots' dS blocks (read in place, key-major) and
+    key blocks, or one P v micro-kernel call per slot (``micro``: bf16 k, dS rounded to
+    bf16 in the call); empty slots skipped. (``rows``: unused, the unit kernels' knobs
+    are one set.)"""
     from mra_compile.schedules import cpu_bf16
 
     at = _input(sch.get(sch.get_sblock("ds_g")), "ds_at")
@@ -699,7 +707,8 @@ def bwd_dq_ds_units(sch, *, vec, rows, blocks_per_unit, micro):
         D = int(sch.get(loops[-2]).extent)
         slot = _slot_product(sch, "dq_unit", vec, b, cpu_bf16.gathered_pv_intrinsic(D))
     else:
-        slot = _register_tile(sch, "dq_unit", vec=vec, rows=rows, unroll=True, slot=b)[1]
+        slot = _register_tile(sch, "dq_unit", vec=vec, rows=out_rows, unroll=True, slot=b,
+                              cols=out_cols)[1]
         sch.decompose_reduction(sch.get_sblock("dq_unit"), slot)
     units = at.shape[1]
     unit = sch.get(ru).loop_var
@@ -749,8 +758,8 @@ KNOBS.update({
     # Units of 6 blocks: a block row or column's blocks (4 on average at 4 per row) mostly
     # in one unit, so fewer partials for bwd_finish to sum (fp32 forward+backward at
     # N = 8192: 82.7-83.6 ms against 85.5-88.3 with 3; 1024-4096 the same or better).
-    "bwd_dkdv_ds_units": dict(vec=16, rows=4, blocks_per_unit=6),
-    "bwd_dq_ds_units": dict(vec=16, rows=4, blocks_per_unit=6),
+    "bwd_dkdv_ds_units": dict(vec=16, rows=4, out_rows=4, out_cols=8, blocks_per_unit=6),
+    "bwd_dq_ds_units": dict(vec=16, rows=4, out_rows=4, out_cols=8, blocks_per_unit=6),
     "bwd_lowres": dict(vec=16),
     "bwd_finish": dict(vec=16),
 })

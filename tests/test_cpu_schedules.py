@@ -216,3 +216,49 @@ def test_low_resolution_weights_are_vectors(op, static):
     assert "T.vectorized(" in loops[-2], loops
     body = script[block:script.index("T.writes(weight", block)]
     assert "T.where" not in body, body
+
+
+@pytest.mark.parametrize("op,output", [("bwd_dkdv_ds_units", "dk_unit"),
+                                       ("bwd_dq_ds_units", "dq_unit")])
+def test_backward_outputs_run_in_bands_of_the_head_dim(op, output):
+    """out_rows x out_cols: the backward's [b, D] outputs in tiles of out_rows tokens x
+    out_cols vectors, the bands of D outermost (AVX2's default 4 x 2: 8 accumulators;
+    all of D at out_rows=2 kept 16 of AVX2's 16 registers and spilled)."""
+    knobs = knob_policy.resolve_knobs(op, {"vec": 8, "rows": 2, "out_rows": 4, "out_cols": 2})
+    script = build.scheduled_func(op, {"b": 32, "D": 64}, knobs).script()
+    tile = "\n".join(script[:script.index(f'T.sblock("{output}_init")')].splitlines()[-5:])
+    # 4 bands of 16 dims, then 8 tiles of 4 tokens; each tile 4 x 2 vectors of 8
+    assert re.search(r"for \w+, \w+ in T.grid\(4, 8\):\n.*T.unroll\(4\):\n.*T.unroll\(2\):\n"
+                     r".*T.vectorized\(8\):", tile), tile
+
+
+@pytest.mark.parametrize("D", [40, 64])
+def test_backward_output_tiles_change_no_bit(D):
+    """Bands of D split a spatial axis only: dq, dk, dv bit for bit the same with the
+    outputs in bands (4 tokens x 2 vectors) as in whole rows (2 tokens x all of D), and
+    within float32 tolerance of the float64 reference's gradients."""
+    import torch
+    from conftest import as64
+
+    import mra_compile
+    from mra_compile import backward, forward
+    from mra_compile.options import Options
+    from mra_compile.reference import mra2_reference
+
+    g = torch.Generator().manual_seed(D)
+    q, k, v, grad = (torch.randn(1, 2, 200, D, generator=g) for _ in range(4))
+    opts = Options(30, "full", 32)
+    out, saved = forward.mra_forward(q, k, v, None, opts, save=True)
+    units = ("bwd_dkdv_ds_units", "bwd_dq_ds_units")
+    grads = {tile: backward.mra_backward(grad, q, k, v, None, out, saved, opts,
+                                         {op: {"vec": 8, "out_rows": tile[0],
+                                               "out_cols": tile[1]} for op in units})
+             for tile in ((4, 2), (2, 8))}
+    for banded, whole in zip(grads[(4, 2)], grads[(2, 8)]):
+        assert torch.equal(banded, whole)
+    sel = mra_compile.block_selection(q, k, v, num_blocks=30)
+    refs = [as64(x).requires_grad_() for x in (q, k, v)]
+    mra2_reference(*refs, num_blocks=30, selection=sel).backward(as64(grad))
+    scale = max(x.grad.abs().max().item() for x in refs)
+    for mine, ref in zip(grads[(4, 2)], refs):
+        assert ((mine.double() - ref.grad).abs().max() / scale).item() <= 1e-5
