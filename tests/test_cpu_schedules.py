@@ -262,3 +262,20 @@ def test_backward_output_tiles_change_no_bit(D):
     scale = max(x.grad.abs().max().item() for x in refs)
     for mine, ref in zip(grads[(4, 2)], refs):
         assert ((mine.double() - ref.grad).abs().max() / scale).item() <= 1e-5
+
+
+def test_dq_tests_each_slot_once_per_unit():
+    """bwd_dq_ds_units: the slot loop outside the register tiles (``_slots_outside_tiles``),
+    so a slot's test (and its block's address: a floor division by the symbolic unit
+    count) runs once per unit, not once per tile."""
+    knobs = knob_policy.resolve_knobs("bwd_dq_ds_units", {"vec": 8, "out_rows": 4, "out_cols": 2})
+    lines = build.scheduled_func("bwd_dq_ds_units", {"b": 32, "D": 64}, knobs).script().splitlines()
+    body = lines[next(i for i, line in enumerate(lines) if "T.parallel" in line) + 1:]
+    guard = next(i for i, line in enumerate(body) if re.match(r"\s*if ds_at\[", line))
+    depth = len(body[0]) - len(body[0].lstrip())  # the parallel loop's body
+
+    def indent(line):
+        return len(line) - len(line.lstrip())
+    slot_loop = body[guard - 1]
+    assert re.match(r"\s*for \w+ in range\(6\):", slot_loop) and indent(slot_loop) == depth
+    assert re.match(r"\s*for \w+, \w+, \w+ in T.grid\(4, 8, 32\):", body[guard + 1]), body[guard + 1]
