@@ -179,10 +179,7 @@ def _register_tile(sch, name, *, vec, rows, unroll, slot=None, cols=None):
     ``cols`` vectors do not divide y, all of y). Returns (x_o, the outer reduction loop)."""
     blk = sch.get_sblock(name)
     x, y, z = sch.get_loops(blk)[-3:]
-    width = sch.get(y).extent
-    y_c = None
-    if cols is not None and width % (cols * vec) == 0 and width > cols * vec:
-        y_c, y = sch.split(y, [None, cols * vec])
+    y_c, y = _bands(sch, y, cols, vec)
     x_o, x_i = sch.split(x, [None, rows])
     if slot is None:
         z_outer = z
@@ -200,6 +197,15 @@ def _register_tile(sch, name, *, vec, rows, unroll, slot=None, cols=None):
         sch.unroll(x_i)
     sch.vectorize(sch.split(sch.get_loops(acc)[-1], [None, vec])[1])
     return x_o, z_outer
+
+
+def _bands(sch, y, cols, vec):
+    """(y_c, y_i): loop ``y`` in bands of ``cols`` vectors of ``vec``, or (None, y) where
+    ``cols`` is None, does not divide it or covers it."""
+    width = sch.get(y).extent
+    if cols is not None and width % (cols * vec) == 0 and width > cols * vec:
+        return tuple(sch.split(y, [None, cols * vec]))
+    return None, y
 
 
 def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=True, slots,
@@ -729,10 +735,7 @@ def _slots_outside_tiles(sch, name, *, vec, rows, cols, slot):
     D=128, 0.92x at D=48, 0.90x at N=8192 (AVX2 host, bit-identical results)."""
     blk = sch.get_sblock(name)
     x, y, z = sch.get_loops(blk)[-3:]
-    width = sch.get(y).extent
-    y_c = None
-    if width % (cols * vec) == 0 and width > cols * vec:
-        y_c, y = sch.split(y, [None, cols * vec])
+    y_c, y = _bands(sch, y, cols, vec)
     x_o, x_i = sch.split(x, [None, rows])
     z_o, z_i = sch.split(z, [None, slot])
     sch.reorder(z_o, *([y_c] if y_c is not None else []), x_o, z_i, x_i, y)
