@@ -514,12 +514,17 @@ def select_plan(sch):
 
 # The defaults of every knob, the only place they are set (``blocks_per_unit`` and
 # ``row_unit_blocks`` also shape the operator: ``mra_compile.kernels``, ``shape_knobs``).
+# P V (pv_cols) and the backward's outputs (out_cols) in bands of 4 vectors: all of D up
+# to D = 64 (the same kernels as all of D), 64-dim bands at D = 128, where 4 x 8 vectors
+# took all 32 registers (compiled for znver4: hires_rows 88 stack stores and 75 loads,
+# hires_units 188 / 233, bwd_dkdv_ds_units 101 / 101; with bands 23 / 8, 7 / 1, 3 / 1,
+# as at D = 64; not timed on an AVX-512 CPU yet).
 KNOBS = {
     "pool_and_logits": dict(vec=16),
     "lowres_out": dict(vec=16),
-    "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=8, unroll=True, blocks_per_unit=3),
+    "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=4, unroll=True, blocks_per_unit=3),
     # Wide row units cost little (empty slots are skipped) and leave few overflow units.
-    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=8, unroll=True, row_unit_blocks=8),
+    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=4, unroll=True, row_unit_blocks=8),
     "select_plan": {},
 }
 
@@ -789,8 +794,8 @@ KNOBS.update({
     # Units of 6 blocks: a block row or column's blocks (4 on average at 4 per row) mostly
     # in one unit, so fewer partials for bwd_finish to sum (fp32 forward+backward at
     # N = 8192: 82.7-83.6 ms against 85.5-88.3 with 3; 1024-4096 the same or better).
-    "bwd_dkdv_ds_units": dict(vec=16, rows=4, out_rows=4, out_cols=8, blocks_per_unit=6),
-    "bwd_dq_ds_units": dict(vec=16, rows=4, out_rows=4, out_cols=8, blocks_per_unit=6),
+    "bwd_dkdv_ds_units": dict(vec=16, rows=4, out_rows=4, out_cols=4, blocks_per_unit=6),
+    "bwd_dq_ds_units": dict(vec=16, rows=4, out_rows=4, out_cols=4, blocks_per_unit=6),
     "bwd_lowres": dict(vec=16),
     "bwd_finish": dict(vec=16),
 })

@@ -66,23 +66,27 @@ def test_spaces_match_the_schedules_and_hold_the_defaults(monkeypatch, width):
 
 @pytest.mark.parametrize("width", [16, 8])
 def test_default_register_tiles_fit_the_vector_registers(monkeypatch, width):
-    """The default accumulator tiles at D = 64 (logits: qk_rows keys x 32 queries; P V:
-    pv_rows queries x pv_cols vectors of the 64 dims; the backward's likewise) take at
-    most half the vector registers (32 with AVX-512, 16 with AVX2), the rest holding
-    operands."""
+    """The default accumulator tiles at D = 64 and 128 (logits: qk_rows keys x 32
+    queries; P V: pv_rows queries x pv_cols vectors of D, all of D where they do not
+    divide it; the backward's likewise) take at most half the vector registers (32 with
+    AVX-512, 16 with AVX2), the rest holding operands."""
     monkeypatch.setattr(host, "default_vector_width", lambda: width)
     half = (32 if width == 16 else 16) // 2
-    for op in ("hires_units", "hires_rows"):
-        knobs = knob_policy.default_knobs(op)
-        assert knobs["vec"] == width
-        assert knobs["qk_rows"] * 32 // width <= half, op
-        assert knobs["pv_rows"] * min(knobs["pv_cols"], 64 // width) <= half, op
-    # The backward's units: dots and dP (rows slot tokens x 32), the [b, D] outputs
-    # (out_rows tokens x out_cols vectors of the 64 dims).
-    for op in ("bwd_dkdv_ds_units", "bwd_dq_ds_units"):
-        knobs = knob_policy.default_knobs(op)
-        assert knobs["rows"] * 32 // width <= half, op
-        assert knobs["out_rows"] * min(knobs["out_cols"], 64 // width) <= half, op
+
+    def vectors(cols, D):  # (the band of _register_tile, or all of D)
+        return cols if (D // width) % cols == 0 else D // width
+    for D in (64, 128):
+        for op in ("hires_units", "hires_rows"):
+            knobs = knob_policy.default_knobs(op)
+            assert knobs["vec"] == width
+            assert knobs["qk_rows"] * 32 // width <= half, op
+            assert knobs["pv_rows"] * vectors(knobs["pv_cols"], D) <= half, (op, D)
+        # The backward's units: dots and dP (rows slot tokens x 32), the [b, D] outputs
+        # (out_rows tokens x out_cols vectors of D).
+        for op in ("bwd_dkdv_ds_units", "bwd_dq_ds_units"):
+            knobs = knob_policy.default_knobs(op)
+            assert knobs["rows"] * 32 // width <= half, op
+            assert knobs["out_rows"] * vectors(knobs["out_cols"], D) <= half, (op, D)
 
 
 def test_constraints_reject_illegal_points(monkeypatch):
