@@ -19,7 +19,10 @@ A kernel's parallel loop is cut into ``TASKS_PER_THREAD`` tasks per thread, whic
 threads take one at a time as they finish the last (an atomic counter), not a fixed
 contiguous half each: a row's units differ in work (blocks per query block, overflow
 merges), and with static halves the thread that finished first waited at the region's
-end (libgomp's barrier took ~7% of the samples of ``hires_rows`` alone on 2 cores).
+end (libgomp's barrier took ~7% of the samples of ``hires_rows`` alone on 2 cores), as
+it does for a thread whose core another process takes for a while (the forward at
+N = 4096 with one busy process beside it on 2 cores: 0.83x the time of static halves;
+on an idle machine 1.015x, bench/results/roofline_cpu.md).
 
 Falls back to TVM's own pool, silently but visibly in ``mra-compile info``
 (``status()``), when there is no C compiler, no OpenMP runtime in the process (torch
