@@ -85,6 +85,17 @@ def test_pool_logits_are_register_tiles_over_padded_copies(vec, rows, cols):
     assert "T.where" not in update
 
 
+# A [b, D] register tile at D = 64 in bands: 4 bands of 16 dims, then 8 tiles of 4
+# tokens; each tile 4 x 2 vectors of 8 (the loops above its initialisation).
+BANDED_4_BY_2 = (r"for \w+, \w+ in T.grid\(4, 8\):\n.*T.unroll\(4\):\n.*T.unroll\(2\):\n"
+                 r".*T.vectorized\(8\):")
+
+
+def _loops_above(script, block):
+    """The five lines above the block ``block`` of a scheduled kernel's script."""
+    return "\n".join(script[:script.index(f'T.sblock("{block}")')].splitlines()[-5:])
+
+
 @pytest.mark.parametrize("op,static", [("hires_units", {"b": 32, "D": 64}),
                                        ("hires_rows", {"b": 32, "D": 64, "full": True})])
 def test_p_v_runs_in_bands_of_the_head_dim(op, static):
@@ -95,12 +106,10 @@ def test_p_v_runs_in_bands_of_the_head_dim(op, static):
 
     def tile_loops(pv_cols):  # the loops above the accumulator tile's initialisation
         script = build.scheduled_func(op, static, {**knobs, "pv_cols": pv_cols}).script()
-        return "\n".join(script[:script.index('T.sblock("unit_out_init")')].splitlines()[-5:])
+        return _loops_above(script, "unit_out_init")
 
-    # 4 bands of 16 dims, then 8 tiles of 4 queries; each tile 4 x 2 vectors of 8
     banded = tile_loops(2)
-    assert re.search(r"for \w+, \w+ in T.grid\(4, 8\):\n.*T.unroll\(4\):\n.*T.unroll\(2\):\n"
-                     r".*T.vectorized\(8\):", banded), banded
+    assert re.search(BANDED_4_BY_2, banded), banded
     whole = tile_loops(8)
     assert re.search(r"for \w+ in range\(8\):\n.*T.unroll\(4\):\n.*T.unroll\(8\):", whole), whole
 
@@ -226,10 +235,8 @@ def test_backward_outputs_run_in_bands_of_the_head_dim(op, output):
     all of D at out_rows=2 kept 16 of AVX2's 16 registers and spilled)."""
     knobs = knob_policy.resolve_knobs(op, {"vec": 8, "rows": 2, "out_rows": 4, "out_cols": 2})
     script = build.scheduled_func(op, {"b": 32, "D": 64}, knobs).script()
-    tile = "\n".join(script[:script.index(f'T.sblock("{output}_init")')].splitlines()[-5:])
-    # 4 bands of 16 dims, then 8 tiles of 4 tokens; each tile 4 x 2 vectors of 8
-    assert re.search(r"for \w+, \w+ in T.grid\(4, 8\):\n.*T.unroll\(4\):\n.*T.unroll\(2\):\n"
-                     r".*T.vectorized\(8\):", tile), tile
+    tile = _loops_above(script, f"{output}_init")
+    assert re.search(BANDED_4_BY_2, tile), tile
 
 
 @pytest.mark.parametrize("D", [40, 64])
