@@ -51,6 +51,53 @@ def test_every_loaded_cpu_kernel_uses_the_launcher():
     for e in events:
         lib = ctypes.CDLL(e["path"])
         assert ctypes.c_void_p.in_dll(lib, openmp.POINTER).value == state["launch"], e["op"]
+        scratch = [ctypes.c_void_p.in_dll(lib, name).value for name in openmp.SCRATCH_POINTERS]
+        assert tuple(scratch) == state["scratch"], e["op"]
+
+
+def test_scratch_is_a_stack_per_thread():
+    """Kernel scratch comes from a per-thread stack: 64-byte aligned, reused once freed
+    (in any order), and what does not fit goes to TVM's own allocator."""
+    q = torch.randn(1, 2, 256, 32)
+    torch.ops.mra.attention(q, q, q, None, 24, "full")  # (TVM's allocator is the fallback)
+    shim = openmp._state()["shim"]
+    alloc, free = shim.mra_workspace_alloc, shim.mra_workspace_free
+    alloc.restype, alloc.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_int,
+                                                      ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+    free.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+
+    def take(nbytes):
+        return alloc(1, 0, nbytes, 2, 32)
+
+    def give(ptr):
+        assert free(1, 0, ptr) == 0
+
+    def run():
+        a, b = take(1000), take(5000)
+        assert a % 64 == 0 and b % 64 == 0 and b >= a + 1000
+        give(b)
+        assert take(64) == b  # the top, freed, is reused
+        give(b)
+        give(a)  # free in any order: both are released once the top is
+        c, d = take(3000), take(3000)
+        assert c == a and d >= c + 3000
+        give(c)
+        e = take(100)
+        assert e >= d + 3000  # c is not the top: not reused yet
+        give(e), give(d)
+        assert take(10) == a
+        give(a)
+        big = take(64 << 20)  # larger than the stack: TVM's allocator
+        assert big and not a <= big < a + (64 << 20)
+        give(big)
+        return a
+
+    mine = run()
+    other = []
+    t = threading.Thread(target=lambda: other.append(run()))
+    t.start()
+    t.join()
+    assert other and other[0] != mine  # each thread its own stack
 
 
 def test_tasks_are_handed_out_as_threads_come_free():
