@@ -99,6 +99,23 @@ def test_scratch_is_a_stack_per_thread():
     t.join()
     assert other and other[0] != mine  # each thread its own stack
 
+    def rss_mb():
+        status = Path("/proc/self/status").read_text()
+        return int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1]) / 1024
+
+    def touch_and_leave():  # 1.5 MB of a thread's stack written, then the thread ends
+        p = take(3 << 19)
+        ctypes.memset(p, 1, 3 << 19)
+        give(p)
+
+    if Path("/proc/self/status").exists():
+        before = rss_mb()
+        for _ in range(100):  # 150 MB if the stacks of ended threads were kept
+            t = threading.Thread(target=touch_and_leave)
+            t.start()
+            t.join()
+        assert rss_mb() - before < 50
+
 
 def test_tasks_are_handed_out_as_threads_come_free():
     """A parallel loop is cut into TASKS_PER_THREAD tasks per thread, each run once, and
