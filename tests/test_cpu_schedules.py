@@ -160,7 +160,7 @@ def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
     filled slots only, and not past the last unit: slot c a few rows at a time from the
     logits tiles of its own slot c, up front only the slots it has empty; hires_rows,
     whose unit u is query block u, the next block of queries too (of the query row
-    itself)."""
+    itself), a few rows from each of the first logits tiles (none up front)."""
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     lines = [line.strip() for line in script.splitlines()]
     assert any(re.match(r"if \w+ \+ 1 < ", line) for line in lines), script[:3000]
@@ -171,7 +171,14 @@ def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
     assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in spread} == {"k", "v"}
     ask = next(i for i in range(spread[0], 0, -1) if lines[i].startswith("if "))
     assert re.match(rf"if \w+ \+ 1 < .* and {index}\[\(\w+ \+ 1\) //", lines[ask]), lines[ask]
-    guard = lines[ask - 1]  # the current unit's slot guard of the logits tile
+    # the current unit's slot guard of the logits tile (hires_rows: above the queries' ask)
+    at = next(i for i in range(ask - 1, 0, -1) if lines[i].startswith("if "))
+    guard = lines[at]
+    if op == "hires_rows":  # the next queries, 4 rows per tile of the first slot's
+        assert re.match(r"if \w+ \+ 1 < .* and \w+ \* 4 < 32:$", guard), guard
+        assert all(at < i < ask for i, line in enumerate(lines)
+                   if "llvm.prefetch" in line and "T.address_of(q[" in line), lines[at:ask]
+        guard = lines[at - 1]
     assert guard.startswith(f"if {index}[") and guard.endswith("] >= 0:") and "+ 1" not in guard
     prefetches = [line for line in lines if "llvm.prefetch" in line]
     buffers = {re.search(r"T.address_of\((\w+)\[", p).group(1): p for p in prefetches}
