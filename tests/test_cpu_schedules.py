@@ -74,7 +74,8 @@ def test_rows_with_different_overflow_units_match_the_reference(mode):
 def test_pool_logits_are_register_tiles_over_padded_copies(vec, rows, cols):
     """q̂ k̂^T: k̂ [R, n, D] copied as [R, D, n'] and q̂ as [R, n'', D], zero-padded to the
     tile (8 x 32 with AVX-512, 4 x 16 with AVX2: half the vector registers), so that the
-    tiles' loops carry no guard; the keys are the vector lanes."""
+    tiles' loops carry no guard; the keys are the vector lanes. The copy of k̂ is written
+    along its rows."""
     script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64, "full": True},
                                   {"vec": vec}).script()
     assert re.search(r"kp_pad\[v\w+, v\w+, v\w+\] = T.if_then_else\(v\w+ < N // 32, kp\[", script)
@@ -83,6 +84,11 @@ def test_pool_logits_are_register_tiles_over_padded_copies(vec, rows, cols):
     assert f"T.vectorized({cols})" in tile[:400] and f"T.unroll({rows})" in tile[:400]
     update = tile[400:tile.index("raw_logits_pad_local[v_r, v_i, v_j] =")]
     assert "T.where" not in update
+    # The copy of k̂ runs along the rows it writes (keys innermost), not the rows it reads
+    # (a scatter per vector of d).
+    copy = script[:script.index('T.sblock("kp_pad")')].splitlines()[-3:]
+    assert re.match(r"\s*for i2, i1_0 in T.grid\(64, ", copy[0]), copy
+    assert f"T.vectorized({vec})" in copy[1], copy
 
 
 # A [b, D] register tile at D = 64 in bands: 4 bands of 16 dims, then 8 tiles of 4
