@@ -136,11 +136,14 @@ void* mra_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int c
   if (device_type == 1 /* kDLCPU */ && s->live < MAX_LIVE) {
     if (!s->base) s->base = new_stack();
     size_t at = (s->top + 63) & ~(size_t)63;
-    if (s->base && nbytes <= SCRATCH_BYTES - at) {
+    /* (at least a byte each: no two live buffers start at the same place, which is how a
+       release finds its buffer; TVM asks for 0 bytes where a symbolic extent is 0) */
+    uint64_t size = nbytes ? nbytes : 1;
+    if (s->base && at <= SCRATCH_BYTES && size <= SCRATCH_BYTES - at) {
       s->start[s->live] = at;
       s->below[s->live] = s->top;
       s->freed[s->live++] = 0;
-      s->top = at + nbytes;
+      s->top = at + size;
       return s->base + at;
     }
   }

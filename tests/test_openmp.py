@@ -87,6 +87,14 @@ def test_scratch_is_a_stack_per_thread():
         give(e), give(d)
         assert take(10) == a
         give(a)
+        e0, e1 = take(0), take(0)  # (empty requests: distinct places all the same)
+        assert e0 == a and e1 > e0
+        give(e0)  # not the top: e1 stays its own
+        f = take(8)
+        assert f > e1
+        give(e1), give(f)
+        assert take(4) == a
+        give(a)
         big = take(64 << 20)  # larger than the stack: TVM's allocator
         assert big and not a <= big < a + (64 << 20)
         give(big)
