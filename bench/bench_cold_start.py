@@ -2,7 +2,10 @@
 
 Each setting runs in a fresh process: the op (full mode, B=1, H=12, N=4096, D=64, 4 blocks
 per row) is called ``--calls`` times right after the PyTorch MRA-2 fallback (many large
-gathers and scatters, then freed), then ``--calls`` times back to back. Settings: no
+gathers and scatters, then freed), each time followed by a call right after another call
+of the op (back to back; the two kinds alternate since 2026-12-02: before, the
+back-to-back calls all came after the others, and the machine's drift between the two
+halves entered the ratio). Settings: no
 switch; torch's ``THP_MEM_ALLOC_ENABLE=1``; glibc's
 ``GLIBC_TUNABLES=glibc.malloc.top_pad=268435456`` (both are environment variables read
 at process start, so they cannot be set from inside a running program). The op keeps
@@ -57,7 +60,9 @@ def child(calls: int) -> None:
 
     op()
     fallback()
-    after, system = [], []
+    # The two kinds of call alternate (a drifting machine moves both alike): a call right
+    # after the fallback, then one right after another call of the op.
+    after, system, back = [], [], []
     for _ in range(calls):
         fallback()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
@@ -65,8 +70,7 @@ def child(calls: int) -> None:
         op()
         after.append((time.perf_counter() - start) * 1e3)
         system.append((resource.getrusage(resource.RUSAGE_SELF).ru_stime - before) * 1e3)
-    back = []
-    for _ in range(calls):
+        op()
         start = time.perf_counter()
         op()
         back.append((time.perf_counter() - start) * 1e3)
@@ -88,8 +92,8 @@ def main() -> int:
 
     lines = [machine_line(), "",
              f"fp32, B=1, H={HEADS}, N={N}, D={HEAD_DIM}, full mode, 4 blocks per row; "
-             f"{args.calls} calls each right after the PyTorch MRA-2 fallback, then "
-             f"{args.calls} back to back; one fresh process per setting; ms.", "",
+             f"{args.calls} calls each right after the PyTorch MRA-2 fallback, alternating "
+             f"with {args.calls} back to back; one fresh process per setting; ms.", "",
              "| setting | after fallback: median | worst | system time (median) | "
              "back to back: median | after / back to back |",
              "|---|---:|---:|---:|---:|---:|"]
