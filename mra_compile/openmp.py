@@ -297,8 +297,11 @@ def threads() -> int | None:
 
 
 def status() -> str:
-    """How CPU kernels run their parallel loops, for ``mra-compile info``."""
+    """How CPU kernels run their parallel loops (and where their scratch comes from), for
+    ``mra-compile info``."""
     state = _state()
     if "launch" in state:
-        return f"torch's OpenMP threads ({state['runtime']})"
+        scratch = ("per-thread stacks" if state.get("scratch_ready")
+                   else "per-thread stacks once a kernel module is loaded")
+        return f"torch's OpenMP threads ({state['runtime']}); kernel scratch: {scratch}"
     return f"TVM's own thread pool: {state['error']}"
