@@ -27,10 +27,11 @@ on an idle machine 1.015x, bench/results/roofline_cpu.md).
 The same library serves the kernels' scratch (``__TVMBackendAllocWorkspace`` and
 ``__TVMBackendFreeWorkspace``, also pointers in the module): TVM asks for every buffer of
 1 KB or more (or of a size known at run time only) that a loop body allocates (a unit's
-logits, probabilities, outputs) once per iteration, and its workspace pool searched a list on each release (~3% of the forward's
-samples at N = 8192). A stack of 2 MB per thread (freed when the thread ends) serves them by a
-pointer bump instead: the whole op 0.95x the time at N = 1024, 0.99x at N = 8192
-(fp32, Zen 5, in-process A/B); larger requests still go to TVM's pool.
+logits, probabilities, outputs) once per iteration, and its workspace pool searched a
+list on each release (~3% of the forward's samples at N = 8192). A stack of 2 MB per
+thread (freed when the thread ends) serves them by a pointer bump instead: the whole op
+0.95x the time at N = 1024, 0.99x at N = 8192 (fp32, Zen 5, in-process A/B); larger
+requests still go to TVM's pool.
 
 Falls back to TVM's own pool, silently but visibly in ``mra-compile info``
 (``status()``), when there is no C compiler, no OpenMP runtime in the process (torch
@@ -104,8 +105,9 @@ void mra_parallel_init(void* parallel) { gomp_parallel = (gomp_parallel_fn)paral
 /* Scratch of kernel bodies (TVMBackendAllocWorkspace / TVMBackendFreeWorkspace, whose
    pointers a module holds like the launch's): TVM puts every buffer of 1 KB or more (or
    of a run-time size) that a loop body allocates there, once per iteration, and frees it
-   on the same thread at the iteration's end, in the reverse order (nested scopes). A stack per thread (SCRATCH_BYTES, taken from
-   malloc on first use, freed when the thread exits) serves that with a pointer bump;
+   on the same thread at the iteration's end, in the reverse order (nested scopes). A
+   stack per thread (SCRATCH_BYTES, taken from malloc on first use, freed when the
+   thread exits) serves that with a pointer bump;
    what does not fit, or is not host memory, or is allocated past MAX_LIVE live buffers,
    goes to TVM's own. */
 #include <pthread.h>
