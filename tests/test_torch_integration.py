@@ -152,3 +152,49 @@ def test_fake_tensor_mode():
         q = mode.from_tensor(torch.randn(1, 2, 70, 8))
         out = op(q, q, q, None, 3)
         assert out.shape == (1, 2, 70, 8) and out.dtype == torch.float32
+
+
+def _ops_seen(fn) -> set[str]:
+    """Names of the ops the profiler records while ``fn`` runs (no dispatch mode: it
+    leaves the op's own choice of path alone)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_plain_eager_call_skips_the_second_dispatch_with_the_same_result():
+    q, k, v = make_qkv(3, 2, 2, 96, 24)
+    mask = padded_mask(96, [96, 61])
+    with torch.no_grad():
+        got = {}
+        seen = _ops_seen(lambda: got.setdefault("out", op(q, k, v, mask, 5, "full")))
+    assert "mra::attention" in seen and "mra::attention_fwd" not in seen
+    # With something to differentiate, the call goes through attention_fwd (its autograd).
+    qg = q.clone().requires_grad_()
+    kept = {}
+    seen = _ops_seen(lambda: kept.setdefault("out", op(qg, k, v, mask, 5, "full")))
+    assert "mra::attention_fwd" in seen
+    assert torch.equal(got["out"], kept["out"].detach())
+    # Under no_grad, inputs that require gradients take the direct path too.
+    with torch.no_grad():
+        assert "mra::attention_fwd" not in _ops_seen(lambda: op(qg, k, v, mask, 5, "full"))
+
+
+def test_dispatch_modes_still_see_the_forward_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = make_qkv(4, 1, 2, 64, 16)
+    with torch.no_grad(), Names() as mode:
+        out = op(q, k, v, None, 4, "sparse")
+    assert "mra.attention_fwd.default" in mode.names
+    with torch.no_grad():
+        torch.testing.assert_close(out, op(q, k, v, None, 4, "sparse"), rtol=0, atol=0)
