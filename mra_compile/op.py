@@ -200,9 +200,11 @@ def _plain_call(*tensors) -> bool:
 
 def differentiable(q, k, v, mask, opts: Options, query_mask=None) -> torch.Tensor:
     """The op as ``mra_compile.mra_attention`` calls it: the same kernels; in eager mode
-    through ``_Attention``, so that torch.func transforms work on it; under torch.compile
-    as ``mra::attention`` (Dynamo does not trace an autograd.Function given one tensor
-    twice, as self-attention does)."""
+    through ``_Attention``, so that torch.func transforms work on it (directly where
+    ``_plain_call`` allows); under torch.compile as ``mra::attention`` (Dynamo does not
+    trace an autograd.Function given one tensor twice, as self-attention does)."""
     if torch.compiler.is_compiling():
         return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
+    if _plain_call(q, k, v, mask, query_mask):
+        return _forward_kernels(q, k, v, mask, query_mask, opts.as_args())[0]
     return _Attention.apply(q, k, v, mask, query_mask, *opts.as_args())[0]

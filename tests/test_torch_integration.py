@@ -178,6 +178,15 @@ def test_plain_eager_call_skips_the_second_dispatch_with_the_same_result():
     # Under no_grad, inputs that require gradients take the direct path too.
     with torch.no_grad():
         assert "mra::attention_fwd" not in _ops_seen(lambda: op(qg, k, v, mask, 5, "full"))
+    # The user API likewise (its autograd.Function only where there is a gradient).
+    api = {}
+    with torch.no_grad():
+        seen = _ops_seen(lambda: api.setdefault("out", mra_compile.mra_attention(
+            q, k, v, mask, num_blocks=5)))
+    assert "mra::attention_fwd" not in seen
+    assert torch.equal(api["out"], got["out"])
+    assert "mra::attention_fwd" in _ops_seen(
+        lambda: mra_compile.mra_attention(qg, k, v, mask, num_blocks=5))
 
 
 def test_dispatch_modes_still_see_the_forward_op():
