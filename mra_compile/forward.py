@@ -41,13 +41,14 @@ class LowRes:
 def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     R, Np, Dp = pr.q.shape
     n = Np // pr.block_size
-    # Results, not scratch (n x D and n x n per row): the backward keeps them.
-    pooled = pr.result(3, R, n, Dp)
+    # What the backward reads (n x D and n x n per row): results where the call returns
+    # them (``Prepared.saved``).
+    pooled = pr.saved("saved_pooled", 3, R, n, Dp)
     qp, kp, vp = pooled.unbind(0)
-    logits, rowmax = pr.result(R, n, n), pr.result(R, n)
+    logits, rowmax = pr.saved("saved_logits", R, n, n), pr.saved("saved_rowmax", R, n)
     # v̂ only feeds the low-resolution output ("full"); "sparse" saves zeros in its place.
     values = dict(v=pr.v, vp=vp) if opts.full else {}
-    if not opts.full:
+    if not opts.full and pr.keeps_saved:
         vp.zero_()
     pr.run("pool_and_logits", knobs, opts.full, q=pr.q, k=pr.k, **values, **pr.masks,
            counts=pr.counts, inv_counts=pr.inv_counts, q_counts=pr.q_counts,
@@ -68,9 +69,9 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
         return LowRes(pooled, logits, rowmax, sel, work, saved_mask)
     if row_blocks is not None:
         real_pairs = _real_pairs(pr)
-    # S goes to kept memory, not fresh pages: a result, where Hmask (which the backward
-    # keeps) replaces it ("full"), or that the backward's zeros then take ("sparse").
-    kept = {} if grid else {"scores_out": pr.result(R, n, n)}
+    # S goes to kept memory, not fresh pages: where Hmask (which the backward reads)
+    # replaces it ("full"), or that the backward's zeros then take ("sparse").
+    kept = {} if grid else {"scores_out": pr.saved("saved_scores", R, n, n)}
     sel = plan.select_blocks(logits[:, :nq, :nk] if grid else logits, rowmax[:, :nq],
                              num_blocks=k, full=opts.full,
                              first_n=opts.first_n, diagonal_n=opts.diagonal_n,
@@ -99,10 +100,10 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     Cr, Co = _unit_blocks(knobs, pr.target)
     room, _ = plan.plan_bounds(k, n, Cr, Co)  # (the most overflow units a row can have)
     i32 = torch.int32
-    # S into a result: Hmask ("full") or zeros ("sparse") replace it in place, for the
-    # backward.
-    scores = pr.result(R, n, n)
-    index = pr.result(R, k, dtype=torch.int64)
+    # S where the backward reads Hmask: Hmask ("full") or zeros ("sparse") replace it in
+    # place.
+    scores = pr.saved("saved_scores", R, n, n)
+    index = pr.saved("saved_index", R, k, dtype=torch.int64)
     row_cols = pr.scratch("row_cols", R, n, Cr, dtype=i32)
     ov_start, ov_units = pr.scratch("ov_start", R, n, dtype=i32), pr.scratch("ov_units", R, n, dtype=i32)
     unit_row = pr.scratch("unit_row", R, room, dtype=i32)
@@ -121,7 +122,11 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
            row_cols=row_cols, ov_start=ov_start, ov_units=ov_units, unit_row=unit_row,
            unit_cols=unit_cols, units=units, heads=pr.heads, nq=pr.blocks_q, nk=pr.blocks_k,
            real_only=int(row_blocks is not None), write_mask=int(full))
-    most, widest = units.amax(0).tolist()  # (one read of the row counts for both)
+    # (one read of the row counts for both; on the CPU by numpy: ~2 us against ~20)
+    if units.device.type == "cpu":
+        most, widest = units.numpy().max(0).tolist()
+    else:
+        most, widest = units.amax(0).tolist()
     U = max(most, 1)
     work = plan.Plan(row_cols, unit_row[:, :U].contiguous(), unit_cols[:, :U].contiguous(),
                      ov_start, ov_units, max(widest, 1), overflow=most > 0)
@@ -241,7 +246,8 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
     [B, Nk] or None; query_mask [B, Nq] or None -> [B, H, Nq, D]. ``knobs``: ``{op:
     schedule knobs}`` (see ``knob_policy.knobs_for_shape``).
 
-    With ``save=True`` returns ``(out, Saved)`` for the backward.
+    With ``save=True`` returns ``(out, Saved)`` for the backward; without, what the
+    backward would read lives in scratch memory for the call only.
     """
     B, H, N, D = q.shape
     if B * H == 0:
@@ -251,6 +257,7 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
     try:
         with torch_single_threaded():
             pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
+            pr.keeps_saved = save
             with pr.target.device_scope(q.device):
                 chosen = knob_policy.knobs_for_shape(knobs, max(N, k.shape[2]), D,
                                                      opts.block_size, pr.target)
@@ -262,15 +269,18 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
         dim, ranges = split
         results = [mra_forward(narrow(q, dim, a, z), narrow(k, dim, a, z), narrow(v, dim, a, z),
                                mask if dim == 1 else narrow(mask, 0, a, z), opts, knobs,
-                               save=True,
+                               save=save,
                                query_mask=query_mask if dim == 1 else narrow(query_mask, 0, a, z))
                    for a, z in ranges]
+        if not save:
+            return torch.cat(results, dim)
         out = torch.cat([o for o, _ in results], dim)
         saved = Saved.cat([s for _, s in results])
     return (out, saved) if save else out
 
 
-def _forward(q, pr: Prepared, opts: Options, knobs: dict):
+def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor, Saved | None]:
+    """(out, what the backward reads, or None where ``pr`` does not keep it)."""
     B, H, N, D = q.shape
     lr = _pool_and_select(pr, opts, knobs)
     R, Np, Dp = pr.q.shape
@@ -284,7 +294,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
         out = pr.scratch("out", R, n, opts.block_size, Dp, dtype=pr.q.dtype)
     else:
         out = pr.result(R, n, opts.block_size, Dp, dtype=pr.q.dtype)  # returned as it is
-    stats = pr.result(3, R, n, opts.block_size)
+    stats = pr.saved("saved_stats", 3, R, n, opts.block_size)
     high_mask = lr.sel.high_mask
     exact_and_combine(pr, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.pooled[2],
                       opts.full, knobs, out, stats, lr.work)
@@ -292,6 +302,8 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict):
         out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
     else:
         out = out.view(B, H, N, D)
+    if not pr.keeps_saved:
+        return out, None
     if high_mask is None:  # ("sparse": zeros, from the selection kernel where it ran)
         high_mask = lr.saved_mask if lr.saved_mask is not None else pr.result(R, n, n).zero_()
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,

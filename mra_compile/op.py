@@ -58,12 +58,15 @@ def _saved_shapes(q, k, opts: Options):
     return dt, [(3, R, Np), (3, R, n, Dp), (R, n, n), (R, n, n), (R, n)], (R, K)
 
 
-def _forward_kernels(q, k, v, mask, query_mask, args) -> tuple:
-    """attention_fwd's computation: (out, *what the backward needs)."""
+def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True):
+    """attention_fwd's computation: (out, *what the backward needs); with ``save=False``
+    the output alone (its intermediates in scratch memory)."""
     opts = _checked(q, k, v, mask, query_mask, args)
     validate.check_device(q)
     validate.check_mask_values(mask)
     validate.check_mask_values(query_mask, "query_mask")
+    if not save:
+        return mra_forward(q, k, v, mask, opts, query_mask=query_mask)
     out, s = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask)
     if s is None:  # B*H == 0
         dt, shapes, index_shape = _saved_shapes(q, k, opts)
@@ -171,7 +174,7 @@ def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
         args, query_mask = args[:options.count()], args[options.count()]
     opts = Options(*args, **kwargs) if kwargs else options.parse(args)
     if _plain_call(q, k, v, mask, query_mask):
-        return _forward_kernels(q, k, v, mask, query_mask, opts.as_args())[0]
+        return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
     return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args())[0]
 
 
@@ -206,5 +209,5 @@ def differentiable(q, k, v, mask, opts: Options, query_mask=None) -> torch.Tenso
     if torch.compiler.is_compiling():
         return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
     if _plain_call(q, k, v, mask, query_mask):
-        return _forward_kernels(q, k, v, mask, query_mask, opts.as_args())[0]
+        return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
     return _Attention.apply(q, k, v, mask, query_mask, *opts.as_args())[0]

@@ -70,6 +70,32 @@ def test_saved_results_survive_later_calls_in_training():
         assert torch.equal(a.grad, b.grad)
 
 
+def test_an_inference_call_keeps_only_its_output(monkeypatch):
+    # Nothing to differentiate: what the backward would read stays in scratch memory,
+    # and the output is the call's only result; with a gradient to compute, the saved
+    # tensors are results too. The output is the same either way.
+    from mra_compile import inputs
+
+    taken = []
+    real = inputs.result_tensor
+
+    def counted(shape, *args):
+        taken.append(shape)
+        return real(shape, *args)
+
+    monkeypatch.setattr(inputs, "result_tensor", counted)
+    q, k, v = make_qkv(8, 1, 3, 512, 64)
+    for mode in ("full", "sparse"):
+        taken.clear()
+        with torch.no_grad():
+            out = op(q, k, v, None, 40, mode)
+        assert taken == [(3, 16, 32, 64)], (mode, taken)
+        taken.clear()
+        trained = op(q.clone().requires_grad_(), k, v, None, 40, mode)
+        assert len(taken) >= 5, (mode, taken)
+        assert torch.equal(out, trained.detach())
+
+
 def test_kept_results_stay_within_the_bound(monkeypatch):
     x = make_qkv(7, 1, 2, 300, 64)
     one = op(*x, None, 30, "full").numel() * 4
