@@ -547,8 +547,12 @@ KNOBS = {
     "pool_and_logits": dict(vec=16),
     "lowres_out": dict(vec=16),
     "hires_units": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=4, unroll=True, blocks_per_unit=3),
-    # Wide row units cost little (empty slots are skipped) and leave few overflow units.
-    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=4, unroll=True, row_unit_blocks=8),
+    # Wide row units cost little (empty slots are skipped) and leave few overflow units:
+    # with 4 blocks per row on random inputs, 5.7% of the blocks beyond a row's 8, 1.3%
+    # beyond 12. 12 against 8 on a Zen 5 (the whole forward, one process, alternating):
+    # 0.98x at N = 512-1024 (full), 0.97-0.99x at 4096 and 8192 (full, sparse, bf16),
+    # 0.98x at D = 128, 0.99x at D = 32; 16 no better than 12.
+    "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=4, unroll=True, row_unit_blocks=12),
     "select_plan": {},
 }
 
@@ -568,7 +572,8 @@ KNOBS = {
 # 8 x 1: 0.88x (backward alone, interleaved, bit-identical gradients).
 NARROW_KNOBS = {
     "hires_units": dict(qk_rows=2, pv_rows=4, pv_cols=2),
-    "hires_rows": dict(qk_rows=2, pv_rows=4, pv_cols=2),
+    # (row_unit_blocks: as measured on the AVX2 host; 12 was timed on AVX-512 only)
+    "hires_rows": dict(qk_rows=2, pv_rows=4, pv_cols=2, row_unit_blocks=8),
     "bwd_dkdv_ds_units": dict(rows=2, out_rows=4, out_cols=2),
     "bwd_dq_ds_units": dict(rows=2, out_rows=4, out_cols=2),
 }

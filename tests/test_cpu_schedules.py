@@ -55,12 +55,16 @@ def test_rows_with_different_overflow_units_match_the_reference(mode):
     from conftest import RTOL_FP32, as64, make_qkv, rel_err
 
     import mra_compile
+    from mra_compile.forward import mra_forward
+    from mra_compile.options import Options
     from mra_compile.reference import mra2_reference
 
     q, k, v = make_qkv(5, 1, 2, 520, 64)  # 17 block rows, 10 selected blocks per row
     kw = dict(block_per_row=10, approx_mode=mode)
-    with build.trace_kernel_calls() as calls:
-        out = mra_compile.mra_attention(q, k, v, **kw)
+    # Row units of 8 blocks (not the AVX-512 default, 12), overflow units of 3.
+    knobs = {"hires_rows": {"row_unit_blocks": 8}, "hires_units": {"blocks_per_unit": 3}}
+    with build.trace_kernel_calls() as calls, torch.no_grad():
+        out = mra_forward(q, k, v, None, Options(**kw), knobs=knobs)
     rows = next(c for c in calls if c["op"] == "hires_rows")
     names = build.kernels.get("hires_rows").arg_names(rows["static"])
     counts = torch.from_dlpack(rows["args"][names.index("ov_units")])

@@ -120,7 +120,7 @@ def test_shape_buckets():
 
 TINY_SPACES = {
     "pool_and_logits": {"vec": [8, 16]},
-    "hires_rows": {"row_unit_blocks": [2, 6, 8], "qk_rows": [2, 4]},
+    "hires_rows": {"row_unit_blocks": [2, 6, 12], "qk_rows": [2, 4]},  # (12: the default)
     "hires_units": {"blocks_per_unit": [2, 3]},
 }
 
@@ -161,11 +161,13 @@ def test_tuner_finds_and_persists_the_best(isolated, search, avx512_defaults):
     assert {t.phase for t in result.trials} == {"pool_and_logits", tuning.PLAN, "hires_rows"}
     assert sum(t.phase == tuning.PLAN for t in result.trials) == 3 * 2 - 1
     first_forward = next(c for c in calls if c[0] == "forward")
-    assert json.loads(first_forward[2])["hires_rows"]["row_unit_blocks"] == 8  # the default
+    default = knob_policy.default_knobs("hires_rows")["row_unit_blocks"]
+    assert json.loads(first_forward[2])["hires_rows"]["row_unit_blocks"] == default
     fwd = next(r for r in result.results if r.op == "forward")
-    assert fwd.default_s == pytest.approx(0.03) and fwd.tuned_s == pytest.approx(0.01)
-    assert fwd.gain_pct == pytest.approx(200 / 3)
-    assert "forward" in result.table() and "+66.7%" in result.table()
+    # (the default, Cr = 12: 1 + |12 - 6| hundredths; the best, Cr = 6: one)
+    assert fwd.default_s == pytest.approx(0.07) and fwd.tuned_s == pytest.approx(0.01)
+    assert fwd.gain_pct == pytest.approx(600 / 7)
+    assert "forward" in result.table() and "+85.7%" in result.table()
 
     # Persisted, and what the op now uses, for this bucket and (nearest) for any.
     assert result.db == isolated
@@ -186,8 +188,9 @@ def test_tuner_finds_and_persists_the_best(isolated, search, avx512_defaults):
 def test_tuner_real_short_run(isolated):
     """Real compiles and timings on a tiny space: records land and are legal and used."""
     shape = tuning.Shape(rows=2, N=512, D=32)
+    cr = knob_policy.default_knobs("hires_rows")["row_unit_blocks"]  # (this CPU's default)
     spaces = {"pool_and_logits": {"vec": [8, 16]},
-              "hires_rows": {"row_unit_blocks": [2, 8]}, "hires_units": {"blocks_per_unit": [3]}}
+              "hires_rows": {"row_unit_blocks": [2, cr]}, "hires_units": {"blocks_per_unit": [3]}}
     result = tuning.tune(["pool_and_logits", "hires_rows", "hires_units"], [shape],
                          budget_seconds=60, db=isolated, spaces=spaces, rounds=3,
                          verify_rounds=3, progress=False)
