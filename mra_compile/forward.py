@@ -28,7 +28,8 @@ class LowRes:
     """Steps 2-3: pooled [3, R, n, Dp] (q̂, k̂, v̂); logits, rowmax; the selection; the
     work plan where the selection kernel made it with the selection (else None)."""
 
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None  # (None where the call keeps nothing for a backward)
+    vp: torch.Tensor  # v̂ [R, n, Dp] (pooled[2] where pooled is kept)
     logits: torch.Tensor
     rowmax: torch.Tensor
     sel: plan.Selection
@@ -43,8 +44,12 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     n = Np // pr.block_size
     # What the backward reads (n x D and n x n per row): results where the call returns
     # them (``Prepared.saved``).
-    pooled = pr.saved("saved_pooled", 3, R, n, Dp)
-    qp, kp, vp = pooled.unbind(0)
+    if pr.keeps_saved:
+        pooled = pr.result(3, R, n, Dp)
+        qp, kp, vp = pooled.unbind(0)
+    else:  # (three cached scratch views: unbind cost 10-25 us a call)
+        pooled = None
+        qp, kp, vp = (pr.scratch(f"pooled_{x}", R, n, Dp) for x in "qkv")
     logits, rowmax = pr.saved("saved_logits", R, n, n), pr.saved("saved_rowmax", R, n)
     # v̂ only feeds the low-resolution output ("full"); "sparse" saves zeros in its place.
     values = dict(v=pr.v, vp=vp) if opts.full else {}
@@ -66,7 +71,7 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
             and opts.diagonal_n == 0 and k < nq * nk):
         sel, work, saved_mask = _select_and_plan(pr, logits, rowmax, k, opts.full, knobs,
                                                  row_blocks)
-        return LowRes(pooled, logits, rowmax, sel, work, saved_mask)
+        return LowRes(pooled, vp, logits, rowmax, sel, work, saved_mask)
     if row_blocks is not None:
         real_pairs = _real_pairs(pr)
     # S goes to kept memory, not fresh pages: where Hmask (which the backward reads)
@@ -80,7 +85,7 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
                              **kept)
     if grid:
         sel = sel.embed(nq, nk, n)
-    return LowRes(pooled, logits, rowmax, sel)
+    return LowRes(pooled, vp, logits, rowmax, sel)
 
 
 # Room for the selection kernel's candidates per row (``selection_tir``, step 2), in
@@ -110,10 +115,10 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     unit_cols = pr.scratch("unit_cols", R, room, Co, dtype=i32)
     units = pr.scratch("units", R, 2, dtype=i32)
     cands = min(CANDIDATE_ROOM * k, n * n)  # (never more than the scores: R*n*n < 2**31)
-    budget = pr.scratch("budget", R, dtype=i32)
     if row_blocks is None:
-        budget.fill_(k)
+        budget = _uniform_budget(R, k, pr)
     else:  # (a row's budget beyond k takes its k best, as plan.select_blocks does)
+        budget = pr.scratch("budget", R, dtype=i32)
         budget.copy_(row_blocks.clamp_max(k))
     pr.run("select_plan", knobs, logits=logits, rowmax=rowmax, counts=pr.counts,
            q_counts=pr.q_counts, budget=budget, scores=scores.view(R, n * n),
@@ -122,15 +127,40 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
            row_cols=row_cols, ov_start=ov_start, ov_units=ov_units, unit_row=unit_row,
            unit_cols=unit_cols, units=units, heads=pr.heads, nq=pr.blocks_q, nk=pr.blocks_k,
            real_only=int(row_blocks is not None), write_mask=int(full))
-    # (one read of the row counts for both; on the CPU by numpy: ~2 us against ~20)
     if units.device.type == "cpu":
-        most, widest = units.numpy().max(0).tolist()
-    else:
+        # (numpy, not torch: each torch call costs 10-35 us right after other heavy
+        # work, as the kernels' traffic leaves the interpreter's caches cold)
+        counts = units.numpy().tolist()
+        most, widest = max(c[0] for c in counts), max(c[1] for c in counts)
+        U = max(most, 1)
+        used_row = pr.scratch("unit_row_used", R, U, dtype=i32)
+        used_cols = pr.scratch("unit_cols_used", R, U, unit_cols.shape[2], dtype=i32)
+        used_row.numpy()[...] = unit_row.numpy()[:, :U]
+        used_cols.numpy()[...] = unit_cols.numpy()[:, :U]
+    else:  # (one read of the row counts for both)
         most, widest = units.amax(0).tolist()
-    U = max(most, 1)
-    work = plan.Plan(row_cols, unit_row[:, :U].contiguous(), unit_cols[:, :U].contiguous(),
-                     ov_start, ov_units, max(widest, 1), overflow=most > 0)
+        U = max(most, 1)
+        used_row, used_cols = unit_row[:, :U].contiguous(), unit_cols[:, :U].contiguous()
+    work = plan.Plan(row_cols, used_row, used_cols, ov_start, ov_units, max(widest, 1),
+                     overflow=most > 0)
     return plan.Selection(index, scores if full else None), work, scores
+
+
+_BUDGETS: dict = {}  # (R, k, device) -> [R] i32 of k; bounded below
+
+
+def _uniform_budget(R: int, k: int, pr: Prepared) -> torch.Tensor:
+    """``select_plan``'s budget [R] of k blocks for every row: kept between calls where
+    the target keeps memory (the kernel only reads it; a fill cost 10-30 us a call)."""
+    if not pr.target.reuses_workspace:
+        return torch.full((R,), k, dtype=torch.int32, device=pr.q.device)
+    key = (R, k, pr.q.device)
+    made = _BUDGETS.get(key)
+    if made is None:
+        if len(_BUDGETS) >= 64:  # (many shapes: forget the oldest)
+            del _BUDGETS[next(iter(_BUDGETS))]
+        made = _BUDGETS[key] = torch.full((R,), k, dtype=torch.int32, device=pr.q.device)
+    return made
 
 
 def _unit_blocks(knobs: dict, target) -> tuple[int, int]:
@@ -296,7 +326,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor,
         out = pr.result(R, n, opts.block_size, Dp, dtype=pr.q.dtype)  # returned as it is
     stats = pr.saved("saved_stats", 3, R, n, opts.block_size)
     high_mask = lr.sel.high_mask
-    exact_and_combine(pr, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.pooled[2],
+    exact_and_combine(pr, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.vp,
                       opts.full, knobs, out, stats, lr.work)
     if copied:  # (never hand out the scratch, even where a prefix of it is the result)
         out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
@@ -306,6 +336,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor,
         return out, None
     if high_mask is None:  # ("sparse": zeros, from the selection kernel where it ran)
         high_mask = lr.saved_mask if lr.saved_mask is not None else pr.result(R, n, n).zero_()
+    assert lr.pooled is not None  # (kept: keeps_saved)
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
                   high_mask if high_mask.dtype == dt else high_mask.to(dt), lr.rowmax,
                   lr.sel.index)

@@ -286,7 +286,10 @@ def _install_scratch(lib, state: dict) -> None:
 
 def set_threads(n: int) -> None:
     """Threads per kernel (torch's intra-op thread count, read by the op on each call)."""
-    _ASKED[:] = [int(n)]
+    n = int(n)
+    if _ASKED == [n]:  # (every call asks; the shim already has it)
+        return
+    _ASKED[:] = [n]
     state = _STATE
     if "shim" in state:
         state["shim"].mra_parallel_set_tasks(int(n))

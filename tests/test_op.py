@@ -386,6 +386,24 @@ def test_deterministic_and_workspace_reuse():
     assert torch.equal(op(*small, None, 5, "full"), first)
 
 
+def test_budgets_and_overflow_units_change_between_calls():
+    """One shape, calls with other block counts in turn: the selection's budget (kept
+    between calls) and the overflow units (a width per call) follow each call. Query
+    block 0 is near zero, so its row's scores are flat and near the top: that row takes
+    more blocks than a row unit holds."""
+    q, k, v = make_qkv(11, 1, 2, 1024, 64)
+    q[:, :, :32] *= 0.01
+    first = {}
+    for K, mode in ((200, "sparse"), (60, "full"), (200, "full"), (600, "sparse"), (60, "full"),
+                    (200, "sparse")):
+        out = check_against_reference(q, k, v, None, RTOL_FP32, num_blocks=K, approx_mode=mode)
+        if (K, mode) in first:
+            assert torch.equal(out, first[K, mode])
+        first[K, mode] = out
+    sel, _ = mra_compile.block_selection(q, k, v, None, num_blocks=600, approx_mode="sparse")
+    assert sel[:, :, 0].sum(-1).max() > 12  # (beyond a row unit's 12 blocks: overflow)
+
+
 def test_the_kept_workspace_is_bounded(monkeypatch):
     """What a thread keeps between calls stays within MRA_COMPILE_WORKSPACE_MB; a call
     whose scratch would pass it allocates that scratch for itself (same results)."""
