@@ -118,30 +118,38 @@ typedef void* (*alloc_fn)(int, int, uint64_t, int, int);
 typedef int (*free_fn)(int, int, void*);
 static alloc_fn tvm_alloc;
 static free_fn tvm_free;
+/* The bookkeeping heads the stack's memory; thread-local storage holds only a pointer to
+   it, in the initial-exec model: one load from the thread pointer per call, where the
+   default model of a shared library calls __tls_get_addr (a unit allocates ~7 buffers). */
 struct scratch { char* base; size_t top; int live; size_t start[MAX_LIVE], below[MAX_LIVE];
                  char freed[MAX_LIVE]; };
-static __thread struct scratch stack;
+#define SCRATCH_HEAD ((sizeof(struct scratch) + 63) & ~(size_t)63)
+static __thread struct scratch* stack __attribute__((tls_model("initial-exec")));
 static pthread_key_t stack_owner; /* its destructor frees a thread's stack at exit */
 static pthread_once_t stack_owner_once = PTHREAD_ONCE_INIT;
 static void make_stack_owner(void) { pthread_key_create(&stack_owner, free); }
 
-static char* new_stack(void) {
-  void* base = 0;
-  if (posix_memalign(&base, 64, SCRATCH_BYTES) != 0) return 0;
+static struct scratch* new_stack(void) {
+  void* mem = 0;
+  if (posix_memalign(&mem, 64, SCRATCH_HEAD + SCRATCH_BYTES) != 0) return 0;
+  struct scratch* s = (struct scratch*)mem;
+  s->base = (char*)mem + SCRATCH_HEAD;
+  s->top = 0;
+  s->live = 0;
   pthread_once(&stack_owner_once, make_stack_owner);
-  pthread_setspecific(stack_owner, base);
-  return (char*)base;
+  pthread_setspecific(stack_owner, mem);
+  return s;
 }
 
 void* mra_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int code, int bits) {
-  struct scratch* s = &stack;
-  if (device_type == 1 /* kDLCPU */ && s->live < MAX_LIVE) {
-    if (!s->base) s->base = new_stack();
+  struct scratch* s = stack;
+  if (device_type == 1 /* kDLCPU */ && !s) s = stack = new_stack();
+  if (device_type == 1 && s && s->live < MAX_LIVE) {
     size_t at = (s->top + 63) & ~(size_t)63;
     /* (at least a byte each: no two live buffers start at the same place, which is how a
        release finds its buffer; TVM asks for 0 bytes where a symbolic extent is 0) */
     uint64_t size = nbytes ? nbytes : 1;
-    if (s->base && at <= SCRATCH_BYTES && size <= SCRATCH_BYTES - at) {
+    if (at <= SCRATCH_BYTES && size <= SCRATCH_BYTES - at) {
       s->start[s->live] = at;
       s->below[s->live] = s->top;
       s->freed[s->live++] = 0;
@@ -153,9 +161,9 @@ void* mra_workspace_alloc(int device_type, int device_id, uint64_t nbytes, int c
 }
 
 int mra_workspace_free(int device_type, int device_id, void* ptr) {
-  struct scratch* s = &stack;
+  struct scratch* s = stack;
   char* p = (char*)ptr;
-  if (!s->base || p < s->base || p >= s->base + SCRATCH_BYTES)
+  if (!s || p < s->base || p >= s->base + SCRATCH_BYTES)
     return tvm_free(device_type, device_id, ptr);
   for (int i = s->live - 1; i >= 0; --i)
     if (s->start[i] == (size_t)(p - s->base)) { s->freed[i] = 1; break; }
