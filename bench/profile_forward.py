@@ -3,12 +3,18 @@
     python bench/profile_forward.py                    # N=4096, B*H=12, D=64, 4 blocks/row
     python bench/profile_forward.py --n 8192 --mode sparse --repeat 25
     python bench/profile_forward.py --n 8192 --dtype bfloat16
+    python bench/profile_forward.py --n 4096 --mode sparse --repeat 31 --before sdpa
 
 Records one call's kernels with ``mra_compile.build.trace_kernel_calls`` and times each
-with its recorded arguments (median of ``--repeat`` back-to-back calls), then the whole
-op the same way. The difference between the two totals is the glue: padding, block
-selection, the work plan and the op's dispatch. Back-to-back timings have warm caches:
-expect the interleaved rounds of ``bench_forward.py`` to be slower (see the README).
+with its recorded arguments (median of ``--repeat`` back-to-back calls). Then the whole
+op against a replay of the recorded launches in their order (the same kernels and
+tensors, nothing else: no validation, preparation, selection read-back or scratch
+lookups; same inputs, so the same data-dependent plan), in interleaved rounds, each call
+right after ``--before`` (dense SDPA on the same q, k, v, as the sparse op runs in
+``bench_roofline_cpu.py``'s rounds; or nothing). op - replay is the call's host work,
+replay / op the bound on what caching that work per call signature could save. Back-to-
+back timings have warm caches: expect the interleaved rounds of ``bench_forward.py`` to
+be slower (see the README).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -42,6 +49,8 @@ def main() -> int:
     p.add_argument("--mode", choices=("full", "sparse"), default="full")
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--before", choices=("none", "sdpa"), default="none",
+                   help="what runs right before each call of the op and of the replay")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -61,15 +70,32 @@ def main() -> int:
         print(f"N={args.n} B*H={args.heads} D={args.head_dim} "
               f"{args.blocks_per_row} blocks/row, {args.mode}, {args.dtype}; median of {args.repeat}")
         total = 0.0
+        launches = []
         for call in calls:
             fn = build.kernel(call["op"], call["knobs"], call["target"], **call["static"])
+            launches.append((fn, call["args"]))
             ms = median_ms(lambda f=fn, a=call["args"]: f(*a), args.repeat)
             total += ms
             knobs = " ".join(f"{key}={val}" for key, val in call["resolved"].items())
             print(f"  {call['op']:16s} {ms:7.2f} ms   {knobs}")
-        whole = median_ms(op, args.repeat)
-    print(f"  {'kernels':16s} {total:7.2f} ms")
-    print(f"  {'whole op':16s} {whole:7.2f} ms   (glue and dispatch: {whole - total:.2f} ms)")
+
+        def replay():  # (into the recorded call's output and scratch, as the op would)
+            for fn, fn_args in launches:
+                fn(*fn_args)
+
+        def before():
+            if args.before == "sdpa":
+                F.scaled_dot_product_attention(q, k, v)
+
+        # (the "before" entries are timed too, and ignored: each round runs before, op,
+        # before, replay)
+        timed = common.median_ms({"before op": before, "op": op, "before replay": before,
+                                  "replay": replay}, args.repeat)
+        whole, replayed = timed["op"], timed["replay"]
+    print(f"  {'kernels':16s} {total:7.2f} ms   (each alone, back to back)")
+    print(f"  {'whole op':16s} {whole:7.2f} ms   (right after: {args.before})")
+    print(f"  {'replay':16s} {replayed:7.2f} ms   (the launches in order, right after: "
+          f"{args.before}; replay / op {replayed / whole:.3f}x, host work {whole - replayed:.2f} ms)")
     return 0
 
 
