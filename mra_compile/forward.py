@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mra_compile import kernels, knob_policy, plan, runtime, validate
+from mra_compile import kernels, knob_policy, memory, plan, runtime, validate
 from mra_compile.inputs import Prepared, prepare, torch_single_threaded
 from mra_compile.options import Options
 
@@ -134,7 +134,7 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
         most, widest = max(c[0] for c in counts), max(c[1] for c in counts)
         U = max(most, 1)
         used_row = pr.scratch("unit_row_used", R, U, dtype=i32)
-        used_cols = pr.scratch("unit_cols_used", R, U, unit_cols.shape[2], dtype=i32)
+        used_cols = pr.scratch("unit_cols_used", R, U, Co, dtype=i32)
         used_row.numpy()[...] = unit_row.numpy()[:, :U]
         used_cols.numpy()[...] = unit_cols.numpy()[:, :U]
     else:  # (one read of the row counts for both)
@@ -146,21 +146,14 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     return plan.Selection(index, scores if full else None), work, scores
 
 
-_BUDGETS: dict = {}  # (R, k, device) -> [R] i32 of k; bounded below
-
-
 def _uniform_budget(R: int, k: int, pr: Prepared) -> torch.Tensor:
     """``select_plan``'s budget [R] of k blocks for every row: kept between calls where
-    the target keeps memory (the kernel only reads it; a fill cost 10-30 us a call)."""
-    if not pr.target.reuses_workspace:
-        return torch.full((R,), k, dtype=torch.int32, device=pr.q.device)
-    key = (R, k, pr.q.device)
-    made = _BUDGETS.get(key)
-    if made is None:
-        if len(_BUDGETS) >= 64:  # (many shapes: forget the oldest)
-            del _BUDGETS[next(iter(_BUDGETS))]
-        made = _BUDGETS[key] = torch.full((R,), k, dtype=torch.int32, device=pr.q.device)
-    return made
+    the target keeps memory (``memory.kept_constants``; the kernel only reads it, and a
+    fill cost 10-30 us a call)."""
+    dev = pr.q.device
+    return memory.kept_constants(
+        ("budget", R, k, dev), lambda: torch.full((R,), k, dtype=torch.int32, device=dev),
+        pr.target.reuses_workspace)
 
 
 def _unit_blocks(knobs: dict, target) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mra_compile import build, kernels, targets
-from mra_compile.memory import WORKSPACE, result_tensor
+from mra_compile.memory import WORKSPACE, kept_constants, result_tensor
 from mra_compile.targets import Target, compute_dtype
 
 HEAD_DIM_MULTIPLE = kernels.HEAD_DIM_MULTIPLE
@@ -268,26 +268,16 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
                     masked=mask is not None, **common)
 
 
-_UNMASKED: dict = {}  # (Np, b, dtype, device) -> (mask, counts, inv_counts); bounded below
-
-
 def _unmasked(Np: int, b: int, dt, dev, keep: bool):
     """The mask [1, Np] of ones and its counts, b and 1/b per block, [1, Np / b]: the
     same for every call of a length, so made once where the target keeps memory between
-    calls (``keep``, CPU: three small tensors a call cost ~40 us). Only the kernels read
-    them (inputs, never written), and nothing hands them out."""
-    key = (Np, b, dt, dev)
-    made = _UNMASKED.get(key) if keep else None
-    if made is None:
-        n = Np // b
-        made = (torch.ones(1, Np, dtype=dt, device=dev),
-                torch.full((1, n), float(b), dtype=dt, device=dev),
-                torch.full((1, n), 1.0 / b, dtype=dt, device=dev))
-        if keep:
-            if len(_UNMASKED) >= 64:  # (many lengths: forget the oldest)
-                del _UNMASKED[next(iter(_UNMASKED))]
-            _UNMASKED[key] = made
-    return made
+    calls (``keep``, CPU: three small tensors a call cost ~40 us; ``kept_constants``).
+    Only the kernels read them (inputs, never written), and nothing hands them out."""
+    n = Np // b
+    return kept_constants(("unmasked", Np, b, dt, dev), lambda: (
+        torch.ones(1, Np, dtype=dt, device=dev),
+        torch.full((1, n), float(b), dtype=dt, device=dev),
+        torch.full((1, n), 1.0 / b, dtype=dt, device=dev)), keep)
 
 
 def padded(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tensor:

@@ -24,6 +24,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -70,6 +71,24 @@ class Workspace(threading.local):
     def kept_bytes(self) -> int:
         """Bytes this thread keeps for later calls."""
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+_CONSTANTS: dict = {}  # key -> what ``kept_constants`` made for it; bounded below
+
+
+def kept_constants(key: tuple, make: Callable[[], Any], keep: bool):
+    """``make()``: tensors the same for every call of ``key`` (its first item names the
+    kind) that only the kernels read (never written, never handed out), made once and
+    kept where the target keeps memory between calls (``keep``; small tensors made per
+    call had cost 10-40 us a call). The oldest of 128 is forgotten."""
+    made = _CONSTANTS.get(key) if keep else None
+    if made is None:
+        made = make()
+        if keep:
+            if len(_CONSTANTS) >= 128:
+                del _CONSTANTS[next(iter(_CONSTANTS))]
+            _CONSTANTS[key] = made
+    return made
 
 
 WORKSPACE_ENV = "MRA_COMPILE_WORKSPACE_MB"

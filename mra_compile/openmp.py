@@ -300,7 +300,7 @@ def set_threads(n: int) -> None:
     _ASKED[:] = [n]
     state = _STATE
     if "shim" in state:
-        state["shim"].mra_parallel_set_tasks(int(n))
+        state["shim"].mra_parallel_set_tasks(n)
 
 
 def threads() -> int | None:
