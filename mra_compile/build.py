@@ -136,23 +136,27 @@ def _compile_to_cache(op: str, static: dict, knobs: dict, path: Path, desc: dict
     return tvm_ffi.load_module(str(path))
 
 
-_TRACE: list | None = None
+class _Trace(threading.local):
+    calls: list | None = None
+
+
+# Per thread: a recording (``trace_kernel_calls``) sees its own thread's calls only.
+_TRACE = _Trace()
 
 
 @contextlib.contextmanager
 def trace_kernel_calls():
-    """Record every kernel call made inside the block (for the tuner and tests): yields a
-    list that receives ``{"op", "knobs" (as passed), "resolved" (the knobs the kernel was
-    built with), "static", "target", "args"}`` per call (positional arguments by
-    reference, after the call)."""
-    global _TRACE
+    """Record every kernel call this thread makes inside the block (for the tuner, the
+    launch cache and tests): yields a list that receives ``{"op", "knobs" (as passed),
+    "resolved" (the knobs the kernel was built with), "static", "target", "args"}`` per
+    call (positional arguments by reference, after the call)."""
     calls: list[dict] = []
-    previous = _TRACE
-    _TRACE = calls
+    previous = _TRACE.calls
+    _TRACE.calls = calls
     try:
         yield calls
     finally:
-        _TRACE = previous
+        _TRACE.calls = previous
 
 
 def _traced(calls, op, knobs, static, fn, target: Target):
@@ -179,15 +183,15 @@ def kernel(op: str, knobs: dict | None = None, target: Target | str | None = Non
     knobs).
     """
     target = targets.get(target)
-    if _TRACE is not None:
-        return _traced(_TRACE, op, knobs, static, _kernel(op, knobs, static, target), target)
+    if _TRACE.calls is not None:
+        return _traced(_TRACE.calls, op, knobs, static, _kernel(op, knobs, static, target), target)
     return _kernel(op, knobs, static, target)
 
 
 def tracing() -> bool:
     """Whether ``trace_kernel_calls`` is recording: callers that keep kernels between
     calls must then ask ``kernel`` for each call, so that it is recorded."""
-    return _TRACE is not None
+    return _TRACE.calls is not None
 
 
 def lookup_token() -> tuple:

@@ -44,6 +44,11 @@ class Workspace(threading.local):
         # last gets that view again (a call takes ~15 scratch tensors; slicing and viewing
         # each anew cost ~5 us). Only views of kept buffers, dropped with them.
         self.views: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+        # Counts the buffers replaced or dropped and the scratch allocated for a call only;
+        # the launch cache's plans (``launch_cache``), which hold views of the buffers, go
+        # whenever it moves.
+        self.generation = 0
+        self.plans: dict = {}
 
     def get(self, name: str, *shape: int, dtype: torch.dtype, device: torch.device,
             target: Target) -> torch.Tensor:
@@ -58,11 +63,15 @@ class Workspace(threading.local):
             return last[1]
         numel = math.prod(shape)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            if buf is not None:
+                self.dropped()
             self.buffers.pop(name, None)
             self.views.pop(name, None)
             buf = torch.empty(numel, dtype=dtype, device=device)
             if self.kept_bytes() + buf.numel() * buf.element_size() <= workspace_limit():
                 self.buffers[name] = buf
+            else:
+                self.dropped()
         view = buf[:numel].view(shape)
         if self.buffers.get(name) is buf:
             self.views[name] = (shape, view)
@@ -71,6 +80,12 @@ class Workspace(threading.local):
     def kept_bytes(self) -> int:
         """Bytes this thread keeps for later calls."""
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def dropped(self) -> None:
+        """A buffer went (or a call's scratch is not kept): forget the plans."""
+        self.generation += 1
+        self.plans.clear()
+
 
 
 _CONSTANTS: dict = {}  # key -> what ``kept_constants`` made for it; bounded below
@@ -89,6 +104,16 @@ def kept_constants(key: tuple, make: Callable[[], Any], keep: bool):
                 del _CONSTANTS[next(iter(_CONSTANTS))]
             _CONSTANTS[key] = made
     return made
+
+
+def kept_storages() -> set[int]:
+    """The addresses of the memory kept between calls that a tensor may view: this
+    thread's scratch buffers and the ``kept_constants`` (their storages' data pointers)."""
+    tensors = list(WORKSPACE.buffers.values())
+    for made in _CONSTANTS.values():
+        tensors.extend(t for t in (made if isinstance(made, tuple) else (made,))
+                       if isinstance(t, torch.Tensor))
+    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 WORKSPACE_ENV = "MRA_COMPILE_WORKSPACE_MB"
@@ -118,6 +143,7 @@ def clear_workspace() -> None:
     """Free this thread's scratch buffers and the blocks kept for later results."""
     WORKSPACE.buffers.clear()
     WORKSPACE.views.clear()
+    WORKSPACE.dropped()
     _POOL.clear()
 
 

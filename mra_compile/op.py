@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from mra_compile import options, validate
+from mra_compile import launch_cache, options, validate
 from mra_compile.backward import mra_backward
 from mra_compile.forward import Saved, mra_forward
 from mra_compile.inputs import HEAD_DIM_MULTIPLE
@@ -45,6 +45,21 @@ def _checked(q, k, v, mask, query_mask, args) -> Options:
     return opts
 
 
+def _validated(q, k, v, mask, query_mask, args) -> Options:
+    """``_checked``, and the device and the masks' values too (real tensors only)."""
+    opts = _checked(q, k, v, mask, query_mask, args)
+    validate.check_device(q)
+    validate.check_mask_values(mask)
+    validate.check_mask_values(query_mask, "query_mask")
+    return opts
+
+
+def _inference(q, k, v, mask, query_mask, args):
+    """The output of an inference call, computed as usual."""
+    opts = _validated(q, k, v, mask, query_mask, args)
+    return mra_forward(q, k, v, mask, opts, query_mask=query_mask)
+
+
 def _saved_shapes(q, k, opts: Options):
     """Shapes of attention_fwd's extra outputs (see mra_compile.forward.Saved)."""
     B, H, _, D = q.shape
@@ -60,13 +75,11 @@ def _saved_shapes(q, k, opts: Options):
 
 def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True):
     """attention_fwd's computation: (out, *what the backward needs); with ``save=False``
-    the output alone (its intermediates in scratch memory)."""
-    opts = _checked(q, k, v, mask, query_mask, args)
-    validate.check_device(q)
-    validate.check_mask_values(mask)
-    validate.check_mask_values(query_mask, "query_mask")
+    the output alone (its intermediates in scratch memory; the launches of a signature
+    seen before replayed: ``launch_cache``)."""
     if not save:
-        return mra_forward(q, k, v, mask, opts, query_mask=query_mask)
+        return launch_cache.inference(q, k, v, mask, query_mask, args, _inference)
+    opts = _validated(q, k, v, mask, query_mask, args)
     out, s = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask)
     if s is None:  # B*H == 0
         dt, shapes, index_shape = _saved_shapes(q, k, opts)

@@ -1,0 +1,216 @@
+"""Inference calls replayed from their kernel launches, kept per call signature (CPU).
+
+The host work of an inference call (validation, preparation, scratch lookups, the
+selection's read-back, ~100 Python-level steps) costs 0.5-1 ms right after other heavy
+torch work, whose traffic leaves the interpreter's caches cold: ~40% of a call at N = 512
+and ~10% at 4096 (``bench/results/host_bound_cpu.md``). So the first call of a signature
+runs as usual while its launches are recorded (``build.trace_kernel_calls``), and later
+calls of that signature run the recorded launches, with their own q, k, v and a fresh
+output substituted, and nothing else but the one data-dependent step between them: the
+selection's count of overflow units, which picks the rest of the launches (a plan keeps
+one "tail" per count it has seen; a count not seen yet runs the call as usual again and
+records its tail).
+
+A signature is everything the host work depends on besides the values of q, k, v: the
+shapes, dtypes and options, torch's thread count, and the environment that picks kernels,
+knobs and memory limits. Only calls whose launches read q, k, v and write the output in
+place (no mask, whole blocks, no copy) and whose other tensors are kept memory (the
+thread's workspace, ``memory.kept_constants``) get a plan; others keep a marker that sends
+them the usual way. Plans are per thread (the workspace is) and go whenever the workspace
+drops a buffer (``memory.Workspace.dropped``); nothing is planned while kernel calls are
+traced (the tracer must see every launch).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mra_compile import build, inputs, kernels, memory, runtime
+from mra_compile.targets import CPU, cpu
+
+PLANS_PER_THREAD = 16  # signatures; the oldest is forgotten first
+TAILS_PER_PLAN = 16  # overflow-unit counts
+_HEAD = ("pool_and_logits", "select_plan")
+_TAIL = ("hires_units", "lowres_out", "hires_rows")
+_INPUTS = ("q", "k", "v")
+_UNPLANNED = None  # the marker of a signature that goes the usual way
+
+
+@dataclass
+class _Launch:
+    """One kernel launch: ``fn(*args)`` with this call's tensors at ``slots`` (position,
+    "q" / "k" / "v" / "out")."""
+
+    fn: Callable
+    args: list
+    slots: tuple[tuple[int, str], ...]
+    ucap: int | None = None  # the position of the merge loop's extent (hires_rows)
+
+    def __call__(self, tensors: dict, ucap: int) -> None:
+        args = self.args
+        for i, name in self.slots:
+            args[i] = tensors[name]
+        if self.ucap is not None:
+            args[self.ucap] = ucap
+        try:
+            self.fn(*args)
+        finally:
+            for i, _ in self.slots:  # (the plan holds no caller's tensor)
+                args[i] = None
+
+
+@dataclass
+class _Tail:
+    """The launches after the selection for one count of overflow units, and where the
+    units the kernel reads go (numpy views of its arguments; None: no overflow)."""
+
+    launches: list[_Launch]
+    used: tuple[np.ndarray, np.ndarray] | None
+
+
+@dataclass
+class _Plan:
+    head: list[_Launch]
+    units: np.ndarray  # [R, 2]: per row, overflow units and the widest row unit
+    unit_row: np.ndarray  # [R, room], [R, room, Co]: the selection's overflow units
+    unit_cols: np.ndarray
+    views: dict  # "q" / "k" / "v" / "out" -> (shape, dtype) of the kernels' view
+    tails: dict[int, _Tail] = field(default_factory=dict)
+
+
+def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
+    """The output of ``usual(q, k, v, mask, query_mask, args)`` (an inference call of
+    the forward: ``op._forward_kernels`` without saving), from the launches kept for its
+    signature where there are, else by calling it (recording its launches)."""
+    key = _signature(q, k, v, mask, query_mask, args)
+    if key is None:
+        return usual(q, k, v, mask, query_mask, args)
+    plans = memory.WORKSPACE.plans
+    plan = plans.get(key, False)
+    if plan is _UNPLANNED:
+        return usual(q, k, v, mask, query_mask, args)
+    if plan is not False:
+        out = _replay(plan, q, k, v)
+        if out is not None:
+            return out
+    return _record(key, plan or None, q, k, v, mask, query_mask, args, usual)
+
+
+def _signature(q, k, v, mask, query_mask, args: tuple):
+    """The plan key of this call, or None where it cannot have a plan."""
+    if mask is not None or query_mask is not None or build.tracing():
+        return None
+    for x in (q, k, v):
+        if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.layout != torch.strided
+                or not x.is_contiguous() or x.data_ptr() % inputs.ALIGNMENT):
+            return None
+    env = os.environ.get
+    return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
+            torch.get_num_threads(), build.lookup_token(), env(cpu.TARGET_ENV),
+            env(cpu.BF16_ENV), env(memory.WORKSPACE_ENV))
+
+
+def _replay(plan: _Plan, q, k, v):
+    """The output from ``plan``'s launches, or None where the selection made a count of
+    overflow units the plan has no tail for (the kernels then ran for nothing)."""
+    runtime.ensure()
+    tensors = {name: _view(x, *plan.views[name]) for name, x in zip(_INPUTS, (q, k, v))}
+    for launch in plan.head:
+        launch(tensors, 0)
+    counts = plan.units.tolist()
+    most, widest = max(c[0] for c in counts), max(c[1] for c in counts)
+    tail = plan.tails.get(most)
+    if tail is None:
+        return None
+    if tail.used is not None:
+        used_row, used_cols = tail.used
+        used_row[...] = plan.unit_row[:, :most]
+        used_cols[...] = plan.unit_cols[:, :most]
+    out = inputs.result_tensor(tuple(plan.views["out"][0]), q.dtype, q.device, CPU)
+    tensors["out"] = _view(out, *plan.views["out"])
+    for launch in tail.launches:
+        launch(tensors, max(widest, 1))
+    return out.view(q.shape)
+
+
+def _view(x: torch.Tensor, shape, dtype) -> torch.Tensor:
+    return (x if x.dtype == dtype else x.view(dtype)).view(shape)
+
+
+def _record(key, plan: _Plan | None, q, k, v, mask, query_mask, args, usual):
+    """``usual``'s output; its launches become the plan of ``key`` (or a tail of
+    ``plan``, the plan of ``key`` so far) where they can."""
+    ws = memory.WORKSPACE
+    generation = ws.generation
+    with build.trace_kernel_calls() as calls:
+        out = usual(q, k, v, mask, query_mask, args)
+    if ws.generation != generation:  # (a buffer went, or was not kept: next time)
+        return out
+    made = _plan_of(calls, (q, k, v), out)
+    if made is None:
+        ws.plans[key] = _UNPLANNED
+    elif plan is not None:  # (the same buffers: the generation did not move)
+        if len(plan.tails) >= TAILS_PER_PLAN:
+            del plan.tails[next(iter(plan.tails))]
+        plan.tails.update(made.tails)
+    else:
+        if len(ws.plans) >= PLANS_PER_THREAD:
+            del ws.plans[next(iter(ws.plans))]
+        ws.plans[key] = made
+    return out
+
+
+def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
+    """The plan of one recorded call, or None where it cannot be replayed."""
+    ops = [c["op"] for c in calls]
+    if out.shape != qkv[0].shape or out.dtype != qkv[0].dtype:
+        return None
+    if (ops[:2] != list(_HEAD) or not ops[2:] or ops[-1] != "hires_rows"
+            or ops[2:] != [op for op in _TAIL if op in ops[2:]]):
+        return None
+    callers = {name: x for name, x in zip(_INPUTS, qkv)}
+    callers["out"] = out
+    storages = {x.untyped_storage().data_ptr() for x in callers.values()}
+    kept = memory.kept_storages() - storages
+    views: dict = {}
+    named_calls = []
+    for call in calls:
+        names = kernels.get(call["op"]).arg_names(call["static"])
+        if len(names) != len(call["args"]):
+            return None
+        named = dict(zip(names, call["args"]))
+        slots = []
+        for i, (name, arg) in enumerate(named.items()):
+            if not isinstance(arg, torch.Tensor):
+                continue
+            if name in callers:  # (the kernels' view of the caller's tensor, in place)
+                mine = callers[name]
+                if arg.data_ptr() != mine.data_ptr() or arg.numel() != mine.numel():
+                    return None
+                if views.setdefault(name, (arg.shape, arg.dtype)) != (arg.shape, arg.dtype):
+                    return None
+                slots.append((i, name))
+            elif arg.untyped_storage().data_ptr() not in kept:
+                return None  # (made for this call: its values would be stale)
+        fn = build.kernel(call["op"], call["knobs"], call["target"], **call["static"])
+        args = [None if i in dict(slots) else a for i, a in enumerate(call["args"])]
+        ucap = names.index("ucap") if call["op"] == "hires_rows" else None
+        named_calls.append((call["op"], named, _Launch(fn, args, tuple(slots), ucap)))
+    if set(views) != {*_INPUTS, "out"}:
+        return None
+    select = named_calls[1][1]
+    units, unit_row, unit_cols = (select[x].numpy() for x in ("units", "unit_row", "unit_cols"))
+    most = int(units[:, 0].max())
+    overflow = [named for op, named, _ in named_calls if op == "hires_units"]
+    if bool(overflow) != (most > 0):
+        return None
+    used = (overflow[0]["unit_row"].numpy(), overflow[0]["unit_cols"].numpy()) if overflow else None
+    if used is not None and (used[0].shape[1] != most or used[1].shape[1] != most):
+        return None
+    launches = [launch for _, _, launch in named_calls]
+    return _Plan(launches[:2], units, unit_row, unit_cols, views,
+                 {most: _Tail(launches[2:], used)})

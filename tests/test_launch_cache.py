@@ -1,0 +1,158 @@
+"""Inference calls replayed from the launches kept per call signature
+(``mra_compile.launch_cache``): the same output as the usual path, bit for bit, whatever
+the inputs' values, the selection's overflow and the workspace do between calls."""
+import threading
+
+import pytest
+import torch
+from conftest import RTOL_FP32, as64, make_qkv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mra_compile
+from mra_compile import build, memory
+from mra_compile.reference import mra2_reference
+
+op = torch.ops.mra.attention
+
+
+def usual(*args, **kwargs):
+    """The op's output the usual way: nothing is planned or replayed while kernel calls
+    are traced."""
+    with build.trace_kernel_calls():
+        return op(*args, **kwargs)
+
+
+def plans() -> dict:
+    """This thread's plans: signature -> plan (None: goes the usual way)."""
+    return memory.WORKSPACE.plans
+
+
+def check(q, k, v, **kw):
+    """The op (planned where it can be) against the usual path and the float64 oracle on
+    the op's blocks; returns the op's output."""
+    out = op(q, k, v, None, **kw)
+    assert torch.equal(out, usual(q, k, v, None, **kw))
+    sel = mra_compile.block_selection(q, k, v, None, **kw)
+    ref = mra2_reference(as64(q), as64(k), as64(v), None, selection=sel, **kw)
+    err = ((out.double() - ref).abs().amax((-1, -2)) / ref.abs().amax((-1, -2))).max()
+    assert err <= RTOL_FP32
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), H=st.integers(1, 3),
+       N=st.sampled_from([32, 96, 256, 300]), D=st.sampled_from([16, 40, 64]),
+       mode=st.sampled_from(["full", "sparse"]), per_row=st.integers(1, 6),
+       calls=st.integers(2, 4))
+def test_replayed_calls_match_the_usual_path(seed, B, H, N, D, mode, per_row, calls):
+    """Calls of one signature with new values each time: each output is the usual path's,
+    bit for bit, and within the oracle's tolerance; whole blocks and head dims of a
+    multiple of 16 are replayed where the selection kernel picks the blocks (fewer than
+    all); the rest go the usual way."""
+    n = -(-N // 32)
+    kw = dict(num_blocks=per_row * n, approx_mode=mode)
+    outs = []
+    for i in range(calls):
+        q, k, v = make_qkv(seed + i, B, H, N, D)
+        outs.append((check(q, k, v, **kw), (q, k, v)))
+    for out, qkv in outs:  # (each result its own memory: later calls did not change it)
+        assert torch.equal(out, usual(*qkv, None, **kw))
+    planned = [p for p in plans().values() if p is not None]
+    if N % 32 == 0 and D % 16 == 0 and per_row < n:
+        assert planned
+    assert len(plans()) <= 16
+
+
+def test_the_overflow_count_picks_the_tail():
+    """One signature, inputs whose selection has overflow units (a row beyond its row
+    unit's blocks) and inputs with none, in turn: each call is the usual path's."""
+    mra_compile.clear_workspace()
+    flat = make_qkv(3, 1, 2, 1024, 64)
+    flat[0][:, :, :32] *= 0.01  # (query block 0's row: flat scores, many blocks)
+    spread = make_qkv(4, 1, 2, 1024, 64)
+    kw = dict(num_blocks=600, approx_mode="sparse")
+    sel, _ = mra_compile.block_selection(*flat, None, **kw)
+    assert sel[:, :, 0].sum(-1).max() > 16  # (beyond any row unit: overflow units)
+    first = {}
+    for name, x in [("flat", flat), ("spread", spread), ("flat", flat), ("spread", spread)]:
+        out = check(*x, **kw)
+        if name in first:
+            assert torch.equal(out, first[name])
+        first[name] = out
+    (plan,) = [p for p in plans().values() if p is not None]
+    assert len(plan.tails) >= 2
+
+
+def test_plans_go_with_the_workspace(monkeypatch):
+    """Plans hold views of the thread's scratch: they go when it is cleared or a buffer
+    is replaced, and a limit on kept scratch (or other environment that picks kernels and
+    limits) is part of the signature."""
+    small, large = make_qkv(5, 1, 2, 128, 32), make_qkv(6, 2, 2, 512, 64)
+    want = usual(*small, None, 12)
+    for _ in range(2):
+        assert torch.equal(op(*small, None, 12), want)
+    assert plans()
+    mra_compile.clear_workspace()
+    assert not plans() and memory.WORKSPACE.kept_bytes() == 0
+    assert torch.equal(op(*small, None, 12), want)
+    op(*large, None, 40)  # (larger scratch: the small call's buffers are replaced)
+    assert torch.equal(op(*small, None, 12), want)
+    before = len(plans())
+    monkeypatch.setenv(memory.WORKSPACE_ENV, "512")
+    assert torch.equal(op(*small, None, 12), want)
+    assert len(plans()) == before + 1
+    monkeypatch.setenv(memory.WORKSPACE_ENV, "0")  # (nothing kept: nothing planned)
+    mra_compile.clear_workspace()
+    for _ in range(2):
+        assert torch.equal(op(*small, None, 12), want)
+    assert not any(plans().values())
+    mra_compile.clear_workspace()
+
+
+def test_calls_that_are_not_replayed():
+    """A mask, a gradient to compute, or a non-contiguous input: the usual path."""
+    q, k, v = make_qkv(7, 1, 2, 256, 32)
+    mask = torch.ones(1, 256)
+    mra_compile.clear_workspace()
+    op(q, k, v, mask, 16)
+    op(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, None, 16)
+    out = op(q.requires_grad_(), k, v, None, 16)
+    out.sum().backward()
+    assert not any(plans().values())
+    with torch.no_grad():
+        op(q, k, v, None, 16)
+    assert any(plans().values())
+
+
+def test_threads_keep_their_own_plans():
+    """Threads calling the same signatures at once: every output is the serial one."""
+    inputs = [make_qkv(20 + i, 1, 2, 256, 64) for i in range(4)]
+    serial = [usual(*x, None, 20) for x in inputs]
+    errors, results = [], {}
+
+    def work(t):
+        try:
+            for r in range(6):
+                i = (t + r) % len(inputs)
+                results[t, r] = (i, op(*inputs[i], None, 20))
+        except Exception as e:  # noqa: BLE001  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(results) == 18
+    for i, out in results.values():
+        assert torch.equal(out, serial[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_replay_the_usual_path(dtype):
+    q, k, v = (x.to(dtype) for x in make_qkv(9, 1, 2, 256, 64))
+    want = usual(q, k, v, None, 24, "full")
+    for _ in range(3):
+        assert torch.equal(op(q, k, v, None, 24, "full"), want)
