@@ -151,16 +151,15 @@ def _record(key, plan: _Plan | None, q, k, v, mask, query_mask, args, usual):
     if ws.generation != generation:  # (a buffer went, or was not kept: next time)
         return out
     made = _plan_of(calls, (q, k, v), out)
-    if made is None:
-        ws.plans[key] = _UNPLANNED
-    elif plan is not None:  # (the same buffers: the generation did not move)
+    if plan is not None and made is not None:  # (the same buffers: no generation moved)
         if len(plan.tails) >= TAILS_PER_PLAN:
             del plan.tails[next(iter(plan.tails))]
         plan.tails.update(made.tails)
-    else:
-        if len(ws.plans) >= PLANS_PER_THREAD:
-            del ws.plans[next(iter(ws.plans))]
-        ws.plans[key] = made
+        return out
+    ws.plans.pop(key, None)
+    if len(ws.plans) >= PLANS_PER_THREAD:
+        del ws.plans[next(iter(ws.plans))]
+    ws.plans[key] = _UNPLANNED if made is None else made
     return out
 
 
