@@ -9,16 +9,18 @@ Records one call's kernels with ``mra_compile.build.trace_kernel_calls`` and tim
 with its recorded arguments (median of ``--repeat`` back-to-back calls). Then the whole
 op against a replay of the recorded launches in their order (the same kernels and
 tensors, nothing else: no validation, preparation, selection read-back or scratch
-lookups; same inputs, so the same data-dependent plan), in interleaved rounds, each call
-right after ``--before`` (dense SDPA on the same q, k, v, as the sparse op runs in
-``bench_roofline_cpu.py``'s rounds; or nothing). op - replay is the call's host work,
-replay / op the bound on what caching that work per call signature could save. Back-to-
-back timings have warm caches: expect the interleaved rounds of ``bench_forward.py`` to
-be slower (see the README).
+lookups; same inputs, so the same data-dependent plan) and against itself with its
+launch cache switched off (``MRA_COMPILE_LAUNCH_CACHE=0``: "usual"), in interleaved
+rounds, each call right after ``--before`` (dense SDPA on the same q, k, v, as the sparse
+op runs in ``bench_roofline_cpu.py``'s rounds; or nothing). op - replay is the host work
+a call has left, op / usual what the launch cache saves. Back-to-back timings have warm
+caches: expect the interleaved rounds of ``bench_forward.py`` to be slower (see the
+README).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
-from mra_compile import build  # noqa: E402
+from mra_compile import build, launch_cache  # noqa: E402
 from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
@@ -87,15 +89,25 @@ def main() -> int:
             if args.before == "sdpa":
                 F.scaled_dot_product_attention(q, k, v)
 
+        def cache(on: bool):
+            def switch():
+                before()
+                os.environ[launch_cache.ENV] = "1" if on else "0"
+            return switch
+
         # (the "before" entries are timed too, and ignored: each round runs before, op,
-        # before, replay)
-        timed = common.median_ms({"before op": before, "op": op, "before replay": before,
-                                  "replay": replay}, args.repeat)
-        whole, replayed = timed["op"], timed["replay"]
+        # before, replay, before, op the usual way)
+        timed = common.median_ms({"before op": cache(True), "op": op, "before replay": before,
+                                  "replay": replay, "before usual": cache(False), "usual": op},
+                                 args.repeat)
+        os.environ.pop(launch_cache.ENV)
+        whole, replayed, usual = timed["op"], timed["replay"], timed["usual"]
     print(f"  {'kernels':16s} {total:7.2f} ms   (each alone, back to back)")
     print(f"  {'whole op':16s} {whole:7.2f} ms   (right after: {args.before})")
     print(f"  {'replay':16s} {replayed:7.2f} ms   (the launches in order, right after: "
           f"{args.before}; replay / op {replayed / whole:.3f}x, host work {whole - replayed:.2f} ms)")
+    print(f"  {'usual':16s} {usual:7.2f} ms   (the op without its launch cache, "
+          f"{launch_cache.ENV}=0, right after: {args.before}; op / usual {whole / usual:.3f}x)")
     return 0
 
 

@@ -18,7 +18,7 @@ place (no mask, whole blocks, no copy) and whose other tensors are kept memory (
 thread's workspace, ``memory.kept_constants``) get a plan; others keep a marker that sends
 them the usual way. Plans are per thread (the workspace is) and go whenever the workspace
 drops a buffer (``memory.Workspace.dropped``); nothing is planned while kernel calls are
-traced (the tracer must see every launch).
+traced (the tracer must see every launch), nor with ``MRA_COMPILE_LAUNCH_CACHE=0``.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 from mra_compile import build, inputs, kernels, memory, runtime
 from mra_compile.targets import CPU, cpu
 
+ENV = "MRA_COMPILE_LAUNCH_CACHE"  # "0": every call the usual way
 PLANS_PER_THREAD = 16  # signatures; the oldest is forgotten first
 TAILS_PER_PLAN = 16  # overflow-unit counts
 _HEAD = ("pool_and_logits", "select_plan")
@@ -102,13 +103,14 @@ def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
 
 def _signature(q, k, v, mask, query_mask, args: tuple):
     """The plan key of this call, or None where it cannot have a plan."""
-    if mask is not None or query_mask is not None or build.tracing():
+    env = os.environ.get
+    if (mask is not None or query_mask is not None or build.tracing()
+            or env(ENV, "1") == "0"):
         return None
     for x in (q, k, v):
         if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.layout != torch.strided
                 or not x.is_contiguous() or x.data_ptr() % inputs.ALIGNMENT):
             return None
-    env = os.environ.get
     return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
             torch.get_num_threads(), build.lookup_token(), env(cpu.TARGET_ENV),
             env(cpu.BF16_ENV), env(memory.WORKSPACE_ENV))

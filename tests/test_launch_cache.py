@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mra_compile
-from mra_compile import build, memory
+from mra_compile import build, launch_cache, memory
 from mra_compile.reference import mra2_reference
 
 op = torch.ops.mra.attention
@@ -110,13 +110,18 @@ def test_plans_go_with_the_workspace(monkeypatch):
     mra_compile.clear_workspace()
 
 
-def test_calls_that_are_not_replayed():
-    """A mask, a gradient to compute, or a non-contiguous input: the usual path."""
+def test_calls_that_are_not_replayed(monkeypatch):
+    """A mask, a gradient to compute, a non-contiguous input, or the cache switched off
+    (``MRA_COMPILE_LAUNCH_CACHE=0``): the usual path."""
     q, k, v = make_qkv(7, 1, 2, 256, 32)
     mask = torch.ones(1, 256)
     mra_compile.clear_workspace()
     op(q, k, v, mask, 16)
     op(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, None, 16)
+    monkeypatch.setenv(launch_cache.ENV, "0")
+    for _ in range(2):
+        op(q, k, v, None, 16)
+    monkeypatch.delenv(launch_cache.ENV)
     out = op(q.requires_grad_(), k, v, None, 16)
     out.sum().backward()
     assert not any(plans().values())
