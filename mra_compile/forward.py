@@ -130,8 +130,7 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     if units.device.type == "cpu":
         # (numpy, not torch: each torch call costs 10-35 us right after other heavy
         # work, as the kernels' traffic leaves the interpreter's caches cold)
-        counts = units.numpy().tolist()
-        most, widest = max(c[0] for c in counts), max(c[1] for c in counts)
+        most, widest = unit_counts(units.numpy())
         U = max(most, 1)
         used_row = pr.scratch("unit_row_used", R, U, dtype=i32)
         used_cols = pr.scratch("unit_cols_used", R, U, Co, dtype=i32)
@@ -144,6 +143,13 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     work = plan.Plan(row_cols, used_row, used_cols, ov_start, ov_units, max(widest, 1),
                      overflow=most > 0)
     return plan.Selection(index, scores if full else None), work, scores
+
+
+def unit_counts(units) -> tuple[int, int]:
+    """(the most overflow units of a row, the widest row unit) from ``select_plan``'s
+    per-row counts ``units`` [R, 2] (a numpy array: read on the host, see above)."""
+    counts = units.tolist()
+    return max(c[0] for c in counts), max(c[1] for c in counts)
 
 
 def _uniform_budget(R: int, k: int, pr: Prepared) -> torch.Tensor:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mra_compile import build, inputs, kernels, memory, runtime
+from mra_compile import build, forward, inputs, kernels, memory, runtime
 from mra_compile.targets import CPU, cpu
 
 ENV = "MRA_COMPILE_LAUNCH_CACHE"  # "0": every call the usual way
@@ -75,6 +75,9 @@ class _Tail:
 
 @dataclass
 class _Plan:
+    """A signature's launches: the head (pooling, selection), the selection's outputs the
+    tail depends on (numpy views), and a tail per count of overflow units."""
+
     head: list[_Launch]
     units: np.ndarray  # [R, 2]: per row, overflow units and the widest row unit
     unit_row: np.ndarray  # [R, room], [R, room, Co]: the selection's overflow units
@@ -123,8 +126,7 @@ def _replay(plan: _Plan, q, k, v):
     tensors = {name: _view(x, *plan.views[name]) for name, x in zip(_INPUTS, (q, k, v))}
     for launch in plan.head:
         launch(tensors, 0)
-    counts = plan.units.tolist()
-    most, widest = max(c[0] for c in counts), max(c[1] for c in counts)
+    most, widest = forward.unit_counts(plan.units)
     tail = plan.tails.get(most)
     if tail is None:
         return None
@@ -140,6 +142,7 @@ def _replay(plan: _Plan, q, k, v):
 
 
 def _view(x: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """``x`` as the kernels took it: ``shape``, and its bits as ``dtype`` (bf16 as int16)."""
     return (x if x.dtype == dtype else x.view(dtype)).view(shape)
 
 
@@ -198,14 +201,15 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
             elif arg.untyped_storage().data_ptr() not in kept:
                 return None  # (made for this call: its values would be stale)
         fn = build.kernel(call["op"], call["knobs"], call["target"], **call["static"])
-        args = [None if i in dict(slots) else a for i, a in enumerate(call["args"])]
+        substituted = {i for i, _ in slots}
+        args = [None if i in substituted else a for i, a in enumerate(call["args"])]
         ucap = names.index("ucap") if call["op"] == "hires_rows" else None
         named_calls.append((call["op"], named, _Launch(fn, args, tuple(slots), ucap)))
     if set(views) != {*_INPUTS, "out"}:
         return None
     select = named_calls[1][1]
     units, unit_row, unit_cols = (select[x].numpy() for x in ("units", "unit_row", "unit_cols"))
-    most = int(units[:, 0].max())
+    most, _ = forward.unit_counts(units)
     overflow = [named for op, named, _ in named_calls if op == "hires_units"]
     if bool(overflow) != (most > 0):
         return None

@@ -87,7 +87,6 @@ class Workspace(threading.local):
         self.plans.clear()
 
 
-
 _CONSTANTS: dict = {}  # key -> what ``kept_constants`` made for it; bounded below
 
 
