@@ -66,10 +66,13 @@ def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_fac
 # Rows of the next unit's queries asked for per iteration of a spread prefetch loop
 # (``_prefetch_next_unit``).
 QUERY_ROWS_PER_TILE = 8
+# Tiles ahead of the logits' register tile whose key rows it asks into L1 (``near`` of
+# ``_prefetch_next_unit``).
+L1_TILES_AHEAD = 2
 
 
 def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
-                        shared: bool = True, queries=None, spread=None) -> None:
+                        shared: bool = True, queries=None, spread=None, near: int = 0) -> None:
     """Ask for the key and value blocks of the next unit (its slots in input ``slots``,
     [R, units, C]) to be brought into L2 (``llvm.prefetch``) while this one computes.
 
@@ -101,6 +104,14 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     requests delayed the unit's own first reads (the masked copy of its queries took ~7%
     of hires_rows' samples); spread, float32 hires_rows took 0.95-0.98x the time (N = 1024
     to 8192, Zen 5, in-process A/B; bf16 the same).
+    ``near`` (with ``spread``): each iteration of the spread loop also asks for the key
+    rows that the iteration ``near`` ahead of it reads, into L1. The key rows come from
+    L2 where the loop reads them, as broadcasts of one key's value at a time, 4 rows of
+    256 bytes per tile of the logits (``qk_rows``): the tile loop took ~1.4x the time of
+    P V for the same flops. Two tiles ahead: fp32 hires_rows 0.95-0.97x the time at
+    N = 8192 (1, 3, 4 ahead: 0.96-0.97x; Zen 5, in-process A/B); the bf16 micro-kernels,
+    a whole key block per iteration, gained nothing (0.98-1.01x), so ``_unit`` asks
+    only in float32.
     Applied last (like ``_guard``)."""
     from tvm import tirx
 
@@ -118,17 +129,17 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     D = int(k.shape[2])
     serial = tirx.ForKind.SERIAL
 
-    def request(buf, buf_row, block, token, line):  # read, locality 2 (L2), data
+    def request(buf, buf_row, block, token, line, level):  # read, data
         address = tirx.address_of(buf[buf_row, block * b + token, line * per_line])
         return tirx.Evaluate(tirx.call_llvm_intrin(
             "void", "llvm.prefetch.p0", address, tirx.IntImm("int32", 0),
-            tirx.IntImm("int32", 2), tirx.IntImm("int32", 1)))
+            tirx.IntImm("int32", level), tirx.IntImm("int32", 1)))
 
-    def rows(block, first, count, bufs, buf_row=kv_row, tag=""):
+    def rows(block, first, count, bufs, buf_row=kv_row, tag="", level=2):
         """Rows first .. first + count of ``block`` of each of ``bufs``, every line."""
         token, line = tirx.Var("pf_token" + tag, "int32"), tirx.Var("pf_line" + tag, "int32")
         lines = tirx.For(line, 0, -(-D // per_line), tirx.ForKind.UNROLLED,
-                         _seq([request(x, buf_row, block, first + token, line)
+                         _seq([request(x, buf_row, block, first + token, line, level)
                                for x in bufs]))
         return tirx.For(token, 0, count, serial, lines)
 
@@ -142,8 +153,16 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
         g = inner.stmt
         first = g.loop_var * tokens
         block_index = index[row, nxt % units, first // b]
-        ask = tirx.IfThenElse(tirx.all(there, block_index >= 0),
-                              rows(block_index, first % b, tokens, (k, v), tag="_spread"), None)
+        ask = tirx.IfThenElse(there, tirx.IfThenElse(
+            block_index >= 0, rows(block_index, first % b, tokens, (k, v), tag="_spread"), None),
+            None)
+        if near:  # this unit's keys ``near`` iterations ahead, into L1 (locality 3)
+            ahead = (g.loop_var + near) * tokens
+            own = index[loop_var // units, loop_var % units, ahead // b]
+            own_row = loop_var // units if group is None or not shared else loop_var // units // group
+            ask = tirx.SeqStmt([tirx.IfThenElse(ahead < C * b, tirx.IfThenElse(
+                own >= 0, rows(own, ahead % b, tokens, (k,), own_row, "_near", 3), None), None),
+                ask])
         if queries is not None:
             per_tile = min(tokens, QUERY_ROWS_PER_TILE)
             q_first = g.loop_var * per_tile
@@ -214,6 +233,36 @@ def _register_tile(sch, name, *, vec, rows, unroll, slot=None, cols=None):
     return x_o, z_outer
 
 
+def _slot_tile(sch, name, *, vec, rows, unroll, slot, cols=None):
+    """A [.., x, y] = sum_z stage whose z are slots of ``slot`` (P V: a unit's key blocks)
+    slot by slot: loop order (z_o, [y_c,] x_o, z_i, x_i, y), register tiles of ``rows`` x
+    times the vectors of y (or bands of ``cols`` vectors, ``_bands``), the tile's partial
+    sums read into registers and written back once per slot (LLVM keeps them there
+    across z_i). Zeroed before the slot loop (the reduction is decomposed here: the
+    vectorised update is no longer a complete block). Returns z_o.
+
+    Slot outermost, each slot's z rows (a value block, 8 KB in float32 at D = 64) come
+    into L1 once and every x tile reuses them from there; with the x tiles outermost
+    (``_register_tile``) every tile read every slot again, ~48 KB a pass for a unit of 4
+    blocks with its probabilities, as large as L1. fp32 hires_rows 0.97-0.99x the time
+    at N = 8192 (Zen 5, in-process A/B, outputs bit-identical: each sum keeps its order);
+    the backward's outputs, tried the same way, 1.00-1.03x (kept in ``_register_tile``)."""
+    blk = sch.get_sblock(name)
+    x, y, z = sch.get_loops(blk)[-3:]
+    y_c, y = _bands(sch, y, cols, vec)
+    x_o, x_i = sch.split(x, [None, rows])
+    z_o, z_i = sch.split(z, [None, slot])
+    sch.reorder(z_o, *([y_c] if y_c is not None else []), x_o, z_i, x_i, y)
+    y_o, y_i = sch.split(y, [None, vec])
+    sch.vectorize(y_i)
+    if unroll:
+        sch.unroll(y_o)
+        sch.unroll(x_i)
+    init = sch.decompose_reduction(blk, z_o)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return z_o
+
+
 def _bands(sch, y, cols, vec):
     """(y_c, y_i): loop ``y`` in bands of ``cols`` vectors of ``vec``, or (None, y) where
     ``cols`` is None, does not divide it or covers it."""
@@ -255,8 +304,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
         w_tokens = b
     else:
         # P V: sum_w P[w, t] v[w, d] -> [b, D], keys as (slot, key of the block).
-        _, slot = _register_tile(sch, "unit_out", vec=vec, rows=pv_rows, unroll=unroll, slot=b,
-                                 cols=pv_cols)
+        slot = _slot_tile(sch, "unit_out", vec=vec, rows=pv_rows, unroll=unroll, slot=b,
+                          cols=pv_cols)
         # Logits: sum_d k[w, d] q^T[d, t] -> [W, b].
         w_o, d_ = _register_tile(sch, "dots", vec=vec, rows=qk_rows, unroll=unroll)
         w_tokens = qk_rows
@@ -288,14 +337,14 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     # Reductions are split into init and update last (loop moves need them whole).
     if not micro:
         sch.decompose_reduction(sch.get_sblock("dots"), d_)
-        sch.decompose_reduction(sch.get_sblock("unit_out"), slot)
     for name, loop_ in key_loops.items():
         sch.decompose_reduction(sch.get_sblock(name), loop_)
     _skip_empty_slots(sch, loop, slots, {w_o: w_tokens, prob_slot: b, factor_slot: b,
                                          key_loops["unit_max"]: b, key_loops["unit_sum"]: b,
                                          slot: b})
     q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
-    _prefetch_next_unit(sch, loop, slots, kv, queries=q, spread=(w_o, w_tokens))
+    _prefetch_next_unit(sch, loop, slots, kv, queries=q, spread=(w_o, w_tokens),
+                        near=0 if micro else L1_TILES_AHEAD)
 
 
 def _rows_then_transposed(sch, x, vec, b):

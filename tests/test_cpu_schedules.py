@@ -23,10 +23,12 @@ GUARDED = {
 
 def _guards(op, static, index):
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
-    # (not the prefetches' tests of the next unit's slots)
+    # (not the prefetches' tests of the next unit's slots or of tiles ahead: their
+    # subscripts add an offset to a loop variable, "(v + 1)")
     return [line.strip() for line in script.splitlines()
             if re.match(rf"\s*if .*\b{index}\[", line) and "pf_slot" not in line
-            and not re.match(r"\s*if \w+ \+ 1 < ", line)]
+            and not re.match(r"\s*if \w+ \+ 1 < ", line)
+            and not re.search(r"\(\w+ \+ \d+\)", line)]
 
 
 @pytest.mark.parametrize("op", sorted(GUARDED))
@@ -170,7 +172,9 @@ def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
     filled slots only, and not past the last unit: slot c a few rows at a time from the
     logits tiles of its own slot c, up front only the slots it has empty; hires_rows,
     whose unit u is query block u, the next block of queries too (of the query row
-    itself), a few rows from each of the first logits tiles (none up front)."""
+    itself), a few rows from each of the first logits tiles (none up front). Each
+    logits tile also asks for its own unit's key rows two tiles ahead into L1 (filled
+    slots only, not past the unit's last)."""
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     lines = [line.strip() for line in script.splitlines()]
     assert any(re.match(r"if \w+ \+ 1 < ", line) for line in lines), script[:3000]
@@ -179,14 +183,26 @@ def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
     assert re.search(rf"and {index}\[[^\]]*pf_slot\] < 0", slot[0]), slot
     spread = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_spread" in line]
     assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in spread} == {"k", "v"}
+    assert all(re.search(r", 0, 2, 1\)$", lines[i]) for i in spread), lines[spread[0]]  # L2
+    # the next unit's slot (tested within the test that there is a next unit: the index
+    # is not read past its last row)
     ask = next(i for i in range(spread[0], 0, -1) if lines[i].startswith("if "))
-    assert re.match(rf"if \w+ \+ 1 < .* and {index}\[\(\w+ \+ 1\) //", lines[ask]), lines[ask]
+    assert re.match(rf"if {index}\[\(\w+ \+ 1\) //.*\] >= 0:$", lines[ask]), lines[ask]
+    assert re.match(r"if \w+ \+ 1 < [^:]*:$", lines[ask - 1]), lines[ask - 1]
+    # this unit's key rows two logits tiles ahead, into L1 (locality 3), within the unit
+    near = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_near" in line]
+    assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in near} == {"k"}
+    assert all(re.search(r", 0, 3, 1\)$", lines[i]) for i in near), lines[near[0]]
+    at = next(i for i in range(near[0], 0, -1) if lines[i].startswith("if "))
+    assert re.match(rf"if {index}\[\w+ //.*\(\w+ \+ 2\) \* 4 // 32\] >= 0:$", lines[at]), lines[at]
+    assert re.match(r"if \(\w+ \+ 2\) \* 4 < \d+:$", lines[at - 1]), lines[at - 1]
+    assert near[-1] < ask - 1
     # the current unit's slot guard of the logits tile (hires_rows: above the queries' ask)
-    at = next(i for i in range(ask - 1, 0, -1) if lines[i].startswith("if "))
+    at = next(i for i in range(at - 2, 0, -1) if lines[i].startswith("if "))
     guard = lines[at]
     if op == "hires_rows":  # the next queries, 4 rows per tile of the first slot's
         assert re.match(r"if \w+ \+ 1 < .* and \w+ \* 4 < 32:$", guard), guard
-        assert all(at < i < ask for i, line in enumerate(lines)
+        assert all(at < i < near[0] for i, line in enumerate(lines)
                    if "llvm.prefetch" in line and "T.address_of(q[" in line), lines[at:ask]
         guard = lines[at - 1]
     assert guard.startswith(f"if {index}[") and guard.endswith("] >= 0:") and "+ 1" not in guard
