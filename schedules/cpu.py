@@ -109,9 +109,11 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     L2 where the loop reads them, as broadcasts of one key's value at a time, 4 rows of
     256 bytes per tile of the logits (``qk_rows``): the tile loop took ~1.4x the time of
     P V for the same flops. Two tiles ahead: fp32 hires_rows 0.95-0.97x the time at
-    N = 8192 (1, 3, 4 ahead: 0.96-0.97x; Zen 5, in-process A/B); the bf16 micro-kernels,
-    a whole key block per iteration, gained nothing (0.98-1.01x), so ``_unit`` asks
-    only in float32.
+    N = 8192 (1, 3, 4 ahead: 0.96-0.97x; Zen 5, in-process A/B). The bf16 micro-kernels
+    take a whole key block per iteration: ``_unit`` asks for the next one (its first
+    tile; ``mra_bf16_qk`` asks for each next tile itself): bf16 hires_rows 0.98x the
+    time of the micro-kernels' requests alone (N = 4096 and 8192; two blocks ahead
+    0.99x).
     Applied last (like ``_guard``)."""
     from tvm import tirx
 
@@ -344,7 +346,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
                                          slot: b})
     q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
     _prefetch_next_unit(sch, loop, slots, kv, queries=q, spread=(w_o, w_tokens),
-                        near=0 if micro else L1_TILES_AHEAD)
+                        near=1 if micro else L1_TILES_AHEAD)
 
 
 def _rows_then_transposed(sch, x, vec, b):

@@ -13,10 +13,19 @@
 
 /* Logits of one key block: out[w][t] += sum_d k[w][d] q[t][d], w, t < 32.
  * k: rows of D (row stride ldk); qp: the queries in pairs of dims, [D/2][32][2];
- * out: fp32 rows of stride ldo. Tiles of 8 keys x 32 queries (16 accumulators). */
+ * out: fp32 rows of stride ldo. Tiles of 8 keys x 32 queries (16 accumulators).
+ * Each tile asks for the next tile's key rows into L1: in the kernels a key block is
+ * one of a row's scattered blocks, in L2 at best (the caller asks for the block's first
+ * tile), and a tile reads its 8 rows 4 bytes at a time as broadcasts (hires_rows in
+ * bf16 0.95-0.96x the time with the requests at N = 4096 and 8192, Zen 5, in-process
+ * A/B; the same requests for v in mra_bf16_pv's copy gained nothing). */
 HIDDEN int32_t mra_bf16_qk(const uint16_t *k, int32_t ldk, const uint16_t *qp, float *out,
                            int32_t ldo, int32_t D) {
   for (int w0 = 0; w0 < 32; w0 += 8) {
+    if (w0 + 8 < 32)
+      for (int i = 0; i < 8; ++i)
+        for (int at = 0; at < 2 * D; at += 64) /* D bf16: 2D bytes a row */
+          _mm_prefetch((const char *)(k + (w0 + 8 + i) * ldk) + at, _MM_HINT_T0);
     __m512 acc[8][2];
     for (int i = 0; i < 8; ++i) {
       acc[i][0] = _mm512_loadu_ps(out + (w0 + i) * ldo);
