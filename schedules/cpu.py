@@ -381,16 +381,14 @@ def _micro_products(sch, vec, b, micro):
     if micro == "avx512_bf16_fp32_pv":  # (P v in float32 FMAs, P not rounded)
         pv = cpu_bf16.float32_pv_intrinsic(D)
     sch.tensorize(sch.get_loops(sch.get_sblock("q_t"))[-3], pairs)
-    return _slot_logits(sch, "dots", vec, b, qk), _slot_product(sch, "unit_out", vec, b, pv)
+    return _slot_logits(sch, "dots", b, qk), _slot_product(sch, "unit_out", vec, b, pv)
 
 
-def _slot_logits(sch, name, vec, b, intrin):
+def _slot_logits(sch, name, b, intrin):
     """A [W, b] = sum over pairs of dims stage (loops w, t, p, e) as one ``intrin`` call
-    (q k^T) per slot of b tokens onto zeros; returns the slot loop."""
-    blk = sch.get_sblock(name)
-    w_o, w_i = sch.split(sch.get_loops(blk)[-4], [None, b])
-    init = sch.decompose_reduction(blk, w_i)
-    sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, vec])[1])
+    (q k^T) per slot of b tokens, the call's own init included (no zero fill before
+    it); returns the slot loop."""
+    w_o, w_i = sch.split(sch.get_loops(sch.get_sblock(name))[-4], [None, b])
     sch.tensorize(w_i, intrin)
     return w_o
 
@@ -756,7 +754,7 @@ def _micro_bwd_products(sch, vec, b, outputs, fixed) -> dict:
     for x in fixed:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(f"{x}_s"))[-1], [None, vec])[1])
         sch.tensorize(sch.get_loops(sch.get_sblock(f"{x}_t"))[-3], pairs)
-    slots = {_slot_logits(sch, name, vec, b, qk): b for name in ("dots", "dp")}
+    slots = {_slot_logits(sch, name, b, qk): b for name in ("dots", "dp")}
     slots.update((_slot_product(sch, name, vec, b, pv), b) for name in outputs)
     # The bf16 operands in a scope of their own (set last: the intrinsics match buffers
     # of the default scope). Else TVM's storage rewrite lets a float32 intermediate reuse

@@ -65,14 +65,16 @@ def intrinsics(D: int) -> tuple[str, str, str]:
         Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
         Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
         C = T.match_buffer(c, (b, b), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:b, 0:b], A[0:b, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
+        with T.sblock("root"):  # (the sum with its init: C is written, not read)
+            T.reads(A[0:b, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
             T.writes(C[0:b, 0:b])
             for w, t, p, e in T.grid(b, b, D // 2, 2):
                 with T.sblock("update"):
                     vw, vt, vp, ve = T.axis.remap("SSRR", [w, t, p, e])
                     T.reads(C[vw, vt], A[vw, vp * 2 + ve], Ix[0], Q[vp, vt, ve])
                     T.writes(C[vw, vt])
+                    with T.init():
+                        C[vw, vt] = T.float32(0)
                     C[vw, vt] = C[vw, vt] + widen(A[vw, vp * 2 + ve]) * widen(Q[vp, vt, ve])
 
     @T.prim_func(s_tir=True)
@@ -83,10 +85,10 @@ def intrinsics(D: int) -> tuple[str, str, str]:
         Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
         C = T.match_buffer(c, (b, b), F32, strides=[sc, 1], offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:b, 0:b], A[0:b, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
+            T.reads(A[0:b, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
             T.writes(C[0:b, 0:b])
             T.evaluate(T.call_extern("int32", "mra_bf16_qk", A.access_ptr("r"), sa,
-                                     Q.access_ptr("r"), C.access_ptr("rw"), sc, D))
+                                     Q.access_ptr("r"), C.access_ptr("w"), sc, D))
 
     @T.prim_func(s_tir=True)
     def pairs_desc(s: T.handle, q: T.handle):
