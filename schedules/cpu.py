@@ -386,10 +386,21 @@ def _micro_products(sch, vec, b, micro):
 
 def _slot_logits(sch, name, b, intrin):
     """A [W, b] = sum over pairs of dims stage (loops w, t, p, e) as one ``intrin`` call
-    (q k^T) per slot of b tokens, the call's own init included (no zero fill before
-    it); returns the slot loop."""
+    (q k^T) per slot of b tokens; returns the slot loop.
+
+    The intrinsic's description is the whole sum, its init included, and its call writes
+    every value of the block: the init that tensorize leaves on the block (a 4 KB zero
+    fill before each call, which LLVM makes a memset) is dropped (bf16 hires_rows 0.98x
+    the time at N = 4096 and 8192, Zen 5, in-process A/B)."""
+    from tvm.s_tir import stmt as s_stmt
+
     w_o, w_i = sch.split(sch.get_loops(sch.get_sblock(name))[-4], [None, b])
     sch.tensorize(w_i, intrin)
+    sref = sch.get_sref(sch.get_sblock(f"{name}_o"))
+    old = sref.stmt
+    new = s_stmt.SBlock(old.iter_vars, old.reads, old.writes, old.name_hint, old.body, None,
+                        old.alloc_buffers, old.match_buffers, old.annotations)
+    sch.state.replace(sref, new, {old: new})
     return w_o
 
 

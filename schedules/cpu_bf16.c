@@ -13,9 +13,8 @@
 
 /* Logits of one key block: out[w][t] = sum_d k[w][d] q[t][d], w, t < 32.
  * k: rows of D (row stride ldk); qp: the queries in pairs of dims, [D/2][32][2];
- * out: fp32 rows of stride ldo, written, not read (the kernels' zero fill before each
- * call was a memset of 4 KB: ~3% of bf16 hires_rows' samples; without it 0.97x the
- * time at N = 8192). Tiles of 8 keys x 32 queries (16 accumulators).
+ * out: fp32 rows of stride ldo, written, not read (no zero fill before the call:
+ * schedules/cpu.py, _slot_logits). Tiles of 8 keys x 32 queries (16 accumulators).
  * Each tile asks for the next tile's key rows into L1: in the kernels a key block is
  * one of a row's scattered blocks, in L2 at best (the caller asks for the block's first
  * tile), and a tile reads its 8 rows 4 bytes at a time as broadcasts (hires_rows in

@@ -233,6 +233,25 @@ def test_bf16_backward_units_request_the_next_units_slot_blocks(op, static, inpu
     assert all(("// group" in p) == shared for p in prefetches), prefetches
 
 
+@pytest.mark.parametrize("op,static,blocks", [
+    ("hires_rows", {**BF16, "full": False}, ("dots",)),
+    ("hires_units", BF16, ("dots",)),
+    ("bwd_dkdv_ds_units", BF16, ("dots", "dp"))])
+def test_bf16_logits_are_written_by_the_micro_kernel_alone(op, static, blocks):
+    """The q k^T micro-kernel writes its whole block (its intrinsic is the sum with its
+    init): no zero fill of the block before the call, and the call writes, not reads."""
+    script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
+    calls = [line for line in script.splitlines() if '"mra_bf16_qk"' in line]
+    assert len(calls) == len(blocks), calls
+    for name in blocks:
+        assert f'T.sblock("{name}_o")' in script
+        assert f'T.sblock("{name}_init")' not in script, name
+        assert "T.init()" not in script[script.index(f'T.sblock("{name}_o")'):][:3000]
+    # the output pointer's access mask: 2 (written)
+    assert all(re.search(r'T.type_annotation\("float32"\), C.data, [^)]*, 2\)', line)
+               for line in calls), calls
+
+
 def test_the_shuffle_transpose_refuses_blocks_it_would_overrun():
     """Its 16 x 16 tiles would read and write past an 8 x 8 block (TVM checks no bounds):
     the schedules use a plain gather there (``block_size=8``), and the intrinsic refuses."""
