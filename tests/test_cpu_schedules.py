@@ -24,11 +24,11 @@ GUARDED = {
 def _guards(op, static, index):
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     # (not the prefetches' tests of the next unit's slots or of tiles ahead: their
-    # subscripts add an offset to a loop variable, "(v + 1)")
+    # subscripts add an offset to a loop variable, "(v + 1)", "[.., v + 1]")
     return [line.strip() for line in script.splitlines()
             if re.match(rf"\s*if .*\b{index}\[", line) and "pf_slot" not in line
             and not re.match(r"\s*if \w+ \+ 1 < ", line)
-            and not re.search(r"\(\w+ \+ \d+\)", line)]
+            and not re.search(r"\(\w+ \+ \d+\)|\w+ \+ \d+\]", line)]
 
 
 @pytest.mark.parametrize("op", sorted(GUARDED))
@@ -215,6 +215,32 @@ def test_units_request_the_next_units_key_and_value_blocks(op, static, index):
     if static.get("gqa"):  # the key/value row of the next unit's query row
         assert all("// group" in buffers[x] for x in "kv"), prefetches
         assert "// group" not in buffers.get("q", "")
+
+
+@pytest.mark.parametrize("op,static,index", [
+    ("hires_units", {"b": 32, "D": 64}, "unit_cols"),
+    ("hires_rows", {"b": 32, "D": 64, "full": False}, "row_cols"),
+    ("hires_rows", {"b": 32, "D": 48, "full": True, "gqa": True}, "row_cols")])
+def test_value_tiles_request_the_next_slots_rows(op, static, index):
+    """Each query tile of P V asks for its share of the next slot's value rows into L1
+    (locality 3): only where the unit has a next slot and it is filled, v only, of the
+    unit's own key/value row (grouped heads: its group's)."""
+    script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
+    lines = [line.strip() for line in script.splitlines()]
+    asks = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "pf_token_pv" in line]
+    assert asks, script[:2000]
+    assert all(re.search(r"T.address_of\(v\[", lines[i]) for i in asks), lines[asks[0]]
+    assert all(re.search(r", 0, 3, 1\)$", lines[i]) for i in asks), lines[asks[0]]
+    assert all(("// group" in lines[i]) == bool(static.get("gqa")) for i in asks)
+    at = next(i for i in range(asks[0], 0, -1) if lines[i].startswith("if "))
+    slot = re.match(rf"if {index}\[.*, (\w+) \+ 1\] >= 0:$", lines[at])
+    assert slot, lines[at]
+    assert re.match(rf"if {slot.group(1)} \+ 1 < \d+:$", lines[at - 1]), lines[at - 1]
+    # under the query-tile loop of P V, which is under the slot's own guard
+    loop = next(i for i in range(at, 0, -1) if lines[i].startswith("for "))
+    guard = next(i for i in range(loop, 0, -1) if lines[i].startswith("if "))
+    assert lines[guard] == f"if {index}[" + lines[at][len(f"if {index}["):].replace(
+        f"{slot.group(1)} + 1]", f"{slot.group(1)} * 32 // 32]"), (lines[guard], lines[at])
 
 
 BF16 = {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}
