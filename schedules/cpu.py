@@ -241,7 +241,7 @@ def _slot_tile(sch, name, *, vec, rows, unroll, slot, cols=None):
     times the vectors of y (or bands of ``cols`` vectors, ``_bands``), the tile's partial
     sums read into registers and written back once per slot (LLVM keeps them there
     across z_i). Zeroed before the slot loop (the reduction is decomposed here: the
-    vectorised update is no longer a complete block). Returns z_o.
+    vectorised update is no longer a complete block). Returns (z_o, x_o).
 
     Slot outermost, each slot's z rows (a value block, 8 KB in float32 at D = 64) come
     into L1 once and every x tile reuses them from there; with the x tiles outermost
