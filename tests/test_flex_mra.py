@@ -48,10 +48,53 @@ def test_peer_equals_full_mode(B, H, N, D, lengths, bpr):
        N=st.integers(33, 230), D=st.sampled_from([16, 40, 64]), bpr=st.integers(1, 4),
        masked=st.booleans(), scale=st.sampled_from([0.5, 1.0, 3.0]))
 def test_peer_equals_full_mode_drawn(seed, B, H, N, D, bpr, masked, scale):
+    """The peer against the op, per query token: within 1e-5 of the op's largest value,
+    plus what docs/spec.md's 1e-6 in step 5's denominator moves that token (the op adds
+    it at the spec's stabiliser; the peer, merging log-sum-exps, has none: a sequence of
+    a few real tokens whose coarse stabiliser lies well above its exact logits saw 3e-5).
+    """
     q, k, v = make_qkv(seed, B, H, N, D, scale=scale)
     mask = padded_mask(N, [N, max(1, N - seed % N)][:B]) if masked else None
     op, peer = both(q, k, v, mask, bpr * n_blocks(N))
-    assert rel_err(peer, op) < 1e-5
+    sel = mra_compile.block_selection(q, k, v, mask, num_blocks=bpr * n_blocks(N),
+                                      approx_mode="full")
+    moved = spec_epsilon_effect(q, k, mask, *sel)  # [B, H, N], relative
+    err = (peer.double() - op.double()).abs().amax(-1)
+    allowed = 1e-5 * op.double().abs().max() + 2 * moved * op.double().abs().amax(-1)
+    assert bool((err <= allowed).all()), (err - allowed).max()
+
+
+def spec_epsilon_effect(q, k, mask, selected, high_mask, b=32):
+    """Per query token, a bound on the relative change the spec's 1e-6 in step 5's
+    denominator makes: 1e-6 exp(S - log Z), Z the token's whole sum of weights (exact and
+    coarse parts) and S the spec's stabiliser, the larger of the token's exact maximum m
+    and its block's coarse stabiliser R; m <= lse_hi, so S <= max(lse_hi, R), and
+    log Z >= max(lse_hi, lse_lo). In float64, by the definitions of docs/spec.md steps
+    1-5 (the penalised pairs of step 2 add at most exp(-1e4): nothing)."""
+    B, H, N, D = q.shape
+    pad = (-N) % b
+    real = torch.ones(B, N, dtype=torch.bool) if mask is None else mask.bool()
+    real = torch.nn.functional.pad(real, (0, pad), value=False)
+    qz, kz = (torch.where(real[:, None, :, None], torch.nn.functional.pad(x.double(),
+                          (0, 0, 0, pad)), 0.0) for x in (q, k))
+    scale = D ** -0.5
+    n = qz.shape[2] // b
+    pairs = selected.bool().repeat_interleave(b, 2).repeat_interleave(b, 3) & real[:, None, None]
+    logits = (qz @ kz.transpose(-1, -2) * scale).masked_fill(~pairs, float("-inf"))
+    lse_hi = torch.logsumexp(logits, -1)  # [B, H, Np]
+    counts = real.double().view(B, 1, n, b).sum(-1)  # [B, 1, n]
+    q_hat, k_hat = (x.view(B, H, n, b, D).sum(3) / (counts[..., None] + 1e-6) for x in (qz, kz))
+    L = q_hat @ k_hat.transpose(-1, -2) * scale  # [B, H, n, n]
+    has_key = (counts > 0)[:, :, None, :]
+    R = L.masked_fill(~has_key, float("-inf")).amax(-1)
+    keep = has_key & ~high_mask.bool()
+    lse_lo = torch.logsumexp((L + counts.clamp_min(1).log()[:, :, None, :]).masked_fill(
+        ~keep, float("-inf")), -1)
+    R, lse_lo = (x.repeat_interleave(b, 2) for x in (R, lse_lo))
+    top = torch.maximum(lse_hi, R)
+    total = torch.maximum(lse_hi, lse_lo)
+    moved = 1e-6 * torch.exp(torch.where(torch.isinf(total), float("-inf"), top - total))
+    return moved[:, :, :N]
 
 
 def dense_flex(q, k, v, *, block_mask, kernel_options, return_aux):
