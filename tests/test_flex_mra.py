@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from conftest import REPO, make_qkv, n_blocks, padded_mask, rel_err
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
@@ -47,6 +47,7 @@ def test_peer_equals_full_mode(B, H, N, D, lengths, bpr):
 @given(seed=st.integers(0, 2**31), B=st.integers(1, 2), H=st.integers(1, 2),
        N=st.integers(33, 230), D=st.sampled_from([16, 40, 64]), bpr=st.integers(1, 4),
        masked=st.booleans(), scale=st.sampled_from([0.5, 1.0, 3.0]))
+@example(seed=15338639, B=2, H=2, N=57, D=64, bpr=1, masked=True, scale=3.0)  # (CI's 3e-5)
 def test_peer_equals_full_mode_drawn(seed, B, H, N, D, bpr, masked, scale):
     """The peer against the op, per query token: within 1e-5 of the op's largest value,
     plus what docs/spec.md's 1e-6 in step 5's denominator moves that token (the op adds
