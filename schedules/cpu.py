@@ -235,36 +235,6 @@ def _register_tile(sch, name, *, vec, rows, unroll, slot=None, cols=None):
     return x_o, z_outer
 
 
-def _slot_tile(sch, name, *, vec, rows, unroll, slot, cols=None):
-    """A [.., x, y] = sum_z stage whose z are slots of ``slot`` (P V: a unit's key blocks)
-    slot by slot: loop order (z_o, [y_c,] x_o, z_i, x_i, y), register tiles of ``rows`` x
-    times the vectors of y (or bands of ``cols`` vectors, ``_bands``), the tile's partial
-    sums read into registers and written back once per slot (LLVM keeps them there
-    across z_i). Zeroed before the slot loop (the reduction is decomposed here: the
-    vectorised update is no longer a complete block). Returns (z_o, x_o).
-
-    Slot outermost, each slot's z rows (a value block, 8 KB in float32 at D = 64) come
-    into L1 once and every x tile reuses them from there; with the x tiles outermost
-    (``_register_tile``) every tile read every slot again, ~48 KB a pass for a unit of 4
-    blocks with its probabilities, as large as L1. fp32 hires_rows 0.97-0.99x the time
-    at N = 8192 (Zen 5, in-process A/B, outputs bit-identical: each sum keeps its order);
-    the backward's outputs, tried the same way, 1.00-1.03x (kept in ``_register_tile``)."""
-    blk = sch.get_sblock(name)
-    x, y, z = sch.get_loops(blk)[-3:]
-    y_c, y = _bands(sch, y, cols, vec)
-    x_o, x_i = sch.split(x, [None, rows])
-    z_o, z_i = sch.split(z, [None, slot])
-    sch.reorder(z_o, *([y_c] if y_c is not None else []), x_o, z_i, x_i, y)
-    y_o, y_i = sch.split(y, [None, vec])
-    sch.vectorize(y_i)
-    if unroll:
-        sch.unroll(y_o)
-        sch.unroll(x_i)
-    init = sch.decompose_reduction(blk, z_o)
-    sch.vectorize(sch.get_loops(init)[-1])
-    return z_o, x_o
-
-
 def _bands(sch, y, cols, vec):
     """(y_c, y_i): loop ``y`` in bands of ``cols`` vectors of ``vec``, or (None, y) where
     ``cols`` is None, does not divide it or covers it."""
@@ -306,8 +276,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
         w_tokens = b
     else:
         # P V: sum_w P[w, t] v[w, d] -> [b, D], keys as (slot, key of the block).
-        slot, pv_tile = _slot_tile(sch, "unit_out", vec=vec, rows=pv_rows, unroll=unroll,
-                                   slot=b, cols=pv_cols)
+        slot, pv_tile = _slots_outside_tiles(sch, "unit_out", vec=vec, rows=pv_rows,
+                                             cols=pv_cols, slot=b, unroll=unroll)
         # Logits: sum_d k[w, d] q^T[d, t] -> [W, b].
         w_o, d_ = _register_tile(sch, "dots", vec=vec, rows=qk_rows, unroll=unroll)
         w_tokens = qk_rows
@@ -852,26 +822,32 @@ def bwd_dq_ds_units(sch, *, vec, rows, out_rows, out_cols, blocks_per_unit, micr
         D = int(sch.get(loops[-2]).extent)
         slot = _slot_product(sch, "dq_unit", vec, b, cpu_bf16.gathered_pv_intrinsic(D))
     else:
-        slot = _slots_outside_tiles(sch, "dq_unit", vec=vec, rows=out_rows, cols=out_cols,
-                                    slot=b)
+        slot, _ = _slots_outside_tiles(sch, "dq_unit", vec=vec, rows=out_rows, cols=out_cols,
+                                       slot=b)
     units = at.shape[1]
     unit = sch.get(ru).loop_var
     _guard(sch, slot, at[unit // units, unit % units, sch.get(slot).loop_var] >= 0)
     return sch
 
 
-def _slots_outside_tiles(sch, name, *, vec, rows, cols, slot):
+def _slots_outside_tiles(sch, name, *, vec, rows, cols, slot, unroll=True):
     """A [.., x, y] = sum_z stage with z in slots of ``slot``, the slot loop outermost:
     (z_o, y_c, x_o, z_i, x_i, y), tiles of ``rows`` x ``cols`` vectors of y as in
     ``_register_tile`` but accumulated in the output itself (a tile's accumulators are
     loaded and stored once per slot; LLVM keeps them in registers over the slot's keys),
-    zeroed first. Returns z_o, the loop a slot's guard goes on.
+    zeroed first. Returns (z_o, the loop a slot's guard goes on; x_o, the tiles' loop).
 
     For slots whose index is a gathered one (``bwd_dq_ds_units``): under the tiles, each
     slot's test and block address (a floor division of the fused (row, unit) loop by the
     symbolic unit count, which LLVM may not hoist out of a guarded block) were
     recomputed per tile: 0.87x the time at N=4096, D=64 (15.4 -> 13.3 ms), 0.88x at
-    D=128, 0.92x at D=48, 0.90x at N=8192 (AVX2 host, bit-identical results)."""
+    D=128, 0.92x at D=48, 0.90x at N=8192 (AVX2 host, bit-identical results).
+    For a unit's P V (``_unit``): each slot's value block (8 KB in float32 at D = 64)
+    comes into L1 once and every query tile reuses it from there; with the tiles
+    outermost (``_register_tile``) every tile read every slot again, ~48 KB a pass for a
+    unit of 4 blocks with its probabilities, as large as L1: float32 hires_rows
+    0.97-0.99x the time at N = 8192 (Zen 5, in-process A/B, bit-identical); the
+    backward's dk/dv outputs the same way, 1.00-1.03x (kept in ``_register_tile``)."""
     blk = sch.get_sblock(name)
     x, y, z = sch.get_loops(blk)[-3:]
     y_c, y = _bands(sch, y, cols, vec)
@@ -880,10 +856,11 @@ def _slots_outside_tiles(sch, name, *, vec, rows, cols, slot):
     sch.reorder(z_o, *([y_c] if y_c is not None else []), x_o, z_i, x_i, y)
     y_o, y_i = sch.split(y, [None, vec])
     sch.vectorize(y_i)
-    sch.unroll(y_o)
-    sch.unroll(x_i)
+    if unroll:
+        sch.unroll(y_o)
+        sch.unroll(x_i)
     sch.decompose_reduction(blk, z_o)  # (the zeroing keeps the tiles' loops, vectorized)
-    return z_o
+    return z_o, x_o
 
 
 def bwd_lowres(sch, *, vec):
