@@ -53,14 +53,64 @@ def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_fac
     skipped. Their results for empty slots are then never written: what reads them
     selects by the slot's validity, or is itself guarded here. ``factor``: the unit's
     per-token factor stage (it reads ``slots`` and spans the C * b slot tokens)."""
-    block = sch.get(sch.get_sblock(factor))
-    index = _input(block, slots)
-    units, C = index.shape[1], index.shape[2]
+    index, units, C, b = _slot_table(sch, slots, factor)
     unit = sch.get(loop).loop_var  # the fused (row, unit) loop: row-major
-    b = block.iter_vars[-1].dom.extent // C
     for slot_loop, tokens in loops.items():
         first = sch.get(slot_loop).loop_var * tokens
         _guard(sch, slot_loop, index[unit // units, unit % units, first // b] >= 0)
+
+
+def _slot_table(sch, slots: str, factor: str = "key_factor"):
+    """(index, units, C, b): input ``slots`` [R, units, C] (each unit's key block per
+    slot, -1 where empty) as the unit's per-token ``factor`` stage reads it, and the
+    tokens of a slot (that stage spans the C * b slot tokens)."""
+    block = sch.get(sch.get_sblock(factor))
+    index = _input(block, slots)
+    units, C = index.shape[1], index.shape[2]
+    return index, units, C, block.iter_vars[-1].dom.extent // C
+
+
+def _kv_row(sch, row, shared: bool = True):
+    """The row of the key/value inputs that query row ``row`` reads: ``row // group``
+    where the kernel takes grouped-query heads (a ``group`` parameter) and ``shared``."""
+    group = next((p for p in sch.mod["main"].params if p.name == "group"), None)
+    return row if group is None or not shared else row // group
+
+
+def _row_requests(bufs, buf_row, block, b, first, count, level: int, tag: str = ""):
+    """Prefetch requests (``llvm.prefetch``: read, data; ``level`` 2 into L2, 3 into L1)
+    for every 64-byte line of tokens ``first .. first + count`` of key block ``block``
+    (``b`` tokens a block) at row ``buf_row`` of each of ``bufs`` ([rows, N, D], one
+    dtype and D); ``tag`` names the loop variables."""
+    from tvm import tirx
+
+    per_line = 64 // (_bits(bufs[0].dtype) // 8)  # elements of a 64-byte cache line
+    token, line = tirx.Var("pf_token" + tag, "int32"), tirx.Var("pf_line" + tag, "int32")
+    asks = [tirx.Evaluate(tirx.call_llvm_intrin(
+        "void", "llvm.prefetch.p0",
+        tirx.address_of(buf[buf_row, block * b + (first + token), line * per_line]),
+        tirx.IntImm("int32", 0), tirx.IntImm("int32", level), tirx.IntImm("int32", 1)))
+        for buf in bufs]
+    lines = tirx.For(line, 0, -(-int(bufs[0].shape[2]) // per_line), tirx.ForKind.UNROLLED,
+                     _seq(asks))
+    return tirx.For(token, 0, count, tirx.ForKind.SERIAL, lines)
+
+
+def _ask_first(sch, loop, ask) -> None:
+    """Put statement ``ask`` at the start of ``loop``'s body (inside the body's guard,
+    where there is one: ``_skip_empty_slots``)."""
+    from tvm import tirx
+
+    sref = sch.get_sref(loop)
+    g = sref.stmt
+    body = g.body
+    if isinstance(body, tirx.IfThenElse):
+        body = tirx.IfThenElse(body.condition, tirx.SeqStmt([ask, body.then_case]),
+                               body.else_case)
+    else:
+        body = tirx.SeqStmt([ask, body])
+    sch.state.replace(sref, tirx.For(g.loop_var, g.min, g.extent, g.kind, body,
+                                     g.thread_binding, g.annotations))
 
 
 # Rows of the next unit's queries asked for per iteration of a spread prefetch loop
@@ -117,33 +167,15 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     Applied last (like ``_guard``)."""
     from tvm import tirx
 
-    block = sch.get(sch.get_sblock(factor))
-    index = _input(block, slots)
-    units, C = index.shape[1], index.shape[2]
-    b = block.iter_vars[-1].dom.extent // C
+    index, units, C, b = _slot_table(sch, slots, factor)
     k, v = kv
-    group = next((p for p in sch.mod["main"].params if p.name == "group"), None)
     loop_var = sch.get(loop).loop_var
     nxt = loop_var + 1
     row = nxt // units
-    kv_row = row if group is None or not shared else row // group
-    per_line = 64 // (_bits(k.dtype) // 8)  # elements of a 64-byte cache line
-    D = int(k.shape[2])
-    serial = tirx.ForKind.SERIAL
-
-    def request(buf, buf_row, block, token, line, level):  # read, data
-        address = tirx.address_of(buf[buf_row, block * b + token, line * per_line])
-        return tirx.Evaluate(tirx.call_llvm_intrin(
-            "void", "llvm.prefetch.p0", address, tirx.IntImm("int32", 0),
-            tirx.IntImm("int32", level), tirx.IntImm("int32", 1)))
+    kv_row = _kv_row(sch, row, shared)
 
     def rows(block, first, count, bufs, buf_row=kv_row, tag="", level=2):
-        """Rows first .. first + count of ``block`` of each of ``bufs``, every line."""
-        token, line = tirx.Var("pf_token" + tag, "int32"), tirx.Var("pf_line" + tag, "int32")
-        lines = tirx.For(line, 0, -(-D // per_line), tirx.ForKind.UNROLLED,
-                         _seq([request(x, buf_row, block, first + token, line, level)
-                               for x in bufs]))
-        return tirx.For(token, 0, count, serial, lines)
+        return _row_requests(bufs, buf_row, block, b, first, count, level, tag)
 
     there = nxt < sch.get(loop).min + sch.get(loop).extent
     slot = tirx.Var("pf_slot", "int32")
@@ -151,8 +183,7 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     if spread is not None:
         spread_loop, tokens = spread
         wanted = tirx.all(wanted, index[loop_var // units, loop_var % units, slot] < 0)
-        inner = sch.get_sref(spread_loop)
-        g = inner.stmt
+        g = sch.get(spread_loop)
         first = g.loop_var * tokens
         block_index = index[row, nxt % units, first // b]
         ask = tirx.IfThenElse(there, tirx.IfThenElse(
@@ -161,7 +192,7 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
         if near:  # this unit's keys ``near`` iterations ahead, into L1 (locality 3)
             ahead = (g.loop_var + near) * tokens
             own = index[loop_var // units, loop_var % units, ahead // b]
-            own_row = loop_var // units if group is None or not shared else loop_var // units // group
+            own_row = _kv_row(sch, loop_var // units, shared)
             ask = tirx.SeqStmt([tirx.IfThenElse(ahead < C * b, tirx.IfThenElse(
                 own >= 0, rows(own, ahead % b, tokens, (k,), own_row, "_near", 3), None), None),
                 ask])
@@ -170,15 +201,8 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
             q_first = g.loop_var * per_tile
             ask = tirx.SeqStmt([tirx.IfThenElse(tirx.all(there, q_first < b), rows(
                 nxt % units, q_first, per_tile, (queries,), row, "_q"), None), ask])
-        body = g.body  # (inside the slot guard, when there is one)
-        if isinstance(body, tirx.IfThenElse):
-            body = tirx.IfThenElse(body.condition, tirx.SeqStmt([ask, body.then_case]),
-                                   body.else_case)
-        else:
-            body = tirx.SeqStmt([ask, body])
-        sch.state.replace(inner, tirx.For(g.loop_var, g.min, g.extent, g.kind, body,
-                                          g.thread_binding, g.annotations))
-    each_slot = tirx.For(slot, 0, C, serial, tirx.IfThenElse(
+        _ask_first(sch, spread_loop, ask)
+    each_slot = tirx.For(slot, 0, C, tirx.ForKind.SERIAL, tirx.IfThenElse(
         wanted, rows(index[row, nxt % units, slot], 0, b, (k, v)), None))
     if queries is not None and spread is None:
         each_slot = tirx.SeqStmt([rows(nxt % units, 0, b, (queries,), row, "_q"), each_slot])
@@ -336,32 +360,17 @@ def _prefetch_next_slot(sch, loop, slot_loop, tile_loop, slots: str, buf) -> Non
     Applied last (like ``_guard``)."""
     from tvm import tirx
 
-    block = sch.get(sch.get_sblock("key_factor"))
-    index = _input(block, slots)
-    units, C = index.shape[1], index.shape[2]
-    b = block.iter_vars[-1].dom.extent // C
+    index, units, C, b = _slot_table(sch, slots)
     unit = sch.get(loop).loop_var
-    group = next((p for p in sch.mod["main"].params if p.name == "group"), None)
-    buf_row = unit // units if group is None else unit // units // group
     nxt_slot = sch.get(slot_loop).loop_var + 1
     nxt = index[unit // units, unit % units, nxt_slot]
-    sref = sch.get_sref(tile_loop)
-    g = sref.stmt
+    g = sch.get(tile_loop)
     per = b // g.extent
-    first = g.loop_var * per
-    per_line = 64 // (_bits(buf.dtype) // 8)
-    token, line = tirx.Var("pf_token_pv", "int32"), tirx.Var("pf_line_pv", "int32")
-    address = tirx.address_of(buf[buf_row, nxt * b + first + token, line * per_line])
-    request = tirx.For(token, 0, per, tirx.ForKind.SERIAL, tirx.For(
-        line, 0, -(-int(buf.shape[2]) // per_line), tirx.ForKind.UNROLLED,
-        tirx.Evaluate(tirx.call_llvm_intrin(
-            "void", "llvm.prefetch.p0", address, tirx.IntImm("int32", 0),
-            tirx.IntImm("int32", 3), tirx.IntImm("int32", 1)))))
+    request = _row_requests((buf,), _kv_row(sch, unit // units), nxt, b, g.loop_var * per, per,
+                            3, "_pv")
     # (nested: the index is not read past the unit's last slot)
-    ask = tirx.IfThenElse(nxt_slot < C, tirx.IfThenElse(nxt >= 0, request, None), None)
-    sch.state.replace(sref, tirx.For(g.loop_var, g.min, g.extent, g.kind,
-                                     tirx.SeqStmt([ask, g.body]), g.thread_binding,
-                                     g.annotations))
+    _ask_first(sch, tile_loop, tirx.IfThenElse(nxt_slot < C, tirx.IfThenElse(
+        nxt >= 0, request, None), None))
 
 
 def _rows_then_transposed(sch, x, vec, b):

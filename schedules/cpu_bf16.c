@@ -3,7 +3,8 @@
  * schedules/cpu_bf16.py (TVM 0.27 cannot emit the instruction itself).
  *
  * bf16 values are passed as their 16 bits. Blocks are 32 x 32; D is the padded head dim
- * (any multiple of 16). The products add to ``out`` (the kernel zeroes it).
+ * (any multiple of 16). The P v products add to ``out`` (the kernel zeroes it); q k^T
+ * writes its block.
  * Compiled with -O3: at -O2 gcc keeps the accumulator tiles in memory (3-4x slower).
  */
 #include <immintrin.h>
