@@ -32,6 +32,7 @@ from tvm import te, tirx
 F32 = "float32"  # the default; every operator takes ``dtype`` ("float32" or "float64")
 I32 = "int32"
 NEG_BIG = -3.0e38  # identity for running maxima; finite so exp() of differences stays defined
+LANES = 16  # partial maxima of a long reduction (``_lane_max``): an AVX-512 vector
 
 
 def _exp(x):
@@ -205,16 +206,18 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         lambda r, i, j: te.sum(qp[r, i, dd] * kp[r, j, dd], axis=dd),
         name="raw_logits",
     )
-    jj = te.reduce_axis((0, n), "jj")
+
     # R of docs/spec.md, step 2: over the key blocks holding a real token, 0 without one.
-    real_max = te.compute(
-        (R, n),
-        lambda r, i: te.max(
-            te.if_then_else(counts[r // heads, jj] > 0.5, raw[r, i, jj] * scale,
-                            tirx.const(NEG_BIG, dt)),
-            axis=jj),
-        name="real_max",
-    )
+    def real_logit(r, i, j):  # (a select, both sides in bounds: vectors on the CPU)
+        return tirx.Select(counts[r // heads, j] > 0.5, raw[r, i, j] * scale,
+                           tirx.const(NEG_BIG, dt))
+
+    if scratch:  # (one reduction: no intermediate beyond the scratch arguments)
+        jj = te.reduce_axis((0, n), "jj")
+        real_max = te.compute((R, n), lambda r, i: te.max(real_logit(r, i, jj), axis=jj),
+                              name="real_max")
+    else:
+        real_max = _lane_max(real_logit, R, n, "real_max")
     rowmax = te.compute(
         (R, n),
         lambda r, i: te.if_then_else(real_max[r, i] > NEG_BIG / 2, real_max[r, i],
@@ -236,6 +239,29 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
     params = _params(q, k, *values, mask, qmask, counts, inv_counts, q_counts, q_inv_counts,
                      qp, kp, *vp, logits, rowmax, heads, group, scale)
     return params + ([raw, real_max] if scratch else [])
+
+
+def _lane_max(value, R, n, name: str):
+    """[R, n] = max over j < n of ``value(r, i, j)``, as ``LANES`` partial maxima over the
+    whole chunks of ``LANES`` consecutive j (``name``_lanes [R, n, LANES]: each lane reads
+    one j per chunk, so the lanes of a chunk are contiguous, a vector on the CPU), one
+    over the last n mod ``LANES`` (``name``_tail) and the maximum of those. The same value
+    as one reduction (max is exact in any order); a single running maximum is a chain
+    of dependent scalar steps that LLVM may not reorder into vectors (a fifth of
+    ``pool_and_logits`` in bf16 at N = 8192)."""
+    whole = n // LANES
+    jo = te.reduce_axis((0, whole), "jo")
+    lanes = te.compute(
+        (R, n, LANES), lambda r, i, lane: te.max(value(r, i, jo * LANES + lane), axis=jo),
+        name=name + "_lanes")
+    jt = te.reduce_axis((0, n - whole * LANES), "jt")
+    tail = te.compute(
+        (R, n), lambda r, i: te.max(value(r, i, whole * LANES + jt), axis=jt),
+        name=name + "_tail")
+    lane = te.reduce_axis((0, LANES), "lane")
+    return te.compute(
+        (R, n), lambda r, i: te.max(tirx.max(lanes[r, i, lane], tail[r, i]), axis=lane),
+        name=name)
 
 
 def _low_res_weights(logits, rowmax, hmask, counts, heads, scratch: bool):

@@ -565,7 +565,22 @@ def pool_and_logits(sch, *, vec, micro, full):
     outputs = (*pooled, "qp_pad", "kp_pad", "raw_logits", "logits", "rowmax")
     r = sch.merge(*(sch.get_loops(sch.get_sblock(name))[0] for name in outputs))
     sch.parallel(r)
+    # The real-key row maxima, one query block at a time: the whole chunks in a vector of
+    # partial maxima (lanes innermost), the tail and the lanes' maximum as scalars
+    # (operators._lane_max).
     sch.compute_at(sch.get_sblock("real_max"), r)
+    block_loop = sch.get_loops(sch.get_sblock("real_max"))[1]
+    for name in ("real_max_tail", "real_max_lanes"):
+        sch.compute_at(sch.get_sblock(name), block_loop)
+    lanes = sch.get_sblock("real_max_lanes")
+    lane, chunk = sch.get_loops(lanes)[-2:]
+    sch.reorder(chunk, lane)
+    sch.vectorize(sch.split(lane, [None, vec])[1])
+    sch.decompose_reduction(lanes, chunk)
+    # (both may be empty reductions, n < 16 or n mod 16 = 0: their init must not sit in
+    # a loop that does not run)
+    tail = sch.get_sblock("real_max_tail")
+    sch.decompose_reduction(tail, sch.get_loops(tail)[-1])
     for name in pooled:
         blk = sch.get_sblock(name + "_sum")
         sch.compute_at(blk, sch.get_loops(sch.get_sblock(name))[1])

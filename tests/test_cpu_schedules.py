@@ -97,6 +97,67 @@ def test_pool_logits_are_register_tiles_over_padded_copies(vec, rows, cols):
     assert f"T.vectorized({vec})" in copy[1], copy
 
 
+
+@pytest.mark.parametrize("full", [True, False])
+def test_pool_row_maxima_run_in_vector_lanes(full):
+    """R (the real-key row maximum of the block logits) as 16 partial maxima over whole
+    chunks of 16 key blocks, in one vector (a single running maximum was a chain of
+    dependent scalar steps: a fifth of the bf16 kernel at N = 8192), then the tail and
+    the lanes as scalars; the inits of both partial reductions sit outside their loops
+    (either may be empty: n < 16, or n a multiple of 16)."""
+    script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64, "full": full},
+                                  knob_policy.resolve_knobs("pool_and_logits", None)).script()
+    update = _loops_above(script, "real_max_lanes_update")
+    # (the chunks' loop outside, the lanes inside in a vector)
+    assert re.search(r"for \w+, \w+ in T.grid\(N // 512, 1\):\n\s*for \w+ in T.vectorized\(16\):",
+                     update), update
+    assert "with T.init()" not in script[script.index('T.sblock("real_max_lanes_update")'):
+                                         script.index('T.sblock("real_max")')]
+    assert 'T.sblock("real_max_tail_init")' in script
+    assert 'T.sblock("real_max_lanes_init")' in script
+
+
+@pytest.mark.parametrize("blocks", [5, 16, 37])
+def test_pool_row_maxima_are_over_real_key_blocks(blocks):
+    """rowmax of ``pool_and_logits`` (R, docs/spec.md step 2) is, bit for bit, the
+    largest logit of a real query block's row over the key blocks that hold a real
+    token, and 0 where no key block does, for n below 16 (no whole chunk), a multiple of
+    16 (no tail) and both; two of the keys' blocks empty, the second batch's keys all
+    padding."""
+    import torch
+    from conftest import make_qkv
+
+    from mra_compile.forward import mra_forward
+    from mra_compile.options import Options
+
+    N = 32 * blocks
+    q, k, v = make_qkv(11, 2, 3, N, 64)
+    mask = torch.ones(2, N)
+    mask[0, 32:64] = 0  # key block 1 empty
+    mask[0, N - 32:] = 0  # the last one too
+    mask[0, 70] = 0  # a partly padded block stays real
+    mask[1] = 0
+    query_mask = torch.ones(2, N)
+    with build.trace_kernel_calls() as calls, torch.no_grad():
+        mra_forward(q, k, v, mask, Options(block_per_row=2, approx_mode="sparse"),
+                    query_mask=query_mask)
+    call = next(c for c in calls if c["op"] == "pool_and_logits")
+    args = dict(zip(build.kernels.get("pool_and_logits").arg_names(call["static"]),
+                    call["args"]))
+    logits, rowmax, counts, q_counts = (torch.from_dlpack(args[name]) for name in
+                                        ("logits", "rowmax", "counts", "q_counts"))
+    heads, checked = 3, 0
+    for r in range(logits.shape[0]):
+        real_keys = counts[r // heads] > 0.5
+        for i in range(blocks):
+            if q_counts[r // heads, i] <= 0.5:
+                continue
+            row = logits[r, i][real_keys]
+            want = row.max() if row.numel() else torch.tensor(0.0)
+            assert rowmax[r, i] == want, (r, i, rowmax[r, i], want)
+            checked += 1
+    assert checked == 2 * heads * blocks
+
 # A [b, D] register tile at D = 64 in bands: 4 bands of 16 dims, then 8 tiles of 4
 # tokens; each tile 4 x 2 vectors of 8 (the loops above its initialisation).
 BANDED_4_BY_2 = (r"for \w+, \w+ in T.grid\(4, 8\):\n.*T.unroll\(4\):\n.*T.unroll\(2\):\n"
