@@ -264,6 +264,20 @@ def _lane_max(value, R, n, name: str):
         name=name)
 
 
+def _lane_sum(x, name: str):
+    """[R, n] = sum over the last axis of ``x`` [R, n, w] (w a multiple of ``LANES``: the
+    zero-padded rows of ``_low_res_weights``), as ``LANES`` partial sums over its chunks
+    (``name``_lanes [R, n, LANES], vectors on the CPU), then their sum: one running sum
+    is a chain of dependent scalar adds (~3 cycles each), which LLVM may not reorder."""
+    R, n, width = x.shape
+    chunk = te.reduce_axis((0, width // LANES), "chunk")
+    lanes = te.compute(
+        (R, n, LANES), lambda r, i, lane: te.sum(x[r, i, chunk * LANES + lane], axis=chunk),
+        name=name + "_lanes")
+    lane = te.reduce_axis((0, LANES), "lane")
+    return te.compute((R, n), lambda r, i: te.sum(lanes[r, i, lane], axis=lane), name=name)
+
+
 def _low_res_weights(logits, rowmax, hmask, counts, heads, scratch: bool):
     """W [R, n, n'] = exp(L - R_i - 1e4 Hmask) c_j (zero past n), for ``lowres_out`` and
     ``bwd_lowres``. n' = n for the ``scratch`` variant (an argument); otherwise each row is
@@ -307,8 +321,11 @@ def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     o_lo = te.compute(
         (R, n, D), lambda r, i, d: te.sum(weight[r, i, j1] * vp[r, j1, d], axis=j1), name="o_lo"
     )
-    j2 = te.reduce_axis((0, n), "j2")
-    z_lo = te.compute((R, n), lambda r, i: te.sum(weight[r, i, j2], axis=j2), name="z_lo")
+    if scratch:  # (one reduction: no intermediate beyond the scratch arguments)
+        j2 = te.reduce_axis((0, n), "j2")
+        z_lo = te.compute((R, n), lambda r, i: te.sum(weight[r, i, j2], axis=j2), name="z_lo")
+    else:
+        z_lo = _lane_sum(weight, "z_lo")
     return [logits, rowmax, hmask, counts, vp, o_lo, z_lo, heads] + ([weight] if scratch else [])
 
 

@@ -366,6 +366,23 @@ def test_low_resolution_weights_are_vectors(op, static):
     assert "T.where" not in body, body
 
 
+@pytest.mark.parametrize("D,band", [(64, 4), (128, 4), (48, 3)])
+def test_low_resolution_product_is_register_tiles_of_query_blocks(D, band):
+    """W v̂ (lowres_out): 4 query blocks x ``band`` vectors of dims per register tile over a
+    copy of W padded to whole tiles (no guard in the product), the head's rows in
+    parallel; sum W as vector lanes (a running scalar sum beside the 4 FMA chains of one
+    query block had bound the kernel: 1.5x the time)."""
+    script = build.scheduled_func("lowres_out", {"b": 32, "D": D},
+                                  knob_policy.resolve_knobs("lowres_out", None)).script()
+    assert re.search(r"for r_m in T.parallel\(R_1\)", script)
+    tile = _loops_above(script, "o_lo_update")
+    assert re.search(rf"T.unroll\(4\):\n.*T.unroll\({band}\):\n.*T.vectorized\(16\):", tile), tile
+    update = script[script.index('T.sblock("o_lo_update")'):script.index("o_lo_pad_local[v_r, v_i, v_d] =")]
+    assert "T.where" not in update
+    lanes = _loops_above(script, "z_lo_lanes_update")
+    assert "T.vectorized(16)" in lanes.splitlines()[-2], lanes
+
+
 @pytest.mark.parametrize("op,output", [("bwd_dkdv_ds_units", "dk_unit"),
                                        ("bwd_dq_ds_units", "dq_unit")])
 def test_backward_outputs_run_in_bands_of_the_head_dim(op, output):
