@@ -521,19 +521,6 @@ def _skip_missing_units(sch, loop, unit_loops) -> None:
         _guard(sch, w, sch.get(w).loop_var < units[ri // n, ri % n])
 
 
-def _rows_times_transposed(sch, name):
-    """A per-row [n, n] = [n, D] x [n, D]^T product (``name``, under the row loop) in the
-    order (i, d, j): j innermost on a transposed copy of its second operand ([D, n]), so
-    that LLVM vectorises it over contiguous columns (n is symbolic: an explicit vectorize
-    would need a guard)."""
-    blk = sch.get_sblock(name)
-    i, j, d = sch.get_loops(blk)[-3:]
-    sch.reorder(i, d, j)
-    copy = sch.cache_read(blk, 1, "global")  # placed under the row loop, beside blk
-    sch.transform_layout(copy, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
-    sch.decompose_reduction(blk, d)
-
-
 def pool_and_logits(sch, *, vec, micro, full):
     """Parallel over rows: pool q, k, v of one row (not v in "sparse" mode: ``full``
     False), then its n x n logits. (``micro``: q, k, v are bf16 bits, widened as they are
@@ -545,20 +532,7 @@ def pool_and_logits(sch, *, vec, micro, full):
     # q̂ k̂^T as register tiles of logits (LOGIT_TILE) over a zero-padded copy of q̂ and a
     # zero-padded, transposed one of k̂ (the tiles need no guard); the logits read
     # the padded product in place.
-    rows, cols = LOGIT_TILE[min(vec, 16)]
-    sch.pad_einsum(sch.get_sblock("raw_logits"), [1, rows, cols, 1])
-    sch.compute_inline(sch.get_sblock("raw_logits_pad"))  # (the copy back to [n, n])
-    kp_pad = sch.get_sblock("kp_pad")
-    sch.transform_layout(kp_pad, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
-    # Written along its rows ([D, keys], reading k̂ strided), in chunks of vec keys (TVM
-    # runs them as scalars: the padding test differs per key): in the order of k̂ (d
-    # innermost) LLVM made each vector of d a vscatterdps, 14% of the kernel's samples;
-    # this way pool_and_logits takes 0.87-0.88x the time at N = 8192 (bf16 and sparse
-    # float32; 0.93x full float32; Zen 5, in-process A/B). The padded width is a multiple
-    # of cols.
-    j, d = sch.get_loops(kp_pad)[-2:]
-    sch.reorder(d, j)
-    sch.vectorize(sch.split(j, [None, vec])[1])
+    _pad_logits(sch, "raw_logits", "kp_pad", vec)
     # The padded stages join the row loop whole (compute_at would shrink them to the
     # n x n that the logits read, guarding every tile).
     pooled = ("qp", "kp", "vp") if full else ("qp", "kp")
@@ -589,18 +563,46 @@ def pool_and_logits(sch, *, vec, micro, full):
         sch.vectorize(sch.split(d, [None, vec])[1])
         sch.decompose_reduction(blk, t)
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
-    raw = sch.get_sblock("raw_logits")
-    i, j, d = sch.get_loops(raw)[-3:]
+    _logit_tiles(sch, "raw_logits", vec)
+    return sch
+
+
+def _pad_logits(sch, name, second_pad, vec):
+    """A per-row [n, n] = [n, D] x [n, D]^T stage ``name`` over zero-padded copies of its
+    operands, padded to whole ``LOGIT_TILE`` tiles (so that the tiles need no guard);
+    the second copy (block ``second_pad``) transposed, [D, n'], its keys the vector
+    lanes; the padded product read in place by the stage's consumers.
+
+    The transposed copy is written along its rows (reading its source strided), in
+    chunks of vec keys (TVM runs them as scalars: the padding test differs per key): in
+    the source's order (d innermost) LLVM made each vector of d a vscatterdps, 14% of
+    pool_and_logits' samples; this way the kernel took 0.87-0.88x the time at N = 8192
+    (bf16 and sparse float32; 0.93x full float32; Zen 5, in-process A/B)."""
+    rows, cols = LOGIT_TILE[min(vec, 16)]
+    sch.pad_einsum(sch.get_sblock(name), [1, rows, cols, 1])
+    sch.compute_inline(sch.get_sblock(name + "_pad"))  # (the copy back to [n, n])
+    copy = sch.get_sblock(second_pad)
+    sch.transform_layout(copy, ("write", 0), lambda r_, j_, d_: (r_, d_, j_))
+    j, d = sch.get_loops(copy)[-2:]
+    sch.reorder(d, j)
+    sch.vectorize(sch.split(j, [None, vec])[1])
+
+
+def _logit_tiles(sch, name, vec):
+    """The padded product of ``_pad_logits`` as ``LOGIT_TILE`` register tiles (rows x
+    vector lanes of columns), accumulated over D in registers."""
+    rows, cols = LOGIT_TILE[min(vec, 16)]
+    blk = sch.get_sblock(name)
+    i, j, d = sch.get_loops(blk)[-3:]
     i_o, i_i = sch.split(i, [None, rows])
     j_o, j_i = sch.split(j, [None, cols])
     sch.reorder(i_o, j_o, d, i_i, j_i)
-    tile = sch.cache_write(raw, 0, "local")
+    tile = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(tile, j_o)
     sch.unroll(i_i)
     sch.vectorize(j_i)
     sch.vectorize(sch.get_loops(tile)[-1])
-    sch.decompose_reduction(raw, d)
-    return sch
+    sch.decompose_reduction(blk, d)
 
 
 # The low-resolution logits' register tile (rows, columns) by vector width: 16 of the 32
@@ -609,9 +611,10 @@ def pool_and_logits(sch, *, vec, micro, full):
 LOGIT_TILE = {16: (8, 32), 8: (4, 16)}
 
 
-# W v̂'s register tile in lowres_out: query blocks (rows) by vector width, each row up to
-# LOWRES_BAND vectors of v̂'s dims: 4 x 4 = 16 of the 32 AVX-512 registers (8 rows, 32,
-# spilled: 1.45x the time of 4); one row with AVX2's 16.
+# The low-resolution products' register tiles (lowres_out's W v̂, bwd_lowres' dq̂, dk̂,
+# dv̂): rows by vector width, each row up to LOWRES_BAND vectors of the head dim: 4 x 4 =
+# 16 of the 32 AVX-512 registers (8 rows, 32, spilled: 1.45x the time of 4); one row
+# with AVX2's 16.
 LOWRES_ROWS = {16: 4, 8: 1}
 LOWRES_BAND = 4
 
@@ -625,15 +628,10 @@ def lowres_out(sch, *, vec):
     dependent FMA chain each, and sum W a chain of scalar adds beside them) took 1.5x the
     time: lowres_out 0.65x at N = 8192 (float32, Zen 5, in-process A/B)."""
     rows = LOWRES_ROWS[min(vec, 16)]
-    padded = rows > 1
-    if padded:
-        sch.pad_einsum(sch.get_sblock("o_lo"), [1, rows, 1, 1])
-        # (the padded W: rows past n read as zeros in place; the padded product is copied
-        # back to o_lo by "o_lo_pad")
-        sch.compute_inline(sch.get_sblock("weight_pad"))
+    copies = _pad_rows(sch, "o_lo", rows, "weight_pad")
     sch.compute_at(sch.get_sblock("z_lo_lanes"), sch.get_loops(sch.get_sblock("z_lo"))[1])
-    stages = ("weight", "o_lo", "o_lo_pad", "z_lo") if padded else ("weight", "o_lo", "z_lo")
-    r = sch.merge(*(sch.get_loops(sch.get_sblock(name))[0] for name in stages))
+    r = sch.merge(*(sch.get_loops(sch.get_sblock(name))[0]
+                    for name in ("weight", "o_lo", *copies, "z_lo")))
     sch.parallel(r)
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("weight"))[-1], [None, vec])[1])
     lanes = sch.get_sblock("z_lo_lanes")
@@ -641,24 +639,42 @@ def lowres_out(sch, *, vec):
     sch.reorder(chunk, lane)
     sch.vectorize(sch.split(lane, [None, vec])[1])
     sch.decompose_reduction(lanes, chunk)
-    out = sch.get_sblock("o_lo")
-    i, d, j = sch.get_loops(out)[-3:]
+    _row_tiles(sch, "o_lo", vec, rows, copies)
+    return sch
+
+
+def _pad_rows(sch, name, rows, pad) -> tuple[str, ...]:
+    """Pad the rows (axis 1, n) of a per-row [n, D] = sum_z stage ``name`` to a multiple
+    of ``rows`` (``pad_einsum``), the operand padded with it read in place (``pad``, the
+    padding block, inlined: its rows past n read as zeros). Returns the block that copies
+    the padded result back (none where ``rows`` is 1: nothing to pad)."""
+    if rows == 1:
+        return ()
+    sch.pad_einsum(sch.get_sblock(name), [1, rows, 1, 1])
+    sch.compute_inline(sch.get_sblock(pad))
+    return (name + "_pad",)
+
+
+def _row_tiles(sch, name, vec, rows, copies):
+    """A per-row [n, D] = sum_z stage (padded by ``_pad_rows``: ``copies`` its copy back)
+    as register tiles of ``rows`` rows x up to ``LOWRES_BAND`` vectors of D, accumulated
+    over z in registers."""
+    blk = sch.get_sblock(name)
+    i, d, z = sch.get_loops(blk)[-3:]
     vectors = int(sch.get(d).extent) // vec
     band = max(c for c in range(1, LOWRES_BAND + 1) if vectors % c == 0)
     i_o, i_i = sch.split(i, [None, rows])
     d_b, d_o, d_i = sch.split(d, [None, band, vec])
-    sch.reorder(i_o, d_b, j, i_i, d_o, d_i)
-    tile = sch.cache_write(out, 0, "local")
+    sch.reorder(i_o, d_b, z, i_i, d_o, d_i)
+    tile = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(tile, d_b)
     sch.unroll(i_i)
     sch.unroll(d_o)
     sch.vectorize(d_i)
     sch.vectorize(sch.split(sch.get_loops(tile)[-1], [None, vec])[1])
-    sch.decompose_reduction(out, j)
-    if padded:
-        copy = sch.get_sblock("o_lo_pad")
-        sch.vectorize(sch.split(sch.get_loops(copy)[-1], [None, vec])[1])
-    return sch
+    sch.decompose_reduction(blk, z)
+    for copy in copies:
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(copy))[-1], [None, vec])[1])
 
 
 def select_plan(sch):
@@ -725,20 +741,6 @@ def default_knobs(op: str, vec: int) -> dict:
 # Backward. Simpler schedules: parallel over the natural unit of work, every stage of a
 # unit under it (in L1), each reduction with its innermost spatial axis in vector lanes.
 # ---------------------------------------------------------------------------------------
-
-
-def _vector_reduce(sch, name, vec, rows=1, unroll=True):
-    """A [.., x, y] = sum_z (...) stage: loop order (x_o, z, x_i, y) with y in vector lanes
-    and ``rows`` consecutive x sharing each loaded vector (x_i unrolled)."""
-    blk = sch.get_sblock(name)
-    x, y, z = sch.get_loops(blk)[-3:]
-    x_o, x_i = sch.split(x, [None, rows])
-    sch.reorder(x_o, z, x_i, y)
-    y_o, y_i = sch.split(y, [None, vec])
-    sch.vectorize(y_i)
-    if unroll:
-        sch.unroll(x_i)
-        sch.unroll(y_o)
 
 
 def _merged_parallel(sch, outputs, depth):
@@ -920,18 +922,30 @@ def _slots_outside_tiles(sch, name, *, vec, rows, cols, slot, unroll=True):
 
 
 def bwd_lowres(sch, *, vec):
-    """Parallel over rows: the n x n weights and dL, then three small products.
+    """Parallel over rows: the n x n weights and dL, then four small products, each as
+    register tiles over zero-padded operands.
 
-    ``gv`` = ga v̂^T as ``pool_and_logits``' block logits (``_rows_times_transposed``);
-    the weights in vectors over their padded rows, which join the row loop whole (as in
-    ``lowres_out``)."""
-    r = _merged_parallel(sch, ("weight", "dqp", "dkp", "dvp"), 1)
-    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("weight"))[-1], [None, vec])[1])
-    for name in ("dlog", "gv"):
-        sch.compute_at(sch.get_sblock(name), r)
-    _rows_times_transposed(sch, "gv")
-    for name in ("dqp", "dkp", "dvp"):
-        _vector_reduce(sch, name, vec, rows=1, unroll=False)
+    ``gv`` = ga v̂^T as ``pool_and_logits``' block logits (``_pad_logits``,
+    ``_logit_tiles``); dq̂ = dL k̂, dk̂ = dL^T q̂ and dv̂ = W^T ga as ``lowres_out``'s W v̂
+    (``_pad_rows``, ``_row_tiles``); the weights in vectors over their padded rows. With
+    gv row by row over a transposed copy (loading and storing its row at every d) and
+    the three others a row and 4 vectors at a time: 2.7x the time at N = 8192 (float32,
+    Zen 5, in-process A/B; the same bits)."""
+    rows = LOWRES_ROWS[min(vec, 16)]
+    _pad_logits(sch, "gv", "vp_pad", vec)
+    order: tuple[str, ...] = ("weight", "ga_pad", "vp_pad", "gv", "dlog")
+    copies = {}
+    for name, pad in (("dqp", "dlog_pad"), ("dkp", "dlog_pad"), ("dvp", "weight_pad")):
+        # (one at a time: each names its padded operand's block the same)
+        copies[name] = _pad_rows(sch, name, rows, pad)
+        order += (name, *copies[name])
+    r = sch.merge(*(sch.get_loops(sch.get_sblock(name))[0] for name in order))
+    sch.parallel(r)
+    for name in ("weight", "ga_pad"):
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
+    _logit_tiles(sch, "gv", vec)
+    for name, copy in copies.items():
+        _row_tiles(sch, name, vec, rows, copy)
     return sch
 
 
