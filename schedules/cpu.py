@@ -753,8 +753,23 @@ def _merged_parallel(sch, outputs, depth):
 
 def bwd_prep(sch, *, vec, micro):
     """Parallel over (row, query block): g, its dot with out, the per-block sums.
-    (``micro``: dout and g are bf16 bits, converted as they are read and written.)"""
-    _merged_parallel(sch, ("g", "dsum", "ga", "da"), 2)
+    (``micro``: dout and g are bf16 bits, converted as they are read and written.)
+
+    A token's dot g . out over D runs in vec lanes of partial sums (``rfactor``), then
+    their sum: as one running sum, a chain of D dependent scalar FMAs per token, it had
+    taken most of the kernel."""
+    dsum = sch.get_sblock("dsum")
+    d = sch.get_loops(dsum)[-1]
+    partial = None
+    if int(sch.get(d).extent) > vec:  # (D = vec: one vector, nothing to gain)
+        partial = sch.rfactor(sch.split(d, [None, vec])[1], 3)  # (before the merge)
+    ri = _merged_parallel(sch, ("g", "dsum", "ga", "da"), 2)
+    if partial is not None:
+        sch.compute_at(partial, ri)
+        lane, token, chunk = sch.get_loops(partial)[-3:]
+        sch.reorder(token, chunk, lane)
+        sch.vectorize(lane)
+        sch.decompose_reduction(partial, chunk)
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("g"))[-1], [None, vec])[1])
     ga = sch.get_sblock("ga")
     d, t = sch.get_loops(ga)[-2:]

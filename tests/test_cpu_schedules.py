@@ -399,6 +399,17 @@ def test_low_resolution_gradients_are_register_tiles(output):
     assert "T.where" not in update
 
 
+@pytest.mark.parametrize("static", [{"b": 32, "D": 64},
+                                    {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}])
+def test_backward_token_dots_run_in_vector_lanes(static):
+    """bwd_prep's g . out per token as 16 lanes of partial sums over D (then their sum):
+    one running scalar sum per token was a chain of 64 dependent FMAs."""
+    script = build.scheduled_func("bwd_prep", static,
+                                  knob_policy.resolve_knobs("bwd_prep", None)).script()
+    lanes = _loops_above(script, "dsum_rf_update")
+    assert re.search(r"for \w+ in range\(4\):\n\s*for \w+ in T.vectorized\(16\):", lanes), lanes
+
+
 @pytest.mark.parametrize("op,output", [("bwd_dkdv_ds_units", "dk_unit"),
                                        ("bwd_dq_ds_units", "dq_unit")])
 def test_backward_outputs_run_in_bands_of_the_head_dim(op, output):
