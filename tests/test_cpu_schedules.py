@@ -339,6 +339,28 @@ def test_bf16_logits_are_written_by_the_micro_kernel_alone(op, static, blocks):
                for line in calls), calls
 
 
+@pytest.mark.parametrize("static", [{"b": 32, "D": 64}, {"b": 32, "D": 48, "gqa": True},
+                                    {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}])
+def test_dq_units_request_the_next_units_blocks(static):
+    """Each filled slot of a dq unit asks, as it starts, for the same slot's dS block and
+    key block of the next unit into L1: every row of both, not past the last unit, only
+    where the next unit's slot is filled; the key row of the next unit's query row
+    (its group's with grouped-query heads)."""
+    script = build.scheduled_func("bwd_dq_ds_units", static,
+                                  knob_policy.resolve_knobs("bwd_dq_ds_units", None)).script()
+    lines = [line.strip() for line in script.splitlines()]
+    asks = [i for i, line in enumerate(lines) if "llvm.prefetch" in line]
+    assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in asks} == {"ds_blocks", "k"}
+    assert all(lines[i].endswith(", 0, 3, 1)") for i in asks)  # L1
+    first = min(asks)
+    assert lines[first - 2] == "for pf_token_dq in range(32):"
+    assert re.match(r"if ds_at\[\((\w+) \+ 1\) // U, \(\1 \+ 1\) % U, w1_0\] >= 0:", lines[first - 3])
+    assert re.match(r"if \w+ \+ 1 < R_1 \* U:", lines[first - 4])
+    assert re.match(r"if ds_at\[\w+ // U, \w+ % U, w1_0\] >= 0:", lines[first - 5])  # this slot's guard
+    key = next(lines[i] for i in asks if "T.address_of(k[" in lines[i])
+    assert ("// U // group," in key) == bool(static.get("gqa")), key
+
+
 def test_the_shuffle_transpose_refuses_blocks_it_would_overrun():
     """Its 16 x 16 tiles would read and write past an 8 x 8 block (TVM checks no bounds):
     the schedules use a plain gather there (``block_size=8``), and the intrinsic refuses."""
@@ -468,4 +490,7 @@ def test_dq_tests_each_slot_once_per_unit():
         return len(line) - len(line.lstrip())
     slot_loop = body[guard - 1]
     assert re.match(r"\s*for \w+ in range\(6\):", slot_loop) and indent(slot_loop) == depth
-    assert re.match(r"\s*for \w+, \w+, \w+ in T.grid\(4, 8, 32\):", body[guard + 1]), body[guard + 1]
+    # (under the guard, after the next unit's requests: test_dq_units_request_...)
+    tiles = next(line for line in body[guard + 1:] if re.match(r"\s*for \w+, \w+, \w+ in", line))
+    assert re.match(r"\s*for \w+, \w+, \w+ in T.grid\(4, 8, 32\):", tiles), tiles
+    assert indent(tiles) == indent(body[guard]) + 4
