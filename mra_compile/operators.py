@@ -32,7 +32,7 @@ from tvm import te, tirx
 F32 = "float32"  # the default; every operator takes ``dtype`` ("float32" or "float64")
 I32 = "int32"
 NEG_BIG = -3.0e38  # identity for running maxima; finite so exp() of differences stays defined
-LANES = 16  # partial maxima of a long reduction (``_lane_max``): an AVX-512 vector
+LANES = 16  # partial maxima or sums of a long reduction (``_lane_max``, ``_lane_sum``)
 
 
 def _exp(x):

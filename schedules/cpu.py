@@ -84,16 +84,26 @@ def _row_requests(bufs, buf_row, block, b, first, count, level: int, tag: str = 
     dtype and D); ``tag`` names the loop variables."""
     from tvm import tirx
 
+    token = tirx.Var("pf_token" + tag, "int32")
+    lines = _line_requests(bufs, lambda at: (buf_row, block * b + (first + token), at), level,
+                           tag)
+    return tirx.For(token, 0, count, tirx.ForKind.SERIAL, lines)
+
+
+def _line_requests(bufs, index, level: int, tag: str):
+    """Prefetch requests (read, data; ``level`` as in ``_row_requests``) for every 64-byte
+    line of one row of each of ``bufs`` (one dtype, one last dim): ``index(at)`` is the
+    subscript of the row's element ``at``; ``tag`` names the line loop's variable."""
+    from tvm import tirx
+
     per_line = 64 // (_bits(bufs[0].dtype) // 8)  # elements of a 64-byte cache line
-    token, line = tirx.Var("pf_token" + tag, "int32"), tirx.Var("pf_line" + tag, "int32")
+    line = tirx.Var("pf_line" + tag, "int32")
     asks = [tirx.Evaluate(tirx.call_llvm_intrin(
-        "void", "llvm.prefetch.p0",
-        tirx.address_of(buf[buf_row, block * b + (first + token), line * per_line]),
+        "void", "llvm.prefetch.p0", tirx.address_of(buf[index(line * per_line)]),
         tirx.IntImm("int32", 0), tirx.IntImm("int32", level), tirx.IntImm("int32", 1)))
         for buf in bufs]
-    lines = tirx.For(line, 0, -(-int(bufs[0].shape[2]) // per_line), tirx.ForKind.UNROLLED,
-                     _seq(asks))
-    return tirx.For(token, 0, count, tirx.ForKind.SERIAL, lines)
+    return tirx.For(line, 0, -(-int(bufs[0].shape[-1]) // per_line), tirx.ForKind.UNROLLED,
+                    _seq(asks))
 
 
 def _ask_first(sch, loop, ask) -> None:
@@ -546,11 +556,7 @@ def pool_and_logits(sch, *, vec, micro, full):
     block_loop = sch.get_loops(sch.get_sblock("real_max"))[1]
     for name in ("real_max_tail", "real_max_lanes"):
         sch.compute_at(sch.get_sblock(name), block_loop)
-    lanes = sch.get_sblock("real_max_lanes")
-    lane, chunk = sch.get_loops(lanes)[-2:]
-    sch.reorder(chunk, lane)
-    sch.vectorize(sch.split(lane, [None, vec])[1])
-    sch.decompose_reduction(lanes, chunk)
+    _lanes_in_vectors(sch, "real_max_lanes", vec)
     # (both may be empty reductions, n < 16 or n mod 16 = 0: their init must not sit in
     # a loop that does not run)
     tail = sch.get_sblock("real_max_tail")
@@ -634,13 +640,20 @@ def lowres_out(sch, *, vec):
                     for name in ("weight", "o_lo", *copies, "z_lo")))
     sch.parallel(r)
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("weight"))[-1], [None, vec])[1])
-    lanes = sch.get_sblock("z_lo_lanes")
-    lane, chunk = sch.get_loops(lanes)[-2:]
-    sch.reorder(chunk, lane)
-    sch.vectorize(sch.split(lane, [None, vec])[1])
-    sch.decompose_reduction(lanes, chunk)
+    _lanes_in_vectors(sch, "z_lo_lanes", vec)
     _row_tiles(sch, "o_lo", vec, rows, copies)
     return sch
+
+
+def _lanes_in_vectors(sch, name, vec):
+    """A stage of partial reductions [.., lane] over chunks (``operators._lane_max``,
+    ``_lane_sum``: loops lane, chunk) with the chunks outside and the lanes in vectors,
+    its init before the chunks' loop (which may not run: an empty reduction)."""
+    blk = sch.get_sblock(name)
+    lane, chunk = sch.get_loops(blk)[-2:]
+    sch.reorder(chunk, lane)
+    sch.vectorize(sch.split(lane, [None, vec])[1])
+    sch.decompose_reduction(blk, chunk)
 
 
 def _pad_rows(sch, name, rows, pad) -> tuple[str, ...]:
@@ -920,21 +933,11 @@ def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols) -> None:
     c = sch.get(slot_loop).loop_var
     b = int(ds.shape[2])
     token = tirx.Var("pf_token_dq", "int32")
-
-    def rows_of(buf, first_token, tag):  # every 64-byte line of a row of b or D values
-        per_line = 64 // (_bits(buf.dtype) // 8)
-        line = tirx.Var("pf_line_" + tag, "int32")
-        index = ([_kv_row(sch, row), first_token, line * per_line] if len(buf.shape) == 3
-                 else [row, first_token, token, line * per_line])
-        ask = tirx.Evaluate(tirx.call_llvm_intrin(
-            "void", "llvm.prefetch.p0", tirx.address_of(buf[tuple(index)]),
-            tirx.IntImm("int32", 0), tirx.IntImm("int32", 3), tirx.IntImm("int32", 1)))
-        return tirx.For(line, 0, -(-int(buf.shape[-1]) // per_line), tirx.ForKind.UNROLLED,
-                        ask)
-
     block, key_block = at[row, unit, c], cols[row, unit, c]
     rows = tirx.For(token, 0, b, tirx.ForKind.SERIAL, tirx.SeqStmt([
-        rows_of(ds, block, "ds"), rows_of(k, key_block * b + token, "k")]))
+        _line_requests((ds,), lambda at_: (row, block, token, at_), 3, "_ds"),
+        _line_requests((k,), lambda at_: (_kv_row(sch, row), key_block * b + token, at_), 3,
+                       "_k")]))
     there = nxt < sch.get(loop).min + sch.get(loop).extent
     _ask_first(sch, slot_loop, tirx.IfThenElse(there, tirx.IfThenElse(block >= 0, rows, None),
                                                None))
