@@ -132,7 +132,7 @@ L1_TILES_AHEAD = 2
 
 
 def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
-                        shared: bool = True, queries=None, spread=None, near: int = 0) -> None:
+                        shared: bool = True, queries=None, spread=None, near=None) -> None:
     """Ask for the key and value blocks of the next unit (its slots in input ``slots``,
     [R, units, C]) to be brought into L2 (``llvm.prefetch``) while this one computes.
 
@@ -141,19 +141,23 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     fp32), one block after the other as the unit needs them, and hires_rows waited for
     them 3.5 of its 14.5 ms. Requested all at once they come in parallel: fp32
     hires_rows 12.6-13.0 ms. (Asking at the unit's own start, or two or three units
-    ahead, measured the same; and nothing changed in the bf16 kernels.) ``loop``: the
-    fused (row, unit) loop, row-major; ``kv``: the k and v buffers (or any two [rows, N,
-    D] inputs the slots index: the backward's units), read at row r // group unless
-    ``shared`` is False.
+    ahead, measured the same.) ``loop``: the fused (row, unit) loop, row-major; ``kv``:
+    the k and v buffers (or any two [rows, N, D] inputs the slots index: the backward's
+    units), read at row r // group unless ``shared`` is False.
 
-    ``spread`` (a loop over the current unit's slot tokens, ``tokens`` per iteration,
-    guarded per slot by ``_skip_empty_slots``; as (loop, tokens)): the next unit's slot c
-    is asked for ``tokens`` rows at a time from the iterations of that loop on the
-    current unit's slot c, and up front only the slots the current unit has empty. One
-    burst of ~1000 requests at the unit's start (all of its blocks) holds the core's
-    miss buffers while the unit's first products wait behind it; spread over the logits
-    tiles, fp32 hires_rows took 21.96 against 23.40 ms at N = 8192 (Zen 4, one process,
-    alternating; bf16 and hires_units 1-4%).
+    ``spread`` (loop, tokens, first): a loop over the current unit's slot tokens, guarded
+    per slot by ``_skip_empty_slots``, whose iteration starts at unit token ``first`` (an
+    expression of its loop variables) and covers ``tokens``: the next unit's slot c is
+    asked for ``tokens`` rows at a time from the iterations on the current unit's slot
+    c, and up front only the slots the current unit has empty. One burst of ~1000
+    requests at the unit's start (all of its blocks) holds the core's miss buffers while
+    the unit's first products wait behind it; spread over the logits tiles, fp32
+    hires_rows took 21.96 against 23.40 ms at N = 8192 (Zen 4, one process,
+    alternating). The bf16 units spread them over the exp's pairs of keys instead
+    (``_unit``), two rows an iteration: over the micro-kernel's logits calls (a slot's
+    128 lines of k and v in one burst before each call) bf16 hires_rows took 1.06-1.08x
+    the time at N = 4096 and 8192 (Zen 5, in-process A/B); float32, whose logits tiles
+    are four keys, 0.95x over its tiles than over the exps.
 
     ``queries``: the q buffer where unit u of a row is its query block u (``hires_rows``):
     the next block of queries too. The queries of consecutive units are consecutive, but
@@ -164,16 +168,17 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
     requests delayed the unit's own first reads (the masked copy of its queries took ~7%
     of hires_rows' samples); spread, float32 hires_rows took 0.95-0.98x the time (N = 1024
     to 8192, Zen 5, in-process A/B; bf16 the same).
-    ``near`` (with ``spread``): each iteration of the spread loop also asks for the key
-    rows that the iteration ``near`` ahead of it reads, into L1. The key rows come from
-    L2 where the loop reads them, as broadcasts of one key's value at a time, 4 rows of
-    256 bytes per tile of the logits (``qk_rows``): the tile loop took ~1.4x the time of
-    P V for the same flops. Two tiles ahead: fp32 hires_rows 0.95-0.97x the time at
-    N = 8192 (1, 3, 4 ahead: 0.96-0.97x; Zen 5, in-process A/B). The bf16 micro-kernels
-    take a whole key block per iteration: ``_unit`` asks for the next one (its first
-    tile; ``mra_bf16_qk`` asks for each next tile itself): bf16 hires_rows 0.98x the
-    time of the micro-kernels' requests alone (N = 4096 and 8192; two blocks ahead
-    0.99x).
+
+    ``near`` (loop, tokens, ahead): each iteration of a loop over the current unit's key
+    tiles (``tokens`` keys each, guarded per slot) also asks for the key rows of the tile
+    ``ahead`` iterations on, into L1. The key rows come from L2 where the logits read
+    them, as broadcasts of one key's value at a time, 4 rows of 256 bytes per tile of the
+    logits (``qk_rows``): the tile loop took ~1.4x the time of P V for the same flops. Two
+    tiles ahead: fp32 hires_rows 0.95-0.97x the time at N = 8192 (1, 3, 4 ahead:
+    0.96-0.97x; Zen 5, in-process A/B). The bf16 micro-kernels take a whole key block per
+    iteration: ``_unit`` asks for the next one (``mra_bf16_qk`` asks for each next tile
+    itself): bf16 hires_rows 0.98x the time of the micro-kernels' requests alone (N =
+    4096 and 8192; two blocks ahead 0.99x).
     Applied last (like ``_guard``)."""
     from tvm import tirx
 
@@ -188,30 +193,36 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
         return _row_requests(bufs, buf_row, block, b, first, count, level, tag)
 
     there = nxt < sch.get(loop).min + sch.get(loop).extent
+    asks: list = []  # (loop, statements asked at the start of its body, in order)
+    if near is not None:  # this unit's keys ``ahead`` tiles on, into L1 (locality 3)
+        near_loop, tile, ahead = near
+        at = (sch.get(near_loop).loop_var + ahead) * tile
+        own = index[loop_var // units, loop_var % units, at // b]
+        own_row = _kv_row(sch, loop_var // units, shared)
+        asks.append((near_loop, [tirx.IfThenElse(at < C * b, tirx.IfThenElse(
+            own >= 0, rows(own, at % b, tile, (k,), own_row, "_near", 3), None), None)]))
     slot = tirx.Var("pf_slot", "int32")
     wanted = index[row, nxt % units, slot] >= 0
     if spread is not None:
-        spread_loop, tokens = spread
+        spread_loop, tokens, first = spread
         wanted = tirx.all(wanted, index[loop_var // units, loop_var % units, slot] < 0)
-        g = sch.get(spread_loop)
-        first = g.loop_var * tokens
         block_index = index[row, nxt % units, first // b]
         ask = tirx.IfThenElse(there, tirx.IfThenElse(
             block_index >= 0, rows(block_index, first % b, tokens, (k, v), tag="_spread"), None),
             None)
-        if near:  # this unit's keys ``near`` iterations ahead, into L1 (locality 3)
-            ahead = (g.loop_var + near) * tokens
-            own = index[loop_var // units, loop_var % units, ahead // b]
-            own_row = _kv_row(sch, loop_var // units, shared)
-            ask = tirx.SeqStmt([tirx.IfThenElse(ahead < C * b, tirx.IfThenElse(
-                own >= 0, rows(own, ahead % b, tokens, (k,), own_row, "_near", 3), None), None),
-                ask])
+        if asks and sch.get(asks[0][0]).same_as(sch.get(spread_loop)):
+            spread_loop, stmts = asks.pop()
+            stmts.append(ask)
+        else:
+            stmts = [ask]
         if queries is not None:
             per_tile = min(tokens, QUERY_ROWS_PER_TILE)
-            q_first = g.loop_var * per_tile
-            ask = tirx.SeqStmt([tirx.IfThenElse(tirx.all(there, q_first < b), rows(
-                nxt % units, q_first, per_tile, (queries,), row, "_q"), None), ask])
-        _ask_first(sch, spread_loop, ask)
+            q_first = first if per_tile == tokens else first // tokens * per_tile
+            stmts.insert(0, tirx.IfThenElse(tirx.all(there, q_first < b), rows(
+                nxt % units, q_first, per_tile, (queries,), row, "_q"), None))
+        asks.append((spread_loop, stmts))
+    for ask_loop, stmts in asks:
+        _ask_first(sch, ask_loop, _seq(stmts))
     each_slot = tirx.For(slot, 0, C, tirx.ForKind.SERIAL, tirx.IfThenElse(
         wanted, rows(index[row, nxt % units, slot], 0, b, (k, v)), None))
     if queries is not None and spread is None:
@@ -325,7 +336,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     sch.vectorize(t_i)
     # Two keys' exps interleaved (each a chain of ~20 dependent operations; b queries
     # are only b / vec chains): the out-of-order window then overlaps them.
-    key_i = sch.split(prob_key, [None, 2])[1]
+    key_pair, key_i = sch.split(prob_key, [None, 2])
     sch.reorder(key_i, t_o)
     sch.unroll(key_i)
     sch.unroll(t_o)
@@ -351,8 +362,12 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
     if not micro:
         _prefetch_next_slot(sch, loop, slot, pv_tile, slots, kv[1])
-    _prefetch_next_unit(sch, loop, slots, kv, queries=q, spread=(w_o, w_tokens),
-                        near=1 if micro else L1_TILES_AHEAD)
+    if micro:  # the next unit's rows two keys at a time from the exps (``_prefetch_next_unit``)
+        spread = (key_pair, 2, sch.get(prob_slot).loop_var * b + sch.get(key_pair).loop_var * 2)
+    else:
+        spread = (w_o, w_tokens, sch.get(w_o).loop_var * w_tokens)
+    _prefetch_next_unit(sch, loop, slots, kv, queries=q, spread=spread,
+                        near=(w_o, w_tokens, 1 if micro else L1_TILES_AHEAD))
 
 
 def _prefetch_next_slot(sch, loop, slot_loop, tile_loop, slots: str, buf) -> None:

@@ -320,6 +320,42 @@ def test_bf16_backward_units_request_the_next_units_slot_blocks(op, static, inpu
     assert all(("// group" in p) == shared for p in prefetches), prefetches
 
 
+@pytest.mark.parametrize("op,static,index", [
+    ("hires_rows", {**BF16, "full": False}, "row_cols"),
+    ("hires_units", BF16, "unit_cols"),
+    ("hires_rows", {**BF16, "full": True, "gqa": True}, "row_cols")])
+def test_bf16_units_spread_the_next_units_requests_over_the_exps(op, static, index):
+    """bf16 units ask for the next unit's k and v rows (into L2) two at a time from the
+    exps' pairs of keys of the same slot, under that slot's guard (hires_rows: the next
+    queries two rows at a time from the first slot's), not a slot's 32 rows in one burst
+    before each logits call; each logits call asks only for its own unit's next key
+    block, into L1."""
+    script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
+    lines = [line.strip() for line in script.splitlines()]
+    qk = [i for i, line in enumerate(lines) if '"mra_bf16_qk"' in line]
+    spread = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_spread" in line]
+    near = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_near" in line]
+    assert len(qk) == 1 and spread and near, script[:3000]
+    assert near[-1] < qk[0] < spread[0]  # the logits' loop asks only for its own keys
+    assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in spread} == {"k", "v"}
+    assert all(lines[i].endswith(", 0, 2, 1)") for i in spread), lines[spread[0]]
+    assert "for pf_token_spread in range(2):" in lines[spread[0] - 2:spread[0]]
+    ask = next(i for i in range(spread[0], 0, -1) if lines[i].startswith("if "))
+    pair = re.match(rf"if {index}\[\(\w+ \+ 1\) //.*, \((\w+) \* 32 \+ (\w+) \* 2\) // 32\] >= 0:$",
+                    lines[ask])
+    assert pair, lines[ask]
+    # under the exps' loop over pairs of keys (asked first in its body), under the guard
+    # of this unit's same slot
+    loop = max(i for i in range(ask) if lines[i] == f"for {pair.group(2)} in range(16):")
+    assert all(line.startswith(("if ", "for pf_", "T.call_llvm_intrin")) for line in lines[loop + 1:ask])
+    assert lines[loop - 1].startswith(f"if {index}[") and "+ 1" not in lines[loop - 1]
+    queries = [line for line in lines if "llvm.prefetch" in line and "T.address_of(q[" in line]
+    assert bool(queries) == (op == "hires_rows")
+    if queries:
+        first = lines.index(queries[0])
+        assert loop < first < spread[0] and "for pf_token_q in range(2):" in lines[first - 2]
+
+
 @pytest.mark.parametrize("op,static,blocks", [
     ("hires_rows", {**BF16, "full": False}, ("dots",)),
     ("hires_units", BF16, ("dots",)),
