@@ -817,11 +817,12 @@ def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementw
     CUDA's tensor-core tiles, read in place here; ``fixed``: the fixed block's two
     operands (``q``, ``g`` / ``k``, ``v``), gathered transposed; ``factor`` and ``extra``:
     the per-token factor stages. ``micro`` ("avx512_bf16"): every block product is a call
-    of the bf16 micro-kernels instead, one per slot (``_micro_bwd_products``), and each
-    unit prefetches the next one's slot blocks (``_prefetch_next_unit``) of the inputs
-    ``slot_rows`` ((gather stage, input) pairs; ``shared_rows``: key/value rows, shared
-    by grouped-query heads). ``kept``: an elementwise [W, b] stage that is also written
-    out, per slot transposed (``ds_blocks`` [C, b, b] of ``ds``), under the same loop.
+    of the bf16 micro-kernels instead, one per slot (``_micro_bwd_products``). Each unit
+    prefetches the next one's slot blocks (``_prefetch_next_unit``; float32: spread over
+    the logits tiles) of the inputs ``slot_rows`` ((gather stage, input) pairs;
+    ``shared_rows``: key/value rows, shared by grouped-query heads). ``kept``: an
+    elementwise [W, b] stage that is also written out, per slot transposed
+    (``ds_blocks`` [C, b, b] of ``ds``), under the same loop.
     """
     rows_read = [_input(sch.get(sch.get_sblock(g)), x) for g, x in slot_rows]
     for name in gathers:
@@ -831,10 +832,17 @@ def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementw
     for name in (*elementwise, "dots", "dp", *staged, factor, *extra):  # consumers first
         sch.compute_at(sch.get_sblock(name), ru)
     b = sch.get(sch.get_loops(sch.get_sblock(outputs[0]))[-3]).extent
+    spread = None
     if micro:
         guarded = _micro_bwd_products(sch, vec, b, outputs, fixed)
     else:
-        guarded = _tiled_bwd_products(sch, vec, rows, out_rows, out_cols, b, outputs, fixed)
+        guarded, logits = _tiled_bwd_products(sch, vec, rows, out_rows, out_cols, b, outputs,
+                                              fixed)
+        # The next unit's slot rows a few at a time from the logits tiles, as the
+        # forward's float32 units ask (``_prefetch_next_unit``): bwd_dkdv_ds_units
+        # 0.87-0.97x the time at N = 4096, 0.92-0.93x at 8192, the same bits (float32, Zen
+        # 5, in-process A/B; asked for up front they had gained nothing).
+        spread = (logits, rows, sch.get(logits).loop_var * rows)
     for name in elementwise:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
@@ -842,18 +850,20 @@ def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementw
         guarded[sch.get_loops(sch.get_sblock(f"{x}_blocks"))[-3]] = b
         _transposed(sch, f"{x}_blocks", vec, b)
     _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
-    if micro:  # (bf16 at N = 8192, on the units of the time: dq's 12.0-12.6 -> 11.2-11.7
-        # ms, dk/dv's ~4%; the float32 units, compute-bound, gain nothing)
-        _prefetch_next_unit(sch, ru, slots, rows_read, factor=factor, shared=shared_rows)
+    # (bf16, up front: at N = 8192, on the units of the time, dq's 12.0-12.6 -> 11.2-11.7
+    # ms, dk/dv's ~4%)
+    _prefetch_next_unit(sch, ru, slots, rows_read, factor=factor, shared=shared_rows,
+                        spread=spread)
     return sch
 
 
-def _tiled_bwd_products(sch, vec, rows, out_rows, out_cols, b, outputs, fixed) -> dict:
+def _tiled_bwd_products(sch, vec, rows, out_rows, out_cols, b, outputs, fixed):
     """A backward unit's block products as register tiles: ``dots`` and ``dp`` [W, b] of
     ``rows`` slot tokens x b, every [b, D] output of ``out_rows`` tokens x ``out_cols``
     vectors of D (in bands of D, ``_register_tile``) over its slots; the fixed block's
     operands as rows, then transposed (``_rows_then_transposed``). Returns the loops whose
-    whole bodies an empty slot skips, {loop: tokens per iteration} (``_skip_empty_slots``)."""
+    whole bodies an empty slot skips, {loop: tokens per iteration} (``_skip_empty_slots``),
+    and the loop of ``dots``' tiles."""
     tiles = {name: _register_tile(sch, name, vec=vec, rows=rows, unroll=True)
              for name in ("dots", "dp")}
     out_slots = {name: _register_tile(sch, name, vec=vec, rows=out_rows, unroll=True, slot=b,
@@ -865,8 +875,8 @@ def _tiled_bwd_products(sch, vec, rows, out_rows, out_cols, b, outputs, fixed) -
         sch.decompose_reduction(sch.get_sblock(name), reduction)
     for name, slot in out_slots.items():
         sch.decompose_reduction(sch.get_sblock(name), slot)
-    return {tiles["dots"][0]: rows, tiles["dp"][0]: rows,
-            **{slot: b for slot in out_slots.values()}}
+    return ({tiles["dots"][0]: rows, tiles["dp"][0]: rows,
+             **{slot: b for slot in out_slots.values()}}, tiles["dots"][0])
 
 
 def _micro_bwd_products(sch, vec, b, outputs, fixed) -> dict:

@@ -356,6 +356,29 @@ def test_bf16_units_spread_the_next_units_requests_over_the_exps(op, static, ind
         assert loop < first < spread[0] and "for pf_token_q in range(2):" in lines[first - 2]
 
 
+@pytest.mark.parametrize("static", [{"b": 32, "D": 64}, {"b": 32, "D": 48, "gqa": True}])
+def test_float32_backward_units_spread_the_next_units_requests(static):
+    """The float32 dk/dv units ask for the next unit's query and g rows (into L2), a
+    logits tile's rows at a time from the tiles of the same slot, under that slot's guard
+    (up front only the slots the unit has empty); their own rows, not a group's."""
+    op = "bwd_dkdv_ds_units"
+    knobs = knob_policy.resolve_knobs(op, None)
+    script = build.scheduled_func(op, static, knobs).script()
+    lines = [line.strip() for line in script.splitlines()]
+    spread = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_spread" in line]
+    assert spread, script[:3000]
+    assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in spread} == {"q", "g"}
+    assert all(lines[i].endswith(", 0, 2, 1)") and "// group" not in lines[i] for i in spread)
+    assert f"for pf_token_spread in range({knobs['rows']}):" in lines[spread[0] - 2:spread[0]]
+    ask = next(i for i in range(spread[0], 0, -1) if lines[i].startswith("if "))
+    tile = re.match(r"if unit_rows\[\(\w+ \+ 1\) //.*, (\w+) \* (\d+) // 32\] >= 0:$", lines[ask])
+    assert tile and int(tile.group(2)) == knobs["rows"], lines[ask]
+    loop = max(i for i in range(ask) if lines[i].startswith(f"for {tile.group(1)} in range("))
+    assert lines[loop + 1].startswith("if unit_rows[") and "+ 1" not in lines[loop + 1]
+    slot = [line for line in lines if "pf_slot" in line and line.startswith("if ")]
+    assert slot and re.search(r"and unit_rows\[[^\]]*pf_slot\] < 0", slot[0]), slot
+
+
 @pytest.mark.parametrize("op,static,blocks", [
     ("hires_rows", {**BF16, "full": False}, ("dots",)),
     ("hires_units", BF16, ("dots",)),
