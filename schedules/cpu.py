@@ -818,11 +818,11 @@ def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementw
     operands (``q``, ``g`` / ``k``, ``v``), gathered transposed; ``factor`` and ``extra``:
     the per-token factor stages. ``micro`` ("avx512_bf16"): every block product is a call
     of the bf16 micro-kernels instead, one per slot (``_micro_bwd_products``). Each unit
-    prefetches the next one's slot blocks (``_prefetch_next_unit``; float32: spread over
-    the logits tiles) of the inputs ``slot_rows`` ((gather stage, input) pairs;
-    ``shared_rows``: key/value rows, shared by grouped-query heads). ``kept``: an
-    elementwise [W, b] stage that is also written out, per slot transposed
-    (``ds_blocks`` [C, b, b] of ``ds``), under the same loop.
+    prefetches the next one's slot blocks (``_prefetch_next_unit``; spread over the
+    logits tiles in float32, over the exps ``prob`` in bf16) of the inputs ``slot_rows``
+    ((gather stage, input) pairs; ``shared_rows``: key/value rows, shared by grouped-query
+    heads). ``kept``: an elementwise [W, b] stage that is also written out, per slot
+    transposed (``ds_blocks`` [C, b, b] of ``ds``), under the same loop.
     """
     rows_read = [_input(sch.get(sch.get_sblock(g)), x) for g, x in slot_rows]
     for name in gathers:
@@ -846,12 +846,18 @@ def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementw
     for name in elementwise:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
+    if micro:  # the next unit's rows one slot token at a time from the exps (P), as the
+        # forward's bf16 units ask: bwd_dkdv_ds_units 0.94-0.95x the time at N = 8192,
+        # 0.96-0.98x at 4096, the same bits (bf16, Zen 5, in-process A/B, against all up
+        # front)
+        exps = sch.get_loops(sch.get_sblock("prob"))[-3]
+        spread = (exps, 1, sch.get(exps).loop_var)
     for x in kept:  # each slot's [b, b], transposed
         guarded[sch.get_loops(sch.get_sblock(f"{x}_blocks"))[-3]] = b
         _transposed(sch, f"{x}_blocks", vec, b)
     _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
-    # (bf16, up front: at N = 8192, on the units of the time, dq's 12.0-12.6 -> 11.2-11.7
-    # ms, dk/dv's ~4%)
+    # (bf16 up front, before the spread: at N = 8192, on the units of the time, dq's
+    # 12.0-12.6 -> 11.2-11.7 ms, dk/dv's ~4%)
     _prefetch_next_unit(sch, ru, slots, rows_read, factor=factor, shared=shared_rows,
                         spread=spread)
     return sch

@@ -312,12 +312,20 @@ BF16 = {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}
     ("bwd_dkdv_ds_units", {**BF16, "gqa": True}, {"q", "g"}, False)])
 def test_bf16_backward_units_request_the_next_units_slot_blocks(op, static, inputs, shared):
     """The bf16 backward's units prefetch the next unit's slot blocks: query and g blocks
-    by key block (their own row, grouped heads or not). (Scheduling only: no AVX-512-BF16
-    needed.)"""
+    by key block (their own row, grouped heads or not), a slot token's rows at a time from
+    the exps' loop. (Scheduling only: no AVX-512-BF16 needed.)"""
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     prefetches = [line.strip() for line in script.splitlines() if "llvm.prefetch" in line]
     assert {re.search(r"T.address_of\((\w+)\[", p).group(1) for p in prefetches} == inputs
     assert all(("// group" in p) == shared for p in prefetches), prefetches
+    # a slot token's rows at a time from the exps (P), after the first logits' call
+    lines = [line.strip() for line in script.splitlines()]
+    spread = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_spread" in line]
+    assert spread and "for pf_token_spread in range(1):" in lines[spread[0] - 2:spread[0]]
+    calls = [i for i, line in enumerate(lines) if '"mra_bf16_qk"' in line]
+    assert calls[0] < spread[0], (calls, spread)
+    after = next(line for line in lines[spread[-1]:] if line.startswith("with T.sblock("))
+    assert after == 'with T.sblock("prob"):', after
 
 
 @pytest.mark.parametrize("op,static,index", [
