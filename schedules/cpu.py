@@ -938,25 +938,31 @@ def bwd_dq_ds_units(sch, *, vec, rows, out_rows, out_cols, blocks_per_unit, micr
     ru = _merged_parallel(sch, ("dq_unit",), 2)
     loops = sch.get_loops(sch.get_sblock("dq_unit"))
     b = int(sch.get(loops[-3]).extent)
+    tiles = None  # (the micro-kernel takes a slot in one call)
     if micro:
         D = int(sch.get(loops[-2]).extent)
         slot = _slot_product(sch, "dq_unit", vec, b, cpu_bf16.gathered_pv_intrinsic(D))
     else:
-        slot, _ = _slots_outside_tiles(sch, "dq_unit", vec=vec, rows=out_rows, cols=out_cols,
-                                       slot=b)
+        slot, tiles = _slots_outside_tiles(sch, "dq_unit", vec=vec, rows=out_rows,
+                                           cols=out_cols, slot=b)
     units = at.shape[1]
     unit = sch.get(ru).loop_var
     _guard(sch, slot, at[unit // units, unit % units, sch.get(slot).loop_var] >= 0)
-    _prefetch_next_dq_slot(sch, ru, slot, at, ds, k, cols)
+    _prefetch_next_dq_slot(sch, ru, slot, at, ds, k, cols, tiles)
     return sch
 
 
-def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols) -> None:
+def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols, tile_loop=None) -> None:
     """Each slot of a dq unit asks for the same slot's dS block and key block of the next
-    unit (``loop``: the fused (row, unit) loop) into L1 as it starts. The dS blocks (from
-    ``bwd_dkdv_ds_units``) and key blocks a unit reads are scattered: from L3 or DRAM
-    each, as the products need them. bwd_dq_ds_units took 0.85x the time at N = 8192
-    (float32, Zen 5, in-process A/B; 0.87x into L2). Applied last (like ``_guard``)."""
+    unit (``loop``: the fused (row, unit) loop) into L1: as it starts, or with
+    ``tile_loop`` (the slot's query tiles, under ``slot_loop``) spread evenly over its
+    tiles' iterations. The dS blocks (from ``bwd_dkdv_ds_units``) and key blocks a unit
+    reads are scattered: from L3 or DRAM each, as the products need them. Asked for as
+    each slot starts, bwd_dq_ds_units took 0.85x the time at N = 8192 (float32, Zen 5,
+    in-process A/B; 0.87x into L2); spread over the float32 tiles (4 rows of each block a
+    tile, not 192 requests in one burst), 0.75x the time of that at N = 8192 and 0.77x at
+    4096, the same bits (the bf16 micro-kernel takes the slot in one call: as it starts).
+    Applied last (like ``_guard``)."""
     from tvm import tirx
 
     units = at.shape[1]
@@ -964,15 +970,20 @@ def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols) -> None:
     row, unit = nxt // units, nxt % units
     c = sch.get(slot_loop).loop_var
     b = int(ds.shape[2])
+    first, count, where = 0, b, slot_loop
+    if tile_loop is not None:
+        tiles = sch.get(tile_loop)
+        count = b // int(tiles.extent)
+        first, where = tiles.loop_var * count, tile_loop
     token = tirx.Var("pf_token_dq", "int32")
     block, key_block = at[row, unit, c], cols[row, unit, c]
-    rows = tirx.For(token, 0, b, tirx.ForKind.SERIAL, tirx.SeqStmt([
-        _line_requests((ds,), lambda at_: (row, block, token, at_), 3, "_ds"),
-        _line_requests((k,), lambda at_: (_kv_row(sch, row), key_block * b + token, at_), 3,
-                       "_k")]))
+    rows = tirx.For(token, 0, count, tirx.ForKind.SERIAL, tirx.SeqStmt([
+        _line_requests((ds,), lambda at_: (row, block, first + token, at_), 3, "_ds"),
+        _line_requests((k,), lambda at_: (_kv_row(sch, row), key_block * b + first + token,
+                                          at_), 3, "_k")]))
     there = nxt < sch.get(loop).min + sch.get(loop).extent
-    _ask_first(sch, slot_loop, tirx.IfThenElse(there, tirx.IfThenElse(block >= 0, rows, None),
-                                               None))
+    _ask_first(sch, where, tirx.IfThenElse(there, tirx.IfThenElse(block >= 0, rows, None),
+                                           None))
 
 
 def _slots_outside_tiles(sch, name, *, vec, rows, cols, slot, unroll=True):

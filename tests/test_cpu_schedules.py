@@ -409,20 +409,29 @@ def test_bf16_logits_are_written_by_the_micro_kernel_alone(op, static, blocks):
 @pytest.mark.parametrize("static", [{"b": 32, "D": 64}, {"b": 32, "D": 48, "gqa": True},
                                     {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}])
 def test_dq_units_request_the_next_units_blocks(static):
-    """Each filled slot of a dq unit asks, as it starts, for the same slot's dS block and
-    key block of the next unit into L1: every row of both, not past the last unit, only
-    where the next unit's slot is filled; the key row of the next unit's query row
-    (its group's with grouped-query heads)."""
-    script = build.scheduled_func("bwd_dq_ds_units", static,
-                                  knob_policy.resolve_knobs("bwd_dq_ds_units", None)).script()
+    """Each filled slot of a dq unit asks for the same slot's dS block and key block of
+    the next unit into L1: every row of both, not past the last unit, only where the next
+    unit's slot is filled; the key row of the next unit's query row (its group's with
+    grouped-query heads). float32: a query tile's share of the rows from each of the
+    slot's tiles (4 rows of each block a tile of 4 queries); bf16 (one micro-kernel call
+    a slot): all 32 as the slot starts."""
+    knobs = knob_policy.resolve_knobs("bwd_dq_ds_units", None)
+    script = build.scheduled_func("bwd_dq_ds_units", static, knobs).script()
     lines = [line.strip() for line in script.splitlines()]
     asks = [i for i, line in enumerate(lines) if "llvm.prefetch" in line]
     assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in asks} == {"ds_blocks", "k"}
     assert all(lines[i].endswith(", 0, 3, 1)") for i in asks)  # L1
     first = min(asks)
-    assert lines[first - 2] == "for pf_token_dq in range(32):"
+    micro = "micro" in static
+    per = 32 if micro else knobs["out_rows"]
+    assert lines[first - 2] == f"for pf_token_dq in range({per}):"
     assert re.match(r"if ds_at\[\((\w+) \+ 1\) // U, \(\1 \+ 1\) % U, w1_0\] >= 0:", lines[first - 3])
     assert re.match(r"if \w+ \+ 1 < R_1 \* U:", lines[first - 4])
+    if not micro:  # under the slot's tile loop; each tile its own rows
+        tile = re.match(r"for (\w+) in range\((\d+)\):", lines[first - 5])
+        assert tile and int(tile.group(2)) * per == 32, lines[first - 5]
+        assert all(f"{tile.group(1)} * {per} + pf_token_dq" in lines[i] for i in asks)
+        first -= 1
     assert re.match(r"if ds_at\[\w+ // U, \w+ % U, w1_0\] >= 0:", lines[first - 5])  # this slot's guard
     key = next(lines[i] for i in asks if "T.address_of(k[" in lines[i])
     assert ("// U // group," in key) == bool(static.get("gqa")), key
