@@ -955,9 +955,10 @@ def bwd_dq_ds_units(sch, *, vec, rows, out_rows, out_cols, blocks_per_unit, micr
 def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols, tile_loop=None) -> None:
     """Each slot of a dq unit asks for the same slot's dS block and key block of the next
     unit (``loop``: the fused (row, unit) loop) into L1: as it starts, or with
-    ``tile_loop`` (the slot's query tiles, under ``slot_loop``) spread evenly over its
-    tiles' iterations. The dS blocks (from ``bwd_dkdv_ds_units``) and key blocks a unit
-    reads are scattered: from L3 or DRAM each, as the products need them. Asked for as
+    ``tile_loop`` (the slot's query tiles, under ``slot_loop``, in bands of D or not)
+    spread evenly over its tiles' iterations (of the first band). The dS blocks (from
+    ``bwd_dkdv_ds_units``) and key blocks a unit reads are scattered: from L3 or DRAM
+    each, as the products need them. Asked for as
     each slot starts, bwd_dq_ds_units took 0.85x the time at N = 8192 (float32, Zen 5,
     in-process A/B; 0.87x into L2); spread over the float32 tiles (4 rows of each block a
     tile, not 192 requests in one burst), 0.75x the time of that at N = 8192 and 0.77x at
@@ -971,17 +972,20 @@ def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols, tile_loop=None
     c = sch.get(slot_loop).loop_var
     b = int(ds.shape[2])
     first, count, where = 0, b, slot_loop
+    there = nxt < sch.get(loop).min + sch.get(loop).extent
     if tile_loop is not None:
         tiles = sch.get(tile_loop)
         count = b // int(tiles.extent)
         first, where = tiles.loop_var * count, tile_loop
+        band = sch.get_sref(tile_loop).parent.stmt
+        if not band.same_as(sch.get(slot_loop)):  # bands of D: the tiles of the first ask
+            there = tirx.all(there, band.loop_var == 0)
     token = tirx.Var("pf_token_dq", "int32")
     block, key_block = at[row, unit, c], cols[row, unit, c]
     rows = tirx.For(token, 0, count, tirx.ForKind.SERIAL, tirx.SeqStmt([
         _line_requests((ds,), lambda at_: (row, block, first + token, at_), 3, "_ds"),
         _line_requests((k,), lambda at_: (_kv_row(sch, row), key_block * b + first + token,
                                           at_), 3, "_k")]))
-    there = nxt < sch.get(loop).min + sch.get(loop).extent
     _ask_first(sch, where, tirx.IfThenElse(there, tirx.IfThenElse(block >= 0, rows, None),
                                            None))
 
