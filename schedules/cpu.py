@@ -958,11 +958,11 @@ def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols, tile_loop=None
     ``tile_loop`` (the slot's query tiles, under ``slot_loop``, in bands of D or not)
     spread evenly over its tiles' iterations (of the first band). The dS blocks (from
     ``bwd_dkdv_ds_units``) and key blocks a unit reads are scattered: from L3 or DRAM
-    each, as the products need them. Asked for as
-    each slot starts, bwd_dq_ds_units took 0.85x the time at N = 8192 (float32, Zen 5,
-    in-process A/B; 0.87x into L2); spread over the float32 tiles (4 rows of each block a
-    tile, not 192 requests in one burst), 0.75x the time of that at N = 8192 and 0.77x at
-    4096, the same bits (the bf16 micro-kernel takes the slot in one call: as it starts).
+    each, as the products need them. Asked for as each slot starts, bwd_dq_ds_units took
+    0.85x the time at N = 8192 (float32, Zen 5, in-process A/B; 0.87x into L2); spread
+    over the float32 tiles (4 rows of each block a tile, not 192 requests in one burst),
+    0.74-0.75x the time of that at N = 8192 and 0.75-0.77x at 4096, the same bits (the
+    bf16 micro-kernel takes the slot in one call: as it starts).
     Applied last (like ``_guard``)."""
     from tvm import tirx
 
