@@ -371,6 +371,17 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
                         near=(w_o, w_tokens, 1 if micro else L1_TILES_AHEAD))
 
 
+def _tile_share(sch, tile_loop, b):
+    """(first row, row count) of a b-row block that one iteration of ``tile_loop`` (a
+    slot's query tiles: ``_slots_outside_tiles``) asks for: an even share per tile. With
+    bands of D every band's tiles ask again: in the first band only, bwd_dq_ds_units took
+    1.06-1.09x the time and float32 hires_rows 1.01x at D = 128, N = 8192 (Zen 5,
+    in-process A/B)."""
+    tiles = sch.get(tile_loop)
+    count = b // int(tiles.extent)
+    return tiles.loop_var * count, count
+
+
 def _prefetch_next_slot(sch, loop, slot_loop, tile_loop, slots: str, buf) -> None:
     """Ask for the next slot's block of ``buf`` (P V's values) into L1 while this slot's
     product runs, its rows spread evenly over the iterations of ``tile_loop`` (P V's
@@ -390,10 +401,8 @@ def _prefetch_next_slot(sch, loop, slot_loop, tile_loop, slots: str, buf) -> Non
     unit = sch.get(loop).loop_var
     nxt_slot = sch.get(slot_loop).loop_var + 1
     nxt = index[unit // units, unit % units, nxt_slot]
-    g = sch.get(tile_loop)
-    per = b // g.extent
-    request = _row_requests((buf,), _kv_row(sch, unit // units), nxt, b, g.loop_var * per, per,
-                            3, "_pv")
+    first, per = _tile_share(sch, tile_loop, b)
+    request = _row_requests((buf,), _kv_row(sch, unit // units), nxt, b, first, per, 3, "_pv")
     # (nested: the index is not read past the unit's last slot)
     _ask_first(sch, tile_loop, tirx.IfThenElse(nxt_slot < C, tirx.IfThenElse(
         nxt >= 0, request, None), None))
@@ -832,9 +841,14 @@ def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementw
     for name in (*elementwise, "dots", "dp", *staged, factor, *extra):  # consumers first
         sch.compute_at(sch.get_sblock(name), ru)
     b = sch.get(sch.get_loops(sch.get_sblock(outputs[0]))[-3]).extent
-    spread = None
     if micro:
         guarded = _micro_bwd_products(sch, vec, b, outputs, fixed)
+        # The next unit's rows one slot token at a time from the exps (P), as the
+        # forward's bf16 units ask: bwd_dkdv_ds_units 0.94-0.95x the time at N = 8192,
+        # 0.96-0.98x at 4096, the same bits (bf16, Zen 5, in-process A/B, against all up
+        # front).
+        exps = sch.get_loops(sch.get_sblock("prob"))[-2]
+        spread = (exps, 1, sch.get(exps).loop_var)
     else:
         guarded, logits = _tiled_bwd_products(sch, vec, rows, out_rows, out_cols, b, outputs,
                                               fixed)
@@ -846,12 +860,6 @@ def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementw
     for name in elementwise:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
         guarded[sch.get_loops(sch.get_sblock(name))[-3]] = 1
-    if micro:  # the next unit's rows one slot token at a time from the exps (P), as the
-        # forward's bf16 units ask: bwd_dkdv_ds_units 0.94-0.95x the time at N = 8192,
-        # 0.96-0.98x at 4096, the same bits (bf16, Zen 5, in-process A/B, against all up
-        # front)
-        exps = sch.get_loops(sch.get_sblock("prob"))[-3]
-        spread = (exps, 1, sch.get(exps).loop_var)
     for x in kept:  # each slot's [b, b], transposed
         guarded[sch.get_loops(sch.get_sblock(f"{x}_blocks"))[-3]] = b
         _transposed(sch, f"{x}_blocks", vec, b)
@@ -955,8 +963,8 @@ def bwd_dq_ds_units(sch, *, vec, rows, out_rows, out_cols, blocks_per_unit, micr
 def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols, tile_loop=None) -> None:
     """Each slot of a dq unit asks for the same slot's dS block and key block of the next
     unit (``loop``: the fused (row, unit) loop) into L1: as it starts, or with
-    ``tile_loop`` (the slot's query tiles, under ``slot_loop``, in bands of D or not)
-    spread evenly over its tiles' iterations (of the first band). The dS blocks (from
+    ``tile_loop`` (the slot's query tiles, under ``slot_loop``) spread evenly over its
+    tiles' iterations (``_tile_share``). The dS blocks (from
     ``bwd_dkdv_ds_units``) and key blocks a unit reads are scattered: from L3 or DRAM
     each, as the products need them. Asked for as each slot starts, bwd_dq_ds_units took
     0.85x the time at N = 8192 (float32, Zen 5, in-process A/B; 0.87x into L2); spread
@@ -972,14 +980,9 @@ def _prefetch_next_dq_slot(sch, loop, slot_loop, at, ds, k, cols, tile_loop=None
     c = sch.get(slot_loop).loop_var
     b = int(ds.shape[2])
     first, count, where = 0, b, slot_loop
-    there = nxt < sch.get(loop).min + sch.get(loop).extent
     if tile_loop is not None:
-        tiles = sch.get(tile_loop)
-        count = b // int(tiles.extent)
-        first, where = tiles.loop_var * count, tile_loop
-        band = sch.get_sref(tile_loop).parent.stmt
-        if not band.same_as(sch.get(slot_loop)):  # bands of D: the tiles of the first ask
-            there = tirx.all(there, band.loop_var == 0)
+        (first, count), where = _tile_share(sch, tile_loop, b), tile_loop
+    there = nxt < sch.get(loop).min + sch.get(loop).extent
     token = tirx.Var("pf_token_dq", "int32")
     block, key_block = at[row, unit, c], cols[row, unit, c]
     rows = tirx.For(token, 0, count, tirx.ForKind.SERIAL, tirx.SeqStmt([
