@@ -61,8 +61,9 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
                                 yield kernel.name, static
 
 
-# The kernels of ``forward.exact_and_combine``: the backward's output computed again in
-# float32 for a half-precision result (``backward._backward``): where the kernels call
+# The kernels of ``forward.exact_and_combine`` that also run for the output in float32 of
+# a half-precision result (``forward.Saved.exact_out``: kept by the CPU's training
+# forward, computed again by the backward elsewhere): where the kernels call
 # micro-kernels, their variant with P v in float32 (CPU bf16); where they read q, k, v in
 # half precision otherwise (CUDA), the float32 kernels.
 RECOMPUTED = ("hires_units", "lowres_out", "hires_rows")

@@ -14,6 +14,7 @@ kernel (output and the statistics the backward needs).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -224,7 +225,10 @@ class Saved:
     stats [3, R, Np]: stab, lo_w, inv_z per token; pooled [3, R, n, Dp]: q̂, k̂, v̂ (v̂
     zeros in "sparse" mode);
     logits, high_mask [R, n, n] (high_mask zeros in "sparse" mode); rowmax [R, n];
-    index [R, K] int64: the selected blocks, sorted.
+    index [R, K] int64: the selected blocks, sorted; exact_out [R, Np, Dp]: the output in
+    the compute dtype, not rounded, where the result is half precision and the forward
+    computed it so (``saves_exact_output``), else empty: the backward's D_t = g . out
+    reads it.
     """
 
     stats: torch.Tensor
@@ -233,18 +237,31 @@ class Saved:
     high_mask: torch.Tensor
     rowmax: torch.Tensor
     index: torch.Tensor
+    exact_out: torch.Tensor
 
     def rows(self, start: int, stop: int) -> Saved:
         """The rows (batch * heads) ``start:stop``."""
         return Saved(self.stats[:, start:stop], self.pooled[:, start:stop],
                      self.logits[start:stop], self.high_mask[start:stop],
-                     self.rowmax[start:stop], self.index[start:stop])
+                     self.rowmax[start:stop], self.index[start:stop],
+                     self.exact_out[start:stop])
 
     @staticmethod
     def cat(parts: list[Saved]) -> Saved:
         """Consecutive row ranges, joined."""
-        return Saved(*(torch.cat([getattr(p, f) for p in parts], 1 if f in ("stats", "pooled") else 0)
-                       for f in ("stats", "pooled", "logits", "high_mask", "rowmax", "index")))
+        return Saved(*(torch.cat([getattr(p, f.name) for p in parts],
+                                 1 if f.name in ("stats", "pooled") else 0)
+                       for f in dataclasses.fields(Saved)))
+
+
+def saves_exact_output(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a forward that keeps what the backward reads also keeps its output in the
+    compute dtype (``Saved.exact_out``): for half-precision results on the CPU, whose
+    kernels compute it in float32 anyway (float16, and bfloat16 without AVX-512-BF16) or
+    can at the cost of P v in float32 FMAs (the bf16 micro-kernels). The backward then
+    needs no second forward pass for D_t. (CUDA's tensor-core kernels round their
+    operands: there the backward computes the output again from float32 copies.)"""
+    return dtype in (torch.float16, torch.bfloat16) and device.type == "cpu"
 
 
 def row_parts(B: int, H: int) -> tuple[int, list[tuple[int, int]]] | None:
@@ -270,13 +287,15 @@ def row_range(dim: int, H: int, start: int, stop: int) -> tuple[int, int]:
 
 
 def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: bool = False,
-                query_mask=None):
+                query_mask=None, exact_out: bool = True):
     """MRA-2 of docs/spec.md, steps 1-6. q [B, H, Nq, D]; k, v [B, Hkv, Nk, D]; mask
     [B, Nk] or None; query_mask [B, Nq] or None -> [B, H, Nq, D]. ``knobs``: ``{op:
     schedule knobs}`` (see ``knob_policy.knobs_for_shape``).
 
     With ``save=True`` returns ``(out, Saved)`` for the backward; without, what the
-    backward would read lives in scratch memory for the call only.
+    backward would read lives in scratch memory for the call only. ``exact_out``: with
+    ``save``, whether ``Saved.exact_out`` holds the output in float32 where it can
+    (``saves_exact_output``).
     """
     B, H, N, D = q.shape
     if B * H == 0:
@@ -287,6 +306,7 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
         with torch_single_threaded():
             pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
             pr.keeps_saved = save
+            pr.keeps_exact_out = save and exact_out
             with pr.target.device_scope(q.device):
                 chosen = knob_policy.knobs_for_shape(knobs, max(N, k.shape[2]), D,
                                                      opts.block_size, pr.target)
@@ -299,7 +319,8 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
         results = [mra_forward(narrow(q, dim, a, z), narrow(k, dim, a, z), narrow(v, dim, a, z),
                                mask if dim == 1 else narrow(mask, 0, a, z), opts, knobs,
                                save=save,
-                               query_mask=query_mask if dim == 1 else narrow(query_mask, 0, a, z))
+                               query_mask=query_mask if dim == 1 else narrow(query_mask, 0, a, z),
+                               exact_out=exact_out)
                    for a, z in ranges]
         if not save:
             return torch.cat(results, dim)
@@ -319,15 +340,26 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor,
     # another dtype: then scratch memory, reused between calls where the target allows it
     # (no fresh pages to fault in).
     copied = N < Np or D < Dp or q.dtype != pr.q.dtype
-    if copied:
+    # Training with a half-precision result (``saves_exact_output``): the output in float32,
+    # kept for the backward and rounded for the caller; with the bf16 micro-kernels from
+    # their variant with P v in float32, as the backward would compute it again.
+    exact = (pr.keeps_exact_out and saves_exact_output(q.dtype, q.device)
+             and pr.target.family == "cpu")
+    runs = pr
+    if exact:
+        out = pr.result(R, n, opts.block_size, Dp, dtype=dt)
+        if pr.q.dtype != dt:
+            runs = dataclasses.replace(pr, float32_pv=True)
+    elif copied:
         out = pr.scratch("out", R, n, opts.block_size, Dp, dtype=pr.q.dtype)
     else:
         out = pr.result(R, n, opts.block_size, Dp, dtype=pr.q.dtype)  # returned as it is
     stats = pr.saved("saved_stats", 3, R, n, opts.block_size)
     high_mask = lr.sel.high_mask
-    exact_and_combine(pr, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.vp,
+    exact_and_combine(runs, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.vp,
                       opts.full, knobs, out, stats, lr.work)
-    if copied:  # (never hand out the scratch, even where a prefix of it is the result)
+    exact_out = out.view(R, Np, Dp) if exact else out.new_empty(0, dtype=dt)
+    if copied or exact:  # (never hand out scratch, nor the saved float32 output)
         out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
     else:
         out = out.view(B, H, N, D)
@@ -338,7 +370,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor,
     assert lr.pooled is not None  # (kept: keeps_saved)
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
                   high_mask if high_mask.dtype == dt else high_mask.to(dt), lr.rowmax,
-                  lr.sel.index)
+                  lr.sel.index, exact_out)
     return out, saved
 
 

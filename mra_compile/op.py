@@ -22,17 +22,17 @@ import torch
 
 from mra_compile import launch_cache, options, validate
 from mra_compile.backward import mra_backward
-from mra_compile.forward import Saved, mra_forward
+from mra_compile.forward import Saved, mra_forward, saves_exact_output
 from mra_compile.inputs import HEAD_DIM_MULTIPLE
 from mra_compile.options import Options
 from mra_compile.targets import compute_dtype
 
 _SAVED = ("Tensor stats, Tensor pooled, Tensor logits, Tensor high_mask, Tensor rowmax, "
-          "Tensor index")
+          "Tensor index, Tensor exact_out")
 SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, {options.schema(True)}, "
           "Tensor? query_mask=None) -> Tensor")
 FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
-              f"{options.schema(False)}) -> (Tensor out, {_SAVED})")
+              f"{options.schema(False)}, bool exact_out=False) -> (Tensor out, {_SAVED})")
 BWD_SCHEMA = (f"(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
               f"Tensor out, {_SAVED}, {options.schema(False)}) -> (Tensor dq, Tensor dk, Tensor dv)")
 
@@ -60,7 +60,7 @@ def _inference(q, k, v, mask, query_mask, args):
     return mra_forward(q, k, v, mask, opts, query_mask=query_mask)
 
 
-def _saved_shapes(q, k, opts: Options):
+def _saved_shapes(q, k, opts: Options, exact_out: bool):
     """Shapes of attention_fwd's extra outputs (see mra_compile.forward.Saved)."""
     B, H, _, D = q.shape
     R = B * H
@@ -70,58 +70,74 @@ def _saved_shapes(q, k, opts: Options):
     Np, Dp = n * opts.block_size, -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     K = opts.max_blocks(nq, nk)
     dt = compute_dtype(q.dtype)
-    return dt, [(3, R, Np), (3, R, n, Dp), (R, n, n), (R, n, n), (R, n)], (R, K)
+    exact = (R, Np, Dp) if exact_out and saves_exact_output(q.dtype, q.device) else (0,)
+    return dt, [(3, R, Np), (3, R, n, Dp), (R, n, n), (R, n, n), (R, n)], (R, K), exact
 
 
-def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True):
+def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
+                     exact_out: bool = True):
     """attention_fwd's computation: (out, *what the backward needs); with ``save=False``
     the output alone (its intermediates in scratch memory; the launches of a signature
-    seen before replayed: ``launch_cache``)."""
+    seen before replayed: ``launch_cache``). ``exact_out``: see ``mra_forward``."""
     if not save:
         return launch_cache.inference(q, k, v, mask, query_mask, args, _inference)
     opts = _validated(q, k, v, mask, query_mask, args)
-    out, s = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask)
+    out, s = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask,
+                         exact_out=exact_out)
     if s is None:  # B*H == 0
-        dt, shapes, index_shape = _saved_shapes(q, k, opts)
+        dt, shapes, index_shape, exact = _saved_shapes(q, k, opts, exact_out)
         return (out, *(q.new_zeros(sh, dtype=dt) for sh in shapes),
-                q.new_zeros(index_shape, dtype=torch.int64))
-    return out, s.stats, s.pooled, s.logits, s.high_mask, s.rowmax, s.index
+                q.new_zeros(index_shape, dtype=torch.int64), q.new_zeros(exact, dtype=dt))
+    return out, s.stats, s.pooled, s.logits, s.high_mask, s.rowmax, s.index, s.exact_out
 
 
 @torch.library.custom_op("mra::attention_fwd", mutates_args=(), schema=FWD_SCHEMA)
 def attention_fwd(q, k, v, mask, query_mask, *args):
-    """The forward kernels; returns (out, *what the backward needs)."""
-    return _forward_kernels(q, k, v, mask, query_mask, args)
+    """The forward kernels; returns (out, *what the backward needs). The last argument,
+    ``exact_out`` (after the options): whether a half-precision output is also kept in
+    float32 for the backward (``forward.Saved``); False where no backward will read it
+    (torch.compile's inference graphs), and by default (graphs compiled before it
+    existed)."""
+    args, exact_out = _split_exact(args)
+    return _forward_kernels(q, k, v, mask, query_mask, args, exact_out=exact_out)
+
+
+def _split_exact(args: tuple) -> tuple[tuple, bool]:
+    """attention_fwd's arguments after query_mask: (the options, exact_out)."""
+    n = options.count()
+    return args[:n], bool(args[n]) if len(args) > n else False
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, mask, query_mask, *args):
+    args, exact_out = _split_exact(args)
     opts = _checked(q, k, v, mask, query_mask, args)
-    dt, shapes, index_shape = _saved_shapes(q, k, opts)
+    dt, shapes, index_shape, exact = _saved_shapes(q, k, opts, exact_out)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return (out, *(q.new_empty(sh, dtype=dt) for sh in shapes),
-            q.new_empty(index_shape, dtype=torch.int64))
+            q.new_empty(index_shape, dtype=torch.int64), q.new_empty(exact, dtype=dt))
 
 
 @torch.library.custom_op("mra::attention_bwd", mutates_args=(), schema=BWD_SCHEMA)
 def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
-                  index, *args):
+                  index, exact_out, *args):
     """Gradients of q, k, v (the selection and stabilisers held constant)."""
-    saved = Saved(stats, pooled, logits, high_mask, rowmax, index)
+    saved = Saved(stats, pooled, logits, high_mask, rowmax, index, exact_out)
     return mra_backward(grad.contiguous(), q, k, v, mask, out, saved, Options(*args),
                         query_mask=query_mask)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask,
-                        rowmax, index, *args):
+                        rowmax, index, exact_out, *args):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, query_mask, *args = inputs
     ctx.save_for_backward(q, k, v, mask, query_mask, *output)
-    ctx.options = tuple(args)
+    ctx.options = tuple(args[:options.count()])
+    ctx.arg_count = len(inputs)
 
 
 class _OnceDifferentiable(torch.autograd.Function):
@@ -146,15 +162,15 @@ class _OnceDifferentiable(torch.autograd.Function):
 
 
 def _backward(ctx, grad_out, *_unused):
-    (q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
-     index) = ctx.saved_tensors
+    (q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax, index,
+     exact_out) = ctx.saved_tensors
     with torch.no_grad():
         grads = torch.ops.mra.attention_bwd(
             grad_out, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
-            index, *ctx.options)
+            index, exact_out, *ctx.options)
     if torch.is_grad_enabled():  # create_graph=True: a second backward would come here
         grads = _OnceDifferentiable.apply(tuple(grads), q, k, v, grad_out)
-    return *grads, None, None, *(None for _ in ctx.options)
+    return *grads, *(None for _ in range(ctx.arg_count - 3))
 
 
 torch.library.register_autograd("mra::attention_fwd", _backward, setup_context=_setup_context)
@@ -165,7 +181,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, mask, query_mask, *args):
-        return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *args)
+        return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *args, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -188,7 +204,9 @@ def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
     opts = Options(*args, **kwargs) if kwargs else options.parse(args)
     if _plain_call(q, k, v, mask, query_mask):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
-    return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args())[0]
+    # (False in torch.compile's inference graphs: nothing there requires a gradient)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args(), grad)[0]
 
 
 def _plain_call(*tensors) -> bool:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mra_compile
+from mra_compile import build
 from mra_compile.reference import mra2_reference
 
 op = torch.ops.mra.attention
@@ -133,6 +134,47 @@ def test_half_precision_grads(dtype, tol):
     assert all(x.grad.dtype == dtype for x in leaves)
 
 
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_precision_training_keeps_the_float32_output(dtype, mode):
+    # The forward that keeps what the backward reads keeps a half-precision result's
+    # output in float32 too, as the float32 kernels compute it (P v in float32 with the
+    # bf16 micro-kernels), and hands out its rounding; the backward's D_t = g . out reads
+    # it instead of running the forward's kernels again (forward.saves_exact_output).
+    q, k, v, _ = _inputs(1, 3, 150, 40, torch.float32, seed=3, masked=False)
+    x = [t.to(dtype) for t in (q, k, v)]
+    nb = 12
+    out, *saved = torch.ops.mra.attention_fwd(*x, None, None, nb, mode, exact_out=True)
+    exact = saved[-1]
+    if dtype == torch.float32:
+        assert exact.numel() == 0
+        return
+    R, Np, Dp = 3, 160, 48  # (B * H, N and D padded to whole blocks and to 16)
+    assert exact.dtype == torch.float32 and exact.shape == (R, Np, Dp)
+    assert torch.equal(out, exact.view(1, 3, Np, Dp)[:, :, :150, :40].to(dtype))
+    want = op(*(t.float() for t in x), None, nb, mode)  # the float32 kernels, same inputs
+    torch.testing.assert_close(exact.view(1, 3, Np, Dp)[:, :, :150, :40], want,
+                               rtol=1e-5, atol=1e-6)
+    leaves = [t.clone().requires_grad_() for t in x]
+    out = op(*leaves, None, nb, mode)
+    assert torch.equal(out, exact.view(1, 3, Np, Dp)[:, :, :150, :40].to(dtype))
+    with build.trace_kernel_calls() as calls:
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+    forward_kernels = {"pool_and_logits", "hires_units", "lowres_out", "hires_rows"}
+    assert calls and not forward_kernels & {c["op"] for c in calls}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_opcheck_half_precision(dtype):
+    # The fake forward's shapes (the kept float32 output included) match the kernels'.
+    q, k, v, _ = _inputs(1, 2, 70, 16, torch.float32, seed=1, masked=False)
+    args = tuple(x.to(dtype).requires_grad_() for x in (q, k, v)) + (None, 6, "full")
+    fwd_args = args[:4] + (None,) + args[4:] + (32, 0, 1)  # (query_mask after mask)
+    result = torch.library.opcheck(torch.ops.mra.attention_fwd.default, fwd_args,
+                                   {"exact_out": True})
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
 def test_mask_gets_no_gradient_and_padding_grads_are_zero():
     q, k, v, mask = _inputs(2, 2, 80, 16, torch.float32, seed=9, masked=True)
     leaves = [x.requires_grad_() for x in (q, k, v)]
@@ -150,7 +192,8 @@ def test_opcheck_with_autograd(mask_kind, mode):
     result = torch.library.opcheck(op.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
     fwd_args = args[:4] + (None,) + args[4:] + (32, 0, 1)  # (query_mask after mask)
-    result = torch.library.opcheck(torch.ops.mra.attention_fwd.default, fwd_args)
+    result = torch.library.opcheck(torch.ops.mra.attention_fwd.default, fwd_args,
+                                   {"exact_out": True})
     assert all(v == "SUCCESS" for v in result.values()), result
 
 

@@ -120,6 +120,25 @@ def test_compile_half_precision():
     torch.testing.assert_close(got, fn(q, k, v), rtol=0, atol=0)
 
 
+def test_compile_half_precision_training():
+    # A compiled training step keeps the float32 output for the backward as eager
+    # training does (attention_fwd's exact_out): the same output and gradients, bit for bit.
+    q, k, v = make_qkv(0, 1, 2, 64, 16, dtype=torch.bfloat16)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+
+    def fn(q, k, v):
+        return op(q, k, v, None, 3) * 2
+
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = f(*leaves)
+        out.backward(grad)
+        results.append((out.detach(), *(t.grad for t in leaves)))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_meta_tensors(dtype, masked):
