@@ -306,11 +306,10 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
         with torch_single_threaded():
             pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
             pr.keeps_saved = save
-            pr.keeps_exact_out = save and exact_out
             with pr.target.device_scope(q.device):
                 chosen = knob_policy.knobs_for_shape(knobs, max(N, k.shape[2]), D,
                                                      opts.block_size, pr.target)
-                out, saved = _forward(q, pr, opts, chosen)
+                out, saved = _forward(q, pr, opts, chosen, save and exact_out)
     except validate.ScratchOverflow:
         split = row_parts(B, H)
         if split is None:
@@ -329,8 +328,10 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
     return (out, saved) if save else out
 
 
-def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor, Saved | None]:
-    """(out, what the backward reads, or None where ``pr`` does not keep it)."""
+def _forward(q, pr: Prepared, opts: Options, knobs: dict,
+             exact_out: bool) -> tuple[torch.Tensor, Saved | None]:
+    """(out, what the backward reads, or None where ``pr`` does not keep it);
+    ``exact_out``: see ``mra_forward``."""
     B, H, N, D = q.shape
     lr = _pool_and_select(pr, opts, knobs)
     R, Np, Dp = pr.q.shape
@@ -343,8 +344,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor,
     # Training with a half-precision result (``saves_exact_output``): the output in float32,
     # kept for the backward and rounded for the caller; with the bf16 micro-kernels from
     # their variant with P v in float32, as the backward would compute it again.
-    exact = (pr.keeps_exact_out and saves_exact_output(q.dtype, q.device)
-             and pr.target.family == "cpu")
+    exact = exact_out and saves_exact_output(q.dtype, q.device) and pr.target.family == "cpu"
     runs = pr
     if exact:
         out = pr.result(R, n, opts.block_size, Dp, dtype=dt)
@@ -358,7 +358,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor,
     high_mask = lr.sel.high_mask
     exact_and_combine(runs, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.vp,
                       opts.full, knobs, out, stats, lr.work)
-    exact_out = out.view(R, Np, Dp) if exact else out.new_empty(0, dtype=dt)
+    kept_out = out.view(R, Np, Dp) if exact else out.new_empty(0, dtype=dt)
     if copied or exact:  # (never hand out scratch, nor the saved float32 output)
         out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
     else:
@@ -370,7 +370,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict) -> tuple[torch.Tensor,
     assert lr.pooled is not None  # (kept: keeps_saved)
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
                   high_mask if high_mask.dtype == dt else high_mask.to(dt), lr.rowmax,
-                  lr.sel.index, exact_out)
+                  lr.sel.index, kept_out)
     return out, saved
 
 

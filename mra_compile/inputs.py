@@ -96,9 +96,6 @@ class Prepared:
     # Whether the call returns what the backward reads (``forward.Saved``): False for an
     # inference call, whose intermediates then go to scratch memory (``saved``).
     keeps_saved: bool = True
-    # And whether it keeps a half-precision result's output in float32 (``forward.Saved``):
-    # False where no backward will read it (torch.compile's inference graphs).
-    keeps_exact_out: bool = True
 
     def __post_init__(self):
         n = self.q.shape[1] // self.block_size

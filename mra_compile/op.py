@@ -75,7 +75,7 @@ def _saved_shapes(q, k, opts: Options, exact_out: bool):
 
 
 def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
-                     exact_out: bool = True):
+                     exact_out: bool = False):
     """attention_fwd's computation: (out, *what the backward needs); with ``save=False``
     the output alone (its intermediates in scratch memory; the launches of a signature
     seen before replayed: ``launch_cache``). ``exact_out``: see ``mra_forward``."""
