@@ -10,7 +10,8 @@
 The public op differentiates through ``_Attention``, an ``autograd.Function`` in the
 ``setup_context`` form, so that ``torch.func.grad``/``vjp``/``jacrev`` work too
 (``vmap`` does not: the kernels have no batching rule). Each op has a fake
-implementation that gives shapes for torch.compile and meta tensors.
+implementation that gives shapes for torch.compile and meta tensors; they also key
+torch.compile's on-disk caches on this package's code (``compile_cache``).
 The options after q, k, v, mask are those of ``mra_compile.options.Options``, in its
 field order; the schemas are generated from it. The public op takes the query padding
 mask of cross-attention (``query_mask``) last, so that calls written before it keep
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mra_compile import launch_cache, options, validate
+from mra_compile import compile_cache, launch_cache, options, validate
 from mra_compile.backward import mra_backward
 from mra_compile.forward import Saved, mra_forward, saves_exact_output
 from mra_compile.inputs import HEAD_DIM_MULTIPLE
@@ -110,6 +111,7 @@ def _split_exact(args: tuple) -> tuple[tuple, bool]:
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, mask, query_mask, *args):
+    compile_cache.key_compiled_graphs()
     args, exact_out = _split_exact(args)
     opts = _checked(q, k, v, mask, query_mask, args)
     dt, shapes, index_shape, exact = _saved_shapes(q, k, opts, exact_out)
@@ -130,6 +132,7 @@ def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, h
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask,
                         rowmax, index, exact_out, *args):
+    compile_cache.key_compiled_graphs()
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
