@@ -62,7 +62,7 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
 
 
 # The kernels of ``forward.exact_and_combine`` that also run for the output in float32 of
-# a half-precision result (``forward.Saved.exact_out``: kept by the CPU's training
+# a half-precision result (``forward.exact_output_dtype``: returned by the CPU's training
 # forward, computed again by the backward elsewhere): where the kernels call
 # micro-kernels, their variant with P v in float32 (CPU bf16); where they read q, k, v in
 # half precision otherwise (CUDA), the float32 kernels.

@@ -65,14 +65,12 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     # float32. With the rounded one, g . v - D_t cancels where the softmax is peaky and
     # dq, dk lose all precision there (seen: dk off by 5% of the largest gradient, 120% of
     # its own, at scale 2.5); with one computed from half-precision P too. On the CPU the
-    # training forward kept it (``forward.Saved.exact_out``); elsewhere (CUDA, or a
-    # forward called without ``exact_out``) it is computed again with the forward's
-    # blocks: with micro-kernels, their variant with P v in float32 (q k^T is exact);
-    # where the kernels read half-precision q, k, v otherwise (CUDA's tensor cores), the
-    # float32 kernels on float32 copies of them.
-    if out.dtype != dt and saved.exact_out.numel():
-        outp = saved.exact_out.view(R, n, b, Dp)
-    elif out.dtype != dt:
+    # training forward returned it (``forward.exact_output_dtype``: ``out`` is float32
+    # then); elsewhere (CUDA, or a forward called without ``exact_out``) it is computed
+    # again with the forward's blocks: with micro-kernels, their variant with P v in
+    # float32 (q k^T is exact); where the kernels read half-precision q, k, v otherwise
+    # (CUDA's tensor cores), the float32 kernels on float32 copies of them.
+    if out.dtype != dt:
         second = pr
         if micro:
             second = dataclasses.replace(pr, float32_pv=True)

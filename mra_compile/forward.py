@@ -225,10 +225,7 @@ class Saved:
     stats [3, R, Np]: stab, lo_w, inv_z per token; pooled [3, R, n, Dp]: q̂, k̂, v̂ (v̂
     zeros in "sparse" mode);
     logits, high_mask [R, n, n] (high_mask zeros in "sparse" mode); rowmax [R, n];
-    index [R, K] int64: the selected blocks, sorted; exact_out [R, Np, Dp]: the output in
-    the compute dtype, not rounded, where the result is half precision and the forward
-    computed it so (``saves_exact_output``), else empty: the backward's D_t = g . out
-    reads it.
+    index [R, K] int64: the selected blocks, sorted.
     """
 
     stats: torch.Tensor
@@ -237,14 +234,12 @@ class Saved:
     high_mask: torch.Tensor
     rowmax: torch.Tensor
     index: torch.Tensor
-    exact_out: torch.Tensor
 
     def rows(self, start: int, stop: int) -> Saved:
         """The rows (batch * heads) ``start:stop``."""
         return Saved(self.stats[:, start:stop], self.pooled[:, start:stop],
                      self.logits[start:stop], self.high_mask[start:stop],
-                     self.rowmax[start:stop], self.index[start:stop],
-                     self.exact_out[start:stop])
+                     self.rowmax[start:stop], self.index[start:stop])
 
     @staticmethod
     def cat(parts: list[Saved]) -> Saved:
@@ -254,14 +249,16 @@ class Saved:
                        for f in dataclasses.fields(Saved)))
 
 
-def saves_exact_output(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a forward that keeps what the backward reads also keeps its output in the
-    compute dtype (``Saved.exact_out``): for half-precision results on the CPU, whose
-    kernels compute it in float32 anyway (float16, and bfloat16 without AVX-512-BF16) or
-    can at the cost of P v in float32 FMAs (the bf16 micro-kernels). The backward then
-    needs no second forward pass for D_t. (CUDA's tensor-core kernels round their
-    operands: there the backward computes the output again from float32 copies.)"""
-    return dtype in (torch.float16, torch.bfloat16) and device.type == "cpu"
+def exact_output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the output of a forward asked for its exact output (``mra_forward``'s
+    ``exact_out``) for inputs of ``dtype``: float32 for half-precision inputs on the CPU,
+    whose kernels compute it in float32 anyway (float16, and bfloat16 without
+    AVX-512-BF16) or can at the cost of P v in float32 FMAs (the bf16 micro-kernels); the
+    caller rounds it, and the backward's D_t = g . out reads it without a second forward
+    pass. Elsewhere ``dtype`` (CUDA's tensor-core kernels round their operands: there the
+    backward computes the output again from float32 copies)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half and device.type == "cpu" else dtype
 
 
 def row_parts(B: int, H: int) -> tuple[int, list[tuple[int, int]]] | None:
@@ -294,12 +291,14 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
 
     With ``save=True`` returns ``(out, Saved)`` for the backward; without, what the
     backward would read lives in scratch memory for the call only. ``exact_out``: with
-    ``save``, whether ``Saved.exact_out`` holds the output in float32 where it can
-    (``saves_exact_output``).
+    ``save``, the output not rounded to q's dtype where it can be so
+    (``exact_output_dtype``; a training call's: the backward reads it).
     """
     B, H, N, D = q.shape
     if B * H == 0:
         out = q.new_zeros(q.shape)
+        if save and exact_out:
+            out = out.to(exact_output_dtype(q.dtype, q.device))
         return (out, None) if save else out
     runtime.ensure()  # sizes the kernels' threads from torch's before they change
     try:
@@ -341,13 +340,16 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     # another dtype: then scratch memory, reused between calls where the target allows it
     # (no fresh pages to fault in).
     copied = N < Np or D < Dp or q.dtype != pr.q.dtype
-    # Training with a half-precision result (``saves_exact_output``): the output in float32,
-    # kept for the backward and rounded for the caller; with the bf16 micro-kernels from
+    # Training with a half-precision result (``exact_output_dtype``): the output in
+    # float32, for the backward (the caller rounds it); with the bf16 micro-kernels from
     # their variant with P v in float32, as the backward would compute it again.
-    exact = exact_out and saves_exact_output(q.dtype, q.device) and pr.target.family == "cpu"
+    out_dtype = exact_output_dtype(q.dtype, q.device) if exact_out else q.dtype
+    exact = out_dtype != q.dtype and pr.target.family == "cpu"
     runs = pr
     if exact:
-        out = pr.result(R, n, opts.block_size, Dp, dtype=dt)
+        copied = N < Np or D < Dp  # (float32: returned as it is where not padded)
+        shape = (R, n, opts.block_size, Dp)
+        out = pr.scratch("out", *shape, dtype=dt) if copied else pr.result(*shape, dtype=dt)
         if pr.q.dtype != dt:
             runs = dataclasses.replace(pr, float32_pv=True)
     elif copied:
@@ -358,9 +360,9 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     high_mask = lr.sel.high_mask
     exact_and_combine(runs, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.vp,
                       opts.full, knobs, out, stats, lr.work)
-    kept_out = out.view(R, Np, Dp) if exact else out.new_empty(0, dtype=dt)
-    if copied or exact:  # (never hand out scratch, nor the saved float32 output)
-        out = pr.result(B, H, N, D, dtype=q.dtype).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
+    if copied:  # (never hand out scratch)
+        out = pr.result(B, H, N, D, dtype=out_dtype if exact else q.dtype).copy_(
+            out.view(B, H, Np, Dp)[:, :, :N, :D])
     else:
         out = out.view(B, H, N, D)
     if not pr.keeps_saved:
@@ -370,7 +372,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     assert lr.pooled is not None  # (kept: keeps_saved)
     saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
                   high_mask if high_mask.dtype == dt else high_mask.to(dt), lr.rowmax,
-                  lr.sel.index, kept_out)
+                  lr.sel.index)
     return out, saved
 
 

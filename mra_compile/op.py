@@ -12,6 +12,10 @@ The public op differentiates through ``_Attention``, an ``autograd.Function`` in
 (``vmap`` does not: the kernels have no batching rule). Each op has a fake
 implementation that gives shapes for torch.compile and meta tensors; they also key
 torch.compile's on-disk caches on this package's code (``compile_cache``).
+AOTInductor packages are not keyed that way: they call ``mra::attention_fwd`` as it was
+when they were built, and a package whose node has other outputs than the schema does not
+load. So its outputs stay as they are, and its arguments only grow at the end, with
+defaults (``exact_out`` came so; tests/test_torch_integration.py keeps its schema).
 The options after q, k, v, mask are those of ``mra_compile.options.Options``, in its
 field order; the schemas are generated from it. The public op takes the query padding
 mask of cross-attention (``query_mask``) last, so that calls written before it keep
@@ -23,13 +27,12 @@ import torch
 
 from mra_compile import compile_cache, launch_cache, options, validate
 from mra_compile.backward import mra_backward
-from mra_compile.forward import Saved, mra_forward, saves_exact_output
+from mra_compile.forward import Saved, exact_output_dtype, mra_forward
 from mra_compile.inputs import HEAD_DIM_MULTIPLE
 from mra_compile.options import Options
 from mra_compile.targets import compute_dtype
 
-_SAVED = ("Tensor stats, Tensor pooled, Tensor logits, Tensor high_mask, Tensor rowmax, "
-          "Tensor index, Tensor exact_out")
+_SAVED = "Tensor stats, Tensor pooled, Tensor logits, Tensor high_mask, Tensor rowmax, Tensor index"
 SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, {options.schema(True)}, "
           "Tensor? query_mask=None) -> Tensor")
 FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
@@ -61,7 +64,7 @@ def _inference(q, k, v, mask, query_mask, args):
     return mra_forward(q, k, v, mask, opts, query_mask=query_mask)
 
 
-def _saved_shapes(q, k, opts: Options, exact_out: bool):
+def _saved_shapes(q, k, opts: Options):
     """Shapes of attention_fwd's extra outputs (see mra_compile.forward.Saved)."""
     B, H, _, D = q.shape
     R = B * H
@@ -71,8 +74,7 @@ def _saved_shapes(q, k, opts: Options, exact_out: bool):
     Np, Dp = n * opts.block_size, -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     K = opts.max_blocks(nq, nk)
     dt = compute_dtype(q.dtype)
-    exact = (R, Np, Dp) if exact_out and saves_exact_output(q.dtype, q.device) else (0,)
-    return dt, [(3, R, Np), (3, R, n, Dp), (R, n, n), (R, n, n), (R, n)], (R, K), exact
+    return dt, [(3, R, Np), (3, R, n, Dp), (R, n, n), (R, n, n), (R, n)], (R, K)
 
 
 def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
@@ -86,19 +88,19 @@ def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
     out, s = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask,
                          exact_out=exact_out)
     if s is None:  # B*H == 0
-        dt, shapes, index_shape, exact = _saved_shapes(q, k, opts, exact_out)
+        dt, shapes, index_shape = _saved_shapes(q, k, opts)
         return (out, *(q.new_zeros(sh, dtype=dt) for sh in shapes),
-                q.new_zeros(index_shape, dtype=torch.int64), q.new_zeros(exact, dtype=dt))
-    return out, s.stats, s.pooled, s.logits, s.high_mask, s.rowmax, s.index, s.exact_out
+                q.new_zeros(index_shape, dtype=torch.int64))
+    return out, s.stats, s.pooled, s.logits, s.high_mask, s.rowmax, s.index
 
 
 @torch.library.custom_op("mra::attention_fwd", mutates_args=(), schema=FWD_SCHEMA)
 def attention_fwd(q, k, v, mask, query_mask, *args):
     """The forward kernels; returns (out, *what the backward needs). The last argument,
-    ``exact_out`` (after the options): whether a half-precision output is also kept in
-    float32 for the backward (``forward.Saved``); False where no backward will read it
-    (torch.compile's inference graphs), and by default (graphs compiled before it
-    existed)."""
+    ``exact_out`` (after the options): whether ``out`` is the output before its rounding
+    to q's dtype (float32 for half-precision inputs on the CPU: ``exact_output_dtype``),
+    which the backward reads and the caller rounds; False where no backward will read it
+    (inference graphs), and by default (AOTInductor packages built before it existed)."""
     args, exact_out = _split_exact(args)
     return _forward_kernels(q, k, v, mask, query_mask, args, exact_out=exact_out)
 
@@ -114,24 +116,26 @@ def _attention_fwd_fake(q, k, v, mask, query_mask, *args):
     compile_cache.key_compiled_graphs()
     args, exact_out = _split_exact(args)
     opts = _checked(q, k, v, mask, query_mask, args)
-    dt, shapes, index_shape, exact = _saved_shapes(q, k, opts, exact_out)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dt, shapes, index_shape = _saved_shapes(q, k, opts)
+    out_dtype = exact_output_dtype(q.dtype, q.device) if exact_out else q.dtype
+    out = torch.empty_like(q, dtype=out_dtype, memory_format=torch.contiguous_format)
     return (out, *(q.new_empty(sh, dtype=dt) for sh in shapes),
-            q.new_empty(index_shape, dtype=torch.int64), q.new_empty(exact, dtype=dt))
+            q.new_empty(index_shape, dtype=torch.int64))
 
 
 @torch.library.custom_op("mra::attention_bwd", mutates_args=(), schema=BWD_SCHEMA)
 def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
-                  index, exact_out, *args):
-    """Gradients of q, k, v (the selection and stabilisers held constant)."""
-    saved = Saved(stats, pooled, logits, high_mask, rowmax, index, exact_out)
+                  index, *args):
+    """Gradients of q, k, v (the selection and stabilisers held constant). ``out``: the
+    forward's, before its rounding where it was asked for that (``exact_out``)."""
+    saved = Saved(stats, pooled, logits, high_mask, rowmax, index)
     return mra_backward(grad.contiguous(), q, k, v, mask, out, saved, Options(*args),
                         query_mask=query_mask)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask,
-                        rowmax, index, exact_out, *args):
+                        rowmax, index, *args):
     compile_cache.key_compiled_graphs()
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
@@ -165,12 +169,12 @@ class _OnceDifferentiable(torch.autograd.Function):
 
 
 def _backward(ctx, grad_out, *_unused):
-    (q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax, index,
-     exact_out) = ctx.saved_tensors
+    q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax, index = \
+        ctx.saved_tensors
     with torch.no_grad():
         grads = torch.ops.mra.attention_bwd(
             grad_out, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
-            index, exact_out, *ctx.options)
+            index, *ctx.options)
     if torch.is_grad_enabled():  # create_graph=True: a second backward would come here
         grads = _OnceDifferentiable.apply(tuple(grads), q, k, v, grad_out)
     return *grads, *(None for _ in range(ctx.arg_count - 3))
@@ -209,7 +213,13 @@ def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
     # (False in torch.compile's inference graphs: nothing there requires a gradient)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args(), grad)[0]
+    return _rounded(torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args(),
+                                                grad)[0], q)
+
+
+def _rounded(out, q):
+    """attention_fwd's output in q's dtype (see its ``exact_out``)."""
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _plain_call(*tensors) -> bool:
@@ -244,4 +254,4 @@ def differentiable(q, k, v, mask, opts: Options, query_mask=None) -> torch.Tenso
         return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
     if _plain_call(q, k, v, mask, query_mask):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
-    return _Attention.apply(q, k, v, mask, query_mask, *opts.as_args())[0]
+    return _rounded(_Attention.apply(q, k, v, mask, query_mask, *opts.as_args())[0], q)

@@ -134,39 +134,43 @@ def test_half_precision_grads(dtype, tol):
     assert all(x.grad.dtype == dtype for x in leaves)
 
 
+@pytest.mark.parametrize("shape", [(150, 40), (128, 64)])  # padded, and not
 @pytest.mark.parametrize("mode", ["full", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_half_precision_training_keeps_the_float32_output(dtype, mode):
-    # The forward that keeps what the backward reads keeps a half-precision result's
-    # output in float32 too, as the float32 kernels compute it (P v in float32 with the
-    # bf16 micro-kernels), and hands out its rounding; the backward's D_t = g . out reads
-    # it instead of running the forward's kernels again (forward.saves_exact_output).
-    q, k, v, _ = _inputs(1, 3, 150, 40, torch.float32, seed=3, masked=False)
+def test_half_precision_training_keeps_the_float32_output(dtype, mode, shape):
+    # The forward of a training call (attention_fwd's exact_out) returns a half-precision
+    # result's output in float32, as the float32 kernels compute it (P v in float32 with
+    # the bf16 micro-kernels); the caller gets its rounding, and the backward's
+    # D_t = g . out reads it instead of running the forward's kernels again
+    # (forward.exact_output_dtype).
+    N, D = shape
+    q, k, v, _ = _inputs(1, 3, N, D, torch.float32, seed=3, masked=False)
     x = [t.to(dtype) for t in (q, k, v)]
     nb = 12
     out, *saved = torch.ops.mra.attention_fwd(*x, None, None, nb, mode, exact_out=True)
-    exact = saved[-1]
+    plain = torch.ops.mra.attention_fwd(*x, None, None, nb, mode)[0]
+    assert len(saved) == 6 and out.shape == (1, 3, N, D) and plain.dtype == dtype
     if dtype == torch.float32:
-        assert exact.numel() == 0
+        assert out.dtype == torch.float32 and torch.equal(out, plain)
         return
-    R, Np, Dp = 3, 160, 48  # (B * H, N and D padded to whole blocks and to 16)
-    assert exact.dtype == torch.float32 and exact.shape == (R, Np, Dp)
-    kept = exact.view(1, 3, Np, Dp)[:, :, :150, :40]  # (the caller's part of it)
-    assert torch.equal(out, kept.to(dtype))
+    assert out.dtype == torch.float32
     want = op(*(t.float() for t in x), None, nb, mode)  # the float32 kernels, same inputs
-    torch.testing.assert_close(kept, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     leaves = [t.clone().requires_grad_() for t in x]
-    out = op(*leaves, None, nb, mode)
-    assert torch.equal(out, kept.to(dtype))
+    result = op(*leaves, None, nb, mode)
+    assert result.dtype == dtype and torch.equal(result, out.to(dtype))
     with build.trace_kernel_calls() as calls:
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+        result.backward(torch.randn(result.shape, generator=torch.Generator().manual_seed(1)
+                                    ).to(dtype))
     forward_kernels = {"pool_and_logits", "hires_units", "lowres_out", "hires_rows"}
     assert calls and not forward_kernels & {c["op"] for c in calls}
+    assert all(x.grad.dtype == dtype for x in leaves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_opcheck_half_precision(dtype):
-    # The fake forward's shapes (the kept float32 output included) match the kernels'.
+    # The fake forward's shapes and dtypes (the float32 output of exact_out) match the
+    # kernels'.
     q, k, v, _ = _inputs(1, 2, 70, 16, torch.float32, seed=1, masked=False)
     args = tuple(x.to(dtype).requires_grad_() for x in (q, k, v)) + (None, 6, "full")
     fwd_args = args[:4] + (None,) + args[4:] + (32, 0, 1)  # (query_mask after mask)
