@@ -27,10 +27,16 @@ def _compiled_step(qkv):
 
 def test_compiled_graphs_are_keyed_on_the_package(tmp_path, monkeypatch, fresh_dynamo):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
-    monkeypatch.setattr(inductor_config, "unsafe_marked_cacheable_functions",
-                        dict(inductor_config.unsafe_marked_cacheable_functions))
+    # (torch's config.patch, not monkeypatch: undoing monkeypatch.setattr on this dict
+    # setting deletes the setting)
+    with inductor_config.patch(fx_graph_cache=True, unsafe_marked_cacheable_functions=dict(
+            inductor_config.unsafe_marked_cacheable_functions)), \
+            torch._functorch.config.patch(enable_autograd_cache=True):
+        _keyed_on_the_package(monkeypatch)
+    assert isinstance(inductor_config.unsafe_marked_cacheable_functions, dict)  # (still there)
+
+
+def _keyed_on_the_package(monkeypatch):
     qkv = make_qkv(0, 1, 2, 64, 16)
 
     hits, misses, first = _compiled_step(qkv)
