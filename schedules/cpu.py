@@ -1055,19 +1055,25 @@ def bwd_lowres(sch, *, vec):
 
 
 def bwd_finish(sch, *, vec):
-    """Parallel over (row, block): sum a block's unit partials, add the pooled part.
+    """Parallel over (row, block), a loop per gradient: a block's unit partials summed
+    in vec lanes (a register) under the output's loops, the pooled part added as they
+    are stored.
 
-    A block has 0 ... ucap units: each unit's [b, D] partial is added under an ``if`` on
-    the block's unit count, so the missing ones cost nothing (``_guard``)."""
-    ri = _merged_parallel(sch, ("dq", "dk", "dv"), 2)
-    row_block = sch.get(ri).loop_var
+    A block has 0 ... ucap units: each unit's partial is added under an ``if`` on the
+    block's unit count, so the missing ones cost nothing (``_guard``). (Summed into a
+    [b, D] block of workspace memory first and copied out with the pooled part, the three
+    gradients in one loop, it took 1.5x the time: 8.4-8.8 against 5.3-5.4 ms at N = 8192,
+    fp32, B * H = 12, Zen 4.)"""
     for name, count_name in (("dq", "q_units"), ("dk", "k_units"), ("dv", "k_units")):
+        ri = _merged_parallel(sch, (name,), 2)
+        row_block = sch.get(ri).loop_var
+        d0, d1 = sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])
+        sch.vectorize(d1)
         blk = sch.get_sblock(name + "_sum")
-        sch.compute_at(blk, ri)
-        t, d, w = sch.get_loops(blk)[-3:]
-        sch.reorder(w, t, d)
-        sch.vectorize(sch.split(d, [None, vec])[1])
-        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, vec])[1])
+        sch.compute_at(blk, d0)
+        lanes, w = sch.get_loops(blk)[-2:]
+        sch.reorder(w, lanes)
+        sch.vectorize(lanes)
         sch.decompose_reduction(blk, w)
         count = _input(sch.get(blk), count_name)
         n = count.shape[1]
