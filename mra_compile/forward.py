@@ -336,33 +336,25 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     R, Np, Dp = pr.q.shape
     n = Np // opts.block_size
     dt = pr.dtype
+    # Training with a half-precision result (``exact_output_dtype``): the kernels write
+    # the output in float32, for the backward (the caller rounds it); with the bf16
+    # micro-kernels, their variant with P v in float32, as the backward would compute it.
+    exact = (exact_out and exact_output_dtype(q.dtype, q.device) != q.dtype
+             and pr.target.family == "cpu")
+    written, result = (dt, dt) if exact else (pr.q.dtype, q.dtype)
+    runs = dataclasses.replace(pr, float32_pv=True) if exact and pr.q.dtype != dt else pr
     # The result is a copy of part of the kernels' output (below) where padded or of
     # another dtype: then scratch memory, reused between calls where the target allows it
     # (no fresh pages to fault in).
-    copied = N < Np or D < Dp or q.dtype != pr.q.dtype
-    # Training with a half-precision result (``exact_output_dtype``): the output in
-    # float32, for the backward (the caller rounds it); with the bf16 micro-kernels from
-    # their variant with P v in float32, as the backward would compute it again.
-    out_dtype = exact_output_dtype(q.dtype, q.device) if exact_out else q.dtype
-    exact = out_dtype != q.dtype and pr.target.family == "cpu"
-    runs = pr
-    if exact:
-        copied = N < Np or D < Dp  # (float32: returned as it is where not padded)
-        shape = (R, n, opts.block_size, Dp)
-        out = pr.scratch("out", *shape, dtype=dt) if copied else pr.result(*shape, dtype=dt)
-        if pr.q.dtype != dt:
-            runs = dataclasses.replace(pr, float32_pv=True)
-    elif copied:
-        out = pr.scratch("out", R, n, opts.block_size, Dp, dtype=pr.q.dtype)
-    else:
-        out = pr.result(R, n, opts.block_size, Dp, dtype=pr.q.dtype)  # returned as it is
+    copied = N < Np or D < Dp or result != written
+    shape = (R, n, opts.block_size, Dp)
+    out = pr.scratch("out", *shape, dtype=written) if copied else pr.result(*shape, dtype=written)
     stats = pr.saved("saved_stats", 3, R, n, opts.block_size)
     high_mask = lr.sel.high_mask
     exact_and_combine(runs, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.vp,
                       opts.full, knobs, out, stats, lr.work)
     if copied:  # (never hand out scratch)
-        out = pr.result(B, H, N, D, dtype=out_dtype if exact else q.dtype).copy_(
-            out.view(B, H, Np, Dp)[:, :, :N, :D])
+        out = pr.result(B, H, N, D, dtype=result).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
     else:
         out = out.view(B, H, N, D)
     if not pr.keeps_saved:

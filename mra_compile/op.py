@@ -143,7 +143,7 @@ def _attention_bwd_fake(grad, q, k, v, mask, query_mask, out, stats, pooled, log
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, query_mask, *args = inputs
     ctx.save_for_backward(q, k, v, mask, query_mask, *output)
-    ctx.options = tuple(args[:options.count()])
+    ctx.options = _split_exact(tuple(args))[0]
     ctx.arg_count = len(inputs)
 
 
