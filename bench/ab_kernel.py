@@ -12,8 +12,8 @@ by source hash, so the file stays). Variants: ``--old`` kernel files (built by a
 checkout, or before an edit) and ``--knobs`` (JSON schedule knobs over the recorded
 ones, built here). Each variant first runs on copies of the arguments and is compared
 with the reference bit for bit (every tensor argument, outputs included); then all are
-timed in interleaved rounds, the order reversed every other round (median ms and the
-ratio to the reference).
+timed in interleaved rounds, the order reversed every other round
+(``tools.common.median_ms``; median ms and the ratio to the reference).
 
 Every kernel is loaded as the op loads it: from an exported file, through
 ``Target.after_load`` (the CPU target installs the OpenMP launcher that runs parallel
@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
 from mra_compile import build, targets  # noqa: E402
+from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
 
@@ -156,18 +155,12 @@ def main(argv=None) -> int:
         diffs = differences(reference, got)
         print(f"  {name}: " + ("the same bits" if not diffs else "differs: " + "; ".join(diffs)))
 
-    samples: dict = {name: [] for name in kernels}
     for fn in kernels.values():
         fn(*call["args"])  # (warm)
-    order = list(kernels.items())
-    for r in range(args.rounds):
-        for name, fn in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            fn(*call["args"])
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    base = statistics.median(samples["this checkout"])
-    for name, ts in samples.items():
-        ms = statistics.median(ts)
+    timed = common.median_ms({name: (lambda f=fn: f(*call["args"])) for name, fn in kernels.items()},
+                             args.rounds, alternate=True)
+    base = timed["this checkout"]
+    for name, ms in timed.items():
         print(f"  {ms:9.3f} ms  {ms / base:6.3f}x  {name}")
     given = sys.argv[1:] if argv is None else argv
     print(f"(medians of {args.rounds} interleaved rounds; command: python bench/ab_kernel.py "

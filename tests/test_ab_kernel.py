@@ -45,3 +45,15 @@ def test_a_kernel_the_call_does_not_launch_is_named(capsys):
     with pytest.raises(SystemExit):
         ab_kernel.main(["--op", "lowres_out", *SMALL])  # no variant
     assert "give at least one variant" in capsys.readouterr().err
+
+
+def test_the_timer_alternates_its_order_only_when_asked():
+    from mra_compile.tools import common
+
+    calls: list[str] = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "ab"}
+    assert set(common.median_ms(fns, 4, alternate=True)) == {"a", "b"}
+    assert calls == list("abbaabba")
+    calls.clear()
+    common.median_ms(fns, 2)
+    assert calls == list("abab")

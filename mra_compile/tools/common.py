@@ -73,18 +73,21 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------- timing
 
-def median_ms(fns: dict, rounds: int, on_round=None) -> dict:
+def median_ms(fns: dict, rounds: int, on_round=None, alternate: bool = False) -> dict:
     """Median milliseconds per call of each of ``fns`` (name -> zero-argument callable).
 
     Interleaved: each round calls every function once, in turn, so machine noise hits
     all of them alike. A single function is timed back to back. ``on_round(i)`` (if given)
-    is called before round i (1-based): a progress counter.
+    is called before round i (1-based): a progress counter. ``alternate``: every other
+    round in the reverse order, so that no function always runs right after the same one
+    (what it leaves in the caches).
     """
     samples: dict = {name: [] for name in fns}
+    order = list(fns.items())
     for r in range(rounds):
         if on_round is not None:
             on_round(r + 1)
-        for name, fn in fns.items():
+        for name, fn in order[::-1] if alternate and r % 2 else order:
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
