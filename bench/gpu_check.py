@@ -3,12 +3,14 @@
     python bench/gpu_check.py --bundle BUNDLE_DIR --out $OUT        # the lent H200, < 8 min
     python bench/gpu_check.py --smoke --out /tmp/gpucheck_smoke      # tiny run, any device
 
-BUNDLE_DIR is made here (nvcc, no GPU needed; 3 minutes on 2 cores, 37 MB) by
+BUNDLE_DIR is made here (nvcc, no GPU needed; 4.4 minutes on 2 cores, 42 MB + the wheel) by
 
     mra-compile build --target cuda --arch sm_90 --out bench/gpu_bundle \
-        --head-dims 40 64 72 96 100 128 --grouped-heads --wheel-for-python 3.12
+        --head-dims 40 64 72 96 100 128 --grouped-heads --wheel-for-python 3.12 \
+        --tuning-variants bfloat16:64
 
-(the head dims the checks below use) and holds mra_kernels.so, manifest.json,
+(the head dims the checks below use; the tuning variants for task 4: 84 of its 367
+kernels) and holds mra_kernels.so, manifest.json,
 runtime/libtvm_runtime*.so, wheels/apache_tvm_ffi-*.whl, the generated source
 mra_kernels.cu and device_report.json; carry it to the GPU machine
 (``run`` tool: carry=["bench/gpu_bundle"]). When ``tvm_ffi`` is missing, the carried wheel is installed
@@ -31,6 +33,11 @@ Within --budget-seconds (default 420 s; work left over is recorded as skipped) i
 3. Kernels: time, bytes and flops of every kernel of one forward and one backward, against
    the card's measured copy bandwidth and bf16 matmul rate, with the registers and spills
    ptxas gave it in the bundle's build (the bundle's device_report.json).
+4. Tuning (when every correctness check of the run passed, or alone with ``--only
+   tune``): the knobs of the hot kernels over the variants the bundle holds
+   (bench/gpu_tune.py), at the must-show configuration; each candidate checked against
+   the float64 reference first; the picks written as CUDA tuning records to
+   --out/cuda_tuned.json (merge them into schedules/tuned/cuda-sm_90.json).
 
 How a fault loses only its own check (bench/gpu_driver.py): this process (the
 supervisor) never touches the GPU; it starts a worker process that runs the checks as
@@ -73,7 +80,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # bench.* and mra_compile from this checkout
 
-from bench import flex_mra, gpu_driver  # noqa: E402
+from bench import flex_mra, gpu_driver, gpu_tune  # noqa: E402
 from bench.gpu_driver import Results, Task  # noqa: E402
 
 RESULTS = "rows.jsonl"  # under --out: every row, appended as it is measured
@@ -98,6 +105,8 @@ TIME_FIELDS = ("dtype", "mode", "direction", "N", "D", "op_ms", "sdpa_ms", "flex
                "flex_variant", "flex_vs_op_sparse", "peer_vs_op_full", "notes")
 KERNEL_FIELDS = ("pass", "kernel", "ms", "bytes", "GB/s", "% copy bw", "flops",
                  "flop formula", "TFLOP/s", "% matmul", "registers", "spill B")
+
+TUNE_CHECK = (4, 2048)  # heads, N of the input each tuning candidate is checked on
 
 mc = None  # the mra_compile package, imported after the bootstrap
 
@@ -939,7 +948,9 @@ def collect(results: Results, smoke: bool) -> dict:
             "timings": [row for key in sorted(entries, key=lambda k: order.get(k, len(order)))
                         for row in timing_rows(key, entries[key])],
             "kernels": results.rows("kernel"),
-            "kernel_note": " ".join(r["text"] for r in results.rows("kernel_note"))}
+            "kernel_note": " ".join(r["text"] for r in results.rows("kernel_note")),
+            "tune": results.rows("tune"),
+            "tune_note": " ".join(r["text"] for r in results.rows("tune_note"))}
 
 
 def verdict(ratio, need: float) -> str:
@@ -983,6 +994,7 @@ def summary_lines(report, smoke: bool, fatal: list[str]) -> list[str]:
     lines.append(speed_line(report["timings"], cfg, H, "fwd+bwd",
                             {"sdpa": 3, "flex": 1, "peer": 1}))
     lines.append(f"kernels timed against copy bandwidth and matmul rate: {len(report['kernels'])}")
+    lines.append(f"tuning: {len(report['tune'])} rows. {report['tune_note'] or 'not run'}")
     return lines
 
 
@@ -1027,6 +1039,13 @@ def render(report, meta) -> str:
             "flops from the formula column; each kernel timed alone on its recorded "
             "arguments (tiny kernels: launch overhead included). " + report["kernel_note"], "",
             md_table(KERNEL_FIELDS, report["kernels"])]
+    out += ["", "## Tuning", "",
+            "bench/gpu_tune.py over the bundle's variants: each candidate (the best so far "
+            "with one knob changed; knobs = those differing from the defaults) checked on a "
+            f"B=1, H={TUNE_CHECK[0]}, N={TUNE_CHECK[1]} input against the float64 reference "
+            "(error, limit), then timed against the best in alternating rounds (best_ms, ms, "
+            "ratio = median of per-round ms / best ms); verify = defaults against the picks. "
+            + report["tune_note"], "", md_table(gpu_tune.TUNE_FIELDS, report["tune"])]
     return "\n".join(out) + "\n"
 
 
@@ -1040,7 +1059,8 @@ def write_outputs(results: Results, meta) -> str:
     (out_dir / "gpu_check.md").write_text(text)
     for name, fields, rows in (("correctness.csv", CORR_FIELDS, report["correctness"]),
                                ("timings.csv", TIME_FIELDS, report["timings"]),
-                               ("kernels.csv", KERNEL_FIELDS, report["kernels"])):
+                               ("kernels.csv", KERNEL_FIELDS, report["kernels"]),
+                               ("tuning.csv", gpu_tune.TUNE_FIELDS, report["tune"])):
         with open(out_dir / name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
@@ -1071,7 +1091,7 @@ def plan_tasks(args, start: float) -> list[Task]:
     tasks += [Task(f"baselines/{config_name(summary)}", "baselines", 240, time_by, summary),
               Task(f"flex/{config_name(summary)}", "flex", 300, time_by, summary),
               Task(f"peer/{config_name(summary)}", "peer", 300, time_by, summary),
-              Task("kernels", "kernels", 180, end - 5)]
+              Task("kernels", "kernels", 180, end - 5), Task("tune", "tune", 240, time_by)]
     tasks += [Task(f"baselines/{config_name(c)}", "baselines", 240, time_by, c) for c in others]
     tasks += [Task(f"flex/{config_name(c)}", "flex", 300, time_by, c) for c in others]
     if args.only:
@@ -1141,9 +1161,89 @@ def run_kernels(_, ctx, emit) -> None:
     emit({"table": "kernel_note", "text": note})
 
 
+def tuning_pass(direction: str, config: dict, q, k, v, g, opts):
+    """The forward (under no_grad) or forward + backward with kernel knobs ``config``."""
+    if direction == "fwd":
+        with torch.no_grad():
+            return (mc.forward.mra_forward(q, k, v, None, opts, knobs=config),)
+    out, saved = mc.forward.mra_forward(q, k, v, None, opts, knobs=config, save=True)
+    return mc.backward.mra_backward(g, q, k, v, None, out, saved, opts, knobs=config)
+
+
+def run_tune(_, ctx, emit) -> None:
+    """Task 4 of the module docstring (bench/gpu_tune.py)."""
+    failed = [r for r in latest_per_task(ctx.results.rows("correctness")) if r["status"] == "FAIL"]
+    if failed:
+        emit({"table": "tune_note", "text": f"Not run: {len(failed)} correctness checks "
+                                            "failed in this run (tune a passing build)."})
+        return
+    dev, smoke = ctx.dev, ctx.args.smoke
+    dtype, D, N = SMOKE_SUMMARY if smoke else SUMMARY
+    H = 2 if smoke else 16
+    target = mc.targets.of_device(dev)
+    ops = mc.records.tunable_ops(target)
+    Dp = -(-D // mc.kernels.HEAD_DIM_MULTIPLE) * mc.kernels.HEAD_DIM_MULTIPLE
+    manifests = [json.loads((Path(d) / mc.library.MANIFEST).read_text())
+                 for d in mc.library.directories() if (Path(d) / mc.library.MANIFEST).is_file()]
+    points = gpu_tune.bundle_points(manifests, ops, Dp, str(dtype).removeprefix("torch."))
+    if not any(len(held) > 1 for held in points.values()):
+        emit({"table": "tune_note", "text": f"Not run: no kernel library of "
+              f"MRA_COMPILE_KERNEL_LIBRARY holds variants of {', '.join(ops)} for "
+              f"{short_dtype(dtype)}, D={D} (mra-compile build ... --tuning-variants "
+              f"{str(dtype).removeprefix('torch.')}:{D})."})
+        return
+    default = {op: target.default_knobs(op) for op in ops}
+    gen = torch.Generator(device=dev).manual_seed(5)
+    big = [torch.randn(1, H, N, D, generator=gen, device=dev).to(dtype) for _ in range(4)]
+    opts = mc.options.Options(BLOCKS_PER_ROW * (N // BLOCK), "full")
+    heads, n_check = TUNE_CHECK if not smoke else (2, 256)
+    small = [torch.randn(1, heads, n_check, D, generator=gen, device=dev).to(dtype)
+             for _ in range(4)]
+    small_opts = mc.options.Options(BLOCKS_PER_ROW * (n_check // BLOCK), "full")
+    sel = selection(*small[:3], None, small_opts.num_blocks, "full")
+    leaves = [x.double().requires_grad_() for x in small[:3]]
+    ref = mc.reference.mra2_reference(*leaves, None, num_blocks=small_opts.num_blocks,
+                                      approx_mode="full", selection=sel)
+    want = torch.autograd.grad(ref, leaves, small[3].double())
+
+    def check(direction, config):
+        got = tuning_pass(direction, config, *small, small_opts)
+        expected = (ref.detach(),) if direction == "fwd" else want
+        worst = max((a.double() - b).abs().max().item() for a, b in zip(got, expected))
+        scale = max(b.abs().max().item() for b in expected)
+        limit = (FWD_LIMIT if direction == "fwd" else BWD_LIMIT)[dtype]
+        return (math.inf if math.isnan(worst) else worst / max(scale, 1e-30)), limit
+
+    def measure(direction, a, b, rounds=5):
+        return gpu_tune.paired_ms(lambda: tuning_pass(direction, a, *big, opts),
+                                  lambda: tuning_pass(direction, b, *big, opts),
+                                  lambda fn: bench_ms(fn, dev, warmup=1, target_ms=40), rounds)
+
+    def emit_row(row):
+        emit({"table": "tune", **row})
+
+    best = gpu_tune.search(points, default, check, measure, emit_row,
+                           lambda: ctx.until - time.monotonic())
+    picks, ratios = gpu_tune.verify(best, default,
+                                    lambda d, a, b: measure(d, a, b, rounds=9), emit_row)
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+    recs = gpu_tune.records_of(picks, default, ratios, target=target, dtype=dtype,
+                               bucket=mc.knob_policy.shape_bucket(N, D), device=device,
+                               command="bench/gpu_check.py (tune)")
+    path = gpu_tune.write_records(recs, ctx.args.out)
+    held = ", ".join(f"{op} {len(p)}" for op, p in points.items())
+    emit({"table": "tune_note", "text": (
+        f"{short_dtype(dtype)}, B=1, H={H}, N={N}, D={D}, {BLOCKS_PER_ROW} blocks/row, full "
+        f"mode; variants in the bundle: {held}. "
+        + (f"{len(recs)} records written to {path}: "
+           + "; ".join(f"{r['op']} {gpu_tune.knobs_text(r['knobs'], default[r['op']])}"
+                       for r in recs) + "."
+           if recs else "No pick beat the defaults: no records."))})
+
+
 RUNNERS = {"env": run_env, "rates": run_rates, "correctness": run_correctness,
            "baselines": time_baselines, "flex": time_flex, "peer": time_peer,
-           "kernels": run_kernels}
+           "kernels": run_kernels, "tune": run_tune}
 
 
 # ---------------------------------------------------------------------------- main
@@ -1173,8 +1273,9 @@ def parse_args(argv):
 def import_package() -> None:
     global mc
     mc = importlib.import_module("mra_compile")
-    importlib.import_module("mra_compile.reference")
-    importlib.import_module("mra_compile.build")
+    for module in ("reference", "build", "forward", "backward", "options", "targets",
+                   "records", "kernels", "library", "knob_policy"):
+        importlib.import_module(f"mra_compile.{module}")
 
 
 def worker_main(args) -> int:
@@ -1233,7 +1334,8 @@ def main(argv=None) -> int:
     print(text)
     lines = summary_lines(collect(results, args.smoke), args.smoke, meta["fatal"])
     print("\n".join(lines))
-    print(f"files in {args.out}: gpu_check.md correctness.csv timings.csv kernels.csv {RESULTS}")
+    print(f"files in {args.out}: gpu_check.md correctness.csv timings.csv kernels.csv "
+          f"tuning.csv {RESULTS} (and {gpu_tune.RECORDS_FILE} when tuning picked knobs)")
     return 0 if lines[0].startswith("every correctness check passes: yes") else 1
 
 

@@ -16,6 +16,7 @@ The manifest's ``files`` record the sha256 of ``mra_kernels.so`` and of every
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 import platform
 import subprocess
@@ -85,25 +86,57 @@ def _calls(target: Target, dtype: torch.dtype, b: int):
             yield kernel, compute, None
 
 
+def input_dtype(static: dict) -> torch.dtype:
+    """The input dtype whose tuning records a kernel variant ``static`` follows: its q, k,
+    v dtype where it reads them in their own, else its compute dtype."""
+    return getattr(torch, static.get("io", static.get("dtype", "float32")))
+
+
+def space_points(op: str, target: Target) -> list[dict]:
+    """Every legal point of ``op``'s tuning search space on ``target`` (``SPACES``,
+    ``constraints``), in order."""
+    space = target.schedules.SPACES[op]
+    points = [dict(zip(space, values)) for values in itertools.product(*space.values())]
+    return [p for p in points if target.schedules.constraints(op, p)]
+
+
+def knob_settings(op: str, static: dict, target: Target, tuning_variants=()) -> list[dict]:
+    """The knobs a library builds kernel variant ``(op, static)`` with: every setting the
+    op may pick (the tuning records of each sequence-length bucket, 64 ... 128k tokens,
+    else the defaults), and where ``tuning_variants`` (see ``build_library``) names its
+    input dtype and head dim, every legal point of its search space (not for the
+    grouped-query variants)."""
+    settings = {}
+    dtype = input_dtype(static)
+    for p in range(6, 18):
+        bucket = knob_policy.shape_bucket(2**p, static["D"], static["b"])
+        chosen = knob_policy.resolve_knobs(op, None, bucket, target, dtype)
+        settings[json.dumps(chosen, sort_keys=True)] = chosen
+    m = kernels.HEAD_DIM_MULTIPLE
+    tuned_for = {(str(dt), -(-int(d) // m) * m) for dt, d in tuning_variants}
+    if ((str(dtype).removeprefix("torch."), static["D"]) in tuned_for
+            and op in kernels.tunable(target) and not static.get("gqa")):
+        for point in space_points(op, target):
+            settings.setdefault(json.dumps(point, sort_keys=True), point)
+    return list(settings.values())
+
+
 def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HEAD_DIMS,
                   dtypes=("float32",), log=print, target: Target | str | None = None,
-                  gqa: bool = False) -> Path:
+                  gqa: bool = False, tuning_variants=()) -> Path:
     """Compile every variant for ``target`` (the CPU, or e.g. "cuda-sm_90") into
-    ``out_dir``, with ``gqa`` the grouped-query ones too; returns the manifest path."""
+    ``out_dir``, with ``gqa`` the grouped-query ones too; returns the manifest path.
+
+    ``tuning_variants``: (input dtype name, head dim) pairs for which the tunable kernels
+    (``SPACES`` of the target's schedules) are also built at every legal point of their
+    search space, for a tuning run on a machine without TVM (``bench/gpu_check.py``)."""
     target = targets.get(target)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     funcs, entries = {}, []
     for op, static in variants(block_sizes, head_dims, dtypes, target.scratch_args, gqa,
                                target=target):
-        # Every knob setting the op may pick for these shapes: the tuning records of each
-        # sequence-length bucket (64 ... 128k tokens), else the defaults.
-        settings = {}
-        for p in range(6, 18):
-            bucket = knob_policy.shape_bucket(2**p, static["D"], static["b"])
-            chosen = knob_policy.resolve_knobs(op, None, bucket, target)
-            settings[json.dumps(chosen, sort_keys=True)] = chosen
-        for chosen in settings.values():
+        for chosen in knob_settings(op, static, target, tuning_variants):
             key = build.kernel_key(op, static, chosen, target)
             name = library.symbol(key)
             funcs[name] = build.scheduled_func(op, static, chosen, target)

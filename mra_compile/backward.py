@@ -58,6 +58,10 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     # operand ``g``, exact), 1/Z going with P (``operators.bwd_prep``).
     micro = target.micro_kernels(pr.q.dtype)
     io = pr.q.dtype if micro else dt
+    given = knobs
+    # Every tunable kernel's knobs: those given, else the tuning record of this shape and
+    # input dtype, else the defaults (``knob_policy``).
+    knobs = knob_policy.knobs_for_shape(knobs or None, max(N, Nk), D, b, target, q.dtype)
 
     dout = padded(grad_out, Np, Dp, io, "dout", target)
     stab, lo_w, inv_z = saved.stats  # [R, Np] each
@@ -77,7 +81,11 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
         elif pr.q.dtype != dt:
             second = dataclasses.replace(pr, q=pr.q.to(dt), k=pr.k.to(dt), v=pr.v.to(dt))
         outp = pr.scratch("out", R, n, b, Dp)
-        chosen = knob_policy.knobs_for_shape(knobs or None, max(N, Nk), D, b, target)
+        # Kernels of the second pass's dtype: its records. Knobs given are for the
+        # kernels of the input dtype; float32 copies (CUDA) take float32's own.
+        own = given if second.q.dtype == pr.q.dtype else None
+        chosen = knob_policy.knobs_for_shape(own or None, max(N, Nk), D, b, target,
+                                             second.q.dtype)
         exact_and_combine(second, saved.index, saved.logits, saved.rowmax, saved.high_mask,
                           saved.pooled[2], full, chosen, outp, pr.scratch("stats", 3, R, n, b))
     else:
@@ -95,9 +103,10 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     reuse = kernels.get("bwd_dq_ds_units").on(target.family)
     dq_op, dkdv_op = ("bwd_dq_ds_units", "bwd_dkdv_ds_units") if reuse else \
         ("bwd_dq_units", "bwd_dkdv_units")
-    Cq = knob_policy.resolve_knobs(dq_op, knobs.get(dq_op), target=target)["blocks_per_unit"]
-    Ck = knob_policy.resolve_knobs(dkdv_op, knobs.get(dkdv_op),
-                                   target=target)["blocks_per_unit"]
+    Cq = knob_policy.resolve_knobs(dq_op, knobs.get(dq_op), target=target,
+                                   dtype=q.dtype)["blocks_per_unit"]
+    Ck = knob_policy.resolve_knobs(dkdv_op, knobs.get(dkdv_op), target=target,
+                                   dtype=q.dtype)["blocks_per_unit"]
     exact = target.exact_plan  # else no host synchronisation (plan.plan_bounds)
     by_query = plan.make_plan(saved.index, n, 0, Cq, exact)
     flipped, order = plan.transposed(saved.index, n)

@@ -63,7 +63,7 @@ def _cuda_line() -> str:
 
 
 def _cmd_info(args) -> int:
-    from mra_compile import host, library, openmp, records, tuning
+    from mra_compile import host, library, openmp, records, targets, tuning
 
     bucket = None
     if args.shape:
@@ -95,7 +95,10 @@ def _cmd_info(args) -> int:
     for label, path in (("user db", records.user_db_path()),
                         ("shipped (in the package, read-only)", records.shipped_db_path())):
         if path.exists():
-            state = f"{len(records.records_in(path))} records for this host and TVM version"
+            usable = records.records_in(path)
+            cpu = sum(r["target"] == targets.CPU.name for r in usable)
+            state = (f"{cpu} records for this CPU and TVM version"
+                     + (f", {len(usable) - cpu} for CUDA architectures" if len(usable) > cpu else ""))
         else:
             state = "absent"
         print(f"  {label}: {path} ({state})")
@@ -263,6 +266,10 @@ def _add_build(sub) -> None:
     p.add_argument("--grouped-heads", action="store_true",
                    help="also the grouped-query variants (enable_gqa=True with fewer key/value "
                    "heads) of the kernels that read k, v")
+    p.add_argument("--tuning-variants", nargs="+", default=[], metavar="DTYPE:D",
+                   help="also build the tunable kernels at every point of their search "
+                   "space for inputs of DTYPE and head dim D (e.g. bfloat16:64), for a tuning "
+                   "run where TVM is not installed (bench/gpu_check.py on a GPU)")
     p.add_argument("--wheel-for-python", nargs="+", default=[], metavar="X.Y",
                    help="also download the apache-tvm-ffi wheel (the version installed here) "
                    "for these Pythons into DIR/wheels/, for machines without TVM (needs PyPI)")
@@ -285,13 +292,27 @@ def _cmd_build(args) -> int:
     if any(d < 1 for d in args.head_dims):
         print("mra-compile build: --head-dims must be >= 1", file=sys.stderr)
         return EXIT_USAGE
+    tuning = []
+    for item in args.tuning_variants:
+        dtype, _, dim = item.partition(":")
+        if dtype not in ("float32", "float64", "float16", "bfloat16") or not dim.isdigit() \
+                or int(dim) < 1:
+            print(f"mra-compile build: --tuning-variants: {item!r} is not DTYPE:D "
+                  "(e.g. bfloat16:64)", file=sys.stderr)
+            return EXIT_USAGE
+        if int(dim) not in args.head_dims:
+            print(f"mra-compile build: --tuning-variants: head dim {dim} is not in "
+                  f"--head-dims {args.head_dims}", file=sys.stderr)
+            return EXIT_USAGE
+        tuning.append((dtype, int(dim)))
     dtypes = target.build_dtypes(args.dtypes)
     if args.float64:
         dtypes = list(dict.fromkeys([*dtypes, "float64"]))
     print(f"compiling for {target.name} into {args.out}:")
     try:
         manifest = aot.build_library(args.out, args.block_sizes, args.head_dims, dtypes,
-                                     target=target, gqa=args.grouped_heads)
+                                     target=target, gqa=args.grouped_heads,
+                                     tuning_variants=tuning)
     except RuntimeError as e:  # e.g. no nvcc, or TVM kept only CUDA source
         print(f"mra-compile build: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -141,8 +141,12 @@ def with_min_blocks(source: str) -> str:
 # nvcc's options for the generated source (those of TVM's own nvcc compile): -O3, fast
 # math, the half-precision operators and conversions TVM's code uses, ptxas at its highest
 # register-use level; ``-v`` makes ptxas report every kernel's resources (``device_report``).
+# ``--no-compress``: nvcc 13 compresses a large fatbin's cubins (a library of ~370 kernels,
+# with the tuning variants), and ``check_device_code`` could no longer see that the
+# library holds device code; the drivers load either.
 NVCC_OPTIONS = (
     "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+    "--no-compress",
     *(f"-U__CUDA_NO_{name}__" for name in (
         "HALF_OPERATORS", "HALF_CONVERSIONS", "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS",
         "BFLOAT162_OPERATORS", "BFLOAT162_CONVERSIONS")),

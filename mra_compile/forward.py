@@ -206,7 +206,7 @@ def block_selection(q, k, v, mask, opts: Options, query_mask=None):
         pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
         with pr.target.device_scope(q.device):
             knobs = knob_policy.knobs_for_shape(None, max(N, k.shape[2]), D, opts.block_size,
-                                                pr.target)
+                                                pr.target, q.dtype)
             lr = _pool_and_select(pr, opts, knobs)
     n = lr.logits.shape[-1]
     selected = torch.zeros(B * H, n * n + 1, dtype=torch.bool, device=q.device)
@@ -307,7 +307,7 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
             pr.keeps_saved = save
             with pr.target.device_scope(q.device):
                 chosen = knob_policy.knobs_for_shape(knobs, max(N, k.shape[2]), D,
-                                                     opts.block_size, pr.target)
+                                                     opts.block_size, pr.target, q.dtype)
                 out, saved = _forward(q, pr, opts, chosen, save and exact_out)
     except validate.ScratchOverflow:
         split = row_parts(B, H)

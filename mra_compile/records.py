@@ -1,16 +1,21 @@
 """Tuning records: the schedule knobs ``mra-compile tune`` measured fastest, as JSON files.
 
-A record holds the complete knobs of one operator and is keyed by the operator, dtype
-(``float32``), target (the CPU target, ``llvm``, and ``host.host_fingerprint()``), TVM
-version and shape bucket (``knob_policy.shape_bucket``: sequence length rounded to a power of
-two, head dim padded to 16, block size). ``knob_policy.resolve_knobs`` reads them, in this
-order, first match wins:
+A record holds the complete knobs of one operator and is keyed by the operator, dtype,
+target (its name and ``Target.tuning_host()``), TVM version and shape bucket
+(``knob_policy.shape_bucket``: sequence length rounded to a power of two, head dim padded
+to 16, block size). CPU records (target ``llvm``) are measured by ``mra-compile tune`` on
+one CPU model (``host.host_fingerprint()``) in float32 and serve every input dtype; CUDA
+records (``cuda-sm_90``) are measured on a card of the architecture by
+``bench/gpu_check.py`` and are per input dtype (``Target.tuning_dtype``).
+``knob_policy.resolve_knobs`` reads the records of the call's target, in this order,
+first match wins:
 
 1. the user db: ``$MRA_COMPILE_TUNE_DB``, else ``~/.cache/mra_compile/tuned.json`` (the
    user cache directory): where ``mra-compile tune`` writes;
-2. the records shipped for this CPU: ``<package>/schedules/tuned/<fingerprint>.json``,
-   read-only: nothing writes into the installed package unless given that path
-   explicitly (``mra-compile tune --db``, how a checkout updates the shipped records).
+2. the records shipped for the target: ``<package>/schedules/tuned/<tuning_host>.json``
+   (this CPU's fingerprint; ``cuda-sm_90``), read-only: nothing writes into the installed
+   package unless given that path explicitly (``mra-compile tune --db``, how a checkout
+   updates the shipped records).
 
 A record of the exact bucket wins over one of another bucket; without one (or without a
 bucket) the record of the nearest bucket is used. ``MRA_COMPILE_TUNED=0`` ignores every
@@ -39,7 +44,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from mra_compile import host, kernels, targets
+from mra_compile.targets import Target
 
 try:
     import fcntl
@@ -49,8 +57,6 @@ except ImportError:  # not POSIX: writes stay atomic, concurrent writers may los
 SCHEMA = 1
 ENV_DB = "MRA_COMPILE_TUNE_DB"
 ENV_ENABLE = "MRA_COMPILE_TUNED"  # "0" ignores all records
-DTYPE = "float32"
-TARGET = targets.CPU.name
 LEGACY_KNOBS = {"blocks_per_row": "row_unit_blocks"}  # old name -> new name
 # Without a shape, the record nearest to the default tuning shape is used.
 REFERENCE_BUCKET = "N4096-D64-b32"
@@ -79,13 +85,14 @@ def user_db_path() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mra_compile" / "tuned.json"
 
 
-def shipped_db_path() -> Path:
-    return host.schedule_dir() / "tuned" / f"{sanitise(host.host_fingerprint())}.json"
+def shipped_db_path(target: Target | str | None = None) -> Path:
+    """The records shipped in the package for ``target`` (default: the CPU)."""
+    return host.schedule_dir() / "tuned" / f"{sanitise(targets.get(target).tuning_host())}.json"
 
 
-def db_paths() -> list[Path]:
-    """The files consulted, highest priority first."""
-    paths = [user_db_path(), shipped_db_path()]
+def db_paths(target: Target | str | None = None) -> list[Path]:
+    """The files consulted for ``target``'s kernels, highest priority first."""
+    paths = [user_db_path(), shipped_db_path(target)]
     return paths if paths[0] != paths[1] else paths[:1]
 
 
@@ -113,40 +120,58 @@ def bucket_distance(a: str, b: str) -> float:
 
 # ---------------------------------------------------------------------------- records
 
-def tunable_ops() -> tuple[str, ...]:
-    """The operators with tuning records (a search space on the CPU target)."""
-    return kernels.tunable(targets.CPU)
+def tunable_ops(target: Target | str | None = None) -> tuple[str, ...]:
+    """The operators with tuning records on ``target`` (a search space there; default:
+    the CPU)."""
+    return kernels.tunable(targets.get(target))
 
 
 def record_key(rec: dict) -> tuple:
     return tuple(rec[f] for f in ("op", "dtype", "target", "host", "tvm", "bucket"))
 
 
-def make_record(op: str, bucket: str, knobs: dict, **meta) -> dict:
-    """A record of this host and TVM version; ``meta`` (timings, dates...) is kept as is."""
-    rec = {"op": op, "dtype": DTYPE, "target": TARGET, "host": host.host_fingerprint(),
-           "tvm": host.tvm_version(), "bucket": bucket, "knobs": dict(knobs), **meta}
+def make_record(op: str, bucket: str, knobs: dict, *, target: Target | str | None = None,
+                dtype: torch.dtype | None = None, **meta) -> dict:
+    """A record of ``target`` (default: the CPU) on this host, with this TVM version, for
+    inputs of ``dtype`` (default float32; see ``Target.tuning_dtype``); ``meta`` (timings,
+    dates...) is kept as is."""
+    target = targets.get(target)
+    rec = {"op": op, "dtype": target.tuning_dtype(dtype or torch.float32), "target": target.name,
+           "host": target.tuning_host(), "tvm": host.tvm_version(), "bucket": bucket,
+           "knobs": dict(knobs), **meta}
     problem = _record_problem(rec)
     if problem:
         raise ValueError(f"invalid tuning record: {problem}")
     return rec
 
 
+def _target_of(rec: dict) -> Target | None:
+    try:
+        return targets.get(str(rec.get("target")))
+    except ValueError:
+        return None
+
+
 def _ours(rec: dict) -> bool:
-    return (rec.get("dtype") == DTYPE and rec.get("target") == TARGET
-            and rec.get("host") == host.host_fingerprint() and rec.get("tvm") == host.tvm_version())
+    """Whether ``rec`` was measured where it applies here: its target's tuning host (this
+    CPU; any card of a CUDA architecture) and this TVM version."""
+    target = _target_of(rec)
+    return (target is not None and rec.get("host") == target.tuning_host()
+            and rec.get("tvm") == host.tvm_version())
 
 
 def _record_problem(rec) -> str | None:
     """Why ``rec`` cannot be used on this host (None: it can)."""
-    cpu = targets.CPU
     if not isinstance(rec, dict):
         return f"not an object: {rec!r:.80}"
     missing = [f for f in ("op", "dtype", "target", "host", "tvm", "bucket", "knobs") if f not in rec]
     if missing:
         return f"missing fields {missing}"
-    if rec["op"] not in cpu.schedules.SPACES:
-        return f"unknown operator {rec['op']!r}"
+    target = _target_of(rec)
+    if target is None:
+        return f"unknown target {rec['target']!r}"
+    if rec["op"] not in getattr(target.schedules, "SPACES", {}):
+        return f"unknown operator {rec['op']!r} (no search space on {target.name})"
     try:
         parse_bucket(rec["bucket"])
     except (TypeError, ValueError) as e:
@@ -154,10 +179,11 @@ def _record_problem(rec) -> str | None:
     if not isinstance(rec["knobs"], dict):
         return "knobs is not an object"
     if not _ours(rec):
-        return None  # another host's or dtype's record: kept, not checked here
-    knobs = {**cpu.default_knobs(rec["op"]), **rec["knobs"]}
-    if not cpu.schedules.constraints(rec["op"], knobs):
-        return f"{rec['op']} knobs {rec['knobs']} are not a legal point of its search space here"
+        return None  # another host's record: kept, not checked here
+    knobs = {**target.default_knobs(rec["op"]), **rec["knobs"]}
+    if not target.schedules.constraints(rec["op"], knobs):
+        return (f"{rec['op']} knobs {rec['knobs']} are not a legal point of its search space "
+                f"on {target.name} here")
     return None
 
 
@@ -205,7 +231,7 @@ def _warn(message: str) -> None:
 # ---------------------------------------------------------------------------- lookup
 
 _GENERATION = 0
-_FILES: dict[str, list[dict]] = {}  # path -> its usable records (this host, dtype, TVM)
+_FILES: dict[str, list[dict]] = {}  # path -> its usable records (``_ours``)
 _LOOKUPS: dict[tuple, Match | None] = {}
 
 
@@ -222,42 +248,51 @@ def reload() -> None:
     _GENERATION += 1
 
 
-def records_in(path: Path) -> list[dict]:
-    """The records of ``path`` usable on this host (read once per process)."""
+def records_in(path: Path, target: Target | str | None = None) -> list[dict]:
+    """The records of ``path`` usable here (read once per process), of ``target`` only
+    when given."""
     key = str(path)
     recs = _FILES.get(key)
     if recs is None:
         recs = _FILES[key] = [r for r in _read(Path(path), purpose="ignoring the file")
                               if _ours(r)]
-    return recs
+    if target is None:
+        return recs
+    name = targets.get(target).name
+    return [r for r in recs if r["target"] == name]
 
 
-def lookup(op: str, bucket: str | None = None) -> Match | None:
-    """The record ``op`` uses for ``bucket`` (None: nearest to ``REFERENCE_BUCKET``)."""
-    key = (op, bucket, token())
+def lookup(op: str, bucket: str | None = None, target: Target | str | None = None,
+           dtype: torch.dtype | None = None) -> Match | None:
+    """The record ``op`` uses on ``target`` (default: the CPU) for inputs of ``dtype``
+    (default float32) and ``bucket`` (None: nearest to ``REFERENCE_BUCKET``)."""
+    target = targets.get(target)
+    kind = target.tuning_dtype(dtype or torch.float32)
+    key = (op, bucket, target.name, kind, token())
     try:
         return _LOOKUPS[key]
     except KeyError:
         pass
     match = None
     if os.environ.get(ENV_ENABLE, "1") != "0":
-        match = _find(op, bucket)
+        match = _find(op, bucket, target, kind)
     _LOOKUPS[key] = match
     return match
 
 
-def _find(op: str, bucket: str | None) -> Match | None:
-    candidates = [(path, rec) for path in db_paths() for rec in records_in(path) if rec["op"] == op]
+def _find(op: str, bucket: str | None, target: Target, kind: str) -> Match | None:
+    candidates = [(path, rec) for path in db_paths(target) for rec in records_in(path, target)
+                  if rec["op"] == op and rec["dtype"] == kind]
     if not candidates:
         return None
     if bucket is not None:
         for path, rec in candidates:
             if rec["bucket"] == bucket:
                 return Match(dict(rec["knobs"]), path, rec)
-    target = bucket or REFERENCE_BUCKET
+    near = bucket or REFERENCE_BUCKET
     # Nearest bucket; ties go to the higher-priority file, then the longer sequence.
     best = min(range(len(candidates)), key=lambda i: (
-        bucket_distance(candidates[i][1]["bucket"], target), i))
+        bucket_distance(candidates[i][1]["bucket"], near), i))
     path, rec = candidates[best]
     return Match(dict(rec["knobs"]), path, rec)
 

@@ -368,13 +368,14 @@ def bwd_prep(sch, *, threads):
     return sch
 
 
-def _backward_products(sch, products, output):
-    """The backward's tensor-core products. At D >= 128, TVM 0.27 fails to lower the
-    [b, D] products whose B operand is also another product's A (k_g in dq; q_g, g_g in
-    dk, dv): "tvm_access_ptr element type must match the source buffer". Those stay on
-    CUDA cores there (D = 64 has every product on tensor cores)."""
+def _backward_products(sch, products, output, blocks_per_unit):
+    """The backward's tensor-core products. TVM 0.27 fails to lower the [b, D] products
+    whose B operand is also another product's A (k_g in dq; q_g, g_g in dk, dv) at
+    D >= 128, and at D = 64 with 1 or 4 blocks per unit: "tvm_access_ptr element type
+    must match the source buffer". Those stay on CUDA cores there (D = 64 with 2 blocks
+    per unit, the default, has every product on tensor cores)."""
     head_dim = int(sch.get(sch.get_loops(sch.get_sblock(output))[-2]).extent)  # (t, d, w)
-    if head_dim < 128:
+    if head_dim < 128 and blocks_per_unit == 2:
         return products
     return tuple(p for p in products if p in ("dots", "dp"))
 
@@ -385,7 +386,8 @@ def bwd_dq_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
     for name in ("q_s", "g_s"):  # (read straight into the transposed shared tiles)
         sch.compute_inline(sch.get_sblock(name))
     threads = _cuda_core_threads(sch, threads)
-    custom = _custom(sch, threads, tensor_cores, _backward_products(sch, DQ_PRODUCTS, "dq_unit"))
+    custom = _custom(sch, threads, tensor_cores, _backward_products(sch, DQ_PRODUCTS, "dq_unit",
+                                                                blocks_per_unit))
     per_unit(sch, ("dq_unit",), 2, threads, custom=custom, copies=("k_g", "v_g"),
              vector_bytes=vector_bytes)
     skip_padding_units(sch, "unit_row")
@@ -399,7 +401,8 @@ def bwd_dkdv_units(sch, *, threads, blocks_per_unit, tensor_cores,
     for name in ("k_s", "v_s"):  # (read straight into the transposed shared tiles)
         sch.compute_inline(sch.get_sblock(name))
     custom = _custom(sch, threads, tensor_cores,
-                     _backward_products(sch, DKDV_PRODUCTS, "dk_unit"), gather="q_g")
+                     _backward_products(sch, DKDV_PRODUCTS, "dk_unit", blocks_per_unit),
+                     gather="q_g")
     per_unit(sch, ("dk_unit", "dv_unit"), 2, threads, custom=custom, copies=("q_g", "g_g"),
              vector_bytes=vector_bytes)
     skip_padding_units(sch, "unit_col")
@@ -437,3 +440,40 @@ KNOBS = {
     "bwd_lowres": dict(threads=256),
     "bwd_finish": dict(threads=128),
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Tuning. The knobs of the hot per-unit kernels a GPU run may tune (``bench/gpu_check.py``
+# times the variants an ahead-of-time library was built with, ``mra-compile build
+# --tuning-variants``; the winners become tuning records, ``mra_compile.records``).
+# threads: 2-8 warps (fp32 units take at least 256 anyway, ``_cuda_core_threads``; at 256
+# the 32 x 32 half products have no whole tile per warp and stay on CUDA cores); blocks
+# per unit: what one thread block stages in shared memory (1-4 blocks of k and v, at most
+# ~100 KB at D = 128 in fp16/bf16); vector_bytes: the width of the gathers' loads.
+# tensor_cores stays on: the CUDA-core half products are what the tensor cores replace.
+# ---------------------------------------------------------------------------------------
+
+_UNIT_SPACE: dict[str, list] = {"threads": [64, 128, 256], "blocks_per_unit": [1, 2, 4],
+                                "tensor_cores": [True], "vector_bytes": [8, 16]}
+SPACES: dict[str, dict[str, list]] = {
+    "hires_units": dict(_UNIT_SPACE),
+    "hires_rows": {"threads": [64, 128, 256], "row_unit_blocks": [1, 2, 4],
+                   "tensor_cores": [True], "vector_bytes": [8, 16]},
+    "bwd_dq_units": dict(_UNIT_SPACE),
+    "bwd_dkdv_units": dict(_UNIT_SPACE),
+}
+
+
+def constraints(op: str, knobs: dict) -> bool:
+    """Whether ``knobs`` (every knob of ``op``) is a legal point of ``SPACES[op]``: exactly
+    its knobs, each one of its listed values (type-strict: ``True`` is not ``1``), and not
+    256 threads with 4 blocks per unit, where the two resident blocks of 256 threads that
+    nvcc compiles for (``cuda_toolchain``: 128 registers a thread) spilled 80-172 bytes on
+    sm_80 (hires_units, bwd_dq_units, bwd_dkdv_units; D = 64, bf16)."""
+    space = SPACES.get(op)
+    if space is None or set(knobs) != set(space):
+        return False
+    if not all(any(type(knobs[k]) is type(v) and knobs[k] == v for v in values)
+               for k, values in space.items()):
+        return False
+    return not (knobs["threads"] == 256 and knobs.get("blocks_per_unit") == 4)

@@ -113,19 +113,18 @@ def _wait(proc: subprocess.Popen, workdir: Path, name: str, timeout: int) -> dic
     return json.loads((workdir / f"{name}.out.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def emulation(cuda_library, fakes, tmp_path_factory):
-    """Every case, forward and backward, emulated (``WORKERS`` processes)."""
-    workdir = tmp_path_factory.mktemp("emulation")
+def _emulate(cuda_library: Path, cases: dict, fakes, workdir: Path) -> dict:
+    """Every case of ``cases``, forward and backward, emulated (``WORKERS`` processes) on
+    the kernels of ``cuda_library``."""
     libs = emulator.build_emulation(cuda_library / library.CUDA_SOURCE, workdir)
     env = {library.ENV: str(cuda_library), "MRA_COMPILE_CACHE_DIR": str(workdir / "cache"),
            library.ONLY_ENV: "1"}  # kernels from the library only: nothing compiled
-    names = list(CASES)
+    names = list(cases)
     procs = []
     try:
         for w in range(WORKERS):
             spec = {"fakes": fakes, "libs": libs, "manifest": str(cuda_library / library.MANIFEST),
-                    "env": env, "arch": ARCH, "cases": [CASES[n] for n in names[w::WORKERS]]}
+                    "env": env, "arch": ARCH, "cases": [cases[n] for n in names[w::WORKERS]]}
             procs.append(_run(spec, workdir, f"worker{w}"))
         outs = [_wait(p, workdir, f"worker{w}", 1800) for w, p in enumerate(procs)]
     finally:
@@ -140,7 +139,14 @@ def emulation(cuda_library, fakes, tmp_path_factory):
     return {"results": results, "launched": set().union(*(o["launched"] for o in outs)),
             "origins": set().union(*(o["origins"] for o in outs)),
             "source": (cuda_library / library.CUDA_SOURCE).read_text(),
-            "manifest": json.loads((cuda_library / library.MANIFEST).read_text())}
+            "manifest": json.loads((cuda_library / library.MANIFEST).read_text()),
+            "report": json.loads((cuda_library / library.CUDA_REPORT).read_text())}
+
+
+@pytest.fixture(scope="module")
+def emulation(cuda_library, fakes, tmp_path_factory):
+    """Every case, forward and backward, emulated (``WORKERS`` processes)."""
+    return _emulate(cuda_library, CASES, fakes, tmp_path_factory.mktemp("emulation"))
 
 
 def _phase(emulation, case: str, phase: str) -> dict:
@@ -200,6 +206,64 @@ def test_backward(emulation, case):
         assert max(own.values()) <= BACKWARD_RTOL[dtype], (
             f"backward of {case}: errors over each gradient's own size {own} > "
             f"{BACKWARD_RTOL[dtype]:g}")
+
+
+# ----------------------------------------------------------------------------- tuning variants
+
+# What a GPU's tuning run chooses among (``mra-compile build --tuning-variants
+# bfloat16:64``, bench/gpu_tune.py): every legal point of the four tunable kernels'
+# spaces (schedules/cuda.py: SPACES, 16-18 each). Configuration i takes point i of each
+# kernel (cycling through the shorter spaces), so the configurations run every variant of
+# the library, forward and backward.
+def _tuning_configs() -> list[dict]:
+    from mra_compile import aot, targets
+    from mra_compile.schedules import cuda
+
+    target = targets.get(f"cuda-{ARCH}")
+    points = {op: aot.space_points(op, target) for op in cuda.SPACES}
+    count = max(len(p) for p in points.values())
+    return [{op: p[i % len(p)] for op, p in points.items()} for i in range(count)]
+
+
+TUNING_CASES = {f"config{i:02d}-{mode}": {**_case(64, "bfloat16", mode, masked), "knobs": config}
+                for i, config in enumerate(_tuning_configs())
+                for mode, masked in (("full", False), ("sparse", True))}
+
+
+@pytest.fixture(scope="module")
+def tuning_emulation(fakes, tmp_path_factory):
+    """The tuning variants of bf16, D = 64 (and the rest of that library), emulated."""
+    from conftest import build_cuda_library
+
+    lib = build_cuda_library(tmp_path_factory, ARCH, (64,), "--dtypes", "bfloat16",
+                             "--tuning-variants", "bfloat16:64")
+    return _emulate(lib, TUNING_CASES, fakes, tmp_path_factory.mktemp("tuning_emulation"))
+
+
+def test_every_tuning_variant_runs_and_none_spills(tuning_emulation):
+    symbols = {re.sub(r"_kernel(_\d+)?$", "", n) for n in tuning_emulation["launched"]}
+    variants = {e["symbol"]: e for e in tuning_emulation["manifest"]["kernels"]
+                if e["op"] in {"hires_rows", "hires_units", "bwd_dq_units", "bwd_dkdv_units"}
+                and e["static"].get("io") == "bfloat16"}
+    assert len(variants) == 18 * 2 + 16 * 3  # hires_rows in both modes
+    assert set(variants) <= symbols
+    report = tuning_emulation["report"]
+    for name, stats in report.items():
+        entry = variants.get(re.sub(r"_kernel(_\d+)?$", "", name))
+        if entry is not None:
+            assert stats["spill_stores"] == 0 and stats["stack_frame"] == 0, (entry, stats)
+
+
+@pytest.mark.parametrize("case", list(TUNING_CASES))
+def test_tuning_variant(tuning_emulation, case):
+    for phase in ("forward", "backward"):
+        result = _phase(tuning_emulation, case, phase)
+        assert not result["findings"], f"{phase} of {case}:\n{_findings(result['findings'])}"
+        assert result["finite"], f"{phase} of {case}: non-finite values"
+    forward = tuning_emulation["results"][case]["forward"]
+    assert forward["error"] <= FORWARD_RTOL["bfloat16"], forward["error"]
+    backward = tuning_emulation["results"][case]["backward"]
+    assert max(backward["errors"].values()) <= BACKWARD_RTOL["bfloat16"], backward["errors"]
 
 
 # ----------------------------------------------------------------------------- the checks

@@ -45,7 +45,7 @@ def writable_package(tmp_path, monkeypatch):
     monkeypatch.delenv(records.ENV_ENABLE, raising=False)
     package = tmp_path / "site-packages" / "mra_compile" / "schedules" / "tuned" / "cpu.json"
     package.parent.mkdir(parents=True)
-    monkeypatch.setattr(records, "shipped_db_path", lambda: package)
+    monkeypatch.setattr(records, "shipped_db_path", lambda target=None: package)
     records.reload()
     yield tmp_path / "home" / ".cache" / "mra_compile" / "tuned.json", package
     records.reload()

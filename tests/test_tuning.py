@@ -34,7 +34,8 @@ def isolated(tmp_path, monkeypatch):
     db = tmp_path / "user" / "tuned.json"
     monkeypatch.setenv(records.ENV_DB, str(db))
     monkeypatch.delenv(records.ENV_ENABLE, raising=False)
-    monkeypatch.setattr(records, "shipped_db_path", lambda: tmp_path / "shipped" / "none.json")
+    monkeypatch.setattr(records, "shipped_db_path",
+                        lambda target=None: tmp_path / "shipped" / "none.json")
     records.reload()
     yield db
     records.reload()

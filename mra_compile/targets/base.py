@@ -17,7 +17,7 @@ class Target:
     name: str
     family: str
     device_type: str  # the torch device type its kernels run on
-    # Whether the tuning records (``mra_compile.records``, measured on this host) apply.
+    # Whether the tuning records (``mra_compile.records``) apply to its kernels.
     uses_tuning_records: bool = False
     # Whether scratch tensors may be reused across calls (``mra_compile.inputs.Workspace``).
     reuses_workspace: bool = False
@@ -46,6 +46,15 @@ class Target:
     def default_knobs(self, op: str) -> dict:
         """The schedule knobs of ``op`` when nothing else is said (``KNOBS[op]``)."""
         return dict(self.schedules.KNOBS[op])
+
+    def tuning_host(self) -> str:
+        """What a tuning record of this target was measured on and applies to (its
+        ``host`` field; the name of its shipped records file)."""
+        raise NotImplementedError
+
+    def tuning_dtype(self, dtype: torch.dtype) -> str:
+        """The dtype whose tuning records apply to inputs of ``dtype`` (their ``dtype``)."""
+        return str(self.io_dtype(dtype)).removeprefix("torch.")
 
     def tvm_target(self):
         """The ``tvm.target.Target`` kernels are compiled for (imports TVM)."""

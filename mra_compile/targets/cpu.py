@@ -42,6 +42,13 @@ class CpuTarget(Target):
         # Register tiles sized to this CPU's vector unit (schedules/cpu.py, NARROW_KNOBS).
         return cpu_schedules.default_knobs(op, host.default_vector_width())
 
+    def tuning_host(self) -> str:
+        return host.host_fingerprint()  # this CPU model and its vector width
+
+    def tuning_dtype(self, dtype: torch.dtype) -> str:
+        # ``mra-compile tune`` measures float32; its records serve every input dtype.
+        return "float32"
+
     def tvm_target(self):
         import tvm
 

@@ -26,6 +26,9 @@ class CudaTarget(Target):
     # The plan is sized from the shapes alone: no host synchronisation, capturable.
     exact_plan = False
     scratch_args = True
+    # Records of the architecture, measured on one of its cards (``bench/gpu_check.py``)
+    # and shipped in the package; per input dtype (tensor cores or not).
+    uses_tuning_records = True
 
     def __init__(self, arch: str):
         self.arch = arch
@@ -39,6 +42,9 @@ class CudaTarget(Target):
         import tvm
 
         return tvm.target.Target({"kind": "cuda", "arch": self.arch})
+
+    def tuning_host(self) -> str:
+        return self.name
 
     def host_key(self) -> str:
         return host.machine()  # the host side is generic code for the machine type

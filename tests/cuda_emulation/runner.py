@@ -96,7 +96,8 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
     emu.forget_writes()
     start = time.perf_counter()
     try:
-        out, saved = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask)
+        out, saved = mra_forward(q, k, v, mask, opts, knobs=case.get("knobs"), save=True,
+                                 query_mask=query_mask)
         # the op's blocks, for the oracle
         selection = block_selection(q, k, v, mask, opts, query_mask)
         ref = mra2_reference(q.double(), k.double(), v.double(), mask64, selection=selection,
@@ -119,7 +120,7 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
     start = time.perf_counter()
     try:
         grads = mra_backward(grad_out.to(q.dtype), q, k, v, mask, out, saved, opts,
-                             query_mask=query_mask)
+                             knobs=case.get("knobs"), query_mask=query_mask)
         leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
         ref = mra2_reference(*leaves, mask64, selection=selection, **ref_kw)
         ref.backward(grad_out)
