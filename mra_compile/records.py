@@ -1,4 +1,5 @@
-"""Tuning records: the schedule knobs ``mra-compile tune`` measured fastest, as JSON files.
+"""Tuning records: the schedule knobs measured fastest (``mra-compile tune`` on a CPU,
+``bench/gpu_check.py`` on a GPU), as JSON files.
 
 A record holds the complete knobs of one operator and is keyed by the operator, dtype,
 target (its name and ``Target.tuning_host()``), TVM version and shape bucket
