@@ -36,6 +36,22 @@ def avx512_defaults(monkeypatch):
 
 
 @pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """Tuning records: a private user db (returned, not yet created) and no shipped
+    records, for any target."""
+    from mra_compile import records
+
+    db = tmp_path / "user" / "tuned.json"
+    monkeypatch.setenv(records.ENV_DB, str(db))
+    monkeypatch.delenv(records.ENV_ENABLE, raising=False)
+    monkeypatch.setattr(records, "shipped_db_path",
+                        lambda target=None: tmp_path / "shipped" / "none.json")
+    records.reload()
+    yield db
+    records.reload()
+
+
+@pytest.fixture
 def fresh_dynamo():
     """torch._dynamo reset before and after the test (compiled graphs, caches, counters)."""
     import torch._dynamo

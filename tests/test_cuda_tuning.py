@@ -20,19 +20,6 @@ SM90 = targets.get("cuda-sm_90")
 BUCKET = "N16384-D64-b32"
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """A private user db and no shipped records."""
-    db = tmp_path / "user" / "tuned.json"
-    monkeypatch.setenv(records.ENV_DB, str(db))
-    monkeypatch.delenv(records.ENV_ENABLE, raising=False)
-    monkeypatch.setattr(records, "shipped_db_path",
-                        lambda target=None: tmp_path / "shipped" / "none.json")
-    records.reload()
-    yield db
-    records.reload()
-
-
 def test_spaces_cover_the_knobs_and_hold_the_defaults():
     assert set(cuda.SPACES) == {"hires_units", "hires_rows", "bwd_dq_units", "bwd_dkdv_units"}
     for op, space in cuda.SPACES.items():

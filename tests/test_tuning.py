@@ -28,19 +28,6 @@ from mra_compile.schedules import cpu
 TUNABLE = tuple(cpu.SPACES)
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """A private user db (returned, not yet created) and no shipped records."""
-    db = tmp_path / "user" / "tuned.json"
-    monkeypatch.setenv(records.ENV_DB, str(db))
-    monkeypatch.delenv(records.ENV_ENABLE, raising=False)
-    monkeypatch.setattr(records, "shipped_db_path",
-                        lambda target=None: tmp_path / "shipped" / "none.json")
-    records.reload()
-    yield db
-    records.reload()
-
-
 def legal_configs(op):
     space = cpu.SPACES[op]
     for values in itertools.product(*space.values()):
