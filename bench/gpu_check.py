@@ -3,7 +3,7 @@
     python bench/gpu_check.py --bundle BUNDLE_DIR --out $OUT        # the lent H200, < 8 min
     python bench/gpu_check.py --smoke --out /tmp/gpucheck_smoke      # tiny run, any device
 
-BUNDLE_DIR is made here (nvcc, no GPU needed; 4.4 minutes on 2 cores, 42 MB + the wheel) by
+BUNDLE_DIR is made here (nvcc, no GPU needed; 4.4 minutes on 2 cores, 45 MB with the wheel) by
 
     mra-compile build --target cuda --arch sm_90 --out bench/gpu_bundle \
         --head-dims 40 64 72 96 100 128 --grouped-heads --wheel-for-python 3.12 \
