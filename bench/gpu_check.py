@@ -446,10 +446,17 @@ def check_backward(case, dev):
     ref = mc.reference.mra2_reference(*leaves64, None if mask is None else mask.double(),
                                       num_blocks=nb, approx_mode=mode, selection=sel, **extra)
     want = torch.autograd.grad(ref, leaves64, grad.double())
+    return gradient_error(got, want, own=bool(case.get("own")))
+
+
+def gradient_error(got, want, own: bool = False) -> tuple[float, str]:
+    """max |got - want| over the gradients, relative to the largest |want| entry of them
+    all (``own``: each gradient against its own largest entry, the worst of the three),
+    and a note; inf where a gradient holds a NaN."""
     worst = [(g.double() - w).abs().max().item() for g, w in zip(got, want)]
     if any(math.isnan(x) for x in worst):  # Python's max() would drop a NaN
         return math.inf, "NaN in a gradient"
-    if case.get("own"):  # each gradient against its own largest entry
+    if own:
         return max(e / max(w.abs().max().item(), 1e-30) for e, w in zip(worst, want)), \
             "each gradient against its own size"
     scale = max(w.abs().max().item() for w in want)
@@ -1208,11 +1215,9 @@ def run_tune(_, ctx, emit) -> None:
 
     def check(direction, config):
         got = tuning_pass(direction, config, *small, small_opts)
-        expected = (ref.detach(),) if direction == "fwd" else want
-        worst = max((a.double() - b).abs().max().item() for a, b in zip(got, expected))
-        scale = max(b.abs().max().item() for b in expected)
-        limit = (FWD_LIMIT if direction == "fwd" else BWD_LIMIT)[dtype]
-        return (math.inf if math.isnan(worst) else worst / max(scale, 1e-30)), limit
+        if direction == "fwd":
+            return rel_error(got[0], ref.detach(), None)[0], FWD_LIMIT[dtype]
+        return gradient_error(got, want)[0], BWD_LIMIT[dtype]
 
     def measure(direction, a, b, rounds=5):
         return gpu_tune.paired_ms(lambda: tuning_pass(direction, a, *big, opts),

@@ -177,5 +177,6 @@ def paired_ms(run_a: Callable[[], None], run_b: Callable[[], None],
         else:
             a_ms.append(time_ms(run_a))
             b_ms.append(time_ms(run_b))
-    return (statistics.median(a_ms), statistics.median(b_ms),
-            statistics.median(b / a for a, b in zip(a_ms, b_ms)))
+    from mra_compile.tuning import paired_ratio
+
+    return statistics.median(a_ms), statistics.median(b_ms), paired_ratio(a_ms, b_ms)

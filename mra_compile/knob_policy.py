@@ -66,14 +66,15 @@ def knobs_for_shape(knobs: dict | None, N: int, D: int, block_size: int = 32,
     bucket when ``knobs`` is empty."""
     target = targets.get(target)
     bucket = shape_bucket(N, D, block_size)
-    ops = records.tunable_ops(target)
     if not knobs:
         key = (bucket, records.token(), target.name, target.tuning_dtype(dtype or torch.float32))
         resolved = _SHAPE_KNOBS.get(key)
         if resolved is None:
             resolved = _SHAPE_KNOBS[key] = {
-                op: resolve_knobs(op, None, bucket, target, dtype) for op in ops}
+                op: resolve_knobs(op, None, bucket, target, dtype)
+                for op in records.tunable_ops(target)}
         return {op: dict(k) for op, k in resolved.items()}
-    out = {op: resolve_knobs(op, knobs.get(op), bucket, target, dtype) for op in ops}
+    out = {op: resolve_knobs(op, knobs.get(op), bucket, target, dtype)
+           for op in records.tunable_ops(target)}
     out.update((op, k) for op, k in knobs.items() if op not in out)
     return out

@@ -5,6 +5,7 @@ The variants' device code is compiled and emulated in tests/test_cuda_emulation.
 """
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -216,7 +217,7 @@ def test_gpu_checks_tune_task_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, 
     gpu_check.import_package()
     args = gpu_check.parse_args(["--smoke", "--out", str(tmp_path / "out")])
     results = Results(tmp_path / "out" / gpu_check.RESULTS)
-    ctx = gpu_check.Context(torch.device("cpu"), args, results, __import__("time").monotonic())
+    ctx = gpu_check.Context(torch.device("cpu"), args, results, time.monotonic())
     default = targets.CPU.default_knobs("hires_rows")
     other = {**default, "pv_rows": 2 if default["pv_rows"] != 2 else 1}
     monkeypatch.setattr(gpu_tune, "bundle_points",
