@@ -316,6 +316,7 @@ def draw_cases(seed: int, smoke: bool) -> list[dict]:
             # Odd storage offsets (not 16-byte aligned) against the kernels' vector loads.
             streams.append(dict(common, check="misaligned", masked=combo % 2 == 0))
             graphs.append(dict(common, check="graph"))
+            graphs.append(dict(common, check="replay"))
             combo += 1
     return small + streams + backward + large + graphs
 
@@ -520,6 +521,35 @@ def check_graph(case, dev):
     return rel_error(static_out, op(*fresh, None, nb, mode).double(), None)
 
 
+def check_replay(case, dev):
+    """The op's own CUDA graphs (mra_compile.cuda_graphs): the third call of a signature
+    replays the graph captured at the second; on new inputs it must give what the usual
+    path (MRA_COMPILE_CUDA_GRAPHS=0) gives."""
+    if dev.type != "cuda":
+        return None, "skipped: no CUDA"
+    nb, mode = case["num_blocks"], case["mode"]
+    graphs = importlib.import_module("mra_compile.cuda_graphs")
+    graphs.clear()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for offset in (3, 4):  # (the first call of the signature, then its capture)
+            op(*make_inputs(case, dev, offset)[:3], None, nb, mode)
+        fresh = make_inputs(case, dev, 1)[:3]
+        replayed = op(*fresh, None, nb, mode)
+        kept = graphs.kept()
+        os.environ[graphs.ENV] = "0"
+        try:
+            usual = op(*fresh, None, nb, mode)
+        finally:
+            del os.environ[graphs.ENV]
+    if not kept:
+        why = "; ".join(str(w.message) for w in caught) or "none captured"
+        return math.inf, f"no graph kept: {why}"
+    err, msg = rel_error(replayed, usual.double(), None)
+    same = "bit-identical" if torch.equal(replayed, usual) else "differs"
+    return err, f"{same} to the usual path{'; ' + msg if msg else ''}"
+
+
 def offset_by_one(x):
     """x's values in a tensor whose storage begins one element into its buffer, so that its
     data pointer is not 16-byte aligned."""
@@ -541,7 +571,7 @@ def check_misaligned(case, dev):
 
 CHECKS = {"forward": (check_forward, FWD_LIMIT), "backward": (check_backward, BWD_LIMIT),
           "stream": (check_stream, FWD_LIMIT), "misaligned": (check_misaligned, FWD_LIMIT),
-          "graph": (check_graph, FWD_LIMIT)}
+          "graph": (check_graph, FWD_LIMIT), "replay": (check_replay, FWD_LIMIT)}
 
 
 def correctness_row(case: dict) -> dict:
@@ -879,14 +909,26 @@ def kernel_table(dev, smoke: bool, rates: dict, emit) -> str:
     q, k, v, g = (torch.randn(1, H, N, D, generator=gen, device=dev).to(dtype) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_()
+    graphs = importlib.import_module("mra_compile.cuda_graphs")
     with torch.no_grad():
         op_fwd = bench_ms(lambda: op(q, k, v, None, K, "full"), dev)
+        os.environ[graphs.ENV] = "0"  # (the host work of every call, as before the graphs)
+        try:
+            op_usual = bench_ms(lambda: op(q, k, v, None, K, "full"), dev)
+        finally:
+            del os.environ[graphs.ENV]
     totals = {}
     with mc.build.trace_kernel_calls() as calls:
-        out = op(q, k, v, None, K, "full")
+        op(q, k, v, None, K, "full")
     passes = [("forward", list(calls))]
-    with mc.build.trace_kernel_calls() as calls:
-        torch.autograd.grad(out, (q, k, v), g)
+    # The backward called directly: autograd runs a CUDA backward on its own device
+    # thread, where this thread's trace sees no call (the first H200 run's backward rows
+    # were missing so).
+    opts = mc.options.Options(K, "full")
+    with torch.no_grad():
+        out, saved = mc.forward.mra_forward(q, k, v, None, opts, save=True)
+        with mc.build.trace_kernel_calls() as calls:
+            mc.backward.mra_backward(g, q, k, v, None, out, saved, opts)
     passes.append(("backward", list(calls)))
     for name, recorded in passes:
         for rec in recorded:
@@ -911,7 +953,8 @@ def kernel_table(dev, smoke: bool, rates: dict, emit) -> str:
     return (f"{short_dtype(dtype)}, B=1, H={H}, N={N}, D={D}, {BLOCKS_PER_ROW} blocks/row, "
             "full mode. "
             f"Sum of kernel times: forward {totals.get('forward', 0):.3f} ms (whole op forward "
-            f"{op_fwd:.3f} ms), backward {totals.get('backward', 0):.3f} ms.")
+            f"{op_fwd:.3f} ms; {op_usual:.3f} ms without its CUDA graphs, "
+            f"{graphs.ENV}=0), backward {totals.get('backward', 0):.3f} ms.")
 
 
 # ---------------------------------------------------------------------------- output

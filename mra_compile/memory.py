@@ -139,11 +139,23 @@ WORKSPACE = Workspace()
 
 
 def clear_workspace() -> None:
-    """Free this thread's scratch buffers and the blocks kept for later results."""
+    """Free this thread's scratch buffers, the blocks kept for later results, and what
+    else registered with ``on_clear`` (the CUDA graphs of repeated inference calls)."""
     WORKSPACE.buffers.clear()
     WORKSPACE.views.clear()
     WORKSPACE.dropped()
     _POOL.clear()
+    for hook in _CLEAR_HOOKS:
+        hook()
+
+
+_CLEAR_HOOKS: list[Callable[[], None]] = []
+
+
+def on_clear(hook: Callable[[], None]) -> None:
+    """Have ``clear_workspace`` call ``hook`` too (a module that keeps memory of its own)."""
+    if hook not in _CLEAR_HOOKS:
+        _CLEAR_HOOKS.append(hook)
 
 
 class _Pool:

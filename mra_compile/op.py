@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from mra_compile import compile_cache, launch_cache, options, validate
+from mra_compile import compile_cache, cuda_graphs, launch_cache, options, validate
 from mra_compile.backward import mra_backward
 from mra_compile.forward import Saved, exact_output_dtype, mra_forward
 from mra_compile.inputs import HEAD_DIM_MULTIPLE
@@ -81,9 +81,11 @@ def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
                      exact_out: bool = False):
     """attention_fwd's computation: (out, *what the backward needs); with ``save=False``
     the output alone (its intermediates in scratch memory; the launches of a signature
-    seen before replayed: ``launch_cache``). ``exact_out``: see ``mra_forward``."""
+    seen before replayed: ``launch_cache`` on the CPU, ``cuda_graphs`` on CUDA).
+    ``exact_out``: see ``mra_forward``."""
     if not save:
-        return launch_cache.inference(q, k, v, mask, query_mask, args, _inference)
+        replay = cuda_graphs if q.device.type == "cuda" else launch_cache
+        return replay.inference(q, k, v, mask, query_mask, args, _inference)
     opts = _validated(q, k, v, mask, query_mask, args)
     out, s = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask,
                          exact_out=exact_out)

@@ -180,7 +180,9 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks=None, approx_mode="full", b
     pairs = sel_tok & (mask_t[:, :, None, :] > 0) if masked else sel_tok
     with torch.no_grad():
         m = A.masked_fill(~pairs, float("-inf")).amax(dim=-1)  # [B, H, N], real keys only
-        m = torch.where(torch.isinf(m), torch.full_like(m, -1e5), m)
+        # (-1e5 of docs/spec.md, step 4; float16's lowest, -65504, in float16: such a
+        # row has no pair, so every one of its terms is excluded either way)
+        m = torch.where(torch.isinf(m), torch.full_like(m, max(-1e5, torch.finfo(m.dtype).min)), m)
     logits = A - m[..., None]
     # Mask the exponent (not the result) so excluded pairs give exp(-inf) = 0
     # without inf * 0 = nan in the backward pass.

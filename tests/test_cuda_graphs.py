@@ -1,0 +1,150 @@
+"""The CUDA graphs of repeated inference calls (``mra_compile.cuda_graphs``), on the CPU.
+
+The capture and the replay are stand-ins here (``StandInGraph``: the "capture" records
+the call and leaves the output poisoned, as a capture does not run the kernels; a replay
+runs it again on the graph's own inputs into the graph's output); everything else (the
+signatures, the copies in and out, when a call is captured, failures, the bound on
+kept graphs, ``clear_workspace``) is the module's own. bench/gpu_check.py checks the real
+capture and replay on a GPU ("replay" rows).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_qkv
+
+import mra_compile
+from mra_compile import cuda_graphs, op
+from mra_compile.options import Options
+
+
+class StandInGraph:
+    made = 0
+
+    def __init__(self):
+        StandInGraph.made += 1
+        self.call = self.out = None
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.out.copy_(self.call())
+
+
+def stand_in_record(graph, call, device):
+    out = call()
+    graph.call, graph.out = call, out
+    return out.fill_(float("nan"))  # (a capture runs nothing)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "_stream_of", lambda device: 7)
+    monkeypatch.setattr(cuda_graphs, "_new_graph", StandInGraph)
+    monkeypatch.setattr(cuda_graphs, "_record", stand_in_record)
+    monkeypatch.delenv(cuda_graphs.ENV, raising=False)
+    cuda_graphs.clear()
+    StandInGraph.made = 0
+    yield
+    cuda_graphs.clear()
+
+
+ARGS = Options(12, "full").as_args()
+
+
+def call(q, k, v, mask=None, args=ARGS):
+    return cuda_graphs.inference(q, k, v, mask, None, args, op._inference)
+
+
+def usual(q, k, v, mask=None, args=ARGS):
+    return op._inference(q, k, v, mask, None, args)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replayed_calls_equal_the_usual_path(stand_ins, seed):
+    first, second, third = (make_qkv(seed * 10 + i, 1, 2, 200, 24) for i in range(3))
+    outs = [call(*qkv) for qkv in (first, second, third)]
+    assert StandInGraph.made == 1 and cuda_graphs.kept() == 1
+    for got, qkv in zip(outs, (first, second, third)):
+        assert torch.equal(got, usual(*qkv))
+    # Results are the caller's own: a later replay leaves them as they are.
+    kept = outs[2].clone()
+    call(*first)
+    assert torch.equal(outs[2], kept)
+
+
+def test_first_call_runs_as_usual_and_the_second_is_captured(stand_ins):
+    q, k, v = make_qkv(2, 1, 1, 96, 16)
+    call(q, k, v)
+    assert StandInGraph.made == 0
+    call(q, k, v)
+    call(q, k, v)
+    assert StandInGraph.made == 1 and cuda_graphs.kept() == 1
+
+
+def test_non_contiguous_inputs_are_copied_in(stand_ins):
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in make_qkv(3, 1, 2, 64, 8))
+    assert not q.is_contiguous()
+    for _ in range(3):
+        out = call(q, k, v)
+    assert torch.equal(out, usual(q, k, v))
+
+
+def test_each_signature_has_its_own_graph(stand_ins):
+    a = make_qkv(4, 1, 1, 96, 16)
+    b = make_qkv(5, 1, 1, 128, 16)
+    other = Options(5, "sparse").as_args()
+    for _ in range(3):
+        call(*a)
+        call(*b)
+        call(*a, args=other)
+    assert StandInGraph.made == 3 and cuda_graphs.kept() == 3
+    assert torch.equal(call(*a, args=other), usual(*a, args=other))
+
+
+def test_masked_calls_and_the_switch_go_the_usual_way(stand_ins, monkeypatch):
+    q, k, v = make_qkv(6, 2, 1, 80, 8)
+    mask = torch.ones(2, 80)
+    mask[1, 50:] = 0
+    for _ in range(3):
+        assert torch.equal(call(q, k, v, mask), usual(q, k, v, mask))
+    monkeypatch.setenv(cuda_graphs.ENV, "0")
+    for _ in range(3):
+        call(q, k, v)
+    assert StandInGraph.made == 0
+
+
+def test_a_failed_capture_is_not_tried_again(stand_ins, monkeypatch):
+    def failing(graph, call_, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "_record", failing)
+    q, k, v = make_qkv(7, 1, 1, 64, 8)
+    call(q, k, v)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        out = call(q, k, v)
+    assert torch.equal(out, usual(q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no second warning, no second capture)
+        call(q, k, v)
+    assert StandInGraph.made == 1 and cuda_graphs.kept() == 0
+
+
+def test_kept_graphs_are_bounded_and_cleared_with_the_workspace(stand_ins, monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "GRAPHS", 2)
+    inputs = [make_qkv(10 + i, 1, 1, 32 * (i + 1), 8) for i in range(4)]
+    for qkv in inputs:
+        call(*qkv)
+        call(*qkv)
+    assert cuda_graphs.kept() == 2
+    # The oldest went: its next call is a first call again, then captured again.
+    call(*inputs[0])
+    assert StandInGraph.made == 4
+    mra_compile.clear_workspace()
+    assert cuda_graphs.kept() == 0
+
+
+def test_cpu_tensors_never_get_a_graph():
+    assert cuda_graphs._signature(*make_qkv(0, 1, 1, 32, 8), None, None, ARGS) is None
