@@ -524,30 +524,47 @@ def check_graph(case, dev):
 def check_replay(case, dev):
     """The op's own CUDA graphs (mra_compile.cuda_graphs): the third call of a signature
     replays the graph captured at the second; on new inputs it must give what the usual
-    path (MRA_COMPILE_CUDA_GRAPHS=0) gives."""
+    path (MRA_COMPILE_CUDA_GRAPHS=0) gives: the inference forward, and the output and
+    gradients of a training step (its forward and backward graphs)."""
     if dev.type != "cuda":
         return None, "skipped: no CUDA"
     nb, mode = case["num_blocks"], case["mode"]
     graphs = importlib.import_module("mra_compile.cuda_graphs")
     graphs.clear()
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+
+    def step(q, k, v, g):
+        with torch.no_grad():
+            inference = op(q, k, v, None, nb, mode)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = op(*leaves, None, nb, mode)
+        return (inference, out.detach(), *torch.autograd.grad(out, leaves, g))
+
+    def inputs(offset):
+        q, k, v = make_inputs(case, dev, offset)[:3]
+        return q, k, v, torch.randn_like(q)
+
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for offset in (3, 4):  # (the first call of the signature, then its capture)
-            op(*make_inputs(case, dev, offset)[:3], None, nb, mode)
-        fresh = make_inputs(case, dev, 1)[:3]
-        replayed = op(*fresh, None, nb, mode)
+        for offset in (3, 4):  # (the first call of each signature, then its capture)
+            step(*inputs(offset))
+        fresh = inputs(1)
+        replayed = step(*fresh)
         kept = graphs.kept()
         os.environ[graphs.ENV] = "0"
         try:
-            usual = op(*fresh, None, nb, mode)
+            usual = step(*fresh)
         finally:
             del os.environ[graphs.ENV]
-    if not kept:
-        why = "; ".join(str(w.message) for w in caught) or "none captured"
-        return math.inf, f"no graph kept: {why}"
-    err, msg = rel_error(replayed, usual.double(), None)
-    same = "bit-identical" if torch.equal(replayed, usual) else "differs"
-    return err, f"{same} to the usual path{'; ' + msg if msg else ''}"
+    if kept != 3:
+        why = "; ".join(str(w.message) for w in caught) or "none failed"
+        return math.inf, f"{kept} of 3 graphs kept (inference, forward, backward): {why}"
+    names = ("inference", "out", "dq", "dk", "dv")
+    errors = {name: rel_error(a, b.double(), None)[0]
+              for name, a, b in zip(names, replayed, usual)}
+    same = [name for name, a, b in zip(names, replayed, usual) if torch.equal(a, b)]
+    worst = max(errors, key=lambda name: errors[name])
+    return errors[worst], (f"bit-identical to the usual path: {', '.join(same) or 'none'}; "
+                           f"largest difference: {worst}")
 
 
 def offset_by_one(x):

@@ -1,25 +1,27 @@
-"""CUDA inference calls replayed from a captured CUDA graph, kept per call signature.
+"""CUDA calls of the op replayed from a captured CUDA graph, kept per call signature.
 
-An inference call's host work on CUDA (validation, preparation, the selection and the
-work plan in torch, ~70 torch launches and a dozen kernel launches) took 2.3-2.6 ms on
-the H200 machine, whose host runs ~20 us per torch operator: 6-25x the device time at
-N = 1024-4096, and as long as the device at N = 16384 (bench/results/gpu_h200.md). The
-CUDA path has no host synchronisation (the plan is sized from the shapes, ``plan_bounds``),
-so a whole call can be captured: the first call of a signature runs as usual (it loads
-the kernels: a capture may not), the second is captured into a CUDA graph that reads
-its own copies of q, k, v, and every later call copies its q, k, v in, replays the graph
-on torch's current stream and returns a copy of the graph's output: four launches and a
-graph launch in place of ~80.
+A call's host work on CUDA (validation, preparation, the selection and the work plans in
+torch, ~70 torch launches and a dozen kernel launches in a forward, twice that in a
+backward) took 2.3-2.6 ms a forward and ~5.5 ms a backward on the H200 machine, whose
+host runs ~20 us per torch operator: 6-25x the device time at N = 1024-4096, and as long
+as the device at N = 16384 (bench/results/gpu_h200.md). The CUDA path has no host
+synchronisation (the plans are sized from the shapes, ``plan.plan_bounds``), so a whole
+call can be captured: the first call of a signature runs as usual (it loads the kernels:
+a capture may not), the second is captured into a CUDA graph that reads its own copies
+of the call's tensors, and every later call copies its tensors in, replays the graph on
+torch's current stream and returns copies of the graph's outputs: a few copies and a
+graph launch in place of ~80-200 launches. ``op`` runs the inference forward, the
+training forward and the backward so, for calls without masks.
 
-A signature is everything the host work depends on besides the values of q, k, v: the
-shapes, dtypes and options, the device and the current stream (a graph's buffers serve
-one stream's calls, in order), and the environment that picks kernels and knobs
-(``build.lookup_token``). Calls with a mask or a query mask go the usual way (their
-validation reads the mask's values on the host), as do calls made while a stream is
-being captured (the caller's own graph takes the usual launches), while kernel calls
-are traced, and with ``MRA_COMPILE_CUDA_GRAPHS=0``. A signature whose capture fails is
-not tried again. At most ``GRAPHS`` graphs are kept (each holds its scratch memory); the
-oldest goes first, and ``clear()`` (``mra_compile.clear_workspace``) frees them all.
+A signature is everything the host work depends on besides the tensors' values: the
+call's kind and options, the tensors' shapes and dtypes, the device and its current
+stream (a graph's buffers serve one stream's calls, in order), and the environment that
+picks kernels and knobs (``build.lookup_token``). Calls made while a stream is being
+captured (the caller's own graph takes the usual launches), while kernel calls are
+traced, or with ``MRA_COMPILE_CUDA_GRAPHS=0`` go the usual way. A signature whose capture
+fails is not tried again (a warning says why). At most ``GRAPHS`` graphs are kept (each
+holds its scratch memory); the oldest goes first, and ``clear()``
+(``mra_compile.clear_workspace``) frees them all.
 """
 from __future__ import annotations
 
@@ -44,33 +46,38 @@ _UNCAPTURABLE = "uncapturable"  # its capture failed: always the usual way
 
 @dataclass
 class _Replay:
-    """One signature's captured call: the graph, the tensors it reads (q, k, v) and the
-    output it writes; ``lock`` keeps one caller at a time between copy-in and copy-out."""
+    """One signature's captured call: the graph, the tensors it reads and what it
+    writes; ``lock`` keeps one caller at a time between copy-in and copy-out."""
 
     graph: Any  # torch.cuda.CUDAGraph (or a stand-in in tests: see ``_new_graph``)
     inputs: tuple[torch.Tensor, ...]
-    out: torch.Tensor
+    outputs: Any  # a tensor or a tuple of tensors
+
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __call__(self, q, k, v) -> torch.Tensor:
-        with self.lock, _on_device(q.device):
-            for mine, given in zip(self.inputs, (q, k, v)):
+    def __call__(self, tensors: tuple[torch.Tensor, ...]):
+        with self.lock, _on_device(tensors[0].device):
+            for mine, given in zip(self.inputs, tensors):
                 mine.copy_(given)
-            self.graph.replay()  # (on the current stream of q's device, after the copies)
-            return self.out.clone()
+            self.graph.replay()  # (on the current stream of the device, after the copies)
+            if isinstance(self.outputs, torch.Tensor):
+                return self.outputs.clone()
+            return tuple(x.clone() for x in self.outputs)
 
 
 _ENTRIES: OrderedDict[tuple, object] = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
-    """The output of ``usual(q, k, v, mask, query_mask, args)`` (an inference call of
-    the forward on CUDA tensors), from the graph kept for its signature where there is
-    one, else by calling it (and capturing it the second time)."""
-    key = _signature(q, k, v, mask, query_mask, args)
+def run(kind: str, options: tuple, tensors: tuple[torch.Tensor, ...], call: Callable):
+    """``call(*tensors)``: a tensor or a tuple of tensors that depend on the values of
+    ``tensors`` alone, given ``kind`` (the call's name) and ``options`` (the rest of its
+    arguments; hashable) and the tensors' shapes and dtypes. From the graph kept for its
+    signature where there is one, else by calling it (and capturing it the second
+    time); the results are the caller's own (copies of the graph's)."""
+    key = _signature(kind, options, tensors)
     if key is None:
-        return usual(q, k, v, mask, query_mask, args)
+        return call(*tensors)
     with _LOCK:
         entry = _ENTRIES.get(key)
         if entry is not None:
@@ -78,13 +85,13 @@ def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
         else:
             _remember(key, _SEEN)
     if entry is None or entry == _UNCAPTURABLE:
-        return usual(q, k, v, mask, query_mask, args)
+        return call(*tensors)
     if entry == _SEEN:
-        entry = _capture(key, q, k, v, args, usual)
+        entry = _capture(key, tensors, call)
         if entry is None:
-            return usual(q, k, v, mask, query_mask, args)
+            return call(*tensors)
     assert isinstance(entry, _Replay)
-    return entry(q, k, v)
+    return entry(tensors)
 
 
 def clear() -> None:
@@ -97,23 +104,23 @@ memory.on_clear(clear)
 
 
 def kept() -> int:
-    """How many signatures have a graph now (for tests and ``mra-compile info``)."""
+    """How many signatures have a graph now (for tests and bench/gpu_check.py)."""
     with _LOCK:
         return sum(isinstance(e, _Replay) for e in _ENTRIES.values())
 
 
-def _signature(q, k, v, mask, query_mask, args: tuple):
+def _signature(kind: str, options: tuple, tensors: tuple):
     """The key of this call, or None where it goes the usual way."""
-    if (mask is not None or query_mask is not None or build.tracing()
-            or os.environ.get(ENV, "1") == "0"):
+    if build.tracing() or os.environ.get(ENV, "1") == "0":
         return None
-    for x in (q, k, v):
-        if type(x) is not torch.Tensor or x.device != q.device or x.layout != torch.strided:
+    device = tensors[0].device
+    for x in tensors:
+        if type(x) is not torch.Tensor or x.device != device or x.layout != torch.strided:
             return None
-    stream = _stream_of(q.device)
+    stream = _stream_of(device)
     if stream is None:
         return None
-    return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, stream,
+    return (kind, options, tuple((x.shape, x.dtype) for x in tensors), device, stream,
             build.lookup_token())
 
 
@@ -138,16 +145,16 @@ def _remember(key, entry) -> None:
         del _ENTRIES[next(iter(_ENTRIES))]
 
 
-def _capture(key, q, k, v, args, usual) -> _Replay | None:
-    """Capture ``usual`` on copies of q, k, v into a graph kept for ``key``; None (and
-    the signature marked) where the capture fails."""
+def _capture(key, tensors: tuple, call: Callable) -> _Replay | None:
+    """Capture ``call`` on copies of ``tensors`` into a graph kept for ``key``; None
+    (and the signature marked) where the capture fails."""
     inputs = tuple(torch.empty_like(x, memory_format=torch.contiguous_format)
-                   for x in (q, k, v))
-    for mine, given in zip(inputs, (q, k, v)):
+                   for x in tensors)
+    for mine, given in zip(inputs, tensors):
         mine.copy_(given)
     graph = _new_graph()
     try:
-        out = _record(graph, lambda: usual(*inputs, None, None, args), q.device)
+        outputs = _record(graph, lambda: call(*inputs), tensors[0].device)
     except Exception as exc:  # noqa: BLE001  (any failure: the usual way from now on)
         warnings.warn(f"mra_compile: CUDA graph capture failed ({type(exc).__name__}: "
                       f"{exc}); this call signature runs without a graph", RuntimeWarning,
@@ -155,7 +162,7 @@ def _capture(key, q, k, v, args, usual) -> _Replay | None:
         with _LOCK:
             _remember(key, _UNCAPTURABLE)
         return None
-    entry = _Replay(graph, inputs, out)
+    entry = _Replay(graph, inputs, outputs)
     with _LOCK:
         _remember(key, entry)
     return entry
@@ -167,11 +174,13 @@ def _new_graph():
     return torch.cuda.CUDAGraph()
 
 
-def _record(graph, call: Callable[[], torch.Tensor], device) -> torch.Tensor:
-    """``call()``'s launches captured into ``graph`` (not run: the graph's output is
-    written at its first replay): on a side stream of ``device``, after a synchronisation
-    (``torch.cuda.graph``: the capture follows the copies of the inputs)."""
-    with _on_device(device), torch.cuda.graph(graph):
+def _record(graph, call: Callable[[], Any], device):
+    """``call()``'s launches captured into ``graph`` (not run: its outputs are written at
+    the first replay): on a side stream of ``device``, after a synchronisation
+    (``torch.cuda.graph``: the capture follows the copies of the inputs). Thread-local
+    capture errors: a backward is captured on autograd's device thread while the caller's
+    thread waits."""
+    with _on_device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
         return call()
 
 

@@ -83,9 +83,22 @@ def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
     the output alone (its intermediates in scratch memory; the launches of a signature
     seen before replayed: ``launch_cache`` on the CPU, ``cuda_graphs`` on CUDA).
     ``exact_out``: see ``mra_forward``."""
+    graphs = (q.device.type == "cuda" and mask is None and query_mask is None
+              and q.numel() > 0)
     if not save:
-        replay = cuda_graphs if q.device.type == "cuda" else launch_cache
-        return replay.inference(q, k, v, mask, query_mask, args, _inference)
+        if graphs:
+            return cuda_graphs.run("inference", args, (q, k, v),
+                                   lambda q_, k_, v_: _inference(q_, k_, v_, None, None, args))
+        return launch_cache.inference(q, k, v, mask, query_mask, args, _inference)
+    if graphs:
+        return cuda_graphs.run(
+            "forward", (args, exact_out), (q, k, v),
+            lambda q_, k_, v_: _training_forward(q_, k_, v_, None, None, args, exact_out))
+    return _training_forward(q, k, v, mask, query_mask, args, exact_out)
+
+
+def _training_forward(q, k, v, mask, query_mask, args, exact_out: bool):
+    """(out, *what the backward needs) of a forward that saves them."""
     opts = _validated(q, k, v, mask, query_mask, args)
     out, s = mra_forward(q, k, v, mask, opts, save=True, query_mask=query_mask,
                          exact_out=exact_out)
@@ -130,8 +143,17 @@ def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, h
                   index, *args):
     """Gradients of q, k, v (the selection and stabilisers held constant). ``out``: the
     forward's, before its rounding where it was asked for that (``exact_out``)."""
-    saved = Saved(stats, pooled, logits, high_mask, rowmax, index)
-    return mra_backward(grad.contiguous(), q, k, v, mask, out, saved, Options(*args),
+    tensors = (grad.contiguous(), q, k, v, out, stats, pooled, logits, high_mask, rowmax, index)
+    if q.device.type == "cuda" and mask is None and query_mask is None and q.numel() > 0:
+        return cuda_graphs.run("backward", args, tensors,
+                               lambda *t: _backward_kernels(args, t))
+    return _backward_kernels(args, tensors, mask, query_mask)
+
+
+def _backward_kernels(args, tensors, mask=None, query_mask=None):
+    """attention_bwd's computation; ``tensors``: (grad, q, k, v, out, *Saved's)."""
+    grad, q, k, v, out, *saved = tensors
+    return mra_backward(grad, q, k, v, mask, out, Saved(*saved), Options(*args),
                         query_mask=query_mask)
 
 

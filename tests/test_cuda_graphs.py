@@ -30,13 +30,20 @@ class StandInGraph:
 
     def replay(self):
         self.replays += 1
-        self.out.copy_(self.call())
+        for mine, fresh in zip(as_tuple(self.out), as_tuple(self.call())):
+            mine.copy_(fresh)
+
+
+def as_tuple(x):
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
 def stand_in_record(graph, call, device):
     out = call()
     graph.call, graph.out = call, out
-    return out.fill_(float("nan"))  # (a capture runs nothing)
+    for x in as_tuple(out):  # (a capture runs nothing)
+        x.fill_(float("nan") if x.is_floating_point() else -7)
+    return out
 
 
 @pytest.fixture
@@ -54,12 +61,14 @@ def stand_ins(monkeypatch):
 ARGS = Options(12, "full").as_args()
 
 
-def call(q, k, v, mask=None, args=ARGS):
-    return cuda_graphs.inference(q, k, v, mask, None, args, op._inference)
+def call(q, k, v, args=ARGS):
+    """An inference call as op makes it on CUDA (here on the CPU, with the stand-ins)."""
+    return cuda_graphs.run("inference", args, (q, k, v),
+                           lambda *qkv: op._inference(*qkv, None, None, args))
 
 
-def usual(q, k, v, mask=None, args=ARGS):
-    return op._inference(q, k, v, mask, None, args)
+def usual(q, k, v, args=ARGS):
+    return op._inference(q, k, v, None, None, args)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -104,16 +113,37 @@ def test_each_signature_has_its_own_graph(stand_ins):
     assert torch.equal(call(*a, args=other), usual(*a, args=other))
 
 
-def test_masked_calls_and_the_switch_go_the_usual_way(stand_ins, monkeypatch):
-    q, k, v = make_qkv(6, 2, 1, 80, 8)
-    mask = torch.ones(2, 80)
-    mask[1, 50:] = 0
-    for _ in range(3):
-        assert torch.equal(call(q, k, v, mask), usual(q, k, v, mask))
+def test_the_switch_turns_graphs_off(stand_ins, monkeypatch):
     monkeypatch.setenv(cuda_graphs.ENV, "0")
+    q, k, v = make_qkv(6, 2, 1, 80, 8)
     for _ in range(3):
-        call(q, k, v)
+        assert torch.equal(call(q, k, v), usual(q, k, v))
     assert StandInGraph.made == 0
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_training_forward_and_backward_replayed_equal_the_usual_path(stand_ins, mode):
+    args = Options(10, mode).as_args()
+
+    def forward(q, k, v):
+        return cuda_graphs.run("forward", (args, True), (q, k, v),
+                               lambda *qkv: op._training_forward(*qkv, None, None, args, True))
+
+    def backward(g, q, k, v, saved):
+        tensors = (g, q, k, v, *saved)
+        return cuda_graphs.run("backward", args, tensors,
+                               lambda *t: op._backward_kernels(args, t))
+
+    for seed in range(3):
+        q, k, v = make_qkv(20 + seed, 2, 2, 96, 16)
+        g = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed))
+        saved = forward(q, k, v)
+        want = op._training_forward(q, k, v, None, None, args, True)
+        assert all(torch.equal(a, b) for a, b in zip(saved, want))
+        grads = backward(g, q, k, v, saved)
+        want_grads = op._backward_kernels(args, (g, q, k, v, *want))
+        assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+    assert StandInGraph.made == 2 and cuda_graphs.kept() == 2
 
 
 def test_a_failed_capture_is_not_tried_again(stand_ins, monkeypatch):
@@ -147,4 +177,4 @@ def test_kept_graphs_are_bounded_and_cleared_with_the_workspace(stand_ins, monke
 
 
 def test_cpu_tensors_never_get_a_graph():
-    assert cuda_graphs._signature(*make_qkv(0, 1, 1, 32, 8), None, None, ARGS) is None
+    assert cuda_graphs._signature("inference", ARGS, make_qkv(0, 1, 1, 32, 8)) is None
