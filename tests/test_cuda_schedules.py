@@ -164,3 +164,33 @@ def test_half_precision_logits_are_scaled_after_the_product():
             script = build.scheduled_func(
                 op, static, knob_policy.resolve_knobs(op, None, target=target), target).script()
             assert bool(re.search(r"dots\w*\[[^\]]*\] \* scale\b", script)) == scaled_after, (op, io)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op, products", [("pool_and_logits", ("raw_logits",)),
+                                          ("lowres_out", ("o_lo",)),
+                                          ("bwd_lowres", ("gv", "dqp", "dkp", "dvp"))])
+@pytest.mark.parametrize("D", [64, 100])
+def test_low_resolution_products_run_in_shared_tiles(op, products, D):
+    """The n x n products of the low resolution ran one output per thread, each thread
+    reading operand rows at a stride of D from global memory: the logits took 1.4 ms on
+    an H200 at N = 16384, B*H = 16, bwd_lowres 2.9 ms (bench/results/gpu_h200.md). Each
+    now stages 32 x 32 tiles of both operands in (dynamic) shared memory, rows padded to
+    33 words against bank conflicts, and writes its output from registers."""
+    from mra_compile import build, kernels, knob_policy, targets
+
+    target = targets.get("cuda-sm_80")
+    static = kernels.get(op).static(32, D, "float32", None, True if op == "pool_and_logits"
+                                    else None, True)
+    func = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None, target=target),
+                                target)
+    source = build.compile_module({"main": func}, target, log=False).mod.imports[0].inspect_source()
+    bodies = re.split(r'extern "C" __global__', source)[1:]
+    for name in products:
+        writers = [b for b in bodies if re.search(rf"\b{name}_ptr\[[^\]]*\] =", b)]
+        assert len(writers) == 1, name
+        body = writers[0]
+        staged = re.findall(r"buf_dyn_shmem_ptr\)\[([^\]]*)\] = ", body)
+        assert len(staged) == 2, (name, staged)  # (both operands' tiles stored, ...)
+        assert all("* 33)" in index for index in staged), (name, staged)  # (padded rows)
+        assert "__syncthreads" in body, name
