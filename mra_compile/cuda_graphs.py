@@ -19,9 +19,10 @@ stream (a graph's buffers serve one stream's calls, in order), and the environme
 picks kernels and knobs (``build.lookup_token``). Calls made while a stream is being
 captured (the caller's own graph takes the usual launches), while kernel calls are
 traced, or with ``MRA_COMPILE_CUDA_GRAPHS=0`` go the usual way. A signature whose capture
-fails is not tried again (a warning says why). At most ``GRAPHS`` graphs are kept (each
-holds its scratch memory); the oldest goes first, and ``clear()``
-(``mra_compile.clear_workspace``) frees them all.
+fails is not tried again (a warning says why). Each kept graph holds its call's scratch
+memory: at most ``GRAPHS`` graphs are kept, within ``MRA_COMPILE_CUDA_GRAPHS_MB`` of
+device memory together (default 2048; a call that alone needs more is not captured);
+the oldest goes first, and ``clear()`` (``mra_compile.clear_workspace``) frees them all.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ import torch
 from mra_compile import build, memory
 
 ENV = "MRA_COMPILE_CUDA_GRAPHS"  # "0": every call the usual way
+BUDGET_ENV = "MRA_COMPILE_CUDA_GRAPHS_MB"  # the device memory the kept graphs may hold
+BUDGET_MB = 2048  # (default)
 GRAPHS = 8  # signatures with a graph kept; the oldest is dropped first
 _SEEN = "seen"  # a signature called once: the next call is captured
 _UNCAPTURABLE = "uncapturable"  # its capture failed: always the usual way
@@ -52,6 +55,7 @@ class _Replay:
     graph: Any  # torch.cuda.CUDAGraph (or a stand-in in tests: see ``_new_graph``)
     inputs: tuple[torch.Tensor, ...]
     outputs: Any  # a tensor or a tuple of tensors
+    nbytes: int  # the device memory it holds (its inputs and its pool, as reserved)
 
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -134,20 +138,41 @@ def _stream_of(device) -> int | None:
 
 
 def _remember(key, entry) -> None:
-    """Keep ``entry`` for ``key`` (under ``_LOCK``), dropping the oldest graph beyond
-    ``GRAPHS`` (markers cost nothing, but are bounded too)."""
+    """Keep ``entry`` for ``key`` (under ``_LOCK``), dropping the oldest graphs beyond
+    ``GRAPHS`` or the memory budget (markers cost nothing, but are bounded too)."""
     _ENTRIES[key] = entry
     _ENTRIES.move_to_end(key)
-    graphs = [k for k, e in _ENTRIES.items() if isinstance(e, _Replay)]
-    for old in graphs[: max(len(graphs) - GRAPHS, 0)]:
+    graphs = [(k, e) for k, e in _ENTRIES.items() if isinstance(e, _Replay)]
+    held, budget = sum(e.nbytes for _, e in graphs), budget_bytes()
+    for old, e in graphs[:-1]:  # (the newest stays: its size was checked against the budget)
+        if len(graphs) <= GRAPHS and held <= budget:
+            break
         del _ENTRIES[old]
+        graphs.pop(0)
+        held -= e.nbytes
     while len(_ENTRIES) > 16 * GRAPHS:
         del _ENTRIES[next(iter(_ENTRIES))]
 
 
+def budget_bytes() -> int:
+    """The device memory the kept graphs may hold together (``MRA_COMPILE_CUDA_GRAPHS_MB``,
+    default 2048): a graph keeps the scratch memory of its call between calls."""
+    value = os.environ.get(BUDGET_ENV, str(BUDGET_MB))
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"{BUDGET_ENV} must be a number of MiB, got {value!r}") from None
+    if not megabytes >= 0:
+        raise ValueError(f"{BUDGET_ENV} must be >= 0, got {value!r}")
+    return int(megabytes * 2**20)
+
+
 def _capture(key, tensors: tuple, call: Callable) -> _Replay | None:
     """Capture ``call`` on copies of ``tensors`` into a graph kept for ``key``; None
-    (and the signature marked) where the capture fails."""
+    (and the signature marked) where the capture fails or the graph would hold more
+    than the whole budget."""
+    device = tensors[0].device
+    before = _reserved(device)
     inputs = tuple(torch.empty_like(x, memory_format=torch.contiguous_format)
                    for x in tensors)
     for mine, given in zip(inputs, tensors):
@@ -162,10 +187,19 @@ def _capture(key, tensors: tuple, call: Callable) -> _Replay | None:
         with _LOCK:
             _remember(key, _UNCAPTURABLE)
         return None
-    entry = _Replay(graph, inputs, outputs)
+    entry = _Replay(graph, inputs, outputs, max(_reserved(device) - before, 0))
     with _LOCK:
+        if entry.nbytes > budget_bytes():  # (calls this large: their own memory, each time)
+            _remember(key, _UNCAPTURABLE)
+            return None
         _remember(key, entry)
     return entry
+
+
+def _reserved(device) -> int:
+    """Bytes torch's caching allocator holds on ``device`` (a graph's private pool among
+    them; tests replace it)."""
+    return torch.cuda.memory_reserved(device)
 
 
 def _new_graph():

@@ -38,7 +38,12 @@ def as_tuple(x):
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
+HELD = [0]  # bytes the stand-in allocator holds: each capture adds GRAPH_BYTES
+GRAPH_BYTES = 100 * 2**20
+
+
 def stand_in_record(graph, call, device):
+    HELD[0] += GRAPH_BYTES
     out = call()
     graph.call, graph.out = call, out
     for x in as_tuple(out):  # (a capture runs nothing)
@@ -51,7 +56,9 @@ def stand_ins(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "_stream_of", lambda device: 7)
     monkeypatch.setattr(cuda_graphs, "_new_graph", StandInGraph)
     monkeypatch.setattr(cuda_graphs, "_record", stand_in_record)
+    monkeypatch.setattr(cuda_graphs, "_reserved", lambda device: HELD[0])
     monkeypatch.delenv(cuda_graphs.ENV, raising=False)
+    monkeypatch.delenv(cuda_graphs.BUDGET_ENV, raising=False)
     cuda_graphs.clear()
     StandInGraph.made = 0
     yield
@@ -178,3 +185,29 @@ def test_kept_graphs_are_bounded_and_cleared_with_the_workspace(stand_ins, monke
 
 def test_cpu_tensors_never_get_a_graph():
     assert cuda_graphs._signature("inference", ARGS, make_qkv(0, 1, 1, 32, 8)) is None
+
+
+def test_kept_graphs_stay_within_the_memory_budget(stand_ins, monkeypatch):
+    monkeypatch.setenv(cuda_graphs.BUDGET_ENV, "250")  # (room for two 100 MiB graphs)
+    inputs = [make_qkv(30 + i, 1, 1, 32 * (i + 1), 8) for i in range(3)]
+    for qkv in inputs:
+        call(*qkv)
+        call(*qkv)
+    assert StandInGraph.made == 3 and cuda_graphs.kept() == 2
+    assert torch.equal(call(*inputs[2]), usual(*inputs[2]))
+
+
+def test_a_call_larger_than_the_budget_is_not_kept(stand_ins, monkeypatch):
+    monkeypatch.setenv(cuda_graphs.BUDGET_ENV, "50")
+    q, k, v = make_qkv(40, 1, 1, 64, 8)
+    outs = [call(q, k, v) for _ in range(4)]
+    assert StandInGraph.made == 1 and cuda_graphs.kept() == 0
+    assert all(torch.equal(out, usual(q, k, v)) for out in outs)
+
+
+@pytest.mark.parametrize("value", ["lots", "-1"])
+def test_a_bad_budget_is_a_clear_error(stand_ins, monkeypatch, value):
+    monkeypatch.setenv(cuda_graphs.BUDGET_ENV, value)
+    q, k, v = make_qkv(41, 1, 1, 64, 8)
+    with pytest.raises(ValueError, match=cuda_graphs.BUDGET_ENV):
+        call(q, k, v)
