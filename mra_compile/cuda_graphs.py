@@ -157,14 +157,7 @@ def _remember(key, entry) -> None:
 def budget_bytes() -> int:
     """The device memory the kept graphs may hold together (``MRA_COMPILE_CUDA_GRAPHS_MB``,
     default 2048): a graph keeps the scratch memory of its call between calls."""
-    value = os.environ.get(BUDGET_ENV, str(BUDGET_MB))
-    try:
-        megabytes = float(value)
-    except ValueError:
-        raise ValueError(f"{BUDGET_ENV} must be a number of MiB, got {value!r}") from None
-    if not megabytes >= 0:
-        raise ValueError(f"{BUDGET_ENV} must be >= 0, got {value!r}")
-    return int(megabytes * 2**20)
+    return memory.megabytes_setting(BUDGET_ENV, BUDGET_MB)
 
 
 def _capture(key, tensors: tuple, call: Callable) -> _Replay | None:

@@ -120,18 +120,24 @@ WORKSPACE_ENV = "MRA_COMPILE_WORKSPACE_MB"
 
 def workspace_limit() -> int:
     """Bytes of scratch a thread may keep between calls (``MRA_COMPILE_WORKSPACE_MB``)."""
-    return _parsed_limit(os.environ.get(WORKSPACE_ENV, "1024"))
+    return megabytes_setting(WORKSPACE_ENV, 1024)
+
+
+def megabytes_setting(name: str, default: float) -> int:
+    """The bytes environment variable ``name`` gives in MiB (``default`` where unset);
+    ValueError naming it for anything but a number >= 0."""
+    return _parsed_megabytes(name, os.environ.get(name, str(default)))
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed_limit(value: str) -> int:
+def _parsed_megabytes(name: str, value: str) -> int:
     # (read on every release of a result: the parse is done once per distinct value)
     try:
         megabytes = float(value)
     except ValueError:
-        raise ValueError(f"{WORKSPACE_ENV} must be a number of MiB, got {value!r}") from None
+        raise ValueError(f"{name} must be a number of MiB, got {value!r}") from None
     if not megabytes >= 0:
-        raise ValueError(f"{WORKSPACE_ENV} must be >= 0, got {value!r}")
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
     return int(megabytes * 2**20)
 
 
