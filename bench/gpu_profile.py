@@ -8,6 +8,16 @@ the Python functions that take the host time (cProfile, by own time), and the ke
 and torch operators of one forward and one forward+backward (torch.profiler, by device
 time and by host time). Writes --out/profile.md and prints it. Uses the bundle as
 ``bench/gpu_check.py`` does (``gpu_check.bootstrap``).
+
+With ``--one-step`` it runs a single training step (forward + backward, no CUDA graphs:
+each kernel launched by itself) at N = 16384 between ``cudaProfilerStart`` and
+``cudaProfilerStop``, after a warm-up step, for Nsight Compute (which reads the hardware
+counters on the lent H200's Firecracker machines, 2026-11; with its clocks left alone):
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --csv python3 bench/gpu_profile.py --bundle bench/gpu_bundle --out $OUT --one-step \
+        > $OUT/ncu.csv
 """
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ import argparse
 import cProfile
 import importlib
 import io
+import os
 import pstats
 import sys
 import time
@@ -101,16 +112,41 @@ def profile_size(N: int, mode: str, dev) -> list[str]:
     return lines
 
 
+def one_step(dev, N: int = 16384, mode: str = "full") -> None:
+    """A warm-up step, then one training step between cudaProfilerStart/Stop, every
+    kernel launched by itself (``MRA_COMPILE_CUDA_GRAPHS=0``)."""
+    os.environ["MRA_COMPILE_CUDA_GRAPHS"] = "0"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, g = (torch.randn(1, H, N, D, generator=gen, device=dev).to(DTYPE)
+                  for _ in range(4))
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    K = BLOCKS_PER_ROW * (N // 32)
+    for profiled in (False, True):
+        torch.cuda.synchronize(dev)
+        if profiled:
+            torch.cuda.profiler.start()
+        out = torch.ops.mra.attention(*leaves, None, K, mode)
+        torch.autograd.grad(out, leaves, g)
+        torch.cuda.synchronize(dev)
+        if profiled:
+            torch.cuda.profiler.stop()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 16384])
+    p.add_argument("--one-step", action="store_true",
+                   help="one profiled training step at N=16384, for ncu (see above)")
     args = p.parse_args(argv)
     notes: list[str] = []
     gpu_check.bootstrap(args.bundle, notes)
     importlib.import_module("mra_compile")
     dev = torch.device("cuda")
+    if args.one_step:
+        one_step(dev)
+        return 0
     lines = ["# MRA-2 op profile (bench/gpu_profile.py)", "",
              f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}; "
              f"B=1, H={H}, D={D}, {DTYPE}, {BLOCKS_PER_ROW} blocks per row", "", *notes, ""]
