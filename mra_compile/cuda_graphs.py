@@ -190,8 +190,12 @@ def _capture(key, tensors: tuple, call: Callable) -> _Replay | None:
 
 
 def _reserved(device) -> int:
-    """Bytes torch's caching allocator holds on ``device`` (a graph's private pool among
-    them; tests replace it)."""
+    """Bytes torch's caching allocator holds on ``device`` in use or in graphs' private
+    pools: its unused cache is released first (``torch.cuda.graph`` releases it on
+    entering a capture anyway, which would otherwise hide the new pool's size). Tests
+    replace this."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     return torch.cuda.memory_reserved(device)
 
 
