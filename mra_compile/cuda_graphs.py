@@ -22,7 +22,8 @@ traced, or with ``MRA_COMPILE_CUDA_GRAPHS=0`` go the usual way. A signature whos
 fails is not tried again (a warning says why). Each kept graph holds its call's scratch
 memory: at most ``GRAPHS`` graphs are kept, within ``MRA_COMPILE_CUDA_GRAPHS_MB`` of
 device memory together (default 2048; a call that alone needs more is not captured);
-the oldest goes first, and ``clear()`` (``mra_compile.clear_workspace``) frees them all.
+the least recently used goes first, and its signature runs the usual way from then on;
+``clear()`` (``mra_compile.clear_workspace``) frees them all and forgets every signature.
 """
 from __future__ import annotations
 
@@ -147,7 +148,9 @@ def _remember(key, entry) -> None:
     for old, e in graphs[:-1]:  # (the newest stays: its size was checked against the budget)
         if len(graphs) <= GRAPHS and held <= budget:
             break
-        del _ENTRIES[old]
+        # Dropped, it goes the usual way from now on: two signatures taking turns would
+        # otherwise be captured again on every call.
+        _ENTRIES[old] = _UNCAPTURABLE
         graphs.pop(0)
         held -= e.nbytes
     while len(_ENTRIES) > 16 * GRAPHS:
