@@ -24,7 +24,9 @@ Within --budget-seconds (default 420 s; work left over is recorded as skipped) i
    and head dims, [B, N] masks with padding, N up to 32768) against ``mra2_reference`` in
    float64 on the same device, given the op's own block selection; q/k/v gradients for a
    subset; the op on a side stream held back by a sleep (it must follow torch's current
-   stream); a mask-free forward captured in a CUDA graph and replayed on new inputs.
+   stream); a mask-free forward captured in a CUDA graph and replayed on new inputs; the
+   op's own CUDA graphs (mra_compile.cuda_graphs: a signature's third call, inference and
+   a training step) against the usual path.
 2. Timings (B=1, H=16, D 64/128, 8 blocks per row, bf16 then fp16, N 1024..32768):
    forward and forward+backward of the op, flash SDPA, compiled FlexAttention on the op's
    selected blocks, and the plain-torch reference where it fits; at the must-show
