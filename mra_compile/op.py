@@ -83,8 +83,7 @@ def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
     the output alone (its intermediates in scratch memory; the launches of a signature
     seen before replayed: ``launch_cache`` on the CPU, ``cuda_graphs`` on CUDA).
     ``exact_out``: see ``mra_forward``."""
-    graphs = (q.device.type == "cuda" and mask is None and query_mask is None
-              and q.numel() > 0)
+    graphs = _graphable(q, mask, query_mask)
     if not save:
         if graphs:
             return cuda_graphs.run("inference", args, (q, k, v),
@@ -95,6 +94,13 @@ def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
             "forward", (args, exact_out), (q, k, v),
             lambda q_, k_, v_: _training_forward(q_, k_, v_, None, None, args, exact_out))
     return _training_forward(q, k, v, mask, query_mask, args, exact_out)
+
+
+def _graphable(q, mask, query_mask) -> bool:
+    """Whether a call may go through ``cuda_graphs``: CUDA, no masks, not empty (anything
+    else, bad input included, goes the usual way, which checks it)."""
+    return (isinstance(q, torch.Tensor) and q.device.type == "cuda" and mask is None
+            and query_mask is None and q.numel() > 0)
 
 
 def _training_forward(q, k, v, mask, query_mask, args, exact_out: bool):
@@ -144,7 +150,7 @@ def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, h
     """Gradients of q, k, v (the selection and stabilisers held constant). ``out``: the
     forward's, before its rounding where it was asked for that (``exact_out``)."""
     tensors = (grad.contiguous(), q, k, v, out, stats, pooled, logits, high_mask, rowmax, index)
-    if q.device.type == "cuda" and mask is None and query_mask is None and q.numel() > 0:
+    if _graphable(q, mask, query_mask):
         return cuda_graphs.run("backward", args, tensors,
                                lambda *t: _backward_kernels(args, t))
     return _backward_kernels(args, tensors, mask, query_mask)
