@@ -45,6 +45,7 @@ BUDGET_ENV = "MRA_COMPILE_CUDA_GRAPHS_MB"  # the device memory the kept graphs m
 BUDGET_MB = 2048  # (default)
 GRAPHS = 8  # signatures with a graph kept; the oldest is dropped first
 _SEEN = "seen"  # a signature called once: the next call is captured
+_CAPTURING = "capturing"  # being captured (by another thread): the usual way meanwhile
 _UNCAPTURABLE = "uncapturable"  # its capture failed: always the usual way
 
 
@@ -87,9 +88,11 @@ def run(kind: str, options: tuple, tensors: tuple[torch.Tensor, ...], call: Call
         entry = _ENTRIES.get(key)
         if entry is not None:
             _ENTRIES.move_to_end(key)
-        else:
+        if entry is None:
             _remember(key, _SEEN)
-    if entry is None or entry == _UNCAPTURABLE:
+        elif entry == _SEEN:  # (one thread captures a signature; the others go on as usual)
+            _remember(key, _CAPTURING)
+    if entry is None or entry in (_UNCAPTURABLE, _CAPTURING):
         return call(*tensors)
     if entry == _SEEN:
         entry = _capture(key, tensors, call)
@@ -168,14 +171,14 @@ def _capture(key, tensors: tuple, call: Callable) -> _Replay | None:
     (and the signature marked) where the capture fails or the graph would hold more
     than the whole budget."""
     device = tensors[0].device
-    before = _reserved(device)
-    inputs = tuple(torch.empty_like(x, memory_format=torch.contiguous_format)
-                   for x in tensors)
-    for mine, given in zip(inputs, tensors):
-        mine.copy_(given)
-    graph = _new_graph()
     try:
-        outputs = _record(graph, lambda: call(*inputs), tensors[0].device)
+        before = _reserved(device)
+        inputs = tuple(torch.empty_like(x, memory_format=torch.contiguous_format)
+                       for x in tensors)
+        for mine, given in zip(inputs, tensors):
+            mine.copy_(given)
+        graph = _new_graph()
+        outputs = _record(graph, lambda: call(*inputs), device)
     except Exception as exc:  # noqa: BLE001  (any failure: the usual way from now on)
         warnings.warn(f"mra_compile: CUDA graph capture failed ({type(exc).__name__}: "
                       f"{exc}); this call signature runs without a graph", RuntimeWarning,
@@ -197,9 +200,10 @@ def _reserved(device) -> int:
     pools: its unused cache is released first (``torch.cuda.graph`` releases it on
     entering a capture anyway, which would otherwise hide the new pool's size). Tests
     replace this."""
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    return torch.cuda.memory_reserved(device)
+    with torch.cuda.device(device):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(device)
 
 
 def _new_graph():

@@ -213,3 +213,19 @@ def test_a_bad_budget_is_a_clear_error(stand_ins, monkeypatch, value):
     q, k, v = make_qkv(41, 1, 1, 64, 8)
     with pytest.raises(ValueError, match=cuda_graphs.BUDGET_ENV):
         call(q, k, v)
+
+
+def test_calls_during_a_capture_go_the_usual_way(stand_ins, monkeypatch):
+    """A call of the signature being captured (another thread's, or one made by the
+    capture itself) runs as usual, and nothing is captured twice."""
+    q, k, v = make_qkv(42, 1, 1, 64, 8)
+    inner = []
+
+    def record_with_a_call_inside(graph, call_, device):
+        inner.append(call(q, k, v))
+        return stand_in_record(graph, call_, device)
+
+    monkeypatch.setattr(cuda_graphs, "_record", record_with_a_call_inside)
+    outs = [call(q, k, v) for _ in range(3)]
+    assert StandInGraph.made == 1 and cuda_graphs.kept() == 1 and len(inner) == 1
+    assert all(torch.equal(out, usual(q, k, v)) for out in outs + inner)
