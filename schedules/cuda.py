@@ -71,9 +71,9 @@ def _spatial_loops_under(sch, block, anchor_depth):
 
 def grid(sch, name, threads):
     """One thread per output element of stage ``name``: its own kernel. A reduction
-    accumulates in a register and stores once: updating its global output at every step
-    made the logits (a reduction over D) 1.2 ms on an H200 at N = 16384, B*H = 16, and
-    the low-resolution output (over n) 0.5 ms (bench/results/gpu_h200.md)."""
+    accumulates in a register and stores once, not updating its global output at every
+    step (8-14% of the logits' and W v̂'s time on an H200 when they were grid kernels:
+    their loads bound them, bench/results/gpu_h200.md)."""
     block = sch.get_sblock(name)
     loops = _spatial_loops_under(sch, block, 0)
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
@@ -465,11 +465,10 @@ def bwd_dkdv_units(sch, *, threads, blocks_per_unit, tensor_cores,
 
 def bwd_lowres(sch, *, threads):
     """Grid kernels over the n x n weights and dL; the four products in tiles."""
-    for name in ("weight", "gv", "dlog", "dqp", "dkp", "dvp"):
-        if name in ("weight", "dlog"):
-            grid(sch, name, threads)
-        else:
-            tiled_product(sch, name, threads)
+    for name in ("weight", "dlog"):
+        grid(sch, name, threads)
+    for name in ("gv", "dqp", "dkp", "dvp"):
+        tiled_product(sch, name, threads)
     return sch
 
 
