@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import datetime
 import functools
@@ -196,6 +197,22 @@ def environment(dev, bundle) -> list[tuple[str, str]]:
 def sync(dev) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+@contextlib.contextmanager
+def without_graphs():
+    """The op without its own CUDA graphs inside (``MRA_COMPILE_CUDA_GRAPHS=0``: the
+    usual path, every call's host work), the setting as it was after."""
+    name = mc.cuda_graphs.ENV
+    before = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def free_memory(dev) -> None:
@@ -531,8 +548,7 @@ def check_replay(case, dev):
     if dev.type != "cuda":
         return None, "skipped: no CUDA"
     nb, mode = case["num_blocks"], case["mode"]
-    graphs = importlib.import_module("mra_compile.cuda_graphs")
-    graphs.clear()
+    mc.cuda_graphs.clear()
 
     def step(q, k, v, g):
         with torch.no_grad():
@@ -551,12 +567,9 @@ def check_replay(case, dev):
             step(*inputs(offset))
         fresh = inputs(1)
         replayed = step(*fresh)
-        kept = graphs.kept()
-        os.environ[graphs.ENV] = "0"
-        try:
+        kept = mc.cuda_graphs.kept()
+        with without_graphs():
             usual = step(*fresh)
-        finally:
-            del os.environ[graphs.ENV]
     if kept != 3:
         why = "; ".join(str(w.message) for w in caught) or "none failed"
         return math.inf, f"{kept} of 3 graphs kept (inference, forward, backward): {why}"
@@ -928,14 +941,10 @@ def kernel_table(dev, smoke: bool, rates: dict, emit) -> str:
     q, k, v, g = (torch.randn(1, H, N, D, generator=gen, device=dev).to(dtype) for _ in range(4))
     for x in (q, k, v):
         x.requires_grad_()
-    graphs = importlib.import_module("mra_compile.cuda_graphs")
     with torch.no_grad():
         op_fwd = bench_ms(lambda: op(q, k, v, None, K, "full"), dev)
-        os.environ[graphs.ENV] = "0"  # (the host work of every call, as before the graphs)
-        try:
+        with without_graphs():
             op_usual = bench_ms(lambda: op(q, k, v, None, K, "full"), dev)
-        finally:
-            del os.environ[graphs.ENV]
     totals = {}
     with mc.build.trace_kernel_calls() as calls:
         op(q, k, v, None, K, "full")
@@ -973,7 +982,7 @@ def kernel_table(dev, smoke: bool, rates: dict, emit) -> str:
             "full mode. "
             f"Sum of kernel times: forward {totals.get('forward', 0):.3f} ms (whole op forward "
             f"{op_fwd:.3f} ms; {op_usual:.3f} ms without its CUDA graphs, "
-            f"{graphs.ENV}=0), backward {totals.get('backward', 0):.3f} ms.")
+            f"{mc.cuda_graphs.ENV}=0), backward {totals.get('backward', 0):.3f} ms.")
 
 
 # ---------------------------------------------------------------------------- output
@@ -1341,7 +1350,7 @@ def import_package() -> None:
     global mc
     mc = importlib.import_module("mra_compile")
     for module in ("reference", "build", "forward", "backward", "options", "targets",
-                   "records", "kernels", "library", "knob_policy"):
+                   "records", "kernels", "library", "knob_policy", "cuda_graphs"):
         importlib.import_module(f"mra_compile.{module}")
 
 
