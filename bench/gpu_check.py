@@ -954,7 +954,11 @@ def kernel_table(dev, smoke: bool, rates: dict, emit) -> str:
     # were missing so).
     opts = mc.options.Options(K, "full")
     with torch.no_grad():
-        out, saved = mc.forward.mra_forward(q, k, v, None, opts, save=True)
+        with mc.build.trace_kernel_calls() as calls:
+            out, saved = mc.forward.mra_forward(q, k, v, None, opts, save=True)
+        # The training forward's own kernels: those with P split in two (its float32
+        # output, which the backward reads); the rest are the inference forward's.
+        passes.append(("training forward", [c for c in calls if c["static"].get("split_pv")]))
         with mc.build.trace_kernel_calls() as calls:
             mc.backward.mra_backward(g, q, k, v, None, out, saved, opts)
     passes.append(("backward", list(calls)))

@@ -49,13 +49,13 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
         for D in padded:
             for dt in dtypes:
                 compute = "float64" if dt == "float64" else "float32"
-                for kernel, io_dtype, micro in _calls(target, getattr(torch, dt), b):
+                for kernel, io_dtype, micro, split_pv in _calls(target, getattr(torch, dt), b):
                     io = str(io_dtype).removeprefix("torch.")
                     grouped = (False, True) if gqa and kernel.reads_qkv else (False,)
                     for full in ((True, False) if kernel.has_modes else (None,)):
                         for grouped_heads in grouped:
                             static = kernel.static(b, D, compute, io, full, scratch,
-                                                   grouped_heads, micro)
+                                                   grouped_heads, micro, split_pv)
                             key = json.dumps([kernel.name, static], sort_keys=True)
                             if key not in seen:  # e.g. fp16 and fp32 share kernels on the CPU
                                 seen.add(key)
@@ -63,27 +63,32 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
 
 
 # The kernels of ``forward.exact_and_combine`` that also run for the output in float32 of
-# a half-precision result (``forward.exact_output_dtype``: returned by the CPU's training
-# forward, computed again by the backward elsewhere): where the kernels call
-# micro-kernels, their variant with P v in float32 (CPU bf16); where they read q, k, v in
-# half precision otherwise (CUDA), the float32 kernels.
+# a half-precision result (``forward.exact_output_dtype``: the training forward's, or the
+# backward's after a forward without ``exact_out``): where the kernels call micro-kernels,
+# their variant with P v in float32 (CPU bf16); where they split P (CUDA fp16/bf16:
+# ``Target.splits_pv``), that variant; where they read q, k, v in half precision
+# otherwise, the float32 kernels.
 RECOMPUTED = ("hires_units", "lowres_out", "hires_rows")
 
 
 def _calls(target: Target, dtype: torch.dtype, b: int):
-    """(kernel, I/O dtype of q, k, v, micro-kernels) of every kernel call for inputs of
-    ``dtype``."""
+    """(kernel, I/O dtype of q, k, v, micro-kernels, split_pv) of every kernel call for
+    inputs of ``dtype``."""
     io = target.io_dtype(dtype, b)
     micro = target.micro_kernels(io)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     for kernel in kernels.KERNELS.values():
         if not kernel.on(target.family):
             continue
-        yield kernel, io, micro
-        if kernel.name in RECOMPUTED and micro:
-            yield kernel, io, target.micro_kernels(io, float32_pv=True)
-        elif kernel.name in RECOMPUTED and io != compute:
-            yield kernel, compute, None
+        yield kernel, io, micro, False
+        if kernel.name not in RECOMPUTED:
+            continue
+        if micro:
+            yield kernel, io, target.micro_kernels(io, float32_pv=True), False
+        elif target.splits_pv(io):
+            yield kernel, io, None, True
+        elif io != compute:
+            yield kernel, compute, None, False
 
 
 def input_dtype(static: dict) -> torch.dtype:

@@ -68,21 +68,22 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     # A half-precision result, float32 sums here: D_t = g . out from the output in
     # float32. With the rounded one, g . v - D_t cancels where the softmax is peaky and
     # dq, dk lose all precision there (seen: dk off by 5% of the largest gradient, 120% of
-    # its own, at scale 2.5); with one computed from half-precision P too. On the CPU the
-    # training forward returned it (``forward.exact_output_dtype``: ``out`` is float32
-    # then); elsewhere (CUDA, or a forward called without ``exact_out``) it is computed
-    # again with the forward's blocks: with micro-kernels, their variant with P v in
-    # float32 (q k^T is exact); where the kernels read half-precision q, k, v otherwise
-    # (CUDA's tensor cores), the float32 kernels on float32 copies of them.
+    # its own, at scale 2.5); with one computed from half-precision P too. The training
+    # forward returned it (``forward.exact_output_dtype``: ``out`` is float32 then); after
+    # a forward called without ``exact_out`` it is computed again with the forward's
+    # blocks: where the kernels read half-precision q, k, v, by their variant with P at
+    # float32 accuracy in P v (q k^T is exact): the micro-kernels' with P v in float32,
+    # CUDA's with P split in two (``Target.splits_pv``); else the float32 kernels on
+    # float32 copies of q, k, v.
     if out.dtype != dt:
         second = pr
-        if micro:
+        if micro or target.splits_pv(pr.q.dtype):
             second = dataclasses.replace(pr, float32_pv=True)
         elif pr.q.dtype != dt:
             second = dataclasses.replace(pr, q=pr.q.to(dt), k=pr.k.to(dt), v=pr.v.to(dt))
         outp = pr.scratch("out", R, n, b, Dp)
         # Kernels of the second pass's dtype: its records. Knobs given are for the
-        # kernels of the input dtype; float32 copies (CUDA) take float32's own.
+        # kernels of the input dtype; float32 copies take float32's own.
         own = given if second.q.dtype == pr.q.dtype else None
         chosen = knob_policy.knobs_for_shape(own or None, max(N, Nk), D, b, target,
                                              second.q.dtype)

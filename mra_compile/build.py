@@ -68,6 +68,8 @@ def scheduled_func(op: str, static: dict, knobs: dict, target: Target | str | No
     extra = {"full": static["full"]} if kernel.has_modes else {}
     if op in getattr(target.schedules, "MICRO", ()):  # the target's micro-kernels, if any
         extra["micro"] = static.get("micro")
+    if op in getattr(target.schedules, "SPLIT_PV", ()):  # P v from P split in two, if any
+        extra["split_pv"] = bool(static.get("split_pv"))
     getattr(target.schedules, op)(sch, **knobs, **extra)
     return sch.mod["main"]
 

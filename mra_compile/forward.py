@@ -251,14 +251,14 @@ class Saved:
 
 def exact_output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype of the output of a forward asked for its exact output (``mra_forward``'s
-    ``exact_out``) for inputs of ``dtype``: float32 for half-precision inputs on the CPU,
-    whose kernels compute it in float32 anyway (float16, and bfloat16 without
-    AVX-512-BF16) or can at the cost of P v in float32 FMAs (the bf16 micro-kernels); the
-    caller rounds it, and the backward's D_t = g . out reads it without a second forward
-    pass. Elsewhere ``dtype`` (CUDA's tensor-core kernels round their operands: there the
-    backward computes the output again from float32 copies)."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    return torch.float32 if half and device.type == "cpu" else dtype
+    ``exact_out``) for inputs of ``dtype``: float32 for half-precision inputs, else
+    ``dtype``. The caller rounds it, and the backward's D_t = g . out reads it without a
+    second forward pass. CPU kernels compute it in float32 anyway (float16, and bfloat16
+    without AVX-512-BF16) or with P v in float32 FMAs (the bf16 micro-kernels); CUDA's
+    tensor-core kernels from P split into two half-precision parts (``split_pv``).
+    ``device``: that of the inputs (every device the op runs on has such kernels)."""
+    del device
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def row_parts(B: int, H: int) -> tuple[int, list[tuple[int, int]]] | None:
@@ -337,10 +337,10 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     n = Np // opts.block_size
     dt = pr.dtype
     # Training with a half-precision result (``exact_output_dtype``): the kernels write
-    # the output in float32, for the backward (the caller rounds it); with the bf16
-    # micro-kernels, their variant with P v in float32, as the backward would compute it.
-    exact = (exact_out and exact_output_dtype(q.dtype, q.device) != q.dtype
-             and pr.target.family == "cpu")
+    # the output in float32, for the backward (the caller rounds it); where they read q,
+    # k, v in half precision (the CPU's bf16 micro-kernels, CUDA), their variant with P
+    # at float32 accuracy in P v (``Prepared.float32_pv``).
+    exact = exact_out and exact_output_dtype(q.dtype, q.device) != q.dtype
     written, result = (dt, dt) if exact else (pr.q.dtype, q.dtype)
     runs = dataclasses.replace(pr, float32_pv=True) if exact and pr.q.dtype != dt else pr
     # The result is a copy of part of the kernels' output (below) where padded or of

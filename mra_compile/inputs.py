@@ -90,8 +90,9 @@ class Prepared:
     group: int = 1  # query heads per key/value head: q row r reads k, v row r // group
     blocks_q: int = 0  # cross-attention: each side's real blocks, ceil(N / b); 0: Np / b
     blocks_k: int = 0
-    # The micro-kernels' variant with P v in float32 (``Target.micro_kernels``): the
-    # backward's second pass for the float32 output.
+    # The kernels' variant whose P v keeps P at float32 accuracy, for the float32 output
+    # of a half-precision result: the micro-kernels' with P v in float32
+    # (``Target.micro_kernels``), or P split in two (``Target.splits_pv``).
     float32_pv: bool = False
     # Whether the call returns what the backward reads (``forward.Saved``): False for an
     # inference call, whose intermediates then go to scratch memory (``saved``).
@@ -120,7 +121,8 @@ class Prepared:
         return kernels.get(op).static(self.block_size, self.q.shape[-1], _TVM_DTYPE[self.dtype],
                                       _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args,
                                       self.group > 1,
-                                      self.target.micro_kernels(self.q.dtype, self.float32_pv))
+                                      self.target.micro_kernels(self.q.dtype, self.float32_pv),
+                                      self.float32_pv and self.target.splits_pv(self.q.dtype))
 
     def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""

@@ -39,6 +39,10 @@ class Kernel:
     module: str = "operators"
     # The target families (``Target.family``) that have it; None: every one.
     families: tuple[str, ...] | None = None
+    # Has a P v product with a variant that takes P in two half-precision parts (the
+    # float32 output of a half-precision result on tensor cores: ``static``'s
+    # ``split_pv``).
+    splits_pv: bool = False
 
     def on(self, family: str) -> bool:
         """Whether targets of ``family`` have this kernel."""
@@ -55,7 +59,7 @@ class Kernel:
 
     def static(self, b: int, D: int, dtype: str = "float32", io: str | None = None,
                full: bool | None = None, scratch: bool = False, gqa: bool = False,
-               micro: str | None = None) -> dict:
+               micro: str | None = None, split_pv: bool = False) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
         kernels that read q, k, v, and by ``takes_io`` ones), for kernels
@@ -63,7 +67,9 @@ class Kernel:
         arguments, and ``gqa`` for the grouped-query variant of the kernels that read
         k, v (an extra ``group`` argument; the plain variant has no division in its
         indexing); ``micro``: the target's micro-kernels for q, k, v of dtype ``io``
-        (``Target.micro_kernels``), named in the key of the kernels that take ``io``."""
+        (``Target.micro_kernels``), named in the key of the kernels that take ``io``;
+        ``split_pv``: P v from P split into two parts in ``io``, P_hi + P_lo (the
+        variant of ``splits_pv`` kernels whose output is float32: ``Target.splits_pv``)."""
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
@@ -71,6 +77,8 @@ class Kernel:
             static["io"] = io
             if micro is not None:
                 static["micro"] = micro
+            elif split_pv and self.splits_pv:
+                static["split_pv"] = True
         if gqa and self.reads_qkv:
             static["gqa"] = True
         if self.has_modes:
@@ -115,11 +123,13 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("lowres_out", ("logits", "rowmax", "hmask", "counts", "vp", "o_lo", "z_lo",
                           "heads"), scratch=("weight",)),
     Kernel("hires_units", (*QKV, "unit_row", "unit_cols", "unit_max", "unit_out", "unit_sum",
-                           "heads", "group", "scale"), reads_qkv=True, shape_knobs=("blocks_per_unit",)),
+                           "heads", "group", "scale"), reads_qkv=True, shape_knobs=("blocks_per_unit",),
+           splits_pv=True),
     Kernel("hires_rows", (*QKV, "row_cols", "ov_max", "ov_out", "ov_sum", "ov_start",
                           "ov_units", "o_lo", "z_lo", "rowmax", "out", "stab", "lo_w", "inv_z",
                           "heads", "group", "scale", "ucap"),
-           reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax")),
+           reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax"),
+           splits_pv=True),
     # Block selection and the work plan in one pass (docs/spec.md, step 3; CPU: on the
     # host otherwise, and for priors).
     Kernel("select_plan", ("logits", "rowmax", "counts", "q_counts", "budget", "scores",

@@ -98,8 +98,8 @@ def _narrow(x, io: str):
 
 
 # The CPU micro-kernels (schedules/cpu_bf16.py) a kernel variant may call: bf16 block
-# products; or (the backward's second pass for the float32 output, hires_units and
-# hires_rows only) bf16 q k^T with P v in float32 FMAs, P not rounded.
+# products; or (the float32 output of a bf16 result, which the backward reads;
+# hires_units and hires_rows only) bf16 q k^T with P v in float32 FMAs, P not rounded.
 MICRO = ("avx512_bf16", "avx512_bf16_fp32_pv")
 
 
@@ -340,7 +340,7 @@ def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
 
 
 def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_block, key_block,
-                    C, b, D, dt, micro=None):
+                    C, b, D, dt, micro=None, split_pv=False):
     """Step 4 on one query block against C key blocks, for every point of ``domain``.
 
     ``query_block(r, u)`` and ``key_block(r, u, c)`` give block indices (-1 = empty
@@ -359,8 +359,15 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     on CUDA): the gathered blocks ``k_g``, ``v_g``, ``q_t`` and the probabilities of P V
     (``prob_io``) keep that dtype (tensor-core operands), every sum is in ``dt``. The
     CPU schedules inline the gathers, reading k and v in place.
+
+    ``split_pv`` (q, k, v in fp16/bf16, ``io``): P v from P in two parts of that dtype,
+    P_hi = P rounded and P_lo = (P - P_hi) rounded, whose sum is P to ~2^-17 of it (bf16;
+    the float32 output a half-precision result's backward reads, on tensor cores). One
+    product over 2W keys: ``prob_io`` [b, 2W] holds P_hi then P_lo, ``v_g`` [2W, D] each
+    value row twice.
     """
     W = C * b  # key tokens per unit
+    Wv = 2 * W if split_pv else W  # P v's reduction
     io = q.dtype
 
     def valid(r, u, w):
@@ -407,7 +414,9 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # Row r reads the key/value head it shares with its group (grouped-query heads).
     k_g = te.compute((*domain, W, D), lambda r, u, w, d: k[_kv_row(r, group), key_token(r, u, w), d],
                      name="k_g")
-    v_g = te.compute((*domain, W, D), lambda r, u, w, d: v[_kv_row(r, group), key_token(r, u, w), d],
+    v_g = te.compute((*domain, Wv, D),
+                     lambda r, u, w, d: v[_kv_row(r, group),
+                                          key_token(r, u, w % W if split_pv else w), d],
                      name="v_g")
     if micro:  # dims in pairs: the reduction of vdpbf16ps
         p0, e0 = te.reduce_axis((0, D // 2), "p0"), te.reduce_axis((0, 2), "e0")
@@ -451,9 +460,16 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
     # (P v in float32 for micro "avx512_bf16_fp32_pv": P as it is)
     p_io = dt if micro == MICRO[1] else io
-    prob_io = te.compute((*domain, b, W), lambda r, u, t, w: _narrow(prob[r, u, w, t], p_io),
-                         name="prob_io")
-    w1 = te.reduce_axis((0, W), "w1")
+
+    def prob_part(r, u, t, w):
+        if not split_pv:
+            return _narrow(prob[r, u, w, t], p_io)
+        p = prob[r, u, w % W, t]
+        hi = p.astype(io)  # (q, k, v in fp16/bf16 as they are: CUDA, no micro-kernels)
+        return te.if_then_else(w < W, hi, (p - hi.astype(dt)).astype(io))
+
+    prob_io = te.compute((*domain, b, Wv), prob_part, name="prob_io")
+    w1 = te.reduce_axis((0, Wv), "w1")
     unit_out = te.compute(
         (*domain, b, D),
         lambda r, u, t, d: te.sum(_widen(prob_io[r, u, t, w1], dt) * _widen(v_g[r, u, w1, d], dt),
@@ -484,7 +500,8 @@ def _inputs(D, dt, io=None, gqa=False):
 
 
 def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                io: str | None = None, gqa: bool = False, micro: str | None = None):
+                io: str | None = None, gqa: bool = False, micro: str | None = None,
+                split_pv: bool = False):
     """Step 4 on overflow units: up to C more selected blocks of one block row each.
 
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
@@ -502,13 +519,15 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     unit_max, unit_out, unit_sum = _unit_attention(
         q, k, v, mask, qmask, heads, group, scale, (R, U),
         lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D, dtype, micro,
+        split_pv,
     )
     return _params(q, k, v, mask, qmask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads,
                    group, scale)
 
 
 def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "float32",
-               io: str | None = None, gqa: bool = False, micro: str | None = None):
+               io: str | None = None, gqa: bool = False, micro: str | None = None,
+               split_pv: bool = False):
     """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
     Block row i of row r computes its first ``row_unit_blocks`` selected key blocks
@@ -521,7 +540,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
          ov_max [R, U, b]; ov_out [R, U, b, D]; ov_sum [R, U, b]; ov_start, ov_units [R, n] i32;
          full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, group, scale, ucap
     out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v; in
-         float32 with micro "avx512_bf16_fp32_pv")
+         float32 with micro "avx512_bf16_fp32_pv" and with ``split_pv``)
     """
     dt = dtype
     io = _io(io, dt, micro)
@@ -537,7 +556,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     ov_units = te.placeholder((R, n), I32, "ov_units")
     own_max, own_out, own_sum = _unit_attention(
         q, k, v, mask, qmask, heads, group, scale, (R, n),
-        lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D, dtype, micro,
+        lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D, dtype, micro, split_pv,
     )
 
     def unit(r, i, w):
@@ -613,7 +632,8 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
         return qmask[r // heads, i * b + t]
 
     params = [q, k, v, mask, qmask, row_cols, ov_max, ov_out, ov_sum, ov_start, ov_units]
-    out_io = dt if micro == MICRO[1] else io  # (the float32 output of the backward's pass)
+    # (the float32 output of a half-precision result: ``split_pv``, micro-kernels' fp32 P v)
+    out_io = dt if micro == MICRO[1] or split_pv else io
     if full:
         o_lo = te.placeholder((R, n, D), dt, "o_lo")
         z_lo = te.placeholder((R, n), dt, "z_lo")

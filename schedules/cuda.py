@@ -372,11 +372,24 @@ def _custom(sch, threads, tensor_cores, products, gather="k_g"):
     return _tensor_cores(threads, io, products) if tensor_cores and io in HALF else None
 
 
-def hires_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
+# The schedules that take ``split_pv``: whether P v takes P in two half-precision parts
+# (``operators._unit_attention``; the training forward's float32 output).
+SPLIT_PV = ("hires_units", "hires_rows")
+
+
+def _split_threads(threads, split_pv):
+    """At most 4 warps for the P-split variants: their products must stay on tensor cores
+    (with 8 warps the 32-row products have no whole tile per warp), where the split costs
+    one more tensor-core pass; on CUDA cores it doubled P v's work and hires_units spilled
+    88 bytes (sm_80, D = 64, 2 blocks per unit, 256 threads)."""
+    return min(threads, 4 * WARP) if split_pv else threads
+
+
+def hires_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes, split_pv):
     """One thread block per overflow unit; see ``per_unit``. fp16/bf16: the unit's two
     products on tensor cores (``tensor_cores``)."""
     sch.compute_inline(sch.get_sblock("q_s"))  # (read straight into q_t's shared tile)
-    threads = _cuda_core_threads(sch, threads)
+    threads = _split_threads(_cuda_core_threads(sch, threads), split_pv)
     custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
     per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
@@ -388,13 +401,13 @@ HALF = ("float16", "bfloat16")
 
 
 def hires_rows(sch, *, threads, row_unit_blocks, tensor_cores, vector_bytes,
-               full):
+               full, split_pv):
     """One thread block per (row, query block): its own unit, the merge of its overflow
     units, the low-resolution part and the normalisation, the output written once."""
     # [b, ucap] has a symbolic extent: recompute the merge factors where they are used.
     sch.compute_inline(sch.get_sblock("ov_scale"))
     sch.compute_inline(sch.get_sblock("q_s"))  # (read straight into q_t's shared tile)
-    threads = _cuda_core_threads(sch, threads)
+    threads = _split_threads(_cuda_core_threads(sch, threads), split_pv)
     head_dim = int(sch.get(sch.get_loops(sch.get_sblock("k_g"))[-1]).extent)
     if _io(sch) in HALF and head_dim >= 128:
         vector_bytes = min(vector_bytes, 8)  # 16-byte gathers: ptxas spilled 4 B (sm_90)

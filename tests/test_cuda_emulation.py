@@ -50,6 +50,8 @@ MODES = ("full", "sparse")
 # As tests/test_op.py and tests/test_backward.py hold the CPU op to.
 FORWARD_RTOL = {"float32": RTOL_FP32, "float16": 2e-3, "bfloat16": 1e-2}
 BACKWARD_RTOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+# The float32 output of a half-precision training forward (P v from P_hi + P_lo).
+SPLIT_RTOL = 5e-5
 WORKERS = 2  # emulating processes run side by side (one core each)
 
 
@@ -57,8 +59,11 @@ def _case(D, dtype, mode, masked):
     # N = 100: 4 blocks of 32, the last one mostly padding; 9 of the 16 blocks selected,
     # so that some block rows overflow into units. Masked: two sequences (the mask's
     # rows are per batch), a whole block of padding, padding at the end of one.
+    # Unmasked: an inference forward too (the output in q's dtype: fp16/bf16 kernels other
+    # than the training forward's, whose output is float32, ``split_pv``).
     return {"D": D, "dtype": dtype, "mode": mode, "masked": masked, "N": 100, "num_blocks": 9,
-            "B": 2 if masked else 1, "H": 1 if masked else 2, "seed": D, "backward": True}
+            "B": 2 if masked else 1, "H": 1 if masked else 2, "seed": D, "backward": True,
+            "inference": not masked}
 
 
 CASES = {f"{dtype}-{mode}-{'mask' if masked else 'nomask'}-D{D}": _case(D, dtype, mode, masked)
@@ -190,6 +195,36 @@ def test_forward(emulation, case):
         f"forward of {case}: relative error {result['error']:.3g} > {FORWARD_RTOL[dtype]:g}")
     if CASES[case]["masked"]:
         assert result["padding_zero"], "padded query rows are not zero"
+    # The training forward's output: float32 for a half-precision result (its backward
+    # reads it, forward.exact_output_dtype); an inference forward's in q's dtype. From P
+    # split in two (``split_pv``) it is within ~2e-6 of the float64 reference (emulated,
+    # D = 64); with P rounded once, 2-3e-3 (bf16) and 3e-4 (fp16).
+    assert result["dtype"] == "torch.float32", result["dtype"]
+    if dtype != "float32":
+        assert result["error"] <= SPLIT_RTOL, (
+            f"training forward of {case}: relative error {result['error']:.3g} > {SPLIT_RTOL:g}")
+    if CASES[case].get("inference"):
+        assert result["inference_dtype"] == f"torch.{dtype}", result["inference_dtype"]
+        assert result["inference_finite"]
+        assert result["inference_error"] <= FORWARD_RTOL[dtype], (
+            f"inference forward of {case}: relative error {result['inference_error']:.3g}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_training_splits_p(emulation, dtype):
+    """A half-precision training forward computes its float32 output on tensor cores
+    from P split in two (``split_pv``), so the backward runs no forward kernel again (it
+    had computed the output a second time from float32 copies of q, k, v: 3.1 of the
+    17.0 ms of a bf16 training step on an H200, bench/results/gpu_h200.md)."""
+    cases = [c for c in CASES if CASES[c]["dtype"] == dtype]
+    for case in cases:
+        forward = _phase(emulation, case, "forward")["training_calls"]
+        hires = [c for c in forward if c["op"] in ("hires_units", "hires_rows")]
+        assert hires and all(c["static"].get("split_pv") for c in hires), (case, hires)
+        backward = _phase(emulation, case, "backward")["calls"]
+        again = [c["op"] for c in backward
+                 if c["op"] in ("hires_units", "hires_rows", "lowres_out")]
+        assert not again, (case, again)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -225,7 +260,8 @@ def _tuning_configs() -> list[dict]:
     return [{op: p[i % len(p)] for op, p in points.items()} for i in range(count)]
 
 
-TUNING_CASES = {f"config{i:02d}-{mode}": {**_case(64, "bfloat16", mode, masked), "knobs": config}
+TUNING_CASES = {f"config{i:02d}-{mode}": {**_case(64, "bfloat16", mode, masked), "knobs": config,
+                                          "inference": True}  # (both hires variants)
                 for i, config in enumerate(_tuning_configs())
                 for mode, masked in (("full", False), ("sparse", True))}
 
@@ -245,13 +281,18 @@ def test_every_tuning_variant_runs_and_none_spills(tuning_emulation):
     variants = {e["symbol"]: e for e in tuning_emulation["manifest"]["kernels"]
                 if e["op"] in {"hires_rows", "hires_units", "bwd_dq_units", "bwd_dkdv_units"}
                 and e["static"].get("io") == "bfloat16"}
-    assert len(variants) == 18 * 2 + 16 * 3  # hires_rows in both modes
+    # hires_rows in both modes; both hires kernels also with P split (``split_pv``: the
+    # training forward's)
+    assert len(variants) == 18 * 2 * 2 + 16 * 2 + 16 * 2
     assert set(variants) <= symbols
     report = tuning_emulation["report"]
     for name, stats in report.items():
         entry = variants.get(re.sub(r"_kernel(_\d+)?$", "", name))
         if entry is not None:
             assert stats["spill_stores"] == 0 and stats["stack_frame"] == 0, (entry, stats)
+            # P split in two pays only on tensor cores (schedules/cuda.py: _split_threads)
+            if entry["static"].get("split_pv"):
+                assert stats["mma"], (entry, stats)
 
 
 @pytest.mark.parametrize("case", list(TUNING_CASES))
@@ -262,6 +303,7 @@ def test_tuning_variant(tuning_emulation, case):
         assert result["finite"], f"{phase} of {case}: non-finite values"
     forward = tuning_emulation["results"][case]["forward"]
     assert forward["error"] <= FORWARD_RTOL["bfloat16"], forward["error"]
+    assert forward["inference_error"] <= FORWARD_RTOL["bfloat16"], forward["inference_error"]
     backward = tuning_emulation["results"][case]["backward"]
     assert max(backward["errors"].values()) <= BACKWARD_RTOL["bfloat16"], backward["errors"]
 

@@ -132,12 +132,13 @@ def test_unit_merges_run_as_many_steps_as_the_row_has_units(op, count, cap):
     assert loops and all(f"max(min({cap}, {count}_ptr[" in bound for bound in loops), loops
 
 
-def test_half_precision_backward_has_what_its_float32_pass_needs():
-    """The fp16/bf16 backward computes the output again in float32 (``backward._backward``:
-    D_t = g . out from the rounded output cancelled against g . v where the softmax is
-    peaky; dq, dk 126-143% off in tests/test_cuda_emulation.py's peaky cases): a library
-    built for bf16 alone holds the float32 kernels of that pass, and ``bwd_prep``'s
-    variant of the I/O dtype."""
+def test_half_precision_training_has_its_float32_output_kernels():
+    """The fp16/bf16 backward reads D_t = g . out from the training forward's output in
+    float32 (from the rounded output D_t cancelled against g . v where the softmax is
+    peaky: dq, dk 126-143% off in tests/test_cuda_emulation.py's peaky cases), which
+    hires_units and hires_rows compute from P split in two (``split_pv``): a library
+    built for bf16 alone holds those variants, and ``bwd_prep``'s variant of the I/O
+    dtype."""
     from mra_compile import aot, targets
 
     target = targets.get("cuda-sm_90")
@@ -145,8 +146,9 @@ def test_half_precision_backward_has_what_its_float32_pass_needs():
         [32], [64], ("bfloat16",), target.scratch_args, target=target)}
     for op in ("hires_units", "hires_rows"):
         for full in ((True, False) if op == "hires_rows" else (None,)):
-            fp32 = {"b": 32, "D": 64, **({} if full is None else {"full": full})}
-            assert (op, tuple(sorted(fp32.items()))) in built, (op, full)
+            split = {"b": 32, "D": 64, "io": "bfloat16", "split_pv": True,
+                     **({} if full is None else {"full": full})}
+            assert (op, tuple(sorted(split.items()))) in built, (op, full)
     assert ("bwd_prep", (("D", 64), ("b", 32), ("io", "bfloat16"))) in built
 
 

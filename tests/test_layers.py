@@ -79,8 +79,9 @@ def test_imports_flow_one_way_and_no_private_names_cross_modules():
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
 def test_every_kernel_has_a_schedule_whose_knobs_are_its_defaults(target):
     """KNOBS is the only source of defaults: schedule functions take exactly those knobs,
-    keyword-only and without defaults (plus ``full`` for kernels with modes and ``micro``
-    for those that may call micro-kernels, ``MICRO``)."""
+    keyword-only and without defaults (plus ``full`` for kernels with modes, ``micro``
+    for those that may call micro-kernels, ``MICRO``, and ``split_pv`` for those with a
+    P-split variant, ``SPLIT_PV``)."""
     schedules = target.schedules
     assert set(schedules.KNOBS) == set(kernels.on_target(target))
     for name in kernels.on_target(target):
@@ -90,8 +91,10 @@ def test_every_kernel_has_a_schedule_whose_knobs_are_its_defaults(target):
         micro = {"micro"} if name in getattr(schedules, "MICRO", ()) else set()
         # (only those that read bf16 q, k, v, or take bf16 operands in their micro variant)
         assert not micro or kernel.reads_qkv or kernel.takes_io, name
+        split = {"split_pv"} if name in getattr(schedules, "SPLIT_PV", ()) else set()
+        assert not split or kernel.splits_pv, name
         assert keyword == (set(schedules.KNOBS[name]) | ({"full"} if kernel.has_modes else set())
-                           | micro)
+                           | micro | split)
         assert all(params[p].default is inspect.Parameter.empty for p in keyword), name
         assert set(kernel.shape_knobs) <= set(schedules.KNOBS[name]), name
     for name, space in getattr(schedules, "SPACES", {}).items():

@@ -80,6 +80,13 @@ class Target:
         P in float32 (the backward's second pass for the float32 output)."""
         return None
 
+    def splits_pv(self, io: torch.dtype) -> bool:
+        """Whether the kernels reading q, k, v of dtype ``io`` have a variant whose P v
+        takes P in two parts of that dtype (``kernels.Kernel.static``'s ``split_pv``): how
+        a half-precision result's float32 output is computed where the block products
+        run on half-precision operands and there are no micro-kernels for it."""
+        return False
+
     def link_objects(self, static: dict) -> list[str]:
         """Object files to link into the library of a kernel variant ``static``."""
         return []

@@ -53,6 +53,11 @@ class CudaTarget(Target):
         # fp16/bf16 are tensor-core operands as they are; sums stay in float32.
         return dtype if dtype in HALF else super().io_dtype(dtype)
 
+    def splits_pv(self, io: torch.dtype) -> bool:
+        # P v on tensor cores with P as P_hi + P_lo: the float32 output of the training
+        # forward, which the backward then reads instead of computing it again.
+        return io in HALF
+
     def prepare_compiler(self) -> None:
         cuda_toolchain.prepare_compiler()
 

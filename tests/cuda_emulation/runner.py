@@ -9,9 +9,10 @@ this process only), then mra_compile, whose CPU tensors take the CUDA target's p
     env                    variables to set before importing mra_compile
                            (MRA_COMPILE_KERNEL_LIBRARY, MRA_COMPILE_CACHE_DIR, ...)
     cases                  [{dtype, mode, masked, B, H, N, D, num_blocks, seed, backward,
-                             Nk (optional: cross-attention, with a query mask too)}]:
-                           the op's forward (and backward) on random inputs, against the
-                           float64 reference with the op's own block selection
+                             inference, Nk (optional: cross-attention, with a query mask
+                             too)}]: the op's training forward (and backward; with
+                             ``inference``, an inference forward too) on random inputs,
+                             against the float64 reference with the op's own selection
  or kernels                [{name, grid, block, smem, args: [{bytes} | {int} | {float}]}]:
                            hand-written kernels launched through the driver API
 
@@ -108,6 +109,13 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
         if queries is not None:
             padded = (queries == 0)[:, None, :].expand(q.shape[:3])
             forward["padding_zero"] = bool((out[padded] == 0).all())
+        forward["training_calls"] = list(emu.calls)
+        if case.get("inference"):  # no backward: the output in q's dtype, scratch memory
+            plain = mra_forward(q, k, v, mask, opts, knobs=case.get("knobs"),
+                                query_mask=query_mask)
+            forward.update(inference_error=_row_rel_err(plain, ref),
+                           inference_dtype=str(plain.dtype),
+                           inference_finite=bool(torch.isfinite(plain).all()))
     except Exception:  # noqa: BLE001  (reported to the test, which fails on it)
         forward = {"exception": traceback.format_exc()[-3000:]}
     forward.update(findings=_clean(emu.findings), calls=list(emu.calls),
