@@ -84,7 +84,11 @@ def compile_module(funcs: dict, target: Target | str | None = None, *, log: bool
         import tvm
 
         mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-        with target.tvm_target() as tgt:
+        # The lowering options the target's schedules ask for (``PASS_CONFIG``; in their
+        # source, so part of every kernel's key).
+        config = getattr(target.schedules, "PASS_CONFIG", None)
+        options = tvm.transform.PassContext(config=config) if config else contextlib.nullcontext()
+        with options, target.tvm_target() as tgt:
             return tvm.compile(mod, target=tgt)
 
 

@@ -21,6 +21,19 @@ from __future__ import annotations
 
 SHARED = "shared.dyn"
 
+# Lowering options (``build.compile_module``). TVM's barrier planner (ThreadSync) treats
+# every ``shared.dyn`` buffer as one and lets two accesses in a loop go without a barrier
+# only where their indices are the same expression *using the thread index*; TIR's common
+# subexpression elimination runs first and names such indices (``cse_v19 = f * 128 +
+# threadIdx.y * 32 + threadIdx.x``), which hides the thread index from it: element-wise
+# stage loops then got a barrier per iteration (16 a stage). nvcc eliminates the common
+# subexpressions itself (registers and spills unchanged). (Also tried: StorageRewrite
+# off, which made the float32 sparse hires_rows wrong in the emulation for D != 64, no
+# race reported; the unit's per-key factor inlined into the logits and the exps, which
+# would take two more barrier loops out, but with StorageRewrite on hires_units fp16/bf16
+# at D = 128 then failed to lower: "tvm_access_ptr element type must match".)
+PASS_CONFIG = {"tirx.disable_cse_tir": True}
+
 
 def _name(sch, block) -> str:
     return sch.get(block).name_hint
@@ -288,11 +301,12 @@ def lowres_out(sch, *, threads):
     return sch
 
 
-def _wmma_matmul(sch, name, a_index, b_index, warps, io):
+def _wmma_matmul(sch, name, a_index, b_index, warps, io, a_transposed=False):
     """Tensor-core schedule of a [M, N] = sum_k A[M, k] B[k, N] stage under a unit loop.
 
     A and B (fp16/bf16, in shared memory) are loaded 16x16 fragment by fragment, each
-    warp owns output tiles of 16x16 fp32 accumulators, stored back once."""
+    warp owns output tiles of 16x16 fp32 accumulators, stored back once.
+    ``a_transposed``: A is stored [k, M] (read A[k, m]), loaded column-major."""
     from mra_compile.schedules import cuda_wmma  # (TVM's compiler: only when building)
 
     tc = cuda_wmma.intrinsics(io, SHARED)
@@ -319,6 +333,8 @@ def _wmma_matmul(sch, name, a_index, b_index, warps, io):
     sch.reverse_compute_at(acc, tile)  # each warp stores the tile it computed
     # (only for this stage: an operand may feed two products, as k_g does in dq)
     frag_a = sch.cache_read(block, a_index, "wmma.matrix_a", consumer_blocks=[block])
+    if a_transposed:  # the fragment [m, k] all the same: its copy reads the tile transposed
+        sch.transform_layout(frag_a, ("write", 0), _swap_last_two(_ndim(sch, frag_a)))
     frag_b = sch.cache_read(block, b_index, "wmma.matrix_b", consumer_blocks=[block])
     for frag in (frag_a, frag_b):
         sch.compute_at(frag, k_o)
@@ -326,7 +342,8 @@ def _wmma_matmul(sch, name, a_index, b_index, warps, io):
     # Tensorize: each stage's innermost 16x16 (x16) tile becomes one warp-wide intrinsic.
     sch.tensorize(sch.get_loops(init)[-2], tc["fill"])
     sch.tensorize(m_i, tc["sync"])
-    for frag, intrin in ((frag_a, tc["load_a"]), (frag_b, tc["load_b"])):
+    load_a = tc["load_a_transposed"] if a_transposed else tc["load_a"]
+    for frag, intrin in ((frag_a, load_a), (frag_b, tc["load_b"])):
         sch.tensorize(sch.get_loops(frag)[-2], intrin)
     acc_loops = sch.get_loops(acc)[-2:]
     a_o, a_i = sch.split(acc_loops[0], [None, 16])
@@ -337,14 +354,16 @@ def _wmma_matmul(sch, name, a_index, b_index, warps, io):
     return True
 
 
-def _tensor_cores(threads, io, products):
+def _tensor_cores(threads, io, products, a_transposed=()):
     """``custom`` for ``per_unit``: the unit's ``products`` (stages [M, N] = sum_k A B with
     A, B its first two reads) on tensor cores, where their shapes split into 16x16 tiles
-    for every warp (else they stay on CUDA cores)."""
+    for every warp (else they stay on CUDA cores); those in ``a_transposed`` read A
+    stored [k, M]."""
     warps = threads // WARP
 
     def schedule(sch):
-        return [name for name in products if _wmma_matmul(sch, name, 0, 1, warps, io)]
+        return [name for name in products
+                if _wmma_matmul(sch, name, 0, 1, warps, io, name in a_transposed)]
 
     return schedule
 
@@ -367,9 +386,38 @@ def _cuda_core_threads(sch, threads, gather="k_g"):
     return threads if _io(sch, gather) in HALF else max(threads, 256)
 
 
-def _custom(sch, threads, tensor_cores, products, gather="k_g"):
+def _custom(sch, threads, tensor_cores, products, gather="k_g", a_transposed=()):
     io = _io(sch, gather)
-    return _tensor_cores(threads, io, products) if tensor_cores and io in HALF else None
+    return (_tensor_cores(threads, io, products, a_transposed)
+            if tensor_cores and io in HALF else None)
+
+
+def _probabilities_key_major(sch, tensor_cores):
+    """P v's operand P (``prob_io``, [b, W]) stored [W, b] like the probabilities it is
+    rounded from, element for element in their order (queries on the lanes), and loaded
+    column-major by the product: no transposing copy, which read a 32-way bank-conflicted
+    column of the probabilities per store and, reading another index than it wrote, had
+    a barrier per iteration (``PASS_CONFIG``). For fp16/bf16 with ``tensor_cores``;
+    returns the products that read it so (for ``_custom``). (Where P v ends up on CUDA
+    cores all the same, e.g. 8 warps, it reads the same values in the other order.)"""
+    if not (tensor_cores and _io(sch) in HALF):
+        return ()
+    block = sch.get_sblock("prob_io")
+    sch.transform_block_layout(block, _swap_last_two(len(sch.get(block).iter_vars)))
+    sch.transform_layout(block, ("write", 0), _swap_last_two(_ndim(sch, block)))
+    return ("unit_out",)
+
+
+def _ndim(sch, block) -> int:
+    """Dimensions of the buffer ``block`` writes."""
+    return len(sch.get(block).writes[0].source.shape)
+
+
+def _swap_last_two(ndim: int):
+    """The index map of ``ndim`` axes that swaps the last two."""
+    from tvm.tirx import IndexMap
+
+    return IndexMap.from_func(lambda *i: (*i[:-2], i[-1], i[-2]), ndim=ndim)
 
 
 # The schedules that take ``split_pv``: whether P v takes P in two half-precision parts
@@ -390,7 +438,8 @@ def hires_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes, sp
     products on tensor cores (``tensor_cores``)."""
     sch.compute_inline(sch.get_sblock("q_s"))  # (read straight into q_t's shared tile)
     threads = _split_threads(_cuda_core_threads(sch, threads), split_pv)
-    custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
+    custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS,
+                     a_transposed=_probabilities_key_major(sch, tensor_cores))
     per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
     skip_padding_units(sch, "unit_row")
@@ -411,7 +460,8 @@ def hires_rows(sch, *, threads, row_unit_blocks, tensor_cores, vector_bytes,
     head_dim = int(sch.get(sch.get_loops(sch.get_sblock("k_g"))[-1]).extent)
     if _io(sch) in HALF and head_dim >= 128:
         vector_bytes = min(vector_bytes, 8)  # 16-byte gathers: ptxas spilled 4 B (sm_90)
-    custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS)
+    custom = _custom(sch, threads, tensor_cores, FORWARD_PRODUCTS,
+                     a_transposed=_probabilities_key_major(sch, tensor_cores))
     per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
     bound_reductions(sch, ("ov_stab", "ov_z", "ov_o"), "ov_units", "ucap")

@@ -36,9 +36,11 @@ def _view(handle, dtype, scope, strides=None):
                           scope=scope, strides=strides)
 
 
-def _copy(dtype, src_scope, dst_scope, call):
+def _copy(dtype, src_scope, dst_scope, call, transposed=False):
     """(computation, replacement) of copying one 16x16 tile from ``src_scope`` to
-    ``dst_scope``; ``call(src, dst, src_stride, dst_stride)`` makes the replacement."""
+    ``dst_scope``; ``call(src, dst, src_stride, dst_stride)`` makes the replacement.
+    ``transposed``: the tile lands transposed (``dst[j, i] = src[i, j]``, iterated in the
+    source's order, as ``cache_read`` makes the copy)."""
 
     @T.prim_func(s_tir=True)
     def computation(a: T.handle, c: T.handle) -> None:
@@ -50,7 +52,10 @@ def _copy(dtype, src_scope, dst_scope, call):
             for i, j in T.grid(TILE, TILE):
                 with T.sblock("copy"):
                     vi, vj = T.axis.remap("SS", [i, j])
-                    dst[vi, vj] = src[vi, vj]
+                    if transposed:  # (a Python constant: resolved when parsed)
+                        dst[vj, vi] = src[vi, vj]
+                    else:
+                        dst[vi, vj] = src[vi, vj]
 
     @T.prim_func(s_tir=True)
     def replacement(a: T.handle, c: T.handle) -> None:
@@ -75,6 +80,18 @@ def _load(dtype, operand, shared):
                                       "row_major", dtype="void")
 
     return _copy(dtype, shared, f"wmma.matrix_{operand}", call)
+
+
+def _load_transposed(dtype, shared):
+    """``shared`` memory holding the tile transposed ([k, m]) -> a matrix_a fragment,
+    loaded column-major: the operand needs no transposing copy of its own."""
+
+    def call(src, dst, src_stride, dst_stride):
+        return T.tvm_load_matrix_sync(dst.data, TILE, TILE, TILE, _fragment(dst, dst_stride),
+                                      src.access_ptr("r", ptr_type=dtype), src_stride,
+                                      "col_major", dtype="void")
+
+    return _copy(dtype, shared, "wmma.matrix_a", call, transposed=True)
 
 
 def _store(scope):
@@ -163,7 +180,7 @@ def _registered(name: str, make) -> str:
 def intrinsics(io: str, shared: str) -> dict[str, str]:
     """Names of the registered intrinsics for ``io`` ("float16" or "bfloat16") operands
     staged in the ``shared`` memory scope ("shared" or "shared.dyn"): fill, load_a,
-    load_b, sync, store_shared, store_global. Each is named by what it depends on and
+    load_b, load_a_transposed, sync, store_shared, store_global. Each is named by what it depends on and
     registered once."""
     if io not in ("float16", "bfloat16"):
         raise ValueError(f"wmma operands are float16 or bfloat16, not {io!r}")
@@ -172,6 +189,8 @@ def intrinsics(io: str, shared: str) -> dict[str, str]:
         "fill": _registered("mra_wmma_fill_f32", _fill),
         "load_a": _registered(f"mra_wmma_load_a_{io}_{s}", lambda: _load(io, "a", shared)),
         "load_b": _registered(f"mra_wmma_load_b_{io}_{s}", lambda: _load(io, "b", shared)),
+        "load_a_transposed": _registered(f"mra_wmma_load_at_{io}_{s}",
+                                         lambda: _load_transposed(io, shared)),
         "sync": _registered(f"mra_wmma_sync_{io}_f32", lambda: _multiply_accumulate(io)),
         "store_shared": _registered(f"mra_wmma_store_f32_{s}", lambda: _store(shared)),
         "store_global": _registered("mra_wmma_store_f32_global", lambda: _store("global")),

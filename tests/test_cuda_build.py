@@ -123,13 +123,16 @@ def test_half_precision_products_run_on_tensor_cores(sm90):
         assert "wmma" not in "".join(grouped[(op, "float32", 64)])
     # ... and so does the device code: in the PTX nvcc made of each hot kernel, mma
     # instructions on fp32 accumulators and operands of the kernel's dtype (PTX names fp16
-    # operands implicitly: .f32.f32), none in the fp32 kernels.
-    mma = {"float16": "wmma.mma.sync.aligned.row.row.m16n16k16.f32.f32",
-           "bfloat16": "wmma.mma.sync.aligned.row.row.m16n16k16.f32.bf16.bf16.f32"}
+    # operands implicitly: .f32.f32), none in the fp32 kernels. The forward's P v reads
+    # P column-major (stored key-major, as the probabilities are: no transposing copy).
+    operands = {"float16": "m16n16k16.f32.f32", "bfloat16": "m16n16k16.f32.bf16.bf16.f32"}
     for (op, io, D), kernels in _by_op(sm90, "report").items():
         if op in HOT and D == 64:
             used = set().union(*(k["mma"] for k in kernels))
-            assert used == ({mma[io]} if io in HALF else set()), (op, io, used)
+            layouts = ("row.row", "col.row") if op in ("hires_units", "hires_rows") else ("row.row",)
+            want = ({f"wmma.mma.sync.aligned.{lay}.{operands[io]}" for lay in layouts}
+                    if io in HALF else set())
+            assert used == want, (op, io, used)
 
 
 def test_the_build_leaves_tvms_intrinsic_sets_alone(sm90):
