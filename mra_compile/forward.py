@@ -249,15 +249,13 @@ class Saved:
                        for f in dataclasses.fields(Saved)))
 
 
-def exact_output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def exact_output_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the output of a forward asked for its exact output (``mra_forward``'s
     ``exact_out``) for inputs of ``dtype``: float32 for half-precision inputs, else
     ``dtype``. The caller rounds it, and the backward's D_t = g . out reads it without a
     second forward pass. CPU kernels compute it in float32 anyway (float16, and bfloat16
     without AVX-512-BF16) or with P v in float32 FMAs (the bf16 micro-kernels); CUDA's
-    tensor-core kernels from P split into two half-precision parts (``split_pv``).
-    ``device``: that of the inputs (every device the op runs on has such kernels)."""
-    del device
+    tensor-core kernels from P split into two half-precision parts (``split_pv``)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -298,7 +296,7 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
     if B * H == 0:
         out = q.new_zeros(q.shape)
         if save and exact_out:
-            out = out.to(exact_output_dtype(q.dtype, q.device))
+            out = out.to(exact_output_dtype(q.dtype))
         return (out, None) if save else out
     runtime.ensure()  # sizes the kernels' threads from torch's before they change
     try:
@@ -340,7 +338,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     # the output in float32, for the backward (the caller rounds it); where they read q,
     # k, v in half precision (the CPU's bf16 micro-kernels, CUDA), their variant with P
     # at float32 accuracy in P v (``Prepared.float32_pv``).
-    exact = exact_out and exact_output_dtype(q.dtype, q.device) != q.dtype
+    exact = exact_out and exact_output_dtype(q.dtype) != q.dtype
     written, result = (dt, dt) if exact else (pr.q.dtype, q.dtype)
     runs = dataclasses.replace(pr, float32_pv=True) if exact and pr.q.dtype != dt else pr
     # The result is a copy of part of the kernels' output (below) where padded or of

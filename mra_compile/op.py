@@ -119,7 +119,7 @@ def _training_forward(q, k, v, mask, query_mask, args, exact_out: bool):
 def attention_fwd(q, k, v, mask, query_mask, *args):
     """The forward kernels; returns (out, *what the backward needs). The last argument,
     ``exact_out`` (after the options): whether ``out`` is the output before its rounding
-    to q's dtype (float32 for half-precision inputs on the CPU: ``exact_output_dtype``),
+    to q's dtype (float32 for half-precision inputs: ``exact_output_dtype``),
     which the backward reads and the caller rounds; False where no backward will read it
     (inference graphs), and by default (AOTInductor packages built before it existed)."""
     args, exact_out = _split_exact(args)
@@ -138,7 +138,7 @@ def _attention_fwd_fake(q, k, v, mask, query_mask, *args):
     args, exact_out = _split_exact(args)
     opts = _checked(q, k, v, mask, query_mask, args)
     dt, shapes, index_shape = _saved_shapes(q, k, opts)
-    out_dtype = exact_output_dtype(q.dtype, q.device) if exact_out else q.dtype
+    out_dtype = exact_output_dtype(q.dtype) if exact_out else q.dtype
     out = torch.empty_like(q, dtype=out_dtype, memory_format=torch.contiguous_format)
     return (out, *(q.new_empty(sh, dtype=dt) for sh in shapes),
             q.new_empty(index_shape, dtype=torch.int64))
