@@ -77,7 +77,8 @@ class Target:
     def micro_kernels(self, io: torch.dtype, float32_pv: bool = False) -> str | None:
         """The hand-written micro-kernels the kernels reading q, k, v of dtype ``io`` call
         (tensorized by the schedules), or None. ``float32_pv``: the variant whose P v keeps
-        P in float32 (the backward's second pass for the float32 output)."""
+        P in float32 (the float32 output of a half-precision result, which the backward
+        reads)."""
         return None
 
     def splits_pv(self, io: torch.dtype) -> bool:
