@@ -149,7 +149,7 @@ def build_library(out_dir, block_sizes=DEFAULT_BLOCK_SIZES, head_dims=DEFAULT_HE
                             "symbol": name})
             log(f"  {op:16s} {json.dumps(static, sort_keys=True)} {json.dumps(chosen)}")
     executable = build.compile_module(funcs, target)
-    objects = dict.fromkeys(o for e in entries for o in target.link_objects(e["static"]))
+    objects = dict.fromkeys(o for e in entries for o in target.link_objects(e["op"], e["static"]))
     executable.export_library(str(out / library.LIBRARY), options=list(objects))
     manifest = {
         "schema": library.SCHEMA_VERSION,

@@ -132,7 +132,7 @@ def _compile_to_cache(op: str, static: dict, knobs: dict, path: Path, desc: dict
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def export(tmp):
-        executable.export_library(tmp, options=target.link_objects(static))
+        executable.export_library(tmp, options=target.link_objects(op, static))
         target.check_export(Path(tmp))
 
     host.atomic_write(path, export)

@@ -483,6 +483,16 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     return unit_max, unit_out, unit_sum
 
 
+def _rounded_output(shape, value, out_io: str):
+    """``out`` [R, n, b, D]: ``value`` in the output dtype ``out_io``. bf16 bits (the CPU
+    micro-kernels) are rounded in a stage of their own from ``out_f32``, so that the
+    schedule can round and store a block row in one call (``vcvtneps2bf16``)."""
+    if out_io != BF16_BITS:
+        return te.compute(shape, lambda *p: _narrow(value(*p), out_io), name="out")
+    exact = te.compute(shape, value, name="out_f32")
+    return te.compute(shape, lambda *p: _narrow(exact(*p), out_io), name="out")
+
+
 def _inputs(D, dt, io=None, gqa=False):
     """q [R, N, D]; k, v [Rkv, N, D] (query row r reads key/value row r // group:
     grouped-query heads, Rkv = R / group); mask, qmask [Bm, N] (the keys' and the
@@ -665,23 +675,19 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
             ),
             name="inv_norm",
         )
-        out = te.compute(
+        out = _rounded_output(
             (R, n, b, D),
-            lambda r, i, t, d: _narrow(
-                (o_hi(r, i, t, d) * hi_scale[r, i, t] + o_lo[r, i, d] * lo_scale[r, i, t])
-                * inv_norm[r, i, t], out_io),
-            name="out",
-        )
+            lambda r, i, t, d: (o_hi(r, i, t, d) * hi_scale[r, i, t]
+                                + o_lo[r, i, d] * lo_scale[r, i, t]) * inv_norm[r, i, t],
+            out_io)
     else:
         inv_norm = te.compute(
             (R, n, b),
             lambda r, i, t: token_mask(r, i, t) / (z_hi[r, i, t] + tirx.const(1e-6, dt)),
             name="inv_norm",
         )
-        out = te.compute(
-            (R, n, b, D),
-            lambda r, i, t, d: _narrow(o_hi(r, i, t, d) * inv_norm[r, i, t], out_io), name="out",
-        )
+        out = _rounded_output(
+            (R, n, b, D), lambda r, i, t, d: o_hi(r, i, t, d) * inv_norm[r, i, t], out_io)
     # What the backward needs, one value per token (the stabilisers are constants there):
     # P = exp(A - stab - pen) mask_s is the final high-resolution weight, lo_w scales the
     # low-resolution weights, and inv_z = mask_t / Z_t.

@@ -120,6 +120,49 @@ def intrinsics(D: int) -> tuple[str, str, str]:
     return names[0], _pv_intrinsic(D, rounded=True), names[1]
 
 
+@functools.cache
+def store_intrinsic(D: int) -> str:
+    """The name of the intrinsic that rounds a block row's float32 output [b, D] to bf16
+    bits as ``operators.bf16_narrow`` does, written to the op's output (``hires_rows``'
+    ``out``: ``mra_bf16_store_rows``, non-temporal stores) for head dim ``D`` (registered
+    once)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    from mra_compile.operators import BF16_BITS as I16
+    from mra_compile.operators import bf16_narrow as narrow
+
+    b, F32 = BLOCK, "float32"
+
+    @T.prim_func(s_tir=True)
+    def desc(s: T.handle, o: T.handle):
+        ss, so = T.int32(), T.int32()
+        S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
+        O = T.match_buffer(o, (b, D), I16, strides=[so, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(S[0:b, 0:D])
+            T.writes(O[0:b, 0:D])
+            for t, d in T.grid(b, D):
+                with T.sblock("round"):
+                    vt, vd = T.axis.remap("SS", [t, d])
+                    O[vt, vd] = narrow(S[vt, vd])
+
+    @T.prim_func(s_tir=True)
+    def impl(s: T.handle, o: T.handle):
+        ss, so = T.int32(), T.int32()
+        S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
+        O = T.match_buffer(o, (b, D), I16, strides=[so, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(S[0:b, 0:D])
+            T.writes(O[0:b, 0:D])
+            T.evaluate(T.call_extern("int32", "mra_bf16_store_rows", S.access_ptr("r"), ss,
+                                     O.access_ptr("w"), so, b, D))
+
+    name = f"mra_bf16_store_rows_d{D}"
+    TensorIntrin.register(name, desc, impl)
+    return name
+
+
 def float32_pv_intrinsic(D: int) -> str:
     """The name of the P v intrinsic that keeps P in float32 (float32 FMAs over the
     widened bf16 v: ``mra_bf16_pv_f32``) for head dim ``D`` (registered once)."""

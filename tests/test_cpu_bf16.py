@@ -200,6 +200,9 @@ def test_bf16_kernels_call_the_micro_kernels():
                     if e["op"] == name and e["static"] == static)
         symbols = subprocess.run(["nm", path], capture_output=True, text=True).stdout
         assert all(f"mra_bf16_{m}" in symbols for m in ("qk", "pv", "pairs")), name
+        # the inference output rounded and stored by a call (hires_rows' "out")
+        calls = str(build.scheduled_func(name, static, knobs, pr.target))
+        assert ("mra_bf16_store_rows" in calls) == (name == "hires_rows"), name
     f32 = inputs.prepare(q.float(), k.float(), v.float(), None, 32)
     assert "micro" not in f32.static("hires_rows", True) and "io" not in f32.static("hires_rows", True)
     assert "micro" not in f32.static("bwd_prep") and "io" not in f32.static("bwd_prep")
@@ -248,3 +251,31 @@ def test_ahead_of_time_variants_follow_the_target():
     assert second == ({"hires_units", "hires_rows"} if cpu.bf16_products() else set())
     assert "lowres_out" in {name for name, _ in alone}
     assert n_blocks(64) == 2
+
+
+@needs_bf16
+@pytest.mark.parametrize("offset", [0, 1])  # (1: a dst not 32-byte aligned, plain stores)
+def test_the_output_store_rounds_as_torch(tmp_path, offset):
+    # mra_bf16_store_rows (hires_rows' bf16 output) against torch's rounding, bit for bit:
+    # ties both ways, the largest finite values, infinities, signed zeros.
+    import ctypes
+
+    from mra_compile.schedules import cpu_bf16
+
+    lib = tmp_path / "store.so"
+    subprocess.run(["gcc", *cpu_bf16.FLAGS, "-DHIDDEN=", "-shared", "-fPIC",
+                    str(cpu_bf16.SOURCE), "-o", str(lib)], check=True)
+    store = ctypes.CDLL(str(lib)).mra_bf16_store_rows
+    rows, D, lds, ldd = 5, 48, 56, 64
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(rows, lds, generator=g) * torch.logspace(-30, 30, lds)
+    bits = src.view(torch.int32)
+    bits[0, :16] = (bits[0, :16] & ~0xFFFF) | 0x8000  # halfway: ties to even
+    bits[1, :8] = (bits[1, :8] & ~0xFFFF) | 0x7FFF
+    src[2, :6] = torch.tensor([3.4e38, -3.4e38, float("inf"), -float("inf"), 0.0, -0.0])
+    dst = torch.zeros(offset + rows * ldd, dtype=torch.int16)
+    store(ctypes.c_void_p(src.data_ptr()), lds,
+          ctypes.c_void_p(dst.data_ptr() + 2 * offset), ldd, rows, D)
+    got = dst[offset:].view(rows, ldd)
+    assert torch.equal(got[:, :D], src[:, :D].bfloat16().view(torch.int16))
+    assert not got[:, D:].any()

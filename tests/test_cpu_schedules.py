@@ -586,3 +586,41 @@ def test_dq_tests_each_slot_once_per_unit():
     assert re.match(r"\s*if \w+ \+ 1 < R_1 \* U:$", ask), ask
     keys = next(line for line in body[guard + 3:] if indent(line) == indent(ask))
     assert re.match(r"\s*for \w+ in range\(32\):", keys), keys
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_float32_output_is_stored_by_one_call_a_block_row(full):
+    # hires_rows computes a block row's output in a scratch block, then one call stores it
+    # (non-temporal stores: schedules/cpu_stores.c); no other kernel calls it.
+    script = build.scheduled_func("hires_rows", {"b": 32, "D": 64, "full": full},
+                                  knob_policy.resolve_knobs("hires_rows", None)).script()
+    calls = [line for line in script.splitlines() if "mra_store_rows_f32" in line]
+    assert len(calls) == 1, calls
+    assert re.search(r"O = T.match_buffer\(out\[", script)  # (the call's dst: the output)
+    units = build.scheduled_func("hires_units", {"b": 32, "D": 64},
+                                 knob_policy.resolve_knobs("hires_units", None)).script()
+    assert "mra_store_rows_f32" not in units
+
+
+@pytest.mark.parametrize("offset", [0, 1])  # (1: a dst not 64-byte aligned, a plain copy)
+def test_the_float32_output_store_copies_every_bit(tmp_path, offset):
+    import ctypes
+    import subprocess
+
+    import torch
+
+    from mra_compile.schedules import cpu_stores
+
+    lib = tmp_path / "stores.so"
+    subprocess.run(["cc", *cpu_stores.FLAGS, "-DHIDDEN=", "-shared", "-fPIC",
+                    str(cpu_stores.SOURCE), "-o", str(lib)], check=True)
+    store = ctypes.CDLL(str(lib)).mra_store_rows_f32
+    rows, D, lds, ldd = 5, 48, 56, 64
+    src = torch.randn(rows, lds, generator=torch.Generator().manual_seed(0))
+    src.view(torch.int32)[0, :3] = torch.tensor([0x7FC01234, -0x800000, 0x1], dtype=torch.int32)
+    dst = torch.zeros(offset + rows * ldd * 2)  # (the tail: never written)
+    store(ctypes.c_void_p(src.data_ptr()), lds, ctypes.c_void_p(dst.data_ptr() + 4 * offset),
+          ldd, rows, D)
+    got = dst[offset:offset + rows * ldd].view(rows, ldd)
+    assert torch.equal(got[:, :D].view(torch.int32), src[:, :D].view(torch.int32))
+    assert not got[:, D:].any() and not dst[offset + rows * ldd:].any()

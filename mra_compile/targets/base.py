@@ -88,8 +88,8 @@ class Target:
         run on half-precision operands and there are no micro-kernels for it."""
         return False
 
-    def link_objects(self, static: dict) -> list[str]:
-        """Object files to link into the library of a kernel variant ``static``."""
+    def link_objects(self, op: str, static: dict) -> list[str]:
+        """Object files to link into the library of kernel ``op``'s variant ``static``."""
         return []
 
     # ------------------------------------------------------------------ building

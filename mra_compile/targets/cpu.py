@@ -77,12 +77,13 @@ class CpuTarget(Target):
             return None
         return "avx512_bf16_fp32_pv" if float32_pv else "avx512_bf16"
 
-    def link_objects(self, static: dict) -> list[str]:
-        if str(static.get("micro", "")).startswith("avx512_bf16"):
-            from mra_compile.schedules import cpu_bf16
+    def link_objects(self, op: str, static: dict) -> list[str]:
+        from mra_compile.schedules import cpu_bf16, cpu_stores
 
-            return cpu_bf16.objects()
-        return []
+        objects = cpu_stores.objects() if op == "hires_rows" else []  # (its output's stores)
+        if str(static.get("micro", "")).startswith("avx512_bf16"):
+            objects += cpu_bf16.objects()
+        return objects
 
     def build_dtypes(self, requested: list[str] | None) -> list[str]:
         # float16 inputs run on the float32 kernels here, and so do bfloat16 inputs on a
