@@ -392,20 +392,24 @@ def _custom(sch, threads, tensor_cores, products, gather="k_g", a_transposed=())
             if tensor_cores and io in HALF else None)
 
 
-def _probabilities_key_major(sch, tensor_cores):
+def _probabilities_key_major(sch, tensor_cores, operands=(("prob_io", "unit_out"),),
+                             gather="k_g"):
     """P v's operand P (``prob_io``, [b, W]) stored [W, b] like the probabilities it is
     rounded from, element for element in their order (queries on the lanes), and loaded
     column-major by the product: no transposing copy, which read a 32-way bank-conflicted
     column of the probabilities per store and, reading another index than it wrote, had
     a barrier per iteration (``PASS_CONFIG``). For fp16/bf16 with ``tensor_cores``;
     returns the products that read it so (for ``_custom``). (Where P v ends up on CUDA
-    cores all the same, e.g. 8 warps, it reads the same values in the other order.)"""
-    if not (tensor_cores and _io(sch) in HALF):
+    cores all the same, e.g. 8 warps, it reads the same values in the other order.)
+    ``operands``: (the rounded copy, its product) pairs: the backward's P and dS
+    (``operators._slot_product``'s ``prob_t``, ``ds_t``) the same way."""
+    if not (tensor_cores and _io(sch, gather) in HALF):
         return ()
-    block = sch.get_sblock("prob_io")
-    sch.transform_block_layout(block, _swap_last_two(len(sch.get(block).iter_vars)))
-    sch.transform_layout(block, ("write", 0), _swap_last_two(_ndim(sch, block)))
-    return ("unit_out",)
+    for stage, _ in operands:
+        block = sch.get_sblock(stage)
+        sch.transform_block_layout(block, _swap_last_two(len(sch.get(block).iter_vars)))
+        sch.transform_layout(block, ("write", 0), _swap_last_two(_ndim(sch, block)))
+    return tuple(product for _, product in operands)
 
 
 def _ndim(sch, block) -> int:
@@ -504,7 +508,9 @@ def bwd_dq_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
         sch.compute_inline(sch.get_sblock(name))
     threads = _cuda_core_threads(sch, threads)
     custom = _custom(sch, threads, tensor_cores, _backward_products(sch, DQ_PRODUCTS, "dq_unit",
-                                                                blocks_per_unit))
+                                                                blocks_per_unit),
+                     a_transposed=_probabilities_key_major(sch, tensor_cores,
+                                                           (("ds_t", "dq_unit"),)))
     per_unit(sch, ("dq_unit",), 2, threads, custom=custom, copies=("k_g", "v_g"),
              vector_bytes=vector_bytes)
     skip_padding_units(sch, "unit_row")
@@ -519,7 +525,10 @@ def bwd_dkdv_units(sch, *, threads, blocks_per_unit, tensor_cores,
         sch.compute_inline(sch.get_sblock(name))
     custom = _custom(sch, threads, tensor_cores,
                      _backward_products(sch, DKDV_PRODUCTS, "dk_unit", blocks_per_unit),
-                     gather="q_g")
+                     gather="q_g",
+                     a_transposed=_probabilities_key_major(
+                         sch, tensor_cores, (("prob_t", "dv_unit"), ("ds_t", "dk_unit")),
+                         gather="q_g"))
     per_unit(sch, ("dk_unit", "dv_unit"), 2, threads, custom=custom, copies=("q_g", "g_g"),
              vector_bytes=vector_bytes)
     skip_padding_units(sch, "unit_col")

@@ -15,7 +15,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import CUDA_HEAD_DIMS, REPO, build_cuda_library, run_python
+from conftest import CUDA_HEAD_DIMS, REPO, SM90_LIBRARY, build_cuda_library, run_python
 
 from mra_compile import aot, cli, cuda_toolchain, host, library, targets
 
@@ -33,7 +33,7 @@ def sm90(tmp_path_factory):
     # 64: every product on tensor cores; 40 (padded to 48): P V's 3 column tiles do not
     # split over 4 warps, so it stays on CUDA cores; 128: the largest common head dim.
     # With the grouped-query variants (enable_gqa): they must compile and not spill too.
-    return build_cuda_library(tmp_path_factory, "sm_90", (64, 40, 128), "--grouped-heads")
+    return build_cuda_library(tmp_path_factory, *SM90_LIBRARY)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def sm80(sm80_library):
     return sm80_library  # (the library tests/test_cuda_emulation.py runs)
 
 
-HEAD_DIMS = {"sm80": CUDA_HEAD_DIMS, "sm90": (64, 40, 128)}
+HEAD_DIMS = {"sm80": CUDA_HEAD_DIMS, "sm90": SM90_LIBRARY[1]}
 
 
 def _manifest(directory):
@@ -123,13 +123,14 @@ def test_half_precision_products_run_on_tensor_cores(sm90):
         assert "wmma" not in "".join(grouped[(op, "float32", 64)])
     # ... and so does the device code: in the PTX nvcc made of each hot kernel, mma
     # instructions on fp32 accumulators and operands of the kernel's dtype (PTX names fp16
-    # operands implicitly: .f32.f32), none in the fp32 kernels. The forward's P v reads
-    # P column-major (stored key-major, as the probabilities are: no transposing copy).
+    # operands implicitly: .f32.f32), none in the fp32 kernels. Every unit's P v (and
+    # the backward's dS k, dS^T q) reads P (dS) column-major: stored key-major, as the
+    # probabilities are, no transposing copy.
     operands = {"float16": "m16n16k16.f32.f32", "bfloat16": "m16n16k16.f32.bf16.bf16.f32"}
     for (op, io, D), kernels in _by_op(sm90, "report").items():
         if op in HOT and D == 64:
             used = set().union(*(k["mma"] for k in kernels))
-            layouts = ("row.row", "col.row") if op in ("hires_units", "hires_rows") else ("row.row",)
+            layouts = ("row.row", "col.row")
             want = ({f"wmma.mma.sync.aligned.{lay}.{operands[io]}" for lay in layouts}
                     if io in HALF else set())
             assert used == want, (op, io, used)

@@ -225,7 +225,9 @@ def _barriers_per_block(source: str) -> int:
 @needs_nvcc
 @pytest.mark.parametrize("op, io, most", [("hires_units", "bfloat16", 40),
                                           ("hires_rows", "bfloat16", 78),
-                                          ("hires_rows", None, 77)])
+                                          ("hires_rows", None, 77),
+                                          ("bwd_dq_units", "bfloat16", 26),
+                                          ("bwd_dkdv_units", "bfloat16", 61)])
 def test_element_wise_unit_stages_have_no_barrier_per_iteration(op, io, most):
     """TVM's barrier planner sees every ``shared.dyn`` buffer as one and lets two accesses
     of a loop pass only where their indices are the same expression of the thread index.
@@ -234,7 +236,8 @@ def test_element_wise_unit_stages_have_no_barrier_per_iteration(op, io, most):
     barrier in every iteration of such loops: 55 a unit of hires_units and 103 of
     hires_rows in bf16 (87 of hires_rows in float32) at D = 64, against 40, 78 (77)
     with ``cuda.PASS_CONFIG`` and (fp16/bf16) P v's operand stored key-major and loaded
-    column-major."""
+    column-major; the backward's units, whose P and dS were such copies too: 41 (dq) and
+    91 (dk, dv) against 26 and 61."""
     from mra_compile import build, kernels, knob_policy, targets
 
     target = targets.get("cuda-sm_80")
