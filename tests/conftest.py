@@ -129,99 +129,20 @@ CUDA_HEAD_DIMS = tuple(int(d) for d in os.environ.get("MRA_COMPILE_EMULATION_HEA
                                                       "40 64 72 96 100 128").split())
 
 
-# The CUDA libraries the tests build, as (arch, head dims, more options of ``mra-compile
-# build``): the sm_80 one both CUDA test files use (``sm80_library``), tests/test_cuda_build.py's
-# sm_90 one, and the bf16 tuning variants tests/test_cuda_emulation.py runs.
-SM80_LIBRARY = ("sm_80", CUDA_HEAD_DIMS, ())
-SM90_LIBRARY = ("sm_90", (64, 40, 128), ("--grouped-heads",))
-TUNING_LIBRARY = ("sm_80", (64,), ("--dtypes", "bfloat16", "--tuning-variants", "bfloat16:64"))
-
-
 @pytest.fixture(scope="session")
 def sm80_library(tmp_path_factory):
     """The sm_80 CUDA kernel library for ``CUDA_HEAD_DIMS``, built once (~1 minute):
     tests/test_cuda_build.py checks its device code, tests/test_cuda_emulation.py runs it."""
-    return build_cuda_library(tmp_path_factory, *SM80_LIBRARY)
+    return build_cuda_library(tmp_path_factory, "sm_80", CUDA_HEAD_DIMS)
 
 
-def _build_argv(arch, head_dims, extra, out) -> list[str]:
-    return ["build", "--target", "cuda", "--arch", arch, "--out", str(out), "--head-dims",
-            *map(str, head_dims), *extra]
-
-
-def build_cuda_library(tmp_path_factory, arch, head_dims, extra=()):
+def build_cuda_library(tmp_path_factory, arch, head_dims, *extra):
     """``mra-compile build --target cuda --arch ARCH --head-dims ...`` (+ ``extra``) into a
-    fresh temporary directory, which it returns (nvcc, no GPU): the one built in the
-    background since the session's start (``pytest_collection_finish``), or built now."""
-    background = _BACKGROUND_BUILDS.pop((arch, tuple(head_dims), tuple(extra)), None)
-    if background is not None:
-        proc, out, log = background
-        proc.wait()
-        assert proc.returncode == 0, Path(log).read_text()[-6000:]
-        return out
+    fresh temporary directory, which it returns (nvcc, no GPU)."""
     from mra_compile import cli
 
     out = tmp_path_factory.mktemp(f"cuda_{arch}")
-    assert cli.main(_build_argv(arch, head_dims, extra, out)) == 0
+    argv = ["build", "--target", "cuda", "--arch", arch, "--out", str(out), "--head-dims",
+            *map(str, head_dims), *extra]
+    assert cli.main(argv) == 0
     return out
-
-
-# ------------------------------------------------------------------ background builds
-# A CUDA library takes 1-2 minutes to build (TVM's lowering and nvcc, mostly on one core),
-# and the tests that read them come after most of the CPU tests, which leave the second
-# core idle much of the time (kernel builds are single-threaded too). So each library the
-# collected tests need starts building, at a lower priority, as soon as they are
-# collected; ``build_cuda_library`` waits for it. (The same command, the same bytes: a
-# build depends on the code and the options only.)
-
-_BACKGROUND_BUILDS: dict = {}  # (arch, head dims, extra) -> (process, out dir, log file)
-_BUILD_SCRIPT = "import sys; from mra_compile import cli; sys.exit(cli.main(sys.argv[1:]))"
-
-
-def _libraries_needed(items) -> set:
-    needed = set()
-    for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        # (a fixture asked for by name: tests/test_cuda_build.py's ``fixture`` parameter)
-        names.add(getattr(getattr(item, "callspec", None), "params", {}).get("fixture"))
-        for fixtures, library in (({"sm80_library", "sm80"}, SM80_LIBRARY),
-                                  ({"sm90"}, SM90_LIBRARY),
-                                  ({"tuning_emulation"}, TUNING_LIBRARY)):
-            if names & fixtures:
-                needed.add(library)
-    return needed
-
-
-def pytest_collection_finish(session):
-    import shutil
-    import tempfile
-
-    if shutil.which("nvcc") is None or session.config.option.collectonly:
-        return
-    needed = _libraries_needed(session.items)
-    if not needed:
-        return
-    base = Path(tempfile.mkdtemp(prefix="mra_cuda_libraries_"))
-    session.config.stash[_BASE] = base
-    for i, (arch, head_dims, extra) in enumerate(sorted(needed)):
-        out, log = base / f"{i}_{arch}", base / f"{i}_{arch}.log"
-        with open(log, "w") as f:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _BUILD_SCRIPT, *_build_argv(arch, head_dims, extra, out)],
-                stdout=f, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(5))
-        _BACKGROUND_BUILDS[(arch, tuple(head_dims), tuple(extra))] = (proc, out, log)
-
-
-_BASE = pytest.StashKey[Path]()
-
-
-def pytest_sessionfinish(session):
-    import shutil
-
-    for proc, _, _ in _BACKGROUND_BUILDS.values():  # (not waited for: a test run cut short)
-        proc.kill()
-        proc.wait()
-    _BACKGROUND_BUILDS.clear()
-    base = session.config.stash.get(_BASE, None)
-    if base is not None:
-        shutil.rmtree(base, ignore_errors=True)

@@ -269,10 +269,10 @@ TUNING_CASES = {f"config{i:02d}-{mode}": {**_case(64, "bfloat16", mode, masked),
 @pytest.fixture(scope="module")
 def tuning_emulation(fakes, tmp_path_factory):
     """The tuning variants of bf16, D = 64 (and the rest of that library), emulated."""
-    from conftest import TUNING_LIBRARY, build_cuda_library
+    from conftest import build_cuda_library
 
-    assert TUNING_LIBRARY[0] == ARCH
-    lib = build_cuda_library(tmp_path_factory, *TUNING_LIBRARY)
+    lib = build_cuda_library(tmp_path_factory, ARCH, (64,), "--dtypes", "bfloat16",
+                             "--tuning-variants", "bfloat16:64")
     return _emulate(lib, TUNING_CASES, fakes, tmp_path_factory.mktemp("tuning_emulation"))
 
 
