@@ -29,9 +29,10 @@ SHARED = "shared.dyn"
 # stage loops then got a barrier per iteration (16 a stage). nvcc eliminates the common
 # subexpressions itself (registers and spills unchanged). (Also tried: StorageRewrite
 # off, which made the float32 sparse hires_rows wrong in the emulation for D != 64, no
-# race reported; the unit's per-key factor inlined into the logits and the exps, which
-# would take two more barrier loops out, but with StorageRewrite on hires_units fp16/bf16
-# at D = 128 then failed to lower: "tvm_access_ptr element type must match".)
+# race reported; the unit's per-key factor inlined into the logits and the exps, but
+# with StorageRewrite on hires_units fp16/bf16 at D = 128 then failed to lower:
+# "tvm_access_ptr element type must match". The per-token values those loops read at
+# another index live in static shared memory instead: ``_apart``.)
 PASS_CONFIG = {"tirx.disable_cse_tir": True}
 
 
@@ -412,6 +413,25 @@ def _probabilities_key_major(sch, tensor_cores, operands=(("prob_io", "unit_out"
     return tuple(product for _, product in operands)
 
 
+def _apart(sch, names):
+    """The unit's per-token stages ``names`` (one value per key or per query: [W] or [b]
+    a unit) in static shared memory, each a buffer of its own; those the kernel does not
+    have (``full`` only, inlined, or in global memory) are left out. The barrier planner
+    sees every ``shared.dyn`` buffer as one: an element-wise loop that read such a value
+    (at another index than it reads and writes its elements at) got a barrier in every
+    iteration. Written before those loops, the values need none there."""
+    have = {_name(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root"))} \
+        if _has_root(sch) else set()
+    for name in names:
+        if name in have and sch.get(sch.get_sblock(name)).writes[0].source.scope() == SHARED:
+            sch.set_scope(sch.get_sblock(name), 0, "shared")
+
+
+# hires_rows' per-query stages ([b] a unit; ``operators.hires_rows``).
+HIRES_ROWS_TOKENS = ("unit_max", "unit_sum", "ov_stab", "row_best", "row_max", "own_scale",
+                     "ov_z", "z_hi", "delta", "hi_scale", "lo_scale", "inv_norm")
+
+
 def _ndim(sch, block) -> int:
     """Dimensions of the buffer ``block`` writes."""
     return len(sch.get(block).writes[0].source.shape)
@@ -446,6 +466,7 @@ def hires_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes, sp
                      a_transposed=_probabilities_key_major(sch, tensor_cores))
     per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
+    _apart(sch, ("key_factor",))
     skip_padding_units(sch, "unit_row")
     return sch
 
@@ -468,6 +489,7 @@ def hires_rows(sch, *, threads, row_unit_blocks, tensor_cores, vector_bytes,
                      a_transposed=_probabilities_key_major(sch, tensor_cores))
     per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
+    _apart(sch, ("key_factor",) + HIRES_ROWS_TOKENS)
     bound_reductions(sch, ("ov_stab", "ov_z", "ov_o"), "ov_units", "ucap")
     return sch
 
@@ -513,6 +535,7 @@ def bwd_dq_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes):
                                                            (("ds_t", "dq_unit"),)))
     per_unit(sch, ("dq_unit",), 2, threads, custom=custom, copies=("k_g", "v_g"),
              vector_bytes=vector_bytes)
+    _apart(sch, ("key_factor",))
     skip_padding_units(sch, "unit_row")
     return sch
 
@@ -531,6 +554,7 @@ def bwd_dkdv_units(sch, *, threads, blocks_per_unit, tensor_cores,
                          gather="q_g"))
     per_unit(sch, ("dk_unit", "dv_unit"), 2, threads, custom=custom, copies=("q_g", "g_g"),
              vector_bytes=vector_bytes)
+    _apart(sch, ("query_factor", "key_mask"))
     skip_padding_units(sch, "unit_col")
     return sch
 

@@ -1,7 +1,7 @@
 """A CPU emulation of the generated CUDA kernels (tests/test_cuda_emulation.py).
 
 - ``kernel_include/cuda_emu.h``: CUDA device code for g++ (threads as fibers, barriers,
-  dynamic shared memory, half / bfloat16, vector types, wmma);
+  dynamic and static shared memory, half / bfloat16, vector types, wmma);
 - ``fake_libcuda.c``, ``fake_libcudart.c``: the driver and runtime TVM's CUDA runtime
   calls, running the kernels on the CPU with race, uninitialised-read, out-of-bounds,
   alignment and barrier checks;

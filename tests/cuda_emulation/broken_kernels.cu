@@ -153,3 +153,34 @@ extern "C" __global__ void __launch_bounds__(64) wmma_matmul(float* c_out, const
     nvcuda::wmma::store_matrix_sync(c_out, c, 16, nvcuda::wmma::mem_row_major);
   }
 }
+
+// ---- static shared arrays (TVM's "shared" scope), placed after the dynamic ones
+
+// Reads a neighbour's element of a static array with no __syncthreads() in between.
+extern "C" __global__ void __launch_bounds__(64) race_static_shared(float* out) {
+  __shared__ alignas(64) float buf[64];
+  buf[threadIdx.x] = (float)threadIdx.x;
+  out[threadIdx.x] = buf[(threadIdx.x + 1) % 64];
+}
+
+// One element past a static array of 64 (the last of the block's shared memory).
+extern "C" __global__ void __launch_bounds__(64) oob_static_shared(float* out) {
+  __shared__ alignas(64) float buf[64];
+  buf[threadIdx.x + 1] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = buf[threadIdx.x];
+}
+
+// Dynamic and two static arrays together, correct: out[t] = 3 t + 1 of a neighbour.
+extern "C" __global__ void __launch_bounds__(64) static_shared_fixed(float* out) {
+  extern __shared__ __align__(64) unsigned char smem[];
+  __shared__ alignas(64) float a[64];
+  __shared__ alignas(16) int b[64];
+  float* d = (float*)smem;
+  d[threadIdx.x] = (float)threadIdx.x;
+  a[threadIdx.x] = 2.0f * threadIdx.x;
+  b[threadIdx.x] = 1;
+  __syncthreads();
+  int n = (threadIdx.x + 1) % 64;
+  out[threadIdx.x] = d[n] + a[n] + (float)b[n];
+}

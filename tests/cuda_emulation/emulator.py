@@ -45,6 +45,10 @@ DEFINITION = re.compile(
     r'extern "C" __global__ void (?:__launch_bounds__\((\d+)(?:,\s*\d+)?\)\s+)?(\w+)\(([^;{)]*)\)\s*\{')
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?[\w ]+?(\w+)\[\];")
 STATIC_SHARED = re.compile(r"^\s*__shared__ ", re.M)
+# ``__shared__ alignas(A) T name[n];``: a static array of a kernel (TVM's "shared" scope)
+STATIC_ARRAY = re.compile(r"^(\s*)__shared__ alignas\((\d+)\) ([\w ]+?) (\w+)\[(\d+)\];", re.M)
+SIZEOF = {"float": 4, "int": 4, "unsigned int": 4, "double": 8, "half": 2, "nv_bfloat16": 2,
+          "signed char": 1, "uchar": 1, "unsigned char": 1, "long long": 8, "int64_t": 8}
 
 CXXFLAGS = ("-std=c++17", "-O2", "-g1", "-fPIC", "-fno-strict-aliasing", "-fwrapv",
             # every memory access calls the fakes' __tsan_* checks, misaligned ones their
@@ -112,9 +116,10 @@ def _param(text: str) -> tuple[str, str, str]:
     return ctype, m.group(2), kind
 
 
-def entry_points(source: str) -> str:
+def entry_points(source: str, static: dict[str, int] | None = None) -> str:
     """C++ for every kernel of ``source``: ``emu_entry_<name>(void** params)`` calling it
-    with the launch's parameters, ``emu_bound_<name>`` (its __launch_bounds__) and
+    with the launch's parameters, ``emu_bound_<name>`` (its __launch_bounds__),
+    ``emu_static_<name>`` (bytes of its static shared arrays, ``static``) and
     ``emu_params_<name>`` ("p:name,i:name,...", for the fakes' reports)."""
     lines = []
     for bound, name, params in DEFINITION.findall(source):
@@ -125,10 +130,49 @@ def entry_points(source: str) -> str:
         lines += [f'extern "C" __attribute__((no_sanitize_thread)) void emu_entry_{name}'
                   f'(void** p) {{ {name}({call}); }}',
                   f'extern "C" const int emu_bound_{name} = {bound or 0};',
+                  f'extern "C" const int emu_static_{name} = {(static or {}).get(name, 0)};',
                   f'extern "C" const char* const emu_params_{name} = "{spec}";']
     if not lines:
         raise ValueError("no kernel definitions found")
     return "\n".join(lines) + "\n"
+
+
+def static_shared(source: str) -> tuple[str, dict[str, int]]:
+    """``source`` with each kernel's static ``__shared__`` arrays declared as pointers into
+    the block's shared memory after its dynamic part (``emu_static_base``), on the same
+    lines; and ``{kernel: bytes of its static arrays}``. So their accesses are checked as
+    the dynamic ones are (bounds, races, uninitialised reads)."""
+    starts = [(m.start(), m.group(2)) for m in DEFINITION.finditer(source)]
+    sizes, pieces, at = {}, [], 0
+    for k, (start, name) in enumerate(starts):
+        end = starts[k + 1][0] if k + 1 < len(starts) else len(source)
+        text, sizes[name] = _static_arrays(source[start:end], name)
+        pieces += [source[at:start], text]
+        at = end
+    rewritten = "".join(pieces) + source[at:]
+    if STATIC_SHARED.search(rewritten):
+        raise RuntimeError("static __shared__ arrays of another form than "
+                           "`__shared__ alignas(A) T name[n];` are not emulated")
+    return rewritten, sizes
+
+
+def _static_arrays(kernel: str, name: str) -> tuple[str, int]:
+    """One kernel's text with its static arrays as pointers (``static_shared``), and
+    their bytes."""
+    offset = 0
+
+    def pointer(m):
+        nonlocal offset
+        indent, align, ctype, var, count = m.groups()
+        if ctype not in SIZEOF:
+            raise RuntimeError(f"{name}: static __shared__ array of unknown type {ctype!r}")
+        offset = -(-offset // int(align)) * int(align)
+        text = (f"{indent}{ctype}* const {var} = ({ctype}*)(emu_dyn_smem + "
+                f"emu_static_base() + {offset});")
+        offset += SIZEOF[ctype] * int(count)
+        return text
+
+    return STATIC_ARRAY.sub(pointer, kernel), offset
 
 
 def kernel_names(source: str) -> list[str]:
@@ -141,11 +185,11 @@ def build_emulation(cu: Path, out: Path, inits=INITS) -> list[str]:
     value (in parallel); returns the shared libraries in the order of ``inits``."""
     cu, out = Path(cu).resolve(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    source = cu.read_text()
-    if STATIC_SHARED.search(source):
-        raise RuntimeError(f"{cu}: static __shared__ arrays are not emulated (only dynamic ones)")
+    source, static = static_shared(cu.read_text())
+    emulated = out / f"{cu.stem}_emulated.cu"  # (the same lines as ``cu``)
+    emulated.write_text(source)
     unit = out / f"{cu.stem}_emulation.cc"
-    unit.write_text(f'#include "{cu}"\n' + entry_points(source))
+    unit.write_text(f'#include "{emulated}"\n' + entry_points(source, static))
     defines = [f"-D{name}=emu_dyn_smem" for name in sorted(set(DYNAMIC_SHARED.findall(source)))]
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:

@@ -13,7 +13,7 @@
  *   uninit      a read of shared memory not written earlier in the block, of a
  *               workspace (cudaMalloc) not written since the op started, or of a
  *               device buffer byte the host marked uninitialised (emu_mark_init);
- *   oob         an access outside the block's dynamic shared memory or outside its
+ *   oob         an access outside the block's shared memory (dynamic, then static) or outside its
  *               allocation (redzones around every one, checked after each launch too);
  *   wild        an access to memory that is neither (the launch is stopped);
  *   misaligned  a misaligned access (-fsanitize=alignment) or wmma pointer / leading
@@ -137,6 +137,7 @@ typedef struct {
   char pkind[MAX_PARAMS]; /* 'p' pointer, 'i' 32-bit int, 'f' float, 'l' 64-bit */
   char pname[MAX_PARAMS][48];
   int max_dyn_smem;
+  size_t static_smem; /* bytes of its static __shared__ arrays (emu_static_<name>) */
 } func_t;
 typedef struct {
   const void* image;
@@ -186,7 +187,8 @@ static struct {
   ucontext_t sched_uc;
 #endif
   uint32_t block_serial, launch_serial, block_in_launch;
-  size_t dyn_smem;
+  size_t smem; /* the block's shared memory: dynamic, then static (at static_base) */
+  size_t static_base;
   int aborted;
   CUresult error; /* what the launch returns */
   char error_text[1024];
@@ -226,7 +228,7 @@ static void report(const char* kind, const char* space, const region_t* region, 
                    unsigned size, int write, int has_other, uint32_t other, int owrite,
                    const void* pc, const char* fmt, ...) {
   const char* kernel = S.func ? S.func->name : "";
-  const char* rname = region ? region->name : (space && !strcmp(space, "shared") ? "dynamic shared memory" : "");
+  const char* rname = region ? region->name : (space && !strcmp(space, "shared") ? "shared memory" : "");
   for (int i = 0; i < nreports; ++i) {
     report_t* r = &reports[i];
     if (!strcmp(r->kind, kind) && !strcmp(r->kernel, kernel) && !strcmp(r->space, space ? space : "") &&
@@ -457,10 +459,10 @@ static region_t* find_region(uintptr_t a) {
 
 static void shared_access(uintptr_t a, size_t size, int write, const void* pc) {
   long long off = (long long)(a - SMEM_BASE);
-  if (a < SMEM_BASE || off + (long long)size > (long long)S.dyn_smem) {
+  if (a < SMEM_BASE || off + (long long)size > (long long)S.smem) {
     report("oob", "shared", NULL, off, (unsigned)size, write, 0, 0, 0, pc,
-           "%s of %zu bytes at offset %lld of %zu bytes of dynamic shared memory",
-           write ? "write" : "read", size, off, S.dyn_smem);
+           "%s of %zu bytes at offset %lld of %zu bytes of shared memory",
+           write ? "write" : "read", size, off, S.smem);
     fail_launch(CUDA_ERROR_ILLEGAL_ADDRESS, "out-of-bounds shared memory access in %s",
                 S.func->name);
     return;
@@ -609,6 +611,10 @@ EXPORT void __ubsan_handle_type_mismatch_v1_abort(struct ubsan_mismatch* d, uint
 /* ---------------------------------------------------------------- barriers, collectives */
 
 static void yield_now(void) { to_scheduler(S.cur); }
+
+/* Where the running block's static __shared__ arrays start, from emu_dyn_smem (the
+ * emulation's source declares them as pointers there: emulator.static_shared). */
+EXPORT size_t emu_static_base(void) { return S.static_base; }
 
 EXPORT void emu_syncthreads(int line) {
   fiber_t* t = S.cur;
@@ -807,10 +813,10 @@ static void check_canaries(void) {
       break;
     }
   }
-  for (size_t i = SMEM_RZ + S.dyn_smem; i < sizeof emu_smem_arena; ++i) {
+  for (size_t i = SMEM_RZ + S.smem; i < sizeof emu_smem_arena; ++i) {
     if (emu_smem_arena[i] != CANARY) {
       report("oob", "shared", NULL, (long long)(i - SMEM_RZ), 1, 1, 0, 0, 0, NULL,
-             "bytes after the %zu of dynamic shared memory were overwritten (byte %zu)", S.dyn_smem,
+             "bytes after the %zu of shared memory were overwritten (byte %zu)", S.smem,
              i - SMEM_RZ);
       fail_launch(CUDA_ERROR_ILLEGAL_ADDRESS, "shared memory redzone overwritten in %s", S.func->name);
       break;
@@ -897,11 +903,19 @@ static CUresult launch(func_t* f, unsigned gx, unsigned gy, unsigned gz, unsigne
     fail_launch(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "too many threads for %s", f->name);
     return S.error;
   }
-  int limit = f->max_dyn_smem > 48 * 1024 ? f->max_dyn_smem : 48 * 1024;
-  if (smem > (unsigned)limit || smem > SMEM_MAX) {
+  /* static arrays after the dynamic memory (as emu_static_base says), 64-byte aligned */
+  size_t static_base = ((size_t)smem + 63) & ~(size_t)63;
+  size_t total = f->static_smem ? static_base + f->static_smem : smem;
+  /* As the driver: dynamic memory up to the function's attribute where it was set (which
+   * cuFuncSetAttribute checked against the opt-in maximum, static memory included), else
+   * dynamic and static together up to 48 KB. */
+  int over = f->max_dyn_smem > 0 ? smem > (unsigned)f->max_dyn_smem
+                                 : smem + f->static_smem > 48 * 1024;
+  if (over || total > SMEM_MAX) {
     report("launch", "", NULL, 0, 0, 0, 0, 0, 0, NULL,
-           "%u bytes of dynamic shared memory: more than the %d allowed (48 KB unless raised "
-           "by cuFuncSetAttribute)", smem, limit);
+           "%u bytes of dynamic and %zu of static shared memory: more than allowed (%d of "
+           "dynamic memory set by cuFuncSetAttribute; else 48 KB in all)", smem, f->static_smem,
+           f->max_dyn_smem);
     fail_launch(CUDA_ERROR_INVALID_VALUE, "too much shared memory for %s", f->name);
     return S.error;
   }
@@ -930,7 +944,8 @@ static CUresult launch(func_t* f, unsigned gx, unsigned gy, unsigned gz, unsigne
   }
   S.params = params;
   S.nthreads = (unsigned)nthreads;
-  S.dyn_smem = smem;
+  S.smem = total;
+  S.static_base = static_base;
   S.aborted = 0;
   S.preempt_left = S.preempt_period;
   emu_builtins.block_dim = (emu_uint3){bx, by, bz};
@@ -957,7 +972,7 @@ static CUresult launch(func_t* f, unsigned gx, unsigned gy, unsigned gz, unsigne
     emu_builtins.block_idx = unlinear(b, emu_builtins.grid_dim);
     S.block_in_launch = (uint32_t)b;
     S.block_serial++;
-    memset((void*)SMEM_BASE, S.poison, smem);
+    memset((void*)SMEM_BASE, S.poison, S.smem);
     run_block();
     S.blocks++;
     S.threads += nthreads;
@@ -1300,6 +1315,9 @@ EXPORT CUresult cuModuleGetFunction(CUfunction* hfunc, CUmodule hmod, const char
       snprintf(sym, sizeof sym, "emu_bound_%s", name);
       const int* bound = dlsym(libs[i], sym);
       f->bound = bound ? *bound : 0;
+      snprintf(sym, sizeof sym, "emu_static_%s", name);
+      const int* stat = dlsym(libs[i], sym);
+      f->static_smem = stat ? (size_t)*stat : 0;
       snprintf(sym, sizeof sym, "emu_params_%s", name);
       const char* const* params = dlsym(libs[i], sym);
       parse_params(f, params ? *params : "");
@@ -1313,7 +1331,8 @@ EXPORT CUresult cuFuncSetAttribute(CUfunction hfunc, CUfunction_attribute attrib
   func_t* f = (func_t*)hfunc;
   if (!f) return CUDA_ERROR_INVALID_HANDLE;
   if (attrib == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) {
-    if (value < 0 || value > 166912) return CUDA_ERROR_INVALID_VALUE; /* sm_80: 163 KB */
+    /* sm_80: 163 KB per block at most, static memory included */
+    if (value < 0 || (size_t)value + f->static_smem > 166912) return CUDA_ERROR_INVALID_VALUE;
     f->max_dyn_smem = value;
     return CUDA_SUCCESS;
   }

@@ -42,6 +42,9 @@ extern emu_builtins_t emu_builtins;
 // Dynamic shared memory of the running block (-D<name>=emu_dyn_smem for the source's
 // ``extern __shared__ uchar <name>[]``).
 extern unsigned char emu_dyn_smem[];
+// Where its static shared arrays start in it (after the dynamic ones; the emulation's
+// source declares them as pointers there: emulator.static_shared).
+size_t emu_static_base(void);
 void emu_syncthreads(int line);
 void emu_syncwarp(unsigned int mask);
 
