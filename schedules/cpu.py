@@ -523,9 +523,9 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, pv_cols, unroll, row_unit_blocks, 
     _skip_missing_units(sch, ri, merges)
     if store is not None:
         t, d = sch.get_loops(store)[-2:]
-        b, D = int(sch.get(t).extent), int(sch.get(d).extent)
-        sch.tensorize(t, cpu_bf16.store_intrinsic(D) if micro == "avx512_bf16"
-                      else cpu_stores.store_intrinsic(b, D))
+        dtype = str(sch.get(store).writes[0].source.dtype)  # (float32, or bf16 bits)
+        sch.tensorize(t, cpu_stores.store_intrinsic(int(sch.get(t).extent),
+                                                    int(sch.get(d).extent), dtype))
     return sch
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from mra_compile import host
+from mra_compile.schedules import cpu_stores
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16")
@@ -30,20 +30,10 @@ BLOCK = 32  # the micro-kernels' block edge
 def objects() -> list[str]:
     """The micro-kernels as an object file to link into a kernel library (built once into
     the kernel cache)."""
-    import subprocess
-
-    source = SOURCE.read_text()
-    digest = host.text_digest(source + " ".join(FLAGS))[:16]
-    try:
-        built = host.cached_c_library(source, f"micro/avx512_bf16-{digest}.o", FLAGS, shared=False)
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        raise RuntimeError(
-            "mra_compile: building the bf16 micro-kernels (schedules/cpu_bf16.c) failed; "
-            "they need a C compiler that knows -mavx512bf16 (gcc 10+, clang 9+). Set "
-            "MRA_COMPILE_CPU_BF16=0 to compute bf16 inputs in float32 instead. "
-            f"{e} {detail.decode(errors='replace')[-400:]}") from e
-    return [str(built)]
+    return cpu_stores.c_object(
+        SOURCE, FLAGS, "avx512_bf16",
+        "the bf16 micro-kernels need a C compiler that knows -mavx512bf16 (gcc 10+, clang "
+        "9+). Set MRA_COMPILE_CPU_BF16=0 to compute bf16 inputs in float32 instead.")
 
 
 @functools.cache
@@ -118,49 +108,6 @@ def intrinsics(D: int) -> tuple[str, str, str]:
     for name, desc, impl in zip(names, (qk_desc, pairs_desc), (qk_impl, pairs_impl)):
         TensorIntrin.register(name, desc, impl)
     return names[0], _pv_intrinsic(D, rounded=True), names[1]
-
-
-@functools.cache
-def store_intrinsic(D: int) -> str:
-    """The name of the intrinsic that rounds a block row's float32 output [b, D] to bf16
-    bits as ``operators.bf16_narrow`` does, written to the op's output (``hires_rows``'
-    ``out``: ``mra_bf16_store_rows``, non-temporal stores) for head dim ``D`` (registered
-    once)."""
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-
-    from mra_compile.operators import BF16_BITS as I16
-    from mra_compile.operators import bf16_narrow as narrow
-
-    b, F32 = BLOCK, "float32"
-
-    @T.prim_func(s_tir=True)
-    def desc(s: T.handle, o: T.handle):
-        ss, so = T.int32(), T.int32()
-        S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
-        O = T.match_buffer(o, (b, D), I16, strides=[so, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(S[0:b, 0:D])
-            T.writes(O[0:b, 0:D])
-            for t, d in T.grid(b, D):
-                with T.sblock("round"):
-                    vt, vd = T.axis.remap("SS", [t, d])
-                    O[vt, vd] = narrow(S[vt, vd])
-
-    @T.prim_func(s_tir=True)
-    def impl(s: T.handle, o: T.handle):
-        ss, so = T.int32(), T.int32()
-        S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
-        O = T.match_buffer(o, (b, D), I16, strides=[so, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(S[0:b, 0:D])
-            T.writes(O[0:b, 0:D])
-            T.evaluate(T.call_extern("int32", "mra_bf16_store_rows", S.access_ptr("r"), ss,
-                                     O.access_ptr("w"), so, b, D))
-
-    name = f"mra_bf16_store_rows_d{D}"
-    TensorIntrin.register(name, desc, impl)
-    return name
 
 
 def float32_pv_intrinsic(D: int) -> str:

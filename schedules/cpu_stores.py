@@ -1,10 +1,13 @@
-"""The float32 output of ``hires_rows`` stored by a C call (``cpu_stores.c``): TVM 0.27
-emits no non-temporal store, and the output (25 MB at N = 8192, B·H = 12, D = 64) is
-written once and not read again by the kernel.
+"""hires_rows' output stored by a C call a block row (``cpu_stores.c``, and for bf16
+``cpu_bf16.c``): TVM 0.27 emits no non-temporal store (nor ``vcvtneps2bf16``), and the
+output (25 MB in float32 at N = 8192, B·H = 12, D = 64) is written once and not read
+again by the kernel.
 
-The intrinsic's description is a copy of a [b, D] block of float32 rows (the block row's
-output, computed into a scratch block in L1 by the schedule's ``cache_write``) into the
-op's output.
+The intrinsic's description is the store of a [b, D] block of float32 rows (the block
+row's output, computed into a scratch block in L1: ``schedules/cpu.py``,
+``_stored_output``) into the op's output: a copy, or for bf16 bits the rounding of
+``operators.bf16_narrow``. Also the C objects' build (``c_object``), which
+``cpu_bf16`` shares.
 """
 from __future__ import annotations
 
@@ -15,60 +18,72 @@ from mra_compile import host
 
 SOURCE = Path(__file__).with_name("cpu_stores.c")
 FLAGS = ("-O2",)
+# The C function storing an output of each dtype ("int16": bf16 bits, in cpu_bf16.c).
+EXTERNS = {"float32": "mra_store_rows_f32", "int16": "mra_bf16_store_rows"}
 
 
-def objects() -> list[str]:
-    """The store as an object file to link into a kernel library (built once into the
-    kernel cache)."""
+def c_object(source: Path, flags: tuple[str, ...], stem: str, advice: str) -> list[str]:
+    """C ``source`` compiled with ``flags`` into an object file to link into a kernel
+    library, once into the kernel cache (``micro/<stem>-<digest>.o``); ``advice``: what a
+    failed build's error says to do."""
     import subprocess
 
-    source = SOURCE.read_text()
-    digest = host.text_digest(source + " ".join(FLAGS))[:16]
+    text = source.read_text()
+    digest = host.text_digest(text + " ".join(flags))[:16]
     try:
-        built = host.cached_c_library(source, f"micro/stores-{digest}.o", FLAGS, shared=False)
+        built = host.cached_c_library(text, f"micro/{stem}-{digest}.o", flags, shared=False)
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         raise RuntimeError(
-            "mra_compile: building the output stores (schedules/cpu_stores.c) failed; "
-            f"the CPU kernels need a C compiler (cc or gcc). {e} "
-            f"{detail.decode(errors='replace')[-400:]}") from e
+            f"mra_compile: building {source.parent.name}/{source.name} failed; {advice} "
+            f"{e} {detail.decode(errors='replace')[-400:]}") from e
     return [str(built)]
 
 
+def objects() -> list[str]:
+    """The float32 store as an object file to link into a kernel library."""
+    return c_object(SOURCE, FLAGS, "stores", "the CPU kernels need a C compiler (cc or gcc).")
+
+
 @functools.cache
-def store_intrinsic(b: int, D: int) -> str:
-    """The name of the intrinsic that copies a [b, D] float32 block (a block row of ``b``
-    tokens) into the output (``mra_store_rows_f32``) for head dim ``D`` (registered
-    once)."""
+def store_intrinsic(b: int, D: int, dtype: str = "float32") -> str:
+    """The name of the intrinsic that stores a [b, D] float32 block (a block row of ``b``
+    tokens) into an output of ``dtype`` ("float32", or "int16": bf16 bits, rounded) for
+    head dim ``D`` (registered once): a call of ``EXTERNS[dtype]``."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    F32 = "float32"
+    from mra_compile.operators import bf16_narrow
+
+    F32, extern = "float32", EXTERNS[dtype]
+
+    def value(x):  # the output's value of float32 x
+        return x if dtype == F32 else bf16_narrow(x)
 
     @T.prim_func(s_tir=True)
     def desc(s: T.handle, o: T.handle):
         ss, so = T.int32(), T.int32()
         S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
-        O = T.match_buffer(o, (b, D), F32, strides=[so, 1], offset_factor=1)
+        O = T.match_buffer(o, (b, D), dtype, strides=[so, 1], offset_factor=1)
         with T.sblock("root"):
             T.reads(S[0:b, 0:D])
             T.writes(O[0:b, 0:D])
             for t, d in T.grid(b, D):
-                with T.sblock("copy"):
+                with T.sblock("store"):
                     vt, vd = T.axis.remap("SS", [t, d])
-                    O[vt, vd] = S[vt, vd]
+                    O[vt, vd] = value(S[vt, vd])
 
     @T.prim_func(s_tir=True)
     def impl(s: T.handle, o: T.handle):
         ss, so = T.int32(), T.int32()
         S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
-        O = T.match_buffer(o, (b, D), F32, strides=[so, 1], offset_factor=1)
+        O = T.match_buffer(o, (b, D), dtype, strides=[so, 1], offset_factor=1)
         with T.sblock("root"):
             T.reads(S[0:b, 0:D])
             T.writes(O[0:b, 0:D])
-            T.evaluate(T.call_extern("int32", "mra_store_rows_f32", S.access_ptr("r"), ss,
+            T.evaluate(T.call_extern("int32", extern, S.access_ptr("r"), ss,
                                      O.access_ptr("w"), so, b, D))
 
-    name = f"mra_store_rows_f32_b{b}_d{D}"
+    name = f"{extern}_b{b}_d{D}"
     TensorIntrin.register(name, desc, impl)
     return name

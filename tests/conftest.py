@@ -121,6 +121,17 @@ def run_python(script, *args, env=None, cwd=None, timeout=300):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def c_function(tmp_path, source, flags, name):
+    """Function ``name`` of the C file ``source`` (one of the kernels' C sources, built with
+    ``flags`` and its functions exported: ``-DHIDDEN=``), through ctypes."""
+    import ctypes
+
+    lib = tmp_path / f"{Path(source).stem}.so"
+    subprocess.run(["cc", *flags, "-DHIDDEN=", "-shared", "-fPIC", str(source), "-o", str(lib)],
+                   check=True)
+    return getattr(ctypes.CDLL(str(lib)), name)
+
+
 # The head dims of the sm_80 CUDA library (``sm80_library``), as the GPU bundle ships them
 # (padded to 48, 64, 80, 96, 112, 128): P V of 3 column tiles on CUDA cores (48), every
 # product on tensor cores (64), the backward's [b, D] products on CUDA cores (128).

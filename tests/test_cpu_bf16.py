@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import as64, make_qkv, n_blocks, padded_mask
+from conftest import as64, c_function, make_qkv, n_blocks, padded_mask
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -262,10 +262,7 @@ def test_the_output_store_rounds_as_torch(tmp_path, offset):
 
     from mra_compile.schedules import cpu_bf16
 
-    lib = tmp_path / "store.so"
-    subprocess.run(["gcc", *cpu_bf16.FLAGS, "-DHIDDEN=", "-shared", "-fPIC",
-                    str(cpu_bf16.SOURCE), "-o", str(lib)], check=True)
-    store = ctypes.CDLL(str(lib)).mra_bf16_store_rows
+    store = c_function(tmp_path, cpu_bf16.SOURCE, cpu_bf16.FLAGS, "mra_bf16_store_rows")
     rows, D, lds, ldd = 5, 48, 56, 64
     g = torch.Generator().manual_seed(0)
     src = torch.randn(rows, lds, generator=g) * torch.logspace(-30, 30, lds)

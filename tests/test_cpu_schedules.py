@@ -605,16 +605,13 @@ def test_float32_output_is_stored_by_one_call_a_block_row(full):
 @pytest.mark.parametrize("offset", [0, 1])  # (1: a dst not 64-byte aligned, a plain copy)
 def test_the_float32_output_store_copies_every_bit(tmp_path, offset):
     import ctypes
-    import subprocess
 
     import torch
+    from conftest import c_function
 
     from mra_compile.schedules import cpu_stores
 
-    lib = tmp_path / "stores.so"
-    subprocess.run(["cc", *cpu_stores.FLAGS, "-DHIDDEN=", "-shared", "-fPIC",
-                    str(cpu_stores.SOURCE), "-o", str(lib)], check=True)
-    store = ctypes.CDLL(str(lib)).mra_store_rows_f32
+    store = c_function(tmp_path, cpu_stores.SOURCE, cpu_stores.FLAGS, "mra_store_rows_f32")
     rows, D, lds, ldd = 5, 48, 56, 64
     src = torch.randn(rows, lds, generator=torch.Generator().manual_seed(0))
     src.view(torch.int32)[0, :3] = torch.tensor([0x7FC01234, -0x800000, 0x1], dtype=torch.int32)
