@@ -420,11 +420,22 @@ def _apart(sch, names):
     sees every ``shared.dyn`` buffer as one: an element-wise loop that read such a value
     (at another index than it reads and writes its elements at) got a barrier in every
     iteration. Written before those loops, the values need none there."""
-    have = {_name(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root"))} \
-        if _has_root(sch) else set()
     for name in names:
-        if name in have and sch.get(sch.get_sblock(name)).writes[0].source.scope() == SHARED:
-            sch.set_scope(sch.get_sblock(name), 0, "shared")
+        # (a reduction accumulates in a register: its copy into shared memory writes it)
+        for writer in (name, f"{name}_{SHARED}_local"):
+            block = _block_or_none(sch, writer)
+            if block is not None and sch.get(block).writes[0].source.scope() == SHARED:
+                sch.set_scope(block, 0, "shared")
+
+
+def _block_or_none(sch, name):
+    """The block ``name``, or None where the function has none of that name."""
+    from tvm.s_tir.schedule import ScheduleError
+
+    try:
+        return sch.get_sblock(name)
+    except (ScheduleError, ValueError):
+        return None
 
 
 # hires_rows' per-query stages ([b] a unit; ``operators.hires_rows``).
