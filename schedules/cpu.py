@@ -497,8 +497,8 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, pv_cols, unroll, row_unit_blocks, 
     """
     # The output is computed into a [b, D] float32 block in L1, then stored by one call
     # a block row, with non-temporal stores (``_stored_output``): float32 by a copy of
-    # it (``cache_write``), bf16 bits (``micro``) rounded from ``out_f32``.
-    exact, store = _stored_output(sch, micro)
+    # it (``cache_write``), bf16 bits rounded from ``out_f32``.
+    exact, store = _stored_output(sch)
     # The outputs (out and the per-token statistics) share one (row, block) loop.
     outputs = (sch.get(exact if store is None else store).name_hint, "stab", "lo_w", "inv_z")
     ri = sch.merge(*(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]) for name in outputs))
@@ -523,18 +523,18 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, pv_cols, unroll, row_unit_blocks, 
     _skip_missing_units(sch, ri, merges)
     if store is not None:
         t, d = sch.get_loops(store)[-2:]
-        dtype = str(sch.get(store).writes[0].source.dtype)  # (float32, or bf16 bits)
+        dtype = str(sch.get(store).writes[0].source.dtype)
         sch.tensorize(t, cpu_stores.store_intrinsic(int(sch.get(t).extent),
                                                     int(sch.get(d).extent), dtype))
     return sch
 
 
-def _stored_output(sch, micro):
+def _stored_output(sch):
     """hires_rows' output as (the block computing it in float32, the block storing it
-    into ``out``): ``out_f32`` and ``out`` for bf16 bits (micro "avx512_bf16": the
-    operator's own stages, rounded by ``vcvtneps2bf16`` in the call), ``out`` and its
-    ``cache_write`` copy for a float32 output, ``out`` and None for float64 (the
-    tests' gradient checks: TVM's own stores).
+    into ``out``), by the output's dtype: ``out_f32`` and ``out`` for bf16 bits (the
+    operator's own stages, ``operators._rounded_output``; rounded by ``vcvtneps2bf16``
+    in the call), ``out`` and its ``cache_write`` copy for float32, ``out`` and None for
+    float64 (the tests' gradient checks: TVM's own stores).
 
     Why a call: TVM 0.27 emits no non-temporal store, and the output, written once and
     not read again by the kernel, is what its stores would otherwise keep in the caches
@@ -542,10 +542,11 @@ def _stored_output(sch, micro):
     time in float32, 0.986x in bf16 at N = 8192, sparse (the same bits; Zen 4,
     in-process A/B); in bf16 the same call with plain stores is 1.02x (the round trip
     through L1 costs more than the rounding saves)."""
-    if micro == "avx512_bf16":
-        return sch.get_sblock("out_f32"), sch.get_sblock("out")
     out = sch.get_sblock("out")
-    if sch.get(out).writes[0].source.dtype != "float32":
+    dtype = sch.get(out).writes[0].source.dtype
+    if dtype == "int16":  # (bf16 bits: operators.BF16_BITS)
+        return sch.get_sblock("out_f32"), out
+    if dtype != "float32":
         return out, None
     return out, sch.cache_write(out, 0, "global")
 

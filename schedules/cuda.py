@@ -267,11 +267,7 @@ def bound_reductions(sch, stages, count: str, cap: str):
 
 
 def _has_root(sch) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001  (TVM raises its own error type for a missing block)
-        return False
+    return _block_or_none(sch, "root") is not None
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,11 +426,9 @@ def _apart(sch, names):
 
 def _block_or_none(sch, name):
     """The block ``name``, or None where the function has none of that name."""
-    from tvm.s_tir.schedule import ScheduleError
-
     try:
         return sch.get_sblock(name)
-    except (ScheduleError, ValueError):
+    except Exception:  # noqa: BLE001  (TVM raises its own error type for a missing block)
         return None
 
 
