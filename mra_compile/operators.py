@@ -54,16 +54,28 @@ def _exp(x):
     """
     if str(x.ty) == "float64":
         return te.exp(x)
-    xv, kv, rv = (tirx.Var(name, F32) for name in ("exp_x", "exp_k", "exp_r"))
+    xv, tv, kv, rv = (tirx.Var(name, F32) for name in ("exp_x", "exp_t", "exp_k", "exp_r"))
     clamped = te.max(te.min(x, tirx.const(88.0, F32)), tirx.const(-88.0, F32))
-    k = te.floor(xv * tirx.const(1.4426950408889634, F32) + tirx.const(0.5, F32))
+    # k = x / ln2 rounded to the nearest integer by adding EXP_SHIFTER: the sum lies in
+    # [2^23, 2^24), where float32 holds integers only, so t = EXP_SHIFTER + k exactly, k
+    # is t - EXP_SHIFTER, and t's low bits are k + 127: shifted into the exponent field
+    # they are 2^k (the shifter's own bits leave the 32-bit word). Three instructions
+    # where floor, convert, add and shift took five (the exp is most of a unit's
+    # element-wise work).
+    t = xv * tirx.const(1.4426950408889634, F32) + tirx.const(EXP_SHIFTER, F32)
+    k = tv - tirx.const(EXP_SHIFTER, F32)
     # ln2 split in a high part exact in float32 and a small correction.
     r = xv - kv * tirx.const(0.693359375, F32) + kv * tirx.const(2.12194440e-4, F32)
     poly = tirx.const(EXP_POLY[-1], F32)
     for c in reversed(EXP_POLY[:-1]):
         poly = poly * rv + tirx.const(c, F32)
-    two_k = tirx.reinterpret(F32, (kv.astype(I32) + 127) << 23)
-    return tirx.Let(xv, clamped, tirx.Let(kv, k, tirx.Let(rv, r, poly * two_k)))
+    two_k = tirx.reinterpret(F32, tirx.reinterpret(I32, tv) << 23)
+    return tirx.Let(xv, clamped, tirx.Let(tv, t, tirx.Let(kv, k, tirx.Let(rv, r, poly * two_k))))
+
+
+# 1.5 * 2^23 + 127: adding it rounds a float32 of magnitude < 2^22 to an integer and
+# leaves that integer + 127 in the low bits (``_exp``).
+EXP_SHIFTER = 12582912.0 + 127.0
 
 
 # exp(r) ~ sum_i EXP_POLY[i] r^i on |r| <= ln2/2 (float32 values; see ``_exp``).
