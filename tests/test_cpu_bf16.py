@@ -278,35 +278,32 @@ def test_the_output_store_rounds_as_torch(tmp_path, offset):
     assert not got[:, D:].any()
 
 
+@pytest.fixture(scope="module")
+def pairs_function(tmp_path_factory):
+    """``mra_bf16_pairs`` through ctypes, built once for the drawn examples."""
+    from mra_compile.schedules import cpu_bf16
+
+    return c_function(tmp_path_factory.mktemp("pairs"), cpu_bf16.SOURCE, cpu_bf16.FLAGS,
+                      "mra_bf16_pairs")
+
+
 @needs_bf16
 @settings(max_examples=25, deadline=None)
 @given(pairs=st.integers(1, 20).map(lambda m: 8 * m),  # D = 16 ... 320
        pad=st.sampled_from([0, 8, 24]), seed=st.integers(0, 2**31 - 1))
 @example(pairs=32, pad=0, seed=0)  # D = 64: two 16 x 16 tiles of pairs a row
 @example(pairs=8, pad=8, seed=1)  # D = 16: one masked tail of 8 pairs
-def test_the_queries_pairing_is_a_transpose_of_pairs(tmp_path_factory, pairs, pad, seed):
+def test_the_queries_pairing_is_a_transpose_of_pairs(pairs_function, pairs, pad, seed):
     # mra_bf16_pairs (the unit's queries in vdpbf16ps's layout) against torch, bit for bit:
     # qp[p][t] = the 32-bit pair q[t][2p:2p + 2], for every head dim (D = 2 * pairs, a
     # multiple of 16) and row stride.
     import ctypes
 
-    from mra_compile.schedules import cpu_bf16
-
-    fn = _pairs_function(tmp_path_factory, cpu_bf16.SOURCE, cpu_bf16.FLAGS)
     D, ldq = 2 * pairs, 2 * pairs + pad
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-2**15, 2**15, (32, ldq), dtype=torch.int16, generator=g)
     qp = torch.full((pairs, 32), -1, dtype=torch.int32)
-    fn(ctypes.c_void_p(q.data_ptr()), ldq, ctypes.c_void_p(qp.data_ptr()), D)
+    pairs_function(ctypes.c_void_p(q.data_ptr()), ldq, ctypes.c_void_p(qp.data_ptr()), D)
     want = q[:, :D].contiguous().view(torch.int32).t()  # [pairs, 32]
     assert torch.equal(qp, want)
 
-
-_PAIRS: dict = {}
-
-
-def _pairs_function(tmp_path_factory, source, flags):
-    if "fn" not in _PAIRS:  # (built once for the drawn examples)
-        _PAIRS["fn"] = c_function(tmp_path_factory.mktemp("pairs"), source, flags,
-                                  "mra_bf16_pairs")
-    return _PAIRS["fn"]
