@@ -6,8 +6,10 @@ way ``from helpers.recording import ...`` works.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -139,21 +141,96 @@ def c_function(tmp_path, source, flags, name):
 CUDA_HEAD_DIMS = tuple(int(d) for d in os.environ.get("MRA_COMPILE_EMULATION_HEAD_DIMS",
                                                       "40 64 72 96 100 128").split())
 
+# The sm_90 library's: 64, every product on tensor cores; 40 (padded to 48), P V's 3 column
+# tiles do not split over 4 warps, so it stays on CUDA cores; 128, the largest common one.
+SM90_HEAD_DIMS = (64, 40, 128)
+
+# The CUDA kernel libraries the tests build with nvcc (no GPU), by fixture name: the
+# arguments of ``mra-compile build --target cuda --out DIR`` for each.
+CUDA_LIBRARIES = {
+    # tests/test_cuda_build.py checks its device code, tests/test_cuda_emulation.py runs it.
+    "sm80_library": ("--arch", "sm_80", "--head-dims", *map(str, CUDA_HEAD_DIMS)),
+    # tests/test_cuda_build.py, with the grouped-query variants (enable_gqa): they must
+    # compile and not spill too.
+    "sm90_library": ("--arch", "sm_90", "--head-dims", *map(str, SM90_HEAD_DIMS),
+                     "--grouped-heads"),
+    # tests/test_cuda_emulation.py: every tuning variant of bf16, D = 64.
+    "tuning_library": ("--arch", "sm_80", "--head-dims", "64", "--dtypes", "bfloat16",
+                       "--tuning-variants", "bfloat16:64"),
+}
+
+
+class CudaLibraryBuilds:
+    """The CUDA libraries ``names`` (keys of ``CUDA_LIBRARIES``) built under ``root`` one
+    after another, each by its own ``mra-compile build`` process, in a background thread.
+
+    A build keeps one core busy for 1-2 minutes (TVM's scheduling and lowering, nvcc): on
+    CI's two cores the tests before the first one that needs a library run beside it.
+    The builds see the environment of the session's start, not a test's monkeypatching."""
+
+    def __init__(self, root: Path, names):
+        self.root = Path(root)
+        self._env = dict(os.environ)
+        self._done = {name: threading.Event() for name in names}
+        self._results: dict = {}
+        threading.Thread(target=self._build_all, args=(list(names),), daemon=True).start()
+
+    def _build_all(self, names):
+        for name in names:
+            self._results[name] = self._build(name)
+            self._done[name].set()
+
+    def _build(self, name):
+        out = self.root / name
+        argv = [sys.executable, "-m", "mra_compile.cli", "build", "--target", "cuda",
+                "--out", str(out), *CUDA_LIBRARIES[name]]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=self._env,
+                                  timeout=1800, check=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            return out, f"{' '.join(argv)}: {e!r}"
+        if proc.returncode != 0:
+            return out, (f"{' '.join(argv)} exited {proc.returncode}:\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return out, None
+
+    def get(self, name) -> Path:
+        """The directory of library ``name``, built (here and now if it was not asked for)."""
+        if name in self._done:
+            self._done[name].wait()
+            out, error = self._results[name]
+        else:
+            out, error = self._build(name)
+        if error:
+            pytest.fail(f"building the CUDA library {name} failed: {error}")
+        return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cuda_libraries(request, tmp_path_factory):
+    """The CUDA libraries that the collected tests use (``CUDA_LIBRARIES``' fixtures, in
+    the order of their first use), building from the session's start where nvcc is there."""
+    names = []
+    for item in request.session.items:
+        names += [n for n in CUDA_LIBRARIES if n in getattr(item, "fixturenames", ()) and n not in names]
+    if shutil.which("nvcc") is None:
+        names = []  # each test needing one fails or skips on its own, as without this
+    return CudaLibraryBuilds(tmp_path_factory.mktemp("cuda_libraries"), names)
+
 
 @pytest.fixture(scope="session")
-def sm80_library(tmp_path_factory):
-    """The sm_80 CUDA kernel library for ``CUDA_HEAD_DIMS``, built once (~1 minute):
-    tests/test_cuda_build.py checks its device code, tests/test_cuda_emulation.py runs it."""
-    return build_cuda_library(tmp_path_factory, "sm_80", CUDA_HEAD_DIMS)
+def sm80_library(cuda_libraries):
+    """The sm_80 CUDA kernel library for ``CUDA_HEAD_DIMS``."""
+    return cuda_libraries.get("sm80_library")
 
 
-def build_cuda_library(tmp_path_factory, arch, head_dims, *extra):
-    """``mra-compile build --target cuda --arch ARCH --head-dims ...`` (+ ``extra``) into a
-    fresh temporary directory, which it returns (nvcc, no GPU)."""
-    from mra_compile import cli
+@pytest.fixture(scope="session")
+def sm90_library(cuda_libraries):
+    """The sm_90 CUDA kernel library for ``SM90_HEAD_DIMS``, with the grouped-query variants."""
+    return cuda_libraries.get("sm90_library")
 
-    out = tmp_path_factory.mktemp(f"cuda_{arch}")
-    argv = ["build", "--target", "cuda", "--arch", arch, "--out", str(out), "--head-dims",
-            *map(str, head_dims), *extra]
-    assert cli.main(argv) == 0
-    return out
+
+@pytest.fixture(scope="session")
+def tuning_library(cuda_libraries):
+    """The sm_80 CUDA library of bf16, D = 64, with every tuning variant of its hot kernels."""
+    return cuda_libraries.get("tuning_library")

@@ -15,7 +15,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import CUDA_HEAD_DIMS, REPO, build_cuda_library, run_python
+from conftest import CUDA_HEAD_DIMS, REPO, SM90_HEAD_DIMS, run_python
 
 from mra_compile import aot, cli, cuda_toolchain, host, library, targets
 
@@ -29,11 +29,8 @@ HALF = ("float16", "bfloat16")
 
 
 @pytest.fixture(scope="module")
-def sm90(tmp_path_factory):
-    # 64: every product on tensor cores; 40 (padded to 48): P V's 3 column tiles do not
-    # split over 4 warps, so it stays on CUDA cores; 128: the largest common head dim.
-    # With the grouped-query variants (enable_gqa): they must compile and not spill too.
-    return build_cuda_library(tmp_path_factory, "sm_90", (64, 40, 128), "--grouped-heads")
+def sm90(sm90_library):
+    return sm90_library  # (conftest.CUDA_LIBRARIES says what it holds and why)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +38,7 @@ def sm80(sm80_library):
     return sm80_library  # (the library tests/test_cuda_emulation.py runs)
 
 
-HEAD_DIMS = {"sm80": CUDA_HEAD_DIMS, "sm90": (64, 40, 128)}
+HEAD_DIMS = {"sm80": CUDA_HEAD_DIMS, "sm90": SM90_HEAD_DIMS}
 
 
 def _manifest(directory):

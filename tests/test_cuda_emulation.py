@@ -267,13 +267,9 @@ TUNING_CASES = {f"config{i:02d}-{mode}": {**_case(64, "bfloat16", mode, masked),
 
 
 @pytest.fixture(scope="module")
-def tuning_emulation(fakes, tmp_path_factory):
+def tuning_emulation(tuning_library, fakes, tmp_path_factory):
     """The tuning variants of bf16, D = 64 (and the rest of that library), emulated."""
-    from conftest import build_cuda_library
-
-    lib = build_cuda_library(tmp_path_factory, ARCH, (64,), "--dtypes", "bfloat16",
-                             "--tuning-variants", "bfloat16:64")
-    return _emulate(lib, TUNING_CASES, fakes, tmp_path_factory.mktemp("tuning_emulation"))
+    return _emulate(tuning_library, TUNING_CASES, fakes, tmp_path_factory.mktemp("tuning_emulation"))
 
 
 def test_every_tuning_variant_runs_and_none_spills(tuning_emulation):
