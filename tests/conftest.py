@@ -173,6 +173,9 @@ class CudaLibraryBuilds:
         self._env = dict(os.environ)
         self._done = {name: threading.Event() for name in names}
         self._results: dict = {}
+        self._lock = threading.Lock()  # (guards the two below against ``stop``)
+        self._running: subprocess.Popen | None = None
+        self._stopped = False
         threading.Thread(target=self._build_all, args=(list(names),), daemon=True).start()
 
     def _build_all(self, names):
@@ -184,15 +187,32 @@ class CudaLibraryBuilds:
         out = self.root / name
         argv = [sys.executable, "-m", "mra_compile.cli", "build", "--target", "cuda",
                 "--out", str(out), *CUDA_LIBRARIES[name]]
+        with self._lock:
+            if self._stopped:
+                return out, "the session ended before it"
+            try:
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=self._env)
+            except OSError as e:
+                return out, f"{' '.join(argv)}: {e!r}"
+            self._running = proc
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, env=self._env,
-                                  timeout=1800, check=False)
-        except (OSError, subprocess.SubprocessError) as e:
-            return out, f"{' '.join(argv)}: {e!r}"
+            stdout, stderr = proc.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
         if proc.returncode != 0:
             return out, (f"{' '.join(argv)} exited {proc.returncode}:\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                         f"{stdout[-3000:]}\n{stderr[-3000:]}")
         return out, None
+
+    def stop(self) -> None:
+        """Start no other build and kill the one running (a session that ends early, e.g.
+        ``pytest -x``, leaves no compiler behind)."""
+        with self._lock:
+            self._stopped = True
+            if self._running is not None and self._running.poll() is None:
+                self._running.kill()
 
     def get(self, name) -> Path:
         """The directory of library ``name``, built (here and now if it was not asked for)."""
@@ -215,7 +235,9 @@ def cuda_libraries(request, tmp_path_factory):
         names += [n for n in CUDA_LIBRARIES if n in getattr(item, "fixturenames", ()) and n not in names]
     if shutil.which("nvcc") is None:
         names = []  # each test needing one fails or skips on its own, as without this
-    return CudaLibraryBuilds(tmp_path_factory.mktemp("cuda_libraries"), names)
+    builds = CudaLibraryBuilds(tmp_path_factory.mktemp("cuda_libraries"), names)
+    yield builds
+    builds.stop()
 
 
 @pytest.fixture(scope="session")
