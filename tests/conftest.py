@@ -159,29 +159,80 @@ CUDA_LIBRARIES = {
                        "--tuning-variants", "bfloat16:64"),
 }
 
+# The libraries whose CUDA source the CPU emulation (tests/cuda_emulation) compiles with g++
+# (~35 s on two cores each), by the fixture of tests/test_cuda_emulation.py that runs it.
+EMULATED = {"emulation": "sm80_library", "tuning_emulation": "tuning_library"}
+
 
 class CudaLibraryBuilds:
     """The CUDA libraries ``names`` (keys of ``CUDA_LIBRARIES``) built under ``root`` one
-    after another, each by its own ``mra-compile build`` process, in a background thread.
+    after another, each by its own ``mra-compile build`` process, in a background thread;
+    then the emulation's builds of ``emulated`` (some of ``names``).
 
     A build keeps one core busy for 1-2 minutes (TVM's scheduling and lowering, nvcc): on
-    CI's two cores the tests before the first one that needs a library run beside it.
-    The builds see the environment of the session's start, not a test's monkeypatching."""
+    CI's two cores the CPU tests run beside them (``pytest_collection_modifyitems`` puts the
+    files that use them last). The builds see the environment of the session's start, not
+    a test's monkeypatching."""
 
-    def __init__(self, root: Path, names):
+    def __init__(self, root: Path, names, emulated=()):
         self.root = Path(root)
         self._env = dict(os.environ)
         self._done = {name: threading.Event() for name in names}
+        self._emulated = {name: threading.Event() for name in emulated}
         self._results: dict = {}
         self._lock = threading.Lock()  # (guards the two below against ``stop``)
         self._running: subprocess.Popen | None = None
         self._stopped = False
-        threading.Thread(target=self._build_all, args=(list(names),), daemon=True).start()
+        threading.Thread(target=self._build_all, args=(list(names), list(emulated)),
+                         daemon=True).start()
 
-    def _build_all(self, names):
-        for name in names:
+    def get(self, name) -> Path:
+        """The directory of library ``name``, built (here and now if it was not asked for)."""
+        if name in self._done:
+            self._done[name].wait()
+        elif name not in self._results:
             self._results[name] = self._build(name)
-            self._done[name].set()
+        out, error = self._results[name]
+        if error:
+            pytest.fail(f"building the CUDA library {name} failed: {error}")
+        return out
+
+    def emulation(self, name) -> list[str]:
+        """The emulation's builds of library ``name`` (``emulator.build_emulation``)."""
+        if name in self._emulated:
+            self._emulated[name].wait()
+            libs, error = self._results[name, "emulation"]
+        else:
+            self.get(name)
+            libs, error = self._build_emulation(name)
+        if error:
+            pytest.fail(f"building the CPU emulation of the CUDA library {name} failed: {error}")
+        return libs
+
+    def stop(self) -> None:
+        """Start no other build and kill the one running (a session that ends early, e.g.
+        ``pytest -x``, leaves no compiler behind)."""
+        with self._lock:
+            self._stopped = True
+            if self._running is not None and self._running.poll() is None:
+                self._running.kill()
+
+    def _build_all(self, names, emulated):
+        # (every event is set whatever happens: a test waits on it)
+        for name in names:
+            try:
+                self._results[name] = self._build(name)
+            except Exception as e:
+                self._results[name] = self.root / name, repr(e)
+            finally:
+                self._done[name].set()
+        for name in emulated:
+            try:
+                self._results[name, "emulation"] = self._build_emulation(name)
+            except Exception as e:
+                self._results[name, "emulation"] = None, repr(e)
+            finally:
+                self._emulated[name].set()
 
     def _build(self, name):
         out = self.root / name
@@ -206,36 +257,44 @@ class CudaLibraryBuilds:
                          f"{stdout[-3000:]}\n{stderr[-3000:]}")
         return out, None
 
-    def stop(self) -> None:
-        """Start no other build and kill the one running (a session that ends early, e.g.
-        ``pytest -x``, leaves no compiler behind)."""
-        with self._lock:
-            self._stopped = True
-            if self._running is not None and self._running.poll() is None:
-                self._running.kill()
+    def _build_emulation(self, name):
+        """(the emulation's shared libraries of library ``name``, or None; what failed)."""
+        from cuda_emulation import emulator
 
-    def get(self, name) -> Path:
-        """The directory of library ``name``, built (here and now if it was not asked for)."""
-        if name in self._done:
-            self._done[name].wait()
-            out, error = self._results[name]
-        else:
-            out, error = self._build(name)
-        if error:
-            pytest.fail(f"building the CUDA library {name} failed: {error}")
-        return out
+        from mra_compile import library
+
+        out, error = self._results[name]  # (built before)
+        if error or self._stopped:
+            return None, error or "the session ended before it"
+        try:
+            return emulator.build_emulation(out / library.CUDA_SOURCE,
+                                            self.root / f"{name}_emulation"), None
+        except Exception as e:  # (reported by the test that needs it)
+            return None, f"the emulation's build: {e!r}"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The test files that use a CUDA library (``CUDA_LIBRARIES``) run after all the others,
+    in their order, so that the libraries' background builds (``cuda_libraries``) run
+    beside the CPU tests rather than being waited for. Whole files move: their
+    module-scoped fixtures are still set up once."""
+    late = {item.path for item in items
+            if any(n in getattr(item, "fixturenames", ()) for n in CUDA_LIBRARIES)}
+    items.sort(key=lambda item: item.path in late)  # (a stable sort)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def cuda_libraries(request, tmp_path_factory):
     """The CUDA libraries that the collected tests use (``CUDA_LIBRARIES``' fixtures, in
     the order of their first use), building from the session's start where nvcc is there."""
-    names = []
+    names, emulated = [], []
     for item in request.session.items:
-        names += [n for n in CUDA_LIBRARIES if n in getattr(item, "fixturenames", ()) and n not in names]
+        used = getattr(item, "fixturenames", ())
+        names += [n for n in CUDA_LIBRARIES if n in used and n not in names]
+        emulated += [n for f, n in EMULATED.items() if f in used and n not in emulated]
     if shutil.which("nvcc") is None:
-        names = []  # each test needing one fails or skips on its own, as without this
-    builds = CudaLibraryBuilds(tmp_path_factory.mktemp("cuda_libraries"), names)
+        names = emulated = []  # each test needing one fails or skips on its own
+    builds = CudaLibraryBuilds(tmp_path_factory.mktemp("cuda_libraries"), names, emulated)
     yield builds
     builds.stop()
 

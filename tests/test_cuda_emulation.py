@@ -118,10 +118,9 @@ def _wait(proc: subprocess.Popen, workdir: Path, name: str, timeout: int) -> dic
     return json.loads((workdir / f"{name}.out.json").read_text())
 
 
-def _emulate(cuda_library: Path, cases: dict, fakes, workdir: Path) -> dict:
+def _emulate(cuda_library: Path, libs: list[str], cases: dict, fakes, workdir: Path) -> dict:
     """Every case of ``cases``, forward and backward, emulated (``WORKERS`` processes) on
-    the kernels of ``cuda_library``."""
-    libs = emulator.build_emulation(cuda_library / library.CUDA_SOURCE, workdir)
+    the kernels of ``cuda_library`` (``libs``: their builds for the emulation)."""
     env = {library.ENV: str(cuda_library), "MRA_COMPILE_CACHE_DIR": str(workdir / "cache"),
            library.ONLY_ENV: "1"}  # kernels from the library only: nothing compiled
     names = list(cases)
@@ -149,9 +148,10 @@ def _emulate(cuda_library: Path, cases: dict, fakes, workdir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def emulation(cuda_library, fakes, tmp_path_factory):
+def emulation(cuda_library, cuda_libraries, fakes, tmp_path_factory):
     """Every case, forward and backward, emulated (``WORKERS`` processes)."""
-    return _emulate(cuda_library, CASES, fakes, tmp_path_factory.mktemp("emulation"))
+    return _emulate(cuda_library, cuda_libraries.emulation("sm80_library"), CASES, fakes,
+                    tmp_path_factory.mktemp("emulation"))
 
 
 def _phase(emulation, case: str, phase: str) -> dict:
@@ -267,9 +267,10 @@ TUNING_CASES = {f"config{i:02d}-{mode}": {**_case(64, "bfloat16", mode, masked),
 
 
 @pytest.fixture(scope="module")
-def tuning_emulation(tuning_library, fakes, tmp_path_factory):
+def tuning_emulation(tuning_library, cuda_libraries, fakes, tmp_path_factory):
     """The tuning variants of bf16, D = 64 (and the rest of that library), emulated."""
-    return _emulate(tuning_library, TUNING_CASES, fakes, tmp_path_factory.mktemp("tuning_emulation"))
+    return _emulate(tuning_library, cuda_libraries.emulation("tuning_library"), TUNING_CASES,
+                    fakes, tmp_path_factory.mktemp("tuning_emulation"))
 
 
 def test_every_tuning_variant_runs_and_none_spills(tuning_emulation):
