@@ -31,20 +31,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench import c_program  # noqa: E402
 from mra_compile import host  # noqa: E402
+from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
 # Each line the program prints: "<name> <GFLOP/s>".
-SOURCE = r"""
+SOURCE = c_program.CLOCK + r"""
 #include <immintrin.h>
 #include <stdio.h>
-#include <time.h>
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + t.tv_nsec * 1e-9;
-}
 
 /* 12 independent accumulator chains of STEP(acc) on 16 float lanes, N times;
    FLOPS per instruction (32: an FMA; 64: a bf16 pair dot). */
@@ -135,17 +130,6 @@ LABELS = {
 }
 
 
-def build(workdir: Path, bf16: bool) -> Path:
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("bench_fma_peak.py needs a C compiler (cc or gcc)")
-    src, exe = workdir / "fma_peak.c", workdir / "fma_peak"
-    src.write_text(SOURCE)
-    cmd = [cc, "-O3", "-mavx512f", *(["-DBF16"] if bf16 else []), str(src), "-o", str(exe)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return exe
-
-
 def run_on_every_core(exe: Path, cores: int) -> list[dict[str, float]]:
     """The program's rates in ``cores`` processes started together, one per core."""
     procs = [subprocess.Popen(["taskset", "-c", str(c), str(exe)] if shutil.which("taskset")
@@ -168,7 +152,9 @@ def main() -> int:
     bf16 = "avx512_bf16" in flags
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
-        exe = build(Path(tmp), bf16)
+        exe = c_program.build(Path(tmp), "fma_peak", SOURCE,
+                              ["-O3", "-mavx512f", *(["-DBF16"] if bf16 else [])],
+                              "bench_fma_peak.py")
         alone = run_on_every_core(exe, 1)[0]
         per_core = run_on_every_core(exe, cores)
     from bench.bench_roofline_cpu import matmul_peak_gflops
@@ -189,10 +175,8 @@ def main() -> int:
               f"{mm:.0f} |", "",
               f"torch.mm reaches {mm / fma:.0%} of the float32 FMA peak.", "",
               "Command: `python bench/bench_fma_peak.py`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    print("\n".join(lines))
+    common.write_report(args.out, lines)
     return 0
 
 

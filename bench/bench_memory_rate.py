@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,20 +27,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench import c_program  # noqa: E402
+from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
 # argv: threads H N D rounds; prints "<ms> <GB/s>" of the best round.
-SOURCE = r"""
+SOURCE = c_program.CLOCK + r"""
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + t.tv_nsec * 1e-9;
-}
 
 int main(int argc, char** argv) {
   int threads = atoi(argv[1]), H = atoi(argv[2]), N = atoi(argv[3]), D = atoi(argv[4]);
@@ -80,20 +74,6 @@ int main(int argc, char** argv) {
 """
 
 
-def build(workdir: Path) -> Path:
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("bench_memory_rate.py needs a C compiler (cc or gcc)")
-    src, exe = workdir / "memory_rate.c", workdir / "memory_rate"
-    src.write_text(SOURCE)
-    proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", str(src), "-o", str(exe)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_memory_rate.py: the C program did not build (OpenMP?):\n"
-                         f"{proc.stderr[-2000:]}")
-    return exe
-
-
 def rate(exe: Path, threads: int, H: int, N: int, D: int, rounds: int) -> tuple[float, float]:
     """(ms, GB/s) of the best round on ``threads`` threads."""
     out = subprocess.run([str(exe), str(threads), str(H), str(N), str(D), str(rounds)],
@@ -116,7 +96,8 @@ def main() -> int:
     counts = sorted({1, cores})
     runs: dict[int, list[tuple[float, float]]] = {c: [] for c in counts}
     with tempfile.TemporaryDirectory() as tmp:
-        exe = build(Path(tmp))
+        exe = c_program.build(Path(tmp), "memory_rate", SOURCE,
+                              ["-O3", "-march=native", "-fopenmp"], "bench_memory_rate.py")
         for _ in range(args.repeat):
             for c in counts:
                 runs[c].append(rate(exe, c, args.heads, args.n, args.head_dim, args.rounds))
@@ -131,10 +112,8 @@ def main() -> int:
                      f"{' / '.join(f'{gb:.1f}' for _, gb in runs[c])} |")
     lines += ["", f"Command: `python bench/bench_memory_rate.py --heads {args.heads} --n {args.n} "
               f"--head-dim {args.head_dim}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    print("\n".join(lines))
+    common.write_report(args.out, lines)
     return 0
 
 
