@@ -177,34 +177,25 @@ class CudaLibraryBuilds:
     def __init__(self, root: Path, names, emulated=()):
         self.root = Path(root)
         self._env = dict(os.environ)
-        self._done = {name: threading.Event() for name in names}
-        self._emulated = {name: threading.Event() for name in emulated}
-        self._results: dict = {}
+        jobs = [("library", name) for name in names] + [("emulation", name) for name in emulated]
+        self._done = {job: threading.Event() for job in jobs}
+        self._results: dict = {}  # job -> (what it made or None, what failed or None)
         self._lock = threading.Lock()  # (guards the two below against ``stop``)
         self._running: subprocess.Popen | None = None
         self._stopped = False
-        threading.Thread(target=self._build_all, args=(list(names), list(emulated)),
-                         daemon=True).start()
+        threading.Thread(target=self._run_all, args=(jobs,), daemon=True).start()
 
     def get(self, name) -> Path:
         """The directory of library ``name``, built (here and now if it was not asked for)."""
-        if name in self._done:
-            self._done[name].wait()
-        elif name not in self._results:
-            self._results[name] = self._build(name)
-        out, error = self._results[name]
+        out, error = self._result(("library", name))
         if error:
             pytest.fail(f"building the CUDA library {name} failed: {error}")
         return out
 
     def emulation(self, name) -> list[str]:
         """The emulation's builds of library ``name`` (``emulator.build_emulation``)."""
-        if name in self._emulated:
-            self._emulated[name].wait()
-            libs, error = self._results[name, "emulation"]
-        else:
-            self.get(name)
-            libs, error = self._build_emulation(name)
+        self.get(name)
+        libs, error = self._result(("emulation", name))
         if error:
             pytest.fail(f"building the CPU emulation of the CUDA library {name} failed: {error}")
         return libs
@@ -217,22 +208,27 @@ class CudaLibraryBuilds:
             if self._running is not None and self._running.poll() is None:
                 self._running.kill()
 
-    def _build_all(self, names, emulated):
-        # (every event is set whatever happens: a test waits on it)
-        for name in names:
+    def _result(self, job):
+        """``job``'s result: waited for where the background thread runs it, else made here."""
+        if job in self._done:
+            self._done[job].wait()
+        elif job not in self._results:
+            self._results[job] = self._run(job)
+        return self._results[job]
+
+    def _run_all(self, jobs):
+        for job in jobs:
             try:
-                self._results[name] = self._build(name)
-            except Exception as e:
-                self._results[name] = self.root / name, repr(e)
-            finally:
-                self._done[name].set()
-        for name in emulated:
-            try:
-                self._results[name, "emulation"] = self._build_emulation(name)
-            except Exception as e:
-                self._results[name, "emulation"] = None, repr(e)
-            finally:
-                self._emulated[name].set()
+                self._results[job] = self._run(job)
+            finally:  # (a test waits on it, whatever happened)
+                self._done[job].set()
+
+    def _run(self, job):
+        kind, name = job
+        try:
+            return self._build(name) if kind == "library" else self._build_emulation(name)
+        except Exception as e:  # (reported by the test that needs it)
+            return None, f"the {kind} build: {e!r}"
 
     def _build(self, name):
         out = self.root / name
@@ -263,14 +259,11 @@ class CudaLibraryBuilds:
 
         from mra_compile import library
 
-        out, error = self._results[name]  # (built before)
+        out, error = self._results["library", name]  # (built before)
         if error or self._stopped:
             return None, error or "the session ended before it"
-        try:
-            return emulator.build_emulation(out / library.CUDA_SOURCE,
-                                            self.root / f"{name}_emulation"), None
-        except Exception as e:  # (reported by the test that needs it)
-            return None, f"the emulation's build: {e!r}"
+        return emulator.build_emulation(out / library.CUDA_SOURCE,
+                                        self.root / f"{name}_emulation"), None
 
 
 def pytest_collection_modifyitems(session, config, items):
