@@ -127,7 +127,7 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
            cand_idx=pr.scratch("cand_idx", R, cands, dtype=i32), index=index,
            row_cols=row_cols, ov_start=ov_start, ov_units=ov_units, unit_row=unit_row,
            unit_cols=unit_cols, units=units, heads=pr.heads, nq=pr.blocks_q, nk=pr.blocks_k,
-           real_only=int(row_blocks is not None), write_mask=int(full))
+           real_only=int(row_blocks is not None), write_mask=_mask_written(full, pr))
     if units.device.type == "cpu":
         # (numpy, not torch: each torch call costs 10-35 us right after other heavy
         # work, as the kernels' traffic leaves the interpreter's caches cold)
@@ -144,6 +144,15 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     work = plan.Plan(row_cols, used_row, used_cols, ov_start, ov_units, max(widest, 1),
                      overflow=most > 0)
     return plan.Selection(index, scores if full else None), work, scores
+
+
+def _mask_written(full: bool, pr: Prepared) -> int:
+    """``select_plan``'s ``write_mask``: Hmask (1, "full": the low-resolution part reads
+    it), zeros (0, "sparse" with a backward to read them in Hmask's place) or nothing (2:
+    "sparse" inference; the zeros were a 3 MB write a call at N = 8192, B*H = 12)."""
+    if full:
+        return 1
+    return 0 if pr.keeps_saved else 2
 
 
 def unit_counts(units) -> tuple[int, int]:

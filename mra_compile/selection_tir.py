@@ -20,10 +20,11 @@ selected):
    on them; rows with more ties at theta than that room stay on all T scores.
 3. T: the scores > theta and the first ties at theta, in row-major order: the flat
    indices ``i * n + j``, ascending (then ``n * n``: no block, when a row has fewer).
-   With ``write_mask``, Hmask = (L - R >= the smallest selected S) over the grid, into
-   ``scores``; without, zeros ("sparse": what the backward reads in Hmask's place, made
-   here in parallel and in vectors, where a torch ``zero_`` of the 3 MB at N = 8192 had
-   cost ~0.3 ms on one thread).
+   ``write_mask`` 1: Hmask = (L - R >= the smallest selected S) over the grid, into
+   ``scores``; 0: zeros ("sparse": what the backward reads in Hmask's place, made here
+   in parallel and in vectors, where a torch ``zero_`` of the 3 MB at N = 8192 had cost
+   ~0.3 ms on one thread); 2: neither, S stays (a "sparse" call that saves nothing for a
+   backward: inference).
 4. The plan of ``plan.Plan`` for row units of Cr blocks and overflow units of Co
    (``row_cols``' and ``unit_cols``' last dims): ``row_cols``, ``ov_start``, ``ov_units``,
    and the overflow units in ``unit_row``/``unit_cols`` (room for ``plan.plan_bounds``'s
@@ -39,6 +40,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 I32, I64 = "int32", "int64"
+ACCS = 4  # vectors of partial counts in a counting pass
 
 
 def _key_constants(dtype: str) -> tuple[str, int, int, int, int]:
@@ -78,22 +80,37 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
         return (T.shift_right(lo, one) + T.shift_right(hi, one)
                 + T.bitwise_and(T.bitwise_and(lo, hi), one))
 
+    def at_least(x, r, start, theta):  # the lanes' x[r, start + l] >= theta, l < lanes
+        return x[r, T.Ramp(start, 1, lanes)] >= T.Broadcast(theta, lanes)
+
     def lane_bits(x, r, start, theta):  # bit l set where x[r, start + l] >= theta, l < lanes
         return T.call_llvm_pure_intrin(I32, "llvm.vector.reduce.or", T.Select(
-            x[r, T.Ramp(start, 1, lanes)] >= T.Broadcast(theta, lanes),
+            at_least(x, r, start, theta),
             T.shift_left(T.Broadcast(1, lanes), T.Ramp(0, 1, lanes)), T.Broadcast(0, lanes)))
+
+    # Whether any lane is: a compare and a mask test (AVX-512: vcmpps, kortestw), where
+    # lane_bits' reduction over lanes takes a dozen instructions.
+    def any_at_least(x, r, start, theta):
+        return T.call_llvm_pure_intrin("bool", "llvm.vector.reduce.or",
+                                       at_least(x, r, start, theta))
 
     @T.macro
     def count_at_least(values, r, length, t, acc, st):
         """st[cnt] = the number of values[r, :length] >= t (in vectors)."""
         threshold = t  # (bound once, outside the vector loop)
-        for l in T.vectorized(lanes):
+        # ACCS vectors of counts: one alone made each vector's add wait for the last.
+        for l in T.vectorized(ACCS * lanes):
             acc[l] = 0
-        for c in range(length // lanes):
+        for c in range(length // (ACCS * lanes)):
+            for a in T.unroll(ACCS):
+                for l in T.vectorized(lanes):
+                    acc[a * lanes + l] = acc[a * lanes + l] + T.Select(
+                        values[r, (c * ACCS + a) * lanes + l] >= threshold, 1, 0)
+        for c in range(length // (ACCS * lanes) * ACCS, length // lanes):
             for l in T.vectorized(lanes):
                 acc[l] = acc[l] + T.Select(values[r, c * lanes + l] >= threshold, 1, 0)
         st[cnt] = zero
-        for l in range(lanes):
+        for l in range(ACCS * lanes):
             st[cnt] = st[cnt] + T.Cast(I64, acc[l])
         for e in range(length // lanes * lanes, length):
             st[cnt] = st[cnt] + T.Select(values[r, e] >= threshold, one, zero)
@@ -144,7 +161,7 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
         for r in T.parallel(R):
             # (global scope and small: stack memory, which LLVM keeps in registers; TVM
             # gives every other scope, "local" included, a workspace allocation per row)
-            acc = T.alloc_buffer((lanes,), I32)
+            acc = T.alloc_buffer((ACCS * lanes,), I32)
             st = T.alloc_buffer((9,), I64)
             bitmask = T.alloc_buffer((1,), I32)
             # (the plan) the current block row, the largest unit count
@@ -156,7 +173,16 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             # S; NaN, which every comparison below excludes, where a block may not be
             # selected: beyond the nq x nk grid and, with real_only (per-sequence budgets),
             # without a real query or a real key, or at -inf (as on the host).
-            for i in range(n):
+            # Self-attention without budgets (the usual call): S itself, in whole rows.
+            # (Each lane's tests cost as much as the rest of this pass.)
+            for i in range(n if real_only == 0 and nq == n and nk == n else 0):
+                for jo in range(vecs):
+                    for l in T.vectorized(lanes):
+                        scores[r, i * n + jo * lanes + l] = (logits[r, i, jo * lanes + l]
+                                                             - rowmax[r, i])
+                for j in range(vecs * lanes, n):
+                    scores[r, i * n + j] = logits[r, i, j] - rowmax[r, i]
+            for i in range(0 if real_only == 0 and nq == n and nk == n else n):
                 for jo in range(vecs):
                     for l in T.vectorized(lanes):
                         scores[r, i * n + jo * lanes + l] = T.Select(
@@ -191,7 +217,9 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                 # The candidates: the scores >= value(lo), with their positions, in order.
                 t2 = value(st[lo])
                 for c in range(full):
-                    bitmask[0] = lane_bits(scores, r, c * lanes, t2)
+                    bitmask[0] = 0
+                    if any_at_least(scores, r, c * lanes, t2):  # (C of the vectors at most)
+                        bitmask[0] = lane_bits(scores, r, c * lanes, t2)
                     while bitmask[0] != 0:
                         l2 = T.popcount(T.bitwise_and(bitmask[0], 0 - bitmask[0]) - 1)
                         bitmask[0] = T.bitwise_and(bitmask[0], bitmask[0] - 1)
@@ -219,7 +247,7 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                 read_off(scores, None, r, tot, value(st[lo]), kr, st, least, index)
             for p in range(T.Cast(I32, st[pos]), K):  # (no block)
                 index[r, p] = T.Cast(I64, tot)
-            if write_mask != 0:
+            if write_mask == 1:
                 # Hmask: S >= the smallest selected score, over the whole grid (blocks
                 # without a real query or key included, as on the host); 0 beyond it.
                 t4 = least[0]
@@ -234,7 +262,7 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                         scores[r, i * n + j] = T.Select(
                             i < nq and j < nk and logits[r, i, j] - rowmax[r, i] >= t4,
                             T.Cast(dtype, 1), T.Cast(dtype, 0))
-            else:
+            elif write_mask == 0:
                 for i in range(n):
                     for jo in range(vecs):
                         for l in T.vectorized(lanes):

@@ -12,9 +12,9 @@ from mra_compile import build, forward, kernels, plan, targets
 
 
 def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=None,
-               budgets=None):
-    """The kernel on [R, n, n] logits: (scores, as Hmask with ``full``, else zeros; its
-    outputs).
+               budgets=None, inference=False):
+    """The kernel on [R, n, n] logits: (scores, as Hmask with ``full``, else zeros, or S as
+    the kernel made it with ``inference``; its outputs).
     ``grid``: (nq, nk); ``budgets``: (row_blocks [R], q_counts [R, n], counts [R, n]) for
     per-sequence budgets (one head per sequence here)."""
     R, n, _ = logits.shape
@@ -38,14 +38,15 @@ def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, gri
               counts=counts, q_counts=q_counts, budget=budget, scores=scores,
               cand_val=torch.empty(R, room * K, dtype=logits.dtype),
               cand_idx=torch.empty(R, room * K, dtype=i32), heads=1, nq=nq, nk=nk,
-              real_only=int(budgets is not None), write_mask=int(full), **out)
+              real_only=int(budgets is not None),
+              write_mask=1 if full else 2 if inference else 0, **out)
     return scores.view(R, n, n), out
 
 
 def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=None,
-          budgets=None):
+          budgets=None, inference=False):
     R, n, _ = logits.shape
-    scores, got = run_kernel(logits, rowmax, K, Cr, Co, full, room, grid, budgets)
+    scores, got = run_kernel(logits, rowmax, K, Cr, Co, full, room, grid, budgets, inference)
     nq, nk = grid or (n, n)
     kw = {}
     if budgets is not None:
@@ -68,6 +69,15 @@ def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=Non
                        S.gather(1, want.index).sort(dim=1).values)
     if full:
         assert torch.equal(scores, want.high_mask)
+    elif inference:  # nothing written after the selection: S, NaN where not selectable
+        S = logits - rowmax[:, :, None]
+        allowed = torch.zeros(R, n, n, dtype=torch.bool)
+        allowed[:, :nq, :nk] = True
+        if budgets is not None:
+            allowed &= ((q_counts > 0.5)[:, :, None] & (counts > 0.5)[:, None, :]
+                        & (S > float("-inf")))
+        torch.testing.assert_close(scores, torch.where(allowed, S, float("nan")), rtol=0,
+                                   atol=0, equal_nan=True)
     else:  # zeros: what the backward reads in Hmask's place in "sparse" mode
         assert torch.equal(scores, torch.zeros_like(scores))
     # The plan of that selection.
@@ -112,14 +122,16 @@ def draw_rowmax(logits, zero):
 @settings(max_examples=150, deadline=None)
 @given(n=st.integers(2, 48), R=st.integers(1, 4), data=st.data(), Cr=st.integers(1, 9),
        Co=st.integers(1, 4), full=st.booleans(), kind=st.sampled_from(KINDS),
-       float64=st.booleans(), zero_rowmax=st.booleans(), seed=st.integers(0, 2**31 - 1))
+       float64=st.booleans(), zero_rowmax=st.booleans(), inference=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
 def test_same_selection_and_plan_as_the_host(n, R, data, Cr, Co, full, kind, float64,
-                                             zero_rowmax, seed):
+                                             zero_rowmax, inference, seed):
     K = data.draw(st.integers(1, n * n - 1))
     dtype = torch.float64 if float64 else torch.float32
     g = torch.Generator().manual_seed(seed)
     logits = draw_logits(kind, R, n, dtype, g)
-    got, want = check(logits, draw_rowmax(logits, zero_rowmax), K, Cr, Co, full)
+    got, want = check(logits, draw_rowmax(logits, zero_rowmax), K, Cr, Co, full,
+                      inference=inference)
     if kind == "normal" and zero_rowmax:  # no ties (each row's maximum makes a 0 per row)
         assert torch.equal(got, want)
 
@@ -127,8 +139,9 @@ def test_same_selection_and_plan_as_the_host(n, R, data, Cr, Co, full, kind, flo
 @settings(max_examples=150, deadline=None)
 @given(n=st.integers(2, 40), R=st.integers(1, 4), data=st.data(), Cr=st.integers(1, 9),
        Co=st.integers(1, 4), full=st.booleans(), kind=st.sampled_from(KINDS),
-       with_budgets=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_budgets_and_grids_as_the_host(n, R, data, Cr, Co, full, kind, with_budgets, seed):
+       with_budgets=st.booleans(), inference=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_budgets_and_grids_as_the_host(n, R, data, Cr, Co, full, kind, with_budgets, inference,
+                                       seed):
     """docs/spec.md, "Per-sequence budget" (each row's own number of blocks, among those
     with a real query and a real key) and cross-attention's nq x nk grid of an n x n
     padded one."""
@@ -145,7 +158,8 @@ def test_budgets_and_grids_as_the_host(n, R, data, Cr, Co, full, kind, with_budg
         counts = (torch.rand(R, n, generator=g) < 0.7).float() * 32
         budgets = (row_blocks, q_counts, counts)
     grid = None if (nq, nk) == (n, n) else (nq, nk)
-    check(logits, draw_rowmax(logits, False), K, Cr, Co, full, grid=grid, budgets=budgets)
+    check(logits, draw_rowmax(logits, False), K, Cr, Co, full, grid=grid, budgets=budgets,
+          inference=inference)
 
 
 @settings(max_examples=4, deadline=None)
