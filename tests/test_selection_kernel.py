@@ -206,3 +206,21 @@ def test_the_op_uses_the_kernel_where_it_applies():
     assert "select_plan" in ops(k=k[:, :, :100], v=v[:, :, :100], num_blocks=8)
     assert "select_plan" not in ops(initial_prior_diagonal_n_blocks=2)
     assert "select_plan" not in ops(num_blocks=64)  # every block: nothing to select
+
+
+def test_what_the_selection_writes_after_it_by_call():
+    """Hmask in "full" mode (the low-resolution part reads it); in "sparse" mode zeros
+    where a backward will read them in Hmask's place, and nothing in an inference call."""
+    q, k, v = (torch.randn(1, 2, 256, 64) for _ in range(3))
+
+    def write_mask(mode, grad):
+        leaves = [x.clone().requires_grad_(grad) for x in (q, k, v)]
+        with build.trace_kernel_calls() as calls, torch.set_grad_enabled(grad):
+            mra_compile.mra_attention(*leaves, num_blocks=24, approx_mode=mode)
+        call, = (c for c in calls if c["op"] == "select_plan")
+        names = kernels.get("select_plan").arg_names(call["static"])
+        return call["args"][names.index("write_mask")]
+
+    assert write_mask("full", False) == 1 and write_mask("full", True) == 1
+    assert write_mask("sparse", True) == 0
+    assert write_mask("sparse", False) == 2
