@@ -35,7 +35,7 @@ NEG_BIG = -3.0e38  # identity for running maxima; finite so exp() of differences
 LANES = 16  # partial maxima or sums of a long reduction (``_lane_max``, ``_lane_sum``)
 
 
-def _exp(x):
+def _exp(x, poly=None):
     """exp(x) for a float expression, written out so that LLVM vectorises it.
 
     (llvm's expf is a scalar libm call per lane.) float32: range reduction
@@ -50,7 +50,8 @@ def _exp(x):
     output 0, not v scaled by 1e-38 / 1e-6 (a clamp at ln(FLT_MIN) = -87.3 left 2^-126
     there). Inputs above 88 saturate (never
     reached: arguments here are <= 0 after subtracting a maximum, up to rounding).
-    float64 (tests, gradcheck) uses the exact libm exp.
+    float64 (tests, gradcheck) uses the exact libm exp. ``poly``: other coefficients than
+    ``EXP_POLY`` (``EXP_POLY_BF16``).
     """
     if str(x.ty) == "float64":
         return te.exp(x)
@@ -66,11 +67,12 @@ def _exp(x):
     k = tv - tirx.const(EXP_SHIFTER, F32)
     # ln2 split in a high part exact in float32 and a small correction.
     r = xv - kv * tirx.const(0.693359375, F32) + kv * tirx.const(2.12194440e-4, F32)
-    poly = tirx.const(EXP_POLY[-1], F32)
-    for c in reversed(EXP_POLY[:-1]):
-        poly = poly * rv + tirx.const(c, F32)
+    coefficients = EXP_POLY if poly is None else poly
+    value = tirx.const(coefficients[-1], F32)
+    for c in reversed(coefficients[:-1]):
+        value = value * rv + tirx.const(c, F32)
     two_k = tirx.reinterpret(F32, tirx.reinterpret(I32, tv) << 23)
-    return tirx.Let(xv, clamped, tirx.Let(tv, t, tirx.Let(kv, k, tirx.Let(rv, r, poly * two_k))))
+    return tirx.Let(xv, clamped, tirx.Let(tv, t, tirx.Let(kv, k, tirx.Let(rv, r, value * two_k))))
 
 
 # 1.5 * 2^23 + 127: adding it rounds a float32 of magnitude < 2^22 to an integer and
@@ -81,6 +83,11 @@ EXP_SHIFTER = 12582912.0 + 127.0
 # exp(r) ~ sum_i EXP_POLY[i] r^i on |r| <= ln2/2 (float32 values; see ``_exp``).
 EXP_POLY = (1.0, 0.9999997019767761, 0.4999915063381195, 0.1666763573884964,
             0.04189793020486832, 0.008290315046906471)
+
+# The same of degree 3 (fitted likewise): 1.0e-4 largest relative error, for
+# probabilities that are rounded to bf16 before they multiply v (the CPU micro-kernels'
+# P V, ``MICRO[0]``): 2^-9 of relative rounding error each, 20 times as much.
+EXP_POLY_BF16 = (1.0, 1.000195860862732, 0.50412917137146, 0.16517870128154755)
 
 
 BF16_BITS = "int16"  # bf16 q, k, v held as their bits: the CPU's bf16 micro-kernels
@@ -465,8 +472,10 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # whatever its argument, inf and NaN included (``_exp`` clamps it to [-88, 88] by
     # comparisons, which send NaN to a bound): the exact zeros of a selection, without a
     # branch per key in the loop over keys. (float64's exact exp can overflow: selected.)
+    poly = EXP_POLY_BF16 if micro == MICRO[0] else None
+
     def prob_of(r, u, w, t):
-        return _only(key_factor[r, u, w], _exp(scaled(r, u, w, t) - unit_max[r, u, t]))
+        return _only(key_factor[r, u, w], _exp(scaled(r, u, w, t) - unit_max[r, u, t], poly))
 
     prob = te.compute((*domain, W, b), prob_of, name="prob")
     # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
