@@ -35,7 +35,7 @@ NEG_BIG = -3.0e38  # identity for running maxima; finite so exp() of differences
 LANES = 16  # partial maxima or sums of a long reduction (``_lane_max``, ``_lane_sum``)
 
 
-def _exp(x, poly=None):
+def _exp(x):
     """exp(x) for a float expression, written out so that LLVM vectorises it.
 
     (llvm's expf is a scalar libm call per lane.) float32: range reduction
@@ -50,8 +50,7 @@ def _exp(x, poly=None):
     output 0, not v scaled by 1e-38 / 1e-6 (a clamp at ln(FLT_MIN) = -87.3 left 2^-126
     there). Inputs above 88 saturate (never
     reached: arguments here are <= 0 after subtracting a maximum, up to rounding).
-    float64 (tests, gradcheck) uses the exact libm exp. ``poly``: other coefficients than
-    ``EXP_POLY`` (``EXP_POLY_BF16``).
+    float64 (tests, gradcheck) uses the exact libm exp.
     """
     if str(x.ty) == "float64":
         return te.exp(x)
@@ -63,16 +62,42 @@ def _exp(x, poly=None):
     # they are 2^k (the shifter's own bits leave the 32-bit word). Three instructions
     # where floor, convert, add and shift took five (the exp is most of a unit's
     # element-wise work).
-    t = xv * tirx.const(1.4426950408889634, F32) + tirx.const(EXP_SHIFTER, F32)
+    t = xv * tirx.const(LOG2_E, F32) + tirx.const(EXP_SHIFTER, F32)
     k = tv - tirx.const(EXP_SHIFTER, F32)
     # ln2 split in a high part exact in float32 and a small correction.
     r = xv - kv * tirx.const(0.693359375, F32) + kv * tirx.const(2.12194440e-4, F32)
-    coefficients = EXP_POLY if poly is None else poly
+    return tirx.Let(xv, clamped, tirx.Let(tv, t, tirx.Let(kv, k, tirx.Let(
+        rv, r, _polynomial(EXP_POLY, rv) * _two_to(tv)))))
+
+
+def _polynomial(coefficients, x):
+    """sum_i coefficients[i] x^i (float32, Horner)."""
     value = tirx.const(coefficients[-1], F32)
     for c in reversed(coefficients[:-1]):
-        value = value * rv + tirx.const(c, F32)
-    two_k = tirx.reinterpret(F32, tirx.reinterpret(I32, tv) << 23)
-    return tirx.Let(xv, clamped, tirx.Let(tv, t, tirx.Let(kv, k, tirx.Let(rv, r, value * two_k))))
+        value = value * x + tirx.const(c, F32)
+    return value
+
+
+def _two_to(t):
+    """2^k for ``t`` = EXP_SHIFTER + k (k integral, -127 <= k <= 127): its low bits
+    shifted into the exponent field (k = -127 gives exponent bits 0: exactly 0)."""
+    return tirx.reinterpret(F32, tirx.reinterpret(I32, t) << 23)
+
+
+def _exp2_rounded(y):
+    """2^y (float32) for probabilities that are rounded to bf16 next (the CPU micro-kernels'
+    P V, ``MICRO[0]``): the caller passes y = x log2(e), its factor folded into its own
+    multiply (q k^T's scale), so the range reduction is two adds: k = y rounded (as in
+    ``_exp``), f = y - k exactly, |f| <= 1/2, and 2^f by a degree-3 polynomial
+    (``EXP2_POLY_BF16``). 1.0e-4 largest relative error (y's own rounding included,
+    2^-24 |y|), against 2^-9 of rounding to bf16 after it: 6 multiplies and FMAs a
+    vector where ``_exp`` takes 10 (the exps are FMA-bound). The same clamp: finite for
+    any argument, exactly 0 below -127 (e^-88), so a factor 0 still gives an exact 0."""
+    yv, tv = (tirx.Var(name, F32) for name in ("exp2_y", "exp2_t"))
+    clamped = te.max(te.min(y, tirx.const(127.0, F32)), tirx.const(-127.0, F32))
+    t = yv + tirx.const(EXP_SHIFTER, F32)
+    f = yv - (tv - tirx.const(EXP_SHIFTER, F32))
+    return tirx.Let(yv, clamped, tirx.Let(tv, t, _polynomial(EXP2_POLY_BF16, f) * _two_to(tv)))
 
 
 # 1.5 * 2^23 + 127: adding it rounds a float32 of magnitude < 2^22 to an integer and
@@ -84,10 +109,9 @@ EXP_SHIFTER = 12582912.0 + 127.0
 EXP_POLY = (1.0, 0.9999997019767761, 0.4999915063381195, 0.1666763573884964,
             0.04189793020486832, 0.008290315046906471)
 
-# The same of degree 3 (fitted likewise): 1.0e-4 largest relative error, for
-# probabilities that are rounded to bf16 before they multiply v (the CPU micro-kernels'
-# P V, ``MICRO[0]``): 2^-9 of relative rounding error each, 20 times as much.
-EXP_POLY_BF16 = (1.0, 1.000195860862732, 0.50412917137146, 0.16517870128154755)
+# 2^f ~ sum_i EXP2_POLY_BF16[i] f^i on |f| <= 1/2, fitted likewise (``_exp2_rounded``).
+EXP2_POLY_BF16 = (1.0, 0.6932829022407532, 0.2422105371952057, 0.05500870570540428)
+LOG2_E = 1.4426950408889634
 
 
 BF16_BITS = "int16"  # bf16 q, k, v held as their bits: the CPU's bf16 micro-kernels
@@ -472,10 +496,13 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # whatever its argument, inf and NaN included (``_exp`` clamps it to [-88, 88] by
     # comparisons, which send NaN to a bound): the exact zeros of a selection, without a
     # branch per key in the loop over keys. (float64's exact exp can overflow: selected.)
-    poly = EXP_POLY_BF16 if micro == MICRO[0] else None
-
     def prob_of(r, u, w, t):
-        return _only(key_factor[r, u, w], _exp(scaled(r, u, w, t) - unit_max[r, u, t], poly))
+        if micro == MICRO[0]:  # (scaled after: the factor log2(e) joins the scale)
+            e = _exp2_rounded(dots[r, u, w, t] * (scale * tirx.const(LOG2_E, dt))
+                              - unit_max[r, u, t] * tirx.const(LOG2_E, dt))
+        else:
+            e = _exp(scaled(r, u, w, t) - unit_max[r, u, t])
+        return _only(key_factor[r, u, w], e)
 
     prob = te.compute((*domain, W, b), prob_of, name="prob")
     # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
