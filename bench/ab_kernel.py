@@ -13,7 +13,9 @@ checkout, or before an edit) and ``--knobs`` (JSON schedule knobs over the recor
 ones, built here). Each variant first runs on copies of the arguments and is compared
 with the reference bit for bit (every tensor argument, outputs included); then all are
 timed in interleaved rounds, the order reversed every other round
-(``tools.common.median_ms``; median ms and the ratio to the reference).
+(``tools.common.median_ms``; median ms and the ratio to the reference). ``--cold``: each
+timed call right after a read of 64 MB (twice this host's L3), as in the op, where a
+kernel's inputs come from memory (back to back, part of them stays in L3).
 
 Every kernel is loaded as the op loads it: from an exported file, through
 ``Target.after_load`` (the CPU target installs the OpenMP launcher that runs parallel
@@ -113,6 +115,8 @@ def main(argv=None) -> int:
                    help="JSON knobs over the recorded ones, each a variant built here")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cold", action="store_true",
+                   help="evict the caches (a 64 MB read) before each timed call")
     args = p.parse_args(argv)
     if not args.old and not args.knobs:
         p.error("give at least one variant: --old FILE or --knobs JSON")
@@ -157,8 +161,12 @@ def main(argv=None) -> int:
 
     for fn in kernels.values():
         fn(*call["args"])  # (warm)
+    evict = None
+    if args.cold:
+        other = torch.ones(16 << 20)  # (64 MB; a read: large writes stream past L3)
+        evict = other.sum
     timed = common.median_ms({name: (lambda f=fn: f(*call["args"])) for name, fn in kernels.items()},
-                             args.rounds, alternate=True)
+                             args.rounds, alternate=True, before=evict)
     base = timed["this checkout"]
     for name, ms in timed.items():
         print(f"  {ms:9.3f} ms  {ms / base:6.3f}x  {name}")

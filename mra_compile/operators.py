@@ -91,8 +91,12 @@ def _exp2_rounded(y):
     ``_exp``), f = y - k exactly, |f| <= 1/2, and 2^f by a degree-3 polynomial
     (``EXP2_POLY_BF16``). 1.0e-4 largest relative error (y's own rounding included,
     2^-24 |y|), against 2^-9 of rounding to bf16 after it: 6 multiplies and FMAs a
-    vector where ``_exp`` takes 10 (the exps are FMA-bound). The same clamp: finite for
-    any argument, exactly 0 below -127 (e^-88), so a factor 0 still gives an exact 0."""
+    vector where ``_exp`` takes 10. bf16 hires_rows 0.98x the time with ``_exp``'s
+    degree 3, 0.97x with this (N = 8192, sparse; Zen 4, in-process A/B); the loop is not
+    bound by the FMAs alone: evaluating the polynomial in two halves to shorten each
+    vector's chain of dependent operations gained nothing (1.005x). The same clamp:
+    finite for any argument, exactly 0 below -127 (e^-88), so a factor 0 still gives an
+    exact 0."""
     yv, tv = (tirx.Var(name, F32) for name in ("exp2_y", "exp2_t"))
     clamped = te.max(te.min(y, tirx.const(127.0, F32)), tirx.const(-127.0, F32))
     t = yv + tirx.const(EXP_SHIFTER, F32)

@@ -73,14 +73,16 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------- timing
 
-def median_ms(fns: dict, rounds: int, on_round=None, alternate: bool = False) -> dict:
+def median_ms(fns: dict, rounds: int, on_round=None, alternate: bool = False,
+              before=None) -> dict:
     """Median milliseconds per call of each of ``fns`` (name -> zero-argument callable).
 
     Interleaved: each round calls every function once, in turn, so machine noise hits
     all of them alike. A single function is timed back to back. ``on_round(i)`` (if given)
     is called before round i (1-based): a progress counter. ``alternate``: every other
     round in the reverse order, so that no function always runs right after the same one
-    (what it leaves in the caches).
+    (what it leaves in the caches). ``before``: a zero-argument callable run (untimed)
+    before each call.
     """
     samples: dict = {name: [] for name in fns}
     order = list(fns.items())
@@ -88,6 +90,8 @@ def median_ms(fns: dict, rounds: int, on_round=None, alternate: bool = False) ->
         if on_round is not None:
             on_round(r + 1)
         for name, fn in order[::-1] if alternate and r % 2 else order:
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
