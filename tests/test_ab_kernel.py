@@ -57,3 +57,38 @@ def test_the_timer_alternates_its_order_only_when_asked():
     calls.clear()
     common.median_ms(fns, 2)
     assert calls == list("abab")
+
+
+def test_the_timer_runs_before_untimed_ahead_of_each_call(monkeypatch):
+    import time
+
+    from mra_compile.tools import common
+
+    calls: list[str] = []
+    clock = iter(range(100))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+
+    def before():
+        calls.append("-")
+        next(clock)  # (a tick inside before: not counted)
+        next(clock)
+
+    fns = {name: (lambda n=name: calls.append(n)) for name in "ab"}
+    timed = common.median_ms(fns, 2, alternate=True, before=before)
+    assert calls == list("-a-b-b-a")
+    assert timed == {"a": 1e3, "b": 1e3}  # each call one tick: before's ticks left out
+
+
+def test_cold_rounds_read_other_memory_before_each_call(capsys, monkeypatch):
+    from mra_compile.tools import common
+
+    seen = {}
+    timer = common.median_ms
+
+    def spy(fns, rounds, **kw):
+        seen.update(kw)
+        return timer(fns, rounds, **kw)
+
+    monkeypatch.setattr(common, "median_ms", spy)
+    assert ab_kernel.main(["--op", "lowres_out", *SMALL, "--knobs", "{}", "--cold"]) == 0
+    assert callable(seen["before"]) and "--cold" in capsys.readouterr().out
