@@ -111,7 +111,7 @@ def _signature(q, k, v, mask, query_mask, args: tuple):
             or env(ENV, "1") == "0"):
         return None
     for x in (q, k, v):
-        if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.layout != torch.strided
+        if (type(x) is not torch.Tensor or not x.is_cpu or x.layout != torch.strided
                 or not x.is_contiguous() or x.data_ptr() % inputs.ALIGNMENT):
             return None
     return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,

@@ -268,7 +268,7 @@ def _plain_call(*tensors) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda"):
+        if type(t) is not torch.Tensor or not (t.is_cpu or t.is_cuda):
             return False
         if grad and t.requires_grad:
             return False

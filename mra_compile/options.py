@@ -162,7 +162,12 @@ def parse(args: tuple) -> Options:
 
 def count() -> int:
     """How many options the op takes after q, k, v, mask."""
-    return len(dataclasses.fields(Options))
+    return _COUNT
+
+
+# (read on every call of the op: ``fields`` cost 12-20 us there after other heavy torch
+# work, the interpreter's caches cold)
+_COUNT = len(dataclasses.fields(Options))
 
 
 def budget(block_per_row: int, N: int, block_size: int) -> int:
