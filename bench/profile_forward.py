@@ -9,11 +9,13 @@ Records one call's kernels with ``mra_compile.build.trace_kernel_calls`` and tim
 with its recorded arguments (median of ``--repeat`` back-to-back calls). Then the whole
 op against a replay of the recorded launches in their order (the same kernels and
 tensors, nothing else: no validation, preparation, selection read-back or scratch
-lookups; same inputs, so the same data-dependent plan) and against itself with its
+lookups; same inputs, so the same data-dependent plan), against itself replaying its
+launches from Python (``MRA_COMPILE_NATIVE_REPLAY=0``: "from python") and with its
 launch cache switched off (``MRA_COMPILE_LAUNCH_CACHE=0``: "usual"), in interleaved
 rounds, each call right after ``--before`` (dense SDPA on the same q, k, v, as the sparse
 op runs in ``bench_roofline_cpu.py``'s rounds; or nothing). op - replay is the host work
-a call has left, op / usual what the launch cache saves. Back-to-back timings have warm
+a call has left, op / usual what the launch cache saves, op / from python what its
+replay from C saves. Back-to-back timings have warm
 caches: expect the interleaved rounds of ``bench_forward.py`` to be slower (see the
 README).
 """
@@ -32,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
-from mra_compile import build, launch_cache  # noqa: E402
+from mra_compile import build, launch_cache, native_replay  # noqa: E402
 from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
@@ -89,27 +91,35 @@ def main() -> int:
             if args.before == "sdpa":
                 F.scaled_dot_product_attention(q, k, v)
 
-        def cache(on: bool):
+        switches = (launch_cache.ENV, native_replay.ENV)
+
+        def setting(cache: str, native: str):
             def switch():
                 before()
-                os.environ[launch_cache.ENV] = "1" if on else "0"
+                os.environ.update(zip(switches, (cache, native)))
             return switch
 
         # (the "before" entries are timed too, and ignored: each round runs before, op,
-        # before, replay, before, op the usual way)
-        given = os.environ.get(launch_cache.ENV)
-        timed = common.median_ms({"before op": cache(True), "op": op, "before replay": before,
-                                  "replay": replay, "before usual": cache(False), "usual": op},
+        # before, replay, before, op replayed from Python, before, op the usual way)
+        given = {name: os.environ.get(name) for name in switches}
+        timed = common.median_ms({"before op": setting("1", "1"), "op": op,
+                                  "before replay": before, "replay": replay,
+                                  "before python": setting("1", "0"), "python": op,
+                                  "before usual": setting("0", "1"), "usual": op},
                                  args.repeat)
-        if given is None:  # (the caller's setting back)
-            os.environ.pop(launch_cache.ENV)
-        else:
-            os.environ[launch_cache.ENV] = given
+        for name, value in given.items():  # (the caller's settings back)
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
         whole, replayed, usual = timed["op"], timed["replay"], timed["usual"]
+        python = timed["python"]
     print(f"  {'kernels':16s} {total:7.2f} ms   (each alone, back to back)")
     print(f"  {'whole op':16s} {whole:7.2f} ms   (right after: {args.before})")
     print(f"  {'replay':16s} {replayed:7.2f} ms   (the launches in order, right after: "
           f"{args.before}; replay / op {replayed / whole:.3f}x, host work {whole - replayed:.2f} ms)")
+    print(f"  {'from python':16s} {python:7.2f} ms   (the launch cache replaying from Python, "
+          f"{native_replay.ENV}=0, right after: {args.before}; op / this {whole / python:.3f}x)")
     print(f"  {'usual':16s} {usual:7.2f} ms   (the op without its launch cache, "
           f"{launch_cache.ENV}=0, right after: {args.before}; op / usual {whole / usual:.3f}x)")
     return 0

@@ -63,7 +63,7 @@ def _cuda_line() -> str:
 
 
 def _cmd_info(args) -> int:
-    from mra_compile import host, library, openmp, records, targets, tuning
+    from mra_compile import host, library, native_replay, openmp, records, targets, tuning
 
     bucket = None
     if args.shape:
@@ -83,6 +83,7 @@ def _cmd_info(args) -> int:
     print(f"kernel cache: {cache} ({count} kernels)")
     print(f"cuda: {_cuda_line()}")
     print(f"CPU kernels' parallel loops: {openmp.status()}")
+    print(f"launch cache replays: {native_replay.status()}")
 
     for directory in library.directories():
         try:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mra_compile import build, forward, inputs, kernels, memory, runtime
+from mra_compile import build, forward, inputs, kernels, memory, native_replay, runtime
 from mra_compile.targets import CPU, cpu
 
 ENV = "MRA_COMPILE_LAUNCH_CACHE"  # "0": every call the usual way
@@ -84,6 +84,9 @@ class _Plan:
     unit_cols: np.ndarray
     views: dict  # "q" / "k" / "v" / "out" -> (shape, dtype) of the kernels' view
     tails: dict[int, _Tail] = field(default_factory=dict)
+    # Its launches as C structures (``native_replay``), made on the first replay and
+    # again when a tail is added; False where it cannot have them.
+    native: native_replay.NativePlan | bool | None = None
 
 
 def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
@@ -116,19 +119,27 @@ def _signature(q, k, v, mask, query_mask, args: tuple):
             return None
     return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
             torch.get_num_threads(), build.lookup_token(), env(cpu.TARGET_ENV),
-            env(cpu.BF16_ENV), env(memory.WORKSPACE_ENV))
+            env(cpu.BF16_ENV), env(memory.WORKSPACE_ENV), env(native_replay.ENV))
 
 
 def _replay(plan: _Plan, q, k, v):
     """The output from ``plan``'s launches, or None where the selection made a count of
     overflow units the plan has no tail for (the kernels then ran for nothing)."""
     runtime.ensure()
-    tensors = {name: _view(x, *plan.views[name]) for name, x in zip(_INPUTS, (q, k, v))}
     # The output in the caller's shape, made before the launches, so that nothing is
     # left to do after the last one. (Host work right after a kernel costs several times
     # as much, its traffic leaving the interpreter's caches cold; a call's host work
     # measured the same either way, 0.35-0.40 ms at N = 8192.)
     out = inputs.result_tensor(tuple(q.shape), q.dtype, q.device, CPU)
+    native = _native(plan)
+    if native:
+        done = native.run(q, k, v, out)
+        if done == 0:
+            return out
+        if done == 1:  # (no tail for this count)
+            return None
+        # A launch failed: the launches again from Python, which raise its error.
+    tensors = {name: _view(x, *plan.views[name]) for name, x in zip(_INPUTS, (q, k, v))}
     tensors["out"] = _view(out, *plan.views["out"])
     for launch in plan.head:
         launch(tensors, 0)
@@ -143,6 +154,19 @@ def _replay(plan: _Plan, q, k, v):
     for launch in tail.launches:
         launch(tensors, max(widest, 1))
     return out
+
+
+def _native(plan: _Plan):
+    """The plan's ``native_replay.NativePlan``, made on first use; False where there is
+    none (no C compiler, ``MRA_COMPILE_NATIVE_REPLAY=0``, an argument it cannot pass)."""
+    if plan.native is None:
+        plan.native = False
+        if native_replay.enabled():
+            try:
+                plan.native = native_replay.NativePlan(plan)
+            except (KeyError, TypeError, AttributeError):
+                pass
+    return plan.native
 
 
 def _view(x: torch.Tensor, shape, dtype) -> torch.Tensor:
@@ -164,6 +188,7 @@ def _record(key, plan: _Plan | None, q, k, v, mask, query_mask, args, usual):
         if len(plan.tails) >= TAILS_PER_PLAN:
             del plan.tails[next(iter(plan.tails))]
         plan.tails.update(made.tails)
+        plan.native = None  # (made again with the new tail)
         return out
     ws.plans.pop(key, None)
     if len(ws.plans) >= PLANS_PER_THREAD:

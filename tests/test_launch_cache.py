@@ -161,3 +161,61 @@ def test_other_dtypes_replay_the_usual_path(dtype):
     want = usual(q, k, v, None, 24, "full")
     for _ in range(3):
         assert torch.equal(op(q, k, v, None, 24, "full"), want)
+
+
+def _native_plans() -> list:
+    return [p.native for p in plans().values() if p is not None and p.native]
+
+
+def test_replays_run_from_c_as_from_python(monkeypatch):
+    """The replay from C (``native_replay``, the default) against the replay from Python
+    (``MRA_COMPILE_NATIVE_REPLAY=0``) and the usual path, with the selection switching
+    between counts of overflow units (tails) and between float32 and bf16 bits."""
+    from mra_compile import native_replay
+
+    assert native_replay.enabled(), native_replay.status()
+    flat = make_qkv(3, 1, 2, 1024, 64)
+    flat[0][:, :, :32] *= 0.01  # (overflow units, as above)
+    spread = make_qkv(4, 1, 2, 1024, 64)
+    kw = dict(num_blocks=600, approx_mode="sparse")
+    for dtype in (torch.float32, torch.bfloat16):
+        mra_compile.clear_workspace()
+        cases = [tuple(x.to(dtype) for x in qkv) for qkv in (flat, spread)]
+        want = [usual(*qkv, None, **kw) for qkv in cases]
+        for switch in ("1", "0", "1"):
+            monkeypatch.setenv(native_replay.ENV, switch)
+            for _ in range(3):
+                for qkv, w in zip(cases, want):
+                    assert torch.equal(op(*qkv, None, **kw), w)
+        assert len(_native_plans()) == 1  # (one signature from C, one from Python)
+        assert sum(1 for p in plans().values() if p is not None and p.native is False) == 1
+
+
+def test_a_failing_launch_from_c_replays_from_python(monkeypatch):
+    """A launch that fails in the C replay (here: an argument of the wrong type, which
+    the kernel rejects) leaves the call to the Python replay: the usual output."""
+    from mra_compile import native_replay
+
+    mra_compile.clear_workspace()
+    q, k, v = make_qkv(11, 1, 2, 512, 64)
+    want = usual(q, k, v, None, 40)
+    for _ in range(2):
+        assert torch.equal(op(q, k, v, None, 40), want)
+    (native,) = _native_plans()
+    native.plan.head[0].args[0] = native_replay.AnyValue(1, 0, 7)  # (an int where q goes)
+    assert native.run(q, k, v, torch.empty_like(q)) == -1
+    assert torch.equal(op(q, k, v, None, 40), want)
+
+
+def test_without_the_c_library_replays_run_from_python(monkeypatch):
+    """No C compiler (or the library failed to load): plans replay from Python."""
+    from mra_compile import native_replay
+
+    monkeypatch.setattr(native_replay, "_library", lambda: {"error": "no C compiler (test)"})
+    mra_compile.clear_workspace()
+    q, k, v = make_qkv(12, 1, 2, 256, 64)
+    want = usual(q, k, v, None, 20)
+    for _ in range(3):
+        assert torch.equal(op(q, k, v, None, 20), want)
+    assert not _native_plans() and any(plans().values())
+    mra_compile.clear_workspace()
