@@ -17,9 +17,9 @@ head, reads the selection's per-row unit counts, picks the tail recorded for tha
 call. A kernel's error returns its code, and the caller replays from Python, which
 raises it with its message.
 
-The C library is built with the system C compiler into the kernel cache (like
-``openmp``'s launcher); without one, or with ``MRA_COMPILE_NATIVE_REPLAY=0``, replays
-stay in Python.
+The C library is built with the system C compiler into the kernel cache, or shipped in
+an ahead-of-time library's runtime/ (like ``openmp``'s launcher); without either, or
+with ``MRA_COMPILE_NATIVE_REPLAY=0``, replays stay in Python.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import hashlib
 import os
 import subprocess
 import threading
+from pathlib import Path
 
 import torch
 
@@ -171,15 +172,34 @@ def _load() -> dict:
         ffi = ctypes.CDLL(tvm_ffi.libinfo.find_libtvm_ffi())  # (loaded: the same handle)
         entries = tuple(ctypes.cast(getattr(ffi, name), ctypes.c_void_p).value for name in (
             "TVMFFIFunctionCall", "TVMFFIErrorMoveFromRaised", "TVMFFIObjectDecRef"))
-        digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
-        lib = ctypes.CDLL(str(host.cached_c_library(
-            _SOURCE, f"replay/libmra_replay-{digest}.so", ("-O2",))))
+        lib = ctypes.CDLL(str(_path()))
     except (OSError, AttributeError, ImportError, subprocess.CalledProcessError) as e:
         return {"error": str(e)}
     replay = lib.mra_replay
     replay.argtypes = [ctypes.c_void_p] * 5
     replay.restype = ctypes.c_int
     return {"replay": replay, "ffi": entries, "lib": lib}
+
+
+def library_name() -> str:
+    digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
+    return f"libmra_replay-{digest}.so"
+
+
+def build_into(directory) -> Path:
+    """Compile the library into ``directory`` (an ahead-of-time library's runtime/: a
+    runtime-only machine then needs no C compiler; see ``host.compile_c_library``)."""
+    return host.compile_c_library(_SOURCE, Path(directory) / library_name(), ("-O2",))
+
+
+def _path() -> Path:
+    """A kernel library's copy (checked against its manifest) where there is one, else
+    the kernel cache's, built on first use."""
+    for directory in host.kernel_library_dirs():
+        shipped = host.library_file(directory, f"runtime/{library_name()}")
+        if shipped is not None:
+            return shipped
+    return host.cached_c_library(_SOURCE, f"replay/{library_name()}", ("-O2",))
 
 
 def enabled() -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_python
 
-from mra_compile import aot, cli, host, openmp, runtime
+from mra_compile import aot, cli, host, native_replay, openmp, runtime
 
 
 def sha256(path):
@@ -119,7 +119,8 @@ def library_dir(tmp_path_factory):
 def test_the_manifest_records_the_sha256_of_every_binary(library_dir):
     manifest = json.loads((library_dir / "manifest.json").read_text())
     launcher = f"runtime/{openmp.launcher_name()}"
-    assert sorted(manifest["files"]) == sorted(["mra_kernels.so", launcher])
+    replay = f"runtime/{native_replay.library_name()}"
+    assert sorted(manifest["files"]) == sorted(["mra_kernels.so", launcher, replay])
     for name, digest in manifest["files"].items():
         assert digest == sha256(library_dir / name), name
         assert host.library_file(library_dir, name) == library_dir / name
@@ -136,6 +137,26 @@ def test_a_truncated_launcher_in_a_library_is_not_loaded(library_dir, tmp_path):
     # The kernel cache's launcher is built and used instead.
     assert report["status"].startswith("torch's OpenMP threads"), report
     assert host.verified(cache / "openmp" / openmp.launcher_name())
+
+
+REPLAY_STATUS = r"""
+import json
+from mra_compile import native_replay
+print(json.dumps({"status": native_replay.status()}))
+"""
+
+
+def test_a_truncated_replay_library_in_a_library_is_not_loaded(library_dir, tmp_path):
+    lib = tmp_path / "lib"
+    shutil.copytree(library_dir, lib)
+    damage(lib / "runtime" / native_replay.library_name(), "truncated")
+    cache = tmp_path / "cache"
+    report = run_python(REPLAY_STATUS, env={"MRA_COMPILE_CACHE_DIR": str(cache),
+                                            "MRA_COMPILE_KERNEL_LIBRARY": str(lib)},
+                        cwd=REPO, timeout=300)
+    # The kernel cache's copy is built and used instead.
+    assert report["status"] == "from C", report
+    assert host.verified(cache / "replay" / native_replay.library_name())
 
 
 CALL = r"""

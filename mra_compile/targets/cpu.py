@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mra_compile import host, openmp
+from mra_compile import host, native_replay, openmp
 from mra_compile.schedules import cpu as cpu_schedules
 from mra_compile.targets.base import Target
 
@@ -95,9 +95,11 @@ class CpuTarget(Target):
         openmp.install(path)  # parallel loops on torch's OpenMP threads
 
     def library_extras(self, out: Path, library: Path, executable, manifest: dict) -> None:
-        # The kernels' parallel loops run on torch's OpenMP threads: ship the launcher so
-        # that a runtime-only machine needs no C compiler.
+        # The kernels' parallel loops run on torch's OpenMP threads, and the launch cache
+        # replays from C: ship both libraries so that a runtime-only machine needs no C
+        # compiler.
         openmp.build_into(out / "runtime")
+        native_replay.build_into(out / "runtime")
 
 
 CPU = CpuTarget()
