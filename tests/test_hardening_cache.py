@@ -126,37 +126,28 @@ def test_the_manifest_records_the_sha256_of_every_binary(library_dir):
         assert host.library_file(library_dir, name) == library_dir / name
 
 
-def test_a_truncated_launcher_in_a_library_is_not_loaded(library_dir, tmp_path):
-    lib = tmp_path / "lib"
-    shutil.copytree(library_dir, lib)
-    damage(lib / "runtime" / openmp.launcher_name(), "truncated")
-    cache = tmp_path / "cache"
-    report = run_python(OPENMP_STATUS, env={"MRA_COMPILE_CACHE_DIR": str(cache),
-                                            "MRA_COMPILE_KERNEL_LIBRARY": str(lib)},
-                        cwd=REPO, timeout=300)
-    # The kernel cache's launcher is built and used instead.
-    assert report["status"].startswith("torch's OpenMP threads"), report
-    assert host.verified(cache / "openmp" / openmp.launcher_name())
-
-
-REPLAY_STATUS = r"""
+RUNTIME_STATUS = r"""
 import json
-from mra_compile import native_replay
-print(json.dumps({"status": native_replay.status()}))
+from mra_compile import native_replay, openmp
+print(json.dumps({"openmp": openmp.status(), "replay": native_replay.status()}))
 """
 
 
-def test_a_truncated_replay_library_in_a_library_is_not_loaded(library_dir, tmp_path):
+@pytest.mark.parametrize("which", ["openmp", "replay"])
+def test_a_truncated_runtime_library_in_a_library_is_not_loaded(library_dir, tmp_path, which):
+    """The library's launcher or replay library, damaged: the kernel cache's copy is
+    built and used instead."""
+    name = openmp.launcher_name() if which == "openmp" else native_replay.library_name()
     lib = tmp_path / "lib"
     shutil.copytree(library_dir, lib)
-    damage(lib / "runtime" / native_replay.library_name(), "truncated")
+    damage(lib / "runtime" / name, "truncated")
     cache = tmp_path / "cache"
-    report = run_python(REPLAY_STATUS, env={"MRA_COMPILE_CACHE_DIR": str(cache),
-                                            "MRA_COMPILE_KERNEL_LIBRARY": str(lib)},
+    report = run_python(RUNTIME_STATUS, env={"MRA_COMPILE_CACHE_DIR": str(cache),
+                                             "MRA_COMPILE_KERNEL_LIBRARY": str(lib)},
                         cwd=REPO, timeout=300)
-    # The kernel cache's copy is built and used instead.
-    assert report["status"] == "from C", report
-    assert host.verified(cache / "replay" / native_replay.library_name())
+    assert report["openmp"].startswith("torch's OpenMP threads"), report
+    assert report["replay"] == "from C", report
+    assert host.verified(cache / which / name)
 
 
 CALL = r"""
