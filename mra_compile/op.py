@@ -99,7 +99,7 @@ def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
 def _graphable(q, mask, query_mask) -> bool:
     """Whether a call may go through ``cuda_graphs``: CUDA, no masks, not empty (anything
     else, bad input included, goes the usual way, which checks it)."""
-    return (isinstance(q, torch.Tensor) and q.device.type == "cuda" and mask is None
+    return (isinstance(q, torch.Tensor) and q.is_cuda and mask is None
             and query_mask is None and q.numel() > 0)
 
 
