@@ -164,8 +164,8 @@ def _native(plan: _Plan):
         if native_replay.enabled():
             try:
                 plan.native = native_replay.NativePlan(plan)
-            except (KeyError, TypeError, AttributeError):
-                pass
+            except (KeyError, TypeError, AttributeError, ValueError, OverflowError):
+                pass  # (replays from Python)
     return plan.native
 
 
