@@ -261,6 +261,12 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
         # No mask: one shared row of ones; block means divide by b (docs/spec.md, step 2).
         maskf, counts, inv_counts = _unmasked(Np, b, dt, dev, keep=target.reuses_workspace)
         heads = B * H
+    elif mask is None:  # (a partial last block: the same for every call of this shape)
+        maskf, counts, inv_counts = kept_constants(
+            ("partial", B, N, Np, b, dt, dev),
+            lambda: _side_mask(torch.ones(B, N, dtype=dt, device=dev), N, Np, dt, b),
+            target.reuses_workspace)
+        heads = H
     else:
         real = torch.ones(B, N, dtype=dt, device=dev) if mask is None else mask
         maskf, counts, inv_counts = _side_mask(real, N, Np, dt, b)

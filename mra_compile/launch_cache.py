@@ -13,10 +13,12 @@ records its tail).
 
 A signature is everything the host work depends on besides the values of q, k, v: the
 shapes, dtypes and options, torch's thread count, and the environment that picks kernels,
-knobs and memory limits. Only calls whose launches read q, k, v and write the output in
-place (no mask, whole blocks, no copy) and whose other tensors are kept memory (the
-thread's workspace, ``memory.kept_constants``) get a plan; others keep a marker that sends
-them the usual way. Plans are per thread (the workspace is) and go whenever the workspace
+knobs and memory limits. Calls without a mask whose launches read q, k, v in place or
+through the scratch copies ``inputs.padded`` makes (a partial last block, a head dim
+padded to 16, float16 in float32: each replay makes them again), write the output in
+place or into scratch that the replay copies out, and whose other tensors are kept
+memory (the thread's workspace, ``memory.kept_constants``) get a plan; others keep a
+marker that sends them the usual way. Plans are per thread (the workspace is) and go whenever the workspace
 drops a buffer (``memory.Workspace.dropped``); nothing is planned while kernel calls are
 traced (the tracer must see every launch), nor with ``MRA_COMPILE_LAUNCH_CACHE=0``.
 """
@@ -84,6 +86,12 @@ class _Plan:
     unit_cols: np.ndarray
     views: dict  # "q" / "k" / "v" / "out" -> (shape, dtype) of the kernels' view
     tails: dict[int, _Tail] = field(default_factory=dict)
+    # Inputs the kernels read through a copy (``inputs.padded``: a partial last block, a
+    # head dim padded to 16, float16 in float32): name -> (Np, Dp, dtype, its address),
+    # made again by each call; and the kernels' output where the result is a copy of it
+    # (None: the kernels write the result itself).
+    copies: dict = field(default_factory=dict)
+    out_copy: torch.Tensor | None = None
     # Its launches as C structures (``native_replay``), made on the first replay and
     # again when a tail is added; False where it cannot have them.
     native: native_replay.NativePlan | bool | None = None
@@ -131,16 +139,22 @@ def _replay(plan: _Plan, q, k, v):
     # as much, its traffic leaving the interpreter's caches cold; a call's host work
     # measured the same either way, 0.35-0.40 ms at N = 8192.)
     out = inputs.result_tensor(tuple(q.shape), q.dtype, q.device, CPU)
+    callers = dict(zip(_INPUTS, (q, k, v)))
+    for name, (Np, Dp, dtype, address) in plan.copies.items():
+        if inputs.padded(callers[name], Np, Dp, dtype, f"input_{name}", CPU).data_ptr() != address:
+            return None  # (not where the plan's launches read it: go the usual way)
     native = _native(plan)
     if native:
         done = native.run(q, k, v, out)
         if done == 0:
-            return out
+            return _copied_out(plan, out)
         if done == 1:  # (no tail for this count)
             return None
         # A launch failed: the launches again from Python, which raise its error.
-    tensors = {name: _view(x, *plan.views[name]) for name, x in zip(_INPUTS, (q, k, v))}
-    tensors["out"] = _view(out, *plan.views["out"])
+    tensors = {name: _view(x, *plan.views[name]) for name, x in callers.items()
+               if name in plan.views}
+    if "out" in plan.views:
+        tensors["out"] = _view(out, *plan.views["out"])
     for launch in plan.head:
         launch(tensors, 0)
     most, widest = forward.unit_counts(plan.units)
@@ -153,6 +167,19 @@ def _replay(plan: _Plan, q, k, v):
         used_cols[...] = plan.unit_cols[:, :most]
     for launch in tail.launches:
         launch(tensors, max(widest, 1))
+    return _copied_out(plan, out)
+
+
+def _copied_out(plan: _Plan, out: torch.Tensor) -> torch.Tensor:
+    """The result ``out`` [B, H, N, D], from the kernels' padded output where they did not
+    write it themselves (``forward._forward``'s copy)."""
+    src = plan.out_copy
+    if src is not None:
+        if src.dtype == torch.int16:  # (bf16 bits as the micro-kernels take them)
+            src = src.view(torch.bfloat16)
+        B, H, N, D = out.shape
+        R, n, b, Dp = src.shape
+        out.copy_(src.view(B, H, n * b, Dp)[:, :, :N, :D])
     return out
 
 
@@ -209,7 +236,12 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
     callers["out"] = out
     storages = {x.untyped_storage().data_ptr() for x in callers.values()}
     kept = memory.kept_storages() - storages
+    # The inputs the kernels read through a copy in scratch (``inputs.padded``), by the
+    # address of that copy.
+    copied = _input_copies()
     views: dict = {}
+    copies: dict = {}
+    out_copy = None
     named_calls = []
     for call in calls:
         names = kernels.get(call["op"]).arg_names(call["static"])
@@ -219,6 +251,16 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
         slots = []
         for i, (name, arg) in enumerate(named.items()):
             if not isinstance(arg, torch.Tensor):
+                continue
+            if name in callers and arg.data_ptr() in copied:  # (a copy of q, k or v)
+                copies[name] = copied[arg.data_ptr()]
+                if copies[name][3] != arg.data_ptr() or name != copies[name][4]:
+                    return None
+                continue
+            if name == "out" and arg.data_ptr() != out.data_ptr():  # (the padded output)
+                if arg.untyped_storage().data_ptr() not in kept:
+                    return None
+                out_copy = arg
                 continue
             if name in callers:  # (the kernels' view of the caller's tensor, in place)
                 mine = callers[name]
@@ -234,7 +276,8 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
         args = [None if i in substituted else a for i, a in enumerate(call["args"])]
         ucap = names.index("ucap") if call["op"] == "hires_rows" else None
         named_calls.append((call["op"], named, _Launch(fn, args, tuple(slots), ucap)))
-    if set(views) != {*_INPUTS, "out"}:
+    if set(views) | set(copies) | ({"out"} if out_copy is not None else set()) != {
+            *_INPUTS, "out"}:
         return None
     select = named_calls[1][1]
     units, unit_row, unit_cols = (select[x].numpy() for x in ("units", "unit_row", "unit_cols"))
@@ -247,4 +290,18 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
         return None
     launches = [launch for _, _, launch in named_calls]
     return _Plan(launches[:2], units, unit_row, unit_cols, views,
-                 {most: _Tail(launches[2:], used)})
+                 {most: _Tail(launches[2:], used)},
+                 {name: c[:4] for name, c in copies.items()}, out_copy)
+
+
+def _input_copies() -> dict:
+    """{address: (Np, Dp, dtype, address, name)} of this thread's scratch copies of q,
+    k, v (``inputs.padded``'s buffers "input_q:<dtype>", ...) in the shapes of the last
+    call: where the kernels read a caller's input through a copy."""
+    found = {}
+    for name in _INPUTS:
+        for key, (shape, view) in memory.WORKSPACE.views.items():
+            if key.startswith(f"input_{name}:") and len(shape) == 3:
+                dtype = getattr(torch, key.split(":", 1)[1].removeprefix("torch."))
+                found[view.data_ptr()] = (shape[1], shape[2], dtype, view.data_ptr(), name)
+    return found

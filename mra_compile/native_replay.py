@@ -224,8 +224,9 @@ class NativePlan:
         lib = _library()
         self._keep: list = []  # every ctypes object and tensor the structures point into
         io = {}
-        for name in IO:  # (data pointers set by each call)
-            shape, dtype = plan.views[name]
+        for name in IO:  # (data pointers set by each call; a dummy for those read through
+            # a copy, ``launch_cache._Plan.copies``)
+            shape, dtype = plan.views.get(name, ((1,), torch.uint8))
             io[name] = self._dltensor(shape, dtype, None)
         head = self._launches(plan.head, io)
         tails = (CTail * len(plan.tails))()

@@ -64,6 +64,22 @@ def test_replayed_calls_match_the_usual_path(seed, B, H, N, D, mode, per_row, ca
     assert len(plans()) <= 16
 
 
+@pytest.mark.parametrize("N, D, dtype", [(300, 64, torch.float32), (256, 40, torch.float32),
+                                         (256, 64, torch.float16), (1000, 48, torch.bfloat16)])
+def test_inputs_read_through_a_copy_replay_too(N, D, dtype):
+    """A partial last block, a head dim padded to 16, float16 computed in float32: the
+    kernels read copies of q, k, v and write a padded output, which each replay makes
+    and copies out again; the same bits as the usual path, from C and from Python."""
+    mra_compile.clear_workspace()
+    kw = dict(num_blocks=3 * -(-N // 32), approx_mode="sparse")
+    for i in range(3):
+        q, k, v = (x.to(dtype) for x in make_qkv(30 + i, 2, 3, N, D))
+        assert torch.equal(op(q, k, v, None, **kw), usual(q, k, v, None, **kw))
+    (plan,) = [p for p in plans().values() if p is not None]
+    assert set(plan.copies) == {"q", "k", "v"} and plan.out_copy is not None
+    assert plan.native
+
+
 def test_the_overflow_count_picks_the_tail():
     """One signature, inputs whose selection has overflow units (a row beyond its row
     unit's blocks) and inputs with none, in turn: each call is the usual path's."""
