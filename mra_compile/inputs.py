@@ -268,8 +268,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
             target.reuses_workspace)
         heads = H
     else:
-        real = torch.ones(B, N, dtype=dt, device=dev) if mask is None else mask
-        maskf, counts, inv_counts = _side_mask(real, N, Np, dt, b)
+        maskf, counts, inv_counts = _side_mask(mask, N, Np, dt, b)
         heads = H
     # Self-attention: one mask (and its counts) for both sides.
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, maskf, counts, inv_counts, heads,
@@ -286,6 +285,18 @@ def _unmasked(Np: int, b: int, dt, dev, keep: bool):
         torch.ones(1, Np, dtype=dt, device=dev),
         torch.full((1, n), float(b), dtype=dt, device=dev),
         torch.full((1, n), 1.0 / b, dtype=dt, device=dev)), keep)
+
+
+def copied_inputs() -> dict:
+    """{address: (side, Np, Dp, dtype)}: this thread's scratch copies of q, k, v
+    ("q", "k", "v": ``padded``'s buffers "input_q:<dtype>", ...) in the shapes the last
+    call made them, by the address the kernels read them at."""
+    found = {}
+    for key, (shape, view) in WORKSPACE.views.items():
+        side = key.split(":", 1)[0].removeprefix("input_")
+        if key.startswith("input_") and side in ("q", "k", "v") and len(shape) == 3:
+            found[view.data_ptr()] = (side, shape[1], shape[2], view.dtype)
+    return found
 
 
 def padded(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tensor:

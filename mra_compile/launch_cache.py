@@ -238,7 +238,7 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
     kept = memory.kept_storages() - storages
     # The inputs the kernels read through a copy in scratch (``inputs.padded``), by the
     # address of that copy.
-    copied = _input_copies()
+    copied = inputs.copied_inputs()
     views: dict = {}
     copies: dict = {}
     out_copy = None
@@ -253,9 +253,10 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
             if not isinstance(arg, torch.Tensor):
                 continue
             if name in callers and arg.data_ptr() in copied:  # (a copy of q, k or v)
-                copies[name] = copied[arg.data_ptr()]
-                if copies[name][3] != arg.data_ptr() or name != copies[name][4]:
+                side, Np, Dp, dtype = copied[arg.data_ptr()]
+                if side != name:
                     return None
+                copies[name] = (Np, Dp, dtype, arg.data_ptr())
                 continue
             if name == "out" and arg.data_ptr() != out.data_ptr():  # (the padded output)
                 if arg.untyped_storage().data_ptr() not in kept:
@@ -290,18 +291,4 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
         return None
     launches = [launch for _, _, launch in named_calls]
     return _Plan(launches[:2], units, unit_row, unit_cols, views,
-                 {most: _Tail(launches[2:], used)},
-                 {name: c[:4] for name, c in copies.items()}, out_copy)
-
-
-def _input_copies() -> dict:
-    """{address: (Np, Dp, dtype, address, name)} of this thread's scratch copies of q,
-    k, v (``inputs.padded``'s buffers "input_q:<dtype>", ...) in the shapes of the last
-    call: where the kernels read a caller's input through a copy."""
-    found = {}
-    for name in _INPUTS:
-        for key, (shape, view) in memory.WORKSPACE.views.items():
-            if key.startswith(f"input_{name}:") and len(shape) == 3:
-                dtype = getattr(torch, key.split(":", 1)[1].removeprefix("torch."))
-                found[view.data_ptr()] = (shape[1], shape[2], dtype, view.data_ptr(), name)
-    return found
+                 {most: _Tail(launches[2:], used)}, copies, out_copy)
