@@ -4,6 +4,7 @@
     python bench/profile_forward.py --n 8192 --mode sparse --repeat 25
     python bench/profile_forward.py --n 8192 --dtype bfloat16
     python bench/profile_forward.py --n 4096 --mode sparse --repeat 31 --before sdpa
+    python bench/profile_forward.py --n 512 --mode sparse --before sdpa --layout heads-last
 
 Records one call's kernels with ``mra_compile.build.trace_kernel_calls`` and times each
 with its recorded arguments (median of ``--repeat`` back-to-back calls). Then the whole
@@ -17,7 +18,9 @@ op runs in ``bench_roofline_cpu.py``'s rounds; or nothing). op - replay is the h
 a call has left, op / usual what the launch cache saves, op / from python what its
 replay from C saves. Back-to-back timings have warm
 caches: expect the interleaved rounds of ``bench_forward.py`` to be slower (see the
-README).
+README). ``--layout heads-last``: q, k, v are [B, N, H, D] tensors seen as [B, H, N, D]
+(transposed views, what an attention layer passes after splitting its heads off the
+hidden dim), which the op copies into its own layout each call.
 """
 from __future__ import annotations
 
@@ -55,11 +58,18 @@ def main() -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--before", choices=("none", "sdpa"), default="none",
                    help="what runs right before each call of the op and of the replay")
+    p.add_argument("--layout", choices=("contiguous", "heads-last"), default="contiguous",
+                   help="q, k, v contiguous [B, H, N, D], or transposed views of [B, N, H, D]")
     args = p.parse_args()
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    q, k, v = (torch.randn(1, args.heads, args.n, args.head_dim, dtype=dtype) for _ in range(3))
+    shape = (1, args.heads, args.n, args.head_dim)
+    if args.layout == "heads-last":
+        q, k, v = (torch.randn(1, args.n, args.heads, args.head_dim, dtype=dtype).transpose(1, 2)
+                   for _ in range(3))
+    else:
+        q, k, v = (torch.randn(shape, dtype=dtype) for _ in range(3))
     num_blocks = args.blocks_per_row * (-(-args.n // 32))
 
     def op():
@@ -72,7 +82,8 @@ def main() -> int:
             op()
         print(machine_line())
         print(f"N={args.n} B*H={args.heads} D={args.head_dim} "
-              f"{args.blocks_per_row} blocks/row, {args.mode}, {args.dtype}; median of {args.repeat}")
+              f"{args.blocks_per_row} blocks/row, {args.mode}, {args.dtype}, {args.layout}; "
+              f"median of {args.repeat}")
         total = 0.0
         launches = []
         for call in calls:

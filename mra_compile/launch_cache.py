@@ -15,7 +15,8 @@ A signature is everything the host work depends on besides the values of q, k, v
 shapes, dtypes and options, torch's thread count, and the environment that picks kernels,
 knobs and memory limits. Calls without a mask whose launches read q, k, v in place or
 through the scratch copies ``inputs.padded`` makes (a partial last block, a head dim
-padded to 16, float16 in float32: each replay makes them again), write the output in
+padded to 16, float16 in float32, a non-contiguous or unaligned input such as the
+transposed views attention layers pass: each replay makes them again), write the output in
 place or into scratch that the replay copies out, and whose other tensors are kept
 memory (the thread's workspace, ``memory.kept_constants``) get a plan; others keep a
 marker that sends them the usual way. Plans are per thread (the workspace is) and go whenever the workspace
@@ -122,12 +123,20 @@ def _signature(q, k, v, mask, query_mask, args: tuple):
             or env(ENV, "1") == "0"):
         return None
     for x in (q, k, v):
-        if (type(x) is not torch.Tensor or not x.is_cpu or x.layout != torch.strided
-                or not x.is_contiguous() or x.data_ptr() % inputs.ALIGNMENT):
+        if type(x) is not torch.Tensor or not x.is_cpu or x.layout != torch.strided:
             return None
+    # Whether the kernels read each input in place or through a copy (``inputs.padded``)
+    # depends on its layout too: a transposed view (what attention layers pass: heads
+    # split off the hidden dim) or an unaligned tensor is copied by every call.
     return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
+            _in_place(q), _in_place(k), _in_place(v),
             torch.get_num_threads(), build.lookup_token(), env(cpu.TARGET_ENV),
             env(cpu.BF16_ENV), env(memory.WORKSPACE_ENV), env(native_replay.ENV))
+
+
+def _in_place(x: torch.Tensor) -> bool:
+    """Whether ``inputs.padded`` can hand the kernels ``x`` itself (its layout's part)."""
+    return x.is_contiguous() and x.data_ptr() % inputs.ALIGNMENT == 0
 
 
 def _replay(plan: _Plan, q, k, v):

@@ -80,6 +80,37 @@ def test_inputs_read_through_a_copy_replay_too(N, D, dtype):
     assert plan.native
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_and_unaligned_inputs_replay_through_copies(dtype):
+    """The views attention layers pass ([B, N, H, D] transposed to [B, H, N, D]) and an
+    input starting off the kernels' alignment are read through copies that each replay
+    makes again; the same bits as the usual path, and a contiguous call of the same shape
+    keeps a plan of its own that reads q, k, v in place."""
+    mra_compile.clear_workspace()
+    B, H, N, D = 2, 3, 256, 64
+    kw = dict(num_blocks=3 * N // 32, approx_mode="full")
+
+    def layer_views(seed):  # (heads split off the hidden dim, as attention layers do)
+        return tuple(x.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
+                     for x in make_qkv(seed, B, H, N, D))
+
+    def unaligned(x):  # (a contiguous tensor 4 elements into its storage)
+        flat = torch.empty(x.numel() + 4, dtype=x.dtype)[4:]
+        return flat.view(x.shape).copy_(x)
+
+    for i in range(3):
+        q, k, v = layer_views(40 + i)
+        assert not q.is_contiguous()
+        assert torch.equal(op(q, k, v, None, **kw), usual(q, k, v, None, **kw))
+        qc, kc, vc = (x.contiguous() for x in (q, k, v))
+        qa = unaligned(qc)
+        assert torch.equal(op(qa, kc, vc, None, **kw), usual(qa, kc, vc, None, **kw))
+        assert torch.equal(op(qc, kc, vc, None, **kw), usual(qc, kc, vc, None, **kw))
+    made = [p for p in plans().values() if p is not None]
+    assert sorted(sorted(p.copies) for p in made) == [[], ["k", "q", "v"], ["q"]]
+    assert all(p.native for p in made)
+
+
 def test_the_overflow_count_picks_the_tail():
     """One signature, inputs whose selection has overflow units (a row beyond its row
     unit's blocks) and inputs with none, in turn: each call is the usual path's."""
@@ -127,13 +158,12 @@ def test_plans_go_with_the_workspace(monkeypatch):
 
 
 def test_calls_that_are_not_replayed(monkeypatch):
-    """A mask, a gradient to compute, a non-contiguous input, or the cache switched off
+    """A mask, a gradient to compute, or the cache switched off
     (``MRA_COMPILE_LAUNCH_CACHE=0``): the usual path."""
     q, k, v = make_qkv(7, 1, 2, 256, 32)
     mask = torch.ones(1, 256)
     mra_compile.clear_workspace()
     op(q, k, v, mask, 16)
-    op(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, None, 16)
     monkeypatch.setenv(launch_cache.ENV, "0")
     for _ in range(2):
         op(q, k, v, None, 16)
