@@ -5,6 +5,7 @@
     python bench/profile_forward.py --n 8192 --dtype bfloat16
     python bench/profile_forward.py --n 4096 --mode sparse --repeat 31 --before sdpa
     python bench/profile_forward.py --n 512 --mode sparse --before sdpa --layout heads-last
+    python bench/profile_forward.py --n 512 --before sdpa --batch 4 --padded
 
 Records one call's kernels with ``mra_compile.build.trace_kernel_calls`` and times each
 with its recorded arguments (median of ``--repeat`` back-to-back calls). Then the whole
@@ -20,7 +21,8 @@ replay from C saves. Back-to-back timings have warm
 caches: expect the interleaved rounds of ``bench_forward.py`` to be slower (see the
 README). ``--layout heads-last``: q, k, v are [B, N, H, D] tensors seen as [B, H, N, D]
 (transposed views, what an attention layer passes after splitting its heads off the
-hidden dim), which the op copies into its own layout each call.
+hidden dim), which the op copies into its own layout each call. ``--batch B --padded``:
+B sequences with a key padding mask (``[B, N]`` bool), as a padded batch is run.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def median_ms(fn, repeat: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096, help="sequence length N")
-    p.add_argument("--heads", type=int, default=12, help="B*H rows (B=1)")
+    p.add_argument("--heads", type=int, default=12, help="B*H rows")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--blocks-per-row", type=int, default=4)
     p.add_argument("--mode", choices=("full", "sparse"), default="full")
@@ -60,20 +62,30 @@ def main() -> int:
                    help="what runs right before each call of the op and of the replay")
     p.add_argument("--layout", choices=("contiguous", "heads-last"), default="contiguous",
                    help="q, k, v contiguous [B, H, N, D], or transposed views of [B, N, H, D]")
+    p.add_argument("--batch", type=int, default=1, help="B sequences (dividing --heads)")
+    p.add_argument("--padded", action="store_true",
+                   help="a key padding mask: sequence i has N - i N / (2 B) real tokens")
     args = p.parse_args()
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    shape = (1, args.heads, args.n, args.head_dim)
+    if args.heads % args.batch:
+        p.error("--batch must divide --heads (B*H)")
+    B, H = args.batch, args.heads // args.batch
     if args.layout == "heads-last":
-        q, k, v = (torch.randn(1, args.n, args.heads, args.head_dim, dtype=dtype).transpose(1, 2)
+        q, k, v = (torch.randn(B, args.n, H, args.head_dim, dtype=dtype).transpose(1, 2)
                    for _ in range(3))
     else:
-        q, k, v = (torch.randn(shape, dtype=dtype) for _ in range(3))
+        q, k, v = (torch.randn(B, H, args.n, args.head_dim, dtype=dtype) for _ in range(3))
     num_blocks = args.blocks_per_row * (-(-args.n // 32))
+    mask = None
+    if args.padded:  # (sequence i has N - i N / (2 B) real tokens: a padded batch)
+        lengths = torch.tensor([args.n - i * args.n // (2 * args.batch)
+                                for i in range(args.batch)])
+        mask = torch.arange(args.n)[None, :] < lengths[:, None]
 
     def op():
-        return torch.ops.mra.attention(q, k, v, None, num_blocks, args.mode)
+        return torch.ops.mra.attention(q, k, v, mask, num_blocks, args.mode)
 
     with torch.no_grad():
         for _ in range(3):
@@ -82,7 +94,8 @@ def main() -> int:
             op()
         print(machine_line())
         print(f"N={args.n} B*H={args.heads} D={args.head_dim} "
-              f"{args.blocks_per_row} blocks/row, {args.mode}, {args.dtype}, {args.layout}; "
+              f"{args.blocks_per_row} blocks/row, {args.mode}, {args.dtype}, {args.layout}, "
+              f"B={args.batch}{' padded' if args.padded else ''}; "
               f"median of {args.repeat}")
         total = 0.0
         launches = []

@@ -118,9 +118,9 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     cands = min(CANDIDATE_ROOM * k, n * n)  # (never more than the scores: R*n*n < 2**31)
     if row_blocks is None:
         budget = _uniform_budget(R, k, pr)
-    else:  # (a row's budget beyond k takes its k best, as plan.select_blocks does)
+    else:
         budget = pr.scratch("budget", R, dtype=i32)
-        budget.copy_(row_blocks.clamp_max(k))
+        write_budget(budget, row_blocks, k)
     pr.run("select_plan", knobs, logits=logits, rowmax=rowmax, counts=pr.counts,
            q_counts=pr.q_counts, budget=budget, scores=scores.view(R, n * n),
            cand_val=pr.scratch("cand_val", R, cands),
@@ -187,10 +187,22 @@ def _unit_blocks(knobs: dict, target) -> tuple[int, int]:
 def _sequence_budgets(pr: Prepared, block_per_row: int, n: int):
     """docs/spec.md, "Per-sequence budget": each row's ``r * ceil(c / b)`` blocks (at
     least r, at most n*n) for its sequence's ``c`` real tokens (queries), [R] int64."""
-    real_tokens = pr.q_counts.sum(-1)  # [Bm]
-    rows_real = torch.ceil(real_tokens / pr.block_size).clamp_min(1).to(torch.int64)
+    return sequence_budgets(pr.q_counts, pr.heads, pr.block_size, block_per_row, n)
+
+
+def sequence_budgets(q_counts, heads: int, block_size: int, block_per_row: int, n: int):
+    """``_sequence_budgets`` from the queries' block counts ``q_counts`` [Bm, n] (row r
+    of mask row r // ``heads``)."""
+    real_tokens = q_counts.sum(-1)  # [Bm]
+    rows_real = torch.ceil(real_tokens / block_size).clamp_min(1).to(torch.int64)
     budget = (rows_real * block_per_row).clamp_max(n * n)
-    return budget.repeat_interleave(pr.heads, dim=0)
+    return budget.repeat_interleave(heads, dim=0)
+
+
+def write_budget(budget, row_blocks, k: int) -> None:
+    """``select_plan``'s ``budget`` [R] int32 from per-sequence budgets ``row_blocks``:
+    a row's budget beyond k takes its k best, as ``plan.select_blocks`` does."""
+    budget.copy_(row_blocks.clamp_max(k))
 
 
 def _real_pairs(pr: Prepared):

@@ -11,17 +11,22 @@ selection's count of overflow units, which picks the rest of the launches (a pla
 one "tail" per count it has seen; a count not seen yet runs the call as usual again and
 records its tail).
 
-A signature is everything the host work depends on besides the values of q, k, v: the
-shapes, dtypes and options, torch's thread count, and the environment that picks kernels,
-knobs and memory limits. Calls without a mask whose launches read q, k, v in place or
-through the scratch copies ``inputs.padded`` makes (a partial last block, a head dim
-padded to 16, float16 in float32, a non-contiguous or unaligned input such as the
-transposed views attention layers pass: each replay makes them again), write the output in
-place or into scratch that the replay copies out, and whose other tensors are kept
-memory (the thread's workspace, ``memory.kept_constants``) get a plan; others keep a
-marker that sends them the usual way. Plans are per thread (the workspace is) and go whenever the workspace
-drops a buffer (``memory.Workspace.dropped``); nothing is planned while kernel calls are
-traced (the tracer must see every launch), nor with ``MRA_COMPILE_LAUNCH_CACHE=0``.
+A signature is everything the host work depends on besides the values of q, k, v and of
+a key padding mask: the shapes, dtypes and layouts, the options, torch's thread count, and
+the environment that picks kernels, knobs and memory limits. Calls whose launches read
+q, k, v in place or through the scratch copies ``inputs.padded`` makes (a partial last
+block, a head dim padded to 16, float16 in float32, a non-contiguous or unaligned input
+such as the transposed views attention layers pass: each replay makes them again), write
+the output in place or into scratch that the replay copies out, and whose other tensors
+are kept memory (the thread's workspace, ``memory.kept_constants``) get a plan; others
+keep a marker that sends them the usual way. A call with a key padding mask (no query
+mask) replays too: each replay checks the mask's values, writes the mask, its block
+counts and the per-sequence budgets into the scratch the kernels read (``_Masks``), and
+goes the usual way where a padded token of q, k or v is not finite (the usual path
+replaces those in copies). Plans are per thread (the workspace is) and go whenever the
+workspace drops a buffer (``memory.Workspace.dropped``); nothing is planned while kernel
+calls are traced (the tracer must see every launch), nor with
+``MRA_COMPILE_LAUNCH_CACHE=0``.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mra_compile import build, forward, inputs, kernels, memory, native_replay, runtime
+from mra_compile import build, forward, inputs, kernels, memory, native_replay, options, runtime, validate
 from mra_compile.targets import CPU, cpu
 
 ENV = "MRA_COMPILE_LAUNCH_CACHE"  # "0": every call the usual way
@@ -77,6 +82,39 @@ class _Tail:
 
 
 @dataclass
+class _Masks:
+    """What a replay of a call with a key padding mask writes again before its launches:
+    the mask as the kernels read it, its block counts and their inverses
+    (``inputs.side_mask_into``) and, with per-sequence budgets (``block_per_row``), the
+    selection's budget (``forward.write_budget``); all in the thread's scratch."""
+
+    maskf: torch.Tensor  # [B, Np]
+    counts: torch.Tensor  # [B, n]
+    inv_counts: torch.Tensor
+    block_size: int
+    budget: torch.Tensor | None  # [R] int32; None: the same for every call (kept)
+    heads: int  # row r reads mask row r // heads
+    block_per_row: int | None
+    k: int  # the most blocks a row selects
+
+    def refresh(self, q, k, v, mask) -> bool:
+        """Check ``mask``'s values (raising as the usual path does) and write what the
+        kernels read of it; False where the usual path would copy q, k or v (a padded
+        token that is not finite: ``inputs.clean_padding``)."""
+        validate.check_mask_values(mask)
+        real = inputs.key_padding(mask)
+        cleaned = inputs.clean_padding((q, k, v), real != 0, True)
+        if any(x is not given for x, given in zip(cleaned, (q, k, v))):
+            return False
+        inputs.side_mask_into(real, self.maskf, self.counts, self.inv_counts, self.block_size)
+        if self.budget is not None and self.block_per_row is not None:
+            n = self.counts.shape[1]
+            forward.write_budget(self.budget, forward.sequence_budgets(
+                self.counts, self.heads, self.block_size, self.block_per_row, n), self.k)
+        return True
+
+
+@dataclass
 class _Plan:
     """A signature's launches: the head (pooling, selection), the selection's outputs the
     tail depends on (numpy views), and a tail per count of overflow units."""
@@ -96,6 +134,7 @@ class _Plan:
     # Its launches as C structures (``native_replay``), made on the first replay and
     # again when a tail is added; False where it cannot have them.
     native: native_replay.NativePlan | bool | None = None
+    masks: _Masks | None = None  # (a call with a key padding mask)
 
 
 def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
@@ -110,7 +149,7 @@ def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
     if plan is _UNPLANNED:
         return usual(q, k, v, mask, query_mask, args)
     if plan is not False:
-        out = _replay(plan, q, k, v)
+        out = _replay(plan, q, k, v, mask)
         if out is not None:
             return out
     return _record(key, plan or None, q, k, v, mask, query_mask, args, usual)
@@ -119,16 +158,16 @@ def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
 def _signature(q, k, v, mask, query_mask, args: tuple):
     """The plan key of this call, or None where it cannot have a plan."""
     env = os.environ.get
-    if (mask is not None or query_mask is not None or build.tracing()
-            or env(ENV, "1") == "0"):
+    if query_mask is not None or build.tracing() or env(ENV, "1") == "0":
         return None
-    for x in (q, k, v):
+    for x in (q, k, v) if mask is None else (q, k, v, mask):
         if type(x) is not torch.Tensor or not x.is_cpu or x.layout != torch.strided:
             return None
+    masked = None if mask is None else (mask.shape, mask.dtype)
     # Whether the kernels read each input in place or through a copy (``inputs.padded``)
     # depends on its layout too: a transposed view (what attention layers pass: heads
     # split off the hidden dim) or an unaligned tensor is copied by every call.
-    return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
+    return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, masked,
             _in_place(q), _in_place(k), _in_place(v),
             torch.get_num_threads(), build.lookup_token(), env(cpu.TARGET_ENV),
             env(cpu.BF16_ENV), env(memory.WORKSPACE_ENV), env(native_replay.ENV))
@@ -139,9 +178,12 @@ def _in_place(x: torch.Tensor) -> bool:
     return x.is_contiguous() and x.data_ptr() % inputs.ALIGNMENT == 0
 
 
-def _replay(plan: _Plan, q, k, v):
+def _replay(plan: _Plan, q, k, v, mask=None):
     """The output from ``plan``'s launches, or None where the selection made a count of
-    overflow units the plan has no tail for (the kernels then ran for nothing)."""
+    overflow units the plan has no tail for (the kernels then ran for nothing), or where
+    the usual path would copy an input with non-finite padding."""
+    if plan.masks is not None and not plan.masks.refresh(q, k, v, mask):
+        return None
     runtime.ensure()
     # The output in the caller's shape, made before the launches, so that nothing is
     # left to do after the last one. (Host work right after a kernel costs several times
@@ -220,6 +262,10 @@ def _record(key, plan: _Plan | None, q, k, v, mask, query_mask, args, usual):
     if ws.generation != generation:  # (a buffer went, or was not kept: next time)
         return out
     made = _plan_of(calls, (q, k, v), out)
+    if made is not None and mask is not None:
+        made.masks = _masks_of(calls, args)
+        if made.masks is None:
+            made = None
     if plan is not None and made is not None:  # (the same buffers: no generation moved)
         if len(plan.tails) >= TAILS_PER_PLAN:
             del plan.tails[next(iter(plan.tails))]
@@ -301,3 +347,23 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
     launches = [launch for _, _, launch in named_calls]
     return _Plan(launches[:2], units, unit_row, unit_cols, views,
                  {most: _Tail(launches[2:], used)}, copies, out_copy)
+
+
+def _masks_of(calls: list[dict], args: tuple) -> _Masks | None:
+    """The ``_Masks`` of a recorded masked call (its pooling's mask tensors, its
+    selection's budget), or None where its kernels did not read them as
+    ``inputs.prepare`` writes them."""
+    pool, select = (dict(zip(kernels.get(c["op"]).arg_names(c["static"]), c["args"]))
+                    for c in calls[:2])
+    mask, counts, inv_counts = pool["mask"], pool["counts"], pool["inv_counts"]
+    same = {x.data_ptr() for x in (mask, pool["qmask"])}, {
+        x.data_ptr() for x in (counts, pool["q_counts"], select["counts"], select["q_counts"])}
+    if any(len(addresses) != 1 for addresses in same):
+        return None  # (one mask for both sides: self-attention)
+    per_sequence = bool(select["real_only"])
+    block_per_row = options.parse(args).block_per_row
+    if per_sequence and block_per_row is None:
+        return None
+    return _Masks(mask, counts, inv_counts, calls[0]["static"]["b"],
+                  select["budget"] if per_sequence else None, int(select["heads"]),
+                  block_per_row, int(select["index"].shape[1]))

@@ -111,6 +111,66 @@ def test_transposed_and_unaligned_inputs_replay_through_copies(dtype):
     assert all(p.native for p in made)
 
 
+def padding_mask(lengths, N, kind):
+    """A key padding mask for sequences of ``lengths`` tokens: [B, N] float 0/1 or bool, or
+    the additive [B, 1, 1, N] float form (0 = real, -inf = padding)."""
+    real = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
+    if kind == "bool":
+        return real
+    if kind == "additive":
+        return torch.zeros(len(lengths), 1, 1, N).masked_fill(~real[:, None, None, :],
+                                                              float("-inf"))
+    return real.float()
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.sampled_from([256, 300]),
+       mode=st.sampled_from(["full", "sparse"]), budget=st.sampled_from(["per_row", "total"]),
+       kind=st.sampled_from(["float", "bool", "additive"]),
+       lengths=st.lists(st.lists(st.integers(1, 300), min_size=2, max_size=2), min_size=3,
+                        max_size=3))
+def test_masked_calls_replay_with_their_own_mask(seed, N, mode, budget, kind, lengths):
+    """Calls with a key padding mask (different sequence lengths each call, the same
+    shapes): each replay writes the call's mask, its block counts and its per-sequence
+    budgets again, and gives the usual path's bits, within the oracle's tolerance."""
+    mra_compile.clear_workspace()
+    n = -(-N // 32)
+    kw = dict(approx_mode=mode, **({"block_per_row": 3} if budget == "per_row"
+                                   else {"num_blocks": 3 * n}))
+    for i, call_lengths in enumerate(lengths):
+        q, k, v = make_qkv(seed + i, 2, 3, N, 64)
+        real = [min(x, N) for x in call_lengths]
+        mask = padding_mask(real, N, kind)
+        out = op(q, k, v, mask, **kw)
+        assert torch.equal(out, usual(q, k, v, mask, **kw))
+        sel = mra_compile.block_selection(q, k, v, mask, **kw)
+        ref = mra2_reference(as64(q), as64(k), as64(v), as64(padding_mask(real, N, "float")),
+                             selection=sel, **kw)
+        err = ((out.double() - ref).abs().amax((-1, -2))
+               / ref.abs().amax((-1, -2)).clamp_min(1e-30)).max()
+        assert err <= RTOL_FP32
+    (plan,) = [p for p in plans().values() if p is not None]
+    assert plan.masks is not None and (plan.masks.budget is not None) == (budget == "per_row")
+
+
+def test_masked_replays_check_the_mask_and_the_padding():
+    """A replayed masked call still refuses a mask value other than 0 and 1, and a call
+    whose padded tokens hold NaN (which the usual path zeroes in a copy) goes the usual
+    way: the same output as a clean call."""
+    mra_compile.clear_workspace()
+    q, k, v = make_qkv(50, 2, 2, 256, 32)
+    mask = padding_mask([256, 100], 256, "float")
+    for _ in range(2):
+        want = op(q, k, v, mask, block_per_row=2)
+    assert [p for p in plans().values() if p is not None]
+    with pytest.raises(ValueError, match="mask must contain only 0"):
+        op(q, k, v, mask * 2, block_per_row=2)
+    dirty = [x.clone() for x in (q, k, v)]
+    for x in dirty:
+        x[1, :, 100:] = float("nan")
+    assert torch.equal(op(*dirty, mask, block_per_row=2), want)
+
+
 def test_the_overflow_count_picks_the_tail():
     """One signature, inputs whose selection has overflow units (a row beyond its row
     unit's blocks) and inputs with none, in turn: each call is the usual path's."""
@@ -158,12 +218,12 @@ def test_plans_go_with_the_workspace(monkeypatch):
 
 
 def test_calls_that_are_not_replayed(monkeypatch):
-    """A mask, a gradient to compute, or the cache switched off
+    """A query mask (cross-attention), a gradient to compute, or the cache switched off
     (``MRA_COMPILE_LAUNCH_CACHE=0``): the usual path."""
     q, k, v = make_qkv(7, 1, 2, 256, 32)
     mask = torch.ones(1, 256)
     mra_compile.clear_workspace()
-    op(q, k, v, mask, 16)
+    op(q, k, v, mask, 16, query_mask=mask)
     monkeypatch.setenv(launch_cache.ENV, "0")
     for _ in range(2):
         op(q, k, v, None, 16)
