@@ -21,7 +21,9 @@ replay from C saves. Back-to-back timings have warm
 caches: expect the interleaved rounds of ``bench_forward.py`` to be slower (see the
 README). ``--layout heads-last``: q, k, v are [B, N, H, D] tensors seen as [B, H, N, D]
 (transposed views, what an attention layer passes after splitting its heads off the
-hidden dim), which the op copies into its own layout each call. ``--batch B --padded``:
+hidden dim), which the kernels read in place (their heads-last variant; "copied": the op
+with ``MRA_COMPILE_HEADS_LAST=0``, copying them into its own layout each call, in the
+same rounds). ``--batch B --padded``:
 B sequences with a key padding mask (``[B, N]`` bool), as a padded batch is run.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
-from mra_compile import build, launch_cache, native_replay  # noqa: E402
+from mra_compile import build, inputs, launch_cache, native_replay  # noqa: E402
 from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
@@ -115,22 +117,25 @@ def main() -> int:
             if args.before == "sdpa":
                 F.scaled_dot_product_attention(q, k, v)
 
-        switches = (launch_cache.ENV, native_replay.ENV)
+        switches = (launch_cache.ENV, native_replay.ENV, inputs.HEADS_LAST_ENV)
 
-        def setting(cache: str, native: str):
+        def setting(cache: str, native: str, in_place: str = "1"):
             def switch():
                 before()
-                os.environ.update(zip(switches, (cache, native)))
+                os.environ.update(zip(switches, (cache, native, in_place)))
             return switch
 
         # (the "before" entries are timed too, and ignored: each round runs before, op,
-        # before, replay, before, op replayed from Python, before, op the usual way)
+        # before, replay, before, op replayed from Python, before, op the usual way, and
+        # with --layout heads-last before, op with its inputs copied)
         given = {name: os.environ.get(name) for name in switches}
-        timed = common.median_ms({"before op": setting("1", "1"), "op": op,
-                                  "before replay": before, "replay": replay,
-                                  "before python": setting("1", "0"), "python": op,
-                                  "before usual": setting("0", "1"), "usual": op},
-                                 args.repeat)
+        rounds = {"before op": setting("1", "1"), "op": op,
+                  "before replay": before, "replay": replay,
+                  "before python": setting("1", "0"), "python": op,
+                  "before usual": setting("0", "1"), "usual": op}
+        if args.layout == "heads-last":
+            rounds.update({"before copied": setting("1", "1", "0"), "copied": op})
+        timed = common.median_ms(rounds, args.repeat)
         for name, value in given.items():  # (the caller's settings back)
             if value is None:
                 os.environ.pop(name)
@@ -146,6 +151,10 @@ def main() -> int:
           f"{native_replay.ENV}=0, right after: {args.before}; op / this {whole / python:.3f}x)")
     print(f"  {'usual':16s} {usual:7.2f} ms   (the op without its launch cache, "
           f"{launch_cache.ENV}=0, right after: {args.before}; op / usual {whole / usual:.3f}x)")
+    if "copied" in timed:
+        print(f"  {'copied':16s} {timed['copied']:7.2f} ms   (the op copying q, k, v into its "
+              f"own layout, {inputs.HEADS_LAST_ENV}=0, right after: {args.before}; op / copied "
+              f"{whole / timed['copied']:.3f}x)")
     return 0
 
 

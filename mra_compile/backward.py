@@ -50,7 +50,7 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
 def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict):
     B, H, N, D = q.shape
     Nk = k.shape[2]  # (cross-attention: both sides are padded to Np)
-    R, Np, Dp = pr.q.shape
+    R, Np, Dp = pr.rows
     b = pr.block_size
     n = Np // b
     dt, dev, target = pr.dtype, q.device, pr.target

@@ -41,7 +41,7 @@ class LowRes:
 
 
 def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
-    R, Np, Dp = pr.q.shape
+    R, Np, Dp = pr.rows
     n = Np // pr.block_size
     # What the backward reads (n x D and n x n per row): results where the call returns
     # them (``Prepared.saved``).
@@ -322,7 +322,10 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
     runtime.ensure()  # sizes the kernels' threads from torch's before they change
     try:
         with torch_single_threaded():
-            pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
+            # (inference: the backward's kernels have no variant reading q, k, v as
+            # [B, N, H, D])
+            pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask,
+                         heads_last=not save)
             pr.keeps_saved = save
             with pr.target.device_scope(q.device):
                 chosen = knob_policy.knobs_for_shape(knobs, max(N, k.shape[2]), D,
@@ -352,7 +355,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     ``exact_out``: see ``mra_forward``."""
     B, H, N, D = q.shape
     lr = _pool_and_select(pr, opts, knobs)
-    R, Np, Dp = pr.q.shape
+    R, Np, Dp = pr.rows
     n = Np // opts.block_size
     dt = pr.dtype
     # Training with a half-precision result (``exact_output_dtype``): the kernels write
@@ -394,7 +397,7 @@ def exact_and_combine(pr: Prepared, index, logits, rowmax, high_mask, vp, full: 
     pooled values ``vp`` [R, n, Dp]): the output into ``out`` [R, n, b, Dp] (in the I/O
     dtype of ``pr``) and the per-token statistics into ``stats`` [3, R, n, b]. ``work``:
     the plan of ``index`` for these knobs, where the selection made it (else made here)."""
-    R, Np, Dp = pr.q.shape
+    R, Np, Dp = pr.rows
     b = pr.block_size
     n = Np // b
     dt, target = pr.dtype, pr.target

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mra_compile import build, kernels, targets
+from mra_compile import build, kernels, library, targets
 from mra_compile.memory import WORKSPACE, kept_constants, result_tensor
 from mra_compile.targets import Target, compute_dtype
 
@@ -48,6 +49,8 @@ def torch_single_threaded():
 
 
 ALIGNMENT = 64  # bytes: TVM's buffer alignment (torch's allocations are at least this)
+# "0": inputs in an attention layer's layout are copied into the kernels' own (``prepare``)
+HEADS_LAST_ENV = "MRA_COMPILE_HEADS_LAST"
 
 
 def pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
@@ -66,7 +69,9 @@ def pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Te
 class Prepared:
     """Inputs as the kernels read them.
 
-    q, k, v [R, Np, Dp] in the target's I/O dtype; mask [Bm, Np], the keys' (row r of q
+    q, k, v [R, Np, Dp] in the target's I/O dtype, or with ``heads_last`` [B, Np, H, Dp]
+    (k, v: [B, Np, Hkv, Dp]; row r = b H + h) where the caller's tensors lie so in memory
+    (``rows`` gives (R, Np, Dp) either way); mask [Bm, Np], the keys' (row r of q
     uses mask row r // heads); counts, inv_counts [Bm, n]; qmask, q_counts, q_inv_counts:
     the same for the queries (the same tensors for self-attention); scale: the logit
     scale (default 1/sqrt(D) of the real head dim). Cross-attention pads both sides to
@@ -97,14 +102,25 @@ class Prepared:
     # Whether the call returns what the backward reads (``forward.Saved``): False for an
     # inference call, whose intermediates then go to scratch memory (``saved``).
     keeps_saved: bool = True
+    # q, k, v are [B, Np, H, Dp]: the kernels' heads-last variant reads them in place.
+    heads_last: bool = False
 
     def __post_init__(self):
-        n = self.q.shape[1] // self.block_size
+        n = self.rows[1] // self.block_size
         self.blocks_q, self.blocks_k = self.blocks_q or n, self.blocks_k or n
         # What selects a kernel variant besides its op, mode and knobs (``run``).
         self._variant = (self.block_size, self.q.shape[-1], self.q.dtype, self.mask.dtype,
                          self.group > 1, self.float32_pv, self.target.name,
-                         build.lookup_token())
+                         build.lookup_token(), self.heads_last)
+
+    @property
+    def rows(self) -> tuple[int, int, int]:
+        """(R, Np, Dp): rows (B * H), padded length and head dim, in either layout."""
+        if self.heads_last:
+            B, Np, H, Dp = self.q.shape
+            return B * H, Np, Dp
+        R, Np, Dp = self.q.shape
+        return R, Np, Dp
 
     @property
     def masks(self) -> dict:
@@ -122,7 +138,8 @@ class Prepared:
                                       _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args,
                                       self.group > 1,
                                       self.target.micro_kernels(self.q.dtype, self.float32_pv),
-                                      self.float32_pv and self.target.splits_pv(self.q.dtype))
+                                      self.float32_pv and self.target.splits_pv(self.q.dtype),
+                                      self.heads_last)
 
     def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
@@ -147,7 +164,7 @@ class Prepared:
         else none (TVM's workspace holds them)."""
         if not self.target.scratch_args:
             return {}
-        R, Np, _ = self.q.shape
+        R, Np, _ = self.rows
         n = Np // self.block_size
         shapes = {"raw_logits": (R, n, n), "real_max": (R, n), "weight": (R, n, n),
                   "gv": (R, n, n), "dlog": (R, n, n)}
@@ -231,14 +248,16 @@ def key_padding(mask):
 
 
 def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
-            query_mask=None) -> Prepared:
+            query_mask=None, heads_last: bool = False) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
     logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
     [B, Nq], is cross-attention (``_prepare_cross``). q, k, v take the target's I/O
     dtype (``Target.io_dtype``, forward and backward alike); where they must be
     copied (padded, converted), the copies go to kept workspace memory on targets that
-    reuse it (``padded``)."""
+    reuse it (``padded``). ``heads_last``: where q, k, v are transposed views of
+    [B, N, H, D] tensors the kernels can read in place (``reads_heads_last``), they do
+    (no copy; an inference call: the backward's kernels read [R, Np, Dp])."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
     b = block_size
@@ -255,8 +274,12 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
         return _prepare_cross(q, k, v, mask, query_mask, Np, Dp, dt, io, common)
     if mask is not None:
         q, k, v = clean_padding((q, k, v), mask != 0, target.exact_plan)
-    qf, kf, vf = (padded(x, Np, Dp, io, name, target)
-                  for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
+    in_place = heads_last and N == Np and D == Dp and reads_heads_last((q, k, v), io, target)
+    if in_place:
+        qf, kf, vf = (x.transpose(1, 2) for x in (q, k, v))
+    else:
+        qf, kf, vf = (padded(x, Np, Dp, io, name, target)
+                      for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
     if mask is None and Np == N:
         # No mask: one shared row of ones; block means divide by b (docs/spec.md, step 2).
         maskf, counts, inv_counts = _unmasked(Np, b, dt, dev, keep=target.reuses_workspace)
@@ -272,7 +295,24 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
         heads = H
     # Self-attention: one mask (and its counts) for both sides.
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, maskf, counts, inv_counts, heads,
-                    masked=mask is not None, **common)
+                    masked=mask is not None, heads_last=in_place, **common)
+
+
+def reads_heads_last(xs, io, target: Target) -> bool:
+    """Whether the kernels can read ``xs`` ([B, H, N, D] each) where they lie: transposed
+    views of contiguous, aligned [B, N, H, D] tensors of dtype ``io`` (the kernels' own:
+    float32, float64, or bf16 on the CPU's bf16 micro-kernels; what an attention
+    layer passes after splitting its heads off the hidden dim), on a target whose kernels
+    have that variant (``Target.reads_heads_last``), unless ``MRA_COMPILE_HEADS_LAST`` is
+    "0" or kernel libraries are in use (``mra-compile build`` makes no such variant)."""
+    if not target.reads_heads_last or os.environ.get(HEADS_LAST_ENV, "1") == "0":
+        return False
+    if library.directories() or library.only():
+        return False
+    # (a tensor of one head is both: contiguous ones then read as [B, N, 1, D])
+    return (all(x.dtype == io and x.transpose(1, 2).is_contiguous()
+                and x.data_ptr() % ALIGNMENT == 0 for x in xs)
+            and not all(x.is_contiguous() for x in xs))
 
 
 def _unmasked(Np: int, b: int, dt, dev, keep: bool):

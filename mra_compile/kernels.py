@@ -43,6 +43,9 @@ class Kernel:
     # float32 output of a half-precision result on tensor cores: ``static``'s
     # ``split_pv``).
     splits_pv: bool = False
+    # Has a variant that reads q, k, v where they lie in [B, N, H, D] tensors (the layout
+    # an attention layer's heads come from): ``static``'s ``heads_last``.
+    heads_last: bool = False
 
     def on(self, family: str) -> bool:
         """Whether targets of ``family`` have this kernel."""
@@ -59,7 +62,8 @@ class Kernel:
 
     def static(self, b: int, D: int, dtype: str = "float32", io: str | None = None,
                full: bool | None = None, scratch: bool = False, gqa: bool = False,
-               micro: str | None = None, split_pv: bool = False) -> dict:
+               micro: str | None = None, split_pv: bool = False,
+               heads_last: bool = False) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
         kernels that read q, k, v, and by ``takes_io`` ones), for kernels
@@ -69,7 +73,9 @@ class Kernel:
         indexing); ``micro``: the target's micro-kernels for q, k, v of dtype ``io``
         (``Target.micro_kernels``), named in the key of the kernels that take ``io``;
         ``split_pv``: P v from P split into two parts in ``io``, P_hi + P_lo (the
-        variant of ``splits_pv`` kernels whose output is float32: ``Target.splits_pv``)."""
+        variant of ``splits_pv`` kernels whose output is float32: ``Target.splits_pv``);
+        ``heads_last``: q, k, v are [B, N, H, D] tensors (row r = b H + h), for the kernels
+        that have that variant (a ValueError for another kernel that reads them)."""
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
@@ -87,6 +93,11 @@ class Kernel:
             static["full"] = bool(full)
         if scratch and self.scratch:
             static["scratch"] = True
+        if heads_last and self.reads_qkv:
+            if not self.heads_last:
+                raise ValueError(f"kernel {self.name} has no variant reading q, k, v as "
+                                 "[B, N, H, D]")
+            static["heads_last"] = True
         return static
 
     def arg_names(self, static: dict) -> tuple[str, ...]:
@@ -119,17 +130,17 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("pool_and_logits", (*QKV, "counts", "inv_counts", "q_counts", "q_inv_counts", "qp",
                                "kp", "vp", "logits", "rowmax", "heads", "group", "scale"),
            reads_qkv=True, full_only=("v", "vp"),
-           scratch=("raw_logits", "real_max")),
+           scratch=("raw_logits", "real_max"), heads_last=True),
     Kernel("lowres_out", ("logits", "rowmax", "hmask", "counts", "vp", "o_lo", "z_lo",
                           "heads"), scratch=("weight",)),
     Kernel("hires_units", (*QKV, "unit_row", "unit_cols", "unit_max", "unit_out", "unit_sum",
                            "heads", "group", "scale"), reads_qkv=True, shape_knobs=("blocks_per_unit",),
-           splits_pv=True),
+           splits_pv=True, heads_last=True),
     Kernel("hires_rows", (*QKV, "row_cols", "ov_max", "ov_out", "ov_sum", "ov_start",
                           "ov_units", "o_lo", "z_lo", "rowmax", "out", "stab", "lo_w", "inv_z",
                           "heads", "group", "scale", "ucap"),
            reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax"),
-           splits_pv=True),
+           splits_pv=True, heads_last=True),
     # Block selection and the work plan in one pass (docs/spec.md, step 3; CPU: on the
     # host otherwise, and for priors).
     Kernel("select_plan", ("logits", "rowmax", "counts", "q_counts", "budget", "scores",

@@ -135,6 +135,9 @@ class _Plan:
     # again when a tail is added; False where it cannot have them.
     native: native_replay.NativePlan | bool | None = None
     masks: _Masks | None = None  # (a call with a key padding mask)
+    # The inputs the kernels read in an attention layer's layout: the caller's [B, H, N, D]
+    # view transposed back to its [B, N, H, D] tensor (``inputs.reads_heads_last``).
+    transposed: frozenset = frozenset()
 
 
 def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
@@ -164,18 +167,23 @@ def _signature(q, k, v, mask, query_mask, args: tuple):
         if type(x) is not torch.Tensor or not x.is_cpu or x.layout != torch.strided:
             return None
     masked = None if mask is None else (mask.shape, mask.dtype)
-    # Whether the kernels read each input in place or through a copy (``inputs.padded``)
-    # depends on its layout too: a transposed view (what attention layers pass: heads
-    # split off the hidden dim) or an unaligned tensor is copied by every call.
+    # Whether the kernels read each input in place, in place in an attention layer's
+    # layout, or through a copy (``inputs.prepare``) depends on its layout too.
     return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, masked,
-            _in_place(q), _in_place(k), _in_place(v),
+            _layout(q), _layout(k), _layout(v), env(inputs.HEADS_LAST_ENV),
             torch.get_num_threads(), build.lookup_token(), env(cpu.TARGET_ENV),
             env(cpu.BF16_ENV), env(memory.WORKSPACE_ENV), env(native_replay.ENV))
 
 
-def _in_place(x: torch.Tensor) -> bool:
-    """Whether ``inputs.padded`` can hand the kernels ``x`` itself (its layout's part)."""
-    return x.is_contiguous() and x.data_ptr() % inputs.ALIGNMENT == 0
+def _layout(x: torch.Tensor) -> int:
+    """What of ``x``'s layout the kernels' reading of it depends on: 0 contiguous, 1 a
+    transposed view of a contiguous [B, N, H, D] tensor (what attention layers pass:
+    ``inputs.reads_heads_last``), 2 neither or unaligned (read through a copy)."""
+    if x.data_ptr() % inputs.ALIGNMENT:
+        return 2
+    if x.is_contiguous():
+        return 0
+    return 1 if x.dim() == 4 and x.transpose(1, 2).is_contiguous() else 2
 
 
 def _replay(plan: _Plan, q, k, v, mask=None):
@@ -202,7 +210,8 @@ def _replay(plan: _Plan, q, k, v, mask=None):
         if done == 1:  # (no tail for this count)
             return None
         # A launch failed: the launches again from Python, which raise its error.
-    tensors = {name: _view(x, *plan.views[name]) for name, x in callers.items()
+    tensors = {name: _view(x.transpose(1, 2) if name in plan.transposed else x,
+                           *plan.views[name]) for name, x in callers.items()
                if name in plan.views}
     if "out" in plan.views:
         tensors["out"] = _view(out, *plan.views["out"])
@@ -297,6 +306,7 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
     views: dict = {}
     copies: dict = {}
     out_copy = None
+    transposed: set[str] = set()
     named_calls = []
     for call in calls:
         names = kernels.get(call["op"]).arg_names(call["static"])
@@ -324,6 +334,8 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
                     return None
                 if views.setdefault(name, (arg.shape, arg.dtype)) != (arg.shape, arg.dtype):
                     return None
+                if not mine.is_contiguous():  # (read as [B, N, H, D]: it is its transpose)
+                    transposed.add(name)
                 slots.append((i, name))
             elif arg.untyped_storage().data_ptr() not in kept:
                 return None  # (made for this call: its values would be stale)
@@ -346,7 +358,8 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
         return None
     launches = [launch for _, _, launch in named_calls]
     return _Plan(launches[:2], units, unit_row, unit_cols, views,
-                 {most: _Tail(launches[2:], used)}, copies, out_copy)
+                 {most: _Tail(launches[2:], used)}, copies, out_copy,
+                 transposed=frozenset(transposed))
 
 
 def _masks_of(calls: list[dict], args: tuple) -> _Masks | None:

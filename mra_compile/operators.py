@@ -190,6 +190,15 @@ def _only(factor, e, rest=lambda e: e):
     return te.if_then_else(factor > 0.5, rest(e), tirx.const(0.0, str(e.ty)))
 
 
+def _read(x, row, token, d):
+    """Element d of token ``token`` of row ``row`` (b H + h) of an input: ``x[row, token,
+    d]``, or ``x[b, token, h, d]`` where ``x`` is [B, N, H, D] (``_inputs``' heads_last)."""
+    if len(x.shape) == 4:
+        heads = x.shape[2]
+        return x[row // heads, token, row % heads, d]
+    return x[row, token, d]
+
+
 def _kv_row(r, group):
     """The key/value row of query row r: ``r // group`` in the grouped-query variant
     (``group`` a var), r itself otherwise (``group`` None: no division in the indexing,
@@ -209,7 +218,7 @@ def _vars(*names):
 
 def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = None,
                     scratch: bool = False, gqa: bool = False, micro: str | None = None,
-                    full: bool = True):
+                    full: bool = True, heads_last: bool = False):
     """Step 2: block means and low-resolution logits.
 
     in : q [R, N, D]; k, v [R / group, N, D]; mask, qmask [Bm, N]; counts, inv_counts,
@@ -220,11 +229,12 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
     v was a third of the kernel's memory traffic).
     ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
     ``scratch``: raw_logits [R, n, n] and real_max [R, n] are arguments too (the last).
-    ``micro``: q, k, v are bf16 bits (``_io``).
+    ``micro``: q, k, v are bf16 bits (``_io``). ``heads_last``: q, k, v [B, N, H, D]
+    (``_inputs``).
     """
     dt = dtype
     io = _io(io, dt, micro)
-    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
+    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa, heads_last)
     n = N // b
     Bm = mask.shape[0]
     counts, inv_counts, q_counts, q_inv_counts = (
@@ -237,7 +247,7 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         s = te.compute(
             (R, n, D),
             lambda r, i, d: te.sum(
-                _widen(x[_kv_row(r, group) if kv else r, i * b + t, d], dt)
+                _widen(_read(x, _kv_row(r, group) if kv else r, i * b + t, d), dt)
                 * side[r // heads, i * b + t], axis=t),
             name=name + "_sum",
         )
@@ -449,7 +459,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     scaled_after = _scaled_after(io, dt, micro)
     q_s = te.compute(
         (*domain, b, D),
-        lambda r, u, t, d: _masked_row(q[r, query_token(r, u, t), d],
+        lambda r, u, t, d: _masked_row(_read(q, r, query_token(r, u, t), d),
                                        qmask[r // heads, query_token(r, u, t)], scale, io, dt,
                                        scaled_after),
         name="q_s")
@@ -459,11 +469,12 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     else:
         q_t = te.compute((*domain, D, b), lambda r, u, d, t: q_s[r, u, t, d], name="q_t")
     # Row r reads the key/value head it shares with its group (grouped-query heads).
-    k_g = te.compute((*domain, W, D), lambda r, u, w, d: k[_kv_row(r, group), key_token(r, u, w), d],
+    k_g = te.compute((*domain, W, D),
+                     lambda r, u, w, d: _read(k, _kv_row(r, group), key_token(r, u, w), d),
                      name="k_g")
     v_g = te.compute((*domain, Wv, D),
-                     lambda r, u, w, d: v[_kv_row(r, group),
-                                          key_token(r, u, w % W if split_pv else w), d],
+                     lambda r, u, w, d: _read(v, _kv_row(r, group),
+                                              key_token(r, u, w % W if split_pv else w), d),
                      name="v_g")
     if micro:  # dims in pairs: the reduction of vdpbf16ps
         p0, e0 = te.reduce_axis((0, D // 2), "p0"), te.reduce_axis((0, 2), "e0")
@@ -545,14 +556,23 @@ def _rounded_output(shape, value, out_io: str):
     return te.compute(shape, lambda *p: _narrow(exact(*p), out_io), name="out")
 
 
-def _inputs(D, dt, io=None, gqa=False):
+def _inputs(D, dt, io=None, gqa=False, heads_last=False):
     """q [R, N, D]; k, v [Rkv, N, D] (query row r reads key/value row r // group:
     grouped-query heads, Rkv = R / group); mask, qmask [Bm, N] (the keys' and the
-    queries'; row r: mask row r // heads)."""
+    queries'; row r: mask row r // heads). ``heads_last``: q [B, N, H, D], k, v
+    [B, N, Hkv, D] instead (row r = b H + h; ``_read``), and R the rows of the outputs."""
     R, Rkv, N, Bm, heads, group = _vars("R", "Rkv", "N", "Bm", "heads", "group")
     if not gqa:
         Rkv, group = R, None
     scale = te.var("scale", dtype=dt)
+    if heads_last:
+        B, H, Hkv = _vars("B", "H", "Hkv")
+        q = te.placeholder((B, N, H, D), io or dt, "q")
+        k = te.placeholder((B, N, Hkv if gqa else H, D), io or dt, "k")
+        v = te.placeholder((B, N, Hkv if gqa else H, D), io or dt, "v")
+        mask = te.placeholder((Bm, N), dt, "mask")
+        qmask = te.placeholder((Bm, N), dt, "qmask")
+        return R, N, heads, group, scale, q, k, v, mask, qmask
     q = te.placeholder((R, N, D), io or dt, "q")
     k = te.placeholder((Rkv, N, D), io or dt, "k")
     v = te.placeholder((Rkv, N, D), io or dt, "v")
@@ -563,7 +583,7 @@ def _inputs(D, dt, io=None, gqa=False):
 
 def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                 io: str | None = None, gqa: bool = False, micro: str | None = None,
-                split_pv: bool = False):
+                split_pv: bool = False, heads_last: bool = False):
     """Step 4 on overflow units: up to C more selected blocks of one block row each.
 
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
@@ -574,7 +594,8 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
     C = blocks_per_unit
-    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, _io(io, dtype, micro), gqa)
+    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, _io(io, dtype, micro), gqa,
+                                                              heads_last)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
     unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
@@ -589,7 +610,7 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
 
 def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "float32",
                io: str | None = None, gqa: bool = False, micro: str | None = None,
-               split_pv: bool = False):
+               split_pv: bool = False, heads_last: bool = False):
     """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
     Block row i of row r computes its first ``row_unit_blocks`` selected key blocks
@@ -602,12 +623,13 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
          ov_max [R, U, b]; ov_out [R, U, b, D]; ov_sum [R, U, b]; ov_start, ov_units [R, n] i32;
          full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, group, scale, ucap
     out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v; in
-         float32 with micro "avx512_bf16_fp32_pv" and with ``split_pv``)
+         float32 with micro "avx512_bf16_fp32_pv" and with ``split_pv``).
+    ``heads_last``: q, k, v [B, N, H, D] (``_inputs``); the output as before.
     """
     dt = dtype
     io = _io(io, dt, micro)
     C = row_unit_blocks
-    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa)
+    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa, heads_last)
     n = N // b
     U, ucap = _vars("U", "ucap")
     row_cols = te.placeholder((R, n, C), I32, "row_cols")

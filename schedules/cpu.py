@@ -99,11 +99,21 @@ def _line_requests(bufs, index, level: int, tag: str):
     per_line = 64 // (_bits(bufs[0].dtype) // 8)  # elements of a 64-byte cache line
     line = tirx.Var("pf_line" + tag, "int32")
     asks = [tirx.Evaluate(tirx.call_llvm_intrin(
-        "void", "llvm.prefetch.p0", tirx.address_of(buf[index(line * per_line)]),
+        "void", "llvm.prefetch.p0", tirx.address_of(buf[_subscript(buf, index(line * per_line))]),
         tirx.IntImm("int32", 0), tirx.IntImm("int32", level), tirx.IntImm("int32", 1)))
         for buf in bufs]
     return tirx.For(line, 0, -(-int(bufs[0].shape[-1]) // per_line), tirx.ForKind.UNROLLED,
                     _seq(asks))
+
+
+def _subscript(buf, index):
+    """``index`` (row, token, element) of an input as ``buf``'s subscript: the same, or
+    (row // H, token, row % H, element) where ``buf`` is [B, N, H, D] (an input read
+    where an attention layer's heads lie: ``operators._read``)."""
+    if len(buf.shape) == 4 and len(index) == 3:
+        row, token, at = index
+        return (row // buf.shape[2], token, row % buf.shape[2], at)
+    return index
 
 
 def _ask_first(sch, loop, ask) -> None:
@@ -434,7 +444,9 @@ def _micro_products(sch, vec, b, micro):
     [b, D], accumulated onto zeros (``micro`` "avx512_bf16_fp32_pv": P V in float32).
     Returns the two slot loops (logits, P V)."""
     D = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-2]).extent
-    qk, pv, pairs = cpu_bf16.intrinsics(D)
+    # (k, v [B, N, H, D]: their blocks are [1, b, 1, D] regions, ``operators._read``)
+    heads_last = len(_input(sch.get(sch.get_sblock("dots")), "k").shape) == 4
+    qk, pv, pairs = cpu_bf16.intrinsics(D, heads_last)
     if micro == "avx512_bf16_fp32_pv":  # (P v in float32 FMAs, P not rounded)
         pv = cpu_bf16.float32_pv_intrinsic(D)
     sch.tensorize(sch.get_loops(sch.get_sblock("q_t"))[-3], pairs)

@@ -36,10 +36,19 @@ def objects() -> list[str]:
         "9+). Set MRA_COMPILE_CPU_BF16=0 to compute bf16 inputs in float32 instead.")
 
 
-@functools.cache
-def intrinsics(D: int) -> tuple[str, str, str]:
+def intrinsics(D: int, heads_last: bool = False) -> tuple[str, str, str]:
     """The names of the q k^T, P v and query-pairing intrinsics for head dim ``D``
-    (registered once)."""
+    (registered once). ``heads_last``: k and v are [B, N, H, D] inputs, whose key
+    blocks are [1, b, 1, D] regions (``_heads_last_qk``)."""
+    qk, pairs = _intrinsics(D)
+    if heads_last:
+        return _heads_last_qk(D), _pv_intrinsic(D, rounded=True, heads_last=True), pairs
+    return qk, _pv_intrinsic(D, rounded=True), pairs
+
+
+@functools.cache
+def _intrinsics(D: int) -> tuple[str, str]:
+    """The q k^T and query-pairing intrinsics for head dim ``D`` (registered once)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
@@ -107,7 +116,57 @@ def intrinsics(D: int) -> tuple[str, str, str]:
     names = (f"mra_bf16_qk_d{D}", f"mra_bf16_pairs_d{D}")
     for name, desc, impl in zip(names, (qk_desc, pairs_desc), (qk_impl, pairs_impl)):
         TensorIntrin.register(name, desc, impl)
-    return names[0], _pv_intrinsic(D, rounded=True), names[1]
+    return names
+
+
+@functools.cache
+def _heads_last_qk(D: int) -> str:
+    """The q k^T intrinsic whose key block is a [1, b, 1, D] region of a [B, N, H, D]
+    input (tensorize matches regions dimension by dimension): the same call, the row
+    stride that of N."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    from mra_compile.operators import BF16_BITS as I16
+    from mra_compile.operators import bf16_widen as widen
+
+    b = BLOCK
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, i: T.handle, q: T.handle, c: T.handle):
+        s0, sa, s2, sc = T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (1, b, 1, D), I16, strides=[s0, sa, s2, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
+        C = T.match_buffer(c, (b, b), "float32", strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:1, 0:b, 0:1, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
+            T.writes(C[0:b, 0:b])
+            for w, t, p, e in T.grid(b, b, D // 2, 2):
+                with T.sblock("update"):
+                    vw, vt, vp, ve = T.axis.remap("SSRR", [w, t, p, e])
+                    T.reads(C[vw, vt], A[0, vw, 0, vp * 2 + ve], Ix[0], Q[vp, vt, ve])
+                    T.writes(C[vw, vt])
+                    with T.init():
+                        C[vw, vt] = T.float32(0)
+                    C[vw, vt] = C[vw, vt] + widen(A[0, vw, 0, vp * 2 + ve]) * widen(Q[vp, vt, ve])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, i: T.handle, q: T.handle, c: T.handle):
+        s0, sa, s2, sc = T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (1, b, 1, D), I16, strides=[s0, sa, s2, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
+        C = T.match_buffer(c, (b, b), "float32", strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:1, 0:b, 0:1, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
+            T.writes(C[0:b, 0:b])
+            T.evaluate(T.call_extern("int32", "mra_bf16_qk", A.access_ptr("r"), sa,
+                                     Q.access_ptr("r"), C.access_ptr("w"), sc, D))
+
+    name = f"mra_bf16_qk_d{D}_heads_last"
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
 def float32_pv_intrinsic(D: int) -> str:
@@ -124,11 +183,13 @@ def gathered_pv_intrinsic(D: int) -> str:
 
 
 @functools.cache
-def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False) -> str:
+def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
+                  heads_last: bool = False) -> str:
     """The P v intrinsic of one key block for head dim ``D`` (registered once): P, the
     float32 probabilities key-major, rounded to bf16 in the call (``mra_bf16_pv``) or not
     (``rounded=False``: ``mra_bf16_pv_f32``); v as bf16 bits; float32 sums. ``gathered``:
-    the description reads a second index after P (``gathered_pv_intrinsic``)."""
+    the description reads a second index after P (``gathered_pv_intrinsic``);
+    ``heads_last``: v's block a [1, b, 1, D] region of a [B, N, H, D] input."""
     from tvm import tirx
     from tvm.s_tir import TensorIntrin
     from tvm.s_tir import stmt as s_stmt
@@ -207,8 +268,40 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False) -> str:
         return gathered_desc.with_body(s_stmt.SBlockRealize(realize.iter_values,
                                                             realize.predicate, block))
 
-    name = f"{extern}_d{D}" + ("_gathered" if gathered else "")
-    if gathered:
+    @T.prim_func(s_tir=True)
+    def heads_last_desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
+        sp, s0, sv, s2, sc = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (1, b, 1, D), I16, strides=[s0, sv, s2, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:1, 0:b, 0:1, 0:D])
+            T.writes(C[0:b, 0:D])
+            for t, d, w in T.grid(b, D, b):
+                with T.sblock("update"):
+                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
+                    T.reads(C[vt, vd], Ix[0], P[vw, vt], V[0, vw, 0, vd])
+                    T.writes(C[vt, vd])
+                    C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[0, vw, 0, vd])
+
+    @T.prim_func(s_tir=True)
+    def heads_last_impl(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
+        sp, s0, sv, s2, sc = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (1, b, 1, D), I16, strides=[s0, sv, s2, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:1, 0:b, 0:1, 0:D])
+            T.writes(C[0:b, 0:D])
+            T.evaluate(T.call_extern("int32", extern, P.access_ptr("r"), sp,
+                                     V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
+
+    name = f"{extern}_d{D}" + ("_gathered" if gathered else "") + ("_heads_last" if heads_last else "")
+    if heads_last:
+        TensorIntrin.register(name, heads_last_desc, heads_last_impl)
+    elif gathered:
         TensorIntrin.register(name, gathered_desc, gathered_impl())
     else:
         TensorIntrin.register(name, desc, impl)

@@ -33,6 +33,9 @@ class Target:
     # not when they finish, so another stream or a replaying CUDA graph could reuse it
     # while they run; torch's allocator orders reuse by stream and keeps a graph's own.
     scratch_args: bool = False
+    # Whether its kernels that read q, k, v have the variant that reads them from
+    # [B, N, H, D] tensors (``Kernel.heads_last``; ``inputs.reads_heads_last``).
+    reads_heads_last: bool = False
 
     @property
     def schedules(self) -> ModuleType:

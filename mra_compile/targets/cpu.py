@@ -33,6 +33,7 @@ class CpuTarget(Target):
     reuses_workspace = True
     exact_plan = True
     selects_in_numpy = True
+    reads_heads_last = True
 
     @property
     def schedules(self):
