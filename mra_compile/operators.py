@@ -244,15 +244,32 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
     def pooled(x, name, kv=False):
         side, inv = (mask, inv_counts) if kv else (qmask, q_inv_counts)
         t = te.reduce_axis((0, b), "t")
-        s = te.compute(
-            (R, n, D),
-            lambda r, i, d: te.sum(
-                _widen(_read(x, _kv_row(r, group) if kv else r, i * b + t, d), dt)
-                * side[r // heads, i * b + t], axis=t),
-            name=name + "_sum",
-        )
+        if len(x.shape) == 4:  # [B, N, H, D] (``heads_last``): sums in the inputs' order,
+            # [B, n, H, D], so that a block of every head is one contiguous slab
+            Hq = q.shape[2]  # (the mask row of sequence s is that of its query rows)
+            s = te.compute(
+                (x.shape[0], n, x.shape[2], D),
+                lambda s_, i, h, d: te.sum(_widen(x[s_, i * b + t, h, d], dt)
+                                           * side[s_ * Hq // heads, i * b + t], axis=t),
+                name=name + "_sum",
+            )
+
+            def summed(r, i, d):  # (k, v: head h of the query rows' group)
+                h = r % Hq if not kv or group is None else r % Hq // group
+                return s[r // Hq, i, h, d]
+        else:
+            s = te.compute(
+                (R, n, D),
+                lambda r, i, d: te.sum(
+                    _widen(x[_kv_row(r, group) if kv else r, i * b + t, d], dt)
+                    * side[r // heads, i * b + t], axis=t),
+                name=name + "_sum",
+            )
+
+            def summed(r, i, d):
+                return s[r, i, d]
         return te.compute(
-            (R, n, D), lambda r, i, d: s[r, i, d] * inv[r // heads, i], name=name
+            (R, n, D), lambda r, i, d: summed(r, i, d) * inv[r // heads, i], name=name
         )
 
     # k̂, v̂ per query row (a few n x D per row): the low-resolution kernels stay per row.
