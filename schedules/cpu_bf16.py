@@ -151,22 +151,31 @@ def _heads_last_qk(D: int) -> str:
                         C[vw, vt] = T.float32(0)
                     C[vw, vt] = C[vw, vt] + widen(A[0, vw, 0, vp * 2 + ve]) * widen(Q[vp, vt, ve])
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, i: T.handle, q: T.handle, c: T.handle):
-        s0, sa, s2, sc = T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, (1, b, 1, D), I16, strides=[s0, sa, s2, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
-        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
-        C = T.match_buffer(c, (b, b), "float32", strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(A[0:1, 0:b, 0:1, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
-            T.writes(C[0:b, 0:b])
-            T.evaluate(T.call_extern("int32", "mra_bf16_qk", A.access_ptr("r"), sa,
-                                     Q.access_ptr("r"), C.access_ptr("w"), sc, D))
+    def call(reads, writes):  # (A's row stride: that of its second dimension)
+        A, _, Q = reads
+        (C,) = writes
+        return ("mra_bf16_qk", A.access_ptr("r"), A.strides[1], Q.access_ptr("r"),
+                C.access_ptr("w"), C.strides[0], D)
 
     name = f"mra_bf16_qk_d{D}_heads_last"
-    TensorIntrin.register(name, desc, impl)
+    TensorIntrin.register(name, desc, _called(desc, call))
     return name
+
+
+def _called(desc, call):
+    """The implementation of an intrinsic described by ``desc``: its root block with the
+    loops replaced by one extern call, ``call(reads, writes)`` giving the callee's name
+    and arguments from the root block's buffers (in the order it reads and writes them)."""
+    from tvm import tirx
+    from tvm.s_tir import stmt as s_stmt
+
+    realize = desc.body
+    root = realize.block
+    name, *args = call(tuple(r.source for r in root.reads), tuple(w.source for w in root.writes))
+    body = tirx.Evaluate(tirx.call_extern("int32", name, *args))
+    block = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body,
+                          root.init, root.alloc_buffers, root.match_buffers, root.annotations)
+    return desc.with_body(s_stmt.SBlockRealize(realize.iter_values, realize.predicate, block))
 
 
 def float32_pv_intrinsic(D: int) -> str:
@@ -190,9 +199,7 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
     (``rounded=False``: ``mra_bf16_pv_f32``); v as bf16 bits; float32 sums. ``gathered``:
     the description reads a second index after P (``gathered_pv_intrinsic``);
     ``heads_last``: v's block a [1, b, 1, D] region of a [B, N, H, D] input."""
-    from tvm import tirx
     from tvm.s_tir import TensorIntrin
-    from tvm.s_tir import stmt as s_stmt
     from tvm.script import tirx as T
 
     from mra_compile.operators import BF16_BITS as I16
@@ -253,20 +260,11 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
                     T.writes(C[vt, vd])
                     C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[vw, vd])
 
-    def gathered_impl():
-        # The description with its root block's loops replaced by the call (TVMScript
-        # cannot state the extra index once for both: the same buffers).
-        realize = gathered_desc.body
-        root = realize.block
-        C, _, P, _, V = (region.source for region in root.reads)
-        call = tirx.Evaluate(tirx.call_extern(
-            "int32", extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"),
-            V.strides[0], C.access_ptr("rw"), C.strides[0], D))
-        block = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, call,
-                              root.init, root.alloc_buffers, root.match_buffers,
-                              root.annotations)
-        return gathered_desc.with_body(s_stmt.SBlockRealize(realize.iter_values,
-                                                            realize.predicate, block))
+    def gathered_call(reads, writes):  # (TVMScript cannot state the extra index once
+        # for both the description and the implementation: the same buffers)
+        C, _, P, _, V = reads
+        return (extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"), V.strides[0],
+                C.access_ptr("rw"), C.strides[0], D)
 
     @T.prim_func(s_tir=True)
     def heads_last_desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
@@ -285,24 +283,16 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
                     T.writes(C[vt, vd])
                     C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[0, vw, 0, vd])
 
-    @T.prim_func(s_tir=True)
-    def heads_last_impl(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
-        sp, s0, sv, s2, sc = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
-        V = T.match_buffer(v, (1, b, 1, D), I16, strides=[s0, sv, s2, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
-        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:1, 0:b, 0:1, 0:D])
-            T.writes(C[0:b, 0:D])
-            T.evaluate(T.call_extern("int32", extern, P.access_ptr("r"), sp,
-                                     V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
+    def heads_last_call(reads, writes):  # (V's row stride: that of its second dimension)
+        C, _, P, V = reads
+        return (extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"), V.strides[1],
+                C.access_ptr("rw"), C.strides[0], D)
 
     name = f"{extern}_d{D}" + ("_gathered" if gathered else "") + ("_heads_last" if heads_last else "")
     if heads_last:
-        TensorIntrin.register(name, heads_last_desc, heads_last_impl)
+        TensorIntrin.register(name, heads_last_desc, _called(heads_last_desc, heads_last_call))
     elif gathered:
-        TensorIntrin.register(name, gathered_desc, gathered_impl())
+        TensorIntrin.register(name, gathered_desc, _called(gathered_desc, gathered_call))
     else:
         TensorIntrin.register(name, desc, impl)
     return name
