@@ -15,8 +15,10 @@ A signature is everything the host work depends on besides the values of q, k, v
 a key padding mask: the shapes, dtypes and layouts, the options, torch's thread count, and
 the environment that picks kernels, knobs and memory limits. Calls whose launches read
 q, k, v in place or through the scratch copies ``inputs.padded`` makes (a partial last
-block, a head dim padded to 16, float16 in float32, a non-contiguous or unaligned input
-such as the transposed views attention layers pass: each replay makes them again), write
+block, a head dim padded to 16, float16 in float32, a non-contiguous or unaligned input:
+each replay makes them again; the transposed views attention layers pass are read where
+they lie where the kernels can, ``inputs.reads_heads_last``, their layout part of the
+signature), write
 the output in place or into scratch that the replay copies out, and whose other tensors
 are kept memory (the thread's workspace, ``memory.kept_constants``) get a plan; others
 keep a marker that sends them the usual way. A call with a key padding mask (no query
