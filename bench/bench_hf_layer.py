@@ -81,7 +81,7 @@ def main() -> int:
                 for i in range(args.batch):
                     mask[i, n - i * n // (2 * args.batch):] = 0
 
-            def run(implementation: str, switches: str = "11"):
+            def run(implementation: str, switches: str = "11", model=model, ids=ids, mask=mask):
                 def call():
                     os.environ.update(zip(SWITCHES, switches))
                     model.set_attn_implementation(implementation)
