@@ -40,7 +40,8 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
     q, k, v take them in ``Target.io_dtype``, e.g. fp16/bf16 as they are on CUDA; the rest
     compute in float32); ``scratch``: the target's ``scratch_args``; ``gqa``: also the
     grouped-query variants of the kernels that read k, v (``enable_gqa=True`` with fewer
-    key/value heads)."""
+    key/value heads). On targets whose kernels read q, k, v in an attention layer's layout
+    (``Target.reads_heads_last``), those variants of the inference calls too."""
     target = targets.get(target)
     m = kernels.HEAD_DIM_MULTIPLE
     padded = sorted({-(-d // m) * m for d in head_dims})
@@ -52,14 +53,20 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
                 for kernel, io_dtype, micro, split_pv in _calls(target, getattr(torch, dt), b):
                     io = str(io_dtype).removeprefix("torch.")
                     grouped = (False, True) if gqa and kernel.reads_qkv else (False,)
+                    # (inference only: not the recomputed float32-P v variants)
+                    layouts = (False, True) if (
+                        kernel.heads_last and target.reads_heads_last and not split_pv
+                        and micro == target.micro_kernels(io_dtype)) else (False,)
                     for full in ((True, False) if kernel.has_modes else (None,)):
                         for grouped_heads in grouped:
-                            static = kernel.static(b, D, compute, io, full, scratch,
-                                                   grouped_heads, micro, split_pv)
-                            key = json.dumps([kernel.name, static], sort_keys=True)
-                            if key not in seen:  # e.g. fp16 and fp32 share kernels on the CPU
-                                seen.add(key)
-                                yield kernel.name, static
+                            for heads_last in layouts:
+                                static = kernel.static(b, D, compute, io, full, scratch,
+                                                       grouped_heads, micro, split_pv,
+                                                       heads_last)
+                                key = json.dumps([kernel.name, static], sort_keys=True)
+                                if key not in seen:  # e.g. fp16 and fp32 share CPU kernels
+                                    seen.add(key)
+                                    yield kernel.name, static
 
 
 # The kernels of ``forward.exact_and_combine`` that also run for the output in float32 of

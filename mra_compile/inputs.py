@@ -304,10 +304,11 @@ def reads_heads_last(xs, io, target: Target) -> bool:
     float32, float64, or bf16 on the CPU's bf16 micro-kernels; what an attention
     layer passes after splitting its heads off the hidden dim), on a target whose kernels
     have that variant (``Target.reads_heads_last``), unless ``MRA_COMPILE_HEADS_LAST`` is
-    "0" or kernel libraries are in use (``mra-compile build`` makes no such variant)."""
+    "0" or the kernel libraries in use have no such variant (``library.has_heads_last``:
+    libraries built before they existed)."""
     if not target.reads_heads_last or os.environ.get(HEADS_LAST_ENV, "1") == "0":
         return False
-    if library.directories() or library.only():
+    if (library.directories() or library.only()) and not library.has_heads_last():
         return False
     # (a tensor of one head is both: contiguous ones then read as [B, N, 1, D])
     return (all(x.dtype == io and x.transpose(1, 2).is_contiguous()

@@ -109,6 +109,23 @@ def _load(directory: str):
     return module, {e["key"]: e["symbol"] for e in manifest["kernels"]}
 
 
+def has_heads_last() -> bool:
+    """Whether a library in ``MRA_COMPILE_KERNEL_LIBRARY`` that this process can use has
+    the kernels' variants that read q, k, v in an attention layer's layout
+    (``static["heads_last"]``; ``mra-compile build`` makes them for targets that have
+    them)."""
+    return any(_has_heads_last(d) for d in directories() if _load(d) is not None)
+
+
+@functools.cache
+def _has_heads_last(directory: str) -> bool:
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return any(e.get("static", {}).get("heads_last") for e in manifest.get("kernels", ()))
+
+
 def lookup(key: str):
     """The libraries' kernel for ``key`` (see ``build.kernel_key``), or None."""
     for directory in directories():

@@ -20,7 +20,12 @@ for N in (100, 700):
         for t in (out, q.grad, k.grad, v.grad):
             h.update(t.detach().numpy().tobytes())
         q.grad = k.grad = v.grad = None
-with torch.no_grad():  # (inference calls of one signature: replayed by the launch cache)
+with torch.no_grad():
+    # (an attention layer's views, [B, N, H, D] transposed: read where they lie)
+    q, k, v = (torch.randn(2, 128, 2, 16, generator=g).transpose(1, 2) for _ in range(3))
+    for mode in ("full", "sparse"):
+        h.update(torch.ops.mra.attention(q, k, v, None, 8, mode).numpy().tobytes())
+    # (inference calls of one signature: replayed by the launch cache)
     q, k, v = (torch.randn(1, 2, 128, 16, generator=g) for _ in range(3))
     for _ in range(3):
         out = torch.ops.mra.attention(q, k, v, None, 8, "sparse")
@@ -28,6 +33,8 @@ with torch.no_grad():  # (inference calls of one signature: replayed by the laun
 from mra_compile import memory, native_replay
 print(json.dumps({"origins": sorted({e["origin"] for e in mra_compile.cache_events()}),
                   "ops": sorted({e["op"] for e in mra_compile.cache_events()}),
+                  "heads_last": sorted({e["op"] for e in mra_compile.cache_events()
+                                        if e["static"].get("heads_last")}),
                   "hash": h.hexdigest(), "tvm": "tvm" in sys.modules,
                   "openmp": mra_compile.openmp.status(), "replay": native_replay.status(),
                   "from_c": any(p and p.native for p in memory.WORKSPACE.plans.values())}))
@@ -51,6 +58,9 @@ def test_build_writes_library_and_manifest(library_dir):
     ops = {e["op"] for e in manifest["kernels"]}
     # every kernel the CPU has, forward and backward
     assert ops == set(kernels.on_target(targets.CPU))
+    # and the inference kernels that read q, k, v, also in an attention layer's layout
+    assert {e["op"] for e in manifest["kernels"] if e["static"].get("heads_last")} == {
+        "pool_and_logits", "hires_units", "hires_rows"}
 
 
 def test_op_runs_from_the_library_with_the_runtime_only(library_dir, tmp_path):
@@ -69,6 +79,7 @@ def test_op_runs_from_the_library_with_the_runtime_only(library_dir, tmp_path):
     assert from_library["replay"] == "from C" and from_library["from_c"]
     assert from_library["hash"] == cached["hash"]
     assert from_library["ops"] == cached["ops"]
+    assert from_library["heads_last"] == cached["heads_last"] == ["hires_rows", "pool_and_logits"]
 
 
 def test_a_library_for_other_sources_is_ignored(library_dir, tmp_path):
