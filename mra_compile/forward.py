@@ -62,7 +62,8 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
            heads=pr.heads, group=pr.group, scale=pr.scale)
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
-        row_blocks = _sequence_budgets(pr, opts.block_per_row, n)
+        row_blocks = sequence_budgets(pr.q_counts, pr.heads, pr.block_size,
+                                      opts.block_per_row, n)
     # Cross-attention: the top-k runs over the nq x nk grid of the spec; the blocks both
     # sides are padded to beyond it hold no real query or key (inputs._prepare_cross).
     nq, nk = pr.blocks_q, pr.blocks_k
@@ -184,15 +185,10 @@ def _unit_blocks(knobs: dict, target) -> tuple[int, int]:
     return knob("hires_rows", "row_unit_blocks"), knob("hires_units", "blocks_per_unit")
 
 
-def _sequence_budgets(pr: Prepared, block_per_row: int, n: int):
-    """docs/spec.md, "Per-sequence budget": each row's ``r * ceil(c / b)`` blocks (at
-    least r, at most n*n) for its sequence's ``c`` real tokens (queries), [R] int64."""
-    return sequence_budgets(pr.q_counts, pr.heads, pr.block_size, block_per_row, n)
-
-
 def sequence_budgets(q_counts, heads: int, block_size: int, block_per_row: int, n: int):
-    """``_sequence_budgets`` from the queries' block counts ``q_counts`` [Bm, n] (row r
-    of mask row r // ``heads``)."""
+    """docs/spec.md, "Per-sequence budget": each row's ``r * ceil(c / b)`` blocks (at
+    least r, at most n*n) for its sequence's ``c`` real tokens (queries), [R] int64, from
+    the queries' block counts ``q_counts`` [Bm, n] (row r of mask row r // ``heads``)."""
     real_tokens = q_counts.sum(-1)  # [Bm]
     rows_real = torch.ceil(real_tokens / block_size).clamp_min(1).to(torch.int64)
     budget = (rows_real * block_per_row).clamp_max(n * n)

@@ -87,8 +87,8 @@ def _problem(directory: str, manifest: dict) -> str | None:
 
 @functools.cache
 def _load(directory: str):
-    """(module, {key: symbol}) of the library in ``directory``, or None when unusable
-    (said once, by a ``KernelLibraryWarning``)."""
+    """(module, {key: symbol}, whether it has heads-last variants) of the library in
+    ``directory``, or None when unusable (said once, by a ``KernelLibraryWarning``)."""
     try:
         manifest = json.loads((Path(directory) / MANIFEST).read_text())
         why = _problem(directory, manifest)
@@ -106,7 +106,8 @@ def _load(directory: str):
     path = Path(directory) / LIBRARY
     module = tvm_ffi.load_module(str(path))
     target.after_load(path)
-    return module, {e["key"]: e["symbol"] for e in manifest["kernels"]}
+    return (module, {e["key"]: e["symbol"] for e in manifest["kernels"]},
+            any(e.get("static", {}).get("heads_last") for e in manifest["kernels"]))
 
 
 def has_heads_last() -> bool:
@@ -114,16 +115,7 @@ def has_heads_last() -> bool:
     the kernels' variants that read q, k, v in an attention layer's layout
     (``static["heads_last"]``; ``mra-compile build`` makes them for targets that have
     them)."""
-    return any(_has_heads_last(d) for d in directories() if _load(d) is not None)
-
-
-@functools.cache
-def _has_heads_last(directory: str) -> bool:
-    try:
-        manifest = json.loads((Path(directory) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return any(e.get("static", {}).get("heads_last") for e in manifest.get("kernels", ()))
+    return any(loaded[2] for loaded in map(_load, directories()) if loaded is not None)
 
 
 def lookup(key: str):
@@ -132,7 +124,7 @@ def lookup(key: str):
         loaded = _load(directory)
         if loaded is None:
             continue
-        module, symbols = loaded
+        module, symbols, _ = loaded
         name = symbols.get(key)
         if name is not None:
             return module[name]

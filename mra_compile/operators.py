@@ -584,15 +584,13 @@ def _inputs(D, dt, io=None, gqa=False, heads_last=False):
     scale = te.var("scale", dtype=dt)
     if heads_last:
         B, H, Hkv = _vars("B", "H", "Hkv")
-        q = te.placeholder((B, N, H, D), io or dt, "q")
-        k = te.placeholder((B, N, Hkv if gqa else H, D), io or dt, "k")
-        v = te.placeholder((B, N, Hkv if gqa else H, D), io or dt, "v")
-        mask = te.placeholder((Bm, N), dt, "mask")
-        qmask = te.placeholder((Bm, N), dt, "qmask")
-        return R, N, heads, group, scale, q, k, v, mask, qmask
-    q = te.placeholder((R, N, D), io or dt, "q")
-    k = te.placeholder((Rkv, N, D), io or dt, "k")
-    v = te.placeholder((Rkv, N, D), io or dt, "v")
+        q_shape: tuple = (B, N, H, D)
+        kv_shape: tuple = (B, N, Hkv if gqa else H, D)
+    else:
+        q_shape, kv_shape = (R, N, D), (Rkv, N, D)
+    q = te.placeholder(q_shape, io or dt, "q")
+    k = te.placeholder(kv_shape, io or dt, "k")
+    v = te.placeholder(kv_shape, io or dt, "v")
     mask = te.placeholder((Bm, N), dt, "mask")
     qmask = te.placeholder((Bm, N), dt, "qmask")
     return R, N, heads, group, scale, q, k, v, mask, qmask

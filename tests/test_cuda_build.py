@@ -210,7 +210,7 @@ class NoTVM(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTVM())
 from mra_compile import build, library
 loaded = library._load(library.directories()[0])
-module, symbols = loaded
+module, symbols, _ = loaded
 manifest = json.loads(open(sys.argv[1] + "/manifest.json").read())
 found = [library.lookup(e["key"]) is not None for e in manifest["kernels"]]
 keys = [build.kernel_key(e["op"], e["static"], e["knobs"], manifest["target"])
