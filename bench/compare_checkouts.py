@@ -8,11 +8,13 @@ Each round runs one process per checkout (in alternating order); a process impor
 own kernel cache (``MRA_COMPILE_CACHE_DIR``: ``<checkout>/.bench-cache`` unless set) and
 times the forward (full mode, B*H=12, D=64, 4 blocks per row; median of 11 back-to-back
 calls after 3 warm-up calls) at N=1024, 4096 and 8192, and forward+backward at N=4096
-(median of 5). ``--training DTYPE ...`` adds a training step in each of those dtypes at
-N=4096 and 8192 (the op's forward and ``backward`` with a given gradient, the leaves'
-gradients reset after it; median of 5 after 2). Two checkouts cannot share one process
-(one package name), hence processes; their alternation is what keeps the comparison
-fair on a noisy machine.
+(median of 5), and an attention layer's call at N=1024 and 4096 ("layer": sparse mode,
+q, k, v transposed views of [1, N, 12, 64] tensors, the output transposed back to
+[1, N, 12, 64] and made contiguous, as the layer does). ``--training DTYPE ...`` adds
+a training step in each of those dtypes at N=4096 and 8192 (the op's forward and
+``backward`` with a given gradient, the leaves' gradients reset after it; median of 5
+after 2). Two checkouts cannot share one process (one package name), hence processes;
+their alternation is what keeps the comparison fair on a noisy machine.
 
     python bench/compare_checkouts.py /tmp/before . --rounds 5 --training bfloat16 float16
 """
@@ -54,6 +56,19 @@ for N in (1024, 4096, 8192):
             if i >= 2:
                 ts.append(time.perf_counter() - t0)
         res[f"fwd+bwd N={N}"] = statistics.median(ts) * 1e3
+for N in (1024, 4096):  # (an attention layer's call: heads-last views in, transposed back)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, N, 12, 64, generator=g).transpose(1, 2) for _ in range(3))
+    nb = 4 * (N // 32)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.ops.mra.attention(q, k, v, None, nb, "sparse").transpose(1, 2).contiguous()
+        ts = []
+        for _ in range(11):
+            t0 = time.perf_counter()
+            torch.ops.mra.attention(q, k, v, None, nb, "sparse").transpose(1, 2).contiguous()
+            ts.append(time.perf_counter() - t0)
+    res[f"layer N={N}"] = statistics.median(ts) * 1e3
 for name in filter(None, sys.argv[2].split(",")):
     for N in (4096, 8192):
         g = torch.Generator().manual_seed(0)

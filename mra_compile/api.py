@@ -61,7 +61,11 @@ def mra_attention(
             budget counts a sequence's real queries.
 
     Returns:
-        ``[B, H, Nq, D]`` in q's dtype.
+        ``[B, H, Nq, D]`` in q's dtype. Contiguous, except where q, k, v are transposed
+        views of ``[B, N, H, D]`` tensors (as attention layers pass them) that a CPU
+        inference call reads in place: the output is then such a view too, so that the
+        layer's transpose back to ``[B, N, H, D]`` is free (SDPA's CPU output can be
+        laid out so as well).
 
     Raises:
         TypeError / ValueError naming the offending argument.

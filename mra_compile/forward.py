@@ -319,7 +319,8 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
     try:
         with torch_single_threaded():
             # (inference: the backward's kernels have no variant reading q, k, v as
-            # [B, N, H, D])
+            # [B, N, H, D]; where q, k, v are read so, the output is written so too and
+            # returned as its [B, H, N, D] view)
             pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask,
                          heads_last=not save)
             pr.keeps_saved = save
@@ -366,13 +367,23 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     # (no fresh pages to fault in).
     copied = N < Np or D < Dp or result != written
     shape = (R, n, opts.block_size, Dp)
-    out = pr.scratch("out", *shape, dtype=written) if copied else pr.result(*shape, dtype=written)
+    if pr.heads_last and not copied:
+        # The kernels that read q, k, v as [B, N, H, D] write the output so too: the op
+        # returns its [B, H, N, D] view, which an attention layer's transpose back makes
+        # contiguous at no cost (``schedules/cpu.py``, ``_heads_last_output``).
+        out = pr.result(B, n, opts.block_size, H, D, dtype=written)
+    elif copied:
+        out = pr.scratch("out", *shape, dtype=written)
+    else:
+        out = pr.result(*shape, dtype=written)
     stats = pr.saved("saved_stats", 3, R, n, opts.block_size)
     high_mask = lr.sel.high_mask
     exact_and_combine(runs, lr.sel.index, lr.logits, lr.rowmax, high_mask, lr.vp,
                       opts.full, knobs, out, stats, lr.work)
     if copied:  # (never hand out scratch)
         out = pr.result(B, H, N, D, dtype=result).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
+    elif out.dim() == 5:
+        out = out.view(B, N, H, D).transpose(1, 2)
     else:
         out = out.view(B, H, N, D)
     if not pr.keeps_saved:

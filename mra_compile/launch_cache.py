@@ -138,7 +138,8 @@ class _Plan:
     native: native_replay.NativePlan | bool | None = None
     masks: _Masks | None = None  # (a call with a key padding mask)
     # The inputs the kernels read in an attention layer's layout: the caller's [B, H, N, D]
-    # view transposed back to its [B, N, H, D] tensor (``inputs.reads_heads_last``).
+    # view transposed back to its [B, N, H, D] tensor (``inputs.reads_heads_last``); and
+    # "out" where they write the output so too.
     transposed: frozenset = frozenset()
 
 
@@ -199,7 +200,12 @@ def _replay(plan: _Plan, q, k, v, mask=None):
     # left to do after the last one. (Host work right after a kernel costs several times
     # as much, its traffic leaving the interpreter's caches cold; a call's host work
     # measured the same either way, 0.35-0.40 ms at N = 8192.)
-    out = inputs.result_tensor(tuple(q.shape), q.dtype, q.device, CPU)
+    if "out" in plan.transposed:  # (written as [B, N, H, D]: ``forward._forward``)
+        B, H, N, D = q.shape
+        written = inputs.result_tensor((B, N, H, D), q.dtype, q.device, CPU)
+        out = written.transpose(1, 2)
+    else:
+        out = written = inputs.result_tensor(tuple(q.shape), q.dtype, q.device, CPU)
     callers = dict(zip(_INPUTS, (q, k, v)))
     for name, (Np, Dp, dtype, address) in plan.copies.items():
         if inputs.padded(callers[name], Np, Dp, dtype, f"input_{name}", CPU).data_ptr() != address:
@@ -216,7 +222,7 @@ def _replay(plan: _Plan, q, k, v, mask=None):
                            *plan.views[name]) for name, x in callers.items()
                if name in plan.views}
     if "out" in plan.views:
-        tensors["out"] = _view(out, *plan.views["out"])
+        tensors["out"] = _view(written, *plan.views["out"])
     for launch in plan.head:
         launch(tensors, 0)
     most, widest = forward.unit_counts(plan.units)
@@ -336,7 +342,7 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
                     return None
                 if views.setdefault(name, (arg.shape, arg.dtype)) != (arg.shape, arg.dtype):
                     return None
-                if not mine.is_contiguous():  # (read as [B, N, H, D]: it is its transpose)
+                if not mine.is_contiguous():  # (as [B, N, H, D]: it is its transpose)
                     transposed.add(name)
                 slots.append((i, name))
             elif arg.untyped_storage().data_ptr() not in kept:

@@ -577,13 +577,16 @@ def _inputs(D, dt, io=None, gqa=False, heads_last=False):
     """q [R, N, D]; k, v [Rkv, N, D] (query row r reads key/value row r // group:
     grouped-query heads, Rkv = R / group); mask, qmask [Bm, N] (the keys' and the
     queries'; row r: mask row r // heads). ``heads_last``: q [B, N, H, D], k, v
-    [B, N, Hkv, D] instead (row r = b H + h; ``_read``), and R the rows of the outputs."""
+    [B, N, Hkv, D] instead (row r = b H + h; ``_read``), and R = B H the rows of the
+    outputs (a product, so that an output can be laid out as [B, .., H, ..] by its
+    schedule: ``schedules/cpu.py``, ``_heads_last_output``)."""
     R, Rkv, N, Bm, heads, group = _vars("R", "Rkv", "N", "Bm", "heads", "group")
     if not gqa:
         Rkv, group = R, None
     scale = te.var("scale", dtype=dt)
     if heads_last:
         B, H, Hkv = _vars("B", "H", "Hkv")
+        R = B * H
         q_shape: tuple = (B, N, H, D)
         kv_shape: tuple = (B, N, Hkv if gqa else H, D)
     else:
@@ -639,7 +642,9 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
          full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, group, scale, ucap
     out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v; in
          float32 with micro "avx512_bf16_fp32_pv" and with ``split_pv``).
-    ``heads_last``: q, k, v [B, N, H, D] (``_inputs``); the output as before.
+    ``heads_last``: q, k, v [B, N, H, D] (``_inputs``); the output [R, n, b, D] as
+    before, which the CPU schedule lays out as [B, N, H, D] (``schedules/cpu.py``,
+    ``_heads_last_output``).
     """
     dt = dtype
     io = _io(io, dt, micro)

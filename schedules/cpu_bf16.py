@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from mra_compile.schedules import cpu_stores
+from mra_compile.schedules import cpu_stores, extern_calls
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16")
@@ -158,24 +158,8 @@ def _heads_last_qk(D: int) -> str:
                 C.access_ptr("w"), C.strides[0], D)
 
     name = f"mra_bf16_qk_d{D}_heads_last"
-    TensorIntrin.register(name, desc, _called(desc, call))
+    TensorIntrin.register(name, desc, extern_calls.called(desc, call))
     return name
-
-
-def _called(desc, call):
-    """The implementation of an intrinsic described by ``desc``: its root block with the
-    loops replaced by one extern call, ``call(reads, writes)`` giving the callee's name
-    and arguments from the root block's buffers (in the order it reads and writes them)."""
-    from tvm import tirx
-    from tvm.s_tir import stmt as s_stmt
-
-    realize = desc.body
-    root = realize.block
-    name, *args = call(tuple(r.source for r in root.reads), tuple(w.source for w in root.writes))
-    body = tirx.Evaluate(tirx.call_extern("int32", name, *args))
-    block = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body,
-                          root.init, root.alloc_buffers, root.match_buffers, root.annotations)
-    return desc.with_body(s_stmt.SBlockRealize(realize.iter_values, realize.predicate, block))
 
 
 def float32_pv_intrinsic(D: int) -> str:
@@ -290,9 +274,10 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
 
     name = f"{extern}_d{D}" + ("_gathered" if gathered else "") + ("_heads_last" if heads_last else "")
     if heads_last:
-        TensorIntrin.register(name, heads_last_desc, _called(heads_last_desc, heads_last_call))
+        TensorIntrin.register(name, heads_last_desc,
+                              extern_calls.called(heads_last_desc, heads_last_call))
     elif gathered:
-        TensorIntrin.register(name, gathered_desc, _called(gathered_desc, gathered_call))
+        TensorIntrin.register(name, gathered_desc, extern_calls.called(gathered_desc, gathered_call))
     else:
         TensorIntrin.register(name, desc, impl)
     return name

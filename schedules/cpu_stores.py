@@ -15,6 +15,7 @@ import functools
 from pathlib import Path
 
 from mra_compile import host
+from mra_compile.schedules import extern_calls
 
 SOURCE = Path(__file__).with_name("cpu_stores.c")
 FLAGS = ("-O2",)
@@ -46,10 +47,14 @@ def objects() -> list[str]:
 
 
 @functools.cache
-def store_intrinsic(b: int, D: int, dtype: str = "float32") -> str:
+def store_intrinsic(b: int, D: int, dtype: str = "float32", heads_last: bool = False) -> str:
     """The name of the intrinsic that stores a [b, D] float32 block (a block row of ``b``
     tokens) into an output of ``dtype`` ("float32", or "int16": bf16 bits, rounded) for
-    head dim ``D`` (registered once): a call of ``EXTERNS[dtype]``."""
+    head dim ``D`` (registered once): a call of ``EXTERNS[dtype]``. ``heads_last``: the
+    output is [B, n, b, H, D] (an attention layer's [B, N, H, D]), whose block row is a
+    [1, 1, b, 1, D] region, its rows H D apart."""
+    if heads_last:
+        return _heads_last_store(b, D, dtype)
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
@@ -86,4 +91,42 @@ def store_intrinsic(b: int, D: int, dtype: str = "float32") -> str:
 
     name = f"{extern}_b{b}_d{D}"
     TensorIntrin.register(name, desc, impl)
+    return name
+
+
+@functools.cache
+def _heads_last_store(b: int, D: int, dtype: str) -> str:
+    """``store_intrinsic``'s heads-last variant: the same call, the row stride that of the
+    output's token dimension."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    from mra_compile.operators import bf16_narrow
+
+    F32, extern = "float32", EXTERNS[dtype]
+
+    def value(x):
+        return x if dtype == F32 else bf16_narrow(x)
+
+    @T.prim_func(s_tir=True)
+    def desc(s: T.handle, o: T.handle):
+        ss, s0, s1, so, s3 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
+        O = T.match_buffer(o, (1, 1, b, 1, D), dtype, strides=[s0, s1, so, s3, 1],
+                           offset_factor=1)
+        with T.sblock("root"):
+            T.reads(S[0:b, 0:D])
+            T.writes(O[0:1, 0:1, 0:b, 0:1, 0:D])
+            for t, d in T.grid(b, D):
+                with T.sblock("store"):
+                    vt, vd = T.axis.remap("SS", [t, d])
+                    O[0, 0, vt, 0, vd] = value(S[vt, vd])
+
+    def call(reads, writes):
+        (S,) = reads
+        (O,) = writes
+        return (extern, S.access_ptr("r"), S.strides[0], O.access_ptr("w"), O.strides[2], b, D)
+
+    name = f"{extern}_b{b}_d{D}_heads_last"
+    TensorIntrin.register(name, desc, extern_calls.called(desc, call))
     return name

@@ -1,7 +1,8 @@
 """Inputs in an attention layer's layout: q, k, v that are [B, N, H, D] tensors seen as
 [B, H, N, D] (the heads split off the hidden dim) are read in place by the kernels'
 heads-last variant (``inputs.reads_heads_last``; CPU, float32): the same bits as the
-copy into the kernels' own layout, within the float64 oracle's tolerance."""
+copy into the kernels' own layout, within the float64 oracle's tolerance. That variant
+writes the output as [B, N, H, D] too, which the op returns as its [B, H, N, D] view."""
 import pytest
 import torch
 from conftest import RTOL_FP32, as64, make_qkv
@@ -30,6 +31,17 @@ def traced(*args, **kw):
     return out, {c["op"]: bool(c["static"].get("heads_last")) for c in calls}
 
 
+def assert_layout(out, heads_last: bool):
+    """``out`` [B, H, N, D] is a view of a [B, N, H, D] tensor (what an attention layer
+    transposes it back to, then at no cost), or contiguous."""
+    back = out.transpose(1, 2)
+    if heads_last:
+        assert back.is_contiguous()
+        assert back.contiguous().data_ptr() == out.data_ptr()
+    else:
+        assert out.is_contiguous()
+
+
 def copied(*args, **kw):
     """The op's output with the inputs copied into the kernels' layout."""
     with pytest.MonkeyPatch.context() as m:
@@ -48,7 +60,8 @@ def test_layer_layout_matches_the_copy_and_the_oracle(seed, B, H, group, N, D,
                                                       mode, per_row, padded):
     """Whole blocks and head dims of a multiple of 16 are read in place (pooling and
     both unit kernels), others through the copy; grouped key/value heads and key padding
-    masks included. The output is the copy path's, bit for bit."""
+    masks included. The output is the copy path's, bit for bit, laid out as [B, N, H, D]
+    where the kernels read the inputs so."""
     Hkv = H // group
     q, k, v = layer_views(seed, B, H, N, D, Hkv)
     mask = None
@@ -59,7 +72,9 @@ def test_layer_layout_matches_the_copy_and_the_oracle(seed, B, H, group, N, D,
         out, flags = traced(q, k, v, mask, **kw)
         assert torch.equal(out, copied(q, k, v, mask, **kw))
     readers = {name for name in flags if name in ("pool_and_logits", "hires_units", "hires_rows")}
-    assert {flags[name] for name in readers} == {N % 32 == 0 and D % 16 == 0}
+    in_place = N % 32 == 0 and D % 16 == 0
+    assert {flags[name] for name in readers} == {in_place}
+    assert_layout(out, in_place)
     sel = mra_compile.block_selection(q, k, v, mask, **kw)
     kk, vv = (x.repeat_interleave(group, dim=1) for x in (k, v))
     ref = mra2_reference(as64(q), as64(kk), as64(vv), None if mask is None else as64(mask.float()),
@@ -79,6 +94,7 @@ def test_overflow_units_read_the_layer_layout_too():
         out, flags = traced(q, k, v, None, **kw)
         assert flags.get("hires_units") is True and flags["hires_rows"] is True
         assert torch.equal(out, copied(q, k, v, None, **kw))
+    assert_layout(out, True)
 
 
 @pytest.mark.parametrize("mode", ["full", "sparse"])
@@ -93,6 +109,8 @@ def test_bf16_reads_the_layer_layout_on_its_micro_kernels(mode):
         out, flags = traced(q, k, v, None, **kw)
         assert torch.equal(out, copied(q, k, v, None, **kw))
     assert flags["hires_rows"] == cpu.bf16_products()
+    assert out.dtype == torch.bfloat16
+    assert_layout(out, flags["hires_rows"])
 
 
 @pytest.mark.parametrize("case", ["contiguous", "gradient", "float16", "other transpose"])
@@ -116,3 +134,19 @@ def test_other_inputs_are_copied(case):
         if grad:
             out.sum().backward()
     assert not any(flags.values())
+    assert_layout(out, False)
+
+
+def test_an_attention_layers_round_trip():
+    """What an attention layer does with the op: heads split off the hidden dim, the
+    output merged back into it (a view: no copy), as SDPA's would be, and the values
+    equal to the op on contiguous copies of the inputs."""
+    B, N, H, D = 2, 256, 4, 32
+    hidden = torch.randn(3, B, N, H * D, generator=torch.Generator().manual_seed(4))
+    q, k, v = (x.view(B, N, H, D).transpose(1, 2) for x in hidden)
+    with torch.no_grad():
+        out = op(q, k, v, None, 3)
+        merged = out.transpose(1, 2).reshape(B, N, H * D)
+        assert merged.data_ptr() == out.data_ptr()
+        assert torch.equal(merged, op(*(x.contiguous() for x in (q, k, v)), None, 3)
+                           .transpose(1, 2).reshape(B, N, H * D))

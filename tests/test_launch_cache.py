@@ -88,7 +88,8 @@ def test_transposed_and_unaligned_inputs_replay(monkeypatch, dtype, in_place):
     kernels read them in place (their heads-last variant; bf16 where the CPU has its
     micro-kernels), unless ``MRA_COMPILE_HEADS_LAST=0``: then through copies each replay
     makes again, as for an input off the kernels' alignment. The same bits as the
-    usual path; each layout keeps a plan of its own."""
+    usual path, in its layout (where the kernels read the inputs in place, they write the
+    output as [B, N, H, D] too); each layout keeps a plan of its own."""
     monkeypatch.setenv(inputs.HEADS_LAST_ENV, in_place)
     mra_compile.clear_workspace()
     B, H, N, D = 2, 3, 256, 64
@@ -105,7 +106,10 @@ def test_transposed_and_unaligned_inputs_replay(monkeypatch, dtype, in_place):
     for i in range(3):
         q, k, v = layer_views(40 + i)
         assert not q.is_contiguous()
-        assert torch.equal(op(q, k, v, None, **kw), usual(q, k, v, None, **kw))
+        replayed, expected = op(q, k, v, None, **kw), usual(q, k, v, None, **kw)
+        assert torch.equal(replayed, expected) and replayed.stride() == expected.stride()
+        assert replayed.transpose(1, 2).is_contiguous() == (in_place == "1" and (
+            dtype == torch.float32 or cpu.bf16_products()))
         qc, kc, vc = (x.contiguous() for x in (q, k, v))
         qa = unaligned(qc)
         assert torch.equal(op(qa, kc, vc, None, **kw), usual(qa, kc, vc, None, **kw))
@@ -114,7 +118,7 @@ def test_transposed_and_unaligned_inputs_replay(monkeypatch, dtype, in_place):
             for p in plans().values() if p is not None}
     qkv = ("k", "q", "v")
     layer = in_place == "1" and (dtype == torch.float32 or cpu.bf16_products())
-    views = ((), qkv) if layer else (qkv, ())
+    views = ((), ("k", "out", "q", "v")) if layer else (qkv, ())
     assert made == {((), ()), (("q",), ()), views}
     assert all(p.native for p in plans().values() if p is not None)
 
