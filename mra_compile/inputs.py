@@ -221,21 +221,36 @@ def clean_padding(xs, keep, may_sync: bool):
     of a unit) or exclude it by selection (logits, probabilities); only P V reads a
     padded value as it is, times a probability of exactly 0. So finite padding needs no
     copy: ``may_sync`` (the device's values may be read on the host: CPU) looks at the
-    padded tokens only and copies just a tensor that has a non-finite one there (a full
-    copy of q, k, v cost 7 ms each at N = 8192, B*H = 12, single-threaded). Otherwise
-    (CUDA: no host synchronisation) every tensor is copied."""
+    padded tokens only (``_finite_span``) and copies just a tensor that has a non-finite
+    one there (a full copy of q, k, v cost 7 ms each at N = 8192, B*H = 12,
+    single-threaded). Otherwise (CUDA: no host synchronisation) every tensor is copied."""
     def zeroed(x):
         return torch.where(keep[:, None, :, None], x, torch.zeros((), dtype=x.dtype,
                                                                   device=x.device))
 
     if not may_sync:
         return tuple(zeroed(x) for x in xs)
-    padded = ~keep
-    if not bool(padded.any()):
+    padded = (~keep).numpy()
+    spans = [(b, int(row.argmax()), len(row) - int(row[::-1].argmax()))
+             for b, row in enumerate(padded) if row.any()]
+    if not spans:
         return tuple(xs)
-    # [P, H, D]: the padded tokens only
-    return tuple(x if bool(torch.isfinite(x.transpose(1, 2)[padded]).all()) else zeroed(x)
-                 for x in xs)
+    return tuple(x if _finite_span(x, spans) else zeroed(x) for x in xs)
+
+
+def _finite_span(x, spans) -> bool:
+    """Whether the tokens ``first <= t < stop`` of sequence ``b`` of ``x`` [B, H, N, D]
+    are all finite, for each ``(b, first, stop)`` of ``spans`` (those from a sequence's
+    first padded token to its last): their sum is finite (a sum is finite only where
+    every term is; one that overflows, or a non-finite real token between two padded
+    ones, only sends the tensor to the copy, which changes nothing but the padding).
+    One pass over those tokens where they lie: the gather of the padded tokens, their
+    test and its reduction cost 3.4-3.7 ms a tensor at N = 4096, B = 4, H = 12, D = 64
+    (3/4 of a sequence padded, [B, N, H, D] memory), this 0.11-0.2 ms."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tokens = x.transpose(1, 2)  # [B, N, H, D]
+    total = sum(tokens[b, first:stop].sum(dtype=acc) for b, first, stop in spans)
+    return bool(torch.isfinite(total))
 
 
 def key_padding(mask):

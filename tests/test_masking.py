@@ -103,3 +103,36 @@ def test_a_per_query_offset_changes_nothing_with_padding(seed, N, offset, mode, 
     torch.testing.assert_close(after, before, rtol=1e-7, atol=1e-7)
     ref = mra2_reference(shifted, k, v, mask.double(), **kw)
     torch.testing.assert_close(ref, before, rtol=1e-7, atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), N=st.integers(2, 130),
+       heads_last=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       poison=st.sampled_from([float("nan"), float("inf"), float("-inf"), None]),
+       data=st.data())
+def test_padding_of_any_pattern_is_checked_where_it_lies(seed, B, N, heads_last, dtype, poison,
+                                                         data):
+    """``inputs.clean_padding`` on the CPU: padding anywhere (holes, both ends, nothing
+    padded), q, k, v contiguous or transposed views of [B, N, H, D]. A tensor whose padded
+    tokens are finite is handed back as it is (no copy; large float16 values included:
+    their sum is taken in float32), one with a non-finite padded token as a copy with
+    every padded token 0 and the rest untouched."""
+    from mra_compile.inputs import clean_padding
+
+    H, D = 2, 8
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, N, generator=g) < data.draw(st.floats(0.2, 1.0))
+    keep[:, data.draw(st.integers(0, N - 1))] = True
+    x = (torch.rand(B, N, H, D, generator=g) * 6e4).to(dtype)  # (near float16's largest)
+    padded = [(b, t) for b in range(B) for t in range(N) if not keep[b, t]]
+    if poison is not None and padded:
+        b, t = padded[data.draw(st.integers(0, len(padded) - 1))]
+        x[b, t, data.draw(st.integers(0, H - 1)), data.draw(st.integers(0, D - 1))] = poison
+    x = x.transpose(1, 2) if heads_last else x.transpose(1, 2).contiguous()
+    (cleaned,) = clean_padding((x,), keep, True)
+    if poison is None or not padded:
+        assert cleaned is x
+    else:
+        assert cleaned is not x
+        expected = x.masked_fill(~keep[:, None, :, None], 0)
+        assert torch.equal(cleaned, expected)
