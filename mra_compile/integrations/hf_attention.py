@@ -61,6 +61,7 @@ Returns ``(attn_output [B, N, H, D], None)`` like transformers' ``sdpa_attention
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -245,8 +246,14 @@ def key_padding_mask(attention_mask: torch.Tensor | None, batch: int, heads: int
 
 
 def _op_parameters() -> Any:
-    # Read at each call: the op gains parameters (scale, enable_gqa) independently of this file.
-    return inspect.signature(mra_compile.mra_attention).parameters
+    # Of the function in place at each call: the op gains parameters (scale, enable_gqa)
+    # independently of this file. (inspect.signature costs ~20 us: once per function.)
+    return _parameters(mra_compile.mra_attention)
+
+
+@functools.lru_cache(maxsize=4)
+def _parameters(fn) -> Any:
+    return inspect.signature(fn).parameters
 
 
 def mra_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
