@@ -23,7 +23,10 @@ README). ``--layout heads-last``: q, k, v are [B, N, H, D] tensors seen as [B, H
 (transposed views, what an attention layer passes after splitting its heads off the
 hidden dim), which the kernels read in place (their heads-last variant; "copied": the op
 with ``MRA_COMPILE_HEADS_LAST=0``, copying them into its own layout each call, in the
-same rounds). ``--batch B --padded``:
+same rounds). ``--layout fused-qkv``: q and k such views, v a slice of a fused
+``[B, N, 3, H, D]`` projection (ModernBERT's, whose rotary embedding makes q and k new
+tensors): v copied into the heads-last layout, q and k read in place ("copied": all three
+copied into the kernels' own layout). ``--batch B --padded``:
 B sequences with a key padding mask (``[B, N]`` bool), as a padded batch is run.
 """
 from __future__ import annotations
@@ -62,8 +65,10 @@ def main() -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--before", choices=("none", "sdpa"), default="none",
                    help="what runs right before each call of the op and of the replay")
-    p.add_argument("--layout", choices=("contiguous", "heads-last"), default="contiguous",
-                   help="q, k, v contiguous [B, H, N, D], or transposed views of [B, N, H, D]")
+    p.add_argument("--layout", choices=("contiguous", "heads-last", "fused-qkv"),
+                   default="contiguous",
+                   help="q, k, v contiguous [B, H, N, D], or transposed views of [B, N, H, D], "
+                        "or q, k such views and v a slice of a fused [B, N, 3, H, D] projection")
     p.add_argument("--batch", type=int, default=1, help="B sequences (dividing --heads)")
     p.add_argument("--padded", action="store_true",
                    help="a key padding mask: sequence i has N - i N / (2 B) real tokens")
@@ -77,6 +82,10 @@ def main() -> int:
     if args.layout == "heads-last":
         q, k, v = (torch.randn(B, args.n, H, args.head_dim, dtype=dtype).transpose(1, 2)
                    for _ in range(3))
+    elif args.layout == "fused-qkv":  # (ModernBERT: q and k rotated, so new tensors)
+        fused = torch.randn(B, args.n, 3, H, args.head_dim, dtype=dtype)
+        q, k, v = (x.transpose(1, 2) for x in fused.unbind(2))
+        q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
     else:
         q, k, v = (torch.randn(B, H, args.n, args.head_dim, dtype=dtype) for _ in range(3))
     num_blocks = args.blocks_per_row * (-(-args.n // 32))
@@ -133,7 +142,7 @@ def main() -> int:
                   "before replay": before, "replay": replay,
                   "before python": setting("1", "0"), "python": op,
                   "before usual": setting("0", "1"), "usual": op}
-        if args.layout == "heads-last":
+        if args.layout != "contiguous":
             rounds.update({"before copied": setting("1", "1", "0"), "copied": op})
         timed = common.median_ms(rounds, args.repeat)
         for name, value in given.items():  # (the caller's settings back)

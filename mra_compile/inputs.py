@@ -291,7 +291,9 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
         q, k, v = clean_padding((q, k, v), mask != 0, target.exact_plan)
     in_place = heads_last and N == Np and D == Dp and reads_heads_last((q, k, v), io, target)
     if in_place:
-        qf, kf, vf = (x.transpose(1, 2) for x in (q, k, v))
+        qf, kf, vf = (x.transpose(1, 2) if _lies_heads_last(x, io) else
+                      heads_last_copy(x, io, name, target)
+                      for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
     else:
         qf, kf, vf = (padded(x, Np, Dp, io, name, target)
                       for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
@@ -314,21 +316,41 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
 
 
 def reads_heads_last(xs, io, target: Target) -> bool:
-    """Whether the kernels can read ``xs`` ([B, H, N, D] each) where they lie: transposed
-    views of contiguous, aligned [B, N, H, D] tensors of dtype ``io`` (the kernels' own:
-    float32, float64, or bf16 on the CPU's bf16 micro-kernels; what an attention
-    layer passes after splitting its heads off the hidden dim), on a target whose kernels
-    have that variant (``Target.reads_heads_last``), unless ``MRA_COMPILE_HEADS_LAST`` is
-    "0" or the kernel libraries in use have no such variant (``library.has_heads_last``:
-    libraries built before they existed)."""
+    """Whether the kernels read ``xs`` ([B, H, N, D] each) as [B, N, H, D] tensors: those
+    that are transposed views of contiguous, aligned [B, N, H, D] tensors of dtype ``io``
+    (the kernels' own: float32, float64, or bf16 on the CPU's bf16 micro-kernels; what an
+    attention layer passes after splitting its heads off the hidden dim) where they lie,
+    the others through copies in that layout (``heads_last_copy``), where that copies
+    fewer of them than the kernels' own layout would (``padded``): e.g. ModernBERT's
+    value heads, a strided slice of its fused q, k, v projection beside a rotated query
+    and key that are such views. On a target whose kernels have that variant
+    (``Target.reads_heads_last``), unless ``MRA_COMPILE_HEADS_LAST`` is "0" or the kernel
+    libraries in use have no such variant (``library.has_heads_last``: libraries built
+    before they existed)."""
     if not target.reads_heads_last or os.environ.get(HEADS_LAST_ENV, "1") == "0":
         return False
     if (library.directories() or library.only()) and not library.has_heads_last():
         return False
     # (a tensor of one head is both: contiguous ones then read as [B, N, 1, D])
-    return (all(x.dtype == io and x.transpose(1, 2).is_contiguous()
-                and x.data_ptr() % ALIGNMENT == 0 for x in xs)
-            and not all(x.is_contiguous() for x in xs))
+    copies_as_is = sum(not (x.dtype == io and x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0)
+                       for x in xs)
+    return sum(not _lies_heads_last(x, io) for x in xs) < copies_as_is
+
+
+def _lies_heads_last(x, io) -> bool:
+    """Whether the kernels' heads-last variant reads ``x`` [B, H, N, D] where it lies."""
+    return x.dtype == io and x.transpose(1, 2).is_contiguous() and x.data_ptr() % ALIGNMENT == 0
+
+
+def heads_last_copy(x, dtype, name: str, target: Target) -> torch.Tensor:
+    """``x`` [B, H, N, D] as a contiguous [B, N, H, D] tensor of ``dtype``, in kept
+    workspace memory (``name``, as ``padded``'s copies) where the target reuses it."""
+    B, H, N, D = x.shape
+    if not target.reuses_workspace:
+        return x.transpose(1, 2).to(dtype).contiguous()
+    buf = WORKSPACE.get(f"{name}:{dtype}:heads_last", B, N, H, D, dtype=dtype, device=x.device,
+                        target=target)
+    return buf.copy_(x.transpose(1, 2))
 
 
 def _unmasked(Np: int, b: int, dt, dev, keep: bool):
@@ -344,14 +366,19 @@ def _unmasked(Np: int, b: int, dt, dev, keep: bool):
 
 
 def copied_inputs() -> dict:
-    """{address: (side, Np, Dp, dtype)}: this thread's scratch copies of q, k, v
-    ("q", "k", "v": ``padded``'s buffers "input_q:<dtype>", ...) in the shapes the last
-    call made them, by the address the kernels read them at."""
+    """{address: (side, Np, Dp, dtype, heads_last)}: this thread's scratch copies of q,
+    k, v ("q", "k", "v": ``padded``'s buffers "input_q:<dtype>", ..., [B*H, Np, Dp], and
+    ``heads_last_copy``'s, [B, N, H, D]: ``heads_last`` True) in the shapes the last call
+    made them, by the address the kernels read them at."""
     found = {}
     for key, (shape, view) in WORKSPACE.views.items():
         side = key.split(":", 1)[0].removeprefix("input_")
-        if key.startswith("input_") and side in ("q", "k", "v") and len(shape) == 3:
-            found[view.data_ptr()] = (side, shape[1], shape[2], view.dtype)
+        if not key.startswith("input_") or side not in ("q", "k", "v"):
+            continue
+        if len(shape) == 3:
+            found[view.data_ptr()] = (side, shape[1], shape[2], view.dtype, False)
+        elif len(shape) == 4 and key.endswith(":heads_last"):
+            found[view.data_ptr()] = (side, shape[1], shape[3], view.dtype, True)
     return found
 
 

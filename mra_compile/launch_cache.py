@@ -128,8 +128,9 @@ class _Plan:
     views: dict  # "q" / "k" / "v" / "out" -> (shape, dtype) of the kernels' view
     tails: dict[int, _Tail] = field(default_factory=dict)
     # Inputs the kernels read through a copy (``inputs.padded``: a partial last block, a
-    # head dim padded to 16, float16 in float32): name -> (Np, Dp, dtype, its address),
-    # made again by each call; and the kernels' output where the result is a copy of it
+    # head dim padded to 16, float16 in float32; ``inputs.heads_last_copy``: beside inputs
+    # read as [B, N, H, D] where they lie): name -> (Np, Dp, dtype, its address,
+    # heads_last), made again by each call; and the kernels' output where the result is a copy of it
     # (None: the kernels write the result itself).
     copies: dict = field(default_factory=dict)
     out_copy: torch.Tensor | None = None
@@ -207,8 +208,11 @@ def _replay(plan: _Plan, q, k, v, mask=None):
     else:
         out = written = inputs.result_tensor(tuple(q.shape), q.dtype, q.device, CPU)
     callers = dict(zip(_INPUTS, (q, k, v)))
-    for name, (Np, Dp, dtype, address) in plan.copies.items():
-        if inputs.padded(callers[name], Np, Dp, dtype, f"input_{name}", CPU).data_ptr() != address:
+    for name, (Np, Dp, dtype, address, heads_last) in plan.copies.items():
+        x, scratch = callers[name], f"input_{name}"
+        made = (inputs.heads_last_copy(x, dtype, scratch, CPU) if heads_last
+                else inputs.padded(x, Np, Dp, dtype, scratch, CPU))
+        if made.data_ptr() != address:
             return None  # (not where the plan's launches read it: go the usual way)
     native = _native(plan)
     if native:
@@ -326,10 +330,10 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
             if not isinstance(arg, torch.Tensor):
                 continue
             if name in callers and arg.data_ptr() in copied:  # (a copy of q, k or v)
-                side, Np, Dp, dtype = copied[arg.data_ptr()]
+                side, Np, Dp, dtype, heads_last = copied[arg.data_ptr()]
                 if side != name:
                     return None
-                copies[name] = (Np, Dp, dtype, arg.data_ptr())
+                copies[name] = (Np, Dp, dtype, arg.data_ptr(), heads_last)
                 continue
             if name == "out" and arg.data_ptr() != out.data_ptr():  # (the padded output)
                 if arg.untyped_storage().data_ptr() not in kept:

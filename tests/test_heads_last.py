@@ -150,3 +150,34 @@ def test_an_attention_layers_round_trip():
         assert merged.data_ptr() == out.data_ptr()
         assert torch.equal(merged, op(*(x.contiguous() for x in (q, k, v)), None, 3)
                            .transpose(1, 2).reshape(B, N, H * D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_projections_values_are_copied_beside_the_rest(dtype):
+    """ModernBERT's layout: q and k transposed views of [B, N, H, D] tensors (its rotary
+    embedding makes them new tensors), v a slice of the fused [B, N, 3, H, D] projection.
+    The kernels read q and k in place and a [B, N, H, D] copy of v (one copy instead of
+    three), first call and replays alike: the bits of the copy path, in the layer's
+    layout."""
+    from mra_compile import memory
+
+    B, N, H, D = 2, 256, 4, 64
+    fused = torch.randn(B, N, 3, H, D, generator=torch.Generator().manual_seed(9)).to(dtype)
+    q, k, v = (x.transpose(1, 2) for x in fused.unbind(2))
+    q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+    assert not v.transpose(1, 2).is_contiguous()
+    mra_compile.clear_workspace()
+    kw = dict(block_per_row=3, approx_mode="full")
+    micro = dtype == torch.float32 or cpu.bf16_products()
+    with torch.no_grad():
+        expected = copied(q, k, v, None, **kw)
+        out, flags = traced(q, k, v, None, **kw)
+        replays = [op(q, k, v, None, **kw) for _ in range(2)]
+    assert flags["hires_rows"] == micro
+    for x in (out, *replays):
+        assert torch.equal(x, expected)
+        assert_layout(x, micro)
+    if micro:
+        (plan,) = [p for p in memory.WORKSPACE.plans.values() if p is not None]
+        assert {name: c[-1] for name, c in plan.copies.items()} == {"v": True}
+        assert plan.transposed == {"q", "k", "out"}
