@@ -130,8 +130,8 @@ class _Plan:
     # Inputs the kernels read through a copy (``inputs.padded``: a partial last block, a
     # head dim padded to 16, float16 in float32; ``inputs.heads_last_copy``: beside inputs
     # read as [B, N, H, D] where they lie): name -> (Np, Dp, dtype, its address,
-    # heads_last), made again by each call; and the kernels' output where the result is a copy of it
-    # (None: the kernels write the result itself).
+    # heads_last), made again by each call; and the kernels' output where the result is a
+    # copy of it (None: the kernels write the result itself).
     copies: dict = field(default_factory=dict)
     out_copy: torch.Tensor | None = None
     # Its launches as C structures (``native_replay``), made on the first replay and
