@@ -17,9 +17,10 @@ the environment that picks kernels, knobs and memory limits. Calls whose launche
 q, k, v in place or through the scratch copies ``inputs.padded`` makes (a partial last
 block, a head dim padded to 16, float16 in float32, a non-contiguous or unaligned input:
 each replay makes them again; the transposed views attention layers pass are read where
-they lie where the kernels can, ``inputs.reads_heads_last``, their layout part of the
-signature), write
-the output in place or into scratch that the replay copies out, and whose other tensors
+they lie where the kernels can, ``inputs.reads_heads_last``, the others beside them
+through ``inputs.heads_last_copy``'s copies, their layout part of the signature), write
+the output in place (in the layer's layout where the kernels read it) or into scratch
+that the replay copies out, and whose other tensors
 are kept memory (the thread's workspace, ``memory.kept_constants``) get a plan; others
 keep a marker that sends them the usual way. A call with a key padding mask (no query
 mask) replays too: each replay checks the mask's values, writes the mask, its block
