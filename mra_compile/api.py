@@ -64,8 +64,8 @@ def mra_attention(
         ``[B, H, Nq, D]`` in q's dtype. Contiguous, except where q, k, v are transposed
         views of ``[B, N, H, D]`` tensors (as attention layers pass them) that a CPU
         inference call reads in place: the output is then such a view too, so that the
-        layer's transpose back to ``[B, N, H, D]`` is free (SDPA's CPU output can be
-        laid out so as well).
+        layer's transpose back to ``[B, N, H, D]`` is free (as
+        ``scaled_dot_product_attention``'s output on the CPU is, for such inputs).
 
     Raises:
         TypeError / ValueError naming the offending argument.
