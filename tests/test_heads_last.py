@@ -139,13 +139,14 @@ def test_other_inputs_are_copied(case):
 
 def test_an_attention_layers_round_trip():
     """What an attention layer does with the op: heads split off the hidden dim, the
-    output merged back into it (a view: no copy), as SDPA's would be, and the values
-    equal to the op on contiguous copies of the inputs."""
+    output merged back into it (a view: no copy), the output laid out as SDPA's for the
+    same inputs, and the values equal to the op on contiguous copies of the inputs."""
     B, N, H, D = 2, 256, 4, 32
     hidden = torch.randn(3, B, N, H * D, generator=torch.Generator().manual_seed(4))
     q, k, v = (x.view(B, N, H, D).transpose(1, 2) for x in hidden)
     with torch.no_grad():
         out = op(q, k, v, None, 3)
+        assert out.stride() == torch.nn.functional.scaled_dot_product_attention(q, k, v).stride()
         merged = out.transpose(1, 2).reshape(B, N, H * D)
         assert merged.data_ptr() == out.data_ptr()
         assert torch.equal(merged, op(*(x.contiguous() for x in (q, k, v)), None, 3)
