@@ -237,6 +237,25 @@ def test_encoders_match_reference(record, kind, case):
         check_call(call, mask.bool(), model.config)
 
 
+@pytest.mark.parametrize("kind", ["bert", "modernbert", "eurobert"])
+def test_encoders_tensors_are_read_where_they_lie(monkeypatch, kind):
+    """The layers' q, k, v (heads split off the hidden dim; ModernBERT's value a slice of
+    its fused projection; EuroBERT's grouped key/value heads) go to the kernels' heads-last
+    variant, padded batch and launch-cache replays included: the model's output is the
+    one of the op copying its inputs into its own layout, bit for bit."""
+    from mra_compile import build, inputs
+
+    model = make_model(kind, mra_block_per_row=2)
+    ids, mask = make_batch(3, 2, 256, [256, 161])  # whole blocks, D = 16
+    with build.trace_kernel_calls() as calls:
+        first = run(model, ids, mask)
+    assert {bool(c["static"].get("heads_last")) for c in calls if c["op"] == "hires_rows"} == {True}
+    replayed = run(model, ids, mask)
+    monkeypatch.setenv(inputs.HEADS_LAST_ENV, "0")
+    copied = run(model, ids, mask)
+    assert torch.equal(first, copied) and torch.equal(replayed, copied)
+
+
 @settings(max_examples=15, deadline=None)
 @given(seq_len=st.integers(1, 150), batch=st.integers(1, 3), data=st.data(),
        approx_mode=st.sampled_from(["full", "sparse"]), block_per_row=st.sampled_from([1, 2]),
