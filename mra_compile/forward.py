@@ -367,10 +367,11 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     # (no fresh pages to fault in).
     copied = N < Np or D < Dp or result != written
     shape = (R, n, opts.block_size, Dp)
-    if pr.heads_last and not copied:
-        # The kernels that read q, k, v as [B, N, H, D] write the output so too: the op
-        # returns its [B, H, N, D] view, which an attention layer's transpose back makes
-        # contiguous at no cost (``schedules/cpu.py``, ``_heads_last_output``).
+    # The kernels that read q, k, v as [B, N, H, D] write the output so too: the op
+    # returns its [B, H, N, D] view, which an attention layer's transpose back makes
+    # contiguous at no cost (``schedules/cpu.py``, ``_heads_last_output``).
+    heads_last = pr.heads_last and not copied
+    if heads_last:
         out = pr.result(B, n, opts.block_size, H, D, dtype=written)
     elif copied:
         out = pr.scratch("out", *shape, dtype=written)
@@ -382,7 +383,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
                       opts.full, knobs, out, stats, lr.work)
     if copied:  # (never hand out scratch)
         out = pr.result(B, H, N, D, dtype=result).copy_(out.view(B, H, Np, Dp)[:, :, :N, :D])
-    elif out.dim() == 5:
+    elif heads_last:
         out = out.view(B, N, H, D).transpose(1, 2)
     else:
         out = out.view(B, H, N, D)

@@ -51,6 +51,7 @@ def torch_single_threaded():
 ALIGNMENT = 64  # bytes: TVM's buffer alignment (torch's allocations are at least this)
 # "0": inputs in an attention layer's layout are copied into the kernels' own (``prepare``)
 HEADS_LAST_ENV = "MRA_COMPILE_HEADS_LAST"
+HEADS_LAST_COPY = ":heads_last"  # the suffix of ``heads_last_copy``'s scratch names
 
 
 def pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
@@ -332,14 +333,19 @@ def reads_heads_last(xs, io, target: Target) -> bool:
     if (library.directories() or library.only()) and not library.has_heads_last():
         return False
     # (a tensor of one head is both: contiguous ones then read as [B, N, 1, D])
-    copies_as_is = sum(not (x.dtype == io and x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0)
-                       for x in xs)
-    return sum(not _lies_heads_last(x, io) for x in xs) < copies_as_is
+    return (sum(not _lies_heads_last(x, io) for x in xs)
+            < sum(not _lies_as_is(x, io) for x in xs))
 
 
-def _lies_heads_last(x, io) -> bool:
+def _lies_as_is(x, dtype) -> bool:
+    """Whether the kernels read ``x`` [B, H, N, D] (whole blocks, a head dim of a multiple
+    of 16) where it lies: contiguous, aligned, of their dtype."""
+    return x.dtype == dtype and x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0
+
+
+def _lies_heads_last(x, dtype) -> bool:
     """Whether the kernels' heads-last variant reads ``x`` [B, H, N, D] where it lies."""
-    return x.dtype == io and x.transpose(1, 2).is_contiguous() and x.data_ptr() % ALIGNMENT == 0
+    return _lies_as_is(x.transpose(1, 2), dtype)
 
 
 def heads_last_copy(x, dtype, name: str, target: Target) -> torch.Tensor:
@@ -348,8 +354,8 @@ def heads_last_copy(x, dtype, name: str, target: Target) -> torch.Tensor:
     B, H, N, D = x.shape
     if not target.reuses_workspace:
         return x.transpose(1, 2).to(dtype).contiguous()
-    buf = WORKSPACE.get(f"{name}:{dtype}:heads_last", B, N, H, D, dtype=dtype, device=x.device,
-                        target=target)
+    buf = WORKSPACE.get(f"{name}:{dtype}{HEADS_LAST_COPY}", B, N, H, D, dtype=dtype,
+                        device=x.device, target=target)
     return buf.copy_(x.transpose(1, 2))
 
 
@@ -377,7 +383,7 @@ def copied_inputs() -> dict:
             continue
         if len(shape) == 3:
             found[view.data_ptr()] = (side, shape[1], shape[2], view.dtype, False)
-        elif len(shape) == 4 and key.endswith(":heads_last"):
+        elif len(shape) == 4 and key.endswith(HEADS_LAST_COPY):
             found[view.data_ptr()] = (side, shape[1], shape[3], view.dtype, True)
     return found
 
@@ -390,9 +396,8 @@ def padded(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tenso
     float16 forward's float32 copies of q, k, v at N = 8192 made it 50-53 ms instead of
     25 (the pages of a freed 25 MB tensor go back to the system and fault in again)."""
     B, H, N, D = x.shape
-    as_is = (x.dtype == dtype and (N, D) == (Np, Dp) and x.is_contiguous()
-             and x.data_ptr() % ALIGNMENT == 0)
-    if as_is:  # (one view: ``pad`` would make three calls of torch to return x)
+    # (one view: ``pad`` would make three calls of torch to return x)
+    if (N, D) == (Np, Dp) and _lies_as_is(x, dtype):
         return x.view(B * H, N, D)
     if not target.reuses_workspace:
         return pad(x, Np - N, Dp - D, dtype)
