@@ -77,19 +77,6 @@ def _intrinsics(D: int) -> tuple[str, str]:
                     C[vw, vt] = C[vw, vt] + widen(A[vw, vp * 2 + ve]) * widen(Q[vp, vt, ve])
 
     @T.prim_func(s_tir=True)
-    def qk_impl(a: T.handle, i: T.handle, q: T.handle, c: T.handle):
-        sa, sc = T.int32(), T.int32()
-        A = T.match_buffer(a, (b, D), I16, strides=[sa, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
-        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
-        C = T.match_buffer(c, (b, b), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(A[0:b, 0:D], Ix[0:1], Q[0:D // 2, 0:b, 0:2])
-            T.writes(C[0:b, 0:b])
-            T.evaluate(T.call_extern("int32", "mra_bf16_qk", A.access_ptr("r"), sa,
-                                     Q.access_ptr("r"), C.access_ptr("w"), sc, D))
-
-    @T.prim_func(s_tir=True)
     def pairs_desc(s: T.handle, q: T.handle):
         ss = T.int32()
         S = T.match_buffer(s, (b, D), I16, strides=[ss, 1], offset_factor=1)
@@ -102,21 +89,25 @@ def _intrinsics(D: int) -> tuple[str, str]:
                     vp, vt, ve = T.axis.remap("SSS", [p, t, e])
                     Q[vp, vt, ve] = S[vt, vp * 2 + ve]
 
-    @T.prim_func(s_tir=True)
-    def pairs_impl(s: T.handle, q: T.handle):
-        ss = T.int32()
-        S = T.match_buffer(s, (b, D), I16, strides=[ss, 1], offset_factor=1)
-        Q = T.match_buffer(q, (D // 2, b, 2), I16, offset_factor=1)
-        with T.sblock("root"):
-            T.reads(S[0:b, 0:D])
-            T.writes(Q[0:D // 2, 0:b, 0:2])
-            T.evaluate(T.call_extern("int32", "mra_bf16_pairs", S.access_ptr("r"), ss,
-                                     Q.access_ptr("w"), D))
+    def pairs_call(reads, writes):
+        (S,), (Q,) = reads, writes
+        return "mra_bf16_pairs", S.access_ptr("r"), S.strides[0], Q.access_ptr("w"), D
 
     names = (f"mra_bf16_qk_d{D}", f"mra_bf16_pairs_d{D}")
-    for name, desc, impl in zip(names, (qk_desc, pairs_desc), (qk_impl, pairs_impl)):
-        TensorIntrin.register(name, desc, impl)
+    for name, desc, call in zip(names, (qk_desc, pairs_desc), (_qk_call(D, 0), pairs_call)):
+        TensorIntrin.register(name, desc, extern_calls.called(desc, call))
     return names
+
+
+def _qk_call(D: int, row_dim: int):
+    """The call of ``mra_bf16_qk`` for a q k^T description whose key block's rows are
+    its dimension ``row_dim`` (``extern_calls.called``)."""
+    def call(reads, writes):
+        A, _, Q = reads
+        (C,) = writes
+        return ("mra_bf16_qk", A.access_ptr("r"), A.strides[row_dim], Q.access_ptr("r"),
+                C.access_ptr("w"), C.strides[0], D)
+    return call
 
 
 @functools.cache
@@ -151,14 +142,8 @@ def _heads_last_qk(D: int) -> str:
                         C[vw, vt] = T.float32(0)
                     C[vw, vt] = C[vw, vt] + widen(A[0, vw, 0, vp * 2 + ve]) * widen(Q[vp, vt, ve])
 
-    def call(reads, writes):  # (A's row stride: that of its second dimension)
-        A, _, Q = reads
-        (C,) = writes
-        return ("mra_bf16_qk", A.access_ptr("r"), A.strides[1], Q.access_ptr("r"),
-                C.access_ptr("w"), C.strides[0], D)
-
-    name = f"mra_bf16_qk_d{D}_heads_last"
-    TensorIntrin.register(name, desc, extern_calls.called(desc, call))
+    name = f"mra_bf16_qk_d{D}_heads_last"  # (A's row stride: that of its second dimension)
+    TensorIntrin.register(name, desc, extern_calls.called(desc, _qk_call(D, 1)))
     return name
 
 
@@ -214,19 +199,6 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
                     C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[vw, vd])
 
     @T.prim_func(s_tir=True)
-    def impl(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
-        sp, sv, sc = T.int32(), T.int32(), T.int32()
-        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
-        V = T.match_buffer(v, (b, D), I16, strides=[sv, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
-        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:b, 0:D])
-            T.writes(C[0:b, 0:D])
-            T.evaluate(T.call_extern("int32", extern, P.access_ptr("r"), sp,
-                                     V.access_ptr("r"), sv, C.access_ptr("rw"), sc, D))
-
-    @T.prim_func(s_tir=True)
     def gathered_desc(p: T.handle, v: T.handle, i: T.handle, j: T.handle, c: T.handle):
         sp, sv, sc = T.int32(), T.int32(), T.int32()
         P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
@@ -243,12 +215,6 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
                     T.reads(C[vt, vd], Ix[0], P[vw, vt], Jx[0], V[vw, vd])
                     T.writes(C[vt, vd])
                     C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[vw, vd])
-
-    def gathered_call(reads, writes):  # (TVMScript cannot state the extra index once
-        # for both the description and the implementation: the same buffers)
-        C, _, P, _, V = reads
-        return (extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"), V.strides[0],
-                C.access_ptr("rw"), C.strides[0], D)
 
     @T.prim_func(s_tir=True)
     def heads_last_desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
@@ -267,17 +233,13 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
                     T.writes(C[vt, vd])
                     C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[0, vw, 0, vd])
 
-    def heads_last_call(reads, writes):  # (V's row stride: that of its second dimension)
-        C, _, P, V = reads
-        return (extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"), V.strides[1],
-                C.access_ptr("rw"), C.strides[0], D)
+    def call(reads, writes):  # (C, the index, P, [the dS block's index,] V: the same
+        # buffers as the description's; V's row stride that of its key dimension)
+        C, P, V = reads[0], reads[2], reads[-1]
+        return (extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"),
+                V.strides[1 if heads_last else 0], C.access_ptr("rw"), C.strides[0], D)
 
+    chosen = heads_last_desc if heads_last else gathered_desc if gathered else desc
     name = f"{extern}_d{D}" + ("_gathered" if gathered else "") + ("_heads_last" if heads_last else "")
-    if heads_last:
-        TensorIntrin.register(name, heads_last_desc,
-                              extern_calls.called(heads_last_desc, heads_last_call))
-    elif gathered:
-        TensorIntrin.register(name, gathered_desc, extern_calls.called(gathered_desc, gathered_call))
-    else:
-        TensorIntrin.register(name, desc, impl)
+    TensorIntrin.register(name, chosen, extern_calls.called(chosen, call))
     return name

@@ -53,8 +53,6 @@ def store_intrinsic(b: int, D: int, dtype: str = "float32", heads_last: bool = F
     head dim ``D`` (registered once): a call of ``EXTERNS[dtype]``. ``heads_last``: the
     output is [B, n, b, H, D] (an attention layer's [B, N, H, D]), whose block row is a
     [1, 1, b, 1, D] region, its rows H D apart."""
-    if heads_last:
-        return _heads_last_store(b, D, dtype)
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
@@ -79,37 +77,7 @@ def store_intrinsic(b: int, D: int, dtype: str = "float32", heads_last: bool = F
                     O[vt, vd] = value(S[vt, vd])
 
     @T.prim_func(s_tir=True)
-    def impl(s: T.handle, o: T.handle):
-        ss, so = T.int32(), T.int32()
-        S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
-        O = T.match_buffer(o, (b, D), dtype, strides=[so, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(S[0:b, 0:D])
-            T.writes(O[0:b, 0:D])
-            T.evaluate(T.call_extern("int32", extern, S.access_ptr("r"), ss,
-                                     O.access_ptr("w"), so, b, D))
-
-    name = f"{extern}_b{b}_d{D}"
-    TensorIntrin.register(name, desc, impl)
-    return name
-
-
-@functools.cache
-def _heads_last_store(b: int, D: int, dtype: str) -> str:
-    """``store_intrinsic``'s heads-last variant: the same call, the row stride that of the
-    output's token dimension."""
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-
-    from mra_compile.operators import bf16_narrow
-
-    F32, extern = "float32", EXTERNS[dtype]
-
-    def value(x):
-        return x if dtype == F32 else bf16_narrow(x)
-
-    @T.prim_func(s_tir=True)
-    def desc(s: T.handle, o: T.handle):
+    def heads_last_desc(s: T.handle, o: T.handle):
         ss, s0, s1, so, s3 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         S = T.match_buffer(s, (b, D), F32, strides=[ss, 1], offset_factor=1)
         O = T.match_buffer(o, (1, 1, b, 1, D), dtype, strides=[s0, s1, so, s3, 1],
@@ -122,11 +90,12 @@ def _heads_last_store(b: int, D: int, dtype: str) -> str:
                     vt, vd = T.axis.remap("SS", [t, d])
                     O[0, 0, vt, 0, vd] = value(S[vt, vd])
 
-    def call(reads, writes):
-        (S,) = reads
-        (O,) = writes
-        return (extern, S.access_ptr("r"), S.strides[0], O.access_ptr("w"), O.strides[2], b, D)
+    def call(reads, writes):  # (O's row stride: that of its token dimension)
+        (S,), (O,) = reads, writes
+        return (extern, S.access_ptr("r"), S.strides[0], O.access_ptr("w"),
+                O.strides[2 if heads_last else 0], b, D)
 
-    name = f"{extern}_b{b}_d{D}_heads_last"
-    TensorIntrin.register(name, desc, extern_calls.called(desc, call))
+    chosen = heads_last_desc if heads_last else desc
+    name = f"{extern}_b{b}_d{D}" + ("_heads_last" if heads_last else "")
+    TensorIntrin.register(name, chosen, extern_calls.called(chosen, call))
     return name
