@@ -43,7 +43,7 @@ def _input(block, name: str):
     return next(r.source for r in block.reads if getattr(r.source, "name", None) == name)
 
 
-def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_factor") -> None:
+def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str) -> None:
     """Skip the work of a unit's empty block slots (index -1 in input ``slots``,
     [R, units, C]): a row's own unit, or an overflow unit, often has fewer blocks than
     slots, and padding units have none.
@@ -60,7 +60,7 @@ def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str = "key_fac
         _guard(sch, slot_loop, index[unit // units, unit % units, first // b] >= 0)
 
 
-def _slot_table(sch, slots: str, factor: str = "key_factor"):
+def _slot_table(sch, slots: str, factor: str):
     """(index, units, C, b): input ``slots`` [R, units, C] (each unit's key block per
     slot, -1 where empty) as the unit's per-token ``factor`` stage reads it, and the
     tokens of a slot (that stage spans the C * b slot tokens)."""
@@ -141,7 +141,7 @@ QUERY_ROWS_PER_TILE = 8
 L1_TILES_AHEAD = 2
 
 
-def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str = "key_factor",
+def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str,
                         shared: bool = True, queries=None, spread=None, near=None) -> None:
     """Ask for the key and value blocks of the next unit (its slots in input ``slots``,
     [R, units, C]) to be brought into L2 (``llvm.prefetch``) while this one computes.
@@ -320,9 +320,9 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     for name in ("logit", "k_g", "v_g", "prob_io"):
         sch.compute_inline(sch.get_sblock(name))
     queries = ("q_t", "q_s")
-    stages: tuple[str, ...] = ("prob", "dots", *queries, "key_factor")
+    stages: tuple[str, ...] = ("prob", "dots", *queries, "key_cap")
     if not outputs_placed:
-        stages = ("prob", "unit_max", "dots", *queries, "key_factor")
+        stages = ("prob", "unit_max", "dots", *queries, "key_cap")
     for name in stages:
         sch.compute_at(sch.get_sblock(name), loop)
 
@@ -351,8 +351,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     sch.reorder(key_i, t_o)
     sch.unroll(key_i)
     sch.unroll(t_o)
-    # The keys' factors: b contiguous mask values per filled slot, in vectors.
-    factor_slot, factor_key = sch.split(sch.get_loops(sch.get_sblock("key_factor"))[-1],
+    # The keys' caps: b contiguous values per filled slot, in vectors.
+    factor_slot, factor_key = sch.split(sch.get_loops(sch.get_sblock("key_cap"))[-1],
                                         [None, b])
     sch.vectorize(sch.split(factor_key, [None, vec])[1])
     # q_s [b, D] in vectors; then q_t: [D/2, b, 2] by the micro-kernel, or [D, b] by the
@@ -369,7 +369,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
         sch.decompose_reduction(sch.get_sblock(name), loop_)
     _skip_empty_slots(sch, loop, slots, {w_o: w_tokens, prob_slot: b, factor_slot: b,
                                          key_loops["unit_max"]: b, key_loops["unit_sum"]: b,
-                                         slot: b})
+                                         slot: b}, "key_cap")
     q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
     if not micro:
         _prefetch_next_slot(sch, loop, slot, pv_tile, slots, kv[1])
@@ -377,7 +377,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
         spread = (key_pair, 2, sch.get(prob_slot).loop_var * b + sch.get(key_pair).loop_var * 2)
     else:
         spread = (w_o, w_tokens, sch.get(w_o).loop_var * w_tokens)
-    _prefetch_next_unit(sch, loop, slots, kv, queries=q, spread=spread,
+    _prefetch_next_unit(sch, loop, slots, kv, "key_cap", queries=q, spread=spread,
                         near=(w_o, w_tokens, 1 if micro else L1_TILES_AHEAD))
 
 
@@ -407,7 +407,7 @@ def _prefetch_next_slot(sch, loop, slot_loop, tile_loop, slots: str, buf) -> Non
     Applied last (like ``_guard``)."""
     from tvm import tirx
 
-    index, units, C, b = _slot_table(sch, slots)
+    index, units, C, b = _slot_table(sch, slots, "key_cap")
     unit = sch.get(loop).loop_var
     nxt_slot = sch.get(slot_loop).loop_var + 1
     nxt = index[unit // units, unit % units, nxt_slot]

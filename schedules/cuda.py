@@ -471,7 +471,7 @@ def hires_units(sch, *, threads, blocks_per_unit, tensor_cores, vector_bytes, sp
                      a_transposed=_probabilities_key_major(sch, tensor_cores))
     per_unit(sch, ("unit_max", "unit_out", "unit_sum"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
-    _apart(sch, ("key_factor",))
+    _apart(sch, ("key_cap",))
     skip_padding_units(sch, "unit_row")
     return sch
 
@@ -494,7 +494,7 @@ def hires_rows(sch, *, threads, row_unit_blocks, tensor_cores, vector_bytes,
                      a_transposed=_probabilities_key_major(sch, tensor_cores))
     per_unit(sch, ("out", "stab", "lo_w", "inv_z"), 2, threads, custom=custom,
              copies=("k_g", "v_g"), vector_bytes=vector_bytes)
-    _apart(sch, ("key_factor",) + HIRES_ROWS_TOKENS)
+    _apart(sch, ("key_cap",) + HIRES_ROWS_TOKENS)
     bound_reductions(sch, ("ov_stab", "ov_z", "ov_o"), "ov_units", "ucap")
     return sch
 

@@ -13,26 +13,31 @@ from mra_compile import operators
 
 
 @functools.cache
-def _compiled(rounded: bool):
+def _compiled(rounded: bool, capped: bool = False):
     import tvm
     from tvm import te
 
     n = te.var("n")
     x = te.placeholder((n,), "float32", "x")
+    cap = te.placeholder((n,), "float32", "cap")  # (a key's cap, as the units pass it)
     if rounded:  # (as the bf16 units call it: the factor log2(e) in their own multiply)
-        y = te.compute((n,), lambda i: operators._exp2_rounded(x[i] * operators.LOG2_E), name="y")
+        y = te.compute((n,), lambda i: operators._exp2_rounded(
+            x[i] * operators.LOG2_E, cap[i] if capped else None), name="y")
     else:
-        y = te.compute((n,), lambda i: operators._exp(x[i] + 0.0), name="y")
-    return tvm.compile(te.create_prim_func([x, y]), target="llvm")
+        y = te.compute((n,), lambda i: operators._exp(x[i] + 0.0, cap[i] if capped else None),
+                       name="y")
+    return tvm.compile(te.create_prim_func([x, cap, y]), target="llvm")
 
 
-def _exp(values, rounded: bool = False) -> np.ndarray:
-    """``operators._exp`` of ``values``, or (``rounded``) the bf16 units' exp."""
+def _exp(values, rounded: bool = False, cap=None) -> np.ndarray:
+    """``operators._exp`` of ``values``, or (``rounded``) the bf16 units' exp; with ``cap``
+    (one per value) as the units' key caps."""
     import tvm
 
     x = np.ascontiguousarray(values, dtype=np.float32)
+    caps = np.zeros_like(x) if cap is None else np.ascontiguousarray(cap, dtype=np.float32)
     out = tvm.runtime.tensor(np.empty_like(x))
-    _compiled(rounded)(tvm.runtime.tensor(x), out)
+    _compiled(rounded, cap is not None)(tvm.runtime.tensor(x), tvm.runtime.tensor(caps), out)
     return out.numpy()
 
 
@@ -80,3 +85,25 @@ def test_the_exp_of_probabilities_rounded_to_bf16():
     assert err.max() < 1.1e-4 and err.max() * 16 < 2.0 ** -9
     y = _exp(np.array([0.0, -88.1, -1e4, -np.inf, np.nan, np.inf, 1e4], np.float32), True)
     assert y[0] == 1.0 and (y[1:4] == 0.0).all() and np.isfinite(y[4:]).all()
+
+
+EXTREMES = [0.0, -0.0, 1.0, -1.0, -87.7, -88.1, -1e4, 1e4, -np.inf, np.inf, np.nan, 3e38]
+
+
+def test_a_key_capped_below_gives_exactly_zero_whatever_its_logit():
+    # (the units' masked keys and empty slots: key_cap = -cap, in place of a 0/1 factor)
+    x = np.array(EXTREMES, np.float32)
+    for rounded, cap in ((False, operators.EXP_CAP), (True, operators.EXP2_CAP)):
+        got = _exp(x, rounded, np.full_like(x, -cap))
+        assert (got == 0.0).all() and not np.signbit(got).any(), (rounded, got)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64))
+def test_a_key_capped_above_gives_the_plain_exp(xs):
+    # (real keys: key_cap = +cap, the plain exp's own clamp: the same bits)
+    x = np.array(xs + EXTREMES, np.float32)
+    for rounded, cap in ((False, operators.EXP_CAP), (True, operators.EXP2_CAP)):
+        want = _exp(x, rounded)
+        got = _exp(x, rounded, np.full_like(x, cap))
+        assert np.array_equal(got.view(np.int32), want.view(np.int32)), rounded
