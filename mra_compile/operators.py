@@ -192,7 +192,8 @@ def _masked_row(x, factor, scale, io: str, dt: str, scaled_after: bool):
 
 def _only(factor, e, rest=lambda e: e):
     """``rest(e)`` (default: e) where the 0/1 ``factor`` is 1, exactly 0 where it is 0 (``e``: an
-    ``_exp``; the forward's P and the backward's P and dS). float32: ``rest(e * factor)``,
+    ``_exp``; the backward's P and dS: the forward's units cap the exp instead,
+    ``_unit_attention``'s ``key_cap``). float32: ``rest(e * factor)``,
     no branch: ``_exp`` is finite whatever its argument, so ``e * 0`` is an exact 0 and
     every later factor (finite: the inputs' padding is replaced by selection) keeps it 0;
     a selection had cost a branch per key in the forward's loops and, in the backward,
