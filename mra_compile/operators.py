@@ -39,8 +39,8 @@ def _exp(x, cap=None):
     """exp(x) for a float expression, written out so that LLVM vectorises it.
 
     ``cap`` (``EXP_CAP`` or -``EXP_CAP``, per key: ``_unit_attention``'s ``key_cap``):
-    the upper clamp in place of 88, so that -``EXP_CAP`` gives exactly 0 (below), NaN
-    included; float64: exp(x) where ``cap`` > 0, else 0.
+    the upper clamp in place of 88; -``EXP_CAP`` clamps every argument, NaN included,
+    to -88, whose exp is exactly 0 (below). float64: exp(x) where ``cap`` > 0, else 0.
 
     (llvm's expf is a scalar libm call per lane.) float32: range reduction
     x = k ln2 + r with |r| <= ln2/2, a degree-5 polynomial for exp(r) and 2^k built in
@@ -102,8 +102,8 @@ def _exp2_rounded(y, cap=None):
     degree 3, 0.97x with this (N = 8192, sparse; Zen 4, in-process A/B); the loop is not
     bound by the FMAs alone: evaluating the polynomial in two halves to shorten each
     vector's chain of dependent operations gained nothing (1.005x). The same clamp:
-    finite for any argument, exactly 0 below -127 (e^-88), so a factor 0 still gives an
-    exact 0. ``cap`` as ``_exp``'s, in units of y: ``EXP2_CAP`` or -``EXP2_CAP``."""
+    finite for any argument, exactly 0 at -127 (e^-88). ``cap`` as ``_exp``'s, in units
+    of y: ``EXP2_CAP`` or -``EXP2_CAP`` (exactly 0 for any argument)."""
     yv, tv = (tirx.Var(name, F32) for name in ("exp2_y", "exp2_t"))
     upper = tirx.const(EXP2_CAP, F32) if cap is None else cap
     clamped = te.max(te.min(y, upper), tirx.const(-EXP2_CAP, F32))
