@@ -43,7 +43,7 @@ def _input(block, name: str):
     return next(r.source for r in block.reads if getattr(r.source, "name", None) == name)
 
 
-def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str) -> None:
+def _skip_empty_slots(sch, loop, slots: str, loops: dict, per_token: str) -> None:
     """Skip the work of a unit's empty block slots (index -1 in input ``slots``,
     [R, units, C]): a row's own unit, or an overflow unit, often has fewer blocks than
     slots, and padding units have none.
@@ -51,20 +51,22 @@ def _skip_empty_slots(sch, loop, slots: str, loops: dict, factor: str) -> None:
     ``loop``: the fused (row, unit) loop. ``loops``: {loop: tokens per iteration} of loops
     over the unit's slot tokens (a slot is b consecutive tokens) whose whole bodies may be
     skipped. Their results for empty slots are then never written: what reads them
-    selects by the slot's validity, or is itself guarded here. ``factor``: the unit's
-    per-token factor stage (it reads ``slots`` and spans the C * b slot tokens)."""
-    index, units, C, b = _slot_table(sch, slots, factor)
+    selects by the slot's validity, or is itself guarded here. ``per_token``: the unit's
+    per-token stage that reads ``slots`` and spans the C * b slot tokens (the forward's
+    ``key_cap``, the backward's factor)."""
+    index, units, C, b = _slot_table(sch, slots, per_token)
     unit = sch.get(loop).loop_var  # the fused (row, unit) loop: row-major
     for slot_loop, tokens in loops.items():
         first = sch.get(slot_loop).loop_var * tokens
         _guard(sch, slot_loop, index[unit // units, unit % units, first // b] >= 0)
 
 
-def _slot_table(sch, slots: str, factor: str):
+def _slot_table(sch, slots: str, per_token: str):
     """(index, units, C, b): input ``slots`` [R, units, C] (each unit's key block per
-    slot, -1 where empty) as the unit's per-token ``factor`` stage reads it, and the
-    tokens of a slot (that stage spans the C * b slot tokens)."""
-    block = sch.get(sch.get_sblock(factor))
+    slot, -1 where empty) as the unit's ``per_token`` stage reads it
+    (``_skip_empty_slots``), and the tokens of a slot (that stage spans the C * b slot
+    tokens)."""
+    block = sch.get(sch.get_sblock(per_token))
     index = _input(block, slots)
     units, C = index.shape[1], index.shape[2]
     return index, units, C, block.iter_vars[-1].dom.extent // C
@@ -141,7 +143,7 @@ QUERY_ROWS_PER_TILE = 8
 L1_TILES_AHEAD = 2
 
 
-def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str,
+def _prefetch_next_unit(sch, loop, slots: str, kv, per_token: str,
                         shared: bool = True, queries=None, spread=None, near=None) -> None:
     """Ask for the key and value blocks of the next unit (its slots in input ``slots``,
     [R, units, C]) to be brought into L2 (``llvm.prefetch``) while this one computes.
@@ -193,7 +195,7 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, factor: str,
     Applied last (like ``_guard``)."""
     from tvm import tirx
 
-    index, units, C, b = _slot_table(sch, slots, factor)
+    index, units, C, b = _slot_table(sch, slots, per_token)
     k, v = kv
     loop_var = sch.get(loop).loop_var
     nxt = loop_var + 1
@@ -352,9 +354,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     sch.unroll(key_i)
     sch.unroll(t_o)
     # The keys' caps: b contiguous values per filled slot, in vectors.
-    factor_slot, factor_key = sch.split(sch.get_loops(sch.get_sblock("key_cap"))[-1],
-                                        [None, b])
-    sch.vectorize(sch.split(factor_key, [None, vec])[1])
+    cap_slot, cap_key = sch.split(sch.get_loops(sch.get_sblock("key_cap"))[-1], [None, b])
+    sch.vectorize(sch.split(cap_key, [None, vec])[1])
     # q_s [b, D] in vectors; then q_t: [D/2, b, 2] by the micro-kernel, or [D, b] by the
     # shuffle transpose (a plain strided gather where b or D is not a multiple of 16).
     if micro:
@@ -367,7 +368,7 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
         sch.decompose_reduction(sch.get_sblock("dots"), d_)
     for name, loop_ in key_loops.items():
         sch.decompose_reduction(sch.get_sblock(name), loop_)
-    _skip_empty_slots(sch, loop, slots, {w_o: w_tokens, prob_slot: b, factor_slot: b,
+    _skip_empty_slots(sch, loop, slots, {w_o: w_tokens, prob_slot: b, cap_slot: b,
                                          key_loops["unit_max"]: b, key_loops["unit_sum"]: b,
                                          slot: b}, "key_cap")
     q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
@@ -931,10 +932,10 @@ def _bwd_units(sch, *, vec, rows, out_rows, out_cols, gathers, outputs, elementw
     for x in kept:  # each slot's [b, b], transposed
         guarded[sch.get_loops(sch.get_sblock(f"{x}_blocks"))[-3]] = b
         _transposed(sch, f"{x}_blocks", vec, b)
-    _skip_empty_slots(sch, ru, slots, guarded, factor=factor)
+    _skip_empty_slots(sch, ru, slots, guarded, factor)
     # (bf16 up front, before the spread: at N = 8192, on the units of the time, dq's
     # 12.0-12.6 -> 11.2-11.7 ms, dk/dv's ~4%)
-    _prefetch_next_unit(sch, ru, slots, rows_read, factor=factor, shared=shared_rows,
+    _prefetch_next_unit(sch, ru, slots, rows_read, factor, shared=shared_rows,
                         spread=spread)
     return sch
 
