@@ -472,8 +472,8 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # a real key of a filled slot, minus it (an exact 0) for the others (the mask is 0 or
     # 1; a key counts as real where it is above 0.5). The zeros of a selection without a
     # branch per key, and without the multiply by a 0/1 factor it replaced (one of ~11
-    # vector operations of each exp: hires_rows 0.99x the time, N = 8192; Zen 4,
-    # in-process A/B).
+    # vector operations of each exp: hires_rows 0.985x the time in bf16, 0.991-1.003x in
+    # float32, N = 8192; Zen 4, in-process A/B).
     cap = EXP2_CAP if micro == MICRO[0] else EXP_CAP
     key_cap = te.compute(
         (*domain, W),
