@@ -13,7 +13,10 @@ each intrinsic's description is the operator's own stage on one key block (P V r
 probabilities in float32, key-major as the kernel computes them, and rounds them itself:
 ``prob_io`` is inlined into it). Each also
 reads the block's index (the key block's position comes from ``unit_cols``/``row_cols``):
-that read is in the description so that the two match.
+that read is in the description so that the two match. The forward's P v is one call
+for all of a unit's key blocks instead (``slots_pv``: its value rows gathered through
+the slot table inside the description, which tensorize cannot match; the schedule puts
+the call in place itself, checking the regions).
 """
 from __future__ import annotations
 
@@ -37,13 +40,12 @@ def objects() -> list[str]:
 
 
 def intrinsics(D: int, heads_last: bool = False) -> tuple[str, str, str]:
-    """The names of the q k^T, P v and query-pairing intrinsics for head dim ``D``
-    (registered once). ``heads_last``: k and v are [B, N, H, D] inputs, whose key
-    blocks are [1, b, 1, D] regions (``_heads_last_qk``)."""
+    """The names of the q k^T, P v (one key block) and query-pairing intrinsics for head
+    dim ``D`` (registered once). ``heads_last``: k is a [B, N, H, D] input, whose key
+    blocks are [1, b, 1, D] regions (``_heads_last_qk``); the forward's P v is then
+    ``slots_pv``, and the P v named is the backward's (its inputs are never so)."""
     qk, pairs = _intrinsics(D)
-    if heads_last:
-        return _heads_last_qk(D), _pv_intrinsic(D, rounded=True, heads_last=True), pairs
-    return qk, _pv_intrinsic(D, rounded=True), pairs
+    return _heads_last_qk(D) if heads_last else qk, _pv_intrinsic(D, rounded=True), pairs
 
 
 @functools.cache
@@ -147,6 +149,80 @@ def _heads_last_qk(D: int) -> str:
     return name
 
 
+def slots_pv(D: int, C: int, tokens, heads_last: bool = False):
+    """P v of a whole unit (its ``C`` key-block slots; P rounded) for head dim ``D``, as
+    the call of ``mra_bf16_pv_slots`` (``extern_calls.called``; ``schedules/cpu.py``'s
+    ``_called`` puts it in place), which reads the slots' indices and skips the empty
+    ones (-1), writing the unit's [b, D] sums. The description is
+    the operator's own stage over the W = C b keys, the value rows gathered through the
+    slot table (``operators._unit_attention``'s ``key_token``: the block index clamped
+    at 0), and its init: the call writes every value; it reads all ``tokens`` rows of v
+    (the kernel's own length variable). Not a registered intrinsic: tensorize compares
+    the rows' index against the block's as plain expressions, and the two read their
+    slot tables through different buffers. ``heads_last``: v a [B, N, H, D] input, its
+    rows a [1, N, 1, D] region."""
+    from tvm.script import tirx as T
+
+    from mra_compile.operators import BF16_BITS as I16
+    from mra_compile.operators import bf16_narrow as narrow
+    from mra_compile.operators import bf16_widen as widen
+
+    b, F32 = BLOCK, "float32"
+    W = C * b
+    n = tokens  # (captured by the descriptions: the kernel's variable)
+
+    @T.prim_func(s_tir=True, check_well_formed=False)  # (n: the kernel's own)
+    def desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
+        sp, sv, sc = T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (W, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (n, D), I16, strides=[sv, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (C,), "int32", offset_factor=1)
+        O = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(Ix[0:C], P[0:W, 0:b], V[0:n, 0:D])
+            T.writes(O[0:b, 0:D])
+            for t, d, w in T.grid(b, D, W):
+                with T.sblock("update"):
+                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
+                    T.reads(O[vt, vd], Ix[vw // b], P[vw, vt],
+                            V[T.max(Ix[vw // b], 0) * b + vw % b, vd])
+                    T.writes(O[vt, vd])
+                    with T.init():
+                        O[vt, vd] = T.float32(0)
+                    O[vt, vd] = O[vt, vd] + widen(narrow(P[vw, vt])) * widen(
+                        V[T.max(Ix[vw // b], 0) * b + vw % b, vd])
+
+    @T.prim_func(s_tir=True, check_well_formed=False)  # (n: the kernel's own)
+    def heads_last_desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
+        sp, s0, sv, s2, sc = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        P = T.match_buffer(p, (W, b), F32, strides=[sp, 1], offset_factor=1)
+        V = T.match_buffer(v, (1, n, 1, D), I16, strides=[s0, sv, s2, 1], offset_factor=1)
+        Ix = T.match_buffer(i, (C,), "int32", offset_factor=1)
+        O = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(Ix[0:C], P[0:W, 0:b], V[0:1, 0:n, 0:1, 0:D])
+            T.writes(O[0:b, 0:D])
+            for t, d, w in T.grid(b, D, W):
+                with T.sblock("update"):
+                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
+                    T.reads(O[vt, vd], Ix[vw // b], P[vw, vt],
+                            V[0, T.max(Ix[vw // b], 0) * b + vw % b, 0, vd])
+                    T.writes(O[vt, vd])
+                    with T.init():
+                        O[vt, vd] = T.float32(0)
+                    O[vt, vd] = O[vt, vd] + widen(narrow(P[vw, vt])) * widen(
+                        V[0, T.max(Ix[vw // b], 0) * b + vw % b, 0, vd])
+
+    def call(reads, writes):  # (the index, P, V; V's row stride that of its key dimension)
+        Ix, P, V = reads
+        (O,) = writes
+        return ("mra_bf16_pv_slots", P.access_ptr("r"), P.strides[0], V.access_ptr("r"),
+                V.strides[1 if heads_last else 0], Ix.access_ptr("r"), C,
+                O.access_ptr("w"), O.strides[0], D)
+
+    return extern_calls.called(heads_last_desc if heads_last else desc, call)
+
+
 def float32_pv_intrinsic(D: int) -> str:
     """The name of the P v intrinsic that keeps P in float32 (float32 FMAs over the
     widened bf16 v: ``mra_bf16_pv_f32``) for head dim ``D`` (registered once)."""
@@ -161,13 +237,11 @@ def gathered_pv_intrinsic(D: int) -> str:
 
 
 @functools.cache
-def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
-                  heads_last: bool = False) -> str:
+def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False) -> str:
     """The P v intrinsic of one key block for head dim ``D`` (registered once): P, the
     float32 probabilities key-major, rounded to bf16 in the call (``mra_bf16_pv``) or not
     (``rounded=False``: ``mra_bf16_pv_f32``); v as bf16 bits; float32 sums. ``gathered``:
-    the description reads a second index after P (``gathered_pv_intrinsic``);
-    ``heads_last``: v's block a [1, b, 1, D] region of a [B, N, H, D] input."""
+    the description reads a second index after P (``gathered_pv_intrinsic``)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
@@ -216,30 +290,13 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False,
                     T.writes(C[vt, vd])
                     C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[vw, vd])
 
-    @T.prim_func(s_tir=True)
-    def heads_last_desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
-        sp, s0, sv, s2, sc = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        P = T.match_buffer(p, (b, b), F32, strides=[sp, 1], offset_factor=1)
-        V = T.match_buffer(v, (1, b, 1, D), I16, strides=[s0, sv, s2, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (1,), "int32", offset_factor=1)
-        C = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:b, 0:D], Ix[0:1], P[0:b, 0:b], V[0:1, 0:b, 0:1, 0:D])
-            T.writes(C[0:b, 0:D])
-            for t, d, w in T.grid(b, D, b):
-                with T.sblock("update"):
-                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
-                    T.reads(C[vt, vd], Ix[0], P[vw, vt], V[0, vw, 0, vd])
-                    T.writes(C[vt, vd])
-                    C[vt, vd] = C[vt, vd] + prob(P[vw, vt]) * widen(V[0, vw, 0, vd])
-
     def call(reads, writes):  # (C, the index, P, [the dS block's index,] V: the same
-        # buffers as the description's; V's row stride that of its key dimension)
+        # buffers as the description's)
         C, P, V = reads[0], reads[2], reads[-1]
-        return (extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"),
-                V.strides[1 if heads_last else 0], C.access_ptr("rw"), C.strides[0], D)
+        return (extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"), V.strides[0],
+                C.access_ptr("rw"), C.strides[0], D)
 
-    chosen = heads_last_desc if heads_last else gathered_desc if gathered else desc
-    name = f"{extern}_d{D}" + ("_gathered" if gathered else "") + ("_heads_last" if heads_last else "")
+    chosen = gathered_desc if gathered else desc
+    name = f"{extern}_d{D}" + ("_gathered" if gathered else "")
     TensorIntrin.register(name, chosen, extern_calls.called(chosen, call))
     return name

@@ -307,3 +307,58 @@ def test_the_queries_pairing_is_a_transpose_of_pairs(pairs_function, pairs, pad,
     want = q[:, :D].contiguous().view(torch.int32).t()  # [pairs, 32]
     assert torch.equal(qp, want)
 
+
+
+@pytest.fixture(scope="module")
+def pv_functions(tmp_path_factory):
+    """``mra_bf16_pv_slots`` (a unit's P v in one call) and ``mra_bf16_pv`` (one key block),
+    through ctypes, built once for the drawn examples."""
+    from mra_compile.schedules import cpu_bf16
+
+    lib = tmp_path_factory.mktemp("pv")
+    return tuple(c_function(lib, cpu_bf16.SOURCE, cpu_bf16.FLAGS, name)
+                 for name in ("mra_bf16_pv_slots", "mra_bf16_pv"))
+
+
+@needs_bf16
+@settings(max_examples=30, deadline=None)
+@given(vectors=st.integers(1, 16), slots=st.integers(1, 12), tokens=st.integers(1, 20),
+       pads=st.tuples(*(st.sampled_from([0, 16]) for _ in range(3))),
+       empty=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+@example(vectors=4, slots=4, tokens=8, pads=(0, 0, 0), empty=0.0, seed=0)  # D = 64, one group
+@example(vectors=8, slots=12, tokens=12, pads=(16, 0, 16), empty=0.3, seed=1)  # three groups
+@example(vectors=3, slots=5, tokens=6, pads=(0, 16, 0), empty=1.0, seed=2)  # every slot empty
+def test_a_units_p_v_is_its_blocks_p_v_in_order(pv_functions, vectors, slots, tokens, pads,
+                                                empty, seed):
+    # mra_bf16_pv_slots (hires_rows' and hires_units' P v, all of a unit's slots in one
+    # call, empty slots -1 skipped) against mra_bf16_pv called slot after slot onto zeros,
+    # bit for bit (the same sums in the same order: groups of blocks, dims paired by
+    # unpacks and put back in order), and against float64 sums of the bf16-rounded P and
+    # v. D = 16 * vectors (tails of 1-3 vectors past a multiple of 64 included), row
+    # strides of P, v and out padded.
+    import ctypes
+
+    slots_pv, block_pv = pv_functions
+    D = 16 * vectors
+    ldp, ldv, ldo = 32 + pads[0], D + pads[1], D + pads[2]
+    g = torch.Generator().manual_seed(seed)
+    P = torch.rand(slots * 32, ldp, generator=g)
+    v = (torch.randn(tokens * 32, ldv, generator=g) * 3).bfloat16()
+    cols = torch.randint(0, tokens, (slots,), generator=g, dtype=torch.int32)
+    cols[torch.rand(slots, generator=g) < empty] = -1
+    got = torch.full((32, ldo), float("nan"))
+    slots_pv(ctypes.c_void_p(P.data_ptr()), ldp, ctypes.c_void_p(v.data_ptr()), ldv,
+             ctypes.c_void_p(cols.data_ptr()), slots, ctypes.c_void_p(got.data_ptr()), ldo, D)
+    each = torch.zeros(32, ldo)
+    for c in range(slots):
+        if cols[c] >= 0:
+            block_pv(ctypes.c_void_p(P[32 * c:].data_ptr()), ldp,
+                     ctypes.c_void_p(v[32 * int(cols[c]):].data_ptr()), ldv,
+                     ctypes.c_void_p(each.data_ptr()), ldo, D)
+    assert torch.equal(got[:, :D].view(torch.int32), each[:, :D].view(torch.int32))
+    want = torch.zeros(32, D, dtype=torch.float64)
+    for c in range(slots):
+        if cols[c] >= 0:
+            p = P[32 * c:32 * c + 32, :32].bfloat16().double()  # [keys, queries]
+            want += p.T @ v[32 * int(cols[c]):32 * int(cols[c]) + 32, :D].double()
+    torch.testing.assert_close(got[:, :D].double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
