@@ -183,8 +183,9 @@ class _Pool:
                 return block
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def give_back(self, block: torch.Tensor) -> None:
-        nbytes = block.numel()
+    def give_back(self, block: torch.Tensor, nbytes: int) -> None:
+        """Keep ``block`` (``nbytes`` bytes) for a later result, the oldest blocks beyond
+        the workspace limit dropped."""
         with self.lock:
             self.free.setdefault(nbytes, []).append(block)
             self.free.move_to_end(nbytes)
@@ -221,7 +222,7 @@ def _lease_type(nbytes: int) -> type[ctypes.Array]:
     def release(self):
         pool = _POOL  # (None while the interpreter shuts down)
         if pool is not None:
-            pool.give_back(self.block)
+            pool.give_back(self.block, nbytes)
 
     return cast("type[ctypes.Array]",
                 type("ResultBlock", (ctypes.c_ubyte * nbytes,), {"__del__": release}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +106,7 @@ class Options:
 
     def as_args(self) -> tuple:
         """The values in schema order (the op's arguments after q, k, v, mask)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return _VALUES(self)
 
     def blocks(self, N: int) -> int:
         """Blocks per row ``n`` of a sequence of ``N`` tokens (padded to whole blocks)."""
@@ -166,8 +167,10 @@ def count() -> int:
 
 
 # (read on every call of the op: ``fields`` cost 12-20 us there after other heavy torch
-# work, the interpreter's caches cold)
+# work, the interpreter's caches cold; so did ``as_args`` going through it: one C-level
+# getter of the fields' values instead)
 _COUNT = len(dataclasses.fields(Options))
+_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Options)))
 
 
 def budget(block_per_row: int, N: int, block_size: int) -> int:

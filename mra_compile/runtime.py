@@ -54,6 +54,8 @@ def load() -> None:
     where the OpenMP launcher is not: ``mra_compile.openmp``).
     """
     global _LOADED
+    if _LOADED:  # (every call of the op asks: no lock once it is done)
+        return
     with _LOCK:
         if _LOADED:
             return

@@ -314,8 +314,9 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     (``_skip_empty_slots``); the next unit's key and value blocks are prefetched
     (``_prefetch_next_unit``).
     ``micro`` ("avx512_bf16"): both block products are the bf16 micro-kernels instead
-    (``_micro_products``: q k^T one call per key block, P V one for the unit). ``prefetch_queries``: unit u of a row is its
-    query block u (``hires_rows``): prefetch the next one's queries too."""
+    (``_micro_products``: q k^T one call per key block, P V one for the unit).
+    ``prefetch_queries``: unit u of a row is its query block u (``hires_rows``): prefetch
+    the next one's queries too."""
     # The gathers (CUDA's shared-memory tiles) are read in place here: key and value
     # blocks are contiguous [b, D] slabs already.
     kv = tuple(_input(sch.get(sch.get_sblock(g)), x) for g, x in (("k_g", "k"), ("v_g", "v")))
