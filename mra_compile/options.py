@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -106,7 +105,7 @@ class Options:
 
     def as_args(self) -> tuple:
         """The values in schema order (the op's arguments after q, k, v, mask)."""
-        return _VALUES(self)
+        return tuple([getattr(self, name) for name in _NAMES])
 
     def blocks(self, N: int) -> int:
         """Blocks per row ``n`` of a sequence of ``N`` tokens (padded to whole blocks)."""
@@ -167,10 +166,10 @@ def count() -> int:
 
 
 # (read on every call of the op: ``fields`` cost 12-20 us there after other heavy torch
-# work, the interpreter's caches cold; so did ``as_args`` going through it: one C-level
-# getter of the fields' values instead)
+# work, the interpreter's caches cold; so did ``as_args`` going through it. Not an
+# ``operator.attrgetter``: torch.compile does not trace one.)
 _COUNT = len(dataclasses.fields(Options))
-_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Options)))
+_NAMES = tuple(f.name for f in dataclasses.fields(Options))
 
 
 def budget(block_per_row: int, N: int, block_size: int) -> int:
