@@ -153,14 +153,14 @@ def slots_pv(D: int, C: int, tokens, heads_last: bool = False):
     """P v of a whole unit (its ``C`` key-block slots; P rounded) for head dim ``D``, as
     the call of ``mra_bf16_pv_slots`` (``extern_calls.called``; ``schedules/cpu.py``'s
     ``_called`` puts it in place), which reads the slots' indices and skips the empty
-    ones (-1), writing the unit's [b, D] sums. The description is
-    the operator's own stage over the W = C b keys, the value rows gathered through the
-    slot table (``operators._unit_attention``'s ``key_token``: the block index clamped
-    at 0), and its init: the call writes every value; it reads all ``tokens`` rows of v
-    (the kernel's own length variable). Not a registered intrinsic: tensorize compares
-    the rows' index against the block's as plain expressions, and the two read their
-    slot tables through different buffers. ``heads_last``: v a [B, N, H, D] input, its
-    rows a [1, N, 1, D] region."""
+    ones (-1), writing the unit's [b, D] sums. The description is the operator's own
+    stage over the W = C b keys, the value rows gathered through the slot table
+    (``operators._unit_attention``'s ``key_token``: the block index clamped at 0), and
+    its init: the call writes every value; it reads all ``tokens`` rows of v (the
+    kernel's own length variable). Not a registered intrinsic: tensorize compares the
+    rows' index against the block's as plain expressions, and the two read their slot
+    tables through different buffers. ``heads_last``: v a [B, N, H, D] input, its rows
+    a [1, N, 1, D] region."""
     from tvm.script import tirx as T
 
     from mra_compile.operators import BF16_BITS as I16
