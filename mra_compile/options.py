@@ -168,8 +168,8 @@ def count() -> int:
 # (read on every call of the op: ``fields`` cost 12-20 us there after other heavy torch
 # work, the interpreter's caches cold; so did ``as_args`` going through it. Not an
 # ``operator.attrgetter``: torch.compile does not trace one.)
-_COUNT = len(dataclasses.fields(Options))
 _NAMES = tuple(f.name for f in dataclasses.fields(Options))
+_COUNT = len(_NAMES)
 
 
 def budget(block_per_row: int, N: int, block_size: int) -> int:

@@ -308,7 +308,6 @@ def test_the_queries_pairing_is_a_transpose_of_pairs(pairs_function, pairs, pad,
     assert torch.equal(qp, want)
 
 
-
 @pytest.fixture(scope="module")
 def pv_functions(tmp_path_factory):
     """``mra_bf16_pv_slots`` (a unit's P v in one call) and ``mra_bf16_pv`` (one key block),
