@@ -54,22 +54,50 @@ HIDDEN int32_t mra_bf16_qk(const uint16_t *k, int32_t ldk, const uint16_t *qp, f
   return 0;
 }
 
-/* P v for the dims [0, Dc) of v and out (Dc <= 256, a multiple of 16), pp as below. */
-static void pv_dims(const int32_t *pp, const uint16_t *v, int32_t ldv, float *out, int32_t ldo,
-                    int32_t Dc) {
-  uint16_t vp[16 * 256 * 2] __attribute__((aligned(64)));
+/* out[t][16 j .. 16 j + 16) (+)= sum_k pp[k][t] . vp[k][16 j ..][2] for t < 32, j_lo <= j <
+ * j_hi, k < pairs: one vector of dims at a time, in tiles of 8 queries (8 accumulators),
+ * onto zeros where ``zero`` is set, else onto out. pp: pairs of keys' probabilities,
+ * [pairs][32] 32-bit words; vp: the value rows in pairs of keys, [pairs][dims][2] bf16.
+ * The last 1-3 vectors of a D that is not a multiple of 64, after the 64-dim tiles of
+ * pv_dims and mra_bf16_pv_slots. */
+static void pv_vectors(const int32_t *pp, int pairs, const uint16_t *vp, int dims, int j_lo,
+                       int j_hi, float *out, int32_t ldo, int zero) {
+  for (int j0 = j_lo; j0 < j_hi; ++j0)
+    for (int t0 = 0; t0 < 32; t0 += 8) {
+      __m512 acc[8];
+      for (int i = 0; i < 8; ++i)
+        acc[i] = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(out + (t0 + i) * ldo + j0 * 16);
+      for (int k = 0; k < pairs; ++k) {
+        __m512bh vb = (__m512bh)_mm512_load_si512(vp + (k * dims + j0 * 16) * 2);
+        for (int i = 0; i < 8; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pp[k * 32 + t0 + i]), vb);
+      }
+      for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (t0 + i) * ldo + j0 * 16, acc[i]);
+    }
+}
+
+/* The 32 rows of a value block in pairs of keys, dims in order: to[p][d][2] = (v[2p][d],
+ * v[2p + 1][d]) for p < 16, d < dims (a multiple of 16); to's rows hold to_dims dims. */
+static void pairs_in_order(const uint16_t *v, int32_t ldv, int dims, uint16_t *to, int to_dims) {
   /* element i of the result: a[i/2] for even i, b[i/2] for odd i (b's lanes start at 32) */
   const __m512i pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
                                          32, 0);
   for (int p = 0; p < 16; ++p)
-    for (int d = 0; d < Dc; d += 16) {
+    for (int d = 0; d < dims; d += 16) {
       __m512i a = _mm512_castsi256_si512(
           _mm256_loadu_si256((const __m256i *)(v + 2 * p * ldv + d)));
       __m512i b = _mm512_castsi256_si512(
           _mm256_loadu_si256((const __m256i *)(v + (2 * p + 1) * ldv + d)));
-      _mm512_store_si512(vp + (p * Dc + d) * 2, _mm512_permutex2var_epi16(a, pairs, b));
+      _mm512_store_si512(to + (p * to_dims + d) * 2, _mm512_permutex2var_epi16(a, pairs, b));
     }
+}
+
+/* P v for the dims [0, Dc) of v and out (Dc <= 256, a multiple of 16), pp as below. */
+static void pv_dims(const int32_t *pp, const uint16_t *v, int32_t ldv, float *out, int32_t ldo,
+                    int32_t Dc) {
+  uint16_t vp[16 * 256 * 2] __attribute__((aligned(64)));
+  pairs_in_order(v, ldv, Dc, vp, Dc);
   const int nv = Dc / 16; /* output vectors per query row */
   int j0 = 0;
   for (; j0 + 4 <= nv; j0 += 4) /* tiles of 4 queries x 64 dims (16 accumulators) */
@@ -89,16 +117,22 @@ static void pv_dims(const int32_t *pp, const uint16_t *v, int32_t ldv, float *ou
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + (t0 + i) * ldo + (j0 + j) * 16, acc[i][j]);
     }
-  for (; j0 < nv; ++j0) /* the last 1-3 vectors of a Dc that is not a multiple of 64 */
-    for (int t0 = 0; t0 < 32; t0 += 8) {
-      __m512 acc[8];
-      for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(out + (t0 + i) * ldo + j0 * 16);
-      for (int p = 0; p < 16; ++p) {
-        __m512bh vb = (__m512bh)_mm512_load_si512(vp + (p * Dc + j0 * 16) * 2);
-        for (int i = 0; i < 8; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pp[p * 32 + t0 + i]), vb);
-      }
-      for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (t0 + i) * ldo + j0 * 16, acc[i]);
+  pv_vectors(pp, 16, vp, Dc, j0, nv, out, ldo, 0); /* the last 1-3 vectors, if any */
+}
+
+/* A key block's probabilities rounded to bf16 (nearest even) in pairs of keys:
+ * pp[p][t] = (bf16(P[2p][t]), bf16(P[2p + 1][t])) as one 32-bit word, p < 16, t < 32;
+ * P: key-major fp32 rows of stride ldp. */
+static void probability_pairs(const float *P, int32_t ldp, int32_t *pp) {
+  /* the result of cvtne2ps with its halves interleaved */
+  const __m512i halves = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                          24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                          16, 0);
+  for (int p = 0; p < 16; ++p)
+    for (int h = 0; h < 32; h += 16) {
+      __m512 a = _mm512_loadu_ps(P + 2 * p * ldp + h), b = _mm512_loadu_ps(P + (2 * p + 1) * ldp + h);
+      __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
+      _mm512_store_si512(pp + p * 32 + h, _mm512_permutexvar_epi16(halves, both));
     }
 }
 
@@ -112,16 +146,7 @@ static void pv_dims(const int32_t *pp, const uint16_t *v, int32_t ldv, float *ou
 HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
                            float *out, int32_t ldo, int32_t D) {
   int32_t pp[16 * 32] __attribute__((aligned(64)));
-  /* the same within one vector: its halves interleaved */
-  const __m512i halves = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                          24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                          16, 0);
-  for (int p = 0; p < 16; ++p)
-    for (int h = 0; h < 32; h += 16) {
-      __m512 a = _mm512_loadu_ps(P + 2 * p * ldp + h), b = _mm512_loadu_ps(P + (2 * p + 1) * ldp + h);
-      __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
-      _mm512_store_si512(pp + p * 32 + h, _mm512_permutexvar_epi16(halves, both));
-    }
+  probability_pairs(P, ldp, pp);
   for (int d0 = 0; d0 < D; d0 += 256)
     pv_dims(pp, v + d0, ldv, out + d0, ldo, D - d0 < 256 ? D - d0 : 256);
   return 0;
@@ -142,12 +167,6 @@ HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v,
                                  int32_t D) {
   int32_t pp[PV_GROUP * 16 * 32] __attribute__((aligned(64)));
   uint16_t vp[PV_GROUP * 16 * 64 * 2] __attribute__((aligned(64)));
-  const __m512i halves = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                          24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                          16, 0);
-  const __m512i pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                         40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                         32, 0);
   int first = 1;
   for (int c0 = 0; c0 < C;) {
     const uint16_t *blocks[PV_GROUP];
@@ -155,14 +174,7 @@ HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v,
     for (; c0 < C && g < PV_GROUP; ++c0) {
       if (cols[c0] < 0) continue;
       blocks[g] = v + (int64_t)cols[c0] * 32 * ldv;
-      const float *Pc = P + (int64_t)c0 * 32 * ldp;
-      for (int p = 0; p < 16; ++p)
-        for (int h = 0; h < 32; h += 16) {
-          __m512 a = _mm512_loadu_ps(Pc + 2 * p * ldp + h);
-          __m512 b = _mm512_loadu_ps(Pc + (2 * p + 1) * ldp + h);
-          __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
-          _mm512_store_si512(pp + (g * 16 + p) * 32 + h, _mm512_permutexvar_epi16(halves, both));
-        }
+      probability_pairs(P + (int64_t)c0 * 32 * ldp, ldp, pp + g * 16 * 32);
       ++g;
     }
     if (g == 0) break;
@@ -217,28 +229,8 @@ HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v,
             }
         }
       } else { /* the last 1-3 vectors of a D that is not a multiple of 64: pairs in order */
-        for (int i = 0; i < g; ++i)
-          for (int p = 0; p < 16; ++p)
-            for (int d = 0; d < Dc; d += 16) {
-              const uint16_t *row = blocks[i] + 2 * p * ldv + d0 + d;
-              __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)row));
-              __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(row + ldv)));
-              _mm512_store_si512(vp + ((i * 16 + p) * 64 + d) * 2,
-                                 _mm512_permutex2var_epi16(a, pairs, b));
-            }
-        for (int j0 = 0; j0 < Dc / 16; ++j0)
-          for (int t0 = 0; t0 < 32; t0 += 8) {
-            __m512 acc[8];
-            for (int i = 0; i < 8; ++i)
-              acc[i] = first ? _mm512_setzero_ps()
-                             : _mm512_loadu_ps(out + (t0 + i) * ldo + d0 + j0 * 16);
-            for (int k = 0; k < g * 16; ++k) {
-              __m512bh vb = (__m512bh)_mm512_load_si512(vp + (k * 64 + j0 * 16) * 2);
-              for (int i = 0; i < 8; ++i)
-                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pp[k * 32 + t0 + i]), vb);
-            }
-            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (t0 + i) * ldo + d0 + j0 * 16, acc[i]);
-          }
+        for (int i = 0; i < g; ++i) pairs_in_order(blocks[i] + d0, ldv, Dc, vp + i * 16 * 64 * 2, 64);
+        pv_vectors(pp, g * 16, vp, 64, 0, Dc / 16, out + d0, ldo, first);
       }
     }
     first = 0;
