@@ -451,7 +451,7 @@ def _micro_products(sch, vec, b, micro, slots):
     D = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-2]).extent
     # (k, v [B, N, H, D]: their blocks are [1, b, 1, D] regions, ``operators._read``)
     heads_last = len(_input(sch.get(sch.get_sblock("dots")), "k").shape) == 4
-    qk, _, pairs = cpu_bf16.intrinsics(D, heads_last)
+    qk, pairs = cpu_bf16.intrinsics(D, heads_last)
     sch.tensorize(sch.get_loops(sch.get_sblock("q_t"))[-3], pairs)
     logits = _slot_logits(sch, "dots", b, qk)
     if micro == "avx512_bf16_fp32_pv":  # (P v in float32 FMAs, P not rounded)
@@ -1017,7 +1017,7 @@ def _micro_bwd_products(sch, vec, b, outputs, fixed) -> dict:
     [b, D] output one P v call per slot (dS or P rounded to bf16 in the call). Returns
     the slot loops, {loop: tokens per iteration} (for ``_skip_empty_slots``)."""
     D = sch.get(sch.get_loops(sch.get_sblock(outputs[0]))[-2]).extent
-    qk, pv, pairs = cpu_bf16.intrinsics(D)
+    (qk, pairs), pv = cpu_bf16.intrinsics(D), cpu_bf16.block_pv_intrinsic(D)
     for x in fixed:
         sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(f"{x}_s"))[-1], [None, vec])[1])
         sch.tensorize(sch.get_loops(sch.get_sblock(f"{x}_t"))[-3], pairs)

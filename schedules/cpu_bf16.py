@@ -39,13 +39,19 @@ def objects() -> list[str]:
         "9+). Set MRA_COMPILE_CPU_BF16=0 to compute bf16 inputs in float32 instead.")
 
 
-def intrinsics(D: int, heads_last: bool = False) -> tuple[str, str, str]:
-    """The names of the q k^T, P v (one key block) and query-pairing intrinsics for head
-    dim ``D`` (registered once). ``heads_last``: k is a [B, N, H, D] input, whose key
-    blocks are [1, b, 1, D] regions (``_heads_last_qk``); the forward's P v is then
-    ``slots_pv``, and the P v named is the backward's (its inputs are never so)."""
+def intrinsics(D: int, heads_last: bool = False) -> tuple[str, str]:
+    """The names of the q k^T and query-pairing intrinsics for head dim ``D`` (registered
+    once). ``heads_last``: k is a [B, N, H, D] input, whose key blocks are [1, b, 1, D]
+    regions (``_heads_last_qk``). (The forward's P v is ``slots_pv``, the backward's
+    ``block_pv_intrinsic``.)"""
     qk, pairs = _intrinsics(D)
-    return _heads_last_qk(D) if heads_last else qk, _pv_intrinsic(D, rounded=True), pairs
+    return _heads_last_qk(D) if heads_last else qk, pairs
+
+
+def block_pv_intrinsic(D: int) -> str:
+    """P v of one key block with P rounded to bf16 in the call (``mra_bf16_pv``, adding
+    to its output): the backward's products."""
+    return _pv_intrinsic(D, rounded=True)
 
 
 @functools.cache
