@@ -15,14 +15,21 @@ tasks in an OpenMP parallel region of the OpenMP runtime torch loaded (``GOMP_pa
 which GNU, LLVM and Intel OpenMP all export): the workers torch leaves spinning take
 the kernel's tasks at once, and there is one pool on the machine instead of two.
 
-A kernel's parallel loop is cut into ``TASKS_PER_THREAD`` tasks per thread, which the
-threads take one at a time as they finish the last (an atomic counter), not a fixed
-contiguous half each: a row's units differ in work (blocks per query block, overflow
+A kernel's parallel loop is cut into ``TASKS_PER_THREAD`` tasks per thread, dealt in one
+contiguous share per thread: each thread runs its own share's tasks in order, then takes
+the tasks the others have not started yet, from the ends of their shares, one at a time.
+Not fixed halves: a row's units differ in work (blocks per query block, overflow
 merges), and with static halves the thread that finished first waited at the region's
 end (libgomp's barrier took ~7% of the samples of ``hires_rows`` alone on 2 cores), as
 it does for a thread whose core another process takes for a while (the forward at
-N = 4096 with one busy process beside it on 2 cores: 0.83x the time of static halves;
-on an idle machine 1.015x, bench/results/roofline_cpu.md).
+N = 4096 with one busy process beside it on 2 cores: 0.83x the time of static halves).
+And not the next task of the whole loop to whichever thread comes (one atomic counter,
+until 2026-12-06), which gave each thread every other task: in shares a thread's tasks
+follow each other, and each kernel's units (rows) with them. The whole op in one process, the two schemes
+alternating (Zen 4, 2 cores; bench/results/roofline_cpu.md): 0.97x the time at
+N = 4096 (full), 0.98x at 8192 (sparse, float32 and bf16), 0.95x at 512, a training
+step 0.97-0.99x; beside a busy process no slower (16 against 22 ms at N = 4096, 6.5
+against 22.5 ms at 1024; static halves 56 and 33).
 
 The same library serves the kernels' scratch (``__TVMBackendAllocWorkspace`` and
 ``__TVMBackendFreeWorkspace``, also pointers in the module): TVM asks for every buffer of
@@ -52,7 +59,7 @@ import torch
 from mra_compile import host
 
 ENV = "MRA_COMPILE_OPENMP"  # "0": kernels use TVM's own thread pool
-# Tasks a kernel's parallel loop is cut into per thread, handed out as threads come free.
+# Tasks a kernel's parallel loop is cut into per thread (a share each; see above).
 TASKS_PER_THREAD = 8
 POINTER = "__TVMBackendParallelLaunch"
 # The module's scratch allocation and release (``mra_workspace_alloc``/``_free`` take them).
@@ -73,19 +80,36 @@ static int default_tasks = 1;
 
 static int tasks_per_thread = 1;
 
-struct job { FTVMParallelLambda f; void* cdata; int tasks; volatile int rc; int next; };
+/* A loop's tasks are cut into one contiguous share per thread (at most MAX_SHARES: more
+   threads take shares modulo). A thread runs its own share's tasks in order from the
+   front, then takes the others' last tasks, from their ends, until none is left: each
+   range [front, back) is one 64-bit word, taken by compare-and-swap. (TVM's tasks are
+   independent: no kernel here uses TVMBackendParallelBarrier.) */
+#define MAX_SHARES 64
+struct job { FTVMParallelLambda f; void* cdata; int tasks, shares; volatile int rc;
+             int arrivals; uint64_t range[MAX_SHARES]; };
 
-/* Each thread takes the next task not yet taken until none is left (TVM's tasks are
-   independent: no kernel here uses TVMBackendParallelBarrier). */
+/* The front task of a range (or its back one), -1 when it is empty. */
+static int take(uint64_t* range, int back) {
+  uint64_t old = __atomic_load_n(range, __ATOMIC_RELAXED);
+  for (;;) {
+    uint32_t f = (uint32_t)old, b = (uint32_t)(old >> 32);
+    if (f >= b) return -1;
+    uint64_t taken = back ? ((uint64_t)(b - 1) << 32) | f : ((uint64_t)b << 32) | (f + 1);
+    if (__atomic_compare_exchange_n(range, &old, taken, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+      return back ? (int)(b - 1) : (int)f;
+  }
+}
+
 static void run_tasks(void* p) {
   struct job* j = (struct job*)p;
   TVMParallelGroupEnv env = {0, j->tasks};
-  for (;;) {
-    int t = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
-    if (t >= j->tasks) break;
-    int rc = j->f(t, &env, j->cdata);
-    if (rc != 0) j->rc = rc;
-  }
+  int own = __atomic_fetch_add(&j->arrivals, 1, __ATOMIC_RELAXED) % j->shares;
+  for (int k = 0; k < j->shares; ++k)
+    for (int t; (t = take(&j->range[(own + k) % j->shares], k != 0)) >= 0;) {
+      int rc = j->f(t, &env, j->cdata);
+      if (rc != 0) j->rc = rc;
+    }
 }
 
 int mra_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
@@ -95,7 +119,10 @@ int mra_parallel_launch(FTVMParallelLambda f, void* cdata, int num_task) {
     return f(0, &env, cdata);
   }
   int tasks = num_task > 0 ? num_task : threads * tasks_per_thread;
-  struct job j = {f, cdata, tasks, 0, 0};
+  int shares = threads < MAX_SHARES ? threads : MAX_SHARES;
+  struct job j = {f, cdata, tasks, shares, 0, 0, {0}};
+  for (int r = 0; r < shares; ++r) /* [tasks r / shares, tasks (r + 1) / shares) */
+    j.range[r] = ((uint64_t)tasks * (r + 1) / shares << 32) | (uint64_t)tasks * r / shares;
   gomp_parallel(run_tasks, &j, (unsigned)threads, 0);
   return j.rc;
 }

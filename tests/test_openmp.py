@@ -133,9 +133,11 @@ def test_scratch_is_a_stack_per_thread():
 
 
 def test_tasks_are_handed_out_as_threads_come_free():
-    """A parallel loop is cut into TASKS_PER_THREAD tasks per thread, each run once, and
-    a thread takes the next one when it is done: one thread kept busy by its first task
-    leaves the rest to the others."""
+    """A parallel loop is cut into TASKS_PER_THREAD tasks per thread, each run once, in
+    one share per thread: a thread runs its own share in order, then the tasks the others
+    have not started, from the ends of their shares. One thread kept busy by its first
+    task leaves the rest to the other: its own share in order, then the busy one's share
+    from its end."""
     state = openmp._state()
     assert "shim" in state, openmp.status()
     shim = state["shim"]
@@ -166,6 +168,9 @@ def test_tasks_are_handed_out_as_threads_come_free():
     assert {n for _, n, _ in seen} == {tasks}
     holder = next(who for t, _, who in seen if t == 0)
     assert all(who != holder for t, _, who in seen if t != 0)
+    share = tasks // 2
+    assert [t for t, _, who in seen if who != holder] == [
+        *range(share, tasks), *range(share - 1, 0, -1)]
 
 
 def test_threads_follow_torch():
