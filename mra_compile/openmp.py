@@ -25,11 +25,11 @@ it does for a thread whose core another process takes for a while (the forward a
 N = 4096 with one busy process beside it on 2 cores: 0.83x the time of static halves).
 And not the next task of the whole loop to whichever thread comes (one atomic counter,
 until 2026-12-06), which gave each thread every other task: in shares a thread's tasks
-follow each other, and each kernel's units (rows) with them. The whole op in one process, the two schemes
-alternating (Zen 4, 2 cores; bench/results/roofline_cpu.md): 0.97x the time at
-N = 4096 (full), 0.98x at 8192 (sparse, float32 and bf16), 0.95x at 512, a training
-step 0.97-0.99x; beside a busy process no slower (16 against 22 ms at N = 4096, 6.5
-against 22.5 ms at 1024; static halves 56 and 33).
+follow each other, and each kernel's units (rows) with them. The whole op in one
+process, the two schemes alternating (Zen 4, 2 cores; bench/results/roofline_cpu.md):
+0.97x the time at N = 4096 (full), 0.98x at 8192 (sparse, float32 and bf16), 0.95x at
+512, a training step 0.97-0.99x; beside a busy process no slower (16 against 22 ms at
+N = 4096, 6.5 against 22.5 ms at 1024; static halves 56 and 33).
 
 The same library serves the kernels' scratch (``__TVMBackendAllocWorkspace`` and
 ``__TVMBackendFreeWorkspace``, also pointers in the module): TVM asks for every buffer of
