@@ -102,7 +102,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "bf16_cpu.md")
     args = p.parse_args()
     lines = [machine_line(), "",
-             f"bf16 products: {'yes' if cpu.bf16_products() else 'no (bf16 runs in float32)'}; "
+             f"bf16 products: {cpu.bf16_instructions()}; "
              f"B=1, H=12, D=64, full mode, block_per_row=4; median of {args.repeat} "
              "interleaved rounds; ms.", "",
              "| N | float32 op | bf16 op | float32 / bf16 | float16 op | SDPA bf16 |",

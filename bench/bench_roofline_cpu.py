@@ -48,6 +48,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import mra_compile  # noqa: E402
 from bench.flex_mra import selection_block_mask  # noqa: E402
+from mra_compile.targets import cpu  # noqa: E402
 from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
@@ -151,12 +152,14 @@ def main() -> int:
     peak = max(peak_before, peak_after)
     print(f"fp32 matmul peak (best torch.mm 512-2048): {peak:.0f} GFLOP/s "
           f"(before the rounds {peak_before:.0f}, after {peak_after:.0f})")
+    products = f"; bf16 products: {cpu.bf16_instructions()}" if args.bf16 else ""
     print(f"B*H={B * H} D={D} {args.blocks_per_row} blocks/row; median of {args.repeat} "
-          "interleaved rounds\n")
+          f"interleaved rounds{products}\n")
     print("| N | floor ms | op full ms | SDPA ms | op/floor | SDPA/op | op sparse ms "
-          "| Flex ms | Flex/op sparse |" + (" op sparse bf16 ms | Flex bf16 ms | Flex bf16/op "
-                                           "bf16 | faster Flex/op bf16 |" if args.bf16 else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.bf16 else ""))
+          "| Flex ms | Flex/op sparse |" + (" op sparse bf16 ms | op sparse fp32/bf16 | Flex bf16 "
+                                           "ms | Flex bf16/op bf16 | faster Flex/op bf16 |"
+                                           if args.bf16 else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if args.bf16 else ""))
     for n_tokens, t in forward:
         floor = floor_ms(n_tokens, args.blocks_per_row, peak)
         row = (f"| {n_tokens} | {floor:.2f} | {t['full']:.2f} | {t['sdpa']:.2f} | "
@@ -164,7 +167,7 @@ def main() -> int:
                f"{t['flex']:.2f} | {t['flex'] / t['sparse']:.2f}x |")
         if args.bf16:
             ob, fb = t["sparse_bf16"], t["flex_bf16"]
-            row += (f" {ob:.2f} | {fb:.2f} | {fb / ob:.2f}x | "
+            row += (f" {ob:.2f} | {t['sparse'] / ob:.2f}x | {fb:.2f} | {fb / ob:.2f}x | "
                     f"{min(fb, t['flex']) / ob:.2f}x |")
         print(row)
     if both:

@@ -23,8 +23,8 @@
  * tile), and a tile reads its 8 rows 4 bytes at a time as broadcasts (hires_rows in
  * bf16 0.95-0.96x the time with the requests at N = 4096 and 8192, Zen 5, in-process
  * A/B; the same requests for v in mra_bf16_pv's copy gained nothing). */
-HIDDEN int32_t mra_bf16_qk(const uint16_t *k, int32_t ldk, const uint16_t *qp, float *out,
-                           int32_t ldo, int32_t D) {
+static void qk_avx512(const uint16_t *k, int32_t ldk, const uint16_t *qp, float *out,
+                      int32_t ldo, int32_t D) {
   for (int w0 = 0; w0 < 32; w0 += 8) {
     if (w0 + 8 < 32)
       for (int i = 0; i < 8; ++i)
@@ -51,7 +51,6 @@ HIDDEN int32_t mra_bf16_qk(const uint16_t *k, int32_t ldk, const uint16_t *qp, f
       _mm512_storeu_ps(out + (w0 + i) * ldo + 16, acc[i][1]);
     }
   }
-  return 0;
 }
 
 /* out[t][16 j .. 16 j + 16) (+)= sum_k pp[k][t] . vp[k][16 j ..][2] for t < 32, j_lo <= j <
@@ -122,18 +121,20 @@ static void pv_dims(const int32_t *pp, const uint16_t *v, int32_t ldv, float *ou
 
 /* A key block's probabilities rounded to bf16 (nearest even) in pairs of keys:
  * pp[p][t] = (bf16(P[2p][t]), bf16(P[2p + 1][t])) as one 32-bit word, p < 16, t < 32;
- * P: key-major fp32 rows of stride ldp. */
-static void probability_pairs(const float *P, int32_t ldp, int32_t *pp) {
+ * P: key-major fp32 rows of stride ldp. pair_vector: the words pp[p][h .. h + 16). */
+static inline __m512i pair_vector(const float *P, int32_t ldp, int p, int h) {
   /* the result of cvtne2ps with its halves interleaved */
   const __m512i halves = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
                                           16, 0);
+  __m512 a = _mm512_loadu_ps(P + 2 * p * ldp + h), b = _mm512_loadu_ps(P + (2 * p + 1) * ldp + h);
+  __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
+  return _mm512_permutexvar_epi16(halves, both);
+}
+
+static void probability_pairs(const float *P, int32_t ldp, int32_t *pp) {
   for (int p = 0; p < 16; ++p)
-    for (int h = 0; h < 32; h += 16) {
-      __m512 a = _mm512_loadu_ps(P + 2 * p * ldp + h), b = _mm512_loadu_ps(P + (2 * p + 1) * ldp + h);
-      __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
-      _mm512_store_si512(pp + p * 32 + h, _mm512_permutexvar_epi16(halves, both));
-    }
+    for (int h = 0; h < 32; h += 16) _mm512_store_si512(pp + p * 32 + h, pair_vector(P, ldp, p, h));
 }
 
 /* P V of one key block (the backward's; the forward's is mra_bf16_pv_slots below):
@@ -143,13 +144,12 @@ static void probability_pairs(const float *P, int32_t ldp, int32_t *pp) {
  * stride ldo. Both operands are first put in the layout of vdpbf16ps, in pairs of keys:
  * pp[w/2][t] (one 32-bit pair per query, broadcast) and, 256 dims at a time,
  * vp[w/2][d][2] (vectors). */
-HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
-                           float *out, int32_t ldo, int32_t D) {
+static void pv_avx512(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv, float *out,
+                      int32_t ldo, int32_t D) {
   int32_t pp[16 * 32] __attribute__((aligned(64)));
   probability_pairs(P, ldp, pp);
   for (int d0 = 0; d0 < D; d0 += 256)
     pv_dims(pp, v + d0, ldv, out + d0, ldo, D - d0 < 256 ? D - d0 : 256);
-  return 0;
 }
 
 /* P V of a unit's C key blocks (slots) at once: out[t][d] = sum over the filled slots c of
@@ -162,9 +162,8 @@ HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32
  * 0.97x the time at N = 8192, sparse (Zen 4, in-process A/B, the same bits; 6 blocks
  * a group no better than 4, whose paired rows, 16 KB at D = 64, stay in L1). */
 #define PV_GROUP 4
-HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
-                                 const int32_t *cols, int32_t C, float *out, int32_t ldo,
-                                 int32_t D) {
+static void pv_slots_avx512(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                            const int32_t *cols, int32_t C, float *out, int32_t ldo, int32_t D) {
   int32_t pp[PV_GROUP * 16 * 32] __attribute__((aligned(64)));
   uint16_t vp[PV_GROUP * 16 * 64 * 2] __attribute__((aligned(64)));
   int first = 1;
@@ -238,7 +237,6 @@ HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v,
   if (first) /* no filled slot */
     for (int t = 0; t < 32; ++t)
       for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + t * ldo + d, _mm512_setzero_ps());
-  return 0;
 }
 
 /* The queries of a unit in the layout of mra_bf16_qk: qp[p][t][2] = q[t][2p, 2p + 1] for
@@ -286,6 +284,230 @@ HIDDEN int32_t mra_bf16_pairs(const uint16_t *q, int32_t ldq, uint16_t *qp, int3
       for (int j = 0; j < width; ++j) _mm512_storeu_si512(out + (c0 + j) * 32 + t0, x[j]);
     }
   }
+  return 0;
+}
+
+/* ---- The same products on AMX tiles (Intel Sapphire Rapids and later) ----
+ * tdpbf16ps multiplies a 16 x 32 bf16 tile (A, rows of 64 bytes) by a 32 x 16 one held
+ * in pairs of its rows (B: [16][16][2], the layout of vdpbf16ps) into a 16 x 16 fp32 tile,
+ * 16 times the work of a vdpbf16ps (whose zmm form runs at the rate of float32 FMAs on
+ * these CPUs, so bf16 gained nothing over float32 there without the tiles). A 32 x 32
+ * block is 2 x 2 fp32 tiles (0-3) from two A tiles (4, 5) and two B tiles (6, 7), 32
+ * dims (q k^T) or 32 keys (P v) at a time; all eight tiles are 16 rows of 64 bytes.
+ * Used where the CPU has AMX-BF16, Linux grants the process its tile state and
+ * MRA_COMPILE_CPU_AMX is not 0 (decided once a process), for head dims that are a
+ * multiple of 32; other calls take the AVX-512-BF16 paths above. Like vdpbf16ps, the
+ * tiles treat subnormal inputs as zero and flush subnormal sums. */
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#include <cpuid.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX __attribute__((target("amx-tile,amx-bf16")))
+
+/* 1: the calls use the tiles, 0: they do not, -1: not decided yet */
+static int amx_state = -1;
+
+static int amx_allowed(void) {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24)))
+    return 0; /* no AMX-BF16 (bit 22) or AMX-TILE (bit 24) */
+  /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: fails on kernels before 5.16 */
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+static int amx_on(void) {
+  int on = __atomic_load_n(&amx_state, __ATOMIC_RELAXED);
+  if (on < 0) { /* (threads racing here decide the same) */
+    const char *env = getenv("MRA_COMPILE_CPU_AMX");
+    on = !(env && strcmp(env, "0") == 0) && amx_allowed();
+    __atomic_store_n(&amx_state, on, __ATOMIC_RELAXED);
+  }
+  return on;
+}
+
+/* Which path the calls take: 1 the tiles, 0 AVX-512-BF16. want 0 or 1 sets it (1 only
+ * where amx_allowed), want < 0 only asks. For tests, which compare the two. */
+HIDDEN int32_t mra_bf16_amx(int32_t want) {
+  if (want >= 0) __atomic_store_n(&amx_state, want && amx_allowed(), __ATOMIC_RELAXED);
+  return amx_on();
+}
+
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} tile_config;
+
+static const tile_config CONFIG __attribute__((aligned(64))) = {
+    1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+/* The tiles as CONFIG says, each call: other code on this thread (oneDNN's AMX matmuls
+ * in torch) configures them its own way. Reading the configuration back costs ~5 ns,
+ * loading it ~50 (Xeon, 2026-12-06), so it is loaded only where it differs. */
+AMX static inline void amx_configure(void) {
+  tile_config now __attribute__((aligned(64)));
+  _tile_storeconfig(&now);
+  if (memcmp(&now, &CONFIG, sizeof now) != 0) _tile_loadconfig(&CONFIG);
+}
+
+/* mra_bf16_qk on the tiles: A = 16 key rows x 32 dims, straight from k; B = 32 dims x
+ * 16 queries from qp (rows of 32 queries, 128 bytes). */
+AMX static void qk_amx(const uint16_t *k, int32_t ldk, const uint16_t *qp, float *out,
+                       int32_t ldo, int32_t D) {
+  amx_configure();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int d = 0; d < D; d += 32) {
+    _tile_loadd(4, k + d, 2 * ldk);
+    _tile_loadd(5, k + 16 * ldk + d, 2 * ldk);
+    _tile_loadd(6, qp + d * 32, 128); /* pairs d/2 .. d/2 + 16, queries 0-15 */
+    _tile_loadd(7, qp + d * 32 + 32, 128); /* queries 16-31 */
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, 4 * ldo);
+  _tile_stored(1, out + 16, 4 * ldo);
+  _tile_stored(2, out + 16 * ldo, 4 * ldo);
+  _tile_stored(3, out + 16 * ldo + 16, 4 * ldo);
+}
+
+/* A key block's probabilities as the left operand of P v: pt[t][w] = bf16(P[w][t]),
+ * rows of 32 keys, t, w < 32: the words of probability_pairs, transposed. */
+static void probabilities_by_query(const float *P, int32_t ldp, int32_t *pt) {
+  for (int h = 0; h < 32; h += 16) {
+    __m512i x[16];
+    for (int p = 0; p < 16; ++p) x[p] = pair_vector(P, ldp, p, h);
+    transpose16(x);
+    for (int t = 0; t < 16; ++t) _mm512_store_si512(pt + (h + t) * 16, x[t]);
+  }
+}
+
+/* The out tiles of 32 queries x 32 dims (d, with row stride ldo) to and from memory */
+AMX static inline void out_tiles_load(const float *o, int32_t ldo) {
+  _tile_loadd(0, o, 4 * ldo);
+  _tile_loadd(1, o + 16, 4 * ldo);
+  _tile_loadd(2, o + 16 * ldo, 4 * ldo);
+  _tile_loadd(3, o + 16 * ldo + 16, 4 * ldo);
+}
+
+AMX static inline void out_tiles_store(float *o, int32_t ldo) {
+  _tile_stored(0, o, 4 * ldo);
+  _tile_stored(1, o + 16, 4 * ldo);
+  _tile_stored(2, o + 16 * ldo, 4 * ldo);
+  _tile_stored(3, o + 16 * ldo + 16, 4 * ldo);
+}
+
+/* The out tiles += one block's P v over 32 dims: pt as probabilities_by_query, vp the
+ * block's value rows over those dims in pairs of keys ([16][32][2], pairs_in_order). */
+AMX static inline void pv_tiles(const int32_t *pt, const uint16_t *vp) {
+  _tile_loadd(4, pt, 64);
+  _tile_loadd(5, pt + 16 * 16, 64);
+  _tile_loadd(6, vp, 128);
+  _tile_loadd(7, vp + 32, 128);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+/* mra_bf16_pv on the tiles */
+AMX static void pv_amx(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv, float *out,
+                       int32_t ldo, int32_t D) {
+  int32_t pt[32 * 16] __attribute__((aligned(64)));
+  uint16_t vp[16 * 32 * 2] __attribute__((aligned(64)));
+  amx_configure();
+  probabilities_by_query(P, ldp, pt);
+  for (int d0 = 0; d0 < D; d0 += 32) {
+    pairs_in_order(v + d0, ldv, 32, vp, 32);
+    out_tiles_load(out + d0, ldo);
+    pv_tiles(pt, vp);
+    out_tiles_store(out + d0, ldo);
+  }
+}
+
+/* mra_bf16_pv_slots on the tiles: the blocks of a group (up to AMX_GROUP) add into the
+ * out tiles of 32 dims one after the other, in the order of mra_bf16_pv called slot
+ * after slot (the same bits); the pairing of the next block's values goes to the other
+ * half of vp, so that it can run beside the tiles' products. */
+#define AMX_GROUP 8
+AMX static void pv_slots_amx(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                             const int32_t *cols, int32_t C, float *out, int32_t ldo, int32_t D) {
+  int32_t pt[AMX_GROUP * 32 * 16] __attribute__((aligned(64)));
+  uint16_t vp[2 * 16 * 32 * 2] __attribute__((aligned(64)));
+  amx_configure();
+  int first = 1;
+  for (int c0 = 0; c0 < C;) {
+    const uint16_t *blocks[AMX_GROUP];
+    int g = 0;
+    for (; c0 < C && g < AMX_GROUP; ++c0) {
+      if (cols[c0] < 0) continue;
+      blocks[g] = v + (int64_t)cols[c0] * 32 * ldv;
+      probabilities_by_query(P + (int64_t)c0 * 32 * ldp, ldp, pt + g * 32 * 16);
+      ++g;
+    }
+    if (g == 0) break;
+    for (int d0 = 0; d0 < D; d0 += 32) {
+      if (first) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else {
+        out_tiles_load(out + d0, ldo);
+      }
+      for (int i = 0; i < g; ++i) {
+        uint16_t *half = vp + (i & 1) * 16 * 32 * 2;
+        pairs_in_order(blocks[i] + d0, ldv, 32, half, 32);
+        pv_tiles(pt + i * 32 * 16, half);
+      }
+      out_tiles_store(out + d0, ldo);
+    }
+    first = 0;
+  }
+  if (first) /* no filled slot */
+    for (int t = 0; t < 32; ++t)
+      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + t * ldo + d, _mm512_setzero_ps());
+}
+
+#define AMX_CALL(D, call, otherwise) \
+  do {                               \
+    if ((D) % 32 == 0 && amx_on())   \
+      call;                          \
+    else                             \
+      otherwise;                     \
+  } while (0)
+#else /* a compiler without AMX intrinsics: the AVX-512-BF16 paths only */
+HIDDEN int32_t mra_bf16_amx(int32_t want) {
+  (void)want;
+  return 0;
+}
+#define AMX_CALL(D, call, otherwise) otherwise
+#endif
+
+/* The block products the kernels call (the contracts above each AVX-512-BF16 path) */
+HIDDEN int32_t mra_bf16_qk(const uint16_t *k, int32_t ldk, const uint16_t *qp, float *out,
+                           int32_t ldo, int32_t D) {
+  AMX_CALL(D, qk_amx(k, ldk, qp, out, ldo, D), qk_avx512(k, ldk, qp, out, ldo, D));
+  return 0;
+}
+
+HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                           float *out, int32_t ldo, int32_t D) {
+  AMX_CALL(D, pv_amx(P, ldp, v, ldv, out, ldo, D), pv_avx512(P, ldp, v, ldv, out, ldo, D));
+  return 0;
+}
+
+HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                                 const int32_t *cols, int32_t C, float *out, int32_t ldo,
+                                 int32_t D) {
+  AMX_CALL(D, pv_slots_amx(P, ldp, v, ldv, cols, C, out, ldo, D),
+           pv_slots_avx512(P, ldp, v, ldv, cols, C, out, ldo, D));
   return 0;
 }
 

@@ -123,15 +123,20 @@ def run_python(script, *args, env=None, cwd=None, timeout=300):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def c_function(tmp_path, source, flags, name):
-    """Function ``name`` of the C file ``source`` (one of the kernels' C sources, built with
-    ``flags`` and its functions exported: ``-DHIDDEN=``), through ctypes."""
+def c_library(tmp_path, source, flags):
+    """The C file ``source`` (one of the kernels' C sources, built with ``flags`` and its
+    functions exported: ``-DHIDDEN=``), loaded through ctypes."""
     import ctypes
 
     lib = tmp_path / f"{Path(source).stem}.so"
     subprocess.run(["cc", *flags, "-DHIDDEN=", "-shared", "-fPIC", str(source), "-o", str(lib)],
                    check=True)
-    return getattr(ctypes.CDLL(str(lib)), name)
+    return ctypes.CDLL(str(lib))
+
+
+def c_function(tmp_path, source, flags, name):
+    """Function ``name`` of ``c_library(tmp_path, source, flags)``."""
+    return getattr(c_library(tmp_path, source, flags), name)
 
 
 # The head dims of the sm_80 CUDA library (``sm80_library``), as the GPU bundle ships them

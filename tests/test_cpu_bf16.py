@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 import torch
-from conftest import as64, c_function, make_qkv, n_blocks, padded_mask
-from hypothesis import example, given, settings
+from conftest import as64, c_function, c_library, make_qkv, n_blocks, padded_mask
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import mra_compile
@@ -309,35 +309,54 @@ def test_the_queries_pairing_is_a_transpose_of_pairs(pairs_function, pairs, pad,
 
 
 @pytest.fixture(scope="module")
-def pv_functions(tmp_path_factory):
-    """``mra_bf16_pv_slots`` (a unit's P v in one call) and ``mra_bf16_pv`` (one key block),
-    through ctypes, built once for the drawn examples."""
+def micro_kernels(tmp_path_factory):
+    """The bf16 micro-kernels (``cpu_bf16.c``) through ctypes, built once for the drawn
+    examples; ``mra_bf16_amx(want)`` switches their path."""
     from mra_compile.schedules import cpu_bf16
 
-    lib = tmp_path_factory.mktemp("pv")
-    return tuple(c_function(lib, cpu_bf16.SOURCE, cpu_bf16.FLAGS, name)
-                 for name in ("mra_bf16_pv_slots", "mra_bf16_pv"))
+    return c_library(tmp_path_factory.mktemp("micro"), cpu_bf16.SOURCE, cpu_bf16.FLAGS)
+
+
+# The micro-kernels' two paths: AVX-512-BF16 (vdpbf16ps) and AMX tiles (head dims that are
+# a multiple of 32, where the CPU has AMX-BF16; on other CPUs the "amx" cases are skipped).
+PATHS = ["avx512_bf16", pytest.param("amx", marks=pytest.mark.skipif(
+    not cpu.amx_products(), reason="this CPU has no AMX-BF16"))]
+
+
+# (the path is set once a test: every drawn example runs on it)
+ONE_PATH = [HealthCheck.function_scoped_fixture]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, micro_kernels):
+    """The micro-kernels' path for a test, set and checked (AVX-512-BF16 after it)."""
+    want = request.param == "amx"
+    assert micro_kernels.mra_bf16_amx(int(want)) == want
+    yield request.param
+    micro_kernels.mra_bf16_amx(0)
 
 
 @needs_bf16
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=ONE_PATH)
 @given(vectors=st.integers(1, 16), slots=st.integers(1, 12), tokens=st.integers(1, 20),
        pads=st.tuples(*(st.sampled_from([0, 16]) for _ in range(3))),
        empty=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
 @example(vectors=4, slots=4, tokens=8, pads=(0, 0, 0), empty=0.0, seed=0)  # D = 64, one group
 @example(vectors=8, slots=12, tokens=12, pads=(16, 0, 16), empty=0.3, seed=1)  # three groups
 @example(vectors=3, slots=5, tokens=6, pads=(0, 16, 0), empty=1.0, seed=2)  # every slot empty
-def test_a_units_p_v_is_its_blocks_p_v_in_order(pv_functions, vectors, slots, tokens, pads,
-                                                empty, seed):
+@example(vectors=6, slots=12, tokens=3, pads=(0, 0, 16), empty=0.0, seed=3)  # D = 96, 2 groups
+def test_a_units_p_v_is_its_blocks_p_v_in_order(micro_kernels, path, vectors, slots, tokens,
+                                                pads, empty, seed):
     # mra_bf16_pv_slots (hires_rows' and hires_units' P v, all of a unit's slots in one
     # call, empty slots -1 skipped) against mra_bf16_pv called slot after slot onto zeros,
-    # bit for bit (the same sums in the same order: groups of blocks, dims paired by
-    # unpacks and put back in order), and against float64 sums of the bf16-rounded P and
-    # v. D = 16 * vectors (tails of 1-3 vectors past a multiple of 64 included), row
-    # strides of P, v and out padded.
+    # bit for bit (the same sums in the same order: groups of blocks; on AVX-512-BF16 dims
+    # paired by unpacks and put back in order, on AMX 32 dims of tiles at a time), and
+    # against float64 sums of the bf16-rounded P and v. D = 16 * vectors (tails of 1-3
+    # vectors past a multiple of 64 included; on AMX, D = 16 mod 32 takes the AVX-512
+    # path), row strides of P, v and out padded.
     import ctypes
 
-    slots_pv, block_pv = pv_functions
+    slots_pv, block_pv = micro_kernels.mra_bf16_pv_slots, micro_kernels.mra_bf16_pv
     D = 16 * vectors
     ldp, ldv, ldo = 32 + pads[0], D + pads[1], D + pads[2]
     g = torch.Generator().manual_seed(seed)
@@ -361,3 +380,69 @@ def test_a_units_p_v_is_its_blocks_p_v_in_order(pv_functions, vectors, slots, to
             p = P[32 * c:32 * c + 32, :32].bfloat16().double()  # [keys, queries]
             want += p.T @ v[32 * int(cols[c]):32 * int(cols[c]) + 32, :D].double()
     torch.testing.assert_close(got[:, :D].double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_bf16
+@settings(max_examples=30, deadline=None, suppress_health_check=ONE_PATH)
+@given(vectors=st.integers(1, 20), pads=st.tuples(st.sampled_from([0, 8, 32]),
+                                                  st.sampled_from([0, 16])),
+       seed=st.integers(0, 2**31 - 1))
+@example(vectors=4, pads=(0, 0), seed=0)  # D = 64
+@example(vectors=3, pads=(8, 16), seed=1)  # D = 48: the AVX-512 path on either
+def test_a_key_blocks_logits(micro_kernels, path, vectors, pads, seed):
+    # mra_bf16_qk (out[w][t] = k[w] . q[t] over the queries paired by mra_bf16_pairs) on
+    # either path against float64 sums of the same bf16 values; out's columns past the
+    # block untouched. D = 16 * vectors, k's and out's row strides padded.
+    import ctypes
+
+    D = 16 * vectors
+    ldk, ldo = D + pads[0], 32 + pads[1]
+    g = torch.Generator().manual_seed(seed)
+    k = (torch.randn(32, ldk, generator=g) * 4).bfloat16()
+    q = torch.randn(32, D, generator=g).bfloat16()
+    qp = q.view(torch.int32).t().contiguous()  # [D / 2, 32] pairs of dims
+    got = torch.full((32, ldo), float("nan"))
+    micro_kernels.mra_bf16_qk(ctypes.c_void_p(k.data_ptr()), ldk, ctypes.c_void_p(qp.data_ptr()),
+                              ctypes.c_void_p(got.data_ptr()), ldo, D)
+    want = k[:, :D].double() @ q.double().T
+    torch.testing.assert_close(got[:, :32].double(), want, rtol=1e-5,
+                               atol=1e-5 * want.abs().max().item())
+    assert got[:, 32:].isnan().all()
+
+
+@pytest.mark.skipif(not cpu.amx_products(), reason="this CPU has no AMX-BF16")
+def test_the_tiles_are_configured_again_after_other_amx_work(micro_kernels):
+    # torch's bf16 matmuls (oneDNN) configure the AMX tiles their own way on the calling
+    # thread; the micro-kernels' next calls must configure them back (they read the
+    # configuration each call): the same bits as before, for q k^T and P v.
+    import ctypes
+
+    assert micro_kernels.mra_bf16_amx(1) == 1
+    g = torch.Generator().manual_seed(5)
+    k, q, v = (torch.randn(32, 64, generator=g).bfloat16() for _ in range(3))
+    P = torch.rand(32, 32, generator=g)
+    qp = q.view(torch.int32).t().contiguous()
+
+    def products():
+        logits, out = torch.empty(32, 32), torch.zeros(32, 64)
+        micro_kernels.mra_bf16_qk(ctypes.c_void_p(k.data_ptr()), 64,
+                                  ctypes.c_void_p(qp.data_ptr()),
+                                  ctypes.c_void_p(logits.data_ptr()), 32, 64)
+        micro_kernels.mra_bf16_pv(ctypes.c_void_p(P.data_ptr()), 32,
+                                  ctypes.c_void_p(v.data_ptr()), 64,
+                                  ctypes.c_void_p(out.data_ptr()), 64, 64)
+        return logits, out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (oneDNN runs on this thread)
+    try:
+        first = products()
+        for m, kk, n in [(7, 40, 9), (64, 96, 80), (3, 2048, 5)]:
+            torch.mm(torch.randn(m, kk).bfloat16(), torch.randn(kk, n).bfloat16())
+            again = products()
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
+    finally:
+        torch.set_num_threads(threads)
+        micro_kernels.mra_bf16_amx(0)
+    want = k.double() @ q.double().T
+    torch.testing.assert_close(first[0].double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

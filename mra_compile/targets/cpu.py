@@ -13,6 +13,7 @@ from mra_compile.targets.base import Target
 
 TARGET_ENV = "MRA_COMPILE_TARGET"  # a TVM target as JSON, replacing this host's CPU
 BF16_ENV = "MRA_COMPILE_CPU_BF16"  # "0": bf16 inputs run on the float32 kernels
+AMX_ENV = "MRA_COMPILE_CPU_AMX"  # "0": the bf16 micro-kernels keep off the AMX tiles
 
 
 def bf16_products() -> bool:
@@ -22,6 +23,24 @@ def bf16_products() -> bool:
     (``MRA_COMPILE_TARGET``), and ``MRA_COMPILE_CPU_BF16`` is not "0"."""
     return ("avx512_bf16" in host.cpu_flags() and "avx512bw" in host.cpu_flags()
             and not os.environ.get(TARGET_ENV) and os.environ.get(BF16_ENV, "1") != "0")
+
+
+def amx_products() -> bool:
+    """Whether those bf16 block products run on AMX tiles (``schedules/cpu_bf16.c``
+    decides in each process, the same way): ``bf16_products()``, the CPU has AMX-BF16,
+    and ``MRA_COMPILE_CPU_AMX`` is not "0". (The micro-kernels also need Linux 5.16 or
+    later to grant a process the tiles' state, and a head dim that is a multiple of 32;
+    where either lacks they take their AVX-512-BF16 path.)"""
+    flags = host.cpu_flags()
+    return (bf16_products() and "amx_bf16" in flags and "amx_tile" in flags
+            and os.environ.get(AMX_ENV, "1") != "0")
+
+
+def bf16_instructions() -> str:
+    """What bf16 inputs' block products run on here, in words (benchmarks' headers)."""
+    if not bf16_products():
+        return "none (bf16 computed in float32)"
+    return "AMX tiles" if amx_products() else "AVX-512-BF16"
 
 
 class CpuTarget(Target):
