@@ -1,6 +1,7 @@
 /* bf16 block products on AVX-512-BF16 (vdpbf16ps: pairs of bf16 products summed into
- * fp32 lanes), called from the CPU kernels through the tensor intrinsics of
- * schedules/cpu_bf16.py (TVM 0.27 cannot emit the instruction itself).
+ * fp32 lanes), or on AMX tiles where the CPU has them (the section "The same products on
+ * AMX tiles" below), called from the CPU kernels through the tensor intrinsics of
+ * schedules/cpu_bf16.py (TVM 0.27 cannot emit either itself).
  *
  * bf16 values are passed as their 16 bits. Blocks are 32 x 32; D is the padded head dim
  * (any multiple of 16). The P v products add to ``out`` (the kernel zeroes it); q k^T

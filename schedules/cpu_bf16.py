@@ -1,5 +1,6 @@
 """bf16 block products on AVX-512-BF16 CPUs: tensor intrinsics over the C micro-kernels of
-``cpu_bf16.c``.
+``cpu_bf16.c`` (which run their q k^T and P v on AMX tiles where the CPU has AMX-BF16,
+deciding that themselves once a process: the kernels are the same either way).
 
 TVM 0.27 cannot emit ``vdpbf16ps`` (its bf16 legalisation rewrites the operands before
 LLVM sees them), so the two 32 x 32 x D block products of a unit, ``dots`` (q k^T) and
