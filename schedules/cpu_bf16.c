@@ -516,7 +516,10 @@ HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v,
  * FMAs (the training forward's float32 output, which the backward reads: its P must be
  * the float32 one, as D_t = g . out cancels against g . v). P: key-major fp32 rows of stride ldp; v: bf16
  * rows of stride ldv, widened (exactly) into a float32 copy 256 dims at a time; out:
- * fp32 rows of stride ldo. Tiles of 4 queries x 64 dims (16 accumulators). */
+ * fp32 rows of stride ldo. Tiles of 4 queries x 64 dims (16 accumulators). No AMX path:
+ * the tiles take bf16 only, and P in two bf16 parts (as CUDA's tensor cores take it) was
+ * 2^-16 of P from it, 3e-6 where the float32 path is within 1e-6 (tests/test_cpu_bf16.py,
+ * test_the_backward_output_pass_keeps_p_in_float32). */
 HIDDEN int32_t mra_bf16_pv_f32(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
                                float *out, int32_t ldo, int32_t D) {
   float vf[32 * 256] __attribute__((aligned(64)));

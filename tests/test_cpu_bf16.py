@@ -446,3 +446,34 @@ def test_the_tiles_are_configured_again_after_other_amx_work(micro_kernels):
         micro_kernels.mra_bf16_amx(0)
     want = k.double() @ q.double().T
     torch.testing.assert_close(first[0].double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_bf16
+@settings(max_examples=30, deadline=None)
+@given(vectors=st.integers(1, 16), pads=st.tuples(*(st.sampled_from([0, 16]) for _ in range(3))),
+       seed=st.integers(0, 2**31 - 1))
+@example(vectors=4, pads=(0, 0, 0), seed=0)  # D = 64
+@example(vectors=5, pads=(16, 0, 16), seed=1)  # D = 80: a vector past the 64-dim tiles
+def test_the_float32_p_v_keeps_p_as_it_is(micro_kernels, vectors, pads, seed):
+    # mra_bf16_pv_f32 (the training forward's P v: P not rounded, float32 FMAs, on every
+    # CPU with the micro-kernels, AMX or not) against float64 sums of the float32 P and
+    # the bf16 v, added onto out: within float32 rounding of its 32 terms (2^-18 of
+    # sum_w P |v|, where rounding P to bf16 would miss by up to 2^-9 of each term, and P
+    # in two bf16 parts by up to 2^-16). P spans six decades, as a softmax's does.
+    import ctypes
+
+    D = 16 * vectors
+    ldp, ldv, ldo = 32 + pads[0], D + pads[1], D + pads[2]
+    g = torch.Generator().manual_seed(seed)
+    P = torch.exp(-14 * torch.rand(32, ldp, generator=g))
+    v = (torch.randn(32, ldv, generator=g) * 3).bfloat16()
+    start = torch.randn(32, ldo, generator=g)
+    got = start.clone()
+    micro_kernels.mra_bf16_pv_f32(ctypes.c_void_p(P.data_ptr()), ldp,
+                                  ctypes.c_void_p(v.data_ptr()), ldv,
+                                  ctypes.c_void_p(got.data_ptr()), ldo, D)
+    p, vd = P[:, :32].double(), v[:, :D].double()  # [keys, queries], [keys, dims]
+    want = start[:, :D].double() + p.T @ vd
+    bound = 2.0**-18 * (p.T @ vd.abs() + start[:, :D].double().abs())
+    assert ((got[:, :D].double() - want).abs() <= bound).all()
+    assert torch.equal(got[:, D:], start[:, D:])
