@@ -10,6 +10,7 @@ CPU without them; the choice itself is checked everywhere.
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -477,3 +478,27 @@ def test_the_float32_p_v_keeps_p_as_it_is(micro_kernels, vectors, pads, seed):
     bound = 2.0**-18 * (p.T @ vd.abs() + start[:, :D].double().abs())
     assert ((got[:, :D].double() - want).abs() <= bound).all()
     assert torch.equal(got[:, D:], start[:, D:])
+
+
+@needs_bf16
+@pytest.mark.parametrize("setting", [None, "0", "1"])
+def test_the_micro_kernels_choose_the_tiles_as_the_target_says(tmp_path, setting):
+    # The C side's choice (cpuid, Linux's permission, MRA_COMPILE_CPU_AMX, decided at the
+    # first call of a process) agrees with cpu.amx_products() under the same setting:
+    # each in a fresh process, the library's first question being which path it takes.
+    import os
+
+    from mra_compile.schedules import cpu_bf16
+
+    lib = c_library(tmp_path, cpu_bf16.SOURCE, cpu_bf16.FLAGS)._name
+    env = {k: v for k, v in os.environ.items() if k != cpu.AMX_ENV}
+    if setting is not None:
+        env[cpu.AMX_ENV] = setting
+    script = ("import ctypes\nfrom mra_compile.targets import cpu\n"
+              f"on = ctypes.CDLL({lib!r}).mra_bf16_amx(-1)\n"
+              "print(on, int(cpu.amx_products()))")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == out[1], out
+    if setting == "0":
+        assert out[0] == "0"
