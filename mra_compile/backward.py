@@ -142,8 +142,11 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
                counts=pr.counts, qp=qp, kp=kp, vp=vp, ga=ga, da=da, dqp=pooled_grads[0],
                dkp=pooled_grads[1], dvp=pooled_grads[2], heads=pr.heads, scale=pr.scale)
 
-    # Three separate tensors: a custom op's outputs may not alias one another.
-    grads = [pr.result(R, n, b, Dp) for _ in range(3)]
+    # Three separate tensors: a custom op's outputs may not alias one another. In q's
+    # dtype where bwd_finish writes that (bf16 with the micro-kernels: ``Kernel.writes_io``),
+    # else in the compute dtype, rounded by a copy below.
+    grads = [pr.result(R, n, b, Dp, dtype=pr.q.dtype if "io" in pr.static("bwd_finish") else dt)
+             for _ in range(3)]
     pr.run("bwd_finish", knobs, dq_unit=dq_unit, q_start=by_query.ov_start, q_units=by_query.ov_units,
            dk_unit=dk_unit, dv_unit=dv_unit, k_start=by_key.ov_start, k_units=by_key.ov_units,
            dqp=pooled_grads[0], dkp=pooled_grads[1], dvp=pooled_grads[2],

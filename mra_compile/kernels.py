@@ -30,6 +30,11 @@ class Kernel:
     # Takes the I/O dtype though it does not read q, k, v (bwd_prep: with micro-kernels
     # dout and g, the backward's block products' operand, are stored in it).
     takes_io: bool = False
+    # Writes its outputs in the I/O dtype where the target's micro-kernels take q, k, v
+    # (bwd_finish: bf16 gradients on CPUs with the bf16 micro-kernels, not float32 ones
+    # rounded by a copy after it); not in its grouped-query use, whose gradients are
+    # summed over heads after it.
+    writes_io: bool = False
     # Intermediates in global memory between the kernel's launches: with
     # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
     # arguments, and the caller allocates them.
@@ -79,7 +84,8 @@ class Kernel:
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
-        if io is not None and io != dtype and (self.reads_qkv or self.takes_io):
+        writes = self.writes_io and micro is not None and not gqa
+        if io is not None and io != dtype and (self.reads_qkv or self.takes_io or writes):
             static["io"] = io
             if micro is not None:
                 static["micro"] = micro
@@ -171,7 +177,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            scratch=("weight", "gv", "dlog")),
     Kernel("bwd_finish", ("dq_unit", "q_start", "q_units", "dk_unit", "dv_unit", "k_start",
                           "k_units", "dqp", "dkp", "dvp", "inv_counts", "q_inv_counts", "mask",
-                          "qmask", "dq", "dk", "dv", "heads", "ucap_q", "ucap_k")),
+                          "qmask", "dq", "dk", "dv", "heads", "ucap_q", "ucap_k"),
+           writes_io=True),
 )}
 
 

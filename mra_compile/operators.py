@@ -1227,16 +1227,19 @@ def bwd_lowres(b: int, D: int, dtype: str = "float32", scratch: bool = False):
             + ([weight, gv, dlog] if scratch else []))
 
 
-def bwd_finish(b: int, D: int, dtype: str = "float32"):
+def bwd_finish(b: int, D: int, dtype: str = "float32", io: str | None = None,
+               micro: str | None = None):
     """Sum the unit partials per block and add the block averages' gradient.
 
     in : dq_unit [R, Uq, b, D]; q_start, q_units [R, n] (units of each query block);
          dk_unit, dv_unit [R, Uk, b, D]; k_start, k_units [R, n] (units of each key block);
          dqp, dkp, dvp [R, n, D]; inv_counts, q_inv_counts [Bm, n]; mask, qmask [Bm, N];
          heads, ucap_q, ucap_k
-    out: dq, dk, dv [R, n, b, D] (the memory of [R, N, D])
+    out: dq, dk, dv [R, n, b, D] (the memory of [R, N, D]): in the compute dtype, or with
+         ``micro`` as bf16 bits, rounded to the nearest (the gradients of bf16 q, k, v)
     """
     dt = dtype
+    store = _io(io, dt, micro) if micro else dt
     R, N, Bm, heads, Uq, Uk, ucap_q, ucap_k = _vars("R", "N", "Bm", "heads", "Uq", "Uk",
                                                      "ucap_q", "ucap_k")
     n = N // b
@@ -1266,12 +1269,11 @@ def bwd_finish(b: int, D: int, dtype: str = "float32"):
             ),
             name=name + "_sum",
         )
-        return te.compute(
-            (R, n, b, D),
-            lambda r, i, t, d: total[r, i, t, d]
-            + pooled[r, i, d] * inv[r // heads, i] * side[r // heads, i * b + t],
-            name=name,
-        )
+        def value(r, i, t, d):
+            x = total[r, i, t, d] + pooled[r, i, d] * inv[r // heads, i] * side[r // heads, i * b + t]
+            return x if store == dt else _narrow(x, store)
+
+        return te.compute((R, n, b, D), value, name=name)
 
     dq = gathered("dq", dq_unit, q_start, q_units, ucap_q, dqp, q_inv_counts, qmask)
     dk = gathered("dk", dk_unit, k_start, k_units, ucap_k, dkp, inv_counts, mask)

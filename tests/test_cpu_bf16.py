@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import mra_compile
-from mra_compile import aot, build, host, inputs, knob_policy
+from mra_compile import aot, build, host, inputs, kernels, knob_policy
 from mra_compile.reference import mra2_reference
 from mra_compile.targets import cpu
 
@@ -179,19 +179,22 @@ def test_the_backward_output_pass_keeps_p_in_float32(mode):
 
 @needs_bf16
 def test_bf16_kernels_call_the_micro_kernels():
-    # The kernels that read q, k, v (forward and backward) and bwd_prep (its g is their
-    # operand) are the bf16 variants, and their libraries hold the micro-kernels; every
-    # other kernel and every float32 one is not.
+    # The kernels that read q, k, v (forward and backward), bwd_prep (its g is their
+    # operand) and bwd_finish (it writes the bf16 gradients, but not for grouped heads,
+    # whose gradients are summed after it) are the bf16 variants, and the libraries of
+    # those that take products hold the micro-kernels; every other kernel and every
+    # float32 one is not.
     q, k, v = make_qkv(4, 1, 2, 100, 64, dtype=torch.bfloat16)
     pr = inputs.prepare(q, k, v, None, 32)
     assert pr.q.dtype == torch.bfloat16
     for name in ("pool_and_logits", "hires_units", "hires_rows"):
         static = pr.static(name, True)
         assert static["io"] == "bfloat16" and static["micro"] == "avx512_bf16"
-    for name in ("bwd_prep", "bwd_dq_ds_units", "bwd_dkdv_ds_units"):
+    for name in ("bwd_prep", "bwd_dq_ds_units", "bwd_dkdv_ds_units", "bwd_finish"):
         assert pr.static(name)["micro"] == "avx512_bf16"
-    for name in ("bwd_lowres", "bwd_finish"):
-        assert "micro" not in pr.static(name) and "io" not in pr.static(name)
+    assert "micro" not in pr.static("bwd_lowres") and "io" not in pr.static("bwd_lowres")
+    grouped = inputs.prepare(q, k[:, :1], v[:, :1], None, 32)  # (2 query heads a key head)
+    assert grouped.group == 2 and "io" not in grouped.static("bwd_finish")
     for name, full in (("hires_rows", True), ("bwd_dkdv_ds_units", None),
                        ("bwd_dq_ds_units", None)):
         static = pr.static(name, full)
@@ -207,6 +210,7 @@ def test_bf16_kernels_call_the_micro_kernels():
     f32 = inputs.prepare(q.float(), k.float(), v.float(), None, 32)
     assert "micro" not in f32.static("hires_rows", True) and "io" not in f32.static("hires_rows", True)
     assert "micro" not in f32.static("bwd_prep") and "io" not in f32.static("bwd_prep")
+    assert "io" not in f32.static("bwd_finish")
 
 
 def test_the_cpu_target_chooses_bf16_products_from_the_cpu(monkeypatch):
@@ -238,7 +242,11 @@ def test_ahead_of_time_variants_follow_the_target():
     micro = {name for name, s in got if dict(s).get("micro")}
     if cpu.bf16_products():
         assert micro == {"pool_and_logits", "hires_units", "hires_rows", "bwd_prep",
-                         "bwd_dq_ds_units", "bwd_dkdv_ds_units"}
+                         "bwd_dq_ds_units", "bwd_dkdv_ds_units", "bwd_finish"}
+        # with grouped heads, bwd_finish's float32 variant too (their gradients are summed)
+        grouped = [s for name, s in aot.variants([32], [64], ("bfloat16",), gqa=True,
+                                                 target=cpu.CPU) if name == "bwd_finish"]
+        assert sorted("io" in s for s in grouped) == [False, True]
     else:
         assert not micro
     # No variant twice (float32 and bf16 share the kernels that do not read q, k, v).
@@ -502,3 +510,28 @@ def test_the_micro_kernels_choose_the_tiles_as_the_target_says(tmp_path, setting
     assert out[0] == out[1], out
     if setting == "0":
         assert out[0] == "0"
+
+
+@needs_bf16
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_the_bf16_gradients_are_the_float32_ones_rounded(mode):
+    # bwd_finish's bf16 variant (the gradients of bf16 q, k, v written as bf16) against its
+    # float32 variant on the arguments of a real backward, rounded by torch: the same bits.
+    from mra_compile import build
+
+    q, k, v = (x.requires_grad_() for x in make_qkv(3, 1, 3, 200, 64, dtype=torch.bfloat16))
+    out = mra_compile.mra_attention(q, k, v, block_per_row=3, approx_mode=mode)
+    with build.trace_kernel_calls() as calls:
+        out.backward(torch.randn_like(out))
+    call = next(c for c in calls if c["op"] == "bwd_finish")
+    assert call["static"]["io"] == "bfloat16"
+    names = kernels.get("bwd_finish").arg_names(call["static"])
+    args = list(call["args"])
+    outs = [names.index(name) for name in ("dq", "dk", "dv")]
+    got = [args[i].clone() for i in outs]
+    for i in outs:
+        args[i] = torch.full(args[i].shape, float("nan"))
+    static = {key: val for key, val in call["static"].items() if key not in ("io", "micro")}
+    build.kernel("bwd_finish", call["knobs"], call["target"], **static)(*args)
+    for i, bits in zip(outs, got):
+        assert torch.equal(args[i].bfloat16().view(torch.int16), bits.view(torch.int16))
