@@ -163,20 +163,34 @@ static void pv_avx512(const float *P, int32_t ldp, const uint16_t *v, int32_t ld
  * 0.97x the time at N = 8192, sparse (Zen 4, in-process A/B, the same bits; 6 blocks
  * a group no better than 4, whose paired rows, 16 KB at D = 64, stay in L1). */
 #define PV_GROUP 4
+
+/* The next group of a unit's filled slots, from slot *c0 on (at most max; *c0 moves past
+ * them): their value blocks, and each one's probabilities put by prepare into buf, stride
+ * words apart. Returns how many. */
+static inline int next_group(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                             const int32_t *cols, int32_t C, int32_t *c0, int max,
+                             const uint16_t **blocks,
+                             void (*prepare)(const float *, int32_t, int32_t *), int32_t *buf,
+                             int stride) {
+  int g = 0;
+  for (; *c0 < C && g < max; ++*c0) {
+    if (cols[*c0] < 0) continue;
+    blocks[g] = v + (int64_t)cols[*c0] * 32 * ldv;
+    prepare(P + (int64_t)*c0 * 32 * ldp, ldp, buf + g * stride);
+    ++g;
+  }
+  return g;
+}
+
 static void pv_slots_avx512(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
                             const int32_t *cols, int32_t C, float *out, int32_t ldo, int32_t D) {
   int32_t pp[PV_GROUP * 16 * 32] __attribute__((aligned(64)));
   uint16_t vp[PV_GROUP * 16 * 64 * 2] __attribute__((aligned(64)));
   int first = 1;
-  for (int c0 = 0; c0 < C;) {
+  for (int32_t c0 = 0; c0 < C;) {
     const uint16_t *blocks[PV_GROUP];
-    int g = 0;
-    for (; c0 < C && g < PV_GROUP; ++c0) {
-      if (cols[c0] < 0) continue;
-      blocks[g] = v + (int64_t)cols[c0] * 32 * ldv;
-      probability_pairs(P + (int64_t)c0 * 32 * ldp, ldp, pp + g * 16 * 32);
-      ++g;
-    }
+    const int g = next_group(P, ldp, v, ldv, cols, C, &c0, PV_GROUP, blocks, probability_pairs,
+                             pp, 16 * 32);
     if (g == 0) break;
     for (int d0 = 0; d0 < D; d0 += 64) {
       const int Dc = D - d0 < 64 ? D - d0 : 64;
@@ -443,15 +457,10 @@ AMX static void pv_slots_amx(const float *P, int32_t ldp, const uint16_t *v, int
   uint16_t vp[2 * 16 * 32 * 2] __attribute__((aligned(64)));
   amx_configure();
   int first = 1;
-  for (int c0 = 0; c0 < C;) {
+  for (int32_t c0 = 0; c0 < C;) {
     const uint16_t *blocks[AMX_GROUP];
-    int g = 0;
-    for (; c0 < C && g < AMX_GROUP; ++c0) {
-      if (cols[c0] < 0) continue;
-      blocks[g] = v + (int64_t)cols[c0] * 32 * ldv;
-      probabilities_by_query(P + (int64_t)c0 * 32 * ldp, ldp, pt + g * 32 * 16);
-      ++g;
-    }
+    const int g = next_group(P, ldp, v, ldv, cols, C, &c0, AMX_GROUP, blocks,
+                             probabilities_by_query, pt, 32 * 16);
     if (g == 0) break;
     for (int d0 = 0; d0 < D; d0 += 32) {
       if (first) {
