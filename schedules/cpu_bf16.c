@@ -123,14 +123,16 @@ static void pv_dims(const int32_t *pp, const uint16_t *v, int32_t ldv, float *ou
 /* A key block's probabilities rounded to bf16 (nearest even) in pairs of keys:
  * pp[p][t] = (bf16(P[2p][t]), bf16(P[2p + 1][t])) as one 32-bit word, p < 16, t < 32;
  * P: key-major fp32 rows of stride ldp. pair_vector: the words pp[p][h .. h + 16). */
-static inline __m512i pair_vector(const float *P, int32_t ldp, int p, int h) {
-  /* the result of cvtne2ps with its halves interleaved */
+static inline __m512i interleaved(__m512i both) { /* halves a, b -> words (a_i, b_i) */
   const __m512i halves = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
                                           16, 0);
-  __m512 a = _mm512_loadu_ps(P + 2 * p * ldp + h), b = _mm512_loadu_ps(P + (2 * p + 1) * ldp + h);
-  __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
   return _mm512_permutexvar_epi16(halves, both);
+}
+
+static inline __m512i pair_vector(const float *P, int32_t ldp, int p, int h) {
+  __m512 a = _mm512_loadu_ps(P + 2 * p * ldp + h), b = _mm512_loadu_ps(P + (2 * p + 1) * ldp + h);
+  return interleaved((__m512i)_mm512_cvtne2ps_pbh(b, a)); /* (cvtne2ps: a in the low half) */
 }
 
 static void probability_pairs(const float *P, int32_t ldp, int32_t *pp) {
@@ -403,6 +405,35 @@ static void probabilities_by_query(const float *P, int32_t ldp, int32_t *pt) {
   }
 }
 
+static inline __m512 widened(__m256i h) { /* 16 bf16 -> float32, exactly */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* A key block's probabilities as three left operands whose sum is P: parts[0] = bf16(P),
+ * parts[1] = bf16(P - parts[0]), parts[2] = bf16(P - parts[0] - parts[1]), each as pt in
+ * probabilities_by_query (32 x 16 words). Each difference is exact in float32 and each
+ * part takes 8 more of P's 24 significant bits, so the three sum to P exactly, but where
+ * a part would be subnormal (P under ~2^-110), which the tiles take as zero. */
+static void probabilities_in_three(const float *P, int32_t ldp, int32_t *parts) {
+  for (int h = 0; h < 32; h += 16) {
+    __m512i x[3][16];
+    for (int p = 0; p < 16; ++p) {
+      __m512 a = _mm512_loadu_ps(P + 2 * p * ldp + h);
+      __m512 b = _mm512_loadu_ps(P + (2 * p + 1) * ldp + h);
+      for (int i = 0; i < 3; ++i) {
+        __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
+        x[i][p] = interleaved(both);
+        a = _mm512_sub_ps(a, widened(_mm512_castsi512_si256(both)));
+        b = _mm512_sub_ps(b, widened(_mm512_extracti64x4_epi64(both, 1)));
+      }
+    }
+    for (int i = 0; i < 3; ++i) {
+      transpose16(x[i]);
+      for (int t = 0; t < 16; ++t) _mm512_store_si512(parts + i * 32 * 16 + (h + t) * 16, x[i][t]);
+    }
+  }
+}
+
 /* The out tiles of 32 queries x 32 dims (d, with row stride ldo) to and from memory */
 AMX static inline void out_tiles_load(const float *o, int32_t ldo) {
   _tile_loadd(0, o, 4 * ldo);
@@ -431,17 +462,23 @@ AMX static inline void pv_tiles(const int32_t *pt, const uint16_t *vp) {
   _tile_dpbf16ps(3, 5, 7);
 }
 
-/* mra_bf16_pv on the tiles */
+/* mra_bf16_pv on the tiles (parts 1: P rounded to bf16, probabilities_by_query), and
+ * mra_bf16_pv_f32 (parts 3: P in three bf16 parts that sum to it, probabilities_in_three,
+ * out += each part's P v; P v as exact as the float32 FMAs' but for the order of the
+ * sums) */
 AMX static void pv_amx(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv, float *out,
-                       int32_t ldo, int32_t D) {
-  int32_t pt[32 * 16] __attribute__((aligned(64)));
+                       int32_t ldo, int32_t D, int parts) {
+  int32_t pt[3 * 32 * 16] __attribute__((aligned(64)));
   uint16_t vp[16 * 32 * 2] __attribute__((aligned(64)));
   amx_configure();
-  probabilities_by_query(P, ldp, pt);
+  if (parts == 3)
+    probabilities_in_three(P, ldp, pt);
+  else
+    probabilities_by_query(P, ldp, pt);
   for (int d0 = 0; d0 < D; d0 += 32) {
     pairs_in_order(v + d0, ldv, 32, vp, 32);
     out_tiles_load(out + d0, ldo);
-    pv_tiles(pt, vp);
+    for (int i = 0; i < parts; ++i) pv_tiles(pt + i * 32 * 16, vp);
     out_tiles_store(out + d0, ldo);
   }
 }
@@ -509,7 +546,7 @@ HIDDEN int32_t mra_bf16_qk(const uint16_t *k, int32_t ldk, const uint16_t *qp, f
 
 HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
                            float *out, int32_t ldo, int32_t D) {
-  AMX_CALL(D, pv_amx(P, ldp, v, ldv, out, ldo, D), pv_avx512(P, ldp, v, ldv, out, ldo, D));
+  AMX_CALL(D, pv_amx(P, ldp, v, ldv, out, ldo, D, 1), pv_avx512(P, ldp, v, ldv, out, ldo, D));
   return 0;
 }
 
@@ -525,12 +562,11 @@ HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v,
  * FMAs (the training forward's float32 output, which the backward reads: its P must be
  * the float32 one, as D_t = g . out cancels against g . v). P: key-major fp32 rows of stride ldp; v: bf16
  * rows of stride ldv, widened (exactly) into a float32 copy 256 dims at a time; out:
- * fp32 rows of stride ldo. Tiles of 4 queries x 64 dims (16 accumulators). No AMX path:
- * the tiles take bf16 only, and P in two bf16 parts (as CUDA's tensor cores take it) was
- * 2^-16 of P from it, 3e-6 where the float32 path is within 1e-6 (tests/test_cpu_bf16.py,
- * test_the_backward_output_pass_keeps_p_in_float32). */
-HIDDEN int32_t mra_bf16_pv_f32(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
-                               float *out, int32_t ldo, int32_t D) {
+ * fp32 rows of stride ldo. Tiles of 4 queries x 64 dims (16 accumulators). On AMX tiles:
+ * pv_amx (P in three bf16 parts; two, as CUDA's tensor cores take it, were 2^-16 of
+ * P from it: 3e-6 where tests/test_cpu_bf16.py holds this path within 1e-6). */
+static void pv_f32_avx512(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                          float *out, int32_t ldo, int32_t D) {
   float vf[32 * 256] __attribute__((aligned(64)));
   for (int d0 = 0; d0 < D; d0 += 256) {
     const int Dc = D - d0 < 256 ? D - d0 : 256;
@@ -572,6 +608,11 @@ HIDDEN int32_t mra_bf16_pv_f32(const float *P, int32_t ldp, const uint16_t *v, i
         for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (t0 + i) * ldo + d0 + j0 * 16, acc[i]);
       }
   }
+}
+
+HIDDEN int32_t mra_bf16_pv_f32(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+                               float *out, int32_t ldo, int32_t D) {
+  AMX_CALL(D, pv_amx(P, ldp, v, ldv, out, ldo, D, 3), pv_f32_avx512(P, ldp, v, ldv, out, ldo, D));
   return 0;
 }
 
