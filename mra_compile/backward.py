@@ -63,7 +63,9 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     # input dtype, else the defaults (``knob_policy``).
     knobs = knob_policy.knobs_for_shape(knobs or None, max(N, Nk), D, b, target, q.dtype)
 
-    dout = padded(grad_out, Np, Dp, io, "dout", target)
+    # (float32 for the micro-kernels too: bwd_prep rounds it into g. The gradient of a
+    # training forward's float32 output comes in float32, so no copy is made of it here.)
+    dout = padded(grad_out, Np, Dp, dt, "dout", target)
     stab, lo_w, inv_z = saved.stats  # [R, Np] each
     # A half-precision result, float32 sums here: D_t = g . out from the output in
     # float32. With the rounded one, g . v - D_t cancels where the softmax is peaky and

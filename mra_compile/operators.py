@@ -839,22 +839,26 @@ def bwd_prep(b: int, D: int, dtype: str = "float32", io: str | None = None,
          dsum [R, n, b] = sum_d g out (D_t / inv_z_t); ga [R, n, D] = sum_t lo_w inv_z g;
          da [R, n] = sum_t lo_w inv_z dsum (the low-resolution part's per-block sums of g
          and D_t; zero in "sparse" mode where lo_w = 0)
-    ``micro`` ("avx512_bf16"): dout and g are bf16 bits (``_io``); otherwise they are in
-    the compute dtype (``io``, the products' operand dtype, takes dout's values exactly:
-    dout comes in it).
+    ``micro`` ("avx512_bf16"): g is bf16 bits (``_io``), dout in the compute dtype, rounded
+    as it is read (exactly: the gradient of a bf16 result, widened by autograd to the
+    training forward's float32 output, holds bf16 values); otherwise both are in the
+    compute dtype (``io``, the products' operand dtype, takes dout's values exactly: dout
+    comes in it).
     """
     dt = dtype
     store = _io(io, dt, micro) if micro else dt
     R, n = _vars("R", "n")
-    dout = te.placeholder((R, n, b, D), store, "dout")
+    dout = te.placeholder((R, n, b, D), dt, "dout")
     out = te.placeholder((R, n, b, D), dt, "out")
     inv_z = te.placeholder((R, n, b), dt, "inv_z")
     lo_w = te.placeholder((R, n, b), dt, "lo_w")
 
     # Selected, not multiplied: a padded query's dout may hold anything.
     g = te.compute((R, n, b, D),
-                   lambda r, i, t, d: te.if_then_else(inv_z[r, i, t] > 0.0, dout[r, i, t, d],
-                                                      tirx.const(0, store)),
+                   lambda r, i, t, d: te.if_then_else(
+                       inv_z[r, i, t] > 0.0,
+                       dout[r, i, t, d] if store == dt else _narrow(dout[r, i, t, d], store),
+                       tirx.const(0, store)),
                    name="g")
     d0 = te.reduce_axis((0, D), "d0")
     dsum = te.compute(
