@@ -394,44 +394,39 @@ AMX static void qk_amx(const uint16_t *k, int32_t ldk, const uint16_t *qp, float
   _tile_stored(3, out + 16 * ldo + 16, 4 * ldo);
 }
 
-/* A key block's probabilities as the left operand of P v: pt[t][w] = bf16(P[w][t]),
- * rows of 32 keys, t, w < 32: the words of probability_pairs, transposed. */
-static void probabilities_by_query(const float *P, int32_t ldp, int32_t *pt) {
-  for (int h = 0; h < 32; h += 16) {
-    __m512i x[16];
-    for (int p = 0; p < 16; ++p) x[p] = pair_vector(P, ldp, p, h);
-    transpose16(x);
-    for (int t = 0; t < 16; ++t) _mm512_store_si512(pt + (h + t) * 16, x[t]);
-  }
-}
-
 static inline __m512 widened(__m256i h) { /* 16 bf16 -> float32, exactly */
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* A key block's probabilities as three left operands whose sum is P: parts[0] = bf16(P),
- * parts[1] = bf16(P - parts[0]), parts[2] = bf16(P - parts[0] - parts[1]), each as pt in
- * probabilities_by_query (32 x 16 words). Each difference is exact in float32 and each
- * part takes 8 more of P's 24 significant bits, so the three sum to P exactly, but where
- * a part would be subnormal (P under ~2^-110), which the tiles take as zero. */
-static void probabilities_in_three(const float *P, int32_t ldp, int32_t *parts) {
+/* A key block's probabilities as left operands of P v, in `parts` bf16 parts (1-3) whose
+ * sum is P, each 32 x 16 words: pt[i][t][w] (rows of 32 keys, t, w < 32) = bf16 of what
+ * the parts before it left of P[w][t]: the words of probability_pairs transposed, then
+ * of the rests. Each rest is exact in float32 and each part takes 8 more of P's 24
+ * significant bits, so three sum to P exactly, but where a part would be subnormal (P
+ * under ~2^-110), which the tiles take as zero. */
+static inline void probabilities_in_parts(const float *P, int32_t ldp, int32_t *pt, int parts) {
   for (int h = 0; h < 32; h += 16) {
     __m512i x[3][16];
     for (int p = 0; p < 16; ++p) {
       __m512 a = _mm512_loadu_ps(P + 2 * p * ldp + h);
       __m512 b = _mm512_loadu_ps(P + (2 * p + 1) * ldp + h);
-      for (int i = 0; i < 3; ++i) {
+      for (int i = 0; i < parts; ++i) {
         __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
         x[i][p] = interleaved(both);
         a = _mm512_sub_ps(a, widened(_mm512_castsi512_si256(both)));
         b = _mm512_sub_ps(b, widened(_mm512_extracti64x4_epi64(both, 1)));
       }
     }
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < parts; ++i) {
       transpose16(x[i]);
-      for (int t = 0; t < 16; ++t) _mm512_store_si512(parts + i * 32 * 16 + (h + t) * 16, x[i][t]);
+      for (int t = 0; t < 16; ++t) _mm512_store_si512(pt + i * 32 * 16 + (h + t) * 16, x[i][t]);
     }
   }
+}
+
+/* P rounded to bf16 alone (next_group's prepare for the tiles) */
+static void probabilities_by_query(const float *P, int32_t ldp, int32_t *pt) {
+  probabilities_in_parts(P, ldp, pt, 1);
 }
 
 /* The out tiles of 32 queries x 32 dims (d, with row stride ldo) to and from memory */
@@ -449,7 +444,7 @@ AMX static inline void out_tiles_store(float *o, int32_t ldo) {
   _tile_stored(3, o + 16 * ldo + 16, 4 * ldo);
 }
 
-/* The out tiles += one block's P v over 32 dims: pt as probabilities_by_query, vp the
+/* The out tiles += one block's P v over 32 dims: pt one part of probabilities_in_parts, vp the
  * block's value rows over those dims in pairs of keys ([16][32][2], pairs_in_order). */
 AMX static inline void pv_tiles(const int32_t *pt, const uint16_t *vp) {
   _tile_loadd(4, pt, 64);
@@ -462,19 +457,15 @@ AMX static inline void pv_tiles(const int32_t *pt, const uint16_t *vp) {
   _tile_dpbf16ps(3, 5, 7);
 }
 
-/* mra_bf16_pv on the tiles (parts 1: P rounded to bf16, probabilities_by_query), and
- * mra_bf16_pv_f32 (parts 3: P in three bf16 parts that sum to it, probabilities_in_three,
- * out += each part's P v; P v as exact as the float32 FMAs' but for the order of the
- * sums) */
+/* mra_bf16_pv on the tiles (parts 1: P rounded to bf16), and mra_bf16_pv_f32 (parts 3: P
+ * in three bf16 parts that sum to it, probabilities_in_parts): out += each part's P v, so
+ * with three as exact as the float32 FMAs' but for the order of the sums */
 AMX static void pv_amx(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv, float *out,
                        int32_t ldo, int32_t D, int parts) {
   int32_t pt[3 * 32 * 16] __attribute__((aligned(64)));
   uint16_t vp[16 * 32 * 2] __attribute__((aligned(64)));
   amx_configure();
-  if (parts == 3)
-    probabilities_in_three(P, ldp, pt);
-  else
-    probabilities_by_query(P, ldp, pt);
+  probabilities_in_parts(P, ldp, pt, parts);
   for (int d0 = 0; d0 < D; d0 += 32) {
     pairs_in_order(v + d0, ldv, 32, vp, 32);
     out_tiles_load(out + d0, ldo);
