@@ -6,6 +6,7 @@ import re
 import pytest
 
 from mra_compile import build, knob_policy
+from mra_compile.schedules.cpu import TILE_SCOPE
 
 # op -> (static, the index whose entries guard the skipped loops, how many such loops)
 GUARDED = {
@@ -88,7 +89,7 @@ def test_pool_logits_are_register_tiles_over_padded_copies(vec, rows, cols):
     assert "qp_pad[v_r, v_i, v_dd] * kp_pad[v_r, v_dd, v_j]" in script
     tile = script[script.index('T.sblock("raw_logits_update")') - 400:]
     assert f"T.vectorized({cols})" in tile[:400] and f"T.unroll({rows})" in tile[:400]
-    update = tile[400:tile.index("raw_logits_pad_local[v_r, v_i, v_j] =")]
+    update = tile[400:tile.index(f"raw_logits_pad_{TILE_SCOPE}[v_r, v_i, v_j] =")]
     assert "T.where" not in update
     # The copy of k̂ runs along the rows it writes (keys innermost), not the rows it reads
     # (a scatter per vector of d).
@@ -486,7 +487,7 @@ def test_low_resolution_product_is_register_tiles_of_query_blocks(D, band):
     assert re.search(r"for r_m in T.parallel\(R_1\)", script)
     tile = _loops_above(script, "o_lo_update")
     assert re.search(rf"T.unroll\(4\):\n.*T.unroll\({band}\):\n.*T.vectorized\(16\):", tile), tile
-    update = script[script.index('T.sblock("o_lo_update")'):script.index("o_lo_pad_local[v_r, v_i, v_d] =")]
+    update = script[script.index('T.sblock("o_lo_update")'):script.index(f"o_lo_pad_{TILE_SCOPE}[v_r, v_i, v_d] =")]
     assert "T.where" not in update
     lanes = _loops_above(script, "z_lo_lanes_update")
     assert "T.vectorized(16)" in lanes.splitlines()[-2], lanes
@@ -504,7 +505,7 @@ def test_low_resolution_gradients_are_register_tiles(output):
     tile = _loops_above(script, f"{output}_update")
     assert re.search(r"T.unroll\(4\):\n.*T.unroll\(4\):\n.*T.vectorized\(16\):", tile), tile
     update = script[script.index(f'T.sblock("{output}_update")'):]
-    update = update[:update.index(f"{output}_pad_local[v_r, v_")]
+    update = update[:update.index(f"{output}_pad_{TILE_SCOPE}[v_r, v_")]
     assert "T.where" not in update
 
 
