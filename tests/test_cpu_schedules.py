@@ -487,7 +487,8 @@ def test_low_resolution_product_is_register_tiles_of_query_blocks(D, band):
     assert re.search(r"for r_m in T.parallel\(R_1\)", script)
     tile = _loops_above(script, "o_lo_update")
     assert re.search(rf"T.unroll\(4\):\n.*T.unroll\({band}\):\n.*T.vectorized\(16\):", tile), tile
-    update = script[script.index('T.sblock("o_lo_update")'):script.index(f"o_lo_pad_{TILE_SCOPE}[v_r, v_i, v_d] =")]
+    written = script.index(f"o_lo_pad_{TILE_SCOPE}[v_r, v_i, v_d] =")
+    update = script[script.index('T.sblock("o_lo_update")'):written]
     assert "T.where" not in update
     lanes = _loops_above(script, "z_lo_lanes_update")
     assert "T.vectorized(16)" in lanes.splitlines()[-2], lanes
