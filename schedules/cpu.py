@@ -275,8 +275,9 @@ TILE_SCOPE = "global"
 
 def _register_tile(sch, name, *, vec, rows, unroll, slot=None, cols=None):
     """A [.., x, y] = sum_z stage as register tiles: ``rows`` consecutive x times all of
-    y (in vectors of ``vec``), accumulated in a constant-size local tile (LLVM keeps it
-    in registers) and written back once; loop order (x_o, z, x_i, y).
+    y (in vectors of ``vec``), accumulated in a constant-size tile of scope
+    ``TILE_SCOPE`` (LLVM keeps it in registers) and written back once; loop order (x_o,
+    z, x_i, y).
 
     ``slot``: split z into (z_o, z_i) of ``slot`` each, loop order (x_o, z_o, z_i, x_i, y),
     so that a slot's work can be skipped whole. ``cols``: tiles of ``cols`` vectors of y
