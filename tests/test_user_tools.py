@@ -156,3 +156,18 @@ def test_plot_times_handles_missing_series(tmp_path):
     benchmarks.plot_times(rows, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert math.isclose(rows[0]["sdpa_over_op"], 2.0)
+
+
+# ---------------------------------------------------------------------------- bf16 vs SDPA
+
+
+def test_bf16_error_vs_sdpa_writes_its_table(tmp_path):
+    script = load_script("bf16_error_vs_sdpa")
+    out = tmp_path / "e.md"
+    assert script.main(["--head-dims", "1", "64", "--cases", "3", "--out", str(out)]) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 64 ")]
+    assert [r[1] for r in rows] == ["op", "SDPA"]
+    assert all(float(r[2]) < script.TOLERANCE for r in rows)  # D = 64: within bf16's tolerance
+    assert "Command: `python bench/bf16_error_vs_sdpa.py --head-dims 1 64" in out.read_text()
+    with pytest.raises(SystemExit):
+        script.main(["--cases", "0", "--out", str(out)])
