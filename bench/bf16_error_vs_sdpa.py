@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         "# bf16 forward error: the op next to SDPA, exact attention (one block)", "",
         machine_line(), "",
         f"bf16 products: {cpu.bf16_instructions()}; B = H = 2, N in 1..32, {args.cases} "
-        f"cases per head dim, seed {args.seed}; error per (batch, head): max |out - ref| / "
+        f"cases per head dim, seed {args.seed} + D; error per (batch, head): max |out - ref| / "
         "max |ref| against float64 SDPA on the same bf16 inputs, the worst head of a case.",
         "", "| D | who | largest | 99th percentile | cases > 1e-2 |", "|---|---|---|---|---|",
     ]
