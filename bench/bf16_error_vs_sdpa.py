@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cases < 1:
         p.error("--cases must be >= 1")
+    if min(args.head_dims) < 1:
+        p.error("--head-dims must be >= 1")
     lines = [
         "# bf16 forward error: the op next to SDPA, exact attention (one block)", "",
         machine_line(), "",

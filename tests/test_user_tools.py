@@ -169,5 +169,6 @@ def test_bf16_error_vs_sdpa_writes_its_table(tmp_path):
     assert [r[1] for r in rows] == ["op", "SDPA"]
     assert all(float(r[2]) < script.TOLERANCE for r in rows)  # D = 64: within bf16's tolerance
     assert "Command: `python bench/bf16_error_vs_sdpa.py --head-dims 1 64" in out.read_text()
-    with pytest.raises(SystemExit):
-        script.main(["--cases", "0", "--out", str(out)])
+    for bad in (["--cases", "0"], ["--head-dims", "0"]):
+        with pytest.raises(SystemExit):
+            script.main([*bad, "--out", str(out)])
