@@ -41,8 +41,7 @@ def bf16_error(N: int = 1024) -> float:
         sel = mra_compile.block_selection(q, k, v, None, block_per_row=4)
         ref = mra2_reference(q.double(), k.double(), v.double(), None, block_per_row=4,
                              selection=sel)
-    err = (out.double() - ref).abs().amax(dim=(-1, -2))
-    return (err / ref.abs().amax(dim=(-1, -2))).max().item()
+    return common.worst_head_error(out, ref)
 
 
 def bf16_grad_errors(N: int = 1024) -> list[float]:

@@ -29,14 +29,9 @@ if str(REPO_ROOT) not in sys.path:
 import mra_compile  # noqa: E402
 from mra_compile.targets import cpu  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
+from mra_compile.tools.common import worst_head_error, write_report  # noqa: E402
 
 TOLERANCE = 1e-2  # the bf16 tolerance of tests/ (per (batch, head), relative to its max)
-
-
-def worst_head_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max over (batch, head) of max |out - ref| / max |ref| (tests/helpers/fuzz_worker.py)."""
-    err = (out.double() - ref).abs().amax(dim=(-1, -2))
-    return (err / ref.abs().amax(dim=(-1, -2)).clamp_min(1e-30)).max().item()
 
 
 def errors(head_dim: int, cases: int, seed: int) -> dict[str, torch.Tensor]:
@@ -80,10 +75,8 @@ def main(argv=None) -> int:
                          f"| {int((e > TOLERANCE).sum())} of {len(e)} |")
     given = sys.argv[1:] if argv is None else argv
     lines += ["", f"Command: `python bench/bf16_error_vs_sdpa.py{''.join(' ' + a for a in given)}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

@@ -71,6 +71,13 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return (num / exact.flatten(2).norm(dim=-1)).mean().item()
 
 
+def worst_head_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |approx - exact| / max |exact| per (batch, head) of [B, H, N, D], the largest:
+    the measure the tests hold a dtype's tolerance to (in float64)."""
+    err = (approx.double() - exact.double()).abs().amax(dim=(-1, -2))
+    return (err / exact.double().abs().amax(dim=(-1, -2)).clamp_min(1e-30)).max().item()
+
+
 # ---------------------------------------------------------------------------- timing
 
 def median_ms(fns: dict, rounds: int, on_round=None, alternate: bool = False,
