@@ -270,6 +270,9 @@ def _bits(dtype) -> int:
 # in-process A/B, 21-41 rounds): float32 hires_rows 0.968-0.991x at N = 8192, sparse,
 # 0.993x at 4096, full; pool_and_logits 0.97x in bf16, 1.00x in float32; the backward's
 # bwd_dkdv_ds_units 0.98-0.99x, bwd_dq_ds_units 0.99x (1.02x in a first run of 21).
+# Not where StorageRewrite merges the tile into a later buffer within 16x its size: the
+# float32 logits' 4-key tile (512 bytes) at D = 64 becomes part of unit_out's 8 KB, from
+# the workspace again, stored and zeroed there as in "local" (the 2-key tile is not).
 TILE_SCOPE = "global"
 
 
