@@ -105,12 +105,13 @@ def input_dtype(static: dict) -> torch.dtype:
     return getattr(torch, static.get("io", static.get("dtype", "float32")))
 
 
-def space_points(op: str, target: Target) -> list[dict]:
+def space_points(op: str, target: Target, shape: tuple[int, int] | None = None) -> list[dict]:
     """Every legal point of ``op``'s tuning search space on ``target`` (``SPACES``,
-    ``constraints``), in order."""
+    ``constraints``; for ``shape``, the head dim padded to 16 and the block size, where
+    given), in order."""
     space = target.schedules.SPACES[op]
     points = [dict(zip(space, values)) for values in itertools.product(*space.values())]
-    return [p for p in points if target.schedules.constraints(op, p)]
+    return [p for p in points if target.schedules.constraints(op, p, shape)]
 
 
 def knob_settings(op: str, static: dict, target: Target, tuning_variants=()) -> list[dict]:
@@ -129,7 +130,7 @@ def knob_settings(op: str, static: dict, target: Target, tuning_variants=()) -> 
     tuned_for = {(str(dt), -(-int(d) // m) * m) for dt, d in tuning_variants}
     if ((str(dtype).removeprefix("torch."), static["D"]) in tuned_for
             and op in kernels.tunable(target) and not static.get("gqa")):
-        for point in space_points(op, target):
+        for point in space_points(op, target, (static["D"], static["b"])):
             settings.setdefault(json.dumps(point, sort_keys=True), point)
     return list(settings.values())
 

@@ -182,9 +182,10 @@ def _record_problem(rec) -> str | None:
     if not _ours(rec):
         return None  # another host's record: kept, not checked here
     knobs = {**target.default_knobs(rec["op"]), **rec["knobs"]}
-    if not target.schedules.constraints(rec["op"], knobs):
+    _, head_dim, block = parse_bucket(rec["bucket"])
+    if not target.schedules.constraints(rec["op"], knobs, (head_dim, block)):
         return (f"{rec['op']} knobs {rec['knobs']} are not a legal point of its search space "
-                f"on {target.name} here")
+                f"on {target.name} here (shape {rec['bucket']})")
     return None
 
 
@@ -290,6 +291,14 @@ def _find(op: str, bucket: str | None, target: Target, kind: str) -> Match | Non
         for path, rec in candidates:
             if rec["bucket"] == bucket:
                 return Match(dict(rec["knobs"]), path, rec)
+        # Another bucket's knobs only where they are legal for this shape too (a CUDA
+        # kernel's shared memory grows with the head dim: ``constraints``).
+        _, head_dim, block = parse_bucket(bucket)
+        defaults = target.default_knobs(op)
+        candidates = [(path, rec) for path, rec in candidates if target.schedules.constraints(
+            op, {**defaults, **rec["knobs"]}, (head_dim, block))]
+        if not candidates:
+            return None
     near = bucket or REFERENCE_BUCKET
     # Nearest bucket; ties go to the higher-priority file, then the longer sequence.
     best = min(range(len(candidates)), key=lambda i: (

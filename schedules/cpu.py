@@ -1251,8 +1251,10 @@ def _legal(value, values) -> bool:
     return any(type(value) is type(v) and value == v for v in values)
 
 
-def constraints(op: str, knobs: dict) -> bool:
-    """Whether ``knobs`` (every knob of ``op``) is a legal, sensible point of ``SPACES[op]``.
+def constraints(op: str, knobs: dict, shape: tuple[int, int] | None = None) -> bool:
+    """Whether ``knobs`` (every knob of ``op``) is a legal, sensible point of ``SPACES[op]``
+    (``shape``, the head dim and block size, changes nothing here: the CUDA schedules'
+    ``constraints`` use it).
 
     Legal: exactly the op's knobs, each one of its listed values, and ``vec`` no wider than
     this CPU's vector unit (``mra_compile.host.default_vector_width()``). Sensible: the

@@ -607,6 +607,11 @@ KNOBS = {
 # the 32 x 32 half products have no whole tile per warp and stay on CUDA cores); blocks
 # per unit: what one thread block stages in shared memory (1-4 blocks of k and v, at most
 # ~100 KB at D = 128 in fp16/bf16); vector_bytes: the width of the gathers' loads.
+# hires_rows' row unit also takes 8 blocks: a row's whole budget at 8 blocks per row (the
+# must-show configuration of bench/gpu_check.py), so that no block goes to an overflow
+# unit (hires_units: no unit outputs written to global memory and merged back), one
+# thread block per (row, query block) as the design notes of bench/results/gpu_h200.md
+# ask; ``constraints`` keeps it where its shared memory fits.
 # tensor_cores stays on: the CUDA-core half products are what the tensor cores replace.
 # ---------------------------------------------------------------------------------------
 
@@ -614,23 +619,40 @@ _UNIT_SPACE: dict[str, list] = {"threads": [64, 128, 256], "blocks_per_unit": [1
                                 "tensor_cores": [True], "vector_bytes": [8, 16]}
 SPACES: dict[str, dict[str, list]] = {
     "hires_units": dict(_UNIT_SPACE),
-    "hires_rows": {"threads": [64, 128, 256], "row_unit_blocks": [1, 2, 4],
+    "hires_rows": {"threads": [64, 128, 256], "row_unit_blocks": [1, 2, 4, 8],
                    "tensor_cores": [True], "vector_bytes": [8, 16]},
     "bwd_dq_units": dict(_UNIT_SPACE),
     "bwd_dkdv_units": dict(_UNIT_SPACE),
 }
 
 
-def constraints(op: str, knobs: dict) -> bool:
+# The dynamic shared memory of hires_rows with 8 blocks in its row unit (bytes, as TVM
+# 0.27 allocates it, measured from the lowered kernels; full and sparse alike): 112 KB
+# in bf16 at D = 64, 136 KB in float32; 176 and 208 KB at D = 128, over the 163 KB a
+# thread block may have on sm_80 (sm_90: 227 KB). So 8 blocks only for block size 32 and
+# head dims up to 64 (``ROW_UNIT_8_MAX_HEAD_DIM``), whatever the dtype (conservative in
+# between: bf16 at D = 96 takes 144 KB). tests/test_cuda_schedules.py measures them.
+ROW_UNIT_8_MAX_HEAD_DIM = 64
+
+
+def constraints(op: str, knobs: dict, shape: tuple[int, int] | None = None) -> bool:
     """Whether ``knobs`` (every knob of ``op``) is a legal point of ``SPACES[op]``: exactly
     its knobs, each one of its listed values (type-strict: ``True`` is not ``1``), and not
     256 threads with 4 blocks per unit, where the two resident blocks of 256 threads that
     nvcc compiles for (``cuda_toolchain``: 128 registers a thread) spilled 80-172 bytes on
-    sm_80 (hires_units, bwd_dq_units, bwd_dkdv_units; D = 64, bf16)."""
+    sm_80 (hires_units, bwd_dq_units, bwd_dkdv_units; D = 64, bf16). For a ``shape`` (the
+    head dim padded to 16, the block size), also that the kernel's shared memory fits
+    every GPU the library targets (hires_rows' 8-block row unit, above); None: the knobs
+    alone."""
     space = SPACES.get(op)
     if space is None or set(knobs) != set(space):
         return False
     if not all(any(type(knobs[k]) is type(v) and knobs[k] == v for v in values)
                for k, values in space.items()):
         return False
-    return not (knobs["threads"] == 256 and knobs.get("blocks_per_unit") == 4)
+    if knobs["threads"] == 256 and knobs.get("blocks_per_unit") == 4:
+        return False
+    if shape is not None and knobs.get("row_unit_blocks") == 8:
+        head_dim, block = shape
+        return block == 32 and head_dim <= ROW_UNIT_8_MAX_HEAD_DIM
+    return True

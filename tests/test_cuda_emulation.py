@@ -247,7 +247,7 @@ def test_backward(emulation, case):
 
 # What a GPU's tuning run chooses among (``mra-compile build --tuning-variants
 # bfloat16:64``, bench/gpu_tune.py): every legal point of the four tunable kernels'
-# spaces (schedules/cuda.py: SPACES, 16-18 each). Configuration i takes point i of each
+# spaces (schedules/cuda.py: SPACES, 16-24 each). Configuration i takes point i of each
 # kernel (cycling through the shorter spaces), so the configurations run every variant of
 # the library, forward and backward.
 def _tuning_configs() -> list[dict]:
@@ -280,7 +280,7 @@ def test_every_tuning_variant_runs_and_none_spills(tuning_emulation):
                 and e["static"].get("io") == "bfloat16"}
     # hires_rows in both modes; both hires kernels also with P split (``split_pv``: the
     # training forward's)
-    assert len(variants) == 18 * 2 * 2 + 16 * 2 + 16 * 2
+    assert len(variants) == 24 * 2 * 2 + 16 * 2 + 16 * 2
     assert set(variants) <= symbols
     report = tuning_emulation["report"]
     for name, stats in report.items():

@@ -250,3 +250,49 @@ def test_element_wise_unit_stages_have_no_barrier_per_iteration(op, io, most):
                                 target)
     source = build.compile_module({"main": func}, target, log=False).mod.imports[0].inspect_source()
     assert 0 < _barriers_per_block(source) <= most, _barriers_per_block(source)
+
+
+def _dynamic_shared_bytes(op: str, static: dict, knobs: dict) -> int:
+    """The dynamic shared memory of ``op``'s CUDA kernel (sm_80), as TVM allocates it: the
+    merged ``shared.dyn`` buffer after the pass that merges them."""
+    from mra_compile import build, targets
+
+    target = targets.get("cuda-sm_80")
+    func = build.scheduled_func(op, static, knobs, target)
+    seen = []
+
+    @tvm.ir.instrument.pass_instrument
+    class Merged:
+        def run_after_pass(self, mod, info):
+            if info.name.endswith("MergeSharedMemoryAllocations"):
+                seen.append(mod.script())
+
+    target.prepare_compiler()
+    with tvm.transform.PassContext(config=cuda.PASS_CONFIG, instruments=[Merged()]), \
+            target.tvm_target() as tgt:
+        tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+    sizes = [int(n) for script in seen[-1:] for n in
+             re.findall(r'alloc_buffer\(\((\d+),\), "uint8", scope="shared.dyn"\)', script)]
+    assert len(sizes) == 1, sizes
+    return sizes[0]
+
+
+@pytest.mark.parametrize("io, D", [("bfloat16", 64), (None, 64), ("float16", 48),
+                                   ("bfloat16", 128), (None, 128)])
+def test_a_row_unit_of_8_blocks_is_legal_where_its_shared_memory_fits_sm80(io, D):
+    """``cuda.constraints`` allows hires_rows 8 blocks in its row unit for block size 32
+    and head dims up to 64 (``ROW_UNIT_8_MAX_HEAD_DIM``), whatever the dtype: there its
+    dynamic shared memory, with the kernel's static arrays (under 2 KB), is within the
+    163 KB (166912 bytes) a thread block may have on sm_80 (112 KB in bf16, 136 KB in
+    float32 at D = 64); at D = 128 it is not (176 KB, 208 KB). (Between the two the limit
+    is conservative: bf16 at D = 80 and 96 would fit, 128 and 144 KB.)"""
+    from mra_compile import kernels, knob_policy, targets
+
+    knobs = {**knob_policy.resolve_knobs("hires_rows", None, target=targets.get("cuda-sm_80")),
+             "row_unit_blocks": 8}
+    allowed = cuda.constraints("hires_rows", knobs, (D, 32))
+    assert allowed == (D <= 64)
+    for full in (True, False):
+        static = kernels.get("hires_rows").static(32, D, "float32", io, full, True)
+        dynamic = _dynamic_shared_bytes("hires_rows", static, knobs)
+        assert (dynamic + 2048 <= 166912) == allowed, (io, D, full, dynamic)

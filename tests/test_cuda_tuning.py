@@ -27,7 +27,7 @@ def test_spaces_cover_the_knobs_and_hold_the_defaults():
         assert set(space) == set(cuda.KNOBS[op]), op
         assert cuda.constraints(op, dict(cuda.KNOBS[op])), op
         points = aot.space_points(op, SM90)
-        assert len(points) == (18 if op == "hires_rows" else 16), op
+        assert len(points) == (24 if op == "hires_rows" else 16), op
         assert cuda.KNOBS[op] in points, op
     good = dict(cuda.KNOBS["hires_rows"])
     assert not cuda.constraints("hires_rows", {**good, "threads": 96})
@@ -37,6 +37,40 @@ def test_spaces_cover_the_knobs_and_hold_the_defaults():
     unit = dict(cuda.KNOBS["hires_units"])
     assert cuda.constraints("hires_units", {**unit, "threads": 256, "blocks_per_unit": 2})
     assert not cuda.constraints("hires_units", {**unit, "threads": 256, "blocks_per_unit": 4})
+
+
+def test_a_row_unit_of_8_blocks_only_where_its_shared_memory_fits():
+    """hires_rows with 8 blocks in its row unit: 112-136 KB of shared memory at D = 64
+    (bf16, float32), 176-208 KB at D = 128, over sm_80's 163 KB a thread block."""
+    eight = {**cuda.KNOBS["hires_rows"], "row_unit_blocks": 8}
+    assert cuda.constraints("hires_rows", eight)  # (the knobs alone)
+    for shape, fits in (((64, 32), True), ((48, 32), True), ((80, 32), False),
+                        ((128, 32), False), ((64, 64), False), ((64, 16), False)):
+        assert cuda.constraints("hires_rows", eight, shape) == fits, shape
+        assert cuda.constraints("hires_rows", {**eight, "row_unit_blocks": 4}, shape), shape
+    assert len(aot.space_points("hires_rows", SM90, (64, 32))) == 24
+    assert len(aot.space_points("hires_rows", SM90, (128, 32))) == 18
+    # no record of it for a shape it does not fit; another bucket's record is not taken
+    with pytest.raises(ValueError, match="legal point"):
+        records.make_record("hires_rows", "N16384-D128-b32", eight, target=SM90,
+                            dtype=torch.bfloat16, device="test")
+
+
+def test_another_buckets_record_is_taken_only_where_its_knobs_fit(isolated):
+    eight = {**cuda.KNOBS["hires_rows"], "row_unit_blocks": 8}
+    records.save(isolated, [records.make_record("hires_rows", BUCKET, eight, target=SM90,
+                                                dtype=torch.bfloat16, device="test")])
+    pick = knob_policy.resolve_knobs
+    assert pick("hires_rows", None, BUCKET, SM90, torch.bfloat16) == eight
+    assert pick("hires_rows", None, "N8192-D48-b32", SM90, torch.bfloat16) == eight
+    # D = 128: the nearest record would not fit in shared memory; the defaults
+    assert pick("hires_rows", None, "N16384-D128-b32", SM90, torch.bfloat16) == \
+        cuda.KNOBS["hires_rows"]
+    four = {**eight, "row_unit_blocks": 4}
+    records.save(isolated, [records.make_record("hires_rows", "N16384-D96-b32", four,
+                                                target=SM90, dtype=torch.bfloat16,
+                                                device="test")])
+    assert pick("hires_rows", None, "N16384-D128-b32", SM90, torch.bfloat16) == four
 
 
 def test_a_cuda_record_is_used_for_its_target_dtype_and_bucket_only(isolated):
@@ -71,7 +105,7 @@ def test_an_illegal_cuda_record_is_refused():
 
 
 def test_tuning_variants_are_built_for_the_named_dtype_and_head_dim_only():
-    named = [("bfloat16", 64)]
+    named = [("bfloat16", 64), ("float32", 128)]
     counts = {}
     for op, static in aot.variants((32,), (64, 128), ["float32", "bfloat16"], True,
                                    target=SM90):
@@ -80,9 +114,11 @@ def test_tuning_variants_are_built_for_the_named_dtype_and_head_dim_only():
         counts[key] = len(settings)
     for op in cuda.SPACES:
         for full in ((True, False) if op == "hires_rows" else (None,)):
-            assert counts[(op, "bfloat16", 64, full)] == (18 if op == "hires_rows" else 16), op
+            assert counts[(op, "bfloat16", 64, full)] == (24 if op == "hires_rows" else 16), op
             assert counts[(op, "bfloat16", 128, full)] == 1, op
             assert counts[(op, "float32", 64, full)] == 1, op
+            # (no 8-block row unit at D = 128: its shared memory would not fit sm_80's)
+            assert counts[(op, "float32", 128, full)] == (18 if op == "hires_rows" else 16), op
     assert counts[("bwd_prep", "bfloat16", 64, None)] == 1
 
 
@@ -158,8 +194,9 @@ def test_the_search_keeps_faster_points_skips_wrong_ones_and_writes_records(isol
     assert statuses[("hires_rows", "threads=256")] == "faster: kept"
     assert statuses[("hires_rows", "threads=256 row_unit_blocks=4")] == "not faster"
     assert statuses[("bwd_dq_units", "vector_bytes=8")] == "WRONG: not timed"
-    # every candidate is one knob away from the best of its time (and legal)
-    assert len(rows) == 4 * 5
+    # every candidate is one knob away from the best of its time (and legal): 5 a kernel,
+    # and hires_rows' row unit of 8 blocks
+    assert len(rows) == 4 * 5 + 1
 
     picks, ratios = gpu_tune.verify(best, DEFAULT, measure, rows.append)
     assert picks == best and set(ratios) == {"fwd"} and ratios["fwd"] < 0.9
