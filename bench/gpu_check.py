@@ -3,14 +3,14 @@
     python bench/gpu_check.py --bundle BUNDLE_DIR --out $OUT        # the lent H200, < 8 min
     python bench/gpu_check.py --smoke --out /tmp/gpucheck_smoke      # tiny run, any device
 
-BUNDLE_DIR is made here (nvcc, no GPU needed; 4.4 minutes on 2 cores, 45 MB with the wheel) by
+BUNDLE_DIR is made here (nvcc, no GPU needed; 8-13 minutes on 2 cores, 62 MiB with the wheel) by
 
     mra-compile build --target cuda --arch sm_90 --out bench/gpu_bundle \
         --head-dims 40 64 72 96 100 128 --grouped-heads --wheel-for-python 3.12 \
         --tuning-variants bfloat16:64
 
-(the head dims the checks below use; the tuning variants for task 4: 84 of its 367
-kernels) and holds mra_kernels.so, manifest.json,
+(the head dims the checks below use; the tuning variants for task 4: 160 of its 512
+kernels, 2026-12-06; the device tool carries at most 64 MiB) and holds mra_kernels.so, manifest.json,
 runtime/libtvm_runtime*.so, wheels/apache_tvm_ffi-*.whl, the generated source
 mra_kernels.cu and device_report.json; carry it to the GPU machine
 (``run`` tool: carry=["bench/gpu_bundle"]). When ``tvm_ffi`` is missing, the carried wheel is installed
