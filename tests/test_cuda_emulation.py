@@ -266,6 +266,22 @@ TUNING_CASES = {f"config{i:02d}-{mode}": {**_case(64, "bfloat16", mode, masked),
                 for mode, masked in (("full", False), ("sparse", True))}
 
 
+
+def _rows_of_8_blocks() -> dict:
+    """hires_rows with a row unit of 8 blocks where rows select 8 (N = 260: 9 key blocks,
+    the last partial): every slot of the unit filled, no overflow unit (the tuning cases'
+    N = 100 has 4 blocks a row at most)."""
+    from mra_compile.schedules import cuda
+
+    knobs = {op: dict(cuda.KNOBS[op]) for op in cuda.SPACES}
+    knobs["hires_rows"]["row_unit_blocks"] = 8
+    return {**_case(64, "bfloat16", "full", False), "N": 260, "num_blocks": 8 * 9,
+            "knobs": knobs, "inference": True}
+
+
+TUNING_CASES["rows-of-8-blocks-full"] = _rows_of_8_blocks()
+
+
 @pytest.fixture(scope="module")
 def tuning_emulation(tuning_library, cuda_libraries, fakes, tmp_path_factory):
     """The tuning variants of bf16, D = 64 (and the rest of that library), emulated."""
