@@ -161,6 +161,14 @@ def _ours(rec: dict) -> bool:
             and rec.get("tvm") == host.tvm_version())
 
 
+def _legal(target: Target, op: str, knobs: dict, bucket: str) -> bool:
+    """Whether ``knobs`` (a record's, over ``op``'s defaults) are a legal point of its
+    search space on ``target`` for the shape of ``bucket`` (its head dim and block size)."""
+    _, head_dim, block = parse_bucket(bucket)
+    return target.schedules.constraints(op, {**target.default_knobs(op), **knobs},
+                                        (head_dim, block))
+
+
 def _record_problem(rec) -> str | None:
     """Why ``rec`` cannot be used on this host (None: it can)."""
     if not isinstance(rec, dict):
@@ -181,9 +189,7 @@ def _record_problem(rec) -> str | None:
         return "knobs is not an object"
     if not _ours(rec):
         return None  # another host's record: kept, not checked here
-    knobs = {**target.default_knobs(rec["op"]), **rec["knobs"]}
-    _, head_dim, block = parse_bucket(rec["bucket"])
-    if not target.schedules.constraints(rec["op"], knobs, (head_dim, block)):
+    if not _legal(target, rec["op"], rec["knobs"], rec["bucket"]):
         return (f"{rec['op']} knobs {rec['knobs']} are not a legal point of its search space "
                 f"on {target.name} here (shape {rec['bucket']})")
     return None
@@ -293,10 +299,8 @@ def _find(op: str, bucket: str | None, target: Target, kind: str) -> Match | Non
                 return Match(dict(rec["knobs"]), path, rec)
         # Another bucket's knobs only where they are legal for this shape too (a CUDA
         # kernel's shared memory grows with the head dim: ``constraints``).
-        _, head_dim, block = parse_bucket(bucket)
-        defaults = target.default_knobs(op)
-        candidates = [(path, rec) for path, rec in candidates if target.schedules.constraints(
-            op, {**defaults, **rec["knobs"]}, (head_dim, block))]
+        candidates = [(path, rec) for path, rec in candidates
+                      if _legal(target, op, rec["knobs"], bucket)]
         if not candidates:
             return None
     near = bucket or REFERENCE_BUCKET
