@@ -3,6 +3,9 @@
 One interleaved run (fp32, B=1, H=12, D=64, ``block_per_row=4`` unless said): the op
 without a mask, with an all-ones mask, with the last 100 tokens padded (per-sequence
 budget), and the same padding with ``num_blocks = 4 * n`` (one budget for every row).
+Each masked call twice: as it runs (a replay refreshes the mask's scratch in one C call,
+``native_replay.NativeMasks``) and with that refresh in torch steps, as without the C
+library (``launch_cache._Masks.refresh``).
 
     python bench/bench_masks.py                  # N=8192, writes bench/results/masks_cpu.md
     python bench/bench_masks.py --n 4096 --repeat 5 --out /tmp/masks.md
@@ -20,8 +23,25 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import mra_compile  # noqa: E402
+from mra_compile import memory  # noqa: E402
 from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
+
+_NATIVE: dict = {}  # id of a plan's _Masks -> its NativeMasks, while set aside
+
+
+def refreshed(fn, native: bool):
+    """``fn`` with this thread's replay plans refreshing their masks from C (``native``) or
+    in torch steps (their ``NativeMasks`` set aside for the call)."""
+    def call():
+        for plan in memory.WORKSPACE.plans.values():
+            masks = getattr(plan, "masks", None)
+            if masks is not None:
+                if masks.native:
+                    _NATIVE[id(masks)] = masks.native
+                masks.native = _NATIVE.get(id(masks)) if native else False
+        return fn()
+    return call
 
 
 def main() -> int:
@@ -36,17 +56,21 @@ def main() -> int:
     ones = torch.ones(1, N)
     padded = torch.ones(1, N)
     padded[0, -100:] = 0
-    fns = {
-        "no mask": lambda: mra_compile.mra_attention(q, k, v, block_per_row=4),
+    masked = {
         "all-ones mask": lambda: mra_compile.mra_attention(q, k, v, ones, block_per_row=4),
         "100 padded, block_per_row=4": lambda: mra_compile.mra_attention(q, k, v, padded,
                                                                          block_per_row=4),
         "100 padded, num_blocks=4n": lambda: mra_compile.mra_attention(
             q, k, v, padded, num_blocks=4 * (-(-N // 32))),
     }
+    fns = {"no mask": lambda: mra_compile.mra_attention(q, k, v, block_per_row=4)}
+    for name, fn in masked.items():
+        fns[name] = refreshed(fn, True)
+        fns[f"{name}, refresh in torch steps"] = refreshed(fn, False)
     with torch.no_grad():
         for fn in fns.values():
             fn()
+            fn()  # (the second call replays, and makes its plan's C refresh)
         times = common.median_ms(fns, args.repeat)
     lines = [machine_line(), "",
              f"fp32, B=1, H=12, N={N}, D=64, full mode; median of {args.repeat} interleaved "

@@ -24,9 +24,10 @@ that the replay copies out, and whose other tensors
 are kept memory (the thread's workspace, ``memory.kept_constants``) get a plan; others
 keep a marker that sends them the usual way. A call with a key padding mask (no query
 mask) replays too: each replay checks the mask's values, writes the mask, its block
-counts and the per-sequence budgets into the scratch the kernels read (``_Masks``), and
-goes the usual way where a padded token of q, k or v is not finite (the usual path
-replaces those in copies). Plans are per thread (the workspace is) and go whenever the
+counts and the per-sequence budgets into the scratch the kernels read (``_Masks``; in
+one C call, ``native_replay.NativeMasks``, where the C library loads: those torch steps
+took 0.3-0.5 ms, a third of a masked call at N = 512), and goes the usual way where a
+padded token of q, k or v is not finite (the usual path replaces those in copies). Plans are per thread (the workspace is) and go whenever the
 workspace drops a buffer (``memory.Workspace.dropped``); nothing is planned while kernel
 calls are traced (the tracer must see every launch), nor with
 ``MRA_COMPILE_LAUNCH_CACHE=0``.
@@ -99,11 +100,26 @@ class _Masks:
     heads: int  # row r reads mask row r // heads
     block_per_row: int | None
     k: int  # the most blocks a row selects
+    # The same from C (``native_replay.NativeMasks``), made on first use; False where
+    # there is none (no C library, a mask or input dtype it does not read).
+    native: native_replay.NativeMasks | bool | None = None
 
     def refresh(self, q, k, v, mask) -> bool:
         """Check ``mask``'s values (raising as the usual path does) and write what the
         kernels read of it; False where the usual path would copy q, k or v (a padded
         token that is not finite: ``inputs.clean_padding``)."""
+        if self.native is None:
+            self.native = False
+            if native_replay.enabled():
+                try:
+                    self.native = native_replay.NativeMasks(self, mask, (q, k, v))
+                except ValueError:
+                    pass  # (refreshed from Python)
+        if isinstance(self.native, native_replay.NativeMasks):
+            done = self.native.run(q, k, v, mask)
+            if done != 2:
+                return done == 0
+            # (a value the mask may not hold: raised below, with its message)
         validate.check_mask_values(mask)
         real = inputs.key_padding(mask)
         cleaned = inputs.clean_padding((q, k, v), real != 0, True)

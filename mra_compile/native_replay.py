@@ -15,7 +15,11 @@ the output are four DLTensors whose data pointers a call sets. ``mra_replay`` ru
 head, reads the selection's per-row unit counts, picks the tail recorded for that count
 (or returns 1: none yet), copies the overflow units and runs the tail: one C call per op
 call. A kernel's error returns its code, and the caller replays from Python, which
-raises it with its message.
+raises it with its message. For a call with a key padding mask, ``mra_refresh_masks``
+does in one call what the replay's torch steps did before it (``NativeMasks``: the
+mask's values checked, its padded tokens of q, k, v checked finite, the mask, its block
+counts and the budgets written): 10-60 us where those steps took 0.3-0.5 ms between the
+kernels of an interleaved run at N = 512 (``bench/bench_masks.py``).
 
 The C library is built with the system C compiler into the kernel cache, or shipped in
 an ahead-of-time library's runtime/ (like ``openmp``'s launcher); without either, or
@@ -37,6 +41,7 @@ from mra_compile import host
 ENV = "MRA_COMPILE_NATIVE_REPLAY"  # "0": replay from Python
 
 _SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -106,7 +111,136 @@ int mra_replay(const Plan *p, void *q, void *k, void *v, void *out) {
   rc = run(p, t->launches, t->nlaunch, widest > 1 ? widest : 1);
   return rc ? rc - 1000 : 0;
 }
+
+/* A key padding mask's refresh before a replay (launch_cache._Masks.refresh). */
+typedef struct { const void *data; int64_t s[4]; int32_t heads, bits; uint64_t exponent; } Input;
+typedef struct {
+  const void *mask; int64_t mask_sb, mask_st; /* [B, N] at these element strides */
+  int32_t kind;     /* its elements: 0 one byte, 1 int32, 2 int64, 3 float32, 4 float64 */
+  int32_t form;     /* 0 0/1 values, 1 bool (nonzero = real), 2 additive (0 / -inf) */
+  int32_t B, N, Np, b, D, wide; /* wide: maskf, counts, inv_counts are float64 */
+  Input in[3];      /* q, k, v [B, heads, N, D] */
+  void *maskf, *counts, *inv_counts;
+  int32_t *budget;  /* [rows] int32, or NULL: no per-sequence budget */
+  int32_t rows, heads, per_row, most;
+} Masks;
+
+/* Sequence i of the mask into row i of maskf (1 real, 0 padding; zeros after N): 0, or
+ * -1 where the mask holds a value it may not. */
+#define DECODE(T)                                                             \
+  static int decode_##T(const Masks *m, int64_t i) {                          \
+    const T *row = (const T *)m->mask + i * m->mask_sb;                       \
+    float *f = (float *)m->maskf + i * m->Np;                                 \
+    double *w = (double *)m->maskf + i * m->Np;                               \
+    for (int64_t t = 0; t < m->Np; ++t) {                                     \
+      int r = 0;                                                              \
+      if (t < m->N) {                                                         \
+        double x = (double)row[t * m->mask_st];                               \
+        if (m->form == 1) r = x != 0.0;                                       \
+        else if (m->form == 2) { r = x == 0.0; if (!r && x != -(double)INFINITY) return -1; } \
+        else { r = x == 1.0; if (!r && x != 0.0) return -1; }                 \
+      }                                                                       \
+      if (m->wide) w[t] = r; else f[t] = (float)r;                            \
+    }                                                                         \
+    return 0;                                                                 \
+  }
+DECODE(int8_t)
+DECODE(int32_t)
+DECODE(int64_t)
+DECODE(float)
+DECODE(double)
+
+static int decode(const Masks *m, int64_t i) {
+  switch (m->kind) {
+    case 0: return decode_int8_t(m, i);
+    case 1: return decode_int32_t(m, i);
+    case 2: return decode_int64_t(m, i);
+    case 3: return decode_float(m, i);
+    default: return decode_double(m, i);
+  }
+}
+
+static int is_real(const Masks *m, int64_t i, int64_t t) {
+  return m->wide ? ((const double *)m->maskf)[i * m->Np + t] != 0.0
+                 : ((const float *)m->maskf)[i * m->Np + t] != 0.0f;
+}
+
+/* Whether every element of tokens first <= t < stop of sequence i (every head) is
+ * finite: its exponent field is not all ones. (An or of comparisons, which the
+ * vectoriser takes at -O3; a maximum of unsigned lanes it does not on SSE2.) */
+#define FINITE(T)                                                             \
+  static int finite_##T(const Input *x, int64_t i, int64_t first, int64_t stop, \
+                        int64_t D) {                                          \
+    T bad = 0, e = (T)x->exponent;                                            \
+    for (int64_t h = 0; h < x->heads; ++h)                                    \
+      for (int64_t t = first; t < stop; ++t) {                                \
+        const T *row = (const T *)x->data + i * x->s[0] + h * x->s[1] + t * x->s[2]; \
+        if (x->s[3] == 1)                                                     \
+          for (int64_t d = 0; d < D; ++d) bad |= (T)((row[d] & e) == e ? ~(T)0 : 0); \
+        else                                                                  \
+          for (int64_t d = 0; d < D; ++d)                                     \
+            bad |= (T)((row[d * x->s[3]] & e) == e ? ~(T)0 : 0);              \
+      }                                                                       \
+    return bad == 0;                                                          \
+  }
+FINITE(uint16_t)
+FINITE(uint32_t)
+FINITE(uint64_t)
+
+static int all_finite(const Input *x, int64_t i, int64_t first, int64_t stop, int64_t D) {
+  if (x->bits == 16) return finite_uint16_t(x, i, first, stop, D);
+  if (x->bits == 32) return finite_uint32_t(x, i, first, stop, D);
+  return finite_uint64_t(x, i, first, stop, D);
+}
+
+/* 0: the mask, its block counts, their inverses and the budgets written; 1: a padded
+ * token of q, k or v (or a real one between two padded) is not finite, so the usual
+ * path would copy it; 2: a mask value other than 0 and 1 (0 and -inf: additive), which
+ * the caller raises. (maskf is written in every case: scratch the usual path writes
+ * again.) */
+int mra_refresh_masks(const Masks *m) {
+  for (int64_t i = 0; i < m->B; ++i)
+    if (decode(m, i)) return 2;
+  for (int64_t i = 0; i < m->B; ++i) {
+    int64_t first = -1, stop = -1;
+    for (int64_t t = 0; t < m->N; ++t)
+      if (!is_real(m, i, t)) { if (first < 0) first = t; stop = t + 1; }
+    if (first >= 0)
+      for (int j = 0; j < 3; ++j)
+        if (!all_finite(&m->in[j], i, first, stop, m->D)) return 1;
+  }
+  int64_t n = m->Np / m->b;
+  for (int64_t i = 0; i < m->B; ++i) {
+    int64_t real = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t c = 0;
+      for (int64_t t = j * m->b; t < (j + 1) * m->b; ++t) c += is_real(m, i, t);
+      real += c;
+      /* (as torch.add(counts, 1e-6) then reciprocal_, in the tensors' own width) */
+      if (m->wide) {
+        ((double *)m->counts)[i * n + j] = (double)c;
+        ((double *)m->inv_counts)[i * n + j] = 1.0 / ((double)c + 1e-6);
+      } else {
+        ((float *)m->counts)[i * n + j] = (float)c;
+        ((float *)m->inv_counts)[i * n + j] = 1.0f / ((float)c + 1e-6f);
+      }
+    }
+    if (m->budget) { /* forward.sequence_budgets, then write_budget */
+      int64_t rows_real = (real + m->b - 1) / m->b;
+      int64_t blocks = (rows_real > 1 ? rows_real : 1) * m->per_row;
+      if (blocks > n * n) blocks = n * n;
+      if (blocks > m->most) blocks = m->most;
+      for (int64_t r = i * m->heads; r < (i + 1) * m->heads && r < m->rows; ++r)
+        m->budget[r] = (int32_t)blocks;
+    }
+  }
+  return 0;
+}
 """
+
+# -O3: the vectoriser, for the finiteness check of mra_refresh_masks (gcc's -O2 leaves
+# loops of unknown trip count alone).
+_FLAGS = ("-O3",)
 
 # TVMFFIAny type indices (tvm/ffi/c_api.h)
 _INT, _FLOAT, _DLTENSOR = 1, 3, 7
@@ -152,6 +286,29 @@ class CPlan(ctypes.Structure):
                 ("room", ctypes.c_int32), ("cols", ctypes.c_int32)]
 
 
+class CInput(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("s", ctypes.c_int64 * 4), ("heads", ctypes.c_int32),
+                ("bits", ctypes.c_int32), ("exponent", ctypes.c_uint64)]
+
+
+class CMasks(ctypes.Structure):
+    _fields_ = [("mask", ctypes.c_void_p), ("mask_sb", ctypes.c_int64),
+                ("mask_st", ctypes.c_int64), ("kind", ctypes.c_int32), ("form", ctypes.c_int32),
+                ("B", ctypes.c_int32), ("N", ctypes.c_int32), ("Np", ctypes.c_int32),
+                ("b", ctypes.c_int32), ("D", ctypes.c_int32), ("wide", ctypes.c_int32),
+                ("inputs", CInput * 3), ("maskf", ctypes.c_void_p), ("counts", ctypes.c_void_p),
+                ("inv_counts", ctypes.c_void_p), ("budget", ctypes.c_void_p),
+                ("rows", ctypes.c_int32), ("heads", ctypes.c_int32), ("per_row", ctypes.c_int32),
+                ("most", ctypes.c_int32)]
+
+
+# The mask's element types mra_refresh_masks reads (its "kind"), and the inputs' exponent
+# fields (all ones: not finite).
+_MASK_KINDS = {torch.bool: 0, torch.uint8: 0, torch.int8: 0, torch.int32: 1, torch.int64: 2,
+               torch.float32: 3, torch.float64: 4}
+_EXPONENTS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000,
+              torch.float64: 0x7FF0000000000000}
+
 _LOCK = threading.Lock()
 _STATE: dict = {}
 
@@ -178,18 +335,21 @@ def _load() -> dict:
     replay = lib.mra_replay
     replay.argtypes = [ctypes.c_void_p] * 5
     replay.restype = ctypes.c_int
-    return {"replay": replay, "ffi": entries, "lib": lib}
+    refresh = lib.mra_refresh_masks
+    refresh.argtypes = [ctypes.c_void_p]
+    refresh.restype = ctypes.c_int
+    return {"replay": replay, "refresh": refresh, "ffi": entries, "lib": lib}
 
 
 def library_name() -> str:
-    digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
+    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
     return f"libmra_replay-{digest}.so"
 
 
 def build_into(directory) -> Path:
     """Compile the library into ``directory`` (an ahead-of-time library's runtime/: a
     runtime-only machine then needs no C compiler; see ``host.compile_c_library``)."""
-    return host.compile_c_library(_SOURCE, Path(directory) / library_name(), ("-O2",))
+    return host.compile_c_library(_SOURCE, Path(directory) / library_name(), _FLAGS)
 
 
 def _path() -> Path:
@@ -199,7 +359,7 @@ def _path() -> Path:
         shipped = host.library_file(directory, f"runtime/{library_name()}")
         if shipped is not None:
             return shipped
-    return host.cached_c_library(_SOURCE, f"replay/{library_name()}", ("-O2",))
+    return host.cached_c_library(_SOURCE, f"replay/{library_name()}", _FLAGS)
 
 
 def enabled() -> bool:
@@ -285,3 +445,57 @@ class NativePlan:
             self._keep += [args, launch.fn]
         self._keep.append(out)
         return out
+
+
+class NativeMasks:
+    """``launch_cache._Masks.refresh`` in one C call (``mra_refresh_masks``): the mask's
+    values checked, the padded tokens of q, k, v checked finite, and the mask, its block
+    counts, their inverses and the per-sequence budgets written where the plan's kernels
+    read them; the same bits as the torch steps it replaces (~0.15-0.25 ms of them at N =
+    512, most of a masked call's extra time; a few microseconds here).
+
+    ``masks``: the plan's ``_Masks``; ``mask`` and ``qkv``: the first replayed call's
+    (their shapes and dtypes are the plan's signature; strides and data are set by each
+    call). Raises ValueError where the C code does not read this mask or these inputs
+    (the refresh stays in Python)."""
+
+    def __init__(self, masks, mask: torch.Tensor, qkv):
+        lib = _library()
+        if "refresh" not in lib:
+            raise ValueError(lib.get("error", "no C library"))
+        kind = _MASK_KINDS.get(mask.dtype)
+        wide = masks.maskf.dtype == torch.float64
+        if (kind is None or masks.maskf.dtype not in (torch.float32, torch.float64)
+                or any(x.dtype not in _EXPONENTS for x in qkv)
+                or any(t.dtype != masks.maskf.dtype or not t.is_contiguous()
+                       for t in (masks.maskf, masks.counts, masks.inv_counts))):
+            raise ValueError("a mask or input dtype the C refresh does not read")
+        form = 1 if mask.dtype == torch.bool else 2 if mask.dim() == 4 else 0
+        B, _, N, D = qkv[0].shape
+        m = CMasks(kind=kind, form=form, B=B, N=N, Np=masks.maskf.shape[1],
+                   b=masks.block_size, D=D, wide=int(wide), maskf=masks.maskf.data_ptr(),
+                   counts=masks.counts.data_ptr(), inv_counts=masks.inv_counts.data_ptr(),
+                   heads=masks.heads, per_row=masks.block_per_row or 0, most=masks.k)
+        if masks.budget is not None and masks.block_per_row is not None:
+            if masks.budget.dtype != torch.int32 or not masks.budget.is_contiguous():
+                raise ValueError("a budget the C refresh does not write")
+            m.budget, m.rows = masks.budget.data_ptr(), masks.budget.numel()
+        for j, x in enumerate(qkv):
+            bits = x.element_size() * 8
+            m.inputs[j].heads, m.inputs[j].bits = x.shape[1], bits
+            m.inputs[j].exponent = _EXPONENTS[x.dtype]
+        self._m = m
+        self._address = ctypes.addressof(m)
+        self._refresh = lib["refresh"]
+        self._keep = (masks.maskf, masks.counts, masks.inv_counts, masks.budget)
+
+    def run(self, q, k, v, mask) -> int:
+        """mra_refresh_masks' code: 0 written, 1 an input's padding is not finite, 2 a
+        mask value it may not hold."""
+        m = self._m
+        m.mask = mask.data_ptr()
+        m.mask_sb, m.mask_st = mask.stride(0), mask.stride(-1)
+        for x, c in zip((q, k, v), m.inputs):
+            c.data = x.data_ptr()
+            c.s[:] = x.stride()
+        return self._refresh(self._address)

@@ -124,21 +124,34 @@ def test_transposed_and_unaligned_inputs_replay(monkeypatch, dtype, in_place):
 
 
 def padding_mask(lengths, N, kind):
-    """A key padding mask for sequences of ``lengths`` tokens: [B, N] float 0/1 or bool, or
-    the additive [B, 1, 1, N] float form (0 = real, -inf = padding)."""
+    """A key padding mask for sequences of ``lengths`` tokens: [B, N] float 0/1 or bool
+    (``kind`` "float", "bool"; "int64", "uint8", "float64": those dtypes; "strided": float
+    0/1, every other column of a wider tensor), SDPA's [B, 1, 1, N] bool ("bool4d"), or the
+    additive [B, 1, 1, N] float form ("additive": 0 = real, -inf = padding)."""
     real = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
     if kind == "bool":
         return real
+    if kind == "bool4d":
+        return real[:, None, None, :]
     if kind == "additive":
         return torch.zeros(len(lengths), 1, 1, N).masked_fill(~real[:, None, None, :],
                                                               float("-inf"))
+    if kind in ("int64", "uint8", "float64"):
+        return real.to(getattr(torch, kind))
+    if kind == "strided":
+        wide = torch.full((len(lengths), 2 * N), 7.0)
+        wide[:, ::2] = real.float()
+        return wide[:, ::2]
     return real.float()
+
+
+MASK_KINDS = ["float", "bool", "additive", "bool4d", "int64", "uint8", "float64", "strided"]
 
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), N=st.sampled_from([256, 300]),
        mode=st.sampled_from(["full", "sparse"]), budget=st.sampled_from(["per_row", "total"]),
-       kind=st.sampled_from(["float", "bool", "additive"]),
+       kind=st.sampled_from(MASK_KINDS),
        lengths=st.lists(st.lists(st.integers(1, 300), min_size=2, max_size=2), min_size=3,
                         max_size=3))
 def test_masked_calls_replay_with_their_own_mask(seed, N, mode, budget, kind, lengths):
@@ -181,6 +194,107 @@ def test_masked_replays_check_the_mask_and_the_padding():
     for x in dirty:
         x[1, :, 100:] = float("nan")
     assert torch.equal(op(*dirty, mask, block_per_row=2), want)
+
+
+def _masked_plan(q, k, v, mask, **kw):
+    """The plan of a masked call, recorded (and replayed once) with these inputs."""
+    mra_compile.clear_workspace()
+    for _ in range(2):
+        op(q, k, v, mask, **kw)
+    (plan,) = [p for p in plans().values() if p is not None]
+    assert plan.masks is not None
+    return plan
+
+
+def _scratch(masks) -> list:
+    """What a refresh writes: the mask, its block counts, their inverses, the budgets."""
+    return [x.clone() for x in (masks.maskf, masks.counts, masks.inv_counts, masks.budget)
+            if x is not None]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.sampled_from([96, 256, 300]),
+       H=st.integers(1, 3), dtype=st.sampled_from([torch.float32, torch.bfloat16,
+                                                    torch.float16, torch.float64]),
+       kind=st.sampled_from(MASK_KINDS), budget=st.sampled_from(["per_row", "total"]),
+       lengths=st.lists(st.lists(st.integers(0, 300), min_size=2, max_size=2), min_size=2,
+                        max_size=4))
+def test_the_c_refresh_writes_what_the_torch_steps_write(seed, N, H, dtype, kind, budget,
+                                                          lengths):
+    """``native_replay.NativeMasks`` (one C call) against ``_Masks.refresh``'s torch steps:
+    the same mask, block counts, inverses and per-sequence budgets, bit for bit, for every
+    mask form and input dtype, sequences from empty to unpadded."""
+    q, k, v = make_qkv(seed, 2, H, N, 32, dtype=dtype)
+    n = -(-N // 32)
+    kw = {"block_per_row": 2} if budget == "per_row" else {"num_blocks": 2 * n}
+    first = padding_mask([max(1, min(x, N)) for x in lengths[0]], N, kind)
+    masks = _masked_plan(q, k, v, first, **kw).masks
+    assert masks.native, "the C refresh should read this mask and these inputs"
+    for call in lengths[1:]:
+        mask = padding_mask([min(x, N) for x in call], N, kind)
+        for x in _scratch(masks):
+            x.fill_(-7)
+        assert masks.native.run(q, k, v, mask) == 0
+        from_c = _scratch(masks)
+        for x in _scratch(masks):
+            x.fill_(-7)
+        native, masks.native = masks.native, False
+        try:
+            assert masks.refresh(q, k, v, mask)
+        finally:
+            masks.native = native
+        for a, b in zip(from_c, _scratch(masks)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
+                                   torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "heads_last"])
+def test_the_c_refresh_sends_non_finite_padding_the_usual_way(dtype, layout):
+    """A NaN or an infinity in a padded token of q, k or v, or in a real token between two
+    padded ones, sends the call the usual way (which zeroes the padding in a copy); one
+    in a real token before the padding does not (it reaches the output in both)."""
+    B, H, N, D = 2, 3, 256, 32
+    x = [t.to(dtype) for t in make_qkv(60, B, N, H, D)]  # (as [B, N, H, D])
+    if layout == "contiguous":
+        x = [t.transpose(1, 2).contiguous() for t in x]
+    else:
+        x = [t.transpose(1, 2) for t in x]
+    real = torch.ones(B, N)
+    real[1, 150:200] = 0
+    real[1, 230:] = 0
+    plan = _masked_plan(*x, real, block_per_row=2)
+    native = plan.masks.native
+    assert native
+    assert native.run(*x, real) == 0
+    for j in range(3):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            for token, goes in ((160, 1), (210, 1), (255, 1), (100, 0), (40, 0)):
+                dirty = [t.clone() if i == j else t for i, t in enumerate(x)]
+                if layout == "heads_last":
+                    dirty[j] = dirty[j].transpose(1, 2).contiguous().transpose(1, 2)
+                dirty[j][1, H - 1, token, D - 1] = value
+                assert native.run(*dirty, real) == goes, (j, value, token)
+                if token < 150:  # (the other sequence's real tokens)
+                    dirty[j][1, H - 1, token, D - 1] = 0
+                    dirty[j][0, H - 1, 250, D - 1] = value
+                    assert native.run(*dirty, real) == 0
+
+
+@pytest.mark.parametrize("kind,bad,message", [
+    ("float", 2.0, "mask must contain only 0"), ("float", float("nan"), "mask must contain"),
+    ("int64", 3, "mask must contain only 0"), ("uint8", 255, "mask must contain only 0"),
+    ("additive", 1.0, "additive"), ("additive", -1e4, "additive")])
+def test_the_c_refresh_refuses_what_the_usual_path_refuses(kind, bad, message):
+    """A replayed call whose mask holds a value the usual path refuses raises its error."""
+    q, k, v = make_qkv(61, 2, 2, 256, 32)
+    mask = padding_mask([256, 100], 256, kind)
+    _masked_plan(q, k, v, mask, block_per_row=2)
+    wrong = mask.clone()
+    wrong.view(2, -1)[1, 120] = bad
+    for call in (op, usual):
+        with pytest.raises(ValueError, match=message):
+            call(q, k, v, wrong, block_per_row=2)
 
 
 def test_the_overflow_count_picks_the_tail():
