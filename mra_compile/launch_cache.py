@@ -27,10 +27,10 @@ mask) replays too: each replay checks the mask's values, writes the mask, its bl
 counts and the per-sequence budgets into the scratch the kernels read (``_Masks``; in
 one C call, ``native_replay.NativeMasks``, where the C library loads: those torch steps
 took 0.3-0.5 ms, a third of a masked call at N = 512), and goes the usual way where a
-padded token of q, k or v is not finite (the usual path replaces those in copies). Plans are per thread (the workspace is) and go whenever the
-workspace drops a buffer (``memory.Workspace.dropped``); nothing is planned while kernel
-calls are traced (the tracer must see every launch), nor with
-``MRA_COMPILE_LAUNCH_CACHE=0``.
+padded token of q, k or v is not finite (the usual path replaces those in copies).
+Plans are per thread (the workspace is) and go whenever the workspace drops a buffer
+(``memory.Workspace.dropped``); nothing is planned while kernel calls are traced (the
+tracer must see every launch), nor with ``MRA_COMPILE_LAUNCH_CACHE=0``.
 """
 from __future__ import annotations
 
