@@ -336,6 +336,12 @@ def draw_cases(seed: int, smoke: bool) -> list[dict]:
             streams.append(dict(common, check="misaligned", masked=combo % 2 == 0))
             graphs.append(dict(common, check="graph"))
             graphs.append(dict(common, check="replay"))
+            # The op's graphs of masked calls: a padding mask (bool, as the Hugging Face
+            # integration passes it, or 0/1 in q's dtype), per-sequence budgets; and
+            # cross-attention with its query mask.
+            graphs.append(dict(common, check="replay", masked=True, bool_mask=combo % 2 == 0,
+                               num_blocks=None, extra=dict(block_per_row=4)))
+            graphs.append(dict(cross, check="replay"))
             combo += 1
     return small + streams + backward + large + graphs
 
@@ -542,24 +548,28 @@ def check_graph(case, dev):
 
 def check_replay(case, dev):
     """The op's own CUDA graphs (mra_compile.cuda_graphs): the third call of a signature
-    replays the graph captured at the second; on new inputs it must give what the usual
-    path (MRA_COMPILE_CUDA_GRAPHS=0) gives: the inference forward, and the output and
-    gradients of a training step (its forward and backward graphs)."""
+    replays the graph captured at the second; on new inputs (and a masked case's new
+    mask) it must give what the usual path (MRA_COMPILE_CUDA_GRAPHS=0) gives: the
+    inference forward, and the output and gradients of a training step (its forward and
+    backward graphs)."""
     if dev.type != "cuda":
         return None, "skipped: no CUDA"
     nb, mode = case["num_blocks"], case["mode"]
+    extra, _ = call_options(case, dev)
     mc.cuda_graphs.clear()
 
-    def step(q, k, v, g):
+    def step(q, k, v, mask, g):
         with torch.no_grad():
-            inference = op(q, k, v, None, nb, mode)
+            inference = op(q, k, v, mask, nb, mode, extra)
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = op(*leaves, None, nb, mode)
+        out = op(*leaves, mask, nb, mode, extra)
         return (inference, out.detach(), *torch.autograd.grad(out, leaves, g))
 
-    def inputs(offset):
-        q, k, v = make_inputs(case, dev, offset)[:3]
-        return q, k, v, torch.randn_like(q)
+    def inputs(offset):  # (a masked case's mask changes from call to call: its holes)
+        q, k, v, mask = make_inputs(case, dev, offset)
+        if mask is not None and case.get("bool_mask"):
+            mask = mask != 0
+        return q, k, v, mask, torch.randn_like(q)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

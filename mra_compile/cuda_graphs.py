@@ -11,7 +11,8 @@ a capture may not), the second is captured into a CUDA graph that reads its own 
 of the call's tensors, and every later call copies its tensors in, replays the graph on
 torch's current stream and returns copies of the graph's outputs: a few copies and a
 graph launch in place of ~80-200 launches. ``op`` runs the inference forward, the
-training forward and the backward so, for calls without masks.
+training forward and the backward so, masked calls too (``op._graph_masks``: the masks
+checked before, then graph inputs as bool ``[B, N]``, which the capture need not read).
 
 A signature is everything the host work depends on besides the tensors' values: the
 call's kind and options, the tensors' shapes and dtypes, the device and its current

@@ -28,7 +28,7 @@ import torch
 from mra_compile import compile_cache, cuda_graphs, launch_cache, options, validate
 from mra_compile.backward import mra_backward
 from mra_compile.forward import Saved, exact_output_dtype, mra_forward
-from mra_compile.inputs import HEAD_DIM_MULTIPLE
+from mra_compile.inputs import HEAD_DIM_MULTIPLE, key_padding
 from mra_compile.options import Options
 from mra_compile.targets import compute_dtype
 
@@ -83,24 +83,59 @@ def _forward_kernels(q, k, v, mask, query_mask, args, save: bool = True,
     the output alone (its intermediates in scratch memory; the launches of a signature
     seen before replayed: ``launch_cache`` on the CPU, ``cuda_graphs`` on CUDA).
     ``exact_out``: see ``mra_forward``."""
-    graphs = _graphable(q, mask, query_mask)
+    if _graphable(q, mask, query_mask):
+        masks = _graph_masks(q, k, v, mask, query_mask, args)
+        if not save:
+            return _through_graphs("inference", args, (q, k, v), masks,
+                                   lambda q_, k_, v_, m, qm: _inference(q_, k_, v_, m, qm, args))
+        return _through_graphs(
+            "forward", (args, exact_out), (q, k, v), masks,
+            lambda q_, k_, v_, m, qm: _training_forward(q_, k_, v_, m, qm, args, exact_out))
     if not save:
-        if graphs:
-            return cuda_graphs.run("inference", args, (q, k, v),
-                                   lambda q_, k_, v_: _inference(q_, k_, v_, None, None, args))
         return launch_cache.inference(q, k, v, mask, query_mask, args, _inference)
-    if graphs:
-        return cuda_graphs.run(
-            "forward", (args, exact_out), (q, k, v),
-            lambda q_, k_, v_: _training_forward(q_, k_, v_, None, None, args, exact_out))
     return _training_forward(q, k, v, mask, query_mask, args, exact_out)
 
 
 def _graphable(q, mask, query_mask) -> bool:
-    """Whether a call may go through ``cuda_graphs``: CUDA, no masks, not empty (anything
-    else, bad input included, goes the usual way, which checks it)."""
-    return (isinstance(q, torch.Tensor) and q.is_cuda and mask is None
-            and query_mask is None and q.numel() > 0)
+    """Whether a call may go through ``cuda_graphs``: CUDA, not empty, its masks (if any)
+    tensors on q's device (anything else, bad input included, goes the usual way, which
+    checks it)."""
+    return (isinstance(q, torch.Tensor) and q.is_cuda and q.numel() > 0
+            and all(m is None or (type(m) is torch.Tensor and m.device == q.device)
+                    for m in (mask, query_mask)))
+
+
+def _graph_masks(q, k, v, mask, query_mask, args) -> tuple:
+    """(mask, query_mask) as a call's CUDA graph takes them: checked as the usual path
+    checks them (shapes, then values: a read on the host, except for bool masks, whose
+    values need no check), then as bool ``[B, N]`` (True: a real token; an SDPA-shaped
+    ``[B, 1, 1, N]`` mask's keys). The usual path computes the same from those as from
+    the masks given (it takes ``mask != 0``, the additive form's ``== 0``), and reads
+    bool masks' values nowhere: the captured call makes no host read (a capture may
+    not), and each replay reads the call's own masks."""
+    if mask is None and query_mask is None:
+        return None, None
+    _validated(q, k, v, mask, query_mask, args)
+
+    def real(m):
+        if m is None:
+            return None
+        m = key_padding(m)
+        return m if m.dtype == torch.bool else m != 0
+    return real(mask), real(query_mask)
+
+
+def _through_graphs(kind: str, options, tensors: tuple, masks: tuple, fn):
+    """``fn(*tensors, mask, query_mask)`` through ``cuda_graphs``: the masks present are
+    graph inputs after ``tensors`` (which of them are is part of the signature)."""
+    present = tuple(m is not None for m in masks)
+    count = len(tensors)
+
+    def call(*given):
+        rest = iter(given[count:])
+        return fn(*given[:count], *(next(rest) if p else None for p in present))
+    return cuda_graphs.run(kind, (options, present), tensors + tuple(m for m in masks
+                                                                     if m is not None), call)
 
 
 def _training_forward(q, k, v, mask, query_mask, args, exact_out: bool):
@@ -151,8 +186,9 @@ def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, h
     forward's, before its rounding where it was asked for that (``exact_out``)."""
     tensors = (grad.contiguous(), q, k, v, out, stats, pooled, logits, high_mask, rowmax, index)
     if _graphable(q, mask, query_mask):
-        return cuda_graphs.run("backward", args, tensors,
-                               lambda *t: _backward_kernels(args, t))
+        masks = _graph_masks(q, k, v, mask, query_mask, args)
+        return _through_graphs("backward", args, tensors, masks,
+                               lambda *t: _backward_kernels(args, t[:-2], *t[-2:]))
     return _backward_kernels(args, tensors, mask, query_mask)
 
 

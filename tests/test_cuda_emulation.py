@@ -227,6 +227,18 @@ def test_half_precision_training_splits_p(emulation, dtype):
         assert not again, (case, again)
 
 
+def test_the_cuda_path_reads_no_value_on_the_host(emulation):
+    """No forward or backward of any case (masked, cross-attention and per-sequence
+    budgets included) reads a tensor's values on the host (``runner.HostReads``): on a
+    GPU such a read waits for the device, and a CUDA graph's capture refuses it, so each
+    of these calls can be captured (``mra_compile.cuda_graphs``, which takes masked calls
+    too: their masks' values are checked before, as bool needs no check)."""
+    reads = {f"{case} {phase}": result[phase]["host_reads"]
+             for case, result in emulation["results"].items()
+             for phase in ("forward", "backward") if result.get(phase, {}).get("host_reads")}
+    assert not reads, reads
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward(emulation, case):
     result = _phase(emulation, case, "backward")

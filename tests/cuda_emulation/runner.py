@@ -76,6 +76,48 @@ def _inputs(case: dict):
     return q, k, v, mask, query_mask, grad_out
 
 
+class HostReads:
+    """Where the op reads a tensor's values on the host (``item``, ``tolist``, ``numpy``,
+    ``cpu``, ``bool()``, ``int()``, ``float()``, a tensor as an index) while the context
+    is open: on a GPU each is a synchronisation with the device, which a CUDA graph's
+    capture refuses (the op captures masked and unmasked calls alike,
+    ``mra_compile.cuda_graphs``). Reads made by the emulation or the test are not the
+    op's: only those whose nearest caller outside torch is in ``mra_compile`` count."""
+
+    NAMES = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+    PACKAGE = str(Path(__file__).resolve().parent.parent.parent / "mra_compile")
+
+    def __init__(self):
+        self.where: list[str] = []
+
+    def __enter__(self):
+        import torch
+
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, self._recording(name, original))
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+    def _recording(self, name, original):
+        def read(tensor, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(self.PACKAGE):
+                where = (f"{name} in {Path(frame.f_code.co_filename).name}:{frame.f_lineno} "
+                         f"({frame.f_code.co_name})")
+                if where not in self.where:
+                    self.where.append(where)
+            return original(tensor, *args, **kwargs)
+        return read
+
+
 def run_case(emu: emulator.Emulator, case: dict) -> dict:
     import torch
 
@@ -96,9 +138,11 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
     emu.calls.clear()
     emu.forget_writes()
     start = time.perf_counter()
+    reads = HostReads()
     try:
-        out, saved = mra_forward(q, k, v, mask, opts, knobs=case.get("knobs"), save=True,
-                                 query_mask=query_mask)
+        with reads:
+            out, saved = mra_forward(q, k, v, mask, opts, knobs=case.get("knobs"), save=True,
+                                     query_mask=query_mask)
         # the op's blocks, for the oracle
         selection = block_selection(q, k, v, mask, opts, query_mask)
         ref = mra2_reference(q.double(), k.double(), v.double(), mask64, selection=selection,
@@ -111,24 +155,27 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
             forward["padding_zero"] = bool((out[padded] == 0).all())
         forward["training_calls"] = list(emu.calls)
         if case.get("inference"):  # no backward: the output in q's dtype, scratch memory
-            plain = mra_forward(q, k, v, mask, opts, knobs=case.get("knobs"),
-                                query_mask=query_mask)
+            with reads:
+                plain = mra_forward(q, k, v, mask, opts, knobs=case.get("knobs"),
+                                    query_mask=query_mask)
             forward.update(inference_error=_row_rel_err(plain, ref),
                            inference_dtype=str(plain.dtype),
                            inference_finite=bool(torch.isfinite(plain).all()))
     except Exception:  # noqa: BLE001  (reported to the test, which fails on it)
         forward = {"exception": traceback.format_exc()[-3000:]}
     forward.update(findings=_clean(emu.findings), calls=list(emu.calls),
-                   seconds=time.perf_counter() - start)
+                   seconds=time.perf_counter() - start, host_reads=reads.where)
     result["forward"] = forward
     if not case.get("backward") or "exception" in forward:
         return result
     emu.findings.clear()
     emu.calls.clear()
     start = time.perf_counter()
+    reads = HostReads()
     try:
-        grads = mra_backward(grad_out.to(q.dtype), q, k, v, mask, out, saved, opts,
-                             knobs=case.get("knobs"), query_mask=query_mask)
+        with reads:
+            grads = mra_backward(grad_out.to(q.dtype), q, k, v, mask, out, saved, opts,
+                                 knobs=case.get("knobs"), query_mask=query_mask)
         leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
         ref = mra2_reference(*leaves, mask64, selection=selection, **ref_kw)
         ref.backward(grad_out)
@@ -144,7 +191,7 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
     except Exception:  # noqa: BLE001
         backward = {"exception": traceback.format_exc()[-3000:]}
     backward.update(findings=_clean(emu.findings), calls=list(emu.calls),
-                    seconds=time.perf_counter() - start)
+                    seconds=time.perf_counter() - start, host_reads=reads.where)
     result["backward"] = backward
     return result
 
