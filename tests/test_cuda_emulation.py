@@ -239,6 +239,20 @@ def test_the_cuda_path_reads_no_value_on_the_host(emulation):
     assert not reads, reads
 
 
+def test_host_reads_are_found():
+    """``runner.HostReads`` sees the op's reads of a tensor's values on the host (here the
+    CPU's exact work plan, which reads the selection with numpy), and not the caller's."""
+    import torch
+    from cuda_emulation.runner import HostReads
+
+    from mra_compile import plan
+
+    with HostReads() as reads:
+        plan.make_plan(torch.tensor([[0, 1, 5, 16]]), 4, 1, 1, exact=True)
+        assert bool(torch.ones(()))  # (the test's own read)
+    assert reads.where and all("plan.py" in where for where in reads.where), reads.where
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward(emulation, case):
     result = _phase(emulation, case, "backward")
