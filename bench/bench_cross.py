@@ -4,7 +4,11 @@ the longer length (what the padding of the shorter side to one length costs).
 Each shape in one interleaved run (fp32, B=1, H=12, D=64, 4 blocks per query block row,
 ``block_per_row=4``): the op with ``Nq`` queries and ``Nk`` keys in "full" and "sparse"
 mode, ``scaled_dot_product_attention`` on the same q, k, v, and the op on ``max(Nq, Nk)``
-tokens on both sides (self-attention; the same padded length inside).
+tokens on both sides (self-attention; the same padded length inside). Then the op in
+"full" mode with a key mask and a query mask (the last eighth of each side padded), as
+it runs (from the second call of a shape on, a replay of its kernel launches, the masks
+written again by each: ``mra_compile.launch_cache``) and the usual way every call
+(``MRA_COMPILE_LAUNCH_CACHE=0``, as cross-attention ran before 2026-12-06).
 
     python bench/bench_cross.py                          # writes bench/results/cross_cpu.md
     python bench/bench_cross.py --shapes 1024x8192 --repeat 5 --out /tmp/cross.md
@@ -12,6 +16,7 @@ tokens on both sides (self-attention; the same padded length inside).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +28,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import mra_compile  # noqa: E402
+from mra_compile import launch_cache  # noqa: E402
 from mra_compile.tools import common  # noqa: E402
 from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 
@@ -41,13 +47,30 @@ def run_shape(Nq: int, Nk: int, repeat: int) -> dict:
     N = max(Nq, Nk)
     qs, ks, vs = (torch.randn(1, HEADS, N, HEAD_DIM, generator=g) for _ in range(3))
 
-    def op(mode, *x):
+    def op(mode, *x, **kw):
         return lambda: mra_compile.mra_attention(*x, block_per_row=BLOCKS_PER_ROW,
-                                                 approx_mode=mode)
+                                                 approx_mode=mode, **kw)
 
+    def usual(fn):
+        def call():
+            before = os.environ.get(launch_cache.ENV)
+            os.environ[launch_cache.ENV] = "0"
+            try:
+                return fn()
+            finally:
+                if before is None:
+                    del os.environ[launch_cache.ENV]
+                else:
+                    os.environ[launch_cache.ENV] = before
+        return call
+
+    key_mask, query_mask = torch.ones(1, Nk), torch.ones(1, Nq)
+    key_mask[:, Nk - Nk // 8:] = 0
+    query_mask[:, Nq - Nq // 8:] = 0
+    masked = op("full", q, k, v, key_mask, query_mask=query_mask)
     fns = {"full": op("full", q, k, v), "sparse": op("sparse", q, k, v),
            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-           "self_full": op("full", qs, ks, vs)}
+           "self_full": op("full", qs, ks, vs), "masked": masked, "masked_usual": usual(masked)}
     with torch.no_grad():
         for fn in fns.values():  # warm-up: kernels loaded, caches filled
             fn()
@@ -66,12 +89,14 @@ def main() -> int:
              f"fp32, B=1, H={HEADS}, D={HEAD_DIM}, block_per_row={BLOCKS_PER_ROW}; median of "
              f"{args.repeat} interleaved rounds, ms. self full: the op on max(Nq, Nk) tokens on "
              "both sides.", "",
-             "| Nq | Nk | op full | op sparse | SDPA | SDPA / op full | self full (max length) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| Nq | Nk | op full | op sparse | SDPA | SDPA / op full | self full (max length) "
+             "| masked full | masked full, usual path every call |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for Nq, Nk in args.shapes:
         t = run_shape(Nq, Nk, args.repeat)
         lines.append(f"| {Nq} | {Nk} | {t['full']:.2f} | {t['sparse']:.2f} | {t['sdpa']:.2f} | "
-                     f"{t['sdpa'] / t['full']:.2f}x | {t['self_full']:.2f} |")
+                     f"{t['sdpa'] / t['full']:.2f}x | {t['self_full']:.2f} | {t['masked']:.2f} | "
+                     f"{t['masked_usual']:.2f} |")
         print(lines[-1], flush=True)
     lines += ["", "Command: `python bench/bench_cross.py "
               + " ".join(["--shapes", *(f"{a}x{b}" for a, b in args.shapes),

@@ -412,17 +412,20 @@ def padded(x, Np: int, Dp: int, dtype, name: str, target: Target) -> torch.Tenso
     return buf
 
 
-def _side_mask(real, N: int, Np: int, dt, b: int, target: Target | None = None):
+def _side_mask(real, N: int, Np: int, dt, b: int, target: Target | None = None,
+               name: str = "side"):
     """One side's mask [B, Np] (``real`` [B, N] nonzero = real, padded with zeros) and
     its per-block counts and 1/(count + 1e-6), [B, Np / b]. With a ``target`` that
-    reuses its workspace, in this thread's scratch (``side_mask_into``), so that the
-    launch cache can replay masked calls; else fresh tensors."""
+    reuses its workspace, in this thread's scratch (``side_mask_into``; ``name``: its
+    buffers' prefix, one per side), so that the launch cache can replay masked calls;
+    else fresh tensors."""
     if target is not None and target.reuses_workspace:
         B, n = real.shape[0], Np // b
         get = WORKSPACE.get
-        maskf = get("side_mask", B, Np, dtype=dt, device=real.device, target=target)
-        counts = get("side_counts", B, n, dtype=dt, device=real.device, target=target)
-        inv_counts = get("side_inv_counts", B, n, dtype=dt, device=real.device, target=target)
+        maskf = get(f"{name}_mask", B, Np, dtype=dt, device=real.device, target=target)
+        counts = get(f"{name}_counts", B, n, dtype=dt, device=real.device, target=target)
+        inv_counts = get(f"{name}_inv_counts", B, n, dtype=dt, device=real.device,
+                         target=target)
         side_mask_into(real, maskf, counts, inv_counts, b)
         return maskf, counts, inv_counts
     maskf = F.pad(real.to(dt), (0, Np - N)).contiguous()
@@ -466,12 +469,17 @@ def _prepare_cross(q, k, v, mask, query_mask, Np: int, Dp: int, dt, io, common: 
     qf, kf, vf = (padded(x, Np, Dp, io, name, target)
                   for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
 
-    def side(given, N):
-        real = torch.ones(B, N, dtype=dt, device=q.device) if given is None else given != 0
-        return _side_mask(real, N, Np, dt, b)
+    def side(given, N, name):
+        if given is None:  # (all real: the same for every call of this shape)
+            return kept_constants(
+                ("all real", B, N, Np, b, dt, q.device),
+                lambda: _side_mask(torch.ones(B, N, dtype=dt, device=q.device), N, Np, dt, b),
+                target.reuses_workspace)
+        return _side_mask(given != 0, N, Np, dt, b, target, name)
 
-    maskf, counts, inv_counts = side(mask, Nk)
-    qmaskf, q_counts, q_inv_counts = side(query_mask, Nq)
+    # (in scratch of their own where the target reuses it: the launch cache rewrites them)
+    maskf, counts, inv_counts = side(mask, Nk, "side")
+    qmaskf, q_counts, q_inv_counts = side(query_mask, Nq, "query_side")
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, qmaskf, q_counts, q_inv_counts, H,
                     masked=mask is not None or query_mask is not None,
                     blocks_q=-(-Nq // b), blocks_k=-(-Nk // b), **common)

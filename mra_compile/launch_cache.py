@@ -22,8 +22,9 @@ through ``inputs.heads_last_copy``'s copies, their layout part of the signature)
 the output in place (in the layer's layout where the kernels read it) or into scratch
 that the replay copies out, and whose other tensors
 are kept memory (the thread's workspace, ``memory.kept_constants``) get a plan; others
-keep a marker that sends them the usual way. A call with a key padding mask (no query
-mask) replays too: each replay checks the mask's values, writes the mask, its block
+keep a marker that sends them the usual way. Masked calls replay too (a key padding
+mask; cross-attention's query mask and keys of their own length, each side's mask in
+scratch of its own): each replay checks the masks' values, writes each mask, its block
 counts and the per-sequence budgets into the scratch the kernels read (``_Masks``; in
 one C call, ``native_replay.NativeMasks``, where the C library loads: those torch steps
 took 0.3-0.5 ms, a third of a masked call at N = 512), and goes the usual way where a
@@ -86,15 +87,26 @@ class _Tail:
 
 
 @dataclass
-class _Masks:
-    """What a replay of a call with a key padding mask writes again before its launches:
-    the mask as the kernels read it, its block counts and their inverses
-    (``inputs.side_mask_into``) and, with per-sequence budgets (``block_per_row``), the
-    selection's budget (``forward.write_budget``); all in the thread's scratch."""
+class _Side:
+    """One side's mask as the kernels read it (``inputs.side_mask_into``): the keys' (in
+    self-attention, both sides'), or cross-attention's queries'."""
 
+    given: str  # the call's argument it comes from: "mask" or "query_mask"
     maskf: torch.Tensor  # [B, Np]
     counts: torch.Tensor  # [B, n]
     inv_counts: torch.Tensor
+    checks: tuple[int, ...]  # the inputs (0 q, 1 k, 2 v) whose padding must be finite
+
+
+@dataclass
+class _Masks:
+    """What a replay of a masked call writes again before its launches: each given
+    mask's side (``_Side``) and, with per-sequence budgets (``block_per_row``), the
+    selection's budget (``forward.write_budget``, from the queries' block counts); all in
+    the thread's scratch."""
+
+    sides: tuple[_Side, ...]  # (in the order the usual path checks the masks)
+    q_counts: torch.Tensor  # [B, n]: the queries' block counts (a side's, or kept)
     block_size: int
     budget: torch.Tensor | None  # [R] int32; None: the same for every call (kept)
     heads: int  # row r reads mask row r // heads
@@ -104,32 +116,39 @@ class _Masks:
     # there is none (no C library, a mask or input dtype it does not read).
     native: native_replay.NativeMasks | bool | None = None
 
-    def refresh(self, q, k, v, mask) -> bool:
-        """Check ``mask``'s values (raising as the usual path does) and write what the
-        kernels read of it; False where the usual path would copy q, k or v (a padded
-        token that is not finite: ``inputs.clean_padding``)."""
+    def refresh(self, q, k, v, given: dict) -> bool:
+        """Check the masks' values (raising as the usual path does) and write what the
+        kernels read of them; False where the usual path would copy q, k or v (a padded
+        token that is not finite: ``inputs.clean_padding``). ``given``: the call's masks
+        by argument name."""
         if self.native is None:
             self.native = False
             if native_replay.enabled():
                 try:
-                    self.native = native_replay.NativeMasks(self, mask, (q, k, v))
+                    self.native = native_replay.NativeMasks(self, given, (q, k, v))
                 except ValueError:
                     pass  # (refreshed from Python)
         if isinstance(self.native, native_replay.NativeMasks):
-            done = self.native.run(q, k, v, mask)
+            done = self.native.run(q, k, v, given)
             if done != 2:
                 return done == 0
-            # (a value the mask may not hold: raised below, with its message)
-        validate.check_mask_values(mask)
-        real = inputs.key_padding(mask)
-        cleaned = inputs.clean_padding((q, k, v), real != 0, True)
-        if any(x is not given for x, given in zip(cleaned, (q, k, v))):
-            return False
-        inputs.side_mask_into(real, self.maskf, self.counts, self.inv_counts, self.block_size)
+            # (a value a mask may not hold: raised below, with its message)
+        for side in self.sides:
+            validate.check_mask_values(given[side.given], side.given)
+        qkv = (q, k, v)
+        reals = [inputs.key_padding(given[side.given]) for side in self.sides]
+        for side, real in zip(self.sides, reals):
+            checked = tuple(qkv[j] for j in side.checks)
+            cleaned = inputs.clean_padding(checked, real != 0, True)
+            if any(x is not mine for x, mine in zip(cleaned, checked)):
+                return False
+        for side, real in zip(self.sides, reals):
+            inputs.side_mask_into(real, side.maskf, side.counts, side.inv_counts,
+                                  self.block_size)
         if self.budget is not None and self.block_per_row is not None:
-            n = self.counts.shape[1]
+            n = self.q_counts.shape[1]
             forward.write_budget(self.budget, forward.sequence_budgets(
-                self.counts, self.heads, self.block_size, self.block_per_row, n), self.k)
+                self.q_counts, self.heads, self.block_size, self.block_per_row, n), self.k)
         return True
 
 
@@ -173,7 +192,7 @@ def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
     if plan is _UNPLANNED:
         return usual(q, k, v, mask, query_mask, args)
     if plan is not False:
-        out = _replay(plan, q, k, v, mask)
+        out = _replay(plan, q, k, v, {"mask": mask, "query_mask": query_mask})
         if out is not None:
             return out
     return _record(key, plan or None, q, k, v, mask, query_mask, args, usual)
@@ -182,12 +201,13 @@ def inference(q, k, v, mask, query_mask, args: tuple, usual: Callable):
 def _signature(q, k, v, mask, query_mask, args: tuple):
     """The plan key of this call, or None where it cannot have a plan."""
     env = os.environ.get
-    if query_mask is not None or build.tracing() or env(ENV, "1") == "0":
+    if build.tracing() or env(ENV, "1") == "0":
         return None
-    for x in (q, k, v) if mask is None else (q, k, v, mask):
+    masks = tuple(m for m in (mask, query_mask) if m is not None)
+    for x in (q, k, v, *masks):
         if type(x) is not torch.Tensor or not x.is_cpu or x.layout != torch.strided:
             return None
-    masked = None if mask is None else (mask.shape, mask.dtype)
+    masked = tuple(None if m is None else (m.shape, m.dtype) for m in (mask, query_mask))
     # Whether the kernels read each input in place, in place in an attention layer's
     # layout, or through a copy (``inputs.prepare``) depends on its layout too.
     return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, masked,
@@ -207,11 +227,12 @@ def _layout(x: torch.Tensor) -> int:
     return 1 if x.dim() == 4 and x.transpose(1, 2).is_contiguous() else 2
 
 
-def _replay(plan: _Plan, q, k, v, mask=None):
+def _replay(plan: _Plan, q, k, v, masks: dict | None = None):
     """The output from ``plan``'s launches, or None where the selection made a count of
     overflow units the plan has no tail for (the kernels then ran for nothing), or where
-    the usual path would copy an input with non-finite padding."""
-    if plan.masks is not None and not plan.masks.refresh(q, k, v, mask):
+    the usual path would copy an input with non-finite padding. ``masks``: the call's,
+    by argument name ("mask", "query_mask")."""
+    if plan.masks is not None and not plan.masks.refresh(q, k, v, masks or {}):
         return None
     runtime.ensure()
     # The output in the caller's shape, made before the launches, so that nothing is
@@ -300,8 +321,8 @@ def _record(key, plan: _Plan | None, q, k, v, mask, query_mask, args, usual):
     if ws.generation != generation:  # (a buffer went, or was not kept: next time)
         return out
     made = _plan_of(calls, (q, k, v), out)
-    if made is not None and mask is not None:
-        made.masks = _masks_of(calls, args)
+    if made is not None and (mask is not None or query_mask is not None):
+        made.masks = _masks_of(calls, args, {"mask": mask, "query_mask": query_mask})
         if made.masks is None:
             made = None
     if plan is not None and made is not None:  # (the same buffers: no generation moved)
@@ -391,21 +412,33 @@ def _plan_of(calls: list[dict], qkv, out) -> _Plan | None:
                  transposed=frozenset(transposed))
 
 
-def _masks_of(calls: list[dict], args: tuple) -> _Masks | None:
+def _masks_of(calls: list[dict], args: tuple, given: dict) -> _Masks | None:
     """The ``_Masks`` of a recorded masked call (its pooling's mask tensors, its
-    selection's budget), or None where its kernels did not read them as
-    ``inputs.prepare`` writes them."""
+    selection's budget; ``given``: the call's masks by argument name), or None where its
+    kernels did not read them as ``inputs.prepare`` writes them."""
     pool, select = (dict(zip(kernels.get(c["op"]).arg_names(c["static"]), c["args"]))
                     for c in calls[:2])
-    mask, counts, inv_counts = pool["mask"], pool["counts"], pool["inv_counts"]
-    same = {x.data_ptr() for x in (mask, pool["qmask"])}, {
-        x.data_ptr() for x in (counts, pool["q_counts"], select["counts"], select["q_counts"])}
-    if any(len(addresses) != 1 for addresses in same):
-        return None  # (one mask for both sides: self-attention)
+    if not (select["counts"].data_ptr() == pool["counts"].data_ptr()
+            and select["q_counts"].data_ptr() == pool["q_counts"].data_ptr()):
+        return None
+    sides: tuple[_Side, ...]
+    keys = (pool["mask"], pool["counts"], pool["inv_counts"])
+    queries = (pool["qmask"], pool["q_counts"], pool["q_inv_counts"])
+    if all(a.data_ptr() == b.data_ptr() for a, b in zip(keys, queries)):
+        if given["query_mask"] is not None:  # (self-attention: one mask for both sides)
+            return None
+        sides = (_Side("mask", *keys, (0, 1, 2)),)
+    elif any(a.data_ptr() == b.data_ptr() for a, b in zip(keys, queries)):
+        return None
+    else:  # (cross-attention, or a query mask: each side its own)
+        sides = tuple(_Side(name, *tensors, checks)
+                      for name, tensors, checks in (("mask", keys, (1, 2)),
+                                                    ("query_mask", queries, (0,)))
+                      if given[name] is not None)
     per_sequence = bool(select["real_only"])
     block_per_row = options.parse(args).block_per_row
     if per_sequence and block_per_row is None:
         return None
-    return _Masks(mask, counts, inv_counts, calls[0]["static"]["b"],
+    return _Masks(sides, pool["q_counts"], calls[0]["static"]["b"],
                   select["budget"] if per_sequence else None, int(select["heads"]),
                   block_per_row, int(select["index"].shape[1]))

@@ -15,11 +15,12 @@ the output are four DLTensors whose data pointers a call sets. ``mra_replay`` ru
 head, reads the selection's per-row unit counts, picks the tail recorded for that count
 (or returns 1: none yet), copies the overflow units and runs the tail: one C call per op
 call. A kernel's error returns its code, and the caller replays from Python, which
-raises it with its message. For a call with a key padding mask, ``mra_refresh_masks``
-does in one call what the replay's torch steps did before it (``NativeMasks``: the
-mask's values checked, its padded tokens of q, k, v checked finite, the mask, its block
-counts and the budgets written): 10-60 us where those steps took 0.3-0.5 ms between the
-kernels of an interleaved run at N = 512 (``bench/bench_masks.py``).
+raises it with its message. For a masked call (a key padding mask; cross-attention's
+query mask), ``mra_refresh_masks`` does in one call what the replay's torch steps did
+before it (``NativeMasks``: the masks' values checked, the padded tokens of the inputs
+each covers checked finite, the masks, their block counts and the budgets written):
+10-60 us where those steps took 0.3-0.5 ms between the kernels of an interleaved run at
+N = 512 (``bench/bench_masks.py``).
 
 The C library is built with the system C compiler into the kernel cache, or shipped in
 an ahead-of-time library's runtime/ (like ``openmp``'s launcher); without either, or
@@ -112,27 +113,32 @@ int mra_replay(const Plan *p, void *q, void *k, void *v, void *out) {
   return rc ? rc - 1000 : 0;
 }
 
-/* A key padding mask's refresh before a replay (launch_cache._Masks.refresh). */
+/* A masked call's refresh before a replay (launch_cache._Masks.refresh). */
 typedef struct { const void *data; int64_t s[4]; int32_t heads, bits; uint64_t exponent; } Input;
-typedef struct {
+typedef struct { /* one side's mask (the keys', or cross-attention's queries') */
   const void *mask; int64_t mask_sb, mask_st; /* [B, N] at these element strides */
   int32_t kind;     /* its elements: 0 one byte, 1 int32, 2 int64, 3 float32, 4 float64 */
   int32_t form;     /* 0 0/1 values, 1 bool (nonzero = real), 2 additive (0 / -inf) */
-  int32_t B, N, Np, b, D, wide; /* wide: maskf, counts, inv_counts are float64 */
+  int32_t N, checks; /* checks: bit j set: input j's padded tokens must be finite */
+  void *maskf, *counts, *inv_counts; /* [B, Np], [B, Np / b], [B, Np / b] */
+} Side;
+typedef struct {
+  int32_t nsides, B, Np, b, D, wide; /* wide: the sides' tensors are float64 */
+  Side sides[2];
   Input in[3];      /* q, k, v [B, heads, N, D] */
-  void *maskf, *counts, *inv_counts;
+  const void *q_counts; /* the queries' block counts (a side's, or constant): the budgets' */
   int32_t *budget;  /* [rows] int32, or NULL: no per-sequence budget */
   int32_t rows, heads, per_row, most;
 } Masks;
 
-/* Sequence i of the mask into row i of maskf (1 real, 0 padding; zeros after N): 0, or
- * -1 where the mask holds a value it may not. */
+/* Sequence i of a side's mask into row i of its maskf (1 real, 0 padding; zeros after
+ * N): 0, or -1 where the mask holds a value it may not. */
 #define DECODE(T)                                                             \
-  static int decode_##T(const Masks *m, int64_t i) {                          \
+  static int decode_##T(const Side *m, int64_t Np, int wide, int64_t i) {     \
     const T *row = (const T *)m->mask + i * m->mask_sb;                       \
-    float *f = (float *)m->maskf + i * m->Np;                                 \
-    double *w = (double *)m->maskf + i * m->Np;                               \
-    for (int64_t t = 0; t < m->Np; ++t) {                                     \
+    float *f = (float *)m->maskf + i * Np;                                    \
+    double *w = (double *)m->maskf + i * Np;                                  \
+    for (int64_t t = 0; t < Np; ++t) {                                        \
       int r = 0;                                                              \
       if (t < m->N) {                                                         \
         double x = (double)row[t * m->mask_st];                               \
@@ -140,7 +146,7 @@ typedef struct {
         else if (m->form == 2) { r = x == 0.0; if (!r && x != -(double)INFINITY) return -1; } \
         else { r = x == 1.0; if (!r && x != 0.0) return -1; }                 \
       }                                                                       \
-      if (m->wide) w[t] = r; else f[t] = (float)r;                            \
+      if (wide) w[t] = r; else f[t] = (float)r;                               \
     }                                                                         \
     return 0;                                                                 \
   }
@@ -150,19 +156,18 @@ DECODE(int64_t)
 DECODE(float)
 DECODE(double)
 
-static int decode(const Masks *m, int64_t i) {
+static int decode(const Side *m, int64_t Np, int wide, int64_t i) {
   switch (m->kind) {
-    case 0: return decode_int8_t(m, i);
-    case 1: return decode_int32_t(m, i);
-    case 2: return decode_int64_t(m, i);
-    case 3: return decode_float(m, i);
-    default: return decode_double(m, i);
+    case 0: return decode_int8_t(m, Np, wide, i);
+    case 1: return decode_int32_t(m, Np, wide, i);
+    case 2: return decode_int64_t(m, Np, wide, i);
+    case 3: return decode_float(m, Np, wide, i);
+    default: return decode_double(m, Np, wide, i);
   }
 }
 
-static int is_real(const Masks *m, int64_t i, int64_t t) {
-  return m->wide ? ((const double *)m->maskf)[i * m->Np + t] != 0.0
-                 : ((const float *)m->maskf)[i * m->Np + t] != 0.0f;
+static double at(const void *x, int wide, int64_t i) {
+  return wide ? ((const double *)x)[i] : (double)((const float *)x)[i];
 }
 
 /* Whether every element of tokens first <= t < stop of sequence i (every head) is
@@ -193,47 +198,58 @@ static int all_finite(const Input *x, int64_t i, int64_t first, int64_t stop, in
   return finite_uint64_t(x, i, first, stop, D);
 }
 
-/* 0: the mask, its block counts, their inverses and the budgets written; 1: a padded
- * token of q, k or v (or a real one between two padded) is not finite, so the usual
- * path would copy it; 2: a mask value other than 0 and 1 (0 and -inf: additive), which
- * the caller raises. (maskf is written in every case: scratch the usual path writes
- * again.) */
+/* 0: each side's mask, its block counts and their inverses, and the budgets written;
+ * 1: a padded token of an input a side checks (or a real one between two padded) is
+ * not finite, so the usual path would copy it; 2: a mask value other than 0 and 1 (0 and
+ * -inf: additive), which the caller raises. (The sides' maskf are written in every
+ * case: scratch the usual path writes again.) */
 int mra_refresh_masks(const Masks *m) {
-  for (int64_t i = 0; i < m->B; ++i)
-    if (decode(m, i)) return 2;
-  for (int64_t i = 0; i < m->B; ++i) {
-    int64_t first = -1, stop = -1;
-    for (int64_t t = 0; t < m->N; ++t)
-      if (!is_real(m, i, t)) { if (first < 0) first = t; stop = t + 1; }
-    if (first >= 0)
-      for (int j = 0; j < 3; ++j)
-        if (!all_finite(&m->in[j], i, first, stop, m->D)) return 1;
-  }
   int64_t n = m->Np / m->b;
-  for (int64_t i = 0; i < m->B; ++i) {
-    int64_t real = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      int64_t c = 0;
-      for (int64_t t = j * m->b; t < (j + 1) * m->b; ++t) c += is_real(m, i, t);
-      real += c;
-      /* (as torch.add(counts, 1e-6) then reciprocal_, in the tensors' own width) */
-      if (m->wide) {
-        ((double *)m->counts)[i * n + j] = (double)c;
-        ((double *)m->inv_counts)[i * n + j] = 1.0 / ((double)c + 1e-6);
-      } else {
-        ((float *)m->counts)[i * n + j] = (float)c;
-        ((float *)m->inv_counts)[i * n + j] = 1.0f / ((float)c + 1e-6f);
-      }
+  for (int s = 0; s < m->nsides; ++s)
+    for (int64_t i = 0; i < m->B; ++i)
+      if (decode(&m->sides[s], m->Np, m->wide, i)) return 2;
+  for (int s = 0; s < m->nsides; ++s) {
+    const Side *side = &m->sides[s];
+    for (int64_t i = 0; i < m->B; ++i) {
+      int64_t first = -1, stop = -1;
+      for (int64_t t = 0; t < side->N; ++t)
+        if (at(side->maskf, m->wide, i * m->Np + t) == 0.0) {
+          if (first < 0) first = t;
+          stop = t + 1;
+        }
+      if (first >= 0)
+        for (int j = 0; j < 3; ++j)
+          if ((side->checks >> j & 1) && !all_finite(&m->in[j], i, first, stop, m->D))
+            return 1;
     }
-    if (m->budget) { /* forward.sequence_budgets, then write_budget */
-      int64_t rows_real = (real + m->b - 1) / m->b;
+  }
+  for (int s = 0; s < m->nsides; ++s) {
+    const Side *side = &m->sides[s];
+    for (int64_t i = 0; i < m->B; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        double c = 0;
+        for (int64_t t = j * m->b; t < (j + 1) * m->b; ++t) c += at(side->maskf, m->wide, i * m->Np + t);
+        /* (as torch.add(counts, 1e-6) then reciprocal_, in the tensors' own width) */
+        if (m->wide) {
+          ((double *)side->counts)[i * n + j] = c;
+          ((double *)side->inv_counts)[i * n + j] = 1.0 / (c + 1e-6);
+        } else {
+          ((float *)side->counts)[i * n + j] = (float)c;
+          ((float *)side->inv_counts)[i * n + j] = 1.0f / ((float)c + 1e-6f);
+        }
+      }
+  }
+  if (m->budget) /* forward.sequence_budgets, then write_budget */
+    for (int64_t i = 0; i < m->B; ++i) {
+      double real = 0;
+      for (int64_t j = 0; j < n; ++j) real += at(m->q_counts, m->wide, i * n + j);
+      int64_t rows_real = ((int64_t)real + m->b - 1) / m->b;
       int64_t blocks = (rows_real > 1 ? rows_real : 1) * m->per_row;
       if (blocks > n * n) blocks = n * n;
       if (blocks > m->most) blocks = m->most;
       for (int64_t r = i * m->heads; r < (i + 1) * m->heads && r < m->rows; ++r)
         m->budget[r] = (int32_t)blocks;
     }
-  }
   return 0;
 }
 """
@@ -291,15 +307,19 @@ class CInput(ctypes.Structure):
                 ("bits", ctypes.c_int32), ("exponent", ctypes.c_uint64)]
 
 
-class CMasks(ctypes.Structure):
+class CSide(ctypes.Structure):
     _fields_ = [("mask", ctypes.c_void_p), ("mask_sb", ctypes.c_int64),
                 ("mask_st", ctypes.c_int64), ("kind", ctypes.c_int32), ("form", ctypes.c_int32),
-                ("B", ctypes.c_int32), ("N", ctypes.c_int32), ("Np", ctypes.c_int32),
+                ("N", ctypes.c_int32), ("checks", ctypes.c_int32), ("maskf", ctypes.c_void_p),
+                ("counts", ctypes.c_void_p), ("inv_counts", ctypes.c_void_p)]
+
+
+class CMasks(ctypes.Structure):
+    _fields_ = [("nsides", ctypes.c_int32), ("B", ctypes.c_int32), ("Np", ctypes.c_int32),
                 ("b", ctypes.c_int32), ("D", ctypes.c_int32), ("wide", ctypes.c_int32),
-                ("inputs", CInput * 3), ("maskf", ctypes.c_void_p), ("counts", ctypes.c_void_p),
-                ("inv_counts", ctypes.c_void_p), ("budget", ctypes.c_void_p),
-                ("rows", ctypes.c_int32), ("heads", ctypes.c_int32), ("per_row", ctypes.c_int32),
-                ("most", ctypes.c_int32)]
+                ("sides", CSide * 2), ("inputs", CInput * 3), ("q_counts", ctypes.c_void_p),
+                ("budget", ctypes.c_void_p), ("rows", ctypes.c_int32), ("heads", ctypes.c_int32),
+                ("per_row", ctypes.c_int32), ("most", ctypes.c_int32)]
 
 
 # The mask's element types mra_refresh_masks reads (its "kind"), and the inputs' exponent
@@ -448,53 +468,64 @@ class NativePlan:
 
 
 class NativeMasks:
-    """``launch_cache._Masks.refresh`` in one C call (``mra_refresh_masks``): the mask's
-    values checked, the padded tokens of q, k, v checked finite, and the mask, its block
-    counts, their inverses and the per-sequence budgets written where the plan's kernels
-    read them; the same bits as the torch steps it replaces (~0.15-0.25 ms of them at N =
-    512, most of a masked call's extra time; a few microseconds here).
+    """``launch_cache._Masks.refresh`` in one C call (``mra_refresh_masks``): each side's
+    mask values checked, the padded tokens of the inputs it covers checked finite, and
+    the masks, their block counts, their inverses and the per-sequence budgets written
+    where the plan's kernels read them; the same bits as the torch steps it replaces
+    (0.2-0.6 ms of them between kernels in an interleaved run, ``bench/bench_masks.py``;
+    a few microseconds here).
 
-    ``masks``: the plan's ``_Masks``; ``mask`` and ``qkv``: the first replayed call's
-    (their shapes and dtypes are the plan's signature; strides and data are set by each
-    call). Raises ValueError where the C code does not read this mask or these inputs
-    (the refresh stays in Python)."""
+    ``masks``: the plan's ``_Masks``; ``given``: the first replayed call's masks by side
+    name ("mask", "query_mask"); ``qkv``: its q, k, v (their shapes and dtypes, and the
+    masks', are the plan's signature; strides and data are set by each call). Raises
+    ValueError where the C code does not read these masks or inputs (the refresh stays
+    in Python)."""
 
-    def __init__(self, masks, mask: torch.Tensor, qkv):
+    def __init__(self, masks, given: dict, qkv):
         lib = _library()
         if "refresh" not in lib:
             raise ValueError(lib.get("error", "no C library"))
-        kind = _MASK_KINDS.get(mask.dtype)
-        wide = masks.maskf.dtype == torch.float64
-        if (kind is None or masks.maskf.dtype not in (torch.float32, torch.float64)
+        dt = masks.q_counts.dtype
+        tensors = [masks.q_counts] + [t for side in masks.sides
+                                      for t in (side.maskf, side.counts, side.inv_counts)]
+        if (dt not in (torch.float32, torch.float64) or len(masks.sides) > 2
                 or any(x.dtype not in _EXPONENTS for x in qkv)
-                or any(t.dtype != masks.maskf.dtype or not t.is_contiguous()
-                       for t in (masks.maskf, masks.counts, masks.inv_counts))):
+                or any(given[side.given].dtype not in _MASK_KINDS for side in masks.sides)
+                or any(t.dtype != dt or not t.is_contiguous() for t in tensors)):
             raise ValueError("a mask or input dtype the C refresh does not read")
-        form = 1 if mask.dtype == torch.bool else 2 if mask.dim() == 4 else 0
-        B, _, N, D = qkv[0].shape
-        m = CMasks(kind=kind, form=form, B=B, N=N, Np=masks.maskf.shape[1],
-                   b=masks.block_size, D=D, wide=int(wide), maskf=masks.maskf.data_ptr(),
-                   counts=masks.counts.data_ptr(), inv_counts=masks.inv_counts.data_ptr(),
+        B, _, _, D = qkv[0].shape
+        first = masks.sides[0].maskf
+        m = CMasks(nsides=len(masks.sides), B=B, Np=first.shape[1], b=masks.block_size, D=D,
+                   wide=int(dt == torch.float64), q_counts=masks.q_counts.data_ptr(),
                    heads=masks.heads, per_row=masks.block_per_row or 0, most=masks.k)
+        for c, side in zip(m.sides, masks.sides):
+            mask = given[side.given]
+            c.kind = _MASK_KINDS[mask.dtype]
+            c.form = 1 if mask.dtype == torch.bool else 2 if mask.dim() == 4 else 0
+            c.N = mask.shape[-1]
+            c.checks = sum(1 << j for j in side.checks)
+            c.maskf, c.counts, c.inv_counts = (side.maskf.data_ptr(), side.counts.data_ptr(),
+                                               side.inv_counts.data_ptr())
         if masks.budget is not None and masks.block_per_row is not None:
             if masks.budget.dtype != torch.int32 or not masks.budget.is_contiguous():
                 raise ValueError("a budget the C refresh does not write")
             m.budget, m.rows = masks.budget.data_ptr(), masks.budget.numel()
-        for j, x in enumerate(qkv):
-            bits = x.element_size() * 8
-            m.inputs[j].heads, m.inputs[j].bits = x.shape[1], bits
-            m.inputs[j].exponent = _EXPONENTS[x.dtype]
+        for c, x in zip(m.inputs, qkv):
+            c.heads, c.bits, c.exponent = x.shape[1], x.element_size() * 8, _EXPONENTS[x.dtype]
         self._m = m
+        self._names = tuple(side.given for side in masks.sides)
         self._address = ctypes.addressof(m)
         self._refresh = lib["refresh"]
-        self._keep = (masks.maskf, masks.counts, masks.inv_counts, masks.budget)
+        self._keep = tensors + [masks.budget]
 
-    def run(self, q, k, v, mask) -> int:
+    def run(self, q, k, v, given: dict) -> int:
         """mra_refresh_masks' code: 0 written, 1 an input's padding is not finite, 2 a
         mask value it may not hold."""
         m = self._m
-        m.mask = mask.data_ptr()
-        m.mask_sb, m.mask_st = mask.stride(0), mask.stride(-1)
+        for c, name in zip(m.sides, self._names):
+            mask = given[name]
+            c.mask = mask.data_ptr()
+            c.mask_sb, c.mask_st = mask.stride(0), mask.stride(-1)
         for x, c in zip((q, k, v), m.inputs):
             c.data = x.data_ptr()
             c.s[:] = x.stride()

@@ -178,6 +178,72 @@ def test_masked_calls_replay_with_their_own_mask(seed, N, mode, budget, kind, le
     assert plan.masks is not None and (plan.masks.budget is not None) == (budget == "per_row")
 
 
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), N=st.sampled_from([70, 256]),
+       Nk=st.sampled_from([100, 256, 300]), mode=st.sampled_from(["full", "sparse"]),
+       budget=st.sampled_from(["per_row", "total"]),
+       sides=st.sampled_from(["keys", "queries", "both", "none"]),
+       lengths=st.lists(st.lists(st.integers(1, 300), min_size=4, max_size=4), min_size=3,
+                        max_size=3))
+def test_cross_attention_replays_with_its_own_masks(seed, N, Nk, mode, budget, sides, lengths):
+    """Cross-attention (keys of their own length, a query mask, a key mask, both or none)
+    replays like self-attention: each replay writes its own masks, block counts and
+    budgets; the usual path's bits, within the oracle's tolerance."""
+    if sides == "none" and N == Nk:
+        Nk += 44  # (no mask and one length: self-attention)
+    mra_compile.clear_workspace()
+    n = -(-max(N, Nk) // 32)
+    kw = dict(approx_mode=mode, **({"block_per_row": 2} if budget == "per_row"
+                                   else {"num_blocks": 2 * n}))  # (fewer than nq * nk)
+    for i, call in enumerate(lengths):
+        q, _, _ = make_qkv(seed + i, 2, 3, N, 64)
+        _, k, v = make_qkv(seed + 7 * i + 1, 2, 3, Nk, 64)
+        keys = [min(x, Nk) for x in call[:2]]
+        queries = [min(x, N) for x in call[2:]]
+        mask = None if sides in ("queries", "none") else padding_mask(keys, Nk, "bool")
+        query_mask = None if sides in ("keys", "none") else padding_mask(queries, N, "float")
+        out = op(q, k, v, mask, query_mask=query_mask, **kw)
+        assert torch.equal(out, usual(q, k, v, mask, query_mask=query_mask, **kw))
+        sel = mra_compile.block_selection(q, k, v, mask, query_mask=query_mask, **kw)
+        ref = mra2_reference(as64(q), as64(k), as64(v), None if mask is None else as64(mask),
+                             query_mask=None if query_mask is None else as64(query_mask),
+                             selection=sel, **kw)
+        err = ((out.double() - ref).abs().amax((-1, -2))
+               / ref.abs().amax((-1, -2)).clamp_min(1e-30)).max()
+        assert err <= RTOL_FP32
+    (plan,) = [p for p in plans().values() if p is not None]
+    if sides == "none":
+        assert plan.masks is None
+    else:
+        named = {"keys": ["mask"], "queries": ["query_mask"], "both": ["mask", "query_mask"]}
+        assert [side.given for side in plan.masks.sides] == named[sides]
+        assert plan.masks.native
+
+
+def test_cross_attention_replays_check_each_side_s_padding():
+    """NaN in a padded query of q, or in a padded key of k or v, sends a replayed
+    cross-attention call the usual way (which zeroes it in a copy): the clean call's
+    output. NaN in q at a padded key's position is in a real query: not the padding."""
+    mra_compile.clear_workspace()
+    q, _, _ = make_qkv(51, 2, 2, 128, 32)
+    _, k, v = make_qkv(52, 2, 2, 200, 32)
+    mask = padding_mask([200, 60], 200, "float")
+    query_mask = padding_mask([128, 90], 128, "float")
+    kw = dict(query_mask=query_mask, block_per_row=2)
+    for _ in range(2):
+        want = op(q, k, v, mask, **kw)
+    (plan,) = [p for p in plans().values() if p is not None]
+    assert plan.masks.native
+    for j, token, goes in ((0, 100, True), (1, 160, True), (2, 199, True), (0, 70, False),
+                           (1, 20, False)):
+        dirty = [x.clone() for x in (q, k, v)]
+        dirty[j][1, 0, token, 3] = float("nan")
+        assert (plan.masks.native.run(*dirty, {"mask": mask, "query_mask": query_mask})
+                == 1) == goes, (j, token)
+        if goes:
+            assert torch.equal(op(*dirty, mask, **kw), want)
+
+
 def test_masked_replays_check_the_mask_and_the_padding():
     """A replayed masked call still refuses a mask value other than 0 and 1, and a call
     whose padded tokens hold NaN (which the usual path zeroes in a copy) goes the usual
@@ -200,47 +266,70 @@ def _masked_plan(q, k, v, mask, **kw):
     """The plan of a masked call, recorded (and replayed once) with these inputs."""
     mra_compile.clear_workspace()
     for _ in range(2):
-        op(q, k, v, mask, **kw)
+        assert torch.equal(op(q, k, v, mask, **kw), usual(q, k, v, mask, **kw))
     (plan,) = [p for p in plans().values() if p is not None]
     assert plan.masks is not None
     return plan
 
 
 def _scratch(masks) -> list:
-    """What a refresh writes: the mask, its block counts, their inverses, the budgets."""
-    return [x.clone() for x in (masks.maskf, masks.counts, masks.inv_counts, masks.budget)
-            if x is not None]
+    """What a refresh writes: each side's mask, block counts and inverses, the budgets."""
+    written = [x for side in masks.sides for x in (side.maskf, side.counts, side.inv_counts)]
+    return [x.clone() for x in (*written, masks.budget) if x is not None]
+
+
+def _poison(masks) -> None:
+    for side in masks.sides:
+        for x in (side.maskf, side.counts, side.inv_counts):
+            x.fill_(-7)
+    if masks.budget is not None:
+        masks.budget.fill_(-7)
 
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), N=st.sampled_from([96, 256, 300]),
+       Nk=st.sampled_from([None, 70, 300]), sides=st.sampled_from(["keys", "queries", "both"]),
        H=st.integers(1, 3), dtype=st.sampled_from([torch.float32, torch.bfloat16,
                                                     torch.float16, torch.float64]),
        kind=st.sampled_from(MASK_KINDS), budget=st.sampled_from(["per_row", "total"]),
-       lengths=st.lists(st.lists(st.integers(0, 300), min_size=2, max_size=2), min_size=2,
+       lengths=st.lists(st.lists(st.integers(0, 300), min_size=4, max_size=4), min_size=2,
                         max_size=4))
-def test_the_c_refresh_writes_what_the_torch_steps_write(seed, N, H, dtype, kind, budget,
-                                                          lengths):
+def test_the_c_refresh_writes_what_the_torch_steps_write(seed, N, Nk, sides, H, dtype, kind,
+                                                          budget, lengths):
     """``native_replay.NativeMasks`` (one C call) against ``_Masks.refresh``'s torch steps:
-    the same mask, block counts, inverses and per-sequence budgets, bit for bit, for every
-    mask form and input dtype, sequences from empty to unpadded."""
-    q, k, v = make_qkv(seed, 2, H, N, 32, dtype=dtype)
-    n = -(-N // 32)
+    the same masks, block counts, inverses and per-sequence budgets, bit for bit, for
+    every mask form and input dtype, sequences from empty to unpadded; self-attention
+    (one mask) and cross-attention (keys of their own length ``Nk``, a key mask, a query
+    mask or both)."""
+    cross = Nk is not None or sides != "keys"
+    Nk = N if Nk is None else Nk
+    q, _, _ = make_qkv(seed, 2, H, N, 32, dtype=dtype)
+    _, k, v = make_qkv(seed + 1, 2, H, Nk, 32, dtype=dtype)
+    n = -(-max(N, Nk) // 32)
     kw = {"block_per_row": 2} if budget == "per_row" else {"num_blocks": 2 * n}
-    first = padding_mask([max(1, min(x, N)) for x in lengths[0]], N, kind)
-    masks = _masked_plan(q, k, v, first, **kw).masks
-    assert masks.native, "the C refresh should read this mask and these inputs"
+
+    def masks_of(lengths, least):
+        keys = padding_mask([max(least, min(x, Nk)) for x in lengths[:2]], Nk, kind)
+        # (a query mask is [B, Nq]: no SDPA form)
+        queries = padding_mask([max(least, min(x, N)) for x in lengths[2:]], N,
+                               "bool" if kind in ("additive", "bool4d") else kind)
+        if not cross:
+            return {"mask": keys, "query_mask": None}
+        return {"mask": None if sides == "queries" else keys,
+                "query_mask": None if sides == "keys" else queries}
+
+    first = masks_of(lengths[0], 1)
+    masks = _masked_plan(q, k, v, first["mask"], query_mask=first["query_mask"], **kw).masks
+    assert masks.native, "the C refresh should read these masks and these inputs"
     for call in lengths[1:]:
-        mask = padding_mask([min(x, N) for x in call], N, kind)
-        for x in _scratch(masks):
-            x.fill_(-7)
-        assert masks.native.run(q, k, v, mask) == 0
+        given = masks_of(call, 0)
+        _poison(masks)
+        assert masks.native.run(q, k, v, given) == 0
         from_c = _scratch(masks)
-        for x in _scratch(masks):
-            x.fill_(-7)
+        _poison(masks)
         native, masks.native = masks.native, False
         try:
-            assert masks.refresh(q, k, v, mask)
+            assert masks.refresh(q, k, v, given)
         finally:
             masks.native = native
         for a, b in zip(from_c, _scratch(masks)):
@@ -266,7 +355,7 @@ def test_the_c_refresh_sends_non_finite_padding_the_usual_way(dtype, layout):
     plan = _masked_plan(*x, real, block_per_row=2)
     native = plan.masks.native
     assert native
-    assert native.run(*x, real) == 0
+    assert native.run(*x, {"mask": real}) == 0
     for j in range(3):
         for value in (float("nan"), float("inf"), float("-inf")):
             for token, goes in ((160, 1), (210, 1), (255, 1), (100, 0), (40, 0)):
@@ -274,11 +363,11 @@ def test_the_c_refresh_sends_non_finite_padding_the_usual_way(dtype, layout):
                 if layout == "heads_last":
                     dirty[j] = dirty[j].transpose(1, 2).contiguous().transpose(1, 2)
                 dirty[j][1, H - 1, token, D - 1] = value
-                assert native.run(*dirty, real) == goes, (j, value, token)
+                assert native.run(*dirty, {"mask": real}) == goes, (j, value, token)
                 if token < 150:  # (the other sequence's real tokens)
                     dirty[j][1, H - 1, token, D - 1] = 0
                     dirty[j][0, H - 1, 250, D - 1] = value
-                    assert native.run(*dirty, real) == 0
+                    assert native.run(*dirty, {"mask": real}) == 0
 
 
 @pytest.mark.parametrize("kind,bad,message", [
@@ -344,12 +433,10 @@ def test_plans_go_with_the_workspace(monkeypatch):
 
 
 def test_calls_that_are_not_replayed(monkeypatch):
-    """A query mask (cross-attention), a gradient to compute, or the cache switched off
-    (``MRA_COMPILE_LAUNCH_CACHE=0``): the usual path."""
+    """A gradient to compute, or the cache switched off (``MRA_COMPILE_LAUNCH_CACHE=0``):
+    the usual path."""
     q, k, v = make_qkv(7, 1, 2, 256, 32)
-    mask = torch.ones(1, 256)
     mra_compile.clear_workspace()
-    op(q, k, v, mask, 16, query_mask=mask)
     monkeypatch.setenv(launch_cache.ENV, "0")
     for _ in range(2):
         op(q, k, v, None, 16)
