@@ -315,3 +315,21 @@ def test_a_replayed_masked_call_checks_its_mask(masked_graphs):
         op._forward_kernels(q, k, v, additive + 1, None, args, save=False)
     with pytest.raises(ValueError, match="per-query"):
         op._forward_kernels(q, k, v, torch.ones(2, 1, 64, 64), None, args, save=False)
+
+
+def test_a_captured_masked_call_checks_nothing_on_the_host():
+    """What a captured call runs before the kernels (``op._validated``) reads no mask value
+    on the host for the bool masks ``op._graph_masks`` gives it (a capture would refuse
+    the read), while the float mask it came from is read there, before the graph."""
+    from cuda_emulation.runner import HostReads
+
+    args = Options(None, "full", block_per_row=2).as_args()
+    q, _, _ = make_qkv(82, 2, 1, 64, 16)
+    _, k, v = make_qkv(83, 2, 1, 96, 16)
+    mask, query_mask = _mask([96, 30], 96, "float"), _mask([64, 10], 64, "int64")
+    with HostReads() as before:
+        real, real_queries = op._graph_masks(q, k, v, mask, query_mask, args)
+    assert before.where and real.dtype == real_queries.dtype == torch.bool
+    with HostReads() as captured:
+        op._validated(q, k, v, real, real_queries, args)
+    assert not captured.where, captured.where
