@@ -183,12 +183,15 @@ def test_masked_calls_replay_with_their_own_mask(seed, N, mode, budget, kind, le
        Nk=st.sampled_from([100, 256, 300]), mode=st.sampled_from(["full", "sparse"]),
        budget=st.sampled_from(["per_row", "total"]),
        sides=st.sampled_from(["keys", "queries", "both", "none"]),
+       heads_last=st.booleans(),
        lengths=st.lists(st.lists(st.integers(1, 300), min_size=4, max_size=4), min_size=3,
                         max_size=3))
-def test_cross_attention_replays_with_its_own_masks(seed, N, Nk, mode, budget, sides, lengths):
-    """Cross-attention (keys of their own length, a query mask, a key mask, both or none)
-    replays like self-attention: each replay writes its own masks, block counts and
-    budgets; the usual path's bits, within the oracle's tolerance."""
+def test_cross_attention_replays_with_its_own_masks(seed, N, Nk, mode, budget, sides,
+                                                     heads_last, lengths):
+    """Cross-attention (keys of their own length, a query mask, a key mask, both or none;
+    contiguous inputs or an attention layer's transposed views) replays like
+    self-attention: each replay writes its own masks, block counts and budgets; the usual
+    path's bits, within the oracle's tolerance."""
     if sides == "none" and N == Nk:
         Nk += 44  # (no mask and one length: self-attention)
     mra_compile.clear_workspace()
@@ -198,6 +201,8 @@ def test_cross_attention_replays_with_its_own_masks(seed, N, Nk, mode, budget, s
     for i, call in enumerate(lengths):
         q, _, _ = make_qkv(seed + i, 2, 3, N, 64)
         _, k, v = make_qkv(seed + 7 * i + 1, 2, 3, Nk, 64)
+        if heads_last:  # (views of [B, N, H, D] tensors)
+            q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
         keys = [min(x, Nk) for x in call[:2]]
         queries = [min(x, N) for x in call[2:]]
         mask = None if sides in ("queries", "none") else padding_mask(keys, Nk, "bool")
