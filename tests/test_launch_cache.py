@@ -341,19 +341,31 @@ def test_the_c_refresh_writes_what_the_torch_steps_write(seed, N, Nk, sides, H, 
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _every_other(t):
+    """``t``'s values as every other element of the last dim of a wider tensor whose other
+    elements are NaN (a view no run of memory holds alone)."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
                                    torch.float64])
-@pytest.mark.parametrize("layout", ["contiguous", "heads_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "heads_last", "every_other"])
 def test_the_c_refresh_sends_non_finite_padding_the_usual_way(dtype, layout):
     """A NaN or an infinity in a padded token of q, k or v, or in a real token between two
     padded ones, sends the call the usual way (which zeroes the padding in a copy); one
-    in a real token before the padding does not (it reaches the output in both)."""
+    in a real token before the padding does not (it reaches the output in both). Inputs
+    contiguous, an attention layer's views, or every other element of a wider tensor
+    (whose NaN between them is not the input's)."""
     B, H, N, D = 2, 3, 256, 32
     x = [t.to(dtype) for t in make_qkv(60, B, N, H, D)]  # (as [B, N, H, D])
-    if layout == "contiguous":
-        x = [t.transpose(1, 2).contiguous() for t in x]
-    else:
+    if layout == "heads_last":
         x = [t.transpose(1, 2) for t in x]
+    else:
+        x = [t.transpose(1, 2).contiguous() for t in x]
+    if layout == "every_other":
+        x = [_every_other(t) for t in x]
     real = torch.ones(B, N)
     real[1, 150:200] = 0
     real[1, 230:] = 0
@@ -367,6 +379,8 @@ def test_the_c_refresh_sends_non_finite_padding_the_usual_way(dtype, layout):
                 dirty = [t.clone() if i == j else t for i, t in enumerate(x)]
                 if layout == "heads_last":
                     dirty[j] = dirty[j].transpose(1, 2).contiguous().transpose(1, 2)
+                if layout == "every_other":
+                    dirty[j] = _every_other(dirty[j])
                 dirty[j][1, H - 1, token, D - 1] = value
                 assert native.run(*dirty, {"mask": real}) == goes, (j, value, token)
                 if token < 150:  # (the other sequence's real tokens)
