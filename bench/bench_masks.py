@@ -5,7 +5,9 @@ without a mask, with an all-ones mask, with the last 100 tokens padded (per-sequ
 budget), and the same padding with ``num_blocks = 4 * n`` (one budget for every row).
 Each masked call twice: as it runs (a replay refreshes the mask's scratch in one C call,
 ``native_replay.NativeMasks``) and with that refresh in torch steps, as without the C
-library (``launch_cache._Masks.refresh``).
+library (``launch_cache._Masks.refresh``). ``--batch B`` (B > 1) adds a padded batch: B
+sequences, sequence i with N - i N / (2 B) real tokens, q, k, v an attention layer's
+transposed views of [B, N, 12, 64] tensors (much padding: the refresh reads it all).
 
     python bench/bench_masks.py                  # N=8192, writes bench/results/masks_cpu.md
     python bench/bench_masks.py --n 4096 --repeat 5 --out /tmp/masks.md
@@ -48,6 +50,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=8192, help="sequence length N")
     p.add_argument("--repeat", type=int, default=9, help="interleaved rounds (median)")
+    p.add_argument("--batch", type=int, default=1, help="B > 1: a padded batch too")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "masks_cpu.md")
     args = p.parse_args()
     N = args.n
@@ -63,6 +66,13 @@ def main() -> int:
         "100 padded, num_blocks=4n": lambda: mra_compile.mra_attention(
             q, k, v, padded, num_blocks=4 * (-(-N // 32))),
     }
+    if args.batch > 1:
+        B = args.batch
+        qb, kb, vb = (torch.randn(B, N, 12, 64, generator=g).transpose(1, 2) for _ in range(3))
+        lengths = torch.tensor([N - i * N // (2 * B) for i in range(B)])
+        batch_mask = torch.arange(N)[None, :] < lengths[:, None]
+        masked[f"B={B} padded batch ({', '.join(map(str, lengths.tolist()))} tokens)"] = (
+            lambda: mra_compile.mra_attention(qb, kb, vb, batch_mask, block_per_row=4))
     fns = {"no mask": lambda: mra_compile.mra_attention(q, k, v, block_per_row=4)}
     for name, fn in masked.items():
         fns[name] = refreshed(fn, True)
@@ -76,7 +86,8 @@ def main() -> int:
              f"fp32, B=1, H=12, N={N}, D=64, full mode; median of {args.repeat} interleaved "
              "rounds.", "", "| call | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms:.2f} |" for name, ms in times.items()]
-    lines += ["", f"Command: `python bench/bench_masks.py --n {N} --repeat {args.repeat}`"]
+    batch = f" --batch {args.batch}" if args.batch > 1 else ""
+    lines += ["", f"Command: `python bench/bench_masks.py --n {N} --repeat {args.repeat}{batch}`"]
     print("\n".join(lines))
     common.write_report(args.out, lines)
     return 0
