@@ -3,6 +3,7 @@ left out of both maxima R and m_t (steps 2 and 4, "Deviation", property P3), in 
 its gradients and the reference."""
 import math
 
+import pytest
 import torch
 from conftest import make_qkv, n_blocks, padded_mask
 from hypothesis import given, settings
@@ -136,3 +137,31 @@ def test_padding_of_any_pattern_is_checked_where_it_lies(seed, B, N, heads_last,
         assert cleaned is not x
         expected = x.masked_fill(~keep[:, None, :, None], 0)
         assert torch.equal(cleaned, expected)
+
+
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_every_mask_dtype_gives_the_float_mask_s_output(cross):
+    """A 0/1 mask of any dtype (those numpy reads are checked and turned into the kernels'
+    masks in numpy, bfloat16 in torch) gives what the float32 mask gives, first calls and
+    replays; a value other than 0 and 1 is refused with the same message in each."""
+    q, k, v = make_qkv(90, 2, 2, 160, 32)
+    real = torch.arange(160)[None, :] < torch.tensor([160, 70])[:, None]
+    kw = dict(block_per_row=2)
+    if cross:  # (a query mask too: both sides from masks of this dtype)
+        kw["query_mask"] = real.float()
+    want = torch.ops.mra.attention(q, k, v, real.float(), **kw)
+    for dtype in MASK_DTYPES:
+        mask = real.to(dtype)
+        if cross:
+            kw["query_mask"] = real.to(dtype)
+        for _ in range(3):  # (the usual path, then the launch cache's replays)
+            assert torch.equal(torch.ops.mra.attention(q, k, v, mask, **kw), want), dtype
+        if dtype != torch.bool:
+            bad = mask.clone()
+            bad[1, 5] = 3
+            with pytest.raises(ValueError, match="mask must contain only 0 .* found 3"):
+                torch.ops.mra.attention(q, k, v, bad, **kw)
