@@ -145,9 +145,9 @@ MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, to
 
 @pytest.mark.parametrize("cross", [False, True])
 def test_every_mask_dtype_gives_the_float_mask_s_output(cross):
-    """A 0/1 mask of any dtype (those numpy reads are checked and turned into the kernels'
-    masks in numpy, bfloat16 in torch) gives what the float32 mask gives, first calls and
-    replays; a value other than 0 and 1 is refused with the same message in each."""
+    """A 0/1 mask of any dtype gives what the float32 mask gives, first calls and replays
+    (whose C refresh reads the dtypes numpy reads, bfloat16 and float16 in torch steps); a
+    value other than 0 and 1 is refused with the same message in each."""
     q, k, v = make_qkv(90, 2, 2, 160, 32)
     real = torch.arange(160)[None, :] < torch.tensor([160, 70])[:, None]
     kw = dict(block_per_row=2)
