@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mra_compile import kernels, knob_policy, memory, plan, runtime, validate
@@ -190,10 +189,6 @@ def sequence_budgets(q_counts, heads: int, block_size: int, block_per_row: int, 
     """docs/spec.md, "Per-sequence budget": each row's ``r * ceil(c / b)`` blocks (at
     least r, at most n*n) for its sequence's ``c`` real tokens (queries), [R] int64, from
     the queries' block counts ``q_counts`` [Bm, n] (row r of mask row r // ``heads``)."""
-    if q_counts.is_cpu:  # (numpy: see inputs.side_mask_into; the same values)
-        counts = q_counts.numpy()
-        rows_real = np.maximum(np.ceil(counts.sum(-1) / block_size), 1).astype(np.int64)
-        return torch.from_numpy(np.repeat(np.minimum(rows_real * block_per_row, n * n), heads))
     real_tokens = q_counts.sum(-1)  # [Bm]
     rows_real = torch.ceil(real_tokens / block_size).clamp_min(1).to(torch.int64)
     budget = (rows_real * block_per_row).clamp_max(n * n)

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mra_compile import build, kernels, library, targets, validate
+from mra_compile import build, kernels, library, targets
 from mra_compile.memory import WORKSPACE, kept_constants, result_tensor
 from mra_compile.targets import Target, compute_dtype
 
@@ -440,18 +439,6 @@ def side_mask_into(real, maskf, counts, inv_counts, b: int) -> None:
     ``inv_counts`` = 1 / (counts + 1e-6) (the same values as the fresh tensors: ``1.0 /
     x`` is torch's reciprocal)."""
     N = real.shape[1]
-    if (maskf.is_cpu and type(real) is torch.Tensor and real.is_cpu
-            and real.dtype in validate.NUMPY_MASK_DTYPES):
-        # (numpy: each torch call costs 10-30 us between kernels, five of them ~0.2 ms of
-        # a masked training step's host work at N = 512; the same bits: sums of 0 and 1,
-        # an add and a division, each rounded once in the tensors' dtype)
-        mf, c, inv = maskf.numpy(), counts.numpy(), inv_counts.numpy()
-        mf[:, :N] = real.detach().numpy()
-        mf[:, N:] = 0
-        np.sum(mf.reshape(mf.shape[0], -1, b), axis=-1, out=c)
-        np.add(c, c.dtype.type(1e-6), out=inv)
-        np.divide(c.dtype.type(1), inv, out=inv)
-        return
     maskf[:, :N].copy_(real)
     maskf[:, N:].zero_()
     torch.sum(maskf.view(maskf.shape[0], -1, b), -1, out=counts)
