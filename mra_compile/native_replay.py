@@ -219,12 +219,6 @@ static int all_finite(const Input *x, int64_t i, int64_t first, int64_t stop, in
   return finite_uint64_t(x, i, first, stop, D);
 }
 
-/* Whether tokens first <= t < stop of sequence i of x [B, heads, N, D] are all finite
- * (inputs.clean_padding's check, for the calls that are not replayed). */
-int mra_all_finite(const Input *x, int64_t i, int64_t first, int64_t stop, int64_t D) {
-  return all_finite(x, i, first, stop, D);
-}
-
 /* 0: each side's mask, its block counts and their inverses, and the budgets written;
  * 1: a padded token of an input a side checks (or a real one between two padded) is
  * not finite, so the usual path would copy it; 2: a mask value other than 0 and 1 (0 and
@@ -385,10 +379,7 @@ def _load() -> dict:
     refresh = lib.mra_refresh_masks
     refresh.argtypes = [ctypes.c_void_p]
     refresh.restype = ctypes.c_int
-    finite = lib.mra_all_finite
-    finite.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4
-    finite.restype = ctypes.c_int
-    return {"replay": replay, "refresh": refresh, "finite": finite, "ffi": entries, "lib": lib}
+    return {"replay": replay, "refresh": refresh, "ffi": entries, "lib": lib}
 
 
 def library_name() -> str:
@@ -495,21 +486,6 @@ class NativePlan:
             self._keep += [args, launch.fn]
         self._keep.append(out)
         return out
-
-
-def finite_spans(x: torch.Tensor, spans) -> bool | None:
-    """Whether the tokens ``first <= t < stop`` of sequence ``b`` of ``x`` [B, H, N, D] are
-    all finite, for each ``(b, first, stop)`` of ``spans``, read where they lie in one C
-    call a span (``inputs.clean_padding``: its torch sums took 0.34-0.43 ms of a masked
-    training step at N = 512); None where the C library does not load (or is switched
-    off) or does not read ``x``'s dtype."""
-    if (x.dtype not in _EXPONENTS or not x.is_cpu or type(x) is not torch.Tensor
-            or not enabled()):
-        return None
-    c = CInput(x.data_ptr(), (ctypes.c_int64 * 4)(*x.stride()), x.shape[1],
-               x.element_size() * 8, _EXPONENTS[x.dtype])
-    finite, at, D = _library()["finite"], ctypes.addressof(c), x.shape[3]
-    return all(finite(at, b, first, stop, D) for b, first, stop in spans)
 
 
 class NativeMasks:

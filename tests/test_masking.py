@@ -110,16 +110,14 @@ def test_a_per_query_offset_changes_nothing_with_padding(seed, N, offset, mode, 
 @given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), N=st.integers(2, 130),
        heads_last=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
        poison=st.sampled_from([float("nan"), float("inf"), float("-inf"), None]),
-       native=st.booleans(), data=st.data())
+       data=st.data())
 def test_padding_of_any_pattern_is_checked_where_it_lies(seed, B, N, heads_last, dtype, poison,
-                                                         native, data):
+                                                         data):
     """``inputs.clean_padding`` on the CPU: padding anywhere (holes, both ends, nothing
     padded), q, k, v contiguous or transposed views of [B, N, H, D]. A tensor whose padded
     tokens are finite is handed back as it is (no copy; large float16 values included:
     their sum is taken in float32), one with a non-finite padded token as a copy with
-    every padded token 0 and the rest untouched. The check from C (each element's
-    exponent, ``native_replay.finite_spans``) and in torch (the span's sum) alike."""
-    from mra_compile import native_replay
+    every padded token 0 and the rest untouched."""
     from mra_compile.inputs import clean_padding
 
     H, D = 2, 8
@@ -132,10 +130,7 @@ def test_padding_of_any_pattern_is_checked_where_it_lies(seed, B, N, heads_last,
         b, t = padded[data.draw(st.integers(0, len(padded) - 1))]
         x[b, t, data.draw(st.integers(0, H - 1)), data.draw(st.integers(0, D - 1))] = poison
     x = x.transpose(1, 2) if heads_last else x.transpose(1, 2).contiguous()
-    with pytest.MonkeyPatch.context() as switch:
-        switch.setenv(native_replay.ENV, "1" if native else "0")
-        assert (native_replay.finite_spans(x, []) is not None) == native
-        (cleaned,) = clean_padding((x,), keep, True)
+    (cleaned,) = clean_padding((x,), keep, True)
     if poison is None or not padded:
         assert cleaned is x
     else:
