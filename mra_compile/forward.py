@@ -192,7 +192,14 @@ def sequence_budgets(q_counts, heads: int, block_size: int, block_per_row: int, 
     real_tokens = q_counts.sum(-1)  # [Bm]
     rows_real = torch.ceil(real_tokens / block_size).clamp_min(1).to(torch.int64)
     budget = (rows_real * block_per_row).clamp_max(n * n)
-    return budget.repeat_interleave(heads, dim=0)
+    return _per_head(budget, heads)
+
+
+def _per_head(x, heads: int):
+    """``x`` [Bm, ...] with each row repeated ``heads`` times: [Bm * heads, ...]. An
+    expanded view made contiguous (``repeat_interleave`` by a count reads nothing on the
+    host in recent torch, but this is plainly so: a CUDA graph's capture takes it)."""
+    return x[:, None].expand(x.shape[0], heads, *x.shape[1:]).reshape(-1, *x.shape[1:])
 
 
 def write_budget(budget, row_blocks, k: int) -> None:
@@ -205,7 +212,7 @@ def _real_pairs(pr: Prepared):
     """The blocks with a real query and a real key (those a per-sequence budget counts),
     [R, n, n] bool."""
     pairs = (pr.q_counts > 0.5)[:, :, None] & (pr.counts > 0.5)[:, None, :]
-    return pairs.repeat_interleave(pr.heads, dim=0)
+    return _per_head(pairs, pr.heads)
 
 
 def block_selection(q, k, v, mask, opts: Options, query_mask=None):
