@@ -79,6 +79,28 @@ def padded_mask(N, lengths, dtype=torch.float32):
     return (torch.arange(N)[None, :] < torch.as_tensor(lengths)[:, None]).to(dtype)
 
 
+def padding_mask(lengths, N, kind):
+    """A key padding mask for sequences of ``lengths`` tokens: [B, N] float 0/1 or bool
+    (``kind`` "float", "bool"; "int64", "uint8", "float64": those dtypes; "strided": float
+    0/1, every other column of a wider tensor), SDPA's [B, 1, 1, N] bool ("bool4d"), or the
+    additive [B, 1, 1, N] float form ("additive": 0 = real, -inf = padding)."""
+    real = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
+    if kind == "bool":
+        return real
+    if kind == "bool4d":
+        return real[:, None, None, :]
+    if kind == "additive":
+        return torch.zeros(len(lengths), 1, 1, N).masked_fill(~real[:, None, None, :],
+                                                              float("-inf"))
+    if kind in ("int64", "uint8", "float64"):
+        return real.to(getattr(torch, kind))
+    if kind == "strided":
+        wide = torch.full((len(lengths), 2 * N), 7.0)
+        wide[:, ::2] = real.float()
+        return wide[:, ::2]
+    return real.float()
+
+
 def n_blocks(N, b=32):
     """Blocks of b tokens covering N tokens."""
     return -(-N // b)

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_qkv
+from conftest import make_qkv, padding_mask
 
 import mra_compile
 from mra_compile import cuda_graphs, op
@@ -231,21 +231,6 @@ def test_calls_during_a_capture_go_the_usual_way(stand_ins, monkeypatch):
     assert all(torch.equal(out, usual(q, k, v)) for out in outs + inner)
 
 
-def _mask(lengths, N, kind):
-    """A key padding mask for sequences of ``lengths`` real tokens, in the form ``kind``."""
-    real = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
-    if kind == "bool":
-        return real
-    if kind == "int64":
-        return real.long()
-    if kind == "additive":  # SDPA's [B, 1, 1, N] float form
-        return torch.zeros(len(lengths), 1, 1, N).masked_fill(~real[:, None, None, :],
-                                                              float("-inf"))
-    if kind == "bool4d":
-        return real[:, None, None, :]
-    return real.float()
-
-
 @pytest.fixture
 def masked_graphs(stand_ins, monkeypatch):
     """The op's CUDA-graph path on CPU tensors (with the stand-ins)."""
@@ -259,7 +244,7 @@ def test_masked_calls_replay_with_their_own_masks(masked_graphs, kind):
     args = Options(None, "full", block_per_row=2).as_args()
     for i, lengths in enumerate([[96, 40], [96, 70], [10, 96], [33, 1]]):
         q, k, v = make_qkv(50 + i, 2, 2, 96, 16)
-        mask = _mask(lengths, 96, kind)
+        mask = padding_mask(lengths, 96, kind)
         got = op._forward_kernels(q, k, v, mask, None, args, save=False)
         assert torch.equal(got, op._inference(q, k, v, mask, None, args)), lengths
     assert StandInGraph.made == 1 and cuda_graphs.kept() == 1
@@ -274,8 +259,8 @@ def test_masked_training_steps_and_cross_attention_replay(masked_graphs):
         q, _, _ = make_qkv(60 + i, 2, 2, 64, 16)
         _, k, v = make_qkv(70 + i, 2, 2, 80, 16)
         g = torch.randn(q.shape, generator=torch.Generator().manual_seed(i))
-        for query_mask in (None, _mask(lq, 64, "float")):
-            mask = _mask(lk, 80, "bool")
+        for query_mask in (None, padding_mask(lq, 64, "float")):
+            mask = padding_mask(lk, 80, "bool")
             results = []
             for graphs in ("1", "0"):
                 with pytest.MonkeyPatch.context() as m:
@@ -291,7 +276,7 @@ def test_which_masks_a_call_has_is_part_of_its_signature(masked_graphs):
     """A key mask and a query mask of the same shape are different calls."""
     args = Options(None, "sparse", block_per_row=2).as_args()
     q, k, v = make_qkv(80, 2, 1, 64, 16)
-    m = _mask([64, 30], 64, "float")
+    m = padding_mask([64, 30], 64, "float")
     for _ in range(3):
         for mask, query_mask in ((m, None), (None, m)):
             got = op._forward_kernels(q, k, v, mask, query_mask, args, save=False)
@@ -299,18 +284,18 @@ def test_which_masks_a_call_has_is_part_of_its_signature(masked_graphs):
     assert StandInGraph.made == 2
 
 
-def test_a_replayed_masked_call_checks_its_mask(masked_graphs):
+def test_a_replayed_masked_call_checks_itspadding_mask(masked_graphs):
     """Values the usual path refuses are refused on a signature that has a graph; so is a
     mask of another shape (checked before the mask is read)."""
     args = Options(None, "full", block_per_row=2).as_args()
     q, k, v = make_qkv(81, 2, 1, 64, 16)
-    mask = _mask([64, 30], 64, "float")
+    mask = padding_mask([64, 30], 64, "float")
     for _ in range(3):
         op._forward_kernels(q, k, v, mask, None, args, save=False)
     assert cuda_graphs.kept() == 1
     with pytest.raises(ValueError, match="mask must contain only 0"):
         op._forward_kernels(q, k, v, mask * 2, None, args, save=False)
-    additive = _mask([64, 30], 64, "additive")
+    additive = padding_mask([64, 30], 64, "additive")
     with pytest.raises(ValueError, match="additive"):
         op._forward_kernels(q, k, v, additive + 1, None, args, save=False)
     with pytest.raises(ValueError, match="per-query"):
@@ -326,7 +311,7 @@ def test_a_captured_masked_call_checks_nothing_on_the_host():
     args = Options(None, "full", block_per_row=2).as_args()
     q, _, _ = make_qkv(82, 2, 1, 64, 16)
     _, k, v = make_qkv(83, 2, 1, 96, 16)
-    mask, query_mask = _mask([96, 30], 96, "float"), _mask([64, 10], 64, "int64")
+    mask, query_mask = padding_mask([96, 30], 96, "float"), padding_mask([64, 10], 64, "int64")
     with HostReads() as before:
         real, real_queries = op._graph_masks(q, k, v, mask, query_mask, args)
     assert before.where and real.dtype == real_queries.dtype == torch.bool

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from conftest import RTOL_FP32, as64, make_qkv
+from conftest import RTOL_FP32, as64, make_qkv, padding_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,28 +121,6 @@ def test_transposed_and_unaligned_inputs_replay(monkeypatch, dtype, in_place):
     views = ((), ("k", "out", "q", "v")) if layer else (qkv, ())
     assert made == {((), ()), (("q",), ()), views}
     assert all(p.native for p in plans().values() if p is not None)
-
-
-def padding_mask(lengths, N, kind):
-    """A key padding mask for sequences of ``lengths`` tokens: [B, N] float 0/1 or bool
-    (``kind`` "float", "bool"; "int64", "uint8", "float64": those dtypes; "strided": float
-    0/1, every other column of a wider tensor), SDPA's [B, 1, 1, N] bool ("bool4d"), or the
-    additive [B, 1, 1, N] float form ("additive": 0 = real, -inf = padding)."""
-    real = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
-    if kind == "bool":
-        return real
-    if kind == "bool4d":
-        return real[:, None, None, :]
-    if kind == "additive":
-        return torch.zeros(len(lengths), 1, 1, N).masked_fill(~real[:, None, None, :],
-                                                              float("-inf"))
-    if kind in ("int64", "uint8", "float64"):
-        return real.to(getattr(torch, kind))
-    if kind == "strided":
-        wide = torch.full((len(lengths), 2 * N), 7.0)
-        wide[:, ::2] = real.float()
-        return wide[:, ::2]
-    return real.float()
 
 
 MASK_KINDS = ["float", "bool", "additive", "bool4d", "int64", "uint8", "float64", "strided"]
