@@ -263,6 +263,12 @@ def key_padding(mask):
     return keys if keys.dtype == torch.bool else keys == 0
 
 
+def real_tokens(mask):
+    """Any mask form as bool ``[B, N]``, True = real (``key_padding``'s, nonzero)."""
+    real = key_padding(mask)
+    return real if real is None or real.dtype == torch.bool else real != 0
+
+
 def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
             query_mask=None, heads_last: bool = False) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts

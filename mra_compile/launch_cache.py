@@ -136,10 +136,10 @@ class _Masks:
         for side in self.sides:
             validate.check_mask_values(given[side.given], side.given)
         qkv = (q, k, v)
-        reals = [inputs.key_padding(given[side.given]) for side in self.sides]
+        reals = [inputs.real_tokens(given[side.given]) for side in self.sides]
         for side, real in zip(self.sides, reals):
             checked = tuple(qkv[j] for j in side.checks)
-            cleaned = inputs.clean_padding(checked, real != 0, True)
+            cleaned = inputs.clean_padding(checked, real, True)
             if any(x is not mine for x, mine in zip(cleaned, checked)):
                 return False
         for side, real in zip(self.sides, reals):
@@ -227,12 +227,12 @@ def _layout(x: torch.Tensor) -> int:
     return 1 if x.dim() == 4 and x.transpose(1, 2).is_contiguous() else 2
 
 
-def _replay(plan: _Plan, q, k, v, masks: dict | None = None):
+def _replay(plan: _Plan, q, k, v, masks: dict):
     """The output from ``plan``'s launches, or None where the selection made a count of
     overflow units the plan has no tail for (the kernels then ran for nothing), or where
     the usual path would copy an input with non-finite padding. ``masks``: the call's,
     by argument name ("mask", "query_mask")."""
-    if plan.masks is not None and not plan.masks.refresh(q, k, v, masks or {}):
+    if plan.masks is not None and not plan.masks.refresh(q, k, v, masks):
         return None
     runtime.ensure()
     # The output in the caller's shape, made before the launches, so that nothing is

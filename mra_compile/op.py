@@ -28,7 +28,7 @@ import torch
 from mra_compile import compile_cache, cuda_graphs, launch_cache, options, validate
 from mra_compile.backward import mra_backward
 from mra_compile.forward import Saved, exact_output_dtype, mra_forward
-from mra_compile.inputs import HEAD_DIM_MULTIPLE, key_padding
+from mra_compile.inputs import HEAD_DIM_MULTIPLE, real_tokens
 from mra_compile.options import Options
 from mra_compile.targets import compute_dtype
 
@@ -116,13 +116,7 @@ def _graph_masks(q, k, v, mask, query_mask, args) -> tuple:
     if mask is None and query_mask is None:
         return None, None
     _validated(q, k, v, mask, query_mask, args)
-
-    def real(m):
-        if m is None:
-            return None
-        m = key_padding(m)
-        return m if m.dtype == torch.bool else m != 0
-    return real(mask), real(query_mask)
+    return real_tokens(mask), real_tokens(query_mask)
 
 
 def _through_graphs(kind: str, options, tensors: tuple, masks: tuple, fn):
