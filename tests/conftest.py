@@ -190,27 +190,48 @@ CUDA_LIBRARIES = {
 # (~35 s on two cores each), by the fixture of tests/test_cuda_emulation.py that runs it.
 EMULATED = {"emulation": "sm80_library", "tuning_emulation": "tuning_library"}
 
+# The emulations themselves, by the same fixture names, registered by the test module that
+# has the fixture when it is imported (collected): ``run(builds, workdir)`` returns what the
+# fixture returns. They run in the background too, after the builds (``CudaLibraryBuilds``).
+EMULATION_RUNS: dict = {}
+
 
 class CudaLibraryBuilds:
     """The CUDA libraries ``names`` (keys of ``CUDA_LIBRARIES``) built under ``root`` one
     after another, each by its own ``mra-compile build`` process, in a background thread;
-    then the emulation's builds of ``emulated`` (some of ``names``).
+    then the emulation's builds of ``emulated`` (some of ``names``); then the emulations
+    ``runs`` (keys of ``EMULATION_RUNS``).
 
     A build keeps one core busy for 1-2 minutes (TVM's scheduling and lowering, nvcc): on
     CI's two cores the CPU tests run beside them (``pytest_collection_modifyitems`` puts the
-    files that use them last). The builds see the environment of the session's start, not
-    a test's monkeypatching."""
+    files that use them last). So do the emulations (two processes, ~4 minutes on two
+    cores), which had run alone at the end of the session, after the CPU tests; beside
+    the CPU tests they use what a single-threaded test (a TVM compile, a subprocess's
+    import) leaves of the other core. The builds see the environment of the session's
+    start, not a test's monkeypatching."""
 
-    def __init__(self, root: Path, names, emulated=()):
+    def __init__(self, root: Path, names, emulated=(), runs=()):
         self.root = Path(root)
         self._env = dict(os.environ)
-        jobs = [("library", name) for name in names] + [("emulation", name) for name in emulated]
+        jobs = ([("library", name) for name in names] + [("emulation", name) for name in emulated]
+                + [("run", name) for name in runs])
         self._done = {job: threading.Event() for job in jobs}
         self._results: dict = {}  # job -> (what it made or None, what failed or None)
         self._lock = threading.Lock()  # (guards the two below against ``stop``)
-        self._running: subprocess.Popen | None = None
+        self._running: list[subprocess.Popen] = []
         self._stopped = False
         threading.Thread(target=self._run_all, args=(jobs,), daemon=True).start()
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        """``subprocess.Popen(argv, **kwargs)`` in the session start's environment (not a
+        running test's monkeypatched one) unless ``env`` is given, killed by ``stop``;
+        refused (RuntimeError) once stopped."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the session ended before it")
+            proc = subprocess.Popen(argv, **{"env": self._env, **kwargs})
+            self._running = [p for p in self._running if p.poll() is None] + [proc]
+            return proc
 
     def get(self, name) -> Path:
         """The directory of library ``name``, built (here and now if it was not asked for)."""
@@ -227,13 +248,22 @@ class CudaLibraryBuilds:
             pytest.fail(f"building the CPU emulation of the CUDA library {name} failed: {error}")
         return libs
 
+    def emulated(self, name):
+        """What the emulation ``name`` (a key of ``EMULATION_RUNS``) returns: waited for
+        where the background thread runs it, else run here."""
+        result, error = self._result(("run", name))
+        if error:
+            pytest.fail(f"the emulation {name} failed: {error}")
+        return result
+
     def stop(self) -> None:
-        """Start no other build and kill the one running (a session that ends early, e.g.
-        ``pytest -x``, leaves no compiler behind)."""
+        """Start no other build and kill those running (a session that ends early, e.g.
+        ``pytest -x``, leaves no compiler or emulation behind)."""
         with self._lock:
             self._stopped = True
-            if self._running is not None and self._running.poll() is None:
-                self._running.kill()
+            for proc in self._running:
+                if proc.poll() is None:
+                    proc.kill()
 
     def _result(self, job):
         """``job``'s result: waited for where the background thread runs it, else made here."""
@@ -253,23 +283,20 @@ class CudaLibraryBuilds:
     def _run(self, job):
         kind, name = job
         try:
+            if kind == "run":
+                return EMULATION_RUNS[name](self, self.root / f"{name}_run"), None
             return self._build(name) if kind == "library" else self._build_emulation(name)
-        except Exception as e:  # (reported by the test that needs it)
-            return None, f"the {kind} build: {e!r}"
+        except (Exception, pytest.fail.Exception) as e:  # (reported by the test that needs it)
+            return None, f"the {kind} job: {type(e).__name__}: {e}"
 
     def _build(self, name):
         out = self.root / name
         argv = [sys.executable, "-m", "mra_compile.cli", "build", "--target", "cuda",
                 "--out", str(out), *CUDA_LIBRARIES[name]]
-        with self._lock:
-            if self._stopped:
-                return out, "the session ended before it"
-            try:
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, env=self._env)
-            except OSError as e:
-                return out, f"{' '.join(argv)}: {e!r}"
-            self._running = proc
+        try:
+            proc = self.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except (OSError, RuntimeError) as e:
+            return out, f"{' '.join(argv)}: {e}"
         try:
             stdout, stderr = proc.communicate(timeout=1800)
         except subprocess.TimeoutExpired:
@@ -307,14 +334,15 @@ def pytest_collection_modifyitems(session, config, items):
 def cuda_libraries(request, tmp_path_factory):
     """The CUDA libraries that the collected tests use (``CUDA_LIBRARIES``' fixtures, in
     the order of their first use), building from the session's start where nvcc is there."""
-    names, emulated = [], []
+    names, emulated, runs = [], [], []
     for item in request.session.items:
         used = getattr(item, "fixturenames", ())
         names += [n for n in CUDA_LIBRARIES if n in used and n not in names]
         emulated += [n for f, n in EMULATED.items() if f in used and n not in emulated]
+        runs += [f for f in EMULATED if f in used and f not in runs]
     if shutil.which("nvcc") is None:
-        names = emulated = []  # each test needing one fails or skips on its own
-    builds = CudaLibraryBuilds(tmp_path_factory.mktemp("cuda_libraries"), names, emulated)
+        names = emulated = runs = []  # each test needing one fails or skips on its own
+    builds = CudaLibraryBuilds(tmp_path_factory.mktemp("cuda_libraries"), names, emulated, runs)
     yield builds
     builds.stop()
 

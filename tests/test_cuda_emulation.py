@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CUDA_HEAD_DIMS, RTOL_FP32
+from conftest import CUDA_HEAD_DIMS, EMULATION_RUNS, RTOL_FP32
 from cuda_emulation import emulator
 
 from mra_compile import library
@@ -99,9 +99,9 @@ def fakes(tmp_path_factory):
     return emulator.build_fakes(tmp_path_factory.mktemp("emulated_driver"))
 
 
-def _run(spec: dict, workdir: Path, name: str) -> subprocess.Popen:
+def _run(spec: dict, workdir: Path, name: str, popen=subprocess.Popen) -> subprocess.Popen:
     (workdir / f"{name}.json").write_text(json.dumps(spec))
-    return subprocess.Popen(
+    return popen(
         [sys.executable, str(HERE / "cuda_emulation" / "runner.py"), str(workdir / f"{name}.json"),
          str(workdir / f"{name}.out.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
@@ -118,9 +118,11 @@ def _wait(proc: subprocess.Popen, workdir: Path, name: str, timeout: int) -> dic
     return json.loads((workdir / f"{name}.out.json").read_text())
 
 
-def _emulate(cuda_library: Path, libs: list[str], cases: dict, fakes, workdir: Path) -> dict:
-    """Every case of ``cases``, forward and backward, emulated (``WORKERS`` processes) on
-    the kernels of ``cuda_library`` (``libs``: their builds for the emulation)."""
+def _emulate(cuda_library: Path, libs: list[str], cases: dict, fakes, workdir: Path,
+             popen) -> dict:
+    """Every case of ``cases``, forward and backward, emulated (``WORKERS`` processes, each
+    started by ``popen``) on the kernels of ``cuda_library`` (``libs``: their builds for
+    the emulation)."""
     env = {library.ENV: str(cuda_library), "MRA_COMPILE_CACHE_DIR": str(workdir / "cache"),
            library.ONLY_ENV: "1"}  # kernels from the library only: nothing compiled
     names = list(cases)
@@ -129,7 +131,7 @@ def _emulate(cuda_library: Path, libs: list[str], cases: dict, fakes, workdir: P
         for w in range(WORKERS):
             spec = {"fakes": fakes, "libs": libs, "manifest": str(cuda_library / library.MANIFEST),
                     "env": env, "arch": ARCH, "cases": [cases[n] for n in names[w::WORKERS]]}
-            procs.append(_run(spec, workdir, f"worker{w}"))
+            procs.append(_run(spec, workdir, f"worker{w}", popen))
         outs = [_wait(p, workdir, f"worker{w}", 1800) for w, p in enumerate(procs)]
     finally:
         for p in procs:
@@ -147,11 +149,22 @@ def _emulate(cuda_library: Path, libs: list[str], cases: dict, fakes, workdir: P
             "report": json.loads((cuda_library / library.CUDA_REPORT).read_text())}
 
 
+def _emulation_run(name: str, cases: dict):
+    """``conftest.EMULATION_RUNS``' entry for the library ``name``: ``cases`` emulated on
+    its kernels, with stand-ins for the driver of their own."""
+    def run(builds, workdir: Path) -> dict:
+        cuda_library, libs = builds.get(name), builds.emulation(name)
+        workdir.mkdir(parents=True, exist_ok=True)
+        fakes = emulator.build_fakes(workdir / "driver")
+        return _emulate(cuda_library, libs, cases, fakes, workdir, builds.popen)
+    return run
+
+
 @pytest.fixture(scope="module")
-def emulation(cuda_library, cuda_libraries, fakes, tmp_path_factory):
-    """Every case, forward and backward, emulated (``WORKERS`` processes)."""
-    return _emulate(cuda_library, cuda_libraries.emulation("sm80_library"), CASES, fakes,
-                    tmp_path_factory.mktemp("emulation"))
+def emulation(cuda_library, cuda_libraries):
+    """Every case, forward and backward, emulated (``WORKERS`` processes), in the
+    background from the session's start once the library is built (``conftest``)."""
+    return cuda_libraries.emulated("emulation")
 
 
 def _phase(emulation, case: str, phase: str) -> dict:
@@ -309,10 +322,14 @@ TUNING_CASES["rows-of-8-blocks-full"] = _rows_of_8_blocks()
 
 
 @pytest.fixture(scope="module")
-def tuning_emulation(tuning_library, cuda_libraries, fakes, tmp_path_factory):
-    """The tuning variants of bf16, D = 64 (and the rest of that library), emulated."""
-    return _emulate(tuning_library, cuda_libraries.emulation("tuning_library"), TUNING_CASES,
-                    fakes, tmp_path_factory.mktemp("tuning_emulation"))
+def tuning_emulation(tuning_library, cuda_libraries):
+    """The tuning variants of bf16, D = 64 (and the rest of that library), emulated (in the
+    background, like ``emulation``)."""
+    return cuda_libraries.emulated("tuning_emulation")
+
+
+EMULATION_RUNS.update(emulation=_emulation_run("sm80_library", CASES),
+                      tuning_emulation=_emulation_run("tuning_library", TUNING_CASES))
 
 
 def test_every_tuning_variant_runs_and_none_spills(tuning_emulation):

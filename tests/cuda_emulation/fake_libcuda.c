@@ -441,6 +441,28 @@ static inline int touch(cell_t* c, uint32_t stamp, int write, uint32_t* other, i
   return conflict;
 }
 
+/* ``touch`` over the n bytes of one access. Its outcome depends only on a cell's state
+ * before (the thread's state is the same for every byte): a byte whose cell holds what
+ * the byte before it held gets what that byte got, copied, not worked out again. Most
+ * accesses are 4-16 bytes with equal cells, and the bytewise walk was over half of the
+ * emulation's time (perf, 2026-12-06). */
+static inline int touch_range(cell_t* c, size_t n, uint32_t stamp, int write, uint32_t* other,
+                              int* uninit) {
+  int conflict = 0;
+  cell_t before, after;
+  for (size_t i = 0; i < n; ++i) {
+    if (i > 0 && memcmp(&c[i], &before, sizeof before) == 0) {
+      c[i] = after; /* (its conflict, if any, is the one recorded for the byte before) */
+      continue;
+    }
+    before = c[i];
+    int k = touch(&c[i], stamp, write, other, uninit);
+    after = c[i];
+    if (k && !conflict) conflict = k;
+  }
+  return conflict;
+}
+
 static const char* const conflict_name[] = {"", "write after write", "write after read",
                                             "read after write"};
 
@@ -467,12 +489,9 @@ static void shared_access(uintptr_t a, size_t size, int write, const void* pc) {
                 S.func->name);
     return;
   }
-  int uninit = 0, conflict = 0;
+  int uninit = 0;
   uint32_t other = 0;
-  for (size_t i = 0; i < size; ++i) {
-    int c = touch(&smem_shadow[off + i], S.block_serial, write, &other, &uninit);
-    if (c && !conflict) conflict = c;
-  }
+  int conflict = touch_range(&smem_shadow[off], size, S.block_serial, write, &other, &uninit);
   if (conflict)
     report("race", "shared", NULL, off, (unsigned)size, write, 1, other, conflict != 2, pc,
            "%s in shared memory at byte %lld (%zu-byte access) with no barrier between",
@@ -493,14 +512,11 @@ static void global_access(region_t* r, uintptr_t a, size_t size, int write, cons
                 S.func->name);
     return;
   }
-  int conflict = 0, uninit = 0, dummy = 0;
+  int uninit = 0, dummy = 0;
   uint32_t other = 0;
-  for (size_t i = 0; i < size; ++i) {
-    int c = touch(&r->shadow[off + i], S.launch_serial, write, &other, &dummy);
-    if (c && !conflict) conflict = c;
-    if (write) r->init[off + i] = 1;
-    else if (!r->init[off + i]) uninit = 1;
-  }
+  int conflict = touch_range(&r->shadow[off], size, S.launch_serial, write, &other, &dummy);
+  if (write) memset(&r->init[off], 1, size);
+  else if (memchr(&r->init[off], 0, size)) uninit = 1;
   if (conflict)
     report("race", "global", r, off, (unsigned)size, write, 1, other, conflict != 2, pc,
            "%s on '%s' at byte %lld (%zu-byte access) with no barrier between",
