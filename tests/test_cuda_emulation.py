@@ -162,8 +162,9 @@ def _emulation_run(name: str, cases: dict):
 
 @pytest.fixture(scope="module")
 def emulation(cuda_library, cuda_libraries):
-    """Every case, forward and backward, emulated (``WORKERS`` processes), in the
-    background from the session's start once the library is built (``conftest``)."""
+    """Every case, forward and backward, emulated (``WORKERS`` processes): run by the
+    session's background thread after the builds (``conftest.CudaLibraryBuilds``), beside
+    the CPU tests. (``cuda_library``: a library fixture, so that this file runs last.)"""
     return cuda_libraries.emulated("emulation")
 
 
