@@ -191,8 +191,9 @@ CUDA_LIBRARIES = {
 EMULATED = {"emulation": "sm80_library", "tuning_emulation": "tuning_library"}
 
 # The emulations themselves, by the same fixture names, registered by the test module that
-# has the fixture when it is imported (collected): ``run(builds, workdir)`` returns what the
-# fixture returns. They run in the background too, after the builds (``CudaLibraryBuilds``).
+# has the fixture when it is imported (collected): ``run(builds, library, workdir)``
+# (``library``: the fixture's entry in ``EMULATED``) returns what the fixture returns.
+# They run in the background too, after the builds (``CudaLibraryBuilds``).
 EMULATION_RUNS: dict = {}
 
 
@@ -284,7 +285,7 @@ class CudaLibraryBuilds:
         kind, name = job
         try:
             if kind == "run":
-                return EMULATION_RUNS[name](self, self.root / f"{name}_run"), None
+                return EMULATION_RUNS[name](self, EMULATED[name], self.root / f"{name}_run"), None
             return self._build(name) if kind == "library" else self._build_emulation(name)
         except (Exception, pytest.fail.Exception) as e:  # (reported by the test that needs it)
             return None, f"the {kind} job: {type(e).__name__}: {e}"

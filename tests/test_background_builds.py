@@ -6,39 +6,40 @@ import sys
 import time
 
 import pytest
-from conftest import EMULATION_RUNS, CudaLibraryBuilds
+from conftest import EMULATED, EMULATION_RUNS, CudaLibraryBuilds
 
 
 def _builds(tmp_path, runs, monkeypatch, **registered):
     for name, run in registered.items():
         monkeypatch.setitem(EMULATION_RUNS, name, run)
+        monkeypatch.setitem(EMULATED, name, f"{name}_library")
     return CudaLibraryBuilds(tmp_path, [], [], runs)
 
 
 def test_a_background_run_gives_the_fixture_its_result(tmp_path, monkeypatch):
     seen = []
 
-    def run(builds, workdir):
-        seen.append(workdir)
+    def run(builds, library, workdir):
+        seen.append((library, workdir))
         return {"cases": 3}
 
     builds = _builds(tmp_path, ["emu"], monkeypatch, emu=run)
     assert builds.emulated("emu") == {"cases": 3}
     assert builds.emulated("emu") == {"cases": 3}  # (run once)
-    assert seen == [tmp_path / "emu_run"]
+    assert seen == [("emu_library", tmp_path / "emu_run")]
 
 
 def test_a_run_not_scheduled_runs_when_asked(tmp_path, monkeypatch):
-    builds = _builds(tmp_path, [], monkeypatch, emu=lambda builds, workdir: "here")
+    builds = _builds(tmp_path, [], monkeypatch, emu=lambda builds, library, workdir: "here")
     assert builds.emulated("emu") == "here"
 
 
 @pytest.mark.parametrize("runs", [["emu"], []])
 def test_a_failed_run_fails_the_test_that_needs_it_with_its_message(tmp_path, monkeypatch, runs):
-    def run(builds, workdir):
+    def run(builds, library, workdir):
         pytest.fail("worker0 exited 1: boom")  # (as a failed build or emulation does)
 
-    builds = _builds(tmp_path, runs, monkeypatch, emu=run, other=lambda b, w: "ok")
+    builds = _builds(tmp_path, runs, monkeypatch, emu=run, other=lambda b, lib, w: "ok")
     with pytest.raises(pytest.fail.Exception, match="emulation emu failed: .*worker0 exited 1: boom"):
         builds.emulated("emu")
     assert builds.emulated("other") == "ok"  # (the background thread goes on)

@@ -149,10 +149,10 @@ def _emulate(cuda_library: Path, libs: list[str], cases: dict, fakes, workdir: P
             "report": json.loads((cuda_library / library.CUDA_REPORT).read_text())}
 
 
-def _emulation_run(name: str, cases: dict):
-    """``conftest.EMULATION_RUNS``' entry for the library ``name``: ``cases`` emulated on
-    its kernels, with stand-ins for the driver of their own."""
-    def run(builds, workdir: Path) -> dict:
+def _emulation_run(cases: dict):
+    """A ``conftest.EMULATION_RUNS`` entry: ``cases`` emulated on the kernels of its
+    library, with stand-ins for the driver of their own."""
+    def run(builds, name: str, workdir: Path) -> dict:
         cuda_library, libs = builds.get(name), builds.emulation(name)
         workdir.mkdir(parents=True, exist_ok=True)
         fakes = emulator.build_fakes(workdir / "driver")
@@ -329,8 +329,8 @@ def tuning_emulation(tuning_library, cuda_libraries):
     return cuda_libraries.emulated("tuning_emulation")
 
 
-EMULATION_RUNS.update(emulation=_emulation_run("sm80_library", CASES),
-                      tuning_emulation=_emulation_run("tuning_library", TUNING_CASES))
+EMULATION_RUNS.update(emulation=_emulation_run(CASES),
+                      tuning_emulation=_emulation_run(TUNING_CASES))
 
 
 def test_every_tuning_variant_runs_and_none_spills(tuning_emulation):

@@ -284,7 +284,7 @@ def test_which_masks_a_call_has_is_part_of_its_signature(masked_graphs):
     assert StandInGraph.made == 2
 
 
-def test_a_replayed_masked_call_checks_itspadding_mask(masked_graphs):
+def test_a_replayed_masked_call_checks_its_mask(masked_graphs):
     """Values the usual path refuses are refused on a signature that has a graph; so is a
     mask of another shape (checked before the mask is read)."""
     args = Options(None, "full", block_per_row=2).as_args()

@@ -146,8 +146,9 @@ MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, to
 @pytest.mark.parametrize("cross", [False, True])
 def test_every_mask_dtype_gives_the_float_mask_s_output(cross):
     """A 0/1 mask of any dtype gives what the float32 mask gives, first calls and replays
-    (whose C refresh reads the dtypes numpy reads, bfloat16 and float16 in torch steps); a
-    value other than 0 and 1 is refused with the same message in each."""
+    (whose C refresh reads bool, uint8, int8, int32, int64, float32 and float64 masks;
+    int16, float16 and bfloat16 take the torch steps); a value other than 0 and 1 is
+    refused with the same message in each."""
     q, k, v = make_qkv(90, 2, 2, 160, 32)
     real = torch.arange(160)[None, :] < torch.tensor([160, 70])[:, None]
     kw = dict(block_per_row=2)
