@@ -103,8 +103,9 @@ FLEX_VARIANTS = ("bs32", "bs128+mask_mod")
 
 CORR_FIELDS = ("check", "dtype", "mode", "B", "H", "N", "D", "masked", "num_blocks", "options",
                "error", "limit", "status", "seconds", "message")
-TIME_FIELDS = ("dtype", "mode", "direction", "N", "D", "op_ms", "sdpa_ms", "flex_ms",
-               "peer_ms", "reference_ms", "sdpa_over_op", "flex_over_op", "peer_over_op",
+TIME_FIELDS = ("dtype", "mode", "direction", "N", "D", "op_ms", "op_masked_ms", "sdpa_ms",
+               "flex_ms", "peer_ms", "reference_ms", "op_masked_over_op", "sdpa_over_op",
+               "flex_over_op", "peer_over_op",
                "flex_variant", "flex_vs_op_sparse", "peer_vs_op_full", "notes")
 KERNEL_FIELDS = ("pass", "kernel", "ms", "bytes", "GB/s", "% copy bw", "flops",
                  "flop formula", "TFLOP/s", "% matmul", "registers", "spill B")
@@ -769,16 +770,31 @@ def sdpa_flash(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+def tail_padding(N: int, dev) -> torch.Tensor:
+    """A bool [1, N] padding mask (True = real token) whose last eighth is padding, as a
+    tokenizer pads a batch's shorter sequences; the type the Hugging Face integration
+    passes."""
+    mask = torch.ones(1, N, dtype=torch.bool, device=dev)
+    mask[:, N - N // 8:] = False
+    return mask
+
+
 def time_baselines(cfg, ctx, emit) -> None:
-    """The op (both modes), flash SDPA and the dense reference at one configuration."""
+    """The op (both modes, without and with a padding mask), flash SDPA and the dense
+    reference at one configuration."""
     dtype, D, N = cfg
     dev, args = ctx.dev, ctx.args
     q, k, v, g = config_inputs(cfg, dev, args)
     H, nb = q.shape[1], BLOCKS_PER_ROW * (N // BLOCK)
     measure = make_measure(cfg, emit, q, k, v, g, dev, ctx.until)
+    padding = tail_padding(N, dev)
     for direction in DIRECTIONS:
         for mode in MODES:
             measure("op", mode, direction, lambda a, b, c, m=mode: op(a, b, c, None, nb, m))
+            # A padded batch's call (every Hugging Face call on one): the same kernels,
+            # masked; its host work is what the op's CUDA graphs take over.
+            measure("op_masked", mode, direction,
+                    lambda a, b, c, m=mode: op(a, b, c, padding, nb, m))
         if dev.type == "cuda":
             measure("sdpa", None, direction, sdpa_flash)
         else:
@@ -885,7 +901,8 @@ def timing_rows(key, entry) -> list[dict]:
                    "peer_vs_op_full": (entry.get("peer-check")
                                        if direction == "fwd" and mode == "full" else None)}
             notes = []
-            impls = [("op", mode), ("sdpa", None), ("flex", None), ("reference", mode)]
+            impls = [("op", mode), ("op_masked", mode), ("sdpa", None), ("flex", None),
+                     ("reference", mode)]
             if mode == "full" and any(k[0] == "peer" for k in entry if isinstance(k, tuple)):
                 impls.append(("peer", "full"))
             for impl, key_mode in impls:
@@ -893,7 +910,7 @@ def timing_rows(key, entry) -> list[dict]:
                 row[f"{impl}_ms"] = None if isinstance(value, str) else value
                 if isinstance(value, str):
                     notes.append(f"{impl}: {value.removeprefix('skipped: ')}")
-            for impl in ("sdpa", "flex", "peer"):
+            for impl in ("op_masked", "sdpa", "flex", "peer"):
                 if row["op_ms"] and row.get(f"{impl}_ms"):
                     row[f"{impl}_over_op"] = row[f"{impl}_ms"] / row["op_ms"]
             row["notes"] = "; ".join(notes)
@@ -1123,7 +1140,9 @@ def render(report, meta) -> str:
             "the op's exact work; bs128+mask_mod: 128-token tiles with a per-token lookup, more "
             "work); peer = MRA-2 full mode on Flex (bench/flex_mra.py: the op's selection, "
             "compiled flex with its LSE on the exact blocks, the coarse part in torch, merged "
-            "in log space), end to end; X_over_op = X ms / op ms (above 1: the op is faster); "
+            "in log space), end to end; op_masked = the op with a bool padding mask [1, N], "
+            "its last eighth padding (the call a padded batch makes); "
+            "X_over_op = X ms / op ms (above 1: the op is faster); "
             "flex_vs_op_sparse, peer_vs_op_full = rel. diff against the op (same function); "
             "reference = mra2_reference in the input dtype.", "",
             md_table(TIME_FIELDS, report["timings"])]

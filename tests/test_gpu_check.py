@@ -5,6 +5,7 @@ the "device" unusable in its process, one hangs, one kills its process. Every ro
 measured before and after must be in the results file, each lost task recorded, and the
 report rendered from the file.
 """
+import csv
 import json
 import subprocess
 import sys
@@ -167,8 +168,8 @@ def test_report_keeps_passing_lost_and_skipped_checks_and_the_must_show_ratios(t
                           "illegal memory access was encountered", gpu_check.failure_rows)
     gpu_driver.close_task(results, late, "skipped", "skipped: time budget", gpu_check.failure_rows)
     dtype, D, N = (gpu_check.short_dtype(gpu_check.SMOKE_SUMMARY[0]), *gpu_check.SMOKE_SUMMARY[1:])
-    for impl, mode, ms in (("op", "full", 1.0), ("sdpa", None, 6.0), ("flex", None, 1.5),
-                           ("peer", "full", 0.8)):
+    for impl, mode, ms in (("op", "full", 1.0), ("op_masked", "full", 1.25), ("sdpa", None, 6.0),
+                           ("flex", None, 1.5), ("peer", "full", 0.8)):
         results.append({"table": "timing", "dtype": dtype, "D": D, "N": N, "impl": impl,
                         "mode": mode, "direction": "fwd", "ms": ms, "why": None,
                         "variant": "bs32" if impl == "flex" else None})
@@ -183,3 +184,8 @@ def test_report_keeps_passing_lost_and_skipped_checks_and_the_must_show_ratios(t
     assert "MRA-2 on Flex 0.800 ms (0.80x, needs >= 1x: NO)" in text
     lines = (tmp_path / "correctness.csv").read_text().splitlines()
     assert len(lines) == 4 and "FAIL" in lines[2] and "SKIPPED" in lines[3]
+    # The masked call's time beside the unmasked one's, and their ratio.
+    timings = list(csv.DictReader((tmp_path / "timings.csv").open()))
+    (row,) = [r for r in timings if r["N"] == str(N) and r["mode"] == "full"
+              and r["direction"] == "fwd"]
+    assert float(row["op_masked_ms"]) == 1.25 and float(row["op_masked_over_op"]) == 1.25
