@@ -9,7 +9,7 @@
 
 The public op differentiates through ``_Attention``, an ``autograd.Function`` in the
 ``setup_context`` form, so that ``torch.func.grad``/``vjp``/``jacrev`` work too
-(``vmap`` does not: the kernels have no batching rule). Each op has a fake
+and ``vmap`` (batching rules: the vmapped dimension joins the batch). Each op has a fake
 implementation that gives shapes for torch.compile and meta tensors; they also key
 torch.compile's on-disk caches on this package's code (``compile_cache``).
 AOTInductor packages are not keyed that way: they call ``mra::attention_fwd`` as it was
@@ -243,8 +243,63 @@ def _backward(ctx, grad_out, *_unused):
 torch.library.register_autograd("mra::attention_fwd", _backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------- batching rules (vmap)
+# ``torch.func.vmap`` over the op (per-sample gradients: ``vmap(grad(f))``; ``jacrev``,
+# which vmaps the backward): the vmapped dimension joins the batch, one call of the
+# kernels for the whole batch (torch's fallback otherwise calls the op once per element,
+# with a warning). Every tensor argument and output has its rows (batch, or batch x
+# heads) at a known dimension; a sequence's own budget comes from its own mask, so
+# folding changes nothing per row.
+
+# The dimension of each argument that holds the batch (q, k, v, grad, out, masks) or the
+# rows (B * heads: what ``Saved`` holds); None for the options.
+_FWD_ROWS = (0, 0, 0, 0, 0)  # q, k, v, mask, query_mask
+_SAVED_ROWS = (1, 1, 0, 0, 0, 0)  # stats, pooled, logits, high_mask, rowmax, index
+_BWD_ROWS = (0, 0, 0, 0, 0, 0, 0, *_SAVED_ROWS)  # grad, q, k, v, mask, query_mask, out, ...
+
+
+def _fold(x, dim, at: int, size: int):
+    """``x`` with its vmapped dimension ``dim`` (None: not vmapped, the same for every
+    element) merged into its dimension ``at``, the vmapped index outermost: [.., V*B, ..],
+    contiguous (the backward's saved tensors go to the kernels as they are; a shared one,
+    expanded, is a view with stride 0 where its own dimension ``at`` has size 1)."""
+    if x is None:
+        return None
+    if dim is None:
+        x = x.unsqueeze(at).expand(*x.shape[:at], size, *x.shape[at:])
+    else:
+        x = x.movedim(dim, at)
+    return x.reshape(*x.shape[:at], size * x.shape[at + 1], *x.shape[at + 2:]).contiguous()
+
+
+def _unfold(x, at: int, size: int):
+    """``_fold`` undone: [.., V*B, ..] at ``at`` -> [.., V, B, ..], vmapped at ``at``."""
+    return x.reshape(*x.shape[:at], size, x.shape[at] // size, *x.shape[at + 1:])
+
+
+def _batched(op, rows_in, rows_out):
+    """A batching rule for ``op``: its tensor arguments folded (their rows at ``rows_in``;
+    the options after them as they are), one call, the outputs unfolded (``rows_out``)."""
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        tensors = [_fold(x, d, at, size) for x, d, at in zip(args, in_dims, rows_in)]
+        out = op(*tensors, *args[len(rows_in):])
+        if isinstance(out, torch.Tensor):
+            return _unfold(out, rows_out[0], size), rows_out[0]
+        return (tuple(_unfold(x, at, size) for x, at in zip(out, rows_out)), tuple(rows_out))
+    return rule
+
+
+torch.library.register_vmap("mra::attention_fwd", _batched(
+    torch.ops.mra.attention_fwd, _FWD_ROWS, (0, *_SAVED_ROWS)))
+torch.library.register_vmap("mra::attention_bwd", _batched(
+    torch.ops.mra.attention_bwd, _BWD_ROWS, (0, 0, 0)))
+
+
 class _Attention(torch.autograd.Function):
     """attention_fwd with its backward, in the form torch.func transforms accept."""
+
+    generate_vmap_rule = True  # (vmap goes through to attention_fwd's and _bwd's rules)
 
     @staticmethod
     def forward(q, k, v, mask, query_mask, *args):
@@ -275,6 +330,20 @@ def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return _rounded(torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args(),
                                                 grad)[0], q)
+
+
+def _attention_rule(info, in_dims, q, k, v, mask, *args, **kwargs):
+    """The public op's batching rule (``_batched``): the arguments as the caller gave
+    them, query_mask last if given by position."""
+    size = info.batch_size
+    q, k, v, mask = (_fold(x, d, 0, size) for x, d in zip((q, k, v, mask), in_dims))
+    if len(args) > options.count():
+        args = (*args[:-1], _fold(args[-1], in_dims[-1], 0, size))
+    out = torch.ops.mra.attention(q, k, v, mask, *args, **kwargs)
+    return _unfold(out, 0, size), 0
+
+
+torch.library.register_vmap("mra::attention", _attention_rule)
 
 
 def _rounded(out, q):
