@@ -378,9 +378,15 @@ def differentiable(q, k, v, mask, opts: Options, query_mask=None) -> torch.Tenso
     """The op as ``mra_compile.mra_attention`` calls it: the same kernels; in eager mode
     through ``_Attention``, so that torch.func transforms work on it (directly where
     ``_plain_call`` allows); under torch.compile as ``mra::attention`` (Dynamo does not
-    trace an autograd.Function given one tensor twice, as self-attention does)."""
+    trace an autograd.Function given one tensor twice, as self-attention does). With
+    nothing to differentiate (e.g. under ``vmap`` alone, or a dispatch mode) it is the
+    public op too: the inference forward, as a plain call computes it (``_Attention``
+    computes the training forward, whose half-precision output differs in its rounding:
+    on the CPU it takes P v in float32)."""
     if torch.compiler.is_compiling():
         return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
     if _plain_call(q, k, v, mask, query_mask):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
     return _rounded(_Attention.apply(q, k, v, mask, query_mask, *opts.as_args())[0], q)

@@ -39,7 +39,7 @@ CASES = st.fixed_dictionaries({
     "seed": st.integers(0, 2**16), "V": st.integers(1, 3), "B": st.integers(1, 2),
     "H": st.sampled_from([1, 2, 4]), "gqa": st.booleans(), "N": st.integers(1, 130),
     "cross": st.booleans(), "D": st.sampled_from([8, 16, 24]),
-    "dtype": st.sampled_from([torch.float64, torch.float32]),
+    "dtype": st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
     "mode": st.sampled_from(["full", "sparse"]), "masked": st.sampled_from(["no", "shared", "each"]),
     "budget": st.sampled_from([dict(block_per_row=2), dict(num_blocks=3)]),
     "where": st.integers(0, 4), "shared_kv": st.booleans()})
@@ -49,7 +49,9 @@ CASES = st.fixed_dictionaries({
 @given(case=CASES)
 def test_vmap_is_the_op_called_per_element(case):
     """Forward: vmap over any dimension of q (k, v and the mask vmapped or shared) equals
-    the op called once per element, bit for bit (the rows are computed alone)."""
+    the op called once per element, bit for bit (the rows are computed alone), in every
+    dtype (half precision: the inference forward in both, not the training forward's
+    float32 P v)."""
     V, B, H = case["V"], case["B"], case["H"]
     Hkv = 1 if case["gqa"] else H
     N = case["N"]
