@@ -2,6 +2,7 @@
 dimension joins the batch, one call of the kernels, the same result as calling the op once
 per element, forward and gradients (per-sample gradients: ``vmap(grad(f))``), with no
 fallback warning (torch's per-element loop, which the rules replace)."""
+import contextlib
 import warnings
 
 import pytest
@@ -27,12 +28,12 @@ def _padding(seed, V, B, N):
     return (torch.arange(N) < real[..., None]).double()
 
 
-def _no_fallback():
+@contextlib.contextmanager
+def no_fallback():
     """Fail on torch's "performance drop ... batching rule" warning (its fallback)."""
-    catcher = warnings.catch_warnings()
-    catcher.__enter__()
-    warnings.filterwarnings("error", message=".*batching rule.*")
-    return catcher
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule.*")
+        yield
 
 
 CASES = st.fixed_dictionaries({
@@ -71,12 +72,9 @@ def test_vmap_is_the_op_called_per_element(case):
                                   v if kv_dim is None else v[i],
                                   masks[0] if masks[1] is None else masks[0][i])
                         for i in range(V)])
-    catcher = _no_fallback()
-    try:
+    with no_fallback():
         got = torch.vmap(attention, in_dims=(where, kv_dim, kv_dim, masks[1]))(
             q.movedim(0, where), k, v, masks[0])
-    finally:
-        catcher.__exit__(None, None, None)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -96,11 +94,8 @@ def test_per_sample_gradients_are_the_gradients_of_each_sample(seed, V, N, mode,
 
     in_dims = (0, None, None) if shared_kv else (0, 0, 0)
     argnums = (0,) if shared_kv else (0, 1, 2)
-    catcher = _no_fallback()
-    try:
+    with no_fallback():
         got = torch.vmap(torch.func.grad(loss, argnums=argnums), in_dims=in_dims)(q, k, v)
-    finally:
-        catcher.__exit__(None, None, None)
     for i in range(V):
         sample = (q[i], k, v) if shared_kv else (q[i], k[i], v[i])
         want = torch.func.grad(loss, argnums=argnums)(*sample)
@@ -123,10 +118,7 @@ def test_vmap_over_the_raw_op_with_a_query_mask(query_mask_by):
                                            False, qm)
         return torch.ops.mra.attention(qq, kk, kk, None, 12, "full", query_mask=qm)
 
-    catcher = _no_fallback()
-    try:
+    with no_fallback():
         got = torch.vmap(op)(q, kv, query_mask)
-    finally:
-        catcher.__exit__(None, None, None)
     want = torch.stack([op(q[i], kv[i], query_mask[i]) for i in range(3)])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
