@@ -24,6 +24,7 @@ their meaning; the internal ops take it after ``mask``.
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from mra_compile import compile_cache, cuda_graphs, launch_cache, options, validate
 from mra_compile.backward import mra_backward
@@ -39,6 +40,22 @@ FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask,
               f"{options.schema(False)}, bool exact_out=False) -> (Tensor out, {_SAVED})")
 BWD_SCHEMA = (f"(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
               f"Tensor out, {_SAVED}, {options.schema(False)}) -> (Tensor dq, Tensor dk, Tensor dv)")
+
+
+def _check_no_tangents(q, k, v) -> None:
+    """Forward-mode AD has no formula here: the kernels would drop the inputs' tangents and
+    ``torch.func.jvp`` would get a zero one, silently. A call whose q, k or v is a dual
+    tensor (``torch.autograd.forward_ad``; ``jvp`` and ``jacfwd`` make them) is an error.
+    (No dual level active: one read of an int.)"""
+    if forward_ad._current_level < 0:  # (torch's own flag; -1 outside ``dual_level()``)
+        return
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"mra_compile: forward-mode AD is not supported ({name} carries a tangent: "
+                "torch.func.jvp, jacfwd, torch.autograd.forward_ad); MRA-2 attention has no "
+                "forward-mode formula: use reverse mode (backward, torch.func.grad, vjp, "
+                "jacrev)")
 
 
 def _checked(q, k, v, mask, query_mask, args) -> Options:
@@ -151,6 +168,7 @@ def attention_fwd(q, k, v, mask, query_mask, *args):
     to q's dtype (float32 for half-precision inputs: ``exact_output_dtype``),
     which the backward reads and the caller rounds; False where no backward will read it
     (inference graphs), and by default (AOTInductor packages built before it existed)."""
+    _check_no_tangents(q, k, v)
     args, exact_out = _split_exact(args)
     return _forward_kernels(q, k, v, mask, query_mask, args, exact_out=exact_out)
 
@@ -321,6 +339,7 @@ torch.library.define("mra::attention", SCHEMA)
 @torch.library.impl("mra::attention", "CompositeImplicitAutograd")
 def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
     """MRA-2 attention (see ``mra_compile.mra_attention`` for the arguments)."""
+    _check_no_tangents(q, k, v)
     if len(args) > options.count():  # query_mask given by position
         args, query_mask = args[:options.count()], args[options.count()]
     opts = Options(*args, **kwargs) if kwargs else options.parse(args)
@@ -385,6 +404,7 @@ def differentiable(q, k, v, mask, opts: Options, query_mask=None) -> torch.Tenso
     on the CPU it takes P v in float32)."""
     if torch.compiler.is_compiling():
         return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
+    _check_no_tangents(q, k, v)
     if _plain_call(q, k, v, mask, query_mask):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):

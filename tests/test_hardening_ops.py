@@ -1,6 +1,6 @@
 """Hardening of the op's boundaries: sizes the kernels' 32-bit indexing cannot address are
 a ValueError before anything large is allocated; torch.func transforms work; a second
-differentiation and out-of-range integers are clear errors."""
+differentiation, forward-mode AD and out-of-range integers are clear errors."""
 import pytest
 import torch
 from conftest import run_python
@@ -105,6 +105,33 @@ def test_second_differentiation_is_a_clear_error():
     with pytest.raises(NotImplementedError, match="differentiating MRA-2 attention twice"):
         torch.func.grad(lambda y: torch.func.grad(lambda z: _attention(z).sum())(y).sum())(
             _qkv())
+
+
+@pytest.mark.parametrize("how", ["jvp", "jacfwd", "dual"])
+@pytest.mark.parametrize("entry", ["mra_attention", "op"])
+def test_forward_mode_ad_is_a_clear_error_not_a_dropped_tangent(how, entry):
+    """The kernels have no forward-mode formula: a dual tensor's tangent was dropped (and
+    torch.func.jvp returned a zero tangent, silently); now each entry point refuses it.
+    Dual tensors without a tangent still run."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = _qkv()
+    if entry == "mra_attention":
+        def f(y):
+            return _attention(y)
+    else:
+        def f(y):
+            return torch.ops.mra.attention(y, y, y, None, 5, "full")
+    with pytest.raises(NotImplementedError, match="forward-mode AD is not supported"):
+        if how == "jvp":
+            torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        elif how == "jacfwd":
+            torch.func.jacfwd(f)(x[:, :1, :8])
+        else:
+            with fwAD.dual_level():
+                f(fwAD.make_dual(x, torch.ones_like(x)))
+    with fwAD.dual_level():  # (a dual level, no tangent: the usual result)
+        torch.testing.assert_close(f(x), _attention(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs, name", [
