@@ -269,11 +269,13 @@ torch.library.register_autograd("mra::attention_fwd", _backward, setup_context=_
 # heads) at a known dimension; a sequence's own budget comes from its own mask, so
 # folding changes nothing per row.
 
-# The dimension of each argument that holds the batch (q, k, v, grad, out, masks) or the
-# rows (B * heads: what ``Saved`` holds); None for the options.
-_FWD_ROWS = (0, 0, 0, 0, 0)  # q, k, v, mask, query_mask
+# The dimension of each tensor argument (by position) and output that holds the batch
+# (q, k, v, grad, out, masks) or the rows (B * heads: what ``Saved`` holds); the options
+# are not folded.
 _SAVED_ROWS = (1, 1, 0, 0, 0, 0)  # stats, pooled, logits, high_mask, rowmax, index
-_BWD_ROWS = (0, 0, 0, 0, 0, 0, 0, *_SAVED_ROWS)  # grad, q, k, v, mask, query_mask, out, ...
+_FWD_ROWS = dict(enumerate((0, 0, 0, 0, 0)))  # q, k, v, mask, query_mask
+_BWD_ROWS = dict(enumerate((0, 0, 0, 0, 0, 0, 0, *_SAVED_ROWS)))  # grad, q, k, v, mask,
+#                                                                   query_mask, out, ...
 
 
 def _fold(x, dim, at: int, size: int):
@@ -295,13 +297,15 @@ def _unfold(x, at: int, size: int):
     return x.reshape(*x.shape[:at], size, x.shape[at] // size, *x.shape[at + 1:])
 
 
-def _batched(op, rows_in, rows_out):
-    """A batching rule for ``op``: its tensor arguments folded (their rows at ``rows_in``;
-    the options after them as they are), one call, the outputs unfolded (``rows_out``)."""
-    def rule(info, in_dims, *args):
+def _batched(op, rows_in: dict, rows_out):
+    """A batching rule for ``op``: the arguments at the positions of ``rows_in`` folded
+    (their rows at its values; the others, the options, as they are), one call, the
+    outputs unfolded (``rows_out``). The arguments come as the caller gave them."""
+    def rule(info, in_dims, *args, **kwargs):
         size = info.batch_size
-        tensors = [_fold(x, d, at, size) for x, d, at in zip(args, in_dims, rows_in)]
-        out = op(*tensors, *args[len(rows_in):])
+        folded = [_fold(x, d, rows_in[i], size) if i in rows_in else x
+                  for i, (x, d) in enumerate(zip(args, in_dims))]
+        out = op(*folded, **kwargs)
         if isinstance(out, torch.Tensor):
             return _unfold(out, rows_out[0], size), rows_out[0]
         return (tuple(_unfold(x, at, size) for x, at in zip(out, rows_out)), tuple(rows_out))
@@ -351,18 +355,9 @@ def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
                                                 grad)[0], q)
 
 
-def _attention_rule(info, in_dims, q, k, v, mask, *args, **kwargs):
-    """The public op's batching rule (``_batched``): the arguments as the caller gave
-    them, query_mask last if given by position."""
-    size = info.batch_size
-    q, k, v, mask = (_fold(x, d, 0, size) for x, d in zip((q, k, v, mask), in_dims))
-    if len(args) > options.count():
-        args = (*args[:-1], _fold(args[-1], in_dims[-1], 0, size))
-    out = torch.ops.mra.attention(q, k, v, mask, *args, **kwargs)
-    return _unfold(out, 0, size), 0
-
-
-torch.library.register_vmap("mra::attention", _attention_rule)
+# (q, k, v, mask, then the options, then query_mask where given by position)
+torch.library.register_vmap("mra::attention", _batched(
+    torch.ops.mra.attention, {0: 0, 1: 0, 2: 0, 3: 0, 4 + options.count(): 0}, (0,)))
 
 
 def _rounded(out, q):
@@ -374,13 +369,15 @@ def _plain_call(*tensors) -> bool:
     """Whether this call of the public op may run the kernels directly instead of
     dispatching ``mra::attention_fwd`` again: eager, nothing to differentiate, plain CPU
     or CUDA tensors, and nothing that watches or transforms ops (dispatch or function
-    modes, functorch transforms, the JIT tracer). The second dispatch (the custom op's
+    modes, functorch transforms, forward-mode AD's dual level, the JIT tracer; the op's
+    entries refuse a tangent: ``_check_no_tangents``). The second dispatch (the custom op's
     Python wrappers and autograd kernel) gives the same result there, at ~30 us a call
     warm and 100-200 us after other heavy torch work (N = 4096, 2 cores): 10-20% of the
     op at N = 512."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or forward_ad._current_level >= 0):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -404,7 +401,6 @@ def differentiable(q, k, v, mask, opts: Options, query_mask=None) -> torch.Tenso
     on the CPU it takes P v in float32)."""
     if torch.compiler.is_compiling():
         return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
-    _check_no_tangents(q, k, v)
     if _plain_call(q, k, v, mask, query_mask):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
