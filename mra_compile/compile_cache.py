@@ -3,8 +3,9 @@
 Inductor keeps compiled graphs across processes (``TORCHINDUCTOR_CACHE_DIR``, by default
 ``/tmp/torchinductor_<user>``) under a key made from the Dynamo graph. A graph that calls
 ``torch.ops.mra.attention`` holds that call only; the code the op runs while a graph is
-compiled (its decomposition into ``mra::attention_fwd``/``attention_bwd``, their argument
-lists, the fake implementations' shapes) is not part of the key. A graph compiled by one
+compiled (its decomposition into ``mra::attention_inference`` or
+``mra::attention_fwd``/``attention_bwd``, their argument lists, the fake implementations'
+shapes) is not part of the key. A graph compiled by one
 version of mra_compile would then be loaded by the next one, and call the internal ops
 with arguments they no longer take (or leave a change of the decomposition unapplied).
 

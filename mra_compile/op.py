@@ -2,6 +2,8 @@
 
 - ``mra::attention``: the public op. It is a composite of the two below
   (CompositeImplicitAutograd), so autograd, torch.compile and meta tensors see through it.
+- ``mra::attention_inference``: the forward kernels of a call with nothing to
+  differentiate; returns the output alone (the launches of an eager call, replayed).
 - ``mra::attention_fwd``: the forward kernels; returns the output and what the backward
   needs (selected blocks, stabilisers, normalisers, low-resolution tensors).
 - ``mra::attention_bwd``: the backward kernels, registered as attention_fwd's autograd.
@@ -12,10 +14,11 @@ The public op differentiates through ``_Attention``, an ``autograd.Function`` in
 and ``vmap`` (batching rules: the vmapped dimension joins the batch). Each op has a fake
 implementation that gives shapes for torch.compile and meta tensors; they also key
 torch.compile's on-disk caches on this package's code (``compile_cache``).
-AOTInductor packages are not keyed that way: they call ``mra::attention_fwd`` as it was
-when they were built, and a package whose node has other outputs than the schema does not
-load. So its outputs stay as they are, and its arguments only grow at the end, with
-defaults (``exact_out`` came so; tests/test_torch_integration.py keeps its schema).
+AOTInductor packages are not keyed that way: they call ``mra::attention_fwd`` (or
+``mra::attention_inference``) as it was when they were built, and a package whose node has
+other outputs than the schema does not load. So their outputs stay as they are, and their
+arguments only grow at the end, with defaults (``exact_out`` came so;
+tests/test_torch_integration.py keeps both schemas).
 The options after q, k, v, mask are those of ``mra_compile.options.Options``, in its
 field order; the schemas are generated from it. The public op takes the query padding
 mask of cross-attention (``query_mask``) last, so that calls written before it keep
@@ -30,14 +33,17 @@ from mra_compile import compile_cache, cuda_graphs, launch_cache, options, valid
 from mra_compile.backward import mra_backward
 from mra_compile.forward import Saved, exact_output_dtype, mra_forward
 from mra_compile.inputs import HEAD_DIM_MULTIPLE, real_tokens
+from mra_compile.memory import result_tensor
 from mra_compile.options import Options
-from mra_compile.targets import compute_dtype
+from mra_compile.targets import compute_dtype, of_device
 
 _SAVED = "Tensor stats, Tensor pooled, Tensor logits, Tensor high_mask, Tensor rowmax, Tensor index"
 SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, {options.schema(True)}, "
           "Tensor? query_mask=None) -> Tensor")
 FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
               f"{options.schema(False)}, bool exact_out=False) -> (Tensor out, {_SAVED})")
+INFERENCE_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
+                    f"{options.schema(False)}) -> Tensor")
 BWD_SCHEMA = (f"(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
               f"Tensor out, {_SAVED}, {options.schema(False)}) -> (Tensor dq, Tensor dk, Tensor dv)")
 
@@ -191,6 +197,60 @@ def _attention_fwd_fake(q, k, v, mask, query_mask, *args):
             q.new_empty(index_shape, dtype=torch.int64))
 
 
+torch.library.define("mra::attention_inference", INFERENCE_SCHEMA)
+
+
+@torch.library.impl("mra::attention_inference", "CompositeExplicitAutograd")
+def attention_inference(q, k, v, mask, query_mask, *args, **kwargs):
+    """The forward kernels of a call with nothing to differentiate (compiled inference
+    graphs, calls under a dispatch mode or on meta tensors): the output alone, as a plain
+    eager call computes it (its intermediates in scratch memory, the launches of a
+    signature seen before replayed), laid out as its fake says (``_in_layout_of``).
+    attention_fwd there had run the training forward: the backward's tensors written and
+    no launch replayed, 1.12x the time of an eager call at N = 4096 and 1.48x at 512
+    (bench/results/roofline_cpu.md). No autograd formula: the public op takes
+    attention_fwd where a gradient is needed. (``torch.library.define``, not
+    ``custom_op``: its call costs ~2.5 us here against ~9 us, several times that after
+    the kernels' traffic.)"""
+    _check_no_tangents(q, k, v)
+    args = _positional(args, kwargs)
+    return _in_layout_of(q, _forward_kernels(q, k, v, mask, query_mask, args, save=False))
+
+
+@torch.library.register_fake("mra::attention_inference")
+def _attention_inference_fake(q, k, v, mask, query_mask, *args, **kwargs):
+    compile_cache.key_compiled_graphs()
+    _checked(q, k, v, mask, query_mask, _positional(args, kwargs))
+    return torch.empty_like(q)
+
+
+def _positional(args: tuple, kwargs: dict) -> tuple:
+    """Every option in schema order, from a ``torch.library.define``d op's arguments (the
+    dispatcher passes some as keywords, and may leave out trailing defaults)."""
+    return (Options(*args, **kwargs) if kwargs else options.parse(args)).as_args()
+
+
+def _in_layout_of(q, out):
+    """``out`` (q's shape) laid out as ``torch.empty_like(q)`` is: q's own strides where q
+    is dense (an attention layer's transposed [B, N, H, D] view: the layout the kernels
+    write for it where they read it in place), else contiguous; copied where the kernels
+    wrote another (a padded or converted input's output is contiguous). A compiled graph
+    reads the output by its fake's strides."""
+    if out.stride() == q.stride():  # (then q is dense: empty_like gives it q's strides)
+        return out
+    want = torch.empty_like(q, device="meta").stride()  # (the fake's own rule)
+    if out.stride() == want:
+        return out
+    # (the copy on kept memory, as a result is: ``memory.result_tensor``)
+    order = sorted(range(q.dim()), key=lambda d: (-want[d], d))  # outermost first
+    made = result_tensor(tuple(q.shape[d] for d in order), out.dtype, out.device,
+                         of_device(out.device)).permute(*sorted(range(q.dim()),
+                                                                key=order.__getitem__))
+    if made.stride() != want:  # (ties of dims of size 1)
+        made = torch.empty_strided(q.shape, want, dtype=out.dtype, device=out.device)
+    return made.copy_(out)
+
+
 @torch.library.custom_op("mra::attention_bwd", mutates_args=(), schema=BWD_SCHEMA)
 def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
                   index, *args):
@@ -314,6 +374,8 @@ def _batched(op, rows_in: dict, rows_out):
 
 torch.library.register_vmap("mra::attention_fwd", _batched(
     torch.ops.mra.attention_fwd, _FWD_ROWS, (0, *_SAVED_ROWS)))
+torch.library.register_vmap("mra::attention_inference", _batched(
+    torch.ops.mra.attention_inference, _FWD_ROWS, (0,)))
 torch.library.register_vmap("mra::attention_bwd", _batched(
     torch.ops.mra.attention_bwd, _BWD_ROWS, (0, 0, 0)))
 
@@ -350,9 +412,10 @@ def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
     if _plain_call(q, k, v, mask, query_mask):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
     # (False in torch.compile's inference graphs: nothing there requires a gradient)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return torch.ops.mra.attention_inference(q, k, v, mask, query_mask, *opts.as_args())
     return _rounded(torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args(),
-                                                grad)[0], q)
+                                                True)[0], q)
 
 
 # (q, k, v, mask, then the options, then query_mask where given by position)

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import make_qkv, padded_mask
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import mra_compile
@@ -28,6 +30,14 @@ OPCHECK_CASES = {
 def test_opcheck(name):
     args = OPCHECK_CASES[name]()
     result = torch.library.opcheck(torch.ops.mra.attention.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("name", ["mask", "fp16", "non-contiguous"])
+def test_opcheck_inference_op(name):
+    q, k, v, mask, *rest = OPCHECK_CASES[name]()
+    result = torch.library.opcheck(torch.ops.mra.attention_inference.default,
+                                   (q, k, v, mask, None, *rest))
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
@@ -166,6 +176,109 @@ def test_attention_fwd_still_takes_the_calls_of_packages():
     assert all(a.has_default_value() for a in now.arguments[kept:])
 
 
+# mra::attention_inference as AOTInductor packages built since it exists call it (an
+# inference graph's node): like attention_fwd's, its output stays and new arguments come
+# last, with defaults.
+PACKAGED_INFERENCE_SCHEMA = (
+    "mra::attention_inference(Tensor q, Tensor k, Tensor v, Tensor? mask, "
+    "Tensor? query_mask, int? num_blocks=None, str approx_mode=\"full\", int block_size=32, "
+    "int initial_prior_first_n_blocks=0, int initial_prior_diagonal_n_blocks=0, "
+    "float? scale=None, int? block_per_row=None, bool enable_gqa=False) -> Tensor")
+
+
+def test_attention_inference_keeps_the_schema_of_packages():
+    def described(args):
+        return [(a.name, str(a.type), a.default_value, a.kwarg_only) for a in args]
+
+    now = torch.ops.mra.attention_inference.default._schema
+    then = torch._C.parse_schema(PACKAGED_INFERENCE_SCHEMA)
+    assert described(now.returns) == described(then.returns)
+    kept = len(then.arguments)
+    assert described(now.arguments[:kept]) == described(then.arguments)
+    assert all(a.has_default_value() for a in now.arguments[kept:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_inference_graph_runs_the_inference_kernels(dtype):
+    # With nothing to differentiate a compiled graph calls attention_inference (the eager
+    # call's kernels and launch replay), not attention_fwd's training forward, and gives
+    # the eager output bit for bit, in float32 and bf16 (whose training forward rounds
+    # differently); with a gradient, attention_fwd.
+    q, k, v = make_qkv(5, 2, 2, 96, 16, dtype=dtype)
+
+    def fn(q, k, v):
+        return op(q, k, v, None, 5, "full") * 2
+
+    compiled = torch.compile(fn, fullgraph=True)
+    with torch.no_grad():
+        compiled(q, k, v)  # (compiles)
+        got = {}
+        seen = _ops_seen(lambda: got.setdefault("out", compiled(q, k, v)))
+        assert "mra::attention_inference" in seen and "mra::attention_fwd" not in seen
+        assert torch.equal(got["out"], fn(q, k, v))
+    # Without no_grad, inputs that need no gradient: inference too.
+    assert "mra::attention_fwd" not in _ops_seen(lambda: compiled(q, k, v))
+    qg = q.clone().requires_grad_()
+    assert "mra::attention_fwd" in _ops_seen(lambda: compiled(qg, k, v))
+
+
+LAYOUTS = ("contiguous", "heads-last", "fused-qkv", "permuted")
+
+
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` [B, H, N, D] with the same values in another memory layout."""
+    B, H, N, D = x.shape
+    if layout == "heads-last":  # (an attention layer's view of [B, N, H, D])
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "fused-qkv":  # (a slice of a fused projection [B, N, 3, H, D]: not dense)
+        fused = torch.zeros(B, N, 3, H, D, dtype=x.dtype)
+        fused[:, :, 1] = x.transpose(1, 2)
+        return fused[:, :, 1].transpose(1, 2)
+    if layout == "permuted":  # (dense, [D, B, N, H] in memory)
+        return x.permute(3, 0, 2, 1).contiguous().permute(1, 3, 2, 0)
+    return x
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(20, 130),
+       D=st.sampled_from([8, 16, 20]), layout=st.sampled_from(LAYOUTS),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       mode=st.sampled_from(["full", "sparse"]), seed=st.integers(0, 2**16))
+def test_inference_op_output_is_laid_out_as_its_fake(B, H, N, D, layout, dtype, mode, seed):
+    # A compiled graph reads attention_inference's output by its fake's strides (Inductor
+    # asserts them): torch.empty_like(q)'s, for any layout of q (dense or not, a partial
+    # last block or a converted dtype, whose kernels write another layout), with the
+    # values of the op's plain eager call.
+    q, k, v = (_laid_out(x, layout) for x in make_qkv(seed, B, H, N, D, dtype=dtype))
+    blocks = max(1, (-(-N // 32)) ** 2 // 3)
+    with torch.no_grad():
+        got = torch.ops.mra.attention_inference(q, k, v, None, None, blocks, mode)
+        fake = torch.ops.mra.attention_inference(
+            *(torch.empty_strided(x.shape, x.stride(), dtype=dtype, device="meta")
+              for x in (q, k, v)), None, None, blocks, mode)
+        expected = op(q, k, v, None, blocks, mode)
+    assert got.stride() == fake.stride() == torch.empty_like(q).stride()
+    assert got.dtype == fake.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("N", [128, 100])
+def test_compiled_inference_of_an_attention_layers_views(N):
+    # q, k, v as an attention layer passes them (transposed [B, N, H, D] views) and the
+    # output transposed back, under Inductor: read in place (N = 128) or through a copy
+    # (N = 100: a partial last block), the compiled graph gives the eager output.
+    x = torch.randn(2, N, 3, 16, generator=torch.Generator().manual_seed(N))
+    q, k, v = (x * s for s in (1.0, 0.5, 2.0))
+
+    def layer(q, k, v):
+        out = op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 7, "full")
+        return out.transpose(1, 2).reshape(2, N, 48) + 1
+
+    with torch.no_grad():
+        got = torch.compile(layer, fullgraph=True)(q, k, v)
+        torch.testing.assert_close(got, layer(q, k, v), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_meta_tensors(dtype, masked):
@@ -174,11 +287,12 @@ def test_meta_tensors(dtype, masked):
     out = op(q, k, v, mask, 4, "sparse", 16, 1, 1)
     assert out.device.type == "meta"
     assert out.shape == (2, 3, 100, 33) and out.dtype == dtype
-    # Non-contiguous meta inputs give a contiguous result, like the real op.
+    # An attention layer's transposed [B, N, H, D] views give a result laid out as
+    # torch.empty_like(q) is, as the inference op gives it (see its layout test below).
     qt, kt, vt = (torch.empty(2, 100, 3, 33, dtype=dtype, device="meta").transpose(1, 2)
                   for _ in range(3))
     out = op(qt, kt, vt, mask, 4)
-    assert out.shape == (2, 3, 100, 33) and out.is_contiguous()
+    assert out.shape == (2, 3, 100, 33) and out.stride() == qt.stride()
 
 
 def test_meta_tensors_still_validate():
@@ -250,6 +364,6 @@ def test_dispatch_modes_still_see_the_forward_op():
     q, k, v = make_qkv(4, 1, 2, 64, 16)
     with torch.no_grad(), Names() as mode:
         out = op(q, k, v, None, 4, "sparse")
-    assert "mra.attention_fwd.default" in mode.names
+    assert "mra.attention_inference.default" in mode.names
     with torch.no_grad():
         torch.testing.assert_close(out, op(q, k, v, None, 4, "sparse"), rtol=0, atol=0)
