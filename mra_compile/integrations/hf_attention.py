@@ -245,15 +245,20 @@ def key_padding_mask(attention_mask: torch.Tensor | None, batch: int, heads: int
 # ---------------------------------------------------------------------------- the attention
 
 
-def _op_parameters() -> Any:
-    # Of the function in place at each call: the op gains parameters (scale, enable_gqa)
-    # independently of this file. (inspect.signature costs ~20 us: once per function.)
-    return _parameters(mra_compile.mra_attention)
+@torch.compiler.assume_constant_result
+def _op_takes() -> tuple[bool, bool]:
+    """Whether the function in place takes (``enable_gqa``, ``scale``): the op gains
+    parameters independently of this file. A constant to torch.compile, which calls it
+    while tracing instead of tracing it (it had traced the cache below, with a warning on
+    every compiled model: "Dynamo detected a call to a `functools.lru_cache`-wrapped
+    function")."""
+    params = _parameters(mra_compile.mra_attention)
+    return "enable_gqa" in params, "scale" in params
 
 
 @functools.lru_cache(maxsize=4)
 def _parameters(fn) -> Any:
-    return inspect.signature(fn).parameters
+    return inspect.signature(fn).parameters  # (~20 us: once per function)
 
 
 def mra_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -314,16 +319,16 @@ def mra_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         if kwargs.get("output_attentions"):
             warn_once("output_attentions", "attn_implementation='mra' returns no attention weights")
 
-    params = _op_parameters()
+    takes_gqa, takes_scale = _op_takes()
     extra: dict[str, Any] = {}
     if kv_heads != heads:
-        if "enable_gqa" in params:
+        if takes_gqa:
             extra["enable_gqa"] = True
         else:
             key = key.repeat_interleave(heads // kv_heads, dim=1)
             value = value.repeat_interleave(heads // kv_heads, dim=1)
     if scaling is not None:
-        if "scale" in params:
+        if takes_scale:
             extra["scale"] = scaling
         else:
             # Same function: MRA-2 sees q only through q . k / sqrt(D) and q's block means.
