@@ -13,7 +13,8 @@ model's forward with
   done every call: how these calls ran before 2026-12-05's seventh session).
 
 ``--batch B --padded``: B sequences, sequence i with N - i N / (2 B) real tokens (a
-padding mask). Prints a markdown table; ``--out`` writes it.
+padding mask). ``--compiled``: also each model ``torch.compile``d (default options), sdpa
+and mra, in the same rounds. Prints a markdown table; ``--out`` writes it.
 
     python bench/bench_hf_layer.py                                  # N = 512, 1024, 4096
     python bench/bench_hf_layer.py --sizes 1024 --batch 4 --padded --repeat 7
@@ -21,6 +22,7 @@ padding mask). Prints a markdown table; ``--out`` writes it.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -58,6 +60,8 @@ def main() -> int:
                    help="a padding mask: sequence i has N - i N / (2 B) real tokens")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--repeat", type=int, default=9, help="interleaved rounds (median)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time torch.compile'd copies of the model, sdpa and mra")
     p.add_argument("--out", type=Path, help="also write the table here")
     args = p.parse_args()
     if args.batch < 1 or args.layers < 1 or args.repeat < 1:
@@ -70,8 +74,10 @@ def main() -> int:
              f"BERT encoder, {args.layers} layers, hidden 768, 12 heads of 64, {args.dtype}, "
              f"B = {args.batch}{', padded' if args.padded else ''}, mra_block_per_row 4, full "
              f"mode; the whole forward, median of {args.repeat} interleaved rounds.", "",
-             "| N | sdpa ms | mra ms | mra, copied ms | sdpa / mra | copied / mra |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| N | sdpa ms | mra ms | mra, copied ms | sdpa / mra | copied / mra |"
+             + (" sdpa compiled ms | mra compiled ms | sdpa / mra, compiled |"
+                if args.compiled else ""),
+             "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.compiled else "")]
     try:
         for n in args.sizes:
             model = model_for(n, args.layers, dtype)
@@ -84,17 +90,25 @@ def main() -> int:
             def run(implementation: str, switches: str = "11", model=model, ids=ids, mask=mask):
                 def call():
                     os.environ.update(zip(SWITCHES, switches))
-                    model.set_attn_implementation(implementation)
+                    if implementation:  # (a compiled copy keeps its own)
+                        model.set_attn_implementation(implementation)
                     return model(input_ids=ids, attention_mask=mask).last_hidden_state
                 return call
 
             fns = {"sdpa": run("sdpa"), "mra": run("mra"), "copied": run("mra", "00")}
+            if args.compiled:  # (a model of its own per implementation: one graph each)
+                for implementation in ("sdpa", "mra"):
+                    own = copy.deepcopy(model)
+                    own.set_attn_implementation(implementation)
+                    fns[f"{implementation}_c"] = run("", model=torch.compile(own))
             with torch.no_grad():
                 for fn in fns.values():
                     fn()  # (compiles or loads the kernels; records the launches)
                 ms = common.median_ms(fns, args.repeat, alternate=True)
             lines.append(f"| {n} | {ms['sdpa']:.2f} | {ms['mra']:.2f} | {ms['copied']:.2f} | "
-                         f"{ms['sdpa'] / ms['mra']:.2f}x | {ms['copied'] / ms['mra']:.2f}x |")
+                         f"{ms['sdpa'] / ms['mra']:.2f}x | {ms['copied'] / ms['mra']:.2f}x |"
+                         + (f" {ms['sdpa_c']:.2f} | {ms['mra_c']:.2f} | "
+                            f"{ms['sdpa_c'] / ms['mra_c']:.2f}x |" if args.compiled else ""))
             print(lines[-1], flush=True)
     finally:
         for name, value in given.items():
