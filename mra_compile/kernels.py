@@ -40,7 +40,8 @@ class Kernel:
     # arguments, and the caller allocates them.
     scratch: tuple[str, ...] = ()
     # The module of ``mra_compile`` that defines it: "operators" (TE) or one that writes
-    # TIR with its schedule in it (``selection_tir``: control flow that TE cannot state).
+    # TIR with its schedule in it (``selection_tir``, ``plan_tir``: control flow that TE
+    # cannot state).
     module: str = "operators"
     # The target families (``Target.family``) that have it; None: every one.
     families: tuple[str, ...] | None = None
@@ -154,6 +155,11 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
                            "unit_row", "unit_cols", "units", "heads", "nq", "nk", "real_only",
                            "write_mask"), module="selection_tir", families=("cpu",)),
     # Backward.
+    # Its two work plans (by query block, by key block) and where dq's units read dS, in
+    # one pass over the selection (CPU: ``plan_tir``; on the host otherwise).
+    Kernel("bwd_plan", ("index", "q_start", "q_units", "q_row", "q_cols", "k_start", "k_units",
+                        "k_col", "k_rows", "ds_at", "k_seen", "units"), module="plan_tir",
+           families=("cpu",)),
     Kernel("bwd_prep", ("dout", "out", "inv_z", "lo_w", "g", "dsum", "ga", "da"),
            takes_io=True),
     # CUDA's units: dq by query block, dk and dv by key block, each computing the

@@ -854,6 +854,12 @@ def select_plan(sch):
     return sch
 
 
+def bwd_plan(sch):
+    """Nothing to do: ``mra_compile.plan_tir`` writes this kernel in TIR with its rows
+    already parallel."""
+    return sch
+
+
 # The defaults of every knob, the only place they are set (``blocks_per_unit`` and
 # ``row_unit_blocks`` also shape the operator: ``mra_compile.kernels``, ``shape_knobs``).
 # P V (pv_cols) and the backward's outputs (out_cols) in bands of 4 vectors: all of D up
@@ -872,6 +878,7 @@ KNOBS = {
     # 0.98x at D = 128, 0.99x at D = 32; 16 no better than 12.
     "hires_rows": dict(vec=16, qk_rows=4, pv_rows=4, pv_cols=4, unroll=True, row_unit_blocks=12),
     "select_plan": {},
+    "bwd_plan": {},
 }
 
 # AVX2 (8 float32 lanes, 16 vector registers): the tiles of KNOBS would keep 16 (logits:

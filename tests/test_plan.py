@@ -93,6 +93,38 @@ def test_each_query_slot_finds_its_block_among_the_key_units(n, data, Cq, Ck, se
         assert len(seen) == int((index[r] < n * n).sum())
 
 
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 20), data=st.data(), Cq=st.integers(1, 6), Ck=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1))
+def test_backward_plan_kernel_makes_the_host_plans(n, data, Cq, Ck, seed):
+    """The CPU backward's ``bwd_plan`` kernel (``backward._unit_plans``) gives the host's
+    plans by query and by key block and their slot map, array for array: random
+    selections, rows ending in entries n * n (no block), whole block rows and columns."""
+    from mra_compile.backward import _unit_plans
+    from mra_compile.inputs import prepare
+
+    K = data.draw(st.integers(1, n * n))
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.arange(K), (torch.arange(n * n).view(n, n).t().reshape(-1)[:K]).sort().values]
+    for _ in range(3):
+        kept = data.draw(st.integers(0, K))
+        blocks = torch.randperm(n * n, generator=g)[:kept].sort().values
+        rows.append(torch.cat([blocks, torch.full((K - kept,), n * n)]))
+    index = torch.stack(rows)
+    x = torch.zeros(1, index.shape[0], n * 32, 16)
+    by_query, by_key, at = _unit_plans(prepare(x, x, x, None, 32), {}, index, n, Cq, Ck)
+    want_q = plan.make_plan(index, n, 0, Cq)
+    flipped, order = plan.transposed(index, n)
+    want_k = plan.make_plan(flipped, n, 0, Ck)
+    want_at = plan.transposed_slots(index, want_q, Cq, flipped, order, want_k, Ck, n)
+    for got, want in ((by_query, want_q), (by_key, want_k)):
+        for name in ("unit_row", "unit_cols", "ov_start", "ov_units"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert got.ucap == want.ucap and got.has_overflow == want.has_overflow
+        assert got.row_cols.shape == want.row_cols.shape == (len(rows), n, 0)
+    assert torch.equal(at, want_at)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.sampled_from([256, 300]), per_row=st.integers(1, 30), seed=st.integers(0, 2**31 - 1),
        layout=st.sampled_from(["random", "sorted", "strided", "one row"]))
