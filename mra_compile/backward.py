@@ -9,6 +9,7 @@ of C selected blocks, grouped by query block for dq and by key block for dk, dv.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -182,8 +183,8 @@ def _unit_plans(pr: Prepared, knobs: dict, index, n: int, Cq: int, Ck: int):
                   q_cols=(R, rooms["q"], Cq), k_start=(R, n), k_units=(R, n),
                   k_col=(R, rooms["k"]), k_rows=(R, rooms["k"], Ck),
                   ds_at=(R, rooms["q"], Cq), k_seen=(R, n), units=(R, 4))
-    out = {name: pr.scratch(f"bwd_plan_{name}", *shape, dtype=torch.int32)
-           for name, shape in shapes.items()}
+    out: dict[str, Any] = {name: pr.scratch(f"bwd_plan_{name}", *shape, dtype=torch.int32)
+                           for name, shape in shapes.items()}
     pr.run("bwd_plan", knobs, index=index, **out)
     q_total, q_most, k_total, k_most = out["units"].amax(0).tolist() if R else (0, 0, 0, 0)
 
