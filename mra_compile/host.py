@@ -168,11 +168,13 @@ def schedule_dir() -> Path:
 
 @functools.cache
 def source_hash(family: str) -> str:
-    """Hash of the operator definitions (every module of the kernel registry's
-    ``Kernel.module``) and the ``family`` ("cpu", "cuda") schedules: part of every
-    kernel's key, so that editing either rebuilds."""
+    """Hash of the operator definitions (the modules of the kernel registry's
+    ``Kernel.module`` that define the ``family``'s kernels) and the ``family`` ("cpu",
+    "cuda") schedules: part of every kernel's key, so that editing either rebuilds. (Of
+    its own kernels only: an edit of a CPU-only TIR kernel does not make a CUDA library
+    built before it stale.)"""
     h = hashlib.sha256()
-    operators = [PACKAGE_DIR / f"{m}.py" for m in kernels.operator_modules()]
+    operators = [PACKAGE_DIR / f"{m}.py" for m in kernels.operator_modules(family)]
     # (the family's micro-kernels too: schedules/<family>_*.py and their C sources)
     extra = sorted(schedule_dir().glob(f"{family}_*.*"))
     for path in (*operators, schedule_dir() / f"{family}.py", *extra):

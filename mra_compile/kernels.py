@@ -200,9 +200,11 @@ def reading_qkv() -> tuple[str, ...]:
     return tuple(k.name for k in KERNELS.values() if k.reads_qkv)
 
 
-def operator_modules() -> tuple[str, ...]:
-    """The modules of ``mra_compile`` that define the kernels (``Kernel.module``), sorted."""
-    return tuple(sorted({k.module for k in KERNELS.values()}))
+def operator_modules(family: str | None = None) -> tuple[str, ...]:
+    """The modules of ``mra_compile`` that define the kernels (``Kernel.module``), sorted;
+    with ``family``, those of its kernels only (``Kernel.on``)."""
+    return tuple(sorted({k.module for k in KERNELS.values()
+                         if family is None or k.on(family)}))
 
 
 def on_target(target) -> tuple[str, ...]:

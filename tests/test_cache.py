@@ -149,7 +149,8 @@ def test_every_operator_module_is_in_the_kernels_key(tmp_path, monkeypatch):
     from mra_compile import host, kernels
 
     modules = kernels.operator_modules()
-    assert {"operators", "selection_tir"} <= set(modules)
+    assert {"operators", "selection_tir", "plan_tir"} <= set(modules)
+    assert kernels.operator_modules("cpu") == modules
     for m in modules:
         (tmp_path / f"{m}.py").write_bytes((host.PACKAGE_DIR / f"{m}.py").read_bytes())
     monkeypatch.setattr(host, "PACKAGE_DIR", tmp_path)
@@ -162,3 +163,24 @@ def test_every_operator_module_is_in_the_kernels_key(tmp_path, monkeypatch):
         assert source_hash("cpu") != base, m
         path.write_text(text)
     assert source_hash("cpu") == base
+
+
+def test_cuda_kernels_key_on_their_own_modules(tmp_path, monkeypatch):
+    """A CUDA library's kernels key on the modules of CUDA's kernels: editing a CPU-only
+    TIR kernel (selection, the backward's plans) leaves a CUDA library built before valid;
+    editing the TE operators does not."""
+    from mra_compile import host, kernels
+
+    cuda = kernels.operator_modules("cuda")
+    assert "operators" in cuda and not {"selection_tir", "plan_tir"} & set(cuda)
+    for m in kernels.operator_modules():
+        (tmp_path / f"{m}.py").write_bytes((host.PACKAGE_DIR / f"{m}.py").read_bytes())
+    monkeypatch.setattr(host, "PACKAGE_DIR", tmp_path)
+    source_hash = host.source_hash.__wrapped__
+    base = source_hash("cuda")
+    for m, changes in (("plan_tir", False), ("selection_tir", False), ("operators", True)):
+        path = tmp_path / f"{m}.py"
+        text = path.read_text()
+        path.write_text(text + "\n# edited\n")
+        assert (source_hash("cuda") != base) == changes, m
+        path.write_text(text)
