@@ -206,9 +206,10 @@ def attention_inference(q, k, v, mask, query_mask, *args, **kwargs):
     graphs, calls under a dispatch mode or on meta tensors): the output alone, as a plain
     eager call computes it (its intermediates in scratch memory, the launches of a
     signature seen before replayed), laid out as its fake says (``_in_layout_of``).
-    attention_fwd there had run the training forward: the backward's tensors written and
-    no launch replayed, 1.12x the time of an eager call at N = 4096 and 1.48x at 512
-    (bench/results/roofline_cpu.md). No autograd formula: the public op takes
+    attention_fwd there had run the training forward: the backward's tensors written, no
+    launch replayed, transposed inputs copied; 1.12x the time of an eager call at N =
+    4096, 1.51x at 512, 1.44x with an attention layer's views at 4096 (now 1.05x, 1.16x,
+    1.01x: bench/results/compiled_cpu.md). No autograd formula: the public op takes
     attention_fwd where a gradient is needed. (``torch.library.define``, not
     ``custom_op``: its call costs ~2.5 us here against ~9 us, several times that after
     the kernels' traffic.)"""
