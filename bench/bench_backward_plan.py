@@ -41,26 +41,21 @@ def row(n: int, args) -> str:
     blocks = args.blocks_per_row * (n // 32)
 
     def step(entry):
-        def run():
+        def run():  # -> the step's gradients
             kernels.KERNELS["bwd_plan"] = entry
             try:
                 torch.ops.mra.attention(q, k, v, None, blocks, "full").backward(grad)
             finally:
                 kernels.KERNELS["bwd_plan"] = kernel
+            grads = [x.grad for x in (q, k, v)]
             for x in (q, k, v):
                 x.grad = None
+            return grads
         return run
 
     fns = {"host": step(withheld), "kernel": step(kernel)}
-    grads = {}
-    for name, fn in fns.items():  # (builds the kernels; the same gradients either way)
-        fn()
-        kernels.KERNELS["bwd_plan"] = kernel if name == "kernel" else withheld
-        torch.ops.mra.attention(q, k, v, None, blocks, "full").backward(grad)
-        kernels.KERNELS["bwd_plan"] = kernel
-        grads[name] = [x.grad.clone() for x in (q, k, v)]
-        for x in (q, k, v):
-            x.grad = None
+    # (the first call builds the kernels; the same gradients either way)
+    grads = {name: fn() for name, fn in fns.items()}
     same = all(torch.equal(a, b) for a, b in zip(grads["host"], grads["kernel"]))
     ms = common.median_ms(fns, args.repeat, alternate=True)
     return (f"| {n} | {ms['host']:.2f} | {ms['kernel']:.2f} | {ms['kernel'] / ms['host']:.3f}x "

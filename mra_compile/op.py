@@ -214,21 +214,26 @@ def attention_inference(q, k, v, mask, query_mask, *args, **kwargs):
     ``custom_op``: its call costs ~2.5 us here against ~9 us, several times that after
     the kernels' traffic.)"""
     _check_no_tangents(q, k, v)
-    args = _positional(args, kwargs)
+    args = _parsed(args, kwargs).as_args()
     return _in_layout_of(q, _forward_kernels(q, k, v, mask, query_mask, args, save=False))
 
 
 @torch.library.register_fake("mra::attention_inference")
 def _attention_inference_fake(q, k, v, mask, query_mask, *args, **kwargs):
     compile_cache.key_compiled_graphs()
-    _checked(q, k, v, mask, query_mask, _positional(args, kwargs))
+    _checked(q, k, v, mask, query_mask, _parsed(args, kwargs).as_args())
     return torch.empty_like(q)
 
 
-def _positional(args: tuple, kwargs: dict) -> tuple:
-    """Every option in schema order, from a ``torch.library.define``d op's arguments (the
-    dispatcher passes some as keywords, and may leave out trailing defaults)."""
-    return (Options(*args, **kwargs) if kwargs else options.parse(args)).as_args()
+def _parsed(args: tuple, kwargs: dict) -> Options:
+    """The options of a ``torch.library.define``d op's call (the dispatcher passes some
+    as keywords, and may leave out trailing defaults)."""
+    return Options(*args, **kwargs) if kwargs else options.parse(args)
+
+
+def _needs_grad(q, k, v) -> bool:
+    """Whether a call has something to differentiate (else: ``attention_inference``)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
 def _in_layout_of(q, out):
@@ -409,11 +414,11 @@ def attention(q, k, v, mask, *args, query_mask=None, **kwargs):
     _check_no_tangents(q, k, v)
     if len(args) > options.count():  # query_mask given by position
         args, query_mask = args[:options.count()], args[options.count()]
-    opts = Options(*args, **kwargs) if kwargs else options.parse(args)
+    opts = _parsed(args, kwargs)
     if _plain_call(q, k, v, mask, query_mask):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
     # (False in torch.compile's inference graphs: nothing there requires a gradient)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if not _needs_grad(q, k, v):
         return torch.ops.mra.attention_inference(q, k, v, mask, query_mask, *opts.as_args())
     return _rounded(torch.ops.mra.attention_fwd(q, k, v, mask, query_mask, *opts.as_args(),
                                                 True)[0], q)
@@ -467,6 +472,6 @@ def differentiable(q, k, v, mask, opts: Options, query_mask=None) -> torch.Tenso
         return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
     if _plain_call(q, k, v, mask, query_mask):
         return _forward_kernels(q, k, v, mask, query_mask, opts.as_args(), save=False)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if not _needs_grad(q, k, v):
         return torch.ops.mra.attention(q, k, v, mask, *opts.as_args(), query_mask=query_mask)
     return _rounded(_Attention.apply(q, k, v, mask, query_mask, *opts.as_args())[0], q)
