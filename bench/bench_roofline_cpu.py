@@ -5,8 +5,13 @@ implementation once, in turn):
 
 - the flop floor: ``4·k·b²·D + 4·n²·D`` flops per (batch, head) row at this CPU's fp32
   matmul peak, measured in the same run before and after the rounds (the best of square
-  ``torch.mm`` sizes, the higher of the two runs);
-- full mode, interleaved with dense SDPA: op / floor;
+  ``torch.mm`` sizes, the higher of the two runs), and in every round (2048 x 2048,
+  called in turn with the rest: ~90 ms, a rate that what ran before it barely moves,
+  where 512 x 512, often the best back to back, ran 15% slower in the rounds);
+- full mode, interleaved with dense SDPA: op / floor, at the higher peak of before and
+  after the rounds, and the median over the rounds of each round's op / floor at that
+  round's peak (the host's speed drifts over a run, by 10-25% here: a ratio within a
+  round sees one speed, the op and torch.mm alike);
 - sparse mode against compiled FlexAttention (Inductor's C++ flex template) on exactly
   the op's blocks in its fastest form: 32-token blocks, all marked full (no mask_mod
   work), built from ``mra_compile.block_selection``.
@@ -35,6 +40,7 @@ table goes to stdout with the machine line.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,19 +61,33 @@ from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 B, H, D, BLOCK = 1, 12, 64, 32
 
 
-def matmul_peak_gflops(repeat: int = 7) -> float:
+def matmul_peak_gflops(repeat: int = 7) -> tuple[float, int]:
     """fp32 GFLOP/s of the best square torch.mm here (all of torch's threads), after a
-    second of warm-up (a just-started VM measured 94 against 185 GFLOP/s without it)."""
+    second of warm-up (a just-started VM measured 94 against 185 GFLOP/s without it),
+    and the size that reached it."""
     a = torch.randn(1024, 1024)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 1.0:
         torch.mm(a, a)
-    best = 0.0
+    best, best_size = 0.0, 0
     for size in (512, 1024, 2048):
         a, b = torch.randn(size, size), torch.randn(size, size)
         ms = common.median_ms({"mm": lambda a=a, b=b: torch.mm(a, b)}, repeat)["mm"]
-        best = max(best, 2 * size**3 / ms / 1e6)
-    return best
+        if 2 * size**3 / ms / 1e6 > best:
+            best, best_size = 2 * size**3 / ms / 1e6, size
+    return best, best_size
+
+
+def matmul(size: int):
+    """A torch.mm of two square ``size`` operands, for the rounds, and its flops."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return (lambda: torch.mm(a, b)), 2 * size**3
+
+
+def per_round_ratio(op_ms: list, mm_ms: list, floor_at) -> float:
+    """Median over the rounds of op time / floor, the floor at each round's matmul rate
+    (``floor_at(ms)`` from that round's torch.mm time)."""
+    return statistics.median(t / floor_at(m) for t, m in zip(op_ms, mm_ms))
 
 
 def floor_ms(n_tokens: int, blocks_per_row: int, peak: float) -> float:
@@ -119,17 +139,19 @@ def main() -> int:
     print(machine_line())
     # The floor uses the higher of two measurements, before and after the rounds (a
     # lower peak would flatter the op); both are printed, and the tables after them.
-    peak_before = matmul_peak_gflops()
+    peak_before, _ = matmul_peak_gflops()
+    mm_size = 2048
+    mm_call, mm_flops = matmul(mm_size)
     forward, both = [], []
     for n_tokens in args.sizes:
         q, k, v = (torch.randn(B, H, n_tokens, D) for _ in range(3))
         nb = args.blocks_per_row * (-(-n_tokens // BLOCK))
         with torch.no_grad():
-            impls = implementations(q, k, v, nb, args.bf16)
+            impls = {**implementations(q, k, v, nb, args.bf16), "mm": mm_call}
             for fn in impls.values():  # builds, compiles, fills caches
                 fn()
                 fn()
-            forward.append((n_tokens, common.median_ms(impls, args.repeat)))
+            forward.append((n_tokens, common.round_ms(impls, args.repeat)))
     if args.backward:
         for n_tokens in args.sizes:
             leaves = [torch.randn(B, H, n_tokens, D, requires_grad=True) for _ in range(3)]
@@ -146,38 +168,47 @@ def main() -> int:
                 torch.ops.mra.attention(*leaves, None, nb, "full").sum().backward()
 
             step(), accumulated()
-            both.append((n_tokens, common.median_ms({"step": step, "accumulated": accumulated},
-                                                    args.repeat)))
-    peak_after = matmul_peak_gflops()
+            both.append((n_tokens, common.round_ms(
+                {"step": step, "accumulated": accumulated, "mm": mm_call}, args.repeat)))
+    peak_after, _ = matmul_peak_gflops()
     peak = max(peak_before, peak_after)
+    in_rounds = [mm_flops / statistics.median(t["mm"]) / 1e6 for _, t in forward + both]
     print(f"fp32 matmul peak (best torch.mm 512-2048): {peak:.0f} GFLOP/s "
-          f"(before the rounds {peak_before:.0f}, after {peak_after:.0f})")
+          f"(before the rounds {peak_before:.0f}, after {peak_after:.0f}; in the rounds, "
+          f"{mm_size}x{mm_size}, median per size: "
+          + ", ".join(f"{x:.0f}" for x in in_rounds) + ")")
     products = f"; bf16 products: {cpu.bf16_instructions()}" if args.bf16 else ""
     print(f"B*H={B * H} D={D} {args.blocks_per_row} blocks/row; median of {args.repeat} "
           f"interleaved rounds{products}\n")
-    print("| N | floor ms | op full ms | SDPA ms | op/floor | SDPA/op | op sparse ms "
-          "| Flex ms | Flex/op sparse |" + (" op sparse bf16 ms | op sparse fp32/bf16 | Flex bf16 "
-                                           "ms | Flex bf16/op bf16 | faster Flex/op bf16 |"
-                                           if args.bf16 else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if args.bf16 else ""))
-    for n_tokens, t in forward:
+    bf16_columns = (" op sparse bf16 ms | op sparse fp32/bf16 | Flex bf16 ms "
+                    "| Flex bf16/op bf16 | faster Flex/op bf16 |")
+    print("| N | floor ms | op full ms | SDPA ms | op/floor | op/floor, per round | SDPA/op "
+          "| op sparse ms | Flex ms | Flex/op sparse |" + (bf16_columns if args.bf16 else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|"
+          + ("---|---|---|---|---|" if args.bf16 else ""))
+    for n_tokens, samples in forward:
+        t = {name: statistics.median(ts) for name, ts in samples.items()}
         floor = floor_ms(n_tokens, args.blocks_per_row, peak)
+        rounds = per_round_ratio(samples["full"], samples["mm"], lambda ms, n=n_tokens: floor_ms(
+            n, args.blocks_per_row, mm_flops / ms / 1e6))
         row = (f"| {n_tokens} | {floor:.2f} | {t['full']:.2f} | {t['sdpa']:.2f} | "
-               f"{t['full'] / floor:.2f}x | {t['sdpa'] / t['full']:.2f}x | {t['sparse']:.2f} | "
-               f"{t['flex']:.2f} | {t['flex'] / t['sparse']:.2f}x |")
+               f"{t['full'] / floor:.2f}x | {rounds:.2f}x | {t['sdpa'] / t['full']:.2f}x | "
+               f"{t['sparse']:.2f} | {t['flex']:.2f} | {t['flex'] / t['sparse']:.2f}x |")
         if args.bf16:
             ob, fb = t["sparse_bf16"], t["flex_bf16"]
             row += (f" {ob:.2f} | {t['sparse'] / ob:.2f}x | {fb:.2f} | {fb / ob:.2f}x | "
                     f"{min(fb, t['flex']) / ob:.2f}x |")
         print(row)
     if both:
-        print("\n| N | fwd+bwd floor ms | op fwd+bwd ms (full) | op/floor "
-              "| sum(), accumulated ms | its /floor |\n|---|---|---|---|---|---|")
-    for n_tokens, t in both:
+        print("\n| N | fwd+bwd floor ms | op fwd+bwd ms (full) | op/floor | op/floor, per round "
+              "| sum(), accumulated ms | its /floor |\n|---|---|---|---|---|---|---|")
+    for n_tokens, samples in both:
         floor = 3.5 * floor_ms(n_tokens, args.blocks_per_row, peak)
-        ms, acc = t["step"], t["accumulated"]
-        print(f"| {n_tokens} | {floor:.2f} | {ms:.2f} | {ms / floor:.2f}x | {acc:.2f} | "
-              f"{acc / floor:.2f}x |")
+        ms, acc = (statistics.median(samples[name]) for name in ("step", "accumulated"))
+        rounds = per_round_ratio(samples["step"], samples["mm"], lambda m, n=n_tokens: 3.5 * floor_ms(
+            n, args.blocks_per_row, mm_flops / m / 1e6))
+        print(f"| {n_tokens} | {floor:.2f} | {ms:.2f} | {ms / floor:.2f}x | {rounds:.2f}x | "
+              f"{acc:.2f} | {acc / floor:.2f}x |")
     return 0
 
 

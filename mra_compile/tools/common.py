@@ -91,6 +91,15 @@ def median_ms(fns: dict, rounds: int, on_round=None, alternate: bool = False,
     (what it leaves in the caches). ``before``: a zero-argument callable run (untimed)
     before each call.
     """
+    samples = round_ms(fns, rounds, on_round, alternate, before)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def round_ms(fns: dict, rounds: int, on_round=None, alternate: bool = False,
+             before=None) -> dict:
+    """``median_ms``' samples: name -> milliseconds of each round's call, in round order
+    (entry i of every list is from the same round: ratios within a round see one state
+    of the machine)."""
     samples: dict = {name: [] for name in fns}
     order = list(fns.items())
     for r in range(rounds):
@@ -102,7 +111,7 @@ def median_ms(fns: dict, rounds: int, on_round=None, alternate: bool = False,
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+    return samples
 
 
 # ---------------------------------------------------------------------------- machine
