@@ -27,6 +27,17 @@ def _schedules_from_checkout() -> None:
 
 _schedules_from_checkout()
 
+
+def _check_torch() -> None:
+    import torch
+
+    from mra_compile.torch_support import check_torch
+
+    check_torch(torch.__version__)
+
+
+_check_torch()
+
 from mra_compile import op as _op  # noqa: E402,F401  (registers torch.ops.mra.attention)
 from mra_compile.api import block_selection, mra_attention  # noqa: E402
 from mra_compile.build import cache_events  # noqa: E402

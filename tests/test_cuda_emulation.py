@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CUDA_HEAD_DIMS, EMULATION_RUNS, RTOL_FP32
+from conftest import CUDA_HEAD_DIMS, EMULATION_POSSIBLE, EMULATION_RUNS, RTOL_FP32
 from cuda_emulation import emulator
 
 from mra_compile import library
@@ -39,9 +39,15 @@ from mra_compile import library
 HERE = Path(__file__).resolve().parent
 
 # CI sets MRA_COMPILE_REQUIRE_NVCC=1: there a missing nvcc fails these tests, never skips them.
-pytestmark = pytest.mark.skipif(
-    shutil.which("nvcc") is None and not os.environ.get("MRA_COMPILE_REQUIRE_NVCC"),
-    reason="needs nvcc on the PATH")
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("nvcc") is None and not os.environ.get("MRA_COMPILE_REQUIRE_NVCC"),
+        reason="needs nvcc on the PATH"),
+    pytest.mark.skipif(
+        not EMULATION_POSSIBLE,
+        reason="needs a CPU build of torch (this one is a CUDA build, whose CUDA runtime "
+               "the emulation cannot stand in for; conftest.EMULATION_POSSIBLE)"),
+]
 
 ARCH = "sm_80"
 HEAD_DIMS = CUDA_HEAD_DIMS  # ~3.3 minutes on 2 cores, the library built (conftest.sm80_library)
