@@ -159,7 +159,7 @@ def main() -> int:
         per_core = run_on_every_core(exe, cores)
     from bench.bench_roofline_cpu import matmul_peak_gflops
 
-    mm, _ = matmul_peak_gflops()
+    mm = matmul_peak_gflops()
     lines = [machine_line(), "",
              f"One process alone, then one per core ({cores}) started together; GFLOP/s.", "",
              "| kernel | one core alone | each core, all busy | all cores |",

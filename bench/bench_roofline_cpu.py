@@ -61,21 +61,19 @@ from mra_compile.tools.benchmarks import machine_line  # noqa: E402
 B, H, D, BLOCK = 1, 12, 64, 32
 
 
-def matmul_peak_gflops(repeat: int = 7) -> tuple[float, int]:
+def matmul_peak_gflops(repeat: int = 7) -> float:
     """fp32 GFLOP/s of the best square torch.mm here (all of torch's threads), after a
-    second of warm-up (a just-started VM measured 94 against 185 GFLOP/s without it),
-    and the size that reached it."""
+    second of warm-up (a just-started VM measured 94 against 185 GFLOP/s without it)."""
     a = torch.randn(1024, 1024)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 1.0:
         torch.mm(a, a)
-    best, best_size = 0.0, 0
+    best = 0.0
     for size in (512, 1024, 2048):
         a, b = torch.randn(size, size), torch.randn(size, size)
         ms = common.median_ms({"mm": lambda a=a, b=b: torch.mm(a, b)}, repeat)["mm"]
-        if 2 * size**3 / ms / 1e6 > best:
-            best, best_size = 2 * size**3 / ms / 1e6, size
-    return best, best_size
+        best = max(best, 2 * size**3 / ms / 1e6)
+    return best
 
 
 def matmul(size: int):
@@ -139,7 +137,7 @@ def main() -> int:
     print(machine_line())
     # The floor uses the higher of two measurements, before and after the rounds (a
     # lower peak would flatter the op); both are printed, and the tables after them.
-    peak_before, _ = matmul_peak_gflops()
+    peak_before = matmul_peak_gflops()
     mm_size = 2048
     mm_call, mm_flops = matmul(mm_size)
     forward, both = [], []
@@ -170,12 +168,12 @@ def main() -> int:
             step(), accumulated()
             both.append((n_tokens, common.round_ms(
                 {"step": step, "accumulated": accumulated, "mm": mm_call}, args.repeat)))
-    peak_after, _ = matmul_peak_gflops()
+    peak_after = matmul_peak_gflops()
     peak = max(peak_before, peak_after)
     in_rounds = [mm_flops / statistics.median(t["mm"]) / 1e6 for _, t in forward + both]
     print(f"fp32 matmul peak (best torch.mm 512-2048): {peak:.0f} GFLOP/s "
           f"(before the rounds {peak_before:.0f}, after {peak_after:.0f}; in the rounds, "
-          f"{mm_size}x{mm_size}, median per size: "
+          f"{mm_size}x{mm_size}, median per N: "
           + ", ".join(f"{x:.0f}" for x in in_rounds) + ")")
     products = f"; bf16 products: {cpu.bf16_instructions()}" if args.bf16 else ""
     print(f"B*H={B * H} D={D} {args.blocks_per_row} blocks/row; median of {args.repeat} "
