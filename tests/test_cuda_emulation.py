@@ -31,22 +31,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CUDA_HEAD_DIMS, EMULATION_POSSIBLE, EMULATION_RUNS, RTOL_FP32
+from conftest import CUDA_HEAD_DIMS, EMULATION_RUNS, RTOL_FP32, SKIP_EMULATION
 from cuda_emulation import emulator
 
 from mra_compile import library
 
 HERE = Path(__file__).resolve().parent
 
-# CI sets MRA_COMPILE_REQUIRE_NVCC=1: there a missing nvcc fails these tests, never skips them.
+# CI sets MRA_COMPILE_REQUIRE_NVCC=1: there a missing nvcc, or a CUDA build of torch, fails
+# these tests, never skips them.
 pytestmark = [
     pytest.mark.skipif(
         shutil.which("nvcc") is None and not os.environ.get("MRA_COMPILE_REQUIRE_NVCC"),
         reason="needs nvcc on the PATH"),
     pytest.mark.skipif(
-        not EMULATION_POSSIBLE,
+        SKIP_EMULATION,
         reason="needs a CPU build of torch (this one is a CUDA build, whose CUDA runtime "
-               "the emulation cannot stand in for; conftest.EMULATION_POSSIBLE)"),
+               "the emulation cannot stand in for; conftest.SKIP_EMULATION)"),
 ]
 
 ARCH = "sm_80"
