@@ -82,10 +82,13 @@ def matmul(size: int):
     return (lambda: torch.mm(a, b)), 2 * size**3
 
 
-def per_round_ratio(op_ms: list, mm_ms: list, floor_at) -> float:
-    """Median over the rounds of op time / floor, the floor at each round's matmul rate
-    (``floor_at(ms)`` from that round's torch.mm time)."""
-    return statistics.median(t / floor_at(m) for t, m in zip(op_ms, mm_ms))
+def per_round_ratio(op_ms: list, mm_ms: list, floor: float, peak: float,
+                    mm_flops: int) -> float:
+    """Median over the rounds of op time / floor, the floor (``floor`` ms at ``peak``
+    GFLOP/s, inversely proportional to the rate) taken at each round's torch.mm rate
+    (``mm_flops`` in that round's ``mm_ms``)."""
+    return statistics.median(t / (floor * peak / (mm_flops / m / 1e6))
+                             for t, m in zip(op_ms, mm_ms))
 
 
 def floor_ms(n_tokens: int, blocks_per_row: int, peak: float) -> float:
@@ -187,8 +190,7 @@ def main() -> int:
     for n_tokens, samples in forward:
         t = {name: statistics.median(ts) for name, ts in samples.items()}
         floor = floor_ms(n_tokens, args.blocks_per_row, peak)
-        rounds = per_round_ratio(samples["full"], samples["mm"], lambda ms, n=n_tokens: floor_ms(
-            n, args.blocks_per_row, mm_flops / ms / 1e6))
+        rounds = per_round_ratio(samples["full"], samples["mm"], floor, peak, mm_flops)
         row = (f"| {n_tokens} | {floor:.2f} | {t['full']:.2f} | {t['sdpa']:.2f} | "
                f"{t['full'] / floor:.2f}x | {rounds:.2f}x | {t['sdpa'] / t['full']:.2f}x | "
                f"{t['sparse']:.2f} | {t['flex']:.2f} | {t['flex'] / t['sparse']:.2f}x |")
@@ -203,8 +205,7 @@ def main() -> int:
     for n_tokens, samples in both:
         floor = 3.5 * floor_ms(n_tokens, args.blocks_per_row, peak)
         ms, acc = (statistics.median(samples[name]) for name in ("step", "accumulated"))
-        rounds = per_round_ratio(samples["step"], samples["mm"], lambda m, n=n_tokens: 3.5 * floor_ms(
-            n, args.blocks_per_row, mm_flops / m / 1e6))
+        rounds = per_round_ratio(samples["step"], samples["mm"], floor, peak, mm_flops)
         print(f"| {n_tokens} | {floor:.2f} | {ms:.2f} | {ms / floor:.2f}x | {rounds:.2f}x | "
               f"{acc:.2f} | {acc / floor:.2f}x |")
     return 0
