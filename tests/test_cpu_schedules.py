@@ -98,7 +98,7 @@ def test_pool_logits_are_register_tiles_over_padded_copies(vec, rows, cols):
     assert f"T.vectorized({vec})" in copy[1], copy
 
 
-
+@pytest.mark.usefixtures("avx512_defaults")  # (the AVX-512 defaults' structure)
 @pytest.mark.parametrize("full", [True, False])
 def test_pool_row_maxima_run_in_vector_lanes(full):
     """R (the real-key row maximum of the block logits) as 16 partial maxima over whole
@@ -225,6 +225,7 @@ def test_unit_queries_are_transposed_in_registers(op, static):
     assert "T.Shuffle(" not in small
 
 
+@pytest.mark.usefixtures("avx512_defaults")  # (the AVX-512 defaults' structure)
 @pytest.mark.parametrize("op,static,index", [
     ("hires_units", {"b": 32, "D": 64}, "unit_cols"),
     ("hires_rows", {"b": 32, "D": 64, "full": True}, "row_cols"),
@@ -407,6 +408,7 @@ def test_bf16_logits_are_written_by_the_micro_kernel_alone(op, static, blocks):
                for line in calls), calls
 
 
+@pytest.mark.usefixtures("avx512_defaults")  # (the AVX-512 defaults' structure)
 @pytest.mark.parametrize("static", [{"b": 32, "D": 64}, {"b": 32, "D": 48, "gqa": True},
                                     {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}])
 def test_dq_units_request_the_next_units_blocks(static):
@@ -476,6 +478,7 @@ def test_low_resolution_weights_are_vectors(op, static):
     assert "logits[v_r, v_i, T.min(v_j, n - 1)]" in value
 
 
+@pytest.mark.usefixtures("avx512_defaults")  # (the AVX-512 defaults' structure)
 @pytest.mark.parametrize("D,band", [(64, 4), (128, 4), (48, 3)])
 def test_low_resolution_product_is_register_tiles_of_query_blocks(D, band):
     """W v̂ (lowres_out): 4 query blocks x ``band`` vectors of dims per register tile over a
@@ -494,6 +497,7 @@ def test_low_resolution_product_is_register_tiles_of_query_blocks(D, band):
     assert "T.vectorized(16)" in lanes.splitlines()[-2], lanes
 
 
+@pytest.mark.usefixtures("avx512_defaults")  # (the AVX-512 defaults' structure)
 @pytest.mark.parametrize("output", ["dqp", "dkp", "dvp"])
 def test_low_resolution_gradients_are_register_tiles(output):
     """bwd_lowres: ga v̂^T as the block logits' 8 x 32 tiles over padded copies (as in
@@ -510,6 +514,7 @@ def test_low_resolution_gradients_are_register_tiles(output):
     assert "T.where" not in update
 
 
+@pytest.mark.usefixtures("avx512_defaults")  # (the AVX-512 defaults' structure)
 @pytest.mark.parametrize("static", [{"b": 32, "D": 64},
                                     {"b": 32, "D": 64, "io": "bfloat16", "micro": "avx512_bf16"}])
 def test_backward_token_dots_run_in_vector_lanes(static):

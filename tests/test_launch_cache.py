@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from conftest import RTOL_FP32, as64, make_qkv, padding_mask
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import mra_compile
@@ -119,7 +119,11 @@ def test_transposed_and_unaligned_inputs_replay(monkeypatch, dtype, in_place):
     qkv = ("k", "q", "v")
     layer = in_place == "1" and (dtype == torch.float32 or cpu.bf16_products())
     views = ((), ("k", "out", "q", "v")) if layer else (qkv, ())
-    assert made == {((), ()), (("q",), ()), views}
+    if dtype == torch.bfloat16 and not cpu.bf16_products():
+        # (bf16 computed in float32: every layout's q, k, v are converted copies)
+        assert made == {(qkv, ())}
+    else:
+        assert made == {((), ()), (("q",), ()), views}
     assert all(p.native for p in plans().values() if p is not None)
 
 
@@ -140,7 +144,9 @@ def test_masked_calls_replay_with_their_own_mask(seed, N, mode, budget, kind, le
     n = -(-N // 32)
     kw = dict(approx_mode=mode, **({"block_per_row": 3} if budget == "per_row"
                                    else {"num_blocks": 3 * n}))
-    for i, call_lengths in enumerate(lengths):
+    # Twice through the calls (as in test_cross_attention_replays_with_its_own_masks: a
+    # call needing more scratch than any before it drops the plans and is not recorded).
+    for i, call_lengths in [*enumerate(lengths), *enumerate(lengths)]:
         q, k, v = make_qkv(seed + i, 2, 3, N, 64)
         real = [min(x, N) for x in call_lengths]
         mask = padding_mask(real, N, kind)
@@ -164,6 +170,12 @@ def test_masked_calls_replay_with_their_own_mask(seed, N, mode, budget, kind, le
        heads_last=st.booleans(),
        lengths=st.lists(st.lists(st.integers(1, 300), min_size=4, max_size=4), min_size=3,
                         max_size=3))
+# (the last call needs more scratch than the others: no plan left after one pass; a
+# call after it does, but is recorded, never replayed)
+@example(seed=0, N=256, Nk=300, mode="full", budget="total", sides="queries", heads_last=False,
+         lengths=[[1, 1, 97, 97], [1, 1, 97, 71], [1, 1, 1, 1]])
+@example(seed=0, N=70, Nk=300, mode="full", budget="total", sides="queries", heads_last=False,
+         lengths=[[1, 1, 66, 70], [1, 1, 1, 1], [1, 1, 1, 1]])
 def test_cross_attention_replays_with_its_own_masks(seed, N, Nk, mode, budget, sides,
                                                      heads_last, lengths):
     """Cross-attention (keys of their own length, a query mask, a key mask, both or none;
@@ -176,7 +188,11 @@ def test_cross_attention_replays_with_its_own_masks(seed, N, Nk, mode, budget, s
     n = -(-max(N, Nk) // 32)
     kw = dict(approx_mode=mode, **({"block_per_row": 2} if budget == "per_row"
                                    else {"num_blocks": 2 * n}))  # (fewer than nq * nk)
-    for i, call in enumerate(lengths):
+    # Twice through the calls: a call whose masks need more scratch than any before it
+    # (fewer real query blocks share a total budget: more blocks a row) drops the plans
+    # and is not recorded (``memory.Workspace.dropped``); the second pass needs no more,
+    # so it replays whatever the first could not.
+    for i, call in [*enumerate(lengths), *enumerate(lengths)]:
         q, _, _ = make_qkv(seed + i, 2, 3, N, 64)
         _, k, v = make_qkv(seed + 7 * i + 1, 2, 3, Nk, 64)
         if heads_last:  # (views of [B, N, H, D] tensors)
