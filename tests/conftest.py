@@ -25,13 +25,17 @@ RTOL_FP32 = 1e-5
 
 
 @pytest.fixture
-def avx512_defaults(monkeypatch):
+def avx512_defaults(tmp_path, monkeypatch):
     """The default knobs of an AVX-512 CPU (vec=16, qk_rows=4, ...) whatever this one has,
-    for tests whose fake timers or expectations are written against them. (Tuning records
-    reloaded around it: no knobs cached under it outlive it.)"""
+    for tests whose fake timers or expectations are written against them: no shipped
+    tuning records either (this CPU's would be another vector width's: an AVX2 host's
+    records give vec=8). (Records reloaded around it: no knobs cached under it outlive
+    it.)"""
     from mra_compile import host, records
 
     monkeypatch.setattr(host, "default_vector_width", lambda: 16)
+    monkeypatch.setattr(records, "shipped_db_path",
+                        lambda target=None: tmp_path / "no-shipped-records" / "none.json")
     records.reload()
     yield
     records.reload()
