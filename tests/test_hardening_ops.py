@@ -15,11 +15,16 @@ TOO_BIG = r"""
 import json, resource, sys
 import torch
 import mra_compile
-# A few GB of data: the scratch (11 GB) can only be refused, never allocated.
+# A few GB of data: the scratch (>= 13 GB) can only be refused, never allocated. n = 2560
+# blocks of 8, every block selected: the overflow units' [n, units, 8, 256] buffer is past
+# 2**31 elements whatever the knobs (rows' own units take at most 16 blocks, overflow
+# units at most 4: >= 636 units a row). (At n = 2048 a host's tuning records of 12 and 4
+# made it 2048 x 509 x 8 x 256, just under 2**31: an 8.5 GB allocation, refused by the
+# limit as a RuntimeError.)
 resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
-q = torch.randn(1, 1, 16384, 256)
+q = torch.randn(1, 1, 20480, 256)
 try:
-    mra_compile.mra_attention(q, q, q, num_blocks=2048 * 2048, block_size=8)
+    mra_compile.mra_attention(q, q, q, num_blocks=2560 * 2560, block_size=8)
     print(json.dumps({"raised": None}))
 except Exception as e:
     print(json.dumps({"raised": type(e).__name__, "message": str(e),
