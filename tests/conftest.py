@@ -25,23 +25,6 @@ RTOL_FP32 = 1e-5
 
 
 @pytest.fixture
-def avx512_defaults(tmp_path, monkeypatch):
-    """The default knobs of an AVX-512 CPU (vec=16, qk_rows=4, ...) whatever this one has,
-    for tests whose fake timers or expectations are written against them: no shipped
-    tuning records either (this CPU's would be another vector width's: an AVX2 host's
-    records give vec=8). (Records reloaded around it: no knobs cached under it outlive
-    it.)"""
-    from mra_compile import host, records
-
-    monkeypatch.setattr(host, "default_vector_width", lambda: 16)
-    monkeypatch.setattr(records, "shipped_db_path",
-                        lambda target=None: tmp_path / "no-shipped-records" / "none.json")
-    records.reload()
-    yield
-    records.reload()
-
-
-@pytest.fixture
 def isolated(tmp_path, monkeypatch):
     """Tuning records: a private user db (returned, not yet created) and no shipped
     records, for any target."""
@@ -55,6 +38,20 @@ def isolated(tmp_path, monkeypatch):
     records.reload()
     yield db
     records.reload()
+
+
+@pytest.fixture
+def avx512_defaults(isolated, monkeypatch):
+    """The default knobs of an AVX-512 CPU (vec=16, qk_rows=4, ...) whatever this one has,
+    for tests whose fake timers or expectations are written against them: the records
+    ``isolated`` (no shipped records, which would be this CPU's vector width's: an AVX2
+    host's give vec=8; a private user db, so that a developer's own tuning runs change
+    nothing here). Returns ``isolated``'s user db."""
+    from mra_compile import host, records
+
+    monkeypatch.setattr(host, "default_vector_width", lambda: 16)
+    records.reload()  # (no knobs cached under it outlive it: ``isolated`` reloads after)
+    return isolated
 
 
 @pytest.fixture

@@ -321,6 +321,18 @@ def test_disabling_records(isolated, monkeypatch):
     assert knob_policy.resolve_knobs("lowres_out") == knob_policy.default_knobs("lowres_out")
 
 
+def test_avx512_defaults_read_no_developer_records(avx512_defaults, tmp_path, monkeypatch):
+    # A developer's own tuning run writes ~/.cache/mra_compile/tuned.json: the tests that
+    # pin AVX-512's defaults must not read it (conftest.avx512_defaults).
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    records.save(tmp_path / "home" / ".cache" / "mra_compile" / "tuned.json",
+                 [records.make_record("lowres_out", "N1024-D64-b32", {"vec": 8})])
+    records.reload()
+    assert tuning.chosen_knobs("lowres_out").source == "default"
+    assert knob_policy.resolve_knobs("lowres_out") == knob_policy.default_knobs("lowres_out")
+    assert knob_policy.default_knobs("lowres_out")["vec"] == 16
+
+
 def good_doc(**change):
     rec = records.make_record("lowres_out", "N1024-D64-b32", {"vec": 8})
     doc = {"schema": records.SCHEMA, "tvm": host.tvm_version(), "records": [rec]}
