@@ -95,6 +95,10 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
 # until this many or fewer are above its lower bound (~1.75 K at N = 8192, 8 passes).
 CANDIDATE_ROOM = 2
 
+# Head dims below which a forward on the bf16 micro-kernels keeps P at float32 accuracy
+# in P v (their float32-P variant, ``Prepared.float32_pv``) for inference too (``_forward``).
+SMALL_HEAD_DIM = 16
+
 
 def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: dict,
                      row_blocks=None):
@@ -366,8 +370,15 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     # the output in float32, for the backward (the caller rounds it); where they read q,
     # k, v in half precision (the CPU's bf16 micro-kernels, CUDA), their variant with P
     # at float32 accuracy in P v (``Prepared.float32_pv``).
-    exact = exact_out and exact_output_dtype(q.dtype) != q.dtype
-    written, result = (dt, dt) if exact else (pr.q.dtype, q.dtype)
+    # Below ``SMALL_HEAD_DIM`` every call does so (the output rounded here): P rounded to
+    # bf16 errs by up to 2^-9 of sum P|v|, which where P v cancels is more than the bf16
+    # tolerance of the output itself, far likelier at D = 1 than at larger D (a head's
+    # outputs then all cancel together); at such D, P v is a small part of the work.
+    small = (D < SMALL_HEAD_DIM and not pr.heads_last
+             and pr.target.micro_kernels(pr.q.dtype) is not None)
+    exact = (exact_out or small) and exact_output_dtype(q.dtype) != q.dtype
+    written = dt if exact else pr.q.dtype
+    result = dt if exact and exact_out else q.dtype
     runs = dataclasses.replace(pr, float32_pv=True) if exact and pr.q.dtype != dt else pr
     # The result is a copy of part of the kernels' output (below) where padded or of
     # another dtype: then scratch memory, reused between calls where the target allows it

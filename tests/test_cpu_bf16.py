@@ -86,6 +86,28 @@ def test_bf16_head_dims_beyond_one_vector_tile(D):
     _check(q, k, v, None, block_per_row=3)
 
 
+@needs_bf16
+def test_small_head_dims_keep_p_in_float32():
+    # A head whose outputs all cancel in P v (D = 1, three queries): with P rounded to
+    # bf16 its outputs erred by 1.5e-2 of the largest; below forward.SMALL_HEAD_DIM an
+    # inference call takes the micro-kernels' float32-P variant too (the output rounded
+    # once, at the end), larger head dims keep the bf16 P v.
+    from mra_compile import forward
+
+    g = torch.Generator().manual_seed(35)
+    N = int(torch.randint(1, 40, (1,), generator=g))
+    q, k, v = (torch.randn(1, 3, N, 1, generator=g).bfloat16() for _ in range(3))
+    with build.trace_kernel_calls() as calls:
+        _check(q, k, v, None, block_per_row=1, approx_mode="full")
+    assert {c["static"]["micro"] for c in calls if c["op"] == "hires_rows"} == {
+        "avx512_bf16_fp32_pv"}
+    D = forward.SMALL_HEAD_DIM
+    q, k, v = make_qkv(3, 1, 2, 70, D, dtype=torch.bfloat16)
+    with build.trace_kernel_calls() as calls:
+        _check(q, k, v, None, block_per_row=2)
+    assert {c["static"]["micro"] for c in calls if c["op"] == "hires_rows"} == {"avx512_bf16"}
+
+
 def test_a_failed_micro_kernel_build_says_what_to_do(monkeypatch, tmp_path):
     from mra_compile.schedules import cpu_bf16
 
