@@ -46,11 +46,11 @@ def avx512_defaults(isolated, monkeypatch):
     for tests whose fake timers or expectations are written against them: the records
     ``isolated`` (no shipped records, which would be this CPU's vector width's: an AVX2
     host's give vec=8; a private user db, so that a developer's own tuning runs change
-    nothing here). Returns ``isolated``'s user db."""
-    from mra_compile import host, records
+    nothing here). Returns ``isolated``'s user db. (``isolated`` reloads the records
+    before and after: no knobs cached under the pretended width outlive it.)"""
+    from mra_compile import host
 
     monkeypatch.setattr(host, "default_vector_width", lambda: 16)
-    records.reload()  # (no knobs cached under it outlive it: ``isolated`` reloads after)
     return isolated
 
 
