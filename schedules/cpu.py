@@ -492,10 +492,13 @@ def _called(sch, outer, impl, names: tuple[str, ...], whole: dict[str, tuple[int
     tensorize binds them), for a description tensorize cannot match: one whose rows are
     gathered through an index read inside the block (``cpu_bf16.slots_pv``), which its
     comparison of regions does not follow. So the regions are checked here: the buffers
-    ``names`` in that order, and for each ``{name: dims}`` of ``whole`` the whole of
-    those dimensions (the call offsets into them itself). The init goes: the call writes
-    every value."""
-    import tvm_ffi
+    ``names`` in that order; and each ``{name: dims}`` of ``whole`` is bound whole in
+    those dimensions (the call offsets into them itself), its region widened where the
+    block's is narrower: a unit of one slot reads one block of v, which TVM bounds to
+    that block (``hires_units`` with ``blocks_per_unit=1``, which the tuning records of
+    some CPUs pick), where the call, given that block, would offset into it again. The
+    init goes: the call writes every value."""
+    from tvm import ir, tirx
     from tvm.s_tir import stmt as s_stmt
 
     block = sch.get(outer)
@@ -503,17 +506,22 @@ def _called(sch, outer, impl, names: tuple[str, ...], whole: dict[str, tuple[int
     params = [r.source for r in (*root.reads, *root.writes)]
     regions = [*block.reads, *block.writes]
     got = tuple(getattr(r.source, "name", None) for r in regions)
-    fits = got == names and all(len(p.shape) <= len(r.region) for p, r in zip(params, regions))
-    for r in regions:
-        for dim in whole.get(r.source.name, ()) if fits else ():
-            span = r.region[dim]
-            fits = fits and (getattr(span.min, "value", None) == 0
-                             and tvm_ffi.structural_equal(span.extent, r.source.shape[dim]))
-    if not fits:
+    if got != names or not all(len(p.shape) <= len(r.region) for p, r in zip(params, regions)):
         raise RuntimeError(f"{block.name_hint}: regions {[str(r) for r in regions]} are not "
                            f"what the call of {names} takes")
-    match = [s_stmt.MatchBufferRegion(p, r) for p, r in zip(params, regions)]
-    new = s_stmt.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, root.body,
+
+    def bound(r):
+        dims = {d % len(r.region) for d in whole.get(r.source.name, ())}
+        if not dims:
+            return r
+        return tirx.BufferRegion(r.source, [
+            ir.Range.from_min_extent(0, r.source.shape[d]) if d in dims else span
+            for d, span in enumerate(r.region)])
+
+    reads = [bound(r) for r in block.reads]
+    writes = [bound(r) for r in block.writes]
+    match = [s_stmt.MatchBufferRegion(p, r) for p, r in zip(params, (*reads, *writes))]
+    new = s_stmt.SBlock(block.iter_vars, reads, writes, block.name_hint, root.body,
                         None, block.alloc_buffers, match, block.annotations)
     sch.state.replace(sch.get_sref(outer), new, {block: new})
 

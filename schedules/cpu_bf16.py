@@ -100,7 +100,7 @@ def _intrinsics(D: int) -> tuple[str, str]:
 
     def pairs_call(reads, writes):
         (S,), (Q,) = reads, writes
-        return "mra_bf16_pairs", S.access_ptr("r"), S.strides[0], Q.access_ptr("w"), D
+        return "mra_bf16_pairs", extern_calls.pointer(S), S.strides[0], extern_calls.pointer(Q), D
 
     names = (f"mra_bf16_qk_d{D}", f"mra_bf16_pairs_d{D}")
     for name, desc, call in zip(names, (qk_desc, pairs_desc), (_qk_call(D, 0), pairs_call)):
@@ -114,8 +114,8 @@ def _qk_call(D: int, row_dim: int):
     def call(reads, writes):
         A, _, Q = reads
         (C,) = writes
-        return ("mra_bf16_qk", A.access_ptr("r"), A.strides[row_dim], Q.access_ptr("r"),
-                C.access_ptr("w"), C.strides[0], D)
+        return ("mra_bf16_qk", extern_calls.pointer(A), A.strides[row_dim], extern_calls.pointer(Q),
+                extern_calls.pointer(C), C.strides[0], D)
     return call
 
 
@@ -223,9 +223,9 @@ def slots_pv(D: int, C: int, tokens, heads_last: bool = False):
     def call(reads, writes):  # (the index, P, V; V's row stride that of its key dimension)
         Ix, P, V = reads
         (O,) = writes
-        return ("mra_bf16_pv_slots", P.access_ptr("r"), P.strides[0], V.access_ptr("r"),
-                V.strides[1 if heads_last else 0], Ix.access_ptr("r"), C,
-                O.access_ptr("w"), O.strides[0], D)
+        return ("mra_bf16_pv_slots", extern_calls.pointer(P), P.strides[0], extern_calls.pointer(V),
+                V.strides[1 if heads_last else 0], extern_calls.pointer(Ix), C,
+                extern_calls.pointer(O), O.strides[0], D)
 
     return extern_calls.called(heads_last_desc if heads_last else desc, call)
 
@@ -300,8 +300,8 @@ def _pv_intrinsic(D: int, rounded: bool, gathered: bool = False) -> str:
     def call(reads, writes):  # (C, the index, P, [the dS block's index,] V: the same
         # buffers as the description's)
         C, P, V = reads[0], reads[2], reads[-1]
-        return (extern, P.access_ptr("r"), P.strides[0], V.access_ptr("r"), V.strides[0],
-                C.access_ptr("rw"), C.strides[0], D)
+        return (extern, extern_calls.pointer(P), P.strides[0], extern_calls.pointer(V), V.strides[0],
+                extern_calls.pointer(C), C.strides[0], D)
 
     chosen = gathered_desc if gathered else desc
     name = f"{extern}_d{D}" + ("_gathered" if gathered else "")

@@ -92,7 +92,7 @@ def store_intrinsic(b: int, D: int, dtype: str = "float32", heads_last: bool = F
 
     def call(reads, writes):  # (O's row stride: that of its token dimension)
         (S,), (O,) = reads, writes
-        return (extern, S.access_ptr("r"), S.strides[0], O.access_ptr("w"),
+        return (extern, extern_calls.pointer(S), S.strides[0], extern_calls.pointer(O),
                 O.strides[2 if heads_last else 0], b, D)
 
     chosen = heads_last_desc if heads_last else desc

@@ -18,3 +18,17 @@ def called(desc, call):
     block = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body,
                           root.init, root.alloc_buffers, root.match_buffers, root.annotations)
     return desc.with_body(s_stmt.SBlockRealize(realize.iter_values, realize.predicate, block))
+
+
+def pointer(buf):
+    """The address of ``buf``'s first element, as the callee's pointer argument: the
+    address of a load, not ``buf.access_ptr``. TVM's StorageRewrite gives a kernel's
+    dead buffer to a later one of another dtype where it fits (a unit's bf16 queries'
+    [b, D] to its float32 logits, in ``hires_units`` with one block a unit or at head
+    dims from 128 on), and then rejects an access pointer whose element type is not the
+    buffer's ("tvm_access_ptr element type must match the source buffer"), where a load
+    of the reused buffer is retyped."""
+    from tvm import tirx
+
+    return tirx.address_of(tirx.BufferLoad(buf, [0] * len(buf.shape)))
+

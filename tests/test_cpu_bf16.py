@@ -69,6 +69,38 @@ def test_bf16_rows_with_different_overflow_units(mode):
 
 
 @needs_bf16
+@pytest.mark.parametrize("D, blocks_per_unit, heads_last",
+                         [(64, 1, False), (64, 1, True), (128, 2, False), (256, 3, False),
+                          (304, 1, True)])
+def test_bf16_overflow_units_of_one_block_and_wide_heads(D, blocks_per_unit, heads_last):
+    # Overflow units (hires_units) in bf16 failed to build with one block a unit (which
+    # the tuning records of the Zen 5 and Intel hosts pick for short sequences) and at
+    # head dims from 128 on: TVM gave the unit's bf16 queries' buffer to its float32
+    # logits, then rejected the micro-kernels' typed pointers into it (now addresses of
+    # loads: schedules/extern_calls.py, ``pointer``); and a unit of one slot bound one
+    # block of v where the P v call takes all of v (schedules/cpu.py, ``_called``).
+    from mra_compile.forward import mra_forward
+    from mra_compile.options import Options
+
+    q, k, v = make_qkv(5, 1, 2, 544, D, dtype=torch.bfloat16)  # 17 whole block rows
+    if heads_last:  # (read where they lie: the kernels' [B, N, H, D] variant)
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    kw = dict(block_per_row=10, approx_mode="sparse")
+    # (row units of 8 blocks whatever this CPU's records say: some rows overflow)
+    knobs = {"hires_rows": {"row_unit_blocks": 8},
+             "hires_units": {"blocks_per_unit": blocks_per_unit}}
+    with build.trace_kernel_calls() as calls, torch.no_grad():
+        out = mra_forward(q, k, v, None, Options(**kw), knobs=knobs)
+    (units,) = [c for c in calls if c["op"] == "hires_units"]
+    assert units["knobs"]["blocks_per_unit"] == blocks_per_unit
+    assert units["static"].get("heads_last", False) == heads_last
+    sel = mra_compile.block_selection(q, k, v, None, **kw)
+    ref = mra2_reference(as64(q), as64(k), as64(v), None, selection=sel, **kw)
+    err = _row_rel_err(out, ref)
+    assert err <= RTOL_BF16, f"relative error {err:.3g} > {RTOL_BF16}"
+
+
+@needs_bf16
 @pytest.mark.parametrize("Nq, Nk", [(70, 130), (130, 40)])
 def test_bf16_cross_and_grouped_heads(Nq, Nk):
     g = torch.Generator().manual_seed(Nq)
