@@ -521,7 +521,11 @@ def _backward_products(sch, products, output, blocks_per_unit):
     whose B operand is also another product's A (k_g in dq; q_g, g_g in dk, dv) at
     D >= 128, and at D = 64 with 1 or 4 blocks per unit: "tvm_access_ptr element type
     must match the source buffer". Those stay on CUDA cores there (D = 64 with 2 blocks
-    per unit, the default, has every product on tensor cores)."""
+    per unit, the default, has every product on tensor cores). (Fragment loads and stores
+    given the address of a load instead, as the CPU's micro-kernel calls take their
+    operands, ``extern_calls.pointer``: that check passes, and TVM's tensor-core pass
+    then fails on "fragment k_g_shared.dyn_wmma.matrix_a must be filled or loaded
+    before use"; 2026-12-07, D = 128.)"""
     head_dim = int(sch.get(sch.get_loops(sch.get_sblock(output))[-2]).extent)  # (t, d, w)
     if head_dim < 128 and blocks_per_unit == 2:
         return products
