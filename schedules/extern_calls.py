@@ -31,4 +31,3 @@ def pointer(buf):
     from tvm import tirx
 
     return tirx.address_of(tirx.BufferLoad(buf, [0] * len(buf.shape)))
-
