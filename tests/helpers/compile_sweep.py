@@ -30,8 +30,7 @@ from conftest import make_qkv  # noqa: E402
 import mra_compile  # noqa: E402
 from mra_compile import build, knob_policy  # noqa: E402
 from mra_compile.schedules import cpu as cpu_schedules  # noqa: E402
-
-WIDTH = {"hires_units": "blocks_per_unit", "hires_rows": "row_unit_blocks"}
+from mra_compile.tuning import BLOCK_KNOBS  # noqa: E402
 
 
 def launched_variants() -> dict:
@@ -56,7 +55,7 @@ def launched_variants() -> dict:
             if train:
                 out.backward(torch.ones_like(out))
         for call in calls:
-            if call["op"] in WIDTH:
+            if call["op"] in BLOCK_KNOBS:
                 static = {name: value for name, value in call["static"].items() if name != "D"}
                 variants[(call["op"], tuple(sorted(static.items())))] = static
     return variants
@@ -67,10 +66,10 @@ def main() -> int:
     p.add_argument("--head-dims", type=int, nargs="+", default=[16, 48, 128, 256, 512])
     args = p.parse_args()
     variants = launched_variants()
-    print(f"{len(variants)} static variants of {sorted(WIDTH)}", flush=True)
+    print(f"{len(variants)} static variants of {sorted(BLOCK_KNOBS)}", flush=True)
     failed, built, start = 0, 0, time.time()
     for (op, _), static in sorted(variants.items(), key=lambda item: str(item[0])):
-        knob = WIDTH[op]
+        knob = BLOCK_KNOBS[op]
         for D, width in itertools.product(args.head_dims, cpu_schedules.SPACES[op][knob]):
             knobs = {**knob_policy.resolve_knobs(op, None), knob: width}
             built += 1
