@@ -746,7 +746,10 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     )
 
     def o_hi(r, i, t, d):
-        return own_out[r, i, t, d] * own_scale[r, i, t] + ov_o[r, i, t, d]
+        # (ov_o selected only where the row has overflow units: the CPU schedule leaves it
+        # unwritten elsewhere, where zeroing it had been a [b, D] memset per block row)
+        return own_out[r, i, t, d] * own_scale[r, i, t] + te.if_then_else(
+            ov_units[r, i] > 0, ov_o[r, i, t, d], tirx.const(0.0, dt))
 
     def token_mask(r, i, t):  # the query's
         return qmask[r // heads, i * b + t]

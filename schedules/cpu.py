@@ -685,6 +685,10 @@ def _skip_missing_units(sch, loop, unit_loops) -> None:
     ri = sch.get(loop).loop_var
     for w in unit_loops:
         _guard(sch, w, sch.get(w).loop_var < units[ri // n, ri % n])
+    # ov_o's zeros only where a unit adds to them (the output reads it there only)
+    init = sch.get_loops(sch.get_sblock("ov_o_init"))
+    at = next(j for j, x in enumerate(init) if sch.get(x).same_as(sch.get(loop)))
+    _guard(sch, init[at + 1], units[ri // n, ri % n] > 0)
 
 
 def pool_and_logits(sch, *, vec, micro, full):
