@@ -13,9 +13,11 @@ checkout, or before an edit) and ``--knobs`` (JSON schedule knobs over the recor
 ones, built here). Each variant first runs on copies of the arguments and is compared
 with the reference bit for bit (every tensor argument, outputs included); then all are
 timed in interleaved rounds, the order reversed every other round
-(``tools.common.median_ms``; median ms and the ratio to the reference). ``--cold``: each
-timed call right after a read of 64 MB (twice this host's L3), as in the op, where a
-kernel's inputs come from memory (back to back, part of them stays in L3).
+(``tools.common.median_ms``; median ms and the ratio to the reference), beside a control:
+the reference's own file loaded a second time from a copy (``--no-control``: not), whose
+ratio is the noise floor (two loads of one kernel: up to 3% apart on a Zen 5).
+``--cold``: each timed call right after a read of 64 MB (twice this host's L3), as in the
+op, where a kernel's inputs come from memory (back to back, part of them stays in L3).
 
 Every kernel is loaded as the op loads it: from an exported file, through
 ``Target.after_load`` (the CPU target installs the OpenMP launcher that runs parallel
@@ -28,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -67,6 +71,9 @@ def recorded_call(args):
     ops = sorted({c["op"] for c in calls})
     raise SystemExit(f"ab_kernel: --op {args.op!r} is not launched by this call; it launches "
                      f"{ops} (backward kernels need --training)")
+
+
+CONTROL = "control: this checkout's file, loaded again"
 
 
 def load(path: Path, target):
@@ -115,6 +122,8 @@ def main(argv=None) -> int:
                    help="JSON knobs over the recorded ones, each a variant built here")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-control", action="store_true",
+                   help="leave out the control (this checkout's kernel file loaded a second time)")
     p.add_argument("--cold", action="store_true",
                    help="evict the caches (a 64 MB read) before each timed call")
     args = p.parse_args(argv)
@@ -138,6 +147,14 @@ def main(argv=None) -> int:
     kernels = {"this checkout": build.kernel(args.op, knobs, target, **call["static"])}
     path = next((e["path"] for e in build.cache_events() if e["op"] == args.op
                  and e["static"] == call["static"] and e["knobs"] == knobs), None)
+    if path is not None and not args.no_control:
+        # The same file loaded again from a copy (another mapping, other addresses): two
+        # loads of one kernel differed by up to 3% here (Zen 5), so a variant's ratio means
+        # something only beyond the control's.
+        with tempfile.TemporaryDirectory(prefix="ab_kernel_") as tmp:  # (loaded: mapped)
+            control = Path(tmp) / Path(path).name
+            shutil.copyfile(path, control)
+            kernels[CONTROL] = load(control, target)
     for path_ in args.old:
         kernels[str(path_)] = load(path_, target)
     for over in overrides:

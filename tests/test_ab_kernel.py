@@ -19,8 +19,15 @@ def test_a_variant_with_other_knobs_is_built_checked_and_timed(capsys):
     out = capsys.readouterr().out
     assert 'this checkout\'s kernel: ' in out and "lowres_out-" in out
     assert '{"vec": 8}: the same bits' in out
-    assert out.count(" ms ") == 2  # the reference and the variant, each timed
+    assert f"{ab_kernel.CONTROL}: the same bits" in out
+    assert out.count(" ms ") == 3  # the reference, the control and the variant, each timed
     assert "--knobs '{\"vec\": 8}'" in out  # the command, quoted for a shell
+
+
+def test_the_control_can_be_left_out(capsys):
+    assert ab_kernel.main(["--op", "lowres_out", *SMALL, "--knobs", "{}", "--no-control"]) == 0
+    out = capsys.readouterr().out
+    assert ab_kernel.CONTROL not in out and out.count(" ms ") == 2
 
 
 def test_an_old_kernel_file_is_loaded_as_the_op_loads_it(capsys):
