@@ -173,21 +173,16 @@ def _io(io: str | None, dt: str, micro: str | None) -> str:
     return io or dt
 
 
-def _scaled_after(io: str, dt: str, micro: str | None) -> bool:
-    """Whether the logits are scaled after the product q k^T (q, k stored narrower than
-    the compute dtype ``dt``: ``scale * q`` would be rounded to ``io`` again), not through
-    scaled queries; the forward's and the backward's units must agree."""
-    return micro is not None or io != dt
-
-
-def _masked_row(x, factor, scale, io: str, dt: str, scaled_after: bool):
+def _masked_row(x, factor, io: str):
     """A query's (or the backward's fixed block's) q or k value ``x`` masked by its token's
-    0/1 ``factor``: where it is stored narrower than ``dt`` (``scaled_after``), selected
-    as it is (no widening and rounding; the logits take the scale); else x * factor *
-    scale in ``dt``, in ``io``. The forward's and the backward's units must agree."""
-    if scaled_after:
-        return te.if_then_else(factor > 0.5, x, tirx.const(0, io))
-    return _narrow(_widen(x, dt) * factor * scale, io)
+    0/1 ``factor``: selected as it is (the logits take the scale, after the product q k^T;
+    the forward's and the backward's units agree). Scaling q first rounds ``scale * q``
+    once more, and with a large scale that rounding is as large as the product's own:
+    at scale 3.5, D = 64 (logits up to ~100), float32 outputs 1.08e-5 from the float64
+    reference against 6.1e-6 for q k^T scaled after (and 5.8e-6 for torch's SDPA);
+    stored narrower than the compute dtype (bf16, fp16), ``scale * q`` would be rounded
+    to that dtype again."""
+    return te.if_then_else(factor > 0.5, x, tirx.const(0, io))
 
 
 def _only(factor, e, rest=lambda e: e):
@@ -485,19 +480,14 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # Keys and values are read in place (each key block is a contiguous [b, D] slab);
     # the queries are gathered transposed ([D, b]): logits are laid out [key, query] so
     # that every reduction over keys (max, sum, P V) runs with the queries in vector lanes.
-    # The queries are first masked and scaled in place (``q_s`` [b, D], rows of q: vectors
-    # on the CPU, inlined on CUDA), then moved: transposed (``q_t`` [D, b]), or for
-    # ``micro`` into pairs of dims by a micro-kernel. Where q is stored in a narrower
-    # dtype (``micro``; fp16/bf16 on CUDA) they stay unscaled: q * scale would be rounded
-    # again; the logits are scaled instead (the 0/1 mask selects them, as they are), so
-    # q k^T is as exact as the float32 path's, and the backward's units compute the same
-    # logits.
-    scaled_after = _scaled_after(io, dt, micro)
+    # The queries are first masked in place (``q_s`` [b, D], rows of q: vectors on the CPU,
+    # inlined on CUDA), then moved: transposed (``q_t`` [D, b]), or for ``micro`` into
+    # pairs of dims by a micro-kernel. They stay unscaled: the logits take the scale
+    # (``_masked_row``), and the backward's units compute the same logits.
     q_s = te.compute(
         (*domain, b, D),
         lambda r, u, t, d: _masked_row(_read(q, r, query_token(r, u, t), d),
-                                       qmask[r // heads, query_token(r, u, t)], scale, io, dt,
-                                       scaled_after),
+                                       qmask[r // heads, query_token(r, u, t)], io),
         name="q_s")
     if micro:
         q_t = te.compute((*domain, D // 2, b, 2),
@@ -531,7 +521,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # A = scale * q . k over the real keys of filled slots (docs/spec.md, step 4: m_t ranges
     # over real keys only); padding keys and empty slots take no part, by selection.
     def scaled(r, u, w, t):
-        return dots[r, u, w, t] * scale if scaled_after else dots[r, u, w, t]
+        return dots[r, u, w, t] * scale
 
     logit = te.compute(
         (*domain, W, b),
@@ -934,7 +924,6 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     micro-kernels' (tensorized).
     """
     io = _io(io, dt, micro)
-    scaled_after = _scaled_after(io, dt, micro)
     R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), io if micro else dt, "g")
@@ -998,7 +987,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     x_s = te.compute(
         (R, U, b, D),
         lambda r, u, t, d: _masked_row(x[fixed_row(r), fixed_tok(r, u, t), d],
-                                       fixed_factor(r, u, t), scale, io, dt, scaled_after),
+                                       fixed_factor(r, u, t), io),
         name=names[0] + "_s")
     y_s = te.compute((R, U, b, D),
                      lambda r, u, t, d: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
@@ -1034,7 +1023,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     dp = product(y_g, y_t, "dp", 1)
 
     def logit(r, u, w, t):
-        return dots[r, u, w, t] * scale if scaled_after else dots[r, u, w, t]
+        return dots[r, u, w, t] * scale
 
     inputs = [q, k, v, mask, qmask, fixed, slots, stab, g, dsum, inv_z]
     return _BwdUnit(inputs=inputs, R=R, U=U, W=W, heads=heads, group=group, scale=scale,

@@ -321,7 +321,7 @@ def _bands(sch, y, cols, vec):
 def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=True, slots,
           micro=None, prefetch_queries=False):
     """Schedule the stages of ``operators._unit_attention`` under ``loop`` (one unit per
-    iteration), everything in L1: the queries masked and scaled as rows, then transposed
+    iteration), everything in L1: the queries masked as rows, then transposed
     in registers (``schedules/cpu_transpose.py``); logits [W, b] as a register tile of
     ``qk_rows`` keys x b queries; max, exp and sum with the queries in vector lanes; P V
     as tiles of ``pv_rows`` queries x ``pv_cols`` vectors of D (``_register_tile``).
