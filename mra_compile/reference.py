@@ -151,7 +151,7 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks=None, approx_mode="full", b
     q_hat = _block_pool(q, q_counts[..., None], b, masked)
     k_hat = _block_pool(k, counts[..., None], b, masked)
     v_hat = _block_pool(v, counts[..., None], b, masked)
-    L = scale * q_hat @ k_hat.transpose(-1, -2)  # [B, H, nq, nk]
+    L = scale * (q_hat @ k_hat.transpose(-1, -2))  # [B, H, nq, nk]; scaled after, as the op
     # R is a stabiliser (a constant for gradients), taken before the compat penalty, over
     # the key blocks holding a real token (0 when there is none).
     R = L.detach().masked_fill(counts[..., None, :] == 0, float("-inf")).amax(dim=-1)
@@ -173,7 +173,7 @@ def mra2_reference(q, k, v, mask=None, *, num_blocks=None, approx_mode="full", b
 
     # Step 4: high resolution over the selected blocks, with dense [N, N] matrices.
     sel_tok = selected.repeat_interleave(b, dim=-2).repeat_interleave(b, dim=-1)  # [B, H, Nq, Nk]
-    A = scale * q @ k.transpose(-1, -2)
+    A = scale * (q @ k.transpose(-1, -2))  # (scaled after the product, as the op)
     # The pairs that take part: selected, with a real key. (With a mask, step 4's
     # exp(... - 1e4) of a padding key is 0 unless m_t is below -1e4; excluding the pair
     # is that value, without the overflow the literal formula would have there.)
@@ -233,7 +233,7 @@ def exact_attention(q, k, v, mask=None, scale=None, query_mask=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if query_mask is None and k.shape[2] == q.shape[2]:
         query_mask = mask
-    logits = scale * q @ k.transpose(-1, -2)  # [B, H, Nq, Nk]
+    logits = scale * (q @ k.transpose(-1, -2))  # [B, H, Nq, Nk]
     if mask is not None:
         real = mask.to(torch.bool)
         v = torch.where(real[:, None, :, None], v, torch.zeros_like(v))  # (NaN there: inert)

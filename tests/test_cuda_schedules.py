@@ -156,8 +156,7 @@ def test_logits_are_scaled_after_the_product():
     """Every dtype: the forward's and the backward's units take q k^T of the masked,
     unscaled inputs and scale the product (fp16/bf16: scale * q rounded to fp16/bf16 again
     gave the backward's units logits other than the forward's stabilisers, dv 1.4% off in
-    the peaky cases; float32: the extra rounding of scale * q doubled the error at large
-    scales, ``operators._masked_row``)."""
+    the peaky cases; float32: as SDPA and the reference, ``operators._masked_row``)."""
     from mra_compile import build, knob_policy, targets
 
     target = targets.get("cuda-sm_90")

@@ -54,25 +54,29 @@ def test_scale_matches_reference_outputs_and_grads(seed, B, H, N, D, scale, mode
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), H=st.integers(1, 3), N=st.integers(33, 200),
-       D=st.sampled_from([32, 48, 64]), scale=st.floats(1.0, 3.0), mode=MODES,
+       D=st.sampled_from([32, 48, 64]), scale=st.floats(1.0, 4.0), mode=MODES,
        first_n=st.integers(0, 3), bpr=st.integers(1, 3))
 @example(seed=108265, H=3, N=72, D=64, scale=3.5, mode="sparse", first_n=2, bpr=1)
-def test_large_scales_keep_float32_accuracy(seed, H, N, D, scale, mode, first_n, bpr):
-    """Large logits (scale 1-3 at D <= 64: standard deviation up to 24, maxima ~80; the
-    example 28): float32 within 1e-5 of the float64 reference, worst head. With the
-    queries scaled before q k^T (one more rounding, as large as the product's own there)
-    the example took 1.08e-5 (found by the fuzz worker, seed 9507; 6.7e-6 now). Further
-    out float32 itself runs out: SDPA in float32 is 1.1-1.5e-5 off at D = 128, scale 3-4,
-    and the op ~1.1e-5 in a few draws at D = 64, scale 4."""
+def test_large_scales_add_no_error_beyond_float32s_own(seed, H, N, D, scale, mode, first_n, bpr):
+    """Large logits (scale 1-4 at D <= 64: standard deviation up to 32, maxima ~100), worst
+    head: within 1e-5 of the float64 reference, or where float32 itself cannot be (its
+    rounding of logits near 100 is ~4e-6, relative, and their exps carry it: ~1% of
+    random draws at scale 3, D = 64, in either order of scaling), within 1.5x the error
+    of the spec evaluated by plain torch in float32 (``mra2_reference`` on the float32
+    inputs, the same selection). The example (fuzz seed 9507) took 1.08e-5 where the
+    kernels scaled q before q k^T and torch's float32 evaluation, scaling the product,
+    6.1e-6: one rounding the reference does not make."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
     kw = dict(block_per_row=bpr, approx_mode=mode, initial_prior_first_n_blocks=first_n,
               scale=scale)
     out = mra_compile.mra_attention(q, k, v, **kw)
-    ref = mra2_reference(*(as64(x) for x in (q, k, v)),
-                         selection=mra_compile.block_selection(q, k, v, **kw), **kw)
+    sel = mra_compile.block_selection(q, k, v, **kw)
+    ref = mra2_reference(*(as64(x) for x in (q, k, v)), selection=sel, **kw)
+    plain = mra2_reference(q, k, v, selection=sel, **kw)  # (float32 throughout)
     for h in range(H):
-        assert rel_err(out[:, h], ref[:, h]) <= RTOL_FP32, h
+        own = rel_err(plain[:, h], ref[:, h])
+        assert rel_err(out[:, h], ref[:, h]) <= max(RTOL_FP32, 1.5 * own), (h, own)
 
 
 @settings(max_examples=10, deadline=None)
