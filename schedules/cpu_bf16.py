@@ -45,6 +45,7 @@ def intrinsics(D: int, heads_last: bool = False) -> tuple[str, str]:
     once). ``heads_last``: k is a [B, N, H, D] input, whose key blocks are [1, b, 1, D]
     regions (``_heads_last_qk``). (The forward's P v is ``slots_pv``, the backward's
     ``block_pv_intrinsic``.)"""
+    D = int(D)  # (an IntImm or an int: one cache entry, one registration)
     qk, pairs = _intrinsics(D)
     return _heads_last_qk(D) if heads_last else qk, pairs
 
@@ -52,7 +53,7 @@ def intrinsics(D: int, heads_last: bool = False) -> tuple[str, str]:
 def block_pv_intrinsic(D: int) -> str:
     """P v of one key block with P rounded to bf16 in the call (``mra_bf16_pv``, adding
     to its output): the backward's products."""
-    return _pv_intrinsic(D, rounded=True)
+    return _pv_intrinsic(int(D), rounded=True)
 
 
 @functools.cache
@@ -233,14 +234,14 @@ def slots_pv(D: int, C: int, tokens, heads_last: bool = False):
 def float32_pv_intrinsic(D: int) -> str:
     """The name of the P v intrinsic that keeps P in float32 (float32 FMAs over the
     widened bf16 v: ``mra_bf16_pv_f32``) for head dim ``D`` (registered once)."""
-    return _pv_intrinsic(D, rounded=False)
+    return _pv_intrinsic(int(D), rounded=False)
 
 
 def gathered_pv_intrinsic(D: int) -> str:
     """The P v intrinsic (P rounded) for a P that is itself read through an index: the
     backward's dq from stored dS (``operators.bwd_dq_ds_units``: the block reads the key
     block's index, the dS block, the dS block's index, k, in that order)."""
-    return _pv_intrinsic(D, rounded=True, gathered=True)
+    return _pv_intrinsic(int(D), rounded=True, gathered=True)
 
 
 @functools.cache

@@ -140,6 +140,24 @@ def test_small_head_dims_keep_p_in_float32():
     assert {c["static"]["micro"] for c in calls if c["op"] == "hires_rows"} == {"avx512_bf16"}
 
 
+@pytest.mark.parametrize("D", [48, 80])
+def test_the_intrinsics_are_one_per_head_dim_whatever_its_type(D):
+    # A schedule gives the head dim as a loop extent (a TVM IntImm) or as a Python int;
+    # either way the same intrinsics, registered once (TVM refuses a name registered
+    # twice: the cache had one entry per type, so the second registered again and failed).
+    # (No micro-kernel is built: registering intrinsics compiles nothing.)
+    from tvm import tirx
+
+    from mra_compile.schedules import cpu_bf16
+
+    for make in (int, lambda d: tirx.IntImm("int32", d)):
+        assert cpu_bf16.intrinsics(make(D)) == (f"mra_bf16_qk_d{D}", f"mra_bf16_pairs_d{D}")
+        assert cpu_bf16.intrinsics(make(D), heads_last=True)[0] == f"mra_bf16_qk_d{D}_heads_last"
+        assert cpu_bf16.block_pv_intrinsic(make(D)) == f"mra_bf16_pv_d{D}"
+        assert cpu_bf16.float32_pv_intrinsic(make(D)) == f"mra_bf16_pv_f32_d{D}"
+        assert cpu_bf16.gathered_pv_intrinsic(make(D)) == f"mra_bf16_pv_d{D}_gathered"
+
+
 def test_a_failed_micro_kernel_build_says_what_to_do(monkeypatch, tmp_path):
     from mra_compile.schedules import cpu_bf16
 
