@@ -172,3 +172,27 @@ def test_bf16_error_vs_sdpa_writes_its_table(tmp_path):
     for bad in (["--cases", "0"], ["--head-dims", "0"]):
         with pytest.raises(SystemExit):
             script.main([*bad, "--out", str(out)])
+
+
+# ---------------------------------------------------------------------------- huge pages
+
+
+def test_huge_pages_bench_compares_the_same_inputs_on_other_pages(tmp_path, monkeypatch):
+    # bench/bench_huge_pages.py: the inputs' copies on memory asked for 2 MB pages give
+    # the same outputs (it checks them bit for bit before timing) and it writes its row;
+    # where the kernel has no transparent huge pages it says so instead of timing.
+    script = load_script("bench_huge_pages")
+    out = tmp_path / "h.md"
+    argv = ["--sizes", "96", "--dtypes", "float32", "--modes", "sparse", "--rounds", "1",
+            "--out", str(out)]
+    if script.thp_mode() in ("always", "madvise"):
+        assert script.main(argv) == 0
+        rows = [line for line in out.read_text().splitlines() if line.startswith("| 96 |")]
+        assert len(rows) == 1 and "| float32 | sparse |" in rows[0]
+        assert "Command: `python bench/bench_huge_pages.py --sizes 96" in out.read_text()
+    monkeypatch.setattr(script, "thp_mode", lambda: "never")
+    with pytest.raises(SystemExit):
+        script.main(argv)
+    monkeypatch.setattr(script, "thp_mode", lambda: "madvise")
+    with pytest.raises(SystemExit):
+        script.main([*argv[:-2], "--rounds", "0", "--out", str(out)])
