@@ -29,12 +29,17 @@ def announce(kind, **case):
     sys.stderr.flush()
 
 
-def worst_row_error(out, ref):
+def row_errors(out, ref):
+    """Each (batch, head) row's largest |out - ref| relative to its largest |ref|, flat."""
     out, ref = out.double(), ref.double()
+    err = (out - ref).abs().amax(dim=(-1, -2))
+    return (err / ref.abs().amax(dim=(-1, -2)).clamp_min(1e-30)).flatten()
+
+
+def worst_row_error(out, ref):
     if out.numel() == 0:
         return 0.0
-    err = (out - ref).abs().amax(dim=(-1, -2))
-    return (err / ref.abs().amax(dim=(-1, -2)).clamp_min(1e-30)).max().item()
+    return row_errors(out, ref).max().item()
 
 
 def layout(x, how):
@@ -108,7 +113,19 @@ def fuzz_valid(case):
     ref = mra2_reference(q.double(), k.double(), v.double(),
                          None if real is None else real.double(), **budget, selection=sel, **kw)
     err = worst_row_error(out, ref)
-    assert err <= RTOL[dt], f"relative error {err:.3g} > {RTOL[dt]:g}"
+    if err > RTOL[dt] and dt == torch.float32:
+        # Where float32 itself cannot reach 1e-5 (logits beyond about +-60: README,
+        # "Limitations"), each row within 1.5x the error of the spec evaluated by plain
+        # torch in float32 (the same selection), as tests/test_sdpa_shape.py holds it.
+        plain = mra2_reference(q, k, v, None if real is None else real.float(), **budget,
+                               selection=sel, **kw)
+        ours, floor = row_errors(out, ref), row_errors(plain, ref)
+        worst = (ours - torch.clamp(1.5 * floor, min=RTOL[dt])).argmax()
+        assert ours[worst] <= max(RTOL[dt], 1.5 * floor[worst].item()), (
+            f"relative error {ours[worst]:.3g} > {RTOL[dt]:g} and > 1.5x plain float32's "
+            f"{floor[worst]:.3g} (row {worst.item()})")
+    else:
+        assert err <= RTOL[dt], f"relative error {err:.3g} > {RTOL[dt]:g}"
     if real is not None:
         assert torch.all(out[(~real)[:, None, :].expand(B, H, N)] == 0)
 
