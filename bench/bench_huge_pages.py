@@ -1,9 +1,7 @@
 """The op with q, k, v on 2 MB pages (transparent huge pages) against the same values on the
 usual 4 KB pages, on the CPU.
 
-The op reads q, k, v along their rows (pooling, each block row's queries) and in blocks
-scattered wherever the selection put them (keys and values; a bf16 block at D = 64 is 4
-KB). torch puts its large CPU tensors on huge pages with ``THP_MEM_ALLOC_ENABLE=1``
+torch puts its large CPU tensors on huge pages with ``THP_MEM_ALLOC_ENABLE=1``
 (where the kernel's THP mode is ``madvise`` or ``always``); this measures what that is
 worth to the op, in one process: the inputs copied into an
 anonymous mapping asked for huge pages (``madvise(MADV_HUGEPAGE)``, 2 MB aligned) against
