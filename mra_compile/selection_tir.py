@@ -9,22 +9,26 @@ order), for every call without priors (those select on the host, in float64).
 Per row of ``R = B*H`` (T = n*n scores, K = min(``budget[r]``, the index's width)
 selected):
 
-1. S = L - R[:, None] into ``scores``; NaN (excluded by every comparison) where a block
-   may not be selected: beyond cross-attention's ``nq x nk`` grid, and with
-   ``real_only`` (per-sequence budgets, docs/spec.md) where it has no real query or
-   key (``q_counts``, ``counts``) or S is -inf.
+1. S = L - R[:, None]. The usual call (self-attention without per-sequence budgets)
+   computes it where it reads it, from the logits; the others write it into ``scores``
+   first, with NaN (excluded by every comparison) where a block may not be selected:
+   beyond cross-attention's ``nq x nk`` grid, and with ``real_only`` (per-sequence
+   budgets, docs/spec.md) where it has no real query or key (``q_counts``, ``counts``)
+   or S is -inf.
 2. theta, the K-th largest S, by bisection on the scores' order-preserving integer keys
    (a float's bits with the magnitude bits flipped when negative): each step counts
    S >= t in one vector pass. Once at most ``C`` (``cand_val``'s room) scores are >= the
-   lower bound, those are copied with their positions (in order) and the bisection ends
-   on them; rows with more ties at theta than that room stay on all T scores.
-3. T: the scores > theta and the first ties at theta, in row-major order: the flat
-   indices ``i * n + j``, ascending (then ``n * n``: no block, when a row has fewer).
+   lower bound, those are copied with their positions (in order: a C scan,
+   ``CANDIDATES``) and the bisection ends on them; rows with more ties at theta than
+   that room stay on all T scores.
+3. T: the scores > theta and the first ties at theta, in row-major order (a C scan of
+   the candidates, ``READ_OFF``): the flat indices ``i * n + j``, ascending (then
+   ``n * n``: no block, when a row has fewer).
    ``write_mask`` 1: Hmask = (L - R >= the smallest selected S) over the grid, into
    ``scores``; 0: zeros ("sparse": what the backward reads in Hmask's place, made here
    in parallel and in vectors, where a torch ``zero_`` of the 3 MB at N = 8192 had cost
-   ~0.3 ms on one thread); 2: neither, S stays (a "sparse" call that saves nothing for a
-   backward: inference).
+   ~0.3 ms on one thread); 2: neither (a "sparse" call that saves nothing for a
+   backward: inference), ``scores`` then scratch: S where step 1 wrote it.
 4. The plan of ``plan.Plan`` for row units of Cr blocks and overflow units of Co
    (``row_cols``' and ``unit_cols``' last dims): ``row_cols``, ``ov_start``, ``ov_units``,
    and the overflow units in ``unit_row``/``unit_cols`` (room for ``plan.plan_bounds``'s
@@ -41,6 +45,17 @@ from tvm.script import tirx as T
 
 I32, I64 = "int32", "int64"
 ACCS = 4  # vectors of partial counts in a counting pass
+
+# The C scans of steps 2 and 3 by dtype (``schedules/cpu_select.c``, linked into the
+# kernel's library: ``targets.cpu``): the candidates (the scores >= a bound with their
+# positions, in order) and the read-off of T from them; TIR cannot move a vector's
+# passing lanes together (a branch per vector and a loop per entry there: about half of
+# the kernel's time at N = 8192).
+CANDIDATES = {"float32": "mra_select_candidates_f32", "float64": "mra_select_candidates_f64"}
+# (the same from the logits and their row maxima: S computed on the fly, ``grid`` below)
+CANDIDATES_ROWS = {"float32": "mra_select_candidates_rows_f32",
+                   "float64": "mra_select_candidates_rows_f64"}
+READ_OFF = {"float32": "mra_select_read_off_f32", "float64": "mra_select_read_off_f64"}
 
 
 def _key_constants(dtype: str) -> tuple[str, int, int, int, int]:
@@ -67,6 +82,8 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
     # > count(S >= value(hi)); c_lo, c_hi those counts; mid, cnt the step's; pos: blocks
     # written; ties: left to take at theta; found: candidates.
     lo, hi, c_lo, c_hi, mid, cnt, pos, ties, found = range(9)
+    candidates, read_off_c = CANDIDATES[dtype], READ_OFF[dtype]
+    candidates_rows = CANDIDATES_ROWS[dtype]
 
     def key(x):  # integer bits <-> order key (an involution)
         return T.bitwise_xor(x, T.bitwise_and(T.shift_right(x, tirx.const(shift, idt)),
@@ -79,20 +96,6 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
     def midpoint(lo, hi):  # floor((lo + hi) / 2) without overflow
         return (T.shift_right(lo, one) + T.shift_right(hi, one)
                 + T.bitwise_and(T.bitwise_and(lo, hi), one))
-
-    def at_least(x, r, start, theta):  # the lanes' x[r, start + l] >= theta, l < lanes
-        return x[r, T.Ramp(start, 1, lanes)] >= T.Broadcast(theta, lanes)
-
-    def lane_bits(x, r, start, theta):  # bit l set where x[r, start + l] >= theta, l < lanes
-        return T.call_llvm_pure_intrin(I32, "llvm.vector.reduce.or", T.Select(
-            at_least(x, r, start, theta),
-            T.shift_left(T.Broadcast(1, lanes), T.Ramp(0, 1, lanes)), T.Broadcast(0, lanes)))
-
-    # Whether any lane is: a compare and a mask test (AVX-512: vcmpps, kortestw), where
-    # lane_bits' reduction over lanes takes a dozen instructions.
-    def any_at_least(x, r, start, theta):
-        return T.call_llvm_pure_intrin("bool", "llvm.vector.reduce.or",
-                                       at_least(x, r, start, theta))
 
     @T.macro
     def count_at_least(values, r, length, t, acc, st):
@@ -115,13 +118,36 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
         for e in range(length // lanes * lanes, length):
             st[cnt] = st[cnt] + T.Select(values[r, e] >= threshold, one, zero)
 
-    def position(where, r, e):  # the flat index of entry e: where[r, e], or e itself
-        return T.Cast(I64, e) if where is None else T.Cast(I64, where[r, e])
+    @T.macro
+    def count_s_at_least(logits, rowmax, r, n, t, acc, st):
+        """st[cnt] = the number of S = logits[r] - rowmax[r, :, None] >= t (in vectors
+        along each row: the same subtraction as S's, so the same counts)."""
+        threshold = t
+        vecs = n // lanes
+        for l in T.vectorized(ACCS * lanes):
+            acc[l] = 0
+        st[cnt] = zero
+        for i in range(n):
+            m = rowmax[r, i]
+            for c in range(vecs // ACCS):
+                for a in T.unroll(ACCS):
+                    for l in T.vectorized(lanes):
+                        acc[a * lanes + l] = acc[a * lanes + l] + T.Select(
+                            logits[r, i, (c * ACCS + a) * lanes + l] - m >= threshold, 1, 0)
+            for c in range(vecs // ACCS * ACCS, vecs):
+                for l in T.vectorized(lanes):
+                    acc[l] = acc[l] + T.Select(logits[r, i, c * lanes + l] - m >= threshold,
+                                               1, 0)
+            for j in range(vecs * lanes, n):
+                st[cnt] = st[cnt] + T.Select(logits[r, i, j] - m >= threshold, one, zero)
+        for l in range(ACCS * lanes):
+            st[cnt] = st[cnt] + T.Cast(I64, acc[l])
 
     @T.macro
-    def read_off(values, where, r, length, theta, kr, st, least, index):
+    def read_off(values, r, length, theta, kr, st, least, index):
         """T: the values[r, :length] > theta and the first ties at theta, in order, into
-        index[r, :] (their positions: ``position``); the smallest of them into least[0]."""
+        index[r, :] (their positions); the smallest of them into least[0]. (The rows with
+        more ties at theta than the candidates' room; the others: ``READ_OFF``.)"""
         t = theta  # (bound once, outside the loop)
         st[ties] = T.Cast(I64, kr) - st[c_hi]
         st[pos] = zero
@@ -130,7 +156,7 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                     values[r, e] > t or (values[r, e] == t and st[ties] > zero)):
                 if values[r, e] == t:
                     st[ties] = st[ties] - one
-                index[r, T.Cast(I32, st[pos])] = position(where, r, e)
+                index[r, T.Cast(I32, st[pos])] = T.Cast(I64, e)
                 least[0] = T.min(least[0], values[r, e])
                 st[pos] = st[pos] + one
 
@@ -163,26 +189,20 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             # gives every other scope, "local" included, a workspace allocation per row)
             acc = T.alloc_buffer((ACCS * lanes,), I32)
             st = T.alloc_buffer((9,), I64)
-            bitmask = T.alloc_buffer((1,), I32)
             # (the plan) the current block row, the largest unit count
             cur = T.alloc_buffer((4,), I32)
             least = T.alloc_buffer((1,), dtype)  # the smallest selected score
             kr = T.min(budget[r], K)  # (the index has room for K)
             b = r // heads
             vecs = n // lanes
-            # S; NaN, which every comparison below excludes, where a block may not be
-            # selected: beyond the nq x nk grid and, with real_only (per-sequence budgets),
-            # without a real query or a real key, or at -inf (as on the host).
-            # Self-attention without budgets (the usual call): S itself, in whole rows.
-            # (Each lane's tests cost as much as the rest of this pass.)
-            for i in range(n if real_only == 0 and nq == n and nk == n else 0):
-                for jo in range(vecs):
-                    for l in T.vectorized(lanes):
-                        scores[r, i * n + jo * lanes + l] = (logits[r, i, jo * lanes + l]
-                                                             - rowmax[r, i])
-                for j in range(vecs * lanes, n):
-                    scores[r, i * n + j] = logits[r, i, j] - rowmax[r, i]
-            for i in range(0 if real_only == 0 and nq == n and nk == n else n):
+            # Self-attention without budgets (the usual call): S = L - R is computed where
+            # it is read, from the logits (a 3 MB write and read less a call at N = 8192).
+            grid = real_only == 0 and nq == n and nk == n
+            # Else S into ``scores``; NaN, which every comparison below excludes, where a
+            # block may not be selected: beyond the nq x nk grid and, with real_only
+            # (per-sequence budgets), without a real query or a real key, or at -inf (as on
+            # the host). (Each lane's tests cost as much as the rest of this pass.)
+            for i in range(0 if grid else n):
                 for jo in range(vecs):
                     for l in T.vectorized(lanes):
                         scores[r, i * n + jo * lanes + l] = T.Select(
@@ -196,7 +216,6 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                             q_counts[b, i] > half and counts[b, j] > half
                             and logits[r, i, j] - rowmax[r, i] > neg_inf)),
                         logits[r, i, j] - rowmax[r, i], nan)
-            full = tot // lanes
             st[lo] = T.int64(key_lo)
             st[hi] = T.int64(key_hi)
             st[c_lo] = T.Cast(I64, tot)
@@ -204,7 +223,10 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             # Bisection on all scores while more than C are >= value(lo).
             while st[lo] + one < st[hi] and st[c_lo] > T.Cast(I64, C):
                 st[mid] = midpoint(st[lo], st[hi])
-                count_at_least(scores, r, tot, value(st[mid]), acc, st)
+                if grid:
+                    count_s_at_least(logits, rowmax, r, n, value(st[mid]), acc, st)
+                else:
+                    count_at_least(scores, r, tot, value(st[mid]), acc, st)
                 if st[cnt] >= T.Cast(I64, kr):
                     st[lo] = st[mid]
                     st[c_lo] = st[cnt]
@@ -214,24 +236,17 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             st[found] = zero
             least[0] = pos_inf
             if st[c_lo] <= T.Cast(I64, C):
-                # The candidates: the scores >= value(lo), with their positions, in order.
-                t2 = value(st[lo])
-                for c in range(full):
-                    bitmask[0] = 0
-                    if any_at_least(scores, r, c * lanes, t2):  # (C of the vectors at most)
-                        bitmask[0] = lane_bits(scores, r, c * lanes, t2)
-                    while bitmask[0] != 0:
-                        l2 = T.popcount(T.bitwise_and(bitmask[0], 0 - bitmask[0]) - 1)
-                        bitmask[0] = T.bitwise_and(bitmask[0], bitmask[0] - 1)
-                        if st[found] < T.Cast(I64, C):  # (never false: c_lo <= C)
-                            cand_val[r, T.Cast(I32, st[found])] = scores[r, c * lanes + l2]
-                            cand_idx[r, T.Cast(I32, st[found])] = c * lanes + l2
-                            st[found] = st[found] + one
-                for e in range(full * lanes, tot):
-                    if scores[r, e] >= t2 and st[found] < T.Cast(I64, C):
-                        cand_val[r, T.Cast(I32, st[found])] = scores[r, e]
-                        cand_idx[r, T.Cast(I32, st[found])] = e
-                        st[found] = st[found] + one
+                # The candidates: the scores >= value(lo), with their positions, in order
+                # (a C scan: ``CANDIDATES``).
+                if grid:
+                    st[found] = T.Cast(I64, T.call_extern(
+                        I32, candidates_rows, T.address_of(logits[r, 0, 0]),
+                        T.address_of(rowmax[r, 0]), n, value(st[lo]),
+                        T.address_of(cand_val[r, 0]), T.address_of(cand_idx[r, 0]), C))
+                else:
+                    st[found] = T.Cast(I64, T.call_extern(
+                        I32, candidates, T.address_of(scores[r, 0]), tot, value(st[lo]),
+                        T.address_of(cand_val[r, 0]), T.address_of(cand_idx[r, 0]), C))
                 m = T.Cast(I32, st[found])
                 while st[lo] + one < st[hi]:
                     st[mid] = midpoint(st[lo], st[hi])
@@ -241,10 +256,21 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                     else:
                         st[hi] = st[mid]
                         st[c_hi] = st[cnt]
-                read_off(cand_val, cand_idx, r, m, value(st[lo]), kr, st, least, index)
+                st[pos] = T.Cast(I64, T.call_extern(  # (a C scan: ``READ_OFF``)
+                    I32, read_off_c, T.address_of(cand_val[r, 0]), T.address_of(cand_idx[r, 0]),
+                    m, value(st[lo]), kr, T.Cast(I64, kr) - st[c_hi],
+                    T.address_of(index[r, 0]), T.address_of(least[0])))
             else:
                 # More ties at theta than the candidates' room: theta is exact already.
-                read_off(scores, None, r, tot, value(st[lo]), kr, st, least, index)
+                # (S into ``scores`` first where it was computed on the fly: rare.)
+                for i in range(n if grid else 0):
+                    for jo in range(vecs):
+                        for l in T.vectorized(lanes):
+                            scores[r, i * n + jo * lanes + l] = (logits[r, i, jo * lanes + l]
+                                                                 - rowmax[r, i])
+                    for j in range(vecs * lanes, n):
+                        scores[r, i * n + j] = logits[r, i, j] - rowmax[r, i]
+                read_off(scores, r, tot, value(st[lo]), kr, st, least, index)
             for p in range(T.Cast(I32, st[pos]), K):  # (no block)
                 index[r, p] = T.Cast(I64, tot)
             if write_mask == 1:

@@ -3,12 +3,15 @@ plan as the host's ``plan.select_blocks`` and ``plan.make_plan``, on scores draw
 stress it (ties, the -1e4 penalties, zeros of both signs, infinities, float64), with
 per-sequence budgets and cross-attention's grid, and the op takes it exactly where it
 applies."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mra_compile
 from mra_compile import build, forward, kernels, plan, targets
+
+SENTINEL = 7.5  # (what ``scores`` holds before the kernel runs)
 
 
 def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=None,
@@ -32,7 +35,7 @@ def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, gri
     else:
         row_blocks, q_counts, counts = budgets
         budget = row_blocks.clamp_max(K).to(i32)
-    scores = torch.empty(R, n * n, dtype=logits.dtype)
+    scores = torch.full((R, n * n), SENTINEL, dtype=logits.dtype)
     static = kernels.get("select_plan").static(32, 64, str(logits.dtype).removeprefix("torch."))
     build.run("select_plan", None, targets.CPU, static, logits=logits, rowmax=rowmax,
               counts=counts, q_counts=q_counts, budget=budget, scores=scores,
@@ -76,8 +79,15 @@ def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=Non
         if budgets is not None:
             allowed &= ((q_counts > 0.5)[:, :, None] & (counts > 0.5)[:, None, :]
                         & (S > float("-inf")))
-        torch.testing.assert_close(scores, torch.where(allowed, S, float("nan")), rtol=0,
-                                   atol=0, equal_nan=True)
+        S = torch.where(allowed, S, float("nan"))
+        if grid is None and budgets is None:
+            # The usual call computes S where it reads it: each row untouched, or S where
+            # more ties at theta than the candidates' room sent it to its other path.
+            untouched = (scores == SENTINEL).flatten(1).all(1)
+            same = ((scores == S) | (scores.isnan() & S.isnan())).flatten(1).all(1)
+            assert (untouched | same).all()
+        else:
+            torch.testing.assert_close(scores, S, rtol=0, atol=0, equal_nan=True)
     else:  # zeros: what the backward reads in Hmask's place in "sparse" mode
         assert torch.equal(scores, torch.zeros_like(scores))
     # The plan of that selection.
@@ -224,3 +234,100 @@ def test_what_the_selection_writes_after_it_by_call():
     assert write_mask("full", False) == 1 and write_mask("full", True) == 1
     assert write_mask("sparse", True) == 0
     assert write_mask("sparse", False) == 2
+
+
+# ------------------------------------------------------------------- the C scans themselves
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """``schedules/cpu_select.c`` through ctypes: as the kernels link it (its AVX-512
+    paths where this CPU has them) and built with its portable paths only."""
+    from conftest import c_library
+
+    from mra_compile.schedules import cpu_select
+
+    return {name: c_library(tmp_path_factory.mktemp(name), cpu_select.SOURCE,
+                            (*cpu_select.FLAGS, *extra))
+            for name, extra in (("linked", ()), ("portable", ("-DMRA_SELECT_PORTABLE",)))}
+
+
+def _scan_values(data, size, dtype):
+    """Scores as the scans meet them: ties, zeros of both signs, infinities and NaN."""
+    pool = [0.0, -0.0, 1.0, -1.0, 0.5, float("inf"), float("-inf"), float("nan"), -1e4]
+    pick = st.one_of(st.sampled_from(pool), st.floats(-4, 4, width=32))
+    return torch.tensor(data.draw(st.lists(pick, min_size=size, max_size=size)), dtype=dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 19), float64=st.booleans(), room_cut=st.integers(0, 3),
+       data=st.data())
+def test_candidates_scan_is_the_scores_at_least_the_bound_in_order(scans, n, float64,
+                                                                   room_cut, data):
+    """Both forms (S as written; S from the logits and their row maxima), both builds,
+    with the room cut short too (a bound on memory: nothing written past it)."""
+    import ctypes
+
+    dtype = torch.float64 if float64 else torch.float32
+    suffix, scalar = ("f64", ctypes.c_double) if float64 else ("f32", ctypes.c_float)
+    logits = _scan_values(data, n * n, dtype).view(n, n)
+    rowmax = _scan_values(data, n, dtype)
+    bound = data.draw(st.sampled_from([0.0, -0.0, -1.0, 0.5, float("-inf"), float("inf")]))
+    S = logits - rowmax[:, None]  # (the kernel's own subtraction)
+    for flat in (False, True):  # (S from the logits; S as written)
+        scores = S.flatten() if flat else logits.flatten()
+        passing = (scores if flat else S.flatten()) >= bound
+        room = max(int(passing.sum()) - room_cut, 0)
+        for lib in scans.values():
+            val = torch.full((room + 16,), 99.0, dtype=dtype)
+            idx = torch.full((room + 16,), -5, dtype=torch.int32)
+            ptr = [ctypes.c_void_p(t.data_ptr()) for t in (logits, rowmax, val, idx)]
+            if flat:
+                got = getattr(lib, f"mra_select_candidates_{suffix}")(
+                    ctypes.c_void_p(scores.data_ptr()), n * n, scalar(bound), ptr[2], ptr[3],
+                    room)
+            else:
+                got = getattr(lib, f"mra_select_candidates_rows_{suffix}")(
+                    ptr[0], ptr[1], n, scalar(bound), ptr[2], ptr[3], room)
+            want = passing.nonzero().flatten()[:room]
+            assert got == len(want)
+            assert torch.equal(idx[:got], want.to(torch.int32))
+            assert torch.equal(val[:got].view(torch.int64 if float64 else torch.int32),
+                               S.flatten()[want].view(torch.int64 if float64 else torch.int32))
+            assert (idx[got:] == -5).all() and (val[got:] == 99.0).all()  # (nothing past)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(0, 70), float64=st.booleans(), data=st.data())
+def test_read_off_scan_takes_the_larger_then_the_first_ties(scans, m, float64, data):
+    """T from the candidates: those > theta, then ties at theta while ``ties`` last, at
+    most ``want``; their positions and the smallest value, both builds."""
+    import ctypes
+
+    dtype = torch.float64 if float64 else torch.float32
+    suffix, scalar = ("f64", ctypes.c_double) if float64 else ("f32", ctypes.c_float)
+    val = _scan_values(data, m, dtype)
+    val = torch.where(val.isnan(), torch.zeros((), dtype=dtype), val)  # (candidates: >= lo)
+    idx = torch.sort(torch.randperm(4 * m + 1)[:m]).values.to(torch.int32)
+    theta = data.draw(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5]))
+    want_n = data.draw(st.integers(0, m + 2))
+    ties = data.draw(st.integers(-1, m + 2))
+    # The rule (selection_tir's read_off): larger than theta, or tied while ties are left.
+    take, left = [], ties
+    for e in range(m):
+        x = float(val[e])
+        if len(take) < want_n and (x > theta or (x == theta and left > 0)):
+            left -= x == theta
+            take.append(e)
+    for lib in scans.values():
+        index = torch.full((m + 16,), -3, dtype=torch.int64)
+        least = torch.full((1,), float("inf"), dtype=dtype)
+        got = getattr(lib, f"mra_select_read_off_{suffix}")(
+            ctypes.c_void_p(val.data_ptr()), ctypes.c_void_p(idx.data_ptr()), m,
+            scalar(theta), want_n, ctypes.c_int64(ties), ctypes.c_void_p(index.data_ptr()),
+            ctypes.c_void_p(least.data_ptr()))
+        assert got == len(take)
+        assert torch.equal(index[:got], idx[take].to(torch.int64))
+        assert (index[got:] == -3).all()
+        smallest = float(val[take].min()) if take else float("inf")
+        assert float(least) == smallest  # (a zero of either sign where the smallest is 0)

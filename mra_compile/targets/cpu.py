@@ -98,9 +98,11 @@ class CpuTarget(Target):
         return "avx512_bf16_fp32_pv" if float32_pv else "avx512_bf16"
 
     def link_objects(self, op: str, static: dict) -> list[str]:
-        from mra_compile.schedules import cpu_bf16, cpu_stores
+        from mra_compile.schedules import cpu_bf16, cpu_select, cpu_stores
 
         objects = cpu_stores.objects() if op == "hires_rows" else []  # (its output's stores)
+        if op == "select_plan":  # (its scans: a compress where the CPU has AVX-512)
+            objects += cpu_select.objects()
         if str(static.get("micro", "")).startswith("avx512_bf16"):
             objects += cpu_bf16.objects()
         return objects
