@@ -242,14 +242,16 @@ def test_what_the_selection_writes_after_it_by_call():
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory):
     """``schedules/cpu_select.c`` through ctypes: as the kernels link it (its AVX-512
-    paths where this CPU has them) and built with its portable paths only."""
+    paths where this CPU has them), without AVX-512 (its AVX2 paths where the CPU has
+    those) and with its portable paths only."""
     from conftest import c_library
 
     from mra_compile.schedules import cpu_select
 
     return {name: c_library(tmp_path_factory.mktemp(name), cpu_select.SOURCE,
                             (*cpu_select.FLAGS, *extra))
-            for name, extra in (("linked", ()), ("portable", ("-DMRA_SELECT_PORTABLE",)))}
+            for name, extra in (("linked", ()), ("avx2", ("-DMRA_SELECT_NO_AVX512",)),
+                                ("portable", ("-DMRA_SELECT_PORTABLE",)))}
 
 
 def _scan_values(data, size, dtype):
