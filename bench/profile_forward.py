@@ -8,7 +8,10 @@
     python bench/profile_forward.py --n 512 --before sdpa --batch 4 --padded
 
 Records one call's kernels with ``mra_compile.build.trace_kernel_calls`` and times each
-with its recorded arguments (median of ``--repeat`` back-to-back calls). Then the whole
+with its recorded arguments: alone (median of ``--repeat`` back-to-back calls) and in
+sequence (each launch where it runs in the call, right after the one before it, over
+``--repeat`` replays of the call's launches: the caches and the branch predictor as the
+call leaves them, where back to back a kernel finds its own). Then the whole
 op against a replay of the recorded launches in their order (the same kernels and
 tensors, nothing else: no validation, preparation, selection read-back or scratch
 lookups; same inputs, so the same data-dependent plan), against itself replaying its
@@ -33,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -113,10 +118,20 @@ def main() -> int:
         for call in calls:
             fn = build.kernel(call["op"], call["knobs"], call["target"], **call["static"])
             launches.append((fn, call["args"]))
-            ms = median_ms(lambda f=fn, a=call["args"]: f(*a), args.repeat)
+        # Each launch timed where it runs in the call: right after the one before it (its
+        # inputs written by it, the caches as the call's traffic leaves them).
+        in_sequence = [[] for _ in launches]
+        for _ in range(args.repeat):
+            for times, (fn, fn_args) in zip(in_sequence, launches):
+                start = time.perf_counter()
+                fn(*fn_args)
+                times.append(time.perf_counter() - start)
+        for call, (fn, fn_args), times in zip(calls, launches, in_sequence):
+            ms = median_ms(lambda f=fn, a=fn_args: f(*a), args.repeat)
             total += ms
             knobs = " ".join(f"{key}={val}" for key, val in call["resolved"].items())
-            print(f"  {call['op']:16s} {ms:7.2f} ms   {knobs}")
+            print(f"  {call['op']:16s} {ms:7.2f} ms alone, "
+                  f"{1e3 * statistics.median(times):7.2f} in sequence   {knobs}")
 
         def replay():  # (into the recorded call's output and scratch, as the op would)
             for fn, fn_args in launches:

@@ -74,11 +74,13 @@ def test_second_process_loads_from_disk_without_tvm(first_run):
         assert path.parent == cache and path.suffix == ".so" and path.stat().st_size > 0
         assert path.with_suffix(".json").exists()
     # No temporary files left behind by the export-then-rename (beside the kernels: the
-    # OpenMP launcher's folder, and the object hires_rows links: its output's stores).
+    # OpenMP launcher's folder, and the objects hires_rows and select_plan link: the
+    # output's stores, the selection's scans).
     files = sorted(p.suffix for p in cache.iterdir() if p.is_file())
     assert files == [".json"] * len(OPS) + [".so"] * len(OPS)
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == ["micro", "openmp"]
-    assert sorted(p.suffix for p in (cache / "micro").iterdir()) == [".o", ".sha256"]
+    assert sorted(p.suffix for p in (cache / "micro").iterdir()) == [".o", ".o", ".sha256",
+                                                                     ".sha256"]
 
     second = run_script(cache)
     assert sorted(e["op"] for e in second["events"]) == OPS
