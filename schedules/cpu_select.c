@@ -79,7 +79,7 @@ static int simd_level(void) {
  * to its front (vcompressps) and stored (a masked store). The candidates are ~3% of a
  * row at N = 8192, scattered, so a branch on "any lane passes" is mispredicted about
  * every other vector: the passing lanes of those vectors taken one by one instead took
- * 17.9-21.5 against 11.3 us a row of 65536 scores, 1801 passing, on a Zen 5 (rows that
+ * 18-22 against 11-13 us a row of 65536 scores, 1801 passing, on a Zen 5 (rows that
  * differ from call to call; 4.4 against 11 us where one row repeats, which the branch
  * predictor learns). */
 AVX512 static int32_t candidates_512(const float *x, const float *sub, int32_t rows,
