@@ -56,6 +56,9 @@ CANDIDATES = {"float32": "mra_select_candidates_f32", "float64": "mra_select_can
 CANDIDATES_ROWS = {"float32": "mra_select_candidates_rows_f32",
                    "float64": "mra_select_candidates_rows_f64"}
 READ_OFF = {"float32": "mra_select_read_off_f32", "float64": "mra_select_read_off_f64"}
+# (the same from a row's scores themselves: the rows with more ties than the room)
+READ_OFF_SCORES = {"float32": "mra_select_read_off_scores_f32",
+                   "float64": "mra_select_read_off_scores_f64"}
 
 
 def _key_constants(dtype: str) -> tuple[str, int, int, int, int]:
@@ -80,10 +83,10 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
     half = tirx.const(0.5, dtype)
     # The bisection's state (int64 slots): lo, hi are keys with count(S >= value(lo)) >= K
     # > count(S >= value(hi)); c_lo, c_hi those counts; mid, cnt the step's; pos: blocks
-    # written; ties: left to take at theta; found: candidates.
-    lo, hi, c_lo, c_hi, mid, cnt, pos, ties, found = range(9)
+    # written; found: candidates.
+    lo, hi, c_lo, c_hi, mid, cnt, pos, found = range(8)
     candidates, read_off_c = CANDIDATES[dtype], READ_OFF[dtype]
-    candidates_rows = CANDIDATES_ROWS[dtype]
+    candidates_rows, read_off_scores = CANDIDATES_ROWS[dtype], READ_OFF_SCORES[dtype]
 
     def key(x):  # integer bits <-> order key (an involution)
         return T.bitwise_xor(x, T.bitwise_and(T.shift_right(x, tirx.const(shift, idt)),
@@ -143,23 +146,6 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
         for l in range(ACCS * lanes):
             st[cnt] = st[cnt] + T.Cast(I64, acc[l])
 
-    @T.macro
-    def read_off(values, r, length, theta, kr, st, least, index):
-        """T: the values[r, :length] > theta and the first ties at theta, in order, into
-        index[r, :] (their positions); the smallest of them into least[0]. (The rows with
-        more ties at theta than the candidates' room; the others: ``READ_OFF``.)"""
-        t = theta  # (bound once, outside the loop)
-        st[ties] = T.Cast(I64, kr) - st[c_hi]
-        st[pos] = zero
-        for e in range(length):
-            if st[pos] < T.Cast(I64, kr) and (
-                    values[r, e] > t or (values[r, e] == t and st[ties] > zero)):
-                if values[r, e] == t:
-                    st[ties] = st[ties] - one
-                index[r, T.Cast(I32, st[pos])] = T.Cast(I64, e)
-                least[0] = T.min(least[0], values[r, e])
-                st[pos] = st[pos] + one
-
     @T.prim_func
     def kernel(a_logits: T.handle, a_rowmax: T.handle, a_counts: T.handle, a_q_counts: T.handle,
                a_budget: T.handle, a_scores: T.handle, a_cand_val: T.handle,
@@ -188,7 +174,7 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             # (global scope and small: stack memory, which LLVM keeps in registers; TVM
             # gives every other scope, "local" included, a workspace allocation per row)
             acc = T.alloc_buffer((ACCS * lanes,), I32)
-            st = T.alloc_buffer((9,), I64)
+            st = T.alloc_buffer((8,), I64)
             # (the plan) units so far, the largest unit count, the current block row, its
             # first flat index, a block's rank in it
             cur = T.alloc_buffer((5,), I32)
@@ -271,7 +257,10 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                                                                  - rowmax[r, i])
                     for j in range(vecs * lanes, n):
                         scores[r, i * n + j] = logits[r, i, j] - rowmax[r, i]
-                read_off(scores, r, tot, value(st[lo]), kr, st, least, index)
+                st[pos] = T.Cast(I64, T.call_extern(
+                    I32, read_off_scores, T.address_of(scores[r, 0]), tot, value(st[lo]), kr,
+                    T.Cast(I64, kr) - st[c_hi], T.address_of(index[r, 0]),
+                    T.address_of(least[0])))
             for p in range(T.Cast(I32, st[pos]), K):  # (no block)
                 index[r, p] = T.Cast(I64, tot)
             if write_mask == 1:

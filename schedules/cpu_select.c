@@ -153,6 +153,7 @@ AVX512 static int32_t read_off_512(const float *val, const int32_t *idx, int32_t
                                    float theta, int32_t want, int64_t ties, int64_t *index,
                                    float *least) {
   const __m512 th = _mm512_set1_ps(theta);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 low = _mm512_set1_ps(*least);
   int32_t pos = 0;
   int32_t e = 0;
@@ -168,8 +169,9 @@ AVX512 static int32_t read_off_512(const float *val, const int32_t *idx, int32_t
     take = first_ones(take, want - pos);
     const int n = __builtin_popcount(take);
     low = _mm512_mask_min_ps(low, (__mmask16)take, low, x);
-    const __m512i at = _mm512_maskz_compress_epi32((__mmask16)take,
-                                                   _mm512_loadu_si512(idx + e));
+    const __m512i where = idx ? _mm512_loadu_si512(idx + e)
+                              : _mm512_add_epi32(iota, _mm512_set1_epi32(e));
+    const __m512i at = _mm512_maskz_compress_epi32((__mmask16)take, where);
     _mm512_mask_storeu_epi64(index + pos, (__mmask8)((1u << (n < 8 ? n : 8)) - 1),
                              _mm512_cvtepi32_epi64(_mm512_castsi512_si256(at)));
     if (n > 8)
@@ -182,7 +184,7 @@ AVX512 static int32_t read_off_512(const float *val, const int32_t *idx, int32_t
     const float x = val[e];
     if (x > theta || (x == theta && ties > 0)) {
       if (x == theta) --ties;
-      index[pos++] = idx[e];
+      index[pos++] = idx ? idx[e] : e;
       l = x < l ? x : l;
     }
   }
@@ -215,7 +217,7 @@ AVX512 static int32_t read_off_512(const float *val, const int32_t *idx, int32_t
       const T x_ = (val)[e_];                                                             \
       if (x_ > (theta) || (x_ == (theta) && ties_ > 0)) {                                 \
         if (x_ == (theta)) --ties_;                                                       \
-        (index)[pos_++] = (idx)[e_];                                                      \
+        (index)[pos_++] = (idx) ? (idx)[e_] : e_;                                         \
         l_ = x_ < l_ ? x_ : l_;                                                           \
       }                                                                                   \
     }                                                                                     \
@@ -263,7 +265,9 @@ HIDDEN int32_t mra_select_candidates_rows_f64(const double *logits, const double
 
 /* Step 3's T from the m candidates (val, at positions idx, in order): those > theta and
  * the first ``ties`` of those == theta, in order, at most ``want``; their positions into
- * index (int64) and the smallest of them, and *least, into *least. Returns how many. */
+ * index (int64) and the smallest of them, and *least, into *least. Returns how many.
+ * idx NULL: val is a row's scores themselves, each at its own position (the rows with
+ * more ties at theta than the candidates' room, ``*_scores_*`` below). */
 HIDDEN int32_t mra_select_read_off_f32(const float *val, const int32_t *idx, int32_t m,
                                        float theta, int32_t want, int64_t ties,
                                        int64_t *index, float *least) {
@@ -277,4 +281,16 @@ HIDDEN int32_t mra_select_read_off_f64(const double *val, const int32_t *idx, in
                                        double theta, int32_t want, int64_t ties,
                                        int64_t *index, double *least) {
   READ_OFF(double, val, idx, m, theta, want, ties, index, least);
+}
+
+HIDDEN int32_t mra_select_read_off_scores_f32(const float *s, int32_t tot, float theta,
+                                              int32_t want, int64_t ties, int64_t *index,
+                                              float *least) {
+  return mra_select_read_off_f32(s, 0, tot, theta, want, ties, index, least);
+}
+
+HIDDEN int32_t mra_select_read_off_scores_f64(const double *s, int32_t tot, double theta,
+                                              int32_t want, int64_t ties, int64_t *index,
+                                              double *least) {
+  return mra_select_read_off_f64(s, 0, tot, theta, want, ties, index, least);
 }

@@ -303,7 +303,8 @@ def test_candidates_scan_is_the_scores_at_least_the_bound_in_order(scans, n, flo
 @given(m=st.integers(0, 70), float64=st.booleans(), data=st.data())
 def test_read_off_scan_takes_the_larger_then_the_first_ties(scans, m, float64, data):
     """T from the candidates: those > theta, then ties at theta while ``ties`` last, at
-    most ``want``; their positions and the smallest value, both builds."""
+    most ``want``; their positions and the smallest value, every build. The same from a
+    row's scores themselves (``*_scores_*``: each at its own position)."""
     import ctypes
 
     dtype = torch.float64 if float64 else torch.float32
@@ -314,22 +315,30 @@ def test_read_off_scan_takes_the_larger_then_the_first_ties(scans, m, float64, d
     theta = data.draw(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5]))
     want_n = data.draw(st.integers(0, m + 2))
     ties = data.draw(st.integers(-1, m + 2))
-    # The rule (selection_tir's read_off): larger than theta, or tied while ties are left.
+    # The rule: larger than theta, or tied while ties are left.
     take, left = [], ties
     for e in range(m):
         x = float(val[e])
         if len(take) < want_n and (x > theta or (x == theta and left > 0)):
             left -= x == theta
             take.append(e)
+    smallest = float(val[take].min()) if take else float("inf")
     for lib in scans.values():
-        index = torch.full((m + 16,), -3, dtype=torch.int64)
-        least = torch.full((1,), float("inf"), dtype=dtype)
-        got = getattr(lib, f"mra_select_read_off_{suffix}")(
-            ctypes.c_void_p(val.data_ptr()), ctypes.c_void_p(idx.data_ptr()), m,
-            scalar(theta), want_n, ctypes.c_int64(ties), ctypes.c_void_p(index.data_ptr()),
-            ctypes.c_void_p(least.data_ptr()))
-        assert got == len(take)
-        assert torch.equal(index[:got], idx[take].to(torch.int64))
-        assert (index[got:] == -3).all()
-        smallest = float(val[take].min()) if take else float("inf")
-        assert float(least) == smallest  # (a zero of either sign where the smallest is 0)
+        for positions in (idx, None):
+            index = torch.full((m + 16,), -3, dtype=torch.int64)
+            least = torch.full((1,), float("inf"), dtype=dtype)
+            tail = (scalar(theta), want_n, ctypes.c_int64(ties),
+                    ctypes.c_void_p(index.data_ptr()), ctypes.c_void_p(least.data_ptr()))
+            if positions is None:
+                got = getattr(lib, f"mra_select_read_off_scores_{suffix}")(
+                    ctypes.c_void_p(val.data_ptr()), m, *tail)
+                want = torch.tensor(take, dtype=torch.int64)
+            else:
+                got = getattr(lib, f"mra_select_read_off_{suffix}")(
+                    ctypes.c_void_p(val.data_ptr()), ctypes.c_void_p(positions.data_ptr()), m,
+                    *tail)
+                want = positions[take].to(torch.int64)
+            assert got == len(take)
+            assert torch.equal(index[:got], want)
+            assert (index[got:] == -3).all()
+            assert float(least) == smallest  # (a zero of either sign where it is 0)
