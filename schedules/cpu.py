@@ -157,6 +157,8 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, per_token: str,
     the k and v buffers (or any two [rows, N, D] inputs the slots index: the backward's
     units), read at row r // group unless ``shared`` is False.
 
+    ``spread`` "call": the unit's call asks for the next unit's rows of the slots it has
+    filled itself (``_next_unit_rows``), and its queries; only the rest is asked for here.
     ``spread`` (loop, tokens, first): a loop over the current unit's slot tokens, guarded
     per slot by ``_skip_empty_slots``, whose iteration starts at unit token ``first`` (an
     expression of its loop variables) and covers ``tokens``: the next unit's slot c is
@@ -165,12 +167,12 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, per_token: str,
     requests at the unit's start (all of its blocks) holds the core's miss buffers while
     the unit's first products wait behind it; spread over the logits tiles, fp32
     hires_rows took 21.96 against 23.40 ms at N = 8192 (Zen 4, one process,
-    alternating). The bf16 units spread them over the exp's pairs of keys instead
-    (``_unit``), two rows an iteration: over the micro-kernel's logits calls (a slot's
-    128 lines of k and v in one burst before each call) bf16 hires_rows took 1.06-1.08x
-    the time in sparse mode, 1.04-1.05x in full mode, at N = 4096 and 8192 (Zen 5,
-    in-process A/B); float32, whose logits tiles are four keys, 0.95x over its tiles
-    than over the exps.
+    alternating). The bf16 units' call spreads them over its P v tiles instead (``spread``
+    "call"; ``cpu_bf16.c``, ``ask_row``): over the micro-kernel's logits calls (a slot's
+    128 lines of k and v in one burst before each call) bf16 hires_rows had taken
+    1.06-1.08x the time of two rows a pair of keys over the exps in sparse mode,
+    1.04-1.05x in full mode, at N = 4096 and 8192 (Zen 5, in-process A/B); float32, whose
+    logits tiles are four keys, 0.95x over its tiles than over the exps.
 
     ``queries``: the q buffer where unit u of a row is its query block u (``hires_rows``):
     the next block of queries too. The queries of consecutive units are consecutive, but
@@ -216,7 +218,10 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, per_token: str,
             own >= 0, rows(own, at % b, tile, (k,), own_row, "_near", 3), None), None)]))
     slot = tirx.Var("pf_slot", "int32")
     wanted = index[row, nxt % units, slot] >= 0
-    if spread is not None:
+    if spread == "call":
+        wanted = tirx.all(wanted, index[loop_var // units, loop_var % units, slot] < 0)
+        queries = None
+    elif spread is not None:
         spread_loop, tokens, first = spread
         wanted = tirx.all(wanted, index[loop_var // units, loop_var % units, slot] < 0)
         block_index = index[row, nxt % units, first // b]
@@ -330,7 +335,8 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     (``_skip_empty_slots``); the next unit's key and value blocks are prefetched
     (``_prefetch_next_unit``).
     ``micro`` ("avx512_bf16"): both block products are the bf16 micro-kernels instead
-    (``_micro_products``: q k^T one call per key block, P V one for the unit).
+    (``_micro_products``: q k^T one call per key block; the exps, their sums and P V one
+    for the unit, which asks for the next unit's rows as it goes).
     ``prefetch_queries``: unit u of a row is its query block u (``hires_rows``): prefetch
     the next one's queries too."""
     # The gathers (CUDA's shared-memory tiles) are read in place here: key and value
@@ -346,8 +352,13 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
         sch.compute_at(sch.get_sblock(name), loop)
 
     b = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-3]).extent  # queries: one block
+    # bf16 products with P rounded: the exps, their sums and P v are one call
+    # (``_micro_products``), which also asks for the next unit's rows
+    fused = micro == "avx512_bf16"
+    q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
     if micro:
-        w_o, slot = _micro_products(sch, vec, b, micro, slots)
+        asks = _next_unit_rows(sch, loop, slots, kv, q) if fused else None
+        w_o, slot = _micro_products(sch, vec, b, micro, slots, loop, asks)
         w_tokens = b
     else:
         # P V: sum_w P[w, t] v[w, d] -> [b, D], keys as (slot, key of the block).
@@ -359,20 +370,24 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
     # Max, exp and sum run per key block (slot), so that an empty slot is skipped whole:
     # one test per b keys, and no max over keys that are not there.
     key_loops = {name: sch.split(_keys_outer(sch, name, vec), [None, b])[0]
-                 for name in ("unit_max", "unit_sum")}
-    loops = sch.get_loops(sch.get_sblock("prob"))
-    prob_slot, prob_key = sch.split(loops[-2], [None, b])
-    t_o, t_i = sch.split(loops[-1], [None, vec])
-    sch.vectorize(t_i)
-    # Two keys' exps interleaved (each a chain of ~20 dependent operations; b queries
-    # are only b / vec chains): the out-of-order window then overlaps them.
-    key_pair, key_i = sch.split(prob_key, [None, 2])
-    sch.reorder(key_i, t_o)
-    sch.unroll(key_i)
-    sch.unroll(t_o)
+                 for name in ("unit_max",) + (() if fused else ("unit_sum",))}
+    skipped = {w_o: w_tokens, key_loops["unit_max"]: b}
+    if not fused:
+        loops = sch.get_loops(sch.get_sblock("prob"))
+        prob_slot, prob_key = sch.split(loops[-2], [None, b])
+        t_o, t_i = sch.split(loops[-1], [None, vec])
+        sch.vectorize(t_i)
+        # Two keys' exps interleaved (each a chain of ~20 dependent operations; b queries
+        # are only b / vec chains): the out-of-order window then overlaps them.
+        key_pair, key_i = sch.split(prob_key, [None, 2])
+        sch.reorder(key_i, t_o)
+        sch.unroll(key_i)
+        sch.unroll(t_o)
+        skipped.update({prob_slot: b, key_loops["unit_sum"]: b})
     # The keys' caps: b contiguous values per filled slot, in vectors.
     cap_slot, cap_key = sch.split(sch.get_loops(sch.get_sblock("key_cap"))[-1], [None, b])
     sch.vectorize(sch.split(cap_key, [None, vec])[1])
+    skipped[cap_slot] = b
     # q_s [b, D] in vectors; then q_t: [D/2, b, 2] by the micro-kernel, or [D, b] by the
     # shuffle transpose (a plain strided gather where b or D is not a multiple of 16).
     if micro:
@@ -385,20 +400,48 @@ def _unit(sch, loop, *, vec, qk_rows, pv_rows, pv_cols, unroll, outputs_placed=T
         sch.decompose_reduction(sch.get_sblock("dots"), d_)
     for name, loop_ in key_loops.items():
         sch.decompose_reduction(sch.get_sblock(name), loop_)
-    skipped = {w_o: w_tokens, prob_slot: b, cap_slot: b, key_loops["unit_max"]: b,
-               key_loops["unit_sum"]: b}
     if slot is not None:  # (None: P v is one call for all slots, ``_micro_products``)
         skipped[slot] = b
     _skip_empty_slots(sch, loop, slots, skipped, "key_cap")
-    q = _input(sch.get(sch.get_sblock("q_s")), "q") if prefetch_queries else None
     if not micro:
         _prefetch_next_slot(sch, loop, slot, pv_tile, slots, kv[1])
-    if micro:  # the next unit's rows two keys at a time from the exps (``_prefetch_next_unit``)
+    spread: str | tuple
+    if fused:  # (the call asks for the next unit's rows as its products go)
+        spread = "call"
+    elif micro:  # the next unit's rows two keys at a time from the exps (``_prefetch_next_unit``)
         spread = (key_pair, 2, sch.get(prob_slot).loop_var * b + sch.get(key_pair).loop_var * 2)
     else:
         spread = (w_o, w_tokens, sch.get(w_o).loop_var * w_tokens)
     _prefetch_next_unit(sch, loop, slots, kv, "key_cap", queries=q, spread=spread,
                         near=(w_o, w_tokens, 1 if micro else L1_TILES_AHEAD))
+
+
+def _next_unit_rows(sch, loop, slots: str, kv, queries) -> tuple:
+    """The arguments by which ``mra_bf16_exp_pv_slots`` asks for the next unit's rows
+    (``cpu_bf16.exp_pv_slots``' ``asks``; ``loop``, ``slots``, ``kv``, ``queries`` as
+    ``_prefetch_next_unit``'s): what to ask for (1: the next unit's key and value rows,
+    where there is a next unit; 2: its queries, where ``queries``), the next unit's
+    slots, the addresses of k and v at its key/value row, of its first query row, and
+    their stride (addresses in bounds either way)."""
+    from tvm import tirx
+
+    index, units, C, b = _slot_table(sch, slots, "key_cap")
+    f = sch.get(loop)
+    there = f.loop_var + 1 < f.min + f.extent
+    nxt = tirx.min(f.loop_var + 1, f.min + f.extent - 1)  # (in bounds either way)
+    row = nxt // units
+
+    def address(buf, index_):
+        return tirx.address_of(tirx.BufferLoad(buf, list(_subscript(buf, index_))))
+
+    k, v = kv
+    kv_row = _kv_row(sch, row)
+    asks = [address(index, (row, nxt % units, 0)), address(k, (kv_row, 0, 0)),
+            address(v, (kv_row, 0, 0))]
+    if queries is None:
+        return (there.astype("int32"), *asks, asks[1], 0)
+    stride = queries.shape[-1] * (queries.shape[2] if len(queries.shape) == 4 else 1)
+    return (there.astype("int32") * 3, *asks, address(queries, (row, (nxt % units) * b, 0)), stride)
 
 
 def _tile_share(sch, tile_loop, b):
@@ -458,12 +501,14 @@ def _transposed(sch, name, vec, b):
         sch.vectorize(sch.split(t, [None, vec])[1])
 
 
-def _micro_products(sch, vec, b, micro, slots):
+def _micro_products(sch, vec, b, micro, slots, loop, asks):
     """The unit's block products as calls of the bf16 micro-kernels
-    (``schedules/cpu_bf16.py``): logits [W, b] one call per key block (slot); P V [b, D]
-    one call for all the unit's slots (``slots``: the input holding their key blocks),
-    or with ``micro`` "avx512_bf16_fp32_pv" (P V in float32) one call per slot onto
-    zeros. Returns the slot loops (logits; P V's, or None where it is one call)."""
+    (``schedules/cpu_bf16.py``): logits [W, b] one call per key block (slot); the exps,
+    their sums and P V [b, D] one call for all the unit's slots (``slots``: the input
+    holding their key blocks; ``_exp_pv_in_one_call`` under ``loop``, the unit loop,
+    asking for the next unit's rows by ``asks``, ``_next_unit_rows``), or with ``micro``
+    "avx512_bf16_fp32_pv" (P V in float32) P V one call per slot onto zeros. Returns the
+    slot loops (logits; P V's, or None where it is one call)."""
     D = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-2]).extent
     # (k, v [B, N, H, D]: their blocks are [1, b, 1, D] regions, ``operators._read``)
     heads_last = len(_input(sch.get(sch.get_sblock("dots")), "k").shape) == 4
@@ -472,25 +517,28 @@ def _micro_products(sch, vec, b, micro, slots):
     logits = _slot_logits(sch, "dots", b, qk)
     if micro == "avx512_bf16_fp32_pv":  # (P v in float32 FMAs, P not rounded)
         return logits, _slot_product(sch, "unit_out", vec, b, cpu_bf16.float32_pv_intrinsic(D))
-    # P v of all the unit's slots in one call, which skips the empty ones itself: each
-    # tile's sums stay in registers over the unit's blocks (bf16 hires_rows 0.97x the
-    # time at N = 8192, sparse, against one call a slot; Zen 4, in-process A/B).
+    # The exps, their sums and P v of all the unit's slots in one call, which skips the
+    # empty ones itself: each tile's sums stay in registers over the unit's blocks (bf16
+    # hires_rows 0.97x the time at N = 8192, sparse, against one call a slot; Zen 4,
+    # in-process A/B), and P is made where the products pair it (``cpu_bf16.c``).
     t = sch.get_loops(sch.get_sblock("unit_out"))[-3]
     W = sch.get(sch.get_loops(sch.get_sblock("unit_out"))[-1]).extent
     v = _input(sch.get(sch.get_sblock("unit_out")), "v")
     token_dim = -3 if heads_last else -2
-    outer = sch.blockize(t)
-    _called(sch, outer, cpu_bf16.slots_pv(D, int(W) // b, v.shape[token_dim], heads_last),
-            (slots, "prob", "v", "unit_out"), {"v": (token_dim, -1), slots: (-1,)})
+    sch.blockize(t)
+    scale = next(p for p in sch.mod["main"].params if p.name == "scale")
+    _exp_pv_in_one_call(sch, loop, cpu_bf16.exp_pv_slots(
+        D, int(W) // b, v.shape[token_dim], scale, heads_last, asks), slots,
+        {"v": (token_dim, -1), slots: (-1,)})
     return logits, None
 
 
-def _called(sch, outer, impl, names: tuple[str, ...], whole: dict[str, tuple[int, ...]]) -> None:
-    """Replace the body of block ``outer`` (``sch.blockize``'s) with the call of ``impl``
+def _called_block(block, impl, names: tuple[str, ...], whole: dict[str, tuple[int, ...]]):
+    """``block`` (an ``SBlock``) with its body the call of ``impl``
     (``extern_calls.called``: a description's root block, its loops one extern call),
-    its buffers bound to ``outer``'s regions in the order both read and write them (as
+    its buffers bound to ``block``'s regions in the order both read and write them (as
     tensorize binds them), for a description tensorize cannot match: one whose rows are
-    gathered through an index read inside the block (``cpu_bf16.slots_pv``), which its
+    gathered through an index read inside the block (``cpu_bf16.exp_pv_slots``), which its
     comparison of regions does not follow. So the regions are checked here: the buffers
     ``names`` in that order; and each ``{name: dims}`` of ``whole`` is bound whole in
     those dimensions (the call offsets into them itself), its region widened where the
@@ -501,7 +549,6 @@ def _called(sch, outer, impl, names: tuple[str, ...], whole: dict[str, tuple[int
     from tvm import ir, tirx
     from tvm.s_tir import stmt as s_stmt
 
-    block = sch.get(outer)
     root = impl.body.block
     params = [r.source for r in (*root.reads, *root.writes)]
     regions = [*block.reads, *block.writes]
@@ -521,9 +568,71 @@ def _called(sch, outer, impl, names: tuple[str, ...], whole: dict[str, tuple[int
     reads = [bound(r) for r in block.reads]
     writes = [bound(r) for r in block.writes]
     match = [s_stmt.MatchBufferRegion(p, r) for p, r in zip(params, (*reads, *writes))]
-    new = s_stmt.SBlock(block.iter_vars, reads, writes, block.name_hint, root.body,
-                        None, block.alloc_buffers, match, block.annotations)
-    sch.state.replace(sch.get_sref(outer), new, {block: new})
+    return s_stmt.SBlock(block.iter_vars, reads, writes, block.name_hint, root.body,
+                         None, block.alloc_buffers, match, block.annotations)
+
+
+def _blocks_in(stmt) -> set[str]:
+    """The names of the blocks in statement ``stmt`` (loops, guards, sequences, blocks)."""
+    names: set[str] = set()
+    todo = [stmt]
+    while todo:
+        x = todo.pop()
+        if x is None:
+            continue
+        if hasattr(x, "name_hint") and hasattr(x, "iter_vars"):
+            names.add(x.name_hint)
+        for field in ("seq", "body", "block", "then_case", "else_case"):
+            y = getattr(x, field, None)
+            if y is not None:
+                todo.extend(y if field == "seq" else [y])
+    return names
+
+
+def _exp_pv_in_one_call(sch, loop, impl, slots: str, whole: dict) -> None:
+    """Replace a unit's stages ``prob``, ``unit_sum`` and the blockized ``unit_out_o``
+    (statements of ``loop``'s body) by one block: the call of ``impl``
+    (``cpu_bf16.exp_pv_slots``), where ``prob`` was; ``prob``'s buffer goes too (what is
+    left of it is the call's registers). Its regions: the unit's logits, ``slots``,
+    maxima and caps, v (``unit_out_o``'s) as read, its sums and P v as written;
+    ``whole`` as ``_called_block``'s."""
+    from tvm import ir, tirx
+    from tvm.s_tir import stmt as s_stmt
+
+    pv = sch.get(sch.get_sblock("unit_out_o"))
+    prob = sch.get(sch.get_sblock("prob"))
+    sums = sch.get(sch.get_sblock("unit_sum"))
+    r, u = (iv.var for iv in pv.iter_vars[:2])
+
+    def unit_region(buf):  # [r, u, everything]
+        return tirx.BufferRegion(buf, [ir.Range.from_min_extent(r, 1), ir.Range.from_min_extent(u, 1)]
+                                 + [ir.Range.from_min_extent(0, e) for e in buf.shape[2:]])
+
+    read = {x.source.name: x.source for x in prob.reads}
+    index, values = (x for x in pv.reads if x.source.name != "prob")
+    reads = [unit_region(read["dots"]), index, unit_region(read["unit_max"]),
+             unit_region(read["key_cap"]), values]
+    writes = [unit_region(sums.writes[0].source), *pv.writes]
+    staged = s_stmt.SBlock(pv.iter_vars, reads, writes, "exp_pv", pv.body, None,
+                           pv.alloc_buffers, pv.match_buffers, pv.annotations)
+    new = _called_block(staged, impl, ("dots", slots, "unit_max", "key_cap", "v", "unit_sum",
+                                       "unit_out"), whole)
+    f = sch.get(loop)
+    stmts = list(f.body.seq)
+    where = {name: next(i for i, x in enumerate(stmts) if name in _blocks_in(x))
+             for name in ("prob", "unit_sum", "unit_out_o")}
+    realize = stmts[where["unit_out_o"]]
+    call = s_stmt.SBlockRealize(realize.iter_values, realize.predicate, new)
+    body = [call if i == where["prob"] else x for i, x in enumerate(stmts)
+            if i not in (where["unit_sum"], where["unit_out_o"])]
+    sch.state.replace(sch.get_sref(loop), tirx.For(f.loop_var, f.min, f.extent, f.kind, _seq(body),
+                                                   f.thread_binding, f.annotations), {pv: new})
+    root_sref = sch.get_sref(sch.get_sblock("root"))
+    root = root_sref.stmt
+    kept = [x for x in root.alloc_buffers if x.name != "prob"]
+    new_root = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, root.body,
+                             root.init, kept, root.match_buffers, root.annotations)
+    sch.state.replace(root_sref, new_root, {root: new_root})
 
 
 def _slot_logits(sch, name, b, intrin):

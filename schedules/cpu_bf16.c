@@ -9,6 +9,7 @@
  * Compiled with -O3: at -O2 gcc keeps the accumulator tiles in memory (3-4x slower).
  */
 #include <immintrin.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifndef HIDDEN /* (tests build the file with -DHIDDEN= to call its functions) */
@@ -59,7 +60,7 @@ static void qk_avx512(const uint16_t *k, int32_t ldk, const uint16_t *qp, float 
  * onto zeros where ``zero`` is set, else onto out. pp: pairs of keys' probabilities,
  * [pairs][32] 32-bit words; vp: the value rows in pairs of keys, [pairs][dims][2] bf16.
  * The last 1-3 vectors of a D that is not a multiple of 64, after the 64-dim tiles of
- * pv_dims and mra_bf16_pv_slots. */
+ * pv_dims and pv_slots_avx512. */
 static void pv_vectors(const int32_t *pp, int pairs, const uint16_t *vp, int dims, int j_lo,
                        int j_hi, float *out, int32_t ldo, int zero) {
   for (int j0 = j_lo; j0 < j_hi; ++j0)
@@ -140,7 +141,7 @@ static void probability_pairs(const float *P, int32_t ldp, int32_t *pp) {
     for (int h = 0; h < 32; h += 16) _mm512_store_si512(pp + p * 32 + h, pair_vector(P, ldp, p, h));
 }
 
-/* P V of one key block (the backward's; the forward's is mra_bf16_pv_slots below):
+/* P V of one key block (the backward's; the forward's is mra_bf16_exp_pv_slots below):
  * out[t][d] += sum_w bf16(P[w][t]) v[w][d], t, w < 32, d < D.
  * P: the fp32 probabilities as the kernel computes them, key-major (rows of stride ldp),
  * rounded here to bf16 (nearest even); v: rows of D (stride ldv); out: fp32 rows of
@@ -155,44 +156,109 @@ static void pv_avx512(const float *P, int32_t ldp, const uint16_t *v, int32_t ld
     pv_dims(pp, v + d0, ldv, out + d0, ldo, D - d0 < 256 ? D - d0 : 256);
 }
 
-/* P V of a unit's C key blocks (slots) at once: out[t][d] = sum over the filled slots c of
- * sum_w bf16(P[32 c + w][t]) v_c[w][d], v_c = v + 32 cols[c] ldv (cols[c] = -1: an empty
- * slot, skipped; out is written, not read: 0 where every slot is empty). The same sums,
- * in the same order, as mra_bf16_pv called slot after slot onto zeros (the forward's
- * P v used it so; the backward still does); but each tile's accumulators stay in
+/* A unit's exps, their sums and P V: mra_bf16_exp_pv_slots below. The products are the
+ * same sums, in the same order, as mra_bf16_pv called slot after slot onto zeros (the
+ * forward's P v used it so; the backward still does); but each tile's accumulators stay in
  * registers over up to PV_GROUP blocks, where one call a block loaded and stored them
  * every block, and the v rows of a group are paired in one pass: bf16 hires_rows
  * 0.97x the time at N = 8192, sparse (Zen 4, in-process A/B, the same bits; 6 blocks
  * a group no better than 4, whose paired rows, 16 KB at D = 64, stay in L1). */
 #define PV_GROUP 4
 
+/* A unit's exps (mra_bf16_exp_pv_slots' arguments, as vectors where they are per lane) */
+typedef struct {
+  const float *x; /* the logits [W][32], rows of stride ldx */
+  int32_t ldx;
+  const float *cap; /* the keys' caps [W] */
+  __m512 c, m2[2], poly[3], shift, floor; /* see ex2 */
+  __m512 *sum; /* the sums so far, [2] (16 queries each) */
+  const int32_t *next_cols; /* the next unit's slots, or NULL: nothing to ask for (ask_row) */
+  const uint16_t *next_k, *next_v, *next_q; /* next_q NULL: no queries to ask for */
+  int32_t ldv, ldq, D, first; /* first: the unit's first filled slot */
+} unit_exps;
+
+/* Ask for row `row` of the next unit's key and value blocks of slot c into L2, and in the
+ * unit's first filled slot for that row of its queries. pv_slots_avx512 spreads a slot's
+ * rows over the query tiles of its products, a row every third step (bf16 hires_rows
+ * 0.97x the time of the same requests two rows a pair of keys over the exps, N = 8192,
+ * sparse; Zen 5, in-process A/B; head dims under 64, without those tiles: over the
+ * exps), so that they do not hold the core's miss buffers in a burst. Always inlined: as a call,
+ * gcc takes a function of prefetches alone for one without effects, and drops it. */
+static inline __attribute__((always_inline)) void ask_row(const unit_exps *s, int32_t c,
+                                                          int row) {
+  if (!s->next_cols) return;
+  const int32_t block = s->next_cols[c];
+  for (int at = 0; block >= 0 && at < s->D; at += 32) { /* 32 bf16: a 64-byte line */
+    const int64_t r = ((int64_t)block * 32 + row) * s->ldv + at;
+    _mm_prefetch((const char *)(s->next_k + r), _MM_HINT_T1);
+    _mm_prefetch((const char *)(s->next_v + r), _MM_HINT_T1);
+  }
+  for (int at = 0; s->next_q && c == s->first && at < s->D; at += 32)
+    _mm_prefetch((const char *)(s->next_q + (int64_t)row * s->ldq + at), _MM_HINT_T1);
+}
+
 /* The next group of a unit's filled slots, from slot *c0 on (at most max; *c0 moves past
- * them): their value blocks, and each one's probabilities put by prepare into buf, stride
- * words apart. Returns how many. */
-static inline int next_group(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+ * them): their value blocks and slots, and each one's probabilities put by prepare into
+ * buf, stride words apart. Returns how many. */
+static inline int next_group(const unit_exps *s, const uint16_t *v, int32_t ldv,
                              const int32_t *cols, int32_t C, int32_t *c0, int max,
-                             const uint16_t **blocks,
-                             void (*prepare)(const float *, int32_t, int32_t *), int32_t *buf,
-                             int stride) {
+                             const uint16_t **blocks, int32_t *slots,
+                             void (*prepare)(const unit_exps *, int32_t, int32_t *),
+                             int32_t *buf, int stride) {
   int g = 0;
   for (; *c0 < C && g < max; ++*c0) {
     if (cols[*c0] < 0) continue;
     blocks[g] = v + (int64_t)cols[*c0] * 32 * ldv;
-    prepare(P + (int64_t)*c0 * 32 * ldp, ldp, buf + g * stride);
+    slots[g] = *c0;
+    prepare(s, *c0, buf + g * stride);
     ++g;
   }
   return g;
 }
 
-static void pv_slots_avx512(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+/* 2^y of operators._exp2_rounded for 16 queries of one key, y = min(max(x c - m2, floor),
+ * cap): the operations of the kernels' own exp stage, in its order (the same bits). */
+static inline __m512 ex2(const unit_exps *s, __m512 x, __m512 m2, __m512 cap) {
+  __m512 y = _mm512_max_ps(_mm512_min_ps(_mm512_fmsub_ps(x, s->c, m2), cap), s->floor);
+  __m512 t = _mm512_add_ps(y, s->shift);
+  __m512 f = _mm512_sub_ps(y, _mm512_sub_ps(t, s->shift));
+  __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(s->poly[2], f, s->poly[1]), f,
+                                             s->poly[0]), f, _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+}
+
+/* prepare: slot c's probabilities from its logits, in pairs of keys as probability_pairs
+ * makes them (never stored in float32), each added to its query's sum in key order */
+static void ex2_pairs(const unit_exps *s, int32_t c, int32_t *pp) {
+  const float *x = s->x + (int64_t)c * 32 * s->ldx, *cap = s->cap + c * 32;
+  __m512 sum[2] = {s->sum[0], s->sum[1]}; /* (in registers: pp's stores may alias s->sum) */
+  for (int p = 0; p < 16; ++p) {
+    if (s->D < 64) { /* (no 64-dim tiles in pv_slots_avx512 to ask from) */
+      ask_row(s, c, 2 * p);
+      ask_row(s, c, 2 * p + 1);
+    }
+    const __m512 cap_a = _mm512_set1_ps(cap[2 * p]), cap_b = _mm512_set1_ps(cap[2 * p + 1]);
+    for (int h = 0; h < 2; ++h) {
+      __m512 a = ex2(s, _mm512_loadu_ps(x + 2 * p * s->ldx + 16 * h), s->m2[h], cap_a);
+      __m512 b = ex2(s, _mm512_loadu_ps(x + (2 * p + 1) * s->ldx + 16 * h), s->m2[h], cap_b);
+      sum[h] = _mm512_add_ps(_mm512_add_ps(sum[h], a), b);
+      _mm512_store_si512(pp + p * 32 + 16 * h, interleaved((__m512i)_mm512_cvtne2ps_pbh(b, a)));
+    }
+  }
+  s->sum[0] = sum[0];
+  s->sum[1] = sum[1];
+}
+
+static void pv_slots_avx512(const unit_exps *s, const uint16_t *v, int32_t ldv,
                             const int32_t *cols, int32_t C, float *out, int32_t ldo, int32_t D) {
   int32_t pp[PV_GROUP * 16 * 32] __attribute__((aligned(64)));
   uint16_t vp[PV_GROUP * 16 * 64 * 2] __attribute__((aligned(64)));
   int first = 1;
   for (int32_t c0 = 0; c0 < C;) {
     const uint16_t *blocks[PV_GROUP];
-    const int g = next_group(P, ldp, v, ldv, cols, C, &c0, PV_GROUP, blocks, probability_pairs,
-                             pp, 16 * 32);
+    int32_t slots[PV_GROUP];
+    const int g = next_group(s, v, ldv, cols, C, &c0, PV_GROUP, blocks, slots, ex2_pairs, pp,
+                             16 * 32);
     if (g == 0) break;
     for (int d0 = 0; d0 < D; d0 += 64) {
       const int Dc = D - d0 < 64 ? D - d0 : 64;
@@ -240,6 +306,9 @@ static void pv_slots_avx512(const float *P, int32_t ldp, const uint16_t *v, int3
             }
           else
             for (int k = 0; k < g * 16; ++k) {
+              const int it = (t0 / 4 - 1) * g * 16 + k; /* a row of the next unit's every 3rd */
+              if (d0 == 0 && it % 3 == 0 && it / 3 < g * 32)
+                ask_row(s, slots[it / 96], it / 3 % 32);
               __m512bh vb[4];
               for (int j = 0; j < 4; ++j) vb[j] = (__m512bh)_mm512_load_si512(vp + (k * 64 + j * 16) * 2);
               for (int i = 0; i < 4; ++i) {
@@ -434,9 +503,21 @@ static inline void probabilities_in_parts(const float *P, int32_t ldp, int32_t *
   }
 }
 
-/* P rounded to bf16 alone (next_group's prepare for the tiles) */
-static void probabilities_by_query(const float *P, int32_t ldp, int32_t *pt) {
-  probabilities_in_parts(P, ldp, pt, 1);
+/* next_group's prepare for the tiles: ex2_pairs' probabilities by query, from a float32
+ * copy (and its requests for the next unit's rows, as the exps go) */
+static void ex2_by_query(const unit_exps *s, int32_t c, int32_t *pt) {
+  float P[32 * 32] __attribute__((aligned(64)));
+  const float *x = s->x + (int64_t)c * 32 * s->ldx;
+  for (int w = 0; w < 32; ++w) {
+    ask_row(s, c, w);
+    const __m512 cap = _mm512_set1_ps(s->cap[c * 32 + w]);
+    for (int h = 0; h < 2; ++h) {
+      __m512 p = ex2(s, _mm512_loadu_ps(x + w * s->ldx + 16 * h), s->m2[h], cap);
+      s->sum[h] = _mm512_add_ps(s->sum[h], p);
+      _mm512_store_ps(P + w * 32 + 16 * h, p);
+    }
+  }
+  probabilities_in_parts(P, 32, pt, 1);
 }
 
 /* The out tiles of 32 queries x 32 dims (d, with row stride ldo) to and from memory */
@@ -484,12 +565,12 @@ AMX static void pv_amx(const float *P, int32_t ldp, const uint16_t *v, int32_t l
   }
 }
 
-/* mra_bf16_pv_slots on the tiles: the blocks of a group (up to AMX_GROUP) add into the
+/* pv_slots_avx512 on the tiles: the blocks of a group (up to AMX_GROUP) add into the
  * out tiles of 32 dims one after the other, in the order of mra_bf16_pv called slot
  * after slot (the same bits); the pairing of the next block's values goes to the other
  * half of vp, so that it can run beside the tiles' products. */
 #define AMX_GROUP 8
-AMX static void pv_slots_amx(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
+AMX static void pv_slots_amx(const unit_exps *s, const uint16_t *v, int32_t ldv,
                              const int32_t *cols, int32_t C, float *out, int32_t ldo, int32_t D) {
   int32_t pt[AMX_GROUP * 32 * 16] __attribute__((aligned(64)));
   uint16_t vp[2 * 16 * 32 * 2] __attribute__((aligned(64)));
@@ -497,8 +578,9 @@ AMX static void pv_slots_amx(const float *P, int32_t ldp, const uint16_t *v, int
   int first = 1;
   for (int32_t c0 = 0; c0 < C;) {
     const uint16_t *blocks[AMX_GROUP];
-    const int g = next_group(P, ldp, v, ldv, cols, C, &c0, AMX_GROUP, blocks,
-                             probabilities_by_query, pt, 32 * 16);
+    int32_t slots[AMX_GROUP];
+    const int g = next_group(s, v, ldv, cols, C, &c0, AMX_GROUP, blocks, slots, ex2_by_query, pt,
+                             32 * 16);
     if (g == 0) break;
     for (int d0 = 0; d0 < D; d0 += 32) {
       if (first) {
@@ -551,11 +633,46 @@ HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32
   return 0;
 }
 
-HIDDEN int32_t mra_bf16_pv_slots(const float *P, int32_t ldp, const uint16_t *v, int32_t ldv,
-                                 const int32_t *cols, int32_t C, float *out, int32_t ldo,
-                                 int32_t D) {
-  AMX_CALL(D, pv_slots_amx(P, ldp, v, ldv, cols, C, out, ldo, D),
-           pv_slots_avx512(P, ldp, v, ldv, cols, C, out, ldo, D));
+/* A unit's exps, their sums and P v in one call (hires_rows' and hires_units' in bf16):
+ * for the keys w of the filled slots (cols[w / 32] >= 0), P[w][t] = 2^y with
+ * y = min(max(x[w][t] c - m[t] log2e, -limit), cap[w]) (x: the logits [W][32], rows of
+ * stride ldx; c = scale log2e; m: the unit's maxima [32]; cap: the keys' caps [W]), by
+ * operators._exp2_rounded's steps (poly: its polynomial's coefficients of f, f^2, f^3;
+ * shift: its EXP_SHIFTER); sum[t] = the sum of P[w][t] over those keys in key order (0
+ * without any); out[t] = sum_w bf16(P[w][t]) v_c[w mod 32], v_c = v + 32 cols[c] ldv,
+ * written, not read. The kernel's own stages, bit for bit; but P is made as the products
+ * pair it, never stored in float32 or read back, and the sums ride along, where the
+ * kernel's loops wrote P, summed it in a pass of their own and the products read it
+ * again (bf16 hires_rows 0.94-0.96x the time at N = 4096 and 8192, sparse and full;
+ * Zen 5, in-process A/B).
+ * With ask & 1 (the kernel has a next unit; next_cols: its slots), the next unit's key and
+ * value rows (next_k, next_v: the kernel's k and v at its row, token 0; ldv the token
+ * stride of both) are asked for into L2 as the products go (ask_row), and with ask & 2
+ * its queries too (next_q: its first row; ldq their stride). */
+HIDDEN int32_t mra_bf16_exp_pv_slots(const float *x, int32_t ldx, const float *m,
+                                     const float *cap, float c, float log2e, float limit,
+                                     float poly1, float poly2, float poly3, float shift,
+                                     const uint16_t *v, int32_t ldv, const int32_t *cols,
+                                     int32_t C, float *out, int32_t ldo, float *sum, int32_t D,
+                                     int32_t ask, const int32_t *next_cols, const uint16_t *next_k,
+                                     const uint16_t *next_v, const uint16_t *next_q,
+                                     int32_t ldq) {
+  __m512 sums[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  const __m512 l2e = _mm512_set1_ps(log2e);
+  int32_t first = 0;
+  while (first < C && cols[first] < 0) ++first;
+  const unit_exps s = {
+      .x = x, .ldx = ldx, .cap = cap, .c = _mm512_set1_ps(c),
+      .m2 = {_mm512_mul_ps(_mm512_loadu_ps(m), l2e), _mm512_mul_ps(_mm512_loadu_ps(m + 16), l2e)},
+      .poly = {_mm512_set1_ps(poly1), _mm512_set1_ps(poly2), _mm512_set1_ps(poly3)},
+      .shift = _mm512_set1_ps(shift), .floor = _mm512_set1_ps(-limit), .sum = sums,
+      .next_cols = ask & 1 ? next_cols : NULL, .next_k = next_k, .next_v = next_v,
+      .next_q = ask & 2 ? next_q : NULL,
+      .ldv = ldv, .ldq = ldq, .D = D, .first = first};
+  AMX_CALL(D, pv_slots_amx(&s, v, ldv, cols, C, out, ldo, D),
+           pv_slots_avx512(&s, v, ldv, cols, C, out, ldo, D));
+  _mm512_storeu_ps(sum, sums[0]);
+  _mm512_storeu_ps(sum + 16, sums[1]);
   return 0;
 }
 

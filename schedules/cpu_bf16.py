@@ -14,10 +14,10 @@ each intrinsic's description is the operator's own stage on one key block (P V r
 probabilities in float32, key-major as the kernel computes them, and rounds them itself:
 ``prob_io`` is inlined into it). Each also
 reads the block's index (the key block's position comes from ``unit_cols``/``row_cols``):
-that read is in the description so that the two match. The forward's P v is one call
-for all of a unit's key blocks instead (``slots_pv``: its value rows gathered through
-the slot table inside the description, which tensorize cannot match; the schedule puts
-the call in place itself, checking the regions).
+that read is in the description so that the two match. The forward's exps, their sums
+and P v are one call for all of a unit's key blocks instead (``exp_pv_slots``: its value
+rows gathered through the slot table inside the description, which tensorize cannot
+match; the schedule puts the call in place itself, checking the regions).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def objects() -> list[str]:
 def intrinsics(D: int, heads_last: bool = False) -> tuple[str, str]:
     """The names of the q k^T and query-pairing intrinsics for head dim ``D`` (registered
     once). ``heads_last``: k is a [B, N, H, D] input, whose key blocks are [1, b, 1, D]
-    regions (``_heads_last_qk``). (The forward's P v is ``slots_pv``, the backward's
+    regions (``_heads_last_qk``). (The forward's P v is ``exp_pv_slots``, the backward's
     ``block_pv_intrinsic``.)"""
     D = int(D)  # (an IntImm or an int: one cache entry, one registration)
     qk, pairs = _intrinsics(D)
@@ -157,78 +157,90 @@ def _heads_last_qk(D: int) -> str:
     return name
 
 
-def slots_pv(D: int, C: int, tokens, heads_last: bool = False):
-    """P v of a whole unit (its ``C`` key-block slots; P rounded) for head dim ``D``, as
-    the call of ``mra_bf16_pv_slots`` (``extern_calls.called``; ``schedules/cpu.py``'s
-    ``_called`` puts it in place), which reads the slots' indices and skips the empty
-    ones (-1), writing the unit's [b, D] sums. The description is the operator's own
-    stage over the W = C b keys, the value rows gathered through the slot table
-    (``operators._unit_attention``'s ``key_token``: the block index clamped at 0), and
-    its init: the call writes every value; it reads all ``tokens`` rows of v (the
-    kernel's own length variable). Not a registered intrinsic: tensorize compares the
-    rows' index against the block's as plain expressions, and the two read their slot
-    tables through different buffers. ``heads_last``: v a [B, N, H, D] input, its rows
-    a [1, N, 1, D] region."""
+def exp_pv_slots(D: int, C: int, tokens, scale, heads_last: bool = False, asks=()):
+    """A whole unit's exps, their sums and P v (the operator's stages ``prob``,
+    ``unit_sum`` and ``unit_out`` of ``MICRO[0]``, P rounded for P v) for head dim ``D``
+    and ``C`` key-block slots, as one call of ``mra_bf16_exp_pv_slots``, which skips the
+    empty slots and computes each slot's probabilities from its logits as it pairs them
+    for the products: they never go to memory in float32, and the sums ride along (the
+    same operations in the same order: the same bits). ``schedules/cpu.py``'s
+    ``_exp_pv_in_one_call`` puts the call in place of the three stages. The description
+    is the three stages over the W = C b keys, the value rows gathered through the slot
+    table (``operators._unit_attention``'s ``key_token``: the block index clamped at 0),
+    with their inits: the call writes every value; it reads all ``tokens`` rows of v
+    (the kernel's own length variable). Not a registered intrinsic: tensorize compares
+    the rows' index against the block's as plain expressions, and the two read their slot
+    tables through different buffers. ``heads_last``: v a [B, N, H, D] input, its rows a
+    [1, N, 1, D] region. ``scale``: the kernel's (the logits' factor); ``asks``: the
+    call's last arguments, what it asks for of the next unit (the kernel's expressions:
+    ``schedules/cpu.py``'s ``_next_unit_rows``)."""
+    from tvm import ir, tirx
     from tvm.script import tirx as T
 
     from mra_compile.operators import BF16_BITS as I16
+    from mra_compile.operators import EXP2_CAP, EXP2_POLY_BF16, EXP_SHIFTER, LOG2_E
+    from mra_compile.operators import _exp2_rounded as exp2
     from mra_compile.operators import bf16_narrow as narrow
     from mra_compile.operators import bf16_widen as widen
 
     b, F32 = BLOCK, "float32"
     W = C * b
-    n = tokens  # (captured by the descriptions: the kernel's variable)
+    log2e = tirx.const(LOG2_E, F32)
+    # v [N, D], or [B, N, H, D] (heads_last: its rows a [1, N, 1, D] region)
+    v_shape = (1, tokens, 1, D) if heads_last else (tokens, D)
+    v_strides = [tirx.Var(f"sv{i}", "int32") for i in range(len(v_shape) - 1)] + [1]
 
-    @T.prim_func(s_tir=True, check_well_formed=False)  # (n: the kernel's own)
-    def desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
-        sp, sv, sc = T.int32(), T.int32(), T.int32()
-        P = T.match_buffer(p, (W, b), F32, strides=[sp, 1], offset_factor=1)
-        V = T.match_buffer(v, (n, D), I16, strides=[sv, 1], offset_factor=1)
+    def v_at(V, row, d):
+        return V[0, row, 0, d] if heads_last else V[row, d]
+
+    def whole(V):
+        return tirx.BufferRegion(V, [ir.Range.from_min_extent(0, e) for e in V.shape])
+
+    @T.prim_func(s_tir=True, check_well_formed=False)  # (tokens, scale: the kernel's own)
+    def desc(x: T.handle, i: T.handle, m: T.handle, k: T.handle, v: T.handle, s: T.handle,
+             c: T.handle):
+        sx, sc = T.int32(), T.int32()
+        X = T.match_buffer(x, (W, b), F32, strides=[sx, 1], offset_factor=1)
         Ix = T.match_buffer(i, (C,), "int32", offset_factor=1)
+        M = T.match_buffer(m, (b,), F32, offset_factor=1)
+        K = T.match_buffer(k, (W,), F32, offset_factor=1)
+        V = T.match_buffer(v, v_shape, I16, strides=v_strides, offset_factor=1)
+        S = T.match_buffer(s, (b,), F32, offset_factor=1)
         O = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
         with T.sblock("root"):
-            T.reads(Ix[0:C], P[0:W, 0:b], V[0:n, 0:D])
-            T.writes(O[0:b, 0:D])
+            T.reads(X[0:W, 0:b], Ix[0:C], M[0:b], K[0:W], whole(V))
+            T.writes(S[0:b], O[0:b, 0:D])
+            P = T.sblock_alloc_buffer((W, b), F32)
+            for w, t in T.grid(W, b):
+                with T.sblock("prob"):
+                    vw, vt = T.axis.remap("SS", [w, t])
+                    P[vw, vt] = exp2(X[vw, vt] * (scale * log2e) - M[vt] * log2e, K[vw])
+            for t, w in T.grid(b, W):
+                with T.sblock("unit_sum"):
+                    vt, vw = T.axis.remap("SR", [t, w])
+                    with T.init():
+                        S[vt] = T.float32(0)
+                    S[vt] = S[vt] + T.if_then_else(Ix[vw // b] >= 0, P[vw, vt], T.float32(0))
             for t, d, w in T.grid(b, D, W):
-                with T.sblock("update"):
+                with T.sblock("unit_out"):
                     vt, vd, vw = T.axis.remap("SSR", [t, d, w])
-                    T.reads(O[vt, vd], Ix[vw // b], P[vw, vt],
-                            V[T.max(Ix[vw // b], 0) * b + vw % b, vd])
-                    T.writes(O[vt, vd])
                     with T.init():
                         O[vt, vd] = T.float32(0)
                     O[vt, vd] = O[vt, vd] + widen(narrow(P[vw, vt])) * widen(
-                        V[T.max(Ix[vw // b], 0) * b + vw % b, vd])
+                        v_at(V, T.max(Ix[vw // b], 0) * b + vw % b, vd))
 
-    @T.prim_func(s_tir=True, check_well_formed=False)  # (n: the kernel's own)
-    def heads_last_desc(p: T.handle, v: T.handle, i: T.handle, c: T.handle):
-        sp, s0, sv, s2, sc = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        P = T.match_buffer(p, (W, b), F32, strides=[sp, 1], offset_factor=1)
-        V = T.match_buffer(v, (1, n, 1, D), I16, strides=[s0, sv, s2, 1], offset_factor=1)
-        Ix = T.match_buffer(i, (C,), "int32", offset_factor=1)
-        O = T.match_buffer(c, (b, D), F32, strides=[sc, 1], offset_factor=1)
-        with T.sblock("root"):
-            T.reads(Ix[0:C], P[0:W, 0:b], V[0:1, 0:n, 0:1, 0:D])
-            T.writes(O[0:b, 0:D])
-            for t, d, w in T.grid(b, D, W):
-                with T.sblock("update"):
-                    vt, vd, vw = T.axis.remap("SSR", [t, d, w])
-                    T.reads(O[vt, vd], Ix[vw // b], P[vw, vt],
-                            V[0, T.max(Ix[vw // b], 0) * b + vw % b, 0, vd])
-                    T.writes(O[vt, vd])
-                    with T.init():
-                        O[vt, vd] = T.float32(0)
-                    O[vt, vd] = O[vt, vd] + widen(narrow(P[vw, vt])) * widen(
-                        V[0, T.max(Ix[vw // b], 0) * b + vw % b, 0, vd])
+    def call(reads, writes):  # (the logits, the index, the maxima, the caps, V)
+        X, Ix, M, K, V = reads
+        S, O = writes
+        poly = [tirx.const(p, F32) for p in EXP2_POLY_BF16[1:]]
+        return ("mra_bf16_exp_pv_slots", extern_calls.pointer(X), X.strides[0],
+                extern_calls.pointer(M), extern_calls.pointer(K), scale * log2e, log2e,
+                tirx.const(EXP2_CAP, F32), *poly, tirx.const(EXP_SHIFTER, F32),
+                extern_calls.pointer(V), V.strides[1 if heads_last else 0],
+                extern_calls.pointer(Ix), C, extern_calls.pointer(O), O.strides[0],
+                extern_calls.pointer(S), D, *asks)
 
-    def call(reads, writes):  # (the index, P, V; V's row stride that of its key dimension)
-        Ix, P, V = reads
-        (O,) = writes
-        return ("mra_bf16_pv_slots", extern_calls.pointer(P), P.strides[0], extern_calls.pointer(V),
-                V.strides[1 if heads_last else 0], extern_calls.pointer(Ix), C,
-                extern_calls.pointer(O), O.strides[0], D)
-
-    return extern_calls.called(heads_last_desc if heads_last else desc, call)
+    return extern_calls.called(desc, call)
 
 
 def float32_pv_intrinsic(D: int) -> str:

@@ -9,6 +9,7 @@ CPU without them; the choice itself is checked everywhere.
 """
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -418,50 +419,113 @@ def path(request, micro_kernels):
     micro_kernels.mra_bf16_amx(0)
 
 
+@functools.cache
+def _unit_probabilities():
+    """The bf16 units' probabilities as the operators define them (``prob`` of
+    ``operators._unit_attention`` with ``MICRO[0]``), compiled by TVM for this CPU as the
+    kernels are (its FMAs contract the multiplies and adds):
+    P[w, t] = _exp2_rounded(x[w, t] scale log2e - m[t] log2e, cap[w])."""
+    import tvm
+    from tvm import te, tirx
+
+    from mra_compile import operators
+
+    W = te.var("W")
+    x = te.placeholder((W, 32), "float32", "x")
+    m = te.placeholder((32,), "float32", "m")
+    cap = te.placeholder((W,), "float32", "cap")
+    scale = tirx.Var("scale", "float32")
+    log2e = tirx.const(operators.LOG2_E, "float32")
+    P = te.compute((W, 32), lambda w, t: operators._exp2_rounded(
+        x[w, t] * (scale * log2e) - m[t] * log2e, cap[w]), name="P")
+    return tvm.compile(te.create_prim_func([x, m, cap, scale, P]), target=cpu.CPU.tvm_target())
+
+
 @needs_bf16
 @settings(max_examples=30, deadline=None, suppress_health_check=ONE_PATH)
 @given(vectors=st.integers(1, 16), slots=st.integers(1, 12), tokens=st.integers(1, 20),
        pads=st.tuples(*(st.sampled_from([0, 16]) for _ in range(3))),
-       empty=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
-@example(vectors=4, slots=4, tokens=8, pads=(0, 0, 0), empty=0.0, seed=0)  # D = 64, one group
-@example(vectors=8, slots=12, tokens=12, pads=(16, 0, 16), empty=0.3, seed=1)  # three groups
-@example(vectors=3, slots=5, tokens=6, pads=(0, 16, 0), empty=1.0, seed=2)  # every slot empty
-@example(vectors=6, slots=12, tokens=3, pads=(0, 0, 16), empty=0.0, seed=3)  # D = 96, 2 groups
-def test_a_units_p_v_is_its_blocks_p_v_in_order(micro_kernels, path, vectors, slots, tokens,
-                                                pads, empty, seed):
-    # mra_bf16_pv_slots (hires_rows' and hires_units' P v, all of a unit's slots in one
-    # call, empty slots -1 skipped) against mra_bf16_pv called slot after slot onto zeros,
-    # bit for bit (the same sums in the same order: groups of blocks; on AVX-512-BF16 dims
-    # paired by unpacks and put back in order, on AMX 32 dims of tiles at a time), and
-    # against float64 sums of the bf16-rounded P and v. D = 16 * vectors (tails of 1-3
-    # vectors past a multiple of 64 included; on AMX, D = 16 mod 32 takes the AVX-512
-    # path), row strides of P, v and out padded.
+       empty=st.floats(0.0, 1.0), masked=st.floats(0.0, 1.0), scale=st.floats(0.05, 2.0),
+       ask=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+@example(vectors=4, slots=4, tokens=8, pads=(0, 0, 0), empty=0.0, masked=0.0, scale=0.125,
+         ask=3, seed=0)  # D = 64, one group
+@example(vectors=8, slots=12, tokens=12, pads=(16, 0, 16), empty=0.3, masked=0.2, scale=1.0,
+         ask=1, seed=1)  # three groups
+@example(vectors=3, slots=5, tokens=6, pads=(0, 16, 0), empty=1.0, masked=0.0, scale=0.5,
+         ask=3, seed=2)  # every slot empty
+@example(vectors=6, slots=12, tokens=3, pads=(0, 0, 16), empty=0.0, masked=1.0, scale=0.5,
+         ask=2, seed=3)  # D = 96, 2 groups, every key masked
+def test_a_units_exps_sums_and_p_v_in_one_call(micro_kernels, path, vectors, slots, tokens,
+                                               pads, empty, masked, scale, ask, seed):
+    # mra_bf16_exp_pv_slots (hires_rows' and hires_units' exps, sums and P v, all of a
+    # unit's slots in one call, empty slots -1 skipped) bit for bit against the operators'
+    # own probabilities compiled by TVM: the sums in key order, and P v as mra_bf16_pv
+    # called slot after slot onto zeros (the same sums in the same order: groups of
+    # blocks; on AVX-512-BF16 dims paired by unpacks and put back in order, on AMX 32 dims
+    # of tiles at a time); and against float64 sums of the bf16-rounded P and v. Masked
+    # keys (cap -127) weigh exactly 0, their logits NaN or infinite included. D = 16 *
+    # vectors (tails of 1-3 vectors past a multiple of 64 included, and head dims under
+    # 64, which ask for the next unit's rows over the exps; on AMX, D = 16 mod 32 takes
+    # the AVX-512 path), row strides of the logits, v and out padded; the requests for the
+    # next unit's rows (ask) point into v.
     import ctypes
 
-    slots_pv, block_pv = micro_kernels.mra_bf16_pv_slots, micro_kernels.mra_bf16_pv
+    import numpy as np
+    import tvm
+
+    from mra_compile import operators
+
+    exp_pv, block_pv = micro_kernels.mra_bf16_exp_pv_slots, micro_kernels.mra_bf16_pv
     D = 16 * vectors
-    ldp, ldv, ldo = 32 + pads[0], D + pads[1], D + pads[2]
+    W = 32 * slots
+    ldx, ldv, ldo = 32 + pads[0], D + pads[1], D + pads[2]
     g = torch.Generator().manual_seed(seed)
-    P = torch.rand(slots * 32, ldp, generator=g)
+    x = torch.randn(W, ldx, generator=g) * 4
     v = (torch.randn(tokens * 32, ldv, generator=g) * 3).bfloat16()
     cols = torch.randint(0, tokens, (slots,), generator=g, dtype=torch.int32)
     cols[torch.rand(slots, generator=g) < empty] = -1
-    got = torch.full((32, ldo), float("nan"))
-    slots_pv(ctypes.c_void_p(P.data_ptr()), ldp, ctypes.c_void_p(v.data_ptr()), ldv,
-             ctypes.c_void_p(cols.data_ptr()), slots, ctypes.c_void_p(got.data_ptr()), ldo, D)
+    real = torch.rand(W, generator=g) >= masked
+    cap = torch.where(real, operators.EXP2_CAP, -operators.EXP2_CAP).float()
+    x[~real, 0] = float("nan")
+    x[~real, 1] = float("inf")
+    counted = real & (cols.repeat_interleave(32) >= 0)
+    m = torch.where(counted[:, None], x[:, :32] * scale, -torch.inf).amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.full_like(m, -1e5))  # (the units' -1e5)
+    out, sums = torch.full((32, ldo), float("nan")), torch.full((32,), float("nan"))
+    f32 = np.float32
+    c = f32(scale) * f32(operators.LOG2_E)
+    poly = [ctypes.c_float(p) for p in operators.EXP2_POLY_BF16[1:]]
+    ptr = ctypes.c_void_p
+    exp_pv(ptr(x.data_ptr()), ldx, ptr(m.data_ptr()), ptr(cap.data_ptr()), ctypes.c_float(c),
+           ctypes.c_float(operators.LOG2_E), ctypes.c_float(operators.EXP2_CAP), *poly,
+           ctypes.c_float(operators.EXP_SHIFTER), ptr(v.data_ptr()), ldv,
+           ptr(cols.data_ptr()), slots, ptr(out.data_ptr()), ldo, ptr(sums.data_ptr()), D,
+           ask, ptr(cols.data_ptr()), ptr(v.data_ptr()), ptr(v.data_ptr()), ptr(v.data_ptr()),
+           ldv)
+    P = tvm.runtime.tensor(np.empty((W, 32), np.float32))
+    _unit_probabilities()(tvm.runtime.tensor(x[:, :32].contiguous().numpy()),
+                          tvm.runtime.tensor(m.numpy()), tvm.runtime.tensor(cap.numpy()),
+                          f32(scale), P)
+    P = torch.from_numpy(P.numpy())
+    assert (P[~real] == 0).all()
+    want_sums = torch.zeros(32)
     each = torch.zeros(32, ldo)
-    for c in range(slots):
-        if cols[c] >= 0:
-            block_pv(ctypes.c_void_p(P[32 * c:].data_ptr()), ldp,
-                     ctypes.c_void_p(v[32 * int(cols[c]):].data_ptr()), ldv,
-                     ctypes.c_void_p(each.data_ptr()), ldo, D)
-    assert torch.equal(got[:, :D].view(torch.int32), each[:, :D].view(torch.int32))
+    for w in range(W):  # (in key order, in float32, as the kernel sums)
+        if cols[w // 32] >= 0:
+            want_sums += P[w]
+    for s in range(slots):
+        if cols[s] >= 0:
+            block_pv(ptr(P[32 * s:].data_ptr()), 32,
+                     ptr(v[32 * int(cols[s]):].data_ptr()), ldv, ptr(each.data_ptr()), ldo, D)
+    assert torch.equal(sums.view(torch.int32), want_sums.view(torch.int32))
+    assert torch.equal(out[:, :D].view(torch.int32), each[:, :D].view(torch.int32))
     want = torch.zeros(32, D, dtype=torch.float64)
-    for c in range(slots):
-        if cols[c] >= 0:
-            p = P[32 * c:32 * c + 32, :32].bfloat16().double()  # [keys, queries]
-            want += p.T @ v[32 * int(cols[c]):32 * int(cols[c]) + 32, :D].double()
-    torch.testing.assert_close(got[:, :D].double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    for s in range(slots):
+        if cols[s] >= 0:
+            p = P[32 * s:32 * s + 32].bfloat16().double()  # [keys, queries]
+            want += p.T @ v[32 * int(cols[s]):32 * int(cols[s]) + 32, :D].double()
+    torch.testing.assert_close(out[:, :D].double(), want, rtol=1e-5,
+                               atol=1e-5 * want.abs().max().item())
 
 
 @needs_bf16
