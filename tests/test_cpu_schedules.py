@@ -337,36 +337,36 @@ def test_bf16_backward_units_request_the_next_units_slot_blocks(op, static, inpu
     ("hires_rows", {**BF16, "full": False}, "row_cols"),
     ("hires_units", BF16, "unit_cols"),
     ("hires_rows", {**BF16, "full": True, "gqa": True}, "row_cols")])
-def test_bf16_units_spread_the_next_units_requests_over_the_exps(op, static, index):
-    """bf16 units ask for the next unit's k and v rows (into L2) two at a time from the
-    exps' pairs of keys of the same slot, under that slot's guard (hires_rows: the next
-    queries two rows at a time from the first slot's), not a slot's 32 rows in one burst
-    before each logits call; each logits call asks only for its own unit's next key
-    block, into L1."""
+def test_bf16_units_hand_the_next_units_rows_to_their_exp_and_p_v_call(op, static, index):
+    """bf16 units compute their exps, sums and P v in one call (``mra_bf16_exp_pv_slots``,
+    in place of the stages ``prob``, ``unit_sum`` and ``unit_out``, whose loops and
+    ``prob``'s buffer are gone), which asks for the next unit's k and v rows as its
+    products go (hires_rows: and its queries): the call gets the next unit's slots and
+    the addresses of its k, v (grouped heads: their shared row) and q rows, each in
+    bounds for the last unit too, and what to ask for (1: k and v where there is a next
+    unit; 3: the queries too). Up front only the slots the unit has empty are asked for;
+    each logits call asks only for its own unit's next key block, into L1."""
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     lines = [line.strip() for line in script.splitlines()]
+    assert not any(f'T.sblock("{name}' in line for line in lines
+                   for name in ("prob", "unit_sum", "unit_out")), script
+    assert not any("prob = T.sblock_alloc_buffer" in line for line in lines)
     qk = [i for i, line in enumerate(lines) if '"mra_bf16_qk"' in line]
-    spread = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_spread" in line]
+    calls = [i for i, line in enumerate(lines) if '"mra_bf16_exp_pv_slots"' in line]
     near = [i for i, line in enumerate(lines) if "llvm.prefetch" in line and "_near" in line]
-    assert len(qk) == 1 and spread and near, script[:3000]
-    assert near[-1] < qk[0] < spread[0]  # the logits' loop asks only for its own keys
-    assert {re.search(r"T.address_of\((\w+)\[", lines[i]).group(1) for i in spread} == {"k", "v"}
-    assert all(lines[i].endswith(", 0, 2, 1)") for i in spread), lines[spread[0]]
-    assert "for pf_token_spread in range(2):" in lines[spread[0] - 2:spread[0]]
-    ask = next(i for i in range(spread[0], 0, -1) if lines[i].startswith("if "))
-    pair = re.match(rf"if {index}\[\(\w+ \+ 1\) //.*, \((\w+) \* 32 \+ (\w+) \* 2\) // 32\] >= 0:$",
-                    lines[ask])
-    assert pair, lines[ask]
-    # under the exps' loop over pairs of keys (asked first in its body), under the guard
-    # of this unit's same slot
-    loop = max(i for i in range(ask) if lines[i] == f"for {pair.group(2)} in range(16):")
-    assert all(line.startswith(("if ", "for pf_", "T.call_llvm_intrin")) for line in lines[loop + 1:ask])
-    assert lines[loop - 1].startswith(f"if {index}[") and "+ 1" not in lines[loop - 1]
-    queries = [line for line in lines if "llvm.prefetch" in line and "T.address_of(q[" in line]
-    assert bool(queries) == (op == "hires_rows")
-    if queries:
-        first = lines.index(queries[0])
-        assert loop < first < spread[0] and "for pf_token_q in range(2):" in lines[first - 2]
+    assert len(qk) == 1 and len(calls) == 1 and near and near[-1] < qk[0] < calls[0]
+    assert not any("_spread" in line for line in lines)
+    call = lines[calls[0]]
+    unit = re.search(rf'T.Cast\("int32", (\w+) \+ 1 < .*?\)( \* 3)?, T.address_of\({index}\[', call)
+    assert unit and bool(unit.group(2)) == (op == "hires_rows"), call
+    last = f"T.min({unit.group(1)} + 1, "
+    asks = re.findall(r"T.address_of\((\w+)\[([^\]]*)\]\)", call.split("T.address_of(S[0]), ")[1])
+    assert [name for name, _ in asks] == [index, "k", "v", "q" if op == "hires_rows" else "k"]
+    assert all(last in at for _, at in asks), asks
+    assert all(("// group" in at) == bool(static.get("gqa")) for name, at in asks[1:3])
+    slot = [line for line in lines if "pf_slot" in line and line.startswith("if ")]
+    assert slot and re.search(rf"and {index}\[[^\]]*pf_slot\] < 0", slot[0]), slot
+    assert not any("pf_token_q" in line for line in lines)
 
 
 @pytest.mark.parametrize("static", [{"b": 32, "D": 64}, {"b": 32, "D": 48, "gqa": True}])
