@@ -91,7 +91,7 @@ def _two_to(t):
     return tirx.reinterpret(F32, tirx.reinterpret(I32, t) << 23)
 
 
-def _exp2_rounded(y, cap=None):
+def exp2_rounded(y, cap=None):
     """2^y (float32) for probabilities that are rounded to bf16 next (the CPU micro-kernels'
     P V, ``MICRO[0]``): the caller passes y = x log2(e), its factor folded into its own
     multiply (q k^T's scale), so the range reduction is two adds: k = y rounded (as in
@@ -112,7 +112,7 @@ def _exp2_rounded(y, cap=None):
     return tirx.Let(yv, clamped, tirx.Let(tv, t, _polynomial(EXP2_POLY_BF16, f) * _two_to(tv)))
 
 
-# The exps' clamps (``_exp``: e^x for x in [-88, 88], exactly 0 at -88; ``_exp2_rounded``:
+# The exps' clamps (``_exp``: e^x for x in [-88, 88], exactly 0 at -88; ``exp2_rounded``:
 # 2^y for y in [-127, 127], exactly 0 at -127).
 EXP_CAP = 88.0
 EXP2_CAP = 127.0
@@ -126,7 +126,7 @@ EXP_SHIFTER = 12582912.0 + 127.0
 EXP_POLY = (1.0, 0.9999997019767761, 0.4999915063381195, 0.1666763573884964,
             0.04189793020486832, 0.008290315046906471)
 
-# 2^f ~ sum_i EXP2_POLY_BF16[i] f^i on |f| <= 1/2, fitted likewise (``_exp2_rounded``).
+# 2^f ~ sum_i EXP2_POLY_BF16[i] f^i on |f| <= 1/2, fitted likewise (``exp2_rounded``).
 EXP2_POLY_BF16 = (1.0, 0.6932829022407532, 0.2422105371952057, 0.05500870570540428)
 LOG2_E = 1.4426950408889634
 
@@ -462,7 +462,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     def query_token(r, u, t):
         return te.max(query_block(r, u), 0) * b + t
 
-    # Per-key cap of the exps' argument (``_exp``, ``_exp2_rounded``): their upper clamp for
+    # Per-key cap of the exps' argument (``_exp``, ``exp2_rounded``): their upper clamp for
     # a real key of a filled slot, minus it (an exact 0) for the others (the mask is 0 or
     # 1; a key counts as real where it is above 0.5). The zeros of a selection without a
     # branch per key, and without the multiply by a 0/1 factor it replaced (one of ~11
@@ -537,7 +537,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # exactly 0 where key_cap is -cap. (float64's exact exp: selected.)
     def prob_of(r, u, w, t):
         if micro == MICRO[0]:  # (scaled after: the factor log2(e) joins the scale)
-            return _exp2_rounded(dots[r, u, w, t] * (scale * tirx.const(LOG2_E, dt))
+            return exp2_rounded(dots[r, u, w, t] * (scale * tirx.const(LOG2_E, dt))
                                  - unit_max[r, u, t] * tirx.const(LOG2_E, dt), key_cap[r, u, w])
         return _exp(scaled(r, u, w, t) - unit_max[r, u, t], key_cap[r, u, w])
 

@@ -216,7 +216,7 @@ static inline int next_group(const unit_exps *s, const uint16_t *v, int32_t ldv,
   return g;
 }
 
-/* 2^y of operators._exp2_rounded for 16 queries of one key, y = min(max(x c - m2, floor),
+/* 2^y of operators.exp2_rounded for 16 queries of one key, y = min(max(x c - m2, floor),
  * cap): the operations of the kernels' own exp stage, in its order (the same bits). */
 static inline __m512 ex2(const unit_exps *s, __m512 x, __m512 m2, __m512 cap) {
   __m512 y = _mm512_max_ps(_mm512_min_ps(_mm512_fmsub_ps(x, s->c, m2), cap), s->floor);
@@ -637,7 +637,7 @@ HIDDEN int32_t mra_bf16_pv(const float *P, int32_t ldp, const uint16_t *v, int32
  * for the keys w of the filled slots (cols[w / 32] >= 0), P[w][t] = 2^y with
  * y = min(max(x[w][t] c - m[t] log2e, -limit), cap[w]) (x: the logits [W][32], rows of
  * stride ldx; c = scale log2e; m: the unit's maxima [32]; cap: the keys' caps [W]), by
- * operators._exp2_rounded's steps (poly: its polynomial's coefficients of f, f^2, f^3;
+ * operators.exp2_rounded's steps (poly: its polynomial's coefficients of f, f^2, f^3;
  * shift: its EXP_SHIFTER); sum[t] = the sum of P[w][t] over those keys in key order (0
  * without any); out[t] = sum_w bf16(P[w][t]) v_c[w mod 32], v_c = v + 32 cols[c] ldv,
  * written, not read. The kernel's own stages, bit for bit; but P is made as the products

@@ -179,9 +179,9 @@ def exp_pv_slots(D: int, C: int, tokens, scale, heads_last: bool = False, asks=(
 
     from mra_compile.operators import BF16_BITS as I16
     from mra_compile.operators import EXP2_CAP, EXP2_POLY_BF16, EXP_SHIFTER, LOG2_E
-    from mra_compile.operators import _exp2_rounded as exp2
     from mra_compile.operators import bf16_narrow as narrow
     from mra_compile.operators import bf16_widen as widen
+    from mra_compile.operators import exp2_rounded as exp2
 
     b, F32 = BLOCK, "float32"
     W = C * b

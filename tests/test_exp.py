@@ -21,7 +21,7 @@ def _compiled(rounded: bool, capped: bool = False):
     x = te.placeholder((n,), "float32", "x")
     cap = te.placeholder((n,), "float32", "cap")  # (a key's cap, as the units pass it)
     if rounded:  # (as the bf16 units call it: the factor log2(e) in their own multiply)
-        y = te.compute((n,), lambda i: operators._exp2_rounded(
+        y = te.compute((n,), lambda i: operators.exp2_rounded(
             x[i] * operators.LOG2_E, cap[i] if capped else None), name="y")
     else:
         y = te.compute((n,), lambda i: operators._exp(x[i] + 0.0, cap[i] if capped else None),
