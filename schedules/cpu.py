@@ -619,8 +619,12 @@ def _exp_pv_in_one_call(sch, loop, impl, slots: str, whole: dict) -> None:
                                        "unit_out"), whole)
     f = sch.get(loop)
     stmts = list(f.body.seq)
-    where = {name: next(i for i, x in enumerate(stmts) if name in _blocks_in(x))
+    found = {name: [i for i, x in enumerate(stmts) if name in _blocks_in(x)]
              for name in ("prob", "unit_sum", "unit_out_o")}
+    if any(len(at) != 1 for at in found.values()):
+        raise RuntimeError(f"the unit's loop holds prob, unit_sum and unit_out_o at {found}, "
+                           "not one statement each")
+    where = {name: at[0] for name, at in found.items()}
     realize = stmts[where["unit_out_o"]]
     call = s_stmt.SBlockRealize(realize.iter_values, realize.predicate, new)
     body = [call if i == where["prob"] else x for i, x in enumerate(stmts)

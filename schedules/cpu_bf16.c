@@ -182,8 +182,8 @@ typedef struct {
  * rows over the query tiles of its products, a row every third step (bf16 hires_rows
  * 0.97x the time of the same requests two rows a pair of keys over the exps, N = 8192,
  * sparse; Zen 5, in-process A/B; head dims under 64, without those tiles: over the
- * exps), so that they do not hold the core's miss buffers in a burst. Always inlined: as a call,
- * gcc takes a function of prefetches alone for one without effects, and drops it. */
+ * exps), so that they do not hold the core's miss buffers in a burst. Always inlined: as
+ * a call, gcc takes a function of prefetches alone for one without effects, and drops it. */
 static inline __attribute__((always_inline)) void ask_row(const unit_exps *s, int32_t c,
                                                           int row) {
   if (!s->next_cols) return;
