@@ -112,6 +112,16 @@ def exp2_rounded(y, cap=None):
     return tirx.Let(yv, clamped, tirx.Let(tv, t, _polynomial(EXP2_POLY_BF16, f) * _two_to(tv)))
 
 
+def rounded_probability(dot, unit_max, cap, scale, dt: str = F32):
+    """The bf16 units' probability (``MICRO[0]``: rounded to bf16 next) of a key's logit
+    ``dot`` * ``scale`` against the query's maximum ``unit_max`` (``exp2_rounded``, the
+    factor log2(e) folded into the scale), capped per key by ``cap``. The operator's stage
+    and the description of the C call that computes it in place (``schedules/cpu_bf16.py``,
+    ``exp_pv_slots``) are both this expression."""
+    log2e = tirx.const(LOG2_E, dt)
+    return exp2_rounded(dot * (scale * log2e) - unit_max * log2e, cap)
+
+
 # The exps' clamps (``_exp``: e^x for x in [-88, 88], exactly 0 at -88; ``exp2_rounded``:
 # 2^y for y in [-127, 127], exactly 0 at -127).
 EXP_CAP = 88.0
@@ -537,8 +547,8 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # exactly 0 where key_cap is -cap. (float64's exact exp: selected.)
     def prob_of(r, u, w, t):
         if micro == MICRO[0]:  # (scaled after: the factor log2(e) joins the scale)
-            return exp2_rounded(dots[r, u, w, t] * (scale * tirx.const(LOG2_E, dt))
-                                 - unit_max[r, u, t] * tirx.const(LOG2_E, dt), key_cap[r, u, w])
+            return rounded_probability(dots[r, u, w, t], unit_max[r, u, t], key_cap[r, u, w],
+                                       scale, dt)
         return _exp(scaled(r, u, w, t) - unit_max[r, u, t], key_cap[r, u, w])
 
     prob = te.compute((*domain, W, b), prob_of, name="prob")

@@ -218,12 +218,10 @@ def _prefetch_next_unit(sch, loop, slots: str, kv, per_token: str,
             own >= 0, rows(own, at % b, tile, (k,), own_row, "_near", 3), None), None)]))
     slot = tirx.Var("pf_slot", "int32")
     wanted = index[row, nxt % units, slot] >= 0
-    if spread == "call":
+    if spread is not None:  # (the slots this unit fills are asked for as it goes)
         wanted = tirx.all(wanted, index[loop_var // units, loop_var % units, slot] < 0)
-        queries = None
-    elif spread is not None:
+    if isinstance(spread, tuple):
         spread_loop, tokens, first = spread
-        wanted = tirx.all(wanted, index[loop_var // units, loop_var % units, slot] < 0)
         block_index = index[row, nxt % units, first // b]
         ask = tirx.IfThenElse(there, tirx.IfThenElse(
             block_index >= 0, rows(block_index, first % b, tokens, (k, v), tag="_spread"), None),

@@ -181,7 +181,7 @@ def exp_pv_slots(D: int, C: int, tokens, scale, heads_last: bool = False, asks=(
     from mra_compile.operators import EXP2_CAP, EXP2_POLY_BF16, EXP_SHIFTER, LOG2_E
     from mra_compile.operators import bf16_narrow as narrow
     from mra_compile.operators import bf16_widen as widen
-    from mra_compile.operators import exp2_rounded as exp2
+    from mra_compile.operators import rounded_probability as probability
 
     b, F32 = BLOCK, "float32"
     W = C * b
@@ -214,7 +214,7 @@ def exp_pv_slots(D: int, C: int, tokens, scale, heads_last: bool = False, asks=(
             for w, t in T.grid(W, b):
                 with T.sblock("prob"):
                     vw, vt = T.axis.remap("SS", [w, t])
-                    P[vw, vt] = exp2(X[vw, vt] * (scale * log2e) - M[vt] * log2e, K[vw])
+                    P[vw, vt] = probability(X[vw, vt], M[vt], K[vw], scale)
             for t, w in T.grid(b, W):
                 with T.sblock("unit_sum"):
                     vt, vw = T.axis.remap("SR", [t, w])

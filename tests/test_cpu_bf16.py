@@ -424,7 +424,7 @@ def _unit_probabilities():
     """The bf16 units' probabilities as the operators define them (``prob`` of
     ``operators._unit_attention`` with ``MICRO[0]``), compiled by TVM for this CPU as the
     kernels are (its FMAs contract the multiplies and adds):
-    P[w, t] = exp2_rounded(x[w, t] scale log2e - m[t] log2e, cap[w])."""
+    P[w, t] = rounded_probability(x[w, t], m[t], cap[w], scale)."""
     import tvm
     from tvm import te, tirx
 
@@ -435,9 +435,8 @@ def _unit_probabilities():
     m = te.placeholder((32,), "float32", "m")
     cap = te.placeholder((W,), "float32", "cap")
     scale = tirx.Var("scale", "float32")
-    log2e = tirx.const(operators.LOG2_E, "float32")
-    P = te.compute((W, 32), lambda w, t: operators.exp2_rounded(
-        x[w, t] * (scale * log2e) - m[t] * log2e, cap[w]), name="P")
+    P = te.compute((W, 32), lambda w, t: operators.rounded_probability(
+        x[w, t], m[t], cap[w], scale), name="P")
     return tvm.compile(te.create_prim_func([x, m, cap, scale, P]), target=cpu.CPU.tvm_target())
 
 
