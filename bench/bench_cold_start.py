@@ -12,8 +12,15 @@ at process start, so they cannot be set from inside a running program). The op k
 its results' memory mapped between calls itself (``mra_compile.memory``): what is left
 after the fallback is mostly its cache traffic.
 
+``--causes``: instead, in one fresh process, the op right after each of several kinds of
+work, in alternating rounds (each round runs them all, every other round in reverse
+order), against the op right after itself: the fallback; SDPA on the same q, k, v; a
+64 MB read; a 64 MB write; 256 MB of new pages written and freed. It tells the inputs'
+trip from memory (any large read) from what only some work leaves behind.
+
     python bench/bench_cold_start.py                 # writes bench/results/cold_start_cpu.md
     python bench/bench_cold_start.py --calls 6 --out /tmp/cold.md
+    python bench/bench_cold_start.py --causes --calls 25 --out /tmp/causes.md
 """
 from __future__ import annotations
 
@@ -77,18 +84,79 @@ def child(calls: int) -> None:
     print(json.dumps({"after": after, "system": system, "back": back}))
 
 
+def causes(calls: int) -> None:
+    """In a fresh process: the op's medians (ms) right after each kind of work, as JSON."""
+    import torch
+    import torch.nn.functional as F
+
+    import mra_compile  # noqa: F401  (registers torch.ops.mra.attention)
+    from mra_compile.tools.fallback import mra2_fallback
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, N, HEAD_DIM, generator=g) for _ in range(3))
+    blocks = 4 * N // 32
+    other = torch.ones(16 << 20)  # (64 MB)
+
+    def op():
+        return torch.ops.mra.attention(q, k, v, None, blocks, "full")
+
+    def new_pages():
+        x = torch.empty(64 << 20)
+        x.fill_(1.0)
+        del x
+
+    before = {
+        "the op (back to back)": op,
+        "the PyTorch MRA-2 fallback": lambda: mra2_fallback(q, k, v, None, num_blocks=blocks,
+                                                            approx_mode="full"),
+        "SDPA on the same q, k, v": lambda: F.scaled_dot_product_attention(q, k, v),
+        "a 64 MB read": other.sum,
+        "a 64 MB write": lambda: other.fill_(1.0),
+        "256 MB of new pages, written and freed": new_pages,
+    }
+    times: dict = {name: [] for name in before}
+    with torch.no_grad():
+        for fn in before.values():  # (warm: kernels loaded, the fallback's code compiled)
+            fn()
+            op()
+        for r in range(calls):
+            for name, fn in list(before.items())[::-1 if r % 2 else 1]:
+                fn()
+                start = time.perf_counter()
+                op()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    print(json.dumps({name: statistics.median(t) for name, t in times.items()}))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=12)
     p.add_argument("--out", type=Path,
                    default=REPO_ROOT / "bench" / "results" / "cold_start_cpu.md")
+    p.add_argument("--causes", action="store_true",
+                   help="the op right after each of several kinds of work, in one process")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.calls)
+        (causes if args.causes else child)(args.calls)
         return 0
     from mra_compile.tools import common
     from mra_compile.tools.benchmarks import machine_line
+
+    if args.causes:
+        out = subprocess.run([sys.executable, __file__, "--child", "--causes", "--calls",
+                              str(args.calls)], capture_output=True, text=True, check=True).stdout
+        medians = json.loads(out.strip().splitlines()[-1])
+        back = next(iter(medians.values()))
+        lines = [machine_line(), "",
+                 f"fp32, B=1, H={HEADS}, N={N}, D={HEAD_DIM}, full mode, 4 blocks per row; "
+                 f"one process, {args.calls} alternating rounds; the op's median, ms.", "",
+                 "| right after | op | / back to back |", "|---|---:|---:|"]
+        lines += [f"| {name} | {ms:.2f} | {ms / back:.3f}x |" for name, ms in medians.items()]
+        lines += ["", f"Command: `python bench/bench_cold_start.py --causes --calls {args.calls}`"]
+        print("\n".join(lines))
+        common.write_report(args.out, lines)
+        return 0
 
     lines = [machine_line(), "",
              f"fp32, B=1, H={HEADS}, N={N}, D={HEAD_DIM}, full mode, 4 blocks per row; "
