@@ -26,7 +26,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import mra_compile  # noqa: E402,F401  (registers torch.ops.mra.attention)
 from mra_compile.tools import common  # noqa: E402
-from mra_compile.tools.benchmarks import machine_line  # noqa: E402
+from mra_compile.tools.benchmarks import report_head  # noqa: E402
 
 HUGE = 2 << 20
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -106,12 +106,11 @@ def main(argv=None) -> int:
         p.error(f"transparent huge pages are {mode or 'unknown'} here ({THP_MODE}): nothing "
                 "to compare")
     evict = torch.ones(16 << 20).sum if args.cold else None
-    lines = ["# q, k, v on 2 MB pages against 4 KB pages", "", machine_line(), "",
-             f"B*H=12 D=64, 4 blocks/row; median ms of {args.rounds} interleaved rounds"
-             f"{', each call after a 64 MB read' if args.cold else ''}; the kernel's THP mode: "
-             f"{mode}", "",
-             "| N | dtype | mode | 4 KB pages ms | 2 MB pages ms | ratio | inputs on huge pages |",
-             "|---|---|---|---|---|---|---|"]
+    lines = report_head(
+        "q, k, v on 2 MB pages against 4 KB pages",
+        f"B*H=12 D=64, 4 blocks/row; median ms of {args.rounds} interleaved rounds"
+        f"{', each call after a 64 MB read' if args.cold else ''}; the kernel's THP mode: {mode}",
+        ["N", "dtype", "mode", "4 KB pages ms", "2 MB pages ms", "ratio", "inputs on huge pages"])
     for line in lines:
         print(line)
     for n in args.sizes:

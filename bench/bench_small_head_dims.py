@@ -28,7 +28,7 @@ import mra_compile  # noqa: E402
 from mra_compile import forward  # noqa: E402
 from mra_compile.targets import cpu  # noqa: E402
 from mra_compile.tools import common  # noqa: E402
-from mra_compile.tools.benchmarks import machine_line  # noqa: E402
+from mra_compile.tools.benchmarks import report_head  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,12 +45,11 @@ def main(argv=None) -> int:
         p.error("--head-dims, --n and --rounds must be positive")
     os.environ["MRA_COMPILE_LAUNCH_CACHE"] = "0"
     kept = forward.SMALL_HEAD_DIM
-    lines = ["# bf16 inference at small head dims: P in float32 for P v, or rounded to bf16", "",
-             machine_line(), "",
-             f"B*H=12 N={args.n} bf16, sparse, 4 blocks/row; median ms of {args.rounds} "
-             f"interleaved rounds, the launch cache off; forward.SMALL_HEAD_DIM = {kept}", "",
-             "| D | P in float32 below SMALL_HEAD_DIM (today) | P rounded to bf16 | ratio |",
-             "|---|---|---|---|"]
+    lines = report_head(
+        "bf16 inference at small head dims: P in float32 for P v, or rounded to bf16",
+        f"B*H=12 N={args.n} bf16, sparse, 4 blocks/row; median ms of {args.rounds} interleaved "
+        f"rounds, the launch cache off; forward.SMALL_HEAD_DIM = {kept}",
+        ["D", "P in float32 below SMALL_HEAD_DIM (today)", "P rounded to bf16", "ratio"])
     for line in lines:
         print(line)
     for D in args.head_dims:

@@ -198,8 +198,8 @@ static inline __attribute__((always_inline)) void ask_row(const unit_exps *s, in
 }
 
 /* The next group of a unit's filled slots, from slot *c0 on (at most max; *c0 moves past
- * them): their value blocks and slots, and each one's probabilities put by prepare into
- * buf, stride words apart. Returns how many. */
+ * them): their value blocks and (where slots is not NULL) slots, and each one's
+ * probabilities put by prepare into buf, stride words apart. Returns how many. */
 static inline int next_group(const unit_exps *s, const uint16_t *v, int32_t ldv,
                              const int32_t *cols, int32_t C, int32_t *c0, int max,
                              const uint16_t **blocks, int32_t *slots,
@@ -209,7 +209,7 @@ static inline int next_group(const unit_exps *s, const uint16_t *v, int32_t ldv,
   for (; *c0 < C && g < max; ++*c0) {
     if (cols[*c0] < 0) continue;
     blocks[g] = v + (int64_t)cols[*c0] * 32 * ldv;
-    slots[g] = *c0;
+    if (slots) slots[g] = *c0;
     prepare(s, *c0, buf + g * stride);
     ++g;
   }
@@ -578,9 +578,8 @@ AMX static void pv_slots_amx(const unit_exps *s, const uint16_t *v, int32_t ldv,
   int first = 1;
   for (int32_t c0 = 0; c0 < C;) {
     const uint16_t *blocks[AMX_GROUP];
-    int32_t slots[AMX_GROUP];
-    const int g = next_group(s, v, ldv, cols, C, &c0, AMX_GROUP, blocks, slots, ex2_by_query, pt,
-                             32 * 16);
+    const int g = next_group(s, v, ldv, cols, C, &c0, AMX_GROUP, blocks, NULL, ex2_by_query, pt,
+                             32 * 16); /* (its requests are ex2_by_query's: no slots to keep) */
     if (g == 0) break;
     for (int d0 = 0; d0 < D; d0 += 32) {
       if (first) {

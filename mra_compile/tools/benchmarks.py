@@ -124,6 +124,12 @@ def machine_line() -> str:
             f"TVM {package_version('apache-tvm')}, {now}, load average {load_average()}")
 
 
+def report_head(title: str, setup: str, columns: list[str]) -> list[str]:
+    """A report's first lines: its title, the machine, the setup and a table's header."""
+    return [f"# {title}", "", machine_line(), "", setup, "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def setup_line(args) -> str:
     return (f"Setup: B={BATCH}, H={HEADS}, D={HEAD_DIM}, block {BLOCK_SIZE}, "
             f"{BLOCKS_PER_ROW} blocks per row (num_blocks = {BLOCKS_PER_ROW}·N/{BLOCK_SIZE}), "
