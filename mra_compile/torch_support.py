@@ -1,7 +1,7 @@
 """Which torch releases the package runs on, checked when it is imported.
 
 The range is pyproject.toml's torch requirement (a test holds the two equal): the
-releases whose whole test suite was run (README, "Set up"). Older ones lack what the op
+releases whose whole test suite was run (README, "Supported"). Older ones lack what the op
 is registered with (``torch.library.register_vmap``: torch 2.4 failed on import with
 an AttributeError) or what compiled graphs use (Inductor's
 ``unsafe_marked_cacheable_functions``, ``compile_cache``: 2.5-2.7 failed in every
