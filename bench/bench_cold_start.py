@@ -46,10 +46,9 @@ SETTINGS = {
 N, HEADS, HEAD_DIM = 4096, 12, 64
 
 
-def child(calls: int) -> None:
-    """In a fresh process: the timings (ms) after the fallback and back to back, as JSON."""
-    import resource
-
+def _call_and_fallback():
+    """(q, k, v, op, fallback): the inputs, the op's call on them (full mode, 4 blocks per
+    row) and the PyTorch MRA-2 fallback's on the same, as both child processes run them."""
     import torch
 
     import mra_compile  # noqa: F401  (registers torch.ops.mra.attention)
@@ -65,6 +64,14 @@ def child(calls: int) -> None:
     def fallback():
         return mra2_fallback(q, k, v, None, num_blocks=blocks, approx_mode="full")
 
+    return q, k, v, op, fallback
+
+
+def child(calls: int) -> None:
+    """In a fresh process: the timings (ms) after the fallback and back to back, as JSON."""
+    import resource
+
+    _, _, _, op, fallback = _call_and_fallback()
     op()
     fallback()
     # The two kinds of call alternate (a drifting machine moves both alike): a call right
@@ -89,16 +96,8 @@ def causes(calls: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    import mra_compile  # noqa: F401  (registers torch.ops.mra.attention)
-    from mra_compile.tools.fallback import mra2_fallback
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, N, HEAD_DIM, generator=g) for _ in range(3))
-    blocks = 4 * N // 32
+    q, k, v, op, fallback = _call_and_fallback()
     other = torch.ones(16 << 20)  # (64 MB)
-
-    def op():
-        return torch.ops.mra.attention(q, k, v, None, blocks, "full")
 
     def new_pages():
         x = torch.empty(64 << 20)
@@ -107,8 +106,7 @@ def causes(calls: int) -> None:
 
     before = {
         "the op (back to back)": op,
-        "the PyTorch MRA-2 fallback": lambda: mra2_fallback(q, k, v, None, num_blocks=blocks,
-                                                            approx_mode="full"),
+        "the PyTorch MRA-2 fallback": fallback,
         "SDPA on the same q, k, v": lambda: F.scaled_dot_product_attention(q, k, v),
         "a 64 MB read": other.sum,
         "a 64 MB write": lambda: other.fill_(1.0),
