@@ -52,7 +52,7 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
                 compute = "float64" if dt == "float64" else "float32"
                 for kernel, io_dtype, micro, split_pv in _calls(target, getattr(torch, dt), b):
                     io = str(io_dtype).removeprefix("torch.")
-                    grouped = (False, True) if gqa and (kernel.reads_qkv or kernel.writes_io) \
+                    grouped = (False, True) if gqa and (kernel.reads_qkv or kernel.sums_groups) \
                         else (False,)
                     # (inference only: not the recomputed float32-P v variants)
                     layouts = (False, True) if (

@@ -151,20 +151,24 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
                counts=pr.counts, qp=qp, kp=kp, vp=vp, ga=ga, da=da, dqp=pooled_grads[0],
                dkp=pooled_grads[1], dvp=pooled_grads[2], heads=pr.heads, scale=pr.scale)
 
+    # Grouped-query heads: a key/value head's gradient sums over the query heads sharing
+    # it. bwd_finish sums their unit partials (its grouped variant); their block averages'
+    # gradients (n x D a row) are summed here.
+    dkp, dvp = pooled_grads[1:]
+    Rk = R // pr.group
+    if pr.group > 1:
+        dkp, dvp = (x.view(Rk, pr.group, n, Dp).sum(1) for x in (dkp, dvp))
     # Three separate tensors: a custom op's outputs may not alias one another. In q's
     # dtype where bwd_finish writes that (bf16 with the micro-kernels: ``Kernel.writes_io``),
     # else in the compute dtype, rounded by a copy below.
-    grads = [pr.result(R, n, b, Dp, dtype=pr.q.dtype if "io" in pr.static("bwd_finish") else dt)
-             for _ in range(3)]
+    grad_dtype = pr.q.dtype if "io" in pr.static("bwd_finish") else dt
+    grads = [pr.result(rows, n, b, Dp, dtype=grad_dtype) for rows in (R, Rk, Rk)]
     pr.run("bwd_finish", knobs, dq_unit=dq_unit, q_start=by_query.ov_start, q_units=by_query.ov_units,
            dk_unit=dk_unit, dv_unit=dv_unit, k_start=by_key.ov_start, k_units=by_key.ov_units,
-           dqp=pooled_grads[0], dkp=pooled_grads[1], dvp=pooled_grads[2],
-           inv_counts=pr.inv_counts, q_inv_counts=pr.q_inv_counts, **pr.masks, dq=grads[0],
-           dk=grads[1], dv=grads[2], heads=pr.heads, ucap_q=by_query.ucap, ucap_k=by_key.ucap)
-    grads = [gr.view(B, H, Np, Dp)[:, :, :length, :D] for gr, length in zip(grads, (N, Nk, Nk))]
-    if pr.group > 1:
-        # Grouped-query heads: a key/value head's gradient sums over the heads sharing it.
-        grads[1:] = [gr.unflatten(1, (H // pr.group, pr.group)).sum(2) for gr in grads[1:]]
+           dqp=pooled_grads[0], dkp=dkp, dvp=dvp, inv_counts=pr.inv_counts,
+           q_inv_counts=pr.q_inv_counts, **pr.masks, dq=grads[0], dk=grads[1], dv=grads[2],
+           heads=pr.heads, group=pr.group, ucap_q=by_query.ucap, ucap_k=by_key.ucap)
+    grads = [gr.view(B, -1, Np, Dp)[:, :, :length, :D] for gr, length in zip(grads, (N, Nk, Nk))]
     return tuple(gr if gr.dtype == x.dtype and gr.is_contiguous()
                  else pr.result(*gr.shape, dtype=x.dtype).copy_(gr)
                  for gr, x in zip(grads, (q, k, v)))

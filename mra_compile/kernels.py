@@ -32,9 +32,11 @@ class Kernel:
     takes_io: bool = False
     # Writes its outputs in the I/O dtype where the target's micro-kernels take q, k, v
     # (bwd_finish: bf16 gradients on CPUs with the bf16 micro-kernels, not float32 ones
-    # rounded by a copy after it); not in its grouped-query use, whose gradients are
-    # summed over heads after it.
+    # rounded by a copy after it).
     writes_io: bool = False
+    # Has a grouped-query variant though it does not read k, v (``static``'s ``gqa``):
+    # bwd_finish sums the query heads' partials of dk, dv per key/value head.
+    sums_groups: bool = False
     # Intermediates in global memory between the kernel's launches: with
     # ``static["scratch"]`` (``Target.scratch_args``) the builder returns them as its last
     # arguments, and the caller allocates them.
@@ -75,9 +77,10 @@ class Kernel:
         kernels that read q, k, v, and by ``takes_io`` ones), for kernels
         with modes ``full``, ``scratch``: whether the ``scratch`` intermediates are
         arguments, and ``gqa`` for the grouped-query variant of the kernels that read
-        k, v (an extra ``group`` argument; the plain variant has no division in its
-        indexing); ``micro``: the target's micro-kernels for q, k, v of dtype ``io``
-        (``Target.micro_kernels``), named in the key of the kernels that take ``io``;
+        k, v or sum over their heads (``sums_groups``; an extra ``group`` argument; the
+        plain variant has no division in its indexing); ``micro``: the target's
+        micro-kernels for q, k, v of dtype ``io`` (``Target.micro_kernels``), named in the
+        key of the kernels that take ``io``;
         ``split_pv``: P v from P split into two parts in ``io``, P_hi + P_lo (the
         variant of ``splits_pv`` kernels whose output is float32: ``Target.splits_pv``);
         ``heads_last``: q, k, v are [B, N, H, D] tensors (row r = b H + h), for the kernels
@@ -85,14 +88,14 @@ class Kernel:
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
-        writes = self.writes_io and micro is not None and not gqa
+        writes = self.writes_io and micro is not None
         if io is not None and io != dtype and (self.reads_qkv or self.takes_io or writes):
             static["io"] = io
             if micro is not None:
                 static["micro"] = micro
             elif split_pv and self.splits_pv:
                 static["split_pv"] = True
-        if gqa and self.reads_qkv:
+        if gqa and (self.reads_qkv or self.sums_groups):
             static["gqa"] = True
         if self.has_modes:
             if full is None:
@@ -183,8 +186,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            scratch=("weight", "gv", "dlog")),
     Kernel("bwd_finish", ("dq_unit", "q_start", "q_units", "dk_unit", "dv_unit", "k_start",
                           "k_units", "dqp", "dkp", "dvp", "inv_counts", "q_inv_counts", "mask",
-                          "qmask", "dq", "dk", "dv", "heads", "ucap_q", "ucap_k"),
-           writes_io=True),
+                          "qmask", "dq", "dk", "dv", "heads", "group", "ucap_q", "ucap_k"),
+           writes_io=True, sums_groups=True),
 )}
 
 

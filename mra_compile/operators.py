@@ -1233,20 +1233,25 @@ def bwd_lowres(b: int, D: int, dtype: str = "float32", scratch: bool = False):
 
 
 def bwd_finish(b: int, D: int, dtype: str = "float32", io: str | None = None,
-               micro: str | None = None):
+               micro: str | None = None, gqa: bool = False):
     """Sum the unit partials per block and add the block averages' gradient.
 
     in : dq_unit [R, Uq, b, D]; q_start, q_units [R, n] (units of each query block);
          dk_unit, dv_unit [R, Uk, b, D]; k_start, k_units [R, n] (units of each key block);
-         dqp, dkp, dvp [R, n, D]; inv_counts, q_inv_counts [Bm, n]; mask, qmask [Bm, N];
-         heads, ucap_q, ucap_k
-    out: dq, dk, dv [R, n, b, D] (the memory of [R, N, D]): in the compute dtype, or with
-         ``micro`` as bf16 bits, rounded to the nearest (the gradients of bf16 q, k, v)
+         dqp [R, n, D]; dkp, dvp [Rk, n, D]; inv_counts, q_inv_counts [Bm, n];
+         mask, qmask [Bm, N]; heads, ucap_q, ucap_k (and ``gqa``: group)
+    out: dq [R, n, b, D], dk, dv [Rk, n, b, D] (the memory of [R, N, D], [Rk, N, D]): in
+         the compute dtype, or with ``micro`` as bf16 bits, rounded to the nearest (the
+         gradients of bf16 q, k, v)
+    Rk = R, or with ``gqa`` (grouped-query heads) R / group: the key/value row rk sums the
+    units of the query rows rk * group ... rk * group + group - 1 that share it, and
+    dkp, dvp come summed over them (the caller's: n x D per row).
     """
     dt = dtype
     store = _io(io, dt, micro) if micro else dt
     R, N, Bm, heads, Uq, Uk, ucap_q, ucap_k = _vars("R", "N", "Bm", "heads", "Uq", "Uk",
                                                      "ucap_q", "ucap_k")
+    Rk, group = _vars("Rk", "group") if gqa else (R, None)
     n = N // b
     dq_unit = te.placeholder((R, Uq, b, D), dt, "dq_unit")
     dk_unit = te.placeholder((R, Uk, b, D), dt, "dk_unit")
@@ -1254,34 +1259,43 @@ def bwd_finish(b: int, D: int, dtype: str = "float32", io: str | None = None,
     q_start, q_units, k_start, k_units = (
         te.placeholder((R, n), I32, name) for name in ("q_start", "q_units", "k_start", "k_units")
     )
-    dqp, dkp, dvp = (te.placeholder((R, n, D), dt, name) for name in ("dqp", "dkp", "dvp"))
+    dqp = te.placeholder((R, n, D), dt, "dqp")
+    dkp, dvp = (te.placeholder((Rk, n, D), dt, name) for name in ("dkp", "dvp"))
     inv_counts = te.placeholder((Bm, n), dt, "inv_counts")
     q_inv_counts = te.placeholder((Bm, n), dt, "q_inv_counts")
     mask = te.placeholder((Bm, N), dt, "mask")
     qmask = te.placeholder((Bm, N), dt, "qmask")
 
-    def gathered(name, units, start, count, cap, pooled, inv, side):
+    def gathered(name, units, start, count, cap, pooled, inv, side, rows, grouped):
         w = te.reduce_axis((0, cap), "w_" + name)
-        total = te.compute(
-            (R, n, b, D),
-            lambda r, i, t, d: te.sum(
-                te.if_then_else(
-                    w < count[r, i],
-                    units[r, te.max(te.min(start[r, i] + w, units.shape[1] - 1), 0), t, d],
-                    tirx.const(0.0, dt),
-                ),
-                axis=w,
-            ),
-            name=name + "_sum",
-        )
+
+        def unit_part(r, i, t, d):
+            return te.if_then_else(
+                w < count[r, i],
+                units[r, te.max(te.min(start[r, i] + w, units.shape[1] - 1), 0), t, d],
+                tirx.const(0.0, dt))
+
+        if grouped:  # the query rows of key/value row r: r * group + g
+            g = te.reduce_axis((0, group), "g_" + name)
+            total = te.compute(
+                (rows, n, b, D),
+                lambda r, i, t, d: te.sum(unit_part(r * group + g, i, t, d), axis=[g, w]),
+                name=name + "_sum")
+        else:
+            total = te.compute((rows, n, b, D),
+                               lambda r, i, t, d: te.sum(unit_part(r, i, t, d), axis=w),
+                               name=name + "_sum")
+
         def value(r, i, t, d):
-            x = total[r, i, t, d] + pooled[r, i, d] * inv[r // heads, i] * side[r // heads, i * b + t]
+            s = r * group // heads if grouped else r // heads  # the row's sequence
+            x = total[r, i, t, d] + pooled[r, i, d] * inv[s, i] * side[s, i * b + t]
             return x if store == dt else _narrow(x, store)
 
-        return te.compute((R, n, b, D), value, name=name)
+        return te.compute((rows, n, b, D), value, name=name)
 
-    dq = gathered("dq", dq_unit, q_start, q_units, ucap_q, dqp, q_inv_counts, qmask)
-    dk = gathered("dk", dk_unit, k_start, k_units, ucap_k, dkp, inv_counts, mask)
-    dv = gathered("dv", dv_unit, k_start, k_units, ucap_k, dvp, inv_counts, mask)
-    return [dq_unit, q_start, q_units, dk_unit, dv_unit, k_start, k_units, dqp, dkp, dvp,
-            inv_counts, q_inv_counts, mask, qmask, dq, dk, dv, heads, ucap_q, ucap_k]
+    dq = gathered("dq", dq_unit, q_start, q_units, ucap_q, dqp, q_inv_counts, qmask, R, False)
+    dk = gathered("dk", dk_unit, k_start, k_units, ucap_k, dkp, inv_counts, mask, Rk, gqa)
+    dv = gathered("dv", dv_unit, k_start, k_units, ucap_k, dvp, inv_counts, mask, Rk, gqa)
+    return _params(dq_unit, q_start, q_units, dk_unit, dv_unit, k_start, k_units, dqp, dkp,
+                   dvp, inv_counts, q_inv_counts, mask, qmask, dq, dk, dv, heads, group,
+                   ucap_q, ucap_k)

@@ -1322,7 +1322,11 @@ def bwd_finish(sch, *, vec):
     block's unit count, so the missing ones cost nothing (``_guard``). (Summed into a
     [b, D] block of workspace memory first and copied out with the pooled part, the three
     gradients in one loop, it took 1.5x the time: 8.4-8.8 against 5.3-5.4 ms at N = 8192,
-    fp32, B * H = 12, Zen 4.)"""
+    fp32, B * H = 12, Zen 4.)
+
+    The grouped-query variant sums dk, dv over the query rows of a key/value row too (a
+    loop over them outside the units' loop, each guarded by its own row's count)."""
+    group = next((p for p in sch.mod["main"].params if p.name == "group"), None)
     for name, count_name in (("dq", "q_units"), ("dk", "k_units"), ("dv", "k_units")):
         ri = _merged_parallel(sch, (name,), 2)
         row_block = sch.get(ri).loop_var
@@ -1330,13 +1334,17 @@ def bwd_finish(sch, *, vec):
         sch.vectorize(d1)
         blk = sch.get_sblock(name + "_sum")
         sch.compute_at(blk, d0)
-        lanes, w = sch.get_loops(blk)[-2:]
-        sch.reorder(w, lanes)
+        grouped = group is not None and name != "dq"
+        lanes, *g, w = sch.get_loops(blk)[-3 if grouped else -2:]
+        sch.reorder(*g, w, lanes)
         sch.vectorize(lanes)
-        sch.decompose_reduction(blk, w)
+        sch.decompose_reduction(blk, g[0] if grouped else w)
         count = _input(sch.get(blk), count_name)
         n = count.shape[1]
-        _guard(sch, w, sch.get(w).loop_var < count[row_block // n, row_block % n])
+        row = row_block // n
+        if grouped:
+            row = row * group + sch.get(g[0]).loop_var
+        _guard(sch, w, sch.get(w).loop_var < count[row, row_block % n])
     return sch
 
 

@@ -243,6 +243,11 @@ def skip_padding_units(sch, index: str):
                                      f.annotations))
 
 
+def _param(sch, name: str):
+    """The kernel's scalar parameter ``name`` (a Var)."""
+    return next(p for p in sch.mod["main"].params if p.name == name)
+
+
 def bound_reductions(sch, stages, count: str, cap: str):
     """Reductions of ``stages`` over a row's units (extent the shape bound ``cap``: 255
     at N = 16384 when rows need 3 or 4) run ``count[r, i]`` steps (at least one, for
@@ -261,6 +266,9 @@ def bound_reductions(sch, stages, count: str, cap: str):
             while not hasattr(realize, "iter_values"):  # through a thread guard's if
                 realize = realize.then_case if hasattr(realize, "then_case") else realize.body
             r, i = realize.iter_values[:2]  # the stage's (row, query block) iterators
+            for var, value in zip(realize.block.iter_vars, realize.iter_values):
+                if var.var.name.removeprefix("v_").startswith("g_"):  # grouped: row r group + g
+                    r = r * _param(sch, "group") + value
             steps = tirx.max(tirx.min(f.extent, tirx.BufferLoad(buf, [r, i])), 1)
             sch.state.replace(sch.get_sref(loop), tirx.For(
                 f.loop_var, f.min, steps, f.kind, f.body, f.thread_binding, f.annotations))

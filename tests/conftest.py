@@ -195,9 +195,10 @@ CUDA_LIBRARIES = {
     # compile and not spill too.
     "sm90_library": ("--arch", "sm_90", "--head-dims", *map(str, SM90_HEAD_DIMS),
                      "--grouped-heads"),
-    # tests/test_cuda_emulation.py: every tuning variant of bf16, D = 64.
+    # tests/test_cuda_emulation.py: every tuning variant of bf16, D = 64, and the
+    # grouped-query variants of the default knobs (its grouped-heads cases).
     "tuning_library": ("--arch", "sm_80", "--head-dims", "64", "--dtypes", "bfloat16",
-                       "--tuning-variants", "bfloat16:64"),
+                       "--tuning-variants", "bfloat16:64", "--grouped-heads"),
 }
 
 # The libraries whose CUDA source the CPU emulation (tests/cuda_emulation) compiles with g++

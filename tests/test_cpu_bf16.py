@@ -253,8 +253,8 @@ def test_the_backward_output_pass_keeps_p_in_float32(mode):
 @needs_bf16
 def test_bf16_kernels_call_the_micro_kernels():
     # The kernels that read q, k, v (forward and backward), bwd_prep (its g is their
-    # operand) and bwd_finish (it writes the bf16 gradients, but not for grouped heads,
-    # whose gradients are summed after it) are the bf16 variants, and the libraries of
+    # operand) and bwd_finish (it writes the bf16 gradients, for grouped heads too: it
+    # sums their partials itself) are the bf16 variants, and the libraries of
     # those that take products hold the micro-kernels; every other kernel and every
     # float32 one is not.
     q, k, v = make_qkv(4, 1, 2, 100, 64, dtype=torch.bfloat16)
@@ -267,7 +267,8 @@ def test_bf16_kernels_call_the_micro_kernels():
         assert pr.static(name)["micro"] == "avx512_bf16"
     assert "micro" not in pr.static("bwd_lowres") and "io" not in pr.static("bwd_lowres")
     grouped = inputs.prepare(q, k[:, :1], v[:, :1], None, 32)  # (2 query heads a key head)
-    assert grouped.group == 2 and "io" not in grouped.static("bwd_finish")
+    assert grouped.group == 2
+    assert grouped.static("bwd_finish") == {**pr.static("bwd_finish"), "gqa": True}
     for name, full in (("hires_rows", True), ("bwd_dkdv_ds_units", None),
                        ("bwd_dq_ds_units", None)):
         static = pr.static(name, full)
@@ -316,10 +317,12 @@ def test_ahead_of_time_variants_follow_the_target():
     if cpu.bf16_products():
         assert micro == {"pool_and_logits", "hires_units", "hires_rows", "bwd_prep",
                          "bwd_dq_ds_units", "bwd_dkdv_ds_units", "bwd_finish"}
-        # with grouped heads, bwd_finish's float32 variant too (their gradients are summed)
+        # with grouped heads, bwd_finish's grouped variant too (bf16 gradients summed
+        # over a key/value head's query heads)
         grouped = [s for name, s in aot.variants([32], [64], ("bfloat16",), gqa=True,
                                                  target=cpu.CPU) if name == "bwd_finish"]
-        assert sorted("io" in s for s in grouped) == [False, True]
+        assert sorted(bool(s.get("gqa")) for s in grouped) == [False, True]
+        assert all(s["io"] == "bfloat16" for s in grouped)
     else:
         assert not micro
     # No variant twice (float32 and bf16 share the kernels that do not read q, k, v).

@@ -19,6 +19,8 @@ GUARDED = {
     "bwd_dkdv_ds_units": ({"b": 32, "D": 64}, "unit_rows", 7),
     # one [b, D] partial per unit, for dq, dk and dv
     "bwd_finish": ({"b": 32, "D": 64}, r"[qk]_units", 3),
+    # grouped heads: dk, dv sum the units of each query row of the group, each guarded
+    "bwd_finish-grouped": ({"b": 32, "D": 64, "gqa": True}, r"[qk]_units", 3),
 }
 
 
@@ -35,6 +37,7 @@ def _guards(op, static, index):
 @pytest.mark.parametrize("op", sorted(GUARDED))
 def test_empty_work_is_skipped(op):
     static, index, count = GUARDED[op]
+    op = op.removesuffix("-grouped")
     guards = _guards(op, static, index)
     assert len(guards) == count, guards
     if op != "bwd_finish":  # slot guards test the slot's block index

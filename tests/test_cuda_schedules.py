@@ -113,23 +113,29 @@ def test_padding_units_return_at_once(op, index):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("op, count, cap", [("hires_rows", "ov_units", "ucap"),
-                                            ("bwd_finish", "q_units", "ucap_q"),
-                                            ("bwd_finish", "k_units", "ucap_k")])
-def test_unit_merges_run_as_many_steps_as_the_row_has_units(op, count, cap):
+@pytest.mark.parametrize("op, count, cap, gqa", [("hires_rows", "ov_units", "ucap", False),
+                                                 ("bwd_finish", "q_units", "ucap_q", False),
+                                                 ("bwd_finish", "k_units", "ucap_k", False),
+                                                 ("bwd_finish", "k_units", "ucap_k", True)])
+def test_unit_merges_run_as_many_steps_as_the_row_has_units(op, count, cap, gqa):
     """Issue 15, item 4: the loops over a row's overflow units ran to the shape bound
     ``ucap`` (255 at N = 16384; rows need 3 or 4), ~18 x ucap steps per thread in
-    hires_rows. Each now stops at the row's own count (at least one step)."""
+    hires_rows. Each now stops at the row's own count (at least one step). With grouped
+    heads, bwd_finish's dk, dv sum the units of each query row of a key/value row's group:
+    each loop stops at that query row's count (the loop over the group around it)."""
     from mra_compile import build, kernels, knob_policy, targets
 
     target = targets.get("cuda-sm_80")
     static = kernels.get(op).static(32, 64, "float32", None, True if op == "hires_rows" else None,
-                                    True)
+                                    True, gqa)
+    assert bool(static.get("gqa")) == gqa
     func = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None, target=target),
                                 target)
     source = build.compile_module({"main": func}, target, log=False).mod.imports[0].inspect_source()
     loops = re.findall(rf"for \(int \w+ = 0; \w+ < ([^;]*\b{cap}\b[^;]*);", source)
     assert loops and all(f"max(min({cap}, {count}_ptr[" in bound for bound in loops), loops
+    if gqa:  # (the query row: the key/value row times group, plus the group loop's index)
+        assert all(re.search(r"\* group\) \+ \w+\)", bound) for bound in loops), loops
 
 
 def test_half_precision_training_has_its_float32_output_kernels():

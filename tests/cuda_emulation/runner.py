@@ -58,7 +58,8 @@ def _inputs(case: dict):
     Nk = case.get("Nk", N)
     dtype = getattr(torch, case["dtype"])
     q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64).to(dtype)
-    k, v = (torch.randn(B, H, Nk, D, generator=g, dtype=torch.float64).to(dtype)
+    Hkv = case.get("Hkv", H)  # grouped-query heads: fewer key/value heads
+    k, v = (torch.randn(B, Hkv, Nk, D, generator=g, dtype=torch.float64).to(dtype)
             for _ in range(2))
     mask = query_mask = None
     if case["masked"]:
@@ -131,7 +132,7 @@ def run_case(emu: emulator.Emulator, case: dict) -> dict:
                   scale=case.get("scale"))
     opts = Options(approx_mode=case["mode"], **budget)
     mask64 = None if mask is None else mask.double()
-    ref_kw = dict(approx_mode=case["mode"], **budget,
+    ref_kw = dict(approx_mode=case["mode"], **budget, enable_gqa="Hkv" in case,
                   query_mask=None if query_mask is None else query_mask.double())
     result: dict = {"case": case}
     emu.findings.clear()
