@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mra_compile import kernels, knob_policy, plan, runtime, validate
-from mra_compile.forward import Saved, exact_and_combine, narrow, row_parts, row_range
+from mra_compile.forward import Saved, exact_and_combine, row_parts
 from mra_compile.inputs import Prepared, pad, padded, prepare, torch_single_threaded
 from mra_compile.options import Options
 
@@ -34,18 +34,27 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
             with pr.target.device_scope(q.device):
                 return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
     except validate.ScratchOverflow:
-        split = row_parts(B, H)  # as the forward splits (rows are independent)
+        split = row_parts(B, H, k.shape[1])  # as the forward splits (rows are independent)
         if split is None:
             raise
-        dim, ranges = split
-        parts = [mra_backward(narrow(grad_out, dim, a, z), narrow(q, dim, a, z),
-                              narrow(k, dim, a, z), narrow(v, dim, a, z),
-                              mask if dim == 1 else narrow(mask, 0, a, z),
-                              narrow(out, dim, a, z), saved.rows(*row_range(dim, H, a, z)),
-                              opts, knobs,
-                              query_mask if dim == 1 else narrow(query_mask, 0, a, z))
-                 for a, z in ranges]
-        return tuple(torch.cat(grads, dim) for grads in zip(*parts))
+        take = split.take
+        parts = [mra_backward(take(grad_out, p), take(q, p), take(k, p, "kv"), take(v, p, "kv"),
+                              take(mask, p), take(out, p), saved.rows(*split.rows(H, p)), opts,
+                              knobs, take(query_mask, p))
+                 for p in split.parts]
+        dq, dk, dv = (list(grads) for grads in zip(*parts))
+        if split.shares_kv:  # (each part's dk, dv: its query heads' share of the sum)
+            return torch.cat(dq, split.dim), _added(dk), _added(dv)
+        return tuple(torch.cat(grads, split.dim) for grads in (dq, dk, dv))
+
+
+def _added(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of gradients ``parts``, added in float32 at least and rounded once."""
+    dtype = parts[0].dtype
+    total = parts[0].to(torch.promote_types(dtype, torch.float32))
+    for part in parts[1:]:
+        total = total + part
+    return total.to(dtype)
 
 
 def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict):

@@ -287,26 +287,58 @@ def exact_output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def row_parts(B: int, H: int) -> tuple[int, list[tuple[int, int]]] | None:
-    """How to split a call whose scratch is beyond 32-bit indexing: ``(dim, [(start,
-    stop), ...])``, halves of the batch (dim 0) or, for one sequence, of the heads (dim
-    1); None for one row. Rows are independent (docs/spec.md, "Properties"), and each
-    half's rows are a consecutive range of the whole's (row = batch * H + head)."""
-    dim, size = (0, B) if B > 1 else (1, H)
-    if size == 1:
+@dataclass(frozen=True)
+class RowPart:
+    """One part of a split call (``row_parts``): the range ``q`` of q's (and the
+    output's) batch or heads, and ``kv`` of k's and v's."""
+
+    q: tuple[int, int]
+    kv: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """How a call whose scratch is beyond 32-bit indexing splits (``row_parts``):
+    ``dim`` 0 (the batch) or 1 (the heads of one sequence), the ``parts``, and whether
+    every part reads all of k, v (``shares_kv``: one key/value head for all query heads,
+    whose gradients then add up over the parts instead of joining)."""
+
+    dim: int
+    parts: tuple[RowPart, ...]
+    shares_kv: bool = False
+
+    def take(self, x, part: RowPart, side: str = "q"):
+        """``x`` narrowed to ``part``'s range of ``side`` ("q" or "kv"); a mask ([B, N])
+        only where the split is over the batch; None stays None."""
+        if x is None or (self.dim == 1 and x.dim() == 2):
+            return x
+        start, stop = part.q if side == "q" else part.kv
+        return x.narrow(self.dim, start, stop - start)
+
+    def rows(self, H: int, part: RowPart) -> tuple[int, int]:
+        """The query rows (batch * heads) of ``part``."""
+        start, stop = part.q
+        return (start * H, stop * H) if self.dim == 0 else (start, stop)
+
+
+def row_parts(B: int, H: int, Hkv: int) -> RowSplit | None:
+    """Halves of the batch, or for one sequence of the heads: rows are independent
+    (docs/spec.md, "Properties"), and each half's rows are a consecutive range of the
+    whole's (row = batch * H + head). With grouped heads (``Hkv < H``) the halves of the
+    key/value heads with their query heads; with one key/value head, halves of the query
+    heads, each reading it whole. None for one row."""
+    if B > 1:
+        half = B // 2
+        return RowSplit(0, (RowPart((0, half), (0, half)), RowPart((half, B), (half, B))))
+    if H == 1:
         return None
-    half = size // 2
-    return dim, [(0, half), (half, size)]
-
-
-def narrow(x, dim: int, start: int, stop: int):
-    """``x[:, start:stop]`` (dim 1) or ``x[start:stop]`` (dim 0); None stays None."""
-    return None if x is None else x.narrow(dim, start, stop - start)
-
-
-def row_range(dim: int, H: int, start: int, stop: int) -> tuple[int, int]:
-    """The rows (batch * heads) of a part of ``row_parts``."""
-    return (start * H, stop * H) if dim == 0 else (start, stop)
+    if Hkv == 1:
+        half = H // 2
+        return RowSplit(1, (RowPart((0, half), (0, 1)), RowPart((half, H), (0, 1))),
+                        shares_kv=True)
+    group, half = H // Hkv, Hkv // 2
+    return RowSplit(1, tuple(RowPart((a * group, z * group), (a, z))
+                             for a, z in ((0, half), (half, Hkv))))
 
 
 def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: bool = False,
@@ -340,19 +372,17 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
                                                      opts.block_size, pr.target, q.dtype)
                 out, saved = _forward(q, pr, opts, chosen, save and exact_out)
     except validate.ScratchOverflow:
-        split = row_parts(B, H)
+        split = row_parts(B, H, k.shape[1])
         if split is None:
             raise
-        dim, ranges = split
-        results = [mra_forward(narrow(q, dim, a, z), narrow(k, dim, a, z), narrow(v, dim, a, z),
-                               mask if dim == 1 else narrow(mask, 0, a, z), opts, knobs,
-                               save=save,
-                               query_mask=query_mask if dim == 1 else narrow(query_mask, 0, a, z),
+        take = split.take
+        results = [mra_forward(take(q, p), take(k, p, "kv"), take(v, p, "kv"), take(mask, p),
+                               opts, knobs, save=save, query_mask=take(query_mask, p),
                                exact_out=exact_out)
-                   for a, z in ranges]
+                   for p in split.parts]
         if not save:
-            return torch.cat(results, dim)
-        out = torch.cat([o for o, _ in results], dim)
+            return torch.cat(results, split.dim)
+        out = torch.cat([o for o, _ in results], split.dim)
         saved = Saved.cat([s for _, s in results])
     return (out, saved) if save else out
 

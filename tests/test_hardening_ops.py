@@ -44,21 +44,27 @@ def test_scratch_check_names_the_buffer():
         validate.check_scratch("overflow-unit", 13, 86016, 8, 256)
 
 
-@pytest.mark.parametrize("shape", [(4, 3), (1, 6)])  # split by batch, by heads
+# (B, H, Hkv): split by batch, by heads; with grouped heads by key/value heads (each with
+# its query heads), and with one key/value head by query heads (each part reading it whole)
+@pytest.mark.parametrize("shape", [(4, 3, 3), (1, 6, 6), (1, 6, 3), (1, 4, 1), (2, 4, 1)])
 @pytest.mark.parametrize("mode", ["full", "sparse"])
 def test_calls_beyond_32_bit_scratch_run_in_parts(monkeypatch, shape, mode):
     """Issue 15, item 2: B=8, H=32, N=16384, D=128, 8 blocks per row passed validation and
     overflowed the int32 offsets of the per-unit tensors (blockIdx.x * U * b * Dp). Such a
     call now runs in parts of whole rows, each within the limit; here the limit is lowered
-    so that a small call needs the split (before: a ValueError)."""
-    B, H = shape
+    so that a small call needs the split (before: a ValueError). With grouped heads the
+    split had cut k, v at the query heads' ranges ("start (2) + length (2) exceeds
+    dimension size (2)", 2026-12-08)."""
+    B, H, Hkv = shape
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(B, H, 200, 16, generator=g, requires_grad=True) for _ in range(3))
+    q = torch.randn(B, H, 200, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, 200, 16, generator=g, requires_grad=True) for _ in range(2))
     mask = torch.ones(B, 200)
     mask[-1, 150:] = 0
 
     def run():
-        out = mra_compile.mra_attention(q, k, v, mask, num_blocks=20, approx_mode=mode)
+        out = mra_compile.mra_attention(q, k, v, mask, num_blocks=20, approx_mode=mode,
+                                        enable_gqa=Hkv < H)
         grads = torch.autograd.grad(out.square().sum(), (q, k, v))
         return out, grads
 
