@@ -239,34 +239,35 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
                     full: bool = True, heads_last: bool = False):
     """Step 2: block means and low-resolution logits.
 
-    in : q [R, N, D]; k, v [R / group, N, D]; mask, qmask [Bm, N]; counts, inv_counts,
-         q_counts, q_inv_counts [Bm, n]; heads, group, scale
-    out: qp, kp, vp [R, n, D] (block averages of the masked tokens);
-         logits [R, n, n] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
+    in : q [R, N, D]; k, v [R / group, Nk, D]; mask [Bm, Nk], qmask [Bm, N]; counts,
+         inv_counts [Bm, nk]; q_counts, q_inv_counts [Bm, n]; heads, group, scale
+    out: qp [R, n, D], kp, vp [R, nk, D] (block averages of the masked tokens);
+         logits [R, n, nk] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
     ``full=False`` ("sparse" mode, no low-resolution output): neither v nor vp (pooling
     v was a third of the kernel's memory traffic).
     ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
-    ``scratch``: raw_logits [R, n, n] and real_max [R, n] are arguments too (the last).
+    ``scratch``: raw_logits [R, n, nk] and real_max [R, n] are arguments too (the last).
     ``micro``: q, k, v are bf16 bits (``_io``). ``heads_last``: q, k, v [B, N, H, D]
     (``_inputs``).
     """
     dt = dtype
     io = _io(io, dt, micro)
-    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa, heads_last)
-    n = N // b
+    R, N, Nk, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa, heads_last)
+    n, nk = N // b, Nk // b
     Bm = mask.shape[0]
-    counts, inv_counts, q_counts, q_inv_counts = (
-        te.placeholder((Bm, n), dt, name)
-        for name in ("counts", "inv_counts", "q_counts", "q_inv_counts"))
+    counts, inv_counts = (te.placeholder((Bm, nk), dt, name) for name in ("counts", "inv_counts"))
+    q_counts, q_inv_counts = (te.placeholder((Bm, n), dt, name)
+                              for name in ("q_counts", "q_inv_counts"))
 
     def pooled(x, name, kv=False):
         side, inv = (mask, inv_counts) if kv else (qmask, q_inv_counts)
+        blocks = nk if kv else n
         t = te.reduce_axis((0, b), "t")
         if len(x.shape) == 4:  # [B, N, H, D] (``heads_last``): sums in the inputs' order,
             # [B, n, H, D], so that a block of every head is one contiguous slab
             Hq = q.shape[2]  # (the mask row of sequence s is that of its query rows)
             s = te.compute(
-                (x.shape[0], n, x.shape[2], D),
+                (x.shape[0], blocks, x.shape[2], D),
                 lambda s_, i, h, d: te.sum(_widen(x[s_, i * b + t, h, d], dt)
                                            * side[s_ * Hq // heads, i * b + t], axis=t),
                 name=name + "_sum",
@@ -277,7 +278,7 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
                 return s[r // Hq, i, h, d]
         else:
             s = te.compute(
-                (R, n, D),
+                (R, blocks, D),
                 lambda r, i, d: te.sum(
                     _widen(x[_kv_row(r, group) if kv else r, i * b + t, d], dt)
                     * side[r // heads, i * b + t], axis=t),
@@ -287,14 +288,14 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
             def summed(r, i, d):
                 return s[r, i, d]
         return te.compute(
-            (R, n, D), lambda r, i, d: summed(r, i, d) * inv[r // heads, i], name=name
+            (R, blocks, D), lambda r, i, d: summed(r, i, d) * inv[r // heads, i], name=name
         )
 
     # k̂, v̂ per query row (a few n x D per row): the low-resolution kernels stay per row.
     qp, kp = pooled(q, "qp"), pooled(k, "kp", kv=True)
     dd = te.reduce_axis((0, D), "dd")
     raw = te.compute(
-        (R, n, n),
+        (R, n, nk),
         lambda r, i, j: te.sum(qp[r, i, dd] * kp[r, j, dd], axis=dd),
         name="raw_logits",
     )
@@ -305,11 +306,11 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
                            tirx.const(NEG_BIG, dt))
 
     if scratch:  # (one reduction: no intermediate beyond the scratch arguments)
-        jj = te.reduce_axis((0, n), "jj")
+        jj = te.reduce_axis((0, nk), "jj")
         real_max = te.compute((R, n), lambda r, i: te.max(real_logit(r, i, jj), axis=jj),
                               name="real_max")
     else:
-        real_max = _lane_max(real_logit, R, n, "real_max")
+        real_max = _lane_max(real_logit, R, n, nk, "real_max")
     rowmax = te.compute(
         (R, n),
         lambda r, i: te.if_then_else(real_max[r, i] > NEG_BIG / 2, real_max[r, i],
@@ -317,7 +318,7 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
         name="rowmax",
     )
     logits = te.compute(
-        (R, n, n),
+        (R, n, nk),
         lambda r, i, j: raw[r, i, j] * scale
         - te.if_then_else(
             q_counts[r // heads, i] * counts[r // heads, j] < 0.5,
@@ -333,20 +334,20 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
     return params + ([raw, real_max] if scratch else [])
 
 
-def _lane_max(value, R, n, name: str):
-    """[R, n] = max over j < n of ``value(r, i, j)``, as ``LANES`` partial maxima over the
+def _lane_max(value, R, n, nk, name: str):
+    """[R, n] = max over j < nk of ``value(r, i, j)``, as ``LANES`` partial maxima over the
     whole chunks of ``LANES`` consecutive j (``name``_lanes [R, n, LANES]: each lane reads
     one j per chunk, so the lanes of a chunk are contiguous, a vector on the CPU), one
-    over the last n mod ``LANES`` (``name``_tail) and the maximum of those. The same value
+    over the last nk mod ``LANES`` (``name``_tail) and the maximum of those. The same value
     as one reduction (max is exact in any order); a single running maximum is a chain
     of dependent scalar steps that LLVM may not reorder into vectors (a fifth of
     ``pool_and_logits`` in bf16 at N = 8192)."""
-    whole = n // LANES
+    whole = nk // LANES
     jo = te.reduce_axis((0, whole), "jo")
     lanes = te.compute(
         (R, n, LANES), lambda r, i, lane: te.max(value(r, i, jo * LANES + lane), axis=jo),
         name=name + "_lanes")
-    jt = te.reduce_axis((0, n - whole * LANES), "jt")
+    jt = te.reduce_axis((0, nk - whole * LANES), "jt")
     tail = te.compute(
         (R, n), lambda r, i: te.max(value(r, i, whole * LANES + jt), axis=jt),
         name=name + "_tail")
@@ -371,11 +372,11 @@ def _lane_sum(x, name: str):
 
 
 def _low_res_weights(logits, rowmax, hmask, counts, heads, scratch: bool):
-    """W [R, n, n'] = exp(L - R_i - 1e4 Hmask) c_j (zero past n), for ``lowres_out`` and
-    ``bwd_lowres``. n' = n for the ``scratch`` variant (an argument); otherwise each row is
-    padded to a multiple of 16 with zeros, so that the CPU computes its exps in whole
+    """W [R, n, nk'] = exp(L - R_i - 1e4 Hmask) c_j (zero past nk), for ``lowres_out`` and
+    ``bwd_lowres``. nk' = nk for the ``scratch`` variant (an argument); otherwise each row
+    is padded to a multiple of 16 with zeros, so that the CPU computes its exps in whole
     vectors with no guard."""
-    R, n, _ = logits.shape
+    R, _, n = logits.shape  # (n: the key blocks)
     width = n if scratch else (n + 15) // 16 * 16
 
     def weight_at(r, i, j, jj):  # W[r, i, j], reading key block jj (j itself, or in bounds)
@@ -399,32 +400,32 @@ def _low_res_weights(logits, rowmax, hmask, counts, heads, scratch: bool):
         return te.if_then_else(j // 16 < n // 16, weight_at(r, i, j, j),
                                weight_at(r, i, j, te.min(j, n - 1)))
 
-    return te.compute((R, n, width), weight_of, name="weight")
+    return te.compute((R, logits.shape[1], width), weight_of, name="weight")
 
 
 def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     """Step 5 ("full"), the low-resolution part, one value per query block.
 
-    in : logits [R, n, n]; rowmax [R, n]; hmask [R, n, n] (1.0 where covered by the
-         high resolution); counts [Bm, n]; vp [R, n, D]; heads
+    in : logits [R, n, nk]; rowmax [R, n]; hmask [R, n, nk] (1.0 where covered by the
+         high resolution); counts [Bm, nk]; vp [R, nk, D]; heads
     out: o_lo [R, n, D] = sum_j W v̂_j; z_lo [R, n] = sum_j W,
          W[i, j] = exp(L - R_i - 1e4*Hmask) * c_j
-    ``scratch``: weight [R, n, n] is an argument too (the last).
+    ``scratch``: weight [R, n, nk] is an argument too (the last).
     """
     dt = dtype
-    R, n, Bm, heads = _vars("R", "n", "Bm", "heads")
-    logits = te.placeholder((R, n, n), dt, "logits")
+    R, n, nk, Bm, heads = _vars("R", "n", "nk", "Bm", "heads")
+    logits = te.placeholder((R, n, nk), dt, "logits")
     rowmax = te.placeholder((R, n), dt, "rowmax")
-    hmask = te.placeholder((R, n, n), dt, "hmask")
-    counts = te.placeholder((Bm, n), dt, "counts")
-    vp = te.placeholder((R, n, D), dt, "vp")
+    hmask = te.placeholder((R, n, nk), dt, "hmask")
+    counts = te.placeholder((Bm, nk), dt, "counts")
+    vp = te.placeholder((R, nk, D), dt, "vp")
     weight = _low_res_weights(logits, rowmax, hmask, counts, heads, scratch)
-    j1 = te.reduce_axis((0, n), "j1")
+    j1 = te.reduce_axis((0, nk), "j1")
     o_lo = te.compute(
         (R, n, D), lambda r, i, d: te.sum(weight[r, i, j1] * vp[r, j1, d], axis=j1), name="o_lo"
     )
     if scratch:  # (one reduction: no intermediate beyond the scratch arguments)
-        j2 = te.reduce_axis((0, n), "j2")
+        j2 = te.reduce_axis((0, nk), "j2")
         z_lo = te.compute((R, n), lambda r, i: te.sum(weight[r, i, j2], axis=j2), name="z_lo")
     else:
         z_lo = _lane_sum(weight, "z_lo")
@@ -589,13 +590,15 @@ def _rounded_output(shape, value, out_io: str):
 
 
 def _inputs(D, dt, io=None, gqa=False, heads_last=False):
-    """q [R, N, D]; k, v [Rkv, N, D] (query row r reads key/value row r // group:
-    grouped-query heads, Rkv = R / group); mask, qmask [Bm, N] (the keys' and the
-    queries'; row r: mask row r // heads). ``heads_last``: q [B, N, H, D], k, v
-    [B, N, Hkv, D] instead (row r = b H + h; ``_read``), and R = B H the rows of the
+    """q [R, N, D]; k, v [Rkv, Nk, D] (query row r reads key/value row r // group:
+    grouped-query heads, Rkv = R / group); mask [Bm, Nk], qmask [Bm, N] (the keys' and
+    the queries'; row r: mask row r // heads). Nk != N is cross-attention, each side
+    padded to whole blocks of its own. ``heads_last``: q [B, N, H, D], k, v
+    [B, Nk, Hkv, D] instead (row r = b H + h; ``_read``), and R = B H the rows of the
     outputs (a product, so that an output can be laid out as [B, .., H, ..] by its
-    schedule: ``schedules/cpu.py``, ``_heads_last_output``)."""
-    R, Rkv, N, Bm, heads, group = _vars("R", "Rkv", "N", "Bm", "heads", "group")
+    schedule: ``schedules/cpu.py``, ``_heads_last_output``).
+    Returns R, N, Nk, heads, group, scale, q, k, v, mask, qmask."""
+    R, Rkv, N, Nk, Bm, heads, group = _vars("R", "Rkv", "N", "Nk", "Bm", "heads", "group")
     if not gqa:
         Rkv, group = R, None
     scale = te.var("scale", dtype=dt)
@@ -603,15 +606,15 @@ def _inputs(D, dt, io=None, gqa=False, heads_last=False):
         B, H, Hkv = _vars("B", "H", "Hkv")
         R = B * H
         q_shape: tuple = (B, N, H, D)
-        kv_shape: tuple = (B, N, Hkv if gqa else H, D)
+        kv_shape: tuple = (B, Nk, Hkv if gqa else H, D)
     else:
-        q_shape, kv_shape = (R, N, D), (Rkv, N, D)
+        q_shape, kv_shape = (R, N, D), (Rkv, Nk, D)
     q = te.placeholder(q_shape, io or dt, "q")
     k = te.placeholder(kv_shape, io or dt, "k")
     v = te.placeholder(kv_shape, io or dt, "v")
-    mask = te.placeholder((Bm, N), dt, "mask")
+    mask = te.placeholder((Bm, Nk), dt, "mask")
     qmask = te.placeholder((Bm, N), dt, "qmask")
-    return R, N, heads, group, scale, q, k, v, mask, qmask
+    return R, N, Nk, heads, group, scale, q, k, v, mask, qmask
 
 
 def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
@@ -622,13 +625,13 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
     ``unit_cols[r, u, :]`` (-1 = empty slot); ``hires_rows`` merges them into their row.
 
-    in : q, k, v [R, N, D]; mask, qmask [Bm, N]; unit_row [R, U] i32; unit_cols [R, U, C] i32;
-         heads, group, scale (k, v: [R / group, N, D])
+    in : q [R, N, D]; k, v [R / group, Nk, D]; mask [Bm, Nk], qmask [Bm, N];
+         unit_row [R, U] i32; unit_cols [R, U, C] i32; heads, group, scale
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
     C = blocks_per_unit
-    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, _io(io, dtype, micro), gqa,
-                                                              heads_last)
+    R, _, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, _io(io, dtype, micro),
+                                                                 gqa, heads_last)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
     unit_cols = te.placeholder((R, U, C), I32, "unit_cols")
@@ -652,7 +655,8 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     row's maximum m_t (-1e5 without blocks); "full" adds the low-resolution part at the
     larger of m_t and R_i, then everything is normalised and masked.
 
-    in : q, k, v [R, N, D]; mask, qmask [Bm, N]; row_cols [R, n, Cr] i32;
+    in : q [R, N, D]; k, v [R / group, Nk, D]; mask [Bm, Nk], qmask [Bm, N];
+         row_cols [R, n, Cr] i32 (n = N / b, the query blocks);
          ov_max [R, U, b]; ov_out [R, U, b, D]; ov_sum [R, U, b]; ov_start, ov_units [R, n] i32;
          full mode: o_lo [R, n, D], z_lo [R, n], rowmax [R, n]; heads, group, scale, ucap
     out: out [R, n, b, D] (the memory of [R, N, D]), in ``io`` (the dtype of q, k, v; in
@@ -664,7 +668,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     dt = dtype
     io = _io(io, dt, micro)
     C = row_unit_blocks
-    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa, heads_last)
+    R, N, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa, heads_last)
     n = N // b
     U, ucap = _vars("U", "ucap")
     row_cols = te.placeholder((R, n, C), I32, "row_cols")
@@ -933,7 +937,7 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     micro-kernels' (tensorized).
     """
     io = _io(io, dt, micro)
-    R, N, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
+    R, N, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), io if micro else dt, "g")
     dsum = te.placeholder((R, N), dt, "dsum")
@@ -1193,40 +1197,41 @@ def bwd_lowres(b: int, D: int, dtype: str = "float32", scratch: bool = False):
     W0 = exp(L - R - 1e4 Hmask) c_j (the forward's weights before the per-token scale
     lo_w, folded into ga and da): dL = W0 (ga v̂^T - da), L = scale q̂ k̂^T.
 
-    in : logits, hmask [R, n, n]; rowmax [R, n]; counts [Bm, n]; qp, kp, vp, ga [R, n, D];
-         da [R, n]; heads, scale
-    out: dqp, dkp, dvp [R, n, D]
-    ``scratch``: weight, gv, dlog [R, n, n] are arguments too (the last).
+    in : logits, hmask [R, n, nk]; rowmax [R, n]; counts [Bm, nk]; qp, ga [R, n, D];
+         kp, vp [R, nk, D]; da [R, n]; heads, scale
+    out: dqp [R, n, D]; dkp, dvp [R, nk, D]
+    ``scratch``: weight, gv, dlog [R, n, nk] are arguments too (the last).
     """
     dt = dtype
-    R, n, Bm, heads = _vars("R", "n", "Bm", "heads")
+    R, n, nk, Bm, heads = _vars("R", "n", "nk", "Bm", "heads")
     scale = te.var("scale", dtype=dt)
-    logits = te.placeholder((R, n, n), dt, "logits")
-    hmask = te.placeholder((R, n, n), dt, "hmask")
+    logits = te.placeholder((R, n, nk), dt, "logits")
+    hmask = te.placeholder((R, n, nk), dt, "hmask")
     rowmax = te.placeholder((R, n), dt, "rowmax")
-    counts = te.placeholder((Bm, n), dt, "counts")
-    qp, kp, vp, ga = (te.placeholder((R, n, D), dt, name) for name in ("qp", "kp", "vp", "ga"))
+    counts = te.placeholder((Bm, nk), dt, "counts")
+    qp, ga = (te.placeholder((R, n, D), dt, name) for name in ("qp", "ga"))
+    kp, vp = (te.placeholder((R, nk, D), dt, name) for name in ("kp", "vp"))
     da = te.placeholder((R, n), dt, "da")
     weight = _low_res_weights(logits, rowmax, hmask, counts, heads, scratch)
     d0 = te.reduce_axis((0, D), "d0")
     gv = te.compute(
-        (R, n, n), lambda r, i, j: te.sum(ga[r, i, d0] * vp[r, j, d0], axis=d0), name="gv"
+        (R, n, nk), lambda r, i, j: te.sum(ga[r, i, d0] * vp[r, j, d0], axis=d0), name="gv"
     )
     dlog = te.compute(  # dL, times scale (L = scale q̂ k̂^T)
-        (R, n, n), lambda r, i, j: weight[r, i, j] * (gv[r, i, j] - da[r, i]) * scale,
+        (R, n, nk), lambda r, i, j: weight[r, i, j] * (gv[r, i, j] - da[r, i]) * scale,
         name="dlog",
     )
-    j1 = te.reduce_axis((0, n), "j1")
+    j1 = te.reduce_axis((0, nk), "j1")
     dqp = te.compute(
         (R, n, D), lambda r, i, d: te.sum(dlog[r, i, j1] * kp[r, j1, d], axis=j1), name="dqp"
     )
     i1 = te.reduce_axis((0, n), "i1")
     dkp = te.compute(
-        (R, n, D), lambda r, j, d: te.sum(dlog[r, i1, j] * qp[r, i1, d], axis=i1), name="dkp"
+        (R, nk, D), lambda r, j, d: te.sum(dlog[r, i1, j] * qp[r, i1, d], axis=i1), name="dkp"
     )
     i2 = te.reduce_axis((0, n), "i2")
     dvp = te.compute(
-        (R, n, D), lambda r, j, d: te.sum(weight[r, i2, j] * ga[r, i2, d], axis=i2), name="dvp"
+        (R, nk, D), lambda r, j, d: te.sum(weight[r, i2, j] * ga[r, i2, d], axis=i2), name="dvp"
     )
     return ([logits, hmask, rowmax, counts, qp, kp, vp, ga, da, dqp, dkp, dvp, heads, scale]
             + ([weight, gv, dlog] if scratch else []))
@@ -1237,10 +1242,10 @@ def bwd_finish(b: int, D: int, dtype: str = "float32", io: str | None = None,
     """Sum the unit partials per block and add the block averages' gradient.
 
     in : dq_unit [R, Uq, b, D]; q_start, q_units [R, n] (units of each query block);
-         dk_unit, dv_unit [R, Uk, b, D]; k_start, k_units [R, n] (units of each key block);
-         dqp [R, n, D]; dkp, dvp [Rk, n, D]; inv_counts, q_inv_counts [Bm, n];
-         mask, qmask [Bm, N]; heads, ucap_q, ucap_k (and ``gqa``: group)
-    out: dq [R, n, b, D], dk, dv [Rk, n, b, D] (the memory of [R, N, D], [Rk, N, D]): in
+         dk_unit, dv_unit [R, Uk, b, D]; k_start, k_units [R, nk] (units of each key block);
+         dqp [R, n, D]; dkp, dvp [Rk, nk, D]; q_inv_counts [Bm, n]; inv_counts [Bm, nk];
+         qmask [Bm, N]; mask [Bm, Nk]; heads, ucap_q, ucap_k (and ``gqa``: group)
+    out: dq [R, n, b, D], dk, dv [Rk, nk, b, D] (the memory of [R, N, D], [Rk, Nk, D]): in
          the compute dtype, or with ``micro`` as bf16 bits, rounded to the nearest (the
          gradients of bf16 q, k, v)
     Rk = R, or with ``gqa`` (grouped-query heads) R / group: the key/value row rk sums the
@@ -1249,24 +1254,24 @@ def bwd_finish(b: int, D: int, dtype: str = "float32", io: str | None = None,
     """
     dt = dtype
     store = _io(io, dt, micro) if micro else dt
-    R, N, Bm, heads, Uq, Uk, ucap_q, ucap_k = _vars("R", "N", "Bm", "heads", "Uq", "Uk",
-                                                     "ucap_q", "ucap_k")
+    R, N, Nk, Bm, heads, Uq, Uk, ucap_q, ucap_k = _vars("R", "N", "Nk", "Bm", "heads", "Uq",
+                                                         "Uk", "ucap_q", "ucap_k")
     Rk, group = _vars("Rk", "group") if gqa else (R, None)
-    n = N // b
+    n, nk = N // b, Nk // b
     dq_unit = te.placeholder((R, Uq, b, D), dt, "dq_unit")
     dk_unit = te.placeholder((R, Uk, b, D), dt, "dk_unit")
     dv_unit = te.placeholder((R, Uk, b, D), dt, "dv_unit")
-    q_start, q_units, k_start, k_units = (
-        te.placeholder((R, n), I32, name) for name in ("q_start", "q_units", "k_start", "k_units")
-    )
+    q_start, q_units = (te.placeholder((R, n), I32, name) for name in ("q_start", "q_units"))
+    k_start, k_units = (te.placeholder((R, nk), I32, name) for name in ("k_start", "k_units"))
     dqp = te.placeholder((R, n, D), dt, "dqp")
-    dkp, dvp = (te.placeholder((Rk, n, D), dt, name) for name in ("dkp", "dvp"))
-    inv_counts = te.placeholder((Bm, n), dt, "inv_counts")
+    dkp, dvp = (te.placeholder((Rk, nk, D), dt, name) for name in ("dkp", "dvp"))
+    inv_counts = te.placeholder((Bm, nk), dt, "inv_counts")
     q_inv_counts = te.placeholder((Bm, n), dt, "q_inv_counts")
-    mask = te.placeholder((Bm, N), dt, "mask")
+    mask = te.placeholder((Bm, Nk), dt, "mask")
     qmask = te.placeholder((Bm, N), dt, "qmask")
 
     def gathered(name, units, start, count, cap, pooled, inv, side, rows, grouped):
+        blocks = count.shape[1]
         w = te.reduce_axis((0, cap), "w_" + name)
 
         def unit_part(r, i, t, d):
@@ -1278,11 +1283,11 @@ def bwd_finish(b: int, D: int, dtype: str = "float32", io: str | None = None,
         if grouped:  # the query rows of key/value row r: r * group + g
             g = te.reduce_axis((0, group), "g_" + name)
             total = te.compute(
-                (rows, n, b, D),
+                (rows, blocks, b, D),
                 lambda r, i, t, d: te.sum(unit_part(r * group + g, i, t, d), axis=[g, w]),
                 name=name + "_sum")
         else:
-            total = te.compute((rows, n, b, D),
+            total = te.compute((rows, blocks, b, D),
                                lambda r, i, t, d: te.sum(unit_part(r, i, t, d), axis=w),
                                name=name + "_sum")
 
@@ -1291,7 +1296,7 @@ def bwd_finish(b: int, D: int, dtype: str = "float32", io: str | None = None,
             x = total[r, i, t, d] + pooled[r, i, d] * inv[s, i] * side[s, i * b + t]
             return x if store == dt else _narrow(x, store)
 
-        return te.compute((rows, n, b, D), value, name=name)
+        return te.compute((rows, blocks, b, D), value, name=name)
 
     dq = gathered("dq", dq_unit, q_start, q_units, ucap_q, dqp, q_inv_counts, qmask, R, False)
     dk = gathered("dk", dk_unit, k_start, k_units, ucap_k, dkp, inv_counts, mask, Rk, gqa)
