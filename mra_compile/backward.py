@@ -59,10 +59,10 @@ def _added(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, knobs: dict):
     B, H, N, D = q.shape
-    Nk = k.shape[2]  # (cross-attention: both sides are padded to Np)
+    Nk = k.shape[2]  # (cross-attention: each side padded to whole blocks of its own)
     R, Np, Dp = pr.rows
     b = pr.block_size
-    n = Np // b
+    n, nk = Np // b, pr.key_blocks
     dt, dev, target = pr.dtype, q.device, pr.target
     # CPU bf16 with its micro-kernels: the units' products in bf16 on dO itself (their
     # operand ``g``, exact), 1/Z going with P (``operators.bwd_prep``).
@@ -100,7 +100,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
         chosen = knob_policy.knobs_for_shape(own or None, max(N, Nk), D, b, target,
                                              second.q.dtype)
         exact_and_combine(second, saved.index, saved.logits, saved.rowmax, saved.high_mask,
-                          saved.pooled[2], full, chosen, outp, pr.scratch("stats", 3, R, n, b))
+                          saved.vp, full, chosen, outp, pr.scratch("stats", 3, R, n, b))
     else:
         outp = pad(out, Np - N, Dp - D, dt)
 
@@ -122,14 +122,14 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
                                    dtype=q.dtype)["blocks_per_unit"]
     ds_at = None
     if reuse and kernels.get("bwd_plan").on(target.family):
-        by_query, by_key, ds_at = _unit_plans(pr, knobs, saved.index, n, Cq, Ck)
+        by_query, by_key, ds_at = _unit_plans(pr, knobs, saved.index, n, nk, Cq, Ck)
     else:
         exact = target.exact_plan  # else no host synchronisation (plan.plan_bounds)
-        by_query = plan.make_plan(saved.index, n, 0, Cq, exact)
-        flipped, order = plan.transposed(saved.index, n)
-        by_key = plan.make_plan(flipped, n, 0, Ck, exact)
+        by_query = plan.make_plan(saved.index, n, nk, 0, Cq, exact)
+        flipped, order = plan.transposed(saved.index, n, nk)
+        by_key = plan.make_plan(flipped, nk, n, 0, Ck, exact)
     Uq, Uk = by_query.unit_row.shape[1], by_key.unit_row.shape[1]
-    target.check_launch(n=n, U=max(Uq, Uk))
+    target.check_launch(n=max(n, nk), U=max(Uq, Uk))
     validate.check_scratch("dq-unit", R, Uq, b, Dp)
     validate.check_scratch("dk/dv-unit", R, Uk, b, Dp)
     dq_unit = pr.scratch("dq_unit", R, Uq, b, Dp)
@@ -143,7 +143,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
                dk_unit=dk_unit, dv_unit=dv_unit, ds_blocks=ds_blocks, **shared)
         if ds_at is None:
             ds_at = plan.transposed_slots(saved.index, by_query, Cq, flipped, order, by_key, Ck,
-                                          n)
+                                          n, nk)
         pr.run(dq_op, knobs, k=pr.k, unit_cols=by_query.unit_cols, ds_at=ds_at,
                ds_blocks=ds_blocks.view(R, Uk * Ck, b, b), dq_unit=dq_unit, group=pr.group)
     else:
@@ -153,49 +153,50 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
                dk_unit=dk_unit, dv_unit=dv_unit, **shared)
 
     # Low resolution ("full"): through the block averages; "sparse" has none.
-    pooled_grads = torch.zeros(3, R, n, Dp, dtype=dt, device=dev)
+    dqp = torch.zeros(R, n, Dp, dtype=dt, device=dev)
+    dkp, dvp = (torch.zeros(R, nk, Dp, dtype=dt, device=dev) for _ in range(2))
     if full:
-        qp, kp, vp = saved.pooled
         pr.run("bwd_lowres", knobs, logits=saved.logits, hmask=saved.high_mask, rowmax=saved.rowmax,
-               counts=pr.counts, qp=qp, kp=kp, vp=vp, ga=ga, da=da, dqp=pooled_grads[0],
-               dkp=pooled_grads[1], dvp=pooled_grads[2], heads=pr.heads, scale=pr.scale)
+               counts=pr.counts, qp=saved.qp, kp=saved.kp, vp=saved.vp, ga=ga, da=da, dqp=dqp,
+               dkp=dkp, dvp=dvp, heads=pr.heads, scale=pr.scale)
 
     # Grouped-query heads: a key/value head's gradient sums over the query heads sharing
     # it. bwd_finish sums their unit partials (its grouped variant); their block averages'
     # gradients (n x D a row) are summed here.
-    dkp, dvp = pooled_grads[1:]
     Rk = R // pr.group
     if pr.group > 1:
-        dkp, dvp = (x.view(Rk, pr.group, n, Dp).sum(1) for x in (dkp, dvp))
+        dkp, dvp = (x.view(Rk, pr.group, nk, Dp).sum(1) for x in (dkp, dvp))
     # Three separate tensors: a custom op's outputs may not alias one another. In q's
     # dtype where bwd_finish writes that (bf16 with the micro-kernels: ``Kernel.writes_io``),
     # else in the compute dtype, rounded by a copy below.
     grad_dtype = pr.q.dtype if "io" in pr.static("bwd_finish") else dt
-    grads = [pr.result(rows, n, b, Dp, dtype=grad_dtype) for rows in (R, Rk, Rk)]
+    grads = [pr.result(rows, blocks, b, Dp, dtype=grad_dtype)
+             for rows, blocks in ((R, n), (Rk, nk), (Rk, nk))]
     pr.run("bwd_finish", knobs, dq_unit=dq_unit, q_start=by_query.ov_start, q_units=by_query.ov_units,
            dk_unit=dk_unit, dv_unit=dv_unit, k_start=by_key.ov_start, k_units=by_key.ov_units,
-           dqp=pooled_grads[0], dkp=dkp, dvp=dvp, inv_counts=pr.inv_counts,
+           dqp=dqp, dkp=dkp, dvp=dvp, inv_counts=pr.inv_counts,
            q_inv_counts=pr.q_inv_counts, **pr.masks, dq=grads[0], dk=grads[1], dv=grads[2],
            heads=pr.heads, group=pr.group, ucap_q=by_query.ucap, ucap_k=by_key.ucap)
-    grads = [gr.view(B, -1, Np, Dp)[:, :, :length, :D] for gr, length in zip(grads, (N, Nk, Nk))]
+    grads = [gr.view(B, -1, blocks * b, Dp)[:, :, :length, :D]
+             for gr, blocks, length in zip(grads, (n, nk, nk), (N, Nk, Nk))]
     return tuple(gr if gr.dtype == x.dtype and gr.is_contiguous()
                  else pr.result(*gr.shape, dtype=x.dtype).copy_(gr)
                  for gr, x in zip(grads, (q, k, v)))
 
 
-def _unit_plans(pr: Prepared, knobs: dict, index, n: int, Cq: int, Ck: int):
-    """(by_query, by_key, ds_at): ``plan.make_plan(index, n, 0, Cq)``, the plan of the same
-    blocks by key block (``make_plan`` of ``plan.transposed(index, n)``'s, ``Ck``) and
-    ``plan.transposed_slots`` of the two, from one ``bwd_plan`` kernel (``plan_tir``:
+def _unit_plans(pr: Prepared, knobs: dict, index, n: int, nk: int, Cq: int, Ck: int):
+    """(by_query, by_key, ds_at): ``plan.make_plan(index, n, nk, 0, Cq)``, the plan of the
+    same blocks by key block (``make_plan`` of ``plan.transposed(index, n, nk)``'s, ``Ck``)
+    and ``plan.transposed_slots`` of the two, from one ``bwd_plan`` kernel (``plan_tir``:
     the same arrays, where the host's numpy and torch steps took ~1.8 ms a backward at
     N = 4096, B*H = 12). Its unit arrays have room for ``plan.plan_bounds``' counts; the
     kernels get them trimmed to the rows' most, as ``make_plan`` makes them."""
     R, K = index.shape
-    rooms = {"q": plan.plan_bounds(K, n, 0, Cq)[0], "k": plan.plan_bounds(K, n, 0, Ck)[0]}
+    rooms = {"q": plan.plan_bounds(K, n, nk, 0, Cq)[0], "k": plan.plan_bounds(K, nk, n, 0, Ck)[0]}
     shapes = dict(q_start=(R, n), q_units=(R, n), q_row=(R, rooms["q"]),
-                  q_cols=(R, rooms["q"], Cq), k_start=(R, n), k_units=(R, n),
+                  q_cols=(R, rooms["q"], Cq), k_start=(R, nk), k_units=(R, nk),
                   k_col=(R, rooms["k"]), k_rows=(R, rooms["k"], Ck),
-                  ds_at=(R, rooms["q"], Cq), k_seen=(R, n), units=(R, 4))
+                  ds_at=(R, rooms["q"], Cq), k_seen=(R, nk), units=(R, 4))
     out: dict[str, Any] = {name: pr.scratch(f"bwd_plan_{name}", *shape, dtype=torch.int32)
                            for name, shape in shapes.items()}
     pr.run("bwd_plan", knobs, index=index, **out)
@@ -203,7 +204,8 @@ def _unit_plans(pr: Prepared, knobs: dict, index, n: int, Cq: int, Ck: int):
 
     def made(side: str, total: int, most: int, row: str, cols: str) -> plan.Plan:
         U = max(total, 1)
-        return plan.Plan(torch.empty(R, n, 0, dtype=torch.int32),
+        blocks = n if side == "q" else nk
+        return plan.Plan(torch.empty(R, blocks, 0, dtype=torch.int32),
                          out[row][:, :U].contiguous(), out[cols][:, :U].contiguous(),
                          out[f"{side}_start"], out[f"{side}_units"], max(most, 1),
                          overflow=total > 0)

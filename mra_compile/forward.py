@@ -26,11 +26,12 @@ from mra_compile.options import Options
 
 @dataclass
 class LowRes:
-    """Steps 2-3: pooled [3, R, n, Dp] (q̂, k̂, v̂); logits, rowmax; the selection; the
-    work plan where the selection kernel made it with the selection (else None)."""
+    """Steps 2-3: pooled q̂ [R, n, Dp], k̂, v̂ [R, nk, Dp]; logits [R, n, nk], rowmax; the
+    selection; the work plan where the selection kernel made it with the selection (else
+    None)."""
 
-    pooled: torch.Tensor | None  # (None where the call keeps nothing for a backward)
-    vp: torch.Tensor  # v̂ [R, n, Dp] (pooled[2] where pooled is kept)
+    pooled: tuple | None  # (q̂, k̂, v̂); None where the call keeps nothing for a backward
+    vp: torch.Tensor  # v̂ [R, nk, Dp] (pooled[2] where pooled is kept)
     logits: torch.Tensor
     rowmax: torch.Tensor
     sel: plan.Selection
@@ -42,16 +43,13 @@ class LowRes:
 
 def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     R, Np, Dp = pr.rows
-    n = Np // pr.block_size
-    # What the backward reads (n x D and n x n per row): results where the call returns
+    n, nk = Np // pr.block_size, pr.key_blocks
+    # What the backward reads (n x D and n x nk per row): results where the call returns
     # them (``Prepared.saved``).
-    if pr.keeps_saved:
-        pooled = pr.result(3, R, n, Dp)
-        qp, kp, vp = pooled.unbind(0)
-    else:  # (three cached scratch views: unbind cost 10-25 us a call)
-        pooled = None
-        qp, kp, vp = (pr.scratch(f"pooled_{x}", R, n, Dp) for x in "qkv")
-    logits, rowmax = pr.saved("saved_logits", R, n, n), pr.saved("saved_rowmax", R, n)
+    sizes = {"q": n, "k": nk, "v": nk}
+    qp, kp, vp = (pr.saved(f"pooled_{x}", R, sizes[x], Dp) for x in "qkv")
+    pooled = (qp, kp, vp) if pr.keeps_saved else None
+    logits, rowmax = pr.saved("saved_logits", R, n, nk), pr.saved("saved_rowmax", R, n)
     # v̂ only feeds the low-resolution output ("full"); "sparse" saves zeros in its place.
     values = dict(v=pr.v, vp=vp) if opts.full else {}
     if not opts.full and pr.keeps_saved:
@@ -63,14 +61,12 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
         row_blocks = sequence_budgets(pr.q_counts, pr.heads, pr.block_size,
-                                      opts.block_per_row, n)
-    # Cross-attention: the top-k runs over the nq x nk grid of the spec; the blocks both
-    # sides are padded to beyond it hold no real query or key (inputs._prepare_cross).
-    nq, nk = pr.blocks_q, pr.blocks_k
-    grid = (nq, nk) != (n, n)
-    k = opts.max_blocks(nq, nk)
+                                      opts.block_per_row, n * nk)
+    # The top-k runs over the n x nk grid of the spec (cross-attention: each side padded
+    # to whole blocks of its own, inputs._prepare_cross).
+    k = opts.max_blocks(n, nk)
     if (kernels.get("select_plan").on(pr.target.family) and opts.first_n == 0
-            and opts.diagonal_n == 0 and k < nq * nk):
+            and opts.diagonal_n == 0 and k < n * nk):
         sel, work, saved_mask = _select_and_plan(pr, logits, rowmax, k, opts.full, knobs,
                                                  row_blocks)
         return LowRes(pooled, vp, logits, rowmax, sel, work, saved_mask)
@@ -78,15 +74,10 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
         real_pairs = _real_pairs(pr)
     # S goes to kept memory, not fresh pages: where Hmask (which the backward reads)
     # replaces it ("full"), or that the backward's zeros then take ("sparse").
-    kept = {} if grid else {"scores_out": pr.saved("saved_scores", R, n, n)}
-    sel = plan.select_blocks(logits[:, :nq, :nk] if grid else logits, rowmax[:, :nq],
-                             num_blocks=k, full=opts.full,
+    sel = plan.select_blocks(logits, rowmax, num_blocks=k, full=opts.full,
                              first_n=opts.first_n, diagonal_n=opts.diagonal_n,
-                             row_blocks=row_blocks,
-                             real_pairs=None if real_pairs is None else real_pairs[:, :nq, :nk],
-                             **kept)
-    if grid:
-        sel = sel.embed(nq, nk, n)
+                             row_blocks=row_blocks, real_pairs=real_pairs,
+                             scores_out=pr.saved("saved_scores", R, n, nk))
     return LowRes(pooled, vp, logits, rowmax, sel)
 
 
@@ -105,33 +96,33 @@ def _select_and_plan(pr: Prepared, logits, rowmax, k: int, full: bool, knobs: di
     """Step 3 and the work plan in one kernel (``selection_tir``): the selection of
     ``plan.select_blocks`` (with per-sequence budgets ``row_blocks`` [R], and over the
     nq x nk grid of cross-attention) and the plan ``plan.make_plan`` makes of it; for
-    calls without priors and k < nq * nk. Returns (selection, plan, Hmask or, "sparse",
-    zeros [R, n, n]: what the backward reads for Hmask)."""
-    R, n, _ = logits.shape
+    calls without priors and k < n * nk. Returns (selection, plan, Hmask or, "sparse",
+    zeros [R, n, nk]: what the backward reads for Hmask)."""
+    R, n, nk = logits.shape
     Cr, Co = _unit_blocks(knobs, pr.target)
-    room, _ = plan.plan_bounds(k, n, Cr, Co)  # (the most overflow units a row can have)
+    room, _ = plan.plan_bounds(k, n, nk, Cr, Co)  # (the most overflow units a row can have)
     i32 = torch.int32
     # S where the backward reads Hmask: Hmask ("full") or zeros ("sparse") replace it in
     # place.
-    scores = pr.saved("saved_scores", R, n, n)
+    scores = pr.saved("saved_scores", R, n, nk)
     index = pr.saved("saved_index", R, k, dtype=torch.int64)
     row_cols = pr.scratch("row_cols", R, n, Cr, dtype=i32)
     ov_start, ov_units = pr.scratch("ov_start", R, n, dtype=i32), pr.scratch("ov_units", R, n, dtype=i32)
     unit_row = pr.scratch("unit_row", R, room, dtype=i32)
     unit_cols = pr.scratch("unit_cols", R, room, Co, dtype=i32)
     units = pr.scratch("units", R, 2, dtype=i32)
-    cands = min(CANDIDATE_ROOM * k, n * n)  # (never more than the scores: R*n*n < 2**31)
+    cands = min(CANDIDATE_ROOM * k, n * nk)  # (never more than the scores: R*n*nk < 2**31)
     if row_blocks is None:
         budget = _uniform_budget(R, k, pr)
     else:
         budget = pr.scratch("budget", R, dtype=i32)
         write_budget(budget, row_blocks, k)
     pr.run("select_plan", knobs, logits=logits, rowmax=rowmax, counts=pr.counts,
-           q_counts=pr.q_counts, budget=budget, scores=scores.view(R, n * n),
+           q_counts=pr.q_counts, budget=budget, scores=scores.view(R, n * nk),
            cand_val=pr.scratch("cand_val", R, cands),
            cand_idx=pr.scratch("cand_idx", R, cands, dtype=i32), index=index,
            row_cols=row_cols, ov_start=ov_start, ov_units=ov_units, unit_row=unit_row,
-           unit_cols=unit_cols, units=units, heads=pr.heads, nq=pr.blocks_q, nk=pr.blocks_k,
+           unit_cols=unit_cols, units=units, heads=pr.heads,
            real_only=int(row_blocks is not None), write_mask=_mask_written(full, pr))
     if units.device.type == "cpu":
         # (numpy, not torch: each torch call costs 10-35 us right after other heavy
@@ -189,13 +180,14 @@ def _unit_blocks(knobs: dict, target) -> tuple[int, int]:
     return knob("hires_rows", "row_unit_blocks"), knob("hires_units", "blocks_per_unit")
 
 
-def sequence_budgets(q_counts, heads: int, block_size: int, block_per_row: int, n: int):
+def sequence_budgets(q_counts, heads: int, block_size: int, block_per_row: int, grid: int):
     """docs/spec.md, "Per-sequence budget": each row's ``r * ceil(c / b)`` blocks (at
-    least r, at most n*n) for its sequence's ``c`` real tokens (queries), [R] int64, from
-    the queries' block counts ``q_counts`` [Bm, n] (row r of mask row r // ``heads``)."""
+    least r, at most ``grid``, the blocks of the grid) for its sequence's ``c`` real
+    tokens (queries), [R] int64, from the queries' block counts ``q_counts`` [Bm, nq]
+    (row r of mask row r // ``heads``)."""
     real_tokens = q_counts.sum(-1)  # [Bm]
     rows_real = torch.ceil(real_tokens / block_size).clamp_min(1).to(torch.int64)
-    budget = (rows_real * block_per_row).clamp_max(n * n)
+    budget = (rows_real * block_per_row).clamp_max(grid)
     return _per_head(budget, heads)
 
 
@@ -214,7 +206,7 @@ def write_budget(budget, row_blocks, k: int) -> None:
 
 def _real_pairs(pr: Prepared):
     """The blocks with a real query and a real key (those a per-sequence budget counts),
-    [R, n, n] bool."""
+    [R, nq, nk] bool."""
     pairs = (pr.q_counts > 0.5)[:, :, None] & (pr.counts > 0.5)[:, None, :]
     return _per_head(pairs, pr.heads)
 
@@ -236,28 +228,27 @@ def block_selection(q, k, v, mask, opts: Options, query_mask=None):
             knobs = knob_policy.knobs_for_shape(None, max(N, k.shape[2]), D, opts.block_size,
                                                 pr.target, q.dtype)
             lr = _pool_and_select(pr, opts, knobs)
-    n = lr.logits.shape[-1]
-    selected = torch.zeros(B * H, n * n + 1, dtype=torch.bool, device=q.device)
-    selected.scatter_(1, lr.sel.index, True)  # (entries n * n: no block)
-    selected = selected[:, : n * n].reshape(B, H, n, n)
+    selected = torch.zeros(B * H, nq * nk + 1, dtype=torch.bool, device=q.device)
+    selected.scatter_(1, lr.sel.index, True)  # (entries nq * nk: no block)
+    selected = selected[:, : nq * nk].reshape(B, H, nq, nk)
     hm = lr.sel.high_mask
-    high_mask = selected.clone() if hm is None else hm.bool().view(B, H, n, n)
-    # Cross-attention: the blocks of the nq x nk grid (the rest hold no real pair).
-    return selected[:, :, :nq, :nk], high_mask[:, :, :nq, :nk]
+    high_mask = selected.clone() if hm is None else hm.bool().view(B, H, nq, nk)
+    return selected, high_mask
 
 
 @dataclass
 class Saved:
     """What the forward hands to the backward (see ``mra_compile.backward``).
 
-    stats [3, R, Np]: stab, lo_w, inv_z per token; pooled [3, R, n, Dp]: q̂, k̂, v̂ (v̂
-    zeros in "sparse" mode);
-    logits, high_mask [R, n, n] (high_mask zeros in "sparse" mode); rowmax [R, n];
-    index [R, K] int64: the selected blocks, sorted.
+    stats [3, R, Np]: stab, lo_w, inv_z per query token; qp [R, n, Dp], kp, vp [R, nk, Dp]:
+    q̂, k̂, v̂ (v̂ zeros in "sparse" mode); logits, high_mask [R, n, nk] (high_mask zeros in
+    "sparse" mode); rowmax [R, n]; index [R, K] int64: the selected blocks, sorted.
     """
 
     stats: torch.Tensor
-    pooled: torch.Tensor
+    qp: torch.Tensor
+    kp: torch.Tensor
+    vp: torch.Tensor
     logits: torch.Tensor
     high_mask: torch.Tensor
     rowmax: torch.Tensor
@@ -265,15 +256,17 @@ class Saved:
 
     def rows(self, start: int, stop: int) -> Saved:
         """The rows (batch * heads) ``start:stop``."""
-        return Saved(self.stats[:, start:stop], self.pooled[:, start:stop],
-                     self.logits[start:stop], self.high_mask[start:stop],
-                     self.rowmax[start:stop], self.index[start:stop])
+        return Saved(*(x[:, start:stop] if f.name == "stats" else x[start:stop]
+                       for f, x in zip(dataclasses.fields(Saved), self.tensors())))
+
+    def tensors(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(Saved))
 
     @staticmethod
     def cat(parts: list[Saved]) -> Saved:
         """Consecutive row ranges, joined."""
         return Saved(*(torch.cat([getattr(p, f.name) for p in parts],
-                                 1 if f.name in ("stats", "pooled") else 0)
+                                 1 if f.name == "stats" else 0)
                        for f in dataclasses.fields(Saved)))
 
 
@@ -438,9 +431,10 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     if not pr.keeps_saved:
         return out, None
     if high_mask is None:  # ("sparse": zeros, from the selection kernel where it ran)
-        high_mask = lr.saved_mask if lr.saved_mask is not None else pr.result(R, n, n).zero_()
+        high_mask = (lr.saved_mask if lr.saved_mask is not None
+                     else pr.result(R, n, pr.key_blocks).zero_())
     assert lr.pooled is not None  # (kept: keeps_saved)
-    saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
+    saved = Saved(stats.view(3, R, Np), *lr.pooled, lr.logits,
                   high_mask if high_mask.dtype == dt else high_mask.to(dt), lr.rowmax,
                   lr.sel.index)
     return out, saved
@@ -449,8 +443,8 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
 def exact_and_combine(pr: Prepared, index, logits, rowmax, high_mask, vp, full: bool,
                       knobs: dict, out, stats, work: plan.Plan | None = None) -> None:
     """Steps 4-6 for the selected blocks ``index`` [R, K] (and, "full", the
-    low-resolution part from ``logits``, ``rowmax``, ``high_mask`` [R, n, n] and the
-    pooled values ``vp`` [R, n, Dp]): the output into ``out`` [R, n, b, Dp] (in the I/O
+    low-resolution part from ``logits``, ``rowmax``, ``high_mask`` [R, n, nk] and the
+    pooled values ``vp`` [R, nk, Dp]): the output into ``out`` [R, n, b, Dp] (in the I/O
     dtype of ``pr``) and the per-token statistics into ``stats`` [3, R, n, b]. ``work``:
     the plan of ``index`` for these knobs, where the selection made it (else made here)."""
     R, Np, Dp = pr.rows
@@ -460,7 +454,7 @@ def exact_and_combine(pr: Prepared, index, logits, rowmax, high_mask, vp, full: 
 
     if work is None:
         Cr, Co = _unit_blocks(knobs, target)
-        work = plan.make_plan(index, n, Cr, Co, exact=target.exact_plan)
+        work = plan.make_plan(index, n, pr.key_blocks, Cr, Co, exact=target.exact_plan)
     p = work
     U = p.unit_row.shape[1]
     target.check_launch(n=n, U=U)

@@ -70,13 +70,14 @@ def pad(x: torch.Tensor, n_pad: int, d_pad: int, dtype: torch.dtype) -> torch.Te
 class Prepared:
     """Inputs as the kernels read them.
 
-    q, k, v [R, Np, Dp] in the target's I/O dtype, or with ``heads_last`` [B, Np, H, Dp]
-    (k, v: [B, Np, Hkv, Dp]; row r = b H + h) where the caller's tensors lie so in memory
-    (``rows`` gives (R, Np, Dp) either way); mask [Bm, Np], the keys' (row r of q
-    uses mask row r // heads); counts, inv_counts [Bm, n]; qmask, q_counts, q_inv_counts:
-    the same for the queries (the same tensors for self-attention); scale: the logit
-    scale (default 1/sqrt(D) of the real head dim). Cross-attention pads both sides to
-    one length Np (``prepare``).
+    q [R, Np, Dp], k, v [Rkv, Npk, Dp] in the target's I/O dtype, or with ``heads_last``
+    [B, Np, H, Dp] (k, v: [B, Npk, Hkv, Dp]; row r = b H + h) where the caller's tensors
+    lie so in memory (``rows`` gives (R, Np, Dp) either way, ``key_blocks`` Npk / b);
+    mask [Bm, Npk], the keys' (row r of q uses mask row r // heads); counts, inv_counts
+    [Bm, Npk / b]; qmask, q_counts, q_inv_counts: the same for the queries (the same
+    tensors for self-attention); scale: the logit scale (default 1/sqrt(D) of the real
+    head dim). Each side is padded to whole blocks of its own: Npk = Np but for
+    cross-attention (``prepare``).
     """
 
     q: torch.Tensor
@@ -94,8 +95,6 @@ class Prepared:
     target: Target
     masked: bool = False  # a mask was given (not only a partial last block)
     group: int = 1  # query heads per key/value head: q row r reads k, v row r // group
-    blocks_q: int = 0  # cross-attention: each side's real blocks, ceil(N / b); 0: Np / b
-    blocks_k: int = 0
     # The kernels' variant whose P v keeps P at float32 accuracy, for the float32 output
     # of a half-precision result: the micro-kernels' with P v in float32
     # (``Target.micro_kernels``), or P split in two (``Target.splits_pv``).
@@ -107,8 +106,6 @@ class Prepared:
     heads_last: bool = False
 
     def __post_init__(self):
-        n = self.rows[1] // self.block_size
-        self.blocks_q, self.blocks_k = self.blocks_q or n, self.blocks_k or n
         # What selects a kernel variant besides its op, mode and knobs (``run``).
         self._variant = (self.block_size, self.q.shape[-1], self.q.dtype, self.mask.dtype,
                          self.group > 1, self.float32_pv, self.target.name,
@@ -122,6 +119,11 @@ class Prepared:
             return B * H, Np, Dp
         R, Np, Dp = self.q.shape
         return R, Np, Dp
+
+    @property
+    def key_blocks(self) -> int:
+        """nk: the keys' blocks (k, v [.., Npk, ..] either layout: Npk / b)."""
+        return self.k.shape[1] // self.block_size
 
     @property
     def masks(self) -> dict:
@@ -166,9 +168,9 @@ class Prepared:
         if not self.target.scratch_args:
             return {}
         R, Np, _ = self.rows
-        n = Np // self.block_size
-        shapes = {"raw_logits": (R, n, n), "real_max": (R, n), "weight": (R, n, n),
-                  "gv": (R, n, n), "dlog": (R, n, n)}
+        n, nk = Np // self.block_size, self.key_blocks
+        shapes = {"raw_logits": (R, n, nk), "real_max": (R, n), "weight": (R, n, nk),
+                  "gv": (R, n, nk), "dlog": (R, n, nk)}
         return {name: self.scratch(name, *shapes[name]) for name in kernels.get(op).scratch}
 
     def run(self, op: str, knobs: dict, full: bool | None = None, **args) -> None:
@@ -283,7 +285,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     B, H, N, D = q.shape
     Nk = k.shape[2]
     b = block_size
-    Np = -(-max(N, Nk) // b) * b
+    Np = -(-N // b) * b
     Dp = -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     dt = compute_dtype(q.dtype)
     dev = q.device
@@ -455,37 +457,35 @@ def side_mask_into(real, maskf, counts, inv_counts, b: int) -> None:
 def _prepare_cross(q, k, v, mask, query_mask, Np: int, Dp: int, dt, io, common: dict) -> Prepared:
     """Cross-attention (docs/spec.md, "Extensions"): q [B, H, Nq, D]; k, v [B, Hkv, Nk, D];
     mask [B, Nk] (keys) and query_mask [B, Nq], each None for all real; the rest as
-    ``prepare`` derived it (``common``: Prepared's shared fields).
+    ``prepare`` derived it (``common``: Prepared's shared fields; ``Np``: the queries'
+    padded length).
 
-    Both sides are padded to one length Np = b * max(ceil(Nq / b), ceil(Nk / b)) so that
-    the kernels keep one tiling; each side's padding is masked in its own mask. The
-    shorter side's extra blocks then hold no real token; the selection runs over the
-    spec's nq x nk grid only (``blocks_q``, ``blocks_k``; ``forward._pool_and_select``), so
-    no extra block is ever computed exactly, and in the low-resolution part an extra key
-    block weighs 0 (c_j = 0) and an extra query block reaches no output. The cost of the
-    extra blocks is linear in Np (copying, pooling, writing zeros)."""
+    Each side is padded to whole blocks of its own (the spec's nq x nk grid), each side's
+    padding masked in its own mask: a short query side against long keys costs the
+    queries' blocks, not the keys' (before 2026-12-08 both sides were padded to the
+    longer one)."""
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     b, target = common["block_size"], common["target"]
+    Npk = -(-Nk // b) * b
     # docs/spec.md, step 1, on each side that has a mask.
     if query_mask is not None:
         (q,) = clean_padding((q,), query_mask != 0, target.exact_plan)
     if mask is not None:
         k, v = clean_padding((k, v), mask != 0, target.exact_plan)
-    qf, kf, vf = (padded(x, Np, Dp, io, name, target)
-                  for x, name in ((q, "input_q"), (k, "input_k"), (v, "input_v")))
+    qf = padded(q, Np, Dp, io, "input_q", target)
+    kf, vf = (padded(x, Npk, Dp, io, name, target) for x, name in ((k, "input_k"), (v, "input_v")))
 
-    def side(given, N, name):
+    def side(given, N, Ns, name):
         if given is None:  # (all real: the same for every call of this shape)
             return kept_constants(
-                ("all real", B, N, Np, b, dt, q.device),
-                lambda: _side_mask(torch.ones(B, N, dtype=dt, device=q.device), N, Np, dt, b),
+                ("all real", B, N, Ns, b, dt, q.device),
+                lambda: _side_mask(torch.ones(B, N, dtype=dt, device=q.device), N, Ns, dt, b),
                 target.reuses_workspace)
-        return _side_mask(given != 0, N, Np, dt, b, target, name)
+        return _side_mask(given != 0, N, Ns, dt, b, target, name)
 
     # (in scratch of their own where the target reuses it: the launch cache rewrites them)
-    maskf, counts, inv_counts = side(mask, Nk, "side")
-    qmaskf, q_counts, q_inv_counts = side(query_mask, Nq, "query_side")
+    maskf, counts, inv_counts = side(mask, Nk, Npk, "side")
+    qmaskf, q_counts, q_inv_counts = side(query_mask, Nq, Np, "query_side")
     return Prepared(qf, kf, vf, maskf, counts, inv_counts, qmaskf, q_counts, q_inv_counts, H,
-                    masked=mask is not None or query_mask is not None,
-                    blocks_q=-(-Nq // b), blocks_k=-(-Nk // b), **common)
+                    masked=mask is not None or query_mask is not None, **common)

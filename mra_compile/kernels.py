@@ -155,7 +155,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # host otherwise, and for priors).
     Kernel("select_plan", ("logits", "rowmax", "counts", "q_counts", "budget", "scores",
                            "cand_val", "cand_idx", "index", "row_cols", "ov_start", "ov_units",
-                           "unit_row", "unit_cols", "units", "heads", "nq", "nk", "real_only",
+                           "unit_row", "unit_cols", "units", "heads", "real_only",
                            "write_mask"), module="selection_tir", families=("cpu",)),
     # Backward.
     # Its two work plans (by query block, by key block) and where dq's units read dS, in

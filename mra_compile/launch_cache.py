@@ -146,9 +146,10 @@ class _Masks:
             inputs.side_mask_into(real, side.maskf, side.counts, side.inv_counts,
                                   self.block_size)
         if self.budget is not None and self.block_per_row is not None:
-            n = self.q_counts.shape[1]
+            # (k: at most the grid's blocks, and write_budget's bound)
             forward.write_budget(self.budget, forward.sequence_budgets(
-                self.q_counts, self.heads, self.block_size, self.block_per_row, n), self.k)
+                self.q_counts, self.heads, self.block_size, self.block_per_row, self.k),
+                self.k)
         return True
 
 

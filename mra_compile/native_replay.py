@@ -120,13 +120,14 @@ typedef struct { /* one side's mask (the keys', or cross-attention's queries') *
   int32_t kind;     /* its elements: 0 one byte, 1 int32, 2 int64, 3 float32, 4 float64 */
   int32_t form;     /* 0 0/1 values, 1 bool (nonzero = real), 2 additive (0 / -inf) */
   int32_t N, checks; /* checks: bit j set: input j's padded tokens must be finite */
+  int32_t Np;       /* its length padded to whole blocks */
   void *maskf, *counts, *inv_counts; /* [B, Np], [B, Np / b], [B, Np / b] */
 } Side;
 typedef struct {
-  int32_t nsides, B, Np, b, D, wide; /* wide: the sides' tensors are float64 */
+  int32_t nsides, B, nq, b, D, wide; /* nq: the query blocks; wide: float64 tensors */
   Side sides[2];
   Input in[3];      /* q, k, v [B, heads, N, D] */
-  const void *q_counts; /* the queries' block counts (a side's, or constant): the budgets' */
+  const void *q_counts; /* [B, nq] the queries' block counts (a side's, or constant) */
   int32_t *budget;  /* [rows] int32, or NULL: no per-sequence budget */
   int32_t rows, heads, per_row, most;
 } Masks;
@@ -225,16 +226,15 @@ static int all_finite(const Input *x, int64_t i, int64_t first, int64_t stop, in
  * -inf: additive), which the caller raises. (The sides' maskf are written in every
  * case: scratch the usual path writes again.) */
 int mra_refresh_masks(const Masks *m) {
-  int64_t n = m->Np / m->b;
   for (int s = 0; s < m->nsides; ++s)
     for (int64_t i = 0; i < m->B; ++i)
-      if (decode(&m->sides[s], m->Np, m->wide, i)) return 2;
+      if (decode(&m->sides[s], m->sides[s].Np, m->wide, i)) return 2;
   for (int s = 0; s < m->nsides; ++s) {
     const Side *side = &m->sides[s];
     for (int64_t i = 0; i < m->B; ++i) {
       int64_t first = -1, stop = -1;
       for (int64_t t = 0; t < side->N; ++t)
-        if (at(side->maskf, m->wide, i * m->Np + t) == 0.0) {
+        if (at(side->maskf, m->wide, i * side->Np + t) == 0.0) {
           if (first < 0) first = t;
           stop = t + 1;
         }
@@ -246,10 +246,12 @@ int mra_refresh_masks(const Masks *m) {
   }
   for (int s = 0; s < m->nsides; ++s) {
     const Side *side = &m->sides[s];
+    const int64_t n = side->Np / m->b;
     for (int64_t i = 0; i < m->B; ++i)
       for (int64_t j = 0; j < n; ++j) {
         double c = 0;
-        for (int64_t t = j * m->b; t < (j + 1) * m->b; ++t) c += at(side->maskf, m->wide, i * m->Np + t);
+        for (int64_t t = j * m->b; t < (j + 1) * m->b; ++t)
+          c += at(side->maskf, m->wide, i * side->Np + t);
         /* (as torch.add(counts, 1e-6) then reciprocal_, in the tensors' own width) */
         if (m->wide) {
           ((double *)side->counts)[i * n + j] = c;
@@ -263,11 +265,10 @@ int mra_refresh_masks(const Masks *m) {
   if (m->budget) /* forward.sequence_budgets, then write_budget */
     for (int64_t i = 0; i < m->B; ++i) {
       double real = 0;
-      for (int64_t j = 0; j < n; ++j) real += at(m->q_counts, m->wide, i * n + j);
+      for (int64_t j = 0; j < m->nq; ++j) real += at(m->q_counts, m->wide, i * m->nq + j);
       int64_t rows_real = ((int64_t)real + m->b - 1) / m->b;
       int64_t blocks = (rows_real > 1 ? rows_real : 1) * m->per_row;
-      if (blocks > n * n) blocks = n * n;
-      if (blocks > m->most) blocks = m->most;
+      if (blocks > m->most) blocks = m->most; /* (most: at most the grid's blocks) */
       for (int64_t r = i * m->heads; r < (i + 1) * m->heads && r < m->rows; ++r)
         m->budget[r] = (int32_t)blocks;
     }
@@ -331,12 +332,13 @@ class CInput(ctypes.Structure):
 class CSide(ctypes.Structure):
     _fields_ = [("mask", ctypes.c_void_p), ("mask_sb", ctypes.c_int64),
                 ("mask_st", ctypes.c_int64), ("kind", ctypes.c_int32), ("form", ctypes.c_int32),
-                ("N", ctypes.c_int32), ("checks", ctypes.c_int32), ("maskf", ctypes.c_void_p),
+                ("N", ctypes.c_int32), ("checks", ctypes.c_int32), ("Np", ctypes.c_int32),
+                ("maskf", ctypes.c_void_p),
                 ("counts", ctypes.c_void_p), ("inv_counts", ctypes.c_void_p)]
 
 
 class CMasks(ctypes.Structure):
-    _fields_ = [("nsides", ctypes.c_int32), ("B", ctypes.c_int32), ("Np", ctypes.c_int32),
+    _fields_ = [("nsides", ctypes.c_int32), ("B", ctypes.c_int32), ("nq", ctypes.c_int32),
                 ("b", ctypes.c_int32), ("D", ctypes.c_int32), ("wide", ctypes.c_int32),
                 ("sides", CSide * 2), ("inputs", CInput * 3), ("q_counts", ctypes.c_void_p),
                 ("budget", ctypes.c_void_p), ("rows", ctypes.c_int32), ("heads", ctypes.c_int32),
@@ -517,15 +519,15 @@ class NativeMasks:
                 or any(t.dtype != dt or not t.is_contiguous() for t in tensors)):
             raise ValueError("a mask or input dtype the C refresh does not read")
         B, _, _, D = qkv[0].shape
-        first = masks.sides[0].maskf
-        m = CMasks(nsides=len(masks.sides), B=B, Np=first.shape[1], b=masks.block_size, D=D,
+        m = CMasks(nsides=len(masks.sides), B=B, nq=masks.q_counts.shape[1],
+                   b=masks.block_size, D=D,
                    wide=int(dt == torch.float64), q_counts=masks.q_counts.data_ptr(),
                    heads=masks.heads, per_row=masks.block_per_row or 0, most=masks.k)
         for c, side in zip(m.sides, masks.sides):
             mask = given[side.given]
             c.kind = _MASK_KINDS[mask.dtype]
             c.form = 1 if mask.dtype == torch.bool else 2 if mask.dim() == 4 else 0
-            c.N = mask.shape[-1]
+            c.N, c.Np = mask.shape[-1], side.maskf.shape[1]
             c.checks = sum(1 << j for j in side.checks)
             c.maskf, c.counts, c.inv_counts = (side.maskf.data_ptr(), side.counts.data_ptr(),
                                                side.inv_counts.data_ptr())

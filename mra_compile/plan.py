@@ -1,6 +1,7 @@
 """Block selection (docs/spec.md, step 3) and the work plan for the high-resolution kernels.
 
-Selection is a top-k over the n*n low-resolution scores of each row. It runs on the
+Selection is a top-k over the nq*nk low-resolution scores of each row (nq query blocks,
+nk key blocks; nq = nk but for cross-attention). It runs on the
 host in numpy/torch: the input is small (n*n per row, n = N/b), the result only indexes
 the TVM kernels, and a selection (numpy's introselect, ``argpartition``) beats sorting:
 TOPI's top-k sorts the whole row, and ``torch.topk`` was 5x slower than argpartition on
@@ -56,17 +57,6 @@ class Selection:
 
     index: torch.Tensor
     high_mask: torch.Tensor | None
-
-    def embed(self, nq: int, nk: int, n: int) -> Selection:
-        """The selection of an [nq, nk] grid (cross-attention) as one of the [n, n] grid
-        both sides are padded to: flat indices ``i * n + j`` (no block: ``n * n``), and
-        ``high_mask`` 0 on the added blocks (they hold no real query or key)."""
-        index = torch.where(self.index < nq * nk,
-                            (self.index // nk) * n + self.index % nk, n * n)
-        high_mask = None
-        if self.high_mask is not None:
-            high_mask = torch.nn.functional.pad(self.high_mask, (0, n - nk, 0, n - nq))
-        return Selection(index, high_mask)
 
 
 @torch.no_grad()
@@ -197,7 +187,7 @@ class Plan:
     ``hires_rows``; the rest (rows with more) are packed into overflow units of ``Co``
     blocks for ``hires_units``, which ``hires_rows`` merges back.
 
-    row_cols [R, n, Cr] i32: a row's own key blocks (-1: empty slot)
+    row_cols [R, n, Cr] i32: a row's own key blocks (-1: empty slot); n: block rows
     unit_row [R, U] i32, unit_cols [R, U, Co] i32: overflow units (-1: padding)
     ov_start, ov_units [R, n] i32: first overflow unit and count of each block row
     ucap: max of ov_units, at least 1 (the extent of the merge loop)
@@ -222,25 +212,27 @@ class Plan:
         return bool(self.unit_row.shape[1]) and bool((self.unit_row >= 0).any())
 
 
-def plan_bounds(K: int, n: int, Cr: int, Co: int) -> tuple[int, int]:
-    """(U, ucap) upper bounds from the shapes alone, for ``make_plan(exact=False)``.
+def plan_bounds(K: int, n: int, nk: int, Cr: int, Co: int) -> tuple[int, int]:
+    """(U, ucap) upper bounds from the shapes alone (n block rows of nk blocks), for
+    ``make_plan(exact=False)``.
 
-    A block row holds at most min(K, n) selected blocks: at most e = min(K, n) - Cr
+    A block row holds at most min(K, nk) selected blocks: at most e = min(K, nk) - Cr
     overflow blocks, in ceil(e / Co) units (ucap). Over a row's K blocks the overflow
     sum_i max(c_i - Cr, 0) is largest with the blocks packed into full block rows,
     and at most K // (Cr + 1) block rows overflow, each rounding up by < 1 unit."""
-    per_row = max(min(K, n) - Cr, 0)
+    per_row = max(min(K, nk) - Cr, 0)
     ucap = max(-(-per_row // Co), 1)
     rows_over = min(n, K // (Cr + 1))
-    most = (K // n) * max(n - Cr, 0) + max(K % n - Cr, 0)
+    most = (K // nk) * max(nk - Cr, 0) + max(K % nk - Cr, 0)
     U = min(rows_over * ucap, (most + (Co - 1) * rows_over) // Co)
     return max(U, 1), ucap
 
 
 @torch.no_grad()
-def make_plan(index, n: int, Cr: int, Co: int, exact: bool = True) -> Plan:
-    """Split the sorted selected blocks ``index`` [R, K] into row units and overflow units;
-    entries ``n * n`` (rows with fewer blocks, at the end) are no block.
+def make_plan(index, n: int, nk: int, Cr: int, Co: int, exact: bool = True) -> Plan:
+    """Split the sorted selected blocks ``index`` [R, K] (flat ``i * nk + j`` over n block
+    rows of nk blocks) into row units and overflow units; entries ``n * nk`` (rows with
+    fewer blocks, at the end) are no block.
 
     ``exact=False`` sizes U and ucap by ``plan_bounds`` instead of reading them from the
     device: no host synchronisation (CUDA: the call stays asynchronous and capturable
@@ -248,9 +240,9 @@ def make_plan(index, n: int, Cr: int, Co: int, exact: bool = True) -> Plan:
     R, K = index.shape
     dev = index.device
     if exact and targets.of_device(dev).selects_in_numpy:
-        return _make_plan_numpy(index.numpy(), n, Cr, Co)
-    bi = index // n  # entries n * n (no block, after all the others) give block row n
-    bj = (index % n).to(torch.int32)
+        return _make_plan_numpy(index.numpy(), n, nk, Cr, Co)
+    bi = index // nk  # entries n * nk (no block, after all the others) give block row n
+    bj = (index % nk).to(torch.int32)
     per_row = torch.zeros(R, n + 1, dtype=torch.int64, device=dev)
     per_row.scatter_add_(1, bi, torch.ones_like(bi))
     first = per_row.cumsum(1) - per_row  # position of each block row in the sorted list
@@ -271,7 +263,7 @@ def make_plan(index, n: int, Cr: int, Co: int, exact: bool = True) -> Plan:
     if exact:
         U = max(int(ov_units.sum(1).max()) if K else 0, 1)
     else:
-        U, ucap = plan_bounds(K, n, Cr, Co)
+        U, ucap = plan_bounds(K, n, nk, Cr, Co)
     opos = (pos - Cr).clamp_min(0)
     # Own blocks and no-blocks go to the spill unit U.
     unit = torch.where(own | ~valid, U, ov_start.gather(1, bi) + opos // Co)
@@ -290,29 +282,31 @@ def make_plan(index, n: int, Cr: int, Co: int, exact: bool = True) -> Plan:
     )
 
 
-def transposed(index: torch.Tensor, n: int):
-    """Selected blocks (i, j) as sorted flat ``j * n + i``: grouped by key block (entries
-    ``n * n``, no block, stay), and each one's position in ``index`` [R, K]."""
-    flipped = torch.where(index < n * n, (index % n) * n + index // n, n * n)
+def transposed(index: torch.Tensor, n: int, nk: int):
+    """Selected blocks (i, j) of an n x nk grid as sorted flat ``j * n + i``: grouped by
+    key block (entries ``n * nk``, no block, stay), and each one's position in ``index``
+    [R, K]."""
+    flipped = torch.where(index < n * nk, (index % nk) * n + index // nk, n * nk)
     return flipped.sort(dim=1, stable=True)
 
 
-def _unit_slots(index: np.ndarray, n: int, ov_start: np.ndarray, Co: int) -> np.ndarray:
-    """Where ``make_plan(index, n, 0, Co)`` put each entry of ``index`` [R, K] (its
+def _unit_slots(index: np.ndarray, n: int, nk: int, ov_start: np.ndarray,
+                Co: int) -> np.ndarray:
+    """Where ``make_plan(index, n, nk, 0, Co)`` put each entry of ``index`` [R, K] (its
     ``ov_start``): the flat slot ``unit * Co + slot`` [R, K], -1 for no block."""
     rows = np.arange(index.shape[0])[:, None]
-    bi, _, pos = _row_ranks(index, n)
+    bi, _, pos = _row_ranks(index, n, nk)
     unit = ov_start[rows, np.minimum(bi, n - 1)] + pos // Co
     return np.where(bi < n, unit * Co + pos % Co, -1)
 
 
-def _row_ranks(index: np.ndarray, n: int):
-    """Of the sorted selection ``index`` [R, K]: each entry's block row ``bi`` (n for no
-    block, entries ``n * n``, after all the others), the blocks per row [R, n + 1], and
-    each entry's rank in its row."""
+def _row_ranks(index: np.ndarray, n: int, nk: int):
+    """Of the sorted selection ``index`` [R, K] (n block rows of nk blocks): each entry's
+    block row ``bi`` (n for no block, entries ``n * nk``, after all the others), the
+    blocks per row [R, n + 1], and each entry's rank in its row."""
     R, K = index.shape
     rows = np.arange(R)[:, None]
-    bi = index // n
+    bi = index // nk
     per_row = np.bincount((bi + rows * (n + 1)).ravel(), minlength=R * (n + 1)).reshape(R, n + 1)
     first = np.cumsum(per_row, axis=1) - per_row  # position of each block row in the list
     return bi, per_row, np.arange(K)[None, :] - first[rows, bi]
@@ -320,9 +314,10 @@ def _row_ranks(index: np.ndarray, n: int):
 
 @torch.no_grad()
 def transposed_slots(index, by_query: Plan, Cq: int, flipped, order, by_key: Plan,
-                     Ck: int, n: int) -> torch.Tensor:
-    """For each slot of the plan ``by_query`` (``make_plan(index, n, 0, Cq)``), the flat slot
-    ``unit * Ck + slot`` of the same block in ``by_key`` (``make_plan(flipped, n, 0, Ck)``:
+                     Ck: int, n: int, nk: int) -> torch.Tensor:
+    """For each slot of the plan ``by_query`` (``make_plan(index, n, nk, 0, Cq)``), the flat
+    slot ``unit * Ck + slot`` of the same block in ``by_key`` (``make_plan(flipped, nk, n,
+    0, Ck)``:
     the blocks by key, ``flipped`` = the transposed blocks sorted, ``order`` their
     positions in ``index``): [R, Uq, Cq] int32, -1 for empty slots. In numpy (the CPU's
     backward uses it: 50-90 us where torch's per-operation cost made it 250-840)."""
@@ -331,22 +326,22 @@ def transposed_slots(index, by_query: Plan, Cq: int, flipped, order, by_key: Pla
     host = [x.cpu().numpy() for x in (index, flipped, order, by_query.ov_start, by_key.ov_start)]
     index_, flipped_, order_, q_start, k_start = host
     rows = np.arange(R)[:, None]
-    q_slot = _unit_slots(index_, n, q_start, Cq)[rows, order_]  # in key order
-    k_slot = _unit_slots(flipped_, n, k_start, Ck)
+    q_slot = _unit_slots(index_, n, nk, q_start, Cq)[rows, order_]  # in key order
+    k_slot = _unit_slots(flipped_, nk, n, k_start, Ck)
     at = np.full((R, Uq * Cq + 1), -1, dtype=np.int32)
     at[rows, np.where(q_slot >= 0, q_slot, Uq * Cq)] = k_slot
     return torch.from_numpy(np.ascontiguousarray(at[:, : Uq * Cq]).reshape(R, Uq, Cq)).to(
         index.device)
 
 
-def _make_plan_numpy(index, n: int, Cr: int, Co: int) -> Plan:
+def _make_plan_numpy(index, n: int, nk: int, Cr: int, Co: int) -> Plan:
     """``make_plan`` (exact) in numpy, for selections in host memory: the same steps on
     [R, K] arrays, where numpy's per-operation cost is a few microseconds against torch's
     tens (0.55 ms for the plan of N = 8192, B*H = 12 with torch)."""
     R, K = index.shape
     rows = np.arange(R)[:, None]
-    bi, per_row, pos = _row_ranks(index, n)
-    bj = (index % n).astype(np.int32)
+    bi, per_row, pos = _row_ranks(index, n, nk)
+    bj = (index % nk).astype(np.int32)
     valid = bi < n
     per_row, bi = per_row[:, :n], np.minimum(bi, n - 1)
 

@@ -6,15 +6,13 @@ vectors. It computes what ``plan.select_blocks`` and ``plan.make_plan`` compute 
 host (the same T, Hmask and plan; ties at the k-th score: the first in row-major
 order), for every call without priors (those select on the host, in float64).
 
-Per row of ``R = B*H`` (T = n*n scores, K = min(``budget[r]``, the index's width)
-selected):
+Per row of ``R = B*H`` (T = n*nk scores over the grid of n query blocks and nk key
+blocks, K = min(``budget[r]``, the index's width) selected):
 
-1. S = L - R[:, None]. The usual call (self-attention without per-sequence budgets)
-   computes it where it reads it, from the logits; the others write it into ``scores``
-   first, with NaN (excluded by every comparison) where a block may not be selected:
-   beyond cross-attention's ``nq x nk`` grid, and with ``real_only`` (per-sequence
-   budgets, docs/spec.md) where it has no real query or key (``q_counts``, ``counts``)
-   or S is -inf.
+1. S = L - R[:, None]. The usual call (without per-sequence budgets) computes it where
+   it reads it, from the logits; with ``real_only`` (per-sequence budgets, docs/spec.md)
+   it is written into ``scores`` first, with NaN (excluded by every comparison) where a
+   block has no real query or key (``q_counts``, ``counts``) or S is -inf.
 2. theta, the K-th largest S, by bisection on the scores' order-preserving integer keys
    (a float's bits with the magnitude bits flipped when negative): each step counts
    S >= t in one vector pass. Once at most ``C`` (``cand_val``'s room) scores are >= the
@@ -22,8 +20,8 @@ selected):
    ``CANDIDATES``) and the bisection ends on them; rows with more ties at theta than
    that room stay on all T scores.
 3. T: the scores > theta and the first ties at theta, in row-major order (a C scan of
-   the candidates, ``READ_OFF``): the flat indices ``i * n + j``, ascending (then
-   ``n * n``: no block, when a row has fewer).
+   the candidates, ``READ_OFF``): the flat indices ``i * nk + j``, ascending (then
+   ``n * nk``: no block, when a row has fewer).
    ``write_mask`` 1: Hmask = (L - R >= the smallest selected S) over the grid, into
    ``scores``; 0: zeros ("sparse": what the backward reads in Hmask's place, made here
    in parallel and in vectors, where a torch ``zero_`` of the 3 MB at N = 8192 had cost
@@ -52,7 +50,7 @@ ACCS = 4  # vectors of partial counts in a counting pass
 # passing lanes together (a branch per vector and a loop per entry there: about half of
 # the kernel's time at N = 8192).
 CANDIDATES = {"float32": "mra_select_candidates_f32", "float64": "mra_select_candidates_f64"}
-# (the same from the logits and their row maxima: S computed on the fly, ``grid`` below)
+# (the same from the logits and their row maxima: S computed on the fly, ``direct`` below)
 CANDIDATES_ROWS = {"float32": "mra_select_candidates_rows_f32",
                    "float64": "mra_select_candidates_rows_f64"}
 READ_OFF = {"float32": "mra_select_read_off_f32", "float64": "mra_select_read_off_f64"}
@@ -122,11 +120,11 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             st[cnt] = st[cnt] + T.Select(values[r, e] >= threshold, one, zero)
 
     @T.macro
-    def count_s_at_least(logits, rowmax, r, n, t, acc, st):
+    def count_s_at_least(logits, rowmax, r, n, nk, t, acc, st):
         """st[cnt] = the number of S = logits[r] - rowmax[r, :, None] >= t (in vectors
         along each row: the same subtraction as S's, so the same counts)."""
         threshold = t
-        vecs = n // lanes
+        vecs = nk // lanes
         for l in T.vectorized(ACCS * lanes):
             acc[l] = 0
         st[cnt] = zero
@@ -141,7 +139,7 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                 for l in T.vectorized(lanes):
                     acc[l] = acc[l] + T.Select(logits[r, i, c * lanes + l] - m >= threshold,
                                                1, 0)
-            for j in range(vecs * lanes, n):
+            for j in range(vecs * lanes, nk):
                 st[cnt] = st[cnt] + T.Select(logits[r, i, j] - m >= threshold, one, zero)
         for l in range(ACCS * lanes):
             st[cnt] = st[cnt] + T.Cast(I64, acc[l])
@@ -151,13 +149,14 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                a_budget: T.handle, a_scores: T.handle, a_cand_val: T.handle,
                a_cand_idx: T.handle, a_index: T.handle, a_row_cols: T.handle, a_ov_start: T.handle,
                a_ov_units: T.handle, a_unit_row: T.handle, a_unit_cols: T.handle, a_units: T.handle,
-               heads: T.int32, nq: T.int32, nk: T.int32, real_only: T.int32, write_mask: T.int32):
-        R, n, tot, C, K, Bm = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+               heads: T.int32, real_only: T.int32, write_mask: T.int32):
+        R, n, nk, tot, C, K = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        Bm = T.int32()
         # Cr, Co: blocks of a row unit and of an overflow unit; Ub: room for units
         Cr, Ub, Co = T.int32(), T.int32(), T.int32()
-        logits = T.match_buffer(a_logits, (R, n, n), dtype)
+        logits = T.match_buffer(a_logits, (R, n, nk), dtype)
         rowmax = T.match_buffer(a_rowmax, (R, n), dtype)
-        counts = T.match_buffer(a_counts, (Bm, n), dtype)
+        counts = T.match_buffer(a_counts, (Bm, nk), dtype)
         q_counts = T.match_buffer(a_q_counts, (Bm, n), dtype)
         budget = T.match_buffer(a_budget, (R,), I32)
         scores = T.match_buffer(a_scores, (R, tot), dtype)  # S, then Hmask or zeros
@@ -181,27 +180,24 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             least = T.alloc_buffer((1,), dtype)  # the smallest selected score
             kr = T.min(budget[r], K)  # (the index has room for K)
             b = r // heads
-            vecs = n // lanes
-            # Self-attention without budgets (the usual call): S = L - R is computed where
-            # it is read, from the logits (a 3 MB write and read less a call at N = 8192).
-            grid = real_only == 0 and nq == n and nk == n
+            vecs = nk // lanes
+            # Without budgets (the usual call): S = L - R is computed where it is read,
+            # from the logits (a 3 MB write and read less a call at N = 8192).
+            direct = real_only == 0
             # Else S into ``scores``; NaN, which every comparison below excludes, where a
-            # block may not be selected: beyond the nq x nk grid and, with real_only
-            # (per-sequence budgets), without a real query or a real key, or at -inf (as on
-            # the host). (Each lane's tests cost as much as the rest of this pass.)
-            for i in range(0 if grid else n):
+            # block may not be selected: without a real query or a real key, or at -inf
+            # (as on the host). (Each lane's tests cost as much as the rest of this pass.)
+            for i in range(0 if direct else n):
                 for jo in range(vecs):
                     for l in T.vectorized(lanes):
-                        scores[r, i * n + jo * lanes + l] = T.Select(
-                            i < nq and jo * lanes + l < nk and (real_only == 0 or (
-                                q_counts[b, i] > half and counts[b, jo * lanes + l] > half
-                                and logits[r, i, jo * lanes + l] - rowmax[r, i] > neg_inf)),
+                        scores[r, i * nk + jo * lanes + l] = T.Select(
+                            q_counts[b, i] > half and counts[b, jo * lanes + l] > half
+                            and logits[r, i, jo * lanes + l] - rowmax[r, i] > neg_inf,
                             logits[r, i, jo * lanes + l] - rowmax[r, i], nan)
-                for j in range(vecs * lanes, n):
-                    scores[r, i * n + j] = T.Select(
-                        i < nq and j < nk and (real_only == 0 or (
-                            q_counts[b, i] > half and counts[b, j] > half
-                            and logits[r, i, j] - rowmax[r, i] > neg_inf)),
+                for j in range(vecs * lanes, nk):
+                    scores[r, i * nk + j] = T.Select(
+                        q_counts[b, i] > half and counts[b, j] > half
+                        and logits[r, i, j] - rowmax[r, i] > neg_inf,
                         logits[r, i, j] - rowmax[r, i], nan)
             st[lo] = T.int64(key_lo)
             st[hi] = T.int64(key_hi)
@@ -210,8 +206,8 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             # Bisection on all scores while more than C are >= value(lo).
             while st[lo] + one < st[hi] and st[c_lo] > T.Cast(I64, C):
                 st[mid] = midpoint(st[lo], st[hi])
-                if grid:
-                    count_s_at_least(logits, rowmax, r, n, value(st[mid]), acc, st)
+                if direct:
+                    count_s_at_least(logits, rowmax, r, n, nk, value(st[mid]), acc, st)
                 else:
                     count_at_least(scores, r, tot, value(st[mid]), acc, st)
                 if st[cnt] >= T.Cast(I64, kr):
@@ -225,10 +221,10 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             if st[c_lo] <= T.Cast(I64, C):
                 # The candidates: the scores >= value(lo), with their positions, in order
                 # (a C scan: ``CANDIDATES``).
-                if grid:
+                if direct:
                     st[found] = T.Cast(I64, T.call_extern(
                         I32, candidates_rows, T.address_of(logits[r, 0, 0]),
-                        T.address_of(rowmax[r, 0]), n, value(st[lo]),
+                        T.address_of(rowmax[r, 0]), n, nk, value(st[lo]),
                         T.address_of(cand_val[r, 0]), T.address_of(cand_idx[r, 0]), C))
                 else:
                     st[found] = T.Cast(I64, T.call_extern(
@@ -250,13 +246,13 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             else:
                 # More ties at theta than the candidates' room: theta is exact already.
                 # (S into ``scores`` first where it was computed on the fly: rare.)
-                for i in range(n if grid else 0):
+                for i in range(n if direct else 0):
                     for jo in range(vecs):
                         for l in T.vectorized(lanes):
-                            scores[r, i * n + jo * lanes + l] = (logits[r, i, jo * lanes + l]
-                                                                 - rowmax[r, i])
-                    for j in range(vecs * lanes, n):
-                        scores[r, i * n + j] = logits[r, i, j] - rowmax[r, i]
+                            scores[r, i * nk + jo * lanes + l] = (logits[r, i, jo * lanes + l]
+                                                                  - rowmax[r, i])
+                    for j in range(vecs * lanes, nk):
+                        scores[r, i * nk + j] = logits[r, i, j] - rowmax[r, i]
                 st[pos] = T.Cast(I64, T.call_extern(
                     I32, read_off_scores, T.address_of(scores[r, 0]), tot, value(st[lo]), kr,
                     T.Cast(I64, kr) - st[c_hi], T.address_of(index[r, 0]),
@@ -265,26 +261,25 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                 index[r, p] = T.Cast(I64, tot)
             if write_mask == 1:
                 # Hmask: S >= the smallest selected score, over the whole grid (blocks
-                # without a real query or key included, as on the host); 0 beyond it.
+                # without a real query or key included, as on the host).
                 t4 = least[0]
                 for i in range(n):
                     for jo in range(vecs):
                         for l in T.vectorized(lanes):
-                            scores[r, i * n + jo * lanes + l] = T.Select(
-                                i < nq and jo * lanes + l < nk
-                                and logits[r, i, jo * lanes + l] - rowmax[r, i] >= t4,
+                            scores[r, i * nk + jo * lanes + l] = T.Select(
+                                logits[r, i, jo * lanes + l] - rowmax[r, i] >= t4,
                                 T.Cast(dtype, 1), T.Cast(dtype, 0))
-                    for j in range(vecs * lanes, n):
-                        scores[r, i * n + j] = T.Select(
-                            i < nq and j < nk and logits[r, i, j] - rowmax[r, i] >= t4,
+                    for j in range(vecs * lanes, nk):
+                        scores[r, i * nk + j] = T.Select(
+                            logits[r, i, j] - rowmax[r, i] >= t4,
                             T.Cast(dtype, 1), T.Cast(dtype, 0))
             elif write_mask == 0:
                 for i in range(n):
                     for jo in range(vecs):
                         for l in T.vectorized(lanes):
-                            scores[r, i * n + jo * lanes + l] = T.Cast(dtype, 0)
-                    for j in range(vecs * lanes, n):
-                        scores[r, i * n + j] = T.Cast(dtype, 0)
+                            scores[r, i * nk + jo * lanes + l] = T.Cast(dtype, 0)
+                    for j in range(vecs * lanes, nk):
+                        scores[r, i * nk + j] = T.Cast(dtype, 0)
 
             # The plan. Blocks per block row first (in ov_units), then units and starts.
             for i in range(n):
@@ -296,13 +291,13 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
                 for s in range(Co):
                     unit_cols[r, u, s] = -1
             # (T ascends: each block's row by stepping from the last one's, where dividing
-            # by the runtime n took two idiv a block, ~a sixth of the kernel at N = 8192)
+            # by the runtime nk took two idiv a block, ~a sixth of the kernel at N = 8192)
             cur[2] = 0  # the block row so far
-            cur[3] = 0  # its first flat index, cur[2] * n
+            cur[3] = 0  # its first flat index, cur[2] * nk
             for p in range(T.Cast(I32, st[pos])):
-                while T.Cast(I32, index[r, p]) >= cur[3] + n:
+                while T.Cast(I32, index[r, p]) >= cur[3] + nk:
                     cur[2] = cur[2] + 1
-                    cur[3] = cur[3] + n
+                    cur[3] = cur[3] + nk
                 ov_units[r, cur[2]] = ov_units[r, cur[2]] + 1
             cur[0] = 0  # units so far
             cur[1] = 0  # the largest count
@@ -319,11 +314,11 @@ def select_plan(b: int, D: int, dtype: str = "float32"):
             cur[4] = 0  # the block's rank in its row
             for p in range(T.Cast(I32, st[pos])):
                 flat = T.Cast(I32, index[r, p])
-                if flat >= cur[3] + n:
+                if flat >= cur[3] + nk:
                     cur[4] = 0
-                    while flat >= cur[3] + n:
+                    while flat >= cur[3] + nk:
                         cur[2] = cur[2] + 1
-                        cur[3] = cur[3] + n
+                        cur[3] = cur[3] + nk
                 if cur[4] < Cr:
                     row_cols[r, cur[2], cur[4]] = flat - cur[3]
                 else:

@@ -229,7 +229,7 @@ AVX512 static int32_t read_off_512(const float *val, const int32_t *idx, int32_t
  * caller knows how many there are: room bounds the memory only), their values into val
  * and their positions into idx, in order; returns how many. The scores are s[0:tot]
  * (``mra_select_candidates_*``: S as the kernel wrote it), or S = L - R computed here
- * from the logits L [n][n] and their row maxima R [n] (``*_rows_*``), the same float
+ * from the logits L [n][nk] and their row maxima R [n] (``*_rows_*``), the same float
  * subtraction as the kernel's, so that the two agree to the bit. */
 HIDDEN int32_t mra_select_candidates_f32(const float *s, int32_t tot, float t, float *val,
                                          int32_t *idx, int32_t room) {
@@ -242,14 +242,14 @@ HIDDEN int32_t mra_select_candidates_f32(const float *s, int32_t tot, float t, f
 }
 
 HIDDEN int32_t mra_select_candidates_rows_f32(const float *logits, const float *rowmax,
-                                              int32_t n, float t, float *val, int32_t *idx,
-                                              int32_t room) {
+                                              int32_t n, int32_t nk, float t, float *val,
+                                              int32_t *idx, int32_t room) {
 #ifdef MRA_SELECT_SIMD
   const int level = simd_level();
-  if (level == 2) return candidates_512(logits, rowmax, n, n, t, val, idx, room);
-  if (level == 1) return candidates_256(logits, rowmax, n, n, t, val, idx, room);
+  if (level == 2) return candidates_512(logits, rowmax, n, nk, t, val, idx, room);
+  if (level == 1) return candidates_256(logits, rowmax, n, nk, t, val, idx, room);
 #endif
-  CANDIDATES(float, logits, rowmax, n, n, t, val, idx, room);
+  CANDIDATES(float, logits, rowmax, n, nk, t, val, idx, room);
 }
 
 HIDDEN int32_t mra_select_candidates_f64(const double *s, int32_t tot, double t,
@@ -258,9 +258,9 @@ HIDDEN int32_t mra_select_candidates_f64(const double *s, int32_t tot, double t,
 }
 
 HIDDEN int32_t mra_select_candidates_rows_f64(const double *logits, const double *rowmax,
-                                              int32_t n, double t, double *val, int32_t *idx,
-                                              int32_t room) {
-  CANDIDATES(double, logits, rowmax, n, n, t, val, idx, room);
+                                              int32_t n, int32_t nk, double t, double *val,
+                                              int32_t *idx, int32_t room) {
+  CANDIDATES(double, logits, rowmax, n, nk, t, val, idx, room);
 }
 
 /* Step 3's T from the m candidates (val, at positions idx, in order): those > theta and
