@@ -100,7 +100,8 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
         chosen = knob_policy.knobs_for_shape(own or None, max(N, Nk), D, b, target,
                                              second.q.dtype)
         exact_and_combine(second, saved.index, saved.logits, saved.rowmax, saved.high_mask,
-                          saved.vp, full, chosen, outp, pr.scratch("stats", 3, R, n, b))
+                          saved.pooled_parts()[2], full, chosen, outp,
+                          pr.scratch("stats", 3, R, n, b))
     else:
         outp = pad(out, Np - N, Dp - D, dt)
 
@@ -156,9 +157,10 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dqp = torch.zeros(R, n, Dp, dtype=dt, device=dev)
     dkp, dvp = (torch.zeros(R, nk, Dp, dtype=dt, device=dev) for _ in range(2))
     if full:
+        qp, kp, vp = saved.pooled_parts()
         pr.run("bwd_lowres", knobs, logits=saved.logits, hmask=saved.high_mask, rowmax=saved.rowmax,
-               counts=pr.counts, qp=saved.qp, kp=saved.kp, vp=saved.vp, ga=ga, da=da, dqp=dqp,
-               dkp=dkp, dvp=dvp, heads=pr.heads, scale=pr.scale)
+               counts=pr.counts, qp=qp, kp=kp, vp=vp, ga=ga, da=da, dqp=dqp, dkp=dkp, dvp=dvp,
+               heads=pr.heads, scale=pr.scale)
 
     # Grouped-query heads: a key/value head's gradient sums over the query heads sharing
     # it. bwd_finish sums their unit partials (its grouped variant); their block averages'

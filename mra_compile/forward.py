@@ -30,8 +30,9 @@ class LowRes:
     selection; the work plan where the selection kernel made it with the selection (else
     None)."""
 
-    pooled: tuple | None  # (q̂, k̂, v̂); None where the call keeps nothing for a backward
-    vp: torch.Tensor  # v̂ [R, nk, Dp] (pooled[2] where pooled is kept)
+    # [3, R, max(n, nk), Dp] (``Saved.pooled``), where the call keeps it for a backward
+    pooled: torch.Tensor | None
+    vp: torch.Tensor  # v̂ [R, nk, Dp] as the kernels read it
     logits: torch.Tensor
     rowmax: torch.Tensor
     sel: plan.Selection
@@ -46,9 +47,13 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
     n, nk = Np // pr.block_size, pr.key_blocks
     # What the backward reads (n x D and n x nk per row): results where the call returns
     # them (``Prepared.saved``).
-    sizes = {"q": n, "k": nk, "v": nk}
-    qp, kp, vp = (pr.saved(f"pooled_{x}", R, sizes[x], Dp) for x in "qkv")
-    pooled = (qp, kp, vp) if pr.keeps_saved else None
+    pooled = None
+    if pr.keeps_saved and n == nk:
+        pooled = pr.result(3, R, n, Dp)
+        qp, kp, vp = pooled.unbind(0)
+    else:  # (three cached scratch views: unbind cost 10-25 us a call)
+        sizes = {"q": n, "k": nk, "v": nk}
+        qp, kp, vp = (pr.scratch(f"pooled_{x}", R, sizes[x], Dp) for x in "qkv")
     logits, rowmax = pr.saved("saved_logits", R, n, nk), pr.saved("saved_rowmax", R, n)
     # v̂ only feeds the low-resolution output ("full"); "sparse" saves zeros in its place.
     values = dict(v=pr.v, vp=vp) if opts.full else {}
@@ -58,6 +63,10 @@ def _pool_and_select(pr: Prepared, opts: Options, knobs: dict) -> LowRes:
            counts=pr.counts, inv_counts=pr.inv_counts, q_counts=pr.q_counts,
            q_inv_counts=pr.q_inv_counts, qp=qp, kp=kp, logits=logits, rowmax=rowmax,
            heads=pr.heads, group=pr.group, scale=pr.scale)
+    if pr.keeps_saved and pooled is None:  # (cross-attention: one tensor of the longer side)
+        pooled = pr.result(3, R, max(n, nk), Dp).zero_()
+        for saved, x in zip(pooled.unbind(0), (qp, kp, vp)):
+            saved[:, :x.shape[1]].copy_(x)
     row_blocks = real_pairs = None
     if opts.block_per_row is not None and pr.masked:  # padding: per-sequence budgets
         row_blocks = sequence_budgets(pr.q_counts, pr.heads, pr.block_size,
@@ -240,15 +249,14 @@ def block_selection(q, k, v, mask, opts: Options, query_mask=None):
 class Saved:
     """What the forward hands to the backward (see ``mra_compile.backward``).
 
-    stats [3, R, Np]: stab, lo_w, inv_z per query token; qp [R, n, Dp], kp, vp [R, nk, Dp]:
-    q̂, k̂, v̂ (v̂ zeros in "sparse" mode); logits, high_mask [R, n, nk] (high_mask zeros in
-    "sparse" mode); rowmax [R, n]; index [R, K] int64: the selected blocks, sorted.
+    stats [3, R, Np]: stab, lo_w, inv_z per query token; pooled [3, R, max(n, nk), Dp]:
+    q̂ [R, n, Dp], k̂, v̂ [R, nk, Dp] in the first n, nk rows of each (``parts``; v̂ zeros
+    in "sparse" mode); logits, high_mask [R, n, nk] (high_mask zeros in "sparse" mode);
+    rowmax [R, n]; index [R, K] int64: the selected blocks, sorted.
     """
 
     stats: torch.Tensor
-    qp: torch.Tensor
-    kp: torch.Tensor
-    vp: torch.Tensor
+    pooled: torch.Tensor
     logits: torch.Tensor
     high_mask: torch.Tensor
     rowmax: torch.Tensor
@@ -256,18 +264,22 @@ class Saved:
 
     def rows(self, start: int, stop: int) -> Saved:
         """The rows (batch * heads) ``start:stop``."""
-        return Saved(*(x[:, start:stop] if f.name == "stats" else x[start:stop]
-                       for f, x in zip(dataclasses.fields(Saved), self.tensors())))
-
-    def tensors(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(Saved))
+        return Saved(self.stats[:, start:stop], self.pooled[:, start:stop],
+                     self.logits[start:stop], self.high_mask[start:stop],
+                     self.rowmax[start:stop], self.index[start:stop])
 
     @staticmethod
     def cat(parts: list[Saved]) -> Saved:
         """Consecutive row ranges, joined."""
         return Saved(*(torch.cat([getattr(p, f.name) for p in parts],
-                                 1 if f.name == "stats" else 0)
+                                 1 if f.name in ("stats", "pooled") else 0)
                        for f in dataclasses.fields(Saved)))
+
+    def pooled_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q̂ [R, n, Dp], k̂ [R, nk, Dp], v̂ [R, nk, Dp]) as the kernels read them (whole
+        tensors: copies where n != nk, cross-attention, else views of ``pooled``)."""
+        _, n, nk = self.logits.shape
+        return tuple(x[:, :m].contiguous() for x, m in zip(self.pooled.unbind(0), (n, nk, nk)))
 
 
 def exact_output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -434,7 +446,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
         high_mask = (lr.saved_mask if lr.saved_mask is not None
                      else pr.result(R, n, pr.key_blocks).zero_())
     assert lr.pooled is not None  # (kept: keeps_saved)
-    saved = Saved(stats.view(3, R, Np), *lr.pooled, lr.logits,
+    saved = Saved(stats.view(3, R, Np), lr.pooled, lr.logits,
                   high_mask if high_mask.dtype == dt else high_mask.to(dt), lr.rowmax,
                   lr.sel.index)
     return out, saved

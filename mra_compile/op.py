@@ -37,8 +37,7 @@ from mra_compile.memory import result_tensor
 from mra_compile.options import Options
 from mra_compile.targets import compute_dtype, of_device
 
-_SAVED = ("Tensor stats, Tensor qp, Tensor kp, Tensor vp, Tensor logits, Tensor high_mask, "
-          "Tensor rowmax, Tensor index")
+_SAVED = "Tensor stats, Tensor pooled, Tensor logits, Tensor high_mask, Tensor rowmax, Tensor index"
 SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, {options.schema(True)}, "
           "Tensor? query_mask=None) -> Tensor")
 FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? query_mask, "
@@ -92,12 +91,13 @@ def _saved_shapes(q, k, opts: Options):
     """Shapes of attention_fwd's extra outputs (see mra_compile.forward.Saved)."""
     B, H, _, D = q.shape
     R = B * H
-    # Each side padded to whole blocks of its own (cross-attention: nq != nk).
+    # Each side padded to whole blocks of its own (cross-attention: nq != nk); the pooled
+    # q̂, k̂, v̂ in one tensor of the longer (SymInts: no guard).
     nq, nk = opts.blocks(q.shape[2]), opts.blocks(k.shape[2])
     Np, Dp = nq * opts.block_size, -(-D // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
     K = opts.max_blocks(nq, nk)
     dt = compute_dtype(q.dtype)
-    return dt, [(3, R, Np), (R, nq, Dp), (R, nk, Dp), (R, nk, Dp), (R, nq, nk), (R, nq, nk),
+    return dt, [(3, R, Np), (3, R, torch.sym_max(nq, nk), Dp), (R, nq, nk), (R, nq, nk),
                 (R, nq)], (R, K)
 
 
@@ -165,7 +165,7 @@ def _training_forward(q, k, v, mask, query_mask, args, exact_out: bool):
         dt, shapes, index_shape = _saved_shapes(q, k, opts)
         return (out, *(q.new_zeros(sh, dtype=dt) for sh in shapes),
                 q.new_zeros(index_shape, dtype=torch.int64))
-    return out, s.stats, s.qp, s.kp, s.vp, s.logits, s.high_mask, s.rowmax, s.index
+    return out, s.stats, s.pooled, s.logits, s.high_mask, s.rowmax, s.index
 
 
 @torch.library.custom_op("mra::attention_fwd", mutates_args=(), schema=FWD_SCHEMA)
@@ -259,12 +259,11 @@ def _in_layout_of(q, out):
 
 
 @torch.library.custom_op("mra::attention_bwd", mutates_args=(), schema=BWD_SCHEMA)
-def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, qp, kp, vp, logits, high_mask,
-                  rowmax, index, *args):
+def attention_bwd(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask, rowmax,
+                  index, *args):
     """Gradients of q, k, v (the selection and stabilisers held constant). ``out``: the
     forward's, before its rounding where it was asked for that (``exact_out``)."""
-    tensors = (grad.contiguous(), q, k, v, out, stats, qp, kp, vp, logits, high_mask, rowmax,
-               index)
+    tensors = (grad.contiguous(), q, k, v, out, stats, pooled, logits, high_mask, rowmax, index)
     if _graphable(q, mask, query_mask):
         masks = _graph_masks(q, k, v, mask, query_mask, args)
         return _through_graphs("backward", args, tensors, masks,
@@ -280,8 +279,8 @@ def _backward_kernels(args, tensors, mask=None, query_mask=None):
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(grad, q, k, v, mask, query_mask, out, stats, qp, kp, vp, logits,
-                        high_mask, rowmax, index, *args):
+def _attention_bwd_fake(grad, q, k, v, mask, query_mask, out, stats, pooled, logits, high_mask,
+                        rowmax, index, *args):
     compile_cache.key_compiled_graphs()
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
@@ -338,7 +337,7 @@ torch.library.register_autograd("mra::attention_fwd", _backward, setup_context=_
 # The dimension of each tensor argument (by position) and output that holds the batch
 # (q, k, v, grad, out, masks) or the rows (B * heads: what ``Saved`` holds); the options
 # are not folded.
-_SAVED_ROWS = (1, 0, 0, 0, 0, 0, 0, 0)  # stats, qp, kp, vp, logits, high_mask, rowmax, index
+_SAVED_ROWS = (1, 1, 0, 0, 0, 0)  # stats, pooled, logits, high_mask, rowmax, index
 _FWD_ROWS = dict(enumerate((0, 0, 0, 0, 0)))  # q, k, v, mask, query_mask
 _BWD_ROWS = dict(enumerate((0, 0, 0, 0, 0, 0, 0, *_SAVED_ROWS)))  # grad, q, k, v, mask,
 #                                                                   query_mask, out, ...

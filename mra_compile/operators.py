@@ -8,16 +8,17 @@ declares). Shapes that vary between calls
 (padded) head dim ``D`` are compile-time constants.
 
 Layout conventions (all row-major, float32 unless stated):
-  q, k, v      [R, N, D]   N a multiple of b, D a multiple of the vector width
-  mask         [Bm, N]     the keys': 1 real / 0 padding; row r belongs to batch r // heads
+  q            [R, N, D]   N a multiple of b, D a multiple of the vector width
+  k, v         [Rkv, Nk, D] Nk a multiple of b (Nk = N but for cross-attention)
+  mask         [Bm, Nk]    the keys': 1 real / 0 padding; row r belongs to batch r // heads
   qmask        [Bm, N]     the queries' (the same tensor as mask for self-attention)
-  counts       [Bm, n]     real keys per block (b everywhere without a mask)
-  inv_counts   [Bm, n]     1/(c + 1e-6) with a mask, 1/b without (docs/spec.md, step 2)
-  q_counts, q_inv_counts   the same for the query blocks
+  counts       [Bm, nk]    real keys per block (b everywhere without a mask)
+  inv_counts   [Bm, nk]    1/(c + 1e-6) with a mask, 1/b without (docs/spec.md, step 2)
+  q_counts, q_inv_counts   [Bm, n]: the same for the query blocks
+  logits       [R, n, nk]  n = N / b query blocks, nk = Nk / b key blocks
 
-Cross-attention (docs/spec.md, "Extensions") runs on one padded length N for both sides:
-the shorter side's extra blocks are padding in its mask, so they hold no real token and
-add nothing (``mra_compile.inputs.prepare``).
+Cross-attention (docs/spec.md, "Extensions") pads each side to whole blocks of its own
+(``mra_compile.inputs.prepare``): the grid is the spec's nq x nk.
 
 This module imports TVM: import it lazily (``mra_compile.kernels.Kernel.builder`` does).
 """

@@ -116,19 +116,22 @@ INDEX_LIMIT = 2**31  # the kernels index with 32-bit integers
 
 def check_sizes(q, block_size: int, Nk: int) -> None:
     """Shapes the kernels' 32-bit indexing can address (fake-safe: shapes only). ``Nk``:
-    the key length (both sides are padded to the longer)."""
+    the key length (each side padded to whole blocks of its own)."""
     B, H, N, D = q.shape
-    n = -(-torch.sym_max(N, Nk) // block_size)  # (SymInts: no guard)
+    n, nk = -(-N // block_size), -(-Nk // block_size)
+    longest = torch.sym_max(n, nk)  # (SymInts: no guard)
     Dp = -(-D // kernels.HEAD_DIM_MULTIPLE) * kernels.HEAD_DIM_MULTIPLE
     rows = B * H
-    if rows * n * block_size * Dp >= INDEX_LIMIT:
+    if rows * longest * block_size * Dp >= INDEX_LIMIT:
         raise ValueError(
-            f"q: B*H*N*D = {rows}*{n * block_size}*{Dp} (N, D padded) must stay below 2**31 "
-            "elements, the kernels' 32-bit indexing; split the batch")
-    if rows * n * n >= INDEX_LIMIT:
+            f"q: B*H*N*D = {rows}*{longest * block_size}*{Dp} (the longer of N and Nk, N and D "
+            "padded) must stay below 2**31 elements, the kernels' 32-bit indexing; split "
+            "the batch")
+    if rows * n * nk >= INDEX_LIMIT:
         raise ValueError(
-            f"q: B*H*n*n = {rows}*{n}*{n} low-resolution logits (n = N / block_size) must stay "
-            "below 2**31; use a larger block_size or split the batch")
+            f"q: B*H*nq*nk = {rows}*{n}*{nk} low-resolution logits (nq = N / block_size, "
+            "nk = Nk / block_size) must stay below 2**31; use a larger block_size or split "
+            "the batch")
 
 
 class ScratchOverflow(ValueError):

@@ -1,6 +1,7 @@
 """The work plan: its shape-only bounds (CUDA: no host synchronisation) hold for every
 selection, and a bounded plan is the exact plan plus empty units. (On the CPU the exact
-plan is numpy's, the bounded one torch's: the same steps, compared here.)"""
+plan is numpy's, the bounded one torch's: the same steps, compared here.) Grids of n
+query blocks by nk key blocks (nk != n: cross-attention)."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,17 +10,17 @@ from mra_compile import plan
 
 
 @settings(max_examples=300, deadline=None)
-@given(n=st.integers(1, 24), data=st.data(), Cr=st.integers(0, 6), Co=st.integers(1, 4),
-       seed=st.integers(0, 2**31 - 1))
-def test_bounded_plan_is_the_exact_plan_plus_empty_units(n, data, Cr, Co, seed):
-    K = data.draw(st.integers(1, n * n))
+@given(n=st.integers(1, 24), nk=st.integers(1, 24), data=st.data(), Cr=st.integers(0, 6),
+       Co=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_bounded_plan_is_the_exact_plan_plus_empty_units(n, nk, data, Cr, Co, seed):
+    K = data.draw(st.integers(1, n * nk))
     g = torch.Generator().manual_seed(seed)
     # Random selections, and the worst case for the bounds: whole block rows first.
-    rows = [torch.randperm(n * n, generator=g)[:K] for _ in range(2)] + [torch.arange(K)]
+    rows = [torch.randperm(n * nk, generator=g)[:K] for _ in range(2)] + [torch.arange(K)]
     index = torch.stack(rows).sort(dim=1).values
-    exact = plan.make_plan(index, n, Cr, Co)
-    bounded = plan.make_plan(index, n, Cr, Co, exact=False)
-    U, ucap = plan.plan_bounds(K, n, Cr, Co)
+    exact = plan.make_plan(index, n, nk, Cr, Co)
+    bounded = plan.make_plan(index, n, nk, Cr, Co, exact=False)
+    U, ucap = plan.plan_bounds(K, n, nk, Cr, Co)
     assert exact.unit_row.shape[1] <= U == bounded.unit_row.shape[1]
     assert exact.ucap <= ucap == bounded.ucap
     for name in ("row_cols", "ov_start", "ov_units"):
@@ -35,22 +36,22 @@ def test_bounded_plan_is_the_exact_plan_plus_empty_units(n, data, Cr, Co, seed):
 
 
 @settings(max_examples=100, deadline=None)
-@given(n=st.integers(1, 16), data=st.data(), Cr=st.integers(0, 4), Co=st.integers(1, 3),
-       seed=st.integers(0, 2**31 - 1))
-def test_no_block_entries_are_skipped(n, data, Cr, Co, seed):
-    """Per-sequence budgets: a row with fewer blocks ends in entries n * n (no block); its
+@given(n=st.integers(1, 16), nk=st.integers(1, 16), data=st.data(), Cr=st.integers(0, 4),
+       Co=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_no_block_entries_are_skipped(n, nk, data, Cr, Co, seed):
+    """Per-sequence budgets: a row with fewer blocks ends in entries n * nk (no block); its
     plan is the plan of its blocks alone, within the bounds of the full width."""
-    K = data.draw(st.integers(1, n * n))
+    K = data.draw(st.integers(1, n * nk))
     kept = data.draw(st.integers(0, K))
     g = torch.Generator().manual_seed(seed)
-    blocks = torch.randperm(n * n, generator=g)[:kept].sort().values
-    padded = torch.cat([blocks, torch.full((K - kept,), n * n)])[None]
+    blocks = torch.randperm(n * nk, generator=g)[:kept].sort().values
+    padded = torch.cat([blocks, torch.full((K - kept,), n * nk)])[None]
     for exact in (True, False):
-        got = plan.make_plan(padded, n, Cr, Co, exact=exact)
-        U, ucap = plan.plan_bounds(K, n, Cr, Co)
+        got = plan.make_plan(padded, n, nk, Cr, Co, exact=exact)
+        U, ucap = plan.plan_bounds(K, n, nk, Cr, Co)
         assert got.unit_row.shape[1] <= U and got.ucap <= ucap
         if kept:
-            want = plan.make_plan(blocks[None], n, Cr, Co)
+            want = plan.make_plan(blocks[None], n, nk, Cr, Co)
             for name in ("row_cols", "ov_start", "ov_units"):
                 assert torch.equal(getattr(got, name), getattr(want, name))
             used = want.unit_row.shape[1]
@@ -61,24 +62,24 @@ def test_no_block_entries_are_skipped(n, data, Cr, Co, seed):
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 20), data=st.data(), Cq=st.integers(1, 6), Ck=st.integers(1, 6),
-       seed=st.integers(0, 2**31 - 1))
-def test_each_query_slot_finds_its_block_among_the_key_units(n, data, Cq, Ck, seed):
+@given(n=st.integers(1, 20), nk=st.integers(1, 20), data=st.data(), Cq=st.integers(1, 6),
+       Ck=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_each_query_slot_finds_its_block_among_the_key_units(n, nk, data, Cq, Ck, seed):
     """The CPU backward's dq reads each block's dS where the key-block units wrote it:
     ``transposed_slots`` maps every filled slot of the by-query plan to the by-key slot of
     the same block (i, j), one to one; empty slots to -1."""
-    K = data.draw(st.integers(1, n * n))
+    K = data.draw(st.integers(1, n * nk))
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for _ in range(3):  # rows with fewer blocks end in entries n * n (no block)
+    for _ in range(3):  # rows with fewer blocks end in entries n * nk (no block)
         kept = data.draw(st.integers(0, K))
-        blocks = torch.randperm(n * n, generator=g)[:kept].sort().values
-        rows.append(torch.cat([blocks, torch.full((K - kept,), n * n)]))
+        blocks = torch.randperm(n * nk, generator=g)[:kept].sort().values
+        rows.append(torch.cat([blocks, torch.full((K - kept,), n * nk)]))
     index = torch.stack(rows)
-    by_query = plan.make_plan(index, n, 0, Cq)
-    flipped, order = plan.transposed(index, n)
-    by_key = plan.make_plan(flipped, n, 0, Ck)
-    at = plan.transposed_slots(index, by_query, Cq, flipped, order, by_key, Ck, n)
+    by_query = plan.make_plan(index, n, nk, 0, Cq)
+    flipped, order = plan.transposed(index, n, nk)
+    by_key = plan.make_plan(flipped, nk, n, 0, Ck)
+    at = plan.transposed_slots(index, by_query, Cq, flipped, order, by_key, Ck, n, nk)
     assert at.shape == by_query.unit_cols.shape and at.dtype == torch.int32
     filled = by_query.unit_cols >= 0
     assert torch.equal(at >= 0, filled)
@@ -90,38 +91,40 @@ def test_each_query_slot_finds_its_block_among_the_key_units(n, data, Cq, Ck, se
             assert int(by_key.unit_row[r, a // Ck]) == j
             assert int(by_key.unit_cols[r, a // Ck, a % Ck]) == i
             seen.add(a)
-        assert len(seen) == int((index[r] < n * n).sum())
+        assert len(seen) == int((index[r] < n * nk).sum())
 
 
 @settings(max_examples=150, deadline=None)
-@given(n=st.integers(1, 20), data=st.data(), Cq=st.integers(1, 6), Ck=st.integers(1, 6),
-       seed=st.integers(0, 2**31 - 1))
-def test_backward_plan_kernel_makes_the_host_plans(n, data, Cq, Ck, seed):
+@given(n=st.integers(1, 20), nk=st.integers(1, 20), data=st.data(), Cq=st.integers(1, 6),
+       Ck=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_backward_plan_kernel_makes_the_host_plans(n, nk, data, Cq, Ck, seed):
     """The CPU backward's ``bwd_plan`` kernel (``backward._unit_plans``) gives the host's
     plans by query and by key block and their slot map, array for array: random
-    selections, rows ending in entries n * n (no block), whole block rows and columns."""
+    selections, rows ending in entries n * nk (no block), whole block rows and columns."""
     from mra_compile.backward import _unit_plans
     from mra_compile.inputs import prepare
 
-    K = data.draw(st.integers(1, n * n))
+    K = data.draw(st.integers(1, n * nk))
     g = torch.Generator().manual_seed(seed)
-    rows = [torch.arange(K), (torch.arange(n * n).view(n, n).t().reshape(-1)[:K]).sort().values]
+    by_column = torch.arange(n * nk).view(n, nk).t().reshape(-1)[:K]  # (flat i * nk + j)
+    rows = [torch.arange(K), by_column.sort().values]
     for _ in range(3):
         kept = data.draw(st.integers(0, K))
-        blocks = torch.randperm(n * n, generator=g)[:kept].sort().values
-        rows.append(torch.cat([blocks, torch.full((K - kept,), n * n)]))
+        blocks = torch.randperm(n * nk, generator=g)[:kept].sort().values
+        rows.append(torch.cat([blocks, torch.full((K - kept,), n * nk)]))
     index = torch.stack(rows)
-    x = torch.zeros(1, index.shape[0], n * 32, 16)
-    by_query, by_key, at = _unit_plans(prepare(x, x, x, None, 32), {}, index, n, Cq, Ck)
-    want_q = plan.make_plan(index, n, 0, Cq)
-    flipped, order = plan.transposed(index, n)
-    want_k = plan.make_plan(flipped, n, 0, Ck)
-    want_at = plan.transposed_slots(index, want_q, Cq, flipped, order, want_k, Ck, n)
-    for got, want in ((by_query, want_q), (by_key, want_k)):
+    q = torch.zeros(1, index.shape[0], n * 32, 16)
+    kv = torch.zeros(1, index.shape[0], nk * 32, 16)
+    by_query, by_key, at = _unit_plans(prepare(q, kv, kv, None, 32), {}, index, n, nk, Cq, Ck)
+    want_q = plan.make_plan(index, n, nk, 0, Cq)
+    flipped, order = plan.transposed(index, n, nk)
+    want_k = plan.make_plan(flipped, nk, n, 0, Ck)
+    want_at = plan.transposed_slots(index, want_q, Cq, flipped, order, want_k, Ck, n, nk)
+    for got, want, blocks in ((by_query, want_q, n), (by_key, want_k, nk)):
         for name in ("unit_row", "unit_cols", "ov_start", "ov_units"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
         assert got.ucap == want.ucap and got.has_overflow == want.has_overflow
-        assert got.row_cols.shape == want.row_cols.shape == (len(rows), n, 0)
+        assert got.row_cols.shape == want.row_cols.shape == (len(rows), blocks, 0)
     assert torch.equal(at, want_at)
 
 

@@ -1,7 +1,7 @@
 """The CPU selection kernel (``mra_compile.selection_tir``): the same blocks, Hmask and work
 plan as the host's ``plan.select_blocks`` and ``plan.make_plan``, on scores drawn to
 stress it (ties, the -1e4 penalties, zeros of both signs, infinities, float64), with
-per-sequence budgets and cross-attention's grid, and the op takes it exactly where it
+per-sequence budgets and cross-attention's nq x nk grids, and the op takes it exactly where it
 applies."""
 import pytest
 import torch
@@ -14,73 +14,68 @@ from mra_compile import build, forward, kernels, plan, targets
 SENTINEL = 7.5  # (what ``scores`` holds before the kernel runs)
 
 
-def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=None,
-               budgets=None, inference=False):
-    """The kernel on [R, n, n] logits: (scores, as Hmask with ``full``, else zeros, or S as
+def run_kernel(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, budgets=None,
+               inference=False):
+    """The kernel on [R, n, nk] logits: (scores, as Hmask with ``full``, else zeros, or S as
     the kernel made it with ``inference``; its outputs).
-    ``grid``: (nq, nk); ``budgets``: (row_blocks [R], q_counts [R, n], counts [R, n]) for
-    per-sequence budgets (one head per sequence here)."""
-    R, n, _ = logits.shape
-    U, _ = plan.plan_bounds(K, n, Cr, Co)
+    ``budgets``: (row_blocks [R], q_counts [R, n], counts [R, nk]) for per-sequence
+    budgets (one head per sequence here)."""
+    R, n, nk = logits.shape
+    U, _ = plan.plan_bounds(K, n, nk, Cr, Co)
     i32 = torch.int32
     out = dict(index=torch.full((R, K), -7, dtype=torch.int64),
                row_cols=torch.full((R, n, Cr), -7, dtype=i32),
                ov_start=torch.full((R, n), -7, dtype=i32), ov_units=torch.full((R, n), -7, dtype=i32),
                unit_row=torch.full((R, U), -7, dtype=i32), unit_cols=torch.full((R, U, Co), -7, dtype=i32),
                units=torch.full((R, 2), -7, dtype=i32))
-    nq, nk = grid or (n, n)
     if budgets is None:
         budget = torch.full((R,), K, dtype=i32)
-        q_counts = counts = torch.ones(R, n, dtype=logits.dtype)
+        q_counts, counts = torch.ones(R, n, dtype=logits.dtype), torch.ones(R, nk, dtype=logits.dtype)
     else:
         row_blocks, q_counts, counts = budgets
         budget = row_blocks.clamp_max(K).to(i32)
-    scores = torch.full((R, n * n), SENTINEL, dtype=logits.dtype)
+    scores = torch.full((R, n * nk), SENTINEL, dtype=logits.dtype)
     static = kernels.get("select_plan").static(32, 64, str(logits.dtype).removeprefix("torch."))
     build.run("select_plan", None, targets.CPU, static, logits=logits, rowmax=rowmax,
               counts=counts, q_counts=q_counts, budget=budget, scores=scores,
               cand_val=torch.empty(R, room * K, dtype=logits.dtype),
-              cand_idx=torch.empty(R, room * K, dtype=i32), heads=1, nq=nq, nk=nk,
+              cand_idx=torch.empty(R, room * K, dtype=i32), heads=1,
               real_only=int(budgets is not None),
               write_mask=1 if full else 2 if inference else 0, **out)
-    return scores.view(R, n, n), out
+    return scores.view(R, n, nk), out
 
 
-def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=None,
-          budgets=None, inference=False):
-    R, n, _ = logits.shape
-    scores, got = run_kernel(logits, rowmax, K, Cr, Co, full, room, grid, budgets, inference)
-    nq, nk = grid or (n, n)
+def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, budgets=None,
+          inference=False):
+    R, n, nk = logits.shape
+    scores, got = run_kernel(logits, rowmax, K, Cr, Co, full, room, budgets, inference)
     kw = {}
     if budgets is not None:
         row_blocks, q_counts, counts = budgets
         pairs = (q_counts > 0.5)[:, :, None] & (counts > 0.5)[:, None, :]
-        kw = dict(row_blocks=row_blocks, real_pairs=pairs[:, :nq, :nk])
-    want = plan.select_blocks(logits[:, :nq, :nk], rowmax[:, :nq], num_blocks=K, full=full, **kw)
-    if grid is not None:
-        want = want.embed(nq, nk, n)
-    S = torch.cat([(logits - rowmax[:, :, None]).reshape(R, n * n),
-                   torch.zeros(R, 1, dtype=logits.dtype)], 1)  # (entry n*n: no block)
+        kw = dict(row_blocks=row_blocks, real_pairs=pairs)
+    want = plan.select_blocks(logits, rowmax, num_blocks=K, full=full, **kw)
+    S = torch.cat([(logits - rowmax[:, :, None]).reshape(R, n * nk),
+                   torch.zeros(R, 1, dtype=logits.dtype)], 1)  # (entry n*nk: no block)
     index = got["index"]
     # T: ascending, then the no-block entries; its scores the largest (ties: any of them).
     assert torch.equal(index, index.sort(dim=1).values)
-    assert ((index >= 0) & (index <= n * n)).all()
-    real = index < n * n
+    assert ((index >= 0) & (index <= n * nk)).all()
+    real = index < n * nk
     assert ((index.diff(dim=1) > 0) | ~real[:, 1:]).all()
-    assert torch.equal(real.sum(1), (want.index < n * n).sum(1))
+    assert torch.equal(real.sum(1), (want.index < n * nk).sum(1))
     assert torch.equal(S.gather(1, index).sort(dim=1).values,
                        S.gather(1, want.index).sort(dim=1).values)
     if full:
         assert torch.equal(scores, want.high_mask)
     elif inference:  # nothing written after the selection: S, NaN where not selectable
         S = logits - rowmax[:, :, None]
-        allowed = torch.zeros(R, n, n, dtype=torch.bool)
-        allowed[:, :nq, :nk] = True
+        allowed = torch.ones(R, n, nk, dtype=torch.bool)
         if budgets is not None:
             allowed &= ((q_counts > 0.5)[:, :, None] & (counts > 0.5)[:, None, :]
                         & (S > float("-inf")))
         S = torch.where(allowed, S, float("nan"))
-        if grid is None and budgets is None:
+        if budgets is None:
             # The usual call computes S where it reads it: each row untouched, or S where
             # more ties at theta than the candidates' room sent it to its other path.
             untouched = (scores == SENTINEL).flatten(1).all(1)
@@ -91,7 +86,7 @@ def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=Non
     else:  # zeros: what the backward reads in Hmask's place in "sparse" mode
         assert torch.equal(scores, torch.zeros_like(scores))
     # The plan of that selection.
-    p = plan.make_plan(index, n, Cr, Co)
+    p = plan.make_plan(index, n, nk, Cr, Co)
     for name in ("row_cols", "ov_start", "ov_units"):
         assert torch.equal(got[name], getattr(p, name)), name
     U = max(int(got["units"][:, 0].max()), 1)
@@ -107,19 +102,20 @@ def check(logits, rowmax, K, Cr, Co, full, room=forward.CANDIDATE_ROOM, grid=Non
 KINDS = ("normal", "ties", "penalties", "signed zeros", "infinities", "constant")
 
 
-def draw_logits(kind, R, n, dtype, g):
-    x = torch.randn(R, n, n, generator=g, dtype=dtype)
+def draw_logits(kind, R, n, dtype, g, nk=None):
+    shape = (R, n, n if nk is None else nk)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
     if kind == "ties":
-        x = torch.randint(-2, 3, (R, n, n), generator=g).to(dtype)
+        x = torch.randint(-2, 3, shape, generator=g).to(dtype)
     elif kind == "penalties":  # docs/spec.md, step 2: pairs with an empty block, -1e4
-        x[:, :, torch.rand(n, generator=g) < 0.5] -= 1e4
+        x[:, :, torch.rand(shape[2], generator=g) < 0.5] -= 1e4
     elif kind == "signed zeros":
-        x = torch.where(torch.rand(R, n, n, generator=g) < 0.5, x, torch.zeros((), dtype=dtype))
-        x = torch.where(torch.rand(R, n, n, generator=g) < 0.5, x, -x)
+        x = torch.where(torch.rand(*shape, generator=g) < 0.5, x, torch.zeros((), dtype=dtype))
+        x = torch.where(torch.rand(*shape, generator=g) < 0.5, x, -x)
     elif kind == "infinities":
-        x[torch.rand(R, n, n, generator=g) < 0.2] = float("-inf")
+        x[torch.rand(*shape, generator=g) < 0.2] = float("-inf")
     elif kind == "constant":
-        x = torch.full((R, n, n), 0.25, dtype=dtype)
+        x = torch.full(shape, 0.25, dtype=dtype)
     return x
 
 
@@ -153,22 +149,20 @@ def test_same_selection_and_plan_as_the_host(n, R, data, Cr, Co, full, kind, flo
 def test_budgets_and_grids_as_the_host(n, R, data, Cr, Co, full, kind, with_budgets, inference,
                                        seed):
     """docs/spec.md, "Per-sequence budget" (each row's own number of blocks, among those
-    with a real query and a real key) and cross-attention's nq x nk grid of an n x n
-    padded one."""
+    with a real query and a real key) and cross-attention's nq x nk grid."""
     nq, nk = data.draw(st.integers(1, n)), data.draw(st.integers(1, n))
     if nq * nk < 2:
         return
     K = data.draw(st.integers(1, nq * nk - 1))
     g = torch.Generator().manual_seed(seed)
-    logits = draw_logits(kind, R, n, torch.float32, g)
+    logits = draw_logits(kind, R, nq, torch.float32, g, nk)
     budgets = None
     if with_budgets:
         row_blocks = torch.randint(1, K + 3, (R,), generator=g)
-        q_counts = (torch.rand(R, n, generator=g) < 0.7).float() * 32
-        counts = (torch.rand(R, n, generator=g) < 0.7).float() * 32
+        q_counts = (torch.rand(R, nq, generator=g) < 0.7).float() * 32
+        counts = (torch.rand(R, nk, generator=g) < 0.7).float() * 32
         budgets = (row_blocks, q_counts, counts)
-    grid = None if (nq, nk) == (n, n) else (nq, nk)
-    check(logits, draw_rowmax(logits, False), K, Cr, Co, full, grid=grid, budgets=budgets,
+    check(logits, draw_rowmax(logits, False), K, Cr, Co, full, budgets=budgets,
           inference=inference)
 
 
@@ -262,9 +256,9 @@ def _scan_values(data, size, dtype):
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 19), float64=st.booleans(), room_cut=st.integers(0, 3),
-       data=st.data())
-def test_candidates_scan_is_the_scores_at_least_the_bound_in_order(scans, n, float64,
+@given(n=st.integers(1, 19), nk=st.integers(1, 19), float64=st.booleans(),
+       room_cut=st.integers(0, 3), data=st.data())
+def test_candidates_scan_is_the_scores_at_least_the_bound_in_order(scans, n, nk, float64,
                                                                    room_cut, data):
     """Both forms (S as written; S from the logits and their row maxima), both builds,
     with the room cut short too (a bound on memory: nothing written past it)."""
@@ -272,7 +266,7 @@ def test_candidates_scan_is_the_scores_at_least_the_bound_in_order(scans, n, flo
 
     dtype = torch.float64 if float64 else torch.float32
     suffix, scalar = ("f64", ctypes.c_double) if float64 else ("f32", ctypes.c_float)
-    logits = _scan_values(data, n * n, dtype).view(n, n)
+    logits = _scan_values(data, n * nk, dtype).view(n, nk)
     rowmax = _scan_values(data, n, dtype)
     bound = data.draw(st.sampled_from([0.0, -0.0, -1.0, 0.5, float("-inf"), float("inf")]))
     S = logits - rowmax[:, None]  # (the kernel's own subtraction)
@@ -286,11 +280,11 @@ def test_candidates_scan_is_the_scores_at_least_the_bound_in_order(scans, n, flo
             ptr = [ctypes.c_void_p(t.data_ptr()) for t in (logits, rowmax, val, idx)]
             if flat:
                 got = getattr(lib, f"mra_select_candidates_{suffix}")(
-                    ctypes.c_void_p(scores.data_ptr()), n * n, scalar(bound), ptr[2], ptr[3],
+                    ctypes.c_void_p(scores.data_ptr()), n * nk, scalar(bound), ptr[2], ptr[3],
                     room)
             else:
                 got = getattr(lib, f"mra_select_candidates_rows_{suffix}")(
-                    ptr[0], ptr[1], n, scalar(bound), ptr[2], ptr[3], room)
+                    ptr[0], ptr[1], n, nk, scalar(bound), ptr[2], ptr[3], room)
             want = passing.nonzero().flatten()[:room]
             assert got == len(want)
             assert torch.equal(idx[:got], want.to(torch.int32))
