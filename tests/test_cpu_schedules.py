@@ -91,7 +91,8 @@ def test_pool_logits_are_register_tiles_over_padded_copies(vec, rows, cols):
     along its rows."""
     script = build.scheduled_func("pool_and_logits", {"b": 32, "D": 64, "full": True},
                                   {"vec": vec}).script()
-    assert re.search(r"kp_pad\[v\w+, v\w+, v\w+\] = T.if_then_else\(v\w+ < N // 32, kp\[", script)
+    assert re.search(r"kp_pad\[v\w+, v\w+, v\w+\] = T.if_then_else\(v\w+ < Nk // 32, kp\[",
+                     script)
     assert "qp_pad[v_r, v_i, v_dd] * kp_pad[v_r, v_dd, v_j]" in script
     tile = script[script.index('T.sblock("raw_logits_update")') - 400:]
     assert f"T.vectorized({cols})" in tile[:400] and f"T.unroll({rows})" in tile[:400]
@@ -116,7 +117,7 @@ def test_pool_row_maxima_run_in_vector_lanes(full):
                                   knob_policy.resolve_knobs("pool_and_logits", None)).script()
     update = _loops_above(script, "real_max_lanes_update")
     # (the chunks' loop outside, the lanes inside in a vector)
-    assert re.search(r"for \w+, \w+ in T.grid\(N // 512, 1\):\n\s*for \w+ in T.vectorized\(16\):",
+    assert re.search(r"for \w+, \w+ in T.grid\(Nk // 512, 1\):\n\s*for \w+ in T.vectorized\(16\):",
                      update), update
     assert "with T.init()" not in script[script.index('T.sblock("real_max_lanes_update")'):
                                          script.index('T.sblock("real_max")')]
@@ -462,10 +463,10 @@ def test_the_shuffle_transpose_refuses_blocks_it_would_overrun():
 @pytest.mark.parametrize("op,static", [("lowres_out", {"b": 32, "D": 64}),
                                        ("bwd_lowres", {"b": 32, "D": 64})])
 def test_low_resolution_weights_are_vectors(op, static):
-    """The n x n weights' exps (n symbolic) run in whole vectors over rows padded to 16,
-    with no guard (they were scalar: 60% of lowres_out on an AVX2 CPU), and read their
-    operands contiguously except in the group past n (each lane a scalar load had
-    taken lowres_out 1.8x the time at N = 8192)."""
+    """The n x nk weights' exps (nk symbolic: the key blocks) run in whole vectors over
+    rows padded to 16, with no guard (they were scalar: 60% of lowres_out on an AVX2 CPU),
+    and read their operands contiguously except in the group past nk (each lane a scalar
+    load had taken lowres_out 1.8x the time at N = 8192)."""
     script = build.scheduled_func(op, static, knob_policy.resolve_knobs(op, None)).script()
     block = script.index('T.sblock("weight")')
     loops = script[:block].splitlines()[-3:]
@@ -473,14 +474,14 @@ def test_low_resolution_weights_are_vectors(op, static):
     body = script[block:script.index("T.writes(weight", block)]
     assert "T.where" not in body, body
     # Whole groups of 16 read their blocks as they are (contiguous: vector loads), only
-    # the group past n the clamped index, under a condition the same for all 16 lanes.
+    # the group past nk the clamped index, under a condition the same for all 16 lanes.
     value = script[script.index("weight[v_r, v_i, v_j] = ", block):].splitlines()[0]
-    branch = re.search(r"T.if_then_else\(v_j // 16 < n // 16, (.*)", value)
+    branch = re.search(r"T.if_then_else\(v_j // 16 < nk // 16, (.*)", value)
     assert branch, value
-    direct, clamped = branch.group(1).split("T.min(v_j, n - 1)", 1)
+    direct, clamped = branch.group(1).split("T.min(v_j, nk - 1)", 1)
     for name in ("logits[v_r, v_i, v_j]", "hmask[v_r, v_i, v_j]", "counts[v_r // heads, v_j]"):
         assert name in direct, (name, direct)
-    assert "logits[v_r, v_i, T.min(v_j, n - 1)]" in value
+    assert "logits[v_r, v_i, T.min(v_j, nk - 1)]" in value
 
 
 @pytest.mark.usefixtures("avx512_defaults")  # (the AVX-512 defaults' structure)

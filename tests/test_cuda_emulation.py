@@ -269,7 +269,7 @@ def test_host_reads_are_found():
     from mra_compile import plan
 
     with HostReads() as reads:
-        plan.make_plan(torch.tensor([[0, 1, 5, 16]]), 4, 1, 1, exact=True)
+        plan.make_plan(torch.tensor([[0, 1, 5, 16]]), 4, 4, 1, 1, exact=True)
         assert bool(torch.ones(()))  # (the test's own read)
     assert reads.where and all("plan.py" in where for where in reads.where), reads.where
 
