@@ -279,7 +279,8 @@ class Saved:
         """(q̂ [R, n, Dp], k̂ [R, nk, Dp], v̂ [R, nk, Dp]) as the kernels read them (whole
         tensors: copies where n != nk, cross-attention, else views of ``pooled``)."""
         _, n, nk = self.logits.shape
-        return tuple(x[:, :m].contiguous() for x, m in zip(self.pooled.unbind(0), (n, nk, nk)))
+        qp, kp, vp = self.pooled.unbind(0)
+        return qp[:, :n].contiguous(), kp[:, :nk].contiguous(), vp[:, :nk].contiguous()
 
 
 def exact_output_dtype(dtype: torch.dtype) -> torch.dtype:
