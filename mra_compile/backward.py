@@ -37,10 +37,10 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
         split = row_parts(B, H, k.shape[1])  # as the forward splits (rows are independent)
         if split is None:
             raise
-        take = split.take
+        take, take_mask = split.take, split.take_mask
         parts = [mra_backward(take(grad_out, p), take(q, p), take(k, p, "kv"), take(v, p, "kv"),
-                              take(mask, p), take(out, p), saved.rows(*split.rows(H, p)), opts,
-                              knobs, take(query_mask, p))
+                              take_mask(mask, p), take(out, p), saved.rows(*split.rows(H, p)),
+                              opts, knobs, take_mask(query_mask, p))
                  for p in split.parts]
         dq, dk, dv = (list(grads) for grads in zip(*parts))
         if split.shares_kv:  # (each part's dk, dv: its query heads' share of the sum)

@@ -314,12 +314,16 @@ class RowSplit:
     shares_kv: bool = False
 
     def take(self, x, part: RowPart, side: str = "q"):
-        """``x`` narrowed to ``part``'s range of ``side`` ("q" or "kv"); a mask ([B, N])
-        only where the split is over the batch; None stays None."""
-        if x is None or (self.dim == 1 and x.dim() == 2):
-            return x
+        """``x`` [B, H, N, D] narrowed to ``part``'s range of ``side`` ("q" or "kv")."""
         start, stop = part.q if side == "q" else part.kv
         return x.narrow(self.dim, start, stop - start)
+
+    def take_mask(self, mask, part: RowPart):
+        """A mask (per sequence, in any of its forms: [B, N], [B, 1, 1, N]): narrowed
+        where the split is over the batch; None stays None."""
+        if mask is None or self.dim == 1:
+            return mask
+        return mask.narrow(0, part.q[0], part.q[1] - part.q[0])
 
     def rows(self, H: int, part: RowPart) -> tuple[int, int]:
         """The query rows (batch * heads) of ``part``."""
@@ -381,10 +385,10 @@ def mra_forward(q, k, v, mask, opts: Options, knobs: dict | None = None, save: b
         split = row_parts(B, H, k.shape[1])
         if split is None:
             raise
-        take = split.take
-        results = [mra_forward(take(q, p), take(k, p, "kv"), take(v, p, "kv"), take(mask, p),
-                               opts, knobs, save=save, query_mask=take(query_mask, p),
-                               exact_out=exact_out)
+        take, take_mask = split.take, split.take_mask
+        results = [mra_forward(take(q, p), take(k, p, "kv"), take(v, p, "kv"),
+                               take_mask(mask, p), opts, knobs, save=save,
+                               query_mask=take_mask(query_mask, p), exact_out=exact_out)
                    for p in split.parts]
         if not save:
             return torch.cat(results, split.dim)

@@ -48,19 +48,23 @@ def test_scratch_check_names_the_buffer():
 # its query heads), and with one key/value head by query heads (each part reading it whole)
 @pytest.mark.parametrize("shape", [(4, 3, 3), (1, 6, 6), (1, 6, 3), (1, 4, 1), (2, 4, 1)])
 @pytest.mark.parametrize("mode", ["full", "sparse"])
-def test_calls_beyond_32_bit_scratch_run_in_parts(monkeypatch, shape, mode):
+@pytest.mark.parametrize("form", ["2d", "sdpa"])  # the mask [B, N] 0/1, or [B, 1, 1, N] bool
+def test_calls_beyond_32_bit_scratch_run_in_parts(monkeypatch, shape, mode, form):
     """Issue 15, item 2: B=8, H=32, N=16384, D=128, 8 blocks per row passed validation and
     overflowed the int32 offsets of the per-unit tensors (blockIdx.x * U * b * Dp). Such a
     call now runs in parts of whole rows, each within the limit; here the limit is lowered
     so that a small call needs the split (before: a ValueError). With grouped heads the
     split had cut k, v at the query heads' ranges ("start (2) + length (2) exceeds
-    dimension size (2)", 2026-12-08)."""
+    dimension size (2)", 2026-12-08); a split by heads leaves the mask whole, in every
+    form it may take (an SDPA-shaped one too)."""
     B, H, Hkv = shape
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, H, 200, 16, generator=g, requires_grad=True)
     k, v = (torch.randn(B, Hkv, 200, 16, generator=g, requires_grad=True) for _ in range(2))
     mask = torch.ones(B, 200)
     mask[-1, 150:] = 0
+    if form == "sdpa":
+        mask = (mask != 0)[:, None, None, :]
 
     def run():
         out = mra_compile.mra_attention(q, k, v, mask, num_blocks=20, approx_mode=mode,
