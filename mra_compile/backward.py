@@ -87,7 +87,10 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     # float32 accuracy in P v (q k^T is exact): the micro-kernels' with P v in float32,
     # CUDA's with P split in two (``Target.splits_pv``); else the float32 kernels on
     # float32 copies of q, k, v.
+    # q̂, k̂, v̂ as the kernels read them (copies for cross-attention: made once)
+    pooled = saved.pooled_parts() if full or out.dtype != dt else None
     if out.dtype != dt:
+        assert pooled is not None
         second = pr
         if micro or target.splits_pv(pr.q.dtype):
             second = dataclasses.replace(pr, float32_pv=True)
@@ -100,8 +103,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
         chosen = knob_policy.knobs_for_shape(own or None, max(N, Nk), D, b, target,
                                              second.q.dtype)
         exact_and_combine(second, saved.index, saved.logits, saved.rowmax, saved.high_mask,
-                          saved.pooled_parts()[2], full, chosen, outp,
-                          pr.scratch("stats", 3, R, n, b))
+                          pooled[2], full, chosen, outp, pr.scratch("stats", 3, R, n, b))
     else:
         outp = pad(out, Np - N, Dp - D, dt)
 
@@ -157,7 +159,8 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dqp = torch.zeros(R, n, Dp, dtype=dt, device=dev)
     dkp, dvp = (torch.zeros(R, nk, Dp, dtype=dt, device=dev) for _ in range(2))
     if full:
-        qp, kp, vp = saved.pooled_parts()
+        assert pooled is not None
+        qp, kp, vp = pooled
         pr.run("bwd_lowres", knobs, logits=saved.logits, hmask=saved.high_mask, rowmax=saved.rowmax,
                counts=pr.counts, qp=qp, kp=kp, vp=vp, ga=ga, da=da, dqp=dqp, dkp=dkp, dvp=dvp,
                heads=pr.heads, scale=pr.scale)

@@ -250,9 +250,9 @@ class Saved:
     """What the forward hands to the backward (see ``mra_compile.backward``).
 
     stats [3, R, Np]: stab, lo_w, inv_z per query token; pooled [3, R, max(n, nk), Dp]:
-    q̂ [R, n, Dp], k̂, v̂ [R, nk, Dp] in the first n, nk rows of each (``parts``; v̂ zeros
-    in "sparse" mode); logits, high_mask [R, n, nk] (high_mask zeros in "sparse" mode);
-    rowmax [R, n]; index [R, K] int64: the selected blocks, sorted.
+    q̂ [R, n, Dp], k̂, v̂ [R, nk, Dp] in the first n, nk rows of each (``pooled_parts``;
+    v̂ zeros in "sparse" mode); logits, high_mask [R, n, nk] (high_mask zeros in "sparse"
+    mode); rowmax [R, n]; index [R, K] int64: the selected blocks, sorted.
     """
 
     stats: torch.Tensor
