@@ -72,10 +72,15 @@ def _slot_table(sch, slots: str, per_token: str):
     return index, units, C, block.iter_vars[-1].dom.extent // C
 
 
+def _param(sch, name: str):
+    """The kernel's scalar parameter ``name`` (a Var), or None where it has none."""
+    return next((p for p in sch.mod["main"].params if p.name == name), None)
+
+
 def _kv_row(sch, row, shared: bool = True):
     """The row of the key/value inputs that query row ``row`` reads: ``row // group``
     where the kernel takes grouped-query heads (a ``group`` parameter) and ``shared``."""
-    group = next((p for p in sch.mod["main"].params if p.name == "group"), None)
+    group = _param(sch, "group")
     return row if group is None or not shared else row // group
 
 
@@ -524,7 +529,7 @@ def _micro_products(sch, vec, b, micro, slots, loop, asks):
     v = _input(sch.get(sch.get_sblock("unit_out")), "v")
     token_dim = -3 if heads_last else -2
     sch.blockize(t)
-    scale = next(p for p in sch.mod["main"].params if p.name == "scale")
+    scale = _param(sch, "scale")
     _exp_pv_in_one_call(sch, loop, cpu_bf16.exp_pv_slots(
         D, int(W) // b, v.shape[token_dim], scale, heads_last, asks), slots,
         {"v": (token_dim, -1), slots: (-1,)})
@@ -1326,7 +1331,7 @@ def bwd_finish(sch, *, vec):
 
     The grouped-query variant sums dk, dv over the query rows of a key/value row too (a
     loop over them outside the units' loop, each guarded by its own row's count)."""
-    group = next((p for p in sch.mod["main"].params if p.name == "group"), None)
+    group = _param(sch, "group")
     for name, count_name in (("dq", "q_units"), ("dk", "k_units"), ("dv", "k_units")):
         ri = _merged_parallel(sch, (name,), 2)
         row_block = sch.get(ri).loop_var
