@@ -377,8 +377,8 @@ def _low_res_weights(logits, rowmax, hmask, counts, heads, scratch: bool):
     ``bwd_lowres``. nk' = nk for the ``scratch`` variant (an argument); otherwise each row
     is padded to a multiple of 16 with zeros, so that the CPU computes its exps in whole
     vectors with no guard."""
-    R, _, n = logits.shape  # (n: the key blocks)
-    width = n if scratch else (n + 15) // 16 * 16
+    R, _, nk = logits.shape
+    width = nk if scratch else (nk + 15) // 16 * 16
 
     def weight_at(r, i, j, jj):  # W[r, i, j], reading key block jj (j itself, or in bounds)
         # Times c_j by selection: an empty key block adds nothing, even where R (over
@@ -386,20 +386,20 @@ def _low_res_weights(logits, rowmax, hmask, counts, heads, scratch: bool):
         # select, both sides evaluated: the padding reads the last block (in bounds).
         c = counts[r // heads, jj]
         return tirx.Select(
-            tirx.all(j < n, c > 0.5),
+            tirx.all(j < nk, c > 0.5),
             _exp(logits[r, i, jj] - rowmax[r, i] - hmask[r, i, jj] * 1e4) * c,
             tirx.const(0.0, logits.dtype))
 
     def weight_of(r, i, j):
         if scratch:
-            return weight_at(r, i, j, te.min(j, n - 1))
+            return weight_at(r, i, j, te.min(j, nk - 1))
         # The padded row's whole groups of 16 read their blocks as they are, only the last
-        # group, past n, the clamped index: a condition the same for 16 lanes, which the
+        # group, past nk, the clamped index: a condition the same for 16 lanes, which the
         # CPU's vectors take as one branch. (Clamped throughout, the index is not
         # contiguous for the vectoriser: every lane was a scalar load, and lowres_out took
         # 1.8x the time at N = 8192.)
-        return te.if_then_else(j // 16 < n // 16, weight_at(r, i, j, j),
-                               weight_at(r, i, j, te.min(j, n - 1)))
+        return te.if_then_else(j // 16 < nk // 16, weight_at(r, i, j, j),
+                               weight_at(r, i, j, te.min(j, nk - 1)))
 
     return te.compute((R, logits.shape[1], width), weight_of, name="weight")
 
@@ -1075,9 +1075,9 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                  io: str | None = None, gqa: bool = False, micro: str | None = None):
     """dq of the high-resolution part, per unit (one query block x C key blocks).
 
-    in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_row [R, U];
-         unit_cols [R, U, C] i32; stab [R, N]; g [R, N, D] (dO, ``bwd_prep``); dsum, inv_z
-         [R, N]; heads, group, scale
+    in : q [R, N, D]; k, v [R / group, Nk, D] (``io`` dtype); mask [Bm, Nk], qmask
+         [Bm, N]; unit_row [R, U]; unit_cols [R, U, C] i32; stab [R, N]; g [R, N, D]
+         (dO, ``bwd_prep``); dsum, inv_z [R, N]; heads, group, scale
     out: dq_unit [R, U, b, D] (summed over a block row's units by ``bwd_finish``)
 
     Like the forward's units, the three products read gathered operands in ``io``
@@ -1108,9 +1108,10 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                    keep_ds: bool = False):
     """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
 
-    in : q, k, v [R, N, D] (``io`` dtype); mask, qmask [Bm, N]; unit_col [R, U] (the key block);
-         unit_rows [R, U, C] i32 (query blocks, -1 empty); stab [R, N]; g [R, N, D] (dO,
-         ``bwd_prep``); dsum, inv_z [R, N]; heads, scale
+    in : q [R, N, D]; k, v [R / group, Nk, D] (``io`` dtype); mask [Bm, Nk], qmask
+         [Bm, N]; unit_col [R, U] (the key block); unit_rows [R, U, C] i32 (query
+         blocks, -1 empty); stab [R, N]; g [R, N, D] (dO, ``bwd_prep``); dsum, inv_z
+         [R, N]; heads, group, scale
     out: dk_unit, dv_unit [R, U, b, D] (summed per key block by ``bwd_finish``)
 
     The four products read gathered ``io`` operands (``q_g``, ``g_g``, ``k_t``, ``v_t``,
