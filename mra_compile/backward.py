@@ -30,7 +30,8 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
     try:
         with torch_single_threaded():
             # CUDA fp16/bf16: as the kernels take them
-            pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
+            pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask,
+                         backward=True)
             with pr.target.device_scope(q.device):
                 return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
     except validate.ScratchOverflow:

@@ -97,7 +97,8 @@ class Prepared:
     group: int = 1  # query heads per key/value head: q row r reads k, v row r // group
     # The kernels' variant whose P v keeps P at float32 accuracy, for the float32 output
     # of a half-precision result: the micro-kernels' with P v in float32
-    # (``Target.micro_kernels``), or P split in two (``Target.splits_pv``).
+    # (``Target.micro_kernels``), or P split in two (``Target.splits_pv``), or where P is
+    # float32 anyway (``Target.widens``) the variant writing its output in float32.
     float32_pv: bool = False
     # Whether the call returns what the backward reads (``forward.Saved``): False for an
     # inference call, whose intermediates then go to scratch memory (``saved``).
@@ -141,8 +142,9 @@ class Prepared:
                                       _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args,
                                       self.group > 1,
                                       self.target.micro_kernels(self.q.dtype, self.float32_pv),
-                                      self.float32_pv and self.target.splits_pv(self.q.dtype),
-                                      self.heads_last)
+                                      self.float32_pv and (self.target.splits_pv(self.q.dtype)
+                                                           or self.target.widens(self.q.dtype)),
+                                      self.heads_last, self.target.widens(self.q.dtype))
 
     def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
@@ -272,12 +274,12 @@ def real_tokens(mask):
 
 
 def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
-            query_mask=None, heads_last: bool = False) -> Prepared:
+            query_mask=None, heads_last: bool = False, backward: bool = False) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
     logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
     [B, Nq], is cross-attention (``_prepare_cross``). q, k, v take the target's I/O
-    dtype (``Target.io_dtype``, forward and backward alike); where they must be
+    dtype (``Target.io_dtype``; ``backward``: the backward's kernels'); where they must be
     copied (padded, converted), the copies go to kept workspace memory on targets that
     reuse it (``padded``). ``heads_last``: where q, k, v are transposed views of
     [B, N, H, D] tensors the kernels can read in place (``reads_heads_last``), they do
@@ -290,7 +292,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     dt = compute_dtype(q.dtype)
     dev = q.device
     target = targets.of_device(dev)
-    io = target.io_dtype(q.dtype, b)
+    io = target.io_dtype(q.dtype, b, backward)
     mask = key_padding(mask)
     common = dict(scale=1.0 / math.sqrt(D) if scale is None else float(scale), block_size=b,
                   target=target, group=H // k.shape[1])

@@ -54,6 +54,15 @@ class Kernel:
     # Has a variant that reads q, k, v where they lie in [B, N, H, D] tensors (the layout
     # an attention layer's heads come from): ``static``'s ``heads_last``.
     heads_last: bool = False
+    # Has a variant that widens q, k, v of a narrower dtype as it reads them, computing
+    # everything else in the compute dtype (``static``'s ``widened``; ``Target.widens``).
+    widens: bool = False
+
+    @property
+    def backward(self) -> bool:
+        """Whether it is one of the backward's kernels (named ``bwd_*``), which read q, k,
+        v in ``Target.io_dtype(.., backward=True)``."""
+        return self.name.startswith("bwd_")
 
     def on(self, family: str) -> bool:
         """Whether targets of ``family`` have this kernel."""
@@ -71,7 +80,7 @@ class Kernel:
     def static(self, b: int, D: int, dtype: str = "float32", io: str | None = None,
                full: bool | None = None, scratch: bool = False, gqa: bool = False,
                micro: str | None = None, split_pv: bool = False,
-               heads_last: bool = False) -> dict:
+               heads_last: bool = False, widened: bool = False) -> dict:
         """The compile-time parameters of one variant: block edge ``b``, padded head dim
         ``D``, compute ``dtype``, the q/k/v dtype ``io`` where it differs (read only by
         kernels that read q, k, v, and by ``takes_io`` ones), for kernels
@@ -84,7 +93,10 @@ class Kernel:
         ``split_pv``: P v from P split into two parts in ``io``, P_hi + P_lo (the
         variant of ``splits_pv`` kernels whose output is float32: ``Target.splits_pv``);
         ``heads_last``: q, k, v are [B, N, H, D] tensors (row r = b H + h), for the kernels
-        that have that variant (a ValueError for another kernel that reads them)."""
+        that have that variant (a ValueError for another kernel that reads them);
+        ``widened``: q, k, v of dtype ``io`` are widened as they are read
+        (``Target.widens``; with ``split_pv``: the float32 output, P not split), for the
+        kernels that have that variant (a ValueError for another that reads them)."""
         static: dict = {"b": b, "D": D}
         if dtype != "float32":  # float32 kernels keep their historical keys
             static["dtype"] = dtype
@@ -95,6 +107,10 @@ class Kernel:
                 static["micro"] = micro
             elif split_pv and self.splits_pv:
                 static["split_pv"] = True
+            if widened and self.reads_qkv:
+                if not self.widens:
+                    raise ValueError(f"kernel {self.name} has no variant widening {io} q, k, v")
+                static["widened"] = True
         if gqa and (self.reads_qkv or self.sums_groups):
             static["gqa"] = True
         if self.has_modes:
@@ -140,17 +156,17 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("pool_and_logits", (*QKV, "counts", "inv_counts", "q_counts", "q_inv_counts", "qp",
                                "kp", "vp", "logits", "rowmax", "heads", "group", "scale"),
            reads_qkv=True, full_only=("v", "vp"),
-           scratch=("raw_logits", "real_max"), heads_last=True),
+           scratch=("raw_logits", "real_max"), heads_last=True, widens=True),
     Kernel("lowres_out", ("logits", "rowmax", "hmask", "counts", "vp", "o_lo", "z_lo",
                           "heads"), scratch=("weight",)),
     Kernel("hires_units", (*QKV, "unit_row", "unit_cols", "unit_max", "unit_out", "unit_sum",
                            "heads", "group", "scale"), reads_qkv=True, shape_knobs=("blocks_per_unit",),
-           splits_pv=True, heads_last=True),
+           splits_pv=True, heads_last=True, widens=True),
     Kernel("hires_rows", (*QKV, "row_cols", "ov_max", "ov_out", "ov_sum", "ov_start",
                           "ov_units", "o_lo", "z_lo", "rowmax", "out", "stab", "lo_w", "inv_z",
                           "heads", "group", "scale", "ucap"),
            reads_qkv=True, shape_knobs=("row_unit_blocks",), full_only=("o_lo", "z_lo", "rowmax"),
-           splits_pv=True, heads_last=True),
+           splits_pv=True, heads_last=True, widens=True),
     # Block selection and the work plan in one pass (docs/spec.md, step 3; CPU: on the
     # host otherwise, and for priors).
     Kernel("select_plan", ("logits", "rowmax", "counts", "q_counts", "budget", "scores",

@@ -237,7 +237,7 @@ def _vars(*names):
 
 def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = None,
                     scratch: bool = False, gqa: bool = False, micro: str | None = None,
-                    full: bool = True, heads_last: bool = False):
+                    full: bool = True, heads_last: bool = False, widened: bool = False):
     """Step 2: block means and low-resolution logits.
 
     in : q [R, N, D]; k, v [R / group, Nk, D]; mask [Bm, Nk], qmask [Bm, N]; counts,
@@ -246,7 +246,9 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
          logits [R, n, nk] (L with the -1e4 compat penalty); rowmax [R, n] (R before it)
     ``full=False`` ("sparse" mode, no low-resolution output): neither v nor vp (pooling
     v was a third of the kernel's memory traffic).
-    ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16).
+    ``io``: the dtype of q, k, v when it differs from the compute dtype (CUDA fp16/bf16;
+    the CPU's fp16, ``widened``: the block sums widen every value as they read it anyway,
+    so the variant is the same).
     ``scratch``: raw_logits [R, n, nk] and real_max [R, n] are arguments too (the last).
     ``micro``: q, k, v are bf16 bits (``_io``). ``heads_last``: q, k, v [B, N, H, D]
     (``_inputs``).
@@ -434,7 +436,7 @@ def lowres_out(b: int, D: int, dtype: str = "float32", scratch: bool = False):
 
 
 def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_block, key_block,
-                    C, b, D, dt, micro=None, split_pv=False):
+                    C, b, D, dt, micro=None, split_pv=False, widened=False):
     """Step 4 on one query block against C key blocks, for every point of ``domain``.
 
     ``query_block(r, u)`` and ``key_block(r, u, c)`` give block indices (-1 = empty
@@ -459,10 +461,17 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     the float32 output a half-precision result's backward reads, on tensor cores). One
     product over 2W keys: ``prob_io`` [b, 2W] holds P_hi then P_lo, ``v_g`` [2W, D] each
     value row twice.
+
+    ``widened`` (q, k, v in fp16, ``io``, on the CPU: ``Target.widens``): every value of
+    q, k, v is widened to ``dt`` as it is read (exact) and every product and P stay in
+    ``dt``: the float32 kernels' arithmetic on the inputs where they lie, with no float32
+    copies of them (``split_pv`` then splits nothing: P is in ``dt`` already).
     """
     W = C * b  # key tokens per unit
-    Wv = 2 * W if split_pv else W  # P v's reduction
     io = q.dtype
+    split_pv = split_pv and not widened
+    Wv = 2 * W if split_pv else W  # P v's reduction
+    q_io = dt if widened else io  # (the gathered queries: widened once, where they are)
 
     def valid(r, u, w):
         return key_block(r, u, w // b) >= 0
@@ -497,8 +506,10 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     # (``_masked_row``), and the backward's units compute the same logits.
     q_s = te.compute(
         (*domain, b, D),
-        lambda r, u, t, d: _masked_row(_read(q, r, query_token(r, u, t), d),
-                                       qmask[r // heads, query_token(r, u, t)], io),
+        lambda r, u, t, d: _masked_row(
+            _read(q, r, query_token(r, u, t), d).astype(q_io) if widened
+            else _read(q, r, query_token(r, u, t), d),
+            qmask[r // heads, query_token(r, u, t)], q_io),
         name="q_s")
     if micro:
         q_t = te.compute((*domain, D // 2, b, 2),
@@ -556,7 +567,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     prob = te.compute((*domain, W, b), prob_of, name="prob")
     # [query, key]: P V is then a plain row-major product (a tensor-core operand on CUDA).
     # (P v in float32 for micro "avx512_bf16_fp32_pv": P as it is)
-    p_io = dt if micro == MICRO[1] else io
+    p_io = dt if micro == MICRO[1] or widened else io
 
     def prob_part(r, u, t, w):
         if not split_pv:
@@ -620,7 +631,7 @@ def _inputs(D, dt, io=None, gqa=False, heads_last=False):
 
 def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                 io: str | None = None, gqa: bool = False, micro: str | None = None,
-                split_pv: bool = False, heads_last: bool = False):
+                split_pv: bool = False, heads_last: bool = False, widened: bool = False):
     """Step 4 on overflow units: up to C more selected blocks of one block row each.
 
     Unit u of row r covers query block ``unit_row[r, u]`` and key blocks
@@ -639,7 +650,7 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     unit_max, unit_out, unit_sum = _unit_attention(
         q, k, v, mask, qmask, heads, group, scale, (R, U),
         lambda r, u: unit_row[r, u], lambda r, u, c: unit_cols[r, u, c], C, b, D, dtype, micro,
-        split_pv,
+        split_pv, widened,
     )
     return _params(q, k, v, mask, qmask, unit_row, unit_cols, unit_max, unit_out, unit_sum, heads,
                    group, scale)
@@ -647,7 +658,7 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
 
 def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "float32",
                io: str | None = None, gqa: bool = False, micro: str | None = None,
-               split_pv: bool = False, heads_last: bool = False):
+               split_pv: bool = False, heads_last: bool = False, widened: bool = False):
     """Step 4 for every query block row, merged with its overflow units, then steps 5-6.
 
     Block row i of row r computes its first ``row_unit_blocks`` selected key blocks
@@ -664,7 +675,8 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
          float32 with micro "avx512_bf16_fp32_pv" and with ``split_pv``).
     ``heads_last``: q, k, v [B, N, H, D] (``_inputs``); the output [R, n, b, D] as
     before, which the CPU schedule lays out as [B, N, H, D] (``schedules/cpu.py``,
-    ``_heads_last_output``).
+    ``_heads_last_output``). ``widened``: fp16 q, k, v widened as they are read
+    (``_unit_attention``); with ``split_pv`` only the output's dtype changes (float32).
     """
     dt = dtype
     io = _io(io, dt, micro)
@@ -681,6 +693,7 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
     own_max, own_out, own_sum = _unit_attention(
         q, k, v, mask, qmask, heads, group, scale, (R, n),
         lambda r, i: i, lambda r, i, c: row_cols[r, i, c], C, b, D, dtype, micro, split_pv,
+        widened,
     )
 
     def unit(r, i, w):

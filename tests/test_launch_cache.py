@@ -67,10 +67,12 @@ def test_replayed_calls_match_the_usual_path(seed, B, H, N, D, mode, per_row, ca
 
 @pytest.mark.parametrize("N, D, dtype", [(300, 64, torch.float32), (256, 40, torch.float32),
                                          (256, 64, torch.float16), (1000, 48, torch.bfloat16)])
-def test_inputs_read_through_a_copy_replay_too(N, D, dtype):
-    """A partial last block, a head dim padded to 16, float16 computed in float32: the
-    kernels read copies of q, k, v and write a padded output, which each replay makes
-    and copies out again; the same bits as the usual path, from C and from Python."""
+def test_inputs_read_through_a_copy_replay_too(N, D, dtype, monkeypatch):
+    """A partial last block, a head dim padded to 16, float16 computed on float32 copies
+    (as without F16C): the kernels read copies of q, k, v and write a padded output,
+    which each replay makes and copies out again; the same bits as the usual path, from
+    C and from Python."""
+    monkeypatch.setenv(cpu.FP16_ENV, "0")
     mra_compile.clear_workspace()
     kw = dict(num_blocks=3 * -(-N // 32), approx_mode="sparse")
     for i in range(3):

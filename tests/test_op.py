@@ -313,9 +313,11 @@ def test_half_precision(dtype, rtol, seed, B, H, N, D, kind, data):
     # float32 arithmetic and the final rounding differ.
     out = check_against_reference(q, k, v, mask, rtol, **kw)
     assert out.dtype == dtype
-    if targets.CPU.io_dtype(dtype, kw["block_size"]) == torch.float32:
-        # Computed in float32 (fp16; bf16 without the CPU's bf16 products, which
-        # tests/test_cpu_bf16.py checks): the float32 op on the rounded inputs, rounded.
+    io = targets.CPU.io_dtype(dtype, kw["block_size"])
+    if io == torch.float32 or targets.CPU.widens(io):
+        # Computed in float32 (fp16, read in place and widened, or from float32 copies;
+        # bf16 without the CPU's bf16 products, which tests/test_cpu_bf16.py checks): the
+        # float32 op on the rounded inputs, rounded.
         out32 = op(q.float(), k.float(), v.float(), mask, **kw)
         torch.testing.assert_close(out, out32.to(dtype), rtol=0, atol=0)
 

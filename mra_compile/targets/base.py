@@ -71,11 +71,21 @@ class Target:
         """A user override of the TVM target that changes the code (part of the key)."""
         return ""
 
-    def io_dtype(self, dtype: torch.dtype, block_size: int = 32) -> torch.dtype:
-        """The dtype q, k, v have in the kernels that read them (forward and backward), for
-        inputs of ``dtype`` in blocks of ``block_size``; every other kernel computes in
+    def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
+                 backward: bool = False) -> torch.dtype:
+        """The dtype q, k, v have in the kernels that read them, for inputs of ``dtype``
+        in blocks of ``block_size`` (``backward``: in the backward's kernels, which may
+        differ from the forward's); every other kernel computes in
         ``compute_dtype(dtype)``."""
         return compute_dtype(dtype)
+
+    def widens(self, io: torch.dtype) -> bool:
+        """Whether the kernels that read q, k, v of dtype ``io`` (narrower than the
+        compute dtype) widen each value as they read it and compute everything else, P
+        included, in the compute dtype: the compute dtype's arithmetic on the inputs
+        where they lie (``Kernel.static``'s ``widened``), instead of rounding the block
+        products' operands to ``io`` (tensor cores)."""
+        return False
 
     def micro_kernels(self, io: torch.dtype, float32_pv: bool = False) -> str | None:
         """The hand-written micro-kernels the kernels reading q, k, v of dtype ``io`` call

@@ -14,6 +14,7 @@ from mra_compile.targets.base import Target
 TARGET_ENV = "MRA_COMPILE_TARGET"  # a TVM target as JSON, replacing this host's CPU
 BF16_ENV = "MRA_COMPILE_CPU_BF16"  # "0": bf16 inputs run on the float32 kernels
 AMX_ENV = "MRA_COMPILE_CPU_AMX"  # "0": the bf16 micro-kernels keep off the AMX tiles
+FP16_ENV = "MRA_COMPILE_CPU_FP16"  # "0": fp16 inputs run on float32 copies of them
 
 
 def bf16_products() -> bool:
@@ -23,6 +24,16 @@ def bf16_products() -> bool:
     (``MRA_COMPILE_TARGET``), and ``MRA_COMPILE_CPU_BF16`` is not "0"."""
     return ("avx512_bf16" in host.cpu_flags() and "avx512bw" in host.cpu_flags()
             and not os.environ.get(TARGET_ENV) and os.environ.get(BF16_ENV, "1") != "0")
+
+
+def fp16_in_place() -> bool:
+    """Whether the forward's kernels read fp16 q, k, v where they lie, widening each value
+    to float32 as they read it (F16C's conversions; the float32 kernels' arithmetic, so
+    the same output bit for bit as on float32 copies): this CPU has F16C, no other CPU is
+    targeted (``MRA_COMPILE_TARGET``), and ``MRA_COMPILE_CPU_FP16`` is not "0". (The
+    backward reads float32 copies either way.)"""
+    return ("f16c" in host.cpu_flags() and not os.environ.get(TARGET_ENV)
+            and os.environ.get(FP16_ENV, "1") != "0")
 
 
 def amx_products() -> bool:
@@ -84,13 +95,19 @@ class CpuTarget(Target):
     def target_override(self) -> str:
         return os.environ.get(TARGET_ENV, "")
 
-    def io_dtype(self, dtype: torch.dtype, block_size: int = 32) -> torch.dtype:
+    def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
+                 backward: bool = False) -> torch.dtype:
         # bf16 products with fp32 sums where the CPU has them (the 32 x 32 blocks of the
-        # forward and of the backward's units); everything else computes in float32 from
-        # float32 copies.
+        # forward and of the backward's units); fp16 read in place by the forward
+        # (``fp16_in_place``); everything else computes in float32 from float32 copies.
         if dtype == torch.bfloat16 and block_size == 32 and bf16_products():
             return dtype
+        if dtype == torch.float16 and not backward and fp16_in_place():
+            return dtype
         return super().io_dtype(dtype)
+
+    def widens(self, io: torch.dtype) -> bool:
+        return io == torch.float16
 
     def micro_kernels(self, io: torch.dtype, float32_pv: bool = False) -> str | None:
         if io != torch.bfloat16:
@@ -108,9 +125,10 @@ class CpuTarget(Target):
         return objects
 
     def build_dtypes(self, requested: list[str] | None) -> list[str]:
-        # float16 inputs run on the float32 kernels here, and so do bfloat16 inputs on a
-        # CPU without bf16 products (``bf16_products``).
-        half = ("float16",) if bf16_products() else ("float16", "bfloat16")
+        # bfloat16 inputs run on the float32 kernels on a CPU without bf16 products
+        # (``bf16_products``), and float16 inputs without F16C (``fp16_in_place``).
+        half = (() if fp16_in_place() else ("float16",)) + (
+            () if bf16_products() else ("bfloat16",))
         return super().build_dtypes(["float32" if d in half else d for d in requested or []])
 
     def after_load(self, path: Path) -> None:
