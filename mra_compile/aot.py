@@ -75,23 +75,22 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
 # a half-precision result (``forward.exact_output_dtype``: the training forward's, or the
 # backward's after a forward without ``exact_out``): where the kernels call micro-kernels,
 # their variant with P v in float32 (CPU bf16); where they split P (CUDA fp16/bf16:
-# ``Target.splits_pv``), that variant; where they widen q, k, v (CPU fp16:
-# ``Target.widens``), their variant with a float32 output for the training forward; the
-# float32 kernels where the backward's kernels read q, k, v in float32 (the CPU's fp16
-# backward) or where the forward's read them in half precision otherwise.
+# ``Target.splits_pv``), that variant; where they widen q, k, v as they read them (CPU
+# fp16: ``Target.widens``), their variant with a float32 output; where they read q, k, v
+# in half precision otherwise, the float32 kernels.
 RECOMPUTED = ("hires_units", "lowres_out", "hires_rows")
 
 
 def _calls(target: Target, dtype: torch.dtype, b: int):
     """(kernel, I/O dtype of q, k, v, micro-kernels, split_pv, widened) of every kernel
     call for inputs of ``dtype``."""
+    io = target.io_dtype(dtype, b)
+    micro = target.micro_kernels(io)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
+    widened = io != compute and target.widens(io)
     for kernel in kernels.KERNELS.values():
         if not kernel.on(target.family):
             continue
-        io = target.io_dtype(dtype, b, kernel.backward)
-        micro = target.micro_kernels(io)
-        widened = io != compute and target.widens(io)
         yield kernel, io, micro, False, widened
         if kernel.name not in RECOMPUTED:
             continue
@@ -99,12 +98,8 @@ def _calls(target: Target, dtype: torch.dtype, b: int):
             yield kernel, io, target.micro_kernels(io, float32_pv=True), False, False
         elif target.splits_pv(io) or widened:
             yield kernel, io, None, True, widened
-        # The backward's recomputation (after a forward without ``exact_out``) reads q, k,
-        # v as the backward's kernels do: the float32 kernels where those are float32
-        # (or float32 copies of half-precision ones without a float32-P variant).
-        back = target.io_dtype(dtype, b, backward=True)
-        if back == compute or not (target.micro_kernels(back) or target.splits_pv(back)):
-            yield kernel, compute, None, False, False  # (deduplicated by ``variants``)
+        elif io != compute:
+            yield kernel, compute, None, False, False
 
 
 def input_dtype(static: dict) -> torch.dtype:

@@ -30,8 +30,7 @@ def mra_backward(grad_out, q, k, v, mask, out, saved: Saved, opts: Options,
     try:
         with torch_single_threaded():
             # CUDA fp16/bf16: as the kernels take them
-            pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask,
-                         backward=True)
+            pr = prepare(q, k, v, mask, opts.block_size, opts.scale, query_mask)
             with pr.target.device_scope(q.device):
                 return _backward(grad_out, q, k, v, out, saved, pr, opts.full, knobs or {})
     except validate.ScratchOverflow:
@@ -86,14 +85,15 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     # a forward called without ``exact_out`` it is computed again with the forward's
     # blocks: where the kernels read half-precision q, k, v, by their variant with P at
     # float32 accuracy in P v (q k^T is exact): the micro-kernels' with P v in float32,
-    # CUDA's with P split in two (``Target.splits_pv``); else the float32 kernels on
-    # float32 copies of q, k, v.
+    # CUDA's with P split in two (``Target.splits_pv``), the widened ones' (CPU fp16,
+    # P in float32 anyway: ``Target.widens``) with a float32 output; else the float32
+    # kernels on float32 copies of q, k, v.
     # q̂, k̂, v̂ as the kernels read them (copies for cross-attention: made once)
     pooled = saved.pooled_parts() if full or out.dtype != dt else None
     if out.dtype != dt:
         assert pooled is not None
         second = pr
-        if micro or target.splits_pv(pr.q.dtype):
+        if micro or target.splits_pv(pr.q.dtype) or target.widens(pr.q.dtype):
             second = dataclasses.replace(pr, float32_pv=True)
         elif pr.q.dtype != dt:
             second = dataclasses.replace(pr, q=pr.q.to(dt), k=pr.k.to(dt), v=pr.v.to(dt))

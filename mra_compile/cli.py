@@ -261,10 +261,9 @@ def _add_build(sub) -> None:
     p.add_argument("--dtypes", nargs="+", default=None,
                    choices=("float32", "float64", "float16", "bfloat16"),
                    help="input dtypes (default: float32; with cuda: float32 float16 bfloat16). "
-                   "On the CPU float16 adds the forward's variants that read it in place "
-                   "(F16C; the backward's are float32's), and bfloat16 runs the float32 "
-                   "kernels where the CPU has no AVX-512-BF16 (else its bf16 micro-kernel "
-                   "variants)")
+                   "On the CPU float16 adds the variants that read it in place (with F16C), "
+                   "and bfloat16 runs the float32 kernels where the CPU has no "
+                   "AVX-512-BF16 (else its bf16 micro-kernel variants)")
     p.add_argument("--float64", action="store_true", help="also the float64 kernels")
     p.add_argument("--grouped-heads", action="store_true",
                    help="also the grouped-query variants (enable_gqa=True with fewer key/value "

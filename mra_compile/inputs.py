@@ -274,12 +274,12 @@ def real_tokens(mask):
 
 
 def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
-            query_mask=None, heads_last: bool = False, backward: bool = False) -> Prepared:
+            query_mask=None, heads_last: bool = False) -> Prepared:
     """Pad to whole blocks (docs/spec.md, notation: a partial last block's padding counts
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
     logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
     [B, Nq], is cross-attention (``_prepare_cross``). q, k, v take the target's I/O
-    dtype (``Target.io_dtype``; ``backward``: the backward's kernels'); where they must be
+    dtype (``Target.io_dtype``, forward and backward alike); where they must be
     copied (padded, converted), the copies go to kept workspace memory on targets that
     reuse it (``padded``). ``heads_last``: where q, k, v are transposed views of
     [B, N, H, D] tensors the kernels can read in place (``reads_heads_last``), they do
@@ -292,7 +292,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     dt = compute_dtype(q.dtype)
     dev = q.device
     target = targets.of_device(dev)
-    io = target.io_dtype(q.dtype, b, backward)
+    io = target.io_dtype(q.dtype, b)
     mask = key_padding(mask)
     common = dict(scale=1.0 / math.sqrt(D) if scale is None else float(scale), block_size=b,
                   target=target, group=H // k.shape[1])

@@ -58,12 +58,6 @@ class Kernel:
     # everything else in the compute dtype (``static``'s ``widened``; ``Target.widens``).
     widens: bool = False
 
-    @property
-    def backward(self) -> bool:
-        """Whether it is one of the backward's kernels (named ``bwd_*``), which read q, k,
-        v in ``Target.io_dtype(.., backward=True)``."""
-        return self.name.startswith("bwd_")
-
     def on(self, family: str) -> bool:
         """Whether targets of ``family`` have this kernel."""
         return self.families is None or family in self.families
@@ -194,9 +188,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # memory is not measured there: its kernels have not run on a GPU yet).
     Kernel("bwd_dkdv_ds_units", (*QKV, "unit_col", "unit_rows", "stab", "g", "dsum", "inv_z",
                                  "dk_unit", "dv_unit", "ds_blocks", "heads", "group", "scale"),
-           reads_qkv=True, shape_knobs=("blocks_per_unit",), families=("cpu",)),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",), families=("cpu",), widens=True),
     Kernel("bwd_dq_ds_units", ("k", "unit_cols", "ds_at", "ds_blocks", "dq_unit", "group"),
-           reads_qkv=True, shape_knobs=("blocks_per_unit",), families=("cpu",)),
+           reads_qkv=True, shape_knobs=("blocks_per_unit",), families=("cpu",), widens=True),
     Kernel("bwd_lowres", ("logits", "hmask", "rowmax", "counts", "qp", "kp", "vp", "ga", "da",
                           "dqp", "dkp", "dvp", "heads", "scale"),
            scratch=("weight", "gv", "dlog")),

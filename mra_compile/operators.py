@@ -916,7 +916,8 @@ class _BwdUnit:
     stab: Any
     dsum: Any
     inv_z: Any  # [R, N]: mask_t / Z_t, the factor of a query's P
-    io: str  # the dtype of q, k, v and g (bf16 bits with micro-kernels)
+    io: str  # the products' operand dtype: q, k, v's (bf16 bits with micro-kernels; the
+    # compute dtype where they are widened as they are read)
     valid: Callable  # (r, u, w) -> whether slot token w is in a block
     slot_tok: Callable  # (r, u, w) -> the slot token's position in the sequence
     fixed_tok: Callable  # (r, u, t) -> the fixed block's token t's position
@@ -929,7 +930,7 @@ class _BwdUnit:
 
 
 def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
-              micro: str | None = None) -> _BwdUnit:
+              micro: str | None = None, widened: bool = False) -> _BwdUnit:
     """What the backward's two unit kernels share: inputs, a unit's blocks, and the
     two [W, b] products of a unit (W = C b slot tokens x b fixed tokens).
 
@@ -949,9 +950,14 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     to the logits, as in the forward's units) and then moved into pairs of dims (``q_t``
     ... [D/2, b, 2], the operand layout of ``vdpbf16ps``); the products are the CPU
     micro-kernels' (tensorized).
+
+    ``widened`` (fp16 q, k, v on the CPU: ``Target.widens``): they are widened to ``dt``
+    as they are read, and every operand, P and dS stay in ``dt`` (the float32 kernels'
+    arithmetic).
     """
-    io = _io(io, dt, micro)
-    R, N, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa)
+    stored = _io(io, dt, micro)
+    R, N, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, stored, gqa)
+    io = dt if widened else stored  # (the operands' dtype)
     stab = te.placeholder((R, N), dt, "stab")
     g = te.placeholder((R, N, D), io if micro else dt, "g")
     dsum = te.placeholder((R, N), dt, "dsum")
@@ -1013,8 +1019,9 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     # ``bwd_dkdv_units``), or for ``micro`` into pairs of dims. CUDA inlines the rows.
     x_s = te.compute(
         (R, U, b, D),
-        lambda r, u, t, d: _masked_row(x[fixed_row(r), fixed_tok(r, u, t), d],
-                                       fixed_factor(r, u, t), io),
+        lambda r, u, t, d: _masked_row(
+            x[fixed_row(r), fixed_tok(r, u, t), d].astype(io) if widened
+            else x[fixed_row(r), fixed_tok(r, u, t), d], fixed_factor(r, u, t), io),
         name=names[0] + "_s")
     y_s = te.compute((R, U, b, D),
                      lambda r, u, t, d: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
@@ -1118,7 +1125,7 @@ def bwd_dq_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
 
 def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
                    io: str | None = None, gqa: bool = False, micro: str | None = None,
-                   keep_ds: bool = False):
+                   keep_ds: bool = False, widened: bool = False):
     """dk and dv of the high-resolution part, per unit (one key block x C query blocks).
 
     in : q [R, N, D]; k, v [R / group, Nk, D] (``io`` dtype); mask [Bm, Nk], qmask
@@ -1131,13 +1138,15 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     ``prob_t``, ``ds_t``), as in ``bwd_dq_units``. ``micro``: bf16 products, P and dS
     rounded to bf16 for P^T g and dS^T q. See ``_bwd_unit``.
 
+    ``widened``: fp16 q, k, v widened as they are read (``_bwd_unit``).
+
     ``keep_ds`` (``bwd_dkdv_ds_units``): dS is an output too, ``ds_blocks`` [R, U, C, b, b]
     with ``ds_blocks[r, u, c, s, t]`` = dS of (query t of slot c, key s): each block
     key-major, as ``bwd_dq_ds_units`` reads it.
     """
     dt = dtype
     C = blocks_per_unit
-    p = _bwd_unit(b, D, C, dt, io or dt, by_key=True, gqa=gqa, micro=micro)
+    p = _bwd_unit(b, D, C, dt, io or dt, by_key=True, gqa=gqa, micro=micro, widened=widened)
     R, U, W, scale = p.R, p.U, p.W, p.scale
     qtok, qf, key_mask = p.slot_tok, p.factor, p.fixed_mask
     dp, stab, dsum = p.dp, p.stab, p.dsum
@@ -1165,13 +1174,16 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
 
 
 def bwd_dkdv_ds_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                      io: str | None = None, gqa: bool = False, micro: str | None = None):
+                      io: str | None = None, gqa: bool = False, micro: str | None = None,
+                      widened: bool = False):
     """``bwd_dkdv_units`` that also writes dS (``ds_blocks``), for ``bwd_dq_ds_units``."""
-    return bwd_dkdv_units(b, D, blocks_per_unit, dtype, io, gqa, micro, keep_ds=True)
+    return bwd_dkdv_units(b, D, blocks_per_unit, dtype, io, gqa, micro, keep_ds=True,
+                          widened=widened)
 
 
 def bwd_dq_ds_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
-                    io: str | None = None, gqa: bool = False, micro: str | None = None):
+                    io: str | None = None, gqa: bool = False, micro: str | None = None,
+                    widened: bool = False):
     """dq of the high-resolution part per unit (one query block x C key blocks), from the
     dS that ``bwd_dkdv_ds_units`` wrote: one block product per slot, where
     ``bwd_dq_units`` computes the logits, exp and g v^T again (three products).
@@ -1182,7 +1194,8 @@ def bwd_dq_ds_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"
     out: dq_unit [R, U, b, D] = sum over slots of dS^T k (summed by ``bwd_finish``)
 
     dS carries every factor already (the 0/1 masks, 1/Z, the scale). ``micro``: bf16 k
-    (bits) on the CPU's P v micro-kernel, dS rounded to bf16 in it.
+    (bits) on the CPU's P v micro-kernel, dS rounded to bf16 in it. ``widened``: fp16 k
+    widened as it is read, dS as it is (float32).
     """
     dt = dtype
     C = blocks_per_unit
@@ -1195,14 +1208,15 @@ def bwd_dq_ds_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"
     ds_at = te.placeholder((R, U, C), I32, "ds_at")
     ds_blocks = te.placeholder((R, S, b, b), dt, "ds_blocks")
     W = C * b
-    k_g = te.compute(  # (clamped: no index read can leave the tensors; empty slots skipped)
-        (R, U, W, D),
-        lambda r, u, w, d: k[_kv_row(r, group), te.max(unit_cols[r, u, w // b], 0) * b + w % b, d],
-        name="k_g")
+    def k_at(r, u, w, d):  # (clamped: no index read can leave the tensors; empty slots skipped)
+        x = k[_kv_row(r, group), te.max(unit_cols[r, u, w // b], 0) * b + w % b, d]
+        return x.astype(dt) if widened else x
+
+    k_g = te.compute((R, U, W, D), k_at, name="k_g")
     ds_g = te.compute((R, U, W, b),
                       lambda r, u, w, t: ds_blocks[r, te.max(ds_at[r, u, w // b], 0), w % b, t],
                       name="ds_g")
-    dq_unit = _slot_product(ds_g, k_g, dt, io, "dq_unit", "w1", by_key=False)
+    dq_unit = _slot_product(ds_g, k_g, dt, dt if widened else io, "dq_unit", "w1", by_key=False)
     return _params(k, unit_cols, ds_at, ds_blocks, dq_unit, group)
 
 

@@ -1,10 +1,10 @@
-"""float16 on the CPU: the forward's kernels read fp16 q, k, v where they lie and widen each
-value to float32 as they read it (``targets.cpu.fp16_in_place``, ``Kernel.static``'s
-``widened``); P, every product and sum stay float32, so the result is the float32 op's
-on the rounded inputs, rounded, bit for bit, as it was when the op computed on float32
-copies of them (``MRA_COMPILE_CPU_FP16=0``, which still does). The backward reads float32
-copies (``Target.io_dtype(.., backward=True)``); the training forward's float32 output
-comes from the widened kernels' float32-output variant."""
+"""float16 on the CPU: the kernels that read q, k, v (forward and backward) read fp16 ones
+where they lie and widen each value to float32 as they read it
+(``targets.cpu.fp16_in_place``, ``Kernel.static``'s ``widened``); P, dS, every product
+and sum stay float32, so the result and the gradients are the float32 op's on the
+rounded inputs, rounded, bit for bit, as they were when the op computed on float32
+copies of them (``MRA_COMPILE_CPU_FP16=0``, which still does). The training forward's
+float32 output comes from the widened kernels' float32-output variant."""
 import pytest
 import torch
 from conftest import make_qkv
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not cpu.fp16_in_place(),
                                 reason="this CPU has no F16C: fp16 runs on float32 copies")
 
 MODES = st.sampled_from(["full", "sparse"])
+WIDENED = {"pool_and_logits", "hires_units", "hires_rows", "bwd_dkdv_ds_units", "bwd_dq_ds_units"}
 
 
 def _traced(fn):
@@ -70,9 +71,10 @@ def test_the_same_bits_as_the_float32_op_on_the_rounded_inputs(seed, B, Hkv, gro
     assert all(x.dtype == torch.float16 for x in got)
     for a, b in zip(got, want):
         assert torch.equal(a, b.half())
-    # The forward's kernels that read q, k, v read them as fp16, widened.
-    reading = [s for op, s in launched if op in ("pool_and_logits", "hires_units", "hires_rows")]
+    # The kernels that read q, k, v read them as fp16, widened.
+    reading = [s for op, s in launched if op in WIDENED]
     assert reading and all(s.get("io") == "float16" and s.get("widened") for s in reading)
+    assert not train or {"bwd_dkdv_ds_units", "bwd_dq_ds_units"} <= {op for op, _ in launched}
     if train:  # (the training forward's hires_rows: its float32-output variant)
         assert any(op == "hires_rows" and s.get("split_pv") for op, s in launched)
 
@@ -104,16 +106,14 @@ def test_layer_views_are_read_in_place():
     assert torch.equal(out, want.half())
 
 
-def test_a_library_for_float16_has_the_widened_kernels_and_the_float32_backward():
+def test_a_library_for_float16_has_the_widened_kernels():
     variants = list(aot.variants([32], [64], ["float16"], target=targets.CPU))
-    widened = {op for op, s in variants if s.get("widened")}
-    assert widened == {"pool_and_logits", "hires_units", "hires_rows"}
+    assert {op for op, s in variants if s.get("widened")} == WIDENED
+    # (the training forward's, and the backward's recomputation after a forward without
+    # ``exact_out``: P is float32 anyway, the output float32)
     assert any(op == "hires_rows" and s.get("widened") and s.get("split_pv")
                for op, s in variants)
-    # The backward's kernels and the recomputation after a forward without ``exact_out``
-    # read float32 copies: the float32 kernels.
-    for name in ("bwd_dkdv_ds_units", "bwd_dq_ds_units", "hires_rows", "hires_units"):
-        assert any(op == name and "io" not in s for op, s in variants), name
+    assert not any(op in WIDENED and "io" not in s for op, s in variants)  # (no float32 copies)
     with pytest.raises(ValueError, match="no variant widening"):
         mra_compile.kernels.get("bwd_dq_units").static(32, 64, "float32", "float16",
                                                        widened=True)

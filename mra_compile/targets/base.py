@@ -71,11 +71,9 @@ class Target:
         """A user override of the TVM target that changes the code (part of the key)."""
         return ""
 
-    def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
-                 backward: bool = False) -> torch.dtype:
-        """The dtype q, k, v have in the kernels that read them, for inputs of ``dtype``
-        in blocks of ``block_size`` (``backward``: in the backward's kernels, which may
-        differ from the forward's); every other kernel computes in
+    def io_dtype(self, dtype: torch.dtype, block_size: int = 32) -> torch.dtype:
+        """The dtype q, k, v have in the kernels that read them (forward and backward), for
+        inputs of ``dtype`` in blocks of ``block_size``; every other kernel computes in
         ``compute_dtype(dtype)``."""
         return compute_dtype(dtype)
 

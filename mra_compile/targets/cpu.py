@@ -27,11 +27,11 @@ def bf16_products() -> bool:
 
 
 def fp16_in_place() -> bool:
-    """Whether the forward's kernels read fp16 q, k, v where they lie, widening each value
+    """Whether the kernels read fp16 q, k, v where they lie, widening each value
     to float32 as they read it (F16C's conversions; the float32 kernels' arithmetic, so
-    the same output bit for bit as on float32 copies): this CPU has F16C, no other CPU is
-    targeted (``MRA_COMPILE_TARGET``), and ``MRA_COMPILE_CPU_FP16`` is not "0". (The
-    backward reads float32 copies either way.)"""
+    the same output bit for bit as on float32 copies), and so do the backward's: this CPU
+    has F16C, no other CPU is targeted (``MRA_COMPILE_TARGET``), and
+    ``MRA_COMPILE_CPU_FP16`` is not "0"."""
     return ("f16c" in host.cpu_flags() and not os.environ.get(TARGET_ENV)
             and os.environ.get(FP16_ENV, "1") != "0")
 
@@ -95,14 +95,13 @@ class CpuTarget(Target):
     def target_override(self) -> str:
         return os.environ.get(TARGET_ENV, "")
 
-    def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
-                 backward: bool = False) -> torch.dtype:
+    def io_dtype(self, dtype: torch.dtype, block_size: int = 32) -> torch.dtype:
         # bf16 products with fp32 sums where the CPU has them (the 32 x 32 blocks of the
-        # forward and of the backward's units); fp16 read in place by the forward
+        # forward and of the backward's units); fp16 read in place and widened
         # (``fp16_in_place``); everything else computes in float32 from float32 copies.
         if dtype == torch.bfloat16 and block_size == 32 and bf16_products():
             return dtype
-        if dtype == torch.float16 and not backward and fp16_in_place():
+        if dtype == torch.float16 and fp16_in_place():
             return dtype
         return super().io_dtype(dtype)
 

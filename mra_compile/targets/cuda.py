@@ -49,8 +49,7 @@ class CudaTarget(Target):
     def host_key(self) -> str:
         return host.machine()  # the host side is generic code for the machine type
 
-    def io_dtype(self, dtype: torch.dtype, block_size: int = 32,
-                 backward: bool = False) -> torch.dtype:
+    def io_dtype(self, dtype: torch.dtype, block_size: int = 32) -> torch.dtype:
         # fp16/bf16 are tensor-core operands as they are; sums stay in float32.
         return dtype if dtype in HALF else super().io_dtype(dtype)
 
