@@ -279,9 +279,10 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     as masked tokens) and head dims of a multiple of 16; the mask tensors. ``scale``: the
     logit scale (None: 1/sqrt(D)). A key length other than q's, or a ``query_mask``
     [B, Nq], is cross-attention (``_prepare_cross``). q, k, v take the target's I/O
-    dtype (``Target.io_dtype``, forward and backward alike); where they must be
-    copied (padded, converted), the copies go to kept workspace memory on targets that
-    reuse it (``padded``). ``heads_last``: where q, k, v are transposed views of
+    dtype (``Target.io_dtype``, forward and backward alike; not a dtype the kernels widen
+    where the kernel libraries in use lack those variants: ``library.has_widened``); where
+    they must be copied (padded, converted), the copies go to kept workspace memory on
+    targets that reuse it (``padded``). ``heads_last``: where q, k, v are transposed views of
     [B, N, H, D] tensors the kernels can read in place (``reads_heads_last``), they do
     (no copy; an inference call: the backward's kernels read [R, Np, Dp])."""
     B, H, N, D = q.shape
@@ -293,6 +294,9 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     dev = q.device
     target = targets.of_device(dev)
     io = target.io_dtype(q.dtype, b)
+    if io != dt and target.widens(io) and (library.directories() or library.only()) \
+            and not library.has_widened():
+        io = dt  # (kernel libraries without those variants: float32 copies, as before them)
     mask = key_padding(mask)
     common = dict(scale=1.0 / math.sqrt(D) if scale is None else float(scale), block_size=b,
                   target=target, group=H // k.shape[1])
@@ -329,8 +333,9 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
 def reads_heads_last(xs, io, target: Target) -> bool:
     """Whether the kernels read ``xs`` ([B, H, N, D] each) as [B, N, H, D] tensors: those
     that are transposed views of contiguous, aligned [B, N, H, D] tensors of dtype ``io``
-    (the kernels' own: float32, float64, or bf16 on the CPU's bf16 micro-kernels; what an
-    attention layer passes after splitting its heads off the hidden dim) where they lie,
+    (the kernels' own: float32, float64, bf16 on the CPU's bf16 micro-kernels, fp16 widened
+    as read where the CPU has F16C; what an attention layer passes after splitting its
+    heads off the hidden dim) where they lie,
     the others through copies in that layout (``heads_last_copy``), where that copies
     fewer of them than the kernels' own layout would (``padded``): e.g. ModernBERT's
     value heads, a strided slice of its fused q, k, v projection beside a rotated query

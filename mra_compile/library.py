@@ -87,8 +87,9 @@ def _problem(directory: str, manifest: dict) -> str | None:
 
 @functools.cache
 def _load(directory: str):
-    """(module, {key: symbol}, whether it has heads-last variants) of the library in
-    ``directory``, or None when unusable (said once, by a ``KernelLibraryWarning``)."""
+    """(module, {key: symbol}, the kernel variants' flags it has: "heads_last",
+    "widened") of the library in ``directory``, or None when unusable (said once, by a
+    ``KernelLibraryWarning``)."""
     try:
         manifest = json.loads((Path(directory) / MANIFEST).read_text())
         why = _problem(directory, manifest)
@@ -107,7 +108,8 @@ def _load(directory: str):
     module = tvm_ffi.load_module(str(path))
     target.after_load(path)
     return (module, {e["key"]: e["symbol"] for e in manifest["kernels"]},
-            any(e.get("static", {}).get("heads_last") for e in manifest["kernels"]))
+            frozenset(flag for e in manifest["kernels"] for flag in ("heads_last", "widened")
+                      if e.get("static", {}).get(flag)))
 
 
 def has_heads_last() -> bool:
@@ -115,7 +117,18 @@ def has_heads_last() -> bool:
     the kernels' variants that read q, k, v in an attention layer's layout
     (``static["heads_last"]``; ``mra-compile build`` makes them for targets that have
     them)."""
-    return any(loaded[2] for loaded in map(_load, directories()) if loaded is not None)
+    return _has("heads_last")
+
+
+def has_widened() -> bool:
+    """Whether a library in ``MRA_COMPILE_KERNEL_LIBRARY`` that this process can use has
+    the CPU's variants that read float16 q, k, v in place (``static["widened"]``;
+    ``mra-compile build --dtypes float16 ...`` makes them)."""
+    return _has("widened")
+
+
+def _has(flag: str) -> bool:
+    return any(flag in loaded[2] for loaded in map(_load, directories()) if loaded is not None)
 
 
 def lookup(key: str):
@@ -160,6 +173,7 @@ def missing(op: str, static: dict, target) -> None:
     cover = (f"`mra-compile build --out DIR --block-sizes {static.get('b')} "
              f"--head-dims {static.get('D')}"
              + (" --grouped-heads" if static.get("gqa") else "")
+             + (f" --dtypes {dtype}" if dtype != "float32" else "")
              + f"` (for {target.name}) covers it")
     if only():
         where = f"{ENV}={os.environ.get(ENV, '')!r}" if dirs else f"{ENV} is not set"

@@ -122,3 +122,36 @@ def test_a_source_checkout_finds_its_schedules_without_install(tmp_path):
     root = Path(cli.__file__).resolve().parent.parent
     report = run_python(UNINSTALLED, str(root), cwd=tmp_path, timeout=300)
     assert report == {"schedules": str(root / "schedules" / "__init__.py"), "ops": True}
+
+
+FP16 = r"""
+import json, warnings
+import torch, mra_compile
+warnings.simplefilter("error")  # (a library miss warns)
+g = torch.Generator().manual_seed(4)
+q, k, v = (torch.randn(1, 2, 128, 16, generator=g).half().requires_grad_() for _ in range(3))
+grad = torch.randn(1, 2, 128, 16, generator=g).half()
+out = torch.ops.mra.attention(q, k, v, None, 8, "full")
+out.backward(grad)
+x32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
+out32 = torch.ops.mra.attention(*x32, None, 8, "full")
+out32.backward(grad.float())
+print(json.dumps({
+    "origins": sorted({e["origin"] for e in mra_compile.cache_events()}),
+    "widened": any(e["static"].get("widened") for e in mra_compile.cache_events()),
+    "same": torch.equal(out, out32.half())
+    and all(torch.equal(a.grad, b.grad.half()) for a, b in zip((q, k, v), x32))}))
+"""
+
+
+def test_float16_runs_on_copies_with_a_library_built_without_its_variants(library_dir,
+                                                                          tmp_path):
+    """float16 inputs with a library built for float32 only (no ``--dtypes float16``):
+    its float32 kernels on float32 copies, as before the in-place variants existed, no
+    warning and no compile, even with MRA_COMPILE_LIBRARY_ONLY=1."""
+    manifest = json.loads((library_dir / "manifest.json").read_text())
+    assert not any(e["static"].get("widened") for e in manifest["kernels"])
+    report = run_python(FP16, env={"MRA_COMPILE_CACHE_DIR": str(tmp_path / "empty"),
+                                   "MRA_COMPILE_KERNEL_LIBRARY": str(library_dir),
+                                   "MRA_COMPILE_LIBRARY_ONLY": "1"}, timeout=600)
+    assert report == {"origins": ["library"], "widened": False, "same": True}
