@@ -5,7 +5,7 @@ forward+backward, and the bf16 results' errors against the float64 oracle.
 One interleaved run per N and table (B=1, H=12, D=64, full mode, ``block_per_row=4``):
 the float32 op, the bf16 op, and (forward only) the float16 op, which computes in
 float32 (on q, k, v read in place and widened since 2026-12-08, on float32 copies before:
-``bench_fp16_cpu.py``), and SDPA in bf16 at N <= 4096 for scale.
+``bench_widened_cpu.py``), and SDPA in bf16 at N <= 4096 for scale.
 The forward's error is the largest per-row relative error (max |out - ref| / max |ref|
 of each (batch, head)) of the bf16 op against ``mra2_reference`` in float64 on the
 bf16-rounded inputs with the op's blocks, at N=1024 (the oracle is quadratic); the

@@ -262,8 +262,8 @@ def _add_build(sub) -> None:
                    choices=("float32", "float64", "float16", "bfloat16"),
                    help="input dtypes (default: float32; with cuda: float32 float16 bfloat16). "
                    "On the CPU float16 adds the variants that read it in place (with F16C), "
-                   "and bfloat16 runs the float32 kernels where the CPU has no "
-                   "AVX-512-BF16 (else its bf16 micro-kernel variants)")
+                   "and bfloat16 its bf16 micro-kernel variants where the CPU has "
+                   "AVX-512-BF16, else those that read it in place")
     p.add_argument("--float64", action="store_true", help="also the float64 kernels")
     p.add_argument("--grouped-heads", action="store_true",
                    help="also the grouped-query variants (enable_gqa=True with fewer key/value "

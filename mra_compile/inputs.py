@@ -188,7 +188,8 @@ class Prepared:
             static = self.static(op, full)
             kernel = kernels.get(op)
             bound = _Bound(build.kernel(op, given, self.target, **static), kernel,
-                           kernel.arg_names(static), "micro" in static)
+                           kernel.arg_names(static), "micro" in static
+                           or (static.get("widened", False) and static.get("io") == "bfloat16"))
             if not build.tracing():
                 if len(_BOUND) >= 256:  # (many shapes and knobs: start again)
                     _BOUND.clear()
@@ -205,7 +206,8 @@ class _Bound:
     fn: Callable[..., Any]
     kernel: kernels.Kernel
     names: tuple[str, ...]  # its arguments in call order (``Kernel.arg_names``)
-    bf16_bits: bool  # takes bf16 tensors as their bits (operators.BF16_BITS)
+    bf16_bits: bool  # takes bf16 tensors as their bits (operators.BF16_BITS: micro-kernels,
+    # or widened as read)
 
     def __call__(self, args: dict) -> None:
         if self.bf16_bits:
@@ -333,8 +335,8 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
 def reads_heads_last(xs, io, target: Target) -> bool:
     """Whether the kernels read ``xs`` ([B, H, N, D] each) as [B, N, H, D] tensors: those
     that are transposed views of contiguous, aligned [B, N, H, D] tensors of dtype ``io``
-    (the kernels' own: float32, float64, bf16 on the CPU's bf16 micro-kernels, fp16 widened
-    as read where the CPU has F16C; what an attention layer passes after splitting its
+    (the kernels' own: float32, float64, bf16 on the CPU's bf16 micro-kernels, fp16 or bf16
+    widened as read: ``Target.widens``; what an attention layer passes after splitting its
     heads off the hidden dim) where they lie,
     the others through copies in that layout (``heads_last_copy``), where that copies
     fewer of them than the kernels' own layout would (``padded``): e.g. ModernBERT's

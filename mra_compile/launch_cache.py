@@ -214,7 +214,7 @@ def _signature(q, k, v, mask, query_mask, args: tuple):
     return (args, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, masked,
             _layout(q), _layout(k), _layout(v), env(inputs.HEADS_LAST_ENV),
             torch.get_num_threads(), build.lookup_token(), env(cpu.TARGET_ENV),
-            env(cpu.BF16_ENV), env(cpu.FP16_ENV), env(memory.WORKSPACE_ENV),
+            env(cpu.BF16_ENV), env(cpu.WIDEN_ENV), env(memory.WORKSPACE_ENV),
             env(native_replay.ENV))
 
 

@@ -174,12 +174,15 @@ def _narrow(x, io: str):
 MICRO = ("avx512_bf16", "avx512_bf16_fp32_pv")
 
 
-def _io(io: str | None, dt: str, micro: str | None) -> str:
+def _io(io: str | None, dt: str, micro: str | None, widened: bool = False) -> str:
     """The storage dtype of q, k, v: ``io`` (None: the compute dtype), or bf16 bits for the
-    CPU micro-kernels (``micro``: one of ``MICRO``)."""
+    CPU micro-kernels (``micro``: one of ``MICRO``) and for bf16 widened as it is read on
+    the CPU (``widened``)."""
     if micro is not None:
         if micro not in MICRO or io != "bfloat16":
             raise ValueError(f"micro-kernels {micro!r} take bfloat16 q, k, v, not {io}")
+        return BF16_BITS
+    if widened and io == "bfloat16":
         return BF16_BITS
     return io or dt
 
@@ -254,7 +257,7 @@ def pool_and_logits(b: int, D: int, dtype: str = "float32", io: str | None = Non
     (``_inputs``).
     """
     dt = dtype
-    io = _io(io, dt, micro)
+    io = _io(io, dt, micro, widened)
     R, N, Nk, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, io, gqa, heads_last)
     n, nk = N // b, Nk // b
     Bm = mask.shape[0]
@@ -462,7 +465,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     product over 2W keys: ``prob_io`` [b, 2W] holds P_hi then P_lo, ``v_g`` [2W, D] each
     value row twice.
 
-    ``widened`` (q, k, v in fp16, ``io``, on the CPU: ``Target.widens``): every value of
+    ``widened`` (q, k, v in fp16 or bf16, ``io``, on the CPU: ``Target.widens``): every value of
     q, k, v is widened to ``dt`` as it is read (exact) and every product and P stay in
     ``dt``: the float32 kernels' arithmetic on the inputs where they lie, with no float32
     copies of them (``split_pv`` then splits nothing: P is in ``dt`` already).
@@ -507,7 +510,7 @@ def _unit_attention(q, k, v, mask, qmask, heads, group, scale, domain, query_blo
     q_s = te.compute(
         (*domain, b, D),
         lambda r, u, t, d: _masked_row(
-            _read(q, r, query_token(r, u, t), d).astype(q_io) if widened
+            _widen(_read(q, r, query_token(r, u, t), d), dt) if widened
             else _read(q, r, query_token(r, u, t), d),
             qmask[r // heads, query_token(r, u, t)], q_io),
         name="q_s")
@@ -642,7 +645,7 @@ def hires_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     out: unit_max [R, U, b]; unit_out [R, U, b, D]; unit_sum [R, U, b]
     """
     C = blocks_per_unit
-    R, _, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, _io(io, dtype, micro),
+    R, _, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, _io(io, dtype, micro, widened),
                                                                  gqa, heads_last)
     U = te.var("U", dtype=I32)
     unit_row = te.placeholder((R, U), I32, "unit_row")
@@ -675,11 +678,11 @@ def hires_rows(b: int, D: int, row_unit_blocks: int, full: bool, dtype: str = "f
          float32 with micro "avx512_bf16_fp32_pv" and with ``split_pv``).
     ``heads_last``: q, k, v [B, N, H, D] (``_inputs``); the output [R, n, b, D] as
     before, which the CPU schedule lays out as [B, N, H, D] (``schedules/cpu.py``,
-    ``_heads_last_output``). ``widened``: fp16 q, k, v widened as they are read
+    ``_heads_last_output``). ``widened``: fp16/bf16 q, k, v widened as they are read
     (``_unit_attention``); with ``split_pv`` only the output's dtype changes (float32).
     """
     dt = dtype
-    io = _io(io, dt, micro)
+    io = _io(io, dt, micro, widened)
     C = row_unit_blocks
     R, N, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dtype, io, gqa, heads_last)
     n = N // b
@@ -951,11 +954,11 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     ... [D/2, b, 2], the operand layout of ``vdpbf16ps``); the products are the CPU
     micro-kernels' (tensorized).
 
-    ``widened`` (fp16 q, k, v on the CPU: ``Target.widens``): they are widened to ``dt``
+    ``widened`` (fp16/bf16 q, k, v on the CPU: ``Target.widens``): they are widened to ``dt``
     as they are read, and every operand, P and dS stay in ``dt`` (the float32 kernels'
     arithmetic).
     """
-    stored = _io(io, dt, micro)
+    stored = _io(io, dt, micro, widened)
     R, N, _, heads, group, scale, q, k, v, mask, qmask = _inputs(D, dt, stored, gqa)
     io = dt if widened else stored  # (the operands' dtype)
     stab = te.placeholder((R, N), dt, "stab")
@@ -1008,11 +1011,14 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
             return fixed_mask[r, u, t]
         return fixed_side[r // heads, fixed_tok(r, u, t)]
 
+    def operand(x):  # (a value of q, k, v or g in the operands' dtype)
+        return _widen(x, dt) if widened else x.astype(io)
+
     x_g = te.compute((R, U, W, D),
-                     lambda r, u, w, d: x_slot[slot_row(r), slot_tok(r, u, w), d].astype(io),
+                     lambda r, u, w, d: operand(x_slot[slot_row(r), slot_tok(r, u, w), d]),
                      name=names[2])
     y_g = te.compute((R, U, W, D),
-                     lambda r, u, w, d: y_slot[slot_row(r), slot_tok(r, u, w), d].astype(io),
+                     lambda r, u, w, d: operand(y_slot[slot_row(r), slot_tok(r, u, w), d]),
                      name=names[3])
     # The fixed block as rows first (``x_s``: masked; ``y_s``), then moved: transposed
     # (``x_t`` [D, b]; the CPU's shuffle transpose, a plain strided gather was 7% of
@@ -1020,11 +1026,11 @@ def _bwd_unit(b: int, D: int, C: int, dt: str, io: str, by_key: bool, gqa: bool,
     x_s = te.compute(
         (R, U, b, D),
         lambda r, u, t, d: _masked_row(
-            x[fixed_row(r), fixed_tok(r, u, t), d].astype(io) if widened
+            operand(x[fixed_row(r), fixed_tok(r, u, t), d]) if widened
             else x[fixed_row(r), fixed_tok(r, u, t), d], fixed_factor(r, u, t), io),
         name=names[0] + "_s")
     y_s = te.compute((R, U, b, D),
-                     lambda r, u, t, d: y[fixed_row(r), fixed_tok(r, u, t), d].astype(io),
+                     lambda r, u, t, d: operand(y[fixed_row(r), fixed_tok(r, u, t), d]),
                      name=names[1] + "_s")
     if micro:
         def pairs(rows, name):
@@ -1138,7 +1144,7 @@ def bwd_dkdv_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32",
     ``prob_t``, ``ds_t``), as in ``bwd_dq_units``. ``micro``: bf16 products, P and dS
     rounded to bf16 for P^T g and dS^T q. See ``_bwd_unit``.
 
-    ``widened``: fp16 q, k, v widened as they are read (``_bwd_unit``).
+    ``widened``: fp16/bf16 q, k, v widened as they are read (``_bwd_unit``).
 
     ``keep_ds`` (``bwd_dkdv_ds_units``): dS is an output too, ``ds_blocks`` [R, U, C, b, b]
     with ``ds_blocks[r, u, c, s, t]`` = dS of (query t of slot c, key s): each block
@@ -1194,12 +1200,12 @@ def bwd_dq_ds_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"
     out: dq_unit [R, U, b, D] = sum over slots of dS^T k (summed by ``bwd_finish``)
 
     dS carries every factor already (the 0/1 masks, 1/Z, the scale). ``micro``: bf16 k
-    (bits) on the CPU's P v micro-kernel, dS rounded to bf16 in it. ``widened``: fp16 k
+    (bits) on the CPU's P v micro-kernel, dS rounded to bf16 in it. ``widened``: fp16/bf16 k
     widened as it is read, dS as it is (float32).
     """
     dt = dtype
     C = blocks_per_unit
-    io = _io(io or dt, dt, micro)
+    io = _io(io or dt, dt, micro, widened)
     R, Rkv, N, group, U, S = _vars("R", "Rkv", "N", "group", "U", "S")
     if not gqa:
         Rkv, group = R, None
@@ -1210,7 +1216,7 @@ def bwd_dq_ds_units(b: int, D: int, blocks_per_unit: int, dtype: str = "float32"
     W = C * b
     def k_at(r, u, w, d):  # (clamped: no index read can leave the tensors; empty slots skipped)
         x = k[_kv_row(r, group), te.max(unit_cols[r, u, w // b], 0) * b + w % b, d]
-        return x.astype(dt) if widened else x
+        return _widen(x, dt) if widened else x
 
     k_g = te.compute((R, U, W, D), k_at, name="k_g")
     ds_g = te.compute((R, U, W, b),

@@ -699,7 +699,7 @@ def hires_rows(sch, *, vec, qk_rows, pv_rows, pv_cols, unroll, row_unit_blocks, 
     # The output is computed into a [b, D] float32 block in L1, then stored by one call
     # a block row, with non-temporal stores (``_stored_output``): float32 by a copy of
     # it (``cache_write``), bf16 bits rounded from ``out_f32``.
-    exact, store = _stored_output(sch)
+    exact, store = _stored_output(sch, micro)
     heads_last = _heads_last_output(sch, exact if store is None else store)
     # The outputs (out and the per-token statistics) share one (row, block) loop.
     outputs = (sch.get(exact if store is None else store).name_hint, "stab", "lo_w", "inv_z")
@@ -746,12 +746,15 @@ def _heads_last_output(sch, block) -> bool:
     return True
 
 
-def _stored_output(sch):
+def _stored_output(sch, micro=None):
     """hires_rows' output as (the block computing it in float32, the block storing it
     into ``out``), by the output's dtype: ``out_f32`` and ``out`` for bf16 bits (the
     operator's own stages, ``operators._rounded_output``; rounded by ``vcvtneps2bf16``
-    in the call), ``out`` and its ``cache_write`` copy for float32, ``out`` and None for
-    float64 (the tests' gradient checks: TVM's own stores).
+    in the call) with the bf16 ``micro``-kernels, ``out`` and None without them (bf16
+    widened as read, on a CPU without the instruction: rounded by TIR's integer
+    operations, ``operators.bf16_narrow``, and TVM's own stores), ``out`` and its
+    ``cache_write`` copy for float32, ``out`` and None for float64 (the tests' gradient
+    checks: TVM's own stores).
 
     Why a call: TVM 0.27 emits no non-temporal store, and the output, written once and
     not read again by the kernel, is what its stores would otherwise keep in the caches
@@ -761,7 +764,10 @@ def _stored_output(sch):
     through L1 costs more than the rounding saves)."""
     out = sch.get_sblock("out")
     dtype = sch.get(out).writes[0].source.dtype
-    if dtype == "int16":  # (bf16 bits: operators.BF16_BITS)
+    if dtype == "int16" and micro is None:  # (bf16 bits: operators.BF16_BITS)
+        sch.compute_inline(sch.get_sblock("out_f32"))
+        return out, None
+    if dtype == "int16":
         return sch.get_sblock("out_f32"), out
     if dtype != "float32":
         return out, None

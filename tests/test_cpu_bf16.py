@@ -291,14 +291,23 @@ def test_the_cpu_target_chooses_bf16_products_from_the_cpu(monkeypatch):
     target = cpu.CPU
     assert target.io_dtype(torch.float32) == torch.float32
     assert target.io_dtype(torch.float16) == (
-        torch.float16 if cpu.fp16_in_place() else torch.float32)
+        torch.float16 if cpu.widened_in_place(torch.float16) else torch.float32)
     has = "avx512_bf16" in host.cpu_flags() and "avx512bw" in host.cpu_flags()
-    assert target.io_dtype(torch.bfloat16) == (torch.bfloat16 if has else torch.float32)
-    # (The same for the backward's kernels.) Never another block size, or switched off.
-    assert target.io_dtype(torch.bfloat16, 64) == torch.float32
-    monkeypatch.setenv(cpu.BF16_ENV, "0")
+    # bf16 on the micro-kernels where the CPU has them, else widened as read (the float32
+    # kernels' arithmetic: tests/test_cpu_widened.py); the same for the backward's kernels.
+    assert target.io_dtype(torch.bfloat16) == torch.bfloat16
+    assert target.micro_kernels(torch.bfloat16) == ("avx512_bf16" if has else None)
+    assert target.widens(torch.bfloat16) == (not has)
+    # The micro-kernels take 32-token blocks only: another block size on float32 copies
+    # there (widened elsewhere).
+    assert target.io_dtype(torch.bfloat16, 64) == (torch.float32 if has else torch.bfloat16)
+    monkeypatch.setenv(cpu.BF16_ENV, "0")  # (switched off: widened)
+    assert target.io_dtype(torch.bfloat16) == torch.bfloat16
+    assert target.micro_kernels(torch.bfloat16) is None and target.widens(torch.bfloat16)
+    monkeypatch.setenv(cpu.WIDEN_ENV, "0")  # (and not widened: float32 copies)
     assert target.io_dtype(torch.bfloat16) == torch.float32
     monkeypatch.delenv(cpu.BF16_ENV)
+    monkeypatch.delenv(cpu.WIDEN_ENV)
     monkeypatch.setenv(cpu.TARGET_ENV, '{"kind": "llvm", "mcpu": "x86-64"}')
     assert target.io_dtype(torch.bfloat16) == torch.float32  # another CPU targeted
 

@@ -116,14 +116,14 @@ def test_bf16_reads_the_layer_layout_on_its_micro_kernels(mode):
 @pytest.mark.parametrize("case", ["contiguous", "gradient", "float16", "other transpose"])
 def test_other_inputs_are_copied(case, monkeypatch):
     """Contiguous inputs, a call whose gradient is wanted (the backward's kernels read the
-    kernels' own layout), float16 on float32 copies (``MRA_COMPILE_CPU_FP16=0``, or no
-    F16C; read in place otherwise: tests/test_cpu_fp16.py) and other strides: no
+    kernels' own layout), float16 on float32 copies (``MRA_COMPILE_CPU_WIDEN=0``, or no
+    F16C; read in place otherwise: tests/test_cpu_widened.py) and other strides: no
     heads-last kernel."""
     q, k, v = layer_views(5, 2, 2, 128, 32)
     if case == "contiguous":
         q, k, v = (x.contiguous() for x in (q, k, v))
     elif case == "float16":
-        monkeypatch.setenv(cpu.FP16_ENV, "0")
+        monkeypatch.setenv(cpu.WIDEN_ENV, "0")
         q, k, v = (x.transpose(1, 2).half().transpose(1, 2) for x in (q, k, v))
     elif case == "other transpose":
         q, k, v = (x.contiguous().transpose(2, 3).contiguous().transpose(2, 3)

@@ -72,7 +72,7 @@ def test_inputs_read_through_a_copy_replay_too(N, D, dtype, monkeypatch):
     (as without F16C): the kernels read copies of q, k, v and write a padded output,
     which each replay makes and copies out again; the same bits as the usual path, from
     C and from Python."""
-    monkeypatch.setenv(cpu.FP16_ENV, "0")
+    monkeypatch.setenv(cpu.WIDEN_ENV, "0")
     mra_compile.clear_workspace()
     kw = dict(num_blocks=3 * -(-N // 32), approx_mode="sparse")
     for i in range(3):

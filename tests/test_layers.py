@@ -171,7 +171,7 @@ def test_targets_by_name_and_device():
     with pytest.raises(ValueError, match="runs on the CPU and on NVIDIA GPUs"):
         targets.of_device(torch.device("meta"))
     assert targets.CPU.io_dtype(torch.float16) == (
-        torch.float16 if cpu.fp16_in_place() else torch.float32)
+        torch.float16 if cpu.widened_in_place(torch.float16) else torch.float32)
     assert targets.get("cuda-sm_90").io_dtype(torch.bfloat16) == torch.bfloat16
     with pytest.raises(ValueError, match="CUDA grid"):
         targets.get("cuda-sm_90").check_launch(n=70000)

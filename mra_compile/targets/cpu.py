@@ -12,9 +12,9 @@ from mra_compile.schedules import cpu as cpu_schedules
 from mra_compile.targets.base import Target
 
 TARGET_ENV = "MRA_COMPILE_TARGET"  # a TVM target as JSON, replacing this host's CPU
-BF16_ENV = "MRA_COMPILE_CPU_BF16"  # "0": bf16 inputs run on the float32 kernels
+BF16_ENV = "MRA_COMPILE_CPU_BF16"  # "0": no bf16 micro-kernels (float32 arithmetic)
 AMX_ENV = "MRA_COMPILE_CPU_AMX"  # "0": the bf16 micro-kernels keep off the AMX tiles
-FP16_ENV = "MRA_COMPILE_CPU_FP16"  # "0": fp16 inputs run on float32 copies of them
+WIDEN_ENV = "MRA_COMPILE_CPU_WIDEN"  # "0": fp16/bf16 computed in float32 on float32 copies
 
 
 def bf16_products() -> bool:
@@ -26,14 +26,18 @@ def bf16_products() -> bool:
             and not os.environ.get(TARGET_ENV) and os.environ.get(BF16_ENV, "1") != "0")
 
 
-def fp16_in_place() -> bool:
-    """Whether the kernels read fp16 q, k, v where they lie, widening each value
-    to float32 as they read it (F16C's conversions; the float32 kernels' arithmetic, so
-    the same output bit for bit as on float32 copies), and so do the backward's: this CPU
-    has F16C, no other CPU is targeted (``MRA_COMPILE_TARGET``), and
-    ``MRA_COMPILE_CPU_FP16`` is not "0"."""
-    return ("f16c" in host.cpu_flags() and not os.environ.get(TARGET_ENV)
-            and os.environ.get(FP16_ENV, "1") != "0")
+def widened_in_place(dtype: torch.dtype) -> bool:
+    """Whether the kernels that read q, k, v (forward and backward) read half-precision
+    ones of ``dtype`` where they lie, widening each value to float32 as they read it (the
+    float32 kernels' arithmetic, so the same bits as on float32 copies), where they have
+    no micro-kernels for it (``bf16_products``): float16 on a CPU with F16C's conversions,
+    bfloat16 anywhere (a shift); no other CPU targeted (``MRA_COMPILE_TARGET``), and
+    ``MRA_COMPILE_CPU_WIDEN`` not "0"."""
+    if os.environ.get(TARGET_ENV) or os.environ.get(WIDEN_ENV, "1") == "0":
+        return False
+    if dtype == torch.float16:
+        return "f16c" in host.cpu_flags()
+    return dtype == torch.bfloat16 and not bf16_products()
 
 
 def amx_products() -> bool:
@@ -97,19 +101,19 @@ class CpuTarget(Target):
 
     def io_dtype(self, dtype: torch.dtype, block_size: int = 32) -> torch.dtype:
         # bf16 products with fp32 sums where the CPU has them (the 32 x 32 blocks of the
-        # forward and of the backward's units); fp16 read in place and widened
-        # (``fp16_in_place``); everything else computes in float32 from float32 copies.
+        # forward and of the backward's units); else fp16/bf16 read in place and widened
+        # (``widened_in_place``); everything else computes in float32 from float32 copies.
         if dtype == torch.bfloat16 and block_size == 32 and bf16_products():
             return dtype
-        if dtype == torch.float16 and fp16_in_place():
+        if widened_in_place(dtype):
             return dtype
         return super().io_dtype(dtype)
 
     def widens(self, io: torch.dtype) -> bool:
-        return io == torch.float16
+        return io == torch.float16 or (io == torch.bfloat16 and not bf16_products())
 
     def micro_kernels(self, io: torch.dtype, float32_pv: bool = False) -> str | None:
-        if io != torch.bfloat16:
+        if io != torch.bfloat16 or not bf16_products():  # (else widened)
             return None
         return "avx512_bf16_fp32_pv" if float32_pv else "avx512_bf16"
 
@@ -124,10 +128,10 @@ class CpuTarget(Target):
         return objects
 
     def build_dtypes(self, requested: list[str] | None) -> list[str]:
-        # bfloat16 inputs run on the float32 kernels on a CPU without bf16 products
-        # (``bf16_products``), and float16 inputs without F16C (``fp16_in_place``).
-        half = (() if fp16_in_place() else ("float16",)) + (
-            () if bf16_products() else ("bfloat16",))
+        # fp16/bf16 inputs run on the float32 kernels where they are neither widened nor
+        # on micro-kernels (``widened_in_place``, ``bf16_products``).
+        half = tuple(d for d in ("float16", "bfloat16") if not (
+            widened_in_place(getattr(torch, d)) or (d == "bfloat16" and bf16_products())))
         return super().build_dtypes(["float32" if d in half else d for d in requested or []])
 
     def after_load(self, path: Path) -> None:
