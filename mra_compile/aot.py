@@ -76,7 +76,8 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
 # backward's after a forward without ``exact_out``): where the kernels call micro-kernels,
 # their variant with P v in float32 (CPU bf16); where they split P (CUDA fp16/bf16:
 # ``Target.splits_pv``), that variant; where they widen q, k, v as they read them (CPU
-# fp16: ``Target.widens``), their variant with a float32 output; where they read q, k, v
+# fp16, bf16 without micro-kernels: ``Target.widens``), their variant with a float32
+# output; where they read q, k, v
 # in half precision otherwise, the float32 kernels.
 RECOMPUTED = ("hires_units", "lowres_out", "hires_rows")
 

@@ -85,9 +85,9 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     # a forward called without ``exact_out`` it is computed again with the forward's
     # blocks: where the kernels read half-precision q, k, v, by their variant with P at
     # float32 accuracy in P v (q k^T is exact): the micro-kernels' with P v in float32,
-    # CUDA's with P split in two (``Target.splits_pv``), the widened ones' (CPU fp16,
-    # P in float32 anyway: ``Target.widens``) with a float32 output; else the float32
-    # kernels on float32 copies of q, k, v.
+    # CUDA's with P split in two (``Target.splits_pv``), the widened ones' (CPU fp16, bf16
+    # without micro-kernels; P in float32 anyway: ``Target.widens``) with a float32
+    # output; else the float32 kernels on float32 copies of q, k, v.
     # q̂, k̂, v̂ as the kernels read them (copies for cross-attention: made once)
     pooled = saved.pooled_parts() if full or out.dtype != dt else None
     if out.dtype != dt:

@@ -15,7 +15,7 @@ A signature is everything the host work depends on besides the values of q, k, v
 a key padding mask: the shapes, dtypes and layouts, the options, torch's thread count, and
 the environment that picks kernels, knobs and memory limits. Calls whose launches read
 q, k, v in place or through the scratch copies ``inputs.padded`` makes (a partial last
-block, a head dim padded to 16, float16 without F16C, a non-contiguous or unaligned input:
+block, a head dim padded to 16, half precision not widened, a non-contiguous or unaligned input:
 each replay makes them again; the transposed views attention layers pass are read where
 they lie where the kernels can, ``inputs.reads_heads_last``, the others beside them
 through ``inputs.heads_last_copy``'s copies, their layout part of the signature), write
@@ -165,7 +165,7 @@ class _Plan:
     views: dict  # "q" / "k" / "v" / "out" -> (shape, dtype) of the kernels' view
     tails: dict[int, _Tail] = field(default_factory=dict)
     # Inputs the kernels read through a copy (``inputs.padded``: a partial last block, a
-    # head dim padded to 16, float16 without F16C; ``inputs.heads_last_copy``: beside inputs
+    # head dim padded to 16, half precision not widened; ``inputs.heads_last_copy``: beside inputs
     # read as [B, N, H, D] where they lie): name -> (Np, Dp, dtype, its address,
     # heads_last), made again by each call; and the kernels' output where the result is a
     # copy of it (None: the kernels write the result itself).

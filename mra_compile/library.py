@@ -122,8 +122,8 @@ def has_heads_last() -> bool:
 
 def has_widened() -> bool:
     """Whether a library in ``MRA_COMPILE_KERNEL_LIBRARY`` that this process can use has
-    the CPU's variants that read float16 q, k, v in place (``static["widened"]``;
-    ``mra-compile build --dtypes float16 ...`` makes them)."""
+    the CPU's variants that read float16 (or bfloat16) q, k, v in place
+    (``static["widened"]``; ``mra-compile build --dtypes float16 ...`` makes them)."""
     return _has("widened")
 
 
