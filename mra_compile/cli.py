@@ -64,6 +64,7 @@ def _cuda_line() -> str:
 
 def _cmd_info(args) -> int:
     from mra_compile import host, library, native_replay, openmp, records, targets, tuning
+    from mra_compile.targets import cpu as cpu_target
 
     bucket = None
     if args.shape:
@@ -84,6 +85,7 @@ def _cmd_info(args) -> int:
     print(f"cuda: {_cuda_line()}")
     print(f"CPU kernels' parallel loops: {openmp.status()}")
     print(f"launch cache replays: {native_replay.status()}")
+    print(f"CPU half precision: {cpu_target.half_precision()}")
 
     for directory in library.directories():
         try:

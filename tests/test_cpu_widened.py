@@ -155,3 +155,17 @@ def test_only_the_cpu_s_kernels_that_read_q_k_v_widen():
     assert not targets.get("cuda-sm_90").widens(torch.float16)
     # (bf16 on the AVX-512-BF16 micro-kernels where the CPU has them: not widened)
     assert targets.CPU.widens(torch.bfloat16) == (not cpu.bf16_products())
+
+
+def test_info_says_how_half_precision_computes(capsys, monkeypatch):
+    from mra_compile import cli
+
+    monkeypatch.setenv(cpu.BF16_ENV, "0")
+    assert cli.main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines()
+                if x.startswith("CPU half precision: "))
+    widened = "read in place, widened to float32 as read"
+    assert line.endswith(f"bfloat16 {widened}")
+    assert (f"float16 {widened};" in line) == cpu.widened_in_place(torch.float16)
+    monkeypatch.setenv(cpu.WIDEN_ENV, "0")
+    assert cpu.half_precision() == "float16 float32 copies; bfloat16 float32 copies"

@@ -51,6 +51,18 @@ def amx_products() -> bool:
             and os.environ.get(AMX_ENV, "1") != "0")
 
 
+def half_precision() -> str:
+    """How float16 and bfloat16 inputs compute here, in words (``mra-compile info``)."""
+    widened = "read in place, widened to float32 as read"
+    copies = "float32 copies"
+    f16 = widened if widened_in_place(torch.float16) else copies
+    if bf16_products():
+        b16 = f"{bf16_instructions()} micro-kernels (block size 32; else {copies})"
+    else:
+        b16 = widened if widened_in_place(torch.bfloat16) else copies
+    return f"float16 {f16}; bfloat16 {b16}"
+
+
 def bf16_instructions() -> str:
     """What bf16 inputs' block products run on here, in words (benchmarks' headers)."""
     if not bf16_products():
