@@ -58,7 +58,7 @@ def variants(block_sizes, head_dims, dtypes=("float32",), scratch: bool = False,
                     # (inference only: not the recomputed float32-P v variants)
                     layouts = (False, True) if (
                         kernel.heads_last and target.reads_heads_last and not split_pv
-                        and micro == target.micro_kernels(io_dtype)) else (False,)
+                        and micro == target.micro_kernels(io_dtype, block_size=b)) else (False,)
                     for full in ((True, False) if kernel.has_modes else (None,)):
                         for grouped_heads in grouped:
                             for heads_last in layouts:
@@ -86,9 +86,9 @@ def _calls(target: Target, dtype: torch.dtype, b: int):
     """(kernel, I/O dtype of q, k, v, micro-kernels, split_pv, widened) of every kernel
     call for inputs of ``dtype``."""
     io = target.io_dtype(dtype, b)
-    micro = target.micro_kernels(io)
+    micro = target.micro_kernels(io, block_size=b)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    widened = io != compute and target.widens(io)
+    widened = io != compute and target.widens(io, b)
     for kernel in kernels.KERNELS.values():
         if not kernel.on(target.family):
             continue
@@ -96,7 +96,7 @@ def _calls(target: Target, dtype: torch.dtype, b: int):
         if kernel.name not in RECOMPUTED:
             continue
         if micro:
-            yield kernel, io, target.micro_kernels(io, float32_pv=True), False, False
+            yield kernel, io, target.micro_kernels(io, True, b), False, False
         elif target.splits_pv(io) or widened:
             yield kernel, io, None, True, widened
         elif io != compute:

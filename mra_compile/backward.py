@@ -66,7 +66,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     dt, dev, target = pr.dtype, q.device, pr.target
     # CPU bf16 with its micro-kernels: the units' products in bf16 on dO itself (their
     # operand ``g``, exact), 1/Z going with P (``operators.bwd_prep``).
-    micro = target.micro_kernels(pr.q.dtype)
+    micro = target.micro_kernels(pr.q.dtype, block_size=b)
     io = pr.q.dtype if micro else dt
     given = knobs
     # Every tunable kernel's knobs: those given, else the tuning record of this shape and
@@ -93,7 +93,7 @@ def _backward(grad_out, q, k, v, out, saved: Saved, pr: Prepared, full: bool, kn
     if out.dtype != dt:
         assert pooled is not None
         second = pr
-        if micro or target.splits_pv(pr.q.dtype) or target.widens(pr.q.dtype):
+        if micro or target.splits_pv(pr.q.dtype) or pr.widened:
             second = dataclasses.replace(pr, float32_pv=True)
         elif pr.q.dtype != dt:
             second = dataclasses.replace(pr, q=pr.q.to(dt), k=pr.k.to(dt), v=pr.v.to(dt))

@@ -415,7 +415,7 @@ def _forward(q, pr: Prepared, opts: Options, knobs: dict,
     # tolerance of the output itself, far likelier at D = 1 than at larger D (a head's
     # outputs then all cancel together); at such D, P v is a small part of the work.
     small = (D < SMALL_HEAD_DIM and not pr.heads_last
-             and pr.target.micro_kernels(pr.q.dtype) is not None)
+             and pr.target.micro_kernels(pr.q.dtype, block_size=pr.block_size) is not None)
     exact = (exact_out or small) and exact_output_dtype(q.dtype) != q.dtype
     written = dt if exact else pr.q.dtype
     result = dt if exact and exact_out else q.dtype

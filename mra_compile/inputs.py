@@ -141,10 +141,16 @@ class Prepared:
         return kernels.get(op).static(self.block_size, self.q.shape[-1], _TVM_DTYPE[self.dtype],
                                       _TVM_DTYPE[self.q.dtype], full, self.target.scratch_args,
                                       self.group > 1,
-                                      self.target.micro_kernels(self.q.dtype, self.float32_pv),
+                                      self.target.micro_kernels(self.q.dtype, self.float32_pv,
+                                                                self.block_size),
                                       self.float32_pv and (self.target.splits_pv(self.q.dtype)
-                                                           or self.target.widens(self.q.dtype)),
-                                      self.heads_last, self.target.widens(self.q.dtype))
+                                                           or self.widened),
+                                      self.heads_last, self.widened)
+
+    @property
+    def widened(self) -> bool:
+        """Whether the kernels widen q, k, v as they read them (``Target.widens``)."""
+        return self.target.widens(self.q.dtype, self.block_size)
 
     def scratch(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor (``Workspace``) of the compute dtype unless said otherwise."""
@@ -296,7 +302,7 @@ def prepare(q, k, v, mask, block_size: int, scale: float | None = None,
     dev = q.device
     target = targets.of_device(dev)
     io = target.io_dtype(q.dtype, b)
-    if io != dt and target.widens(io) and (library.directories() or library.only()) \
+    if io != dt and target.widens(io, b) and (library.directories() or library.only()) \
             and not library.has_widened():
         io = dt  # (kernel libraries without those variants: float32 copies, as before them)
     mask = key_padding(mask)

@@ -298,9 +298,10 @@ def test_the_cpu_target_chooses_bf16_products_from_the_cpu(monkeypatch):
     assert target.io_dtype(torch.bfloat16) == torch.bfloat16
     assert target.micro_kernels(torch.bfloat16) == ("avx512_bf16" if has else None)
     assert target.widens(torch.bfloat16) == (not has)
-    # The micro-kernels take 32-token blocks only: another block size on float32 copies
-    # there (widened elsewhere).
-    assert target.io_dtype(torch.bfloat16, 64) == (torch.float32 if has else torch.bfloat16)
+    # The micro-kernels take 32-token blocks only: another block size widened.
+    assert target.io_dtype(torch.bfloat16, 64) == torch.bfloat16
+    assert target.micro_kernels(torch.bfloat16, block_size=64) is None
+    assert target.widens(torch.bfloat16, 64)
     monkeypatch.setenv(cpu.BF16_ENV, "0")  # (switched off: widened)
     assert target.io_dtype(torch.bfloat16) == torch.bfloat16
     assert target.micro_kernels(torch.bfloat16) is None and target.widens(torch.bfloat16)

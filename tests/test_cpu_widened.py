@@ -148,6 +148,29 @@ def test_a_library_for_the_dtype_has_the_widened_kernels(dtype):
     assert not any(op in WIDENED and "io" not in s for op, s in variants)  # (no float32 copies)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_bf16_in_other_blocks_than_the_micro_kernels_take_is_widened(train):
+    """bf16 in 64-token blocks where the CPU has the bf16 micro-kernels (32-token blocks
+    only): widened, the float32 op's bits; in 32-token blocks the micro-kernels."""
+    q, k, v = (x.bfloat16() for x in make_qkv(7, 1, 2, 300, 64))
+    grad = torch.randn(1, 2, 300, 64).bfloat16().float()
+
+    def call(*x):
+        return mra_compile.mra_attention(*x, block_per_row=2, block_size=64)
+
+    if train:
+        got, launched = _traced(lambda: _grads(call, (q, k, v), grad))
+        want = _grads(call, [x.float() for x in (q, k, v)], grad)
+    else:
+        with torch.no_grad():
+            got, launched = _traced(lambda: [call(q, k, v)])
+            want = [call(q.float(), k.float(), v.float())]
+    assert all(torch.equal(a, b.bfloat16()) for a, b in zip(got, want))
+    assert all(s.get("widened") and "micro" not in s for op, s in launched if op in WIDENED)
+    assert targets.CPU.micro_kernels(torch.bfloat16) == (
+        "avx512_bf16" if cpu.bf16_products() else None)
+
+
 def test_only_the_cpu_s_kernels_that_read_q_k_v_widen():
     with pytest.raises(ValueError, match="no variant widening"):
         mra_compile.kernels.get("bwd_dq_units").static(32, 64, "float32", "float16",

@@ -314,7 +314,7 @@ def test_half_precision(dtype, rtol, seed, B, H, N, D, kind, data):
     out = check_against_reference(q, k, v, mask, rtol, **kw)
     assert out.dtype == dtype
     io = targets.CPU.io_dtype(dtype, kw["block_size"])
-    if io == torch.float32 or targets.CPU.widens(io):
+    if io == torch.float32 or targets.CPU.widens(io, kw["block_size"]):
         # Computed in float32 (fp16, read in place and widened, or from float32 copies;
         # bf16 without the CPU's bf16 products, which tests/test_cpu_bf16.py checks): the
         # float32 op on the rounded inputs, rounded.

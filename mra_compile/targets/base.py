@@ -77,19 +77,20 @@ class Target:
         ``compute_dtype(dtype)``."""
         return compute_dtype(dtype)
 
-    def widens(self, io: torch.dtype) -> bool:
+    def widens(self, io: torch.dtype, block_size: int = 32) -> bool:
         """Whether the kernels that read q, k, v of dtype ``io`` (narrower than the
-        compute dtype) widen each value as they read it and compute everything else, P
-        included, in the compute dtype: the compute dtype's arithmetic on the inputs
-        where they lie (``Kernel.static``'s ``widened``), instead of rounding the block
-        products' operands to ``io`` (tensor cores)."""
+        compute dtype) in blocks of ``block_size`` widen each value as they read it and
+        compute everything else, P included, in the compute dtype: the compute dtype's
+        arithmetic on the inputs where they lie (``Kernel.static``'s ``widened``), instead
+        of rounding the block products' operands to ``io`` (tensor cores)."""
         return False
 
-    def micro_kernels(self, io: torch.dtype, float32_pv: bool = False) -> str | None:
-        """The hand-written micro-kernels the kernels reading q, k, v of dtype ``io`` call
-        (tensorized by the schedules), or None. ``float32_pv``: the variant whose P v keeps
-        P in float32 (the float32 output of a half-precision result, which the backward
-        reads)."""
+    def micro_kernels(self, io: torch.dtype, float32_pv: bool = False,
+                      block_size: int = 32) -> str | None:
+        """The hand-written micro-kernels the kernels reading q, k, v of dtype ``io`` in
+        blocks of ``block_size`` call (tensorized by the schedules), or None.
+        ``float32_pv``: the variant whose P v keeps P in float32 (the float32 output of a
+        half-precision result, which the backward reads)."""
         return None
 
     def splits_pv(self, io: torch.dtype) -> bool:

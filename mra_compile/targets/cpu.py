@@ -26,18 +26,18 @@ def bf16_products() -> bool:
             and not os.environ.get(TARGET_ENV) and os.environ.get(BF16_ENV, "1") != "0")
 
 
-def widened_in_place(dtype: torch.dtype) -> bool:
+def widened_in_place(dtype: torch.dtype, block_size: int = 32) -> bool:
     """Whether the kernels that read q, k, v (forward and backward) read half-precision
-    ones of ``dtype`` where they lie, widening each value to float32 as they read it (the
-    float32 kernels' arithmetic, so the same bits as on float32 copies), where they have
-    no micro-kernels for it (``bf16_products``): float16 on a CPU with F16C's conversions,
-    bfloat16 anywhere (a shift); no other CPU targeted (``MRA_COMPILE_TARGET``), and
-    ``MRA_COMPILE_CPU_WIDEN`` not "0"."""
+    ones of ``dtype`` in blocks of ``block_size`` where they lie, widening each value to
+    float32 as they read it (the float32 kernels' arithmetic, so the same bits as on
+    float32 copies), where they have no micro-kernels for it (``bf16_products``, 32-token
+    blocks only): float16 on a CPU with F16C's conversions, bfloat16 anywhere (a shift);
+    no other CPU targeted (``MRA_COMPILE_TARGET``), and ``MRA_COMPILE_CPU_WIDEN`` not "0"."""
     if os.environ.get(TARGET_ENV) or os.environ.get(WIDEN_ENV, "1") == "0":
         return False
     if dtype == torch.float16:
         return "f16c" in host.cpu_flags()
-    return dtype == torch.bfloat16 and not bf16_products()
+    return dtype == torch.bfloat16 and not (bf16_products() and block_size == 32)
 
 
 def amx_products() -> bool:
@@ -57,7 +57,7 @@ def half_precision() -> str:
     copies = "float32 copies"
     f16 = widened if widened_in_place(torch.float16) else copies
     if bf16_products():
-        b16 = f"{bf16_instructions()} micro-kernels (block size 32; else {copies})"
+        b16 = f"{bf16_instructions()} micro-kernels (block size 32; else {widened})"
     else:
         b16 = widened if widened_in_place(torch.bfloat16) else copies
     return f"float16 {f16}; bfloat16 {b16}"
@@ -117,15 +117,17 @@ class CpuTarget(Target):
         # (``widened_in_place``); everything else computes in float32 from float32 copies.
         if dtype == torch.bfloat16 and block_size == 32 and bf16_products():
             return dtype
-        if widened_in_place(dtype):
+        if widened_in_place(dtype, block_size):
             return dtype
         return super().io_dtype(dtype)
 
-    def widens(self, io: torch.dtype) -> bool:
-        return io == torch.float16 or (io == torch.bfloat16 and not bf16_products())
+    def widens(self, io: torch.dtype, block_size: int = 32) -> bool:
+        return io == torch.float16 or (
+            io == torch.bfloat16 and not (bf16_products() and block_size == 32))
 
-    def micro_kernels(self, io: torch.dtype, float32_pv: bool = False) -> str | None:
-        if io != torch.bfloat16 or not bf16_products():  # (else widened)
+    def micro_kernels(self, io: torch.dtype, float32_pv: bool = False,
+                      block_size: int = 32) -> str | None:
+        if io != torch.bfloat16 or not bf16_products() or block_size != 32:  # (else widened)
             return None
         return "avx512_bf16_fp32_pv" if float32_pv else "avx512_bf16"
 
