@@ -57,6 +57,18 @@ def _grads(fn, xs, grad_out):
     return [out.detach()] + [x.grad for x in leaves]
 
 
+def _against_float32(call, qkv, grad_out=None):
+    """(what ``call`` returns on ``qkv``: [out] or, given ``grad_out`` (a training call),
+    [out, dq, dk, dv]; the kernels it launched; the same from the float32 inputs)."""
+    as32 = [x.float() for x in qkv]
+    if grad_out is not None:
+        got, launched = _traced(lambda: _grads(call, qkv, grad_out))
+        return got, launched, _grads(call, as32, grad_out)
+    with torch.no_grad():
+        got, launched = _traced(lambda: [call(*qkv)])
+        return got, launched, [call(*as32)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), Hkv=st.integers(1, 2),
@@ -82,15 +94,9 @@ def test_the_same_bits_as_the_float32_op_on_the_rounded_inputs(dtype, seed, B, H
     def call(*x):
         return mra_compile.mra_attention(*x, mask, **kw)
 
+    grad_out = torch.randn(B, H, N, D, generator=g).to(dtype).float()  # (its values)
     with widening(dtype):
-        if train:
-            grad_out = torch.randn(B, H, N, D, generator=g).to(dtype).float()  # (its values)
-            got, launched = _traced(lambda: _grads(call, (q, k, v), grad_out))
-            want = _grads(call, [x.float() for x in (q, k, v)], grad_out)
-        else:
-            with torch.no_grad():
-                got, launched = _traced(lambda: [call(q, k, v)])
-                want = [call(q.float(), k.float(), v.float())]
+        got, launched, want = _against_float32(call, (q, k, v), grad_out if train else None)
     assert all(x.dtype == dtype for x in got)
     for a, b in zip(got, want):
         assert torch.equal(a, b.to(dtype))
@@ -158,13 +164,7 @@ def test_bf16_in_other_blocks_than_the_micro_kernels_take_is_widened(train):
     def call(*x):
         return mra_compile.mra_attention(*x, block_per_row=2, block_size=64)
 
-    if train:
-        got, launched = _traced(lambda: _grads(call, (q, k, v), grad))
-        want = _grads(call, [x.float() for x in (q, k, v)], grad)
-    else:
-        with torch.no_grad():
-            got, launched = _traced(lambda: [call(q, k, v)])
-            want = [call(q.float(), k.float(), v.float())]
+    got, launched, want = _against_float32(call, (q, k, v), grad if train else None)
     assert all(torch.equal(a, b.bfloat16()) for a, b in zip(got, want))
     assert all(s.get("widened") and "micro" not in s for op, s in launched if op in WIDENED)
     assert targets.CPU.micro_kernels(torch.bfloat16) == (
