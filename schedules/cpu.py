@@ -764,10 +764,10 @@ def _stored_output(sch, micro=None):
     through L1 costs more than the rounding saves)."""
     out = sch.get_sblock("out")
     dtype = sch.get(out).writes[0].source.dtype
-    if dtype == "int16" and micro is None:  # (bf16 bits: operators.BF16_BITS)
-        sch.compute_inline(sch.get_sblock("out_f32"))
-        return out, None
-    if dtype == "int16":
+    if dtype == "int16":  # (bf16 bits: operators.BF16_BITS)
+        if micro is None:  # (no vcvtneps2bf16: TIR's rounding, TVM's stores)
+            sch.compute_inline(sch.get_sblock("out_f32"))
+            return out, None
         return sch.get_sblock("out_f32"), out
     if dtype != "float32":
         return out, None

@@ -26,6 +26,12 @@ def bf16_products() -> bool:
             and not os.environ.get(TARGET_ENV) and os.environ.get(BF16_ENV, "1") != "0")
 
 
+def bf16_micro_kernels(block_size: int = 32) -> bool:
+    """Whether bf16 q, k, v in blocks of ``block_size`` go to the bf16 micro-kernels:
+    ``bf16_products()``, and 32-token blocks (the only ones they take)."""
+    return block_size == 32 and bf16_products()
+
+
 def widened_in_place(dtype: torch.dtype, block_size: int = 32) -> bool:
     """Whether the kernels that read q, k, v (forward and backward) read half-precision
     ones of ``dtype`` in blocks of ``block_size`` where they lie, widening each value to
@@ -37,7 +43,7 @@ def widened_in_place(dtype: torch.dtype, block_size: int = 32) -> bool:
         return False
     if dtype == torch.float16:
         return "f16c" in host.cpu_flags()
-    return dtype == torch.bfloat16 and not (bf16_products() and block_size == 32)
+    return dtype == torch.bfloat16 and not bf16_micro_kernels(block_size)
 
 
 def amx_products() -> bool:
@@ -115,19 +121,19 @@ class CpuTarget(Target):
         # bf16 products with fp32 sums where the CPU has them (the 32 x 32 blocks of the
         # forward and of the backward's units); else fp16/bf16 read in place and widened
         # (``widened_in_place``); everything else computes in float32 from float32 copies.
-        if dtype == torch.bfloat16 and block_size == 32 and bf16_products():
+        if dtype == torch.bfloat16 and bf16_micro_kernels(block_size):
             return dtype
         if widened_in_place(dtype, block_size):
             return dtype
         return super().io_dtype(dtype)
 
     def widens(self, io: torch.dtype, block_size: int = 32) -> bool:
-        return io == torch.float16 or (
-            io == torch.bfloat16 and not (bf16_products() and block_size == 32))
+        return io == torch.float16 or (io == torch.bfloat16
+                                       and not bf16_micro_kernels(block_size))
 
     def micro_kernels(self, io: torch.dtype, float32_pv: bool = False,
                       block_size: int = 32) -> str | None:
-        if io != torch.bfloat16 or not bf16_products() or block_size != 32:  # (else widened)
+        if io != torch.bfloat16 or not bf16_micro_kernels(block_size):  # (else widened)
             return None
         return "avx512_bf16_fp32_pv" if float32_pv else "avx512_bf16"
 

@@ -178,13 +178,12 @@ def fuzz_valid(case):
     if B == 0:
         return
     sel = mra_compile.block_selection(q, k, v, mask, **budget, **kw)
-    ref_kw = dict(kw, selection=sel,
-                  query_mask=None if query_mask is None else (query_mask != 0).double())
-
     def reference(*x, real_dtype=torch.float64):
+        def real_of(m):  # (a padding mask as 0/1 of the reference's dtype)
+            return None if m is None else (m != 0).to(real_dtype)
+
         return mra2_reference(*x, None if real is None else real.to(real_dtype), **budget,
-                              **dict(ref_kw, query_mask=None if query_mask is None
-                                     else (query_mask != 0).to(real_dtype)))
+                              **dict(kw, selection=sel, query_mask=real_of(query_mask)))
 
     if gradients:
         ref, ref_grads = with_grads(reference, [x.double() for x in (q, k, v)], grad_out)
